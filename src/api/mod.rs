@@ -1,0 +1,1 @@
+//! Control socket protocol and Prometheus metrics.

@@ -1,0 +1,1 @@
+//! Shadows, detection, fencing, promotion.

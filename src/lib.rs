@@ -1,0 +1,24 @@
+//! understudy: keeps a warm, paused shadow VM ready for every protected libvirt domain and
+//! promotes it in milliseconds when the primary dies or hangs.
+//!
+//! Layout (one module per concern):
+//! - [`config`]: the TOML configuration, parsed and validated.
+//! - [`libvirt`]: all libvirt FFI: connection, event loop, guest agent, QEMU process watch.
+//! - [`domain_xml`]: a libvirt domain XML tree that round-trips, and the shadow clone of a spec.
+//! - [`monitor`]: collectors (cgroups, libvirt stats, guest agent), heartbeat, sample history.
+//! - [`profile`]: predictive deployment profiles: model, versions, repository, accuracy.
+//! - [`failover`]: shadows, crash detection, fencing and the promotion pipeline.
+//! - [`net`]: bridge and route rewiring over rtnetlink.
+//! - [`api`]: the control socket protocol and Prometheus metrics.
+//! - [`daemon`]: the long-running orchestrator that ties them together.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod domain_xml;
+pub mod failover;
+pub mod libvirt;
+pub mod monitor;
+pub mod net;
+pub mod profile;
+pub mod state;

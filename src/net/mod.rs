@@ -1,0 +1,1 @@
+//! Bridge and route rewiring over rtnetlink.
