@@ -1,0 +1,101 @@
+//! Watching a domain's QEMU process through a pidfd: the kernel reports its exit at once,
+//! about a second before libvirt's own lifecycle event arrives.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use super::LibvirtError;
+
+/// Where libvirt's system QEMU driver writes `<domain>.pid`.
+pub const QEMU_RUN_DIR: &str = "/run/libvirt/qemu";
+
+/// Reads the QEMU pid of a running domain from libvirt's pid file.
+pub fn qemu_pid(run_dir: &Path, domain: &str) -> Result<i32, LibvirtError> {
+    let path: PathBuf = run_dir.join(format!("{domain}.pid"));
+    let err = |source| LibvirtError::Process { domain: domain.to_string(), source };
+    let text = std::fs::read_to_string(&path).map_err(err)?;
+    text.trim().parse::<i32>().ok().filter(|p| *p > 1).ok_or_else(|| {
+        err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} does not hold a pid: {:?}", path.display(), text.trim()),
+        ))
+    })
+}
+
+/// How the watch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessExit {
+    /// The process exited (any reason).
+    Exited,
+}
+
+/// A pidfd on one QEMU process.
+pub struct QemuProcess {
+    pid: i32,
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl QemuProcess {
+    /// Opens a pidfd on `pid`. Must be called inside a tokio runtime.
+    pub fn open(domain: &str, pid: i32) -> Result<Self, LibvirtError> {
+        let err = |source| LibvirtError::Process { domain: domain.to_string(), source };
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no pointers.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if raw < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        // SAFETY: the syscall returned a fresh fd that nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        // SAFETY: `owned` is a valid open pidfd that the AsyncFd owns for its whole life, so
+        // its raw fd stays the same open description until the AsyncFd is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
+            .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+        Ok(QemuProcess { pid, fd })
+    }
+
+    /// The watched pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Completes when the process has exited (a pidfd polls readable then).
+    pub async fn exited(&self) -> ProcessExit {
+        loop {
+            match self.fd.readable().await {
+                Ok(_guard) => return ProcessExit::Exited,
+                Err(e) => {
+                    tracing::warn!(pid = self.pid, fd = self.fd.as_raw_fd(), error = %e, "pidfd poll failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pidfd_reports_child_exit() {
+        let mut child = std::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        let watch = QemuProcess::open("test", child.id() as i32).unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), watch.exited()).await;
+        assert_eq!(r.unwrap(), ProcessExit::Exited);
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn pid_file_errors_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web1.pid"), "garbage").unwrap();
+        let e = qemu_pid(dir.path(), "web1").unwrap_err();
+        assert!(format!("{:?}", e).contains("does not hold a pid"));
+        std::fs::write(dir.path().join("web1.pid"), "4242\n").unwrap();
+        assert_eq!(qemu_pid(dir.path(), "web1").unwrap(), 4242);
+        assert!(qemu_pid(dir.path(), "nope").is_err());
+    }
+}
