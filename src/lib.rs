@@ -22,3 +22,16 @@ pub mod monitor;
 pub mod net;
 pub mod profile;
 pub mod state;
+pub mod cli;
+
+/// Formats an error's chain of sources as `cause: cause: ...`, for logs and replies that must
+/// show the root of a failure on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
+}

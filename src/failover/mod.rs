@@ -1,1 +1,228 @@
-//! Shadows, detection, fencing, promotion.
+//! Shadows, crash detection, fencing and the promotion pipeline.
+//!
+//! A *service* is what a protected primary domain provides. Its members are domains tagged in
+//! their libvirt `<metadata>` (see [`crate::domain_xml::UnderstudyMeta`]): one active domain
+//! and N paused shadows. Everything here can be rebuilt from libvirt alone after a restart.
+
+pub mod promote;
+pub mod shadow;
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::api::protocol::{FailoverRecord, ShadowState, StepTiming};
+use crate::libvirt::LibvirtError;
+
+/// Errors of shadow provisioning and promotion.
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    /// A libvirt call failed.
+    #[error("libvirt call failed during {step}")]
+    Libvirt {
+        /// The pipeline step.
+        step: &'static str,
+        /// The libvirt error.
+        #[source]
+        source: LibvirtError,
+    },
+    /// The primary's domain XML could not be read or cloned.
+    #[error("cannot clone the spec of '{domain}'")]
+    Clone {
+        /// The primary domain.
+        domain: String,
+        /// Why.
+        #[source]
+        source: crate::domain_xml::CloneError,
+    },
+    /// The domain XML libvirt gave us did not parse.
+    #[error("domain XML of '{domain}' is not understood")]
+    Xml {
+        /// The domain.
+        domain: String,
+        /// Why.
+        #[source]
+        source: crate::domain_xml::XmlError,
+    },
+    /// qemu-img failed to create or inspect a disk image.
+    #[error("qemu-img {action} for '{path}' failed: {stderr}")]
+    QemuImg {
+        /// What we asked qemu-img to do.
+        action: &'static str,
+        /// The image path.
+        path: String,
+        /// qemu-img's own message (bounded).
+        stderr: String,
+    },
+    /// Running a helper program failed to start at all.
+    #[error("cannot run {program}")]
+    Spawn {
+        /// The program.
+        program: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A netlink operation of the rewiring step failed.
+    #[error("network rewiring failed during {step}")]
+    Net {
+        /// The pipeline step.
+        step: &'static str,
+        /// The netlink error.
+        #[source]
+        source: crate::net::NetError,
+    },
+    /// A shadow did not reach the state we waited for in time.
+    #[error("shadow '{shadow}' did not {what} within {timeout:?}")]
+    Timeout {
+        /// The shadow domain.
+        shadow: String,
+        /// What we waited for.
+        what: &'static str,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The live XML of a running domain has no tap for its interface.
+    #[error("domain '{domain}' has no tap device for MAC {mac}")]
+    NoTap {
+        /// The domain.
+        domain: String,
+        /// The interface MAC.
+        mac: String,
+    },
+    /// No paused shadow is available to promote.
+    #[error("service '{service}' has no paused shadow to promote")]
+    NoShadow {
+        /// The service.
+        service: String,
+    },
+    /// Fencing of the old primary could not be confirmed, so nothing was promoted.
+    #[error("fencing of '{domain}' could not be confirmed: {why}")]
+    FenceUnconfirmed {
+        /// The old primary.
+        domain: String,
+        /// What we saw.
+        why: String,
+    },
+}
+
+/// A service's lifecycle, as the daemon tracks it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
+pub enum ServiceState {
+    /// Active primary running, but fewer paused shadows than the class asks for.
+    Provisioning,
+    /// Active primary running and every shadow paused and ready.
+    Protected,
+    /// A failover is in progress.
+    FailingOver,
+    /// The primary is gone and no shadow could take over; the reason says why.
+    Down(String),
+    /// Stopped deliberately by an operator through understudy; not a failure.
+    Stopped,
+    /// Shadows cannot be made for this primary (e.g. a device that cannot be cloned).
+    Unprotectable(String),
+}
+
+impl ServiceState {
+    /// Short lowercase name for status output and metrics labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ServiceState::Provisioning => "provisioning",
+            ServiceState::Protected => "protected",
+            ServiceState::FailingOver => "failing_over",
+            ServiceState::Down(_) => "down",
+            ServiceState::Stopped => "stopped",
+            ServiceState::Unprotectable(_) => "unprotectable",
+        }
+    }
+}
+
+/// One shadow of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shadow {
+    /// Domain name (`<service>-shadow-<n>`).
+    pub name: String,
+    /// Where it is in its life.
+    pub state: ShadowState,
+    /// Its tap devices by MAC, known once it has started.
+    pub taps: Vec<(String, String)>,
+}
+
+/// What the daemon knows of one protected service.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// Service name: the name of the domain first protected.
+    pub name: String,
+    /// The class from the protection rule.
+    pub class: String,
+    /// Lifecycle.
+    pub state: ServiceState,
+    /// The domain serving now.
+    pub active: String,
+    /// Taps of the active domain by MAC, with the bridge each was on.
+    pub active_taps: Vec<TapBinding>,
+    /// Shadows, oldest first.
+    pub shadows: Vec<Shadow>,
+    /// Last completed failover.
+    pub last_failover: Option<FailoverRecord>,
+    /// Unix ms of the last answered heartbeat.
+    pub last_heartbeat_unix_ms: Option<u64>,
+    /// Last health verdict, for status.
+    pub health: String,
+}
+
+/// A tap device and the bridge it belongs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapBinding {
+    /// Interface MAC (shared by primary and shadows).
+    pub mac: String,
+    /// Tap device name on the host.
+    pub tap: String,
+    /// Bridge the service's traffic arrives on.
+    pub bridge: Option<String>,
+}
+
+impl Service {
+    /// The first paused shadow, if any.
+    pub fn ready_shadow(&self) -> Option<&Shadow> {
+        self.shadows.iter().find(|s| s.state == ShadowState::Paused)
+    }
+}
+
+/// Times the steps of a pipeline.
+#[derive(Debug)]
+pub struct StepClock {
+    start: std::time::Instant,
+    steps: Vec<StepTiming>,
+}
+
+impl StepClock {
+    /// Starts the clock at `start` (e.g. the moment the failure was detected).
+    pub fn starting_at(start: std::time::Instant) -> Self {
+        StepClock { start, steps: Vec::new() }
+    }
+
+    /// Records a step that took `elapsed`.
+    pub fn record(&mut self, name: &str, elapsed: Duration) {
+        self.steps.push(StepTiming { name: name.to_string(), ms: elapsed.as_secs_f64() * 1000.0 });
+    }
+
+    /// Milliseconds since the start.
+    pub fn total_ms(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1000.0
+    }
+
+    /// The recorded steps.
+    pub fn into_steps(self) -> Vec<StepTiming> {
+        self.steps
+    }
+}
+
+/// Current wall-clock time in Unix milliseconds.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

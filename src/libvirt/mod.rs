@@ -462,10 +462,15 @@ impl Hypervisor {
         d.qemu_monitor_command(json, 0).map_err(|source| dom_err("QMP command", name, source))
     }
 
-    /// Updates a device (e.g. an `<interface>` with a new link state) in the live domain.
-    pub fn update_device_live(&self, name: &str, device_xml: &str) -> Result<(), LibvirtError> {
+    /// Updates a device (e.g. an `<interface>` with a new link state) in the live domain and,
+    /// when the domain is persistent, in its definition too.
+    pub fn update_device_live_and_config(&self, name: &str, device_xml: &str) -> Result<(), LibvirtError> {
         let d = self.lookup(name)?;
-        d.update_device_flags(device_xml, sys::VIR_DOMAIN_AFFECT_LIVE)
+        let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
+        if d.is_persistent().unwrap_or(false) {
+            flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
+        }
+        d.update_device_flags(device_xml, flags)
             .map_err(|source| dom_err("update device", name, source))
     }
 

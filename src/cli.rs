@@ -1,0 +1,227 @@
+//! The `understudy` command line: `run` starts the daemon; every other subcommand talks to a
+//! running daemon over its control socket (or, like `check-config`, works offline).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::api::control;
+use crate::api::protocol::{render_status_text, Request, Response};
+use crate::config::{Config, LogFormat};
+
+/// Keeps a warm, paused shadow VM ready for every protected libvirt domain.
+#[derive(Debug, Parser)]
+#[command(name = "understudy", version, about)]
+pub struct Cli {
+    /// Configuration file (also tells client commands where the control socket is).
+    #[arg(long, short, global = true, default_value = "/etc/understudy/understudy.toml", env = "UNDERSTUDY_CONFIG")]
+    pub config: PathBuf,
+    /// Control socket path, overriding the one in the configuration.
+    #[arg(long, global = true, env = "UNDERSTUDY_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground.
+    Run {
+        /// Log as JSON lines instead of text (overrides the configuration).
+        #[arg(long)]
+        json_logs: bool,
+        /// Stop by itself after this many seconds (for demos and tests).
+        #[arg(long)]
+        exit_after: Option<u64>,
+    },
+    /// Validate a configuration file and print what it protects.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Show services, their active domains and shadows, and every domain.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned switchover of a service to its shadow.
+    Failover {
+        /// Service name.
+        service: String,
+    },
+    /// Stop a service deliberately (no failover).
+    Stop {
+        /// Service name.
+        service: String,
+    },
+    /// Start a stopped service again.
+    Start {
+        /// Service name.
+        service: String,
+    },
+    /// Shadow management.
+    Shadow {
+        /// What to do with the service's shadows.
+        #[command(subcommand)]
+        action: ShadowAction,
+    },
+    /// Re-read the configuration file; on errors the running configuration stays.
+    Reload,
+}
+
+/// `understudy shadow ...`
+#[derive(Debug, Subcommand)]
+pub enum ShadowAction {
+    /// Destroy the service's shadows and provision fresh ones from the active primary.
+    Rebuild {
+        /// Service name.
+        service: String,
+    },
+    /// Re-initialise the shadows (from the class's golden image with --golden).
+    Reinit {
+        /// Service name.
+        service: String,
+        /// Start from the golden image named in the class.
+        #[arg(long)]
+        golden: bool,
+    },
+}
+
+/// Parses arguments and runs; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { json_logs, exit_after } => run_daemon(&cli.config, json_logs, exit_after),
+        Command::CheckConfig { ref file } => check_config(file),
+        ref other => {
+            let req = match other {
+                Command::Status { .. } => Request::Status,
+                Command::Failover { service } => Request::Failover { service: service.clone() },
+                Command::Stop { service } => Request::Stop { service: service.clone() },
+                Command::Start { service } => Request::Start { service: service.clone() },
+                Command::Shadow { action: ShadowAction::Rebuild { service } } => Request::ShadowRebuild { service: service.clone() },
+                Command::Shadow { action: ShadowAction::Reinit { service, golden } } => {
+                    Request::ShadowReinit { service: service.clone(), golden: *golden }
+                }
+                Command::Reload => Request::ReloadConfig,
+                Command::Run { .. } | Command::CheckConfig { .. } => unreachable!("handled above"),
+            };
+            let json = matches!(other, Command::Status { json: true });
+            client(&cli, req, json)
+        }
+    }
+}
+
+fn socket_path(cli: &Cli) -> Result<PathBuf, String> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    Config::load(&cli.config)
+        .map(|c| c.daemon.control_socket)
+        .map_err(|e| format!("cannot find the control socket: {e}\n(use --socket PATH or --config FILE)"))
+}
+
+fn client(cli: &Cli, req: Request, json: bool) -> ExitCode {
+    let path = match socket_path(cli) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("understudy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match control::call(&path, &req, Duration::from_secs(180)) {
+        Ok(Response::Status(report)) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            } else {
+                print!("{}", render_status_text(&report));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Ok { message }) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Json(v)) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Error { kind, message }) => {
+            eprintln!("understudy: {kind:?}: {message}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("understudy: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(cfg) => {
+            println!("{}: OK", file.display());
+            println!("  libvirt: {}  accel: {:?}  state: {}", cfg.daemon.libvirt_uri, cfg.daemon.accel, cfg.daemon.state_dir.display());
+            for rule in &cfg.protect {
+                println!("  protect '{}' as class '{}'", rule.pattern_str(), rule.class);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run_daemon(config: &Path, json_logs: bool, exit_after: Option<u64>) -> ExitCode {
+    // Logging settings come from the file; an unreadable file is reported by `run` itself.
+    let (format, level) = match Config::load(config) {
+        Ok(c) => (if json_logs { LogFormat::Json } else { c.daemon.log_format }, c.daemon.log_level.clone()),
+        Err(_) => (if json_logs { LogFormat::Json } else { LogFormat::Text }, "info".to_string()),
+    };
+    init_logging(format, &level);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("understudy: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let config = config.to_path_buf();
+    let result = rt.block_on(async move {
+        match exit_after {
+            Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), crate::daemon::run(config)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::info!(secs, "--exit-after reached; stopping");
+                    Ok(())
+                }
+            },
+            None => crate::daemon::run(config).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, cause = %crate::error_chain(&e), "daemon stopped");
+            eprintln!("understudy: {e}: {}", crate::error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}

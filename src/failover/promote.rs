@@ -1,0 +1,273 @@
+//! The promotion pipeline: fence the old primary, then resume a shadow and rewire the network
+//! so the service's MAC and address are answered by the shadow.
+//!
+//! Order matters only where safety needs it: the old primary is fenced (its QEMU confirmed
+//! gone, or its taps cut off the bridge and read back) before anything of the shadow is
+//! touched. After that, the independent steps run at once: resume (libvirt), rewiring
+//! (netlink) and the journal entry (libvirt metadata). The link is raised and the network
+//! told of the move last, when the guest can answer.
+
+use std::time::Instant;
+
+use crate::api::protocol::FailoverRecord;
+use crate::domain_xml::{DomainXml, MemberState, Role};
+use crate::libvirt::{Hypervisor, LibvirtError};
+use crate::net::{NetError, Netlink};
+
+use super::shadow::{member_meta, write_meta};
+use super::{now_unix_ms, FailoverError, Shadow, StepClock, TapBinding};
+
+/// What set the failover off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The primary's QEMU process exited (pidfd).
+    Pidfd,
+    /// libvirt reported the primary crashed or failed.
+    Lifecycle,
+    /// Heartbeats stopped and the guest is hung.
+    Heartbeat,
+    /// An operator asked for a switchover.
+    Manual,
+    /// Found at daemon start: the primary was already gone.
+    Recovery,
+}
+
+impl Trigger {
+    /// Label for status and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Trigger::Pidfd => "pidfd",
+            Trigger::Lifecycle => "lifecycle",
+            Trigger::Heartbeat => "heartbeat",
+            Trigger::Manual => "manual",
+            Trigger::Recovery => "recovery",
+        }
+    }
+
+    /// Whether the old primary's QEMU is already known to be gone.
+    fn primary_known_dead(self) -> bool {
+        matches!(self, Trigger::Pidfd | Trigger::Lifecycle | Trigger::Recovery)
+    }
+}
+
+/// Input of one promotion.
+#[derive(Debug, Clone)]
+pub struct Promotion {
+    /// Service name.
+    pub service: String,
+    /// Service class.
+    pub class: String,
+    /// The domain being replaced.
+    pub old_primary: String,
+    /// Its taps and bridges, as last seen.
+    pub old_taps: Vec<TapBinding>,
+    /// The shadow to promote.
+    pub shadow: Shadow,
+    /// The shadow's generation number.
+    pub shadow_generation: u64,
+    /// What set it off.
+    pub trigger: Trigger,
+    /// When the failure was detected (start of the outage as far as we can know).
+    pub detected_at: Instant,
+}
+
+/// Result of a promotion: the record (always) and the new primary's taps on success.
+pub struct Promoted {
+    /// Timeline for status and metrics.
+    pub record: FailoverRecord,
+    /// The new active domain's taps.
+    pub taps: Vec<TapBinding>,
+}
+
+fn ignore_missing_link(r: Result<(), NetError>) -> Result<(), NetError> {
+    match r {
+        Err(NetError::NoSuchLink { .. }) => Ok(()),
+        other => other,
+    }
+}
+
+/// Runs the pipeline. On error the record says how far it got.
+pub async fn promote(hv: &Hypervisor, net: &Netlink, p: Promotion) -> Result<Promoted, (FailoverRecord, FailoverError)> {
+    let mut clock = StepClock::starting_at(p.detected_at);
+    let at_unix_ms = now_unix_ms();
+    let span = tracing::info_span!("promote", service = %p.service, from = %p.old_primary, to = %p.shadow.name, trigger = p.trigger.label());
+    let _enter = span.enter();
+    let result = run_steps(hv, net, &p, &mut clock).await;
+    let outage_ms = clock.total_ms();
+    let (ok, error) = match &result {
+        Ok(_) => (true, None),
+        Err(e) => (false, Some(format!("{e}: {}", crate::error_chain(e)))),
+    };
+    let record = FailoverRecord {
+        at_unix_ms,
+        from: p.old_primary.clone(),
+        to: p.shadow.name.clone(),
+        trigger: p.trigger.label().to_string(),
+        outage_ms,
+        steps: clock.into_steps(),
+        ok,
+        error,
+    };
+    match result {
+        Ok(taps) => {
+            tracing::info!(outage_ms, "promotion complete");
+            Ok(Promoted { record, taps })
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "promotion failed");
+            Err((record, e))
+        }
+    }
+}
+
+async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut StepClock) -> Result<Vec<TapBinding>, FailoverError> {
+    // 1. Fence. A dead QEMU is already fenced; still cut any tap it left so no stale port
+    //    keeps the MAC. A live (hung or switched-over) primary is cut off the bridge, and the
+    //    cut is read back before anything else happens.
+    let t = Instant::now();
+    for b in &p.old_taps {
+        ignore_missing_link(net.set_nomaster(&b.tap).await)
+            .and(ignore_missing_link(net.set_down(&b.tap).await))
+            .map_err(|source| FailoverError::Net { step: "fence: cut old primary's tap", source })?;
+    }
+    if !p.trigger.primary_known_dead() {
+        for b in &p.old_taps {
+            match net.master_of(&b.tap).await {
+                Ok(None) | Err(NetError::NoSuchLink { .. }) => {}
+                Ok(Some(master)) => {
+                    return Err(FailoverError::FenceUnconfirmed {
+                        domain: p.old_primary.clone(),
+                        why: format!("tap {} is still on {master}", b.tap),
+                    })
+                }
+                Err(source) => return Err(FailoverError::Net { step: "fence: confirm", source }),
+            }
+        }
+        // Freeze it too, so a hung guest that wakes up cannot write to shared resources.
+        let old = p.old_primary.clone();
+        let _ = hv.run("fence: pause", move |hv| hv.suspend(&old)).await;
+    }
+    clock.record("fence", t.elapsed());
+
+    // 2. Journal, resume and rewire at once.
+    let bindings: Vec<TapBinding> = p
+        .shadow
+        .taps
+        .iter()
+        .map(|(mac, tap)| TapBinding {
+            mac: mac.clone(),
+            tap: tap.clone(),
+            bridge: p.old_taps.iter().find(|b| &b.mac == mac).and_then(|b| b.bridge.clone()),
+        })
+        .collect();
+    let shadow = p.shadow.name.clone();
+    let journal = {
+        let mut m = member_meta(&p.service, &p.class, Role::Shadow, p.shadow_generation, MemberState::Promoting);
+        m.journal = Some(format!("promoting; replaces {}", p.old_primary));
+        m
+    };
+    let resume = {
+        let shadow = shadow.clone();
+        let t = Instant::now();
+        async move {
+            let r = hv
+                .run("resume shadow", move |hv| hv.resume(&shadow))
+                .await
+                .map_err(|source| FailoverError::Libvirt { step: "resume", source });
+            (r, t.elapsed())
+        }
+    };
+    let rewire = {
+        let t = Instant::now();
+        let bindings = bindings.clone();
+        async move {
+            for b in &bindings {
+                let Some(bridge) = &b.bridge else { continue };
+                net.enslave_and_up(&b.tap, bridge)
+                    .await
+                    .map_err(|source| FailoverError::Net { step: "rewire: enslave shadow tap", source })
+                    .map_err(|e| (e, t.elapsed()))?;
+            }
+            Ok::<_, (FailoverError, std::time::Duration)>(t.elapsed())
+        }
+    };
+    let journal_write = {
+        let shadow = shadow.clone();
+        async move {
+            hv.run("journal", move |hv| write_meta(hv, &shadow, &journal)).await
+        }
+    };
+    let iface_xml = {
+        let shadow = shadow.clone();
+        let macs: Vec<String> = p.shadow.taps.iter().map(|(m, _)| m.clone()).collect();
+        async move {
+            hv.run("read shadow XML", move |hv| {
+                let xml = hv.xml(&shadow, true)?;
+                Ok(DomainXml::parse(&xml).ok().map(|d| {
+                    macs.iter().filter_map(|m| d.interface_xml_with_link(m, true)).collect::<Vec<_>>()
+                }))
+            })
+            .await
+        }
+    };
+    let ((resumed, resume_took), rewired, journaled, ifaces) = tokio::join!(resume, rewire, journal_write, iface_xml);
+    clock.record("resume", resume_took);
+    resumed?;
+    match rewired {
+        Ok(took) => clock.record("rewire", took),
+        Err((e, took)) => {
+            clock.record("rewire", took);
+            return Err(e);
+        }
+    }
+    if let Err(e) = journaled {
+        tracing::warn!(error = %e, "journal entry not written; promotion continues");
+    }
+
+    // 3. Link up, then make the network learn the MAC's new port.
+    let t = Instant::now();
+    let ifaces = ifaces
+        .map_err(|source| FailoverError::Libvirt { step: "read shadow XML", source })?
+        .unwrap_or_default();
+    let s = shadow.clone();
+    hv.run("link up", move |hv| {
+        for x in &ifaces {
+            hv.update_device_live_and_config(&s, x)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|source| FailoverError::Libvirt { step: "link up", source })?;
+    clock.record("link_up", t.elapsed());
+    let t = Instant::now();
+    let s = shadow.clone();
+    let announce = r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":5,"step":100}}"#;
+    if let Err(e) = hv.run("announce", move |hv| hv.qmp(&s, announce)).await {
+        // Frames to an unknown MAC are flooded by the bridge anyway; log and go on.
+        tracing::warn!(error = %e, "announce-self failed");
+    }
+    clock.record("announce", t.elapsed());
+
+    // 4. Roles: the shadow is the primary now; the old one is retired and fenced.
+    let t = Instant::now();
+    let new_meta = member_meta(&p.service, &p.class, Role::Primary, p.shadow_generation, MemberState::Active);
+    let old_meta = member_meta(&p.service, &p.class, Role::Retired, 0, MemberState::Fenced);
+    let (old, new) = (p.old_primary.clone(), shadow.clone());
+    let kill_old = !p.trigger.primary_known_dead();
+    hv.run("roles", move |hv| {
+        write_meta(hv, &new, &new_meta)?;
+        if kill_old {
+            hv.destroy(&old)?;
+        }
+        // The retired domain may be gone entirely (transient); that is fine.
+        match write_meta(hv, &old, &old_meta) {
+            Ok(()) | Err(LibvirtError::NoSuchDomain { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .map_err(|source| FailoverError::Libvirt { step: "metadata", source })?;
+    clock.record("metadata", t.elapsed());
+    Ok(bindings)
+}
+

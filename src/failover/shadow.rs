@@ -1,0 +1,295 @@
+//! Creating a shadow: clone the primary's spec, give each writable disk its own overlay, boot
+//! it with its NICs held down and off the bridge, wait for its guest agent, pause it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::api::protocol::ShadowState;
+use crate::domain_xml::{
+    shadow_spec, DomainXml, MemberState, Role, ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
+};
+use crate::libvirt::{Hypervisor, LibvirtError};
+use crate::net::Netlink;
+
+use super::{FailoverError, Shadow};
+
+/// Everything needed to create one shadow.
+#[derive(Debug, Clone)]
+pub struct ShadowRequest {
+    /// The service it stands in for.
+    pub service: String,
+    /// The service's class.
+    pub class: String,
+    /// The domain whose spec is cloned (the active primary).
+    pub primary: String,
+    /// The new shadow's domain name.
+    pub name: String,
+    /// Its generation number (the `n` in `<service>-shadow-<n>`).
+    pub generation: u64,
+    /// Where overlays and consoles go.
+    pub state_dir: PathBuf,
+    /// How long the shadow may take to boot to a working guest agent.
+    pub boot_timeout: Duration,
+    /// Per-ping agent timeout while waiting.
+    pub agent_timeout: Duration,
+    /// Bound on agent replies.
+    pub agent_max_reply: usize,
+}
+
+/// The shadow name for generation `n` of `service`.
+pub fn shadow_name(service: &str, generation: u64) -> String {
+    format!("{service}-shadow-{generation}")
+}
+
+/// Parses the generation out of a shadow name of `service`.
+pub fn shadow_generation(service: &str, name: &str) -> Option<u64> {
+    name.strip_prefix(service)?.strip_prefix("-shadow-")?.parse().ok()
+}
+
+/// Metadata for a member of a service.
+pub fn member_meta(service: &str, class: &str, role: Role, generation: u64, state: MemberState) -> UnderstudyMeta {
+    UnderstudyMeta {
+        service: service.to_string(),
+        class: class.to_string(),
+        role,
+        generation,
+        state,
+        journal: None,
+    }
+}
+
+/// Writes `meta` into a domain's libvirt metadata (live and persistent).
+pub fn write_meta(hv: &Hypervisor, domain: &str, meta: &UnderstudyMeta) -> Result<(), LibvirtError> {
+    hv.set_metadata(domain, &meta.to_element_xml(), META_PREFIX, META_NS)
+}
+
+/// Builds the shadow's XML from the primary's persistent definition. Creates the disk
+/// overlays as a side effect. Pure enough to be called from a blocking thread.
+pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, FailoverError> {
+    let xml = hv
+        .xml(&req.primary, true)
+        .map_err(|source| FailoverError::Libvirt { step: "read primary XML", source })?;
+    let primary = DomainXml::parse(&xml)
+        .map_err(|source| FailoverError::Xml { domain: req.primary.clone(), source })?;
+    let vcpus = primary.vcpus();
+    let mem = primary.memory_kib();
+    let disk_dir = req.state_dir.join("disks");
+    let console_dir = req.state_dir.join("consoles");
+    for dir in [&disk_dir, &console_dir] {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| FailoverError::Spawn { program: "mkdir", source })?;
+    }
+    let mut disk_overlays = std::collections::BTreeMap::new();
+    for disk in primary.disks() {
+        let writable_file = disk.kind == "file" && !disk.readonly && disk.device == "disk";
+        let Some(source) = disk.source.as_deref().filter(|_| writable_file) else { continue };
+        let overlay = disk_dir.join(format!("{}-{}.qcow2", req.name, disk.target_dev));
+        let base = backing_for_shadows(Path::new(source), &disk_dir, &req.service, &disk.target_dev)?;
+        create_overlay(&base, &overlay)?;
+        disk_overlays.insert(disk.target_dev.clone(), overlay);
+    }
+    let plan = ShadowPlan {
+        name: req.name.clone(),
+        uuid: new_uuid(),
+        disk_overlays,
+        // Headroom above the primary's current size so a profile can grow the shadow live.
+        vcpu_max: vcpus.max.max(vcpus.current.saturating_mul(2)).max(1),
+        memory_max_kib: mem.max_kib.max(mem.current_kib.saturating_mul(3) / 2),
+        console_dir,
+        meta: member_meta(&req.service, &req.class, Role::Shadow, req.generation, MemberState::Booting),
+    };
+    let shadow = shadow_spec(&primary, &plan)
+        .map_err(|source| FailoverError::Clone { domain: req.primary.clone(), source })?;
+    Ok(shadow.to_xml())
+}
+
+/// Creates, boots, isolates and pauses one shadow.
+pub async fn provision(hv: &Hypervisor, net: &Netlink, req: ShadowRequest) -> Result<Shadow, FailoverError> {
+    let started = Instant::now();
+    let r = req.clone();
+    let name = hv
+        .run("define shadow", move |hv| {
+            let xml = build_shadow_xml(hv, &r)?;
+            let name = hv.define(&xml).map_err(|source| FailoverError::Libvirt { step: "define shadow", source })?;
+            hv.start(&name, false).map_err(|source| FailoverError::Libvirt { step: "start shadow", source })?;
+            Ok::<_, FailoverError>(name)
+        })
+        .await
+        .map_err(|source| FailoverError::Libvirt { step: "define shadow", source })??;
+    // The NICs start with link down (no frames in or out); also take the taps off the bridge
+    // so a standing-by shadow cannot be reached even if its link state were flipped.
+    let taps = live_taps(hv, &name).await?;
+    for (_, tap) in &taps {
+        isolate_tap(net, tap).await?;
+    }
+    wait_for_agent(hv, &name, req.boot_timeout, req.agent_timeout, req.agent_max_reply).await?;
+    let n = name.clone();
+    let meta = member_meta(&req.service, &req.class, Role::Shadow, req.generation, MemberState::Paused);
+    hv.run("pause shadow", move |hv| {
+        hv.suspend(&n)?;
+        write_meta(hv, &n, &meta)
+    })
+    .await
+    .map_err(|source| FailoverError::Libvirt { step: "pause shadow", source })?;
+    tracing::info!(service = %req.service, shadow = %name, ms = started.elapsed().as_millis() as u64, "shadow paused and ready");
+    Ok(Shadow { name, state: ShadowState::Paused, taps })
+}
+
+/// Takes a tap off its bridge and sets it down.
+pub async fn isolate_tap(net: &Netlink, tap: &str) -> Result<(), FailoverError> {
+    net.set_nomaster(tap).await.map_err(|source| FailoverError::Net { step: "detach shadow tap", source })?;
+    net.set_down(tap).await.map_err(|source| FailoverError::Net { step: "down shadow tap", source })
+}
+
+/// (MAC, tap) pairs of a running domain, from its live XML.
+pub async fn live_taps(hv: &Hypervisor, domain: &str) -> Result<Vec<(String, String)>, FailoverError> {
+    let d = domain.to_string();
+    let xml = hv
+        .run("read live XML", move |hv| hv.xml(&d, false))
+        .await
+        .map_err(|source| FailoverError::Libvirt { step: "read live XML", source })?;
+    let parsed = DomainXml::parse(&xml).map_err(|source| FailoverError::Xml { domain: domain.to_string(), source })?;
+    Ok(parsed.live_interface_taps())
+}
+
+/// Pings the guest agent until it answers or `limit` passes.
+pub async fn wait_for_agent(
+    hv: &Hypervisor,
+    domain: &str,
+    limit: Duration,
+    per_try: Duration,
+    max_reply: usize,
+) -> Result<(), FailoverError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let d = domain.to_string();
+        let answered = hv
+            .run("guest-ping", move |hv| hv.agent_command(&d, r#"{"execute":"guest-ping"}"#, per_try, max_reply))
+            .await
+            .is_ok();
+        if answered {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(FailoverError::Timeout { shadow: domain.to_string(), what: "answer guest-ping", timeout: limit });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The image a shadow's overlay should sit on. A primary image that is itself an overlay has
+/// a stable backing file, which is what shadows share. A standalone image is written live by
+/// the primary and must never back another image, so it is copied once per service into a
+/// base (crash-consistent, like a power cut) that the service's shadows then share.
+fn backing_for_shadows(image: &Path, disk_dir: &Path, service: &str, target: &str) -> Result<PathBuf, FailoverError> {
+    let info = qemu_img_info(image)?;
+    if let Some(backing) = info
+        .get("full-backing-filename")
+        .or_else(|| info.get("backing-filename"))
+        .and_then(|b| b.as_str())
+    {
+        return Ok(PathBuf::from(backing));
+    }
+    let base = disk_dir.join(format!("{service}-{target}-base.qcow2"));
+    if !base.exists() {
+        let tmp = base.with_extension("qcow2.partial");
+        run_qemu_img(
+            "convert",
+            image,
+            &["convert", "-U", "-O", "qcow2", &image.to_string_lossy(), &tmp.to_string_lossy()],
+        )?;
+        std::fs::rename(&tmp, &base).map_err(|source| FailoverError::Spawn { program: "rename", source })?;
+    }
+    Ok(base)
+}
+
+fn qemu_img_info(image: &Path) -> Result<serde_json::Value, FailoverError> {
+    let out = run_qemu_img("info", image, &["info", "-U", "--output=json", &image.to_string_lossy()])?;
+    serde_json::from_slice(&out).map_err(|e| FailoverError::QemuImg {
+        action: "info",
+        path: image.display().to_string(),
+        stderr: format!("unparsable JSON: {e}"),
+    })
+}
+
+fn create_overlay(base: &Path, overlay: &Path) -> Result<(), FailoverError> {
+    let fmt = qemu_img_info(base)?
+        .get("format")
+        .and_then(|f| f.as_str())
+        .unwrap_or("qcow2")
+        .to_string();
+    if overlay.exists() {
+        // A leftover from an interrupted provisioning of the same shadow name: start clean.
+        std::fs::remove_file(overlay).map_err(|source| FailoverError::Spawn { program: "rm", source })?;
+    }
+    run_qemu_img(
+        "create",
+        overlay,
+        &["create", "-q", "-f", "qcow2", "-F", &fmt, "-b", &base.to_string_lossy(), &overlay.to_string_lossy()],
+    )?;
+    Ok(())
+}
+
+fn run_qemu_img(action: &'static str, path: &Path, args: &[&str]) -> Result<Vec<u8>, FailoverError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|source| FailoverError::Spawn { program: "qemu-img", source })?;
+    if !out.status.success() {
+        let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        stderr.truncate(512);
+        return Err(FailoverError::QemuImg { action, path: path.display().to_string(), stderr });
+    }
+    Ok(out.stdout)
+}
+
+/// A random UUID from the kernel.
+pub fn new_uuid() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| {
+            // Only reached without /proc: derive one from time and pid.
+            let n = super::now_unix_ms() as u128 ^ ((std::process::id() as u128) << 64);
+            let h = format!("{n:032x}");
+            format!("{}-{}-4{}-8{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_names_round_trip_and_reject_others() {
+        assert_eq!(shadow_name("web1", 3), "web1-shadow-3");
+        assert_eq!(shadow_generation("web1", "web1-shadow-3"), Some(3));
+        assert_eq!(shadow_generation("web1", "web10-shadow-3"), None);
+        assert_eq!(shadow_generation("web1", "web1-shadow-x"), None);
+    }
+
+    #[test]
+    fn uuid_has_canonical_shape() {
+        let u = new_uuid();
+        assert_eq!(u.len(), 36);
+        assert_eq!(u.matches('-').count(), 4);
+    }
+
+    #[test]
+    fn overlay_sits_on_the_backing_of_an_overlay_primary() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let primary = dir.path().join("primary.qcow2");
+        run_qemu_img("create", &base, &["create", "-q", "-f", "qcow2", &base.to_string_lossy(), "16M"]).unwrap();
+        create_overlay(&base, &primary).unwrap();
+        let b = backing_for_shadows(&primary, dir.path(), "svc", "vda").unwrap();
+        assert_eq!(b, base);
+        // A standalone primary gets a copied base instead of being used as a backing file.
+        let b2 = backing_for_shadows(&base, dir.path(), "svc", "vdb").unwrap();
+        assert_eq!(b2, dir.path().join("svc-vdb-base.qcow2"));
+        assert!(b2.exists());
+        let overlay = dir.path().join("shadow.qcow2");
+        create_overlay(&b2, &overlay).unwrap();
+        let info = qemu_img_info(&overlay).unwrap();
+        assert_eq!(info["backing-filename"].as_str().unwrap(), b2.to_string_lossy());
+    }
+}
