@@ -80,13 +80,13 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
             .map_err(|source| FailoverError::Spawn { program: "mkdir", source })?;
     }
     let mut disk_overlays = std::collections::BTreeMap::new();
+    let mut images = Vec::new();
     for disk in primary.disks() {
         let writable_file = disk.kind == "file" && !disk.readonly && disk.device == "disk";
-        let Some(source) = disk.source.as_deref().filter(|_| writable_file) else { continue };
+        let Some(source) = disk.source.clone().filter(|_| writable_file) else { continue };
         let overlay = disk_dir.join(format!("{}-{}.qcow2", req.name, disk.target_dev));
-        let base = backing_for_shadows(Path::new(source), &disk_dir, &req.service, &disk.target_dev)?;
-        create_overlay(&base, &overlay)?;
-        disk_overlays.insert(disk.target_dev.clone(), overlay);
+        disk_overlays.insert(disk.target_dev.clone(), overlay.clone());
+        images.push((PathBuf::from(source), disk.target_dev.clone(), overlay));
     }
     let plan = ShadowPlan {
         name: req.name.clone(),
@@ -98,8 +98,13 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
         console_dir,
         meta: member_meta(&req.service, &req.class, Role::Shadow, req.generation, MemberState::Booting),
     };
+    // Validate the clone before touching any disk, so a refused spec leaves nothing behind.
     let shadow = shadow_spec(&primary, &plan)
         .map_err(|source| FailoverError::Clone { domain: req.primary.clone(), source })?;
+    for (image, target, overlay) in images {
+        let base = backing_for_shadows(&image, &disk_dir, &req.service, &target)?;
+        create_overlay(&base, &overlay)?;
+    }
     Ok(shadow.to_xml())
 }
 

@@ -1,0 +1,287 @@
+//! Shared helpers for tests against the real lab: libvirtd in the `understudy-lab` network
+//! namespace, guests built by `make images`, and the real `understudy` binary.
+//!
+//! These tests must run inside the lab namespace (`make test` does that). Outside it they
+//! fail with a message saying so: a test that silently skips would prove nothing.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use understudy::libvirt::{EventLoop, Hypervisor};
+
+pub const URI: &str = "qemu:///system";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Panics with a clear message unless we run inside the lab.
+pub fn require_lab() {
+    let ns = Command::new("ip").args(["netns", "identify", &std::process::id().to_string()]).output();
+    let inside = ns.map(|o| String::from_utf8_lossy(&o.stdout).trim() == "understudy-lab").unwrap_or(false);
+    assert!(
+        inside,
+        "integration tests need the lab: run them with `make test` (inside the understudy-lab namespace)"
+    );
+    assert!(
+        repo().join("build/guest/initramfs.cpio.gz").exists(),
+        "the lab guest image is missing: run `make images`"
+    );
+}
+
+pub fn hypervisor() -> Hypervisor {
+    let events = EventLoop::start().expect("libvirt event loop");
+    Hypervisor::open(&events, URI, 5, 3).expect("connect to the lab libvirtd")
+}
+
+/// Domain XML of a lab guest from the lab's own script.
+pub fn guest_xml(name: &str, ip_prefix: &str, extra: &[&str]) -> String {
+    let out = Command::new(repo().join("scripts/lab-guest.sh"))
+        .arg("xml")
+        .arg(name)
+        .arg(ip_prefix)
+        .args(extra)
+        .output()
+        .expect("run scripts/lab-guest.sh");
+    assert!(out.status.success(), "lab-guest.sh xml failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Removes every domain whose name starts with `prefix` (guest and its shadows), and its
+/// overlay files, when dropped — also when the test fails.
+pub struct Cleanup {
+    pub prefixes: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let hv = hypervisor();
+        if let Ok(list) = hv.list() {
+            for d in list {
+                if self.prefixes.iter().any(|p| d.name == *p || d.name.starts_with(&format!("{p}-shadow-"))) {
+                    let _ = hv.destroy(&d.name);
+                    let _ = hv.undefine(&d.name);
+                }
+            }
+        }
+    }
+}
+
+/// Defines and starts a lab guest; returns its name.
+pub fn start_guest(hv: &Hypervisor, name: &str, ip_prefix: &str, extra: &[&str]) -> String {
+    let xml = guest_xml(name, ip_prefix, extra);
+    let n = hv.define(&xml).expect("define guest");
+    hv.start(&n, false).expect("start guest");
+    n
+}
+
+/// Polls `f` until it returns Some or `limit` passes.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn agent(hv: &Hypervisor, name: &str, cmd: &str) -> Option<serde_json::Value> {
+    hv.agent_command(name, cmd, Duration::from_secs(2), 1 << 20)
+        .ok()
+        .and_then(|r| serde_json::from_str(&r).ok())
+}
+
+pub fn wait_agent(hv: &Hypervisor, name: &str) {
+    wait_for(&format!("guest agent of {name}"), Duration::from_secs(120), || {
+        agent(hv, name, r#"{"execute":"guest-ping"}"#)
+    });
+}
+
+/// One HTTP GET of `/` with short timeouts; the body's first line.
+pub fn http_get(ip: &str, timeout: Duration) -> Option<String> {
+    let addr: SocketAddr = format!("{ip}:80").parse().ok()?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: lab\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.take(64 * 1024).read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text.split("\r\n\r\n").nth(1)?;
+    body.lines().next().map(|l| l.trim().to_string()).filter(|l| l.starts_with("understudy-lab-guest"))
+}
+
+/// The `uuid=` field of a guest page.
+pub fn page_uuid(page: &str) -> String {
+    page.split_whitespace()
+        .find_map(|f| f.strip_prefix("uuid="))
+        .unwrap_or_default()
+        .to_string()
+}
+
+pub fn domain_uuid(hv: &Hypervisor, name: &str) -> String {
+    hv.list().unwrap().into_iter().find(|d| d.name == name).map(|d| d.uuid).unwrap_or_default()
+}
+
+/// A running `understudy run` with its own temp config, state dir and socket.
+pub struct DaemonProc {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+impl DaemonProc {
+    /// Writes a config protecting `pattern` with `shadows` shadows and starts the daemon.
+    pub fn start(tag: &str, pattern: &str, shadows: u32) -> Self {
+        let dir = std::env::temp_dir().join(format!("understudy-it-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = 19464 + PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + (std::process::id() % 500) as u16;
+        let config = dir.join("understudy.toml");
+        let socket = dir.join("understudy.sock");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[daemon]
+libvirt_uri = "{URI}"
+accel = "tcg"
+state_dir = "{state}"
+control_socket = "{socket}"
+metrics_listen = "127.0.0.1:{port}"
+log_level = "info,understudy=debug"
+
+[[protect]]
+match = "{pattern}"
+class = "default"
+
+[class.default]
+shadows = {shadows}
+heartbeat_interval_ms = 500
+heartbeat_timeout_ms = 300
+heartbeat_misses = 3
+shadow_boot_timeout_s = 180
+"#,
+                state = dir.join("state").display(),
+                socket = socket.display(),
+            ),
+        )
+        .unwrap();
+        let mut d = DaemonProc { child: spawn_daemon(&config, &dir.join("daemon.log")), log: dir.join("daemon.log"), dir, config, socket };
+        d.wait_socket();
+        d
+    }
+
+    /// Kills and restarts the daemon process with the same configuration.
+    pub fn restart(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+        self.child = spawn_daemon(&self.config, &self.log);
+        self.wait_socket();
+    }
+
+    fn wait_socket(&mut self) {
+        let sock = self.socket.clone();
+        let log = self.log.clone();
+        let child = &mut self.child;
+        wait_for("daemon control socket", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("daemon exited early ({st}); log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            std::os::unix::net::UnixStream::connect(&sock).ok().map(|_| ())
+        });
+    }
+
+    /// Runs a CLI command against this daemon: (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_understudy"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run understudy CLI");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (code, out, err) = self.cli(&["status", "--json"]);
+        assert_eq!(code, 0, "status failed: {err}");
+        serde_json::from_str(&out).expect("status --json is JSON")
+    }
+
+    /// The service entry of `status --json`.
+    pub fn service(&self, name: &str) -> Option<serde_json::Value> {
+        self.status()["services"].as_array()?.iter().find(|s| s["name"] == name).cloned()
+    }
+
+    /// Waits until the service has `n` paused shadows; returns their names.
+    pub fn wait_paused_shadows(&self, service: &str, n: usize, limit: Duration) -> Vec<String> {
+        wait_for(&format!("{n} paused shadow(s) of {service}"), limit, || {
+            let s = self.service(service)?;
+            let paused: Vec<String> = s["shadows"]
+                .as_array()?
+                .iter()
+                .filter(|x| x["state"] == "paused")
+                .map(|x| x["name"].as_str().unwrap_or_default().to_string())
+                .collect();
+            (paused.len() == n).then_some(paused)
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn spawn_daemon(config: &Path, log: &Path) -> Child {
+    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .stdout(Stdio::from(logf.try_clone().unwrap()))
+        .stderr(Stdio::from(logf))
+        .spawn()
+        .expect("spawn understudy run")
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// The QEMU pid of a running domain.
+pub fn qemu_pid(name: &str) -> i32 {
+    understudy::libvirt::qemu_pid(Path::new("/run/libvirt/qemu"), name).expect("qemu pid")
+}
+
+/// The (MAC, tap) pairs of a running domain.
+pub fn taps(hv: &Hypervisor, name: &str) -> Vec<(String, String)> {
+    let xml = hv.xml(name, false).unwrap();
+    understudy::domain_xml::DomainXml::parse(&xml).unwrap().live_interface_taps()
+}
+
+/// The bridge a link is enslaved to, read with `ip -j link`.
+pub fn master_of(link: &str) -> Option<String> {
+    let out = Command::new("ip").args(["-j", "link", "show", "dev", link]).output().ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get(0)?.get("master")?.as_str().map(str::to_string)
+}

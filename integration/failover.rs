@@ -1,0 +1,204 @@
+//! Shadows and crash failover on real guests.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const SHADOW_WAIT: Duration = Duration::from_secs(240);
+
+fn kill_qemu(name: &str) {
+    let pid = qemu_pid(name);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("SIGKILL qemu");
+}
+
+/// Polls the page every 5 ms until it names `uuid`; returns how long the page was not served
+/// by anyone (from the kill to the first good answer).
+fn wait_page_uuid(ip: &str, uuid: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Some(p) = http_get(ip, Duration::from_millis(100)) {
+            if page_uuid(&p) == uuid {
+                return start.elapsed();
+            }
+        }
+        assert!(start.elapsed() < limit, "page of {ip} never named {uuid} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn crash_of_primary_promotes_its_paused_shadow() {
+    require_lab();
+    let name = "it-web1";
+    let ip = "10.77.0.21";
+    let _cleanup = Cleanup { prefixes: vec![name.to_string()] };
+    let daemon = DaemonProc::start("crash", name, 1);
+    let hv = hypervisor();
+    start_guest(&hv, name, &format!("{ip}/24"), &[]);
+    let primary_uuid = domain_uuid(&hv, name);
+
+    // Protected automatically: one shadow, booted and paused.
+    let shadows = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    let shadow = shadows[0].clone();
+    assert_eq!(shadow, format!("{name}-shadow-1"));
+    assert_eq!(hv.state(&shadow).unwrap(), understudy::libvirt::RunState::Paused);
+    let shadow_uuid = domain_uuid(&hv, &shadow);
+    assert_ne!(shadow_uuid, primary_uuid);
+
+    // Same MAC, but the shadow's tap is off the bridge while it stands by.
+    let p_taps = taps(&hv, name);
+    let s_taps = taps(&hv, &shadow);
+    assert_eq!(p_taps.len(), 1);
+    assert_eq!(p_taps[0].0, s_taps[0].0, "shadow must keep the primary's MAC");
+    assert_eq!(master_of(&p_taps[0].1).as_deref(), Some("usbr0"));
+    assert_eq!(master_of(&s_taps[0].1), None, "standing-by shadow's tap is on a bridge");
+
+    // Only the primary answers.
+    wait_for("primary page", Duration::from_secs(60), || http_get(ip, Duration::from_secs(1)));
+    for _ in 0..10 {
+        let page = http_get(ip, Duration::from_secs(1)).expect("primary serves");
+        assert_eq!(page_uuid(&page), primary_uuid, "someone other than the primary answered: {page}");
+    }
+
+    // Crash: SIGKILL the primary's QEMU. The shadow takes over address and MAC.
+    kill_qemu(name);
+    let outage = wait_page_uuid(ip, &shadow_uuid, Duration::from_secs(30));
+    eprintln!("client-observed outage after SIGKILL: {outage:?}");
+    let s_taps_after = taps(&hv, &shadow);
+    assert_eq!(master_of(&s_taps_after[0].1).as_deref(), Some("usbr0"), "promoted shadow's tap not on the bridge");
+    assert_eq!(hv.state(&shadow).unwrap(), understudy::libvirt::RunState::Running);
+
+    let svc = wait_for("status shows the failover", Duration::from_secs(30), || {
+        let s = daemon.service(name)?;
+        (s["active"] == shadow.as_str() && s["last_failover"]["ok"] == true).then_some(s)
+    });
+    let steps = svc["last_failover"]["steps"].as_array().unwrap();
+    let names: Vec<&str> = steps.iter().filter_map(|s| s["name"].as_str()).collect();
+    for want in ["fence", "resume", "rewire", "link_up"] {
+        assert!(names.contains(&want), "step {want} missing from {names:?}");
+    }
+    assert!(svc["last_failover"]["outage_ms"].as_f64().unwrap() > 0.0);
+
+    // A replacement shadow is provisioned from the new primary and reaches paused.
+    let replacement = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    assert_eq!(replacement[0], format!("{name}-shadow-2"));
+    // Still exactly one server for the address: the promoted shadow.
+    for _ in 0..5 {
+        let page = http_get(ip, Duration::from_secs(1)).expect("promoted shadow serves");
+        assert_eq!(page_uuid(&page), shadow_uuid);
+    }
+}
+
+#[test]
+fn primary_with_qcow2_disk_gets_own_overlays_and_fails_over() {
+    require_lab();
+    let name = "it-disk1";
+    let ip = "10.77.0.22";
+    let _cleanup = Cleanup { prefixes: vec![name.to_string()] };
+    let daemon = DaemonProc::start("disk", name, 1);
+    let image = daemon.dir.join("it-disk1.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("32M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let hv = hypervisor();
+    start_guest(&hv, name, &format!("{ip}/24"), &["--disk", image.to_str().unwrap()]);
+    let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+
+    let xml = understudy::domain_xml::DomainXml::parse(&hv.xml(&shadow, true).unwrap()).unwrap();
+    let disks = xml.disks();
+    let vda = disks.iter().find(|d| d.target_dev == "vda").expect("shadow keeps the disk");
+    let overlay = vda.source.clone().unwrap();
+    assert_ne!(overlay, image.to_str().unwrap(), "shadow must not write the primary's image");
+    assert!(overlay.starts_with(daemon.dir.to_str().unwrap()), "overlay {overlay} not in the state dir");
+    let info = std::process::Command::new("qemu-img").args(["info", "-U", "--output=json", &overlay]).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let backing = info["backing-filename"].as_str().unwrap_or_default().to_string();
+    assert!(!backing.is_empty(), "overlay has no backing file");
+    assert_ne!(backing, image.to_str().unwrap(), "a live primary image must never back a shadow");
+
+    let shadow_uuid = domain_uuid(&hv, &shadow);
+    wait_for("primary page", Duration::from_secs(60), || http_get(ip, Duration::from_secs(1)));
+    kill_qemu(name);
+    wait_page_uuid(ip, &shadow_uuid, Duration::from_secs(30));
+}
+
+#[test]
+fn restarted_daemon_rebuilds_state_without_duplicates() {
+    require_lab();
+    let name = "it-rs1";
+    let _cleanup = Cleanup { prefixes: vec![name.to_string()] };
+    let mut daemon = DaemonProc::start("restart", name, 1);
+    let hv = hypervisor();
+    start_guest(&hv, name, "10.77.0.23/24", &[]);
+    let before = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+
+    daemon.restart();
+    let after = daemon.wait_paused_shadows(name, 1, Duration::from_secs(30));
+    assert_eq!(before, after, "restart changed the shadows");
+    // Give housekeeping a few rounds to (wrongly) add shadows, then count in libvirt itself.
+    std::thread::sleep(Duration::from_secs(12));
+    let shadows: Vec<String> = hv
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .filter(|n| n.starts_with(&format!("{name}-shadow-")))
+        .collect();
+    assert_eq!(shadows, before, "duplicate shadows after restart");
+    let svc = daemon.service(name).unwrap();
+    assert_eq!(svc["active"], name);
+}
+
+#[test]
+fn stop_is_not_a_failure_and_bad_requests_change_nothing() {
+    require_lab();
+    let name = "it-stop1";
+    let bad = "it-bad1";
+    let _cleanup = Cleanup { prefixes: vec![name.to_string(), bad.to_string()] };
+    let daemon = DaemonProc::start("stop", "it-[sb][ta][od]*", 1);
+    let hv = hypervisor();
+    start_guest(&hv, name, "10.77.0.24/24", &[]);
+    let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+
+    // Unknown service: a clear error, nothing changes.
+    let (code, _, err) = daemon.cli(&["failover", "no-such-service"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no service named 'no-such-service'"), "{err}");
+
+    // A deliberate stop through understudy does not fail over.
+    let (code, out, err) = daemon.cli(&["stop", name]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(hv.state(name).unwrap(), understudy::libvirt::RunState::Shutoff);
+    assert_eq!(hv.state(&shadow).unwrap(), understudy::libvirt::RunState::Paused, "stop promoted the shadow");
+    let svc = daemon.service(name).unwrap();
+    assert_eq!(svc["state"], "stopped");
+    assert_eq!(svc["active"], name);
+    assert!(svc["last_failover"].is_null());
+
+    // A primary with a device that cannot be cloned (a writable shareable disk) is refused
+    // with an error naming the device, and no shadow domain is left behind.
+    let raw = daemon.dir.join("shared.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let xml = guest_xml(bad, "10.77.0.25/24", &[]).replace(
+        "</devices>",
+        &format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vdb' bus='virtio'/><shareable/></disk></devices>",
+            raw.display()
+        ),
+    );
+    let n = hv.define(&xml).unwrap();
+    hv.start(&n, false).unwrap();
+    let svc = wait_for("unprotectable state", Duration::from_secs(60), || {
+        let s = daemon.service(bad)?;
+        s["state"].as_str()?.starts_with("unprotectable").then_some(s)
+    });
+    let why = svc["state"].as_str().unwrap();
+    assert!(why.contains("vdb"), "reason does not name the device: {why}");
+    assert!(hv.list().unwrap().iter().all(|d| !d.name.starts_with(&format!("{bad}-shadow-"))), "a shadow of the unclonable primary exists");
+    assert_eq!(hv.state(bad).unwrap(), understudy::libvirt::RunState::Running, "the primary itself must be untouched");
+}
