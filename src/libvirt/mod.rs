@@ -375,6 +375,13 @@ impl Hypervisor {
         }
     }
 
+    /// Saves a running domain's memory to libvirt's managed-save file and stops it; the next
+    /// start restores from it.
+    pub fn managed_save(&self, name: &str) -> Result<(), LibvirtError> {
+        let d = self.lookup(name)?;
+        d.managed_save(0).map_err(|source| dom_err("managed save", name, source))
+    }
+
     /// Removes a domain's definition (and managed save). Must be shut off first.
     pub fn undefine(&self, name: &str) -> Result<(), LibvirtError> {
         let d = self.lookup(name)?;

@@ -1,0 +1,297 @@
+//! `make bench-failover`: client-observed outage of crash failovers on a real lab guest, and
+//! the same outage for two baselines on the same guest in the same run:
+//! - cold restart of the crashed domain (what restart-based HA does; detection excluded),
+//! - restore of a managed-saved standby (detection excluded).
+//!
+//! A client inside the lab namespace asks for the guest's page every 5 ms (100 ms timeout per
+//! request). Outage = first good answer after the kill minus last good answer before it.
+//! Writes build/bench/failover.json and build/bench/failover.svg.
+//!
+//! Environment: BENCH_TRIALS (default 10), BENCH_BASELINE_TRIALS (default 3).
+
+#[path = "../integration/common.rs"]
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use understudy::libvirt::Hypervisor;
+
+const NAME: &str = "bench-web";
+const IP: &str = "10.77.0.30";
+
+/// Answers seen by the polling client: (time, uuid of the answering guest).
+#[derive(Default)]
+struct Probe {
+    answers: Mutex<Vec<(Instant, String)>>,
+}
+
+fn start_client(probe: Arc<Probe>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            if let Some(page) = http_get(IP, Duration::from_millis(100)) {
+                probe.answers.lock().unwrap().push((Instant::now(), page_uuid(&page)));
+            }
+            let spent = t.elapsed();
+            if spent < Duration::from_millis(5) {
+                std::thread::sleep(Duration::from_millis(5) - spent);
+            }
+        }
+    })
+}
+
+/// Outage around `kill`: last answer before it to the first answer after it from `new_uuid`.
+fn outage(probe: &Probe, kill: Instant, new_uuid: &str, limit: Duration) -> Option<f64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        {
+            let a = probe.answers.lock().unwrap();
+            let last_before = a.iter().rev().find(|(t, _)| *t <= kill).map(|(t, _)| *t);
+            let first_after = a.iter().find(|(t, u)| *t > kill && u == new_uuid).map(|(t, _)| *t);
+            if let (Some(b), Some(f)) = (last_before, first_after) {
+                return Some((f - b).as_secs_f64() * 1000.0);
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill_qemu(name: &str) {
+    let pid = qemu_pid(name);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+fn active_of(daemon: &DaemonProc) -> String {
+    daemon.service(NAME).unwrap()["active"].as_str().unwrap().to_string()
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let pct = |p: f64| s[((p * (s.len() - 1) as f64).round() as usize).min(s.len() - 1)];
+    (pct(0.5), pct(0.95), *s.last().unwrap())
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    require_lab();
+    let trials: usize = std::env::var("BENCH_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let base_trials: usize = std::env::var("BENCH_BASELINE_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let _cleanup = Cleanup { prefixes: vec![NAME.to_string()] };
+    let hv = hypervisor();
+    let mut daemon = DaemonProc::start("bench", NAME, 1);
+    start_guest(&hv, NAME, &format!("{IP}/24"), &[]);
+    let probe = Arc::new(Probe::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = start_client(probe.clone(), stop.clone());
+
+    let mut understudy_ms = Vec::new();
+    let mut daemon_steps = Vec::new();
+    for i in 0..trials {
+        let shadow = daemon.wait_paused_shadows(NAME, 1, Duration::from_secs(300)).remove(0);
+        let active = active_of(&daemon);
+        wait_for("page served before the kill", Duration::from_secs(60), || {
+            http_get(IP, Duration::from_millis(200))
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let shadow_uuid = domain_uuid(&hv, &shadow);
+        let kill = Instant::now();
+        kill_qemu(&active);
+        match outage(&probe, kill, &shadow_uuid, Duration::from_secs(30)) {
+            Some(ms) => {
+                println!("understudy trial {i}: {active} -> {shadow}: client outage {ms:.1} ms");
+                understudy_ms.push(ms);
+            }
+            None => println!("understudy trial {i}: {active} -> {shadow}: NOT served within 30 s"),
+        }
+        let svc = wait_for("failover record", Duration::from_secs(30), || {
+            let s = daemon.service(NAME)?;
+            (s["active"] == shadow.as_str()).then_some(s)
+        });
+        daemon_steps.push(svc["last_failover"].clone());
+    }
+
+    // Baselines run without the daemon so nothing fails over behind our back.
+    let standby = daemon.wait_paused_shadows(NAME, 1, Duration::from_secs(300)).remove(0);
+    let mut active = active_of(&daemon);
+    drop(daemon);
+
+    let mut cold_ms = Vec::new();
+    for i in 0..base_trials {
+        let uuid = domain_uuid(&hv, &active);
+        wait_for("page before cold restart", Duration::from_secs(120), || http_get(IP, Duration::from_millis(200)));
+        std::thread::sleep(Duration::from_millis(300));
+        let kill = Instant::now();
+        kill_qemu(&active);
+        // Restart-based HA: start the same domain again as soon as it is known dead.
+        wait_for("domain shut off", Duration::from_secs(10), || {
+            (!hv.state(&active).ok()?.is_active()).then_some(())
+        });
+        hv.start(&active, false).unwrap();
+        match outage(&probe, kill, &uuid, Duration::from_secs(120)) {
+            Some(ms) => {
+                println!("cold restart trial {i}: client outage {ms:.1} ms");
+                cold_ms.push(ms);
+            }
+            None => println!("cold restart trial {i}: NOT served within 120 s"),
+        }
+    }
+
+    let mut restore_ms = Vec::new();
+    let mut standby_name = standby;
+    for i in 0..base_trials {
+        // Prepare: the standby (isolated, link down) is saved to disk while the active serves.
+        let net = tokio_netlink();
+        hv.managed_save(&standby_name).unwrap();
+        wait_for("page before restore trial", Duration::from_secs(120), || http_get(IP, Duration::from_millis(200)));
+        std::thread::sleep(Duration::from_millis(300));
+        let uuid = domain_uuid(&hv, &standby_name);
+        let kill = Instant::now();
+        kill_qemu(&active);
+        hv.start(&standby_name, false).unwrap(); // restores the managed save
+        bring_online(&hv, &net, &standby_name);
+        match outage(&probe, kill, &uuid, Duration::from_secs(60)) {
+            Some(ms) => {
+                println!("managed-save restore trial {i}: client outage {ms:.1} ms");
+                restore_ms.push(ms);
+            }
+            None => println!("managed-save restore trial {i}: NOT served within 60 s"),
+        }
+        // The restored standby now serves; make a new standby from it for the next trial.
+        let old = std::mem::replace(&mut active, standby_name.clone());
+        if i + 1 < base_trials {
+            let _ = hv.destroy(&old);
+            standby_name = make_standby(&hv, &net, &active, i as u64 + 100);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+
+    let (u50, u95, umax) = stats(&understudy_ms);
+    let (c50, c95, cmax) = stats(&cold_ms);
+    let (r50, r95, rmax) = stats(&restore_ms);
+    println!();
+    println!("method                  trials   median_ms     p95_ms     max_ms");
+    println!("understudy failover     {:>6} {:>11.1} {:>10.1} {:>10.1}", understudy_ms.len(), u50, u95, umax);
+    println!("cold restart            {:>6} {:>11.1} {:>10.1} {:>10.1}", cold_ms.len(), c50, c95, cmax);
+    println!("managed-save restore    {:>6} {:>11.1} {:>10.1} {:>10.1}", restore_ms.len(), r50, r95, rmax);
+    println!("ratio cold/understudy (median): {:.1}x", c50 / u50);
+    println!("ratio restore/understudy (median): {:.1}x", r50 / u50);
+    println!(
+        "target: median <= 100 ms: {}, p95 <= 250 ms: {}, >= 50x shorter than cold restart: {}",
+        verdict(u50 <= 100.0),
+        verdict(u95 <= 250.0),
+        verdict(c50 / u50 >= 50.0)
+    );
+
+    let out = repo().join("build/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    let json = serde_json::json!({
+        "trials": trials,
+        "understudy_ms": understudy_ms,
+        "cold_restart_ms": cold_ms,
+        "managed_save_restore_ms": restore_ms,
+        "summary": {
+            "understudy": {"median": u50, "p95": u95, "max": umax},
+            "cold_restart": {"median": c50, "p95": c95, "max": cmax},
+            "managed_save_restore": {"median": r50, "p95": r95, "max": rmax},
+            "ratio_cold_over_understudy": c50 / u50,
+            "ratio_restore_over_understudy": r50 / u50,
+        },
+        "daemon_failover_records": daemon_steps,
+    });
+    std::fs::write(out.join("failover.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    std::fs::write(
+        out.join("failover.svg"),
+        svg(&[("understudy", &understudy_ms), ("cold restart", &cold_ms), ("managed-save restore", &restore_ms)]),
+    )
+    .unwrap();
+    println!("wrote {} and {}", out.join("failover.json").display(), out.join("failover.svg").display());
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+struct NetRt {
+    rt: tokio::runtime::Runtime,
+    net: understudy::net::Netlink,
+}
+
+fn tokio_netlink() -> NetRt {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let net = rt.block_on(async { understudy::net::Netlink::new().unwrap() });
+    NetRt { rt, net }
+}
+
+/// Puts a just-restored standby on the bridge with its link up, as a restore-based HA would.
+fn bring_online(hv: &Hypervisor, n: &NetRt, name: &str) {
+    let xml = understudy::domain_xml::DomainXml::parse(&hv.xml(name, false).unwrap()).unwrap();
+    for (mac, tap) in xml.live_interface_taps() {
+        n.rt.block_on(n.net.enslave_and_up(&tap, "usbr0")).unwrap();
+        if let Some(x) = xml.interface_xml_with_link(&mac, true) {
+            hv.update_device_live_and_config(name, &x).unwrap();
+        }
+    }
+    let _ = hv.qmp(name, r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":5,"step":100}}"#);
+}
+
+/// A new standby cloned from `from` through understudy's own provisioning (booted, isolated,
+/// paused), for the restore baseline.
+fn make_standby(hv: &Hypervisor, n: &NetRt, from: &str, generation: u64) -> String {
+    let req = understudy::failover::shadow::ShadowRequest {
+        service: NAME.to_string(),
+        class: "default".into(),
+        primary: from.to_string(),
+        name: format!("{NAME}-shadow-{generation}"),
+        generation,
+        state_dir: std::env::temp_dir().join("understudy-bench-standby"),
+        boot_timeout: Duration::from_secs(300),
+        agent_timeout: Duration::from_secs(1),
+        agent_max_reply: 1 << 20,
+    };
+    n.rt.block_on(understudy::failover::shadow::provision(hv, &n.net, req)).unwrap().name
+}
+
+/// A plain SVG chart: one dot per trial, per method, on a log-scale y axis.
+fn svg(series: &[(&str, &Vec<f64>)]) -> String {
+    let (w, h, left, top, bottom) = (720.0, 420.0, 70.0, 30.0, 60.0);
+    let max = series.iter().flat_map(|(_, v)| v.iter().copied()).fold(10.0_f64, f64::max) * 1.5;
+    let min = 1.0_f64;
+    let y = |ms: f64| top + (h - top - bottom) * (1.0 - (ms.max(min).ln() - min.ln()) / (max.ln() - min.ln()));
+    let colors = ["#1b9e77", "#d95f02", "#7570b3"];
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n<text x='{left}' y='18' font-size='14'>Client-observed outage per trial (ms, log scale)</text>\n"
+    );
+    let mut tick = 1.0;
+    while tick <= max {
+        let ty = y(tick);
+        s += &format!("<line x1='{left}' x2='{}' y1='{ty:.1}' y2='{ty:.1}' stroke='#ddd'/><text x='{}' y='{:.1}' text-anchor='end'>{tick}</text>\n", w - 20.0, left - 6.0, ty + 4.0);
+        tick *= 10.0;
+    }
+    let group_w = (w - left - 20.0) / series.len() as f64;
+    for (gi, (label, values)) in series.iter().enumerate() {
+        let gx = left + group_w * gi as f64;
+        s += &format!("<text x='{:.1}' y='{:.1}' text-anchor='middle'>{label} (n={})</text>\n", gx + group_w / 2.0, h - bottom + 20.0, values.len());
+        for (i, v) in values.iter().enumerate() {
+            let x = gx + 10.0 + (group_w - 20.0) * (i as f64 + 0.5) / values.len().max(1) as f64;
+            s += &format!("<circle cx='{x:.1}' cy='{:.1}' r='4' fill='{}'><title>{v:.1} ms</title></circle>\n", y(*v), colors[gi % 3]);
+        }
+    }
+    s + "</svg>\n"
+}
