@@ -72,6 +72,27 @@ pub enum Command {
     },
     /// Re-read the configuration file; on errors the running configuration stays.
     Reload,
+    /// Probe a service's HTTP address like a client would and report who answered and the
+    /// longest gap between good answers.
+    Probe {
+        /// Address and port, e.g. 10.77.0.10:80.
+        addr: std::net::SocketAddr,
+        /// Path to request.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Milliseconds between requests.
+        #[arg(long, default_value_t = 5)]
+        interval_ms: u64,
+        /// Per-request timeout in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        timeout_ms: u64,
+        /// How long to probe, in seconds.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `understudy shadow ...`
@@ -98,6 +119,9 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run { json_logs, exit_after } => run_daemon(&cli.config, json_logs, exit_after),
         Command::CheckConfig { ref file } => check_config(file),
+        Command::Probe { addr, ref path, interval_ms, timeout_ms, seconds, json } => {
+            probe(addr, path, interval_ms, timeout_ms, seconds, json)
+        }
         ref other => {
             let req = match other {
                 Command::Status { .. } => Request::Status,
@@ -109,7 +133,7 @@ pub fn main() -> ExitCode {
                     Request::ShadowReinit { service: service.clone(), golden: *golden }
                 }
                 Command::Reload => Request::ReloadConfig,
-                Command::Run { .. } | Command::CheckConfig { .. } => unreachable!("handled above"),
+                Command::Run { .. } | Command::CheckConfig { .. } | Command::Probe { .. } => unreachable!("handled above"),
             };
             let json = matches!(other, Command::Status { json: true });
             client(&cli, req, json)
@@ -223,5 +247,43 @@ fn run_daemon(config: &Path, json_logs: bool, exit_after: Option<u64>) -> ExitCo
             eprintln!("understudy: {e}: {}", crate::error_chain(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+fn probe(addr: std::net::SocketAddr, path: &str, interval_ms: u64, timeout_ms: u64, seconds: f64, json: bool) -> ExitCode {
+    let report = crate::probe::run(
+        addr,
+        path,
+        Duration::from_millis(interval_ms),
+        Duration::from_millis(timeout_ms),
+        Duration::from_secs_f64(seconds.max(0.0)),
+        |a, gap| {
+            if !json {
+                match gap {
+                    Some(g) => println!("{:>8} ms  answer changed after a {g} ms gap: {}", a.at_ms, a.body),
+                    None => println!("{:>8} ms  first answer: {}", a.at_ms, a.body),
+                }
+            }
+        },
+    );
+    if json {
+        let v = serde_json::json!({
+            "sent": report.sent,
+            "answered": report.answered,
+            "max_gap_ms": report.max_gap_ms,
+            "max_gap_end_ms": report.max_gap_end_ms,
+            "changes": report.changes.iter().map(|c| serde_json::json!({"at_ms": c.at_ms, "body": c.body})).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "probe {addr}{path}: {} requests, {} answered, longest gap between good answers {} ms (ended at {} ms)",
+            report.sent, report.answered, report.max_gap_ms, report.max_gap_end_ms
+        );
+    }
+    if report.answered == 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     }
 }

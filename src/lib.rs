@@ -11,6 +11,8 @@
 //! - [`net`]: bridge and route rewiring over rtnetlink.
 //! - [`api`]: the control socket protocol and Prometheus metrics.
 //! - [`daemon`]: the long-running orchestrator that ties them together.
+//! - [`probe`]: an external client's view of a service (who answers, and the gaps).
+//! - [`cli`]: the `understudy` command line.
 
 pub mod api;
 pub mod config;
@@ -20,6 +22,7 @@ pub mod failover;
 pub mod libvirt;
 pub mod monitor;
 pub mod net;
+pub mod probe;
 pub mod profile;
 pub mod state;
 pub mod cli;
