@@ -74,8 +74,7 @@ impl fmt::Display for KeyPath {
 
 /// A syntactically valid TOML document with the spans of every key and value.
 pub(super) struct Document<'i> {
-    /// The top-level table, wrapped as a value so that path walks start uniformly.
-    root: DeValue<'i>,
+    root: DeTable<'i>,
     /// Byte offset at which each line starts; `line_starts[0] == 0`.
     line_starts: Vec<usize>,
     len: usize,
@@ -91,9 +90,8 @@ pub(super) struct Position {
 impl<'i> Document<'i> {
     /// Parses `text` as TOML; fails on the first syntax error (duplicate keys included).
     pub(super) fn parse(text: &'i str) -> Result<Self, toml::de::Error> {
-        let root = DeTable::parse(text)?.into_inner();
         Ok(Self {
-            root: DeValue::Table(root),
+            root: DeTable::parse(text)?.into_inner(),
             line_starts: line_starts(text),
             len: text.len(),
         })
@@ -106,11 +104,7 @@ impl<'i> Document<'i> {
 
     /// The top-level table.
     pub(super) fn root(&self) -> &DeTable<'i> {
-        match &self.root {
-            DeValue::Table(table) => table,
-            // `parse` only ever stores a table.
-            _ => unreachable!("document root is always a table"),
-        }
+        &self.root
     }
 
     /// The 1-based line holding byte `offset`.
@@ -122,21 +116,26 @@ impl<'i> Document<'i> {
     /// nearest ancestor present in the file, or 1 for the top level.
     pub(super) fn line_for(&self, path: &KeyPath) -> usize {
         let mut offset = 0;
-        let mut current = &self.root;
+        // `None` stands for the root table, which is not wrapped in a `DeValue`.
+        let mut current: Option<&DeValue<'i>> = None;
         for segment in &path.0 {
             // A table entry is located by its key, an array element by its value.
             let found = match (segment, current) {
-                (Segment::Key(key), DeValue::Table(table)) => table
+                (Segment::Key(key), None) => self
+                    .root
                     .get_key_value(key.as_str())
                     .map(|(k, v)| (k.span().start, v)),
-                (Segment::Index(index), DeValue::Array(items)) => {
+                (Segment::Key(key), Some(DeValue::Table(table))) => table
+                    .get_key_value(key.as_str())
+                    .map(|(k, v)| (k.span().start, v)),
+                (Segment::Index(index), Some(DeValue::Array(items))) => {
                     items.get(*index).map(|v| (v.span().start, v))
                 }
                 _ => None,
             };
             let Some((start, value)) = found else { break };
             offset = start;
-            current = value.get_ref();
+            current = Some(value.get_ref());
         }
         self.line_of(offset)
     }
