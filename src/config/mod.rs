@@ -1,0 +1,681 @@
+//! TOML configuration: typed, with built-in defaults, and validated as a whole.
+//!
+//! Every problem found in a file is reported with the file, the 1-based line and the dotted key
+//! path (`configs/x.toml:12: class.web.shadows: 12 is out of range 0..=8`), and all problems that
+//! can be found in one pass are reported together rather than one per run:
+//!
+//! 1. Syntax errors (including duplicate keys and tables) stop parsing at the first one.
+//! 2. Each section (`[daemon]`, `[monitor]`, `[profile]`, every `[[protect]]` rule and every
+//!    `[class.X]`) is then deserialized on its own, so an unknown key or a wrong type is reported
+//!    once per section (serde stops at the first one inside a section; a class's `probe` table
+//!    is part of its class).
+//! 3. Ranges and cross-field rules are checked on everything that deserialized; each violation
+//!    is its own problem.
+//!
+//! Relative paths in the file (`state_dir`, `control_socket`, `profile.repository`,
+//! `golden_image`) are kept as written and so are relative to the daemon's current working
+//! directory, not to the configuration file.
+
+mod document;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use toml::de::{DeValue, ValueDeserializer};
+use toml::Spanned;
+
+use document::{Document, KeyPath};
+
+/// Largest configuration file accepted; real ones are a few KiB.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Name of the class that always exists, with built-in defaults unless `[class.default]`
+/// overrides them.
+pub const DEFAULT_CLASS: &str = "default";
+
+/// The whole daemon configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// `[daemon]`: process-wide settings.
+    pub daemon: DaemonConfig,
+    /// `[monitor]`: resource sampling.
+    pub monitor: MonitorConfig,
+    /// `[profile]`: predictive deployment profiles.
+    pub profile: ProfileConfig,
+    /// `[[protect]]`: which domains are protected, in file order; the first match wins.
+    pub protect: Vec<ProtectRule>,
+    /// `[class.X]`: protection classes by name; always holds [`DEFAULT_CLASS`].
+    pub class: BTreeMap<String, ClassConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            daemon: DaemonConfig::default(),
+            monitor: MonitorConfig::default(),
+            profile: ProfileConfig::default(),
+            protect: Vec::new(),
+            class: BTreeMap::from([(DEFAULT_CLASS.to_owned(), ClassConfig::default())]),
+        }
+    }
+}
+
+/// Hardware acceleration for shadow domains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when `/dev/kvm` is usable, otherwise TCG.
+    #[default]
+    Auto,
+    /// Always KVM; defining a domain fails on a host without it, which is what asking for KVM
+    /// explicitly should do.
+    Kvm,
+    /// Always TCG (software emulation), e.g. in a nested lab.
+    Tcg,
+}
+
+impl Accel {
+    /// The libvirt `<domain type=...>` to use.
+    pub fn domain_type(&self, kvm_usable: bool) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "qemu",
+            Accel::Auto if kvm_usable => "kvm",
+            Accel::Auto => "qemu",
+        }
+    }
+}
+
+/// Format of the daemon's log lines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[daemon]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// libvirt connection URI.
+    pub libvirt_uri: String,
+    /// Acceleration of shadow domains.
+    pub accel: Accel,
+    /// Directory for persistent daemon state.
+    pub state_dir: PathBuf,
+    /// Unix socket of the control API.
+    pub control_socket: PathBuf,
+    /// Address of the Prometheus endpoint.
+    pub metrics_listen: SocketAddr,
+    /// Allows `metrics_listen` on a non-loopback address.
+    pub metrics_allow_remote: bool,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// `tracing` filter directives, e.g. `info` or `understudy=debug,warn`.
+    pub log_level: String,
+    /// libvirt keepalive interval in seconds (1..=60).
+    pub keepalive_interval_s: u32,
+    /// Unanswered keepalives before libvirt closes the connection (1..=20).
+    pub keepalive_count: u32,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            libvirt_uri: "qemu:///system".to_owned(),
+            accel: Accel::Auto,
+            state_dir: PathBuf::from("/var/lib/understudy"),
+            control_socket: PathBuf::from("/run/understudy/understudy.sock"),
+            metrics_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464),
+            metrics_allow_remote: false,
+            log_format: LogFormat::Text,
+            log_level: "info".to_owned(),
+            keepalive_interval_s: 5,
+            keepalive_count: 3,
+        }
+    }
+}
+
+/// `[monitor]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// Sampling period in milliseconds (100..=60000).
+    pub sample_interval_ms: u64,
+    /// Guest agent command timeout in milliseconds (50..=30000, at most `sample_interval_ms`).
+    pub agent_timeout_ms: u64,
+    /// Largest guest agent reply accepted, in bytes (1 KiB..=16 MiB).
+    pub agent_max_reply_bytes: usize,
+    /// In-memory sample ring size per service (10..=1000000).
+    pub history_samples: usize,
+    /// On-disk history cap per service, in bytes (at least 64 KiB).
+    pub history_max_bytes: u64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            sample_interval_ms: 1000,
+            agent_timeout_ms: 1000,
+            agent_max_reply_bytes: 1024 * 1024,
+            history_samples: 3600,
+            history_max_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl MonitorConfig {
+    /// `sample_interval_ms` as a duration.
+    pub fn sample_interval(&self) -> Duration {
+        Duration::from_millis(self.sample_interval_ms)
+    }
+
+    /// `agent_timeout_ms` as a duration.
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_millis(self.agent_timeout_ms)
+    }
+}
+
+/// `[profile]`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Directory backend of the central profile repository.
+    pub repository: PathBuf,
+    /// Extra capacity added on top of observed demand, in percent (0..=200).
+    pub headroom_pct: u32,
+    /// Samples a time bucket needs before it is trusted (at least 1).
+    pub min_samples_per_bucket: u32,
+    /// Samples compared when checking a profile for drift (at least 10).
+    pub drift_window: u32,
+    /// Fraction of the drift window a profile must cover to stay valid (0 < x <= 1).
+    pub drift_coverage_threshold: f64,
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        Self {
+            repository: PathBuf::from("/var/lib/understudy/profile-repo"),
+            headroom_pct: 20,
+            min_samples_per_bucket: 30,
+            drift_window: 120,
+            drift_coverage_threshold: 0.8,
+        }
+    }
+}
+
+/// A shell-style glob over domain names, validated when the file is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Glob(glob::Pattern);
+
+impl Glob {
+    /// Whether the whole of `name` matches.
+    pub fn matches(&self, name: &str) -> bool {
+        self.0.matches(name)
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl TryFrom<String> for Glob {
+    type Error = glob::PatternError;
+
+    fn try_from(pattern: String) -> Result<Self, Self::Error> {
+        glob::Pattern::new(&pattern).map(Glob)
+    }
+}
+
+impl<'de> Deserialize<'de> for Glob {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let pattern = String::deserialize(deserializer)?;
+        Glob::try_from(pattern.clone())
+            .map_err(|e| serde::de::Error::custom(format_args!("invalid glob {pattern:?}: {e}")))
+    }
+}
+
+impl fmt::Display for Glob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[[protect]]`: domains whose name matches `pattern` are protected with `class`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectRule {
+    /// Glob over libvirt domain names (key `match`).
+    #[serde(rename = "match")]
+    pub pattern: Glob,
+    /// Name of a `[class.X]`, or [`DEFAULT_CLASS`].
+    pub class: String,
+}
+
+/// `[class.X]`: how domains of one class are shadowed and failed over.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassConfig {
+    /// Paused shadows kept per protected domain (0..=8).
+    pub shadows: u32,
+    /// Period of guest heartbeats in milliseconds (50..=60000).
+    pub heartbeat_interval_ms: u64,
+    /// Time a heartbeat may take to be answered, in milliseconds (10..=60000). Strictly below
+    /// `heartbeat_interval_ms`, so that a heartbeat is settled before the next one is sent.
+    pub heartbeat_timeout_ms: u64,
+    /// Consecutive missed heartbeats that declare the primary dead (1..=100).
+    pub heartbeat_misses: u32,
+    /// Time a new shadow may take to boot, in seconds (10..=3600).
+    pub shadow_boot_timeout_s: u64,
+    /// Promotion attempts on further shadows after the first one fails (0..=100).
+    pub promote_retry_limit: u32,
+    /// Base image used by `shadow reinit --golden`.
+    pub golden_image: Option<PathBuf>,
+    /// Absolute paths of guest files read through the guest agent as configuration evidence.
+    pub config_files: Vec<PathBuf>,
+    /// Argument vectors run through `guest-exec`; `argv[0]` is an absolute path.
+    pub config_commands: Vec<Vec<String>>,
+    /// Optional external probe from the host namespace.
+    pub probe: Option<ProbeConfig>,
+}
+
+impl Default for ClassConfig {
+    fn default() -> Self {
+        Self {
+            shadows: 1,
+            heartbeat_interval_ms: 500,
+            heartbeat_timeout_ms: 300,
+            heartbeat_misses: 3,
+            shadow_boot_timeout_s: 180,
+            promote_retry_limit: 3,
+            golden_image: None,
+            config_files: Vec::new(),
+            config_commands: Vec::new(),
+            probe: None,
+        }
+    }
+}
+
+impl ClassConfig {
+    /// `heartbeat_interval_ms` as a duration.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    /// `heartbeat_timeout_ms` as a duration.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+
+    /// `shadow_boot_timeout_s` as a duration.
+    pub fn shadow_boot_timeout(&self) -> Duration {
+        Duration::from_secs(self.shadow_boot_timeout_s)
+    }
+}
+
+/// What an external probe checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeCheck {
+    /// An HTTP GET of `path` answers with a non-error status.
+    Http {
+        /// Request path, starting with `/`.
+        path: String,
+    },
+    /// A TCP connection is accepted.
+    Tcp,
+}
+
+/// `[class.X.probe]`: a service check from the host namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawProbe")]
+pub struct ProbeConfig {
+    /// What is checked (key `kind`, plus `path` for HTTP).
+    pub check: ProbeCheck,
+    /// Address probed.
+    pub address: SocketAddr,
+    /// Probe period in milliseconds (10..=60000).
+    pub interval_ms: u64,
+    /// Probe timeout in milliseconds (1..=60000, strictly below `interval_ms`).
+    pub timeout_ms: u64,
+}
+
+impl ProbeConfig {
+    /// `interval_ms` as a duration.
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
+    /// `timeout_ms` as a duration.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// The probe table as written, before `kind` and `path` are folded into [`ProbeCheck`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    kind: ProbeKind,
+    address: SocketAddr,
+    path: Option<String>,
+    #[serde(default = "default_probe_interval_ms")]
+    interval_ms: u64,
+    #[serde(default = "default_probe_timeout_ms")]
+    timeout_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ProbeKind {
+    Http,
+    Tcp,
+}
+
+fn default_probe_interval_ms() -> u64 {
+    200
+}
+
+fn default_probe_timeout_ms() -> u64 {
+    100
+}
+
+/// A probe table that is well-typed but inconsistent.
+#[derive(Debug, thiserror::Error)]
+enum ProbeShapeError {
+    /// `path` only applies to HTTP probes.
+    #[error("`path` is only meaningful with kind = \"http\"; remove it for a tcp probe")]
+    PathWithTcp,
+}
+
+impl TryFrom<RawProbe> for ProbeConfig {
+    type Error = ProbeShapeError;
+
+    fn try_from(raw: RawProbe) -> Result<Self, Self::Error> {
+        let check = match (raw.kind, raw.path) {
+            (ProbeKind::Http, path) => ProbeCheck::Http {
+                path: path.unwrap_or_else(|| "/".to_owned()),
+            },
+            (ProbeKind::Tcp, None) => ProbeCheck::Tcp,
+            (ProbeKind::Tcp, Some(_)) => return Err(ProbeShapeError::PathWithTcp),
+        };
+        Ok(Self {
+            check,
+            address: raw.address,
+            interval_ms: raw.interval_ms,
+            timeout_ms: raw.timeout_ms,
+        })
+    }
+}
+
+/// One thing wrong in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line of the offending key (or of its nearest enclosing table when the key is
+    /// missing).
+    pub line: usize,
+    /// Dotted key path, e.g. `class.web.shadows` or `protect[0].match`.
+    pub key: String,
+    /// What is wrong, including the allowed range where there is one.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}: {}", self.line, self.key, self.message)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be opened or read.
+    #[error("{}: cannot read configuration", path.display())]
+    Read {
+        /// The configuration file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is larger than [`MAX_CONFIG_BYTES`].
+    #[error("{}: configuration is larger than {limit} bytes", path.display())]
+    TooLarge {
+        /// The configuration file.
+        path: PathBuf,
+        /// The size limit in bytes.
+        limit: u64,
+    },
+    /// The file is not UTF-8, which TOML requires.
+    #[error("{}: configuration is not valid UTF-8", path.display())]
+    NotUtf8 {
+        /// The configuration file.
+        path: PathBuf,
+        /// Where decoding failed.
+        #[source]
+        source: std::string::FromUtf8Error,
+    },
+    /// The file is not valid TOML (this includes duplicate keys and tables).
+    #[error("{}:{line}:{column}: malformed TOML: {message}", path.display())]
+    Syntax {
+        /// The configuration file.
+        path: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column (in bytes) of the error.
+        column: usize,
+        /// The parser's one-line description of what it expected.
+        message: String,
+    },
+    /// The file is valid TOML but does not describe a valid configuration.
+    #[error("{}", render_invalid(path, problems))]
+    Invalid {
+        /// The configuration file.
+        path: PathBuf,
+        /// Every problem found, ordered by line.
+        problems: Vec<Problem>,
+    },
+}
+
+fn render_invalid(path: &Path, problems: &[Problem]) -> String {
+    let count = problems.len();
+    let mut text = format!(
+        "{}: invalid configuration ({count} problem{}):",
+        path.display(),
+        if count == 1 { "" } else { "s" }
+    );
+    for problem in problems {
+        text.push_str(&format!(
+            "\n{}:{}: {}: {}",
+            path.display(),
+            problem.line,
+            problem.key,
+            problem.message
+        ));
+    }
+    text
+}
+
+/// The top-level keys, for the unknown-key message.
+const SECTIONS: &str = "`daemon`, `monitor`, `profile`, `protect`, `class`";
+
+impl Config {
+    /// Reads, parses and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let read_error = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let mut bytes = Vec::new();
+        // Read one byte past the limit to tell "exactly at the limit" from "over it".
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_error)?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+                limit: MAX_CONFIG_BYTES,
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|source| ConfigError::NotUtf8 {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `origin` names the file in messages.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let doc = Document::parse(text).map_err(|e| {
+            let at = Document::position_in(text, e.span().map_or(0, |s| s.start));
+            ConfigError::Syntax {
+                path: origin.to_owned(),
+                line: at.line,
+                column: at.column,
+                message: e.message().trim_end().to_owned(),
+            }
+        })?;
+
+        let mut problems = Vec::new();
+        let mut config = Config::default();
+        // Classes named in the file, including those that failed to deserialize, so that a
+        // broken class is not also reported as unknown by the rules using it.
+        let mut declared_classes = BTreeSet::from([DEFAULT_CLASS.to_owned()]);
+
+        for (key, value) in doc.root() {
+            let path = KeyPath::root().key(key.get_ref());
+            match key.get_ref().as_ref() {
+                "daemon" => {
+                    if let Some(daemon) = section(&doc, value, &path, &mut problems) {
+                        config.daemon = daemon;
+                    }
+                }
+                "monitor" => {
+                    if let Some(monitor) = section(&doc, value, &path, &mut problems) {
+                        config.monitor = monitor;
+                    }
+                }
+                "profile" => {
+                    if let Some(profile) = section(&doc, value, &path, &mut problems) {
+                        config.profile = profile;
+                    }
+                }
+                "protect" => match value.get_ref() {
+                    DeValue::Array(rules) => {
+                        for (i, rule) in rules.iter().enumerate() {
+                            let rule_path = path.index(i);
+                            if let Some(rule) = section(&doc, rule, &rule_path, &mut problems) {
+                                config.protect.push(rule);
+                            }
+                        }
+                    }
+                    _ => problems.push(problem(
+                        &doc,
+                        &path,
+                        "must be an array of tables: write [[protect]], not [protect]".to_owned(),
+                    )),
+                },
+                "class" => match value.get_ref() {
+                    DeValue::Table(classes) => {
+                        for (name, class) in classes {
+                            declared_classes.insert(name.get_ref().to_string());
+                            let class_path = path.key(name.get_ref());
+                            if let Some(class) = section(&doc, class, &class_path, &mut problems) {
+                                config.class.insert(name.get_ref().to_string(), class);
+                            }
+                        }
+                    }
+                    _ => problems.push(problem(
+                        &doc,
+                        &path,
+                        "must be a table of classes: write [class.NAME] sections".to_owned(),
+                    )),
+                },
+                other => problems.push(problem(
+                    &doc,
+                    &path,
+                    format!("unknown section `{other}`, expected one of {SECTIONS}"),
+                )),
+            }
+        }
+
+        validate::check(&config, &doc, &declared_classes, &mut problems);
+
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            // Stable: problems on one line keep their discovery order.
+            problems.sort_by_key(|p| p.line);
+            Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// First `[[protect]]` rule whose glob matches the domain name -> (class name, class config).
+    ///
+    /// `None` if no rule matches (the domain is not protected), or if the first matching rule
+    /// names a class missing from `class`, which only a hand-built `Config` can do.
+    pub fn class_for(&self, domain_name: &str) -> Option<(&str, &ClassConfig)> {
+        let rule = self
+            .protect
+            .iter()
+            .find(|rule| rule.pattern.matches(domain_name))?;
+        self.class
+            .get_key_value(rule.class.as_str())
+            .map(|(name, class)| (name.as_str(), class))
+    }
+}
+
+/// A problem at `path`, located on the line of that key.
+fn problem(doc: &Document<'_>, path: &KeyPath, message: String) -> Problem {
+    Problem {
+        line: doc.line_for(path),
+        key: path.to_string(),
+        message,
+    }
+}
+
+/// Deserializes one section on its own so that errors in other sections are still reported.
+fn section<T: DeserializeOwned>(
+    doc: &Document<'_>,
+    value: &Spanned<DeValue<'_>>,
+    path: &KeyPath,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    match T::deserialize(ValueDeserializer::from(value.clone())) {
+        Ok(parsed) => Some(parsed),
+        Err(e) => {
+            // Spans index the whole document since the section was cut out of its parse tree.
+            let (line, key) = match e.span() {
+                Some(span) => (
+                    doc.line_of(span.start),
+                    doc.path_at(span.start).unwrap_or_else(|| path.clone()),
+                ),
+                None => (doc.line_for(path), path.clone()),
+            };
+            problems.push(Problem {
+                line,
+                key: key.to_string(),
+                message: e.message().trim_end().to_owned(),
+            });
+            None
+        }
+    }
+}

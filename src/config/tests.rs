@@ -1,0 +1,574 @@
+use std::fs;
+
+use super::*;
+
+/// A configuration fixture written into its own temporary directory.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Fixture {
+    fn new(text: &str) -> Self {
+        Self::bytes(text.as_bytes())
+    }
+
+    fn bytes(content: &[u8]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("understudy.toml");
+        fs::write(&path, content).expect("write fixture");
+        Self { _dir: dir, path }
+    }
+
+    fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(&self.path)
+    }
+
+    /// The rendered error of loading this fixture, which must fail.
+    fn error_text(&self) -> String {
+        match self.load() {
+            Ok(config) => panic!("expected an error, got {config:#?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// The problems of this fixture, which must be valid TOML but an invalid configuration.
+    fn problems(&self) -> Vec<Problem> {
+        match self.load() {
+            Err(ConfigError::Invalid { path, problems }) => {
+                assert_eq!(path, self.path);
+                problems
+            }
+            other => panic!("expected ConfigError::Invalid, got {other:?}"),
+        }
+    }
+
+    /// `<path>:<line>: <key>: ` as it starts a problem line of the rendered error.
+    fn at(&self, line: usize, key: &str) -> String {
+        format!("{}:{line}: {key}: ", self.path.display())
+    }
+}
+
+fn shipped(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs")
+        .join(name)
+}
+
+#[test]
+fn lab_config_parses() {
+    let config = Config::load(&shipped("lab.toml")).expect("configs/lab.toml is valid");
+    assert_eq!(config.daemon.libvirt_uri, "qemu:///system");
+    assert_eq!(config.daemon.accel, Accel::Tcg);
+    assert_eq!(config.daemon.state_dir, Path::new("build/lab/state"));
+    assert_eq!(
+        config.daemon.control_socket,
+        Path::new("build/lab/understudy.sock")
+    );
+    assert_eq!(
+        config.daemon.metrics_listen,
+        "127.0.0.1:9464".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(
+        config.profile.repository,
+        Path::new("build/lab/profile-repo")
+    );
+
+    let (name, class) = config.class_for("web1").expect("web1 is protected");
+    assert_eq!(name, "default");
+    assert_eq!(class.shadows, 1);
+    assert_eq!(
+        (
+            class.heartbeat_interval_ms,
+            class.heartbeat_timeout_ms,
+            class.heartbeat_misses
+        ),
+        (500, 300, 3)
+    );
+    assert!(class.config_files.contains(&PathBuf::from("/proc/cmdline")));
+
+    let (name, class) = config.class_for("db1").expect("db1 is protected");
+    assert_eq!(name, "db");
+    let probe = class.probe.as_ref().expect("db has a probe");
+    assert_eq!(
+        probe.check,
+        ProbeCheck::Http {
+            path: "/".to_owned()
+        }
+    );
+    assert_eq!(config.class_for("other"), None);
+}
+
+#[test]
+fn example_config_parses() {
+    let config =
+        Config::load(&shipped("understudy.toml")).expect("configs/understudy.toml is valid");
+    // The example documents the defaults of everything outside the classes.
+    assert_eq!(config.daemon, DaemonConfig::default());
+    assert_eq!(config.monitor, MonitorConfig::default());
+    assert_eq!(config.profile, ProfileConfig::default());
+    let (name, db) = config.class_for("db-main").expect("db-main is protected");
+    assert_eq!(name, "db");
+    assert_eq!(db.shadows, 2);
+    assert_eq!(db.probe.as_ref().map(|p| &p.check), Some(&ProbeCheck::Tcp));
+    assert_eq!(config.class_for("web-1").map(|(n, _)| n), Some("default"));
+}
+
+#[test]
+fn empty_file_gives_all_defaults() {
+    let config = Fixture::new("").load().expect("empty config is valid");
+    assert_eq!(config, Config::default());
+    assert_eq!(config.daemon.accel, Accel::Auto);
+    assert_eq!(config.daemon.log_format, LogFormat::Text);
+    assert_eq!(config.daemon.keepalive_interval_s, 5);
+    assert_eq!(config.monitor.history_samples, 3600);
+    assert_eq!(config.profile.drift_coverage_threshold, 0.8);
+    assert!(config.protect.is_empty());
+    assert_eq!(config.class.keys().collect::<Vec<_>>(), vec!["default"]);
+    assert_eq!(config.class["default"], ClassConfig::default());
+}
+
+#[test]
+fn partial_sections_keep_defaults_for_missing_keys() {
+    let config = Fixture::new(
+        r#"
+[daemon]
+log_format = "json"
+
+[class.default]
+shadows = 2
+
+[class.web]
+heartbeat_misses = 5
+
+[class.web.probe]
+kind = "http"
+address = "10.77.0.10:80"
+"#,
+    )
+    .load()
+    .expect("valid");
+    assert_eq!(config.daemon.log_format, LogFormat::Json);
+    assert_eq!(config.daemon.libvirt_uri, "qemu:///system");
+    assert_eq!(config.class["default"].shadows, 2);
+    assert_eq!(config.class["default"].heartbeat_interval_ms, 500);
+    let web = &config.class["web"];
+    assert_eq!(web.heartbeat_misses, 5);
+    assert_eq!(web.shadows, 1);
+    let probe = web.probe.as_ref().expect("probe");
+    // An http probe without `path` checks "/"; interval and timeout have defaults.
+    assert_eq!(
+        probe.check,
+        ProbeCheck::Http {
+            path: "/".to_owned()
+        }
+    );
+    assert_eq!((probe.interval_ms, probe.timeout_ms), (200, 100));
+}
+
+#[test]
+fn malformed_toml_names_file_and_line() {
+    let fixture = Fixture::new("[daemon]\nlibvirt_uri = \"qemu:///system\"\naccel = tcg\n");
+    match fixture.load() {
+        Err(ConfigError::Syntax { path, line, .. }) => {
+            assert_eq!(path, fixture.path);
+            assert_eq!(line, 3);
+        }
+        other => panic!("expected a syntax error, got {other:?}"),
+    }
+    let text = fixture.error_text();
+    assert!(
+        text.starts_with(&format!("{}:3:", fixture.path.display())),
+        "{text}"
+    );
+}
+
+#[test]
+fn duplicate_key_is_a_syntax_error_on_its_line() {
+    let fixture = Fixture::new("[class.web]\nshadows = 1\nshadows = 2\n");
+    match fixture.load() {
+        Err(ConfigError::Syntax { line, .. }) => assert_eq!(line, 3),
+        other => panic!("expected a syntax error, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_key_names_file_line_and_key() {
+    let fixture = Fixture::new("[monitor]\nsample_interval_ms = 500\nsample_intervall_ms = 500\n");
+    let problems = fixture.problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].line, 3);
+    assert_eq!(problems[0].key, "monitor.sample_intervall_ms");
+    let text = fixture.error_text();
+    assert!(
+        text.contains(&(fixture.at(3, "monitor.sample_intervall_ms") + "unknown field")),
+        "{text}"
+    );
+}
+
+#[test]
+fn unknown_top_level_section_is_reported() {
+    let fixture = Fixture::new("\n[deamon]\naccel = \"kvm\"\n");
+    let text = fixture.error_text();
+    assert!(
+        text.contains(&(fixture.at(2, "deamon") + "unknown section `deamon`")),
+        "{text}"
+    );
+}
+
+#[test]
+fn wrong_type_names_file_line_and_key() {
+    let fixture = Fixture::new("[class.web]\nshadows = \"two\"\n");
+    let text = fixture.error_text();
+    assert!(
+        text.contains(&(fixture.at(2, "class.web.shadows") + "invalid type")),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_enum_value_lists_the_choices() {
+    let fixture = Fixture::new("[daemon]\naccel = \"hvf\"\n");
+    let problems = fixture.problems();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(
+        (problems[0].line, problems[0].key.as_str()),
+        (2, "daemon.accel")
+    );
+    assert!(problems[0].message.contains("`tcg`"), "{problems:?}");
+}
+
+#[test]
+fn out_of_range_names_file_line_key_and_range() {
+    let fixture = Fixture::new("# lab\n\n[class.web]\nshadows = 12\n");
+    let text = fixture.error_text();
+    assert!(
+        text.contains(&(fixture.at(4, "class.web.shadows") + "12 is out of range 0..=8")),
+        "{text}"
+    );
+}
+
+#[test]
+fn negative_number_is_rejected_not_wrapped() {
+    let problems = Fixture::new("[daemon]\nkeepalive_count = -1\n").problems();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].key, "daemon.keepalive_count");
+    assert_eq!(problems[0].line, 2);
+}
+
+#[test]
+fn every_problem_is_collected_in_line_order() {
+    let fixture = Fixture::new(
+        r#"[daemon]
+keepalive_interval_s = 0
+metrics_listen = "0.0.0.0:9464"
+
+[monitor]
+bogus = 1
+
+[profile]
+headroom_pct = 500
+drift_coverage_threshold = 0.0
+
+[[protect]]
+match = "web*"
+class = "missing"
+
+[class.web]
+shadows = 9
+heartbeat_interval_ms = 100
+heartbeat_timeout_ms = 100
+config_files = ["etc/hostname"]
+"#,
+    );
+    let problems = fixture.problems();
+    let found: Vec<_> = problems.iter().map(|p| (p.line, p.key.as_str())).collect();
+    assert_eq!(
+        found,
+        vec![
+            (2, "daemon.keepalive_interval_s"),
+            (3, "daemon.metrics_listen"),
+            (6, "monitor.bogus"),
+            (9, "profile.headroom_pct"),
+            (10, "profile.drift_coverage_threshold"),
+            (14, "protect[0].class"),
+            (17, "class.web.shadows"),
+            (19, "class.web.heartbeat_timeout_ms"),
+            (20, "class.web.config_files[0]"),
+        ]
+    );
+    // The rendered error has one line per problem after the summary.
+    let text = fixture.error_text();
+    assert_eq!(text.lines().count(), 1 + problems.len(), "{text}");
+    assert!(
+        text.contains(&fixture.at(3, "daemon.metrics_listen")),
+        "{text}"
+    );
+}
+
+#[test]
+fn remote_metrics_need_explicit_permission() {
+    let config =
+        Fixture::new("[daemon]\nmetrics_listen = \"[::]:9464\"\nmetrics_allow_remote = true\n")
+            .load()
+            .expect("remote metrics allowed");
+    assert!(!config.daemon.metrics_listen.ip().is_loopback());
+}
+
+#[test]
+fn protect_rule_with_unknown_class() {
+    let fixture = Fixture::new("[[protect]]\nmatch = \"web*\"\nclass = \"gold\"\n");
+    let problems = fixture.problems();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(
+        (problems[0].line, problems[0].key.as_str()),
+        (3, "protect[0].class")
+    );
+    assert!(
+        problems[0].message.contains("unknown class `gold`"),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn protect_rule_naming_a_broken_class_is_not_also_unknown() {
+    let problems =
+        Fixture::new("[[protect]]\nmatch = \"web*\"\nclass = \"web\"\n\n[class.web]\nshadow = 1\n")
+            .problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "class.web.shadow");
+}
+
+#[test]
+fn bad_glob_is_reported_at_its_rule() {
+    let problems =
+        Fixture::new("[[protect]]\nmatch = \"web*\"\nclass = \"default\"\n\n[[protect]]\nmatch = \"db[\"\nclass = \"default\"\n")
+            .problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(
+        (problems[0].line, problems[0].key.as_str()),
+        (6, "protect[1].match")
+    );
+    assert!(problems[0].message.contains("invalid glob"), "{problems:?}");
+}
+
+#[test]
+fn missing_required_protect_key_points_at_the_rule() {
+    let problems = Fixture::new("[daemon]\n\n[[protect]]\nclass = \"default\"\n").problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "protect[0]");
+    assert!(problems[0].message.contains("match"), "{problems:?}");
+    assert!(problems[0].line >= 3, "{problems:?}");
+}
+
+#[test]
+fn repeated_pattern_is_an_unreachable_rule() {
+    let problems = Fixture::new(
+        "[[protect]]\nmatch = \"web*\"\nclass = \"default\"\n[[protect]]\nmatch = \"web*\"\nclass = \"default\"\n",
+    )
+    .problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(
+        (problems[0].line, problems[0].key.as_str()),
+        (5, "protect[1].match")
+    );
+    assert!(problems[0].message.contains("line 1"), "{problems:?}");
+}
+
+#[test]
+fn single_protect_table_instead_of_array() {
+    let problems = Fixture::new("[protect]\nmatch = \"web*\"\nclass = \"default\"\n").problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!((problems[0].line, problems[0].key.as_str()), (1, "protect"));
+    assert!(problems[0].message.contains("[[protect]]"), "{problems:?}");
+}
+
+#[test]
+fn guest_paths_and_commands_are_checked() {
+    let problems = Fixture::new(
+        r#"[class.default]
+config_files = ["/etc/hostname", "relative/file", "/etc/hostname"]
+config_commands = [["uname", "-r"], []]
+golden_image = ""
+"#,
+    )
+    .problems();
+    let found: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        found,
+        vec![
+            "class.default.config_files[1]",
+            "class.default.config_files[2]",
+            "class.default.config_commands[0][0]",
+            "class.default.config_commands[1]",
+            "class.default.golden_image",
+        ],
+        "{problems:?}"
+    );
+    assert!(problems[0].message.contains("not an absolute path"));
+    assert!(problems[1]
+        .message
+        .contains("already listed as class.default.config_files[0]"));
+}
+
+#[test]
+fn heartbeat_timeout_must_be_below_interval() {
+    let fixture = Fixture::new("[class.default]\nheartbeat_timeout_ms = 500\n");
+    let problems = fixture.problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(
+        (problems[0].line, problems[0].key.as_str()),
+        (2, "class.default.heartbeat_timeout_ms")
+    );
+    // One below the (default) interval is fine.
+    Fixture::new("[class.default]\nheartbeat_timeout_ms = 499\n")
+        .load()
+        .expect("timeout below interval");
+}
+
+#[test]
+fn probe_shape_and_ranges_are_checked() {
+    let problems = Fixture::new(
+        "[class.db.probe]\nkind = \"tcp\"\naddress = \"10.77.0.20:5432\"\npath = \"/\"\n",
+    )
+    .problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].key.starts_with("class.db.probe"),
+        "{problems:?}"
+    );
+    assert!(
+        problems[0].message.contains("only meaningful"),
+        "{problems:?}"
+    );
+
+    let problems = Fixture::new(
+        "[class.db.probe]\nkind = \"http\"\naddress = \"10.77.0.20:80\"\npath = \"health\"\ninterval_ms = 100\ntimeout_ms = 100\n",
+    )
+    .problems();
+    let found: Vec<_> = problems.iter().map(|p| (p.line, p.key.as_str())).collect();
+    assert_eq!(
+        found,
+        vec![(4, "class.db.probe.path"), (6, "class.db.probe.timeout_ms")]
+    );
+
+    let problems =
+        Fixture::new("[class.db.probe]\nkind = \"udp\"\naddress = \"10.77.0.20:53\"\n").problems();
+    assert_eq!(
+        (problems[0].line, problems[0].key.as_str()),
+        (2, "class.db.probe.kind")
+    );
+}
+
+#[test]
+fn quoted_class_names_are_quoted_in_key_paths() {
+    let problems = Fixture::new("[class.\"my.db\"]\nshadows = 10\n").problems();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].key, "class.\"my.db\".shadows");
+    assert_eq!(problems[0].line, 2);
+}
+
+#[test]
+fn dotted_keys_are_located_too() {
+    let problems = Fixture::new("class.web.shadows = 9\nmonitor.history_samples = 5\n").problems();
+    let found: Vec<_> = problems.iter().map(|p| (p.line, p.key.as_str())).collect();
+    assert_eq!(
+        found,
+        vec![(1, "class.web.shadows"), (2, "monitor.history_samples")]
+    );
+}
+
+#[test]
+fn invalid_log_filter_is_rejected() {
+    let problems = Fixture::new("[daemon]\nlog_level = \"info,=\"\n").problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "daemon.log_level");
+    Fixture::new("[daemon]\nlog_level = \"understudy=debug,warn\"\n")
+        .load()
+        .expect("directives accepted");
+}
+
+#[test]
+fn class_for_uses_the_first_matching_rule() {
+    let config = Config::parse(
+        r#"
+[[protect]]
+match = "web-special*"
+class = "special"
+
+[[protect]]
+match = "web*"
+class = "default"
+
+[[protect]]
+match = "web-special-2"
+class = "other"
+
+[[protect]]
+match = "db-?"
+class = "other"
+
+[class.special]
+shadows = 3
+
+[class.other]
+shadows = 0
+"#,
+        Path::new("inline.toml"),
+    )
+    .expect("valid");
+    let class_of = |name| config.class_for(name).map(|(class, _)| class);
+    assert_eq!(class_of("web-special-1"), Some("special"));
+    // An earlier, broader rule shadows a later, narrower one.
+    assert_eq!(class_of("web-special-2"), Some("special"));
+    assert_eq!(class_of("web1"), Some("default"));
+    assert_eq!(class_of("db-1"), Some("other"));
+    // Globs match the whole name.
+    assert_eq!(class_of("db-12"), None);
+    assert_eq!(class_of("my-web1"), None);
+    assert_eq!(config.class_for("web-special-1").unwrap().1.shadows, 3);
+}
+
+#[test]
+fn parse_names_the_given_origin() {
+    let error = Config::parse("[class.web]\nshadows = 12\n", Path::new("configs/x.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("configs/x.toml:2: class.web.shadows: 12 is out of range 0..=8"),
+        "{error}"
+    );
+}
+
+#[test]
+fn unreadable_oversized_and_non_utf8_files() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("missing.toml");
+    match Config::load(&missing) {
+        Err(ConfigError::Read { path, source }) => {
+            assert_eq!(path, missing);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("expected a read error, got {other:?}"),
+    }
+
+    let mut big = b"# ".to_vec();
+    big.resize(MAX_CONFIG_BYTES as usize + 1, b'x');
+    assert!(matches!(
+        Fixture::bytes(&big).load(),
+        Err(ConfigError::TooLarge { .. })
+    ));
+
+    assert!(matches!(
+        Fixture::bytes(b"# \xff\n").load(),
+        Err(ConfigError::NotUtf8 { .. })
+    ));
+}
+
+#[test]
+fn accel_picks_the_domain_type() {
+    assert_eq!(Accel::Auto.domain_type(true), "kvm");
+    assert_eq!(Accel::Auto.domain_type(false), "qemu");
+    assert_eq!(Accel::Kvm.domain_type(false), "kvm");
+    assert_eq!(Accel::Tcg.domain_type(true), "qemu");
+}

@@ -1,0 +1,323 @@
+//! Range and cross-field checks on a deserialized [`Config`], each violation a [`Problem`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Display;
+use std::ops::RangeInclusive;
+use std::path::Path;
+
+use super::document::{Document, KeyPath};
+use super::{
+    ClassConfig, Config, DaemonConfig, MonitorConfig, ProbeCheck, ProbeConfig, Problem,
+    ProfileConfig, ProtectRule,
+};
+
+/// Longest path a Unix socket can be bound at (`sun_path` is 108 bytes with the NUL).
+const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+/// Appends every problem of `config` to `problems`. `declared_classes` are the class names
+/// present in the file (plus the built-in default), whether or not they deserialized.
+pub(super) fn check(
+    config: &Config,
+    doc: &Document<'_>,
+    declared_classes: &BTreeSet<String>,
+    problems: &mut Vec<Problem>,
+) {
+    let mut checker = Checker { doc, problems };
+    let root = KeyPath::root();
+    checker.daemon(&config.daemon, &root.key("daemon"));
+    checker.monitor(&config.monitor, &root.key("monitor"));
+    checker.profile(&config.profile, &root.key("profile"));
+    checker.protect(&config.protect, &root.key("protect"), declared_classes);
+    checker.classes(&config.class, &root.key("class"));
+}
+
+struct Checker<'a, 'i> {
+    doc: &'a Document<'i>,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Checker<'_, '_> {
+    fn fail(&mut self, path: &KeyPath, message: String) {
+        self.problems.push(super::problem(self.doc, path, message));
+    }
+
+    fn range<T: PartialOrd + Display>(
+        &mut self,
+        path: &KeyPath,
+        value: T,
+        allowed: RangeInclusive<T>,
+    ) {
+        if !allowed.contains(&value) {
+            let message = format!(
+                "{value} is out of range {}..={}",
+                allowed.start(),
+                allowed.end()
+            );
+            self.fail(path, message);
+        }
+    }
+
+    fn at_least<T: PartialOrd + Display>(&mut self, path: &KeyPath, value: T, min: T) {
+        if value < min {
+            self.fail(path, format!("{value} is below the minimum of {min}"));
+        }
+    }
+
+    fn non_empty_path(&mut self, path: &KeyPath, value: &Path) {
+        if value.as_os_str().is_empty() {
+            self.fail(path, "must not be empty".to_owned());
+        }
+    }
+
+    fn daemon(&mut self, daemon: &DaemonConfig, at: &KeyPath) {
+        if daemon.libvirt_uri.trim().is_empty() {
+            self.fail(&at.key("libvirt_uri"), "must not be empty".to_owned());
+        }
+        self.non_empty_path(&at.key("state_dir"), &daemon.state_dir);
+        self.non_empty_path(&at.key("control_socket"), &daemon.control_socket);
+        let socket_len = daemon.control_socket.as_os_str().len();
+        if socket_len > MAX_SOCKET_PATH_BYTES {
+            self.fail(
+                &at.key("control_socket"),
+                format!(
+                    "path is {socket_len} bytes, longer than the {MAX_SOCKET_PATH_BYTES} a Unix \
+                     socket allows"
+                ),
+            );
+        }
+        if !daemon.metrics_listen.ip().is_loopback() && !daemon.metrics_allow_remote {
+            self.fail(
+                &at.key("metrics_listen"),
+                format!(
+                    "{} is not a loopback address; set metrics_allow_remote = true to expose \
+                     metrics beyond this host",
+                    daemon.metrics_listen
+                ),
+            );
+        }
+        if daemon.log_level.trim().is_empty() {
+            self.fail(&at.key("log_level"), "must not be empty".to_owned());
+        } else if let Err(e) = tracing_subscriber::EnvFilter::try_new(&daemon.log_level) {
+            self.fail(
+                &at.key("log_level"),
+                format!("{:?} is not a valid log filter: {e}", daemon.log_level),
+            );
+        }
+        self.range(
+            &at.key("keepalive_interval_s"),
+            daemon.keepalive_interval_s,
+            1..=60,
+        );
+        self.range(&at.key("keepalive_count"), daemon.keepalive_count, 1..=20);
+    }
+
+    fn monitor(&mut self, monitor: &MonitorConfig, at: &KeyPath) {
+        self.range(
+            &at.key("sample_interval_ms"),
+            monitor.sample_interval_ms,
+            100..=60_000,
+        );
+        self.range(
+            &at.key("agent_timeout_ms"),
+            monitor.agent_timeout_ms,
+            50..=30_000,
+        );
+        // A slower agent than the sampling period would make samples pile up.
+        if monitor.agent_timeout_ms > monitor.sample_interval_ms {
+            self.fail(
+                &at.key("agent_timeout_ms"),
+                format!(
+                    "{} exceeds sample_interval_ms ({})",
+                    monitor.agent_timeout_ms, monitor.sample_interval_ms
+                ),
+            );
+        }
+        self.range(
+            &at.key("agent_max_reply_bytes"),
+            monitor.agent_max_reply_bytes,
+            1024..=16 * 1024 * 1024,
+        );
+        self.range(
+            &at.key("history_samples"),
+            monitor.history_samples,
+            10..=1_000_000,
+        );
+        self.at_least(
+            &at.key("history_max_bytes"),
+            monitor.history_max_bytes,
+            64 * 1024,
+        );
+    }
+
+    fn profile(&mut self, profile: &ProfileConfig, at: &KeyPath) {
+        self.non_empty_path(&at.key("repository"), &profile.repository);
+        self.range(&at.key("headroom_pct"), profile.headroom_pct, 0..=200);
+        self.at_least(
+            &at.key("min_samples_per_bucket"),
+            profile.min_samples_per_bucket,
+            1,
+        );
+        self.at_least(&at.key("drift_window"), profile.drift_window, 10);
+        let threshold = profile.drift_coverage_threshold;
+        // Written so that NaN fails too.
+        if !(threshold > 0.0 && threshold <= 1.0) {
+            self.fail(
+                &at.key("drift_coverage_threshold"),
+                format!("{threshold} is out of range: must be above 0 and at most 1"),
+            );
+        }
+    }
+
+    fn protect(&mut self, rules: &[ProtectRule], at: &KeyPath, declared: &BTreeSet<String>) {
+        let mut first_with_pattern: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, rule) in rules.iter().enumerate() {
+            let rule_at = at.index(i);
+            if rule.pattern.as_str().is_empty() {
+                self.fail(
+                    &rule_at.key("match"),
+                    "empty pattern matches no domain".to_owned(),
+                );
+            }
+            // The first matching rule wins, so a repeated pattern can never apply.
+            if let Some(&first) = first_with_pattern.get(rule.pattern.as_str()) {
+                let first_line = self.doc.line_for(&at.index(first));
+                self.fail(
+                    &rule_at.key("match"),
+                    format!(
+                        "pattern {:?} repeats rule {} (line {first_line}), which always matches \
+                         first, so this rule never applies",
+                        rule.pattern.as_str(),
+                        at.index(first)
+                    ),
+                );
+            } else {
+                first_with_pattern.insert(rule.pattern.as_str(), i);
+            }
+            if !declared.contains(&rule.class) {
+                let known: Vec<_> = declared.iter().map(|c| format!("`{c}`")).collect();
+                self.fail(
+                    &rule_at.key("class"),
+                    format!(
+                        "unknown class `{}`; define [class.{}] or use one of {}",
+                        rule.class,
+                        rule.class,
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    fn classes(&mut self, classes: &BTreeMap<String, ClassConfig>, at: &KeyPath) {
+        for (name, class) in classes {
+            self.class(class, &at.key(name));
+        }
+    }
+
+    fn class(&mut self, class: &ClassConfig, at: &KeyPath) {
+        self.range(&at.key("shadows"), class.shadows, 0..=8);
+        self.range(
+            &at.key("heartbeat_interval_ms"),
+            class.heartbeat_interval_ms,
+            50..=60_000,
+        );
+        self.range(
+            &at.key("heartbeat_timeout_ms"),
+            class.heartbeat_timeout_ms,
+            10..=60_000,
+        );
+        if class.heartbeat_timeout_ms >= class.heartbeat_interval_ms {
+            self.fail(
+                &at.key("heartbeat_timeout_ms"),
+                format!(
+                    "{} must be below heartbeat_interval_ms ({}) so that each heartbeat is \
+                     settled before the next",
+                    class.heartbeat_timeout_ms, class.heartbeat_interval_ms
+                ),
+            );
+        }
+        self.range(&at.key("heartbeat_misses"), class.heartbeat_misses, 1..=100);
+        self.range(
+            &at.key("shadow_boot_timeout_s"),
+            class.shadow_boot_timeout_s,
+            10..=3600,
+        );
+        self.range(
+            &at.key("promote_retry_limit"),
+            class.promote_retry_limit,
+            0..=100,
+        );
+        if let Some(image) = &class.golden_image {
+            self.non_empty_path(&at.key("golden_image"), image);
+        }
+
+        let files_at = at.key("config_files");
+        let mut seen = BTreeMap::new();
+        for (i, file) in class.config_files.iter().enumerate() {
+            let file_at = files_at.index(i);
+            if !file.is_absolute() {
+                self.fail(
+                    &file_at,
+                    format!(
+                        "{:?} is not an absolute path (guest files are read by absolute path)",
+                        file.display().to_string()
+                    ),
+                );
+            }
+            if let Some(first) = seen.insert(file, i) {
+                self.fail(
+                    &file_at,
+                    format!(
+                        "{:?} is already listed as {}",
+                        file.display().to_string(),
+                        files_at.index(first)
+                    ),
+                );
+            }
+        }
+
+        let commands_at = at.key("config_commands");
+        for (i, argv) in class.config_commands.iter().enumerate() {
+            let command_at = commands_at.index(i);
+            match argv.first() {
+                None => self.fail(
+                    &command_at,
+                    "empty command: give at least argv[0]".to_owned(),
+                ),
+                Some(program) if !Path::new(program).is_absolute() => self.fail(
+                    &command_at.index(0),
+                    format!(
+                        "{program:?} is not an absolute path (guest-exec does not search PATH)"
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+
+        if let Some(probe) = &class.probe {
+            self.probe(probe, &at.key("probe"));
+        }
+    }
+
+    fn probe(&mut self, probe: &ProbeConfig, at: &KeyPath) {
+        if let ProbeCheck::Http { path } = &probe.check {
+            if !path.starts_with('/') {
+                self.fail(&at.key("path"), format!("{path:?} must start with '/'"));
+            }
+        }
+        if probe.address.port() == 0 {
+            self.fail(&at.key("address"), format!("{} has no port", probe.address));
+        }
+        self.range(&at.key("interval_ms"), probe.interval_ms, 10..=60_000);
+        self.range(&at.key("timeout_ms"), probe.timeout_ms, 1..=60_000);
+        if probe.timeout_ms >= probe.interval_ms {
+            self.fail(
+                &at.key("timeout_ms"),
+                format!(
+                    "{} must be below interval_ms ({}) so that probes do not overlap",
+                    probe.timeout_ms, probe.interval_ms
+                ),
+            );
+        }
+    }
+}
