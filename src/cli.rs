@@ -192,7 +192,7 @@ fn check_config(file: &Path) -> ExitCode {
             println!("{}: OK", file.display());
             println!("  libvirt: {}  accel: {:?}  state: {}", cfg.daemon.libvirt_uri, cfg.daemon.accel, cfg.daemon.state_dir.display());
             for rule in &cfg.protect {
-                println!("  protect '{}' as class '{}'", rule.pattern_str(), rule.class);
+                println!("  protect '{}' as class '{}'", rule.pattern.as_str(), rule.class);
             }
             ExitCode::SUCCESS
         }

@@ -119,9 +119,7 @@ impl Daemon {
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
-    let cfg = Arc::new(Config::load(&config_path)?);
-    std::fs::create_dir_all(&cfg.daemon.state_dir)
-        .map_err(|source| DaemonError::StateDir { path: cfg.daemon.state_dir.clone(), source })?;
+    let cfg = Arc::new(load_config(&config_path)?);
     let events = EventLoop::start()?;
     let hv = Hypervisor::open(&events, &cfg.daemon.libvirt_uri, cfg.daemon.keepalive_interval_s, cfg.daemon.keepalive_count)?;
     let (note_tx, mut notes) = mpsc::unbounded_channel();
@@ -259,6 +257,17 @@ async fn reconcile(d: &Shared) {
         }
     }
     ensure_all_shadows(d);
+}
+
+/// Loads the configuration and makes the state directory absolute: libvirt resolves the
+/// overlay and console paths we hand it in its own working directory, not ours.
+fn load_config(path: &std::path::Path) -> Result<Config, DaemonError> {
+    let mut cfg = Config::load(path)?;
+    let dir = &cfg.daemon.state_dir;
+    std::fs::create_dir_all(dir).map_err(|source| DaemonError::StateDir { path: dir.clone(), source })?;
+    cfg.daemon.state_dir =
+        std::fs::canonicalize(dir).map_err(|source| DaemonError::StateDir { path: dir.clone(), source })?;
+    Ok(cfg)
 }
 
 fn new_service(name: &str, class: &str, active: &str, state: ServiceState) -> Service {
@@ -833,13 +842,16 @@ async fn handle_request(d: &Shared, req: Request) -> Response {
             ensure_all_shadows(d);
             Response::Ok { message: format!("service '{service}': {} shadow(s) removed; new ones are being provisioned", svc.shadows.len()) }
         }
-        Request::ReloadConfig => match Config::load(&d.config_path) {
+        Request::ReloadConfig => match load_config(&d.config_path) {
             Ok(c) => {
                 *d.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
                 ensure_all_shadows(d);
                 Response::Ok { message: format!("configuration reloaded from {}", d.config_path.display()) }
             }
-            Err(e) => Response::Error { kind: ErrorKind::InvalidRequest, message: format!("configuration NOT reloaded, the running one stays:\n{e}") },
+            Err(e) => Response::Error {
+                kind: ErrorKind::InvalidRequest,
+                message: format!("configuration NOT reloaded, the running one stays:\n{e}: {}", crate::error_chain(&e)),
+            },
         },
         other => Response::Error {
             kind: ErrorKind::Unsupported,
