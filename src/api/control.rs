@@ -358,17 +358,14 @@ fn peer_allowed(uid: u32, own_uid: u32) -> bool {
 }
 
 async fn handle_connection(
-    stream: UnixStream,
+    mut stream: UnixStream,
     handler: RequestSender,
     own_uid: u32,
     reply_timeout: Duration,
 ) {
     let response = match stream.peer_cred() {
         Ok(cred) if peer_allowed(cred.uid(), own_uid) => {
-            let (read, mut write) = stream.into_split();
-            let response = read_and_dispatch(read, &handler, reply_timeout).await;
-            write_response(&mut write, &response).await;
-            return;
+            read_and_dispatch(&mut stream, &handler, reply_timeout).await
         }
         Ok(cred) => {
             warn!(
@@ -392,7 +389,6 @@ async fn handle_connection(
             )
         }
     };
-    let mut stream = stream;
     write_response(&mut stream, &response).await;
 }
 
