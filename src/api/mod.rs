@@ -1,1 +1,16 @@
 //! Control socket protocol and Prometheus metrics.
+//!
+//! - [`protocol`]: the JSON-lines request/response types and the status text rendering.
+//! - [`control`]: the Unix control socket server (daemon side) and client (CLI side).
+//! - [`metrics`]: the metric families and the `/metrics` HTTP endpoint.
+
+pub mod control;
+pub mod metrics;
+pub mod protocol;
+
+pub use control::{call, ControlError, ControlServer, RequestSender};
+pub use metrics::{serve_metrics, Metrics, MetricsError, MetricsServer};
+pub use protocol::{
+    render_status_text, DaemonInfo, DomainStatus, ErrorKind, FailoverRecord, Request, Response,
+    ServiceStatus, ShadowState, ShadowStatus, StatusReport, StepTiming,
+};

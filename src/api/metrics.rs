@@ -1,0 +1,773 @@
+//! Prometheus metrics: the registry of every family the daemon exports, and a minimal
+//! HTTP/1.1 endpoint serving `GET /metrics` in OpenMetrics text format.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets_range, Histogram};
+use prometheus_client::registry::Registry;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::protocol::{ShadowState, StepTiming};
+
+/// Content type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Largest accepted HTTP request head; a scrape request is a few hundred bytes.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// Whole-connection budget, so a stalled scraper cannot hold a task forever.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the metrics endpoint.
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    /// The listening socket could not be bound.
+    #[error("cannot bind metrics endpoint on {addr}")]
+    Bind {
+        /// Requested address.
+        addr: SocketAddr,
+        /// Underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound address could not be read back.
+    #[error("cannot read the local address of the metrics endpoint")]
+    LocalAddr(#[source] std::io::Error),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailoverLabels {
+    service: String,
+    trigger: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DriftLabels {
+    service: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProfileMetricLabels {
+    service: String,
+    metric: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CollectorLabels {
+    service: String,
+    source: String,
+}
+
+type RatioGauge = Gauge<f64, AtomicU64>;
+
+/// Buckets from 1 ms to 10 s, exponential (factor ≈ 2.15, 13 buckets): failover steps range
+/// from sub-millisecond netlink calls to multi-second fencing. Bounds are rounded to three
+/// significant digits so the `le` labels read `0.00215`, not `0.002154434690031884`.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets_range(0.001, 10.0, 13).map(round_3_significant))
+}
+
+fn round_3_significant(v: f64) -> f64 {
+    if v <= 0.0 || !v.is_finite() {
+        return v;
+    }
+    let scale = 10f64.powi(2 - v.log10().floor() as i32);
+    (v * scale).round() / scale
+}
+
+/// Every metric family the daemon exports, registered in one [`Registry`].
+///
+/// Families are cheap to update concurrently; share the struct as `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    failovers: Family<FailoverLabels, Counter>,
+    failover_steps: Family<StepLabels, Histogram, fn() -> Histogram>,
+    failover_outage: Histogram,
+    shadows: Family<StateLabels, Gauge>,
+    services: Family<StateLabels, Gauge>,
+    heartbeat_failures: Family<ServiceLabels, Counter>,
+    false_failovers: Family<ServiceLabels, Counter>,
+    missed_failovers: Family<ServiceLabels, Counter>,
+    drift_events: Family<DriftLabels, Counter>,
+    profile_coverage: Family<ProfileMetricLabels, RatioGauge>,
+    profile_underprediction: Family<ProfileMetricLabels, RatioGauge>,
+    profile_waste: Family<ProfileMetricLabels, RatioGauge>,
+    collector_errors: Family<CollectorLabels, Counter>,
+    libvirt_reconnects: Counter,
+    detections: Family<SourceLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers all families under the `understudy_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("understudy");
+        let failovers = Family::default();
+        let failover_steps = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let failover_outage = seconds_histogram();
+        let shadows = Family::default();
+        let services = Family::default();
+        let heartbeat_failures = Family::default();
+        let false_failovers = Family::default();
+        let missed_failovers = Family::default();
+        let drift_events = Family::default();
+        let profile_coverage = Family::default();
+        let profile_underprediction = Family::default();
+        let profile_waste = Family::default();
+        let collector_errors = Family::default();
+        let libvirt_reconnects = Counter::default();
+        let detections = Family::default();
+        // Counters get their `_total` suffix from the encoder.
+        registry.register(
+            "failovers",
+            "Failovers by service, trigger and result (ok|error)",
+            Family::clone(&failovers),
+        );
+        registry.register(
+            "failover_step_seconds",
+            "Duration of each failover pipeline step",
+            failover_steps.clone(),
+        );
+        registry.register(
+            "failover_outage_seconds",
+            "Estimated outage per failover, from failure detection to traffic restored",
+            failover_outage.clone(),
+        );
+        registry.register(
+            "shadows",
+            "Shadow domains by state",
+            Family::clone(&shadows),
+        );
+        registry.register(
+            "services",
+            "Protected services by state",
+            Family::clone(&services),
+        );
+        registry.register(
+            "heartbeat_failures",
+            "Missed or failed heartbeats of active domains",
+            Family::clone(&heartbeat_failures),
+        );
+        registry.register(
+            "false_failovers",
+            "Failovers later judged unnecessary",
+            Family::clone(&false_failovers),
+        );
+        registry.register(
+            "missed_failovers",
+            "Failures of an active domain that no failover answered",
+            Family::clone(&missed_failovers),
+        );
+        registry.register(
+            "drift_events",
+            "Detected drift between a service's profile and its observed behaviour",
+            Family::clone(&drift_events),
+        );
+        registry.register(
+            "profile_coverage_ratio",
+            "Fraction of observed samples within the profile's prediction",
+            Family::clone(&profile_coverage),
+        );
+        registry.register(
+            "profile_underprediction_ratio",
+            "Fraction of observed samples above the profile's prediction",
+            Family::clone(&profile_underprediction),
+        );
+        registry.register(
+            "profile_waste_ratio",
+            "Fraction of predicted resources left unused",
+            Family::clone(&profile_waste),
+        );
+        registry.register(
+            "collector_errors",
+            "Failed metric collections by service and source",
+            Family::clone(&collector_errors),
+        );
+        registry.register(
+            "libvirt_reconnects",
+            "Reconnections to libvirt",
+            libvirt_reconnects.clone(),
+        );
+        registry.register(
+            "detection",
+            "Failure detections by source (pidfd|lifecycle|heartbeat|manual)",
+            Family::clone(&detections),
+        );
+        Metrics {
+            registry,
+            failovers,
+            failover_steps,
+            failover_outage,
+            shadows,
+            services,
+            heartbeat_failures,
+            false_failovers,
+            missed_failovers,
+            drift_events,
+            profile_coverage,
+            profile_underprediction,
+            profile_waste,
+            collector_errors,
+            libvirt_reconnects,
+            detections,
+        }
+    }
+
+    /// Records one failover: the counter, each step's duration and the outage estimate.
+    pub fn record_failover(
+        &self,
+        service: &str,
+        trigger: &str,
+        ok: bool,
+        steps: &[StepTiming],
+        outage_ms: f64,
+    ) {
+        self.failovers
+            .get_or_create(&FailoverLabels {
+                service: service.to_string(),
+                trigger: trigger.to_string(),
+                result: if ok { "ok" } else { "error" }.to_string(),
+            })
+            .inc();
+        for step in steps {
+            self.failover_steps
+                .get_or_create(&StepLabels {
+                    step: step.name.clone(),
+                })
+                .observe(ms_to_seconds(step.ms));
+        }
+        self.failover_outage.observe(ms_to_seconds(outage_ms));
+    }
+
+    /// Sets the shadow gauge from the states of all current shadows; every state is exported,
+    /// zero included, so a state that empties out drops to 0 instead of going stale.
+    pub fn set_shadow_states(&self, states: impl IntoIterator<Item = ShadowState>) {
+        let mut counts = [0i64; ShadowState::ALL.len()];
+        for s in states {
+            if let Some(i) = ShadowState::ALL.iter().position(|x| *x == s) {
+                counts[i] += 1;
+            }
+        }
+        for (state, count) in ShadowState::ALL.iter().zip(counts) {
+            self.shadows
+                .get_or_create(&StateLabels {
+                    state: state.as_str().to_string(),
+                })
+                .set(count);
+        }
+    }
+
+    /// Sets the service gauge from the states of all services; states previously exported
+    /// but absent now are set to 0.
+    pub fn set_service_states<'a>(&self, states: impl IntoIterator<Item = &'a str>) {
+        let mut counts: std::collections::BTreeMap<&str, i64> = Default::default();
+        for s in states {
+            *counts.entry(s).or_default() += 1;
+        }
+        // Known states absent now drop to 0 rather than keep a stale count; no label ever
+        // disappears between scrapes.
+        for state in KNOWN_SERVICE_STATES {
+            if !counts.contains_key(state) {
+                self.services
+                    .get_or_create(&StateLabels {
+                        state: state.to_string(),
+                    })
+                    .set(0);
+            }
+        }
+        for (state, count) in counts {
+            self.services
+                .get_or_create(&StateLabels {
+                    state: state.to_string(),
+                })
+                .set(count);
+        }
+    }
+
+    /// Counts a failed heartbeat of `service`'s active domain.
+    pub fn inc_heartbeat_failure(&self, service: &str) {
+        self.heartbeat_failures
+            .get_or_create(&service_labels(service))
+            .inc();
+    }
+
+    /// Counts a failover of `service` judged unnecessary.
+    pub fn inc_false_failover(&self, service: &str) {
+        self.false_failovers
+            .get_or_create(&service_labels(service))
+            .inc();
+    }
+
+    /// Counts a failure of `service` that no failover answered.
+    pub fn inc_missed_failover(&self, service: &str) {
+        self.missed_failovers
+            .get_or_create(&service_labels(service))
+            .inc();
+    }
+
+    /// Counts a drift event of `kind` for `service`.
+    pub fn inc_drift_event(&self, service: &str, kind: &str) {
+        self.drift_events
+            .get_or_create(&DriftLabels {
+                service: service.to_string(),
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets the accuracy ratios of `service`'s profile for one `metric` (e.g. `cpu`, `memory`).
+    pub fn set_profile_accuracy(
+        &self,
+        service: &str,
+        metric: &str,
+        coverage: f64,
+        underprediction: f64,
+        waste: f64,
+    ) {
+        let labels = ProfileMetricLabels {
+            service: service.to_string(),
+            metric: metric.to_string(),
+        };
+        self.profile_coverage.get_or_create(&labels).set(coverage);
+        self.profile_underprediction
+            .get_or_create(&labels)
+            .set(underprediction);
+        self.profile_waste.get_or_create(&labels).set(waste);
+    }
+
+    /// Counts a failed collection from `source` (e.g. `cgroup`, `libvirt`, `agent`).
+    pub fn inc_collector_error(&self, service: &str, source: &str) {
+        self.collector_errors
+            .get_or_create(&CollectorLabels {
+                service: service.to_string(),
+                source: source.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a reconnection to libvirt.
+    pub fn inc_libvirt_reconnect(&self) {
+        self.libvirt_reconnects.inc();
+    }
+
+    /// Counts a failure detection by `source` (`pidfd`, `lifecycle`, `heartbeat`, `manual`).
+    pub fn inc_detection(&self, source: &str) {
+        self.detections
+            .get_or_create(&SourceLabels {
+                source: source.to_string(),
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition of every family, ending with `# EOF`.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail; an error would only come from a broken
+        // EncodeLabelSet, which the derive rules out.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            warn!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+/// Service states always exported by [`Metrics::set_service_states`], zero when unused.
+const KNOWN_SERVICE_STATES: [&str; 6] = [
+    "protected",
+    "degraded",
+    "failing_over",
+    "stopped",
+    "maintenance",
+    "unprotected",
+];
+
+fn service_labels(service: &str) -> ServiceLabels {
+    ServiceLabels {
+        service: service.to_string(),
+    }
+}
+
+fn ms_to_seconds(ms: f64) -> f64 {
+    if ms.is_finite() && ms > 0.0 {
+        ms / 1000.0
+    } else {
+        0.0
+    }
+}
+
+/// A bound metrics endpoint.
+#[derive(Debug)]
+pub struct MetricsServer {
+    listener: TcpListener,
+}
+
+impl MetricsServer {
+    /// Binds the endpoint on `addr` (port 0 picks a free port).
+    pub async fn bind(addr: SocketAddr) -> Result<Self, MetricsError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        Ok(MetricsServer { listener })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> Result<SocketAddr, MetricsError> {
+        self.listener.local_addr().map_err(MetricsError::LocalAddr)
+    }
+
+    /// Serves scrapes forever; one task per connection, one request per connection.
+    pub async fn serve(self, metrics: Arc<Metrics>) {
+        if let Ok(addr) = self.listener.local_addr() {
+            info!(%addr, "metrics endpoint listening");
+        }
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, peer)) => {
+                    let metrics = Arc::clone(&metrics);
+                    tokio::spawn(async move {
+                        if tokio::time::timeout(CONNECTION_TIMEOUT, handle_http(stream, &metrics))
+                            .await
+                            .is_err()
+                        {
+                            debug!(%peer, "metrics connection timed out");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Binds `addr` and serves `GET /metrics` until the task is dropped.
+pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), MetricsError> {
+    MetricsServer::bind(addr).await?.serve(metrics).await;
+    Ok(())
+}
+
+/// Outcome of parsing a request head.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Metrics,
+    NotFound,
+    MethodNotAllowed,
+    BadRequest,
+    TooLarge,
+}
+
+/// Routes a request from its head bytes (everything up to the blank line, or less).
+fn route(head: &[u8], complete: bool) -> Route {
+    if !complete {
+        return if head.len() >= MAX_REQUEST_HEAD {
+            Route::TooLarge
+        } else {
+            Route::BadRequest
+        };
+    }
+    let Ok(text) = std::str::from_utf8(head) else {
+        return Route::BadRequest;
+    };
+    let request_line = text.lines().next().unwrap_or("");
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Route::BadRequest;
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Route::BadRequest;
+    }
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => Route::Metrics,
+        (_, "/metrics") => Route::MethodNotAllowed,
+        _ => Route::NotFound,
+    }
+}
+
+async fn handle_http(mut stream: TcpStream, metrics: &Metrics) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let complete = loop {
+        if let Some(end) = find_head_end(&head) {
+            head.truncate(end);
+            break true;
+        }
+        if head.len() >= MAX_REQUEST_HEAD {
+            break false;
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) => break false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) => {
+                debug!(error = %e, "metrics request read failed");
+                return;
+            }
+        }
+    };
+    if !complete && head.is_empty() {
+        return; // connected and left without a word
+    }
+    let (status, content_type, body) = match route(&head, complete) {
+        Route::Metrics => ("200 OK", CONTENT_TYPE, metrics.encode()),
+        Route::NotFound => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        Route::MethodNotAllowed => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_string(),
+        ),
+        Route::BadRequest => ("400 Bad Request", "text/plain", "bad request\n".to_string()),
+        Route::TooLarge => (
+            "431 Request Header Fields Too Large",
+            "text/plain",
+            "request too large\n".to_string(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(e) = stream.write_all(response.as_bytes()).await {
+        debug!(error = %e, "metrics response write failed");
+        return;
+    }
+    let _ = stream.shutdown().await;
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").or_else(|| {
+        // Be lenient with bare-LF clients (e.g. hand-typed requests).
+        buf.windows(2).position(|w| w == b"\n\n")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(name: &str, ms: f64) -> StepTiming {
+        StepTiming {
+            name: name.to_string(),
+            ms,
+        }
+    }
+
+    #[test]
+    fn encode_contains_every_family_after_recording() {
+        let m = Metrics::new();
+        m.record_failover(
+            "web",
+            "pidfd",
+            true,
+            &[step("fence", 2.0), step("resume", 4.0)],
+            25.0,
+        );
+        m.record_failover("web", "heartbeat", false, &[], 5000.0);
+        m.set_shadow_states([
+            ShadowState::Paused,
+            ShadowState::Paused,
+            ShadowState::Booting,
+        ]);
+        m.set_service_states(["protected", "degraded", "protected"]);
+        m.inc_heartbeat_failure("web");
+        m.inc_false_failover("web");
+        m.inc_missed_failover("db");
+        m.inc_drift_event("web", "memory");
+        m.set_profile_accuracy("web", "cpu", 0.95, 0.03, 0.25);
+        m.inc_collector_error("web", "agent");
+        m.inc_libvirt_reconnect();
+        m.inc_detection("pidfd");
+        let text = m.encode();
+
+        for line in [
+            r#"understudy_failovers_total{service="web",trigger="pidfd",result="ok"} 1"#,
+            r#"understudy_failovers_total{service="web",trigger="heartbeat",result="error"} 1"#,
+            r#"understudy_failover_step_seconds_count{step="fence"} 1"#,
+            r#"understudy_failover_step_seconds_sum{step="resume"} 0.004"#,
+            "understudy_failover_outage_seconds_count 2",
+            r#"understudy_shadows{state="paused"} 2"#,
+            r#"understudy_shadows{state="booting"} 1"#,
+            r#"understudy_shadows{state="failed"} 0"#,
+            r#"understudy_services{state="protected"} 2"#,
+            r#"understudy_services{state="degraded"} 1"#,
+            r#"understudy_services{state="maintenance"} 0"#,
+            r#"understudy_heartbeat_failures_total{service="web"} 1"#,
+            r#"understudy_false_failovers_total{service="web"} 1"#,
+            r#"understudy_missed_failovers_total{service="db"} 1"#,
+            r#"understudy_drift_events_total{service="web",kind="memory"} 1"#,
+            r#"understudy_profile_coverage_ratio{service="web",metric="cpu"} 0.95"#,
+            r#"understudy_profile_underprediction_ratio{service="web",metric="cpu"} 0.03"#,
+            r#"understudy_profile_waste_ratio{service="web",metric="cpu"} 0.25"#,
+            r#"understudy_collector_errors_total{service="web",source="agent"} 1"#,
+            "understudy_libvirt_reconnects_total 1",
+            r#"understudy_detection_total{source="pidfd"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        assert!(text.contains("# TYPE understudy_failover_step_seconds histogram"));
+        // Cumulative buckets: 25 ms and 5 s are both under 10 s, neither under 1 ms.
+        assert!(
+            text.contains(r#"understudy_failover_outage_seconds_bucket{le="0.0464"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"understudy_failover_outage_seconds_bucket{le="0.001"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"understudy_failover_outage_seconds_bucket{le="10.0"} 2"#),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn bucket_bounds_are_readable() {
+        let text = {
+            let m = Metrics::new();
+            m.record_failover("s", "manual", true, &[], 1.0);
+            m.encode()
+        };
+        let les: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("understudy_failover_outage_seconds_bucket"))
+            .filter_map(|l| l.split('"').nth(1))
+            .collect();
+        assert_eq!(
+            les,
+            [
+                "0.001", "0.00215", "0.00464", "0.01", "0.0215", "0.0464", "0.1", "0.215", "0.464",
+                "1.0", "2.15", "4.64", "10.0", "+Inf"
+            ]
+        );
+    }
+
+    #[test]
+    fn emptied_states_drop_to_zero() {
+        let m = Metrics::new();
+        m.set_shadow_states([ShadowState::Promoting]);
+        m.set_shadow_states([]);
+        m.set_service_states(["weird_state"]);
+        m.set_service_states(["stopped"]);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"understudy_shadows{state="promoting"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"understudy_services{state="stopped"} 1"#),
+            "{text}"
+        );
+        // Unknown states set once stay exported; they are not in the zeroing list.
+        assert!(
+            text.contains(r#"understudy_services{state="weird_state"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn routing() {
+        assert_eq!(
+            route(b"GET /metrics HTTP/1.1\r\nHost: x", true),
+            Route::Metrics
+        );
+        assert_eq!(route(b"GET /metrics?x=1 HTTP/1.0", true), Route::Metrics);
+        assert_eq!(route(b"GET / HTTP/1.1", true), Route::NotFound);
+        assert_eq!(
+            route(b"POST /metrics HTTP/1.1", true),
+            Route::MethodNotAllowed
+        );
+        assert_eq!(route(b"GET /metrics", true), Route::BadRequest);
+        assert_eq!(route(b"GET /metrics SPDY/3", true), Route::BadRequest);
+        assert_eq!(route(b"\xff\xfe", true), Route::BadRequest);
+        assert_eq!(route(&[b'a'; MAX_REQUEST_HEAD], false), Route::TooLarge);
+        assert_eq!(route(b"GET /metr", false), Route::BadRequest);
+    }
+
+    async fn http(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The server may reset after answering a request it did not read fully; keep what
+        // arrived before the reset.
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn http_endpoint_serves_metrics_and_404() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.inc_detection("lifecycle");
+        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let task = tokio::spawn(server.serve(Arc::clone(&metrics)));
+
+        let resp = http(addr, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+        assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+        assert!(resp.contains(&format!("Content-Type: {CONTENT_TYPE}\r\n")));
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert!(body.contains(r#"understudy_detection_total{source="lifecycle"} 1"#));
+        assert!(body.ends_with("# EOF\n"));
+
+        let resp = http(addr, b"GET /other HTTP/1.1\r\n\r\n").await;
+        assert!(resp.starts_with("HTTP/1.1 404 Not Found\r\n"), "{resp}");
+
+        let mut huge = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
+        huge.resize(MAX_REQUEST_HEAD + 100, b'a');
+        let resp = http(addr, &huge).await;
+        assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+
+        // Still serving.
+        let resp = http(addr, b"GET /metrics HTTP/1.0\r\n\r\n").await;
+        assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+        task.abort();
+    }
+}

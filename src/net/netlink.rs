@@ -1,0 +1,467 @@
+//! The rtnetlink handle and its link, bridge and route operations.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourState};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+use super::{DumpKind, LinkChange, NetError};
+
+/// Linux `IFNAMSIZ` minus the terminating NUL.
+const MAX_LINK_NAME: usize = 15;
+
+/// A port of a bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortInfo {
+    /// Interface name.
+    pub name: String,
+    /// Interface index.
+    pub index: u32,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    /// Hardware address, `aa:bb:cc:dd:ee:ff`; `None` for links without one.
+    pub mac: Option<String>,
+}
+
+/// How a forwarding entry got into a bridge's FDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FdbEntryKind {
+    /// Learned from traffic; ages out.
+    Learned,
+    /// Added by hand (`bridge fdb add ... static`); never ages out.
+    Static,
+}
+
+/// A station MAC the bridge forwards to one of its ports.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FdbEntry {
+    /// Station address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Name of the bridge port the address is behind.
+    pub port: String,
+    /// Learned or static.
+    pub kind: FdbEntryKind,
+}
+
+/// An rtnetlink connection in the network namespace of the thread that created it.
+#[derive(Debug, Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens an rtnetlink socket in the calling thread's network namespace and spawns its
+    /// connection task on the current tokio runtime (the task ends when the last clone of
+    /// this handle is dropped).
+    pub fn new() -> Result<Self, NetError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(NetError::NoRuntime)?;
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetError::Connect)?;
+        runtime.spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    /// Index of the link called `name`.
+    pub async fn link_index(&self, name: &str) -> Result<u32, NetError> {
+        Ok(self.link_by_name(name).await?.header.index)
+    }
+
+    /// Enslaves `link` to `bridge`.
+    pub async fn set_master(&self, link: &str, bridge: &str) -> Result<(), NetError> {
+        validate_name(link)?;
+        let bridge_index = self.link_index(bridge).await?;
+        let msg = LinkUnspec::new_with_name(link)
+            .controller(bridge_index)
+            .build();
+        self.set_link(
+            link,
+            LinkChange::SetMaster {
+                bridge: bridge.to_string(),
+            },
+            msg,
+        )
+        .await
+    }
+
+    /// Releases `link` from whatever bridge it is a port of (no-op if none).
+    pub async fn set_nomaster(&self, link: &str) -> Result<(), NetError> {
+        validate_name(link)?;
+        let msg = LinkUnspec::new_with_name(link).nocontroller().build();
+        self.set_link(link, LinkChange::NoMaster, msg).await
+    }
+
+    /// Brings `link` administratively up.
+    pub async fn set_up(&self, link: &str) -> Result<(), NetError> {
+        validate_name(link)?;
+        let msg = LinkUnspec::new_with_name(link).up().build();
+        self.set_link(link, LinkChange::Up, msg).await
+    }
+
+    /// Brings `link` administratively down.
+    pub async fn set_down(&self, link: &str) -> Result<(), NetError> {
+        validate_name(link)?;
+        let msg = LinkUnspec::new_with_name(link).down().build();
+        self.set_link(link, LinkChange::Down, msg).await
+    }
+
+    /// Enslaves `link` to `bridge` and brings it up: one lookup for the bridge index, then a
+    /// single `RTM_SETLINK` carrying both (the kernel applies the master before the flags).
+    pub async fn enslave_and_up(&self, link: &str, bridge: &str) -> Result<(), NetError> {
+        validate_name(link)?;
+        let bridge_index = self.link_index(bridge).await?;
+        let msg = LinkUnspec::new_with_name(link)
+            .controller(bridge_index)
+            .up()
+            .build();
+        self.set_link(
+            link,
+            LinkChange::EnslaveAndUp {
+                bridge: bridge.to_string(),
+            },
+            msg,
+        )
+        .await
+    }
+
+    /// Name of the bridge (or other master) `link` is enslaved to, if any.
+    pub async fn master_of(&self, link: &str) -> Result<Option<String>, NetError> {
+        let msg = self.link_by_name(link).await?;
+        match controller(&msg) {
+            Some(index) => Ok(Some(self.link_name(index).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The ports of `bridge`, in kernel order.
+    pub async fn bridge_ports(&self, bridge: &str) -> Result<Vec<PortInfo>, NetError> {
+        let bridge_index = self.link_index(bridge).await?;
+        let links = self.dump_links().await?;
+        Ok(links
+            .iter()
+            .filter(|l| controller(l) == Some(bridge_index))
+            .filter_map(|l| {
+                Some(PortInfo {
+                    name: link_name_attr(l)?.to_string(),
+                    index: l.header.index,
+                    up: l.header.flags.contains(LinkFlags::Up),
+                    mac: l.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::Address(bytes) => Some(format_mac(bytes)),
+                        _ => None,
+                    }),
+                })
+            })
+            .collect())
+    }
+
+    /// Station MACs in `bridge`'s forwarding database, one entry per (MAC, port), sorted.
+    ///
+    /// Only entries the bridge forwards to a port are listed: the bridge's own local
+    /// (permanent) addresses and the ports' `self` entries (their own multicast filters) are
+    /// left out, so a MAC listed on two ports really is reachable through two ports.
+    pub async fn bridge_fdb(&self, bridge: &str) -> Result<Vec<FdbEntry>, NetError> {
+        let bridge_index = self.link_index(bridge).await?;
+        let ports: HashMap<u32, String> = self
+            .dump_links()
+            .await?
+            .iter()
+            .filter(|l| controller(l) == Some(bridge_index))
+            .filter_map(|l| Some((l.header.index, link_name_attr(l)?.to_string())))
+            .collect();
+        let neighbours: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NetError::Dump {
+                what: DumpKind::Fdb,
+                source: Box::new(source),
+            })?;
+        let mut entries = BTreeSet::new();
+        for n in &neighbours {
+            let master = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Controller(i) => Some(*i),
+                _ => None,
+            });
+            if master != Some(bridge_index) || n.header.ifindex == bridge_index {
+                continue;
+            }
+            let kind = match n.header.state {
+                NeighbourState::Permanent => continue,
+                NeighbourState::Noarp => FdbEntryKind::Static,
+                _ => FdbEntryKind::Learned,
+            };
+            let Some(port) = ports.get(&n.header.ifindex) else {
+                // The port left the bridge between the two dumps.
+                continue;
+            };
+            let Some(mac) = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(bytes) => Some(format_mac(bytes)),
+                _ => None,
+            }) else {
+                continue;
+            };
+            entries.insert(FdbEntry {
+                mac,
+                port: port.clone(),
+                kind,
+            });
+        }
+        Ok(entries.into_iter().collect())
+    }
+
+    /// Installs the host route `dest/32 dev via_link`, replacing any route to `dest/32`
+    /// (`NLM_F_REPLACE`), so traffic moves to the new device in one atomic step.
+    pub async fn replace_host_route(&self, dest: Ipv4Addr, via_link: &str) -> Result<(), NetError> {
+        let index = self.link_index(via_link).await?;
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetError::RouteReplace {
+                dest,
+                link: via_link.to_string(),
+                source: Box::new(source),
+            })
+    }
+
+    /// The device the kernel would send traffic for `dest` through (like `ip route get`),
+    /// or `None` when `dest` is unreachable.
+    pub async fn route_dev(&self, dest: Ipv4Addr) -> Result<Option<String>, NetError> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = 32;
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(dest)));
+        let reply = self.handle.route().get(msg).execute().try_next().await;
+        let route = match reply {
+            Ok(Some(route)) => route,
+            Ok(None) => return Ok(None),
+            Err(e) if matches!(errno(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
+                return Ok(None)
+            }
+            Err(source) => {
+                return Err(NetError::RouteLookup {
+                    dest,
+                    source: Box::new(source),
+                })
+            }
+        };
+        let oif = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        match oif {
+            Some(index) => Ok(Some(self.link_name(index).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn set_link(
+        &self,
+        link: &str,
+        change: LinkChange,
+        msg: LinkMessage,
+    ) -> Result<(), NetError> {
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|source| {
+                // The link is addressed by name: ENODEV can only mean it is missing.
+                if errno(&source) == Some(libc::ENODEV) {
+                    NetError::NoSuchLink {
+                        name: link.to_string(),
+                    }
+                } else {
+                    NetError::LinkChange {
+                        link: link.to_string(),
+                        change,
+                        source: Box::new(source),
+                    }
+                }
+            })
+    }
+
+    async fn link_by_name(&self, name: &str) -> Result<LinkMessage, NetError> {
+        validate_name(name)?;
+        let reply = self
+            .handle
+            .link()
+            .get()
+            .match_name(name)
+            .execute()
+            .try_next()
+            .await;
+        match reply {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err(NetError::NoSuchLink {
+                name: name.to_string(),
+            }),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Err(NetError::NoSuchLink {
+                name: name.to_string(),
+            }),
+            Err(source) => Err(NetError::LinkLookup {
+                name: name.to_string(),
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    async fn link_name(&self, index: u32) -> Result<String, NetError> {
+        let shown = || format!("#{index}");
+        let reply = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await;
+        let msg = match reply {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Err(NetError::NoSuchLink { name: shown() }),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => {
+                return Err(NetError::NoSuchLink { name: shown() })
+            }
+            Err(source) => {
+                return Err(NetError::LinkLookup {
+                    name: shown(),
+                    source: Box::new(source),
+                })
+            }
+        };
+        link_name_attr(&msg)
+            .map(str::to_string)
+            .ok_or(NetError::IncompleteReply {
+                name: shown(),
+                attribute: "name",
+            })
+    }
+
+    async fn dump_links(&self) -> Result<Vec<LinkMessage>, NetError> {
+        self.handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NetError::Dump {
+                what: DumpKind::Links,
+                source: Box::new(source),
+            })
+    }
+}
+
+/// Rejects names the kernel could never have given a link (its `dev_valid_name` rules), so
+/// a bad name from configuration is reported as such rather than as a netlink error.
+fn validate_name(name: &str) -> Result<(), NetError> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_LINK_NAME
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace());
+    if valid {
+        Ok(())
+    } else {
+        Err(NetError::InvalidLinkName {
+            name: name.to_string(),
+        })
+    }
+}
+
+/// The positive errno carried by a netlink error reply.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+fn controller(msg: &LinkMessage) -> Option<u32> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(i) if *i != 0 => Some(*i),
+        _ => None,
+    })
+}
+
+fn link_name_attr(msg: &LinkMessage) -> Option<&str> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+/// Lowercase colon-separated hex, the form `ip` and libvirt use.
+pub(super) fn format_mac(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn link_names_follow_kernel_rules() {
+        for ok in [
+            "br0",
+            "vnet12",
+            "a",
+            "abcdefghijklmno",
+            "us-br.10",
+            "tap_x@y",
+        ] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "abcdefghijklmnop",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\tb",
+            "a\0",
+        ] {
+            assert!(
+                matches!(validate_name(bad), Err(NetError::InvalidLinkName { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn macs_are_lowercase_colon_hex() {
+        assert_eq!(
+            format_mac(&[0x52, 0x54, 0x00, 0xAB, 0x0c, 0xff]),
+            "52:54:00:ab:0c:ff"
+        );
+        assert_eq!(format_mac(&[]), "");
+    }
+
+    #[test]
+    fn new_without_runtime_is_an_error() {
+        assert!(matches!(Netlink::new(), Err(NetError::NoRuntime(_))));
+    }
+}
