@@ -53,7 +53,7 @@ pub enum DaemonError {
         addr: std::net::SocketAddr,
         /// The bind error.
         #[source]
-        source: std::io::Error,
+        source: crate::api::metrics::MetricsError,
     },
     /// The state directory could not be created.
     #[error("state directory {path} unusable")]
@@ -127,10 +127,10 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
     hv.subscribe(ev_tx.clone())?;
     let net = Netlink::new()?;
     let metrics = Arc::new(Metrics::new());
-    let listener = tokio::net::TcpListener::bind(cfg.daemon.metrics_listen)
+    let metrics_server = crate::api::metrics::MetricsServer::bind(cfg.daemon.metrics_listen)
         .await
         .map_err(|source| DaemonError::Metrics { addr: cfg.daemon.metrics_listen, source })?;
-    tokio::spawn(crate::api::metrics::serve_metrics_on(listener, metrics.clone()));
+    tokio::spawn(metrics_server.serve(metrics.clone()));
     let control = ControlServer::bind(&cfg.daemon.control_socket)?;
     let (req_tx, mut requests) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(64);
     tokio::spawn(control.serve(req_tx));
@@ -540,7 +540,7 @@ fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: I
             detected_at: at,
         }
     };
-    d.metrics.record_detection(trigger.label());
+    d.metrics.inc_detection(trigger.label());
     let d2 = d.clone();
     let service = service.to_string();
     tokio::spawn(async move {
@@ -618,7 +618,7 @@ async fn on_note(d: &Shared, note: Note) {
             if ok {
                 d.heartbeats.lock().unwrap_or_else(|e| e.into_inner()).insert(domain.clone(), at_unix_ms);
             } else {
-                d.metrics.record_heartbeat_failure(&domain);
+                d.metrics.inc_heartbeat_failure(&domain);
             }
             let mut services = d.services();
             if let Some(svc) = services.values_mut().find(|s| s.active == domain) {
@@ -721,7 +721,7 @@ async fn reconnect(d: &Shared, ev_tx: &mpsc::UnboundedSender<DomainEvent>) {
                     tracing::error!(error = %e, "resubscribe failed");
                 } else {
                     *d.hv.write().unwrap_or_else(|e| e.into_inner()) = hv;
-                    d.metrics.record_reconnect();
+                    d.metrics.inc_libvirt_reconnect();
                     tracing::info!("reconnected to libvirt");
                     break;
                 }
@@ -805,7 +805,7 @@ async fn handle_request(d: &Shared, req: Request) -> Response {
                 hv.destroy(&a)
             }).await {
                 Ok(()) => Response::Ok { message: format!("service '{service}' stopped ({} shut off); shadows keep standing by", svc.active) },
-                Err(e) => Response::Error { kind: ErrorKind::Internal, message: format!("{e}: {}", crate::error_chain(&e)) },
+                Err(e) => Response::Error { kind: ErrorKind::Failed, message: format!("{e}: {}", crate::error_chain(&e)) },
             }
         }
         Request::Start { service } => {
@@ -826,7 +826,7 @@ async fn handle_request(d: &Shared, req: Request) -> Response {
                     refresh_active(d, &service).await;
                     Response::Ok { message: format!("service '{service}' started on {}", svc.active) }
                 }
-                Err(e) => Response::Error { kind: ErrorKind::Internal, message: format!("{e}: {}", crate::error_chain(&e)) },
+                Err(e) => Response::Error { kind: ErrorKind::Failed, message: format!("{e}: {}", crate::error_chain(&e)) },
             }
         }
         Request::ShadowRebuild { service } | Request::ShadowReinit { service, .. } => {
@@ -849,12 +849,12 @@ async fn handle_request(d: &Shared, req: Request) -> Response {
                 Response::Ok { message: format!("configuration reloaded from {}", d.config_path.display()) }
             }
             Err(e) => Response::Error {
-                kind: ErrorKind::InvalidRequest,
+                kind: ErrorKind::BadRequest,
                 message: format!("configuration NOT reloaded, the running one stays:\n{e}: {}", crate::error_chain(&e)),
             },
         },
         other => Response::Error {
-            kind: ErrorKind::Unsupported,
+            kind: ErrorKind::BadRequest,
             message: format!("{other:?} is not available in this daemon build"),
         },
     }
@@ -872,13 +872,13 @@ async fn wait_failover(d: &Shared, service: &str, previous: Option<u64>) -> Resp
                     return if r.ok {
                         Response::Json(serde_json::to_value(&r).unwrap_or_default())
                     } else {
-                        Response::Error { kind: ErrorKind::Internal, message: r.error.unwrap_or_default() }
+                        Response::Error { kind: ErrorKind::Failed, message: r.error.unwrap_or_default() }
                     };
                 }
             }
         }
     }
-    Response::Error { kind: ErrorKind::Internal, message: format!("switchover of '{service}' did not finish within 60 s") }
+    Response::Error { kind: ErrorKind::Failed, message: format!("switchover of '{service}' did not finish within 60 s") }
 }
 
 async fn status(d: &Shared) -> StatusReport {
@@ -888,15 +888,9 @@ async fn status(d: &Shared) -> StatusReport {
     let doms = listing.unwrap_or_default();
     let services = d.services().values().cloned().collect::<Vec<_>>();
     let beats = d.heartbeats.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let mut shadow_counts: BTreeMap<&'static str, i64> = BTreeMap::new();
-    let mut service_counts: BTreeMap<&'static str, i64> = BTreeMap::new();
     let service_status: Vec<ServiceStatus> = services
         .iter()
         .map(|s| {
-            *service_counts.entry(s.state.label()).or_default() += 1;
-            for sh in &s.shadows {
-                *shadow_counts.entry(shadow_label(sh.state)).or_default() += 1;
-            }
             ServiceStatus {
                 name: s.name.clone(),
                 class: s.class.clone(),
@@ -912,12 +906,8 @@ async fn status(d: &Shared) -> StatusReport {
             }
         })
         .collect();
-    for label in ["booting", "paused", "promoting", "failed"] {
-        d.metrics.set_shadows(label, *shadow_counts.get(label).unwrap_or(&0));
-    }
-    for (label, n) in service_counts {
-        d.metrics.set_services(label, n);
-    }
+    d.metrics.set_shadow_states(services.iter().flat_map(|s| s.shadows.iter().map(|x| x.state)));
+    d.metrics.set_service_states(services.iter().map(|s| s.state.label()));
     let domains = doms
         .into_iter()
         .map(|dom| {
@@ -957,11 +947,3 @@ async fn status(d: &Shared) -> StatusReport {
     }
 }
 
-fn shadow_label(s: ShadowState) -> &'static str {
-    match s {
-        ShadowState::Booting => "booting",
-        ShadowState::Paused => "paused",
-        ShadowState::Promoting => "promoting",
-        ShadowState::Failed => "failed",
-    }
-}

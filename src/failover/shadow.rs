@@ -113,7 +113,7 @@ pub async fn provision(hv: &Hypervisor, net: &Netlink, req: ShadowRequest) -> Re
     let started = Instant::now();
     let r = req.clone();
     let name = hv
-        .run("define shadow", move |hv| {
+        .blocking("define shadow", move |hv| {
             let xml = build_shadow_xml(hv, &r)?;
             let name = hv.define(&xml).map_err(|source| FailoverError::Libvirt { step: "define shadow", source })?;
             hv.start(&name, false).map_err(|source| FailoverError::Libvirt { step: "start shadow", source })?;

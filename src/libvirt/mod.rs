@@ -274,6 +274,19 @@ impl Hypervisor {
             .map_err(|source| LibvirtError::Worker { op, source })?
     }
 
+    /// Runs any blocking closure (e.g. one mixing libvirt calls with other work and its own
+    /// error type) on tokio's blocking pool; only a lost worker is a [`LibvirtError`] here.
+    pub async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, LibvirtError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Hypervisor) -> T + Send + 'static,
+    {
+        let hv = self.clone();
+        tokio::task::spawn_blocking(move || f(&hv))
+            .await
+            .map_err(|source| LibvirtError::Worker { op, source })
+    }
+
     /// Subscribes to lifecycle, agent-lifecycle and connection-close events; they arrive on
     /// `sink` until this connection is dropped.
     pub fn subscribe(
