@@ -1,0 +1,982 @@
+//! Tests against `virsh dumpxml`-style fixtures in `fixtures/`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use xot::{Node, Xot};
+
+use super::tree;
+use super::*;
+
+const FULL: &str = include_str!("fixtures/full.xml");
+const LIVE: &str = include_str!("fixtures/live.xml");
+const HOSTDEV: &str = include_str!("fixtures/hostdev.xml");
+const DIRECT: &str = include_str!("fixtures/direct.xml");
+const BLOCK_DISK: &str = include_str!("fixtures/block_disk.xml");
+const MALFORMED: &str = include_str!("fixtures/malformed.xml");
+const NETWORK: &str = include_str!("fixtures/network.xml");
+
+const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
+const NOVA_NS: &str = "http://openstack.org/xmlns/libvirt/nova/1.1";
+
+fn parse(xml: &str) -> DomainXml {
+    DomainXml::parse(xml).expect("fixture parses")
+}
+
+/// Canonical form of a subtree: names with namespace URIs (prefixes and where namespaces are
+/// declared do not matter), attributes sorted, whitespace-only text dropped, other text trimmed,
+/// comments kept.
+fn canon(xot: &Xot, node: Node, out: &mut String) {
+    if let Some((local, ns)) = tree::element_name(xot, node) {
+        out.push_str(&format!("<{{{ns}}}{local}"));
+        let mut attrs: Vec<(String, String, String)> = xot
+            .attributes(node)
+            .iter()
+            .map(|(name, value)| {
+                let (l, n) = xot.name_ns_str(name);
+                (n.to_string(), l.to_string(), value.clone())
+            })
+            .collect();
+        attrs.sort();
+        for (n, l, v) in attrs {
+            out.push_str(&format!(" {{{n}}}{l}={v:?}"));
+        }
+        out.push('>');
+        for c in xot.children(node) {
+            canon(xot, c, out);
+        }
+        out.push_str("</>");
+    } else if let Some(t) = xot.text_str(node) {
+        if !t.trim().is_empty() {
+            out.push_str(&format!("T({:?})", t.trim()));
+        }
+    } else if let Some(c) = xot.comment_str(node) {
+        out.push_str(&format!("C({c:?})"));
+    } else {
+        for c in xot.children(node) {
+            canon(xot, c, out);
+        }
+    }
+}
+
+fn canonical(dom: &DomainXml) -> String {
+    let mut s = String::new();
+    canon(&dom.xot, dom.doc, &mut s);
+    s
+}
+
+/// First element with this namespace and local name anywhere in the document.
+fn find(dom: &DomainXml, ns: &str, local: &str) -> Option<Node> {
+    dom.xot
+        .descendants(dom.root)
+        .find(|n| tree::element_name(&dom.xot, *n) == Some((local, ns)))
+}
+
+fn canonical_of(dom: &DomainXml, node: Node) -> String {
+    let mut s = String::new();
+    canon(&dom.xot, node, &mut s);
+    s
+}
+
+/// The exact fixture text from `start` up to and including `end`.
+fn slice<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
+    let a = text.find(start).expect("start marker");
+    let b = text[a..].find(end).expect("end marker") + a + end.len();
+    &text[a..b]
+}
+
+fn meta(role: Role, state: MemberState, generation: u64) -> UnderstudyMeta {
+    UnderstudyMeta {
+        service: "web".to_string(),
+        class: "frontend".to_string(),
+        role,
+        generation,
+        state,
+        journal: None,
+    }
+}
+
+// ---------------------------------------------------------------- parsing and accessors
+
+#[test]
+fn full_fixture_accessors() {
+    let d = parse(FULL);
+    assert_eq!(d.name().as_deref(), Some("web1"));
+    assert_eq!(
+        d.uuid().as_deref(),
+        Some("4dea22b3-1d52-d8f3-2516-782e98ab3fa0")
+    );
+    assert_eq!(d.domain_type().as_deref(), Some("kvm"));
+    assert_eq!(d.live_id(), None);
+    assert_eq!(d.vcpus(), VcpuSpec { max: 4, current: 2 });
+    assert_eq!(
+        d.memory_kib(),
+        MemorySpec {
+            max_kib: 4 * 1024 * 1024,
+            current_kib: 2048 * 1024
+        }
+    );
+
+    let ifaces = d.interfaces();
+    assert_eq!(
+        ifaces,
+        vec![
+            InterfaceSpec {
+                kind: InterfaceKind::Bridge,
+                mac: Some("52:54:00:6b:3c:58".to_string()),
+                bridge: Some("br0".to_string()),
+                network: None,
+                target_dev: None,
+                model: Some("virtio".to_string()),
+                link_up: true,
+            },
+            InterfaceSpec {
+                kind: InterfaceKind::Network,
+                mac: Some("52:54:00:1a:2b:3c".to_string()),
+                bridge: None,
+                network: Some("default".to_string()),
+                target_dev: None,
+                model: Some("e1000e".to_string()),
+                link_up: true,
+            },
+        ]
+    );
+    assert!(d.live_interface_taps().is_empty());
+
+    let disks = d.disks();
+    assert_eq!(disks.len(), 3);
+    assert_eq!(
+        disks[0],
+        DiskSpec {
+            kind: DiskKind::File,
+            device: DiskDevice::Disk,
+            driver_type: Some("qcow2".to_string()),
+            source: Some("/var/lib/libvirt/images/web1.qcow2".to_string()),
+            target_dev: "vda".to_string(),
+            readonly: false,
+            shareable: false,
+        }
+    );
+    assert!(disks[0].needs_overlay());
+    assert_eq!(disks[1].target_dev, "vdb");
+    assert_eq!(disks[1].driver_type.as_deref(), Some("raw"));
+    assert!(disks[1].readonly && !disks[1].needs_overlay());
+    assert_eq!(disks[2].device, DiskDevice::Cdrom);
+    assert!(disks[2].readonly && !disks[2].needs_overlay());
+
+    // Existing metadata written with a different prefix is found by namespace.
+    let m = d.understudy_meta().unwrap().expect("member element present");
+    assert_eq!(m.service, "web");
+    assert_eq!(m.role, Role::Primary);
+    assert_eq!(m.state, MemberState::Active);
+    assert_eq!(m.generation, 4);
+    assert_eq!(m.journal.as_deref(), Some("promoted from web1-shadow-3"));
+}
+
+#[test]
+fn live_fixture_accessors() {
+    let d = parse(LIVE);
+    assert_eq!(d.live_id().as_deref(), Some("7"));
+    assert_eq!(d.vcpus(), VcpuSpec { max: 4, current: 4 });
+    assert_eq!(
+        d.memory_kib(),
+        MemorySpec {
+            max_kib: 8388608,
+            current_kib: 8388608
+        }
+    );
+    assert_eq!(
+        d.live_interface_taps(),
+        vec![
+            ("52:54:00:de:ad:01".to_string(), "vnet12".to_string()),
+            ("52:54:00:DE:AD:02".to_string(), "vnet13".to_string()),
+        ]
+    );
+    let ifaces = d.interfaces();
+    assert_eq!(ifaces[1].network.as_deref(), Some("backend"));
+    assert_eq!(ifaces[1].bridge.as_deref(), Some("virbr1"));
+    let disks = d.disks();
+    assert_eq!(disks[1].driver_type, None);
+    assert!(disks[1].needs_overlay());
+}
+
+#[test]
+fn malformed_xml_is_a_parse_error() {
+    let err = DomainXml::parse(MALFORMED).unwrap_err();
+    assert!(matches!(err, XmlError::Parse { .. }), "{err:?}");
+    assert!(std::error::Error::source(&err).is_some(), "xot error chained");
+    assert!(matches!(
+        DomainXml::parse("").unwrap_err(),
+        XmlError::Parse { .. }
+    ));
+}
+
+#[test]
+fn non_domain_root_is_named() {
+    let err = DomainXml::parse(NETWORK).unwrap_err();
+    assert!(matches!(err, XmlError::NotDomain { .. }), "{err:?}");
+    assert!(err.to_string().contains("<network>"), "{err}");
+
+    // A <domain> in some other namespace is not libvirt's.
+    let err = DomainXml::parse("<x:domain xmlns:x='urn:other'/>").unwrap_err();
+    assert!(err.to_string().contains("urn:other"), "{err}");
+}
+
+#[test]
+fn invalid_numbers_are_rejected_at_parse() {
+    let bad_vcpu = FULL.replace("current='2'>4</vcpu>", "current='5'>4</vcpu>");
+    assert!(matches!(
+        DomainXml::parse(&bad_vcpu).unwrap_err(),
+        XmlError::InvalidVcpus { max: 4, current: 5 }
+    ));
+    let bad_vcpu = FULL.replace("current='2'>4</vcpu>", "current='2'>four</vcpu>");
+    assert!(matches!(
+        DomainXml::parse(&bad_vcpu).unwrap_err(),
+        XmlError::InvalidNumber { .. }
+    ));
+    let bad_unit = FULL.replace("<memory unit='GiB'>", "<memory unit='GiG'>");
+    let err = DomainXml::parse(&bad_unit).unwrap_err();
+    assert!(matches!(err, XmlError::InvalidUnit { .. }), "{err:?}");
+    assert!(err.to_string().contains("GiG"));
+    let no_target = DIRECT.replace("<target dev='vda' bus='virtio'/>", "");
+    let err = DomainXml::parse(&no_target).unwrap_err();
+    assert!(matches!(err, XmlError::MissingDiskTarget { index: 0, .. }), "{err:?}");
+}
+
+#[test]
+fn oversized_input_is_rejected_before_parsing() {
+    let huge = format!("<domain>{}</domain>", " ".repeat(DOMAIN_XML_MAX));
+    assert!(matches!(
+        DomainXml::parse(&huge).unwrap_err(),
+        XmlError::TooLarge { .. }
+    ));
+}
+
+#[test]
+fn memory_defaults_and_numa() {
+    // No <currentMemory>: current is the maximum. No <vcpu current>: current is the maximum.
+    let d = parse(DIRECT);
+    assert_eq!(
+        d.memory_kib(),
+        MemorySpec {
+            max_kib: 2048 * 1024,
+            current_kib: 2048 * 1024
+        }
+    );
+    assert_eq!(d.vcpus(), VcpuSpec { max: 2, current: 2 });
+
+    // NUMA cells define the maximum; currentMemory is clamped to it, as libvirt does.
+    let numa = FULL.replace(
+        "<topology sockets='4' dies='1' cores='1' threads='1'/>",
+        "<topology sockets='4' dies='1' cores='1' threads='1'/>\n    <numa>\n      \
+         <cell id='0' cpus='0-1' memory='1' unit='GiB'/>\n      \
+         <cell id='1' cpus='2-3' memory='512' unit='MiB'/>\n    </numa>",
+    );
+    let d = parse(&numa);
+    assert_eq!(
+        d.memory_kib(),
+        MemorySpec {
+            max_kib: 1536 * 1024,
+            current_kib: 1536 * 1024
+        }
+    );
+}
+
+// ---------------------------------------------------------------- round trip
+
+#[test]
+fn round_trip_keeps_semantic_content() {
+    let original = parse(FULL);
+    let text = original.to_xml();
+    let reparsed = parse(&text);
+    assert_eq!(canonical(&original), canonical(&reparsed));
+    // Serialization is a fixed point after one pass.
+    assert_eq!(reparsed.to_xml(), text);
+    // All accessors agree.
+    assert_eq!(original.interfaces(), reparsed.interfaces());
+    assert_eq!(original.disks(), reparsed.disks());
+    assert_eq!(original.vcpus(), reparsed.vcpus());
+    assert_eq!(original.memory_kib(), reparsed.memory_kib());
+
+    let live = parse(LIVE);
+    assert_eq!(canonical(&live), canonical(&parse(&live.to_xml())));
+}
+
+#[test]
+fn round_trip_keeps_foreign_metadata_bytes_and_comments() {
+    let text = parse(FULL).to_xml();
+    // libvirt prints <metadata> children with double quotes, so they survive byte for byte.
+    let nova = slice(FULL, "<nova:instance", "</nova:instance>");
+    assert!(text.contains(nova), "nova metadata changed:\n{text}");
+    let osinfo = slice(FULL, "<libosinfo:libosinfo", "</libosinfo:libosinfo>");
+    assert!(text.contains(osinfo));
+    assert!(text.contains("<!-- public uplink; the firewall keys on this MAC -->"));
+    assert!(text.contains("virsh edit web1"));
+    assert!(text.contains("<!-- trailing comment kept by round trip -->"));
+    assert!(text.contains("Public web tier &amp; TLS termination"));
+}
+
+#[test]
+fn round_trip_keeps_qemu_commandline_subtree() {
+    let original = parse(FULL);
+    let reparsed = parse(&original.to_xml());
+    let a = find(&original, QEMU_NS, "commandline").expect("qemu:commandline in fixture");
+    let b = find(&reparsed, QEMU_NS, "commandline").expect("qemu:commandline kept");
+    let ca = canonical_of(&original, a);
+    assert_eq!(ca, canonical_of(&reparsed, b));
+    assert!(ca.contains("name=opt/com.example/role,string=web"));
+    // Still written with the qemu prefix declared on <domain>.
+    assert!(original.to_xml().contains("<qemu:arg value=\"-fw_cfg\"/>"));
+}
+
+// ---------------------------------------------------------------- metadata
+
+#[test]
+fn meta_element_round_trips() {
+    let mut m = meta(Role::Shadow, MemberState::Promoting, 17);
+    m.journal = Some(r#"step=3 fence "db1" & <rewire> 'br0' ✓"#.to_string());
+    let xml = m.to_element_xml();
+    assert!(xml.starts_with(&format!("<{META_PREFIX}:member xmlns:{META_PREFIX}=\"{META_NS}\"")));
+    assert_eq!(UnderstudyMeta::from_element_xml(&xml).unwrap(), m);
+
+    let plain = meta(Role::Retired, MemberState::Fenced, u64::MAX);
+    assert_eq!(
+        UnderstudyMeta::from_element_xml(&plain.to_element_xml()).unwrap(),
+        plain
+    );
+}
+
+#[test]
+fn meta_accepts_any_prefix() {
+    let other = format!(
+        "<x:member xmlns:x=\"{META_NS}\" service=\"s\" class=\"c\" role=\"shadow\" \
+         generation=\"2\" state=\"paused\" extra=\"ignored\"/>"
+    );
+    let m = UnderstudyMeta::from_element_xml(&other).unwrap();
+    assert_eq!(m.role, Role::Shadow);
+    assert_eq!(m.state, MemberState::Paused);
+    assert_eq!(m.journal, None);
+    let default_ns = format!(
+        "<member xmlns=\"{META_NS}\" service=\"s\" class=\"c\" role=\"primary\" \
+         generation=\"0\" state=\"booting\"/>"
+    );
+    assert_eq!(
+        UnderstudyMeta::from_element_xml(&default_ns).unwrap().state,
+        MemberState::Booting
+    );
+}
+
+#[test]
+fn meta_garbage_errors() {
+    let ok = meta(Role::Primary, MemberState::Active, 1).to_element_xml();
+    let cases: Vec<(String, &str)> = vec![
+        ("not xml at all".to_string(), "Parse"),
+        ("<member service='s'/>".to_string(), "NotMemberElement"),
+        (
+            ok.replace(META_NS, "https://example.invalid/other"),
+            "NotMemberElement",
+        ),
+        (ok.replace("role=\"primary\"", ""), "MissingMetaAttribute"),
+        (ok.replace("role=\"primary\"", "role=\"boss\""), "InvalidMetaValue"),
+        (ok.replace("state=\"active\"", "state=\"ACTIVE\""), "InvalidMetaValue"),
+        (
+            ok.replace("generation=\"1\"", "generation=\"-1\""),
+            "InvalidNumber",
+        ),
+        (ok.replace("service=\"web\"", "service=\"\""), "InvalidMetaValue"),
+        (
+            ok.replace("/>", &format!(" journal=\"{}\"/>", "j".repeat(META_JOURNAL_MAX + 1))),
+            "MetaValueTooLong",
+        ),
+    ];
+    for (xml, want) in cases {
+        let err = UnderstudyMeta::from_element_xml(&xml).unwrap_err();
+        assert!(format!("{err:?}").starts_with(want), "{xml}: got {err:?}");
+    }
+}
+
+#[test]
+fn meta_control_characters_are_replaced_and_flagged() {
+    let mut m = meta(Role::Shadow, MemberState::Paused, 1);
+    m.journal = Some("line1\nline2\u{1}".to_string());
+    assert!(matches!(
+        m.validate(),
+        Err(XmlError::InvalidMetaValue {
+            attribute: "journal",
+            ..
+        })
+    ));
+    let back = UnderstudyMeta::from_element_xml(&m.to_element_xml()).unwrap();
+    assert_eq!(back.journal.as_deref(), Some("line1\u{FFFD}line2\u{FFFD}"));
+
+    let mut d = parse(DIRECT);
+    d.set_understudy_meta(&m);
+    let reparsed = parse(&d.to_xml());
+    assert_eq!(
+        reparsed.understudy_meta().unwrap().unwrap().journal,
+        back.journal
+    );
+}
+
+#[test]
+fn set_meta_replaces_and_leaves_foreign_metadata() {
+    let mut d = parse(FULL);
+    let first = meta(Role::Shadow, MemberState::Booting, 5);
+    let mut second = meta(Role::Shadow, MemberState::Paused, 6);
+    second.journal = Some("ready".to_string());
+    d.set_understudy_meta(&first);
+    d.set_understudy_meta(&second);
+    assert_eq!(d.meta_nodes().len(), 1);
+    assert_eq!(d.understudy_meta().unwrap(), Some(second.clone()));
+
+    let text = d.to_xml();
+    assert_eq!(text.matches(META_NS).count(), 1, "{text}");
+    assert!(text.contains(slice(FULL, "<nova:instance", "</nova:instance>")));
+    let reparsed = parse(&text);
+    assert_eq!(reparsed.understudy_meta().unwrap(), Some(second));
+    assert!(find(&reparsed, NOVA_NS, "instance").is_some());
+}
+
+#[test]
+fn set_meta_creates_metadata_after_uuid() {
+    let mut d = parse(HOSTDEV);
+    assert_eq!(d.understudy_meta().unwrap(), None);
+    let m = meta(Role::Primary, MemberState::Active, 1);
+    d.set_understudy_meta(&m);
+    let text = d.to_xml();
+    let uuid_at = text.find("<uuid>").unwrap();
+    let md_at = text.find("<metadata>").unwrap();
+    let mem_at = text.find("<memory").unwrap();
+    assert!(uuid_at < md_at && md_at < mem_at, "{text}");
+    assert_eq!(parse(&text).understudy_meta().unwrap(), Some(m));
+}
+
+#[test]
+fn duplicate_meta_is_an_error() {
+    let m = meta(Role::Primary, MemberState::Active, 1).to_element_xml();
+    let dup = FULL.replace("  </metadata>", &format!("    {m}\n  </metadata>"));
+    let d = parse(&dup);
+    assert!(matches!(
+        d.understudy_meta(),
+        Err(XmlError::DuplicateMeta { count: 2 })
+    ));
+}
+
+#[test]
+fn name_and_uuid_setters() {
+    let mut d = parse(FULL);
+    d.set_name("web1-shadow");
+    d.set_uuid("11111111-2222-4333-8444-555555555555");
+    let r = parse(&d.to_xml());
+    assert_eq!(r.name().as_deref(), Some("web1-shadow"));
+    assert_eq!(
+        r.uuid().as_deref(),
+        Some("11111111-2222-4333-8444-555555555555")
+    );
+
+    let mut bare = DomainXml::parse("<domain type='qemu'>\n  <memory>1024</memory>\n</domain>")
+        .unwrap();
+    assert_eq!(bare.name(), None);
+    bare.set_uuid("11111111-2222-4333-8444-555555555555");
+    bare.set_name("n & m");
+    let text = bare.to_xml();
+    assert!(
+        text.find("<name>").unwrap() < text.find("<uuid>").unwrap(),
+        "{text}"
+    );
+    assert_eq!(parse(&text).name().as_deref(), Some("n & m"));
+}
+
+// ---------------------------------------------------------------- links
+
+#[test]
+fn set_interfaces_link_sets_every_nic_once() {
+    let mut d = parse(FULL);
+    d.set_interfaces_link(false);
+    assert!(d.interfaces().iter().all(|i| !i.link_up));
+    for iface in d.device_nodes("interface") {
+        assert_eq!(tree::children_named(&d.xot, iface, "link").count(), 1);
+    }
+    d.set_interfaces_link(true);
+    let r = parse(&d.to_xml());
+    assert!(r.interfaces().iter().all(|i| i.link_up));
+}
+
+#[test]
+fn interface_xml_with_link_is_one_standalone_element() {
+    let d = parse(LIVE);
+    let xml = d
+        .interface_xml_with_link("52:54:00:de:ad:02", false)
+        .expect("MAC matches case-insensitively");
+    assert!(xml.starts_with("<interface type=\"network\">"), "{xml}");
+    assert!(xml.contains("<link state=\"down\"/>"));
+    assert!(xml.contains("<target dev=\"vnet13\"/>"), "live target kept");
+    assert!(!xml.contains("xmlns"), "{xml}");
+    // The domain itself is untouched.
+    assert!(d.interfaces()[1].link_up);
+
+    let mut x = Xot::new();
+    let doc = x.parse(&xml).unwrap();
+    let root = x.document_element(doc).unwrap();
+    assert_eq!(tree::child_attr(&x, root, "link", "state"), Some("down"));
+
+    let up = parse(FULL)
+        .interface_xml_with_link("52:54:00:1a:2b:3c", true)
+        .unwrap();
+    assert_eq!(up.matches("<link").count(), 1);
+    assert!(up.contains("<link state=\"up\"/>"));
+    assert_eq!(d.interface_xml_with_link("52:54:00:00:00:00", true), None);
+}
+
+// ---------------------------------------------------------------- shadow_spec
+
+fn plan(name: &str, overlays: &[(&str, &str)]) -> ShadowPlan {
+    ShadowPlan {
+        name: name.to_string(),
+        uuid: "9b3f7c2e-1a4d-4e5f-8a6b-7c8d9e0f1a2b".to_string(),
+        disk_overlays: overlays
+            .iter()
+            .map(|(t, p)| (t.to_string(), PathBuf::from(p)))
+            .collect::<BTreeMap<_, _>>(),
+        vcpu_max: 8,
+        memory_max_kib: 8 * 1024 * 1024,
+        console_dir: PathBuf::from("/run/understudy/console"),
+        meta: UnderstudyMeta {
+            service: "web".to_string(),
+            class: "frontend".to_string(),
+            role: Role::Shadow,
+            generation: 5,
+            state: MemberState::Booting,
+            journal: None,
+        },
+    }
+}
+
+fn attr_of(d: &DomainXml, node: Node, name: &str) -> Option<String> {
+    tree::attr(&d.xot, node, name).map(str::to_string)
+}
+
+#[test]
+fn shadow_of_full_spec() {
+    let primary = parse(FULL);
+    let before = primary.to_xml();
+    let p = plan(
+        "web1-shadow",
+        &[("vda", "/var/lib/understudy/overlays/web1-shadow-vda.qcow2")],
+    );
+    let shadow = shadow_spec(&primary, &p).unwrap();
+    assert_eq!(primary.to_xml(), before, "primary must not change");
+
+    // Re-parse the serialized form: that is what libvirt gets.
+    let s = parse(&shadow.to_xml());
+    assert_eq!(s.name().as_deref(), Some("web1-shadow"));
+    assert_eq!(s.uuid().as_deref(), Some(p.uuid.as_str()));
+
+    // NICs: same MAC/source/model, no target, link down.
+    let (pi, si) = (primary.interfaces(), s.interfaces());
+    assert_eq!(pi.len(), si.len());
+    for (a, b) in pi.iter().zip(&si) {
+        assert_eq!((&a.kind, &a.mac, &a.bridge, &a.network, &a.model), (&b.kind, &b.mac, &b.bridge, &b.network, &b.model));
+        assert_eq!(b.target_dev, None);
+        assert!(!b.link_up);
+    }
+    for iface in s.device_nodes("interface") {
+        assert_eq!(tree::children_named(&s.xot, iface, "link").count(), 1);
+    }
+
+    // Disks: only the writable file disk is overlaid.
+    let disks = s.disks();
+    assert_eq!(disks.len(), 3);
+    assert_eq!(
+        disks[0].source.as_deref(),
+        Some("/var/lib/understudy/overlays/web1-shadow-vda.qcow2")
+    );
+    assert_eq!(disks[0].driver_type.as_deref(), Some("qcow2"));
+    let vda = s.disk_nodes().next().unwrap();
+    let driver = tree::child_named(&s.xot, vda, "driver").unwrap();
+    assert_eq!(attr_of(&s, driver, "cache").as_deref(), Some("none"));
+    assert_eq!(disks[1], primary.disks()[1]);
+    assert_eq!(disks[2], primary.disks()[2]);
+
+    // Sizes: maxima raised, current kept, placement kept, topology widened.
+    assert_eq!(s.vcpus(), VcpuSpec { max: 8, current: 2 });
+    let vcpu = tree::child_named(&s.xot, s.root, "vcpu").unwrap();
+    assert_eq!(attr_of(&s, vcpu, "placement").as_deref(), Some("static"));
+    assert_eq!(
+        s.memory_kib(),
+        MemorySpec {
+            max_kib: 8 * 1024 * 1024,
+            current_kib: 2048 * 1024
+        }
+    );
+    let mem = tree::child_named(&s.xot, s.root, "memory").unwrap();
+    assert_eq!(attr_of(&s, mem, "unit").as_deref(), Some("KiB"));
+    let topo = find(&s, "", "topology").unwrap();
+    assert_eq!(attr_of(&s, topo, "sockets").as_deref(), Some("8"));
+
+    // Consoles: per-shadow paths; the console mirrors the serial port's path.
+    let text = shadow.to_xml();
+    assert!(!text.contains("/var/log/libvirt/qemu/web1-serial0"), "{text}");
+    let serial_log = "/run/understudy/console/web1-shadow.web1-serial0.log";
+    assert_eq!(text.matches(serial_log).count(), 2, "{text}");
+    assert_eq!(
+        text.matches("/run/understudy/console/web1-shadow.web1-serial0.qemu.log")
+            .count(),
+        2
+    );
+    assert!(text.contains("/run/understudy/console/web1-shadow.ttyS1.sock"));
+    // Guest agent channel: path left to libvirt.
+    let channel = s.device_nodes("channel").next().unwrap();
+    let source = tree::child_named(&s.xot, channel, "source").unwrap();
+    assert_eq!(attr_of(&s, source, "path"), None);
+    assert_eq!(attr_of(&s, source, "mode").as_deref(), Some("bind"));
+
+    // Graphics: automatic port.
+    let g = s.device_nodes("graphics").next().unwrap();
+    assert_eq!(attr_of(&s, g, "port"), None);
+    assert_eq!(attr_of(&s, g, "autoport").as_deref(), Some("yes"));
+    assert_eq!(attr_of(&s, g, "listen").as_deref(), Some("127.0.0.1"));
+
+    // NVRAM: own store from the template.
+    let nvram = find(&s, "", "nvram").unwrap();
+    assert_eq!(tree::text(&s.xot, nvram), "");
+    assert_eq!(
+        attr_of(&s, nvram, "template").as_deref(),
+        Some("/usr/share/OVMF/OVMF_VARS_4M.fd")
+    );
+
+    // Metadata: foreign kept byte for byte, ours replaced.
+    assert!(text.contains(slice(FULL, "<nova:instance", "</nova:instance>")));
+    assert_eq!(s.understudy_meta().unwrap(), Some(p.meta.clone()));
+    assert_eq!(s.meta_nodes().len(), 1);
+
+    // Everything else is kept: same device list, qemu:commandline intact.
+    let kinds = |d: &DomainXml| -> Vec<String> {
+        tree::element_children(&d.xot, d.devices().unwrap())
+            .map(|n| tree::start_tag(&d.xot, n))
+            .filter(|t| !t.starts_with("<graphics"))
+            .collect()
+    };
+    assert_eq!(kinds(&primary), kinds(&s));
+    let a = find(&primary, QEMU_NS, "commandline").unwrap();
+    let b = find(&s, QEMU_NS, "commandline").unwrap();
+    assert_eq!(canonical_of(&primary, a), canonical_of(&s, b));
+    assert!(text.contains("<!-- public uplink; the firewall keys on this MAC -->"));
+}
+
+#[test]
+fn shadow_of_live_spec() {
+    let primary = parse(LIVE);
+    let p = plan(
+        "db1-shadow",
+        &[
+            ("vda", "/var/lib/understudy/overlays/db1-shadow-vda.qcow2"),
+            ("vdb", "/var/lib/understudy/overlays/db1-shadow-vdb.qcow2"),
+        ],
+    );
+    let s = parse(&shadow_spec(&primary, &p).unwrap().to_xml());
+    assert_eq!(s.live_id(), None);
+    assert!(s.live_interface_taps().is_empty());
+    assert_eq!(s.interfaces()[1].mac.as_deref(), Some("52:54:00:DE:AD:02"));
+    let net_source = tree::child_named(&s.xot, s.device_nodes("interface").nth(1).unwrap(), "source")
+        .unwrap();
+    assert_eq!(attr_of(&s, net_source, "portid"), None);
+    assert_eq!(attr_of(&s, net_source, "network").as_deref(), Some("backend"));
+
+    // Overlaid disks: the primary's backing chain and live index are gone; a missing driver
+    // element is created.
+    for disk in s.disk_nodes() {
+        assert_eq!(tree::children_named(&s.xot, disk, "backingStore").count(), 0);
+        let src = tree::child_named(&s.xot, disk, "source").unwrap();
+        assert_eq!(attr_of(&s, src, "index"), None);
+    }
+    let disks = s.disks();
+    assert!(disks.iter().all(|d| d.driver_type.as_deref() == Some("qcow2")));
+    assert_eq!(
+        disks[1].source.as_deref(),
+        Some("/var/lib/understudy/overlays/db1-shadow-vdb.qcow2")
+    );
+
+    // Live-only terminal paths and the generated channel path are dropped.
+    let text = s.to_xml();
+    assert!(!text.contains("/dev/pts/4"), "{text}");
+    assert!(!text.contains("domain-7-db1"), "{text}");
+    assert!(!text.contains("tty="));
+
+    // SPICE ports automatic, vsock CID automatic.
+    let g = s.device_nodes("graphics").next().unwrap();
+    assert_eq!(attr_of(&s, g, "port"), None);
+    assert_eq!(attr_of(&s, g, "tlsPort"), None);
+    let cid = tree::child_named(&s.xot, s.device_nodes("vsock").next().unwrap(), "cid").unwrap();
+    assert_eq!(attr_of(&s, cid, "auto").as_deref(), Some("yes"));
+    assert_eq!(attr_of(&s, cid, "address"), None);
+
+    // Dynamic labels lose the primary's generated labels but stay dynamic.
+    let labels: Vec<Node> = tree::children_named(&s.xot, s.root, "seclabel").collect();
+    assert_eq!(labels.len(), 2);
+    assert!(!text.contains("c392,c662"));
+    assert!(!text.contains("+107:+107"));
+
+    // vcpus: no current= before, so current is the old maximum.
+    assert_eq!(s.vcpus(), VcpuSpec { max: 8, current: 4 });
+    assert_eq!(s.memory_kib().current_kib, 8388608);
+    // Our old record (primary, generation 3) is replaced.
+    assert_eq!(s.understudy_meta().unwrap(), Some(p.meta));
+}
+
+#[test]
+fn shadow_never_lowers_sizes() {
+    let primary = parse(LIVE);
+    let mut p = plan("db1-shadow", &[("vda", "/o/vda.qcow2"), ("vdb", "/o/vdb.qcow2")]);
+    p.vcpu_max = 2;
+    p.memory_max_kib = 1024;
+    let s = shadow_spec(&primary, &p).unwrap();
+    assert_eq!(s.vcpus(), primary.vcpus());
+    assert_eq!(s.memory_kib(), primary.memory_kib());
+}
+
+#[test]
+fn shadow_extends_vcpus_list() {
+    let with_list = LIVE.replace(
+        "<vcpu placement='static'>4</vcpu>",
+        "<vcpu placement='static' current='2'>4</vcpu>\n  <vcpus>\n    \
+         <vcpu id='0' enabled='yes' hotpluggable='no' order='1'/>\n    \
+         <vcpu id='1' enabled='yes' hotpluggable='yes' order='2'/>\n    \
+         <vcpu id='2' enabled='no' hotpluggable='yes'/>\n    \
+         <vcpu id='3' enabled='no' hotpluggable='yes'/>\n  </vcpus>",
+    );
+    let p = plan("db1-shadow", &[("vda", "/o/vda.qcow2"), ("vdb", "/o/vdb.qcow2")]);
+    let s = parse(&shadow_spec(&parse(&with_list), &p).unwrap().to_xml());
+    let list = tree::child_named(&s.xot, s.root, "vcpus").unwrap();
+    let ids: Vec<String> = tree::children_named(&s.xot, list, "vcpu")
+        .map(|v| attr_of(&s, v, "id").unwrap())
+        .collect();
+    assert_eq!(ids, ["0", "1", "2", "3", "4", "5", "6", "7"]);
+    assert_eq!(s.vcpus(), VcpuSpec { max: 8, current: 2 });
+}
+
+fn refusal(xml: &str, p: &ShadowPlan) -> CloneError {
+    shadow_spec(&parse(xml), p).expect_err("clone must be refused")
+}
+
+#[test]
+fn refuses_hostdev() {
+    let err = refusal(HOSTDEV, &plan("gpu1-shadow", &[("vda", "/o/vda.qcow2")]));
+    let msg = err.to_string();
+    assert!(matches!(err, CloneError::Unclonable { .. }), "{err:?}");
+    assert!(msg.contains("<hostdev mode='subsystem' type='pci'"), "{msg}");
+    assert!(msg.contains("pci 0000:3b:00.0"), "{msg}");
+}
+
+#[test]
+fn refuses_direct_interface() {
+    let err = refusal(DIRECT, &plan("edge1-shadow", &[("vda", "/o/vda.qcow2")]));
+    let msg = err.to_string();
+    assert!(msg.contains("<interface type='direct'>"), "{msg}");
+    assert!(msg.contains("52:54:00:00:20:01"), "{msg}");
+    assert!(msg.contains("macvtap"), "{msg}");
+}
+
+#[test]
+fn refuses_writable_block_disk() {
+    let err = refusal(BLOCK_DISK, &plan("db2-shadow", &[("vda", "/o/vda.qcow2")]));
+    let msg = err.to_string();
+    assert!(msg.contains("<disk type='block'"), "{msg}");
+    assert!(msg.contains("target vdb"), "{msg}");
+    assert!(msg.contains("/dev/vg0/db2-data"), "{msg}");
+
+    // Read-only, the same disk is shared as is.
+    let ro = BLOCK_DISK.replace(
+        "<target dev='vdb' bus='virtio'/>",
+        "<target dev='vdb' bus='virtio'/>\n      <readonly/>",
+    );
+    shadow_spec(&parse(&ro), &plan("db2-shadow", &[("vda", "/o/vda.qcow2")])).unwrap();
+}
+
+#[test]
+fn refuses_writable_disk_without_overlay() {
+    let err = refusal(FULL, &plan("web1-shadow", &[]));
+    match &err {
+        CloneError::MissingOverlay { target, image } => {
+            assert_eq!(target, "vda");
+            assert_eq!(image, "/var/lib/libvirt/images/web1.qcow2");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(err.to_string().contains("vda"));
+}
+
+#[test]
+fn refuses_overlays_that_do_not_apply() {
+    let p = plan("web1-shadow", &[("vda", "/o/vda.qcow2"), ("vdb", "/o/vdb.qcow2")]);
+    assert!(matches!(
+        refusal(FULL, &p),
+        CloneError::UnexpectedOverlay { ref target, .. } if target == "vdb"
+    ));
+    let p = plan("web1-shadow", &[("vda", "/o/vda.qcow2"), ("vdz", "/o/vdz.qcow2")]);
+    assert!(matches!(
+        refusal(FULL, &p),
+        CloneError::UnexpectedOverlay { ref target, .. } if target == "vdz"
+    ));
+}
+
+#[test]
+fn refuses_bad_plans() {
+    let ok = plan("web1-shadow", &[("vda", "/o/vda.qcow2")]);
+    let mut p = ok.clone();
+    p.name = "web1".to_string();
+    assert!(matches!(refusal(FULL, &p), CloneError::InvalidPlan { field: "name", .. }));
+    let mut p = ok.clone();
+    p.name = "a/b".to_string();
+    assert!(matches!(refusal(FULL, &p), CloneError::InvalidPlan { field: "name", .. }));
+    let mut p = ok.clone();
+    p.uuid = "4DEA22B3-1D52-D8F3-2516-782E98AB3FA0".to_string();
+    assert!(matches!(refusal(FULL, &p), CloneError::InvalidPlan { field: "uuid", .. }));
+    let mut p = ok.clone();
+    p.uuid = "not-a-uuid".to_string();
+    assert!(matches!(refusal(FULL, &p), CloneError::InvalidPlan { field: "uuid", .. }));
+    let mut p = ok.clone();
+    p.console_dir = PathBuf::from("relative/dir");
+    assert!(matches!(
+        refusal(FULL, &p),
+        CloneError::InvalidPlan { field: "console_dir", .. }
+    ));
+    let mut p = ok;
+    p.meta.service = String::new();
+    assert!(matches!(refusal(FULL, &p), CloneError::Xml(_)));
+}
+
+#[test]
+fn refuses_topology_that_cannot_widen() {
+    let two_cores = FULL.replace(
+        "<topology sockets='4' dies='1' cores='1' threads='1'/>",
+        "<topology sockets='2' dies='1' cores='2' threads='1'/>",
+    );
+    let mut p = plan("web1-shadow", &[("vda", "/o/vda.qcow2")]);
+    p.vcpu_max = 7;
+    assert!(matches!(
+        refusal(&two_cores, &p),
+        CloneError::CpuTopology {
+            vcpu_max: 7,
+            per_socket: 2
+        }
+    ));
+    p.vcpu_max = 6;
+    let s = shadow_spec(&parse(&two_cores), &p).unwrap();
+    let topo = find(&s, "", "topology").unwrap();
+    assert_eq!(attr_of(&s, topo, "sockets").as_deref(), Some("3"));
+}
+
+#[test]
+fn refuses_raising_numa_sized_memory() {
+    let numa = FULL.replace(
+        "<topology sockets='4' dies='1' cores='1' threads='1'/>",
+        "<topology sockets='4' dies='1' cores='1' threads='1'/>\n    <numa>\n      \
+         <cell id='0' cpus='0-3' memory='4' unit='GiB'/>\n    </numa>",
+    );
+    let p = plan("web1-shadow", &[("vda", "/o/vda.qcow2")]);
+    assert!(matches!(refusal(&numa, &p), CloneError::NumaMemory { .. }));
+}
+
+/// A minimal valid domain with one extra device, for refusal cases.
+fn with_device(device: &str) -> String {
+    format!(
+        "<domain type='kvm'>\n  <name>t1</name>\n  \
+         <uuid>2c1b0a99-8877-4665-9443-322110ffeedd</uuid>\n  <memory>1048576</memory>\n  \
+         <devices>\n    {device}\n  </devices>\n</domain>"
+    )
+}
+
+#[test]
+fn refuses_other_unclonable_devices() {
+    let p = plan("t1-shadow", &[]);
+    let cases = [
+        (
+            "<disk type='file' device='disk'><source file='/i/shared.img'/>\
+             <target dev='vdc'/><shareable/></disk>",
+            "shareable",
+        ),
+        (
+            "<disk type='network' device='disk'><source protocol='rbd' name='pool/img'/>\
+             <target dev='vdc'/></disk>",
+            "network disk",
+        ),
+        (
+            "<filesystem type='mount' accessmode='passthrough'><source dir='/srv/share'/>\
+             <target dir='share'/></filesystem>",
+            "<filesystem",
+        ),
+        (
+            "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>",
+            "persistent",
+        ),
+        ("<smartcard mode='host'/>", "<smartcard mode='host'>"),
+        (
+            "<redirdev bus='usb' type='tcp'><source mode='connect' host='localhost' \
+             service='4000'/></redirdev>",
+            "<redirdev",
+        ),
+        (
+            "<interface type='hostdev' managed='yes'><mac address='52:54:00:00:30:01'/>\
+             <source><address type='pci' domain='0x0000' bus='0x81' slot='0x10' \
+             function='0x2'/></source></interface>",
+            "52:54:00:00:30:01",
+        ),
+        (
+            "<interface type='vhostuser'><mac address='52:54:00:00:30:02'/>\
+             <source type='unix' path='/run/ovs/vhu0' mode='server'/></interface>",
+            "vhost-user",
+        ),
+        (
+            "<serial type='tcp'><source mode='bind' host='127.0.0.1' service='4555'/>\
+             <target port='0'/></serial>",
+            "port 4555",
+        ),
+        (
+            "<serial type='dev'><source path='/dev/ttyS0'/><target port='0'/></serial>",
+            "/dev/ttyS0",
+        ),
+        (
+            "<memory model='nvdimm'><source><path>/srv/pmem0</path></source>\
+             <target><size unit='GiB'>1</size></target></memory>",
+            "nvdimm",
+        ),
+    ];
+    for (device, needle) in cases {
+        let err = refusal(&with_device(device), &p);
+        assert!(matches!(err, CloneError::Unclonable { .. }), "{device}: {err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(needle), "{device}: {msg}");
+    }
+}
+
+#[test]
+fn clonable_odd_devices_pass() {
+    let p = plan("t1-shadow", &[]);
+    for device in [
+        "<filesystem type='mount'><source dir='/srv/ro'/><target dir='ro'/><readonly/></filesystem>",
+        "<smartcard mode='passthrough' type='spicevmc'/>",
+        "<redirdev bus='usb' type='spicevmc'/>",
+        "<channel type='unix'><source mode='connect' path='/run/agent.sock'/>\
+         <target type='virtio' name='org.example.agent'/></channel>",
+        "<disk type='file' device='floppy'><target dev='fda'/></disk>",
+    ] {
+        let s = shadow_spec(&parse(&with_device(device)), &p)
+            .unwrap_or_else(|e| panic!("{device}: {e}"));
+        if device.contains("mode='connect'") {
+            assert!(s.to_xml().contains("/run/agent.sock"), "connect socket kept");
+        }
+    }
+}
+
+#[test]
+fn distinct_paths_with_same_file_name_do_not_collide() {
+    let p = plan("t1-shadow", &[]);
+    let xml = with_device(
+        "<serial type='file'><source path='/a/console.log'/><target port='0'/></serial>\n    \
+         <serial type='file'><source path='/b/console.log'/><target port='1'/></serial>",
+    );
+    let text = shadow_spec(&parse(&xml), &p).unwrap().to_xml();
+    assert!(text.contains("/run/understudy/console/t1-shadow.console.log\""), "{text}");
+    assert!(text.contains("/run/understudy/console/t1-shadow.console.log.1\""), "{text}");
+}
