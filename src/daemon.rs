@@ -29,8 +29,6 @@ use crate::libvirt::{
 };
 use crate::net::Netlink;
 
-const QEMU_RUN_DIR: &str = "/run/libvirt/qemu";
-
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -69,7 +67,6 @@ pub enum DaemonError {
 /// Things the loop learns from its tasks and from libvirt.
 #[derive(Debug)]
 enum Note {
-    Libvirt(DomainEvent),
     PrimaryExited { service: String, domain: String, at: Instant },
     ShadowDone { service: String, name: String, result: Result<Shadow, String>, unprotectable: bool },
     FailoverDone { service: String, shadow: String, result: Result<Promoted, String>, record: crate::api::protocol::FailoverRecord },
@@ -389,7 +386,7 @@ async fn refresh_active(d: &Shared, service: &str) {
 
 /// Opens a pidfd on the primary's QEMU and reports its exit.
 fn watch_primary(d: &Shared, service: &str, domain: &str) {
-    let pid = match qemu_pid(std::path::Path::new(QEMU_RUN_DIR), domain) {
+    let pid = match qemu_pid(std::path::Path::new(crate::libvirt::QEMU_RUN_DIR), domain) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(service, domain, error = %crate::error_chain(&e), "no QEMU pid; relying on libvirt events");
@@ -558,7 +555,6 @@ fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: I
 
 async fn on_note(d: &Shared, note: Note) {
     match note {
-        Note::Libvirt(_) => {}
         Note::PrimaryExited { service, domain, at } => {
             tracing::warn!(%service, %domain, "primary QEMU exited");
             start_failover(d, &service, &domain, Trigger::Pidfd, at);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::protocol::ShadowState;
 use crate::domain_xml::{
-    shadow_spec, DomainXml, MemberState, Role, ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
+    shadow_spec, DiskDevice, DiskKind, DomainXml, MemberState, Role, ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
 };
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
@@ -82,7 +82,7 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
     let mut disk_overlays = std::collections::BTreeMap::new();
     let mut images = Vec::new();
     for disk in primary.disks() {
-        let writable_file = disk.kind == "file" && !disk.readonly && disk.device == "disk";
+        let writable_file = disk.kind == DiskKind::File && !disk.readonly && disk.device == DiskDevice::Disk;
         let Some(source) = disk.source.clone().filter(|_| writable_file) else { continue };
         let overlay = disk_dir.join(format!("{}-{}.qcow2", req.name, disk.target_dev));
         disk_overlays.insert(disk.target_dev.clone(), overlay.clone());
