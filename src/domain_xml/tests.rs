@@ -1093,3 +1093,12 @@ fn edits_keep_virsh_style_indentation() {
         "{fresh}"
     );
 }
+
+#[test]
+fn types_can_cross_tasks() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<DomainXml>();
+    send_sync::<XmlError>();
+    send_sync::<CloneError>();
+    send_sync::<UnderstudyMeta>();
+}
