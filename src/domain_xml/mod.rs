@@ -530,10 +530,7 @@ impl DomainXml {
             Some(md) => md,
             None => {
                 let md = tree::new_element(&mut self.xot, "metadata");
-                self.insert_top_level(
-                    md,
-                    &["name", "uuid", "genid", "title", "description"],
-                );
+                self.insert_top_level(md, &["name", "uuid", "genid", "title", "description"]);
                 md
             }
         };
@@ -647,13 +644,15 @@ impl DomainXml {
                 continue;
             };
             let kib = units::parse_kib("cell", mem, tree::attr(&self.xot, cell, "unit"))?;
-            let sum = total.unwrap_or(0).checked_add(kib).ok_or_else(|| {
-                XmlError::SizeOverflow {
-                    element: "cell".to_string(),
-                    value: kib,
-                    unit: "KiB".to_string(),
-                }
-            })?;
+            let sum =
+                total
+                    .unwrap_or(0)
+                    .checked_add(kib)
+                    .ok_or_else(|| XmlError::SizeOverflow {
+                        element: "cell".to_string(),
+                        value: kib,
+                        unit: "KiB".to_string(),
+                    })?;
             total = Some(sum);
         }
         Ok(total)

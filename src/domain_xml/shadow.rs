@@ -25,10 +25,12 @@
 //! - `<graphics>`: fixed `port`/`tlsPort` removed with `autoport='yes'`, `websocket` set to
 //!   auto, socket paths moved into `console_dir`;
 //! - `<vsock>`: a fixed guest CID becomes `auto='yes'` (CIDs are host-unique);
-//! - `<os><nvram>`: the primary's variable store is per-domain writable state; its path is
-//!   removed so libvirt creates the shadow's own from the template (the element is kept if it
-//!   names a `template=`, else dropped and libvirt picks the firmware's template). The
-//!   primary's UEFI variables are therefore not carried over;
+//! - `<os><nvram>`: the primary's variable store is per-domain writable state. The element is
+//!   removed so libvirt creates `<name>_VARS.fd` for the shadow from the firmware's template
+//!   (an empty `<nvram template=..>` is not safe: some libvirt versions then use the template
+//!   file itself). The primary's UEFI variables and a custom `template=` are therefore not
+//!   carried over; a custom loader without a firmware descriptor makes the shadow fail to
+//!   start rather than share the store;
 //! - top-level dynamic `<seclabel>`s lose their generated `<label>`/`<imagelabel>` (the
 //!   primary's sVirt category must not be reused); static labels are the user's choice and
 //!   kept;
@@ -222,7 +224,11 @@ fn validate_plan(primary: &DomainXml, plan: &ShadowPlan) -> Result<(), CloneErro
         return Err(invalid("name", name, "must be 1 to 200 bytes"));
     }
     if name.contains('/') || name.chars().any(char::is_control) {
-        return Err(invalid("name", name, "must not contain '/' or control characters"));
+        return Err(invalid(
+            "name",
+            name,
+            "must not contain '/' or control characters",
+        ));
     }
     if primary.name().as_deref() == Some(name) {
         return Err(invalid("name", name, "is the primary's name"));
@@ -423,9 +429,9 @@ fn clone_device(
 fn clone_interface(x: &mut Xot, iface: Node) -> Result<(), CloneError> {
     let kind = InterfaceKind::parse(attr(x, iface, "type").unwrap_or(""));
     let refusal = match kind {
-        InterfaceKind::Direct => Some(
-            "macvtap is bound to a host NIC and cannot be moved between bridges".to_string(),
-        ),
+        InterfaceKind::Direct => {
+            Some("macvtap is bound to a host NIC and cannot be moved between bridges".to_string())
+        }
         InterfaceKind::Hostdev => {
             Some("a passed-through network function can belong to one domain only".to_string())
         }
@@ -570,6 +576,9 @@ fn clone_chardev(
             // The pty path and tty= are live-only output naming the primary's terminal.
             for s in sources {
                 tree::remove_attr(x, s, "path");
+                if tree::is_bare(x, s) {
+                    tree::remove(x, s);
+                }
             }
             tree::remove_attr(x, dev, "tty");
         }
@@ -637,21 +646,25 @@ fn clone_graphics(x: &mut Xot, g: Node, paths: &mut PathRewriter<'_>) {
 }
 
 fn parse_u64(what: &str, s: &str) -> Result<u64, XmlError> {
-    s.trim()
-        .parse()
-        .map_err(|source| XmlError::InvalidNumber {
-            what: what.to_string(),
-            value: clip(s, 40),
-            source,
-        })
+    s.trim().parse().map_err(|source| XmlError::InvalidNumber {
+        what: what.to_string(),
+        value: clip(s, 40),
+        source,
+    })
 }
 
-fn raise_vcpus(dom: &mut DomainXml, old_max: u32, current: u32, planned: u32) -> Result<(), CloneError> {
+fn raise_vcpus(
+    dom: &mut DomainXml,
+    old_max: u32,
+    current: u32,
+    planned: u32,
+) -> Result<(), CloneError> {
     let new_max = old_max.max(planned);
     let root = dom.root;
     let x = &mut dom.xot;
     if new_max != old_max {
-        if let Some(topo) = child_named(x, root, "cpu").and_then(|c| child_named(x, c, "topology")) {
+        if let Some(topo) = child_named(x, root, "cpu").and_then(|c| child_named(x, c, "topology"))
+        {
             let mut per_socket: u64 = 1;
             for key in ["dies", "clusters", "cores", "threads"] {
                 if let Some(v) = attr(x, topo, key) {
@@ -699,7 +712,10 @@ fn set_memory(dom: &mut DomainXml, max_kib: u64, current_kib: u64) -> Result<(),
         Some(m) => m,
         None => {
             let m = tree::new_element(&mut dom.xot, "memory");
-            dom.insert_top_level(m, &["name", "uuid", "genid", "title", "description", "metadata"]);
+            dom.insert_top_level(
+                m,
+                &["name", "uuid", "genid", "title", "description", "metadata"],
+            );
             m
         }
     };
@@ -734,15 +750,9 @@ fn fresh_nvram(dom: &mut DomainXml) {
     let Some(nvram) = child_named(x, root, "os").and_then(|os| child_named(x, os, "nvram")) else {
         return;
     };
-    if attr(x, nvram, "template").is_some() {
-        let children: Vec<Node> = x.children(nvram).collect();
-        for c in children {
-            tree::remove(x, c);
-        }
-        // A <source> child (newer libvirt) also names the primary's store.
-    } else {
-        tree::remove(x, nvram);
-    }
+    // Dropped entirely, not just emptied: some libvirt versions take an empty
+    // `<nvram template=T/>` to mean "use T itself", which would write the shared template.
+    tree::remove(x, nvram);
 }
 
 fn strip_dynamic_labels(dom: &mut DomainXml) {

@@ -165,7 +165,10 @@ fn full_fixture_accessors() {
     assert!(disks[2].readonly && !disks[2].needs_overlay());
 
     // Existing metadata written with a different prefix is found by namespace.
-    let m = d.understudy_meta().unwrap().expect("member element present");
+    let m = d
+        .understudy_meta()
+        .unwrap()
+        .expect("member element present");
     assert_eq!(m.service, "web");
     assert_eq!(m.role, Role::Primary);
     assert_eq!(m.state, MemberState::Active);
@@ -204,7 +207,10 @@ fn live_fixture_accessors() {
 fn malformed_xml_is_a_parse_error() {
     let err = DomainXml::parse(MALFORMED).unwrap_err();
     assert!(matches!(err, XmlError::Parse { .. }), "{err:?}");
-    assert!(std::error::Error::source(&err).is_some(), "xot error chained");
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "xot error chained"
+    );
     assert!(matches!(
         DomainXml::parse("").unwrap_err(),
         XmlError::Parse { .. }
@@ -240,7 +246,10 @@ fn invalid_numbers_are_rejected_at_parse() {
     assert!(err.to_string().contains("GiG"));
     let no_target = DIRECT.replace("<target dev='vda' bus='virtio'/>", "");
     let err = DomainXml::parse(&no_target).unwrap_err();
-    assert!(matches!(err, XmlError::MissingDiskTarget { index: 0, .. }), "{err:?}");
+    assert!(
+        matches!(err, XmlError::MissingDiskTarget { index: 0, .. }),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -336,7 +345,9 @@ fn meta_element_round_trips() {
     let mut m = meta(Role::Shadow, MemberState::Promoting, 17);
     m.journal = Some(r#"step=3 fence "db1" & <rewire> 'br0' ✓"#.to_string());
     let xml = m.to_element_xml();
-    assert!(xml.starts_with(&format!("<{META_PREFIX}:member xmlns:{META_PREFIX}=\"{META_NS}\"")));
+    assert!(xml.starts_with(&format!(
+        "<{META_PREFIX}:member xmlns:{META_PREFIX}=\"{META_NS}\""
+    )));
     assert_eq!(UnderstudyMeta::from_element_xml(&xml).unwrap(), m);
 
     let plain = meta(Role::Retired, MemberState::Fenced, u64::MAX);
@@ -377,15 +388,27 @@ fn meta_garbage_errors() {
             "NotMemberElement",
         ),
         (ok.replace("role=\"primary\"", ""), "MissingMetaAttribute"),
-        (ok.replace("role=\"primary\"", "role=\"boss\""), "InvalidMetaValue"),
-        (ok.replace("state=\"active\"", "state=\"ACTIVE\""), "InvalidMetaValue"),
+        (
+            ok.replace("role=\"primary\"", "role=\"boss\""),
+            "InvalidMetaValue",
+        ),
+        (
+            ok.replace("state=\"active\"", "state=\"ACTIVE\""),
+            "InvalidMetaValue",
+        ),
         (
             ok.replace("generation=\"1\"", "generation=\"-1\""),
             "InvalidNumber",
         ),
-        (ok.replace("service=\"web\"", "service=\"\""), "InvalidMetaValue"),
         (
-            ok.replace("/>", &format!(" journal=\"{}\"/>", "j".repeat(META_JOURNAL_MAX + 1))),
+            ok.replace("service=\"web\"", "service=\"\""),
+            "InvalidMetaValue",
+        ),
+        (
+            ok.replace(
+                "/>",
+                &format!(" journal=\"{}\"/>", "j".repeat(META_JOURNAL_MAX + 1)),
+            ),
             "MetaValueTooLong",
         ),
     ];
@@ -474,8 +497,8 @@ fn name_and_uuid_setters() {
         Some("11111111-2222-4333-8444-555555555555")
     );
 
-    let mut bare = DomainXml::parse("<domain type='qemu'>\n  <memory>1024</memory>\n</domain>")
-        .unwrap();
+    let mut bare =
+        DomainXml::parse("<domain type='qemu'>\n  <memory>1024</memory>\n</domain>").unwrap();
     assert_eq!(bare.name(), None);
     bare.set_uuid("11111111-2222-4333-8444-555555555555");
     bare.set_name("n & m");
@@ -576,7 +599,10 @@ fn shadow_of_full_spec() {
     let (pi, si) = (primary.interfaces(), s.interfaces());
     assert_eq!(pi.len(), si.len());
     for (a, b) in pi.iter().zip(&si) {
-        assert_eq!((&a.kind, &a.mac, &a.bridge, &a.network, &a.model), (&b.kind, &b.mac, &b.bridge, &b.network, &b.model));
+        assert_eq!(
+            (&a.kind, &a.mac, &a.bridge, &a.network, &a.model),
+            (&b.kind, &b.mac, &b.bridge, &b.network, &b.model)
+        );
         assert_eq!(b.target_dev, None);
         assert!(!b.link_up);
     }
@@ -616,7 +642,10 @@ fn shadow_of_full_spec() {
 
     // Consoles: per-shadow paths; the console mirrors the serial port's path.
     let text = shadow.to_xml();
-    assert!(!text.contains("/var/log/libvirt/qemu/web1-serial0"), "{text}");
+    assert!(
+        !text.contains("/var/log/libvirt/qemu/web1-serial0"),
+        "{text}"
+    );
     let serial_log = "/run/understudy/console/web1-shadow.web1-serial0.log";
     assert_eq!(text.matches(serial_log).count(), 2, "{text}");
     assert_eq!(
@@ -637,13 +666,10 @@ fn shadow_of_full_spec() {
     assert_eq!(attr_of(&s, g, "autoport").as_deref(), Some("yes"));
     assert_eq!(attr_of(&s, g, "listen").as_deref(), Some("127.0.0.1"));
 
-    // NVRAM: own store from the template.
-    let nvram = find(&s, "", "nvram").unwrap();
-    assert_eq!(tree::text(&s.xot, nvram), "");
-    assert_eq!(
-        attr_of(&s, nvram, "template").as_deref(),
-        Some("/usr/share/OVMF/OVMF_VARS_4M.fd")
-    );
+    // NVRAM: libvirt creates the shadow's own store.
+    assert!(find(&s, "", "nvram").is_none());
+    assert!(!text.contains("web1_VARS.fd"));
+    assert!(find(&s, "", "loader").is_some());
 
     // Metadata: foreign kept byte for byte, ours replaced.
     assert!(text.contains(slice(FULL, "<nova:instance", "</nova:instance>")));
@@ -678,20 +704,32 @@ fn shadow_of_live_spec() {
     assert_eq!(s.live_id(), None);
     assert!(s.live_interface_taps().is_empty());
     assert_eq!(s.interfaces()[1].mac.as_deref(), Some("52:54:00:DE:AD:02"));
-    let net_source = tree::child_named(&s.xot, s.device_nodes("interface").nth(1).unwrap(), "source")
-        .unwrap();
+    let net_source = tree::child_named(
+        &s.xot,
+        s.device_nodes("interface").nth(1).unwrap(),
+        "source",
+    )
+    .unwrap();
     assert_eq!(attr_of(&s, net_source, "portid"), None);
-    assert_eq!(attr_of(&s, net_source, "network").as_deref(), Some("backend"));
+    assert_eq!(
+        attr_of(&s, net_source, "network").as_deref(),
+        Some("backend")
+    );
 
     // Overlaid disks: the primary's backing chain and live index are gone; a missing driver
     // element is created.
     for disk in s.disk_nodes() {
-        assert_eq!(tree::children_named(&s.xot, disk, "backingStore").count(), 0);
+        assert_eq!(
+            tree::children_named(&s.xot, disk, "backingStore").count(),
+            0
+        );
         let src = tree::child_named(&s.xot, disk, "source").unwrap();
         assert_eq!(attr_of(&s, src, "index"), None);
     }
     let disks = s.disks();
-    assert!(disks.iter().all(|d| d.driver_type.as_deref() == Some("qcow2")));
+    assert!(disks
+        .iter()
+        .all(|d| d.driver_type.as_deref() == Some("qcow2")));
     assert_eq!(
         disks[1].source.as_deref(),
         Some("/var/lib/understudy/overlays/db1-shadow-vdb.qcow2")
@@ -727,7 +765,10 @@ fn shadow_of_live_spec() {
 #[test]
 fn shadow_never_lowers_sizes() {
     let primary = parse(LIVE);
-    let mut p = plan("db1-shadow", &[("vda", "/o/vda.qcow2"), ("vdb", "/o/vdb.qcow2")]);
+    let mut p = plan(
+        "db1-shadow",
+        &[("vda", "/o/vda.qcow2"), ("vdb", "/o/vdb.qcow2")],
+    );
     p.vcpu_max = 2;
     p.memory_max_kib = 1024;
     let s = shadow_spec(&primary, &p).unwrap();
@@ -745,7 +786,10 @@ fn shadow_extends_vcpus_list() {
          <vcpu id='2' enabled='no' hotpluggable='yes'/>\n    \
          <vcpu id='3' enabled='no' hotpluggable='yes'/>\n  </vcpus>",
     );
-    let p = plan("db1-shadow", &[("vda", "/o/vda.qcow2"), ("vdb", "/o/vdb.qcow2")]);
+    let p = plan(
+        "db1-shadow",
+        &[("vda", "/o/vda.qcow2"), ("vdb", "/o/vdb.qcow2")],
+    );
     let s = parse(&shadow_spec(&parse(&with_list), &p).unwrap().to_xml());
     let list = tree::child_named(&s.xot, s.root, "vcpus").unwrap();
     let ids: Vec<String> = tree::children_named(&s.xot, list, "vcpu")
@@ -764,7 +808,10 @@ fn refuses_hostdev() {
     let err = refusal(HOSTDEV, &plan("gpu1-shadow", &[("vda", "/o/vda.qcow2")]));
     let msg = err.to_string();
     assert!(matches!(err, CloneError::Unclonable { .. }), "{err:?}");
-    assert!(msg.contains("<hostdev mode='subsystem' type='pci'"), "{msg}");
+    assert!(
+        msg.contains("<hostdev mode='subsystem' type='pci'"),
+        "{msg}"
+    );
     assert!(msg.contains("pci 0000:3b:00.0"), "{msg}");
 }
 
@@ -808,12 +855,18 @@ fn refuses_writable_disk_without_overlay() {
 
 #[test]
 fn refuses_overlays_that_do_not_apply() {
-    let p = plan("web1-shadow", &[("vda", "/o/vda.qcow2"), ("vdb", "/o/vdb.qcow2")]);
+    let p = plan(
+        "web1-shadow",
+        &[("vda", "/o/vda.qcow2"), ("vdb", "/o/vdb.qcow2")],
+    );
     assert!(matches!(
         refusal(FULL, &p),
         CloneError::UnexpectedOverlay { ref target, .. } if target == "vdb"
     ));
-    let p = plan("web1-shadow", &[("vda", "/o/vda.qcow2"), ("vdz", "/o/vdz.qcow2")]);
+    let p = plan(
+        "web1-shadow",
+        &[("vda", "/o/vda.qcow2"), ("vdz", "/o/vdz.qcow2")],
+    );
     assert!(matches!(
         refusal(FULL, &p),
         CloneError::UnexpectedOverlay { ref target, .. } if target == "vdz"
@@ -825,21 +878,36 @@ fn refuses_bad_plans() {
     let ok = plan("web1-shadow", &[("vda", "/o/vda.qcow2")]);
     let mut p = ok.clone();
     p.name = "web1".to_string();
-    assert!(matches!(refusal(FULL, &p), CloneError::InvalidPlan { field: "name", .. }));
+    assert!(matches!(
+        refusal(FULL, &p),
+        CloneError::InvalidPlan { field: "name", .. }
+    ));
     let mut p = ok.clone();
     p.name = "a/b".to_string();
-    assert!(matches!(refusal(FULL, &p), CloneError::InvalidPlan { field: "name", .. }));
+    assert!(matches!(
+        refusal(FULL, &p),
+        CloneError::InvalidPlan { field: "name", .. }
+    ));
     let mut p = ok.clone();
     p.uuid = "4DEA22B3-1D52-D8F3-2516-782E98AB3FA0".to_string();
-    assert!(matches!(refusal(FULL, &p), CloneError::InvalidPlan { field: "uuid", .. }));
+    assert!(matches!(
+        refusal(FULL, &p),
+        CloneError::InvalidPlan { field: "uuid", .. }
+    ));
     let mut p = ok.clone();
     p.uuid = "not-a-uuid".to_string();
-    assert!(matches!(refusal(FULL, &p), CloneError::InvalidPlan { field: "uuid", .. }));
+    assert!(matches!(
+        refusal(FULL, &p),
+        CloneError::InvalidPlan { field: "uuid", .. }
+    ));
     let mut p = ok.clone();
     p.console_dir = PathBuf::from("relative/dir");
     assert!(matches!(
         refusal(FULL, &p),
-        CloneError::InvalidPlan { field: "console_dir", .. }
+        CloneError::InvalidPlan {
+            field: "console_dir",
+            ..
+        }
     ));
     let mut p = ok;
     p.meta.service = String::new();
@@ -944,7 +1012,10 @@ fn refuses_other_unclonable_devices() {
     ];
     for (device, needle) in cases {
         let err = refusal(&with_device(device), &p);
-        assert!(matches!(err, CloneError::Unclonable { .. }), "{device}: {err:?}");
+        assert!(
+            matches!(err, CloneError::Unclonable { .. }),
+            "{device}: {err:?}"
+        );
         let msg = err.to_string();
         assert!(msg.contains(needle), "{device}: {msg}");
     }
@@ -977,6 +1048,57 @@ fn distinct_paths_with_same_file_name_do_not_collide() {
          <serial type='file'><source path='/b/console.log'/><target port='1'/></serial>",
     );
     let text = shadow_spec(&parse(&xml), &p).unwrap().to_xml();
-    assert!(text.contains("/run/understudy/console/t1-shadow.console.log\""), "{text}");
-    assert!(text.contains("/run/understudy/console/t1-shadow.console.log.1\""), "{text}");
+    assert!(
+        text.contains("/run/understudy/console/t1-shadow.console.log\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("/run/understudy/console/t1-shadow.console.log.1\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn edits_keep_virsh_style_indentation() {
+    let p = plan(
+        "db1-shadow",
+        &[("vda", "/o/vda.qcow2"), ("vdb", "/o/vdb.qcow2")],
+    );
+    let text = shadow_spec(&parse(LIVE), &p).unwrap().to_xml();
+    let member = p.meta.to_element_xml();
+    assert!(
+        text.contains(&format!("  <metadata>\n    {member}\n  </metadata>\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains("      <link state=\"down\"/>\n    </interface>"),
+        "{text}"
+    );
+    // Emptied elements collapse instead of keeping blank lines.
+    assert!(
+        text.contains("<seclabel type=\"dynamic\" model=\"dac\" relabel=\"yes\"/>"),
+        "{text}"
+    );
+    assert!(!text.contains("<source/>"), "{text}");
+    assert!(!text.contains("\n\n"), "{text}");
+
+    let fresh = shadow_spec(
+        &parse(&with_device("<input type='tablet' bus='usb'/>")),
+        &plan("t1-shadow", &[]),
+    )
+    .unwrap()
+    .to_xml();
+    assert!(
+        fresh.contains("  <metadata>\n    <understudy:member"),
+        "{fresh}"
+    );
+}
+
+#[test]
+fn types_can_cross_tasks() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<DomainXml>();
+    send_sync::<XmlError>();
+    send_sync::<CloneError>();
+    send_sync::<UnderstudyMeta>();
 }

@@ -75,9 +75,7 @@ pub(super) fn remove_attr(xot: &mut Xot, node: Node, name: &str) {
 
 /// Concatenated direct text children of an element (comments and child elements skipped).
 pub(super) fn text(xot: &Xot, node: Node) -> String {
-    xot.children(node)
-        .filter_map(|c| xot.text_str(c))
-        .collect()
+    xot.children(node).filter_map(|c| xot.text_str(c)).collect()
 }
 
 /// Replaces the text content of an element that holds only text (e.g. `<name>`).
@@ -131,21 +129,54 @@ pub(super) fn insert_before(xot: &mut Xot, reference: Node, new: Node) {
     }
 }
 
-/// Appends `new` as the last element child of `parent`, indented like its siblings.
+/// Appends `new` as the last element child of `parent`, indented like its siblings (or one
+/// level deeper than `parent` when it has no element children yet).
 pub(super) fn append_element(xot: &mut Xot, parent: Node, new: Node) {
-    match element_children(xot, parent).last() {
-        Some(last) => insert_after(xot, last, new),
-        None => xot
-            .append(parent, new)
-            .expect("BUG: appending a new element to an element cannot fail"),
+    if let Some(last) = element_children(xot, parent).last() {
+        insert_after(xot, last, new);
+        return;
+    }
+    let closing = xot
+        .last_child(parent)
+        .filter(|c| is_whitespace_text(xot, *c));
+    let outer = match closing {
+        Some(c) => xot.text_str(c).map(str::to_string),
+        None => indentation_before(xot, parent),
+    };
+    match closing {
+        Some(c) => xot
+            .insert_before(c, new)
+            .expect("BUG: inserting before an attached text node cannot fail"),
+        None => {
+            xot.append(parent, new)
+                .expect("BUG: appending a new element to an element cannot fail");
+            if let Some(outer) = &outer {
+                // After an element, so it cannot merge with another text node.
+                xot.append_text(parent, outer)
+                    .expect("BUG: appending text to an element cannot fail");
+            }
+        }
+    }
+    if let Some(outer) = outer {
+        // Between an element and either nothing or `parent`'s start: no text to merge with.
+        let ws = xot.new_text(&format!("{outer}  "));
+        xot.insert_before(new, ws)
+            .expect("BUG: inserting before an attached element cannot fail");
     }
 }
 
-/// Removes a node; for an element also the indentation in front of it, so no blank line stays.
+fn is_whitespace_text(xot: &Xot, node: Node) -> bool {
+    xot.text_str(node)
+        .is_some_and(|t| t.chars().all(char::is_whitespace))
+}
+
+/// Removes a node; for an element also the indentation in front of it, so no blank line stays,
+/// and if that leaves `parent` with only whitespace, the whitespace too (so it prints `<x/>`).
 pub(super) fn remove(xot: &mut Xot, node: Node) {
+    let parent = xot.parent(node);
     if xot.is_element(node) {
         if let Some(prev) = xot.previous_sibling(node) {
-            if indentation_before(xot, node).is_some() {
+            if is_whitespace_text(xot, prev) {
                 xot.remove(prev)
                     .expect("BUG: removing an attached text node cannot fail");
             }
@@ -153,6 +184,20 @@ pub(super) fn remove(xot: &mut Xot, node: Node) {
     }
     xot.remove(node)
         .expect("BUG: removing an attached non-document node cannot fail");
+    if let Some(parent) = parent.filter(|p| xot.is_element(*p)) {
+        let children: Vec<Node> = xot.children(parent).collect();
+        if children.iter().all(|c| is_whitespace_text(xot, *c)) {
+            for c in children {
+                xot.remove(c)
+                    .expect("BUG: removing an attached text node cannot fail");
+            }
+        }
+    }
+}
+
+/// Whether an element has neither attributes nor children.
+pub(super) fn is_bare(xot: &Xot, node: Node) -> bool {
+    xot.attributes(node).is_empty() && xot.first_child(node).is_none()
 }
 
 /// Returns the child `local` of `parent`, creating an empty one at the end if missing.

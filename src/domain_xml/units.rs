@@ -42,7 +42,10 @@ pub(super) fn parse_kib(element: &str, value: &str, unit: Option<&str>) -> Resul
             value: super::tree::clip(value, 40),
             source,
         })?;
-    let unit = unit.map(str::trim).filter(|u| !u.is_empty()).unwrap_or("KiB");
+    let unit = unit
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .unwrap_or("KiB");
     let scale = unit_scale(unit).ok_or_else(|| XmlError::InvalidUnit {
         element: element.to_string(),
         unit: super::tree::clip(unit, 40),
@@ -63,10 +66,22 @@ mod tests {
 
     #[test]
     fn binary_and_decimal_units() {
-        assert_eq!(parse_kib("memory", "4", Some("GiB")).unwrap(), 4 * 1024 * 1024);
-        assert_eq!(parse_kib("memory", "4", Some("G")).unwrap(), 4 * 1024 * 1024);
-        assert_eq!(parse_kib("memory", "4", Some("g")).unwrap(), 4 * 1024 * 1024);
-        assert_eq!(parse_kib("memory", "2048", Some("MiB")).unwrap(), 2048 * 1024);
+        assert_eq!(
+            parse_kib("memory", "4", Some("GiB")).unwrap(),
+            4 * 1024 * 1024
+        );
+        assert_eq!(
+            parse_kib("memory", "4", Some("G")).unwrap(),
+            4 * 1024 * 1024
+        );
+        assert_eq!(
+            parse_kib("memory", "4", Some("g")).unwrap(),
+            4 * 1024 * 1024
+        );
+        assert_eq!(
+            parse_kib("memory", "2048", Some("MiB")).unwrap(),
+            2048 * 1024
+        );
         assert_eq!(parse_kib("memory", "2048", Some("M")).unwrap(), 2048 * 1024);
         assert_eq!(parse_kib("memory", "1024", Some("k")).unwrap(), 1024);
         assert_eq!(parse_kib("memory", "1024", Some("KiB")).unwrap(), 1024);
@@ -77,7 +92,10 @@ mod tests {
         assert_eq!(parse_kib("memory", "1", Some("KB")).unwrap(), 1);
         assert_eq!(parse_kib("memory", "2048", Some("bytes")).unwrap(), 2);
         assert_eq!(parse_kib("memory", "2049", Some("b")).unwrap(), 3);
-        assert_eq!(parse_kib("memory", " 512 ", Some("MiB")).unwrap(), 512 * 1024);
+        assert_eq!(
+            parse_kib("memory", " 512 ", Some("MiB")).unwrap(),
+            512 * 1024
+        );
     }
 
     #[test]
