@@ -33,7 +33,11 @@ fn start_client(probe: Arc<Probe>, stop: Arc<AtomicBool>) -> std::thread::JoinHa
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();
             if let Some(page) = http_get(IP, Duration::from_millis(100)) {
-                probe.answers.lock().unwrap().push((Instant::now(), page_uuid(&page)));
+                probe
+                    .answers
+                    .lock()
+                    .unwrap()
+                    .push((Instant::now(), page_uuid(&page)));
             }
             let spent = t.elapsed();
             if spent < Duration::from_millis(5) {
@@ -50,7 +54,10 @@ fn outage(probe: &Probe, kill: Instant, new_uuid: &str, limit: Duration) -> Opti
         {
             let a = probe.answers.lock().unwrap();
             let last_before = a.iter().rev().find(|(t, _)| *t <= kill).map(|(t, _)| *t);
-            let first_after = a.iter().find(|(t, u)| *t > kill && u == new_uuid).map(|(t, _)| *t);
+            let first_after = a
+                .iter()
+                .find(|(t, u)| *t > kill && u == new_uuid)
+                .map(|(t, _)| *t);
             if let (Some(b), Some(f)) = (last_before, first_after) {
                 return Some((f - b).as_secs_f64() * 1000.0);
             }
@@ -64,11 +71,18 @@ fn outage(probe: &Probe, kill: Instant, new_uuid: &str, limit: Duration) -> Opti
 
 fn kill_qemu(name: &str) {
     let pid = qemu_pid(name);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 }
 
 fn active_of(daemon: &DaemonProc) -> String {
-    daemon.service(NAME).unwrap()["active"].as_str().unwrap().to_string()
+    daemon.service(NAME).unwrap()["active"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn stats(v: &[f64]) -> (f64, f64, f64) {
@@ -86,9 +100,17 @@ fn main() {
         return;
     }
     require_lab();
-    let trials: usize = std::env::var("BENCH_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let base_trials: usize = std::env::var("BENCH_BASELINE_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let _cleanup = Cleanup { prefixes: vec![NAME.to_string()] };
+    let trials: usize = std::env::var("BENCH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let base_trials: usize = std::env::var("BENCH_BASELINE_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let _cleanup = Cleanup {
+        prefixes: vec![NAME.to_string()],
+    };
     let hv = hypervisor();
     let mut daemon = DaemonProc::start("bench", NAME, 1);
     start_guest(&hv, NAME, &format!("{IP}/24"), &[]);
@@ -99,11 +121,15 @@ fn main() {
     let mut understudy_ms = Vec::new();
     let mut daemon_steps = Vec::new();
     for i in 0..trials {
-        let shadow = daemon.wait_paused_shadows(NAME, 1, Duration::from_secs(300)).remove(0);
+        let shadow = daemon
+            .wait_paused_shadows(NAME, 1, Duration::from_secs(300))
+            .remove(0);
         let active = active_of(&daemon);
-        wait_for("page served before the kill", Duration::from_secs(60), || {
-            http_get(IP, Duration::from_millis(200))
-        });
+        wait_for(
+            "page served before the kill",
+            Duration::from_secs(60),
+            || http_get(IP, Duration::from_millis(200)),
+        );
         std::thread::sleep(Duration::from_millis(300));
         let shadow_uuid = domain_uuid(&hv, &shadow);
         let kill = Instant::now();
@@ -123,14 +149,18 @@ fn main() {
     }
 
     // Baselines run without the daemon so nothing fails over behind our back.
-    let standby = daemon.wait_paused_shadows(NAME, 1, Duration::from_secs(300)).remove(0);
+    let standby = daemon
+        .wait_paused_shadows(NAME, 1, Duration::from_secs(300))
+        .remove(0);
     let mut active = active_of(&daemon);
     drop(daemon);
 
     let mut cold_ms = Vec::new();
     for i in 0..base_trials {
         let uuid = domain_uuid(&hv, &active);
-        wait_for("page before cold restart", Duration::from_secs(120), || http_get(IP, Duration::from_millis(200)));
+        wait_for("page before cold restart", Duration::from_secs(120), || {
+            http_get(IP, Duration::from_millis(200))
+        });
         std::thread::sleep(Duration::from_millis(300));
         let kill = Instant::now();
         kill_qemu(&active);
@@ -154,7 +184,11 @@ fn main() {
         // Prepare: the standby (isolated, link down) is saved to disk while the active serves.
         let net = tokio_netlink();
         hv.managed_save(&standby_name).unwrap();
-        wait_for("page before restore trial", Duration::from_secs(120), || http_get(IP, Duration::from_millis(200)));
+        wait_for(
+            "page before restore trial",
+            Duration::from_secs(120),
+            || http_get(IP, Duration::from_millis(200)),
+        );
         std::thread::sleep(Duration::from_millis(300));
         let uuid = domain_uuid(&hv, &standby_name);
         let kill = Instant::now();
@@ -183,9 +217,27 @@ fn main() {
     let (r50, r95, rmax) = stats(&restore_ms);
     println!();
     println!("method                  trials   median_ms     p95_ms     max_ms");
-    println!("understudy failover     {:>6} {:>11.1} {:>10.1} {:>10.1}", understudy_ms.len(), u50, u95, umax);
-    println!("cold restart            {:>6} {:>11.1} {:>10.1} {:>10.1}", cold_ms.len(), c50, c95, cmax);
-    println!("managed-save restore    {:>6} {:>11.1} {:>10.1} {:>10.1}", restore_ms.len(), r50, r95, rmax);
+    println!(
+        "understudy failover     {:>6} {:>11.1} {:>10.1} {:>10.1}",
+        understudy_ms.len(),
+        u50,
+        u95,
+        umax
+    );
+    println!(
+        "cold restart            {:>6} {:>11.1} {:>10.1} {:>10.1}",
+        cold_ms.len(),
+        c50,
+        c95,
+        cmax
+    );
+    println!(
+        "managed-save restore    {:>6} {:>11.1} {:>10.1} {:>10.1}",
+        restore_ms.len(),
+        r50,
+        r95,
+        rmax
+    );
     println!("ratio cold/understudy (median): {:.1}x", c50 / u50);
     println!("ratio restore/understudy (median): {:.1}x", r50 / u50);
     println!(
@@ -211,13 +263,25 @@ fn main() {
         },
         "daemon_failover_records": daemon_steps,
     });
-    std::fs::write(out.join("failover.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
     std::fs::write(
-        out.join("failover.svg"),
-        svg(&[("understudy", &understudy_ms), ("cold restart", &cold_ms), ("managed-save restore", &restore_ms)]),
+        out.join("failover.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
     )
     .unwrap();
-    println!("wrote {} and {}", out.join("failover.json").display(), out.join("failover.svg").display());
+    std::fs::write(
+        out.join("failover.svg"),
+        svg(&[
+            ("understudy", &understudy_ms),
+            ("cold restart", &cold_ms),
+            ("managed-save restore", &restore_ms),
+        ]),
+    )
+    .unwrap();
+    println!(
+        "wrote {} and {}",
+        out.join("failover.json").display(),
+        out.join("failover.svg").display()
+    );
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -234,7 +298,10 @@ struct NetRt {
 }
 
 fn tokio_netlink() -> NetRt {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let net = rt.block_on(async { understudy::net::Netlink::new().unwrap() });
     NetRt { rt, net }
 }
@@ -248,7 +315,10 @@ fn bring_online(hv: &Hypervisor, n: &NetRt, name: &str) {
             hv.update_device_live_and_config(name, &x).unwrap();
         }
     }
-    let _ = hv.qmp(name, r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":5,"step":100}}"#);
+    let _ = hv.qmp(
+        name,
+        r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":5,"step":100}}"#,
+    );
 }
 
 /// A new standby cloned from `from` through understudy's own provisioning (booted, isolated,
@@ -265,15 +335,23 @@ fn make_standby(hv: &Hypervisor, n: &NetRt, from: &str, generation: u64) -> Stri
         agent_timeout: Duration::from_secs(1),
         agent_max_reply: 1 << 20,
     };
-    n.rt.block_on(understudy::failover::shadow::provision(hv, &n.net, req)).unwrap().name
+    n.rt.block_on(understudy::failover::shadow::provision(hv, &n.net, req))
+        .unwrap()
+        .name
 }
 
 /// A plain SVG chart: one dot per trial, per method, on a log-scale y axis.
 fn svg(series: &[(&str, &Vec<f64>)]) -> String {
     let (w, h, left, top, bottom) = (720.0, 420.0, 70.0, 30.0, 60.0);
-    let max = series.iter().flat_map(|(_, v)| v.iter().copied()).fold(10.0_f64, f64::max) * 1.5;
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .fold(10.0_f64, f64::max)
+        * 1.5;
     let min = 1.0_f64;
-    let y = |ms: f64| top + (h - top - bottom) * (1.0 - (ms.max(min).ln() - min.ln()) / (max.ln() - min.ln()));
+    let y = |ms: f64| {
+        top + (h - top - bottom) * (1.0 - (ms.max(min).ln() - min.ln()) / (max.ln() - min.ln()))
+    };
     let colors = ["#1b9e77", "#d95f02", "#7570b3"];
     let mut s = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n<text x='{left}' y='18' font-size='14'>Client-observed outage per trial (ms, log scale)</text>\n"
@@ -287,7 +365,12 @@ fn svg(series: &[(&str, &Vec<f64>)]) -> String {
     let group_w = (w - left - 20.0) / series.len() as f64;
     for (gi, (label, values)) in series.iter().enumerate() {
         let gx = left + group_w * gi as f64;
-        s += &format!("<text x='{:.1}' y='{:.1}' text-anchor='middle'>{label} (n={})</text>\n", gx + group_w / 2.0, h - bottom + 20.0, values.len());
+        s += &format!(
+            "<text x='{:.1}' y='{:.1}' text-anchor='middle'>{label} (n={})</text>\n",
+            gx + group_w / 2.0,
+            h - bottom + 20.0,
+            values.len()
+        );
         for (i, v) in values.iter().enumerate() {
             let x = gx + 10.0 + (group_w - 20.0) * (i as f64 + 0.5) / values.len().max(1) as f64;
             s += &format!("<circle cx='{x:.1}' cy='{:.1}' r='4' fill='{}'><title>{v:.1} ms</title></circle>\n", y(*v), colors[gi % 3]);

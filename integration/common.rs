@@ -22,8 +22,12 @@ pub fn repo() -> PathBuf {
 
 /// Panics with a clear message unless we run inside the lab.
 pub fn require_lab() {
-    let ns = Command::new("ip").args(["netns", "identify", &std::process::id().to_string()]).output();
-    let inside = ns.map(|o| String::from_utf8_lossy(&o.stdout).trim() == "understudy-lab").unwrap_or(false);
+    let ns = Command::new("ip")
+        .args(["netns", "identify", &std::process::id().to_string()])
+        .output();
+    let inside = ns
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "understudy-lab")
+        .unwrap_or(false);
     assert!(
         inside,
         "integration tests need the lab: run them with `make test` (inside the understudy-lab namespace)"
@@ -48,7 +52,11 @@ pub fn guest_xml(name: &str, ip_prefix: &str, extra: &[&str]) -> String {
         .args(extra)
         .output()
         .expect("run scripts/lab-guest.sh");
-    assert!(out.status.success(), "lab-guest.sh xml failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "lab-guest.sh xml failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -63,7 +71,11 @@ impl Drop for Cleanup {
         let hv = hypervisor();
         if let Ok(list) = hv.list() {
             for d in list {
-                if self.prefixes.iter().any(|p| d.name == *p || d.name.starts_with(&format!("{p}-shadow-"))) {
+                if self
+                    .prefixes
+                    .iter()
+                    .any(|p| d.name == *p || d.name.starts_with(&format!("{p}-shadow-")))
+                {
                     let _ = hv.destroy(&d.name);
                     let _ = hv.undefine(&d.name);
                 }
@@ -87,7 +99,10 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -99,9 +114,11 @@ pub fn agent(hv: &Hypervisor, name: &str, cmd: &str) -> Option<serde_json::Value
 }
 
 pub fn wait_agent(hv: &Hypervisor, name: &str) {
-    wait_for(&format!("guest agent of {name}"), Duration::from_secs(120), || {
-        agent(hv, name, r#"{"execute":"guest-ping"}"#)
-    });
+    wait_for(
+        &format!("guest agent of {name}"),
+        Duration::from_secs(120),
+        || agent(hv, name, r#"{"execute":"guest-ping"}"#),
+    );
 }
 
 /// One HTTP GET of `/` with short timeouts; the body's first line.
@@ -115,7 +132,10 @@ pub fn http_get(ip: &str, timeout: Duration) -> Option<String> {
     s.take(64 * 1024).read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf);
     let body = text.split("\r\n\r\n").nth(1)?;
-    body.lines().next().map(|l| l.trim().to_string()).filter(|l| l.starts_with("understudy-lab-guest"))
+    body.lines()
+        .next()
+        .map(|l| l.trim().to_string())
+        .filter(|l| l.starts_with("understudy-lab-guest"))
 }
 
 /// The `uuid=` field of a guest page.
@@ -127,7 +147,12 @@ pub fn page_uuid(page: &str) -> String {
 }
 
 pub fn domain_uuid(hv: &Hypervisor, name: &str) -> String {
-    hv.list().unwrap().into_iter().find(|d| d.name == name).map(|d| d.uuid).unwrap_or_default()
+    hv.list()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == name)
+        .map(|d| d.uuid)
+        .unwrap_or_default()
 }
 
 /// A running `understudy run` with its own temp config, state dir and socket.
@@ -146,7 +171,9 @@ impl DaemonProc {
     pub fn start(tag: &str, pattern: &str, shadows: u32) -> Self {
         let dir = std::env::temp_dir().join(format!("understudy-it-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let port = 19464 + PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + (std::process::id() % 500) as u16;
+        let port = 19464
+            + PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + (std::process::id() % 500) as u16;
         let config = dir.join("understudy.toml");
         let socket = dir.join("understudy.sock");
         std::fs::write(
@@ -176,14 +203,23 @@ shadow_boot_timeout_s = 180
             ),
         )
         .unwrap();
-        let mut d = DaemonProc { child: spawn_daemon(&config, &dir.join("daemon.log")), log: dir.join("daemon.log"), dir, config, socket };
+        let mut d = DaemonProc {
+            child: spawn_daemon(&config, &dir.join("daemon.log")),
+            log: dir.join("daemon.log"),
+            dir,
+            config,
+            socket,
+        };
         d.wait_socket();
         d
     }
 
     /// Kills and restarts the daemon process with the same configuration.
     pub fn restart(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = self.child.wait();
         self.child = spawn_daemon(&self.config, &self.log);
         self.wait_socket();
@@ -195,9 +231,14 @@ shadow_boot_timeout_s = 180
         let child = &mut self.child;
         wait_for("daemon control socket", Duration::from_secs(30), || {
             if let Ok(Some(st)) = child.try_wait() {
-                panic!("daemon exited early ({st}); log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!(
+                    "daemon exited early ({st}); log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
-            std::os::unix::net::UnixStream::connect(&sock).ok().map(|_| ())
+            std::os::unix::net::UnixStream::connect(&sock)
+                .ok()
+                .map(|_| ())
         });
     }
 
@@ -224,7 +265,11 @@ shadow_boot_timeout_s = 180
 
     /// The service entry of `status --json`.
     pub fn service(&self, name: &str) -> Option<serde_json::Value> {
-        self.status()["services"].as_array()?.iter().find(|s| s["name"] == name).cloned()
+        self.status()["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
     }
 
     /// Waits until the service has `n` paused shadows; returns their names.
@@ -247,7 +292,11 @@ shadow_boot_timeout_s = 180
 }
 
 fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     Command::new(env!("CARGO_BIN_EXE_understudy"))
         .arg("--config")
         .arg(config)
@@ -263,7 +312,11 @@ impl Drop for DaemonProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("--- daemon log ({}) ---\n{}", self.log.display(), self.log_text());
+            eprintln!(
+                "--- daemon log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }
@@ -276,12 +329,17 @@ pub fn qemu_pid(name: &str) -> i32 {
 /// The (MAC, tap) pairs of a running domain.
 pub fn taps(hv: &Hypervisor, name: &str) -> Vec<(String, String)> {
     let xml = hv.xml(name, false).unwrap();
-    understudy::domain_xml::DomainXml::parse(&xml).unwrap().live_interface_taps()
+    understudy::domain_xml::DomainXml::parse(&xml)
+        .unwrap()
+        .live_interface_taps()
 }
 
 /// The bridge a link is enslaved to, read with `ip -j link`.
 pub fn master_of(link: &str) -> Option<String> {
-    let out = Command::new("ip").args(["-j", "link", "show", "dev", link]).output().ok()?;
+    let out = Command::new("ip")
+        .args(["-j", "link", "show", "dev", link])
+        .output()
+        .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v.get(0)?.get("master")?.as_str().map(str::to_string)
 }

@@ -8,7 +8,11 @@ const SHADOW_WAIT: Duration = Duration::from_secs(240);
 
 fn kill_qemu(name: &str) {
     let pid = qemu_pid(name);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("SIGKILL qemu");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL qemu");
 }
 
 /// Polls the page every 5 ms until it names `uuid`; returns how long the page was not served
@@ -21,7 +25,10 @@ fn wait_page_uuid(ip: &str, uuid: &str, limit: Duration) -> Duration {
                 return start.elapsed();
             }
         }
-        assert!(start.elapsed() < limit, "page of {ip} never named {uuid} within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "page of {ip} never named {uuid} within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -31,7 +38,9 @@ fn crash_of_primary_promotes_its_paused_shadow() {
     require_lab();
     let name = "it-web1";
     let ip = "10.77.0.21";
-    let _cleanup = Cleanup { prefixes: vec![name.to_string()] };
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
     let daemon = DaemonProc::start("crash", name, 1);
     let hv = hypervisor();
     start_guest(&hv, name, &format!("{ip}/24"), &[]);
@@ -41,7 +50,10 @@ fn crash_of_primary_promotes_its_paused_shadow() {
     let shadows = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
     let shadow = shadows[0].clone();
     assert_eq!(shadow, format!("{name}-shadow-1"));
-    assert_eq!(hv.state(&shadow).unwrap(), understudy::libvirt::RunState::Paused);
+    assert_eq!(
+        hv.state(&shadow).unwrap(),
+        understudy::libvirt::RunState::Paused
+    );
     let shadow_uuid = domain_uuid(&hv, &shadow);
     assert_ne!(shadow_uuid, primary_uuid);
 
@@ -49,15 +61,28 @@ fn crash_of_primary_promotes_its_paused_shadow() {
     let p_taps = taps(&hv, name);
     let s_taps = taps(&hv, &shadow);
     assert_eq!(p_taps.len(), 1);
-    assert_eq!(p_taps[0].0, s_taps[0].0, "shadow must keep the primary's MAC");
+    assert_eq!(
+        p_taps[0].0, s_taps[0].0,
+        "shadow must keep the primary's MAC"
+    );
     assert_eq!(master_of(&p_taps[0].1).as_deref(), Some("usbr0"));
-    assert_eq!(master_of(&s_taps[0].1), None, "standing-by shadow's tap is on a bridge");
+    assert_eq!(
+        master_of(&s_taps[0].1),
+        None,
+        "standing-by shadow's tap is on a bridge"
+    );
 
     // Only the primary answers.
-    wait_for("primary page", Duration::from_secs(60), || http_get(ip, Duration::from_secs(1)));
+    wait_for("primary page", Duration::from_secs(60), || {
+        http_get(ip, Duration::from_secs(1))
+    });
     for _ in 0..10 {
         let page = http_get(ip, Duration::from_secs(1)).expect("primary serves");
-        assert_eq!(page_uuid(&page), primary_uuid, "someone other than the primary answered: {page}");
+        assert_eq!(
+            page_uuid(&page),
+            primary_uuid,
+            "someone other than the primary answered: {page}"
+        );
     }
 
     // Crash: SIGKILL the primary's QEMU. The shadow takes over address and MAC.
@@ -65,8 +90,15 @@ fn crash_of_primary_promotes_its_paused_shadow() {
     let outage = wait_page_uuid(ip, &shadow_uuid, Duration::from_secs(30));
     eprintln!("client-observed outage after SIGKILL: {outage:?}");
     let s_taps_after = taps(&hv, &shadow);
-    assert_eq!(master_of(&s_taps_after[0].1).as_deref(), Some("usbr0"), "promoted shadow's tap not on the bridge");
-    assert_eq!(hv.state(&shadow).unwrap(), understudy::libvirt::RunState::Running);
+    assert_eq!(
+        master_of(&s_taps_after[0].1).as_deref(),
+        Some("usbr0"),
+        "promoted shadow's tap not on the bridge"
+    );
+    assert_eq!(
+        hv.state(&shadow).unwrap(),
+        understudy::libvirt::RunState::Running
+    );
 
     let svc = wait_for("status shows the failover", Duration::from_secs(30), || {
         let s = daemon.service(name)?;
@@ -94,7 +126,9 @@ fn primary_with_qcow2_disk_gets_own_overlays_and_fails_over() {
     require_lab();
     let name = "it-disk1";
     let ip = "10.77.0.22";
-    let _cleanup = Cleanup { prefixes: vec![name.to_string()] };
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
     let daemon = DaemonProc::start("disk", name, 1);
     let image = daemon.dir.join("it-disk1.qcow2");
     let st = std::process::Command::new("qemu-img")
@@ -105,23 +139,50 @@ fn primary_with_qcow2_disk_gets_own_overlays_and_fails_over() {
         .unwrap();
     assert!(st.success());
     let hv = hypervisor();
-    start_guest(&hv, name, &format!("{ip}/24"), &["--disk", image.to_str().unwrap()]);
+    start_guest(
+        &hv,
+        name,
+        &format!("{ip}/24"),
+        &["--disk", image.to_str().unwrap()],
+    );
     let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
 
     let xml = understudy::domain_xml::DomainXml::parse(&hv.xml(&shadow, true).unwrap()).unwrap();
     let disks = xml.disks();
-    let vda = disks.iter().find(|d| d.target_dev == "vda").expect("shadow keeps the disk");
+    let vda = disks
+        .iter()
+        .find(|d| d.target_dev == "vda")
+        .expect("shadow keeps the disk");
     let overlay = vda.source.clone().unwrap();
-    assert_ne!(overlay, image.to_str().unwrap(), "shadow must not write the primary's image");
-    assert!(overlay.starts_with(daemon.dir.to_str().unwrap()), "overlay {overlay} not in the state dir");
-    let info = std::process::Command::new("qemu-img").args(["info", "-U", "--output=json", &overlay]).output().unwrap();
+    assert_ne!(
+        overlay,
+        image.to_str().unwrap(),
+        "shadow must not write the primary's image"
+    );
+    assert!(
+        overlay.starts_with(daemon.dir.to_str().unwrap()),
+        "overlay {overlay} not in the state dir"
+    );
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", &overlay])
+        .output()
+        .unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    let backing = info["backing-filename"].as_str().unwrap_or_default().to_string();
+    let backing = info["backing-filename"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(!backing.is_empty(), "overlay has no backing file");
-    assert_ne!(backing, image.to_str().unwrap(), "a live primary image must never back a shadow");
+    assert_ne!(
+        backing,
+        image.to_str().unwrap(),
+        "a live primary image must never back a shadow"
+    );
 
     let shadow_uuid = domain_uuid(&hv, &shadow);
-    wait_for("primary page", Duration::from_secs(60), || http_get(ip, Duration::from_secs(1)));
+    wait_for("primary page", Duration::from_secs(60), || {
+        http_get(ip, Duration::from_secs(1))
+    });
     kill_qemu(name);
     wait_page_uuid(ip, &shadow_uuid, Duration::from_secs(30));
 }
@@ -130,7 +191,9 @@ fn primary_with_qcow2_disk_gets_own_overlays_and_fails_over() {
 fn restarted_daemon_rebuilds_state_without_duplicates() {
     require_lab();
     let name = "it-rs1";
-    let _cleanup = Cleanup { prefixes: vec![name.to_string()] };
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
     let mut daemon = DaemonProc::start("restart", name, 1);
     let hv = hypervisor();
     start_guest(&hv, name, "10.77.0.23/24", &[]);
@@ -158,7 +221,9 @@ fn stop_is_not_a_failure_and_bad_requests_change_nothing() {
     require_lab();
     let name = "it-stop1";
     let bad = "it-bad1";
-    let _cleanup = Cleanup { prefixes: vec![name.to_string(), bad.to_string()] };
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string(), bad.to_string()],
+    };
     let daemon = DaemonProc::start("stop", "it-[sb][ta][od]*", 1);
     let hv = hypervisor();
     start_guest(&hv, name, "10.77.0.24/24", &[]);
@@ -173,8 +238,15 @@ fn stop_is_not_a_failure_and_bad_requests_change_nothing() {
     let (code, out, err) = daemon.cli(&["stop", name]);
     assert_eq!(code, 0, "{out}{err}");
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(hv.state(name).unwrap(), understudy::libvirt::RunState::Shutoff);
-    assert_eq!(hv.state(&shadow).unwrap(), understudy::libvirt::RunState::Paused, "stop promoted the shadow");
+    assert_eq!(
+        hv.state(name).unwrap(),
+        understudy::libvirt::RunState::Shutoff
+    );
+    assert_eq!(
+        hv.state(&shadow).unwrap(),
+        understudy::libvirt::RunState::Paused,
+        "stop promoted the shadow"
+    );
     let svc = daemon.service(name).unwrap();
     assert_eq!(svc["state"], "stopped");
     assert_eq!(svc["active"], name);
@@ -195,10 +267,26 @@ fn stop_is_not_a_failure_and_bad_requests_change_nothing() {
     hv.start(&n, false).unwrap();
     let svc = wait_for("unprotectable state", Duration::from_secs(60), || {
         let s = daemon.service(bad)?;
-        s["state"].as_str()?.starts_with("unprotectable").then_some(s)
+        s["state"]
+            .as_str()?
+            .starts_with("unprotectable")
+            .then_some(s)
     });
     let why = svc["state"].as_str().unwrap();
-    assert!(why.contains("vdb"), "reason does not name the device: {why}");
-    assert!(hv.list().unwrap().iter().all(|d| !d.name.starts_with(&format!("{bad}-shadow-"))), "a shadow of the unclonable primary exists");
-    assert_eq!(hv.state(bad).unwrap(), understudy::libvirt::RunState::Running, "the primary itself must be untouched");
+    assert!(
+        why.contains("vdb"),
+        "reason does not name the device: {why}"
+    );
+    assert!(
+        hv.list()
+            .unwrap()
+            .iter()
+            .all(|d| !d.name.starts_with(&format!("{bad}-shadow-"))),
+        "a shadow of the unclonable primary exists"
+    );
+    assert_eq!(
+        hv.state(bad).unwrap(),
+        understudy::libvirt::RunState::Running,
+        "the primary itself must be untouched"
+    );
 }

@@ -11,7 +11,9 @@ use crate::common::*;
 fn guest_boots_with_events_agent_and_http() {
     require_lab();
     let name = "it-basic";
-    let _cleanup = Cleanup { prefixes: vec![name.to_string()] };
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
     let hv = hypervisor();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     hv.subscribe(tx).expect("subscribe to events");
@@ -20,19 +22,37 @@ fn guest_boots_with_events_agent_and_http() {
     // Lifecycle: we must see this domain start.
     wait_for("Started event", Duration::from_secs(30), || loop {
         match rx.try_recv() {
-            Ok(DomainEvent::Lifecycle { domain, event: LifecycleEvent::Started }) if domain == name => return Some(()),
+            Ok(DomainEvent::Lifecycle {
+                domain,
+                event: LifecycleEvent::Started,
+            }) if domain == name => return Some(()),
             Ok(_) => continue,
             Err(_) => return None,
         }
     });
 
     wait_agent(&hv, name);
-    let info = agent(&hv, name, r#"{"execute":"guest-get-osinfo"}"#).expect("guest-get-osinfo answers");
-    assert!(info["return"]["kernel-release"].as_str().is_some_and(|k| !k.is_empty()), "osinfo without kernel release: {info}");
+    let info =
+        agent(&hv, name, r#"{"execute":"guest-get-osinfo"}"#).expect("guest-get-osinfo answers");
+    assert!(
+        info["return"]["kernel-release"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty()),
+        "osinfo without kernel release: {info}"
+    );
 
-    let page = wait_for("HTTP page", Duration::from_secs(60), || http_get("10.77.0.20", Duration::from_secs(1)));
-    assert!(page.contains(&format!("host={name}")), "page does not name the guest: {page}");
-    assert_eq!(page_uuid(&page), domain_uuid(&hv, name), "page uuid is not the domain's");
+    let page = wait_for("HTTP page", Duration::from_secs(60), || {
+        http_get("10.77.0.20", Duration::from_secs(1))
+    });
+    assert!(
+        page.contains(&format!("host={name}")),
+        "page does not name the guest: {page}"
+    );
+    assert_eq!(
+        page_uuid(&page),
+        domain_uuid(&hv, name),
+        "page uuid is not the domain's"
+    );
 
     // The agent-lifecycle event arrives too (connected) once qemu-ga opened its channel.
     let mut saw_agent = false;

@@ -16,7 +16,13 @@ use crate::config::{Config, LogFormat};
 #[command(name = "understudy", version, about)]
 pub struct Cli {
     /// Configuration file (also tells client commands where the control socket is).
-    #[arg(long, short, global = true, default_value = "/etc/understudy/understudy.toml", env = "UNDERSTUDY_CONFIG")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "/etc/understudy/understudy.toml",
+        env = "UNDERSTUDY_CONFIG"
+    )]
     pub config: PathBuf,
     /// Control socket path, overriding the one in the configuration.
     #[arg(long, global = true, env = "UNDERSTUDY_SOCKET")]
@@ -117,23 +123,46 @@ pub enum ShadowAction {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { json_logs, exit_after } => run_daemon(&cli.config, json_logs, exit_after),
+        Command::Run {
+            json_logs,
+            exit_after,
+        } => run_daemon(&cli.config, json_logs, exit_after),
         Command::CheckConfig { ref file } => check_config(file),
-        Command::Probe { addr, ref path, interval_ms, timeout_ms, seconds, json } => {
-            probe(addr, path, interval_ms, timeout_ms, seconds, json)
-        }
+        Command::Probe {
+            addr,
+            ref path,
+            interval_ms,
+            timeout_ms,
+            seconds,
+            json,
+        } => probe(addr, path, interval_ms, timeout_ms, seconds, json),
         ref other => {
             let req = match other {
                 Command::Status { .. } => Request::Status,
-                Command::Failover { service } => Request::Failover { service: service.clone() },
-                Command::Stop { service } => Request::Stop { service: service.clone() },
-                Command::Start { service } => Request::Start { service: service.clone() },
-                Command::Shadow { action: ShadowAction::Rebuild { service } } => Request::ShadowRebuild { service: service.clone() },
-                Command::Shadow { action: ShadowAction::Reinit { service, golden } } => {
-                    Request::ShadowReinit { service: service.clone(), golden: *golden }
-                }
+                Command::Failover { service } => Request::Failover {
+                    service: service.clone(),
+                },
+                Command::Stop { service } => Request::Stop {
+                    service: service.clone(),
+                },
+                Command::Start { service } => Request::Start {
+                    service: service.clone(),
+                },
+                Command::Shadow {
+                    action: ShadowAction::Rebuild { service },
+                } => Request::ShadowRebuild {
+                    service: service.clone(),
+                },
+                Command::Shadow {
+                    action: ShadowAction::Reinit { service, golden },
+                } => Request::ShadowReinit {
+                    service: service.clone(),
+                    golden: *golden,
+                },
                 Command::Reload => Request::ReloadConfig,
-                Command::Run { .. } | Command::CheckConfig { .. } | Command::Probe { .. } => unreachable!("handled above"),
+                Command::Run { .. } | Command::CheckConfig { .. } | Command::Probe { .. } => {
+                    unreachable!("handled above")
+                }
             };
             let json = matches!(other, Command::Status { json: true });
             client(&cli, req, json)
@@ -147,7 +176,9 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, String> {
     }
     Config::load(&cli.config)
         .map(|c| c.daemon.control_socket)
-        .map_err(|e| format!("cannot find the control socket: {e}\n(use --socket PATH or --config FILE)"))
+        .map_err(|e| {
+            format!("cannot find the control socket: {e}\n(use --socket PATH or --config FILE)")
+        })
 }
 
 fn client(cli: &Cli, req: Request, json: bool) -> ExitCode {
@@ -161,7 +192,10 @@ fn client(cli: &Cli, req: Request, json: bool) -> ExitCode {
     match control::call(&path, &req, Duration::from_secs(180)) {
         Ok(Response::Status(report)) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
             } else {
                 print!("{}", render_status_text(&report));
             }
@@ -190,9 +224,18 @@ fn check_config(file: &Path) -> ExitCode {
     match Config::load(file) {
         Ok(cfg) => {
             println!("{}: OK", file.display());
-            println!("  libvirt: {}  accel: {:?}  state: {}", cfg.daemon.libvirt_uri, cfg.daemon.accel, cfg.daemon.state_dir.display());
+            println!(
+                "  libvirt: {}  accel: {:?}  state: {}",
+                cfg.daemon.libvirt_uri,
+                cfg.daemon.accel,
+                cfg.daemon.state_dir.display()
+            );
             for rule in &cfg.protect {
-                println!("  protect '{}' as class '{}'", rule.pattern.as_str(), rule.class);
+                println!(
+                    "  protect '{}' as class '{}'",
+                    rule.pattern.as_str(),
+                    rule.class
+                );
             }
             ExitCode::SUCCESS
         }
@@ -206,7 +249,9 @@ fn check_config(file: &Path) -> ExitCode {
 fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match format {
         LogFormat::Json => builder.json().with_current_span(true).init(),
         LogFormat::Text => builder.init(),
@@ -216,11 +261,29 @@ fn init_logging(format: LogFormat, level: &str) {
 fn run_daemon(config: &Path, json_logs: bool, exit_after: Option<u64>) -> ExitCode {
     // Logging settings come from the file; an unreadable file is reported by `run` itself.
     let (format, level) = match Config::load(config) {
-        Ok(c) => (if json_logs { LogFormat::Json } else { c.daemon.log_format }, c.daemon.log_level.clone()),
-        Err(_) => (if json_logs { LogFormat::Json } else { LogFormat::Text }, "info".to_string()),
+        Ok(c) => (
+            if json_logs {
+                LogFormat::Json
+            } else {
+                c.daemon.log_format
+            },
+            c.daemon.log_level.clone(),
+        ),
+        Err(_) => (
+            if json_logs {
+                LogFormat::Json
+            } else {
+                LogFormat::Text
+            },
+            "info".to_string(),
+        ),
     };
     init_logging(format, &level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("understudy: cannot start the async runtime: {e}");
@@ -230,13 +293,17 @@ fn run_daemon(config: &Path, json_logs: bool, exit_after: Option<u64>) -> ExitCo
     let config = config.to_path_buf();
     let result = rt.block_on(async move {
         match exit_after {
-            Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), crate::daemon::run(config)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::info!(secs, "--exit-after reached; stopping");
-                    Ok(())
+            Some(secs) => {
+                match tokio::time::timeout(Duration::from_secs(secs), crate::daemon::run(config))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::info!(secs, "--exit-after reached; stopping");
+                        Ok(())
+                    }
                 }
-            },
+            }
             None => crate::daemon::run(config).await,
         }
     });
@@ -250,7 +317,14 @@ fn run_daemon(config: &Path, json_logs: bool, exit_after: Option<u64>) -> ExitCo
     }
 }
 
-fn probe(addr: std::net::SocketAddr, path: &str, interval_ms: u64, timeout_ms: u64, seconds: f64, json: bool) -> ExitCode {
+fn probe(
+    addr: std::net::SocketAddr,
+    path: &str,
+    interval_ms: u64,
+    timeout_ms: u64,
+    seconds: f64,
+    json: bool,
+) -> ExitCode {
     let report = crate::probe::run(
         addr,
         path,
@@ -260,7 +334,10 @@ fn probe(addr: std::net::SocketAddr, path: &str, interval_ms: u64, timeout_ms: u
         |a, gap| {
             if !json {
                 match gap {
-                    Some(g) => println!("{:>8} ms  answer changed after a {g} ms gap: {}", a.at_ms, a.body),
+                    Some(g) => println!(
+                        "{:>8} ms  answer changed after a {g} ms gap: {}",
+                        a.at_ms, a.body
+                    ),
                     None => println!("{:>8} ms  first answer: {}", a.at_ms, a.body),
                 }
             }

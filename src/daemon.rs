@@ -15,17 +15,20 @@ use tokio::sync::{mpsc, oneshot};
 use crate::api::control::ControlServer;
 use crate::api::metrics::Metrics;
 use crate::api::protocol::{
-    DaemonInfo, DomainStatus, ErrorKind, Request, Response, ServiceStatus, ShadowState, ShadowStatus, StatusReport,
+    DaemonInfo, DomainStatus, ErrorKind, Request, Response, ServiceStatus, ShadowState,
+    ShadowStatus, StatusReport,
 };
 use crate::config::{ClassConfig, Config};
 use crate::domain_xml::{MemberState, Role, UnderstudyMeta, META_NS};
 use crate::failover::promote::{promote, Promoted, Promotion, Trigger};
 use crate::failover::shadow::{
-    isolate_tap, live_taps, member_meta, provision, shadow_generation, shadow_name, write_meta, ShadowRequest,
+    isolate_tap, live_taps, member_meta, provision, shadow_generation, shadow_name, write_meta,
+    ShadowRequest,
 };
 use crate::failover::{now_unix_ms, FailoverError, Service, ServiceState, Shadow, TapBinding};
 use crate::libvirt::{
-    qemu_pid, AgentState, DomainEvent, EventLoop, Hypervisor, LibvirtError, LifecycleEvent, QemuProcess, RunState,
+    qemu_pid, AgentState, DomainEvent, EventLoop, Hypervisor, LibvirtError, LifecycleEvent,
+    QemuProcess, RunState,
 };
 use crate::net::Netlink;
 
@@ -67,15 +70,35 @@ pub enum DaemonError {
 /// Things the loop learns from its tasks and from libvirt.
 #[derive(Debug)]
 enum Note {
-    PrimaryExited { service: String, domain: String, at: Instant },
-    ShadowDone { service: String, name: String, result: Result<Shadow, String>, unprotectable: bool },
-    FailoverDone { service: String, shadow: String, result: Result<Promoted, String>, record: crate::api::protocol::FailoverRecord },
-    Heartbeat { domain: String, ok: bool, at_unix_ms: u64 },
+    PrimaryExited {
+        service: String,
+        domain: String,
+        at: Instant,
+    },
+    ShadowDone {
+        service: String,
+        name: String,
+        result: Result<Shadow, String>,
+        unprotectable: bool,
+    },
+    FailoverDone {
+        service: String,
+        shadow: String,
+        result: Result<Promoted, String>,
+        record: crate::api::protocol::FailoverRecord,
+    },
+    Heartbeat {
+        domain: String,
+        ok: bool,
+        at_unix_ms: u64,
+    },
 }
 
 impl std::fmt::Debug for Promoted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Promoted").field("to", &self.record.to).finish()
+        f.debug_struct("Promoted")
+            .field("to", &self.record.to)
+            .finish()
     }
 }
 
@@ -118,7 +141,12 @@ impl Daemon {
 pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
     let cfg = Arc::new(load_config(&config_path)?);
     let events = EventLoop::start()?;
-    let hv = Hypervisor::open(&events, &cfg.daemon.libvirt_uri, cfg.daemon.keepalive_interval_s, cfg.daemon.keepalive_count)?;
+    let hv = Hypervisor::open(
+        &events,
+        &cfg.daemon.libvirt_uri,
+        cfg.daemon.keepalive_interval_s,
+        cfg.daemon.keepalive_count,
+    )?;
     let (note_tx, mut notes) = mpsc::unbounded_channel();
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     hv.subscribe(ev_tx.clone())?;
@@ -126,7 +154,10 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::new());
     let metrics_server = crate::api::metrics::MetricsServer::bind(cfg.daemon.metrics_listen)
         .await
-        .map_err(|source| DaemonError::Metrics { addr: cfg.daemon.metrics_listen, source })?;
+        .map_err(|source| DaemonError::Metrics {
+            addr: cfg.daemon.metrics_listen,
+            source,
+        })?;
     tokio::spawn(metrics_server.serve(metrics.clone()));
     let control = ControlServer::bind(&cfg.daemon.control_socket)?;
     let (req_tx, mut requests) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(64);
@@ -147,7 +178,13 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
     });
     reconcile(&d).await;
 
-    let hb_interval = cfg.class.values().map(|c| c.heartbeat_interval_ms).min().unwrap_or(500).max(50);
+    let hb_interval = cfg
+        .class
+        .values()
+        .map(|c| c.heartbeat_interval_ms)
+        .min()
+        .unwrap_or(500)
+        .max(50);
     let mut heartbeat = tokio::time::interval(Duration::from_millis(hb_interval));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(5));
@@ -217,7 +254,10 @@ async fn reconcile(d: &Shared) {
                     (true, _) => ServiceState::Provisioning,
                     (false, _) => ServiceState::Down("primary not running at daemon start".into()),
                 };
-                found.insert(meta.service.clone(), new_service(&meta.service, &meta.class, &dom.name, state));
+                found.insert(
+                    meta.service.clone(),
+                    new_service(&meta.service, &meta.class, &dom.name, state),
+                );
             }
             Role::Shadow => shadows.push((meta, dom)),
             Role::Retired => {}
@@ -233,7 +273,11 @@ async fn reconcile(d: &Shared) {
             (MemberState::Promoting, _) => ShadowState::Promoting,
             _ => ShadowState::Failed,
         };
-        svc.shadows.push(Shadow { name: dom.name.clone(), state, taps: Vec::new() });
+        svc.shadows.push(Shadow {
+            name: dom.name.clone(),
+            state,
+            taps: Vec::new(),
+        });
     }
     {
         let mut services = d.services();
@@ -261,9 +305,14 @@ async fn reconcile(d: &Shared) {
 fn load_config(path: &std::path::Path) -> Result<Config, DaemonError> {
     let mut cfg = Config::load(path)?;
     let dir = &cfg.daemon.state_dir;
-    std::fs::create_dir_all(dir).map_err(|source| DaemonError::StateDir { path: dir.clone(), source })?;
-    cfg.daemon.state_dir =
-        std::fs::canonicalize(dir).map_err(|source| DaemonError::StateDir { path: dir.clone(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| DaemonError::StateDir {
+        path: dir.clone(),
+        source,
+    })?;
+    cfg.daemon.state_dir = std::fs::canonicalize(dir).map_err(|source| DaemonError::StateDir {
+        path: dir.clone(),
+        source,
+    })?;
     Ok(cfg)
 }
 
@@ -283,14 +332,24 @@ fn new_service(name: &str, class: &str, active: &str, state: ServiceState) -> Se
 
 /// After a restart: settle half-done work of one service.
 async fn recover_service(d: &Shared, name: &str) {
-    let Some(svc) = d.services().get(name).cloned() else { return };
+    let Some(svc) = d.services().get(name).cloned() else {
+        return;
+    };
     // Shadows that were mid-provisioning or broken are removed and will be made again.
-    for s in svc.shadows.iter().filter(|s| s.state == ShadowState::Failed) {
+    for s in svc
+        .shadows
+        .iter()
+        .filter(|s| s.state == ShadowState::Failed)
+    {
         tracing::warn!(service = name, shadow = %s.name, "shadow found incomplete after restart; recreating");
         remove_shadow(d, name, &s.name).await;
     }
     // Refresh taps of paused shadows and of the active primary.
-    for s in svc.shadows.iter().filter(|s| s.state != ShadowState::Failed) {
+    for s in svc
+        .shadows
+        .iter()
+        .filter(|s| s.state != ShadowState::Failed)
+    {
         let taps = live_taps(&d.hv(), &s.name).await.unwrap_or_default();
         for (_, tap) in &taps {
             if s.state == ShadowState::Paused {
@@ -298,7 +357,11 @@ async fn recover_service(d: &Shared, name: &str) {
                 let _ = isolate_tap(&d.net, tap).await;
             }
         }
-        if let Some(x) = d.services().get_mut(name).and_then(|v| v.shadows.iter_mut().find(|x| x.name == s.name)) {
+        if let Some(x) = d
+            .services()
+            .get_mut(name)
+            .and_then(|v| v.shadows.iter_mut().find(|x| x.name == s.name))
+        {
             x.taps = taps;
         }
     }
@@ -306,8 +369,12 @@ async fn recover_service(d: &Shared, name: &str) {
         ServiceState::Provisioning => {
             refresh_active(d, name).await;
             // A promotion interrupted by our own death: the primary lives, so undo it.
-            let promoting: Vec<String> =
-                svc.shadows.iter().filter(|s| s.state == ShadowState::Promoting).map(|s| s.name.clone()).collect();
+            let promoting: Vec<String> = svc
+                .shadows
+                .iter()
+                .filter(|s| s.state == ShadowState::Promoting)
+                .map(|s| s.name.clone())
+                .collect();
             for s in promoting {
                 tracing::warn!(service = name, shadow = %s, "interrupted promotion found while primary runs; returning shadow to standby");
                 let _ = repark_shadow(d, name, &s).await;
@@ -315,9 +382,17 @@ async fn recover_service(d: &Shared, name: &str) {
         }
         ServiceState::Down(_) => {
             // The primary died while we were away (or mid-promotion): promote now.
-            let pending = svc.shadows.iter().find(|s| s.state == ShadowState::Promoting).map(|s| s.name.clone());
+            let pending = svc
+                .shadows
+                .iter()
+                .find(|s| s.state == ShadowState::Promoting)
+                .map(|s| s.name.clone());
             if let Some(s) = pending {
-                if let Some(x) = d.services().get_mut(name).and_then(|v| v.shadows.iter_mut().find(|x| x.name == s)) {
+                if let Some(x) = d
+                    .services()
+                    .get_mut(name)
+                    .and_then(|v| v.shadows.iter_mut().find(|x| x.name == s))
+                {
                     x.state = ShadowState::Paused;
                 }
             }
@@ -335,7 +410,10 @@ async fn repark_shadow(d: &Shared, service: &str, shadow: &str) -> Result<(), Fa
     }
     let (svc_class, gen) = {
         let services = d.services();
-        let class = services.get(service).map(|s| s.class.clone()).unwrap_or_default();
+        let class = services
+            .get(service)
+            .map(|s| s.class.clone())
+            .unwrap_or_default();
         (class, shadow_generation(service, shadow).unwrap_or(0))
     };
     let s = shadow.to_string();
@@ -348,8 +426,15 @@ async fn repark_shadow(d: &Shared, service: &str, shadow: &str) -> Result<(), Fa
             write_meta(hv, &s, &meta)
         })
         .await
-        .map_err(|source| FailoverError::Libvirt { step: "repark shadow", source })?;
-    if let Some(x) = d.services().get_mut(service).and_then(|v| v.shadows.iter_mut().find(|x| x.name == shadow)) {
+        .map_err(|source| FailoverError::Libvirt {
+            step: "repark shadow",
+            source,
+        })?;
+    if let Some(x) = d
+        .services()
+        .get_mut(service)
+        .and_then(|v| v.shadows.iter_mut().find(|x| x.name == shadow))
+    {
         x.state = ShadowState::Paused;
         x.taps = taps;
     }
@@ -358,7 +443,9 @@ async fn repark_shadow(d: &Shared, service: &str, shadow: &str) -> Result<(), Fa
 
 /// Reads the active primary's taps and starts watching its QEMU process.
 async fn refresh_active(d: &Shared, service: &str) {
-    let Some(active) = d.services().get(service).map(|s| s.active.clone()) else { return };
+    let Some(active) = d.services().get(service).map(|s| s.active.clone()) else {
+        return;
+    };
     let hv = d.hv();
     let a = active.clone();
     let bridges = hv
@@ -371,7 +458,10 @@ async fn refresh_active(d: &Shared, service: &str) {
             x.live_interface_taps()
                 .into_iter()
                 .map(|(mac, tap)| TapBinding {
-                    bridge: ifaces.iter().find(|i| i.mac.as_deref() == Some(mac.as_str())).and_then(|i| i.bridge.clone()),
+                    bridge: ifaces
+                        .iter()
+                        .find(|i| i.mac.as_deref() == Some(mac.as_str()))
+                        .and_then(|i| i.bridge.clone()),
                     mac,
                     tap,
                 })
@@ -405,7 +495,11 @@ fn watch_primary(d: &Shared, service: &str, domain: &str) {
     tracing::debug!(%service, %domain, pid, "watching QEMU process");
     tokio::spawn(async move {
         proc.exited().await;
-        let _ = notes.send(Note::PrimaryExited { service, domain, at: Instant::now() });
+        let _ = notes.send(Note::PrimaryExited {
+            service,
+            domain,
+            at: Instant::now(),
+        });
     });
 }
 
@@ -416,12 +510,19 @@ async fn protect_new(d: &Shared, domain: &str, class: &str) {
     }
     let meta = member_meta(domain, class, Role::Primary, 0, MemberState::Active);
     let dn = domain.to_string();
-    if let Err(e) = d.hv().run("tag primary", move |hv| write_meta(hv, &dn, &meta)).await {
+    if let Err(e) = d
+        .hv()
+        .run("tag primary", move |hv| write_meta(hv, &dn, &meta))
+        .await
+    {
         tracing::error!(domain, error = %e, cause = %crate::error_chain(&e), "cannot tag primary; not protected");
         return;
     }
     tracing::info!(domain, class, "protecting new primary");
-    d.services().insert(domain.to_string(), new_service(domain, class, domain, ServiceState::Provisioning));
+    d.services().insert(
+        domain.to_string(),
+        new_service(domain, class, domain, ServiceState::Provisioning),
+    );
     refresh_active(d, domain).await;
     ensure_all_shadows(d);
 }
@@ -433,11 +534,18 @@ fn ensure_all_shadows(d: &Shared) {
     {
         let mut services = d.services();
         for svc in services.values_mut() {
-            if !matches!(svc.state, ServiceState::Provisioning | ServiceState::Protected) {
+            if !matches!(
+                svc.state,
+                ServiceState::Provisioning | ServiceState::Protected
+            ) {
                 continue;
             }
             let want = cfg.class.get(&svc.class).map(|c| c.shadows).unwrap_or(1) as usize;
-            let have = svc.shadows.iter().filter(|s| matches!(s.state, ShadowState::Booting | ShadowState::Paused)).count();
+            let have = svc
+                .shadows
+                .iter()
+                .filter(|s| matches!(s.state, ShadowState::Booting | ShadowState::Paused))
+                .count();
             if have >= want {
                 if svc.shadows.iter().all(|s| s.state == ShadowState::Paused) {
                     svc.state = ServiceState::Protected;
@@ -454,8 +562,18 @@ fn ensure_all_shadows(d: &Shared) {
                 .unwrap_or(0)
                 + 1;
             let name = shadow_name(&svc.name, next);
-            svc.shadows.push(Shadow { name: name.clone(), state: ShadowState::Booting, taps: Vec::new() });
-            to_start.push((svc.name.clone(), svc.class.clone(), svc.active.clone(), name, next));
+            svc.shadows.push(Shadow {
+                name: name.clone(),
+                state: ShadowState::Booting,
+                taps: Vec::new(),
+            });
+            to_start.push((
+                svc.name.clone(),
+                svc.class.clone(),
+                svc.active.clone(),
+                name,
+                next,
+            ));
         }
     }
     for (service, class, primary, name, generation) in to_start {
@@ -475,9 +593,17 @@ fn ensure_all_shadows(d: &Shared) {
         tokio::spawn(async move {
             tracing::info!(%service, shadow = %name, "provisioning shadow");
             let r = provision(&d2.hv(), &d2.net, req).await;
-            let unprotectable = matches!(r, Err(FailoverError::Clone { .. }) | Err(FailoverError::Xml { .. }));
+            let unprotectable = matches!(
+                r,
+                Err(FailoverError::Clone { .. }) | Err(FailoverError::Xml { .. })
+            );
             let result = r.map_err(|e| format!("{e}: {}", crate::error_chain(&e)));
-            let _ = d2.notes.send(Note::ShadowDone { service, name, result, unprotectable });
+            let _ = d2.notes.send(Note::ShadowDone {
+                service,
+                name,
+                result,
+                unprotectable,
+            });
         });
     }
 }
@@ -494,12 +620,17 @@ async fn remove_shadow(d: &Shared, service: &str, shadow: &str) {
         .await;
     match r {
         Ok(()) | Err(LibvirtError::NoSuchDomain { .. }) => {}
-        Err(e) => tracing::warn!(service, shadow, error = %e, cause = %crate::error_chain(&e), "cannot remove shadow"),
+        Err(e) => {
+            tracing::warn!(service, shadow, error = %e, cause = %crate::error_chain(&e), "cannot remove shadow")
+        }
     }
     let disks = d.cfg().daemon.state_dir.join("disks");
     if let Ok(entries) = std::fs::read_dir(&disks) {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&format!("{shadow}-")) {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{shadow}-"))
+            {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -513,12 +644,20 @@ async fn remove_shadow(d: &Shared, service: &str, shadow: &str) {
 fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: Instant) {
     let promotion = {
         let mut services = d.services();
-        let Some(svc) = services.get_mut(service) else { return };
-        if svc.active != from || matches!(svc.state, ServiceState::FailingOver | ServiceState::Stopped) {
+        let Some(svc) = services.get_mut(service) else {
+            return;
+        };
+        if svc.active != from
+            || matches!(svc.state, ServiceState::FailingOver | ServiceState::Stopped)
+        {
             return;
         }
         let Some(shadow) = svc.ready_shadow().cloned() else {
-            tracing::error!(service, from, "primary failed and no paused shadow is ready");
+            tracing::error!(
+                service,
+                from,
+                "primary failed and no paused shadow is ready"
+            );
             svc.state = ServiceState::Down("primary failed; no paused shadow".into());
             return;
         };
@@ -549,24 +688,40 @@ fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: I
             }
             Err((record, e)) => (Err(format!("{e}: {}", crate::error_chain(&e))), record),
         };
-        let _ = d2.notes.send(Note::FailoverDone { service, shadow, result, record });
+        let _ = d2.notes.send(Note::FailoverDone {
+            service,
+            shadow,
+            result,
+            record,
+        });
     });
 }
 
 async fn on_note(d: &Shared, note: Note) {
     match note {
-        Note::PrimaryExited { service, domain, at } => {
+        Note::PrimaryExited {
+            service,
+            domain,
+            at,
+        } => {
             tracing::warn!(%service, %domain, "primary QEMU exited");
             start_failover(d, &service, &domain, Trigger::Pidfd, at);
         }
-        Note::ShadowDone { service, name, result, unprotectable } => match result {
+        Note::ShadowDone {
+            service,
+            name,
+            result,
+            unprotectable,
+        } => match result {
             Ok(shadow) => {
                 let mut services = d.services();
                 if let Some(svc) = services.get_mut(&service) {
                     if let Some(s) = svc.shadows.iter_mut().find(|s| s.name == name) {
                         *s = shadow;
                     }
-                    if svc.state == ServiceState::Provisioning && svc.shadows.iter().all(|s| s.state == ShadowState::Paused) {
+                    if svc.state == ServiceState::Provisioning
+                        && svc.shadows.iter().all(|s| s.state == ShadowState::Paused)
+                    {
                         svc.state = ServiceState::Protected;
                     }
                 }
@@ -581,12 +736,25 @@ async fn on_note(d: &Shared, note: Note) {
                 }
             }
         },
-        Note::FailoverDone { service, shadow, result, record } => {
+        Note::FailoverDone {
+            service,
+            shadow,
+            result,
+            record,
+        } => {
             let ok = result.is_ok();
-            d.metrics.record_failover(&service, &record.trigger, ok, &record.steps, record.outage_ms);
+            d.metrics.record_failover(
+                &service,
+                &record.trigger,
+                ok,
+                &record.steps,
+                record.outage_ms,
+            );
             let new_active = {
                 let mut services = d.services();
-                let Some(svc) = services.get_mut(&service) else { return };
+                let Some(svc) = services.get_mut(&service) else {
+                    return;
+                };
                 svc.last_failover = Some(record);
                 match result {
                     Ok(p) => {
@@ -610,9 +778,16 @@ async fn on_note(d: &Shared, note: Note) {
                 ensure_all_shadows(d);
             }
         }
-        Note::Heartbeat { domain, ok, at_unix_ms } => {
+        Note::Heartbeat {
+            domain,
+            ok,
+            at_unix_ms,
+        } => {
             if ok {
-                d.heartbeats.lock().unwrap_or_else(|e| e.into_inner()).insert(domain.clone(), at_unix_ms);
+                d.heartbeats
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(domain.clone(), at_unix_ms);
             } else {
                 d.metrics.inc_heartbeat_failure(&domain);
             }
@@ -635,27 +810,34 @@ async fn on_libvirt_event(d: &Shared, ev: DomainEvent, ev_tx: &mpsc::UnboundedSe
         DomainEvent::Lifecycle { domain, event } => {
             let owner = {
                 let services = d.services();
-                services
-                    .values()
-                    .find_map(|s| {
-                        if s.active == domain {
-                            Some((s.name.clone(), true))
-                        } else if s.shadows.iter().any(|x| x.name == domain) {
-                            Some((s.name.clone(), false))
-                        } else {
-                            None
-                        }
-                    })
+                services.values().find_map(|s| {
+                    if s.active == domain {
+                        Some((s.name.clone(), true))
+                    } else if s.shadows.iter().any(|x| x.name == domain) {
+                        Some((s.name.clone(), false))
+                    } else {
+                        None
+                    }
+                })
             };
             match (owner, event) {
                 (Some((service, true)), e) if e.is_failure() => {
                     start_failover(d, &service, &domain, Trigger::Lifecycle, Instant::now());
                 }
-                (Some((service, false)), e) if e.is_failure() || e == LifecycleEvent::StoppedDestroyed || e == LifecycleEvent::StoppedShutdown => {
+                (Some((service, false)), e)
+                    if e.is_failure()
+                        || e == LifecycleEvent::StoppedDestroyed
+                        || e == LifecycleEvent::StoppedShutdown =>
+                {
                     let promoting = d
                         .services()
                         .get(&service)
-                        .and_then(|s| s.shadows.iter().find(|x| x.name == domain).map(|x| x.state == ShadowState::Promoting))
+                        .and_then(|s| {
+                            s.shadows
+                                .iter()
+                                .find(|x| x.name == domain)
+                                .map(|x| x.state == ShadowState::Promoting)
+                        })
                         .unwrap_or(false);
                     if !promoting {
                         tracing::warn!(%service, shadow = %domain, ?e, "shadow stopped; it will be recreated");
@@ -667,7 +849,11 @@ async fn on_libvirt_event(d: &Shared, ev: DomainEvent, ev_tx: &mpsc::UnboundedSe
                     if let Some((class, _)) = d.cfg().class_for(&domain) {
                         let tagged = {
                             let dn = domain.clone();
-                            d.hv().run("read metadata", move |hv| hv.metadata(&dn, META_NS)).await.ok().flatten()
+                            d.hv()
+                                .run("read metadata", move |hv| hv.metadata(&dn, META_NS))
+                                .await
+                                .ok()
+                                .flatten()
                         };
                         if tagged.is_none() {
                             let class = class.to_string();
@@ -676,7 +862,11 @@ async fn on_libvirt_event(d: &Shared, ev: DomainEvent, ev_tx: &mpsc::UnboundedSe
                     }
                 }
                 (Some((service, true)), LifecycleEvent::Started) => {
-                    let stopped = d.services().get(&service).map(|s| s.state == ServiceState::Stopped).unwrap_or(false);
+                    let stopped = d
+                        .services()
+                        .get(&service)
+                        .map(|s| s.state == ServiceState::Stopped)
+                        .unwrap_or(false);
                     if stopped {
                         if let Some(s) = d.services().get_mut(&service) {
                             s.state = ServiceState::Provisioning;
@@ -710,7 +900,8 @@ async fn reconnect(d: &Shared, ev_tx: &mpsc::UnboundedSender<DomainEvent>) {
             cfg.daemon.keepalive_count,
             d.events,
         );
-        let opened = tokio::task::spawn_blocking(move || Hypervisor::open(&events, &uri, ki, kc)).await;
+        let opened =
+            tokio::task::spawn_blocking(move || Hypervisor::open(&events, &uri, ki, kc)).await;
         match opened {
             Ok(Ok(hv)) => {
                 if let Err(e) = hv.subscribe(ev_tx.clone()) {
@@ -741,7 +932,12 @@ fn send_heartbeats(d: &Shared) {
     let targets: Vec<(String, ClassConfig)> = d
         .services()
         .values()
-        .filter(|s| matches!(s.state, ServiceState::Provisioning | ServiceState::Protected))
+        .filter(|s| {
+            matches!(
+                s.state,
+                ServiceState::Provisioning | ServiceState::Protected
+            )
+        })
         .map(|s| (s.active.clone(), d.class(&s.class)))
         .collect();
     let max_reply = cfg.monitor.agent_max_reply_bytes as usize;
@@ -751,9 +947,15 @@ fn send_heartbeats(d: &Shared) {
         let timeout = Duration::from_millis(class.heartbeat_timeout_ms);
         tokio::spawn(async move {
             let dn = domain.clone();
-            let ping = hv.run("heartbeat", move |hv| hv.agent_command(&dn, r#"{"execute":"guest-ping"}"#, timeout, max_reply));
+            let ping = hv.run("heartbeat", move |hv| {
+                hv.agent_command(&dn, r#"{"execute":"guest-ping"}"#, timeout, max_reply)
+            });
             let ok = matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)));
-            let _ = notes.send(Note::Heartbeat { domain, ok, at_unix_ms: now_unix_ms() });
+            let _ = notes.send(Note::Heartbeat {
+                domain,
+                ok,
+                at_unix_ms: now_unix_ms(),
+            });
         });
     }
 }
@@ -764,7 +966,11 @@ fn unknown_service(d: &Shared, name: &str) -> Response {
         kind: ErrorKind::NotFound,
         message: format!(
             "no service named '{name}'; known services: {}",
-            if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+            if known.is_empty() {
+                "(none)".to_string()
+            } else {
+                known.join(", ")
+            }
         ),
     }
 }
@@ -773,80 +979,148 @@ async fn handle_request(d: &Shared, req: Request) -> Response {
     match req {
         Request::Status => Response::Status(status(d).await),
         Request::Failover { service } => {
-            let Some(svc) = d.services().get(&service).cloned() else { return unknown_service(d, &service) };
+            let Some(svc) = d.services().get(&service).cloned() else {
+                return unknown_service(d, &service);
+            };
             if svc.ready_shadow().is_none() {
                 return Response::Error {
                     kind: ErrorKind::Conflict,
-                    message: format!("service '{service}' has no paused shadow ready (state {})", svc.state.label()),
+                    message: format!(
+                        "service '{service}' has no paused shadow ready (state {})",
+                        svc.state.label()
+                    ),
                 };
             }
-            if !matches!(svc.state, ServiceState::Provisioning | ServiceState::Protected) {
+            if !matches!(
+                svc.state,
+                ServiceState::Provisioning | ServiceState::Protected
+            ) {
                 return Response::Error {
                     kind: ErrorKind::Conflict,
-                    message: format!("service '{service}' is {}; no switchover now", svc.state.label()),
+                    message: format!(
+                        "service '{service}' is {}; no switchover now",
+                        svc.state.label()
+                    ),
                 };
             }
             start_failover(d, &service, &svc.active, Trigger::Manual, Instant::now());
-            wait_failover(d, &service, svc.last_failover.as_ref().map(|r| r.at_unix_ms)).await
+            wait_failover(
+                d,
+                &service,
+                svc.last_failover.as_ref().map(|r| r.at_unix_ms),
+            )
+            .await
         }
         Request::Stop { service } => {
-            let Some(svc) = d.services().get(&service).cloned() else { return unknown_service(d, &service) };
+            let Some(svc) = d.services().get(&service).cloned() else {
+                return unknown_service(d, &service);
+            };
             if let Some(s) = d.services().get_mut(&service) {
                 s.state = ServiceState::Stopped;
             }
-            let meta = member_meta(&service, &svc.class, Role::Primary, shadow_generation(&service, &svc.active).unwrap_or(0), MemberState::Stopped);
+            let meta = member_meta(
+                &service,
+                &svc.class,
+                Role::Primary,
+                shadow_generation(&service, &svc.active).unwrap_or(0),
+                MemberState::Stopped,
+            );
             let a = svc.active.clone();
-            match d.hv().run("stop", move |hv| {
-                write_meta(hv, &a, &meta)?;
-                hv.destroy(&a)
-            }).await {
-                Ok(()) => Response::Ok { message: format!("service '{service}' stopped ({} shut off); shadows keep standing by", svc.active) },
-                Err(e) => Response::Error { kind: ErrorKind::Failed, message: format!("{e}: {}", crate::error_chain(&e)) },
+            match d
+                .hv()
+                .run("stop", move |hv| {
+                    write_meta(hv, &a, &meta)?;
+                    hv.destroy(&a)
+                })
+                .await
+            {
+                Ok(()) => Response::Ok {
+                    message: format!(
+                        "service '{service}' stopped ({} shut off); shadows keep standing by",
+                        svc.active
+                    ),
+                },
+                Err(e) => Response::Error {
+                    kind: ErrorKind::Failed,
+                    message: format!("{e}: {}", crate::error_chain(&e)),
+                },
             }
         }
         Request::Start { service } => {
-            let Some(svc) = d.services().get(&service).cloned() else { return unknown_service(d, &service) };
-            let meta = member_meta(&service, &svc.class, Role::Primary, shadow_generation(&service, &svc.active).unwrap_or(0), MemberState::Active);
+            let Some(svc) = d.services().get(&service).cloned() else {
+                return unknown_service(d, &service);
+            };
+            let meta = member_meta(
+                &service,
+                &svc.class,
+                Role::Primary,
+                shadow_generation(&service, &svc.active).unwrap_or(0),
+                MemberState::Active,
+            );
             let a = svc.active.clone();
             if let Some(s) = d.services().get_mut(&service) {
                 s.state = ServiceState::Provisioning;
             }
-            match d.hv().run("start", move |hv| {
-                write_meta(hv, &a, &meta)?;
-                if !hv.state(&a)?.is_active() {
-                    hv.start(&a, false)?;
-                }
-                Ok(())
-            }).await {
+            match d
+                .hv()
+                .run("start", move |hv| {
+                    write_meta(hv, &a, &meta)?;
+                    if !hv.state(&a)?.is_active() {
+                        hv.start(&a, false)?;
+                    }
+                    Ok(())
+                })
+                .await
+            {
                 Ok(()) => {
                     refresh_active(d, &service).await;
-                    Response::Ok { message: format!("service '{service}' started on {}", svc.active) }
+                    Response::Ok {
+                        message: format!("service '{service}' started on {}", svc.active),
+                    }
                 }
-                Err(e) => Response::Error { kind: ErrorKind::Failed, message: format!("{e}: {}", crate::error_chain(&e)) },
+                Err(e) => Response::Error {
+                    kind: ErrorKind::Failed,
+                    message: format!("{e}: {}", crate::error_chain(&e)),
+                },
             }
         }
         Request::ShadowRebuild { service } | Request::ShadowReinit { service, .. } => {
-            let Some(svc) = d.services().get(&service).cloned() else { return unknown_service(d, &service) };
+            let Some(svc) = d.services().get(&service).cloned() else {
+                return unknown_service(d, &service);
+            };
             for s in &svc.shadows {
                 remove_shadow(d, &service, &s.name).await;
             }
             if let Some(s) = d.services().get_mut(&service) {
-                if matches!(s.state, ServiceState::Protected | ServiceState::Unprotectable(_)) {
+                if matches!(
+                    s.state,
+                    ServiceState::Protected | ServiceState::Unprotectable(_)
+                ) {
                     s.state = ServiceState::Provisioning;
                 }
             }
             ensure_all_shadows(d);
-            Response::Ok { message: format!("service '{service}': {} shadow(s) removed; new ones are being provisioned", svc.shadows.len()) }
+            Response::Ok {
+                message: format!(
+                    "service '{service}': {} shadow(s) removed; new ones are being provisioned",
+                    svc.shadows.len()
+                ),
+            }
         }
         Request::ReloadConfig => match load_config(&d.config_path) {
             Ok(c) => {
                 *d.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
                 ensure_all_shadows(d);
-                Response::Ok { message: format!("configuration reloaded from {}", d.config_path.display()) }
+                Response::Ok {
+                    message: format!("configuration reloaded from {}", d.config_path.display()),
+                }
             }
             Err(e) => Response::Error {
                 kind: ErrorKind::BadRequest,
-                message: format!("configuration NOT reloaded, the running one stays:\n{e}: {}", crate::error_chain(&e)),
+                message: format!(
+                    "configuration NOT reloaded, the running one stays:\n{e}: {}",
+                    crate::error_chain(&e)
+                ),
             },
         },
         other => Response::Error {
@@ -868,13 +1142,19 @@ async fn wait_failover(d: &Shared, service: &str, previous: Option<u64>) -> Resp
                     return if r.ok {
                         Response::Json(serde_json::to_value(&r).unwrap_or_default())
                     } else {
-                        Response::Error { kind: ErrorKind::Failed, message: r.error.unwrap_or_default() }
+                        Response::Error {
+                            kind: ErrorKind::Failed,
+                            message: r.error.unwrap_or_default(),
+                        }
                     };
                 }
             }
         }
     }
-    Response::Error { kind: ErrorKind::Failed, message: format!("switchover of '{service}' did not finish within 60 s") }
+    Response::Error {
+        kind: ErrorKind::Failed,
+        message: format!("switchover of '{service}' did not finish within 60 s"),
+    }
 }
 
 async fn status(d: &Shared) -> StatusReport {
@@ -883,27 +1163,43 @@ async fn status(d: &Shared) -> StatusReport {
     let connected = listing.is_ok();
     let doms = listing.unwrap_or_default();
     let services = d.services().values().cloned().collect::<Vec<_>>();
-    let beats = d.heartbeats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let beats = d
+        .heartbeats
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let service_status: Vec<ServiceStatus> = services
         .iter()
-        .map(|s| {
-            ServiceStatus {
-                name: s.name.clone(),
-                class: s.class.clone(),
-                state: match &s.state {
-                    ServiceState::Down(r) | ServiceState::Unprotectable(r) => format!("{}: {r}", s.state.label()),
-                    other => other.label().to_string(),
-                },
-                active: Some(s.active.clone()),
-                shadows: s.shadows.iter().map(|x| ShadowStatus { name: x.name.clone(), state: x.state }).collect(),
-                last_failover: s.last_failover.clone(),
-                health: s.health.clone(),
-                last_heartbeat_unix_ms: s.last_heartbeat_unix_ms,
-            }
+        .map(|s| ServiceStatus {
+            name: s.name.clone(),
+            class: s.class.clone(),
+            state: match &s.state {
+                ServiceState::Down(r) | ServiceState::Unprotectable(r) => {
+                    format!("{}: {r}", s.state.label())
+                }
+                other => other.label().to_string(),
+            },
+            active: Some(s.active.clone()),
+            shadows: s
+                .shadows
+                .iter()
+                .map(|x| ShadowStatus {
+                    name: x.name.clone(),
+                    state: x.state,
+                })
+                .collect(),
+            last_failover: s.last_failover.clone(),
+            health: s.health.clone(),
+            last_heartbeat_unix_ms: s.last_heartbeat_unix_ms,
         })
         .collect();
-    d.metrics.set_shadow_states(services.iter().flat_map(|s| s.shadows.iter().map(|x| x.state)));
-    d.metrics.set_service_states(services.iter().map(|s| s.state.label()));
+    d.metrics.set_shadow_states(
+        services
+            .iter()
+            .flat_map(|s| s.shadows.iter().map(|x| x.state)),
+    );
+    d.metrics
+        .set_service_states(services.iter().map(|s| s.state.label()));
     let domains = doms
         .into_iter()
         .map(|dom| {
@@ -913,14 +1209,21 @@ async fn status(d: &Shared) -> StatusReport {
                     if s.active == dom.name {
                         Some(("primary".to_string(), s.name.clone()))
                     } else {
-                        s.shadows.iter().find(|x| x.name == dom.name).map(|_| ("shadow".to_string(), s.name.clone()))
+                        s.shadows
+                            .iter()
+                            .find(|x| x.name == dom.name)
+                            .map(|_| ("shadow".to_string(), s.name.clone()))
                     }
                 })
                 .map(|(r, s)| (Some(r), Some(s)))
                 .unwrap_or((None, None));
             DomainStatus {
                 last_heartbeat_unix_ms: beats.get(&dom.name).copied(),
-                health: if beats.contains_key(&dom.name) { "answering".into() } else { "-".into() },
+                health: if beats.contains_key(&dom.name) {
+                    "answering".into()
+                } else {
+                    "-".into()
+                },
                 name: dom.name,
                 state: dom.state.as_str().to_string(),
                 role,
@@ -942,4 +1245,3 @@ async fn status(d: &Shared) -> StatusReport {
         missed_failovers: 0,
     }
 }
-

@@ -15,6 +15,7 @@
 //! - [`cli`]: the `understudy` command line.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod domain_xml;
@@ -25,7 +26,6 @@ pub mod net;
 pub mod probe;
 pub mod profile;
 pub mod state;
-pub mod cli;
 
 /// Formats an error's chain of sources as `cause: cause: ...`, for logs and replies that must
 /// show the root of a failure on one line.

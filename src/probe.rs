@@ -36,11 +36,15 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Option<Strin
     let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
     s.set_write_timeout(Some(timeout)).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
     let mut buf = Vec::new();
     s.take(64 * 1024).read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf);
-    let status_ok = text.split_whitespace().nth(1).is_some_and(|c| c.starts_with('2'));
+    let status_ok = text
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|c| c.starts_with('2'));
     if !status_ok {
         return None;
     }
@@ -78,7 +82,10 @@ pub fn run(
                 }
             }
             if last_body.as_deref() != Some(body.as_str()) {
-                let a = Answer { at_ms: now, body: body.clone() };
+                let a = Answer {
+                    at_ms: now,
+                    body: body.clone(),
+                };
                 on_change(&a, gap);
                 report.changes.push(a);
                 last_body = Some(body);
@@ -116,9 +123,14 @@ mod tests {
     fn records_changes_of_the_answering_guest() {
         let addr = serve(vec!["a", "a", "b"]);
         let mut seen = Vec::new();
-        let r = run(addr, "/", Duration::from_millis(1), Duration::from_millis(500), Duration::from_millis(200), |a, _| {
-            seen.push(a.body.clone())
-        });
+        let r = run(
+            addr,
+            "/",
+            Duration::from_millis(1),
+            Duration::from_millis(500),
+            Duration::from_millis(200),
+            |a, _| seen.push(a.body.clone()),
+        );
         assert_eq!(seen, vec!["a", "b"]);
         assert!(r.answered >= 3);
         assert_eq!(r.changes.len(), 2);
@@ -137,6 +149,13 @@ mod tests {
         });
         assert_eq!(http_get(addr, "/", Duration::from_millis(500)), None);
         // Nobody listens on port 1 of loopback.
-        assert_eq!(http_get("127.0.0.1:1".parse().unwrap(), "/", Duration::from_millis(200)), None);
+        assert_eq!(
+            http_get(
+                "127.0.0.1:1".parse().unwrap(),
+                "/",
+                Duration::from_millis(200)
+            ),
+            None
+        );
     }
 }

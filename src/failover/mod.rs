@@ -200,12 +200,18 @@ pub struct StepClock {
 impl StepClock {
     /// Starts the clock at `start` (e.g. the moment the failure was detected).
     pub fn starting_at(start: std::time::Instant) -> Self {
-        StepClock { start, steps: Vec::new() }
+        StepClock {
+            start,
+            steps: Vec::new(),
+        }
     }
 
     /// Records a step that took `elapsed`.
     pub fn record(&mut self, name: &str, elapsed: Duration) {
-        self.steps.push(StepTiming { name: name.to_string(), ms: elapsed.as_secs_f64() * 1000.0 });
+        self.steps.push(StepTiming {
+            name: name.to_string(),
+            ms: elapsed.as_secs_f64() * 1000.0,
+        });
     }
 
     /// Milliseconds since the start.

@@ -46,7 +46,10 @@ impl Trigger {
 
     /// Whether the old primary's QEMU is already known to be gone.
     fn primary_known_dead(self) -> bool {
-        matches!(self, Trigger::Pidfd | Trigger::Lifecycle | Trigger::Recovery)
+        matches!(
+            self,
+            Trigger::Pidfd | Trigger::Lifecycle | Trigger::Recovery
+        )
     }
 }
 
@@ -87,7 +90,11 @@ fn ignore_missing_link(r: Result<(), NetError>) -> Result<(), NetError> {
 }
 
 /// Runs the pipeline. On error the record says how far it got.
-pub async fn promote(hv: &Hypervisor, net: &Netlink, p: Promotion) -> Result<Promoted, (FailoverRecord, FailoverError)> {
+pub async fn promote(
+    hv: &Hypervisor,
+    net: &Netlink,
+    p: Promotion,
+) -> Result<Promoted, (FailoverRecord, FailoverError)> {
     let mut clock = StepClock::starting_at(p.detected_at);
     let at_unix_ms = now_unix_ms();
     let span = tracing::info_span!("promote", service = %p.service, from = %p.old_primary, to = %p.shadow.name, trigger = p.trigger.label());
@@ -120,7 +127,12 @@ pub async fn promote(hv: &Hypervisor, net: &Netlink, p: Promotion) -> Result<Pro
     }
 }
 
-async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut StepClock) -> Result<Vec<TapBinding>, FailoverError> {
+async fn run_steps(
+    hv: &Hypervisor,
+    net: &Netlink,
+    p: &Promotion,
+    clock: &mut StepClock,
+) -> Result<Vec<TapBinding>, FailoverError> {
     // 1. Fence. A dead QEMU is already fenced; still cut any tap it left so no stale port
     //    keeps the MAC. A live (hung or switched-over) primary is cut off the bridge, and the
     //    cut is read back before anything else happens.
@@ -128,7 +140,10 @@ async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut St
     for b in &p.old_taps {
         ignore_missing_link(net.set_nomaster(&b.tap).await)
             .and(ignore_missing_link(net.set_down(&b.tap).await))
-            .map_err(|source| FailoverError::Net { step: "fence: cut old primary's tap", source })?;
+            .map_err(|source| FailoverError::Net {
+                step: "fence: cut old primary's tap",
+                source,
+            })?;
     }
     if !p.trigger.primary_known_dead() {
         for b in &p.old_taps {
@@ -140,7 +155,12 @@ async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut St
                         why: format!("tap {} is still on {master}", b.tap),
                     })
                 }
-                Err(source) => return Err(FailoverError::Net { step: "fence: confirm", source }),
+                Err(source) => {
+                    return Err(FailoverError::Net {
+                        step: "fence: confirm",
+                        source,
+                    })
+                }
             }
         }
         // Freeze it too, so a hung guest that wakes up cannot write to shared resources.
@@ -157,12 +177,22 @@ async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut St
         .map(|(mac, tap)| TapBinding {
             mac: mac.clone(),
             tap: tap.clone(),
-            bridge: p.old_taps.iter().find(|b| &b.mac == mac).and_then(|b| b.bridge.clone()),
+            bridge: p
+                .old_taps
+                .iter()
+                .find(|b| &b.mac == mac)
+                .and_then(|b| b.bridge.clone()),
         })
         .collect();
     let shadow = p.shadow.name.clone();
     let journal = {
-        let mut m = member_meta(&p.service, &p.class, Role::Shadow, p.shadow_generation, MemberState::Promoting);
+        let mut m = member_meta(
+            &p.service,
+            &p.class,
+            Role::Shadow,
+            p.shadow_generation,
+            MemberState::Promoting,
+        );
         m.journal = Some(format!("promoting; replaces {}", p.old_primary));
         m
     };
@@ -173,7 +203,10 @@ async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut St
             let r = hv
                 .run("resume shadow", move |hv| hv.resume(&shadow))
                 .await
-                .map_err(|source| FailoverError::Libvirt { step: "resume", source });
+                .map_err(|source| FailoverError::Libvirt {
+                    step: "resume",
+                    source,
+                });
             (r, t.elapsed())
         }
     };
@@ -185,7 +218,10 @@ async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut St
                 let Some(bridge) = &b.bridge else { continue };
                 net.enslave_and_up(&b.tap, bridge)
                     .await
-                    .map_err(|source| FailoverError::Net { step: "rewire: enslave shadow tap", source })
+                    .map_err(|source| FailoverError::Net {
+                        step: "rewire: enslave shadow tap",
+                        source,
+                    })
                     .map_err(|e| (e, t.elapsed()))?;
             }
             Ok::<_, (FailoverError, std::time::Duration)>(t.elapsed())
@@ -194,7 +230,8 @@ async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut St
     let journal_write = {
         let shadow = shadow.clone();
         async move {
-            hv.run("journal", move |hv| write_meta(hv, &shadow, &journal)).await
+            hv.run("journal", move |hv| write_meta(hv, &shadow, &journal))
+                .await
         }
     };
     let iface_xml = {
@@ -204,13 +241,16 @@ async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut St
             hv.run("read shadow XML", move |hv| {
                 let xml = hv.xml(&shadow, true)?;
                 Ok(DomainXml::parse(&xml).ok().map(|d| {
-                    macs.iter().filter_map(|m| d.interface_xml_with_link(m, true)).collect::<Vec<_>>()
+                    macs.iter()
+                        .filter_map(|m| d.interface_xml_with_link(m, true))
+                        .collect::<Vec<_>>()
                 }))
             })
             .await
         }
     };
-    let ((resumed, resume_took), rewired, journaled, ifaces) = tokio::join!(resume, rewire, journal_write, iface_xml);
+    let ((resumed, resume_took), rewired, journaled, ifaces) =
+        tokio::join!(resume, rewire, journal_write, iface_xml);
     clock.record("resume", resume_took);
     resumed?;
     match rewired {
@@ -227,7 +267,10 @@ async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut St
     // 3. Link up, then make the network learn the MAC's new port.
     let t = Instant::now();
     let ifaces = ifaces
-        .map_err(|source| FailoverError::Libvirt { step: "read shadow XML", source })?
+        .map_err(|source| FailoverError::Libvirt {
+            step: "read shadow XML",
+            source,
+        })?
         .unwrap_or_default();
     let s = shadow.clone();
     hv.run("link up", move |hv| {
@@ -237,11 +280,15 @@ async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut St
         Ok(())
     })
     .await
-    .map_err(|source| FailoverError::Libvirt { step: "link up", source })?;
+    .map_err(|source| FailoverError::Libvirt {
+        step: "link up",
+        source,
+    })?;
     clock.record("link_up", t.elapsed());
     let t = Instant::now();
     let s = shadow.clone();
-    let announce = r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":5,"step":100}}"#;
+    let announce =
+        r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":5,"step":100}}"#;
     if let Err(e) = hv.run("announce", move |hv| hv.qmp(&s, announce)).await {
         // Frames to an unknown MAC are flooded by the bridge anyway; log and go on.
         tracing::warn!(error = %e, "announce-self failed");
@@ -250,7 +297,13 @@ async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut St
 
     // 4. Roles: the shadow is the primary now; the old one is retired and fenced.
     let t = Instant::now();
-    let new_meta = member_meta(&p.service, &p.class, Role::Primary, p.shadow_generation, MemberState::Active);
+    let new_meta = member_meta(
+        &p.service,
+        &p.class,
+        Role::Primary,
+        p.shadow_generation,
+        MemberState::Active,
+    );
     let old_meta = member_meta(&p.service, &p.class, Role::Retired, 0, MemberState::Fenced);
     let (old, new) = (p.old_primary.clone(), shadow.clone());
     let kill_old = !p.trigger.primary_known_dead();
@@ -266,8 +319,10 @@ async fn run_steps(hv: &Hypervisor, net: &Netlink, p: &Promotion, clock: &mut St
         }
     })
     .await
-    .map_err(|source| FailoverError::Libvirt { step: "metadata", source })?;
+    .map_err(|source| FailoverError::Libvirt {
+        step: "metadata",
+        source,
+    })?;
     clock.record("metadata", t.elapsed());
     Ok(bindings)
 }
-

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::protocol::ShadowState;
 use crate::domain_xml::{
-    shadow_spec, DiskDevice, DiskKind, DomainXml, MemberState, Role, ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
+    shadow_spec, DomainXml, MemberState, Role, ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
 };
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
@@ -43,11 +43,20 @@ pub fn shadow_name(service: &str, generation: u64) -> String {
 
 /// Parses the generation out of a shadow name of `service`.
 pub fn shadow_generation(service: &str, name: &str) -> Option<u64> {
-    name.strip_prefix(service)?.strip_prefix("-shadow-")?.parse().ok()
+    name.strip_prefix(service)?
+        .strip_prefix("-shadow-")?
+        .parse()
+        .ok()
 }
 
 /// Metadata for a member of a service.
-pub fn member_meta(service: &str, class: &str, role: Role, generation: u64, state: MemberState) -> UnderstudyMeta {
+pub fn member_meta(
+    service: &str,
+    class: &str,
+    role: Role,
+    generation: u64,
+    state: MemberState,
+) -> UnderstudyMeta {
     UnderstudyMeta {
         service: service.to_string(),
         class: class.to_string(),
@@ -59,7 +68,11 @@ pub fn member_meta(service: &str, class: &str, role: Role, generation: u64, stat
 }
 
 /// Writes `meta` into a domain's libvirt metadata (live and persistent).
-pub fn write_meta(hv: &Hypervisor, domain: &str, meta: &UnderstudyMeta) -> Result<(), LibvirtError> {
+pub fn write_meta(
+    hv: &Hypervisor,
+    domain: &str,
+    meta: &UnderstudyMeta,
+) -> Result<(), LibvirtError> {
     hv.set_metadata(domain, &meta.to_element_xml(), META_PREFIX, META_NS)
 }
 
@@ -68,22 +81,30 @@ pub fn write_meta(hv: &Hypervisor, domain: &str, meta: &UnderstudyMeta) -> Resul
 pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, FailoverError> {
     let xml = hv
         .xml(&req.primary, true)
-        .map_err(|source| FailoverError::Libvirt { step: "read primary XML", source })?;
-    let primary = DomainXml::parse(&xml)
-        .map_err(|source| FailoverError::Xml { domain: req.primary.clone(), source })?;
+        .map_err(|source| FailoverError::Libvirt {
+            step: "read primary XML",
+            source,
+        })?;
+    let primary = DomainXml::parse(&xml).map_err(|source| FailoverError::Xml {
+        domain: req.primary.clone(),
+        source,
+    })?;
     let vcpus = primary.vcpus();
     let mem = primary.memory_kib();
     let disk_dir = req.state_dir.join("disks");
     let console_dir = req.state_dir.join("consoles");
     for dir in [&disk_dir, &console_dir] {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| FailoverError::Spawn { program: "mkdir", source })?;
+        std::fs::create_dir_all(dir).map_err(|source| FailoverError::Spawn {
+            program: "mkdir",
+            source,
+        })?;
     }
     let mut disk_overlays = std::collections::BTreeMap::new();
     let mut images = Vec::new();
     for disk in primary.disks() {
-        let writable_file = disk.kind == DiskKind::File && !disk.readonly && disk.device == DiskDevice::Disk;
-        let Some(source) = disk.source.clone().filter(|_| writable_file) else { continue };
+        let Some(source) = disk.source.clone().filter(|_| disk.needs_overlay()) else {
+            continue;
+        };
         let overlay = disk_dir.join(format!("{}-{}.qcow2", req.name, disk.target_dev));
         disk_overlays.insert(disk.target_dev.clone(), overlay.clone());
         images.push((PathBuf::from(source), disk.target_dev.clone(), overlay));
@@ -96,11 +117,19 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
         vcpu_max: vcpus.max.max(vcpus.current.saturating_mul(2)).max(1),
         memory_max_kib: mem.max_kib.max(mem.current_kib.saturating_mul(3) / 2),
         console_dir,
-        meta: member_meta(&req.service, &req.class, Role::Shadow, req.generation, MemberState::Booting),
+        meta: member_meta(
+            &req.service,
+            &req.class,
+            Role::Shadow,
+            req.generation,
+            MemberState::Booting,
+        ),
     };
     // Validate the clone before touching any disk, so a refused spec leaves nothing behind.
-    let shadow = shadow_spec(&primary, &plan)
-        .map_err(|source| FailoverError::Clone { domain: req.primary.clone(), source })?;
+    let shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
+        domain: req.primary.clone(),
+        source,
+    })?;
     for (image, target, overlay) in images {
         let base = backing_for_shadows(&image, &disk_dir, &req.service, &target)?;
         create_overlay(&base, &overlay)?;
@@ -109,51 +138,104 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
 }
 
 /// Creates, boots, isolates and pauses one shadow.
-pub async fn provision(hv: &Hypervisor, net: &Netlink, req: ShadowRequest) -> Result<Shadow, FailoverError> {
+pub async fn provision(
+    hv: &Hypervisor,
+    net: &Netlink,
+    req: ShadowRequest,
+) -> Result<Shadow, FailoverError> {
     let started = Instant::now();
     let r = req.clone();
     let name = hv
         .blocking("define shadow", move |hv| {
             let xml = build_shadow_xml(hv, &r)?;
-            let name = hv.define(&xml).map_err(|source| FailoverError::Libvirt { step: "define shadow", source })?;
-            hv.start(&name, false).map_err(|source| FailoverError::Libvirt { step: "start shadow", source })?;
+            let name = hv.define(&xml).map_err(|source| FailoverError::Libvirt {
+                step: "define shadow",
+                source,
+            })?;
+            hv.start(&name, false)
+                .map_err(|source| FailoverError::Libvirt {
+                    step: "start shadow",
+                    source,
+                })?;
             Ok::<_, FailoverError>(name)
         })
         .await
-        .map_err(|source| FailoverError::Libvirt { step: "define shadow", source })??;
+        .map_err(|source| FailoverError::Libvirt {
+            step: "define shadow",
+            source,
+        })??;
     // The NICs start with link down (no frames in or out); also take the taps off the bridge
     // so a standing-by shadow cannot be reached even if its link state were flipped.
     let taps = live_taps(hv, &name).await?;
     for (_, tap) in &taps {
         isolate_tap(net, tap).await?;
     }
-    wait_for_agent(hv, &name, req.boot_timeout, req.agent_timeout, req.agent_max_reply).await?;
+    wait_for_agent(
+        hv,
+        &name,
+        req.boot_timeout,
+        req.agent_timeout,
+        req.agent_max_reply,
+    )
+    .await?;
     let n = name.clone();
-    let meta = member_meta(&req.service, &req.class, Role::Shadow, req.generation, MemberState::Paused);
+    let meta = member_meta(
+        &req.service,
+        &req.class,
+        Role::Shadow,
+        req.generation,
+        MemberState::Paused,
+    );
     hv.run("pause shadow", move |hv| {
         hv.suspend(&n)?;
         write_meta(hv, &n, &meta)
     })
     .await
-    .map_err(|source| FailoverError::Libvirt { step: "pause shadow", source })?;
+    .map_err(|source| FailoverError::Libvirt {
+        step: "pause shadow",
+        source,
+    })?;
     tracing::info!(service = %req.service, shadow = %name, ms = started.elapsed().as_millis() as u64, "shadow paused and ready");
-    Ok(Shadow { name, state: ShadowState::Paused, taps })
+    Ok(Shadow {
+        name,
+        state: ShadowState::Paused,
+        taps,
+    })
 }
 
 /// Takes a tap off its bridge and sets it down.
 pub async fn isolate_tap(net: &Netlink, tap: &str) -> Result<(), FailoverError> {
-    net.set_nomaster(tap).await.map_err(|source| FailoverError::Net { step: "detach shadow tap", source })?;
-    net.set_down(tap).await.map_err(|source| FailoverError::Net { step: "down shadow tap", source })
+    net.set_nomaster(tap)
+        .await
+        .map_err(|source| FailoverError::Net {
+            step: "detach shadow tap",
+            source,
+        })?;
+    net.set_down(tap)
+        .await
+        .map_err(|source| FailoverError::Net {
+            step: "down shadow tap",
+            source,
+        })
 }
 
 /// (MAC, tap) pairs of a running domain, from its live XML.
-pub async fn live_taps(hv: &Hypervisor, domain: &str) -> Result<Vec<(String, String)>, FailoverError> {
+pub async fn live_taps(
+    hv: &Hypervisor,
+    domain: &str,
+) -> Result<Vec<(String, String)>, FailoverError> {
     let d = domain.to_string();
     let xml = hv
         .run("read live XML", move |hv| hv.xml(&d, false))
         .await
-        .map_err(|source| FailoverError::Libvirt { step: "read live XML", source })?;
-    let parsed = DomainXml::parse(&xml).map_err(|source| FailoverError::Xml { domain: domain.to_string(), source })?;
+        .map_err(|source| FailoverError::Libvirt {
+            step: "read live XML",
+            source,
+        })?;
+    let parsed = DomainXml::parse(&xml).map_err(|source| FailoverError::Xml {
+        domain: domain.to_string(),
+        source,
+    })?;
     Ok(parsed.live_interface_taps())
 }
 
@@ -169,14 +251,20 @@ pub async fn wait_for_agent(
     loop {
         let d = domain.to_string();
         let answered = hv
-            .run("guest-ping", move |hv| hv.agent_command(&d, r#"{"execute":"guest-ping"}"#, per_try, max_reply))
+            .run("guest-ping", move |hv| {
+                hv.agent_command(&d, r#"{"execute":"guest-ping"}"#, per_try, max_reply)
+            })
             .await
             .is_ok();
         if answered {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(FailoverError::Timeout { shadow: domain.to_string(), what: "answer guest-ping", timeout: limit });
+            return Err(FailoverError::Timeout {
+                shadow: domain.to_string(),
+                what: "answer guest-ping",
+                timeout: limit,
+            });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -186,7 +274,12 @@ pub async fn wait_for_agent(
 /// a stable backing file, which is what shadows share. A standalone image is written live by
 /// the primary and must never back another image, so it is copied once per service into a
 /// base (crash-consistent, like a power cut) that the service's shadows then share.
-fn backing_for_shadows(image: &Path, disk_dir: &Path, service: &str, target: &str) -> Result<PathBuf, FailoverError> {
+fn backing_for_shadows(
+    image: &Path,
+    disk_dir: &Path,
+    service: &str,
+    target: &str,
+) -> Result<PathBuf, FailoverError> {
     let info = qemu_img_info(image)?;
     if let Some(backing) = info
         .get("full-backing-filename")
@@ -201,15 +294,29 @@ fn backing_for_shadows(image: &Path, disk_dir: &Path, service: &str, target: &st
         run_qemu_img(
             "convert",
             image,
-            &["convert", "-U", "-O", "qcow2", &image.to_string_lossy(), &tmp.to_string_lossy()],
+            &[
+                "convert",
+                "-U",
+                "-O",
+                "qcow2",
+                &image.to_string_lossy(),
+                &tmp.to_string_lossy(),
+            ],
         )?;
-        std::fs::rename(&tmp, &base).map_err(|source| FailoverError::Spawn { program: "rename", source })?;
+        std::fs::rename(&tmp, &base).map_err(|source| FailoverError::Spawn {
+            program: "rename",
+            source,
+        })?;
     }
     Ok(base)
 }
 
 fn qemu_img_info(image: &Path) -> Result<serde_json::Value, FailoverError> {
-    let out = run_qemu_img("info", image, &["info", "-U", "--output=json", &image.to_string_lossy()])?;
+    let out = run_qemu_img(
+        "info",
+        image,
+        &["info", "-U", "--output=json", &image.to_string_lossy()],
+    )?;
     serde_json::from_slice(&out).map_err(|e| FailoverError::QemuImg {
         action: "info",
         path: image.display().to_string(),
@@ -225,25 +332,49 @@ fn create_overlay(base: &Path, overlay: &Path) -> Result<(), FailoverError> {
         .to_string();
     if overlay.exists() {
         // A leftover from an interrupted provisioning of the same shadow name: start clean.
-        std::fs::remove_file(overlay).map_err(|source| FailoverError::Spawn { program: "rm", source })?;
+        std::fs::remove_file(overlay).map_err(|source| FailoverError::Spawn {
+            program: "rm",
+            source,
+        })?;
     }
     run_qemu_img(
         "create",
         overlay,
-        &["create", "-q", "-f", "qcow2", "-F", &fmt, "-b", &base.to_string_lossy(), &overlay.to_string_lossy()],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            &fmt,
+            "-b",
+            &base.to_string_lossy(),
+            &overlay.to_string_lossy(),
+        ],
     )?;
     Ok(())
 }
 
-fn run_qemu_img(action: &'static str, path: &Path, args: &[&str]) -> Result<Vec<u8>, FailoverError> {
+fn run_qemu_img(
+    action: &'static str,
+    path: &Path,
+    args: &[&str],
+) -> Result<Vec<u8>, FailoverError> {
     let out = std::process::Command::new("qemu-img")
         .args(args)
         .output()
-        .map_err(|source| FailoverError::Spawn { program: "qemu-img", source })?;
+        .map_err(|source| FailoverError::Spawn {
+            program: "qemu-img",
+            source,
+        })?;
     if !out.status.success() {
         let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         stderr.truncate(512);
-        return Err(FailoverError::QemuImg { action, path: path.display().to_string(), stderr });
+        return Err(FailoverError::QemuImg {
+            action,
+            path: path.display().to_string(),
+            stderr,
+        });
     }
     Ok(out.stdout)
 }
@@ -256,7 +387,14 @@ pub fn new_uuid() -> String {
             // Only reached without /proc: derive one from time and pid.
             let n = super::now_unix_ms() as u128 ^ ((std::process::id() as u128) << 64);
             let h = format!("{n:032x}");
-            format!("{}-{}-4{}-8{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+            format!(
+                "{}-{}-4{}-8{}-{}",
+                &h[0..8],
+                &h[8..12],
+                &h[13..16],
+                &h[17..20],
+                &h[20..32]
+            )
         })
 }
 
@@ -284,7 +422,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.qcow2");
         let primary = dir.path().join("primary.qcow2");
-        run_qemu_img("create", &base, &["create", "-q", "-f", "qcow2", &base.to_string_lossy(), "16M"]).unwrap();
+        run_qemu_img(
+            "create",
+            &base,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                &base.to_string_lossy(),
+                "16M",
+            ],
+        )
+        .unwrap();
         create_overlay(&base, &primary).unwrap();
         let b = backing_for_shadows(&primary, dir.path(), "svc", "vda").unwrap();
         assert_eq!(b, base);
@@ -295,6 +445,9 @@ mod tests {
         let overlay = dir.path().join("shadow.qcow2");
         create_overlay(&b2, &overlay).unwrap();
         let info = qemu_img_info(&overlay).unwrap();
-        assert_eq!(info["backing-filename"].as_str().unwrap(), b2.to_string_lossy());
+        assert_eq!(
+            info["backing-filename"].as_str().unwrap(),
+            b2.to_string_lossy()
+        );
     }
 }

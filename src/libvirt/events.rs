@@ -65,7 +65,9 @@ impl LifecycleEvent {
     pub fn is_failure(self) -> bool {
         matches!(
             self,
-            LifecycleEvent::StoppedCrashed | LifecycleEvent::StoppedFailed | LifecycleEvent::Crashed
+            LifecycleEvent::StoppedCrashed
+                | LifecycleEvent::StoppedFailed
+                | LifecycleEvent::Crashed
         )
     }
 }
@@ -130,7 +132,10 @@ impl EventLoop {
         });
         match result {
             Ok(()) => Ok(EventLoop { _private: () }),
-            Err(_) => Err(LibvirtError::Events { what: "register the default event loop", source: None }),
+            Err(_) => Err(LibvirtError::Events {
+                what: "register the default event loop",
+                source: None,
+            }),
         }
     }
 }
@@ -153,7 +158,9 @@ unsafe fn domain_name(dom: sys::virDomainPtr) -> String {
         return String::from("<unnamed>");
     }
     // SAFETY: libvirt returns a NUL-terminated string that lives as long as `dom`.
-    unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(ptr) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 unsafe extern "C" fn on_lifecycle(
@@ -168,7 +175,10 @@ unsafe extern "C" fn on_lifecycle(
     let sink = unsafe { &*(opaque as *const Sink) };
     // SAFETY: libvirt passes a valid domain for the duration of the callback.
     let domain = unsafe { domain_name(dom) };
-    let _ = sink.tx.send(DomainEvent::Lifecycle { domain, event: LifecycleEvent::from_raw(event, detail) });
+    let _ = sink.tx.send(DomainEvent::Lifecycle {
+        domain,
+        event: LifecycleEvent::from_raw(event, detail),
+    });
 }
 
 unsafe extern "C" fn on_agent_lifecycle(
@@ -222,8 +232,16 @@ pub(super) fn register(
 ) -> Result<Vec<i32>, LibvirtError> {
     let mut ids = Vec::new();
     let domain_callbacks: [(sys::virDomainEventID, FourArgCallback, &'static str); 2] = [
-        (sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, "lifecycle callback"),
-        (sys::VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, on_agent_lifecycle, "agent lifecycle callback"),
+        (
+            sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+            on_lifecycle,
+            "lifecycle callback",
+        ),
+        (
+            sys::VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
+            on_agent_lifecycle,
+            "agent lifecycle callback",
+        ),
     ];
     for (id, cb, what) in domain_callbacks {
         let opaque = Box::into_raw(Box::new(Sink { tx: tx.clone() })) as *mut c_void;
@@ -231,7 +249,10 @@ pub(super) fn register(
         // and calls it back with the signature the event id implies (the VIR_DOMAIN_EVENT_CALLBACK
         // cast in C); both functions have exactly the signature for their id.
         let generic: sys::virConnectDomainEventGenericCallback = Some(unsafe {
-            std::mem::transmute::<FourArgCallback, unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void)>(cb)
+            std::mem::transmute::<
+                FourArgCallback,
+                unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+            >(cb)
         });
         // SAFETY: the connection pointer is valid; `opaque` is a leaked Box that libvirt owns
         // from here and frees through `free_sink`.
@@ -248,7 +269,10 @@ pub(super) fn register(
         if rc < 0 {
             // SAFETY: registration failed, so libvirt did not take ownership of `opaque`.
             drop(unsafe { Box::from_raw(opaque as *mut Sink) });
-            return Err(LibvirtError::Events { what, source: Some(virt::error::Error::last_error()) });
+            return Err(LibvirtError::Events {
+                what,
+                source: Some(virt::error::Error::last_error()),
+            });
         }
         ids.push(rc);
     }
@@ -269,7 +293,10 @@ pub(super) fn register(
 }
 
 /// Bulk stats of one domain via virDomainListGetStats.
-pub(super) fn domain_stats(_conn: &Connect, dom: &Domain) -> Result<DomainStats, virt::error::Error> {
+pub(super) fn domain_stats(
+    _conn: &Connect,
+    dom: &Domain,
+) -> Result<DomainStats, virt::error::Error> {
     let stats_kinds = sys::VIR_DOMAIN_STATS_CPU_TOTAL
         | sys::VIR_DOMAIN_STATS_BALLOON
         | sys::VIR_DOMAIN_STATS_VCPU
@@ -296,7 +323,8 @@ pub(super) fn domain_stats(_conn: &Connect, dom: &Domain) -> Result<DomainStats,
         };
         for p in params {
             // SAFETY: `field` is a NUL-terminated C string inside the fixed-size array.
-            let field = unsafe { CStr::from_ptr(p.field.as_ptr() as *const c_char) }.to_string_lossy();
+            let field =
+                unsafe { CStr::from_ptr(p.field.as_ptr() as *const c_char) }.to_string_lossy();
             let value = typed_u64(p);
             apply_stat(&mut out, &field, value);
         }
@@ -353,7 +381,11 @@ mod tests {
         );
         assert!(LifecycleEvent::StoppedFailed.is_failure());
         assert!(LifecycleEvent::StoppedCrashed.is_failure());
-        assert!(!LifecycleEvent::from_raw(stopped, sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED as c_int).is_failure());
+        assert!(!LifecycleEvent::from_raw(
+            stopped,
+            sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED as c_int
+        )
+        .is_failure());
         assert!(!LifecycleEvent::StoppedShutdown.is_failure());
     }
 

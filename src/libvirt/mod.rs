@@ -145,7 +145,10 @@ impl RunState {
 
     /// True when a QEMU process exists for the domain.
     pub fn is_active(self) -> bool {
-        !matches!(self, RunState::Shutoff | RunState::Crashed | RunState::Unknown)
+        !matches!(
+            self,
+            RunState::Shutoff | RunState::Crashed | RunState::Unknown
+        )
     }
 
     /// Lowercase name, as shown by `status`.
@@ -242,7 +245,10 @@ impl Hypervisor {
             source,
         })?;
         conn.set_keep_alive(keepalive_interval_s as i32, keepalive_count)
-            .map_err(|source| LibvirtError::Connection { op: "set keepalive", source })?;
+            .map_err(|source| LibvirtError::Connection {
+                op: "set keepalive",
+                source,
+            })?;
         Ok(Hypervisor {
             inner: Arc::new(Inner {
                 conn,
@@ -304,22 +310,34 @@ impl Hypervisor {
 
     /// Looks a domain up by name.
     pub fn lookup(&self, name: &str) -> Result<Domain, LibvirtError> {
-        self.inner.conn.lookup_domain_by_name(name).map_err(|source| {
-            if source.code().is(ErrorNumber::NoDomain) {
-                LibvirtError::NoSuchDomain { name: name.to_string() }
-            } else {
-                LibvirtError::Domain { op: "lookup", domain: name.to_string(), source }
-            }
-        })
+        self.inner
+            .conn
+            .lookup_domain_by_name(name)
+            .map_err(|source| {
+                if source.code().is(ErrorNumber::NoDomain) {
+                    LibvirtError::NoSuchDomain {
+                        name: name.to_string(),
+                    }
+                } else {
+                    LibvirtError::Domain {
+                        op: "lookup",
+                        domain: name.to_string(),
+                        source,
+                    }
+                }
+            })
     }
 
     /// Lists every domain, running or defined.
     pub fn list(&self) -> Result<Vec<DomainSummary>, LibvirtError> {
-        let doms = self
-            .inner
-            .conn
-            .list_all_domains(0)
-            .map_err(|source| LibvirtError::Connection { op: "list domains", source })?;
+        let doms =
+            self.inner
+                .conn
+                .list_all_domains(0)
+                .map_err(|source| LibvirtError::Connection {
+                    op: "list domains",
+                    source,
+                })?;
         let mut out = Vec::with_capacity(doms.len());
         for d in doms {
             // A domain may vanish between listing and asking: skip it rather than fail.
@@ -344,32 +362,48 @@ impl Hypervisor {
     /// The domain XML: live (`inactive == false`) or the persistent definition.
     pub fn xml(&self, name: &str, inactive: bool) -> Result<String, LibvirtError> {
         let d = self.lookup(name)?;
-        let flags = if inactive { sys::VIR_DOMAIN_XML_INACTIVE } else { 0 };
-        d.xml_desc(flags).map_err(|source| dom_err("dumpxml", name, source))
+        let flags = if inactive {
+            sys::VIR_DOMAIN_XML_INACTIVE
+        } else {
+            0
+        };
+        d.xml_desc(flags)
+            .map_err(|source| dom_err("dumpxml", name, source))
     }
 
     /// Defines (persistently) a domain from XML; returns its name.
     pub fn define(&self, xml: &str) -> Result<String, LibvirtError> {
-        let d = self
-            .inner
-            .conn
-            .define_domain_xml(xml)
-            .map_err(|source| LibvirtError::Connection { op: "define domain", source })?;
-        d.name()
-            .map_err(|source| LibvirtError::Connection { op: "read defined domain name", source })
+        let d =
+            self.inner
+                .conn
+                .define_domain_xml(xml)
+                .map_err(|source| LibvirtError::Connection {
+                    op: "define domain",
+                    source,
+                })?;
+        d.name().map_err(|source| LibvirtError::Connection {
+            op: "read defined domain name",
+            source,
+        })
     }
 
     /// Starts a defined domain, optionally paused from the first instruction.
     pub fn start(&self, name: &str, paused: bool) -> Result<(), LibvirtError> {
         let d = self.lookup(name)?;
-        let flags = if paused { sys::VIR_DOMAIN_START_PAUSED } else { 0 };
-        d.create_with_flags(flags).map_err(|source| dom_err("start", name, source))
+        let flags = if paused {
+            sys::VIR_DOMAIN_START_PAUSED
+        } else {
+            0
+        };
+        d.create_with_flags(flags)
+            .map_err(|source| dom_err("start", name, source))
     }
 
     /// Pauses a running domain.
     pub fn suspend(&self, name: &str) -> Result<(), LibvirtError> {
         let d = self.lookup(name)?;
-        d.suspend().map_err(|source| dom_err("suspend", name, source))
+        d.suspend()
+            .map_err(|source| dom_err("suspend", name, source))
     }
 
     /// Resumes a paused domain.
@@ -392,7 +426,8 @@ impl Hypervisor {
     /// start restores from it.
     pub fn managed_save(&self, name: &str) -> Result<(), LibvirtError> {
         let d = self.lookup(name)?;
-        d.managed_save(0).map_err(|source| dom_err("managed save", name, source))
+        d.managed_save(0)
+            .map_err(|source| dom_err("managed save", name, source))
     }
 
     /// Removes a domain's definition (and managed save). Must be shut off first.
@@ -479,12 +514,17 @@ impl Hypervisor {
     /// Sends one QMP command to the domain's QEMU monitor (e.g. `announce-self`).
     pub fn qmp(&self, name: &str, json: &str) -> Result<String, LibvirtError> {
         let d = self.lookup(name)?;
-        d.qemu_monitor_command(json, 0).map_err(|source| dom_err("QMP command", name, source))
+        d.qemu_monitor_command(json, 0)
+            .map_err(|source| dom_err("QMP command", name, source))
     }
 
     /// Updates a device (e.g. an `<interface>` with a new link state) in the live domain and,
     /// when the domain is persistent, in its definition too.
-    pub fn update_device_live_and_config(&self, name: &str, device_xml: &str) -> Result<(), LibvirtError> {
+    pub fn update_device_live_and_config(
+        &self,
+        name: &str,
+        device_xml: &str,
+    ) -> Result<(), LibvirtError> {
         let d = self.lookup(name)?;
         let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
         if d.is_persistent().unwrap_or(false) {
@@ -514,14 +554,17 @@ impl Hypervisor {
         let vcpus = d
             .vcpus_flags(sys::VIR_DOMAIN_AFFECT_LIVE)
             .map_err(|source| dom_err("get vcpus", name, source))?;
-        let info = d.info().map_err(|source| dom_err("get info", name, source))?;
+        let info = d
+            .info()
+            .map_err(|source| dom_err("get info", name, source))?;
         Ok((vcpus, info.memory))
     }
 
     /// Bulk statistics of one running domain.
     pub fn stats(&self, name: &str) -> Result<DomainStats, LibvirtError> {
         let d = self.lookup(name)?;
-        events::domain_stats(&self.inner.conn, &d).map_err(|source| dom_err("get stats", name, source))
+        events::domain_stats(&self.inner.conn, &d)
+            .map_err(|source| dom_err("get stats", name, source))
     }
 }
 
@@ -541,14 +584,22 @@ fn last_error() -> virt::error::Error {
 }
 
 fn dom_err(op: &'static str, domain: &str, source: virt::error::Error) -> LibvirtError {
-    LibvirtError::Domain { op, domain: domain.to_string(), source }
+    LibvirtError::Domain {
+        op,
+        domain: domain.to_string(),
+        source,
+    }
 }
 
 /// The "execute" member of an agent command, for error messages.
 fn command_name(json: &str) -> String {
     serde_json::from_str::<serde_json::Value>(json)
         .ok()
-        .and_then(|v| v.get("execute").and_then(|e| e.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("execute")
+                .and_then(|e| e.as_str())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "<unparsed>".to_string())
 }
 

@@ -15,14 +15,21 @@ pub const QEMU_RUN_DIR: &str = "/run/libvirt/qemu";
 /// Reads the QEMU pid of a running domain from libvirt's pid file.
 pub fn qemu_pid(run_dir: &Path, domain: &str) -> Result<i32, LibvirtError> {
     let path: PathBuf = run_dir.join(format!("{domain}.pid"));
-    let err = |source| LibvirtError::Process { domain: domain.to_string(), source };
+    let err = |source| LibvirtError::Process {
+        domain: domain.to_string(),
+        source,
+    };
     let text = std::fs::read_to_string(&path).map_err(err)?;
-    text.trim().parse::<i32>().ok().filter(|p| *p > 1).ok_or_else(|| {
-        err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{} does not hold a pid: {:?}", path.display(), text.trim()),
-        ))
-    })
+    text.trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| {
+            err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} does not hold a pid: {:?}", path.display(), text.trim()),
+            ))
+        })
 }
 
 /// How the watch ended.
@@ -41,7 +48,10 @@ pub struct QemuProcess {
 impl QemuProcess {
     /// Opens a pidfd on `pid`. Must be called inside a tokio runtime.
     pub fn open(domain: &str, pid: i32) -> Result<Self, LibvirtError> {
-        let err = |source| LibvirtError::Process { domain: domain.to_string(), source };
+        let err = |source| LibvirtError::Process {
+            domain: domain.to_string(),
+            source,
+        };
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no pointers.
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if raw < 0 {
@@ -81,7 +91,10 @@ mod tests {
 
     #[tokio::test]
     async fn pidfd_reports_child_exit() {
-        let mut child = std::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
         let watch = QemuProcess::open("test", child.id() as i32).unwrap();
         let r = tokio::time::timeout(std::time::Duration::from_secs(10), watch.exited()).await;
         assert_eq!(r.unwrap(), ProcessExit::Exited);
