@@ -1,1 +1,5 @@
 //! Collectors and history.
+
+pub mod agent;
+mod base64;
+pub mod cgroup;
