@@ -71,7 +71,11 @@ pub struct AgentLimits {
 
 impl Default for AgentLimits {
     fn default() -> Self {
-        AgentLimits { max_reply_bytes: 4 * 1024 * 1024, max_entries: 256, max_string_len: 4096 }
+        AgentLimits {
+            max_reply_bytes: 4 * 1024 * 1024,
+            max_entries: 256,
+            max_string_len: 4096,
+        }
     }
 }
 
@@ -316,7 +320,11 @@ fn cut(s: &str, max: usize) -> String {
 
 impl Ctx<'_> {
     fn shape(&self, field: &str, expected: &'static str) -> AgentError {
-        AgentError::Shape { command: self.command, field: field.to_owned(), expected }
+        AgentError::Shape {
+            command: self.command,
+            field: field.to_owned(),
+            expected,
+        }
     }
 
     fn object<'v>(&self, v: &'v Value, field: &str) -> Result<&'v Map<String, Value>, AgentError> {
@@ -342,7 +350,10 @@ impl Ctx<'_> {
         parent: &str,
         key: &str,
     ) -> Result<&'v Value, AgentError> {
-        obj.get(key).ok_or_else(|| AgentError::MissingField { command: self.command, field: join(parent, key) })
+        obj.get(key).ok_or_else(|| AgentError::MissingField {
+            command: self.command,
+            field: join(parent, key),
+        })
     }
 
     /// An integer in `[0, max]`; QAPI ints are int64, so `max` is at most `i64::MAX`.
@@ -362,7 +373,11 @@ impl Ctx<'_> {
             return Ok(u);
         }
         if let Some(i) = n.as_i64() {
-            return Err(AgentError::NegativeNumber { command: self.command, field: field.to_owned(), value: i });
+            return Err(AgentError::NegativeNumber {
+                command: self.command,
+                field: field.to_owned(),
+                value: i,
+            });
         }
         // A float: either written with a fraction/exponent, or an integer too large for u64.
         match n.as_f64() {
@@ -387,7 +402,9 @@ impl Ctx<'_> {
         };
         match n.as_i64() {
             Some(i) if (min..=max).contains(&i) => Ok(i),
-            _ if n.is_f64() && n.as_f64().is_some_and(|f| f.abs() < 9.2e18) => Err(self.shape(field, "an integer")),
+            _ if n.is_f64() && n.as_f64().is_some_and(|f| f.abs() < 9.2e18) => {
+                Err(self.shape(field, "an integer"))
+            }
             _ => Err(AgentError::NumberOutOfRange {
                 command: self.command,
                 field: field.to_owned(),
@@ -405,7 +422,12 @@ impl Ctx<'_> {
 
     fn bounded(&self, s: &str, field: &str, max: usize) -> Result<(), AgentError> {
         if s.len() > max {
-            return Err(AgentError::StringTooLong { command: self.command, field: field.to_owned(), len: s.len(), max });
+            return Err(AgentError::StringTooLong {
+                command: self.command,
+                field: field.to_owned(),
+                len: s.len(),
+                max,
+            });
         }
         Ok(())
     }
@@ -414,22 +436,47 @@ impl Ctx<'_> {
         v.as_bool().ok_or_else(|| self.shape(field, "a boolean"))
     }
 
-    fn opt_counter(&self, obj: &Map<String, Value>, parent: &str, key: &str) -> Result<Option<u64>, AgentError> {
-        obj.get(key).map(|v| self.counter(v, &join(parent, key))).transpose()
+    fn opt_counter(
+        &self,
+        obj: &Map<String, Value>,
+        parent: &str,
+        key: &str,
+    ) -> Result<Option<u64>, AgentError> {
+        obj.get(key)
+            .map(|v| self.counter(v, &join(parent, key)))
+            .transpose()
     }
 
-    fn opt_string(&self, obj: &Map<String, Value>, parent: &str, key: &str) -> Result<Option<String>, AgentError> {
-        obj.get(key).map(|v| self.string(v, &join(parent, key))).transpose()
+    fn opt_string(
+        &self,
+        obj: &Map<String, Value>,
+        parent: &str,
+        key: &str,
+    ) -> Result<Option<String>, AgentError> {
+        obj.get(key)
+            .map(|v| self.string(v, &join(parent, key)))
+            .transpose()
     }
 
     fn invalid(&self, field: &str, value: &str, expected: &'static str) -> AgentError {
-        AgentError::InvalidValue { command: self.command, field: field.to_owned(), value: cut(value, 64), expected }
+        AgentError::InvalidValue {
+            command: self.command,
+            field: field.to_owned(),
+            value: cut(value, 64),
+            expected,
+        }
     }
 
     /// Decodes a base64 field whose encoded length was already bounded by the reply size.
     fn base64(&self, v: &Value, field: &str) -> Result<Vec<u8>, AgentError> {
-        let s = v.as_str().ok_or_else(|| self.shape(field, "a base64 string"))?;
-        base64::decode(s).map_err(|source| AgentError::Base64 { command: self.command, field: field.to_owned(), source })
+        let s = v
+            .as_str()
+            .ok_or_else(|| self.shape(field, "a base64 string"))?;
+        base64::decode(s).map_err(|source| AgentError::Base64 {
+            command: self.command,
+            field: field.to_owned(),
+            source,
+        })
     }
 }
 
@@ -437,11 +484,20 @@ impl Ctx<'_> {
 ///
 /// Rejects oversized text before parsing, invalid JSON, `{"error": ...}` replies (as
 /// [`AgentError::Guest`]) and anything that is neither.
-pub fn parse_reply(command: Command, text: &str, limits: &AgentLimits) -> Result<Value, AgentError> {
+pub fn parse_reply(
+    command: Command,
+    text: &str,
+    limits: &AgentLimits,
+) -> Result<Value, AgentError> {
     if text.len() > limits.max_reply_bytes {
-        return Err(AgentError::ReplyTooLarge { command, len: text.len(), max: limits.max_reply_bytes });
+        return Err(AgentError::ReplyTooLarge {
+            command,
+            len: text.len(),
+            max: limits.max_reply_bytes,
+        });
     }
-    let value: Value = serde_json::from_str(text).map_err(|source| AgentError::InvalidJson { command, source })?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|source| AgentError::InvalidJson { command, source })?;
     let ctx = Ctx { command, limits };
     let Value::Object(mut obj) = value else {
         return Err(ctx.shape("<reply>", "an object with `return` or `error`"));
@@ -456,9 +512,14 @@ pub fn parse_reply(command: Command, text: &str, limits: &AgentLimits) -> Result
             Some(v) => ctx.string(v, "error.desc")?,
             None => String::new(),
         };
-        return Err(AgentError::Guest { command, class, desc });
+        return Err(AgentError::Guest {
+            command,
+            class,
+            desc,
+        });
     }
-    obj.remove("return").ok_or_else(|| ctx.shape("<reply>", "an object with `return` or `error`"))
+    obj.remove("return")
+        .ok_or_else(|| ctx.shape("<reply>", "an object with `return` or `error`"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -467,7 +528,11 @@ pub fn parse_reply(command: Command, text: &str, limits: &AgentLimits) -> Result
 /// Parses a `guest-ping` reply (`{"return": {}}`).
 pub fn parse_ping(text: &str, limits: &AgentLimits) -> Result<(), AgentError> {
     let ret = parse_reply(Command::Ping, text, limits)?;
-    Ctx { command: Command::Ping, limits }.object(&ret, "return")?;
+    Ctx {
+        command: Command::Ping,
+        limits,
+    }
+    .object(&ret, "return")?;
     Ok(())
 }
 
@@ -494,17 +559,25 @@ pub struct AgentInfo {
 impl AgentInfo {
     /// Whether `name` is known and enabled.
     pub fn is_enabled(&self, name: &str) -> bool {
-        self.supported_commands.iter().any(|c| c.name == name && c.enabled)
+        self.supported_commands
+            .iter()
+            .any(|c| c.name == name && c.enabled)
     }
 }
 
 /// Parses a `guest-info` reply.
 pub fn parse_info(text: &str, limits: &AgentLimits) -> Result<AgentInfo, AgentError> {
-    let ctx = Ctx { command: Command::Info, limits };
+    let ctx = Ctx {
+        command: Command::Info,
+        limits,
+    };
     let ret = parse_reply(ctx.command, text, limits)?;
     let obj = ctx.object(&ret, "return")?;
     let version = ctx.string(ctx.required(obj, "return", "version")?, "return.version")?;
-    let list = ctx.array(ctx.required(obj, "return", "supported_commands")?, "return.supported_commands")?;
+    let list = ctx.array(
+        ctx.required(obj, "return", "supported_commands")?,
+        "return.supported_commands",
+    )?;
     let mut supported_commands = Vec::with_capacity(list.len());
     for (i, item) in list.iter().enumerate() {
         let path = format!("return.supported_commands[{i}]");
@@ -518,7 +591,10 @@ pub fn parse_info(text: &str, limits: &AgentLimits) -> Result<AgentInfo, AgentEr
             },
         });
     }
-    Ok(AgentInfo { version, supported_commands })
+    Ok(AgentInfo {
+        version,
+        supported_commands,
+    })
 }
 
 /// A `guest-get-osinfo` reply. Every field is optional in the QAPI schema.
@@ -548,7 +624,10 @@ pub struct OsInfo {
 
 /// Parses a `guest-get-osinfo` reply.
 pub fn parse_osinfo(text: &str, limits: &AgentLimits) -> Result<OsInfo, AgentError> {
-    let ctx = Ctx { command: Command::OsInfo, limits };
+    let ctx = Ctx {
+        command: Command::OsInfo,
+        limits,
+    };
     let ret = parse_reply(ctx.command, text, limits)?;
     let o = ctx.object(&ret, "return")?;
     let p = "return";
@@ -598,15 +677,24 @@ impl CpuStats {
     /// Time the CPU did work for the guest: user + nice + system + irq + softirq (guest time is
     /// already inside user/nice on Linux).
     pub fn busy_ms(&self) -> u64 {
-        [self.user_ms, self.nice_ms, self.system_ms, self.irq_ms.unwrap_or(0), self.softirq_ms.unwrap_or(0)]
-            .iter()
-            .fold(0u64, |a, &b| a.saturating_add(b))
+        [
+            self.user_ms,
+            self.nice_ms,
+            self.system_ms,
+            self.irq_ms.unwrap_or(0),
+            self.softirq_ms.unwrap_or(0),
+        ]
+        .iter()
+        .fold(0u64, |a, &b| a.saturating_add(b))
     }
 }
 
 /// Parses a `guest-get-cpustats` reply.
 pub fn parse_cpustats(text: &str, limits: &AgentLimits) -> Result<Vec<CpuStats>, AgentError> {
-    let ctx = Ctx { command: Command::CpuStats, limits };
+    let ctx = Ctx {
+        command: Command::CpuStats,
+        limits,
+    };
     let ret = parse_reply(ctx.command, text, limits)?;
     let list = ctx.array(&ret, "return")?;
     let mut out = Vec::with_capacity(list.len());
@@ -617,9 +705,15 @@ pub fn parse_cpustats(text: &str, limits: &AgentLimits) -> Result<Vec<CpuStats>,
         if ty != "linux" {
             return Err(ctx.invalid(&join(&p, "type"), &ty, "\"linux\""));
         }
-        let req = |key: &str| -> Result<u64, AgentError> { ctx.counter(ctx.required(o, &p, key)?, &join(&p, key)) };
+        let req = |key: &str| -> Result<u64, AgentError> {
+            ctx.counter(ctx.required(o, &p, key)?, &join(&p, key))
+        };
         out.push(CpuStats {
-            cpu: ctx.uint(ctx.required(o, &p, "cpu")?, &join(&p, "cpu"), u64::from(u32::MAX))? as u32,
+            cpu: ctx.uint(
+                ctx.required(o, &p, "cpu")?,
+                &join(&p, "cpu"),
+                u64::from(u32::MAX),
+            )? as u32,
             user_ms: req("user")?,
             nice_ms: req("nice")?,
             system_ms: req("system")?,
@@ -683,7 +777,10 @@ pub struct DiskStats {
 
 /// Parses a `guest-get-diskstats` reply.
 pub fn parse_diskstats(text: &str, limits: &AgentLimits) -> Result<Vec<DiskStats>, AgentError> {
-    let ctx = Ctx { command: Command::DiskStats, limits };
+    let ctx = Ctx {
+        command: Command::DiskStats,
+        limits,
+    };
     let ret = parse_reply(ctx.command, text, limits)?;
     let list = ctx.array(&ret, "return")?;
     let mut out = Vec::with_capacity(list.len());
@@ -691,7 +788,11 @@ pub fn parse_diskstats(text: &str, limits: &AgentLimits) -> Result<Vec<DiskStats
         let p = format!("return[{i}]");
         let o = ctx.object(item, &p)?;
         let dev = |key: &str| -> Result<u32, AgentError> {
-            Ok(ctx.uint(ctx.required(o, &p, key)?, &join(&p, key), u64::from(u32::MAX))? as u32)
+            Ok(ctx.uint(
+                ctx.required(o, &p, key)?,
+                &join(&p, key),
+                u64::from(u32::MAX),
+            )? as u32)
         };
         let mut d = DiskStats {
             name: ctx.string(ctx.required(o, &p, "name")?, &join(&p, "name"))?,
@@ -774,18 +875,25 @@ pub struct NetInterface {
 impl NetInterface {
     /// Whether this is the loopback interface, whose traffic never leaves the guest.
     pub fn is_loopback(&self) -> bool {
-        self.name == "lo" || (!self.addresses.is_empty() && self.addresses.iter().all(|a| a.addr.is_loopback()))
+        self.name == "lo"
+            || (!self.addresses.is_empty() && self.addresses.iter().all(|a| a.addr.is_loopback()))
     }
 }
 
 fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Parses a `guest-network-get-interfaces` reply.
 pub fn parse_interfaces(text: &str, limits: &AgentLimits) -> Result<Vec<NetInterface>, AgentError> {
-    let ctx = Ctx { command: Command::NetworkInterfaces, limits };
+    let ctx = Ctx {
+        command: Command::NetworkInterfaces,
+        limits,
+    };
     let ret = parse_reply(ctx.command, text, limits)?;
     let list = ctx.array(&ret, "return")?;
     let mut out = Vec::with_capacity(list.len());
@@ -805,16 +913,31 @@ pub fn parse_interfaces(text: &str, limits: &AgentLimits) -> Result<Vec<NetInter
             for (j, a) in ctx.array(v, &ap)?.iter().enumerate() {
                 let q = format!("{ap}[{j}]");
                 let ao = ctx.object(a, &q)?;
-                let ty = ctx.string(ctx.required(ao, &q, "ip-address-type")?, &join(&q, "ip-address-type"))?;
-                let text = ctx.string(ctx.required(ao, &q, "ip-address")?, &join(&q, "ip-address"))?;
-                let addr: IpAddr =
-                    text.parse().map_err(|_| ctx.invalid(&join(&q, "ip-address"), &text, "an IP address"))?;
+                let ty = ctx.string(
+                    ctx.required(ao, &q, "ip-address-type")?,
+                    &join(&q, "ip-address-type"),
+                )?;
+                let text =
+                    ctx.string(ctx.required(ao, &q, "ip-address")?, &join(&q, "ip-address"))?;
+                let addr: IpAddr = text
+                    .parse()
+                    .map_err(|_| ctx.invalid(&join(&q, "ip-address"), &text, "an IP address"))?;
                 let max_prefix = match (ty.as_str(), addr) {
                     ("ipv4", IpAddr::V4(_)) => 32,
                     ("ipv6", IpAddr::V6(_)) => 128,
-                    _ => return Err(ctx.invalid(&join(&q, "ip-address-type"), &ty, "the family of ip-address")),
+                    _ => {
+                        return Err(ctx.invalid(
+                            &join(&q, "ip-address-type"),
+                            &ty,
+                            "the family of ip-address",
+                        ))
+                    }
                 };
-                let prefix = ctx.uint(ctx.required(ao, &q, "prefix")?, &join(&q, "prefix"), max_prefix)? as u8;
+                let prefix = ctx.uint(
+                    ctx.required(ao, &q, "prefix")?,
+                    &join(&q, "prefix"),
+                    max_prefix,
+                )? as u8;
                 addresses.push(InterfaceAddress { addr, prefix });
             }
         }
@@ -823,7 +946,9 @@ pub fn parse_interfaces(text: &str, limits: &AgentLimits) -> Result<Vec<NetInter
             Some(v) => {
                 let sp = join(&p, "statistics");
                 let s = ctx.object(v, &sp)?;
-                let c = |key: &str| -> Result<u64, AgentError> { ctx.counter(ctx.required(s, &sp, key)?, &join(&sp, key)) };
+                let c = |key: &str| -> Result<u64, AgentError> {
+                    ctx.counter(ctx.required(s, &sp, key)?, &join(&sp, key))
+                };
                 Some(InterfaceStats {
                     rx_bytes: c("rx-bytes")?,
                     rx_packets: c("rx-packets")?,
@@ -836,17 +961,29 @@ pub fn parse_interfaces(text: &str, limits: &AgentLimits) -> Result<Vec<NetInter
                 })
             }
         };
-        out.push(NetInterface { name, hardware_address, addresses, statistics });
+        out.push(NetInterface {
+            name,
+            hardware_address,
+            addresses,
+            statistics,
+        });
     }
     Ok(out)
 }
 
 /// Parses a `guest-exec` reply and returns the guest pid.
 pub fn parse_exec(text: &str, limits: &AgentLimits) -> Result<i64, AgentError> {
-    let ctx = Ctx { command: Command::Exec, limits };
+    let ctx = Ctx {
+        command: Command::Exec,
+        limits,
+    };
     let ret = parse_reply(ctx.command, text, limits)?;
     let o = ctx.object(&ret, "return")?;
-    Ok(ctx.uint(ctx.required(o, "return", "pid")?, "return.pid", i64::MAX as u64)? as i64)
+    Ok(ctx.uint(
+        ctx.required(o, "return", "pid")?,
+        "return.pid",
+        i64::MAX as u64,
+    )? as i64)
 }
 
 /// How a guest process ended.
@@ -886,15 +1023,28 @@ pub enum ExecStatus {
 }
 
 /// Parses a `guest-exec-status` reply, keeping at most `max_output` bytes of each stream.
-pub fn parse_exec_status(text: &str, limits: &AgentLimits, max_output: usize) -> Result<ExecStatus, AgentError> {
-    let ctx = Ctx { command: Command::ExecStatus, limits };
+pub fn parse_exec_status(
+    text: &str,
+    limits: &AgentLimits,
+    max_output: usize,
+) -> Result<ExecStatus, AgentError> {
+    let ctx = Ctx {
+        command: Command::ExecStatus,
+        limits,
+    };
     let ret = parse_reply(ctx.command, text, limits)?;
     let o = ctx.object(&ret, "return")?;
     if !ctx.boolean(ctx.required(o, "return", "exited")?, "return.exited")? {
         return Ok(ExecStatus::Running);
     }
-    let code = o.get("exitcode").map(|v| ctx.int(v, "return.exitcode", i32::MIN.into(), i32::MAX.into())).transpose()?;
-    let signal = o.get("signal").map(|v| ctx.int(v, "return.signal", 0, 1024)).transpose()?;
+    let code = o
+        .get("exitcode")
+        .map(|v| ctx.int(v, "return.exitcode", i32::MIN.into(), i32::MAX.into()))
+        .transpose()?;
+    let signal = o
+        .get("signal")
+        .map(|v| ctx.int(v, "return.signal", 0, 1024))
+        .transpose()?;
     let status = match (code, signal) {
         (_, Some(s)) => ExitStatus::Signal(s as i32),
         (Some(c), None) => ExitStatus::Code(c as i32),
@@ -924,7 +1074,10 @@ pub fn parse_exec_status(text: &str, limits: &AgentLimits, max_output: usize) ->
 
 /// Parses a `guest-file-open` reply and returns the handle.
 pub fn parse_file_open(text: &str, limits: &AgentLimits) -> Result<i64, AgentError> {
-    let ctx = Ctx { command: Command::FileOpen, limits };
+    let ctx = Ctx {
+        command: Command::FileOpen,
+        limits,
+    };
     let ret = parse_reply(ctx.command, text, limits)?;
     Ok(ctx.uint(&ret, "return", i64::MAX as u64)? as i64)
 }
@@ -939,15 +1092,26 @@ pub struct FileChunk {
 }
 
 /// Parses a `guest-file-read` reply to a request for `requested` bytes.
-pub fn parse_file_read(text: &str, limits: &AgentLimits, requested: usize) -> Result<FileChunk, AgentError> {
-    let ctx = Ctx { command: Command::FileRead, limits };
+pub fn parse_file_read(
+    text: &str,
+    limits: &AgentLimits,
+    requested: usize,
+) -> Result<FileChunk, AgentError> {
+    let ctx = Ctx {
+        command: Command::FileRead,
+        limits,
+    };
     let ret = parse_reply(ctx.command, text, limits)?;
     let o = ctx.object(&ret, "return")?;
     let declared = ctx.counter(ctx.required(o, "return", "count")?, "return.count")?;
     let data = ctx.base64(ctx.required(o, "return", "buf-b64")?, "return.buf-b64")?;
     let eof = ctx.boolean(ctx.required(o, "return", "eof")?, "return.eof")?;
     if declared != data.len() as u64 || data.len() > requested {
-        return Err(AgentError::CountMismatch { declared, actual: data.len(), requested });
+        return Err(AgentError::CountMismatch {
+            declared,
+            actual: data.len(),
+            requested,
+        });
     }
     Ok(FileChunk { data, eof })
 }
@@ -1031,12 +1195,19 @@ impl<T: AgentTransport> GuestAgent<T> {
         &self.options
     }
 
-    fn send(&self, command: Command, arguments: Option<Value>, timeout: Duration) -> Result<String, AgentError> {
+    fn send(
+        &self,
+        command: Command,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<String, AgentError> {
         let msg = match arguments {
             Some(a) => json!({ "execute": command.name(), "arguments": a }),
             None => json!({ "execute": command.name() }),
         };
-        self.transport.command(&msg.to_string(), timeout).map_err(|source| AgentError::Transport { command, source })
+        self.transport
+            .command(&msg.to_string(), timeout)
+            .map_err(|source| AgentError::Transport { command, source })
     }
 
     fn call(&self, command: Command, arguments: Option<Value>) -> Result<String, AgentError> {
@@ -1070,7 +1241,10 @@ impl<T: AgentTransport> GuestAgent<T> {
 
     /// `guest-network-get-interfaces`.
     pub fn interfaces(&self) -> Result<Vec<NetInterface>, AgentError> {
-        parse_interfaces(&self.call(Command::NetworkInterfaces, None)?, &self.options.limits)
+        parse_interfaces(
+            &self.call(Command::NetworkInterfaces, None)?,
+            &self.options.limits,
+        )
     }
 
     /// Reads at most `max_bytes` of the guest file at absolute `path`: open, read until end of
@@ -1084,8 +1258,13 @@ impl<T: AgentTransport> GuestAgent<T> {
             });
         }
         let limits = &self.options.limits;
-        let handle =
-            parse_file_open(&self.call(Command::FileOpen, Some(json!({ "path": path, "mode": "r" })))?, limits)?;
+        let handle = parse_file_open(
+            &self.call(
+                Command::FileOpen,
+                Some(json!({ "path": path, "mode": "r" })),
+            )?,
+            limits,
+        )?;
         let result = self.read_handle(handle, path, max_bytes);
         let closed = self
             .call(Command::FileClose, Some(json!({ "handle": handle })))
@@ -1096,25 +1275,41 @@ impl<T: AgentTransport> GuestAgent<T> {
         result
     }
 
-    fn read_handle(&self, handle: i64, path: &str, max_bytes: usize) -> Result<GuestFile, AgentError> {
+    fn read_handle(
+        &self,
+        handle: i64,
+        path: &str,
+        max_bytes: usize,
+    ) -> Result<GuestFile, AgentError> {
         let mut data = Vec::new();
         let chunk_max = self.options.file_chunk_bytes.max(1);
         loop {
             // Ask for one byte past the bound so that a file of exactly max_bytes is not
             // reported as truncated.
             let want = chunk_max.min(max_bytes + 1 - data.len());
-            let reply = self.call(Command::FileRead, Some(json!({ "handle": handle, "count": want })))?;
+            let reply = self.call(
+                Command::FileRead,
+                Some(json!({ "handle": handle, "count": want })),
+            )?;
             let chunk = parse_file_read(&reply, &self.options.limits, want)?;
             if chunk.data.is_empty() && !chunk.eof {
-                return Err(AgentError::ReadStalled { path: path.to_owned() });
+                return Err(AgentError::ReadStalled {
+                    path: path.to_owned(),
+                });
             }
             data.extend_from_slice(&chunk.data);
             if data.len() > max_bytes {
                 data.truncate(max_bytes);
-                return Ok(GuestFile { data, truncated: true });
+                return Ok(GuestFile {
+                    data,
+                    truncated: true,
+                });
             }
             if chunk.eof {
-                return Ok(GuestFile { data, truncated: false });
+                return Ok(GuestFile {
+                    data,
+                    truncated: false,
+                });
             }
         }
     }
@@ -1122,8 +1317,16 @@ impl<T: AgentTransport> GuestAgent<T> {
     /// Runs `argv[0]` with arguments `argv[1..]` in the guest (no shell is involved), then polls
     /// `guest-exec-status` until it exits or `timeout` passes. Each output stream is cut to
     /// `max_output` bytes.
-    pub fn exec(&self, argv: &[String], max_output: usize, timeout: Duration) -> Result<ExecOutput, AgentError> {
-        let bad = |reason| AgentError::InvalidRequest { command: Command::Exec, reason };
+    pub fn exec(
+        &self,
+        argv: &[String],
+        max_output: usize,
+        timeout: Duration,
+    ) -> Result<ExecOutput, AgentError> {
+        let bad = |reason| AgentError::InvalidRequest {
+            command: Command::Exec,
+            reason,
+        };
         let (path, args) = argv.split_first().ok_or_else(|| bad("argv is empty"))?;
         if path.is_empty() {
             return Err(bad("program path is empty"));
@@ -1131,21 +1334,40 @@ impl<T: AgentTransport> GuestAgent<T> {
         if argv.len() > MAX_ARGS {
             return Err(bad("more than 256 arguments"));
         }
-        if argv.iter().any(|a| a.len() > MAX_ARG_LEN || a.contains('\0')) {
+        if argv
+            .iter()
+            .any(|a| a.len() > MAX_ARG_LEN || a.contains('\0'))
+        {
             return Err(bad("an argument is longer than 4096 bytes or contains NUL"));
         }
         let limits = &self.options.limits;
         let start = Instant::now();
         let pid = parse_exec(
-            &self.call(Command::Exec, Some(json!({ "path": path, "arg": args, "capture-output": true })))?,
+            &self.call(
+                Command::Exec,
+                Some(json!({ "path": path, "arg": args, "capture-output": true })),
+            )?,
             limits,
         )?;
         loop {
             let remaining = timeout.saturating_sub(start.elapsed());
-            let per_call = self.options.command_timeout.min(remaining.max(Duration::from_millis(1)));
+            let per_call = self
+                .options
+                .command_timeout
+                .min(remaining.max(Duration::from_millis(1)));
             let reply = self.send(Command::ExecStatus, Some(json!({ "pid": pid })), per_call)?;
-            if let ExecStatus::Exited { status, stdout, stderr } = parse_exec_status(&reply, limits, max_output)? {
-                return Ok(ExecOutput { pid, status, stdout, stderr });
+            if let ExecStatus::Exited {
+                status,
+                stdout,
+                stderr,
+            } = parse_exec_status(&reply, limits, max_output)?
+            {
+                return Ok(ExecOutput {
+                    pid,
+                    status,
+                    stdout,
+                    stderr,
+                });
             }
             let remaining = timeout.saturating_sub(start.elapsed());
             if remaining.is_zero() {
@@ -1166,7 +1388,9 @@ mod tests {
 
     /// Writes the fixture into a temp dir and reads it back, so parsers are exercised on files.
     fn fixture(dir: &Path, name: &str) -> String {
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/monitor/fixtures/agent").join(name);
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("src/monitor/fixtures/agent")
+            .join(name);
         let dst = dir.join(name);
         fs::copy(&src, &dst).unwrap_or_else(|e| panic!("copy fixture {}: {e}", src.display()));
         fs::read_to_string(dst).unwrap()
@@ -1185,7 +1409,11 @@ mod tests {
         assert!(info.is_enabled("guest-exec"));
         assert!(!info.is_enabled("guest-file-write"), "disabled in fixture");
         assert!(!info.is_enabled("guest-no-such"));
-        let shutdown = info.supported_commands.iter().find(|c| c.name == "guest-shutdown").unwrap();
+        let shutdown = info
+            .supported_commands
+            .iter()
+            .find(|c| c.name == "guest-shutdown")
+            .unwrap();
         assert!(!shutdown.success_response);
     }
 
@@ -1208,7 +1436,11 @@ mod tests {
         assert_eq!(cpus[1].cpu, 1);
         assert_eq!(cpus[0].user_ms, 1_532_140);
         assert_eq!(cpus[0].steal_ms, Some(3_210));
-        assert_eq!(cpus[0].busy_ms(), 1_532_140 + 2_030 + 401_220 + 0 + 18_550);
+        assert_eq!(
+            cpus[0].busy_ms(),
+            1_532_140 + 2_030 + 401_220 + 18_550,
+            "irq is 0"
+        );
     }
 
     #[test]
@@ -1220,7 +1452,10 @@ mod tests {
         assert_eq!((disks[0].major, disks[0].minor), (254, 0));
         assert_eq!(disks[0].read_sectors, Some(4_551_214));
         assert_eq!(disks[0].flush_ios, Some(90_211));
-        assert_eq!(disks[1].discard_ios, None, "old-kernel entry has no discard fields");
+        assert_eq!(
+            disks[1].discard_ios, None,
+            "old-kernel entry has no discard fields"
+        );
     }
 
     #[test]
@@ -1232,7 +1467,13 @@ mod tests {
         let eth = &ifs[1];
         assert!(!eth.is_loopback());
         assert_eq!(eth.hardware_address.as_deref(), Some("52:54:00:6b:3c:58"));
-        assert_eq!(eth.addresses[0], InterfaceAddress { addr: "10.20.0.15".parse().unwrap(), prefix: 24 });
+        assert_eq!(
+            eth.addresses[0],
+            InterfaceAddress {
+                addr: "10.20.0.15".parse().unwrap(),
+                prefix: 24
+            }
+        );
         assert_eq!(eth.addresses[1].prefix, 64);
         let st = eth.statistics.unwrap();
         assert_eq!((st.rx_bytes, st.tx_bytes), (918_273_645, 123_456_789));
@@ -1241,21 +1482,54 @@ mod tests {
     #[test]
     fn exec_fixtures() {
         let d = tempfile::tempdir().unwrap();
-        assert_eq!(parse_exec(&fixture(d.path(), "exec.json"), &limits()).unwrap(), 1234);
-        assert_eq!(parse_exec_status(&fixture(d.path(), "exec-status-running.json"), &limits(), 1024).unwrap(), ExecStatus::Running);
-        let done = parse_exec_status(&fixture(d.path(), "exec-status-exited.json"), &limits(), 1024).unwrap();
-        let ExecStatus::Exited { status, stdout, stderr } = done else { panic!("not exited") };
+        assert_eq!(
+            parse_exec(&fixture(d.path(), "exec.json"), &limits()).unwrap(),
+            1234
+        );
+        assert_eq!(
+            parse_exec_status(
+                &fixture(d.path(), "exec-status-running.json"),
+                &limits(),
+                1024
+            )
+            .unwrap(),
+            ExecStatus::Running
+        );
+        let done = parse_exec_status(
+            &fixture(d.path(), "exec-status-exited.json"),
+            &limits(),
+            1024,
+        )
+        .unwrap();
+        let ExecStatus::Exited {
+            status,
+            stdout,
+            stderr,
+        } = done
+        else {
+            panic!("not exited")
+        };
         assert_eq!(status, ExitStatus::Code(0));
         assert_eq!(stdout.data, b"Linux web-1 6.1.0-18-amd64\n");
         assert!(!stdout.truncated);
         assert!(stderr.data.is_empty());
         // Our own bound cuts and flags.
-        let cut = parse_exec_status(&fixture(d.path(), "exec-status-exited.json"), &limits(), 5).unwrap();
-        let ExecStatus::Exited { stdout, .. } = cut else { panic!() };
+        let cut =
+            parse_exec_status(&fixture(d.path(), "exec-status-exited.json"), &limits(), 5).unwrap();
+        let ExecStatus::Exited { stdout, .. } = cut else {
+            panic!()
+        };
         assert_eq!(stdout.data, b"Linux");
         assert!(stdout.truncated);
-        let sig = parse_exec_status(&fixture(d.path(), "exec-status-signal.json"), &limits(), 1024).unwrap();
-        let ExecStatus::Exited { status, stderr, .. } = sig else { panic!() };
+        let sig = parse_exec_status(
+            &fixture(d.path(), "exec-status-signal.json"),
+            &limits(),
+            1024,
+        )
+        .unwrap();
+        let ExecStatus::Exited { status, stderr, .. } = sig else {
+            panic!()
+        };
         assert_eq!(status, ExitStatus::Signal(9));
         assert!(stderr.truncated, "qemu-ga's own truncation flag is kept");
     }
@@ -1263,23 +1537,49 @@ mod tests {
     #[test]
     fn file_fixtures() {
         let d = tempfile::tempdir().unwrap();
-        assert_eq!(parse_file_open(&fixture(d.path(), "file-open.json"), &limits()).unwrap(), 1000);
+        assert_eq!(
+            parse_file_open(&fixture(d.path(), "file-open.json"), &limits()).unwrap(),
+            1000
+        );
         let c = parse_file_read(&fixture(d.path(), "file-read.json"), &limits(), 4096).unwrap();
         assert_eq!(c.data, b"hello world\n");
         assert!(c.eof);
-        let e = parse_file_read(&fixture(d.path(), "file-read-count-mismatch.json"), &limits(), 4096).unwrap_err();
-        assert!(matches!(e, AgentError::CountMismatch { declared: 100, actual: 12, .. }), "{e}");
+        let e = parse_file_read(
+            &fixture(d.path(), "file-read-count-mismatch.json"),
+            &limits(),
+            4096,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AgentError::CountMismatch {
+                    declared: 100,
+                    actual: 12,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         // More data than requested is refused too.
         let e = parse_file_read(&fixture(d.path(), "file-read.json"), &limits(), 4).unwrap_err();
-        assert!(matches!(e, AgentError::CountMismatch { requested: 4, .. }), "{e}");
+        assert!(
+            matches!(e, AgentError::CountMismatch { requested: 4, .. }),
+            "{e}"
+        );
     }
 
     #[test]
     fn guest_error_reply() {
         let d = tempfile::tempdir().unwrap();
-        let e = parse_cpustats(&fixture(d.path(), "error-command-disabled.json"), &limits()).unwrap_err();
+        let e = parse_cpustats(&fixture(d.path(), "error-command-disabled.json"), &limits())
+            .unwrap_err();
         match e {
-            AgentError::Guest { command, class, desc } => {
+            AgentError::Guest {
+                command,
+                class,
+                desc,
+            } => {
                 assert_eq!(command, Command::CpuStats);
                 assert_eq!(class, "GenericError");
                 assert!(desc.contains("disabled"));
@@ -1293,40 +1593,92 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let l = limits();
         let e = parse_interfaces(&fixture(d.path(), "truncated.json"), &l).unwrap_err();
-        assert!(matches!(e, AgentError::InvalidJson { command: Command::NetworkInterfaces, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                AgentError::InvalidJson {
+                    command: Command::NetworkInterfaces,
+                    ..
+                }
+            ),
+            "{e}"
+        );
 
         let e = parse_cpustats(&fixture(d.path(), "cpustats-negative.json"), &l).unwrap_err();
-        assert!(matches!(&e, AgentError::NegativeNumber { field, value: -5, .. } if field == "return[0].idle"), "{e}");
+        assert!(
+            matches!(&e, AgentError::NegativeNumber { field, value: -5, .. } if field == "return[0].idle"),
+            "{e}"
+        );
         assert!(e.to_string().contains("guest-get-cpustats"));
 
         let e = parse_cpustats(&fixture(d.path(), "cpustats-huge.json"), &l).unwrap_err();
-        assert!(matches!(&e, AgentError::NumberOutOfRange { field, .. } if field == "return[0].user"), "{e}");
+        assert!(
+            matches!(&e, AgentError::NumberOutOfRange { field, .. } if field == "return[0].user"),
+            "{e}"
+        );
 
         let e = parse_cpustats(&fixture(d.path(), "cpustats-wrong-shape.json"), &l).unwrap_err();
-        assert!(matches!(&e, AgentError::Shape { field, .. } if field == "return"), "{e}");
+        assert!(
+            matches!(&e, AgentError::Shape { field, .. } if field == "return"),
+            "{e}"
+        );
 
         let e = parse_diskstats(&fixture(d.path(), "diskstats-missing-name.json"), &l).unwrap_err();
-        assert!(matches!(&e, AgentError::MissingField { field, .. } if field == "return[0].name"), "{e}");
+        assert!(
+            matches!(&e, AgentError::MissingField { field, .. } if field == "return[0].name"),
+            "{e}"
+        );
 
         let e = parse_interfaces(&fixture(d.path(), "interfaces-bad-ip.json"), &l).unwrap_err();
-        assert!(matches!(&e, AgentError::InvalidValue { field, .. } if field == "return[0].ip-addresses[0].ip-address"), "{e}");
+        assert!(
+            matches!(&e, AgentError::InvalidValue { field, .. } if field == "return[0].ip-addresses[0].ip-address"),
+            "{e}"
+        );
 
-        let e = parse_exec_status(&fixture(d.path(), "exec-status-bad-base64.json"), &l, 1024).unwrap_err();
-        assert!(matches!(&e, AgentError::Base64 { field, .. } if field == "return.out-data"), "{e}");
+        let e = parse_exec_status(&fixture(d.path(), "exec-status-bad-base64.json"), &l, 1024)
+            .unwrap_err();
+        assert!(
+            matches!(&e, AgentError::Base64 { field, .. } if field == "return.out-data"),
+            "{e}"
+        );
 
         let e = parse_ping("[]", &l).unwrap_err();
-        assert!(matches!(&e, AgentError::Shape { field, .. } if field == "<reply>"), "{e}");
+        assert!(
+            matches!(&e, AgentError::Shape { field, .. } if field == "<reply>"),
+            "{e}"
+        );
         let e = parse_ping(r#"{"id": 1}"#, &l).unwrap_err();
         assert!(matches!(e, AgentError::Shape { .. }), "{e}");
-        let e = parse_cpustats(r#"{"return":[{"type":"linux","cpu":0,"user":1.5,"nice":0,"system":0,"idle":0}]}"#, &l).unwrap_err();
-        assert!(matches!(e, AgentError::Shape { expected: "an integer", .. }), "{e}");
+        let e = parse_cpustats(
+            r#"{"return":[{"type":"linux","cpu":0,"user":1.5,"nice":0,"system":0,"idle":0}]}"#,
+            &l,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AgentError::Shape {
+                    expected: "an integer",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = parse_cpustats(r#"{"return":[{"type":"windows","cpu":0}]}"#, &l).unwrap_err();
         assert!(matches!(e, AgentError::InvalidValue { .. }), "{e}");
         let e = parse_interfaces(r#"{"return":[{"name":"eth0","ip-addresses":[{"ip-address-type":"ipv4","ip-address":"10.0.0.1","prefix":33}]}]}"#, &l).unwrap_err();
-        assert!(matches!(e, AgentError::NumberOutOfRange { max: 32, .. }), "{e}");
+        assert!(
+            matches!(e, AgentError::NumberOutOfRange { max: 32, .. }),
+            "{e}"
+        );
         let e = parse_interfaces(r#"{"return":[{"name":"eth0","ip-addresses":[{"ip-address-type":"ipv6","ip-address":"10.0.0.1","prefix":8}]}]}"#, &l).unwrap_err();
         assert!(matches!(e, AgentError::InvalidValue { .. }), "{e}");
-        let e = parse_exec_status(r#"{"return":{"exited":true,"exitcode":4294967296}}"#, &l, 10).unwrap_err();
+        let e = parse_exec_status(
+            r#"{"return":{"exited":true,"exitcode":4294967296}}"#,
+            &l,
+            10,
+        )
+        .unwrap_err();
         assert!(matches!(e, AgentError::NumberOutOfRange { .. }), "{e}");
     }
 
@@ -1334,22 +1686,47 @@ mod tests {
     fn bounds_are_enforced() {
         let d = tempfile::tempdir().unwrap();
         let text = fixture(d.path(), "cpustats.json");
-        let small = AgentLimits { max_reply_bytes: 64, ..limits() };
+        let small = AgentLimits {
+            max_reply_bytes: 64,
+            ..limits()
+        };
         let e = parse_cpustats(&text, &small).unwrap_err();
-        assert!(matches!(e, AgentError::ReplyTooLarge { max: 64, .. }), "{e}");
+        assert!(
+            matches!(e, AgentError::ReplyTooLarge { max: 64, .. }),
+            "{e}"
+        );
 
         // 300 interfaces with the default cap of 256.
         let one = r#"{"name":"eth0"}"#;
         let many = format!(r#"{{"return":[{}]}}"#, vec![one; 300].join(","));
         let e = parse_interfaces(&many, &limits()).unwrap_err();
-        assert!(matches!(e, AgentError::TooManyEntries { count: 300, max: 256, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                AgentError::TooManyEntries {
+                    count: 300,
+                    max: 256,
+                    ..
+                }
+            ),
+            "{e}"
+        );
 
         let long = format!(r#"{{"return":{{"id":"{}"}}}}"#, "x".repeat(5000));
         let e = parse_osinfo(&long, &limits()).unwrap_err();
-        assert!(matches!(&e, AgentError::StringTooLong { field, len: 5000, .. } if field == "return.id"), "{e}");
+        assert!(
+            matches!(&e, AgentError::StringTooLong { field, len: 5000, .. } if field == "return.id"),
+            "{e}"
+        );
 
-        let e = parse_ping(&fixture(d.path(), "oversized.json"), &AgentLimits { max_reply_bytes: 1024, ..limits() })
-            .unwrap_err();
+        let e = parse_ping(
+            &fixture(d.path(), "oversized.json"),
+            &AgentLimits {
+                max_reply_bytes: 1024,
+                ..limits()
+            },
+        )
+        .unwrap_err();
         assert!(matches!(e, AgentError::ReplyTooLarge { .. }), "{e}");
     }
 
@@ -1363,22 +1740,35 @@ mod tests {
 
     impl Script {
         fn new(replies: Vec<Result<String, AgentTransportError>>) -> Self {
-            Script { replies: Mutex::new(replies.into()), sent: Mutex::new(Vec::new()), fallback: None }
+            Script {
+                replies: Mutex::new(replies.into()),
+                sent: Mutex::new(Vec::new()),
+                fallback: None,
+            }
         }
         fn sent(&self) -> Vec<Value> {
             self.sent.lock().unwrap().clone()
         }
         fn sent_commands(&self) -> Vec<String> {
-            self.sent().iter().map(|v| v["execute"].as_str().unwrap().to_owned()).collect()
+            self.sent()
+                .iter()
+                .map(|v| v["execute"].as_str().unwrap().to_owned())
+                .collect()
         }
     }
 
     impl AgentTransport for Script {
         fn command(&self, json: &str, _timeout: Duration) -> Result<String, AgentTransportError> {
-            self.sent.lock().unwrap().push(serde_json::from_str(json).unwrap());
+            self.sent
+                .lock()
+                .unwrap()
+                .push(serde_json::from_str(json).unwrap());
             match self.replies.lock().unwrap().pop_front() {
                 Some(r) => r,
-                None => self.fallback.clone().ok_or_else(|| AgentTransportError::Other("script exhausted".into())),
+                None => self
+                    .fallback
+                    .clone()
+                    .ok_or_else(|| AgentTransportError::Other("script exhausted".into())),
             }
         }
     }
@@ -1388,11 +1778,18 @@ mod tests {
     }
 
     fn read_reply(data: &[u8], eof: bool) -> Result<String, AgentTransportError> {
-        Ok(json!({"return": {"count": data.len(), "buf-b64": base64::encode(data), "eof": eof}}).to_string())
+        Ok(
+            json!({"return": {"count": data.len(), "buf-b64": base64::encode(data), "eof": eof}})
+                .to_string(),
+        )
     }
 
     fn opts(chunk: usize) -> AgentOptions {
-        AgentOptions { file_chunk_bytes: chunk, exec_poll_interval: Duration::from_millis(1), ..AgentOptions::default() }
+        AgentOptions {
+            file_chunk_bytes: chunk,
+            exec_poll_interval: Duration::from_millis(1),
+            ..AgentOptions::default()
+        }
     }
 
     #[test]
@@ -1406,27 +1803,62 @@ mod tests {
         ]);
         let agent = GuestAgent::new(&t, opts(4));
         let f = agent.read_file("/proc/net/tcp", 100).unwrap();
-        assert_eq!(f, GuestFile { data: b"abcdefghij".to_vec(), truncated: false });
+        assert_eq!(
+            f,
+            GuestFile {
+                data: b"abcdefghij".to_vec(),
+                truncated: false
+            }
+        );
         let sent = t.sent();
-        assert_eq!(sent[0]["arguments"], json!({"path": "/proc/net/tcp", "mode": "r"}));
+        assert_eq!(
+            sent[0]["arguments"],
+            json!({"path": "/proc/net/tcp", "mode": "r"})
+        );
         assert_eq!(sent[1]["arguments"], json!({"handle": 7, "count": 4}));
-        assert_eq!(sent[4], json!({"execute": "guest-file-close", "arguments": {"handle": 7}}));
+        assert_eq!(
+            sent[4],
+            json!({"execute": "guest-file-close", "arguments": {"handle": 7}})
+        );
     }
 
     #[test]
     fn read_file_bounds_output_and_flags_truncation() {
-        let t = Script::new(vec![ok(r#"{"return": 7}"#), read_reply(b"abcd", false), read_reply(b"ef", false), ok(r#"{"return": {}}"#)]);
+        let t = Script::new(vec![
+            ok(r#"{"return": 7}"#),
+            read_reply(b"abcd", false),
+            read_reply(b"ef", false),
+            ok(r#"{"return": {}}"#),
+        ]);
         let agent = GuestAgent::new(&t, opts(4));
         let f = agent.read_file("/etc/hosts", 5).unwrap();
-        assert_eq!(f, GuestFile { data: b"abcde".to_vec(), truncated: true });
+        assert_eq!(
+            f,
+            GuestFile {
+                data: b"abcde".to_vec(),
+                truncated: true
+            }
+        );
         // Second request asked only for what could still fit plus one byte.
         assert_eq!(t.sent()[2]["arguments"]["count"], 2);
         assert_eq!(t.sent_commands().last().unwrap(), "guest-file-close");
 
         // A file of exactly the bound is not truncated.
-        let t = Script::new(vec![ok(r#"{"return": 7}"#), read_reply(b"abcde", true), ok(r#"{"return": {}}"#)]);
-        let f = GuestAgent::new(&t, opts(64)).read_file("/etc/hosts", 5).unwrap();
-        assert_eq!(f, GuestFile { data: b"abcde".to_vec(), truncated: false });
+        let t = Script::new(vec![
+            ok(r#"{"return": 7}"#),
+            read_reply(b"abcde", true),
+            ok(r#"{"return": {}}"#),
+        ]);
+        let f = GuestAgent::new(&t, opts(64))
+            .read_file("/etc/hosts", 5)
+            .unwrap();
+        assert_eq!(
+            f,
+            GuestFile {
+                data: b"abcde".to_vec(),
+                truncated: false
+            }
+        );
     }
 
     #[test]
@@ -1436,13 +1868,33 @@ mod tests {
             ok(r#"{"error": {"class": "GenericError", "desc": "read failed"}}"#),
             ok(r#"{"return": {}}"#),
         ]);
-        let e = GuestAgent::new(&t, opts(4)).read_file("/etc/hosts", 100).unwrap_err();
-        assert!(matches!(e, AgentError::Guest { command: Command::FileRead, .. }), "{e}");
-        assert_eq!(t.sent_commands(), ["guest-file-open", "guest-file-read", "guest-file-close"]);
+        let e = GuestAgent::new(&t, opts(4))
+            .read_file("/etc/hosts", 100)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AgentError::Guest {
+                    command: Command::FileRead,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            t.sent_commands(),
+            ["guest-file-open", "guest-file-read", "guest-file-close"]
+        );
 
         // A stalled read (no bytes, no eof) ends the loop, and still closes.
-        let t = Script::new(vec![ok(r#"{"return": 7}"#), read_reply(b"", false), ok(r#"{"return": {}}"#)]);
-        let e = GuestAgent::new(&t, opts(4)).read_file("/etc/hosts", 100).unwrap_err();
+        let t = Script::new(vec![
+            ok(r#"{"return": 7}"#),
+            read_reply(b"", false),
+            ok(r#"{"return": {}}"#),
+        ]);
+        let e = GuestAgent::new(&t, opts(4))
+            .read_file("/etc/hosts", 100)
+            .unwrap_err();
         assert!(matches!(e, AgentError::ReadStalled { .. }), "{e}");
         assert_eq!(t.sent_commands().last().unwrap(), "guest-file-close");
     }
@@ -1450,7 +1902,9 @@ mod tests {
     #[test]
     fn read_file_refuses_relative_paths_without_sending() {
         let t = Script::new(vec![]);
-        let e = GuestAgent::new(&t, opts(4)).read_file("etc/hosts", 100).unwrap_err();
+        let e = GuestAgent::new(&t, opts(4))
+            .read_file("etc/hosts", 100)
+            .unwrap_err();
         assert!(matches!(e, AgentError::InvalidRequest { .. }), "{e}");
         assert!(t.sent().is_empty());
     }
@@ -1462,10 +1916,17 @@ mod tests {
             ok(r#"{"return": {"pid": 42}}"#),
             ok(r#"{"return": {"exited": false}}"#),
             ok(r#"{"return": {"exited": false}}"#),
-            ok(&format!(r#"{{"return": {{"exited": true, "exitcode": 3, "out-data": "{out}"}}}}"#)),
+            ok(&format!(
+                r#"{{"return": {{"exited": true, "exitcode": 3, "out-data": "{out}"}}}}"#
+            )),
         ]);
-        let argv: Vec<String> = ["/bin/cat", "/etc/hostname; rm -rf /"].iter().map(|s| s.to_string()).collect();
-        let r = GuestAgent::new(&t, opts(4)).exec(&argv, 1024, Duration::from_secs(60)).unwrap();
+        let argv: Vec<String> = ["/bin/cat", "/etc/hostname; rm -rf /"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let r = GuestAgent::new(&t, opts(4))
+            .exec(&argv, 1024, Duration::from_secs(60))
+            .unwrap();
         assert_eq!(r.pid, 42);
         assert_eq!(r.status, ExitStatus::Code(3));
         assert_eq!(r.stdout.data, b"ok\n");
@@ -1475,7 +1936,10 @@ mod tests {
             sent[0],
             json!({"execute": "guest-exec", "arguments": {"path": "/bin/cat", "arg": ["/etc/hostname; rm -rf /"], "capture-output": true}})
         );
-        assert_eq!(sent[1], json!({"execute": "guest-exec-status", "arguments": {"pid": 42}}));
+        assert_eq!(
+            sent[1],
+            json!({"execute": "guest-exec-status", "arguments": {"pid": 42}})
+        );
         assert_eq!(sent.len(), 4);
     }
 
@@ -1484,7 +1948,9 @@ mod tests {
         let mut t = Script::new(vec![ok(r#"{"return": {"pid": 42}}"#)]);
         t.fallback = Some(r#"{"return": {"exited": false}}"#.to_owned());
         let argv = vec!["/bin/sleep".to_owned(), "1000".to_owned()];
-        let e = GuestAgent::new(&t, opts(4)).exec(&argv, 1024, Duration::from_millis(20)).unwrap_err();
+        let e = GuestAgent::new(&t, opts(4))
+            .exec(&argv, 1024, Duration::from_millis(20))
+            .unwrap_err();
         assert!(matches!(e, AgentError::ExecTimeout { pid: 42, .. }), "{e}");
         assert!(t.sent().len() >= 2, "polled at least once");
     }
@@ -1493,17 +1959,34 @@ mod tests {
     fn exec_refuses_bad_argv() {
         let t = Script::new(vec![]);
         let a = GuestAgent::new(&t, opts(4));
-        assert!(matches!(a.exec(&[], 10, Duration::from_secs(1)), Err(AgentError::InvalidRequest { .. })));
-        assert!(matches!(a.exec(&["".into()], 10, Duration::from_secs(1)), Err(AgentError::InvalidRequest { .. })));
-        assert!(matches!(a.exec(&["/bin/x\0".into()], 10, Duration::from_secs(1)), Err(AgentError::InvalidRequest { .. })));
+        assert!(matches!(
+            a.exec(&[], 10, Duration::from_secs(1)),
+            Err(AgentError::InvalidRequest { .. })
+        ));
+        assert!(matches!(
+            a.exec(&["".into()], 10, Duration::from_secs(1)),
+            Err(AgentError::InvalidRequest { .. })
+        ));
+        assert!(matches!(
+            a.exec(&["/bin/x\0".into()], 10, Duration::from_secs(1)),
+            Err(AgentError::InvalidRequest { .. })
+        ));
         assert!(t.sent().is_empty());
     }
 
     #[test]
     fn transport_errors_are_chained() {
-        let t = Script::new(vec![Err(AgentTransportError::Timeout(Duration::from_secs(5)))]);
+        let t = Script::new(vec![Err(AgentTransportError::Timeout(
+            Duration::from_secs(5),
+        ))]);
         let e = GuestAgent::new(&t, opts(4)).ping().unwrap_err();
-        assert!(matches!(e, AgentError::Transport { command: Command::Ping, source: AgentTransportError::Timeout(_) }));
+        assert!(matches!(
+            e,
+            AgentError::Transport {
+                command: Command::Ping,
+                source: AgentTransportError::Timeout(_)
+            }
+        ));
         assert!(std::error::Error::source(&e).is_some());
     }
 }

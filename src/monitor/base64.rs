@@ -4,6 +4,7 @@
 
 use thiserror::Error;
 
+#[cfg(test)]
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 /// Why a base64 string was rejected.
@@ -46,7 +47,7 @@ fn sextet(offset: usize, byte: u8) -> Result<u8, Base64Error> {
 /// the input bounds the allocation.
 pub fn decode(text: &str) -> Result<Vec<u8>, Base64Error> {
     let bytes = text.as_bytes();
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(Base64Error::InvalidLength { len: bytes.len() });
     }
     let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
@@ -57,7 +58,9 @@ pub fn decode(text: &str) -> Result<Vec<u8>, Base64Error> {
         let pad = chunk.iter().rev().take_while(|&&b| b == b'=').count();
         if pad > 2 || (pad > 0 && !last) {
             let first_pad = chunk.iter().position(|&b| b == b'=').unwrap_or(0);
-            return Err(Base64Error::MisplacedPadding { offset: base + first_pad });
+            return Err(Base64Error::MisplacedPadding {
+                offset: base + first_pad,
+            });
         }
         let mut acc: u32 = 0;
         for (i, &b) in chunk.iter().enumerate() {
@@ -82,15 +85,22 @@ pub fn decode(text: &str) -> Result<Vec<u8>, Base64Error> {
     Ok(out)
 }
 
-/// Encodes bytes as padded standard base64.
+/// Encodes bytes as padded standard base64 (tests build agent replies with it).
+#[cfg(test)]
 pub fn encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let acc = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((acc >> (18 - 6 * i)) & 0x3f) as usize]));
+                out.push(char::from(
+                    ALPHABET[((acc >> (18 - 6 * i)) & 0x3f) as usize],
+                ));
             } else {
                 out.push('=');
             }
@@ -125,10 +135,25 @@ mod tests {
     #[test]
     fn rejects_malformed_input() {
         assert_eq!(decode("Zm9"), Err(Base64Error::InvalidLength { len: 3 }));
-        assert_eq!(decode("Zm9*"), Err(Base64Error::InvalidByte { offset: 3, byte: b'*' }));
-        assert_eq!(decode("Zg==Zm9v"), Err(Base64Error::MisplacedPadding { offset: 2 }));
-        assert_eq!(decode("Z==="), Err(Base64Error::MisplacedPadding { offset: 1 }));
-        assert_eq!(decode("Z=g="), Err(Base64Error::MisplacedPadding { offset: 1 }));
+        assert_eq!(
+            decode("Zm9*"),
+            Err(Base64Error::InvalidByte {
+                offset: 3,
+                byte: b'*'
+            })
+        );
+        assert_eq!(
+            decode("Zg==Zm9v"),
+            Err(Base64Error::MisplacedPadding { offset: 2 })
+        );
+        assert_eq!(
+            decode("Z==="),
+            Err(Base64Error::MisplacedPadding { offset: 1 })
+        );
+        assert_eq!(
+            decode("Z=g="),
+            Err(Base64Error::MisplacedPadding { offset: 1 })
+        );
         assert!(decode("Zm9v\n").is_err());
     }
 }

@@ -83,7 +83,9 @@ pub enum CgroupError {
         path: String,
     },
     /// None of the process's hierarchies is mounted where expected.
-    #[error("process {pid}: no cpuacct, memory, blkio or unified cgroup found under {cgroup_root}")]
+    #[error(
+        "process {pid}: no cpuacct, memory, blkio or unified cgroup found under {cgroup_root}"
+    )]
     NoCgroup {
         /// The pid looked up.
         pid: u32,
@@ -121,7 +123,11 @@ pub fn parse_proc_cgroup(text: &str, source: &Path) -> Result<Vec<CgroupEntry>, 
         if line.trim().is_empty() {
             continue;
         }
-        let malformed = |reason| CgroupError::Malformed { path: source.to_owned(), line: i + 1, reason };
+        let malformed = |reason| CgroupError::Malformed {
+            path: source.to_owned(),
+            line: i + 1,
+            reason,
+        };
         // The path itself may contain ':', so split at most twice.
         let mut parts = line.splitn(3, ':');
         let (Some(id), Some(ctrl), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
@@ -135,8 +141,16 @@ pub fn parse_proc_cgroup(text: &str, source: &Path) -> Result<Vec<CgroupEntry>, 
         if !path.starts_with('/') {
             return Err(malformed("cgroup path is not absolute"));
         }
-        let controllers = if ctrl.is_empty() { Vec::new() } else { ctrl.split(',').map(str::to_owned).collect() };
-        out.push(CgroupEntry { hierarchy_id, controllers, path: path.to_owned() });
+        let controllers = if ctrl.is_empty() {
+            Vec::new()
+        } else {
+            ctrl.split(',').map(str::to_owned).collect()
+        };
+        out.push(CgroupEntry {
+            hierarchy_id,
+            controllers,
+            path: path.to_owned(),
+        });
     }
     Ok(out)
 }
@@ -214,7 +228,10 @@ pub struct CgroupReader {
 impl CgroupReader {
     /// Reader for files under `root` (`/` on a real host): `root/proc` and `root/sys/fs/cgroup`.
     pub fn new(root: &Path) -> Self {
-        CgroupReader { proc_root: root.join("proc"), cgroup_root: root.join("sys/fs/cgroup") }
+        CgroupReader {
+            proc_root: root.join("proc"),
+            cgroup_root: root.join("sys/fs/cgroup"),
+        }
     }
 
     /// Reader for the real host.
@@ -230,7 +247,13 @@ impl CgroupReader {
             None => return Err(CgroupError::ProcessGone { pid, path: file }),
         };
         let entries = parse_proc_cgroup(&text, &file)?;
-        let mut loc = CgroupLocation { version: CgroupVersion::V1, cpuacct: None, memory: None, blkio: None, unified: None };
+        let mut loc = CgroupLocation {
+            version: CgroupVersion::V1,
+            cpuacct: None,
+            memory: None,
+            blkio: None,
+            unified: None,
+        };
         let mut v1_domains = Vec::new();
         let mut unified_domain = None;
         for e in &entries {
@@ -243,7 +266,9 @@ impl CgroupReader {
                 unified_domain = Some(rel);
                 continue;
             }
-            let Some(mount) = self.v1_mount(&e.controllers) else { continue };
+            let Some(mount) = self.v1_mount(&e.controllers) else {
+                continue;
+            };
             let dir = mount.join(&rel);
             for c in &e.controllers {
                 let slot = match c.as_str() {
@@ -269,7 +294,12 @@ impl CgroupReader {
             (true, true) => CgroupVersion::Hybrid,
             (true, false) => CgroupVersion::V1,
             (false, true) => CgroupVersion::V2,
-            (false, false) => return Err(CgroupError::NoCgroup { pid, cgroup_root: self.cgroup_root.clone() }),
+            (false, false) => {
+                return Err(CgroupError::NoCgroup {
+                    pid,
+                    cgroup_root: self.cgroup_root.clone(),
+                })
+            }
         };
         Ok(loc)
     }
@@ -285,7 +315,10 @@ impl CgroupReader {
             return Some(self.cgroup_root.clone());
         }
         let hybrid = self.cgroup_root.join("unified");
-        hybrid.join("cgroup.controllers").is_file().then_some(hybrid)
+        hybrid
+            .join("cgroup.controllers")
+            .is_file()
+            .then_some(hybrid)
     }
 
     /// The v1 mount of a controller set: `cpu,cpuacct` (with `cpu`/`cpuacct` symlinks on most
@@ -309,7 +342,10 @@ fn domain_relative(path: &str, source: &Path) -> Result<PathBuf, CgroupError> {
             Component::RootDir | Component::CurDir => {}
             Component::Normal(s) => parts.push(s.to_str().unwrap_or_default()),
             Component::ParentDir | Component::Prefix(_) => {
-                return Err(CgroupError::UnsafePath { source_file: source.to_owned(), path: path.to_owned() })
+                return Err(CgroupError::UnsafePath {
+                    source_file: source.to_owned(),
+                    path: path.to_owned(),
+                })
             }
         }
     }
@@ -323,7 +359,8 @@ fn domain_relative(path: &str, source: &Path) -> Result<PathBuf, CgroupError> {
 
 fn is_thread_group(name: &str) -> bool {
     let numbered = |prefix: &str| {
-        name.strip_prefix(prefix).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        name.strip_prefix(prefix)
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     };
     name == "emulator" || numbered("vcpu") || numbered("iothread")
 }
@@ -348,20 +385,43 @@ pub fn read_counters(loc: &CgroupLocation) -> Result<CgroupCounters, CgroupError
     }
     if c.cpu_usage_ns.is_none() {
         if let Some(dir) = &loc.unified {
-            let usec = read_keyed(&dir.join("cpu.stat"), &["usage_usec"], CounterKind::Cpu, &mut missing)?;
+            let usec = read_keyed(
+                &dir.join("cpu.stat"),
+                &["usage_usec"],
+                CounterKind::Cpu,
+                &mut missing,
+            )?;
             c.cpu_usage_ns = usec.map(|u| u.saturating_mul(1000));
         }
     }
 
     if let Some(dir) = &loc.memory {
-        c.mem_bytes = read_single(&dir.join("memory.usage_in_bytes"), CounterKind::Memory, &mut missing)?;
+        c.mem_bytes = read_single(
+            &dir.join("memory.usage_in_bytes"),
+            CounterKind::Memory,
+            &mut missing,
+        )?;
         let stat = dir.join("memory.stat");
         // total_* are hierarchical; plain rss/cache only count the cgroup itself.
-        c.mem_rss_bytes = read_keyed(&stat, &["total_rss", "rss"], CounterKind::MemoryRss, &mut missing)?;
-        c.mem_cache_bytes = read_keyed(&stat, &["total_cache", "cache"], CounterKind::MemoryCache, &mut missing)?;
+        c.mem_rss_bytes = read_keyed(
+            &stat,
+            &["total_rss", "rss"],
+            CounterKind::MemoryRss,
+            &mut missing,
+        )?;
+        c.mem_cache_bytes = read_keyed(
+            &stat,
+            &["total_cache", "cache"],
+            CounterKind::MemoryCache,
+            &mut missing,
+        )?;
     }
     if let Some(dir) = loc.unified.as_ref().filter(|_| c.mem_bytes.is_none()) {
-        c.mem_bytes = read_single(&dir.join("memory.current"), CounterKind::Memory, &mut missing)?;
+        c.mem_bytes = read_single(
+            &dir.join("memory.current"),
+            CounterKind::Memory,
+            &mut missing,
+        )?;
         let stat = dir.join("memory.stat");
         c.mem_rss_bytes = read_keyed(&stat, &["anon"], CounterKind::MemoryRss, &mut missing)?;
         c.mem_cache_bytes = read_keyed(&stat, &["file"], CounterKind::MemoryCache, &mut missing)?;
@@ -374,7 +434,11 @@ pub fn read_counters(loc: &CgroupLocation) -> Result<CgroupCounters, CgroupError
                 let (r, w) = parse_blkio_service_bytes(&text, &file)?;
                 (c.io_read_bytes, c.io_write_bytes) = (Some(r), Some(w));
             }
-            None => missing.push(MissingCounter { counter: CounterKind::Io, file, key: None }),
+            None => missing.push(MissingCounter {
+                counter: CounterKind::Io,
+                file,
+                key: None,
+            }),
         }
     }
     if let Some(dir) = loc.unified.as_ref().filter(|_| c.io_read_bytes.is_none()) {
@@ -384,7 +448,11 @@ pub fn read_counters(loc: &CgroupLocation) -> Result<CgroupCounters, CgroupError
                 let (r, w) = parse_io_stat(&text, &file)?;
                 (c.io_read_bytes, c.io_write_bytes) = (Some(r), Some(w));
             }
-            None => missing.push(MissingCounter { counter: CounterKind::Io, file, key: None }),
+            None => missing.push(MissingCounter {
+                counter: CounterKind::Io,
+                file,
+                key: None,
+            }),
         }
     }
 
@@ -406,14 +474,25 @@ fn read_bounded(path: &Path) -> Result<Option<String>, CgroupError> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(CgroupError::Read { path: path.to_owned(), source }),
+        Err(source) => {
+            return Err(CgroupError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        }
     };
     let mut text = String::new();
     file.take(MAX_FILE_BYTES + 1)
         .read_to_string(&mut text)
-        .map_err(|source| CgroupError::Read { path: path.to_owned(), source })?;
+        .map_err(|source| CgroupError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
     if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(CgroupError::TooLarge { path: path.to_owned(), max: MAX_FILE_BYTES });
+        return Err(CgroupError::TooLarge {
+            path: path.to_owned(),
+            max: MAX_FILE_BYTES,
+        });
     }
     Ok(Some(text))
 }
@@ -427,11 +506,19 @@ fn number(value: &str, path: &Path, line: usize) -> Result<u64, CgroupError> {
 }
 
 /// A file holding one number (`cpuacct.usage`, `memory.current`, ...).
-fn read_single(path: &Path, kind: CounterKind, missing: &mut Vec<MissingCounter>) -> Result<Option<u64>, CgroupError> {
+fn read_single(
+    path: &Path,
+    kind: CounterKind,
+    missing: &mut Vec<MissingCounter>,
+) -> Result<Option<u64>, CgroupError> {
     match read_bounded(path)? {
         Some(text) => parse_single(&text, path).map(Some),
         None => {
-            missing.push(MissingCounter { counter: kind, file: path.to_owned(), key: None });
+            missing.push(MissingCounter {
+                counter: kind,
+                file: path.to_owned(),
+                key: None,
+            });
             Ok(None)
         }
     }
@@ -441,7 +528,11 @@ fn read_single(path: &Path, kind: CounterKind, missing: &mut Vec<MissingCounter>
 pub fn parse_single(text: &str, path: &Path) -> Result<u64, CgroupError> {
     let t = text.trim();
     if t.is_empty() {
-        return Err(CgroupError::Malformed { path: path.to_owned(), line: 1, reason: "file is empty" });
+        return Err(CgroupError::Malformed {
+            path: path.to_owned(),
+            line: 1,
+            reason: "file is empty",
+        });
     }
     number(t, path, 1)
 }
@@ -454,7 +545,11 @@ fn read_keyed(
     missing: &mut Vec<MissingCounter>,
 ) -> Result<Option<u64>, CgroupError> {
     let Some(text) = read_bounded(path)? else {
-        missing.push(MissingCounter { counter: kind, file: path.to_owned(), key: None });
+        missing.push(MissingCounter {
+            counter: kind,
+            file: path.to_owned(),
+            key: None,
+        });
         return Ok(None);
     };
     for key in keys {
@@ -462,7 +557,11 @@ fn read_keyed(
             return Ok(Some(v));
         }
     }
-    missing.push(MissingCounter { counter: kind, file: path.to_owned(), key: keys.first().copied() });
+    missing.push(MissingCounter {
+        counter: kind,
+        file: path.to_owned(),
+        key: keys.first().copied(),
+    });
     Ok(None)
 }
 
@@ -474,7 +573,11 @@ pub fn parse_keyed(text: &str, path: &Path, key: &str) -> Result<Option<u64>, Cg
             continue;
         }
         let Some(v) = it.next() else {
-            return Err(CgroupError::Malformed { path: path.to_owned(), line: i + 1, reason: "key without value" });
+            return Err(CgroupError::Malformed {
+                path: path.to_owned(),
+                line: i + 1,
+                reason: "key without value",
+            });
         };
         return number(v, path, i + 1).map(Some);
     }
@@ -494,7 +597,11 @@ pub fn parse_blkio_service_bytes(text: &str, path: &Path) -> Result<(u64, u64), 
             }
             [dev, op, v] => {
                 if !is_dev(dev) {
-                    return Err(CgroupError::Malformed { path: path.to_owned(), line: i + 1, reason: "expected MAJ:MIN device" });
+                    return Err(CgroupError::Malformed {
+                        path: path.to_owned(),
+                        line: i + 1,
+                        reason: "expected MAJ:MIN device",
+                    });
                 }
                 let n = number(v, path, i + 1)?;
                 let (slot, key) = match *op {
@@ -502,10 +609,17 @@ pub fn parse_blkio_service_bytes(text: &str, path: &Path) -> Result<(u64, u64), 
                     "Write" => (&mut write, "Write"),
                     _ => continue,
                 };
-                *slot = slot.checked_add(n).ok_or(CgroupError::Overflow { path: path.to_owned(), key })?;
+                *slot = slot.checked_add(n).ok_or(CgroupError::Overflow {
+                    path: path.to_owned(),
+                    key,
+                })?;
             }
             _ => {
-                return Err(CgroupError::Malformed { path: path.to_owned(), line: i + 1, reason: "expected `MAJ:MIN Op bytes`" })
+                return Err(CgroupError::Malformed {
+                    path: path.to_owned(),
+                    line: i + 1,
+                    reason: "expected `MAJ:MIN Op bytes`",
+                })
             }
         }
     }
@@ -520,11 +634,19 @@ pub fn parse_io_stat(text: &str, path: &Path) -> Result<(u64, u64), CgroupError>
         let mut it = line.split_whitespace();
         let Some(dev) = it.next() else { continue };
         if !is_dev(dev) {
-            return Err(CgroupError::Malformed { path: path.to_owned(), line: i + 1, reason: "expected MAJ:MIN device" });
+            return Err(CgroupError::Malformed {
+                path: path.to_owned(),
+                line: i + 1,
+                reason: "expected MAJ:MIN device",
+            });
         }
         for kv in it {
             let Some((k, v)) = kv.split_once('=') else {
-                return Err(CgroupError::Malformed { path: path.to_owned(), line: i + 1, reason: "expected key=value" });
+                return Err(CgroupError::Malformed {
+                    path: path.to_owned(),
+                    line: i + 1,
+                    reason: "expected key=value",
+                });
             };
             let (slot, key) = match k {
                 "rbytes" => (&mut read, "rbytes"),
@@ -532,7 +654,10 @@ pub fn parse_io_stat(text: &str, path: &Path) -> Result<(u64, u64), CgroupError>
                 _ => continue,
             };
             let n = number(v, path, i + 1)?;
-            *slot = slot.checked_add(n).ok_or(CgroupError::Overflow { path: path.to_owned(), key })?;
+            *slot = slot.checked_add(n).ok_or(CgroupError::Overflow {
+                path: path.to_owned(),
+                key,
+            })?;
         }
     }
     Ok((read, write))
@@ -540,7 +665,10 @@ pub fn parse_io_stat(text: &str, path: &Path) -> Result<(u64, u64), CgroupError>
 
 fn is_dev(s: &str) -> bool {
     s.split_once(':').is_some_and(|(a, b)| {
-        !a.is_empty() && !b.is_empty() && a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit())
+        !a.is_empty()
+            && !b.is_empty()
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.bytes().all(|c| c.is_ascii_digit())
     })
 }
 
@@ -554,7 +682,8 @@ mod tests {
     fn put(root: &Path, rel: &str, fixture: &str) {
         let dst = root.join(rel);
         fs::create_dir_all(dst.parent().unwrap()).unwrap();
-        fs::copy(Path::new(FIX).join(fixture), &dst).unwrap_or_else(|e| panic!("fixture {fixture}: {e}"));
+        fs::copy(Path::new(FIX).join(fixture), &dst)
+            .unwrap_or_else(|e| panic!("fixture {fixture}: {e}"));
     }
 
     const V1_DOM: &str = "machine/qemu-3-web1.libvirt-qemu";
@@ -562,14 +691,36 @@ mod tests {
     /// Hybrid host like this one: separate v1 mounts for cpu and cpuacct, plus cgroup2 at unified/.
     fn hybrid_host(root: &Path) {
         put(root, "proc/4242/cgroup", "proc-cgroup-v1-hybrid.txt");
-        for c in ["cpu", "cpuacct", "cpuset", "memory", "blkio", "devices", "freezer", "pids", "systemd"] {
+        for c in [
+            "cpu", "cpuacct", "cpuset", "memory", "blkio", "devices", "freezer", "pids", "systemd",
+        ] {
             fs::create_dir_all(root.join("sys/fs/cgroup").join(c)).unwrap();
         }
-        put(root, "sys/fs/cgroup/unified/cgroup.controllers", "empty.txt");
-        put(root, &format!("sys/fs/cgroup/cpuacct/{V1_DOM}/cpuacct.usage"), "v1-cpuacct.usage");
-        put(root, &format!("sys/fs/cgroup/memory/{V1_DOM}/memory.usage_in_bytes"), "v1-memory.usage_in_bytes");
-        put(root, &format!("sys/fs/cgroup/memory/{V1_DOM}/memory.stat"), "v1-memory.stat");
-        put(root, &format!("sys/fs/cgroup/blkio/{V1_DOM}/blkio.throttle.io_service_bytes"), "v1-blkio.throttle.io_service_bytes");
+        put(
+            root,
+            "sys/fs/cgroup/unified/cgroup.controllers",
+            "empty.txt",
+        );
+        put(
+            root,
+            &format!("sys/fs/cgroup/cpuacct/{V1_DOM}/cpuacct.usage"),
+            "v1-cpuacct.usage",
+        );
+        put(
+            root,
+            &format!("sys/fs/cgroup/memory/{V1_DOM}/memory.usage_in_bytes"),
+            "v1-memory.usage_in_bytes",
+        );
+        put(
+            root,
+            &format!("sys/fs/cgroup/memory/{V1_DOM}/memory.stat"),
+            "v1-memory.stat",
+        );
+        put(
+            root,
+            &format!("sys/fs/cgroup/blkio/{V1_DOM}/blkio.throttle.io_service_bytes"),
+            "v1-blkio.throttle.io_service_bytes",
+        );
     }
 
     #[test]
@@ -581,11 +732,19 @@ mod tests {
         // The unified line is `0::/`: QEMU has no cgroup2 group of its own, so only v1 is used.
         assert_eq!(loc.version, CgroupVersion::V1);
         assert_eq!(loc.unified, None);
-        assert!(loc.cpuacct.as_ref().unwrap().ends_with("cpuacct/machine/qemu-3-web1.libvirt-qemu"));
+        assert!(loc
+            .cpuacct
+            .as_ref()
+            .unwrap()
+            .ends_with("cpuacct/machine/qemu-3-web1.libvirt-qemu"));
         let c = r.read(4242).unwrap();
         assert_eq!(c.cpu_usage_ns, Some(183_274_651_220_931));
         assert_eq!(c.mem_bytes, Some(2_218_336_256));
-        assert_eq!(c.mem_rss_bytes, Some(1_990_148_096), "hierarchical total_rss preferred");
+        assert_eq!(
+            c.mem_rss_bytes,
+            Some(1_990_148_096),
+            "hierarchical total_rss preferred"
+        );
         assert_eq!(c.mem_cache_bytes, Some(201_326_592));
         assert_eq!(c.io_read_bytes, Some(1_316_388_864 + 4_096));
         assert_eq!(c.io_write_bytes, Some(8_937_164_800));
@@ -598,11 +757,18 @@ mod tests {
         let root = d.path();
         put(root, "proc/77/cgroup", "proc-cgroup-v1-combined.txt");
         fs::create_dir_all(root.join("sys/fs/cgroup/cpu,cpuacct")).unwrap();
-        put(root, &format!("sys/fs/cgroup/cpu,cpuacct/{V1_DOM}/cpuacct.usage"), "v1-cpuacct.usage");
+        put(
+            root,
+            &format!("sys/fs/cgroup/cpu,cpuacct/{V1_DOM}/cpuacct.usage"),
+            "v1-cpuacct.usage",
+        );
         let c = CgroupReader::new(root).read(77).unwrap();
         assert_eq!(c.version, CgroupVersion::V1);
         assert_eq!(c.cpu_usage_ns, Some(183_274_651_220_931));
-        assert_eq!(c.mem_bytes, None, "memory hierarchy not mounted in this fake host");
+        assert_eq!(
+            c.mem_bytes, None,
+            "memory hierarchy not mounted in this fake host"
+        );
     }
 
     #[test]
@@ -612,9 +778,21 @@ mod tests {
         let dom = r"machine.slice/machine-qemu\x2d5\x2ddb1.scope/libvirt";
         put(root, "proc/900/cgroup", "proc-cgroup-v2.txt");
         put(root, "sys/fs/cgroup/cgroup.controllers", "empty.txt");
-        put(root, &format!("sys/fs/cgroup/{dom}/cpu.stat"), "v2-cpu.stat");
-        put(root, &format!("sys/fs/cgroup/{dom}/memory.current"), "v2-memory.current");
-        put(root, &format!("sys/fs/cgroup/{dom}/memory.stat"), "v2-memory.stat");
+        put(
+            root,
+            &format!("sys/fs/cgroup/{dom}/cpu.stat"),
+            "v2-cpu.stat",
+        );
+        put(
+            root,
+            &format!("sys/fs/cgroup/{dom}/memory.current"),
+            "v2-memory.current",
+        );
+        put(
+            root,
+            &format!("sys/fs/cgroup/{dom}/memory.stat"),
+            "v2-memory.stat",
+        );
         put(root, &format!("sys/fs/cgroup/{dom}/io.stat"), "v2-io.stat");
         let c = CgroupReader::new(root).read(900).unwrap();
         assert_eq!(c.version, CgroupVersion::V2);
@@ -631,20 +809,33 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
         hybrid_host(root);
-        fs::remove_file(root.join(format!("sys/fs/cgroup/blkio/{V1_DOM}/blkio.throttle.io_service_bytes"))).unwrap();
+        fs::remove_file(root.join(format!(
+            "sys/fs/cgroup/blkio/{V1_DOM}/blkio.throttle.io_service_bytes"
+        )))
+        .unwrap();
         let c = CgroupReader::new(root).read(4242).unwrap();
         assert_eq!(c.io_read_bytes, None);
         assert_eq!(c.cpu_usage_ns, Some(183_274_651_220_931));
         assert_eq!(c.missing.len(), 1, "{:?}", c.missing);
         assert_eq!(c.missing[0].counter, CounterKind::Io);
-        assert!(c.missing[0].file.ends_with(format!("{V1_DOM}/blkio.throttle.io_service_bytes")));
+        assert!(c.missing[0]
+            .file
+            .ends_with(format!("{V1_DOM}/blkio.throttle.io_service_bytes")));
         assert_eq!(c.missing[0].key, None);
 
         // A keyed file without the key names file and key.
-        fs::write(root.join(format!("sys/fs/cgroup/memory/{V1_DOM}/memory.stat")), "cache 1\n").unwrap();
+        fs::write(
+            root.join(format!("sys/fs/cgroup/memory/{V1_DOM}/memory.stat")),
+            "cache 1\n",
+        )
+        .unwrap();
         let c = CgroupReader::new(root).read(4242).unwrap();
         assert_eq!(c.mem_rss_bytes, None);
-        let rss = c.missing.iter().find(|m| m.counter == CounterKind::MemoryRss).unwrap();
+        let rss = c
+            .missing
+            .iter()
+            .find(|m| m.counter == CounterKind::MemoryRss)
+            .unwrap();
         assert_eq!(rss.key, Some("total_rss"));
         assert!(rss.file.ends_with("memory.stat"));
     }
@@ -658,12 +849,20 @@ mod tests {
             .unwrap()
             .replace("0::/\n", &format!("0::/{V1_DOM}/emulator\n"));
         fs::write(root.join("proc/4242/cgroup"), hybrid).unwrap();
-        fs::remove_file(root.join(format!("sys/fs/cgroup/cpuacct/{V1_DOM}/cpuacct.usage"))).unwrap();
-        put(root, &format!("sys/fs/cgroup/unified/{V1_DOM}/cpu.stat"), "v2-cpu.stat");
+        fs::remove_file(root.join(format!("sys/fs/cgroup/cpuacct/{V1_DOM}/cpuacct.usage")))
+            .unwrap();
+        put(
+            root,
+            &format!("sys/fs/cgroup/unified/{V1_DOM}/cpu.stat"),
+            "v2-cpu.stat",
+        );
         let c = CgroupReader::new(root).read(4242).unwrap();
         assert_eq!(c.version, CgroupVersion::Hybrid);
         assert_eq!(c.cpu_usage_ns, Some(5_120_334_981_000));
-        assert!(c.missing.iter().all(|m| m.counter != CounterKind::Cpu), "filled gap is not reported");
+        assert!(
+            c.missing.iter().all(|m| m.counter != CounterKind::Cpu),
+            "filled gap is not reported"
+        );
     }
 
     #[test]
@@ -676,7 +875,10 @@ mod tests {
             .replace("0::/\n", "0::/system.slice/libvirtd.service\n");
         fs::write(root.join("proc/4242/cgroup"), hybrid).unwrap();
         let loc = CgroupReader::new(root).locate(4242).unwrap();
-        assert_eq!(loc.unified, None, "libvirtd's service counters are not the domain's");
+        assert_eq!(
+            loc.unified, None,
+            "libvirtd's service counters are not the domain's"
+        );
         assert_eq!(loc.version, CgroupVersion::V1);
     }
 
@@ -685,26 +887,53 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
         hybrid_host(root);
-        put(root, &format!("sys/fs/cgroup/cpuacct/{V1_DOM}/cpuacct.usage"), "bad-not-a-number.txt");
+        put(
+            root,
+            &format!("sys/fs/cgroup/cpuacct/{V1_DOM}/cpuacct.usage"),
+            "bad-not-a-number.txt",
+        );
         let e = CgroupReader::new(root).read(4242).unwrap_err();
-        assert!(matches!(&e, CgroupError::NotANumber { path, .. } if path.ends_with("cpuacct.usage")), "{e}");
+        assert!(
+            matches!(&e, CgroupError::NotANumber { path, .. } if path.ends_with("cpuacct.usage")),
+            "{e}"
+        );
         assert!(e.to_string().contains("cpuacct.usage"));
 
-        put(root, &format!("sys/fs/cgroup/cpuacct/{V1_DOM}/cpuacct.usage"), "v1-cpuacct.usage");
-        put(root, &format!("sys/fs/cgroup/blkio/{V1_DOM}/blkio.throttle.io_service_bytes"), "bad-blkio.txt");
+        put(
+            root,
+            &format!("sys/fs/cgroup/cpuacct/{V1_DOM}/cpuacct.usage"),
+            "v1-cpuacct.usage",
+        );
+        put(
+            root,
+            &format!("sys/fs/cgroup/blkio/{V1_DOM}/blkio.throttle.io_service_bytes"),
+            "bad-blkio.txt",
+        );
         let e = CgroupReader::new(root).read(4242).unwrap_err();
         assert!(matches!(&e, CgroupError::Malformed { line: 2, .. }), "{e}");
 
         let p = Path::new("io.stat");
-        assert!(matches!(parse_io_stat("8:0 rbytes=12 wbytes\n", p), Err(CgroupError::Malformed { .. })));
-        assert!(matches!(parse_io_stat("8:0 rbytes=-1\n", p), Err(CgroupError::NotANumber { .. })));
+        assert!(matches!(
+            parse_io_stat("8:0 rbytes=12 wbytes\n", p),
+            Err(CgroupError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_io_stat("8:0 rbytes=-1\n", p),
+            Err(CgroupError::NotANumber { .. })
+        ));
         assert!(matches!(
             parse_io_stat("8:0 rbytes=18446744073709551615\n8:16 rbytes=1\n", p),
             Err(CgroupError::Overflow { key: "rbytes", .. })
         ));
         assert_eq!(parse_io_stat("", p).unwrap(), (0, 0), "no I/O yet");
-        assert!(matches!(parse_keyed("usage_usec\n", p, "usage_usec"), Err(CgroupError::Malformed { .. })));
-        assert!(matches!(parse_single("\n", p), Err(CgroupError::Malformed { .. })));
+        assert!(matches!(
+            parse_keyed("usage_usec\n", p, "usage_usec"),
+            Err(CgroupError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_single("\n", p),
+            Err(CgroupError::Malformed { .. })
+        ));
     }
 
     #[test]
@@ -733,18 +962,43 @@ mod tests {
         let e = parse_proc_cgroup("12:cpu,cpuacct:/a:b\n0::/x\n", p).unwrap();
         assert_eq!(e[0].controllers, ["cpu", "cpuacct"]);
         assert_eq!(e[0].path, "/a:b");
-        assert_eq!(e[1], CgroupEntry { hierarchy_id: 0, controllers: vec![], path: "/x".into() });
-        assert!(matches!(parse_proc_cgroup("x:cpu:/\n", p), Err(CgroupError::NotANumber { .. })));
-        assert!(matches!(parse_proc_cgroup("1:cpu:relative\n", p), Err(CgroupError::Malformed { .. })));
+        assert_eq!(
+            e[1],
+            CgroupEntry {
+                hierarchy_id: 0,
+                controllers: vec![],
+                path: "/x".into()
+            }
+        );
+        assert!(matches!(
+            parse_proc_cgroup("x:cpu:/\n", p),
+            Err(CgroupError::NotANumber { .. })
+        ));
+        assert!(matches!(
+            parse_proc_cgroup("1:cpu:relative\n", p),
+            Err(CgroupError::Malformed { .. })
+        ));
     }
 
     #[test]
     fn thread_group_suffixes() {
         let p = Path::new("x");
-        assert_eq!(domain_relative("/machine/q/emulator", p).unwrap(), PathBuf::from("machine/q"));
-        assert_eq!(domain_relative("/machine/q/vcpu12", p).unwrap(), PathBuf::from("machine/q"));
-        assert_eq!(domain_relative("/machine/q/iothread1", p).unwrap(), PathBuf::from("machine/q"));
-        assert_eq!(domain_relative("/machine/q/vcpux", p).unwrap(), PathBuf::from("machine/q/vcpux"));
+        assert_eq!(
+            domain_relative("/machine/q/emulator", p).unwrap(),
+            PathBuf::from("machine/q")
+        );
+        assert_eq!(
+            domain_relative("/machine/q/vcpu12", p).unwrap(),
+            PathBuf::from("machine/q")
+        );
+        assert_eq!(
+            domain_relative("/machine/q/iothread1", p).unwrap(),
+            PathBuf::from("machine/q")
+        );
+        assert_eq!(
+            domain_relative("/machine/q/vcpux", p).unwrap(),
+            PathBuf::from("machine/q/vcpux")
+        );
         assert_eq!(domain_relative("/", p).unwrap(), PathBuf::new());
     }
 }
