@@ -1286,7 +1286,7 @@ impl<T: AgentTransport> GuestAgent<T> {
         loop {
             // Ask for one byte past the bound so that a file of exactly max_bytes is not
             // reported as truncated.
-            let want = chunk_max.min(max_bytes + 1 - data.len());
+            let want = chunk_max.min(max_bytes.saturating_add(1) - data.len());
             let reply = self.call(
                 Command::FileRead,
                 Some(json!({ "handle": handle, "count": want })),
@@ -1316,7 +1316,9 @@ impl<T: AgentTransport> GuestAgent<T> {
 
     /// Runs `argv[0]` with arguments `argv[1..]` in the guest (no shell is involved), then polls
     /// `guest-exec-status` until it exits or `timeout` passes. Each output stream is cut to
-    /// `max_output` bytes.
+    /// `max_output` bytes. The whole status reply must still fit
+    /// [`AgentLimits::max_reply_bytes`] (qemu-ga sends up to 16 MiB per stream, base64-encoded),
+    /// so commands with large output fail with [`AgentError::ReplyTooLarge`]: keep output small.
     pub fn exec(
         &self,
         argv: &[String],

@@ -278,6 +278,8 @@ impl DependencyMap {
 
     /// Records a socket-table snapshot of outbound peers taken at `at_ms`. A connection is counted
     /// when it first appears; one still open in the next snapshot is not counted again.
+    /// Loopback peers are kept (a local database is a dependency too); filter them with
+    /// [`OutboundPeer::is_loopback`] if unwanted.
     pub fn observe_sockets(&mut self, at_ms: u64, peers: &[OutboundPeer]) {
         let mut current = HashSet::with_capacity(peers.len());
         for p in peers {
