@@ -1,1 +1,47 @@
-//! Collectors and history.
+//! Monitoring of protected primaries, host side and guest side.
+//!
+//! Nothing here talks to libvirt directly: the guest agent is reached through the
+//! [`AgentTransport`] trait (implemented over libvirt in `crate::libvirt`), host counters are
+//! read from files under a configurable root, and everything else is pure logic fed with
+//! observations. That keeps every piece testable without a hypervisor.
+//!
+//! The pieces:
+//! - [`cgroup`]: host-side CPU, memory and block I/O counters of a QEMU process, from its cgroup
+//!   (v1, v2 or hybrid), located through `/proc/<pid>/cgroup`.
+//! - [`agent`]: typed, bounded, validated parsing of qemu-ga replies, and [`GuestAgent`], a client
+//!   with `ping`, `osinfo`, `cpustats`, `diskstats`, `interfaces`, `read_file` and `exec`.
+//! - [`sockets`]: the guest's `/proc/net/{tcp,tcp6,udp}` (read through the agent) as
+//!   connections, listening ports and outbound peers.
+//! - [`deps`]: the dependency map: peers aggregated over time from socket snapshots and
+//!   conntrack records, bounded with least-recently-seen eviction.
+//! - [`configtrack`]: content hashes and previews of guest configuration items, and their diff.
+//! - [`sample`]: rates ([`Sample`]) from two consecutive sets of cumulative counters
+//!   ([`RawCounters`]), robust to counter resets.
+//! - [`history`]: an in-memory ring of samples plus a bounded append-only on-disk log per
+//!   service that survives restarts and torn writes.
+//! - [`heartbeat`]: the state machine that turns pings, vCPU progress and QEMU monitor
+//!   responsiveness into a [`Health`] verdict (healthy, degraded, suspect, hung).
+
+pub mod agent;
+mod base64;
+pub mod cgroup;
+pub mod configtrack;
+pub mod deps;
+pub mod heartbeat;
+pub mod history;
+pub mod sample;
+pub mod sockets;
+
+pub use agent::{
+    AgentError, AgentLimits, AgentOptions, AgentTransport, AgentTransportError, GuestAgent,
+};
+pub use base64::Base64Error;
+pub use cgroup::{CgroupCounters, CgroupError, CgroupReader, CgroupVersion};
+pub use configtrack::{
+    diff as config_diff, ConfigChange, ConfigItem, ConfigSnapshot, ConfigSource,
+};
+pub use deps::{DependencyMap, PeerKey, PeerStats};
+pub use heartbeat::{Health, HeartbeatConfig, HeartbeatEvent, HeartbeatTracker, MonoMs};
+pub use history::{History, HistoryCaps, SampleRing};
+pub use sample::{RateCalculator, RawCounters, Sample, SampleSource};
+pub use sockets::{Connection, OutboundPeer, Proto, SocketState};
