@@ -18,9 +18,11 @@ lab_daemon=""
 for pid in $(libvirt_daemon_pids); do
     ns=$(pid_netns "$pid")
     if [ "$ns" != "$LAB_NS" ]; then
+        comm=$(cat "/proc/$pid/comm" 2>/dev/null || echo unknown)
+        where=${ns:-"the host's own"}
         cat >&2 <<EOF
-${0##*/}: a libvirt daemon ($(cat "/proc/$pid/comm" 2>/dev/null || echo '?'), pid $pid) is already running
-outside the lab network namespace $LAB_NS (namespace: ${ns:-the host's own}).
+${0##*/}: a libvirt daemon ($comm, pid $pid) is already running
+outside the lab network namespace $LAB_NS (namespace: $where).
 The lab runs its own libvirtd inside $LAB_NS so that every tap and bridge stays
 in that namespace; it cannot share /run/libvirt with another daemon. Stop that
 daemon first (or run the tests on a machine without one). Nothing was changed.
