@@ -1,0 +1,59 @@
+# Shared settings and helpers of the lab scripts (sourced, not executed).
+
+LAB_NS=understudy-lab
+LAB_BRIDGE=usbr0
+LAB_BRIDGE_ADDR=10.77.0.1/24
+LAB_URI=qemu:///system
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LAB_DIR=$REPO_ROOT/build/lab
+LAB_RUN=$LAB_DIR/run
+LAB_LOGS=$REPO_ROOT/build/lab-logs
+
+QEMU_CONF=/etc/libvirt/qemu.conf
+QEMU_CONF_ORIG=/etc/libvirt/qemu.conf.understudy-orig
+# First line of every qemu.conf the lab writes; tells ours from anybody else's.
+LAB_CONF_MARK="# understudy-lab qemu.conf"
+# Where libvirtd -d writes its pid.
+LIBVIRTD_PIDFILE=/run/libvirtd.pid
+# What lab-up created outside build/ (so lab-down removes exactly that).
+LAB_CREATED=$LAB_RUN/created
+# State directories libvirtd fills; removed by lab-down if lab-up created them.
+LIBVIRT_STATE_DIRS="/var/lib/libvirt /var/log/libvirt /run/libvirt /var/cache/libvirt /etc/libvirt"
+
+lab_log() { echo "${0##*/}: $*"; }
+lab_die() { echo "${0##*/}: $*" >&2; exit 1; }
+
+lab_ns_exists() { [ -e "/run/netns/$LAB_NS" ]; }
+
+lab_conf_is_ours() { [ -f "$QEMU_CONF" ] && [[ $(head -n1 "$QEMU_CONF") == "$LAB_CONF_MARK"* ]]; }
+
+# Prints the pids of every running libvirt daemon (monolithic or modular QEMU).
+# Zombies do not count: this machine's pid 1 reaps orphans only lazily.
+libvirt_daemon_pids() {
+    ps -eo pid=,stat=,comm= | awk '$2 !~ /^Z/ && ($3 == "libvirtd" || $3 == "virtqemud") { print $1 }'
+}
+
+# Prints the name of the network namespace of a pid ("" for the host's own).
+pid_netns() { ip netns identify "$1" 2>/dev/null || true; }
+
+# Succeeds when the libvirt daemon answers.
+libvirt_answers() { timeout 5 virsh -c "$LAB_URI" version >/dev/null 2>&1; }
+
+# Succeeds when a pid is alive (a zombie is not).
+pid_alive() { [ -d "/proc/$1" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+
+# Waits until a pid is gone; SIGKILL after the given number of tenths of a second.
+stop_pid() {
+    local pid=$1 tenths=${2:-100} i=0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    while pid_alive "$pid"; do
+        i=$((i + 1))
+        if [ "$i" -ge "$tenths" ]; then
+            kill -KILL "$pid" 2>/dev/null || true
+            sleep 0.2
+            break
+        fi
+        sleep 0.1
+    done
+}

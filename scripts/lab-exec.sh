@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs a command inside the lab network namespace, like `ip netns exec`, but
+# with the host's cgroup file systems still visible.
+#
+# usage: scripts/lab-exec.sh <command> [args...]
+#
+# `ip netns exec` gives the command a private mount namespace with a fresh
+# sysfs on /sys (so /sys/class/net shows the lab's interfaces), which also
+# hides every mount below /sys, notably /sys/fs/cgroup. libvirtd needs the
+# cgroup hierarchies to place QEMU processes, and the daemon under test reads
+# them, so they are mounted again (same hierarchies, same options) inside.
+set -euo pipefail
+# shellcheck source=scripts/lab-common.sh
+. "$(dirname "$0")/lab-common.sh"
+
+[ $# -ge 1 ] || lab_die "usage: $0 <command> [args...]"
+lab_ns_exists || lab_die "network namespace $LAB_NS does not exist; run make lab-up first"
+
+# Mounts below /sys of the caller, parents before children (findmnt order).
+sys_mounts=$(findmnt -rn -o TARGET,FSTYPE,OPTIONS | awk '$1 ~ "^/sys/."')
+
+exec ip netns exec "$LAB_NS" /bin/bash -c '
+    while read -r target fstype options; do
+        [ -n "$target" ] || continue
+        mkdir -p "$target" 2>/dev/null || true
+        mount -t "$fstype" -o "$options" "$fstype" "$target" 2>/dev/null ||
+            echo "lab-exec: could not mount $fstype on $target; continuing without it" >&2
+    done <<<"$1"
+    shift
+    exec "$@"
+' lab-exec "$sys_mounts" "$@"
