@@ -112,7 +112,7 @@ fn main() {
         prefixes: vec![NAME.to_string()],
     };
     let hv = hypervisor();
-    let mut daemon = DaemonProc::start("bench", NAME, 1);
+    let daemon = DaemonProc::start("bench", NAME, 1);
     start_guest(&hv, NAME, &format!("{IP}/24"), &[]);
     let probe = Arc::new(Probe::default());
     let stop = Arc::new(AtomicBool::new(false));
