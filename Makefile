@@ -7,6 +7,10 @@
 #   make lab-down    tear the lab down completely
 #   make build       cargo build
 #   make test        deps, images, lab-up, cargo tests inside the lab, lab-down
+#   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
+#   make bench       every benchmark (bench-failover, bench-profile)
+#   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
+#   make bench-profile   profile model vs baselines on synthetic traces
 
 SHELL := /bin/bash
 
@@ -30,7 +34,7 @@ MEM ?= 192
 ROLE ?= primary
 DISK ?=
 
-.PHONY: deps images lab-up lab-down lab-guest build test
+.PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile
 
 deps:
 	@missing=""; \
@@ -85,3 +89,27 @@ test:
 	fi; \
 	$(MAKE) lab-down || echo "test: lab-down failed" >&2; \
 	exit $$status
+
+# The demo and the failover bench need the lab; both take it down again afterwards.
+demo:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --release
+	$(MAKE) lab-up
+	@status=0; scripts/demo.sh || status=$$?; \
+	$(MAKE) lab-down || echo "demo: lab-down failed" >&2; \
+	exit $$status
+
+bench: bench-profile bench-failover
+
+bench-failover:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --release --benches
+	$(MAKE) lab-up
+	@status=0; scripts/lab-exec.sh cargo bench --offline --bench failover || status=$$?; \
+	$(MAKE) lab-down || echo "bench-failover: lab-down failed" >&2; \
+	exit $$status
+
+bench-profile:
+	cargo bench --bench profile

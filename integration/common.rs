@@ -45,6 +45,8 @@ pub fn hypervisor() -> Hypervisor {
 
 /// Domain XML of a lab guest from the lab's own script.
 pub fn guest_xml(name: &str, ip_prefix: &str, extra: &[&str]) -> String {
+    // The guest's console log goes to build/lab/; libvirt does not create the directory.
+    std::fs::create_dir_all(repo().join("build/lab")).unwrap();
     let out = Command::new(repo().join("scripts/lab-guest.sh"))
         .arg("xml")
         .arg(name)
@@ -68,7 +70,9 @@ pub struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let hv = hypervisor();
+        // Never panic here: a panic while unwinding aborts the whole test binary.
+        let Ok(events) = EventLoop::start() else { return };
+        let Ok(hv) = Hypervisor::open(&events, URI, 5, 3) else { return };
         if let Ok(list) = hv.list() {
             for d in list {
                 if self

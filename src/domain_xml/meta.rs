@@ -238,6 +238,18 @@ impl UnderstudyMeta {
         out
     }
 
+    /// The element as `virDomainSetMetadata` wants it: unprefixed and without a namespace
+    /// declaration, because libvirt puts it into [`META_NS`] under the key it is given and
+    /// fails ("failed to create a new XML namespace") when the element declares one itself.
+    pub fn to_libvirt_xml(&self) -> String {
+        let mut out = format!("<{META_ELEMENT}");
+        for (name, value) in self.attributes() {
+            out.push_str(&format!(" {name}=\"{}\"", escape_attr(&value)));
+        }
+        out.push_str("/>");
+        out
+    }
+
     /// Parses the element as `virDomainGetMetadata` returns it; any prefix is accepted as long
     /// as the namespace is [`META_NS`].
     pub fn from_element_xml(s: &str) -> Result<Self, XmlError> {

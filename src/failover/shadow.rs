@@ -73,7 +73,7 @@ pub fn write_meta(
     domain: &str,
     meta: &UnderstudyMeta,
 ) -> Result<(), LibvirtError> {
-    hv.set_metadata(domain, &meta.to_element_xml(), META_PREFIX, META_NS)
+    hv.set_metadata(domain, &meta.to_libvirt_xml(), META_PREFIX, META_NS)
 }
 
 /// Builds the shadow's XML from the primary's persistent definition. Creates the disk

@@ -118,6 +118,8 @@ impl EventLoop {
     /// Registers the default implementation (once) and starts its thread.
     pub fn start() -> Result<EventLoop, LibvirtError> {
         let result = EVENT_LOOP.get_or_init(|| {
+            // libvirt prints every error to stderr by default; ours are returned and logged.
+            virt::error::clear_error_callback();
             virt::event::event_register_default_impl().map_err(|e| e.to_string())?;
             std::thread::Builder::new()
                 .name("libvirt-events".into())
