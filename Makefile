@@ -6,13 +6,12 @@
 #   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [MEM=192] [ROLE=primary]
 #   make lab-down    tear the lab down completely
 #   make build       cargo build
-#   make test        deps, images, cargo build --tests, then under the lab lock:
-#                    lab-up, cargo test inside the lab, lab-down
+#   make test        deps, images, cargo build --tests, then lab-up, cargo test
+#                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 
 SHELL := /bin/bash
 
 LAB_NS := understudy-lab
-LAB_LOCK := /run/understudy-lab.lock
 GUEST_DIR := build/guest
 
 DEB_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
@@ -32,7 +31,7 @@ MEM ?= 192
 ROLE ?= primary
 DISK ?=
 
-.PHONY: deps images lab-up lab-down lab-guest build test test-in-lab
+.PHONY: deps images lab-up lab-down lab-guest build test
 
 deps:
 	@missing=""; \
@@ -73,26 +72,13 @@ lab-guest: images
 build:
 	cargo build
 
-# The lab is one per machine: the whole lab part of the run holds the lab lock
-# (other `make test` runs, in any worktree, wait). The tests run inside the lab
-# namespace (scripts/lab-exec.sh: `ip netns exec` plus the host's cgroup
-# mounts) so they reach the guests; lab-down runs whatever happened, and the
-# target exits with the tests' status.
+# The tests run inside the lab namespace (scripts/lab-exec.sh: `ip netns exec`
+# plus the host's cgroup mounts) so they reach the guests. scripts/lab-run.sh
+# holds the machine-wide lab lock from lab-up to lab-down (another make test,
+# in any worktree, waits), always runs lab-down, and exits with the tests'
+# status. The tests are built first, outside the lab and its lock.
 test:
 	$(MAKE) deps
 	$(MAKE) images
 	cargo build --tests
-	@flock -n $(LAB_LOCK) true || \
-		echo "test: waiting for the lab lock $(LAB_LOCK); held by: $$(cat $(LAB_LOCK).holder 2>/dev/null || echo unknown)"
-	@UNDERSTUDY_LAB_LOCKED="make test in $(CURDIR) (pid $$$$, since $$(date +%T))" \
-		flock -o $(LAB_LOCK) $(MAKE) --no-print-directory test-in-lab
-
-# Only from `make test`, under the lab lock.
-test-in-lab:
-	@[ -n "$$UNDERSTUDY_LAB_LOCKED" ] || { echo "test-in-lab: use make test" >&2; exit 1; }
-	@echo "$$UNDERSTUDY_LAB_LOCKED" >$(LAB_LOCK).holder
-	scripts/lab-up.sh
-	@status=0; \
-	scripts/lab-exec.sh cargo test --offline -- --test-threads=1 || status=$$?; \
-	scripts/lab-down.sh || echo "test: lab-down failed" >&2; \
-	exit $$status
+	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1

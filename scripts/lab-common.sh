@@ -41,10 +41,11 @@ lab_take_lock() {
         fi
         return 0
     fi
+    local args="$*"
     if ! flock -n "$LAB_LOCK" true; then
         lab_log "waiting for the lab lock $LAB_LOCK; held by: $(cat "$LAB_LOCK.holder" 2>/dev/null || echo unknown)" >&2
     fi
-    UNDERSTUDY_LAB_LOCKED="${0##*/} in $REPO_ROOT (pid $$, since $(date +%T))" UNDERSTUDY_LAB_JUST_LOCKED=1 \
+    UNDERSTUDY_LAB_LOCKED="${0##*/} ${args:0:60} in $REPO_ROOT (pid $$, since $(date +%T))" UNDERSTUDY_LAB_JUST_LOCKED=1 \
         exec flock -o "$LAB_LOCK" "$0" "$@"
 }
 
