@@ -7,8 +7,12 @@ LAB_URI=qemu:///system
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LAB_DIR=$REPO_ROOT/build/lab
-LAB_RUN=$LAB_DIR/run
 LAB_LOGS=$REPO_ROOT/build/lab-logs
+# The lab is one per machine, whichever worktree started it: its machine-wide
+# state lives in /run, and one lock serialises everything that changes or uses
+# it (lab-up, lab-down, make test, lab-smoke).
+LAB_STATE=/run/understudy-lab
+LAB_LOCK=/run/understudy-lab.lock
 
 QEMU_CONF=/etc/libvirt/qemu.conf
 QEMU_CONF_ORIG=/etc/libvirt/qemu.conf.understudy-orig
@@ -17,12 +21,33 @@ LAB_CONF_MARK="# understudy-lab qemu.conf"
 # Where libvirtd -d writes its pid.
 LIBVIRTD_PIDFILE=/run/libvirtd.pid
 # What lab-up created outside build/ (so lab-down removes exactly that).
-LAB_CREATED=$LAB_RUN/created
+LAB_CREATED=$LAB_STATE/created
+LAB_LIBVIRTD_LOG=$LAB_STATE/libvirtd.log
 # State directories libvirtd fills; removed by lab-down if lab-up created them.
 LIBVIRT_STATE_DIRS="/var/lib/libvirt /var/log/libvirt /run/libvirt /var/cache/libvirt /etc/libvirt"
 
 lab_log() { echo "${0##*/}: $*"; }
 lab_die() { echo "${0##*/}: $*" >&2; exit 1; }
+
+# Re-runs the calling script under the machine-wide lab lock unless this
+# process tree already holds it (make test takes it once for its whole run).
+# `flock -o`: the lock stays with flock itself, so daemons started by the
+# script (libvirtd) do not inherit it.
+lab_take_lock() {
+    if [ -n "${UNDERSTUDY_LAB_LOCKED:-}" ]; then
+        if [ -n "${UNDERSTUDY_LAB_JUST_LOCKED:-}" ]; then
+            unset UNDERSTUDY_LAB_JUST_LOCKED
+            echo "$UNDERSTUDY_LAB_LOCKED" >"$LAB_LOCK.holder"
+        fi
+        return 0
+    fi
+    local args="$*"
+    if ! flock -n "$LAB_LOCK" true; then
+        lab_log "waiting for the lab lock $LAB_LOCK; held by: $(cat "$LAB_LOCK.holder" 2>/dev/null || echo unknown)" >&2
+    fi
+    UNDERSTUDY_LAB_LOCKED="${0##*/} ${args:0:60} in $REPO_ROOT (pid $$, since $(date +%T))" UNDERSTUDY_LAB_JUST_LOCKED=1 \
+        exec flock -o "$LAB_LOCK" "$0" "$@"
+}
 
 lab_ns_exists() { [ -e "/run/netns/$LAB_NS" ]; }
 

@@ -14,6 +14,7 @@ set -euo pipefail
 . "$(dirname "$0")/lab-common.sh"
 
 [ "$(id -u)" -eq 0 ] || lab_die "must run as root"
+lab_take_lock "$@"
 
 lab_pid=""
 foreign_pid=""
@@ -30,9 +31,9 @@ done
 started_for_cleanup=""
 if [ -z "$lab_pid" ] && [ -z "$foreign_pid" ] && lab_ns_exists && lab_conf_is_ours; then
     lab_log "lab namespace exists without its libvirtd; starting one to clean up domains"
-    mkdir -p "$LAB_RUN"
+    mkdir -p "$LAB_STATE"
     rm -f "$LIBVIRTD_PIDFILE"
-    LIBVIRT_LOG_OUTPUTS="3:file:$LAB_RUN/libvirtd.log" \
+    LIBVIRT_LOG_OUTPUTS="3:file:$LAB_LIBVIRTD_LOG" \
         "$REPO_ROOT/scripts/lab-exec.sh" libvirtd -d || true
     for _ in $(seq 1 300); do
         libvirt_answers && break
@@ -143,9 +144,12 @@ if [ -d "$LAB_DIR" ]; then
     for log in "$LAB_DIR"/*.console.log; do
         keep_log "$log"
     done
-    keep_log "$LAB_RUN/libvirtd.log"
     rm -rf "$LAB_DIR"
     lab_log "removed $LAB_DIR (logs kept in $LAB_LOGS)"
+fi
+if [ -d "$LAB_STATE" ]; then
+    keep_log "$LAB_LIBVIRTD_LOG"
+    rm -rf "$LAB_STATE"
 fi
 
 if lab_conf_is_ours; then

@@ -8,6 +8,7 @@
 set -euo pipefail
 # shellcheck source=scripts/lab-common.sh
 . "$(dirname "$0")/lab-common.sh"
+lab_take_lock "$@"
 
 name=${1:-us-smoke}
 ip=${2:-10.77.0.10/24}

@@ -9,6 +9,7 @@ set -euo pipefail
 . "$(dirname "$0")/lab-common.sh"
 
 [ "$(id -u)" -eq 0 ] || lab_die "must run as root"
+lab_take_lock "$@"
 for tool in ip virsh libvirtd findmnt; do
     command -v "$tool" >/dev/null || lab_die "$tool not found; run make deps"
 done
@@ -46,7 +47,7 @@ trap 'status=$?; if [ $status -ne 0 ]; then lab_log "failed; taking the lab down
 
 # --- the user libvirtd resolves before it even reads qemu.conf -------------------
 # Everything created outside build/ is noted in $LAB_CREATED for lab-down.
-mkdir -p "$LAB_RUN" "$LAB_DIR/disks"
+mkdir -p "$LAB_STATE" "$LAB_DIR/disks"
 if ! getent group libvirt-qemu >/dev/null; then
     groupadd --system libvirt-qemu
     echo "group libvirt-qemu" >>"$LAB_CREATED"
@@ -104,13 +105,13 @@ ip -n "$LAB_NS" link set "$LAB_BRIDGE" up
 
 # --- libvirtd inside the namespace ---------------------------------------------------
 rm -f "$LIBVIRTD_PIDFILE"
-LIBVIRT_LOG_OUTPUTS="3:file:$LAB_RUN/libvirtd.log" \
+LIBVIRT_LOG_OUTPUTS="3:file:$LAB_LIBVIRTD_LOG" \
     "$REPO_ROOT/scripts/lab-exec.sh" libvirtd -d
 for _ in $(seq 1 300); do
     libvirt_answers && break
     sleep 0.1
 done
-libvirt_answers || lab_die "libvirtd did not answer on $LAB_URI within 30 s (see $LAB_RUN/libvirtd.log)"
+libvirt_answers || lab_die "libvirtd did not answer on $LAB_URI within 30 s (see $LAB_LIBVIRTD_LOG)"
 pid=$(cat "$LIBVIRTD_PIDFILE" 2>/dev/null || true)
 [ -n "$pid" ] && [ "$(pid_netns "$pid")" = "$LAB_NS" ] ||
     lab_die "the libvirtd answering on $LAB_URI is not the one started in $LAB_NS"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs a command with the lab up, holding the machine-wide lab lock for the
+# whole run: lab-up, the command, then lab-down whatever happened (also after
+# Ctrl-C). Exits with the command's status. Other lab users (make test in any
+# worktree, lab-up, lab-down, lab-smoke) wait meanwhile.
+#
+# usage: scripts/lab-run.sh <command> [args...]
+#   e.g. scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
+# The command runs outside the lab namespace; wrap it in scripts/lab-exec.sh to
+# run it inside.
+set -euo pipefail
+# shellcheck source=scripts/lab-common.sh
+. "$(dirname "$0")/lab-common.sh"
+
+[ "$(id -u)" -eq 0 ] || lab_die "must run as root"
+[ $# -ge 1 ] || lab_die "usage: $0 <command> [args...]"
+lab_take_lock "$@"
+
+"$REPO_ROOT/scripts/lab-up.sh"
+status=0
+# An interrupt stops the command, not this script: the lab still goes down.
+trap 'status=130' INT TERM
+"$@" || status=$?
+trap - INT TERM
+"$REPO_ROOT/scripts/lab-down.sh" || lab_log "lab-down failed" >&2
+exit "$status"
