@@ -236,7 +236,7 @@ async fn reconcile(d: &Shared) {
     let mut shadows: Vec<(UnderstudyMeta, crate::libvirt::DomainSummary)> = Vec::new();
     let mut untagged = Vec::new();
     for (dom, meta) in listing {
-        let meta = match meta.map(|m| UnderstudyMeta::from_element_xml(&m)) {
+        let meta = match meta.map(|m| UnderstudyMeta::from_libvirt_xml(&m)) {
             Some(Ok(m)) => m,
             Some(Err(e)) => {
                 tracing::warn!(domain = %dom.name, error = %e, "unreadable understudy metadata; domain ignored");

@@ -250,6 +250,20 @@ impl UnderstudyMeta {
         out
     }
 
+    /// Parses what `virDomainGetMetadata` returns for our namespace URI: libvirt hands the
+    /// element back unprefixed and without a namespace declaration (the URI was the query), so
+    /// an undeclared `<member>` is put into [`META_NS`] before parsing.
+    pub fn from_libvirt_xml(s: &str) -> Result<Self, XmlError> {
+        let trimmed = s.trim_start();
+        let bare = format!("<{META_ELEMENT}");
+        match trimmed.strip_prefix(bare.as_str()) {
+            Some(rest) if !trimmed.contains("xmlns") && rest.starts_with([' ', '/', '>']) => {
+                Self::from_element_xml(&format!("<{META_ELEMENT} xmlns=\"{META_NS}\"{rest}"))
+            }
+            _ => Self::from_element_xml(s),
+        }
+    }
+
     /// Parses the element as `virDomainGetMetadata` returns it; any prefix is accepted as long
     /// as the namespace is [`META_NS`].
     pub fn from_element_xml(s: &str) -> Result<Self, XmlError> {

@@ -1102,3 +1102,17 @@ fn types_can_cross_tasks() {
     send_sync::<CloneError>();
     send_sync::<UnderstudyMeta>();
 }
+
+#[test]
+fn libvirt_metadata_form_round_trips() {
+    // virDomainSetMetadata takes the element unprefixed and undeclared; virDomainGetMetadata
+    // hands it back the same way (observed on libvirt 9.0).
+    let m = meta(Role::Shadow, MemberState::Paused, 3);
+    let wire = m.to_libvirt_xml();
+    assert!(wire.starts_with("<member ") && !wire.contains("xmlns"), "{wire}");
+    assert_eq!(UnderstudyMeta::from_libvirt_xml(&wire).unwrap(), m);
+    // The namespaced form is still accepted.
+    assert_eq!(UnderstudyMeta::from_libvirt_xml(&m.to_element_xml()).unwrap(), m);
+    // Another tool's undeclared element is not ours.
+    assert!(UnderstudyMeta::from_libvirt_xml("<membership a='1'/>").is_err());
+}
