@@ -30,7 +30,13 @@ use crate::libvirt::{
     qemu_pid, AgentState, DomainEvent, EventLoop, Hypervisor, LibvirtError, LifecycleEvent,
     QemuProcess, RunState,
 };
+use crate::monitor::heartbeat::PingFailure;
+use crate::monitor::{Health, HeartbeatConfig, HeartbeatEvent, HeartbeatTracker, MonoMs};
 use crate::net::Netlink;
+
+/// How long a primary fenced for a hang is kept (isolated, off the bridge) to see whether it
+/// was really dead: an agent answer in this window makes the failover count as false.
+const FENCE_GRACE: Duration = Duration::from_secs(10);
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -89,8 +95,16 @@ enum Note {
     },
     Heartbeat {
         domain: String,
-        ok: bool,
+        ping: Result<(), PingFailure>,
+        at: MonoMs,
         at_unix_ms: u64,
+    },
+    /// The grace period after a heartbeat failover ended; `answered` if the old primary's
+    /// agent answered while fenced, which makes the failover a false one.
+    FenceGraceOver {
+        service: String,
+        old: String,
+        answered: bool,
     },
 }
 
@@ -112,6 +126,18 @@ pub struct Daemon {
     metrics: Arc<Metrics>,
     services: Mutex<BTreeMap<String, Service>>,
     heartbeats: Mutex<BTreeMap<String, u64>>,
+    /// Health state machines per active primary domain.
+    trackers: Mutex<BTreeMap<String, HeartbeatTracker>>,
+    /// QEMU pid per watched primary domain, for vCPU time.
+    pids: Mutex<BTreeMap<String, i32>>,
+    /// Domains with a ping in flight: no second ping is queued behind a stuck one.
+    pinging: Mutex<std::collections::BTreeSet<String>>,
+    /// External probe state per service: when it started failing, and whether counted.
+    probes: Mutex<BTreeMap<String, ProbeState>>,
+    false_failovers: std::sync::atomic::AtomicU64,
+    missed_failovers: std::sync::atomic::AtomicU64,
+    /// Origin of the monotonic clock the trackers use.
+    mono_origin: Instant,
     notes: mpsc::UnboundedSender<Note>,
     started_unix_ms: u64,
 }
@@ -134,6 +160,45 @@ impl Daemon {
 
     fn services(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Service>> {
         self.services.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_mono(&self) -> MonoMs {
+        MonoMs(self.mono_origin.elapsed().as_millis() as u64)
+    }
+
+    /// Feeds one observation to the domain's tracker (created on first use).
+    fn observe(&self, domain: &str, class: &ClassConfig, event: HeartbeatEvent) {
+        let now = self.now_mono();
+        let mut trackers = self.trackers.lock().unwrap_or_else(|e| e.into_inner());
+        let tracker = trackers.entry(domain.to_string()).or_insert_with(|| {
+            HeartbeatTracker::new(heartbeat_config(class), now).unwrap_or_else(|_| {
+                HeartbeatTracker::new(HeartbeatConfig::default(), now).expect("default heartbeat config is valid")
+            })
+        });
+        tracker.observe(event);
+    }
+
+    fn health(&self, domain: &str) -> Option<Health> {
+        let now = self.now_mono();
+        self.trackers.lock().unwrap_or_else(|e| e.into_inner()).get(domain).map(|t| t.health(now))
+    }
+}
+
+/// Per-service state of the external probe.
+#[derive(Debug, Default, Clone)]
+struct ProbeState {
+    last_run: Option<Instant>,
+    failing_since: Option<Instant>,
+    counted: bool,
+    in_flight: bool,
+}
+
+fn heartbeat_config(class: &ClassConfig) -> HeartbeatConfig {
+    HeartbeatConfig {
+        interval: Duration::from_millis(class.heartbeat_interval_ms),
+        timeout: Duration::from_millis(class.heartbeat_timeout_ms),
+        misses: class.heartbeat_misses,
+        ..HeartbeatConfig::default()
     }
 }
 
@@ -173,6 +238,13 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
         metrics,
         services: Mutex::new(BTreeMap::new()),
         heartbeats: Mutex::new(BTreeMap::new()),
+        trackers: Mutex::new(BTreeMap::new()),
+        pids: Mutex::new(BTreeMap::new()),
+        pinging: Mutex::new(Default::default()),
+        probes: Mutex::new(BTreeMap::new()),
+        false_failovers: Default::default(),
+        missed_failovers: Default::default(),
+        mono_origin: Instant::now(),
         notes: note_tx,
         started_unix_ms: now_unix_ms(),
     });
@@ -490,6 +562,9 @@ fn watch_primary(d: &Shared, service: &str, domain: &str) {
             return;
         }
     };
+    d.pids.lock().unwrap_or_else(|e| e.into_inner()).insert(domain.to_string(), pid);
+    // A (re)started primary gets a fresh health history.
+    d.trackers.lock().unwrap_or_else(|e| e.into_inner()).remove(domain);
     let notes = d.notes.clone();
     let (service, domain) = (service.to_string(), domain.to_string());
     tracing::debug!(%service, %domain, pid, "watching QEMU process");
@@ -697,6 +772,26 @@ fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: I
     });
 }
 
+/// Watches a primary fenced for a hang: if its agent answers during [`FENCE_GRACE`] it was
+/// alive after all (a false failover); either way it is destroyed afterwards.
+fn spawn_fence_grace(d: &Shared, service: &str, old: &str) {
+    let (hv, notes) = (d.hv(), d.notes.clone());
+    let (service, old) = (service.to_string(), old.to_string());
+    tokio::spawn(async move {
+        let deadline = Instant::now() + FENCE_GRACE;
+        let mut answered = false;
+        while Instant::now() < deadline && !answered {
+            let o = old.clone();
+            let ping = hv.run("grace ping", move |hv| {
+                hv.agent_command(&o, r#"{"execute":"guest-ping"}"#, Duration::from_secs(1), 4096)
+            });
+            answered = matches!(tokio::time::timeout(Duration::from_secs(2), ping).await, Ok(Ok(_)));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let _ = notes.send(Note::FenceGraceOver { service, old, answered });
+    });
+}
+
 async fn on_note(d: &Shared, note: Note) {
     match note {
         Note::PrimaryExited {
@@ -743,6 +838,9 @@ async fn on_note(d: &Shared, note: Note) {
             record,
         } => {
             let ok = result.is_ok();
+            if ok && record.trigger == Trigger::Heartbeat.label() {
+                spawn_fence_grace(d, &service, &record.from);
+            }
             d.metrics.record_failover(
                 &service,
                 &record.trigger,
@@ -778,29 +876,66 @@ async fn on_note(d: &Shared, note: Note) {
                 ensure_all_shadows(d);
             }
         }
-        Note::Heartbeat {
-            domain,
-            ok,
-            at_unix_ms,
-        } => {
-            if ok {
-                d.heartbeats
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(domain.clone(), at_unix_ms);
-            } else {
-                d.metrics.inc_heartbeat_failure(&domain);
-            }
-            let mut services = d.services();
-            if let Some(svc) = services.values_mut().find(|s| s.active == domain) {
-                if ok {
-                    svc.last_heartbeat_unix_ms = Some(at_unix_ms);
-                    svc.health = "healthy".into();
-                } else {
-                    svc.health = "agent unreachable".into();
+        Note::Heartbeat { domain, ping, at, at_unix_ms } => {
+            d.pinging.lock().unwrap_or_else(|e| e.into_inner()).remove(&domain);
+            let found = d.services().values().find(|s| s.active == domain).map(|s| (s.name.clone(), s.class.clone()));
+            let Some((service, class)) = found else { return };
+            let class = d.class(&class);
+            match ping {
+                Ok(()) => {
+                    d.observe(&domain, &class, HeartbeatEvent::PingOk { at });
+                    d.heartbeats.lock().unwrap_or_else(|e| e.into_inner()).insert(domain.clone(), at_unix_ms);
+                    if let Some(svc) = d.services().get_mut(&service) {
+                        svc.last_heartbeat_unix_ms = Some(at_unix_ms);
+                    }
+                }
+                Err(failure) => {
+                    d.observe(&domain, &class, HeartbeatEvent::PingFailed { at, failure });
+                    d.metrics.inc_heartbeat_failure(&service);
                 }
             }
+            judge_health(d, &service, &domain);
         }
+        Note::FenceGraceOver { service, old, answered } => {
+            if answered {
+                d.false_failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                d.metrics.inc_false_failover(&service);
+                tracing::error!(%service, old_primary = %old, "FALSE FAILOVER: the fenced primary's agent answered after it was declared hung");
+            } else {
+                tracing::info!(%service, old_primary = %old, "fenced primary stayed silent through the grace period; destroying it");
+            }
+            let o = old.clone();
+            if let Err(e) = d.hv().run("destroy fenced primary", move |hv| hv.destroy(&o)).await {
+                tracing::warn!(%service, old_primary = %old, error = %e, "cannot destroy fenced primary");
+            }
+        }
+    }
+}
+
+/// Turns the tracker's verdict into status and, for a hang, a failover.
+fn judge_health(d: &Shared, service: &str, domain: &str) {
+    let Some(health) = d.health(domain) else { return };
+    let label = match &health {
+        Health::Unknown => "unknown".to_string(),
+        Health::Healthy => "healthy".to_string(),
+        Health::Degraded { reason } => format!("degraded: {reason}"),
+        Health::Suspect { reason } => format!("suspect: {reason}"),
+        Health::Hung { evidence, .. } => format!("hung: {evidence:?}"),
+    };
+    let changed = {
+        let mut services = d.services();
+        let Some(svc) = services.get_mut(service) else { return };
+        let changed = svc.health != label;
+        svc.health = label.clone();
+        changed
+    };
+    if changed {
+        tracing::info!(service, domain, health = %label, "health changed");
+    }
+    if let Health::Hung { since, .. } = health {
+        let at = d.mono_origin + Duration::from_millis(since.0);
+        tracing::warn!(service, domain, "primary hung; failing over");
+        start_failover(d, service, domain, Trigger::Heartbeat, at.min(Instant::now()));
     }
 }
 
@@ -881,6 +1016,15 @@ async fn on_libvirt_event(d: &Shared, ev: DomainEvent, ev_tx: &mpsc::UnboundedSe
             if state == AgentState::Disconnected {
                 tracing::warn!(%domain, "guest agent disconnected");
             }
+            let class = d.services().values().find(|s| s.active == domain).map(|s| s.class.clone());
+            if let Some(class) = class {
+                let at = d.now_mono();
+                let ev = match state {
+                    AgentState::Connected => HeartbeatEvent::AgentConnected { at },
+                    AgentState::Disconnected => HeartbeatEvent::AgentDisconnected { at },
+                };
+                d.observe(&domain, &d.class(&class), ev);
+            }
         }
         DomainEvent::ConnectionClosed { reason } => {
             tracing::error!(reason, "libvirt connection closed; reconnecting");
@@ -929,35 +1073,99 @@ async fn reconnect(d: &Shared, ev_tx: &mpsc::UnboundedSender<DomainEvent>) {
 
 fn send_heartbeats(d: &Shared) {
     let cfg = d.cfg();
-    let targets: Vec<(String, ClassConfig)> = d
+    let targets: Vec<(String, String, ClassConfig)> = d
         .services()
         .values()
-        .filter(|s| {
-            matches!(
-                s.state,
-                ServiceState::Provisioning | ServiceState::Protected
-            )
-        })
-        .map(|s| (s.active.clone(), d.class(&s.class)))
+        .filter(|s| matches!(s.state, ServiceState::Provisioning | ServiceState::Protected))
+        .map(|s| (s.name.clone(), s.active.clone(), d.class(&s.class)))
         .collect();
-    let max_reply = cfg.monitor.agent_max_reply_bytes as usize;
-    for (domain, class) in targets {
-        let hv = d.hv();
-        let notes = d.notes.clone();
-        let timeout = Duration::from_millis(class.heartbeat_timeout_ms);
-        tokio::spawn(async move {
-            let dn = domain.clone();
-            let ping = hv.run("heartbeat", move |hv| {
-                hv.agent_command(&dn, r#"{"execute":"guest-ping"}"#, timeout, max_reply)
+    let max_reply = cfg.monitor.agent_max_reply_bytes;
+    for (service, domain, class) in targets {
+        // vCPU time straight from /proc: answers even when QEMU or its monitor is stuck.
+        let pid = d.pids.lock().unwrap_or_else(|e| e.into_inner()).get(&domain).copied();
+        if let Some(pid) = pid {
+            if let Ok(total_ns) = crate::libvirt::vcpu_time_ns(std::path::Path::new("/proc"), pid) {
+                d.observe(&domain, &class, HeartbeatEvent::VcpuTime { at: d.now_mono(), total_ns });
+            }
+        }
+        // A ping still outstanding is not doubled; the tracker counts the silence itself.
+        let fresh = d.pinging.lock().unwrap_or_else(|e| e.into_inner()).insert(domain.clone());
+        if fresh {
+            let hv = d.hv();
+            let timeout = Duration::from_millis(class.heartbeat_timeout_ms);
+            let d2 = d.clone();
+            tokio::spawn(async move {
+                let dn = domain.clone();
+                let ping = hv.run("heartbeat", move |hv| {
+                    hv.agent_command(&dn, r#"{"execute":"guest-ping"}"#, timeout, max_reply)
+                });
+                let ping = match tokio::time::timeout(timeout, ping).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(LibvirtError::AgentTimeout { .. })) | Err(_) => Err(PingFailure::Timeout),
+                    Ok(Err(LibvirtError::Domain { source, .. }))
+                        if source.code().is(virt::error::ErrorNumber::AgentUnresponsive) =>
+                    {
+                        Err(PingFailure::NotConnected)
+                    }
+                    Ok(Err(_)) => Err(PingFailure::TransportError),
+                };
+                let at = d2.now_mono();
+                let _ = d2.notes.send(Note::Heartbeat { domain, ping, at, at_unix_ms: now_unix_ms() });
             });
-            let ok = matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)));
-            let _ = notes.send(Note::Heartbeat {
-                domain,
-                ok,
-                at_unix_ms: now_unix_ms(),
-            });
-        });
+        } else {
+            judge_health(d, &service, &domain);
+        }
+        if let Some(probe) = class.probe.clone() {
+            run_probe(d, &service, &class, probe);
+        }
     }
+}
+
+/// The external probe: a client's check from the host namespace. A service that stays
+/// unreachable longer than its detection bound without a failover counts as a missed one.
+fn run_probe(d: &Shared, service: &str, class: &ClassConfig, probe: crate::config::ProbeConfig) {
+    {
+        let mut probes = d.probes.lock().unwrap_or_else(|e| e.into_inner());
+        let st = probes.entry(service.to_string()).or_default();
+        if st.in_flight || st.last_run.is_some_and(|t| t.elapsed() < Duration::from_millis(probe.interval_ms)) {
+            return;
+        }
+        st.in_flight = true;
+        st.last_run = Some(Instant::now());
+    }
+    let bound = Duration::from_millis(
+        class.heartbeat_interval_ms * u64::from(class.heartbeat_misses) + class.heartbeat_timeout_ms,
+    ) + Duration::from_secs(2);
+    let d2 = d.clone();
+    let service = service.to_string();
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_millis(probe.timeout_ms);
+        let ok = match &probe.check {
+            crate::config::ProbeCheck::Http { path } => crate::probe::http_get(probe.address, path, timeout).is_some(),
+            crate::config::ProbeCheck::Tcp => std::net::TcpStream::connect_timeout(&probe.address, timeout).is_ok(),
+        };
+        let acting = d2
+            .services()
+            .get(&service)
+            .map(|s| matches!(s.state, ServiceState::FailingOver | ServiceState::Stopped))
+            .unwrap_or(true);
+        let mut probes = d2.probes.lock().unwrap_or_else(|e| e.into_inner());
+        let st = probes.entry(service.clone()).or_default();
+        st.in_flight = false;
+        if ok || acting {
+            st.failing_since = None;
+            st.counted = false;
+            return;
+        }
+        let since = *st.failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > bound && !st.counted {
+            st.counted = true;
+            d2.missed_failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            d2.metrics.inc_missed_failover(&service);
+            tracing::error!(%service, unreachable_ms = since.elapsed().as_millis() as u64, bound_ms = bound.as_millis() as u64,
+                "MISSED FAILOVER: the external probe cannot reach the service and no failover was started within the detection bound");
+        }
+    });
 }
 
 fn unknown_service(d: &Shared, name: &str) -> Response {
@@ -1241,7 +1449,7 @@ async fn status(d: &Shared) -> StatusReport {
         },
         services: service_status,
         domains,
-        false_failovers: 0,
-        missed_failovers: 0,
+        false_failovers: d.false_failovers.load(std::sync::atomic::Ordering::Relaxed),
+        missed_failovers: d.missed_failovers.load(std::sync::atomic::Ordering::Relaxed),
     }
 }

@@ -163,9 +163,15 @@ async fn run_steps(
                 }
             }
         }
-        // Freeze it too, so a hung guest that wakes up cannot write to shared resources.
-        let old = p.old_primary.clone();
-        let _ = hv.run("fence: pause", move |hv| hv.suspend(&old)).await;
+        // A healthy primary handed over on purpose is frozen before its shadow runs. A hung
+        // one is not asked anything: its QEMU may not answer, and the cut already isolates it
+        // (the daemon watches it for a grace period, then destroys it).
+        if p.trigger == Trigger::Manual {
+            let old = p.old_primary.clone();
+            hv.run("fence: pause", move |hv| hv.suspend(&old))
+                .await
+                .map_err(|source| FailoverError::Libvirt { step: "fence: pause old primary", source })?;
+        }
     }
     clock.record("fence", t.elapsed());
 
@@ -306,7 +312,7 @@ async fn run_steps(
     );
     let old_meta = member_meta(&p.service, &p.class, Role::Retired, 0, MemberState::Fenced);
     let (old, new) = (p.old_primary.clone(), shadow.clone());
-    let kill_old = !p.trigger.primary_known_dead();
+    let kill_old = p.trigger == Trigger::Manual;
     hv.run("roles", move |hv| {
         write_meta(hv, &new, &new_meta)?;
         if kill_old {

@@ -32,6 +32,31 @@ pub fn qemu_pid(run_dir: &Path, domain: &str) -> Result<i32, LibvirtError> {
         })
 }
 
+/// Total run time in nanoseconds of a QEMU process's vCPU threads (threads named
+/// `CPU <n>/KVM` or `CPU <n>/TCG`), from `/proc/<pid>/task/*/schedstat`. Reads only /proc, so it
+/// answers even when QEMU itself is stopped or its monitor is stuck.
+pub fn vcpu_time_ns(proc_root: &Path, pid: i32) -> std::io::Result<u64> {
+    let mut total: u64 = 0;
+    let mut found = false;
+    for entry in std::fs::read_dir(proc_root.join(pid.to_string()).join("task"))? {
+        let dir = entry?.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else { continue };
+        if !comm.starts_with("CPU ") {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else { continue };
+        if let Some(ns) = stat.split_whitespace().next().and_then(|f| f.parse::<u64>().ok()) {
+            total = total.saturating_add(ns);
+            found = true;
+        }
+    }
+    if found {
+        Ok(total)
+    } else {
+        Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("no vCPU threads under pid {pid}")))
+    }
+}
+
 /// How the watch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessExit {
@@ -99,6 +124,19 @@ mod tests {
         let r = tokio::time::timeout(std::time::Duration::from_secs(10), watch.exited()).await;
         assert_eq!(r.unwrap(), ProcessExit::Exited);
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn vcpu_time_sums_only_vcpu_threads() {
+        let root = tempfile::tempdir().unwrap();
+        for (tid, comm, stat) in [("10", "qemu-system-x86\n", "999 0 1\n"), ("11", "CPU 0/TCG\n", "1500 7 3\n"), ("12", "CPU 1/TCG\n", "500 0 1\n")] {
+            let d = root.path().join("42/task").join(tid);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("comm"), comm).unwrap();
+            std::fs::write(d.join("schedstat"), stat).unwrap();
+        }
+        assert_eq!(vcpu_time_ns(root.path(), 42).unwrap(), 2000);
+        assert!(vcpu_time_ns(root.path(), 43).is_err());
     }
 
     #[test]
