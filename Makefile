@@ -22,7 +22,13 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-
 # Newest installed kernel; evaluated when make starts, which is why `make test`
 # runs `images` in a sub-make after `deps` may have installed it.
 KERNEL := $(lastword $(shell ls /boot/vmlinuz-* 2>/dev/null | sort -V))
-GUEST_INPUTS := images/init images/workload.c images/build-guest.sh $(KERNEL) \
+# A newly installed kernel may carry an older mtime than the last build: the
+# stamp file changes whenever the chosen kernel does, which forces a rebuild.
+KERNEL_STAMP := $(GUEST_DIR)/.kernel
+ifneq ($(KERNEL),)
+$(shell mkdir -p $(GUEST_DIR) && { [ "$$(cat $(KERNEL_STAMP) 2>/dev/null)" = "$(KERNEL)" ] || echo "$(KERNEL)" >$(KERNEL_STAMP); })
+endif
+GUEST_INPUTS := images/init images/workload.c images/build-guest.sh $(KERNEL) $(KERNEL_STAMP) \
 	$(wildcard /usr/sbin/qemu-ga /usr/bin/busybox)
 
 NAME ?=
