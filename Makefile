@@ -8,6 +8,10 @@
 #   make build       cargo build
 #   make test        deps, images, cargo build --tests, then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
+#
+# Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
+# command inside the lab namespace), lab-run.sh (lab-up, a command, lab-down,
+# all under the machine-wide lab lock), lab-smoke.sh (boot a guest and check it).
 
 SHELL := /bin/bash
 
