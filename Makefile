@@ -6,26 +6,16 @@
 #   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [MEM=192] [ROLE=primary]
 #   make lab-down    tear the lab down completely
 #   make build       cargo build
-	cargo build --tests
-	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
-
-# The demo and the failover bench need the lab; lab-run.sh takes it down afterwards.
-demo:
-	$(MAKE) deps
-	$(MAKE) images
-	cargo build --release
-	scripts/lab-run.sh scripts/demo.sh
-
-bench: bench-profile bench-failover
-
-bench-failover:
-	$(MAKE) deps
-	$(MAKE) images
-	cargo build --release --benches
-	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench failover
-
-bench-profile:
-	cargo bench --bench profile
+#   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
+#   make bench       every benchmark (bench-profile, bench-failover)
+#   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
+#   make bench-profile   profile model vs baselines on synthetic traces
+#   make test        deps, images, cargo build --tests, then lab-up, cargo test
+#                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
+#
+# Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
+# command inside the lab namespace), lab-run.sh (lab-up, a command, lab-down,
+# all under the machine-wide lab lock), lab-smoke.sh (boot a guest and check it).
 
 SHELL := /bin/bash
 
@@ -40,7 +30,13 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-
 # Newest installed kernel; evaluated when make starts, which is why `make test`
 # runs `images` in a sub-make after `deps` may have installed it.
 KERNEL := $(lastword $(shell ls /boot/vmlinuz-* 2>/dev/null | sort -V))
-GUEST_INPUTS := images/init images/workload.c images/build-guest.sh $(KERNEL) \
+# A newly installed kernel may carry an older mtime than the last build: the
+# stamp file changes whenever the chosen kernel does, which forces a rebuild.
+KERNEL_STAMP := $(GUEST_DIR)/.kernel
+ifneq ($(KERNEL),)
+$(shell mkdir -p $(GUEST_DIR) && { [ "$$(cat $(KERNEL_STAMP) 2>/dev/null)" = "$(KERNEL)" ] || echo "$(KERNEL)" >$(KERNEL_STAMP); })
+endif
+GUEST_INPUTS := images/init images/workload.c images/build-guest.sh $(KERNEL) $(KERNEL_STAMP) \
 	$(wildcard /usr/sbin/qemu-ga /usr/bin/busybox)
 
 NAME ?=
@@ -98,25 +94,16 @@ build:
 test:
 	$(MAKE) deps
 	$(MAKE) images
-<<<<<<< HEAD
-	$(MAKE) lab-up
-	@status=0; \
-	cargo build --tests || status=$$?; \
-	if [ $$status -eq 0 ]; then \
-		scripts/lab-exec.sh cargo test --offline -- --test-threads=1 || status=$$?; \
-	fi; \
-	$(MAKE) lab-down || echo "test: lab-down failed" >&2; \
-	exit $$status
+	cargo build --tests
+	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
 
-# The demo and the failover bench need the lab; both take it down again afterwards.
+# The demo and the failover bench need the lab; lab-run.sh takes it down afterwards, under the
+# machine-wide lab lock.
 demo:
 	$(MAKE) deps
 	$(MAKE) images
 	cargo build --release
-	$(MAKE) lab-up
-	@status=0; scripts/demo.sh || status=$$?; \
-	$(MAKE) lab-down || echo "demo: lab-down failed" >&2; \
-	exit $$status
+	scripts/lab-run.sh scripts/demo.sh
 
 bench: bench-profile bench-failover
 
@@ -124,14 +111,7 @@ bench-failover:
 	$(MAKE) deps
 	$(MAKE) images
 	cargo build --release --benches
-	$(MAKE) lab-up
-	@status=0; scripts/lab-exec.sh cargo bench --offline --bench failover || status=$$?; \
-	$(MAKE) lab-down || echo "bench-failover: lab-down failed" >&2; \
-	exit $$status
+	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench failover
 
 bench-profile:
 	cargo bench --bench profile
-=======
-	cargo build --tests
-	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
->>>>>>> lab

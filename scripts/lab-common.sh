@@ -1,4 +1,6 @@
+# shellcheck shell=bash
 # Shared settings and helpers of the lab scripts (sourced, not executed).
+# shellcheck disable=SC2034 # the variables are used by the scripts sourcing this
 
 LAB_NS=understudy-lab
 LAB_BRIDGE=usbr0

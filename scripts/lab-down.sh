@@ -126,7 +126,9 @@ elif [ -f "$LAB_CREATED" ]; then
                 ;;
             etc-before)
                 [ -d /etc/libvirt ] || continue
-                for entry in $(ls -A /etc/libvirt); do
+                for path in /etc/libvirt/* /etc/libvirt/.[!.]*; do
+                    [ -e "$path" ] || continue
+                    entry=${path##*/}
                     case " $what qemu.conf qemu.conf.understudy-orig " in
                         *" $entry "*) ;;
                         *) rm -rf "/etc/libvirt/$entry" && lab_log "removed /etc/libvirt/$entry" ;;

@@ -19,6 +19,7 @@ lab_ns_exists || lab_die "network namespace $LAB_NS does not exist; run make lab
 # Mounts below /sys of the caller, parents before children (findmnt order).
 sys_mounts=$(findmnt -rn -o TARGET,FSTYPE,OPTIONS | awk '$1 ~ "^/sys/."')
 
+# shellcheck disable=SC2016 # the script is for the inner bash, not this one
 exec ip netns exec "$LAB_NS" /bin/bash -c '
     while read -r target fstype options; do
         [ -n "$target" ] || continue

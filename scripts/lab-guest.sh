@@ -46,8 +46,9 @@ done
 octet='(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])'
 [[ $ip =~ ^$octet\.$octet\.$octet\.$octet/([0-9]|[12][0-9]|3[0-2])$ ]] ||
     lab_die "invalid IP '$ip' (expected a.b.c.d/prefix)"
-[[ $mem =~ ^[1-9][0-9]{1,5}$ ]] && [ "$mem" -ge 64 ] ||
+if ! [[ $mem =~ ^[1-9][0-9]{1,5}$ ]] || [ "$mem" -lt 64 ]; then
     lab_die "invalid memory '$mem' MiB (an integer, at least 64)"
+fi
 [[ $role =~ ^[A-Za-z0-9_.-]{1,32}$ ]] || lab_die "invalid role '$role' (letters, digits, _ . -)"
 case "$accel" in
     tcg) domain_type=qemu ;;
@@ -135,7 +136,9 @@ case "$mode" in
         domain_xml
         ;;
     start)
-        [ -f "$kernel" ] && [ -f "$initrd" ] || lab_die "guest image missing in build/guest; run make images"
+        if [ ! -f "$kernel" ] || [ ! -f "$initrd" ]; then
+            lab_die "guest image missing in build/guest; run make images"
+        fi
         libvirt_answers || lab_die "the lab's libvirtd does not answer on $LAB_URI; run make lab-up"
         mkdir -p "$LAB_DIR"
         if [ -n "$create_disk" ] && [ ! -e "$disk" ]; then

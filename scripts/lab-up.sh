@@ -43,7 +43,14 @@ if [ -n "$lab_daemon" ]; then
 fi
 
 # From here on anything that fails takes the lab down again: never half a lab.
-trap 'status=$?; if [ $status -ne 0 ]; then lab_log "failed; taking the lab down again" >&2; "$REPO_ROOT/scripts/lab-down.sh" >&2 || true; fi' EXIT
+undo_on_failure() {
+    local status=$?
+    if [ "$status" -ne 0 ]; then
+        lab_log "failed; taking the lab down again" >&2
+        "$REPO_ROOT/scripts/lab-down.sh" >&2 || true
+    fi
+}
+trap undo_on_failure EXIT
 
 # --- the user libvirtd resolves before it even reads qemu.conf -------------------
 # Everything created outside build/ is noted in $LAB_CREATED for lab-down.
@@ -63,7 +70,12 @@ for dir in $LIBVIRT_STATE_DIRS; do
 done
 # libvirtd adds qemu/, secrets/, nwfilter/... to /etc/libvirt: note what was there.
 if [ -d /etc/libvirt ] && ! grep -q '^etc-before' "$LAB_CREATED" 2>/dev/null; then
-    echo "etc-before $(ls -A /etc/libvirt | grep -v -x -e qemu.conf -e qemu.conf.understudy-orig | tr '\n' ' ')" >>"$LAB_CREATED"
+    before=""
+    for path in /etc/libvirt/* /etc/libvirt/.[!.]*; do
+        [ -e "$path" ] || continue
+        case "${path##*/}" in qemu.conf | qemu.conf.understudy-orig) ;; *) before="$before ${path##*/}" ;; esac
+    done
+    echo "etc-before$before" >>"$LAB_CREATED"
 fi
 mkdir -p /var/log/libvirt /var/lib/libvirt /run/libvirt /etc/libvirt
 
@@ -113,6 +125,7 @@ for _ in $(seq 1 300); do
 done
 libvirt_answers || lab_die "libvirtd did not answer on $LAB_URI within 30 s (see $LAB_LIBVIRTD_LOG)"
 pid=$(cat "$LIBVIRTD_PIDFILE" 2>/dev/null || true)
-[ -n "$pid" ] && [ "$(pid_netns "$pid")" = "$LAB_NS" ] ||
+if [ -z "$pid" ] || [ "$(pid_netns "$pid")" != "$LAB_NS" ]; then
     lab_die "the libvirtd answering on $LAB_URI is not the one started in $LAB_NS"
+fi
 lab_log "libvirtd (pid $pid) up in $LAB_NS: $(virsh -c "$LAB_URI" version 2>/dev/null | grep -m1 'hypervisor' || true)"
