@@ -3,8 +3,8 @@
 //! - cold restart of the crashed domain (what restart-based HA does; detection excluded),
 //! - restore of a managed-saved standby (detection excluded).
 //!
-//! A client inside the lab namespace asks for the guest's page every 5 ms (100 ms timeout per
-//! request). Outage = first good answer after the kill minus last good answer before it.
+//! A client inside the lab namespace starts a request for the guest's page every 5 ms (each
+//! allowed 1 s; requests overlap, like independent clients). Outage = first good answer after the kill minus last good answer before it.
 //! Writes build/bench/failover.json and build/bench/failover.svg.
 //!
 //! Environment: BENCH_TRIALS (default 10), BENCH_BASELINE_TRIALS (default 3).
@@ -12,55 +12,23 @@
 #[path = "../integration/common.rs"]
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 use understudy::libvirt::Hypervisor;
+use understudy::probe::{outage_around, Prober};
 
 const NAME: &str = "bench-web";
 const IP: &str = "10.77.0.30";
 
-/// Answers seen by the polling client: (time, uuid of the answering guest).
-#[derive(Default)]
-struct Probe {
-    answers: Mutex<Vec<(Instant, String)>>,
-}
-
-fn start_client(probe: Arc<Probe>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            let t = Instant::now();
-            if let Some(page) = http_get(IP, Duration::from_millis(100)) {
-                probe
-                    .answers
-                    .lock()
-                    .unwrap()
-                    .push((Instant::now(), page_uuid(&page)));
-            }
-            let spent = t.elapsed();
-            if spent < Duration::from_millis(5) {
-                std::thread::sleep(Duration::from_millis(5) - spent);
-            }
-        }
-    })
-}
-
-/// Outage around `kill`: last answer before it to the first answer after it from `new_uuid`.
-fn outage(probe: &Probe, kill: Instant, new_uuid: &str, limit: Duration) -> Option<f64> {
+/// Outage around `kill`: last answer completed before it to the first answer after it that
+/// names `new_uuid`. Waits up to `limit` for that answer.
+fn outage(probe: &Prober, kill: Instant, new_uuid: &str, limit: Duration) -> Option<f64> {
     let deadline = Instant::now() + limit;
     loop {
-        {
-            let a = probe.answers.lock().unwrap();
-            let last_before = a.iter().rev().find(|(t, _)| *t <= kill).map(|(t, _)| *t);
-            let first_after = a
-                .iter()
-                .find(|(t, u)| *t > kill && u == new_uuid)
-                .map(|(t, _)| *t);
-            if let (Some(b), Some(f)) = (last_before, first_after) {
-                return Some((f - b).as_secs_f64() * 1000.0);
-            }
+        let answers = probe.answers();
+        if let Some(d) = outage_around(&answers, kill, |b| page_uuid(b) == new_uuid) {
+            return Some(d.as_secs_f64() * 1000.0);
         }
         if Instant::now() > deadline {
             return None;
@@ -114,9 +82,14 @@ fn main() {
     let hv = hypervisor();
     let daemon = DaemonProc::start("bench", NAME, 1);
     start_guest(&hv, NAME, &format!("{IP}/24"), &[]);
-    let probe = Arc::new(Probe::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let client = start_client(probe.clone(), stop.clone());
+    // A new request every 5 ms, each allowed 1 s; requests overlap like independent clients.
+    let probe = Prober::start(
+        format!("{IP}:80").parse().unwrap(),
+        "/",
+        Duration::from_millis(5),
+        Duration::from_secs(1),
+    )
+    .unwrap();
 
     let mut understudy_ms = Vec::new();
     let mut daemon_steps = Vec::new();
@@ -209,8 +182,9 @@ fn main() {
             standby_name = make_standby(&hv, &net, &active, i as u64 + 100);
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    client.join().unwrap();
+    let sent = probe.sent();
+    let answered = probe.finish().len();
+    println!("client: {sent} requests, {answered} answered");
 
     let (u50, u95, umax) = stats(&understudy_ms);
     let (c50, c95, cmax) = stats(&cold_ms);

@@ -71,8 +71,12 @@ pub struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         // Never panic here: a panic while unwinding aborts the whole test binary.
-        let Ok(events) = EventLoop::start() else { return };
-        let Ok(hv) = Hypervisor::open(&events, URI, 5, 3) else { return };
+        let Ok(events) = EventLoop::start() else {
+            return;
+        };
+        let Ok(hv) = Hypervisor::open(&events, URI, 5, 3) else {
+            return;
+        };
         if let Ok(list) = hv.list() {
             for d in list {
                 if self

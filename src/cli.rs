@@ -325,40 +325,43 @@ fn probe(
     seconds: f64,
     json: bool,
 ) -> ExitCode {
-    let report = crate::probe::run(
+    let prober = match crate::probe::Prober::start(
         addr,
         path,
-        Duration::from_millis(interval_ms),
-        Duration::from_millis(timeout_ms),
-        Duration::from_secs_f64(seconds.max(0.0)),
-        |a, gap| {
-            if !json {
-                match gap {
-                    Some(g) => println!(
-                        "{:>8} ms  answer changed after a {g} ms gap: {}",
-                        a.at_ms, a.body
-                    ),
-                    None => println!("{:>8} ms  first answer: {}", a.at_ms, a.body),
-                }
-            }
-        },
-    );
+        Duration::from_millis(interval_ms.max(1)),
+        Duration::from_millis(timeout_ms.max(1)),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("understudy: cannot start the probe: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    std::thread::sleep(Duration::from_secs_f64(seconds.max(0.0)));
+    let (start, sent) = (prober.started(), prober.sent());
+    let answers = prober.finish();
+    let s = crate::probe::summarize(&answers, start);
     if json {
         let v = serde_json::json!({
-            "sent": report.sent,
-            "answered": report.answered,
-            "max_gap_ms": report.max_gap_ms,
-            "max_gap_end_ms": report.max_gap_end_ms,
-            "changes": report.changes.iter().map(|c| serde_json::json!({"at_ms": c.at_ms, "body": c.body})).collect::<Vec<_>>(),
+            "sent": sent,
+            "answered": answers.len(),
+            "max_gap_ms": s.max_gap.as_secs_f64() * 1000.0,
+            "max_gap_end_ms": s.max_gap_end.as_secs_f64() * 1000.0,
+            "changes": s.changes.iter().map(|(t, b)| serde_json::json!({"at_ms": t.as_secs_f64() * 1000.0, "body": b})).collect::<Vec<_>>(),
         });
         println!("{v}");
     } else {
+        for (t, body) in &s.changes {
+            println!("{:>9.1} ms  answered by: {body}", t.as_secs_f64() * 1000.0);
+        }
         println!(
-            "probe {addr}{path}: {} requests, {} answered, longest gap between good answers {} ms (ended at {} ms)",
-            report.sent, report.answered, report.max_gap_ms, report.max_gap_end_ms
+            "probe {addr}{path}: {sent} requests (one every {interval_ms} ms, overlapping), {} answered; longest gap between answers {:.1} ms (ended at {:.1} ms)",
+            answers.len(),
+            s.max_gap.as_secs_f64() * 1000.0,
+            s.max_gap_end.as_secs_f64() * 1000.0
         );
     }
-    if report.answered == 0 {
+    if answers.is_empty() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

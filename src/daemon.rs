@@ -172,7 +172,8 @@ impl Daemon {
         let mut trackers = self.trackers.lock().unwrap_or_else(|e| e.into_inner());
         let tracker = trackers.entry(domain.to_string()).or_insert_with(|| {
             HeartbeatTracker::new(heartbeat_config(class), now).unwrap_or_else(|_| {
-                HeartbeatTracker::new(HeartbeatConfig::default(), now).expect("default heartbeat config is valid")
+                HeartbeatTracker::new(HeartbeatConfig::default(), now)
+                    .expect("default heartbeat config is valid")
             })
         });
         tracker.observe(event);
@@ -180,7 +181,11 @@ impl Daemon {
 
     fn health(&self, domain: &str) -> Option<Health> {
         let now = self.now_mono();
-        self.trackers.lock().unwrap_or_else(|e| e.into_inner()).get(domain).map(|t| t.health(now))
+        self.trackers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(domain)
+            .map(|t| t.health(now))
     }
 }
 
@@ -562,9 +567,15 @@ fn watch_primary(d: &Shared, service: &str, domain: &str) {
             return;
         }
     };
-    d.pids.lock().unwrap_or_else(|e| e.into_inner()).insert(domain.to_string(), pid);
+    d.pids
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(domain.to_string(), pid);
     // A (re)started primary gets a fresh health history.
-    d.trackers.lock().unwrap_or_else(|e| e.into_inner()).remove(domain);
+    d.trackers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(domain);
     let notes = d.notes.clone();
     let (service, domain) = (service.to_string(), domain.to_string());
     tracing::debug!(%service, %domain, pid, "watching QEMU process");
@@ -783,12 +794,24 @@ fn spawn_fence_grace(d: &Shared, service: &str, old: &str) {
         while Instant::now() < deadline && !answered {
             let o = old.clone();
             let ping = hv.run("grace ping", move |hv| {
-                hv.agent_command(&o, r#"{"execute":"guest-ping"}"#, Duration::from_secs(1), 4096)
+                hv.agent_command(
+                    &o,
+                    r#"{"execute":"guest-ping"}"#,
+                    Duration::from_secs(1),
+                    4096,
+                )
             });
-            answered = matches!(tokio::time::timeout(Duration::from_secs(2), ping).await, Ok(Ok(_)));
+            answered = matches!(
+                tokio::time::timeout(Duration::from_secs(2), ping).await,
+                Ok(Ok(_))
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let _ = notes.send(Note::FenceGraceOver { service, old, answered });
+        let _ = notes.send(Note::FenceGraceOver {
+            service,
+            old,
+            answered,
+        });
     });
 }
 
@@ -876,15 +899,32 @@ async fn on_note(d: &Shared, note: Note) {
                 ensure_all_shadows(d);
             }
         }
-        Note::Heartbeat { domain, ping, at, at_unix_ms } => {
-            d.pinging.lock().unwrap_or_else(|e| e.into_inner()).remove(&domain);
-            let found = d.services().values().find(|s| s.active == domain).map(|s| (s.name.clone(), s.class.clone()));
-            let Some((service, class)) = found else { return };
+        Note::Heartbeat {
+            domain,
+            ping,
+            at,
+            at_unix_ms,
+        } => {
+            d.pinging
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&domain);
+            let found = d
+                .services()
+                .values()
+                .find(|s| s.active == domain)
+                .map(|s| (s.name.clone(), s.class.clone()));
+            let Some((service, class)) = found else {
+                return;
+            };
             let class = d.class(&class);
             match ping {
                 Ok(()) => {
                     d.observe(&domain, &class, HeartbeatEvent::PingOk { at });
-                    d.heartbeats.lock().unwrap_or_else(|e| e.into_inner()).insert(domain.clone(), at_unix_ms);
+                    d.heartbeats
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(domain.clone(), at_unix_ms);
                     if let Some(svc) = d.services().get_mut(&service) {
                         svc.last_heartbeat_unix_ms = Some(at_unix_ms);
                     }
@@ -896,16 +936,25 @@ async fn on_note(d: &Shared, note: Note) {
             }
             judge_health(d, &service, &domain);
         }
-        Note::FenceGraceOver { service, old, answered } => {
+        Note::FenceGraceOver {
+            service,
+            old,
+            answered,
+        } => {
             if answered {
-                d.false_failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                d.false_failovers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 d.metrics.inc_false_failover(&service);
                 tracing::error!(%service, old_primary = %old, "FALSE FAILOVER: the fenced primary's agent answered after it was declared hung");
             } else {
                 tracing::info!(%service, old_primary = %old, "fenced primary stayed silent through the grace period; destroying it");
             }
             let o = old.clone();
-            if let Err(e) = d.hv().run("destroy fenced primary", move |hv| hv.destroy(&o)).await {
+            if let Err(e) = d
+                .hv()
+                .run("destroy fenced primary", move |hv| hv.destroy(&o))
+                .await
+            {
                 tracing::warn!(%service, old_primary = %old, error = %e, "cannot destroy fenced primary");
             }
         }
@@ -914,7 +963,9 @@ async fn on_note(d: &Shared, note: Note) {
 
 /// Turns the tracker's verdict into status and, for a hang, a failover.
 fn judge_health(d: &Shared, service: &str, domain: &str) {
-    let Some(health) = d.health(domain) else { return };
+    let Some(health) = d.health(domain) else {
+        return;
+    };
     let label = match &health {
         Health::Unknown => "unknown".to_string(),
         Health::Healthy => "healthy".to_string(),
@@ -924,7 +975,9 @@ fn judge_health(d: &Shared, service: &str, domain: &str) {
     };
     let changed = {
         let mut services = d.services();
-        let Some(svc) = services.get_mut(service) else { return };
+        let Some(svc) = services.get_mut(service) else {
+            return;
+        };
         let changed = svc.health != label;
         svc.health = label.clone();
         changed
@@ -935,7 +988,13 @@ fn judge_health(d: &Shared, service: &str, domain: &str) {
     if let Health::Hung { since, .. } = health {
         let at = d.mono_origin + Duration::from_millis(since.0);
         tracing::warn!(service, domain, "primary hung; failing over");
-        start_failover(d, service, domain, Trigger::Heartbeat, at.min(Instant::now()));
+        start_failover(
+            d,
+            service,
+            domain,
+            Trigger::Heartbeat,
+            at.min(Instant::now()),
+        );
     }
 }
 
@@ -1016,7 +1075,11 @@ async fn on_libvirt_event(d: &Shared, ev: DomainEvent, ev_tx: &mpsc::UnboundedSe
             if state == AgentState::Disconnected {
                 tracing::warn!(%domain, "guest agent disconnected");
             }
-            let class = d.services().values().find(|s| s.active == domain).map(|s| s.class.clone());
+            let class = d
+                .services()
+                .values()
+                .find(|s| s.active == domain)
+                .map(|s| s.class.clone());
             if let Some(class) = class {
                 let at = d.now_mono();
                 let ev = match state {
@@ -1076,20 +1139,41 @@ fn send_heartbeats(d: &Shared) {
     let targets: Vec<(String, String, ClassConfig)> = d
         .services()
         .values()
-        .filter(|s| matches!(s.state, ServiceState::Provisioning | ServiceState::Protected))
+        .filter(|s| {
+            matches!(
+                s.state,
+                ServiceState::Provisioning | ServiceState::Protected
+            )
+        })
         .map(|s| (s.name.clone(), s.active.clone(), d.class(&s.class)))
         .collect();
     let max_reply = cfg.monitor.agent_max_reply_bytes;
     for (service, domain, class) in targets {
         // vCPU time straight from /proc: answers even when QEMU or its monitor is stuck.
-        let pid = d.pids.lock().unwrap_or_else(|e| e.into_inner()).get(&domain).copied();
+        let pid = d
+            .pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&domain)
+            .copied();
         if let Some(pid) = pid {
             if let Ok(total_ns) = crate::libvirt::vcpu_time_ns(std::path::Path::new("/proc"), pid) {
-                d.observe(&domain, &class, HeartbeatEvent::VcpuTime { at: d.now_mono(), total_ns });
+                d.observe(
+                    &domain,
+                    &class,
+                    HeartbeatEvent::VcpuTime {
+                        at: d.now_mono(),
+                        total_ns,
+                    },
+                );
             }
         }
         // A ping still outstanding is not doubled; the tracker counts the silence itself.
-        let fresh = d.pinging.lock().unwrap_or_else(|e| e.into_inner()).insert(domain.clone());
+        let fresh = d
+            .pinging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(domain.clone());
         if fresh {
             let hv = d.hv();
             let timeout = Duration::from_millis(class.heartbeat_timeout_ms);
@@ -1101,16 +1185,25 @@ fn send_heartbeats(d: &Shared) {
                 });
                 let ping = match tokio::time::timeout(timeout, ping).await {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err(LibvirtError::AgentTimeout { .. })) | Err(_) => Err(PingFailure::Timeout),
+                    Ok(Err(LibvirtError::AgentTimeout { .. })) | Err(_) => {
+                        Err(PingFailure::Timeout)
+                    }
                     Ok(Err(LibvirtError::Domain { source, .. }))
-                        if source.code().is(virt::error::ErrorNumber::AgentUnresponsive) =>
+                        if source
+                            .code()
+                            .is(virt::error::ErrorNumber::AgentUnresponsive) =>
                     {
                         Err(PingFailure::NotConnected)
                     }
                     Ok(Err(_)) => Err(PingFailure::TransportError),
                 };
                 let at = d2.now_mono();
-                let _ = d2.notes.send(Note::Heartbeat { domain, ping, at, at_unix_ms: now_unix_ms() });
+                let _ = d2.notes.send(Note::Heartbeat {
+                    domain,
+                    ping,
+                    at,
+                    at_unix_ms: now_unix_ms(),
+                });
             });
         } else {
             judge_health(d, &service, &domain);
@@ -1127,22 +1220,31 @@ fn run_probe(d: &Shared, service: &str, class: &ClassConfig, probe: crate::confi
     {
         let mut probes = d.probes.lock().unwrap_or_else(|e| e.into_inner());
         let st = probes.entry(service.to_string()).or_default();
-        if st.in_flight || st.last_run.is_some_and(|t| t.elapsed() < Duration::from_millis(probe.interval_ms)) {
+        if st.in_flight
+            || st
+                .last_run
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(probe.interval_ms))
+        {
             return;
         }
         st.in_flight = true;
         st.last_run = Some(Instant::now());
     }
     let bound = Duration::from_millis(
-        class.heartbeat_interval_ms * u64::from(class.heartbeat_misses) + class.heartbeat_timeout_ms,
+        class.heartbeat_interval_ms * u64::from(class.heartbeat_misses)
+            + class.heartbeat_timeout_ms,
     ) + Duration::from_secs(2);
     let d2 = d.clone();
     let service = service.to_string();
     tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_millis(probe.timeout_ms);
         let ok = match &probe.check {
-            crate::config::ProbeCheck::Http { path } => crate::probe::http_get(probe.address, path, timeout).is_some(),
-            crate::config::ProbeCheck::Tcp => std::net::TcpStream::connect_timeout(&probe.address, timeout).is_ok(),
+            crate::config::ProbeCheck::Http { path } => {
+                crate::probe::http_get(probe.address, path, timeout).is_some()
+            }
+            crate::config::ProbeCheck::Tcp => {
+                std::net::TcpStream::connect_timeout(&probe.address, timeout).is_ok()
+            }
         };
         let acting = d2
             .services()
@@ -1160,7 +1262,8 @@ fn run_probe(d: &Shared, service: &str, class: &ClassConfig, probe: crate::confi
         let since = *st.failing_since.get_or_insert_with(Instant::now);
         if since.elapsed() > bound && !st.counted {
             st.counted = true;
-            d2.missed_failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            d2.missed_failovers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             d2.metrics.inc_missed_failover(&service);
             tracing::error!(%service, unreachable_ms = since.elapsed().as_millis() as u64, bound_ms = bound.as_millis() as u64,
                 "MISSED FAILOVER: the external probe cannot reach the service and no failover was started within the detection bound");
@@ -1450,6 +1553,8 @@ async fn status(d: &Shared) -> StatusReport {
         services: service_status,
         domains,
         false_failovers: d.false_failovers.load(std::sync::atomic::Ordering::Relaxed),
-        missed_failovers: d.missed_failovers.load(std::sync::atomic::Ordering::Relaxed),
+        missed_failovers: d
+            .missed_failovers
+            .load(std::sync::atomic::Ordering::Relaxed),
     }
 }

@@ -1109,10 +1109,16 @@ fn libvirt_metadata_form_round_trips() {
     // hands it back the same way (observed on libvirt 9.0).
     let m = meta(Role::Shadow, MemberState::Paused, 3);
     let wire = m.to_libvirt_xml();
-    assert!(wire.starts_with("<member ") && !wire.contains("xmlns"), "{wire}");
+    assert!(
+        wire.starts_with("<member ") && !wire.contains("xmlns"),
+        "{wire}"
+    );
     assert_eq!(UnderstudyMeta::from_libvirt_xml(&wire).unwrap(), m);
     // The namespaced form is still accepted.
-    assert_eq!(UnderstudyMeta::from_libvirt_xml(&m.to_element_xml()).unwrap(), m);
+    assert_eq!(
+        UnderstudyMeta::from_libvirt_xml(&m.to_element_xml()).unwrap(),
+        m
+    );
     // Another tool's undeclared element is not ours.
     assert!(UnderstudyMeta::from_libvirt_xml("<membership a='1'/>").is_err());
 }

@@ -195,6 +195,7 @@ impl Service {
 pub struct StepClock {
     start: std::time::Instant,
     steps: Vec<StepTiming>,
+    restored_ms: Option<f64>,
 }
 
 impl StepClock {
@@ -203,6 +204,7 @@ impl StepClock {
         StepClock {
             start,
             steps: Vec::new(),
+            restored_ms: None,
         }
     }
 
@@ -212,6 +214,16 @@ impl StepClock {
             name: name.to_string(),
             ms: elapsed.as_secs_f64() * 1000.0,
         });
+    }
+
+    /// Notes that service is restored now (the outage estimate ends here).
+    pub fn mark_restored(&mut self) {
+        self.restored_ms = Some(self.total_ms());
+    }
+
+    /// Milliseconds from the start to [`StepClock::mark_restored`], if it was called.
+    pub fn restored_ms(&self) -> Option<f64> {
+        self.restored_ms
     }
 
     /// Milliseconds since the start.

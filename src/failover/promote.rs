@@ -100,7 +100,7 @@ pub async fn promote(
     let span = tracing::info_span!("promote", service = %p.service, from = %p.old_primary, to = %p.shadow.name, trigger = p.trigger.label());
     let _enter = span.enter();
     let result = run_steps(hv, net, &p, &mut clock).await;
-    let outage_ms = clock.total_ms();
+    let outage_ms = clock.restored_ms().unwrap_or_else(|| clock.total_ms());
     let (ok, error) = match &result {
         Ok(_) => (true, None),
         Err(e) => (false, Some(format!("{e}: {}", crate::error_chain(e)))),
@@ -170,7 +170,10 @@ async fn run_steps(
             let old = p.old_primary.clone();
             hv.run("fence: pause", move |hv| hv.suspend(&old))
                 .await
-                .map_err(|source| FailoverError::Libvirt { step: "fence: pause old primary", source })?;
+                .map_err(|source| FailoverError::Libvirt {
+                    step: "fence: pause old primary",
+                    source,
+                })?;
         }
     }
     clock.record("fence", t.elapsed());
@@ -300,6 +303,8 @@ async fn run_steps(
         tracing::warn!(error = %e, "announce-self failed");
     }
     clock.record("announce", t.elapsed());
+    // From here on the shadow serves: this is the end of the outage as far as we can tell.
+    clock.mark_restored();
 
     // 4. Roles: the shadow is the primary now; the old one is retired and fenced.
     let t = Instant::now();
@@ -313,22 +318,32 @@ async fn run_steps(
     let old_meta = member_meta(&p.service, &p.class, Role::Retired, 0, MemberState::Fenced);
     let (old, new) = (p.old_primary.clone(), shadow.clone());
     let kill_old = p.trigger == Trigger::Manual;
-    hv.run("roles", move |hv| {
-        write_meta(hv, &new, &new_meta)?;
+    hv.run("roles", move |hv| write_meta(hv, &new, &new_meta))
+        .await
+        .map_err(|source| FailoverError::Libvirt {
+            step: "metadata",
+            source,
+        })?;
+    // The old primary is retired off the critical path: after a crash libvirt holds that
+    // domain's job until it has processed the QEMU exit, which takes about a second.
+    let service = p.service.clone();
+    let hv_bg = hv.clone();
+    tokio::spawn(async move {
+        hv_bg.run("retire old primary", move |hv| {
         if kill_old {
             hv.destroy(&old)?;
         }
-        // The retired domain may be gone entirely (transient); that is fine.
         match write_meta(hv, &old, &old_meta) {
+            // The retired domain may be gone entirely (transient); that is fine.
             Ok(()) | Err(LibvirtError::NoSuchDomain { .. }) => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => {
+                tracing::warn!(service = %service, old = %old, error = %e, "cannot mark the old primary retired");
+                Err(e)
+            }
         }
     })
-    .await
-    .map_err(|source| FailoverError::Libvirt {
-        step: "metadata",
-        source,
-    })?;
+        .await
+    });
     clock.record("metadata", t.elapsed());
     Ok(bindings)
 }

@@ -40,12 +40,20 @@ pub fn vcpu_time_ns(proc_root: &Path, pid: i32) -> std::io::Result<u64> {
     let mut found = false;
     for entry in std::fs::read_dir(proc_root.join(pid.to_string()).join("task"))? {
         let dir = entry?.path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else { continue };
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
         if !comm.starts_with("CPU ") {
             continue;
         }
-        let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else { continue };
-        if let Some(ns) = stat.split_whitespace().next().and_then(|f| f.parse::<u64>().ok()) {
+        let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else {
+            continue;
+        };
+        if let Some(ns) = stat
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse::<u64>().ok())
+        {
             total = total.saturating_add(ns);
             found = true;
         }
@@ -53,7 +61,10 @@ pub fn vcpu_time_ns(proc_root: &Path, pid: i32) -> std::io::Result<u64> {
     if found {
         Ok(total)
     } else {
-        Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("no vCPU threads under pid {pid}")))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no vCPU threads under pid {pid}"),
+        ))
     }
 }
 
@@ -129,7 +140,11 @@ mod tests {
     #[test]
     fn vcpu_time_sums_only_vcpu_threads() {
         let root = tempfile::tempdir().unwrap();
-        for (tid, comm, stat) in [("10", "qemu-system-x86\n", "999 0 1\n"), ("11", "CPU 0/TCG\n", "1500 7 3\n"), ("12", "CPU 1/TCG\n", "500 0 1\n")] {
+        for (tid, comm, stat) in [
+            ("10", "qemu-system-x86\n", "999 0 1\n"),
+            ("11", "CPU 0/TCG\n", "1500 7 3\n"),
+            ("12", "CPU 1/TCG\n", "500 0 1\n"),
+        ] {
             let d = root.path().join("42/task").join(tid);
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("comm"), comm).unwrap();
