@@ -177,6 +177,11 @@ static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0)
 impl DaemonProc {
     /// Writes a config protecting `pattern` with `shadows` shadows and starts the daemon.
     pub fn start(tag: &str, pattern: &str, shadows: u32) -> Self {
+        Self::start_with_env(tag, pattern, shadows, &[])
+    }
+
+    /// Like [`DaemonProc::start`], with extra environment for the daemon process.
+    pub fn start_with_env(tag: &str, pattern: &str, shadows: u32, env: &[(&str, &str)]) -> Self {
         let dir = std::env::temp_dir().join(format!("understudy-it-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let port = 19464
@@ -211,8 +216,12 @@ shadow_boot_timeout_s = 180
             ),
         )
         .unwrap();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut d = DaemonProc {
-            child: spawn_daemon(&config, &dir.join("daemon.log")),
+            child: spawn_daemon(&config, &dir.join("daemon.log"), &env),
             log: dir.join("daemon.log"),
             dir,
             config,
@@ -222,14 +231,15 @@ shadow_boot_timeout_s = 180
         d
     }
 
-    /// Kills and restarts the daemon process with the same configuration.
+    /// Kills and restarts the daemon process with the same configuration (and no extra
+    /// environment).
     pub fn restart(&mut self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
         let _ = self.child.wait();
-        self.child = spawn_daemon(&self.config, &self.log);
+        self.child = spawn_daemon(&self.config, &self.log, &[]);
         self.wait_socket();
     }
 
@@ -299,7 +309,7 @@ shadow_boot_timeout_s = 180
     }
 }
 
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
+fn spawn_daemon(config: &Path, log: &Path, env: &[(String, String)]) -> Child {
     let logf = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -309,6 +319,7 @@ fn spawn_daemon(config: &Path, log: &Path) -> Child {
         .arg("--config")
         .arg(config)
         .arg("run")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::from(logf.try_clone().unwrap()))
         .stderr(Stdio::from(logf))
         .spawn()
@@ -350,4 +361,85 @@ pub fn master_of(link: &str) -> Option<String> {
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v.get(0)?.get("master")?.as_str().map(str::to_string)
+}
+
+/// Waits for the daemon process to exit by itself (e.g. after an injected abort).
+pub fn wait_exit(d: &mut DaemonProc, limit: Duration) {
+    wait_for("daemon exit", limit, || {
+        d.child.try_wait().ok().flatten().map(|_| ())
+    });
+}
+
+/// MACs on the lab bridge and the ports they were learned on (`bridge -j fdb`).
+pub fn fdb_ports_of(mac: &str) -> Vec<String> {
+    let out = Command::new("bridge")
+        .args(["-j", "fdb", "show", "br", "usbr0"])
+        .output()
+        .expect("bridge fdb");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut ports: Vec<String> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| {
+                    e["mac"]
+                        .as_str()
+                        .is_some_and(|m| m.eq_ignore_ascii_case(mac))
+                })
+                .filter(|e| e["state"].as_str() != Some("permanent"))
+                .filter_map(|e| e["ifname"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    ports.sort();
+    ports.dedup();
+    ports
+}
+
+/// Asserts that exactly one guest answers on `ip` (several requests, one uuid) and that it
+/// is `uuid`; and that the service MAC sits on at most one bridge port.
+pub fn assert_single_server(ip: &str, uuid: &str, mac: &str) {
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        if let Some(p) = http_get(ip, Duration::from_millis(500)) {
+            seen.insert(page_uuid(&p));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "expected exactly one server on {ip}, saw {seen:?}"
+    );
+    assert!(
+        seen.contains(uuid),
+        "{ip} is served by {seen:?}, expected {uuid}"
+    );
+    let ports = fdb_ports_of(mac);
+    assert!(
+        ports.len() <= 1,
+        "MAC {mac} learned on several bridge ports: {ports:?}"
+    );
+    let enslaved: Vec<String> = taps_with_mac_on_bridge(mac);
+    assert!(
+        enslaved.len() <= 1,
+        "taps carrying MAC {mac} on the bridge: {enslaved:?}"
+    );
+}
+
+/// Host taps on usbr0 that belong to running domains with the given guest MAC.
+pub fn taps_with_mac_on_bridge(mac: &str) -> Vec<String> {
+    let hv = hypervisor();
+    let mut out = Vec::new();
+    for d in hv.list().unwrap_or_default() {
+        if !d.state.is_active() {
+            continue;
+        }
+        for (m, tap) in taps(&hv, &d.name) {
+            if m.eq_ignore_ascii_case(mac) && master_of(&tap).as_deref() == Some("usbr0") {
+                out.push(format!("{}:{tap}", d.name));
+            }
+        }
+    }
+    out
 }

@@ -4,4 +4,5 @@
 
 mod common;
 mod failover;
+mod faults;
 mod lab_basics;

@@ -348,6 +348,9 @@ async fn reconcile(d: &Shared) {
         let state = match (meta.state, dom.state) {
             (MemberState::Paused, RunState::Paused) => ShadowState::Paused,
             (MemberState::Promoting, _) => ShadowState::Promoting,
+            // Running with a standby record: we died between resuming it and writing the
+            // journal. Treated as an interrupted promotion: finished or undone below.
+            (MemberState::Paused, RunState::Running) => ShadowState::Promoting,
             _ => ShadowState::Failed,
         };
         svc.shadows.push(Shadow {
@@ -452,9 +455,31 @@ async fn recover_service(d: &Shared, name: &str) {
                 .filter(|s| s.state == ShadowState::Promoting)
                 .map(|s| s.name.clone())
                 .collect();
+            let interrupted = !promoting.is_empty();
             for s in promoting {
                 tracing::warn!(service = name, shadow = %s, "interrupted promotion found while primary runs; returning shadow to standby");
-                let _ = repark_shadow(d, name, &s).await;
+                if let Err(e) = repark_shadow(d, name, &s).await {
+                    tracing::error!(service = name, shadow = %s, error = %e, "cannot return shadow to standby; removing it");
+                    remove_shadow(d, name, &s).await;
+                }
+            }
+            if interrupted {
+                // An interrupted switchover may have fenced the primary (paused, taps cut):
+                // with the shadow back on standby, the primary serves again.
+                let active = svc.active.clone();
+                let r = d
+                    .hv()
+                    .run("unfence primary", move |hv| {
+                        if hv.state(&active)? == RunState::Paused {
+                            hv.resume(&active)?;
+                        }
+                        Ok(())
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(service = name, error = %e, "cannot resume the primary after an interrupted switchover");
+                }
+                repair_taps(d, name);
             }
         }
         ServiceState::Down(_) => {
@@ -1211,7 +1236,57 @@ fn send_heartbeats(d: &Shared) {
         if let Some(probe) = class.probe.clone() {
             run_probe(d, &service, &class, probe);
         }
+        repair_taps(d, &service);
     }
+}
+
+/// Puts an active primary's taps back on their bridge if something took them off (an
+/// operator's mistake, a script): the primary is healthy, so repairing beats failing over.
+fn repair_taps(d: &Shared, service: &str) {
+    let taps = match d.services().get(service) {
+        Some(s)
+            if matches!(
+                s.state,
+                ServiceState::Provisioning | ServiceState::Protected
+            ) =>
+        {
+            s.active_taps.clone()
+        }
+        _ => return,
+    };
+    if taps.is_empty() {
+        return;
+    }
+    let d2 = d.clone();
+    let service = service.to_string();
+    tokio::spawn(async move {
+        for b in taps {
+            let Some(bridge) = &b.bridge else { continue };
+            match d2.net.master_of(&b.tap).await {
+                Ok(Some(m)) if &m == bridge => {}
+                Ok(_) => {
+                    // Only while this is still the active primary's tap: a failover may have
+                    // started since the list was read.
+                    let still_active = d2.services().get(&service).is_some_and(|s| {
+                        s.state != ServiceState::FailingOver
+                            && s.active_taps.iter().any(|x| x.tap == b.tap)
+                    });
+                    if !still_active {
+                        return;
+                    }
+                    match d2.net.enslave_and_up(&b.tap, bridge).await {
+                        Ok(()) => {
+                            tracing::warn!(%service, tap = %b.tap, %bridge, "active primary's tap was off its bridge; re-attached")
+                        }
+                        Err(e) => {
+                            tracing::error!(%service, tap = %b.tap, error = %e, "cannot re-attach the active primary's tap")
+                        }
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    });
 }
 
 /// The external probe: a client's check from the host namespace. A service that stays

@@ -210,6 +210,7 @@ impl StepClock {
 
     /// Records a step that took `elapsed`.
     pub fn record(&mut self, name: &str, elapsed: Duration) {
+        fault_point(name);
         self.steps.push(StepTiming {
             name: name.to_string(),
             ms: elapsed.as_secs_f64() * 1000.0,
@@ -243,4 +244,25 @@ pub fn now_unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Environment variable naming a promotion step after which the daemon aborts: the fault
+/// suite uses it to kill the daemon at every step and check that a restart finishes or undoes
+/// the promotion. Unset in production; read once.
+pub const FAULT_ABORT_AFTER_ENV: &str = "UNDERSTUDY_FAULT_ABORT_AFTER";
+
+fn fault_point(step: &str) {
+    static TARGET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let target = TARGET.get_or_init(|| {
+        std::env::var(FAULT_ABORT_AFTER_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+    });
+    if target.as_deref() == Some(step) {
+        tracing::error!(
+            step,
+            "fault injection: aborting after this step ({FAULT_ABORT_AFTER_ENV})"
+        );
+        std::process::abort();
+    }
 }

@@ -210,7 +210,14 @@ async fn run_steps(
         let t = Instant::now();
         async move {
             let r = hv
-                .run("resume shadow", move |hv| hv.resume(&shadow))
+                .run("resume shadow", move |hv| match hv.resume(&shadow) {
+                    // Resuming again after an interrupted promotion: already running is fine.
+                    Err(e) if hv.state(&shadow).ok() == Some(crate::libvirt::RunState::Running) => {
+                        tracing::info!(error = %e, "shadow already running");
+                        Ok(())
+                    }
+                    other => other,
+                })
                 .await
                 .map_err(|source| FailoverError::Libvirt {
                     step: "resume",

@@ -1,0 +1,315 @@
+//! Fault injection on real guests. Every case ends by checking the invariants that matter:
+//! exactly one domain serves the service, its MAC sits on at most one bridge port, status agrees
+//! with libvirt, and the state directory lost nothing.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use understudy::libvirt::RunState;
+
+use crate::common::*;
+
+const SHADOW_WAIT: Duration = Duration::from_secs(240);
+
+fn signal_qemu(name: &str, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu_pid(name)), sig).expect("signal qemu");
+}
+
+/// A protected guest with one paused shadow: (daemon, hypervisor, primary uuid, mac).
+fn protected(
+    tag: &str,
+    name: &str,
+    ip: &str,
+    env: &[(&str, &str)],
+) -> (DaemonProc, understudy::libvirt::Hypervisor, String, String) {
+    let daemon = DaemonProc::start_with_env(tag, name, 1, env);
+    let hv = hypervisor();
+    start_guest(&hv, name, &format!("{ip}/24"), &[]);
+    daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    wait_for("primary page", Duration::from_secs(60), || {
+        http_get(ip, Duration::from_secs(1))
+    });
+    let uuid = domain_uuid(&hv, name);
+    let mac = taps(&hv, name)[0].0.clone();
+    (daemon, hv, uuid, mac)
+}
+
+/// status agrees with libvirt: the active domain runs, every listed shadow is paused.
+fn assert_status_matches_libvirt(
+    daemon: &DaemonProc,
+    hv: &understudy::libvirt::Hypervisor,
+    service: &str,
+) {
+    let svc = daemon.service(service).expect("service in status");
+    let active = svc["active"].as_str().unwrap();
+    assert_eq!(
+        hv.state(active).unwrap(),
+        RunState::Running,
+        "status says {active} is active"
+    );
+    for sh in svc["shadows"].as_array().unwrap() {
+        if sh["state"] == "paused" {
+            assert_eq!(
+                hv.state(sh["name"].as_str().unwrap()).unwrap(),
+                RunState::Paused,
+                "{sh}"
+            );
+        }
+    }
+}
+
+fn state_files(daemon: &DaemonProc) -> Vec<String> {
+    let mut v: Vec<String> = walk(&daemon.dir.join("state"));
+    v.sort();
+    v
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn sigstopped_primary_is_fenced_and_replaced() {
+    require_lab();
+    let (name, ip) = ("it-stop2", "10.77.0.31");
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let (daemon, hv, _uuid, mac) = protected("sigstop", name, ip, &[]);
+    let shadow = format!("{name}-shadow-1");
+    let shadow_uuid = domain_uuid(&hv, &shadow);
+    let t = Instant::now();
+    signal_qemu(name, nix::sys::signal::Signal::SIGSTOP);
+    wait_for(
+        "shadow serving after SIGSTOP",
+        Duration::from_secs(30),
+        || http_get(ip, Duration::from_millis(200)).filter(|p| page_uuid(p) == shadow_uuid),
+    );
+    eprintln!("SIGSTOP to shadow serving: {:?}", t.elapsed());
+    let svc = daemon.service(name).unwrap();
+    assert_eq!(svc["last_failover"]["trigger"], "heartbeat");
+    assert_single_server(ip, &shadow_uuid, &mac);
+    // After the grace period the stopped primary is destroyed, and it never counted as false.
+    wait_for("old primary destroyed", Duration::from_secs(40), || {
+        (!hv.state(name).ok()?.is_active()).then_some(())
+    });
+    assert_eq!(daemon.status()["false_failovers"], 0);
+    daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    assert_status_matches_libvirt(&daemon, &hv, name);
+}
+
+#[test]
+fn dead_guest_agent_or_busy_cpus_are_not_failures() {
+    require_lab();
+    let (name, ip) = ("it-busy1", "10.77.0.32");
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let (daemon, hv, uuid, mac) = protected("busy", name, ip, &[]);
+
+    // Saturate the guest's only vCPU for 25 s: pings slow down, but vCPU time advances.
+    let exec = r#"{"execute":"guest-exec","arguments":{"path":"/bin/us-workload","arg":["cpu","100","25"]}}"#;
+    assert!(
+        agent(&hv, name, exec).is_some(),
+        "guest-exec of the workload failed"
+    );
+    std::thread::sleep(Duration::from_secs(20));
+    let svc = daemon.service(name).unwrap();
+    assert!(
+        svc["last_failover"].is_null(),
+        "a busy guest was failed over: {svc}"
+    );
+    assert_single_server(ip, &uuid, &mac);
+
+    // Kill the guest agent itself: reported as degraded, never failed over.
+    let kill = r#"{"execute":"guest-exec","arguments":{"path":"/bin/busybox","arg":["killall","qemu-ga"]}}"#;
+    let _ = agent(&hv, name, kill);
+    let svc = wait_for("degraded health", Duration::from_secs(20), || {
+        let s = daemon.service(name)?;
+        s["health"].as_str()?.starts_with("degraded").then_some(s)
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let svc2 = daemon.service(name).unwrap();
+    assert!(
+        svc2["last_failover"].is_null(),
+        "agent death caused a failover: {svc}"
+    );
+    assert_eq!(svc2["active"], name);
+    assert_single_server(ip, &uuid, &mac);
+    assert_eq!(daemon.status()["false_failovers"], 0);
+    assert_status_matches_libvirt(&daemon, &hv, name);
+}
+
+#[test]
+fn detached_primary_tap_is_reattached_not_failed_over() {
+    require_lab();
+    let (name, ip) = ("it-tap1", "10.77.0.33");
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let (daemon, hv, uuid, mac) = protected("tap", name, ip, &[]);
+    let tap = taps(&hv, name)[0].1.clone();
+    let st = Command::new("ip")
+        .args(["link", "set", "dev", &tap, "nomaster"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_for("tap re-attached", Duration::from_secs(10), || {
+        (master_of(&tap).as_deref() == Some("usbr0")).then_some(())
+    });
+    wait_for("page served again", Duration::from_secs(10), || {
+        http_get(ip, Duration::from_millis(500))
+    });
+    assert!(daemon.service(name).unwrap()["last_failover"].is_null());
+    assert_single_server(ip, &uuid, &mac);
+    assert_status_matches_libvirt(&daemon, &hv, name);
+}
+
+#[test]
+fn libvirtd_restart_under_the_daemon_reconnects_without_failover() {
+    require_lab();
+    let (name, ip) = ("it-lvd1", "10.77.0.34");
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let (daemon, hv, uuid, mac) = protected("libvirtd", name, ip, &[]);
+    drop(hv);
+    let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_for("libvirtd gone", Duration::from_secs(20), || {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    });
+    // We run inside the lab namespace with its mounts, as lab-up starts it.
+    let st = Command::new("libvirtd").arg("-d").status().unwrap();
+    assert!(st.success(), "libvirtd did not restart");
+    let hv = wait_for("libvirtd answering", Duration::from_secs(30), || {
+        let events = understudy::libvirt::EventLoop::start().ok()?;
+        understudy::libvirt::Hypervisor::open(&events, URI, 5, 3).ok()
+    });
+    wait_for("daemon reconnected", Duration::from_secs(30), || {
+        (daemon.status()["daemon"]["connected"] == true).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let svc = daemon.service(name).unwrap();
+    assert!(
+        svc["last_failover"].is_null(),
+        "libvirtd restart caused a failover: {svc}"
+    );
+    assert_single_server(ip, &uuid, &mac);
+    assert_status_matches_libvirt(&daemon, &hv, name);
+    // Events still arrive after the reconnect: a crash now is still failed over.
+    let shadow_uuid = domain_uuid(&hv, &format!("{name}-shadow-1"));
+    signal_qemu(name, nix::sys::signal::Signal::SIGKILL);
+    wait_for(
+        "shadow serving after reconnect",
+        Duration::from_secs(30),
+        || http_get(ip, Duration::from_millis(200)).filter(|p| page_uuid(p) == shadow_uuid),
+    );
+    assert_single_server(ip, &shadow_uuid, &mac);
+}
+
+#[test]
+fn daemon_killed_at_each_promotion_step_finishes_on_restart() {
+    require_lab();
+    let (name, ip) = ("it-jr1", "10.77.0.35");
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let (mut daemon, hv, _uuid, mac) = protected("journal", name, ip, &[]);
+    for step in ["fence", "resume", "rewire", "link_up", "announce"] {
+        let svc = daemon.service(name).unwrap();
+        let active = svc["active"].as_str().unwrap().to_string();
+        let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+        let shadow_uuid = domain_uuid(&hv, &shadow);
+        let files_before = state_files(&daemon);
+        // Restart the daemon armed to abort right after `step`, then crash the primary.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = daemon.child.wait();
+        daemon.child = respawn_with_fault(&daemon, step);
+        wait_for(
+            "armed daemon up with its paused shadow",
+            Duration::from_secs(60),
+            || {
+                let s =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| daemon.service(name)))
+                        .ok()
+                        .flatten()?;
+                s["shadows"]
+                    .as_array()?
+                    .iter()
+                    .any(|x| x["state"] == "paused")
+                    .then_some(())
+            },
+        );
+        signal_qemu(&active, nix::sys::signal::Signal::SIGKILL);
+        wait_exit(&mut daemon, Duration::from_secs(30));
+        // A normal restart must finish the promotion.
+        daemon.restart();
+        wait_for(
+            &format!("shadow serving after abort at {step}"),
+            Duration::from_secs(60),
+            || http_get(ip, Duration::from_millis(300)).filter(|p| page_uuid(p) == shadow_uuid),
+        );
+        let svc = wait_for(
+            "status shows the promoted shadow",
+            Duration::from_secs(30),
+            || {
+                let s = daemon.service(name)?;
+                (s["active"] == shadow.as_str()).then_some(s)
+            },
+        );
+        assert_single_server(ip, &shadow_uuid, &mac);
+        assert_status_matches_libvirt(&daemon, &hv, name);
+        let files_after = state_files(&daemon);
+        for f in files_before.iter().filter(|f| !f.contains(&active)) {
+            assert!(
+                files_after.contains(f),
+                "state file {f} lost after abort at {step}"
+            );
+        }
+        eprintln!("abort after {step}: recovered; {svc}");
+    }
+}
+
+fn respawn_with_fault(d: &DaemonProc, step: &str) -> std::process::Child {
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&d.log)
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .arg("--config")
+        .arg(&d.config)
+        .arg("run")
+        .env(understudy::failover::FAULT_ABORT_AFTER_ENV, step)
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf)
+        .spawn()
+        .unwrap();
+    wait_for("armed daemon socket", Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(&d.socket).ok()
+    });
+    child
+}
