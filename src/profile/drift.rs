@@ -1,0 +1,292 @@
+//! Drift: the primary no longer looks like its profile.
+//!
+//! Four kinds are detected:
+//! - **coverage drop**: of the last `window` observations of a metric, the share inside the
+//!   predicted envelope (at or below its limit) fell below `coverage_threshold`;
+//! - **level shift**: the model's level factor (observed / seasonal median, see
+//!   [`crate::profile::model`]) stayed outside `[1/level_shift_factor, level_shift_factor]` for
+//!   `window` consecutive observations — a sustained step up *or down*, which coverage alone
+//!   cannot see when the load drops;
+//! - **new dependency**: the primary talked to an endpoint the profile does not list;
+//! - **configuration change**: a configuration item appeared, disappeared or changed hash.
+//!
+//! Resource drift is only judged after `warmup_observations` observations (a young model is
+//! expected to miss) and, once reported for a metric, not again for that metric until a full new
+//! window has been seen. Dependency drift is also only reported after the warm-up: during it every
+//! endpoint is new and is simply learned.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Metric, Observation, PerMetric, Prediction};
+use crate::profile::model::Source;
+
+/// Errors in drift parameters.
+#[derive(Debug, thiserror::Error)]
+pub enum DriftError {
+    /// A parameter is outside its valid range.
+    #[error("drift parameter {name} = {value} is invalid: {expected}")]
+    InvalidParam {
+        /// Parameter name.
+        name: &'static str,
+        /// The rejected value, as text.
+        value: String,
+        /// What a valid value looks like.
+        expected: &'static str,
+    },
+}
+
+/// Tuning of the detector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DriftParams {
+    /// Observations per judgement window.
+    pub window: usize,
+    /// Coverage below which a full window is a drift.
+    pub coverage_threshold: f64,
+    /// A level factor beyond this (or below its inverse) for a whole window is a drift.
+    pub level_shift_factor: f64,
+    /// Observations before resource and dependency drift are judged.
+    pub warmup_observations: u64,
+}
+
+impl Default for DriftParams {
+    fn default() -> Self {
+        DriftParams {
+            window: 60,
+            coverage_threshold: 0.80,
+            level_shift_factor: 1.3,
+            warmup_observations: 1440,
+        }
+    }
+}
+
+impl DriftParams {
+    /// Checks every parameter's range.
+    pub fn validate(&self) -> Result<(), DriftError> {
+        let bad = |name, value: String, expected| DriftError::InvalidParam {
+            name,
+            value,
+            expected,
+        };
+        if !(2..=100_000).contains(&self.window) {
+            return Err(bad("window", self.window.to_string(), "between 2 and 100000"));
+        }
+        if !(self.coverage_threshold.is_finite() && (0.0..=1.0).contains(&self.coverage_threshold))
+        {
+            return Err(bad(
+                "coverage_threshold",
+                self.coverage_threshold.to_string(),
+                "between 0 and 1",
+            ));
+        }
+        if !(self.level_shift_factor.is_finite() && self.level_shift_factor > 1.0) {
+            return Err(bad(
+                "level_shift_factor",
+                self.level_shift_factor.to_string(),
+                "a finite number above 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What kind of drift was seen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DriftKind {
+    /// Too many observations of `metric` above the envelope.
+    CoverageDrop {
+        /// The metric.
+        metric: Metric,
+        /// Coverage over the window.
+        coverage: f64,
+    },
+    /// `metric` runs at a sustained multiple of its seasonal level.
+    LevelShift {
+        /// The metric.
+        metric: Metric,
+        /// Current observed / expected ratio.
+        factor: f64,
+    },
+    /// An endpoint the profile does not know.
+    NewDependency {
+        /// Its key, e.g. `tcp://10.0.0.5:5432`.
+        key: String,
+    },
+    /// Configuration items differ from the expected ones.
+    ConfigChange {
+        /// Items that appeared.
+        added: Vec<String>,
+        /// Items that disappeared.
+        removed: Vec<String>,
+        /// Items whose hash changed.
+        changed: Vec<String>,
+    },
+}
+
+impl DriftKind {
+    /// The resource metric concerned, if any.
+    pub fn metric(&self) -> Option<Metric> {
+        match self {
+            DriftKind::CoverageDrop { metric, .. } | DriftKind::LevelShift { metric, .. } => {
+                Some(*metric)
+            }
+            DriftKind::NewDependency { .. } | DriftKind::ConfigChange { .. } => None,
+        }
+    }
+}
+
+/// A detected drift, with a human-readable explanation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftEvent {
+    /// What was detected.
+    pub kind: DriftKind,
+    /// One line for logs and version reasons.
+    pub detail: String,
+}
+
+impl fmt::Display for DriftEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct MetricState {
+    inside: VecDeque<bool>,
+    shifted_run: usize,
+}
+
+/// Stateful resource drift detection; dependency and configuration checks are stateless helpers.
+#[derive(Debug, Clone)]
+pub struct DriftDetector {
+    params: DriftParams,
+    metrics: PerMetric<MetricState>,
+}
+
+impl DriftDetector {
+    /// A detector with empty windows.
+    pub fn new(params: DriftParams) -> Result<Self, DriftError> {
+        params.validate()?;
+        Ok(DriftDetector {
+            params,
+            metrics: PerMetric::default(),
+        })
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &DriftParams {
+        &self.params
+    }
+
+    /// Judges one observation against the prediction made for it. `level_factor` gives the
+    /// model's level factor per metric; `observations` is how many observations the model had
+    /// learned before this one (for the warm-up).
+    pub fn check_resources(
+        &mut self,
+        prediction: &Prediction,
+        obs: &Observation,
+        level_factor: impl Fn(Metric) -> f64,
+        observations: u64,
+    ) -> Vec<DriftEvent> {
+        let mut events = Vec::new();
+        let warm = observations >= self.params.warmup_observations;
+        for m in Metric::ALL {
+            let env = prediction.envelopes.get(m);
+            let st = self.metrics.get_mut(m);
+            if matches!(env.source, Source::Empty | Source::Recent) {
+                continue;
+            }
+            if st.inside.len() >= self.params.window {
+                st.inside.pop_front();
+            }
+            st.inside.push_back(obs.value(m) <= env.limit);
+            let f = level_factor(m);
+            let shifted = f > self.params.level_shift_factor
+                || f < 1.0 / self.params.level_shift_factor;
+            st.shifted_run = if shifted { st.shifted_run + 1 } else { 0 };
+            if !warm {
+                continue;
+            }
+            if st.inside.len() >= self.params.window {
+                let cov = st.inside.iter().filter(|x| **x).count() as f64 / st.inside.len() as f64;
+                if cov < self.params.coverage_threshold {
+                    events.push(DriftEvent {
+                        detail: format!(
+                            "{m}: only {:.0}% of the last {} observations within the envelope",
+                            cov * 100.0,
+                            st.inside.len()
+                        ),
+                        kind: DriftKind::CoverageDrop {
+                            metric: m,
+                            coverage: cov,
+                        },
+                    });
+                    *st = MetricState::default();
+                    continue;
+                }
+            }
+            if st.shifted_run >= self.params.window {
+                events.push(DriftEvent {
+                    detail: format!(
+                        "{m}: running at {f:.2}x its usual level for {} observations",
+                        st.shifted_run
+                    ),
+                    kind: DriftKind::LevelShift {
+                        metric: m,
+                        factor: f,
+                    },
+                });
+                *st = MetricState::default();
+            }
+        }
+        events
+    }
+
+    /// Forgets the windows of `metric` (after the model was rebased).
+    pub fn reset(&mut self, metric: Metric) {
+        *self.metrics.get_mut(metric) = MetricState::default();
+    }
+}
+
+/// Compares an observed configuration with the expected one; `None` if they match.
+pub fn check_config(
+    expected: &BTreeMap<String, String>,
+    observed: &BTreeMap<String, String>,
+) -> Option<DriftEvent> {
+    let added: Vec<String> = observed
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .cloned()
+        .collect();
+    let removed: Vec<String> = expected
+        .keys()
+        .filter(|k| !observed.contains_key(*k))
+        .cloned()
+        .collect();
+    let changed: Vec<String> = observed
+        .iter()
+        .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    if added.is_empty() && removed.is_empty() && changed.is_empty() {
+        return None;
+    }
+    let detail = format!(
+        "configuration changed: added [{}], removed [{}], changed [{}]",
+        added.join(", "),
+        removed.join(", "),
+        changed.join(", ")
+    );
+    Some(DriftEvent {
+        kind: DriftKind::ConfigChange {
+            added,
+            removed,
+            changed,
+        },
+        detail,
+    })
+}

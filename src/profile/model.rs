@@ -1,0 +1,650 @@
+//! The seasonal resource model.
+//!
+//! # Model
+//!
+//! For each metric (CPU cores, memory bytes, disk and network bytes per second) the model answers
+//! "how much will the primary use at time *t*?" with an [`Envelope`]: a median (`p50`), a 95th
+//! percentile (`p95`) and a provisioning `limit = p95 × (1 + headroom)`.
+//!
+//! **Seasonal buckets.** Load on a service follows the clock, so history is kept per time bucket:
+//! the 168 hours of the week (Monday 00:00 UTC is bucket 0), the 24 hours of the day, and one
+//! all-time bucket. A prediction uses the hour-of-week bucket of *t*; when that bucket holds fewer
+//! than `min_samples_per_bucket` samples it falls back to the hour-of-day bucket, then to the
+//! all-time bucket, and with no history at all to the recent window alone ([`Source`] says which
+//! one answered).
+//!
+//! **Quantile estimation, bounded memory.** Samples of the hour in progress are buffered (at most
+//! `max_hour_samples`; beyond that the buffer is decimated, keeping every other sample, so any
+//! sampling rate fits). When the hour ends its exact p50, p95 and maximum become one *visit*
+//! summary, appended to its hour-of-week, hour-of-day and all-time buckets. Each bucket is a ring
+//! of the last few visits (`week_visits`, `day_visits`, `all_visits`), so memory is fixed: about
+//! `4 × (168·week_visits + 24·day_visits + all_visits)` summaries of five numbers, whatever the
+//! sampling rate. A bucket's quantiles are the recency-weighted means of its visits' quantiles
+//! (weight `visit_decay^age`, age 0 = newest visit), so newer behaviour dominates and a bucket
+//! forgets a regime in a few visits. This was chosen over a sample reservoir (which would store
+//! tens of thousands of raw values per version file, for no better accuracy at hourly resolution)
+//! and over streaming estimators such as P² (which do not forget, and converge slowly on the ~60
+//! samples an hour-of-week bucket receives per week).
+//!
+//! **Fast adaptation.** Seasonal buckets alone would need a week to follow a regime shift. Two
+//! short-term signals correct them, both from the last minutes of data:
+//! - the *level factor*: the median, over the last `level_window` samples, of
+//!   `observed / bucket p50` measured when each sample arrived. When the primary suddenly runs at
+//!   twice (or half) its usual level, the factor moves to 2 (or 0.5) within half a window and
+//!   scales the seasonal envelope, in both directions, long before the buckets relearn.
+//!   It is clamped to `[1/level_clamp, level_clamp]`.
+//! - the *recent peak*: the p95 of the last `recent_window` raw samples, taken as a floor for the
+//!   envelope's p95, so a ramp or a burst that the level factor has not caught yet is covered by
+//!   the next prediction.
+//!
+//! So, with `b50`/`b95` the bucket estimates and `s` the level factor:
+//! `p50 = b50·s`, `p95 = max(b95·s, recent p95)`, `limit = p95·(1 + headroom)`.
+//!
+//! When the drift detector sees a sustained shift (see [`crate::profile::drift`]), the learner
+//! calls [`Model::rebase`]: the history of that metric is rescaled by the current level factor and
+//! the factor restarts at 1, so the buckets immediately describe the new regime (shape kept, level
+//! moved) instead of waiting weeks for the old visits to age out.
+//!
+//! Times are bucketed in UTC. A service that follows a local clock with daylight saving time sees
+//! its pattern move by an hour twice a year; the recent-window terms cover the transition while
+//! the buckets relearn.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Metric, Observation, PerMetric};
+
+/// One hour, in milliseconds.
+pub const HOUR_MS: u64 = 3_600_000;
+/// One day, in milliseconds.
+pub const DAY_MS: u64 = 24 * HOUR_MS;
+/// Hour-of-week buckets.
+pub const WEEK_BUCKETS: usize = 168;
+/// Hour-of-day buckets.
+pub const DAY_BUCKETS: usize = 24;
+
+/// Hard bounds on the ring sizes accepted from parameters or files, so an untrusted version file
+/// cannot make the daemon allocate without limit.
+const MAX_VISITS: usize = 1024;
+const MAX_WINDOW: usize = 4096;
+
+/// Errors of the model: invalid parameters or an inconsistent snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A parameter is outside its valid range.
+    #[error("model parameter {name} = {value} is invalid: {expected}")]
+    InvalidParam {
+        /// Parameter name.
+        name: &'static str,
+        /// The rejected value, as text.
+        value: String,
+        /// What a valid value looks like.
+        expected: &'static str,
+    },
+    /// A snapshot's structure does not match the model (wrong bucket count, oversized ring,
+    /// non-finite number...).
+    #[error("model snapshot is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// Tuning of the model. The defaults are the values the benchmark was run with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelParams {
+    /// A bucket with fewer samples than this defers to the next coarser level.
+    pub min_samples_per_bucket: u32,
+    /// Safety margin above p95: `limit = p95 × (1 + headroom)`.
+    pub headroom: f64,
+    /// Visits (weeks) remembered per hour-of-week bucket.
+    pub week_visits: usize,
+    /// Visits (days) remembered per hour-of-day bucket.
+    pub day_visits: usize,
+    /// Visits (hours) remembered by the all-time bucket.
+    pub all_visits: usize,
+    /// Weight of a visit relative to the next newer one, in (0, 1].
+    pub visit_decay: f64,
+    /// Samples buffered for the hour in progress before decimation.
+    pub max_hour_samples: usize,
+    /// Samples over which the level factor is taken.
+    pub level_window: usize,
+    /// Bound of the level factor: it stays within `[1/level_clamp, level_clamp]`.
+    pub level_clamp: f64,
+    /// Raw samples whose p95 floors the envelope.
+    pub recent_window: usize,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        ModelParams {
+            min_samples_per_bucket: 30,
+            headroom: 0.10,
+            week_visits: 3,
+            day_visits: 7,
+            all_visits: 48,
+            visit_decay: 0.5,
+            max_hour_samples: 240,
+            level_window: 30,
+            level_clamp: 8.0,
+            recent_window: 15,
+        }
+    }
+}
+
+impl ModelParams {
+    /// Checks every parameter's range.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        fn bad(name: &'static str, value: impl ToString, expected: &'static str) -> ModelError {
+            ModelError::InvalidParam {
+                name,
+                value: value.to_string(),
+                expected,
+            }
+        }
+        if !(self.headroom.is_finite() && (0.0..=10.0).contains(&self.headroom)) {
+            return Err(bad("headroom", self.headroom, "between 0 and 10"));
+        }
+        if !(self.visit_decay.is_finite() && self.visit_decay > 0.0 && self.visit_decay <= 1.0) {
+            return Err(bad("visit_decay", self.visit_decay, "in (0, 1]"));
+        }
+        if !(self.level_clamp.is_finite() && self.level_clamp >= 1.0 && self.level_clamp <= 1000.0)
+        {
+            return Err(bad("level_clamp", self.level_clamp, "between 1 and 1000"));
+        }
+        for (name, v) in [
+            ("week_visits", self.week_visits),
+            ("day_visits", self.day_visits),
+            ("all_visits", self.all_visits),
+        ] {
+            if v == 0 || v > MAX_VISITS {
+                return Err(bad(name, v, "between 1 and 1024"));
+            }
+        }
+        for (name, v) in [
+            ("max_hour_samples", self.max_hour_samples),
+            ("level_window", self.level_window),
+            ("recent_window", self.recent_window),
+        ] {
+            if v < 2 || v > MAX_WINDOW {
+                return Err(bad(name, v, "between 2 and 4096"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which history answered a prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The hour-of-week bucket of the timestamp.
+    HourOfWeek,
+    /// The hour-of-day bucket (the hour-of-week bucket had too few samples).
+    HourOfDay,
+    /// The all-time bucket (both seasonal buckets had too few samples).
+    AllTime,
+    /// No finished hour yet: the recent window alone.
+    Recent,
+    /// Nothing observed yet: the envelope is zero.
+    Empty,
+}
+
+/// Predicted usage of one metric.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// Provisioning limit: `p95 × (1 + headroom)`.
+    pub limit: f64,
+    /// Which history answered.
+    pub source: Source,
+}
+
+impl Envelope {
+    /// The envelope of a predictor that knows nothing.
+    pub const EMPTY: Envelope = Envelope {
+        p50: 0.0,
+        p95: 0.0,
+        limit: 0.0,
+        source: Source::Empty,
+    };
+}
+
+/// Envelopes of all metrics at one time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// The time predicted for.
+    pub ts_unix_ms: u64,
+    /// One envelope per metric.
+    pub envelopes: PerMetric<Envelope>,
+}
+
+/// Summary of one hour of samples, the unit a bucket remembers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Visit {
+    /// Unix hour (`ts / 3600000`) the samples belong to.
+    pub hour: u64,
+    /// Samples summarised.
+    pub n: u32,
+    /// Median of the hour.
+    pub p50: f64,
+    /// 95th percentile of the hour.
+    pub p95: f64,
+    /// Maximum of the hour.
+    pub max: f64,
+}
+
+/// A ring of visits, newest last.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Bucket {
+    /// Remembered visits, oldest first.
+    pub visits: VecDeque<Visit>,
+}
+
+/// A bucket's recency-weighted quantiles.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketEstimate {
+    /// Weighted p50.
+    pub p50: f64,
+    /// Weighted p95.
+    pub p95: f64,
+    /// Samples summarised by the visits.
+    pub samples: u64,
+}
+
+impl Bucket {
+    fn push(&mut self, visit: Visit, cap: usize) {
+        while self.visits.len() >= cap {
+            self.visits.pop_front();
+        }
+        self.visits.push_back(visit);
+    }
+
+    /// Samples summarised by the remembered visits.
+    pub fn samples(&self) -> u64 {
+        self.visits.iter().map(|v| u64::from(v.n)).sum()
+    }
+
+    /// Recency-weighted quantiles, `None` for an empty bucket.
+    pub fn estimate(&self, decay: f64) -> Option<BucketEstimate> {
+        let mut w_sum = 0.0;
+        let mut p50 = 0.0;
+        let mut p95 = 0.0;
+        let mut w = 1.0;
+        for v in self.visits.iter().rev() {
+            // A visit cut short (daemon restart) says less about its hour than a full one.
+            let weight = w * f64::from(v.n.min(30));
+            w_sum += weight;
+            p50 += weight * v.p50;
+            p95 += weight * v.p95;
+            w *= decay;
+        }
+        (w_sum > 0.0).then(|| BucketEstimate {
+            p50: p50 / w_sum,
+            p95: p95 / w_sum,
+            samples: self.samples(),
+        })
+    }
+
+    fn scale(&mut self, factor: f64) {
+        for v in &mut self.visits {
+            v.p50 *= factor;
+            v.p95 *= factor;
+            v.max *= factor;
+        }
+    }
+}
+
+/// Samples of the hour in progress, decimated when the buffer is full.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HourBuffer {
+    /// Unix hour being accumulated.
+    pub hour: u64,
+    /// Keep one sample in `stride`.
+    pub stride: u32,
+    /// Samples offered this hour, kept or not.
+    pub seen: u32,
+    /// Kept samples.
+    pub samples: Vec<f64>,
+}
+
+impl HourBuffer {
+    fn new(hour: u64) -> Self {
+        HourBuffer {
+            hour,
+            stride: 1,
+            seen: 0,
+            samples: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, v: f64, cap: usize) {
+        if self.seen % self.stride == 0 {
+            self.samples.push(v);
+            if self.samples.len() >= cap {
+                // Keep every other sample and halve the rate from now on: memory stays bounded
+                // and the kept samples still span the whole hour evenly.
+                let mut i = 0;
+                self.samples.retain(|_| {
+                    i += 1;
+                    i % 2 == 1
+                });
+                self.stride = self.stride.saturating_mul(2);
+            }
+        }
+        self.seen = self.seen.saturating_add(1);
+    }
+
+    fn summary(&self) -> Option<Visit> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let mut s = self.samples.clone();
+        s.sort_by(f64::total_cmp);
+        Some(Visit {
+            hour: self.hour,
+            n: self.seen,
+            p50: quantile_sorted(&s, 0.5),
+            p95: quantile_sorted(&s, 0.95),
+            max: s[s.len() - 1],
+        })
+    }
+}
+
+/// Everything the model knows about one metric.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricModel {
+    /// Hour-of-week buckets, Monday 00:00 UTC first.
+    pub week: Vec<Bucket>,
+    /// Hour-of-day buckets, 00:00 UTC first.
+    pub day: Vec<Bucket>,
+    /// The all-time bucket.
+    pub all: Bucket,
+    /// The hour in progress.
+    pub hour: Option<HourBuffer>,
+    /// Last raw samples, newest last.
+    pub recent: VecDeque<f64>,
+    /// Last `observed / bucket p50` ratios, newest last.
+    pub ratios: VecDeque<f64>,
+}
+
+impl MetricModel {
+    fn new() -> Self {
+        MetricModel {
+            week: vec![Bucket::default(); WEEK_BUCKETS],
+            day: vec![Bucket::default(); DAY_BUCKETS],
+            all: Bucket::default(),
+            hour: None,
+            recent: VecDeque::new(),
+            ratios: VecDeque::new(),
+        }
+    }
+
+    /// The seasonal estimate for `ts`, following the fallback order.
+    fn base(&self, ts: u64, p: &ModelParams) -> Option<(Source, BucketEstimate)> {
+        let min = u64::from(p.min_samples_per_bucket);
+        let levels = [
+            (Source::HourOfWeek, &self.week[hour_of_week(ts)]),
+            (Source::HourOfDay, &self.day[hour_of_day(ts)]),
+            (Source::AllTime, &self.all),
+        ];
+        for (source, bucket) in levels {
+            if bucket.samples() >= min {
+                if let Some(e) = bucket.estimate(p.visit_decay) {
+                    return Some((source, e));
+                }
+            }
+        }
+        // Young model: take whatever the all-time bucket has rather than nothing.
+        self.all
+            .estimate(p.visit_decay)
+            .map(|e| (Source::AllTime, e))
+    }
+
+    fn level_factor(&self, p: &ModelParams) -> f64 {
+        if self.ratios.is_empty() {
+            return 1.0;
+        }
+        let mut r: Vec<f64> = self.ratios.iter().copied().collect();
+        r.sort_by(f64::total_cmp);
+        quantile_sorted(&r, 0.5).clamp(1.0 / p.level_clamp, p.level_clamp)
+    }
+
+    fn recent_quantiles(&self) -> Option<(f64, f64)> {
+        if self.recent.is_empty() {
+            return None;
+        }
+        let mut r: Vec<f64> = self.recent.iter().copied().collect();
+        r.sort_by(f64::total_cmp);
+        Some((quantile_sorted(&r, 0.5), quantile_sorted(&r, 0.95)))
+    }
+
+    fn predict(&self, ts: u64, p: &ModelParams) -> Envelope {
+        let recent = self.recent_quantiles();
+        let (source, p50, p95) = match (self.base(ts, p), recent) {
+            (Some((source, e)), recent) => {
+                let s = self.level_factor(p);
+                let floor = recent.map_or(0.0, |(_, r95)| r95);
+                (source, e.p50 * s, (e.p95 * s).max(floor))
+            }
+            (None, Some((r50, r95))) => (Source::Recent, r50, r95),
+            (None, None) => return Envelope::EMPTY,
+        };
+        Envelope {
+            p50,
+            p95,
+            limit: p95 * (1.0 + p.headroom),
+            source,
+        }
+    }
+
+    fn observe(&mut self, ts: u64, v: f64, p: &ModelParams) {
+        if let Some((_, e)) = self.base(ts, p) {
+            if e.p50 > 0.0 {
+                push_bounded(&mut self.ratios, v / e.p50, p.level_window);
+            }
+        }
+        push_bounded(&mut self.recent, v, p.recent_window);
+
+        let hour = ts / HOUR_MS;
+        if self.hour.as_ref().is_some_and(|h| h.hour != hour) {
+            // Any change of hour (forward, or backward after a clock step) closes the visit.
+            if let Some(visit) = self.hour.take().and_then(|h| h.summary()) {
+                let ts_visit = visit.hour * HOUR_MS;
+                self.week[hour_of_week(ts_visit)].push(visit, p.week_visits);
+                self.day[hour_of_day(ts_visit)].push(visit, p.day_visits);
+                self.all.push(visit, p.all_visits);
+            }
+        }
+        self.hour
+            .get_or_insert_with(|| HourBuffer::new(hour))
+            .push(v, p.max_hour_samples);
+    }
+
+    fn rebase(&mut self, p: &ModelParams) -> f64 {
+        let s = self.level_factor(p);
+        for b in self
+            .week
+            .iter_mut()
+            .chain(self.day.iter_mut())
+            .chain(std::iter::once(&mut self.all))
+        {
+            b.scale(s);
+        }
+        self.ratios.clear();
+        s
+    }
+
+    fn validate(&self, p: &ModelParams) -> Result<(), String> {
+        if self.week.len() != WEEK_BUCKETS || self.day.len() != DAY_BUCKETS {
+            return Err(format!(
+                "expected {WEEK_BUCKETS} hour-of-week and {DAY_BUCKETS} hour-of-day buckets, found {} and {}",
+                self.week.len(),
+                self.day.len()
+            ));
+        }
+        let rings = self
+            .week
+            .iter()
+            .map(|b| (b, p.week_visits))
+            .chain(self.day.iter().map(|b| (b, p.day_visits)))
+            .chain(std::iter::once((&self.all, p.all_visits)));
+        for (b, cap) in rings {
+            if b.visits.len() > cap {
+                return Err(format!("bucket holds {} visits, limit {cap}", b.visits.len()));
+            }
+            for v in &b.visits {
+                if ![v.p50, v.p95, v.max].iter().all(|x| x.is_finite() && *x >= 0.0) {
+                    return Err(format!("visit of hour {} has a non-finite or negative value", v.hour));
+                }
+            }
+        }
+        if self.recent.len() > p.recent_window || self.ratios.len() > p.level_window {
+            return Err("recent window larger than its parameter".into());
+        }
+        if let Some(h) = &self.hour {
+            if h.samples.len() > p.max_hour_samples || h.stride == 0 {
+                return Err("hour buffer larger than max_hour_samples".into());
+            }
+        }
+        let finite = |x: &f64| x.is_finite() && *x >= 0.0;
+        let hour_ok = self.hour.as_ref().is_none_or(|h| h.samples.iter().all(finite));
+        if !(self.recent.iter().all(finite) && self.ratios.iter().all(finite) && hour_ok) {
+            return Err("non-finite or negative sample".into());
+        }
+        Ok(())
+    }
+}
+
+/// The learned resource model of one service. See the [module documentation](self) for the
+/// method.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "ModelRepr")]
+pub struct Model {
+    params: ModelParams,
+    metrics: PerMetric<MetricModel>,
+    observations: u64,
+}
+
+/// The unchecked shape of a snapshot; [`Model`] is only built from it after validation.
+#[derive(Deserialize)]
+struct ModelRepr {
+    params: ModelParams,
+    metrics: PerMetric<MetricModel>,
+    observations: u64,
+}
+
+impl TryFrom<ModelRepr> for Model {
+    type Error = ModelError;
+
+    fn try_from(r: ModelRepr) -> Result<Self, ModelError> {
+        r.params.validate()?;
+        for (m, mm) in r.metrics.iter() {
+            mm.validate(&r.params)
+                .map_err(|e| ModelError::Inconsistent(format!("{m}: {e}")))?;
+        }
+        Ok(Model {
+            params: r.params,
+            metrics: r.metrics,
+            observations: r.observations,
+        })
+    }
+}
+
+impl Model {
+    /// An empty model.
+    pub fn new(params: ModelParams) -> Result<Self, ModelError> {
+        params.validate()?;
+        Ok(Model {
+            params,
+            metrics: PerMetric::from_fn(|_| MetricModel::new()),
+            observations: 0,
+        })
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &ModelParams {
+        &self.params
+    }
+
+    /// Observations learned so far.
+    pub fn observations(&self) -> u64 {
+        self.observations
+    }
+
+    /// Learns one observation's resource usage.
+    pub fn observe(&mut self, obs: &Observation) {
+        for m in Metric::ALL {
+            let v = obs.value(m);
+            self.metrics
+                .get_mut(m)
+                .observe(obs.ts_unix_ms, v, &self.params);
+        }
+        self.observations += 1;
+    }
+
+    /// The envelopes expected at `ts_unix_ms`.
+    pub fn predict(&self, ts_unix_ms: u64) -> Prediction {
+        Prediction {
+            ts_unix_ms,
+            envelopes: PerMetric::from_fn(|m| self.metrics.get(m).predict(ts_unix_ms, &self.params)),
+        }
+    }
+
+    /// The current level factor of `metric` (1 = the primary runs as its buckets say).
+    pub fn level_factor(&self, metric: Metric) -> f64 {
+        self.metrics.get(metric).level_factor(&self.params)
+    }
+
+    /// The seasonal envelope of one hour-of-week bucket (0 = Monday 00:00 UTC), without the
+    /// short-term corrections; `None` if the bucket is empty or `hour_of_week >= 168`.
+    pub fn bucket_envelope(&self, metric: Metric, hour_of_week: usize) -> Option<Envelope> {
+        let b = self.metrics.get(metric).week.get(hour_of_week)?;
+        let e = b.estimate(self.params.visit_decay)?;
+        Some(Envelope {
+            p50: e.p50,
+            p95: e.p95,
+            limit: e.p95 * (1.0 + self.params.headroom),
+            source: Source::HourOfWeek,
+        })
+    }
+
+    /// Re-anchors `metric` after a detected regime shift: all remembered visits are multiplied by
+    /// the current level factor, which then restarts at 1. Returns the factor applied.
+    pub fn rebase(&mut self, metric: Metric) -> f64 {
+        let p = &self.params;
+        self.metrics.get_mut(metric).rebase(p)
+    }
+}
+
+/// Hour of the week of a timestamp, 0 = Monday 00:00-01:00 UTC.
+pub fn hour_of_week(ts_unix_ms: u64) -> usize {
+    let day = ts_unix_ms / DAY_MS;
+    // 1970-01-01 was a Thursday: day 0 is weekday 3 when Monday is 0.
+    let weekday = (day + 3) % 7;
+    (weekday * 24 + (ts_unix_ms / HOUR_MS) % 24) as usize
+}
+
+/// Hour of the day of a timestamp, UTC.
+pub fn hour_of_day(ts_unix_ms: u64) -> usize {
+    ((ts_unix_ms / HOUR_MS) % 24) as usize
+}
+
+/// Quantile `q` of an ascending, non-empty slice, linearly interpolated.
+pub(crate) fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
+    debug_assert!(!sorted.is_empty());
+    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    let frac = pos - lo as f64;
+    sorted[lo] + (sorted[hi] - sorted[lo]) * frac
+}
+
+fn push_bounded(q: &mut VecDeque<f64>, v: f64, cap: usize) {
+    while q.len() >= cap {
+        q.pop_front();
+    }
+    q.push_back(v);
+}

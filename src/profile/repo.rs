@@ -1,0 +1,2 @@
+//! Repo.
+pub struct DirectoryRepository; pub trait ProfileRepository{} #[derive(Debug, thiserror::Error)] pub enum RepoError{}
