@@ -3,10 +3,10 @@
 //! Four kinds are detected:
 //! - **coverage drop**: of the last `window` observations of a metric, the share inside the
 //!   predicted envelope (at or below its limit) fell below `coverage_threshold`;
-//! - **level shift**: the model's level factor (observed / seasonal median, see
-//!   [`crate::profile::model`]) stayed outside `[1/level_shift_factor, level_shift_factor]` for
-//!   `window` consecutive observations — a sustained step up *or down*, which coverage alone
-//!   cannot see when the load drops;
+//! - **level shift**: the model confirms a regime shift (its level factor, observed / seasonal
+//!   median, stayed outside `[1/shift_factor, shift_factor]` for `shift_confirm` observations, see
+//!   [`crate::profile::model`]) — a sustained step up *or down*, which coverage alone cannot see
+//!   when the load drops. Reported once per shift, when it is confirmed;
 //! - **new dependency**: the primary talked to an endpoint the profile does not list;
 //! - **configuration change**: a configuration item appeared, disappeared or changed hash.
 //!
@@ -46,8 +46,6 @@ pub struct DriftParams {
     pub window: usize,
     /// Coverage below which a full window is a drift.
     pub coverage_threshold: f64,
-    /// A level factor beyond this (or below its inverse) for a whole window is a drift.
-    pub level_shift_factor: f64,
     /// Observations before resource and dependency drift are judged.
     pub warmup_observations: u64,
 }
@@ -57,7 +55,6 @@ impl Default for DriftParams {
         DriftParams {
             window: 60,
             coverage_threshold: 0.80,
-            level_shift_factor: 1.3,
             warmup_observations: 1440,
         }
     }
@@ -80,13 +77,6 @@ impl DriftParams {
                 "coverage_threshold",
                 self.coverage_threshold.to_string(),
                 "between 0 and 1",
-            ));
-        }
-        if !(self.level_shift_factor.is_finite() && self.level_shift_factor > 1.0) {
-            return Err(bad(
-                "level_shift_factor",
-                self.level_shift_factor.to_string(),
-                "a finite number above 1",
             ));
         }
         Ok(())
@@ -157,7 +147,8 @@ impl fmt::Display for DriftEvent {
 #[derive(Debug, Clone, Default)]
 struct MetricState {
     inside: VecDeque<bool>,
-    shifted_run: usize,
+    /// A confirmed level shift is in progress and was reported.
+    in_shift: bool,
 }
 
 /// Stateful resource drift detection; dependency and configuration checks are stateless helpers.
@@ -182,14 +173,15 @@ impl DriftDetector {
         &self.params
     }
 
-    /// Judges one observation against the prediction made for it. `level_factor` gives the
-    /// model's level factor per metric; `observations` is how many observations the model had
-    /// learned before this one (for the warm-up).
+    /// Judges one observation against the prediction made for it. `level_shift` gives the
+    /// model's confirmed shift per metric ([`crate::profile::Model::level_shift`]);
+    /// `observations` is how many observations the model had learned before this one (for the
+    /// warm-up).
     pub fn check_resources(
         &mut self,
         prediction: &Prediction,
         obs: &Observation,
-        level_factor: impl Fn(Metric) -> f64,
+        level_shift: impl Fn(Metric) -> Option<f64>,
         observations: u64,
     ) -> Vec<DriftEvent> {
         let mut events = Vec::new();
@@ -197,6 +189,10 @@ impl DriftDetector {
         for m in Metric::ALL {
             let env = prediction.envelopes.get(m);
             let st = self.metrics.get_mut(m);
+            let shift = level_shift(m);
+            if shift.is_none() {
+                st.in_shift = false;
+            }
             if matches!(env.source, Source::Empty | Source::Recent) {
                 continue;
             }
@@ -204,12 +200,17 @@ impl DriftDetector {
                 st.inside.pop_front();
             }
             st.inside.push_back(obs.value(m) <= env.limit);
-            let f = level_factor(m);
-            let shifted = f > self.params.level_shift_factor
-                || f < 1.0 / self.params.level_shift_factor;
-            st.shifted_run = if shifted { st.shifted_run + 1 } else { 0 };
             if !warm {
+                // A shift seen during the warm-up is part of what is being learned.
+                st.in_shift = shift.is_some();
                 continue;
+            }
+            if let (Some(factor), false) = (shift, st.in_shift) {
+                st.in_shift = true;
+                events.push(DriftEvent {
+                    detail: format!("{m}: running at {factor:.2}x its usual level"),
+                    kind: DriftKind::LevelShift { metric: m, factor },
+                });
             }
             if st.inside.len() >= self.params.window {
                 let cov = st.inside.iter().filter(|x| **x).count() as f64 / st.inside.len() as f64;
@@ -225,28 +226,15 @@ impl DriftDetector {
                             coverage: cov,
                         },
                     });
-                    *st = MetricState::default();
-                    continue;
+                    // Judge the next window on its own.
+                    st.inside.clear();
                 }
-            }
-            if st.shifted_run >= self.params.window {
-                events.push(DriftEvent {
-                    detail: format!(
-                        "{m}: running at {f:.2}x its usual level for {} observations",
-                        st.shifted_run
-                    ),
-                    kind: DriftKind::LevelShift {
-                        metric: m,
-                        factor: f,
-                    },
-                });
-                *st = MetricState::default();
             }
         }
         events
     }
 
-    /// Forgets the windows of `metric` (after the model was rebased).
+    /// Forgets the state of `metric` (after the profile was replaced).
     pub fn reset(&mut self, metric: Metric) {
         *self.metrics.get_mut(metric) = MetricState::default();
     }

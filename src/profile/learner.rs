@@ -181,8 +181,8 @@ impl Learner {
     }
 
     /// Learns one observation and returns the drift it revealed. The profile has already adapted
-    /// when this returns (a shifted metric is rebased, a new configuration or dependency is
-    /// recorded); the caller commits a new version with reason `Drift` when the list is not
+    /// when this returns (buckets that no longer fit are renewed, a new configuration or
+    /// dependency is recorded); the caller commits a new version with reason `Drift` when the list is not
     /// empty.
     pub fn observe(&mut self, obs: &Observation) -> Vec<DriftEvent> {
         let prediction = self.profile.model.predict(obs.ts_unix_ms);
@@ -191,16 +191,17 @@ impl Learner {
         let mut events = self.detector.check_resources(
             &prediction,
             obs,
-            |m| model.level_factor(m),
+            |m| model.level_shift(m),
             model.observations(),
         );
         let warm = model.observations() >= self.detector.params().warmup_observations;
 
         self.profile.model.observe(obs);
         for e in &events {
-            if let Some(m) = e.kind.metric() {
-                self.profile.model.rebase(m);
-                self.detector.reset(m);
+            // A level shift renews buckets by itself as the shifted hours complete; a coverage
+            // drop renews the buckets of the hour it was seen in.
+            if let DriftKind::CoverageDrop { metric, .. } = e.kind {
+                self.profile.model.renew_current(metric);
             }
         }
 

@@ -112,6 +112,10 @@ pub struct ModelParams {
     pub level_clamp: f64,
     /// Raw samples whose p95 floors the envelope.
     pub recent_window: usize,
+    /// A level factor beyond this (or below its inverse) is a shifted level.
+    pub shift_factor: f64,
+    /// Consecutive shifted observations that confirm a regime shift.
+    pub shift_confirm: u32,
 }
 
 impl Default for ModelParams {
@@ -126,7 +130,9 @@ impl Default for ModelParams {
             max_hour_samples: 240,
             level_window: 30,
             level_clamp: 8.0,
-            recent_window: 15,
+            recent_window: 5,
+            shift_factor: 1.3,
+            shift_confirm: 60,
         }
     }
 }
@@ -150,6 +156,12 @@ impl ModelParams {
         if !(self.level_clamp.is_finite() && self.level_clamp >= 1.0 && self.level_clamp <= 1000.0)
         {
             return Err(bad("level_clamp", self.level_clamp, "between 1 and 1000"));
+        }
+        if !(self.shift_factor.is_finite() && self.shift_factor > 1.0) {
+            return Err(bad("shift_factor", self.shift_factor, "a finite number above 1"));
+        }
+        if !(1..=100_000).contains(&self.shift_confirm) {
+            return Err(bad("shift_confirm", self.shift_confirm, "between 1 and 100000"));
         }
         for (name, v) in [
             ("week_visits", self.week_visits),
@@ -287,14 +299,6 @@ impl Bucket {
             samples: self.samples(),
         })
     }
-
-    fn scale(&mut self, factor: f64) {
-        for v in &mut self.visits {
-            v.p50 *= factor;
-            v.p95 *= factor;
-            v.max *= factor;
-        }
-    }
 }
 
 /// Samples of the hour in progress, decimated when the buffer is full.
@@ -368,6 +372,15 @@ pub struct MetricModel {
     pub recent: VecDeque<f64>,
     /// Last `observed / bucket p50` ratios, newest last.
     pub ratios: VecDeque<f64>,
+    /// The bucket level the ratios were measured against.
+    pub ratio_source: Option<Source>,
+    /// Consecutive observations with the level factor outside the shift band (while not in a
+    /// shift), or back inside the calm band (while in one).
+    pub shift_run: u32,
+    /// A confirmed regime shift is in progress.
+    pub in_shift: bool,
+    /// The next completed hour replaces the older visits of its buckets.
+    pub renew_next: bool,
 }
 
 impl MetricModel {
@@ -379,6 +392,10 @@ impl MetricModel {
             hour: None,
             recent: VecDeque::new(),
             ratios: VecDeque::new(),
+            ratio_source: None,
+            shift_run: 0,
+            in_shift: false,
+            renew_next: false,
         }
     }
 
@@ -392,7 +409,10 @@ impl MetricModel {
         ];
         for (source, bucket) in levels {
             if bucket.samples() >= min {
-                if let Some(e) = bucket.estimate(p.visit_decay) {
+                if let Some(mut e) = bucket.estimate(p.visit_decay) {
+                    if let Some(spread) = self.pooled_spread(ts) {
+                        e.p95 = e.p50 * (1.0 + spread);
+                    }
                     return Some((source, e));
                 }
             }
@@ -401,6 +421,25 @@ impl MetricModel {
         self.all
             .estimate(p.visit_decay)
             .map(|e| (Source::AllTime, e))
+    }
+
+    /// Median relative spread `(p95 - p50) / p50` over the visits of the hour-of-week and
+    /// hour-of-day buckets of `ts`; `None` when a visit has a zero median.
+    fn pooled_spread(&self, ts: u64) -> Option<f64> {
+        let week = &self.week[hour_of_week(ts)].visits;
+        let day = &self.day[hour_of_day(ts)].visits;
+        let mut spreads = Vec::with_capacity(week.len() + day.len());
+        for v in week.iter().chain(day.iter().filter(|d| !week.iter().any(|w| w.hour == d.hour))) {
+            if v.p50 <= 0.0 {
+                return None;
+            }
+            spreads.push((v.p95 - v.p50) / v.p50);
+        }
+        if spreads.is_empty() {
+            return None;
+        }
+        spreads.sort_by(f64::total_cmp);
+        Some(quantile_sorted(&spreads, 0.5))
     }
 
     fn level_factor(&self, p: &ModelParams) -> f64 {
@@ -441,9 +480,24 @@ impl MetricModel {
     }
 
     fn observe(&mut self, ts: u64, v: f64, p: &ModelParams) {
-        if let Some((_, e)) = self.base(ts, p) {
+        if let Some((source, e)) = self.base(ts, p) {
+            // Ratios against different bucket levels are not comparable: start over.
+            if self.ratio_source.replace(source) != Some(source) {
+                self.ratios.clear();
+                self.shift_run = 0;
+            }
             if e.p50 > 0.0 {
                 push_bounded(&mut self.ratios, v / e.p50, p.level_window);
+            }
+            // Hysteresis: a shift starts outside [1/f, f] and ends only back inside
+            // [1/sqrt(f), sqrt(f)], so a factor hovering near the edge is one shift, not many.
+            let f = self.level_factor(p).ln().abs();
+            let limit = p.shift_factor.ln();
+            let counts = if self.in_shift { f < limit / 2.0 } else { f > limit };
+            self.shift_run = if counts { self.shift_run.saturating_add(1) } else { 0 };
+            if self.shift_run >= p.shift_confirm {
+                self.in_shift = !self.in_shift;
+                self.shift_run = 0;
             }
         }
         push_bounded(&mut self.recent, v, p.recent_window);
@@ -452,10 +506,22 @@ impl MetricModel {
         if self.hour.as_ref().is_some_and(|h| h.hour != hour) {
             // Any change of hour (forward, or backward after a clock step) closes the visit.
             if let Some(visit) = self.hour.take().and_then(|h| h.summary()) {
+                // During a confirmed shift (or after a coverage drop) the hour just seen
+                // describes the current regime better than anything its buckets remember.
+                let renew = self.renew_next || self.in_shift;
+                self.renew_next = false;
                 let ts_visit = visit.hour * HOUR_MS;
-                self.week[hour_of_week(ts_visit)].push(visit, p.week_visits);
-                self.day[hour_of_day(ts_visit)].push(visit, p.day_visits);
-                self.all.push(visit, p.all_visits);
+                let buckets = [
+                    (&mut self.week[hour_of_week(ts_visit)], p.week_visits),
+                    (&mut self.day[hour_of_day(ts_visit)], p.day_visits),
+                    (&mut self.all, p.all_visits),
+                ];
+                for (bucket, cap) in buckets {
+                    if renew {
+                        bucket.visits.clear();
+                    }
+                    bucket.push(visit, cap);
+                }
             }
         }
         self.hour
@@ -463,18 +529,8 @@ impl MetricModel {
             .push(v, p.max_hour_samples);
     }
 
-    fn rebase(&mut self, p: &ModelParams) -> f64 {
-        let s = self.level_factor(p);
-        for b in self
-            .week
-            .iter_mut()
-            .chain(self.day.iter_mut())
-            .chain(std::iter::once(&mut self.all))
-        {
-            b.scale(s);
-        }
-        self.ratios.clear();
-        s
+    fn shifted(&self, p: &ModelParams) -> Option<f64> {
+        self.in_shift.then(|| self.level_factor(p))
     }
 
     fn validate(&self, p: &ModelParams) -> Result<(), String> {
@@ -611,11 +667,16 @@ impl Model {
         })
     }
 
-    /// Re-anchors `metric` after a detected regime shift: all remembered visits are multiplied by
-    /// the current level factor, which then restarts at 1. Returns the factor applied.
-    pub fn rebase(&mut self, metric: Metric) -> f64 {
-        let p = &self.params;
-        self.metrics.get_mut(metric).rebase(p)
+    /// `Some(level factor)` while `metric` runs in a confirmed regime shift: the level factor
+    /// has stayed outside `[1/shift_factor, shift_factor]` for `shift_confirm` observations.
+    pub fn level_shift(&self, metric: Metric) -> Option<f64> {
+        self.metrics.get(metric).shifted(&self.params)
+    }
+
+    /// Makes the buckets of the hour in progress forget their older visits when it completes
+    /// (used after a coverage drop: whatever those buckets remember no longer fits).
+    pub fn renew_current(&mut self, metric: Metric) {
+        self.metrics.get_mut(metric).renew_next = true;
     }
 }
 

@@ -323,6 +323,8 @@ impl Predictor for StaticPeak {
 pub struct ReplayResult {
     /// The predictor's name.
     pub predictor: String,
+    /// How many observations ahead each prediction was made.
+    pub horizon: usize,
     /// Accuracy over the whole trace.
     pub report: AccuracyReport,
     /// After the shift: samples until the coverage of the next [`ADAPT_WINDOW`] samples is back
@@ -332,6 +334,9 @@ pub struct ReplayResult {
     /// After the shift: samples until the mean waste of the next [`ADAPT_WINDOW`] samples is at
     /// or below [`WASTE_TARGET`] (with coverage at target too). Same conventions.
     pub adapt_waste: Option<Option<usize>>,
+    /// Under-predicted (observation, metric) pairs in the [`ADAPT_WINDOW`] observations after
+    /// the shift; `None` if the trace has no shift.
+    pub shift_misses: Option<u32>,
 }
 
 impl ReplayResult {
@@ -341,19 +346,34 @@ impl ReplayResult {
     }
 }
 
-/// Replays `trace` through `predictor`: each observation is predicted first, then learned.
-pub fn replay(trace: &Trace, predictor: &mut dyn Predictor) -> ReplayResult {
+/// Replays `trace` through `predictor`. The prediction for each observation is made
+/// `horizon` observations ahead: before the predictor has learned the observation `horizon`
+/// places earlier (`horizon = 0`: just before learning the observation itself). Observations
+/// whose prediction would precede the trace are scored against an empty prediction.
+pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, horizon: usize) -> ReplayResult {
+    let obs = &trace.observations;
     let mut tracker = AccuracyTracker::new();
+    let mut pending: VecDeque<Prediction> = VecDeque::with_capacity(horizon + 1);
     // Per sample: metrics covered, and waste summed over covered metrics.
-    let mut per_sample: Vec<(u32, f64)> = Vec::with_capacity(trace.observations.len());
-    for obs in &trace.observations {
-        let p = predictor.predict(obs.ts_unix_ms);
-        tracker.record(&p, obs);
+    let mut per_sample: Vec<(u32, f64)> = Vec::with_capacity(obs.len());
+    for (i, o) in obs.iter().enumerate() {
+        if i == 0 {
+            for early in obs.iter().take(horizon) {
+                pending.push_back(empty_prediction(early.ts_unix_ms));
+            }
+        }
+        if let Some(target) = obs.get(i + horizon) {
+            pending.push_back(predictor.predict(target.ts_unix_ms));
+        }
+        let p = pending
+            .pop_front()
+            .unwrap_or_else(|| empty_prediction(o.ts_unix_ms));
+        tracker.record(&p, o);
         let mut covered = 0;
         let mut waste = 0.0;
         for m in Metric::ALL {
             let limit = p.envelopes.get(m).limit;
-            let v = obs.value(m);
+            let v = o.value(m);
             if v <= limit {
                 covered += 1;
                 if limit > 0.0 {
@@ -362,19 +382,29 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor) -> ReplayResult {
             }
         }
         per_sample.push((covered, waste));
-        predictor.observe(obs);
+        predictor.observe(o);
     }
     tracker.record_drift(predictor.drift_events());
-    let adapt = |need_waste: bool| {
-        trace
-            .shift_index
-            .map(|s| samples_to_adapt(&per_sample[s.min(per_sample.len())..], need_waste))
-    };
+    let after_shift = trace.shift_index.map(|s| &per_sample[s.min(per_sample.len())..]);
     ReplayResult {
         predictor: predictor.name().to_string(),
+        horizon,
         report: tracker.report(),
-        adapt_coverage: adapt(false),
-        adapt_waste: adapt(true),
+        adapt_coverage: after_shift.map(|a| samples_to_adapt(a, false)),
+        adapt_waste: after_shift.map(|a| samples_to_adapt(a, true)),
+        shift_misses: after_shift.map(|a| {
+            a.iter()
+                .take(ADAPT_WINDOW)
+                .map(|(covered, _)| Metric::ALL.len() as u32 - covered)
+                .sum()
+        }),
+    }
+}
+
+fn empty_prediction(ts_unix_ms: u64) -> Prediction {
+    Prediction {
+        ts_unix_ms,
+        envelopes: PerMetric::from_fn(|_| Envelope::EMPTY),
     }
 }
 
