@@ -162,7 +162,14 @@ fn run_trace(trace: &Trace, params: &LearnerParams, horizon: usize) -> TraceOutc
     );
     println!(
         "{:<12} {:>8} {:>8} {:>8} {:>6} {:>10} {:>12} {:>11}",
-        "predictor", "coverage", "under", "waste", "drift", "adapt(cov)", "adapt(waste)", "shift-miss"
+        "predictor",
+        "coverage",
+        "under",
+        "waste",
+        "drift",
+        "adapt(cov)",
+        "adapt(waste)",
+        "shift-miss"
     );
     for r in &results {
         println!(
@@ -182,10 +189,17 @@ fn run_trace(trace: &Trace, params: &LearnerParams, horizon: usize) -> TraceOutc
         .iter()
         .map(|m| {
             let a = model.report.metrics.get(*m);
-            format!("{m} {:.1}%/{:.1}%", a.coverage * 100.0, a.mean_waste * 100.0)
+            format!(
+                "{m} {:.1}%/{:.1}%",
+                a.coverage * 100.0,
+                a.mean_waste * 100.0
+            )
         })
         .collect();
-    println!("  model per metric (coverage/waste): {}", per_metric.join(", "));
+    println!(
+        "  model per metric (coverage/waste): {}",
+        per_metric.join(", ")
+    );
 
     let meets = model.meets_targets();
     let verdicts: Vec<Verdict> = results[1..].iter().map(|b| compare(model, b)).collect();
@@ -264,7 +278,9 @@ fn at_target(trace: &Trace, params: &LearnerParams, horizon: usize, k: usize) ->
 }
 
 fn compare_at_target(trace: &Trace, params: &LearnerParams, horizon: usize) -> AtTargetOutcome {
-    let all: Vec<AtTarget> = (0..3).map(|k| at_target(trace, params, horizon, k)).collect();
+    let all: Vec<AtTarget> = (0..3)
+        .map(|k| at_target(trace, params, horizon, k))
+        .collect();
     let model_waste = all[0].mean_waste;
     let model_least_waste = model_waste.is_some_and(|mw| {
         all[1..]
@@ -314,13 +330,19 @@ fn main() {
         .map(|s| synthetic::generate(&TraceSpec::bench(*s, SEED)))
         .collect();
 
-    println!("### 1. one-step, headroom {:.2} for every predictor", params.model.headroom);
+    println!(
+        "### 1. one-step, headroom {:.2} for every predictor",
+        params.model.headroom
+    );
     let one_step: Vec<TraceOutcome> = traces.iter().map(|t| run_trace(t, &params, 0)).collect();
     println!(
         "\n### 2. {AHEAD} samples (1 hour) ahead, headroom {:.2} for every predictor",
         params.model.headroom
     );
-    let ahead: Vec<TraceOutcome> = traces.iter().map(|t| run_trace(t, &params, AHEAD)).collect();
+    let ahead: Vec<TraceOutcome> = traces
+        .iter()
+        .map(|t| run_trace(t, &params, AHEAD))
+        .collect();
     println!(
         "\n### 3. waste at {:.0}% coverage: each predictor at the smallest headroom reaching it",
         COVERAGE_TARGET * 100.0

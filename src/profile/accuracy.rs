@@ -136,3 +136,80 @@ impl AccuracyTracker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::profile::model::{Envelope, Source};
+
+    fn prediction(limit: f64) -> Prediction {
+        let e = Envelope {
+            p50: limit / 2.0,
+            p95: limit,
+            limit,
+            source: Source::HourOfWeek,
+        };
+        Prediction {
+            ts_unix_ms: 0,
+            envelopes: PerMetric::from_fn(|_| e),
+        }
+    }
+
+    fn observation(cpu: f64) -> Observation {
+        Observation {
+            ts_unix_ms: 0,
+            cpu_cores: cpu,
+            mem_bytes: 0,
+            disk_bytes_per_s: 0.0,
+            net_bytes_per_s: 0.0,
+            config: BTreeMap::new(),
+            peers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn hand_computed_figures() {
+        let mut t = AccuracyTracker::new();
+        // limit 10: observed 5 (waste 0.5), 10 (waste 0, on the limit counts as covered),
+        // 12 (under, shortfall 2/12), 8 (waste 0.2).
+        for cpu in [5.0, 10.0, 12.0, 8.0] {
+            t.record(&prediction(10.0), &observation(cpu));
+        }
+        t.record_drift(2);
+        let r = t.report();
+        let cpu = &r.metrics.cpu;
+        assert_eq!((cpu.samples, cpu.covered, cpu.under_predicted), (4, 3, 1));
+        assert!((cpu.coverage - 0.75).abs() < 1e-12);
+        assert!((cpu.under_rate - 0.25).abs() < 1e-12);
+        assert!((cpu.mean_waste - 0.7 / 3.0).abs() < 1e-12);
+        assert!((cpu.mean_shortfall - 2.0 / 12.0).abs() < 1e-12);
+        // Other metrics observed 0 under a limit of 10: all covered, waste 1.
+        assert_eq!(r.metrics.mem.coverage, 1.0);
+        assert!((r.metrics.mem.mean_waste - 1.0).abs() < 1e-12);
+        assert!((r.coverage - (0.75 + 3.0) / 4.0).abs() < 1e-12);
+        assert_eq!(r.samples, 4);
+        assert_eq!(r.drift_events, 2);
+    }
+
+    #[test]
+    fn zero_limit_and_zero_usage_is_covered_without_waste() {
+        let mut t = AccuracyTracker::new();
+        t.record(&prediction(0.0), &observation(0.0));
+        t.record(&prediction(0.0), &observation(1.0));
+        let cpu = t.report().metrics.cpu;
+        assert_eq!((cpu.covered, cpu.under_predicted), (1, 1));
+        assert_eq!(cpu.mean_waste, 0.0);
+        assert_eq!(cpu.mean_shortfall, 1.0);
+    }
+
+    #[test]
+    fn empty_report_and_json() {
+        let r = AccuracyTracker::new().report();
+        assert_eq!(r.samples, 0);
+        assert_eq!(r.coverage, 1.0);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["metrics"]["cpu"]["under_rate"], 0.0);
+    }
+}

@@ -69,7 +69,11 @@ impl DriftParams {
             expected,
         };
         if !(2..=100_000).contains(&self.window) {
-            return Err(bad("window", self.window.to_string(), "between 2 and 100000"));
+            return Err(bad(
+                "window",
+                self.window.to_string(),
+                "between 2 and 100000",
+            ));
         }
         if !(self.coverage_threshold.is_finite() && (0.0..=1.0).contains(&self.coverage_threshold))
         {
@@ -277,4 +281,147 @@ pub fn check_config(
         },
         detail,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::model::Envelope;
+
+    fn prediction(limit: f64, source: Source) -> Prediction {
+        let e = Envelope {
+            p50: limit,
+            p95: limit,
+            limit,
+            source,
+        };
+        Prediction {
+            ts_unix_ms: 0,
+            envelopes: PerMetric::from_fn(|_| e),
+        }
+    }
+
+    fn observation(v: f64) -> Observation {
+        Observation {
+            ts_unix_ms: 0,
+            cpu_cores: v,
+            mem_bytes: 0,
+            disk_bytes_per_s: 0.0,
+            net_bytes_per_s: 0.0,
+            config: BTreeMap::new(),
+            peers: Vec::new(),
+        }
+    }
+
+    fn detector(window: usize) -> DriftDetector {
+        DriftDetector::new(DriftParams {
+            window,
+            coverage_threshold: 0.8,
+            warmup_observations: 0,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn sustained_coverage_drop_is_reported_once_per_window() {
+        let mut d = detector(10);
+        let p = prediction(1.0, Source::HourOfWeek);
+        let mut events = Vec::new();
+        // 7 covered, then misses: the window of 10 falls below 80% at the 3rd miss.
+        for v in [0.5; 7].into_iter().chain([2.0; 13]) {
+            events.extend(d.check_resources(&p, &observation(v), |_| None, 100));
+        }
+        let drops: Vec<_> = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    DriftKind::CoverageDrop {
+                        metric: Metric::Cpu,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        // One when the first window fails, one for the next full window of misses.
+        assert_eq!(drops.len(), 2, "{events:?}");
+        assert!(drops[0].detail.contains("cpu"), "{}", drops[0].detail);
+        // Memory (0 under a limit of 1) never drifted.
+        assert!(events.iter().all(|e| e.kind.metric() == Some(Metric::Cpu)));
+    }
+
+    #[test]
+    fn no_resource_drift_during_warmup_or_without_a_seasonal_prediction() {
+        let mut d = DriftDetector::new(DriftParams {
+            window: 5,
+            coverage_threshold: 0.8,
+            warmup_observations: 50,
+        })
+        .unwrap();
+        let p = prediction(1.0, Source::HourOfWeek);
+        for i in 0..20 {
+            assert!(d
+                .check_resources(&p, &observation(5.0), |_| Some(5.0), i)
+                .is_empty());
+        }
+        let recent = prediction(1.0, Source::Recent);
+        for _ in 0..20 {
+            assert!(d
+                .check_resources(&recent, &observation(5.0), |_| None, 100)
+                .is_empty());
+        }
+    }
+
+    #[test]
+    fn level_shift_is_reported_when_confirmed_then_not_again() {
+        let mut d = detector(1000);
+        let p = prediction(10.0, Source::HourOfDay);
+        let mut shift = None;
+        let mut events = Vec::new();
+        for i in 0..30 {
+            if i == 10 {
+                shift = Some(2.0);
+            }
+            events.extend(d.check_resources(&p, &observation(1.0), |_| shift, 100));
+        }
+        let shifts: Vec<_> = events
+            .iter()
+            .filter(|e| matches!(e.kind, DriftKind::LevelShift { factor, .. } if factor == 2.0))
+            .collect();
+        // Once per metric.
+        assert_eq!(shifts.len(), 4, "{events:?}");
+    }
+
+    #[test]
+    fn config_change_lists_added_removed_and_changed_items() {
+        let expected: BTreeMap<String, String> =
+            [("a".into(), "1".into()), ("b".into(), "2".into())].into();
+        assert!(check_config(&expected, &expected).is_none());
+        let observed: BTreeMap<String, String> =
+            [("a".into(), "9".into()), ("c".into(), "3".into())].into();
+        let e = check_config(&expected, &observed).unwrap();
+        assert_eq!(
+            e.kind,
+            DriftKind::ConfigChange {
+                added: vec!["c".into()],
+                removed: vec!["b".into()],
+                changed: vec!["a".into()],
+            }
+        );
+        assert!(e.detail.contains("changed [a]"), "{}", e.detail);
+    }
+
+    #[test]
+    fn invalid_parameters_are_rejected() {
+        let bad = DriftParams {
+            coverage_threshold: 1.5,
+            ..DriftParams::default()
+        };
+        assert!(DriftDetector::new(bad).is_err());
+        let bad = DriftParams {
+            window: 1,
+            ..DriftParams::default()
+        };
+        assert!(DriftDetector::new(bad).is_err());
+    }
 }

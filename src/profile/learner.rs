@@ -278,7 +278,10 @@ impl Learner {
 /// The configuration with oversized entries dropped and at most [`MAX_CONFIG_ITEMS`] items.
 fn bounded_config(config: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     if config.len() > MAX_CONFIG_ITEMS {
-        tracing::warn!(items = config.len(), "configuration truncated to {MAX_CONFIG_ITEMS} items");
+        tracing::warn!(
+            items = config.len(),
+            "configuration truncated to {MAX_CONFIG_ITEMS} items"
+        );
     }
     config
         .iter()
@@ -303,5 +306,202 @@ impl Predictor for Learner {
 
     fn drift_events(&self) -> u64 {
         self.accuracy.report().drift_events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::model::HOUR_MS;
+    use crate::profile::synthetic::TRACE_START_UNIX_MS;
+    use crate::profile::Metric;
+
+    const MIN: u64 = 60_000;
+
+    fn params(warmup: u64) -> LearnerParams {
+        LearnerParams {
+            drift: DriftParams {
+                warmup_observations: warmup,
+                ..DriftParams::default()
+            },
+            ..LearnerParams::default()
+        }
+    }
+
+    fn peer(addr: &str, port: u16, bytes: u64) -> PeerUse {
+        PeerUse {
+            addr: addr.into(),
+            port,
+            proto: Proto::Tcp,
+            bytes,
+        }
+    }
+
+    fn obs(i: u64, cpu: f64, config: &[(&str, &str)], peers: Vec<PeerUse>) -> Observation {
+        Observation {
+            ts_unix_ms: TRACE_START_UNIX_MS + i * MIN,
+            cpu_cores: cpu,
+            mem_bytes: 1 << 30,
+            disk_bytes_per_s: 1e6,
+            net_bytes_per_s: 1e6,
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            peers,
+        }
+    }
+
+    #[test]
+    fn new_dependency_is_drift_after_warmup_only() {
+        let mut l = Learner::new(params(10)).unwrap();
+        // During the warm-up every endpoint is simply learned.
+        for i in 0..10 {
+            let events = l.observe(&obs(i, 1.0, &[], vec![peer("10.0.0.5", 5432, 100)]));
+            assert!(events.is_empty(), "{events:?}");
+        }
+        let events = l.observe(&obs(
+            10,
+            1.0,
+            &[],
+            vec![peer("10.0.0.5", 5432, 100), peer("fd00::7", 443, 5)],
+        ));
+        assert_eq!(
+            events.iter().map(|e| &e.kind).collect::<Vec<_>>(),
+            vec![&DriftKind::NewDependency {
+                key: "tcp://[fd00::7]:443".into()
+            }]
+        );
+        // Known now: no second event.
+        assert!(l
+            .observe(&obs(11, 1.0, &[], vec![peer("fd00::7", 443, 5)]))
+            .is_empty());
+        let d = &l.profile().dependencies["tcp://10.0.0.5:5432"];
+        assert_eq!((d.count, d.bytes), (11, 1100));
+        assert_eq!(d.first_seen_unix_ms, TRACE_START_UNIX_MS);
+        assert_eq!(d.last_seen_unix_ms, TRACE_START_UNIX_MS + 10 * MIN);
+    }
+
+    #[test]
+    fn config_change_is_drift_and_becomes_expected() {
+        let mut l = Learner::new(params(0)).unwrap();
+        assert!(l
+            .observe(&obs(0, 1.0, &[("app.conf", "h1")], vec![]))
+            .is_empty());
+        // An empty map is "not collected", not "everything removed".
+        assert!(l.observe(&obs(1, 1.0, &[], vec![])).is_empty());
+        let events = l.observe(&obs(
+            2,
+            1.0,
+            &[("app.conf", "h2"), ("tls.pem", "h3")],
+            vec![],
+        ));
+        assert_eq!(events.len(), 1);
+        assert!(matches!(
+            &events[0].kind,
+            DriftKind::ConfigChange { added, changed, removed }
+                if added == &["tls.pem"] && changed == &["app.conf"] && removed.is_empty()
+        ));
+        assert_eq!(l.profile().expected_config["app.conf"], "h2");
+        assert!(l
+            .observe(&obs(
+                3,
+                1.0,
+                &[("app.conf", "h2"), ("tls.pem", "h3")],
+                vec![]
+            ))
+            .is_empty());
+    }
+
+    #[test]
+    fn level_shift_and_coverage_drop_are_detected_and_followed() {
+        let mut l = Learner::new(params(60)).unwrap();
+        let mut i = 0;
+        // Three steady hours at 1 core (alternating slightly so quantiles are not degenerate).
+        while i < 180 {
+            assert!(l
+                .observe(&obs(i, 1.0 + (i % 2) as f64 * 0.05, &[], vec![]))
+                .is_empty());
+            i += 1;
+        }
+        // Then the load quadruples and jitters widely: coverage drops and the level shifts.
+        let mut kinds = Vec::new();
+        while i < 360 {
+            let v = if i % 3 == 0 { 8.0 } else { 4.0 };
+            kinds.extend(
+                l.observe(&obs(i, v, &[], vec![]))
+                    .into_iter()
+                    .map(|e| e.kind),
+            );
+            i += 1;
+        }
+        assert!(
+            kinds.iter().any(|k| matches!(
+                k,
+                DriftKind::LevelShift {
+                    metric: Metric::Cpu,
+                    ..
+                }
+            )),
+            "{kinds:?}"
+        );
+        assert!(
+            kinds.iter().any(|k| matches!(
+                k,
+                DriftKind::CoverageDrop {
+                    metric: Metric::Cpu,
+                    ..
+                }
+            )),
+            "{kinds:?}"
+        );
+        // Nothing else moved.
+        assert!(
+            kinds.iter().all(|k| k.metric() == Some(Metric::Cpu)),
+            "{kinds:?}"
+        );
+        // The model followed: the next hour is predicted at the new level.
+        let e = l
+            .predict(TRACE_START_UNIX_MS + i * MIN + HOUR_MS)
+            .envelopes
+            .cpu;
+        assert!(e.limit >= 8.0, "{e:?}");
+        assert_eq!(l.accuracy().drift_events, kinds.len() as u64);
+    }
+
+    #[test]
+    fn dependencies_age_out_and_are_bounded() {
+        let p = LearnerParams {
+            peer_max_age_days: 14,
+            max_dependencies: 2,
+            ..params(0)
+        };
+        let mut l = Learner::new(p).unwrap();
+        l.observe(&obs(0, 1.0, &[], vec![peer("10.0.0.1", 1, 1)]));
+        l.observe(&obs(1, 1.0, &[], vec![peer("10.0.0.2", 2, 1)]));
+        l.observe(&obs(
+            2,
+            1.0,
+            &[],
+            vec![peer("10.0.0.3", 3, 1), peer("bogus", 4, 1)],
+        ));
+        // Bounded: the least recently seen went; the invalid address was ignored.
+        let keys: Vec<_> = l.profile().dependencies.keys().cloned().collect();
+        assert_eq!(keys, vec!["tcp://10.0.0.2:2", "tcp://10.0.0.3:3"]);
+        // 10.0.0.3 keeps being seen; 10.0.0.2 is not seen for more than 14 days.
+        let later = 15 * 24 * 60;
+        l.observe(&obs(later, 1.0, &[], vec![peer("10.0.0.3", 3, 1)]));
+        let keys: Vec<_> = l.profile().dependencies.keys().cloned().collect();
+        assert_eq!(keys, vec!["tcp://10.0.0.3:3"]);
+    }
+
+    #[test]
+    fn invalid_parameters_are_rejected() {
+        let p = LearnerParams {
+            peer_max_age_days: 0,
+            ..LearnerParams::default()
+        };
+        let err = Learner::new(p).unwrap_err();
+        assert!(err.to_string().contains("peer_max_age_days"), "{err}");
     }
 }

@@ -16,6 +16,7 @@
 pub mod accuracy;
 pub mod apply;
 pub mod drift;
+pub mod layout;
 pub mod learner;
 pub mod model;
 pub mod repo;
@@ -57,9 +58,13 @@ pub struct Observation {
     pub peers: Vec<PeerUse>,
 }
 
+/// Largest value a metric reading may take (1e14: 100 TB of memory, 100 TB/s); larger readings
+/// are clamped.
+pub const MAX_VALUE: f64 = 1e14;
+
 impl Observation {
-    /// The value of one resource metric. Non-finite or negative readings count as 0 so a broken
-    /// collector cannot poison the model.
+    /// The value of one resource metric. Non-finite or negative readings count as 0 and huge ones
+    /// are clamped to [`MAX_VALUE`], so a broken collector cannot poison the model.
     pub fn value(&self, metric: Metric) -> f64 {
         let v = match metric {
             Metric::Cpu => self.cpu_cores,
@@ -68,7 +73,7 @@ impl Observation {
             Metric::Net => self.net_bytes_per_s,
         };
         if v.is_finite() && v > 0.0 {
-            v
+            v.min(MAX_VALUE)
         } else {
             0.0
         }

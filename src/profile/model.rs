@@ -158,10 +158,18 @@ impl ModelParams {
             return Err(bad("level_clamp", self.level_clamp, "between 1 and 1000"));
         }
         if !(self.shift_factor.is_finite() && self.shift_factor > 1.0) {
-            return Err(bad("shift_factor", self.shift_factor, "a finite number above 1"));
+            return Err(bad(
+                "shift_factor",
+                self.shift_factor,
+                "a finite number above 1",
+            ));
         }
         if !(1..=100_000).contains(&self.shift_confirm) {
-            return Err(bad("shift_confirm", self.shift_confirm, "between 1 and 100000"));
+            return Err(bad(
+                "shift_confirm",
+                self.shift_confirm,
+                "between 1 and 100000",
+            ));
         }
         for (name, v) in [
             ("week_visits", self.week_visits),
@@ -177,7 +185,7 @@ impl ModelParams {
             ("level_window", self.level_window),
             ("recent_window", self.recent_window),
         ] {
-            if v < 2 || v > MAX_WINDOW {
+            if !(2..=MAX_WINDOW).contains(&v) {
                 return Err(bad(name, v, "between 2 and 4096"));
             }
         }
@@ -325,7 +333,7 @@ impl HourBuffer {
     }
 
     fn push(&mut self, v: f64, cap: usize) {
-        if self.seen % self.stride == 0 {
+        if self.seen.is_multiple_of(self.stride) {
             self.samples.push(v);
             if self.samples.len() >= cap {
                 // Keep every other sample and halve the rate from now on: memory stays bounded
@@ -350,8 +358,8 @@ impl HourBuffer {
         Some(Visit {
             hour: self.hour,
             n: self.seen,
-            p50: quantile_sorted(&s, 0.5),
-            p95: quantile_sorted(&s, 0.95),
+            p50: exact(quantile_sorted(&s, 0.5)),
+            p95: exact(quantile_sorted(&s, 0.95)),
             max: s[s.len() - 1],
         })
     }
@@ -429,7 +437,10 @@ impl MetricModel {
         let week = &self.week[hour_of_week(ts)].visits;
         let day = &self.day[hour_of_day(ts)].visits;
         let mut spreads = Vec::with_capacity(week.len() + day.len());
-        for v in week.iter().chain(day.iter().filter(|d| !week.iter().any(|w| w.hour == d.hour))) {
+        for v in week.iter().chain(
+            day.iter()
+                .filter(|d| !week.iter().any(|w| w.hour == d.hour)),
+        ) {
             if v.p50 <= 0.0 {
                 return None;
             }
@@ -480,6 +491,7 @@ impl MetricModel {
     }
 
     fn observe(&mut self, ts: u64, v: f64, p: &ModelParams) {
+        let v = exact(v);
         if let Some((source, e)) = self.base(ts, p) {
             // Ratios against different bucket levels are not comparable: start over.
             if self.ratio_source.replace(source) != Some(source) {
@@ -487,14 +499,22 @@ impl MetricModel {
                 self.shift_run = 0;
             }
             if e.p50 > 0.0 {
-                push_bounded(&mut self.ratios, v / e.p50, p.level_window);
+                push_bounded(&mut self.ratios, exact(v / e.p50), p.level_window);
             }
             // Hysteresis: a shift starts outside [1/f, f] and ends only back inside
             // [1/sqrt(f), sqrt(f)], so a factor hovering near the edge is one shift, not many.
             let f = self.level_factor(p).ln().abs();
             let limit = p.shift_factor.ln();
-            let counts = if self.in_shift { f < limit / 2.0 } else { f > limit };
-            self.shift_run = if counts { self.shift_run.saturating_add(1) } else { 0 };
+            let counts = if self.in_shift {
+                f < limit / 2.0
+            } else {
+                f > limit
+            };
+            self.shift_run = if counts {
+                self.shift_run.saturating_add(1)
+            } else {
+                0
+            };
             if self.shift_run >= p.shift_confirm {
                 self.in_shift = !self.in_shift;
                 self.shift_run = 0;
@@ -549,11 +569,20 @@ impl MetricModel {
             .chain(std::iter::once((&self.all, p.all_visits)));
         for (b, cap) in rings {
             if b.visits.len() > cap {
-                return Err(format!("bucket holds {} visits, limit {cap}", b.visits.len()));
+                return Err(format!(
+                    "bucket holds {} visits, limit {cap}",
+                    b.visits.len()
+                ));
             }
             for v in &b.visits {
-                if ![v.p50, v.p95, v.max].iter().all(|x| x.is_finite() && *x >= 0.0) {
-                    return Err(format!("visit of hour {} has a non-finite or negative value", v.hour));
+                if ![v.p50, v.p95, v.max]
+                    .iter()
+                    .all(|x| x.is_finite() && *x >= 0.0)
+                {
+                    return Err(format!(
+                        "visit of hour {} has a non-finite or negative value",
+                        v.hour
+                    ));
                 }
             }
         }
@@ -566,7 +595,10 @@ impl MetricModel {
             }
         }
         let finite = |x: &f64| x.is_finite() && *x >= 0.0;
-        let hour_ok = self.hour.as_ref().is_none_or(|h| h.samples.iter().all(finite));
+        let hour_ok = self
+            .hour
+            .as_ref()
+            .is_none_or(|h| h.samples.iter().all(finite));
         if !(self.recent.iter().all(finite) && self.ratios.iter().all(finite) && hour_ok) {
             return Err("non-finite or negative sample".into());
         }
@@ -611,8 +643,16 @@ impl TryFrom<ModelRepr> for Model {
 
 impl Model {
     /// An empty model.
-    pub fn new(params: ModelParams) -> Result<Self, ModelError> {
+    pub fn new(mut params: ModelParams) -> Result<Self, ModelError> {
         params.validate()?;
+        for x in [
+            &mut params.headroom,
+            &mut params.visit_decay,
+            &mut params.level_clamp,
+            &mut params.shift_factor,
+        ] {
+            *x = exact(*x);
+        }
         Ok(Model {
             params,
             metrics: PerMetric::from_fn(|_| MetricModel::new()),
@@ -645,7 +685,9 @@ impl Model {
     pub fn predict(&self, ts_unix_ms: u64) -> Prediction {
         Prediction {
             ts_unix_ms,
-            envelopes: PerMetric::from_fn(|m| self.metrics.get(m).predict(ts_unix_ms, &self.params)),
+            envelopes: PerMetric::from_fn(|m| {
+                self.metrics.get(m).predict(ts_unix_ms, &self.params)
+            }),
         }
     }
 
@@ -693,6 +735,18 @@ pub fn hour_of_day(ts_unix_ms: u64) -> usize {
     ((ts_unix_ms / HOUR_MS) % 24) as usize
 }
 
+/// Rounds a value to 15 significant digits (and magnitudes below 1e-7 to 0) so that it survives
+/// a JSON round trip bit for bit. serde_json's default float parser is only exact for decimals
+/// whose digits fit in 53 bits with at most 22 decimal places; profile versions are compared for
+/// equality (rollback, idempotent pushes, sync conflicts), so every float the model stores goes
+/// through here. Inputs are bounded by [`super::MAX_VALUE`].
+pub(crate) fn exact(x: f64) -> f64 {
+    if !x.is_finite() || x.abs() < 1e-7 {
+        return 0.0;
+    }
+    format!("{x:.14e}").parse().unwrap_or(0.0)
+}
+
 /// Quantile `q` of an ascending, non-empty slice, linearly interpolated.
 pub(crate) fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     debug_assert!(!sorted.is_empty());
@@ -708,4 +762,246 @@ fn push_bounded(q: &mut VecDeque<f64>, v: f64, cap: usize) {
         q.pop_front();
     }
     q.push_back(v);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::profile::synthetic::{self, Shape, TraceSpec, TRACE_START_UNIX_MS};
+    use crate::profile::{Learner, LearnerParams};
+
+    const MIN: u64 = 60_000;
+
+    fn obs(ts: u64, cpu: f64) -> Observation {
+        Observation {
+            ts_unix_ms: ts,
+            cpu_cores: cpu,
+            mem_bytes: 1 << 30,
+            disk_bytes_per_s: 1e6,
+            net_bytes_per_s: 1e6,
+            config: BTreeMap::new(),
+            peers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn hour_of_week_starts_monday_midnight_utc() {
+        // TRACE_START_UNIX_MS is Monday 2024-01-01 00:00 UTC.
+        assert_eq!(hour_of_week(TRACE_START_UNIX_MS), 0);
+        assert_eq!(
+            hour_of_week(TRACE_START_UNIX_MS + 9 * HOUR_MS + 59 * MIN),
+            9
+        );
+        assert_eq!(
+            hour_of_week(TRACE_START_UNIX_MS + 6 * DAY_MS + 23 * HOUR_MS),
+            167
+        );
+        assert_eq!(hour_of_week(TRACE_START_UNIX_MS + 7 * DAY_MS), 0);
+        assert_eq!(
+            hour_of_day(TRACE_START_UNIX_MS + 3 * DAY_MS + 5 * HOUR_MS),
+            5
+        );
+    }
+
+    #[test]
+    fn learns_the_daily_cycle_of_a_synthetic_trace() {
+        let trace = synthetic::generate(&TraceSpec {
+            shape: Shape::Diurnal,
+            days: 4,
+            step_ms: MIN,
+            seed: 7,
+        });
+        let mut learner = Learner::new(LearnerParams::default()).unwrap();
+        let result = synthetic::replay(&trace, &mut learner, 0);
+        assert!(result.report.coverage >= 0.90, "{:?}", result.report);
+        assert!(
+            result.report.metrics.cpu.coverage >= 0.90,
+            "{:?}",
+            result.report
+        );
+        // Not covering by over-provisioning everything.
+        assert!(result.report.mean_waste <= 0.30, "{:?}", result.report);
+
+        // The cycle itself was learned: 15:00 (peak) needs far more than 03:00 (trough),
+        // looking a day ahead, from the hour-of-day buckets.
+        let day5 = TRACE_START_UNIX_MS + 4 * DAY_MS;
+        let peak = learner
+            .predict(day5 + 15 * HOUR_MS + 30 * MIN)
+            .envelopes
+            .cpu;
+        let trough = learner.predict(day5 + 3 * HOUR_MS + 30 * MIN).envelopes.cpu;
+        assert_eq!(peak.source, Source::HourOfDay);
+        assert!(
+            peak.p50 > 2.5 * trough.p50,
+            "peak {peak:?} trough {trough:?}"
+        );
+        // The synthetic peak is 2 cores x 1.6 = 3.2.
+        assert!((2.8..3.6).contains(&peak.p50), "{peak:?}");
+    }
+
+    #[test]
+    fn falls_back_from_hour_of_week_to_hour_of_day_to_all_time() {
+        let mut m = Model::new(ModelParams::default()).unwrap();
+        let monday10 = TRACE_START_UNIX_MS + 10 * HOUR_MS;
+        for i in 0..60 {
+            m.observe(&obs(monday10 + i * MIN, 1.0));
+        }
+        // Closes the 10:00 hour.
+        m.observe(&obs(monday10 + HOUR_MS, 1.0));
+
+        let next_week = monday10 + 7 * DAY_MS + 30 * MIN;
+        assert_eq!(
+            m.predict(next_week).envelopes.cpu.source,
+            Source::HourOfWeek
+        );
+        let tuesday10 = monday10 + DAY_MS + 30 * MIN;
+        assert_eq!(m.predict(tuesday10).envelopes.cpu.source, Source::HourOfDay);
+        let tuesday12 = monday10 + DAY_MS + 2 * HOUR_MS;
+        assert_eq!(m.predict(tuesday12).envelopes.cpu.source, Source::AllTime);
+    }
+
+    #[test]
+    fn a_bucket_below_min_samples_defers_to_the_next_level() {
+        let params = ModelParams {
+            min_samples_per_bucket: 30,
+            ..ModelParams::default()
+        };
+        let mut m = Model::new(params).unwrap();
+        let monday = TRACE_START_UNIX_MS;
+        // Tuesday 10:00: a full hour at 4 cores.
+        for i in 0..60 {
+            m.observe(&obs(monday + DAY_MS + 10 * HOUR_MS + i * MIN, 4.0));
+        }
+        // Wednesday 10:00: only 10 samples at 1 core, closed by a sample at 11:00.
+        for i in 0..10 {
+            m.observe(&obs(monday + 2 * DAY_MS + 10 * HOUR_MS + i * MIN, 1.0));
+        }
+        m.observe(&obs(monday + 2 * DAY_MS + 11 * HOUR_MS, 1.0));
+        // Next Wednesday 10:00: its hour-of-week bucket has 10 < 30 samples; the hour-of-day
+        // bucket has 70, so it answers.
+        let p = m.predict(monday + 9 * DAY_MS + 10 * HOUR_MS).envelopes.cpu;
+        assert_eq!(p.source, Source::HourOfDay);
+    }
+
+    #[test]
+    fn empty_model_predicts_nothing_then_the_recent_window() {
+        let mut m = Model::new(ModelParams::default()).unwrap();
+        let t = TRACE_START_UNIX_MS;
+        assert_eq!(m.predict(t).envelopes.cpu, Envelope::EMPTY);
+        for i in 0..5 {
+            m.observe(&obs(t + i * MIN, 2.0));
+        }
+        let e = m.predict(t + 5 * MIN).envelopes.cpu;
+        assert_eq!(e.source, Source::Recent);
+        assert!((e.limit - 2.2).abs() < 1e-9, "{e:?}");
+    }
+
+    #[test]
+    fn level_factor_follows_a_step_and_the_shift_renews_buckets() {
+        let mut m = Model::new(ModelParams::default()).unwrap();
+        let t0 = TRACE_START_UNIX_MS;
+        // Two days at 1 core, then 3 cores from day 2 onwards.
+        for i in 0..(2 * 24 * 60) {
+            m.observe(&obs(t0 + i * MIN, 1.0));
+        }
+        assert_eq!(m.level_factor(Metric::Cpu), 1.0);
+        let t1 = t0 + 2 * DAY_MS;
+        for i in 0..(3 * 60) {
+            m.observe(&obs(t1 + i * MIN, 3.0));
+        }
+        assert!((m.level_factor(Metric::Cpu) - 3.0).abs() < 1e-9);
+        assert!(m.level_shift(Metric::Cpu).is_some());
+        // Predictions already follow the new level...
+        let e = m.predict(t1 + 3 * HOUR_MS).envelopes.cpu;
+        assert!(e.p50 > 2.9 && e.limit >= 3.0, "{e:?}");
+        // ...and the hours completed during the shift replaced their buckets' history.
+        let day = &m.metrics.cpu.day[hour_of_day(t1 + HOUR_MS)];
+        assert_eq!(day.visits.len(), 1);
+        assert_eq!(day.visits[0].p50, 3.0);
+    }
+
+    #[test]
+    fn hour_buffer_stays_bounded_at_any_sampling_rate() {
+        let params = ModelParams {
+            max_hour_samples: 64,
+            ..ModelParams::default()
+        };
+        let mut m = Model::new(params).unwrap();
+        let t = TRACE_START_UNIX_MS;
+        for i in 0..10_000u64 {
+            m.observe(&obs(t + i * 300, (i % 100) as f64));
+        }
+        let hour = m.metrics.cpu.hour.as_ref().unwrap();
+        assert!(hour.samples.len() < 64);
+        assert_eq!(hour.seen, 10_000);
+        // Decimation kept the spread of the values.
+        let v = hour.summary().unwrap();
+        assert!(v.p50 > 30.0 && v.p50 < 70.0 && v.p95 > 85.0, "{v:?}");
+    }
+
+    #[test]
+    fn snapshot_round_trips_bit_for_bit() {
+        let trace = synthetic::generate(&TraceSpec {
+            shape: Shape::Spiky,
+            days: 2,
+            step_ms: MIN,
+            seed: 11,
+        });
+        let mut m = Model::new(ModelParams::default()).unwrap();
+        for o in &trace.observations {
+            m.observe(o);
+        }
+        let json = serde_json::to_string(&m).unwrap();
+        let back: Model = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(serde_json::to_string(&back).unwrap(), json);
+    }
+
+    #[test]
+    fn inconsistent_snapshots_are_rejected() {
+        let m = Model::new(ModelParams::default()).unwrap();
+        let mut v = serde_json::to_value(&m).unwrap();
+        v["metrics"]["cpu"]["week"] = serde_json::json!([]);
+        let err = serde_json::from_value::<Model>(v).unwrap_err();
+        assert!(err.to_string().contains("hour-of-week"), "{err}");
+
+        let mut v = serde_json::to_value(&m).unwrap();
+        v["params"]["headroom"] = serde_json::json!(-1.0);
+        assert!(serde_json::from_value::<Model>(v).is_err());
+
+        let mut v = serde_json::to_value(&m).unwrap();
+        v["metrics"]["mem"]["recent"] = serde_json::json!(vec![1.0; 100]);
+        assert!(serde_json::from_value::<Model>(v).is_err());
+    }
+
+    #[test]
+    fn invalid_parameters_are_named() {
+        let p = ModelParams {
+            visit_decay: 0.0,
+            ..ModelParams::default()
+        };
+        let err = Model::new(p).unwrap_err();
+        assert!(err.to_string().contains("visit_decay"), "{err}");
+    }
+
+    #[test]
+    fn exact_values_survive_json() {
+        for x in [
+            0.1,
+            1.0 / 3.0,
+            2.883741173632207e-8,
+            4.2e9 + 0.123,
+            9.9e13,
+            1.8604080706020294,
+        ] {
+            let q = exact(x);
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&q).unwrap()).unwrap();
+            assert_eq!(back, q, "{x}");
+            assert!((q - x).abs() <= x.abs() * 1e-14 || q == 0.0);
+        }
+        assert_eq!(exact(f64::NAN), 0.0);
+        assert_eq!(exact(1e-9), 0.0);
+    }
 }

@@ -385,7 +385,9 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, horizon: usize) -> R
         predictor.observe(o);
     }
     tracker.record_drift(predictor.drift_events());
-    let after_shift = trace.shift_index.map(|s| &per_sample[s.min(per_sample.len())..]);
+    let after_shift = trace
+        .shift_index
+        .map(|s| &per_sample[s.min(per_sample.len())..]);
     ReplayResult {
         predictor: predictor.name().to_string(),
         horizon,
@@ -423,11 +425,136 @@ fn samples_to_adapt(after: &[(u32, f64)], need_waste: bool) -> Option<usize> {
         }
         if window.len() == ADAPT_WINDOW {
             let coverage = f64::from(cov) / (ADAPT_WINDOW as f64 * metrics);
-            let mean_waste = if cov == 0 { 1.0 } else { waste / f64::from(cov) };
+            let mean_waste = if cov == 0 {
+                1.0
+            } else {
+                waste / f64::from(cov)
+            };
             if coverage >= COVERAGE_TARGET && (!need_waste || mean_waste <= WASTE_TARGET) {
                 return Some(i + 1 - ADAPT_WINDOW);
             }
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(shape: Shape, days: u32) -> TraceSpec {
+        TraceSpec {
+            shape,
+            days,
+            step_ms: 60_000,
+            seed: 3,
+        }
+    }
+
+    #[test]
+    fn generation_is_deterministic_and_shaped() {
+        let a = generate(&spec(Shape::DiurnalWeekly, 7));
+        let b = generate(&spec(Shape::DiurnalWeekly, 7));
+        assert_eq!(a.observations, b.observations);
+        assert_eq!(a.observations.len(), 7 * 1440);
+        assert_eq!(a.shift_index, None);
+        let c = generate(&TraceSpec {
+            seed: 4,
+            ..spec(Shape::DiurnalWeekly, 7)
+        });
+        assert_ne!(a.observations, c.observations);
+
+        // Weekday 15:00 is busier than 03:00, and than the weekend.
+        let cpu_at = |day: usize, hour: usize| {
+            let s = &a.observations[day * 1440 + hour * 60..day * 1440 + hour * 60 + 60];
+            s.iter().map(|o| o.cpu_cores).sum::<f64>() / 60.0
+        };
+        assert!(cpu_at(1, 15) > 2.0 * cpu_at(1, 3));
+        assert!(cpu_at(1, 15) > 2.0 * cpu_at(5, 15));
+    }
+
+    #[test]
+    fn shift_shapes_mark_the_shift() {
+        let t = generate(&spec(Shape::ShiftUp, 15));
+        let i = t.shift_index.unwrap();
+        assert_eq!(
+            t.observations[i].ts_unix_ms,
+            TRACE_START_UNIX_MS + SHIFT_OFFSET_MS
+        );
+        let mean = |r: std::ops::Range<usize>| {
+            r.clone().map(|k| t.observations[k].cpu_cores).sum::<f64>() / r.len() as f64
+        };
+        // Same time of day, one day apart.
+        let ratio = mean(i..i + 60) / mean(i - 1440..i - 1380);
+        assert!((1.7..2.3).contains(&ratio), "{ratio}");
+    }
+
+    #[test]
+    fn baselines_follow_their_definition() {
+        let mut lv = LastValue::new(0.1);
+        let mut sp = StaticPeak::new(0.1);
+        assert_eq!(lv.predict(0).envelopes.cpu, Envelope::EMPTY);
+        let t = generate(&spec(Shape::Diurnal, 1));
+        for o in &t.observations[..3] {
+            lv.observe(o);
+            sp.observe(o);
+        }
+        let last = t.observations[2].cpu_cores;
+        let peak = t.observations[..3]
+            .iter()
+            .map(|o| o.cpu_cores)
+            .fold(0.0, f64::max);
+        assert!((lv.predict(0).envelopes.cpu.limit - last * 1.1).abs() < 1e-12);
+        assert!((sp.predict(0).envelopes.cpu.limit - peak * 1.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn replay_predicts_ahead_without_peeking() {
+        // A predictor that remembers the last value: with a horizon of h it must be scored
+        // against the value h + 1 observations earlier.
+        let t = generate(&spec(Shape::Diurnal, 1));
+        let h = 5;
+        let r = replay(&t, &mut LastValue::new(0.0), h);
+        assert_eq!(r.horizon, h);
+        assert_eq!(r.report.samples, t.observations.len() as u64);
+        let mut expect_covered = 0;
+        for (i, o) in t.observations.iter().enumerate() {
+            if i > h && o.cpu_cores <= t.observations[i - h - 1].cpu_cores {
+                expect_covered += 1;
+            }
+        }
+        assert_eq!(r.report.metrics.cpu.covered, expect_covered);
+    }
+
+    #[test]
+    fn samples_to_adapt_counts_until_the_next_window_is_good() {
+        let good = (4u32, 0.8f64);
+        let bad = (0u32, 0.0f64);
+        let mut s = vec![bad; 10];
+        s.extend(vec![good; 100]);
+        // Coverage of 60 samples >= 95% needs at most 12 missed metric-samples (3 samples).
+        assert_eq!(samples_to_adapt(&s, false), Some(7));
+        assert_eq!(samples_to_adapt(&s[..50], false), None);
+        // Waste 0.8/4 = 20% per covered metric: within target.
+        assert_eq!(samples_to_adapt(&s, true), Some(7));
+        let wasteful = vec![(4u32, 4.0f64); 100];
+        assert_eq!(samples_to_adapt(&wasteful, true), None);
+    }
+
+    #[test]
+    fn model_beats_baselines_on_a_short_weekly_trace() {
+        let t = generate(&TraceSpec {
+            shape: Shape::DiurnalWeekly,
+            days: 8,
+            step_ms: 120_000,
+            seed: 5,
+        });
+        let mut model = crate::profile::Learner::new(Default::default()).unwrap();
+        let m = replay(&t, &mut model, 0);
+        let lv = replay(&t, &mut LastValue::new(0.1), 0);
+        let sp = replay(&t, &mut StaticPeak::new(0.1), 0);
+        assert!(m.meets_targets(), "{:?}", m.report);
+        assert!(lv.report.coverage < COVERAGE_TARGET);
+        assert!(sp.report.mean_waste > m.report.mean_waste);
+    }
 }
