@@ -15,6 +15,7 @@ use super::{Observation, PeerUse, Predictor, Proto};
 const MAX_CONFIG_ITEMS: usize = 4096;
 const MAX_CONFIG_KEY_LEN: usize = 1024;
 const MAX_CONFIG_HASH_LEN: usize = 256;
+const MAX_PEERS_PER_OBSERVATION: usize = 4096;
 
 /// Errors building a learner.
 #[derive(Debug, thiserror::Error)]
@@ -161,8 +162,8 @@ impl Learner {
         &self.profile
     }
 
-    /// Replaces the profile (after a rollback or a pull from the repository); drift windows and
-    /// accuracy figures restart.
+    /// Replaces the profile (after a rollback or a pull from the repository); the drift windows
+    /// restart, the accuracy figures carry on.
     pub fn replace_profile(&mut self, profile: Profile) {
         self.profile = profile;
         for m in super::Metric::ALL {
@@ -214,7 +215,13 @@ impl Learner {
             self.profile.expected_config = config;
         }
 
-        for peer in &obs.peers {
+        if obs.peers.len() > MAX_PEERS_PER_OBSERVATION {
+            tracing::warn!(
+                peers = obs.peers.len(),
+                "only the first {MAX_PEERS_PER_OBSERVATION} peers of the observation are learned"
+            );
+        }
+        for peer in obs.peers.iter().take(MAX_PEERS_PER_OBSERVATION) {
             if peer.addr.parse::<IpAddr>().is_err() {
                 tracing::warn!(addr = %peer.addr, "ignoring peer with an invalid IP address");
                 continue;

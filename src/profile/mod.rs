@@ -6,7 +6,7 @@
 //! It reports [`drift::DriftEvent`]s when the primary stops looking like its profile; the caller
 //! then commits a new version to the [`store::ProfileStore`] (versioned, atomically written JSON
 //! files, with rollback and diff), which can be synchronised with a central
-//! [`repo::ProfileRepository`]. [`accuracy`] scores predictions against what really happened and
+//! [`repo::ProfileRepository`] ([`layout`] is the on-disk format both share). [`accuracy`] scores predictions against what really happened and
 //! [`apply::resource_plan`] turns a profile into the vCPU and memory sizing of a shadow.
 //!
 //! Everything here is pure logic: no libvirt, no clock (timestamps come with the observations).
@@ -30,13 +30,14 @@ use serde::{Deserialize, Serialize};
 
 pub use accuracy::{AccuracyReport, AccuracyTracker, MetricAccuracy};
 pub use apply::{resource_plan, ResourceLimits, ResourcePlan};
-pub use drift::{DriftDetector, DriftEvent, DriftKind, DriftParams};
-pub use learner::{Dependency, Learner, LearnerParams, Profile};
+pub use drift::{DriftDetector, DriftError, DriftEvent, DriftKind, DriftParams};
+pub use layout::VersionFileError;
+pub use learner::{Dependency, Learner, LearnerError, LearnerParams, Profile};
 pub use model::{Envelope, Model, ModelError, ModelParams, Prediction, Source};
 pub use repo::{DirectoryRepository, ProfileRepository, RepoError};
 pub use store::{
-    ProfileDiff, ProfileStore, ProfileVersion, Reason, SkippedFile, StoreError, SyncReport,
-    VersionSummary,
+    BucketChange, EnvelopeChange, ProfileDiff, ProfileStore, ProfileVersion, Reason, ServiceSync,
+    SkippedFile, StoreError, SyncReport, VersionSummary,
 };
 
 /// One observation of a protected primary, as converted by the monitor.

@@ -442,8 +442,6 @@ pub struct ProfileStore {
 struct Scan {
     versions: Vec<ProfileVersion>,
     skipped: Vec<SkippedFile>,
-    /// Highest number present on disk, readable or not.
-    max_number: Option<u64>,
 }
 
 fn now_unix_ms() -> u64 {
@@ -525,7 +523,6 @@ impl ProfileStore {
             path: dir.clone(),
             source,
         })?;
-        let max_number = files.last().map(|(n, _)| *n);
         let mut versions = Vec::with_capacity(files.len());
         let mut skipped = Vec::new();
         for (n, path) in files {
@@ -538,11 +535,7 @@ impl ProfileStore {
                 }
             }
         }
-        Ok(Scan {
-            versions,
-            skipped,
-            max_number,
-        })
+        Ok(Scan { versions, skipped })
     }
 
     /// The current (highest-numbered readable) version, `None` if there is none.
@@ -734,42 +727,52 @@ impl ProfileStore {
             source,
         };
         let _g = self.guard()?;
-        let scan = self.scan(service)?;
+        let dir = self.service_dir(service)?;
+        // Names only: a version file is read when it has to be pushed or compared.
+        let files = layout::scan(&dir).map_err(|source| StoreError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
+        let read = |n: u64, path: &Path| match layout::read(path, service, n) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %error_chain(&e), "skipping unusable profile version");
+                None
+            }
+        };
         let remote: BTreeSet<u64> = repo.list(service).map_err(repo_err)?.into_iter().collect();
         let mut out = ServiceSync {
             service: service.to_string(),
             ..ServiceSync::default()
         };
 
-        for v in scan
-            .versions
-            .iter()
-            .filter(|v| !remote.contains(&v.version))
-        {
-            match repo.push(service, v) {
+        for (n, path) in files.iter().filter(|(n, _)| !remote.contains(n)) {
+            let Some(v) = read(*n, path) else { continue };
+            match repo.push(service, &v) {
                 Ok(()) => out.pushed.push(v.version),
                 Err(RepoError::VersionExists { version, .. }) => out.conflicts.push(version),
                 Err(e) => return Err(repo_err(e)),
             }
         }
 
-        let local_current = scan.versions.last().map(|v| v.version);
         if let Some(latest) = repo.pull_latest(service).map_err(repo_err)? {
-            let on_disk = self
-                .service_dir(service)?
-                .join(layout::file_name(latest.version));
             if latest.service != service {
                 return Err(repo_err(RepoError::ServiceMismatch {
                     expected: service.to_string(),
                     found: latest.service,
                 }));
             }
-            match scan.versions.iter().find(|v| v.version == latest.version) {
-                Some(local) if *local != latest => out.conflicts.push(latest.version),
-                Some(_) => {}
+            let local_current = files
+                .iter()
+                .rev()
+                .find_map(|(n, path)| layout::read(path, service, *n).ok().map(|_| *n));
+            match files.iter().find(|(n, _)| *n == latest.version) {
+                Some((n, path)) => match read(*n, path) {
+                    Some(local) if local == latest => {}
+                    // Different content, or an unreadable local file kept for inspection.
+                    _ => out.conflicts.push(latest.version),
+                },
                 None if local_current.is_some_and(|c| c >= latest.version) => {}
-                // An unreadable local file holds this number: keep it for inspection.
-                None if on_disk.exists() => out.conflicts.push(latest.version),
                 None => {
                     self.write_version(&latest)?;
                     out.pulled = Some(latest.version);
@@ -784,7 +787,7 @@ impl ProfileStore {
 
         // Future local commits must outrank everything either side holds.
         let remote_max = remote.iter().next_back().copied();
-        let highest = [scan.max_number, remote_max, out.pulled]
+        let highest = [files.last().map(|(n, _)| *n), remote_max, out.pulled]
             .into_iter()
             .flatten()
             .max();
@@ -1136,6 +1139,32 @@ mod tests {
                 service: "web".into(),
                 ..ServiceSync::default()
             }
+        );
+    }
+
+    #[test]
+    fn sync_skips_unreadable_local_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = DirectoryRepository::new(dir.path().join("central"));
+        let a = ProfileStore::open(&dir.path().join("host-a")).unwrap();
+        for i in 0..3 {
+            a.commit("web", &profile(i as f64 + 1.0, 1, "a"), Reason::Scheduled)
+                .unwrap();
+        }
+        std::fs::write(file(&a, "web", 2), b"").unwrap();
+        let s = a.sync_service("web", &repo).unwrap();
+        assert_eq!(s.pushed, vec![1, 3]);
+        assert_eq!(repo.list("web").unwrap(), vec![1, 3]);
+        // The repository's latest is the local current: nothing to pull, no conflict.
+        assert_eq!((s.pulled, s.conflicts.len()), (None, 0));
+
+        // A new host pulls v3; its own commits then continue after 3.
+        let b = ProfileStore::open(&dir.path().join("host-b")).unwrap();
+        assert_eq!(b.sync_service("web", &repo).unwrap().pulled, Some(3));
+        assert_eq!(
+            b.commit("web", &profile(7.0, 1, "b"), Reason::Manual)
+                .unwrap(),
+            4
         );
     }
 
