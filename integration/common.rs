@@ -206,8 +206,8 @@ class = "default"
 
 [class.default]
 shadows = {shadows}
-heartbeat_interval_ms = 500
-heartbeat_timeout_ms = 300
+heartbeat_interval_ms = 250
+heartbeat_timeout_ms = 200
 heartbeat_misses = 3
 shadow_boot_timeout_s = 180
 "#,

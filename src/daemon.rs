@@ -25,7 +25,7 @@ use crate::failover::shadow::{
     isolate_tap, live_taps, member_meta, provision, shadow_generation, shadow_name, write_meta,
     ShadowRequest,
 };
-use crate::failover::{now_unix_ms, FailoverError, Service, ServiceState, Shadow, TapBinding};
+use crate::failover::{now_unix_ms, FailoverError, Service, ServiceState, Shadow};
 use crate::libvirt::{
     qemu_pid, AgentState, DomainEvent, EventLoop, Hypervisor, LibvirtError, LifecycleEvent,
     QemuProcess, RunState,
@@ -431,10 +431,10 @@ async fn recover_service(d: &Shared, name: &str) {
         .filter(|s| s.state != ShadowState::Failed)
     {
         let taps = live_taps(&d.hv(), &s.name).await.unwrap_or_default();
-        for (_, tap) in &taps {
+        for b in &taps {
             if s.state == ShadowState::Paused {
                 // Belt and braces: a standing-by shadow is never on the bridge.
-                let _ = isolate_tap(&d.net, tap).await;
+                let _ = isolate_tap(&d.net, &b.tap).await;
             }
         }
         if let Some(x) = d
@@ -507,8 +507,8 @@ async fn recover_service(d: &Shared, name: &str) {
 /// Puts a shadow back on standby: taps off the bridge, paused, metadata paused.
 async fn repark_shadow(d: &Shared, service: &str, shadow: &str) -> Result<(), FailoverError> {
     let taps = live_taps(&d.hv(), shadow).await?;
-    for (_, tap) in &taps {
-        isolate_tap(&d.net, tap).await?;
+    for b in &taps {
+        isolate_tap(&d.net, &b.tap).await?;
     }
     let (svc_class, gen) = {
         let services = d.services();
@@ -548,28 +548,7 @@ async fn refresh_active(d: &Shared, service: &str) {
     let Some(active) = d.services().get(service).map(|s| s.active.clone()) else {
         return;
     };
-    let hv = d.hv();
-    let a = active.clone();
-    let bridges = hv
-        .run("read primary XML", move |hv| hv.xml(&a, false))
-        .await
-        .ok()
-        .and_then(|x| crate::domain_xml::DomainXml::parse(&x).ok())
-        .map(|x| {
-            let ifaces = x.interfaces();
-            x.live_interface_taps()
-                .into_iter()
-                .map(|(mac, tap)| TapBinding {
-                    bridge: ifaces
-                        .iter()
-                        .find(|i| i.mac.as_deref() == Some(mac.as_str()))
-                        .and_then(|i| i.bridge.clone()),
-                    mac,
-                    tap,
-                })
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+    let bridges = live_taps(&d.hv(), &active).await.unwrap_or_default();
     if let Some(s) = d.services().get_mut(service) {
         s.active_taps = bridges;
     }
@@ -1243,6 +1222,7 @@ fn send_heartbeats(d: &Shared) {
 /// Puts an active primary's taps back on their bridge if something took them off (an
 /// operator's mistake, a script): the primary is healthy, so repairing beats failing over.
 fn repair_taps(d: &Shared, service: &str) {
+    isolate_standby_taps(d, service);
     let taps = match d.services().get(service) {
         Some(s)
             if matches!(
@@ -1284,6 +1264,48 @@ fn repair_taps(d: &Shared, service: &str) {
                     }
                 }
                 Err(_) => {}
+            }
+        }
+    });
+}
+
+/// Takes any paused shadow's tap back off its bridge. libvirtd re-attaches every tap to its
+/// configured bridge when it restarts, and a standing-by shadow must never be reachable.
+fn isolate_standby_taps(d: &Shared, service: &str) {
+    let taps: Vec<(String, String)> = match d.services().get(service) {
+        Some(s) if s.state != ServiceState::FailingOver => s
+            .shadows
+            .iter()
+            .filter(|x| x.state == ShadowState::Paused)
+            .flat_map(|x| x.taps.iter().map(move |b| (x.name.clone(), b.tap.clone())))
+            .collect(),
+        _ => return,
+    };
+    if taps.is_empty() {
+        return;
+    }
+    let d2 = d.clone();
+    let service = service.to_string();
+    tokio::spawn(async move {
+        for (shadow, tap) in taps {
+            if let Ok(Some(master)) = d2.net.master_of(&tap).await {
+                // Re-check: the shadow may have been picked for promotion meanwhile.
+                let standing_by = d2.services().get(&service).is_some_and(|s| {
+                    s.state != ServiceState::FailingOver
+                        && s.shadows
+                            .iter()
+                            .any(|x| x.name == shadow && x.state == ShadowState::Paused)
+                });
+                if standing_by {
+                    match isolate_tap(&d2.net, &tap).await {
+                        Ok(()) => {
+                            tracing::warn!(%service, %shadow, %tap, %master, "standing-by shadow's tap was on a bridge; isolated again")
+                        }
+                        Err(e) => {
+                            tracing::error!(%service, %shadow, %tap, error = %e, "cannot isolate standing-by shadow's tap")
+                        }
+                    }
+                }
             }
         }
     });

@@ -298,8 +298,8 @@ impl Default for ClassConfig {
     fn default() -> Self {
         Self {
             shadows: 1,
-            heartbeat_interval_ms: 500,
-            heartbeat_timeout_ms: 300,
+            heartbeat_interval_ms: 250,
+            heartbeat_timeout_ms: 200,
             heartbeat_misses: 3,
             shadow_boot_timeout_s: 180,
             promote_retry_limit: 3,

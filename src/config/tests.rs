@@ -83,7 +83,7 @@ fn lab_config_parses() {
             class.heartbeat_timeout_ms,
             class.heartbeat_misses
         ),
-        (500, 300, 3)
+        (250, 200, 3)
     );
     assert!(class.config_files.contains(&PathBuf::from("/proc/cmdline")));
 
@@ -151,7 +151,7 @@ address = "10.77.0.10:80"
     assert_eq!(config.daemon.log_format, LogFormat::Json);
     assert_eq!(config.daemon.libvirt_uri, "qemu:///system");
     assert_eq!(config.class["default"].shadows, 2);
-    assert_eq!(config.class["default"].heartbeat_interval_ms, 500);
+    assert_eq!(config.class["default"].heartbeat_interval_ms, 250);
     let web = &config.class["web"];
     assert_eq!(web.heartbeat_misses, 5);
     assert_eq!(web.shadows, 1);
@@ -413,7 +413,7 @@ golden_image = ""
 
 #[test]
 fn heartbeat_timeout_must_be_below_interval() {
-    let fixture = Fixture::new("[class.default]\nheartbeat_timeout_ms = 500\n");
+    let fixture = Fixture::new("[class.default]\nheartbeat_timeout_ms = 250\n");
     let problems = fixture.problems();
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert_eq!(
@@ -421,7 +421,7 @@ fn heartbeat_timeout_must_be_below_interval() {
         (2, "class.default.heartbeat_timeout_ms")
     );
     // One below the (default) interval is fine.
-    Fixture::new("[class.default]\nheartbeat_timeout_ms = 499\n")
+    Fixture::new("[class.default]\nheartbeat_timeout_ms = 249\n")
         .load()
         .expect("timeout below interval");
 }

@@ -146,7 +146,7 @@ pub struct Shadow {
     /// Where it is in its life.
     pub state: ShadowState,
     /// Its tap devices by MAC, known once it has started.
-    pub taps: Vec<(String, String)>,
+    pub taps: Vec<TapBinding>,
 }
 
 /// What the daemon knows of one protected service.

@@ -179,20 +179,8 @@ async fn run_steps(
     clock.record("fence", t.elapsed());
 
     // 2. Journal, resume and rewire at once.
-    let bindings: Vec<TapBinding> = p
-        .shadow
-        .taps
-        .iter()
-        .map(|(mac, tap)| TapBinding {
-            mac: mac.clone(),
-            tap: tap.clone(),
-            bridge: p
-                .old_taps
-                .iter()
-                .find(|b| &b.mac == mac)
-                .and_then(|b| b.bridge.clone()),
-        })
-        .collect();
+    // Each shadow tap goes onto the bridge its own definition names.
+    let bindings: Vec<TapBinding> = p.shadow.taps.clone();
     let shadow = p.shadow.name.clone();
     let journal = {
         let mut m = member_meta(
@@ -252,7 +240,7 @@ async fn run_steps(
     };
     let iface_xml = {
         let shadow = shadow.clone();
-        let macs: Vec<String> = p.shadow.taps.iter().map(|(m, _)| m.clone()).collect();
+        let macs: Vec<String> = p.shadow.taps.iter().map(|b| b.mac.clone()).collect();
         async move {
             hv.run("read shadow XML", move |hv| {
                 let xml = hv.xml(&shadow, true)?;

@@ -11,7 +11,7 @@ use crate::domain_xml::{
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
 
-use super::{FailoverError, Shadow};
+use super::{FailoverError, Shadow, TapBinding};
 
 /// Everything needed to create one shadow.
 #[derive(Debug, Clone)]
@@ -167,8 +167,8 @@ pub async fn provision(
     // The NICs start with link down (no frames in or out); also take the taps off the bridge
     // so a standing-by shadow cannot be reached even if its link state were flipped.
     let taps = live_taps(hv, &name).await?;
-    for (_, tap) in &taps {
-        isolate_tap(net, tap).await?;
+    for b in &taps {
+        isolate_tap(net, &b.tap).await?;
     }
     wait_for_agent(
         hv,
@@ -219,11 +219,9 @@ pub async fn isolate_tap(net: &Netlink, tap: &str) -> Result<(), FailoverError> 
         })
 }
 
-/// (MAC, tap) pairs of a running domain, from its live XML.
-pub async fn live_taps(
-    hv: &Hypervisor,
-    domain: &str,
-) -> Result<Vec<(String, String)>, FailoverError> {
+/// The taps of a running domain with their MACs and the bridges they belong on, from its live
+/// XML (for a shadow, the bridge is where its tap goes at promotion).
+pub async fn live_taps(hv: &Hypervisor, domain: &str) -> Result<Vec<TapBinding>, FailoverError> {
     let d = domain.to_string();
     let xml = hv
         .run("read live XML", move |hv| hv.xml(&d, false))
@@ -236,7 +234,23 @@ pub async fn live_taps(
         domain: domain.to_string(),
         source,
     })?;
-    Ok(parsed.live_interface_taps())
+    let ifaces = parsed.interfaces();
+    Ok(parsed
+        .live_interface_taps()
+        .into_iter()
+        .map(|(mac, tap)| TapBinding {
+            bridge: ifaces
+                .iter()
+                .find(|i| {
+                    i.mac
+                        .as_deref()
+                        .is_some_and(|m| m.eq_ignore_ascii_case(&mac))
+                })
+                .and_then(|i| i.bridge.clone()),
+            mac,
+            tap,
+        })
+        .collect())
 }
 
 /// Pings the guest agent until it answers or `limit` passes.
