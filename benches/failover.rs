@@ -167,6 +167,10 @@ fn main() {
         let kill = Instant::now();
         kill_qemu(&active);
         hv.start(&standby_name, false).unwrap(); // restores the managed save
+                                                 // A standby saved while paused comes back paused.
+        if hv.state(&standby_name).unwrap() == understudy::libvirt::RunState::Paused {
+            hv.resume(&standby_name).unwrap();
+        }
         bring_online(&hv, &net, &standby_name);
         match outage(&probe, kill, &uuid, Duration::from_secs(60)) {
             Some(ms) => {

@@ -369,6 +369,16 @@ async fn on_note(d: &Shared, note: Note) {
                         svc.state = ServiceState::Protected;
                     }
                 }
+                // The primary died while no shadow was ready: this one takes over now.
+                let waiting = services
+                    .get(&service)
+                    .filter(|s| matches!(s.state, ServiceState::Down(_)))
+                    .map(|s| s.active.clone());
+                drop(services);
+                if let Some(active) = waiting {
+                    tracing::warn!(%service, shadow = %name, "shadow ready for a service that is down; promoting it");
+                    start_failover(d, &service, &active, Trigger::Recovery, Instant::now());
+                }
             }
             Err(e) => {
                 tracing::error!(%service, shadow = %name, error = %e, "shadow provisioning failed");
@@ -409,20 +419,47 @@ async fn on_note(d: &Shared, note: Note) {
                         svc.active = shadow.clone();
                         svc.active_taps = p.taps;
                         svc.state = ServiceState::Provisioning;
-                        Some(shadow)
+                        Some(shadow.clone())
                     }
                     Err(e) => {
                         if let Some(s) = svc.shadows.iter_mut().find(|s| s.name == shadow) {
                             s.state = ShadowState::Failed;
                         }
-                        svc.state = ServiceState::Down(format!("failover failed: {e}"));
+                        svc.promote_attempts += 1;
+                        svc.state = ServiceState::Down(format!(
+                            "failover failed (attempt {}): {e}",
+                            svc.promote_attempts
+                        ));
                         None
                     }
                 }
             };
-            if let Some(active) = new_active {
-                watch_primary(d, &service, &active);
-                ensure_all_shadows(d);
+            match new_active {
+                Some(active) => {
+                    if let Some(svc) = d.services().get_mut(&service) {
+                        svc.promote_attempts = 0;
+                    }
+                    watch_primary(d, &service, &active);
+                    ensure_all_shadows(d);
+                }
+                None => {
+                    // The failed shadow may be half promoted: destroy it, then try again with
+                    // another (ready, or newly provisioned) within the retry limit.
+                    remove_shadow(d, &service, &shadow).await;
+                    let retry = d.services().get(&service).and_then(|s| {
+                        let limit = d.class(&s.class).promote_retry_limit;
+                        (s.promote_attempts <= limit).then(|| s.active.clone())
+                    });
+                    match retry {
+                        Some(active) => {
+                            start_failover(d, &service, &active, Trigger::Recovery, Instant::now());
+                            ensure_all_shadows(d);
+                        }
+                        None => {
+                            tracing::error!(%service, "promotion retries exhausted; service stays down")
+                        }
+                    }
+                }
             }
         }
         Note::Heartbeat {
@@ -528,7 +565,7 @@ async fn on_libvirt_event(d: &Shared, ev: DomainEvent, ev_tx: &mpsc::UnboundedSe
                         ensure_all_shadows(d);
                     }
                 }
-                (None, LifecycleEvent::Started) => {
+                (None, LifecycleEvent::Started | LifecycleEvent::Defined) => {
                     if let Some((class, _)) = d.cfg().class_for(&domain) {
                         let tagged = {
                             let dn = domain.clone();
@@ -540,7 +577,8 @@ async fn on_libvirt_event(d: &Shared, ev: DomainEvent, ev_tx: &mpsc::UnboundedSe
                         };
                         if tagged.is_none() {
                             let class = class.to_string();
-                            protect_new(d, &domain, &class).await;
+                            let running = event == LifecycleEvent::Started;
+                            protect_new(d, &domain, &class, running).await;
                         }
                     }
                 }

@@ -56,8 +56,10 @@ pub(super) async fn reconcile(d: &Shared) {
         match meta.role {
             Role::Primary => {
                 let state = match (dom.state.is_active(), meta.state) {
-                    (_, MemberState::Stopped) => ServiceState::Stopped,
+                    // Started by someone while we were away after an `understudy stop`: it
+                    // runs, so it is protected again.
                     (true, _) => ServiceState::Provisioning,
+                    (false, MemberState::Stopped) => ServiceState::Stopped,
                     (false, _) => ServiceState::Down("primary not running at daemon start".into()),
                 };
                 found.insert(
@@ -101,9 +103,7 @@ pub(super) async fn reconcile(d: &Shared) {
     }
     for dom in untagged {
         if let Some((class, _)) = cfg.class_for(&dom.name) {
-            if dom.state.is_active() {
-                protect_new(d, &dom.name, class).await;
-            }
+            protect_new(d, &dom.name, class, dom.state.is_active()).await;
         }
     }
     ensure_all_shadows(d);
@@ -120,6 +120,7 @@ pub(super) fn new_service(name: &str, class: &str, active: &str, state: ServiceS
         last_failover: None,
         last_heartbeat_unix_ms: None,
         health: "unknown".into(),
+        promote_attempts: 0,
     }
 }
 
@@ -311,11 +312,14 @@ pub(super) fn watch_primary(d: &Shared, service: &str, domain: &str) {
 }
 
 /// Tags a newly seen matching domain as a service primary and starts protecting it.
-pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str) {
+/// A domain that is only defined (not running) is registered as a stopped service: it gets
+/// shadows once it starts.
+pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str, running: bool) {
     if d.services().contains_key(domain) {
         return;
     }
-    let meta = member_meta(domain, class, Role::Primary, 0, MemberState::Active);
+    let state = if running { MemberState::Active } else { MemberState::Stopped };
+    let meta = member_meta(domain, class, Role::Primary, 0, state);
     let dn = domain.to_string();
     if let Err(e) = d
         .hv()
@@ -323,6 +327,11 @@ pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str) {
         .await
     {
         tracing::error!(domain, error = %e, cause = %crate::error_chain(&e), "cannot tag primary; not protected");
+        return;
+    }
+    if !running {
+        tracing::info!(domain, class, "protecting newly defined primary; shadows follow when it starts");
+        d.services().insert(domain.to_string(), new_service(domain, class, domain, ServiceState::Stopped));
         return;
     }
     tracing::info!(domain, class, "protecting new primary");
@@ -341,25 +350,33 @@ pub(super) fn ensure_all_shadows(d: &Shared) {
     {
         let mut services = d.services();
         for svc in services.values_mut() {
-            if !matches!(
+            // A service that is down still gets shadows: a new one is how it comes back
+            // (promoted as soon as it is ready), within the class's retry limit.
+            let class = cfg.class.get(&svc.class).cloned().unwrap_or_default();
+            let down_retry = matches!(svc.state, ServiceState::Down(_))
+                && svc.promote_attempts <= class.promote_retry_limit;
+            if !(matches!(
                 svc.state,
                 ServiceState::Provisioning | ServiceState::Protected
-            ) {
+            ) || down_retry)
+            {
                 continue;
             }
-            let want = cfg.class.get(&svc.class).map(|c| c.shadows).unwrap_or(1) as usize;
+            let want = (class.shadows as usize).max(usize::from(down_retry));
             let have = svc
                 .shadows
                 .iter()
                 .filter(|s| matches!(s.state, ShadowState::Booting | ShadowState::Paused))
                 .count();
             if have >= want {
-                if svc.shadows.iter().all(|s| s.state == ShadowState::Paused) {
+                if !down_retry && svc.shadows.iter().all(|s| s.state == ShadowState::Paused) {
                     svc.state = ServiceState::Protected;
                 }
                 continue;
             }
-            svc.state = ServiceState::Provisioning;
+            if !down_retry {
+                svc.state = ServiceState::Provisioning;
+            }
             let next = svc
                 .shadows
                 .iter()

@@ -170,6 +170,9 @@ pub struct Service {
     pub last_heartbeat_unix_ms: Option<u64>,
     /// Last health verdict, for status.
     pub health: String,
+    /// Failed promotions since the service last ran: retries stop at the class's
+    /// `promote_retry_limit`.
+    pub promote_attempts: u32,
 }
 
 /// A tap device and the bridge it belongs on.
