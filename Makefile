@@ -10,6 +10,8 @@
 #   make bench       every benchmark (bench-profile, bench-failover)
 #   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
 #   make bench-profile   profile model vs baselines on synthetic traces
+#   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
+#   make test-faults     only the fault-injection suite (also part of make test)
 #   make test        deps, images, cargo build --tests, then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 #
@@ -45,7 +47,7 @@ MEM ?= 192
 ROLE ?= primary
 DISK ?=
 
-.PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile
+.PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults
 
 deps:
 	@missing=""; \
@@ -115,3 +117,15 @@ bench-failover:
 
 bench-profile:
 	cargo bench --bench profile
+
+bench-soak:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --release --benches
+	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench soak
+
+test-faults:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --tests
+	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline --test lab -- --test-threads=1 faults::

@@ -204,11 +204,9 @@ log_level = "info,understudy=debug"
 match = "{pattern}"
 class = "default"
 
+# Heartbeat settings are the built-in defaults on purpose: the tests and benches measure them.
 [class.default]
 shadows = {shadows}
-heartbeat_interval_ms = 250
-heartbeat_timeout_ms = 200
-heartbeat_misses = 3
 shadow_boot_timeout_s = 180
 "#,
                 state = dir.join("state").display(),
