@@ -126,16 +126,29 @@ fn main() {
     }
 
     // Hangs: SIGSTOP of the active primary's QEMU, with the default heartbeat settings.
-    let stop_trials: usize = std::env::var("BENCH_SIGSTOP_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let stop_trials: usize = std::env::var("BENCH_SIGSTOP_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let mut sigstop_ms = Vec::new();
     for i in 0..stop_trials {
-        let shadow = daemon.wait_paused_shadows(NAME, 1, Duration::from_secs(300)).remove(0);
+        let shadow = daemon
+            .wait_paused_shadows(NAME, 1, Duration::from_secs(300))
+            .remove(0);
         let active = active_of(&daemon);
-        wait_for("page served before SIGSTOP", Duration::from_secs(60), || http_get(IP, Duration::from_millis(200)));
+        wait_for(
+            "page served before SIGSTOP",
+            Duration::from_secs(60),
+            || http_get(IP, Duration::from_millis(200)),
+        );
         std::thread::sleep(Duration::from_millis(300));
         let shadow_uuid = domain_uuid(&hv, &shadow);
         let stop = Instant::now();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu_pid(&active)), nix::sys::signal::Signal::SIGSTOP).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(qemu_pid(&active)),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .unwrap();
         match outage(&probe, stop, &shadow_uuid, Duration::from_secs(30)) {
             Some(ms) => {
                 println!("SIGSTOP trial {i}: {active} -> {shadow}: client outage {ms:.1} ms");
@@ -244,7 +257,13 @@ fn main() {
         rmax
     );
     let (s50, s95, smax) = stats(&sigstop_ms);
-    println!("understudy after SIGSTOP{:>6} {:>11.1} {:>10.1} {:>10.1}", sigstop_ms.len(), s50, s95, smax);
+    println!(
+        "understudy after SIGSTOP{:>6} {:>11.1} {:>10.1} {:>10.1}",
+        sigstop_ms.len(),
+        s50,
+        s95,
+        smax
+    );
     println!("ratio cold/understudy (median): {:.1}x", c50 / u50);
     println!("ratio restore/understudy (median): {:.1}x", r50 / u50);
     println!(

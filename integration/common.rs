@@ -170,6 +170,7 @@ pub struct DaemonProc {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    pub metrics_port: u16,
 }
 
 static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
@@ -224,6 +225,7 @@ shadow_boot_timeout_s = 180
             dir,
             config,
             socket,
+            metrics_port: port,
         };
         d.wait_socket();
         d
@@ -300,6 +302,15 @@ shadow_boot_timeout_s = 180
                 .collect();
             (paused.len() == n).then_some(paused)
         })
+    }
+
+    /// The Prometheus exposition from the daemon's metrics endpoint.
+    pub fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
     }
 
     pub fn log_text(&self) -> String {

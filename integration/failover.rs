@@ -290,3 +290,59 @@ fn stop_is_not_a_failure_and_bad_requests_change_nothing() {
         "the primary itself must be untouched"
     );
 }
+
+#[test]
+fn planned_switchover_and_shadow_rebuild() {
+    require_lab();
+    let name = "it-sw1";
+    let ip = "10.77.0.26";
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let daemon = DaemonProc::start("switch", name, 1);
+    let hv = hypervisor();
+    start_guest(&hv, name, &format!("{ip}/24"), &[]);
+    let first = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+    let mac = taps(&hv, name)[0].0.clone();
+
+    // Rebuild: the old shadow goes, a new generation comes up paused.
+    let (code, out, err) = daemon.cli(&["shadow", "rebuild", name]);
+    assert_eq!(code, 0, "{out}{err}");
+    let rebuilt = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+    assert_ne!(rebuilt, first);
+    assert!(
+        hv.list().unwrap().iter().all(|d| d.name != first),
+        "{first} still defined after rebuild"
+    );
+
+    // Planned switchover: fence (pause + cut) the healthy primary, then promote.
+    wait_for("primary page", Duration::from_secs(60), || {
+        http_get(ip, Duration::from_secs(1))
+    });
+    let (code, out, err) = daemon.cli(&["failover", name]);
+    assert_eq!(code, 0, "{out}{err}");
+    let record: serde_json::Value =
+        serde_json::from_str(&out).expect("failover prints its record as JSON");
+    assert_eq!(record["trigger"], "manual");
+    assert_eq!(record["to"], rebuilt.as_str());
+    let new_uuid = domain_uuid(&hv, &rebuilt);
+    wait_page_uuid(ip, &new_uuid, Duration::from_secs(10));
+    wait_for("old primary shut off", Duration::from_secs(30), || {
+        (!hv.state(name).ok()?.is_active()).then_some(())
+    });
+    assert_single_server(ip, &new_uuid, &mac);
+
+    let metrics = daemon.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("understudy_failovers_total{")
+                && l.contains("trigger=\"manual\"")
+                && !l.ends_with(" 0")),
+        "no manual failover counted in metrics:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("understudy_failover_step_seconds"),
+        "no step histogram"
+    );
+}

@@ -41,6 +41,7 @@ pub(super) async fn reconcile(d: &Shared) {
     let mut found: BTreeMap<String, Service> = BTreeMap::new();
     let mut shadows: Vec<(UnderstudyMeta, crate::libvirt::DomainSummary)> = Vec::new();
     let mut untagged = Vec::new();
+    let all_names: Vec<String> = listing.iter().map(|(d, _)| d.name.clone()).collect();
     for (dom, meta) in listing {
         let meta = match meta.map(|m| UnderstudyMeta::from_libvirt_xml(&m)) {
             Some(Ok(m)) => m,
@@ -90,6 +91,14 @@ pub(super) async fn reconcile(d: &Shared) {
             taps: Vec::new(),
         });
     }
+    // Every generation ever used for a service, retired domains included.
+    for svc in found.values_mut() {
+        svc.last_generation = all_names
+            .iter()
+            .filter_map(|n| shadow_generation(&svc.name, n))
+            .max()
+            .unwrap_or(0);
+    }
     {
         let mut services = d.services();
         for (name, svc) in found {
@@ -121,6 +130,7 @@ pub(super) fn new_service(name: &str, class: &str, active: &str, state: ServiceS
         last_heartbeat_unix_ms: None,
         health: "unknown".into(),
         promote_attempts: 0,
+        last_generation: 0,
     }
 }
 
@@ -318,7 +328,11 @@ pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str, running: 
     if d.services().contains_key(domain) {
         return;
     }
-    let state = if running { MemberState::Active } else { MemberState::Stopped };
+    let state = if running {
+        MemberState::Active
+    } else {
+        MemberState::Stopped
+    };
     let meta = member_meta(domain, class, Role::Primary, 0, state);
     let dn = domain.to_string();
     if let Err(e) = d
@@ -330,8 +344,15 @@ pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str, running: 
         return;
     }
     if !running {
-        tracing::info!(domain, class, "protecting newly defined primary; shadows follow when it starts");
-        d.services().insert(domain.to_string(), new_service(domain, class, domain, ServiceState::Stopped));
+        tracing::info!(
+            domain,
+            class,
+            "protecting newly defined primary; shadows follow when it starts"
+        );
+        d.services().insert(
+            domain.to_string(),
+            new_service(domain, class, domain, ServiceState::Stopped),
+        );
         return;
     }
     tracing::info!(domain, class, "protecting new primary");
@@ -377,14 +398,17 @@ pub(super) fn ensure_all_shadows(d: &Shared) {
             if !down_retry {
                 svc.state = ServiceState::Provisioning;
             }
+            // Generations only grow: a rebuilt or replaced shadow never reuses a name.
             let next = svc
                 .shadows
                 .iter()
                 .filter_map(|s| shadow_generation(&svc.name, &s.name))
                 .chain(shadow_generation(&svc.name, &svc.active))
+                .chain([svc.last_generation])
                 .max()
                 .unwrap_or(0)
                 + 1;
+            svc.last_generation = next;
             let name = shadow_name(&svc.name, next);
             svc.shadows.push(Shadow {
                 name: name.clone(),

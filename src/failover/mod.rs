@@ -173,6 +173,8 @@ pub struct Service {
     /// Failed promotions since the service last ran: retries stop at the class's
     /// `promote_retry_limit`.
     pub promote_attempts: u32,
+    /// Highest shadow generation ever used, so new shadows never reuse a name.
+    pub last_generation: u64,
 }
 
 /// A tap device and the bridge it belongs on.
