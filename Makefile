@@ -98,6 +98,7 @@ test:
 	$(MAKE) images
 	cargo build --tests
 	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
+	scripts/lab-verify-down.sh
 
 # The demo and the failover bench need the lab; lab-run.sh takes it down afterwards, under the
 # machine-wide lab lock.
