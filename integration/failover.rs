@@ -106,7 +106,7 @@ fn crash_of_primary_promotes_its_paused_shadow() {
     });
     let steps = svc["last_failover"]["steps"].as_array().unwrap();
     let names: Vec<&str> = steps.iter().filter_map(|s| s["name"].as_str()).collect();
-    for want in ["fence", "resume", "rewire", "link_up"] {
+    for want in ["fence", "resume", "rewire", "announce", "metadata"] {
         assert!(names.contains(&want), "step {want} missing from {names:?}");
     }
     assert!(svc["last_failover"]["outage_ms"].as_f64().unwrap() > 0.0);

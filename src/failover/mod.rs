@@ -186,6 +186,15 @@ pub struct TapBinding {
     pub tap: String,
     /// Bridge the service's traffic arrives on.
     pub bridge: Option<String>,
+    /// Whether the NIC's link is up in the guest's view (`<link state>`).
+    pub link_up: bool,
+}
+
+impl Shadow {
+    /// True when every NIC's link is already up, so promotion needs no link change.
+    pub fn link_ready(&self) -> bool {
+        !self.taps.is_empty() && self.taps.iter().all(|b| b.link_up)
+    }
 }
 
 impl Service {

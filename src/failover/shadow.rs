@@ -186,8 +186,12 @@ pub async fn provision(
         req.generation,
         MemberState::Paused,
     );
+    let macs: Vec<String> = taps.iter().map(|b| b.mac.clone()).collect();
     hv.run("pause shadow", move |hv| {
         hv.suspend(&n)?;
+        // Raise the NICs' links now, while paused and off the bridge: a paused guest sends
+        // nothing, and a promotion then needs no libvirt call besides the resume.
+        raise_links(hv, &n, &macs)?;
         write_meta(hv, &n, &meta)
     })
     .await
@@ -195,12 +199,30 @@ pub async fn provision(
         step: "pause shadow",
         source,
     })?;
+    let taps = taps
+        .into_iter()
+        .map(|b| TapBinding { link_up: true, ..b })
+        .collect();
     tracing::info!(service = %req.service, shadow = %name, ms = started.elapsed().as_millis() as u64, "shadow paused and ready");
     Ok(Shadow {
         name,
         state: ShadowState::Paused,
         taps,
     })
+}
+
+/// Sets the link of each NIC (by MAC) up, live and in the persistent definition.
+pub fn raise_links(hv: &Hypervisor, domain: &str, macs: &[String]) -> Result<(), LibvirtError> {
+    let xml = hv.xml(domain, true)?;
+    let Ok(parsed) = DomainXml::parse(&xml) else {
+        return Ok(());
+    };
+    for mac in macs {
+        if let Some(iface) = parsed.interface_xml_with_link(mac, true) {
+            hv.update_device_live_and_config(domain, &iface)?;
+        }
+    }
+    Ok(())
 }
 
 /// Takes a tap off its bridge and sets it down.
@@ -238,17 +260,18 @@ pub async fn live_taps(hv: &Hypervisor, domain: &str) -> Result<Vec<TapBinding>,
     Ok(parsed
         .live_interface_taps()
         .into_iter()
-        .map(|(mac, tap)| TapBinding {
-            bridge: ifaces
-                .iter()
-                .find(|i| {
-                    i.mac
-                        .as_deref()
-                        .is_some_and(|m| m.eq_ignore_ascii_case(&mac))
-                })
-                .and_then(|i| i.bridge.clone()),
-            mac,
-            tap,
+        .map(|(mac, tap)| {
+            let iface = ifaces.iter().find(|i| {
+                i.mac
+                    .as_deref()
+                    .is_some_and(|m| m.eq_ignore_ascii_case(&mac))
+            });
+            TapBinding {
+                bridge: iface.and_then(|i| i.bridge.clone()),
+                link_up: iface.is_some_and(|i| i.link_up),
+                mac,
+                tap,
+            }
         })
         .collect())
 }
