@@ -42,6 +42,8 @@ pub(super) async fn reconcile(d: &Shared) {
     let mut shadows: Vec<(UnderstudyMeta, crate::libvirt::DomainSummary)> = Vec::new();
     let mut untagged = Vec::new();
     let all_names: Vec<String> = listing.iter().map(|(d, _)| d.name.clone()).collect();
+    let mut primaries: BTreeMap<String, (String, (bool, u64))> = BTreeMap::new();
+    let mut to_retire: Vec<(String, String, String)> = Vec::new();
     for (dom, meta) in listing {
         let meta = match meta.map(|m| UnderstudyMeta::from_libvirt_xml(&m)) {
             Some(Ok(m)) => m,
@@ -63,6 +65,23 @@ pub(super) async fn reconcile(d: &Shared) {
                     (false, MemberState::Stopped) => ServiceState::Stopped,
                     (false, _) => ServiceState::Down("primary not running at daemon start".into()),
                 };
+                // Two primaries of one service: we died between promoting a shadow and
+                // retiring the old primary. The running one (else the newer one) is the
+                // primary; the other is retired now.
+                let candidate = (dom.state.is_active(), meta.generation);
+                if let Some((prev_dom, prev_rank)) = primaries.get(&meta.service).cloned() {
+                    let (keep, retire) = if candidate > prev_rank {
+                        (dom.name.clone(), prev_dom)
+                    } else {
+                        (prev_dom, dom.name.clone())
+                    };
+                    tracing::warn!(service = %meta.service, primary = %keep, retired = %retire, "two primaries found; retiring the stale one");
+                    to_retire.push((meta.service.clone(), meta.class.clone(), retire));
+                    if keep != dom.name {
+                        continue;
+                    }
+                }
+                primaries.insert(meta.service.clone(), (dom.name.clone(), candidate));
                 found.insert(
                     meta.service.clone(),
                     new_service(&meta.service, &meta.class, &dom.name, state),
@@ -90,6 +109,19 @@ pub(super) async fn reconcile(d: &Shared) {
             state,
             taps: Vec::new(),
         });
+    }
+    for (service, class, domain) in to_retire {
+        let meta = member_meta(&service, &class, Role::Retired, 0, MemberState::Fenced);
+        let r = d
+            .hv()
+            .run("retire stale primary", move |hv| {
+                hv.destroy(&domain)?;
+                write_meta(hv, &domain, &meta)
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(%service, error = %e, "cannot retire a stale primary");
+        }
     }
     // Every generation ever used for a service, retired domains included.
     for svc in found.values_mut() {
