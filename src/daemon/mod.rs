@@ -120,6 +120,8 @@ pub struct Daemon {
     cfg: RwLock<Arc<Config>>,
     config_path: PathBuf,
     hv: RwLock<Hypervisor>,
+    /// A second connection for guest probes, so stuck agent calls never delay a promotion.
+    probe_hv: RwLock<Hypervisor>,
     events: EventLoop,
     net: Netlink,
     metrics: Arc<Metrics>,
@@ -150,6 +152,14 @@ impl Daemon {
 
     fn hv(&self) -> Hypervisor {
         self.hv.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The connection for guest probes (pings, grace checks), kept apart from [`Self::hv`].
+    fn probe_hv(&self) -> Hypervisor {
+        self.probe_hv
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn class(&self, name: &str) -> ClassConfig {
@@ -198,6 +208,12 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
         cfg.daemon.keepalive_interval_s,
         cfg.daemon.keepalive_count,
     )?;
+    let probe_hv = Hypervisor::open(
+        &events,
+        &cfg.daemon.libvirt_uri,
+        cfg.daemon.keepalive_interval_s,
+        cfg.daemon.keepalive_count,
+    )?;
     let (note_tx, mut notes) = mpsc::unbounded_channel();
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     hv.subscribe(ev_tx.clone())?;
@@ -219,6 +235,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
         cfg: RwLock::new(cfg.clone()),
         config_path,
         hv: RwLock::new(hv),
+        probe_hv: RwLock::new(probe_hv),
         events,
         net,
         metrics,
@@ -468,10 +485,6 @@ async fn on_note(d: &Shared, note: Note) {
             at,
             at_unix_ms,
         } => {
-            d.pinging
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&domain);
             let found = d
                 .services()
                 .values()
@@ -642,6 +655,25 @@ async fn reconnect(d: &Shared, ev_tx: &mpsc::UnboundedSender<DomainEvent>) {
                     tracing::error!(error = %e, "resubscribe failed");
                 } else {
                     *d.hv.write().unwrap_or_else(|e| e.into_inner()) = hv;
+                    let (uri, ki, kc, events) = (
+                        cfg.daemon.libvirt_uri.clone(),
+                        cfg.daemon.keepalive_interval_s,
+                        cfg.daemon.keepalive_count,
+                        d.events,
+                    );
+                    match tokio::task::spawn_blocking(move || {
+                        Hypervisor::open(&events, &uri, ki, kc)
+                    })
+                    .await
+                    {
+                        Ok(Ok(p)) => *d.probe_hv.write().unwrap_or_else(|e| e.into_inner()) = p,
+                        _ => {
+                            tracing::warn!(
+                                "probe connection not reopened; probes share the main connection"
+                            );
+                            *d.probe_hv.write().unwrap_or_else(|e| e.into_inner()) = d.hv();
+                        }
+                    }
                     d.metrics.inc_libvirt_reconnect();
                     tracing::info!("reconnected to libvirt");
                     break;
