@@ -118,9 +118,12 @@ pub(super) fn send_heartbeats(d: &Shared) {
             let d2 = d.clone();
             tokio::spawn(async move {
                 let dn = domain.clone();
-                let mut call = tokio::spawn(hv.run("heartbeat", move |hv| {
-                    hv.agent_command(&dn, r#"{"execute":"guest-ping"}"#, timeout, max_reply)
-                }));
+                let mut call = tokio::spawn(async move {
+                    hv.run("heartbeat", move |hv| {
+                        hv.agent_command(&dn, r#"{"execute":"guest-ping"}"#, timeout, max_reply)
+                    })
+                    .await
+                });
                 let outcome = tokio::time::timeout(timeout, &mut call).await;
                 let timed_out = outcome.is_err();
                 let ping = match outcome {
