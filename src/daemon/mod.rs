@@ -26,9 +26,9 @@ use crate::api::control::ControlServer;
 use crate::api::metrics::Metrics;
 use crate::api::protocol::{Request, Response, ShadowState};
 use crate::config::{ClassConfig, Config};
-use crate::domain_xml::META_NS;
+use crate::domain_xml::{MemberState, Role, META_NS};
 use crate::failover::promote::{promote, Promoted, Promotion, Trigger};
-use crate::failover::shadow::shadow_generation;
+use crate::failover::shadow::{member_meta, shadow_generation, write_meta};
 use crate::failover::{now_unix_ms, Service, ServiceState, Shadow};
 use crate::libvirt::{
     AgentState, DomainEvent, EventLoop, Hypervisor, LibvirtError, LifecycleEvent,
@@ -602,8 +602,29 @@ async fn on_libvirt_event(d: &Shared, ev: DomainEvent, ev_tx: &mpsc::UnboundedSe
                         .map(|s| s.state == ServiceState::Stopped)
                         .unwrap_or(false);
                     if stopped {
-                        if let Some(s) = d.services().get_mut(&service) {
+                        let class = d.services().get_mut(&service).map(|s| {
                             s.state = ServiceState::Provisioning;
+                            s.class.clone()
+                        });
+                        // The record in libvirt must say it runs: a restarted daemon that
+                        // read "stopped" would not fail it over.
+                        if let Some(class) = class {
+                            let gen = shadow_generation(&service, &domain).unwrap_or(0);
+                            let meta = member_meta(
+                                &service,
+                                &class,
+                                Role::Primary,
+                                gen,
+                                MemberState::Active,
+                            );
+                            let dn = domain.clone();
+                            if let Err(e) = d
+                                .hv()
+                                .run("mark primary active", move |hv| write_meta(hv, &dn, &meta))
+                                .await
+                            {
+                                tracing::error!(%service, error = %e, "cannot mark the started primary active");
+                            }
                         }
                         refresh_active(d, &service).await;
                     }
