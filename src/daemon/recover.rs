@@ -326,6 +326,17 @@ pub(super) fn watch_primary(d: &Shared, service: &str, domain: &str) {
     };
     let proc = match QemuProcess::open(domain, pid) {
         Ok(p) => p,
+        Err(crate::libvirt::LibvirtError::Process { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => {
+            // The pid libvirt recorded is gone already: libvirt has not caught up with a
+            // death (e.g. we restarted right after a crash). That is an exit, seen now.
+            tracing::warn!(service, domain, pid, "primary QEMU already gone");
+            let _ = d.notes.send(Note::PrimaryExited {
+                service: service.to_string(),
+                domain: domain.to_string(),
+                at: Instant::now(),
+            });
+            return;
+        }
         Err(e) => {
             tracing::warn!(service, domain, pid, error = %crate::error_chain(&e), "no pidfd; relying on libvirt events");
             return;
