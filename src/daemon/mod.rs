@@ -37,6 +37,9 @@ use crate::monitor::heartbeat::PingFailure;
 use crate::monitor::{Health, HeartbeatConfig, HeartbeatEvent, HeartbeatTracker, MonoMs};
 use crate::net::Netlink;
 
+/// Pause between a completed promotion and provisioning the replacement shadow.
+const REPLACEMENT_DELAY: Duration = Duration::from_secs(2);
+
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -457,7 +460,14 @@ async fn on_note(d: &Shared, note: Note) {
                         svc.promote_attempts = 0;
                     }
                     watch_primary(d, &service, &active);
-                    ensure_all_shadows(d);
+                    // The replacement shadow waits a moment: booting it competes for CPU with
+                    // the guest that has just taken over, in the very seconds its clients
+                    // reconnect. Service first, redundancy right after.
+                    let d2 = d.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(REPLACEMENT_DELAY).await;
+                        ensure_all_shadows(&d2);
+                    });
                 }
                 None => {
                     // The failed shadow may be half promoted: destroy it, then try again with
