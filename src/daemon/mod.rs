@@ -380,6 +380,8 @@ async fn on_note(d: &Shared, note: Note) {
             Ok(shadow) => {
                 let mut services = d.services();
                 if let Some(svc) = services.get_mut(&service) {
+                    svc.provision_failures = 0;
+                    svc.provision_not_before = None;
                     if let Some(s) = svc.shadows.iter_mut().find(|s| s.name == name) {
                         *s = shadow;
                     }
@@ -403,6 +405,15 @@ async fn on_note(d: &Shared, note: Note) {
             Err(e) => {
                 tracing::error!(%service, shadow = %name, error = %e, "shadow provisioning failed");
                 remove_shadow(d, &service, &name).await;
+                if let Some(svc) = d.services().get_mut(&service) {
+                    // 10 s, 20 s, 40 s ... up to 5 minutes between attempts.
+                    svc.provision_failures += 1;
+                    let wait = Duration::from_secs(10)
+                        .saturating_mul(1 << svc.provision_failures.min(5).saturating_sub(1));
+                    let wait = wait.min(Duration::from_secs(300));
+                    svc.provision_not_before = Some(Instant::now() + wait);
+                    tracing::warn!(%service, failures = svc.provision_failures, retry_in_s = wait.as_secs(), "next shadow provisioning attempt delayed");
+                }
                 if unprotectable {
                     if let Some(svc) = d.services().get_mut(&service) {
                         svc.state = ServiceState::Unprotectable(e);

@@ -163,6 +163,8 @@ pub(super) fn new_service(name: &str, class: &str, active: &str, state: ServiceS
         health: "unknown".into(),
         promote_attempts: 0,
         last_generation: 0,
+        provision_failures: 0,
+        provision_not_before: None,
     }
 }
 
@@ -326,7 +328,9 @@ pub(super) fn watch_primary(d: &Shared, service: &str, domain: &str) {
     };
     let proc = match QemuProcess::open(domain, pid) {
         Ok(p) => p,
-        Err(crate::libvirt::LibvirtError::Process { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => {
+        Err(crate::libvirt::LibvirtError::Process { source, .. })
+            if source.raw_os_error() == Some(libc::ESRCH) =>
+        {
             // The pid libvirt recorded is gone already: libvirt has not caught up with a
             // death (e.g. we restarted right after a crash). That is an exit, seen now.
             tracing::warn!(service, domain, pid, "primary QEMU already gone");
@@ -424,6 +428,9 @@ pub(super) fn ensure_all_shadows(d: &Shared) {
                 ServiceState::Provisioning | ServiceState::Protected
             ) || down_retry)
             {
+                continue;
+            }
+            if svc.provision_not_before.is_some_and(|t| Instant::now() < t) {
                 continue;
             }
             let want = (class.shadows as usize).max(usize::from(down_retry));

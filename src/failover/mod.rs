@@ -175,6 +175,11 @@ pub struct Service {
     pub promote_attempts: u32,
     /// Highest shadow generation ever used, so new shadows never reuse a name.
     pub last_generation: u64,
+    /// Consecutive failed shadow provisionings, and when the next attempt may start: a
+    /// failing host is not hammered every housekeeping round.
+    pub provision_failures: u32,
+    /// See `provision_failures`.
+    pub provision_not_before: Option<std::time::Instant>,
 }
 
 /// A tap device and the bridge it belongs on.
