@@ -363,6 +363,13 @@ fn make_standby(hv: &Hypervisor, n: &NetRt, from: &str, generation: u64) -> Stri
         boot_timeout: Duration::from_secs(300),
         agent_timeout: Duration::from_secs(1),
         agent_max_reply: 1 << 20,
+        // The same warm-up as the daemon's shadows get (integration/common.rs), for fairness.
+        warmup: vec![vec![
+            "/bin/busybox".into(),
+            "sh".into(),
+            "-c".into(),
+            "for i in $(seq 30); do wget -q -O /dev/null http://127.0.0.1/; done".into(),
+        ]],
     };
     n.rt.block_on(understudy::failover::shadow::provision(hv, &n.net, req))
         .unwrap()

@@ -209,6 +209,8 @@ class = "default"
 [class.default]
 shadows = {shadows}
 shadow_boot_timeout_s = 180
+# Exercise the page server over loopback before the shadow is paused (see configs/lab.toml).
+warmup_commands = [["/bin/busybox", "sh", "-c", "for i in $(seq 30); do wget -q -O /dev/null http://127.0.0.1/; done"]]
 "#,
                 state = dir.join("state").display(),
                 socket = socket.display(),

@@ -486,6 +486,7 @@ pub(super) fn ensure_all_shadows(d: &Shared) {
             boot_timeout: Duration::from_secs(c.shadow_boot_timeout_s),
             agent_timeout: Duration::from_millis(cfg.monitor.agent_timeout_ms),
             agent_max_reply: cfg.monitor.agent_max_reply_bytes,
+            warmup: c.warmup_commands.clone(),
         };
         let d2 = d.clone();
         tokio::spawn(async move {

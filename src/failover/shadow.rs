@@ -34,6 +34,8 @@ pub struct ShadowRequest {
     pub agent_timeout: Duration,
     /// Bound on agent replies.
     pub agent_max_reply: usize,
+    /// Commands run in the shadow (guest-exec, argument vectors) before it is paused.
+    pub warmup: Vec<Vec<String>>,
 }
 
 /// The shadow name for generation `n` of `service`.
@@ -178,6 +180,13 @@ pub async fn provision(
         req.agent_max_reply,
     )
     .await?;
+    for argv in &req.warmup {
+        // A warm-up that fails leaves a colder shadow, not a broken one.
+        match guest_exec_wait(hv, &name, argv, WARMUP_TIMEOUT, req.agent_max_reply).await {
+            Ok(code) => tracing::debug!(shadow = %name, ?argv, code, "warm-up command done"),
+            Err(e) => tracing::warn!(shadow = %name, ?argv, error = %e, "warm-up command failed"),
+        }
+    }
     let n = name.clone();
     let meta = member_meta(
         &req.service,
@@ -223,6 +232,54 @@ pub fn raise_links(hv: &Hypervisor, domain: &str, macs: &[String]) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Longest a single warm-up command may run.
+const WARMUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `argv` in the guest through guest-exec (an argument vector, never a shell string)
+/// and waits for it to exit; returns its exit code.
+pub async fn guest_exec_wait(
+    hv: &Hypervisor,
+    domain: &str,
+    argv: &[String],
+    limit: Duration,
+    max_reply: usize,
+) -> Result<i64, LibvirtError> {
+    let (program, args) = argv
+        .split_first()
+        .map(|(p, a)| (p.clone(), a.to_vec()))
+        .unwrap_or_default();
+    let cmd =
+        serde_json::json!({"execute": "guest-exec", "arguments": {"path": program, "arg": args}})
+            .to_string();
+    let d = domain.to_string();
+    let reply = hv
+        .run("guest-exec", move |hv| {
+            hv.agent_command(&d, &cmd, Duration::from_secs(5), max_reply)
+        })
+        .await?;
+    let pid = serde_json::from_str::<serde_json::Value>(&reply)
+        .ok()
+        .and_then(|v| v["return"]["pid"].as_i64())
+        .unwrap_or(-1);
+    let deadline = Instant::now() + limit;
+    while pid >= 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}})
+            .to_string();
+        let d = domain.to_string();
+        let reply = hv
+            .run("guest-exec-status", move |hv| {
+                hv.agent_command(&d, &status, Duration::from_secs(5), max_reply)
+            })
+            .await?;
+        let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+        if v["return"]["exited"].as_bool() == Some(true) {
+            return Ok(v["return"]["exitcode"].as_i64().unwrap_or(-1));
+        }
+    }
+    Ok(-1)
 }
 
 /// Takes a tap off its bridge and sets it down.
