@@ -312,6 +312,12 @@ pub(super) async fn refresh_active(d: &Shared, service: &str) {
     };
     let bridges = live_taps(&d.hv(), &active).await.unwrap_or_default();
     if let Some(s) = d.services().get_mut(service) {
+        for bridge in bridges.iter().filter_map(|b| b.bridge.as_deref()) {
+            if crate::net::mac_is_fixed(std::path::Path::new("/sys"), bridge) == Some(false) {
+                // Not fatal, but it costs every failover an ARP round trip with each client.
+                tracing::warn!(service, bridge, "bridge has no fixed MAC: it changes as ports come and go, flushing clients' ARP caches during failovers; set one (ip link set {bridge} address ...)");
+            }
+        }
         s.active_taps = bridges;
     }
     watch_primary(d, service, &active);
