@@ -308,6 +308,7 @@ fn make_standby(hv: &Hypervisor, n: &NetRt, from: &str, generation: u64) -> Stri
         boot_timeout: Duration::from_secs(300),
         agent_timeout: Duration::from_secs(1),
         agent_max_reply: 1 << 20,
+        golden_image: None,
     };
     n.rt.block_on(understudy::failover::shadow::provision(hv, &n.net, req))
         .unwrap()

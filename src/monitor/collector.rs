@@ -303,7 +303,9 @@ pub struct Tick {
     pub observation: Option<Observation>,
     /// What the guest agent contributed.
     pub guest: GuestStatus,
-    /// Whether the configuration items were read in this tick and differ from the last read.
+    /// Whether the configuration items were read in this tick.
+    pub config_read: bool,
+    /// Whether they were read and differ from the previous read.
     pub config_changed: bool,
     /// Everything that went wrong; the tick is still usable.
     pub errors: Vec<CollectorError>,
@@ -632,8 +634,8 @@ impl Collector {
         let (guest, status) = if self.ticks < self.agent_resume_tick {
             (GuestReading::default(), GuestStatus::BackingOff)
         } else {
-            let config_round =
-                self.config.is_none() || self.ticks % self.settings.config_every.max(1) == 0;
+            let config_round = self.config.is_none()
+                || self.ticks.is_multiple_of(self.settings.config_every.max(1));
             let reading = self.read_guest(agent, config_round, &mut errors);
             let status = match (reading.answered, reading.failed) {
                 (_, 0) => GuestStatus::Answered,
@@ -668,6 +670,7 @@ impl Collector {
         if let Some(p) = &peers {
             self.deps.observe_sockets(ts_unix_ms, p);
         }
+        let config_read = guest.config.is_some();
         let config_changed = match guest.config {
             Some(items) => self.update_config(items, &mut errors),
             None => false,
@@ -698,6 +701,7 @@ impl Collector {
             sample,
             observation,
             guest: status,
+            config_read,
             config_changed,
             errors,
         }

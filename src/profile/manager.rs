@@ -143,6 +143,8 @@ struct Base {
 struct Live {
     learner: Learner,
     base: Option<Base>,
+    /// Bumped whenever the profile is replaced (rollback, pulled version).
+    generation: u64,
     first_seen_unix_ms: Option<u64>,
     last_scheduled_unix_ms: Option<u64>,
     last_drift_commit_unix_ms: Option<u64>,
@@ -263,6 +265,7 @@ pub struct ProfileManager {
     params: LearnerParams,
     metrics: Arc<Metrics>,
     live: Mutex<BTreeMap<String, Live>>,
+    commits: Mutex<()>,
     repo_missing_reported: AtomicBool,
 }
 
@@ -321,6 +324,7 @@ impl ProfileManager {
             params,
             metrics,
             live: Mutex::new(BTreeMap::new()),
+            commits: Mutex::new(()),
             repo_missing_reported: AtomicBool::new(false),
         })
     }
@@ -330,8 +334,15 @@ impl ProfileManager {
         &self.store
     }
 
+    /// The live state. Never held across file I/O: a promotion reads plans under it.
     fn lock(&self) -> Result<MutexGuard<'_, BTreeMap<String, Live>>, ManagerError> {
         self.live.lock().map_err(|_| ManagerError::Poisoned)
+    }
+
+    /// Serialises whatever writes versions and moves a live profile's base with it (commits,
+    /// rollbacks, adoption of pulled versions), so a commit never lands on top of a rollback.
+    fn commit_lock(&self) -> Result<MutexGuard<'_, ()>, ManagerError> {
+        self.commits.lock().map_err(|_| ManagerError::Poisoned)
     }
 
     /// A learner for `service`, resumed from its current stored version if it has one.
@@ -372,6 +383,7 @@ impl ProfileManager {
         Ok(Live {
             learner,
             base,
+            generation: 0,
             first_seen_unix_ms: None,
             last_scheduled_unix_ms: None,
             last_drift_commit_unix_ms: None,
@@ -381,27 +393,40 @@ impl ProfileManager {
         })
     }
 
-    fn known(&self, live: &BTreeMap<String, Live>) -> String {
-        let mut names: Vec<String> = live.keys().cloned().collect();
+    fn unknown(&self, service: &str) -> ManagerError {
+        let mut names: Vec<String> = self
+            .live
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
         names.extend(self.store.services().unwrap_or_default());
         names.sort();
         names.dedup();
-        if names.is_empty() {
-            "(none)".into()
-        } else {
-            names.join(", ")
+        ManagerError::UnknownService {
+            service: service.to_string(),
+            known: if names.is_empty() {
+                "(none)".into()
+            } else {
+                names.join(", ")
+            },
         }
     }
 
-    fn unknown(&self, service: &str, live: &BTreeMap<String, Live>) -> ManagerError {
-        ManagerError::UnknownService {
-            service: service.to_string(),
-            known: self.known(live),
-        }
+    fn is_live(&self, service: &str) -> Result<bool, ManagerError> {
+        Ok(self.lock()?.contains_key(service))
     }
 
     fn has_versions(&self, service: &str) -> Result<bool, ManagerError> {
         Ok(!self.store.history(service)?.is_empty() || !self.store.skipped(service)?.is_empty())
+    }
+
+    /// Errs unless `service` is observed or has stored versions.
+    fn require_known(&self, service: &str) -> Result<(), ManagerError> {
+        if self.is_live(service)? || self.has_versions(service)? {
+            Ok(())
+        } else {
+            Err(self.unknown(service))
+        }
     }
 
     /// Learns one observation of `service`'s primary; commits a version when the policy says
@@ -411,14 +436,58 @@ impl ProfileManager {
         service: &str,
         obs: &Observation,
     ) -> Result<ObserveOutcome, ManagerError> {
-        let mut map = self.lock()?;
-        if !map.contains_key(service) {
-            let live = self.load(service)?;
-            map.insert(service.to_string(), live);
+        if !self.is_live(service)? {
+            // Read the stored version without holding the live lock.
+            let loaded = self.load(service)?;
+            self.lock()?.entry(service.to_string()).or_insert(loaded);
         }
-        let Some(st) = map.get_mut(service) else {
-            return Err(self.unknown(service, &BTreeMap::new()));
+        let (drift, pending) = {
+            let mut map = self.lock()?;
+            let Some(st) = map.get_mut(service) else {
+                return Err(self.unknown(service));
+            };
+            let drift = self.learn(service, st, obs);
+            let pending = self
+                .due_commit(st, obs.ts_unix_ms)
+                .map(|reason| (reason, st.learner.profile().clone(), st.generation));
+            (drift, pending)
         };
+        let mut committed = None;
+        if let Some((reason, profile, generation)) = pending {
+            let now = obs.ts_unix_ms;
+            let _commits = self.commit_lock()?;
+            // A rollback or a pulled version replaced the profile meanwhile: this one is stale.
+            let current = self
+                .lock()?
+                .get(service)
+                .is_some_and(|st| st.generation == generation);
+            if current {
+                match self.store.commit_at(service, &profile, reason.clone(), now) {
+                    Ok(version) => {
+                        if let Some(st) = self.lock()?.get_mut(service) {
+                            st.base = Some(Base {
+                                summary: VersionSummary {
+                                    version,
+                                    created_unix_ms: now,
+                                    reason: reason.clone(),
+                                },
+                                profile,
+                            });
+                        }
+                        committed = Some((version, reason));
+                    }
+                    // The next occasion (drift cool-down, schedule) tries again.
+                    Err(e) => {
+                        tracing::warn!(service, error = %e, cause = %crate::error_chain(&e), "profile version not committed")
+                    }
+                }
+            }
+        }
+        Ok(ObserveOutcome { drift, committed })
+    }
+
+    /// Feeds the learner, exports drift and accuracy.
+    fn learn(&self, service: &str, st: &mut Live, obs: &Observation) -> Vec<DriftEvent> {
         let now = obs.ts_unix_ms;
         st.observations += 1;
         st.first_seen_unix_ms.get_or_insert(now);
@@ -428,7 +497,6 @@ impl ProfileManager {
         }
         st.recent
             .push_back((now, obs.value(Metric::Cpu), obs.value(Metric::Mem) as u64));
-
         let drift = st.learner.observe(obs);
         for e in &drift {
             self.metrics.inc_drift_event(service, drift_label(&e.kind));
@@ -445,23 +513,28 @@ impl ProfileManager {
                 a.mean_waste,
             );
         }
+        drift
+    }
 
-        let reason = if !st.pending_drift.is_empty()
+    /// The reason to commit the live profile now, if there is one.
+    fn due_commit(&self, st: &mut Live, now: u64) -> Option<Reason> {
+        if !st.pending_drift.is_empty()
             && st
                 .last_drift_commit_unix_ms
                 .is_none_or(|t| now.saturating_sub(t) >= DRIFT_COMMIT_COOLDOWN_MS)
         {
             st.last_drift_commit_unix_ms = Some(now);
-            Some(Reason::Drift {
+            return Some(Reason::Drift {
                 detail: bounded_detail(&std::mem::take(&mut st.pending_drift)),
-            })
-        } else if st.base.is_none()
-            && st
+            });
+        }
+        if st.base.is_none() {
+            return st
                 .first_seen_unix_ms
                 .is_some_and(|t| now.saturating_sub(t) >= INITIAL_COMMIT_AFTER_MS)
-        {
-            Some(Reason::Initial)
-        } else if st
+                .then_some(Reason::Initial);
+        }
+        if st
             .last_scheduled_unix_ms
             .is_some_and(|t| now.saturating_sub(t) >= SCHEDULED_COMMIT_EVERY_MS)
         {
@@ -475,54 +548,33 @@ impl ProfileManager {
                 )
                 .is_empty()
             });
-            changed.then_some(Reason::Scheduled)
-        } else {
-            None
-        };
-        let mut committed = None;
-        if let Some(reason) = reason {
-            let profile = st.learner.profile().clone();
-            match self.store.commit_at(service, &profile, reason.clone(), now) {
-                Ok(version) => {
-                    st.base = Some(Base {
-                        summary: VersionSummary {
-                            version,
-                            created_unix_ms: now,
-                            reason: reason.clone(),
-                        },
-                        profile,
-                    });
-                    committed = Some((version, reason));
-                }
-                // The next occasion (drift cool-down, schedule) tries again.
-                Err(e) => {
-                    tracing::warn!(service, error = %e, cause = %crate::error_chain(&e), "profile version not committed")
-                }
-            }
+            return changed.then_some(Reason::Scheduled);
         }
-        Ok(ObserveOutcome { drift, committed })
+        None
     }
 
     /// The current profile of `service` and what it predicts at `now_unix_ms`.
     pub fn show(&self, service: &str, now_unix_ms: u64) -> Result<ProfileReport, ManagerError> {
-        let map = self.lock()?;
-        if let Some(st) = map.get(service) {
-            let profile = st.learner.profile();
-            let observed = (!st.recent.is_empty()).then(|| ObservedSummary {
-                samples: st.recent.len(),
-                since_unix_ms: st.recent.front().map_or(0, |r| r.0),
-                cpu_cores: observed(st.recent.iter().map(|r| r.1)),
-                mem_bytes: observed(st.recent.iter().map(|r| r.2 as f64)),
-            });
-            return Ok(report(
-                service,
-                now_unix_ms,
-                true,
-                st.base.as_ref().map(|b| b.summary.clone()),
-                profile,
-                observed,
-                Some(st.learner.accuracy()),
-            ));
+        {
+            let map = self.lock()?;
+            if let Some(st) = map.get(service) {
+                let profile = st.learner.profile();
+                let observed = (!st.recent.is_empty()).then(|| ObservedSummary {
+                    samples: st.recent.len(),
+                    since_unix_ms: st.recent.front().map_or(0, |r| r.0),
+                    cpu_cores: observed(st.recent.iter().map(|r| r.1)),
+                    mem_bytes: observed(st.recent.iter().map(|r| r.2 as f64)),
+                });
+                return Ok(report(
+                    service,
+                    now_unix_ms,
+                    true,
+                    st.base.as_ref().map(|b| b.summary.clone()),
+                    profile,
+                    observed,
+                    Some(st.learner.accuracy()),
+                ));
+            }
         }
         match self.store.current(service)? {
             Some(v) => {
@@ -541,7 +593,7 @@ impl ProfileManager {
                     None,
                 ))
             }
-            None => Err(self.unknown(service, &map)),
+            None => Err(self.unknown(service)),
         }
     }
 
@@ -549,9 +601,8 @@ impl ProfileManager {
     pub fn history(&self, service: &str) -> Result<HistoryReport, ManagerError> {
         let versions = self.store.history(service)?;
         let skipped = self.store.skipped(service)?;
-        let map = self.lock()?;
-        if versions.is_empty() && skipped.is_empty() && !map.contains_key(service) {
-            return Err(self.unknown(service, &map));
+        if versions.is_empty() && skipped.is_empty() && !self.is_live(service)? {
+            return Err(self.unknown(service));
         }
         Ok(HistoryReport {
             service: service.to_string(),
@@ -562,31 +613,25 @@ impl ProfileManager {
 
     /// What changed from version `a` to version `b` of `service`.
     pub fn diff(&self, service: &str, a: u64, b: u64) -> Result<ProfileDiff, ManagerError> {
-        {
-            let map = self.lock()?;
-            if !map.contains_key(service) && !self.has_versions(service)? {
-                return Err(self.unknown(service, &map));
-            }
-        }
+        self.require_known(service)?;
         Ok(self.store.diff(service, a, b)?)
     }
 
     /// Makes version `to` (the previous readable one when `None`) current again as a new
     /// version; the live learner, if any, continues from it.
     pub fn rollback(&self, service: &str, to: Option<u64>) -> Result<RollbackReport, ManagerError> {
-        let mut map = self.lock()?;
-        if !map.contains_key(service) && !self.has_versions(service)? {
-            return Err(self.unknown(service, &map));
-        }
+        self.require_known(service)?;
+        let _commits = self.commit_lock()?;
         let version = self.store.rollback(service, to)?;
         let v = self.store.get(service, version)?;
         let target = match v.reason {
             Reason::Rollback { to } => to,
             _ => version,
         };
-        let live = match map.get_mut(service) {
+        let live = match self.lock()?.get_mut(service) {
             Some(st) => {
                 st.learner.replace_profile(v.profile.clone());
+                st.generation += 1;
                 st.pending_drift.clear();
                 st.base = Some(Base {
                     summary: VersionSummary {
@@ -611,26 +656,30 @@ impl ProfileManager {
 
     /// Live accuracy of one service, or of every observed service.
     pub fn accuracy(&self, service: Option<&str>) -> Result<Vec<AccuracyEntry>, ManagerError> {
-        let map = self.lock()?;
         let entry = |name: &str, st: &Live| AccuracyEntry {
             service: name.to_string(),
             version: st.base.as_ref().map(|b| b.summary.version),
             report: st.learner.accuracy(),
         };
-        match service {
-            None => Ok(map.iter().map(|(n, st)| entry(n, st)).collect()),
-            Some(name) => match map.get(name) {
-                Some(st) => Ok(vec![entry(name, st)]),
-                None if self.has_versions(name)? => Err(ManagerError::NotLive {
-                    service: name.to_string(),
-                }),
-                None => Err(self.unknown(name, &map)),
-            },
+        let found = {
+            let map = self.lock()?;
+            match service {
+                None => return Ok(map.iter().map(|(n, st)| entry(n, st)).collect()),
+                Some(name) => map.get(name).map(|st| vec![entry(name, st)]),
+            }
+        };
+        match (found, service) {
+            (Some(v), _) => Ok(v),
+            (None, Some(name)) if self.has_versions(name)? => Err(ManagerError::NotLive {
+                service: name.to_string(),
+            }),
+            (None, name) => Err(self.unknown(name.unwrap_or_default())),
         }
     }
 
     /// The shadow sizing `service`'s live profile asks for at `at_unix_ms`, within `limits`;
     /// `None` while the profile is too young to size anything (or the service is unknown).
+    /// Cheap and free of I/O: promotions call it.
     pub fn resource_plan(
         &self,
         service: &str,
@@ -663,11 +712,19 @@ impl ProfileManager {
             return Ok(None);
         }
         self.repo_missing_reported.store(false, Ordering::Relaxed);
-        // Without the manager lock: a slow repository must not stall the collectors.
+        let _commits = self.commit_lock()?;
         let report = self.store.sync(repo)?;
-        let mut map = self.lock()?;
         for s in &report.services {
-            let (Some(pulled), Some(st)) = (s.pulled, map.get_mut(&s.service)) else {
+            let Some(pulled) = s.pulled else { continue };
+            let v = match self.store.get(&s.service, pulled) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(service = %s.service, version = pulled, error = %e, "pulled version unreadable");
+                    continue;
+                }
+            };
+            let mut map = self.lock()?;
+            let Some(st) = map.get_mut(&s.service) else {
                 continue;
             };
             if st
@@ -677,23 +734,17 @@ impl ProfileManager {
             {
                 continue;
             }
-            match self.store.get(&s.service, pulled) {
-                Ok(v) => {
-                    st.learner.replace_profile(v.profile.clone());
-                    st.base = Some(Base {
-                        summary: VersionSummary {
-                            version: v.version,
-                            created_unix_ms: v.created_unix_ms,
-                            reason: v.reason,
-                        },
-                        profile: v.profile,
-                    });
-                    tracing::info!(service = %s.service, version = pulled, "live profile follows the version pulled from the repository");
-                }
-                Err(e) => {
-                    tracing::warn!(service = %s.service, version = pulled, error = %e, "pulled version unreadable")
-                }
-            }
+            st.learner.replace_profile(v.profile.clone());
+            st.generation += 1;
+            st.base = Some(Base {
+                summary: VersionSummary {
+                    version: v.version,
+                    created_unix_ms: v.created_unix_ms,
+                    reason: v.reason,
+                },
+                profile: v.profile,
+            });
+            tracing::info!(service = %s.service, version = pulled, "live profile follows the version pulled from the repository");
         }
         Ok(Some(report))
     }
