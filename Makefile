@@ -9,7 +9,8 @@
 #   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
 #   make bench       every benchmark (bench-profile, bench-failover)
 #   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
-#   make bench-profile   profile model vs baselines on synthetic traces
+#   make bench-profile   profile model vs baselines on synthetic traces, then the collectors'
+#                        own CPU cost on three lab guests (needs the lab)
 #   make test        deps, images, cargo build --tests, then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 #
@@ -115,3 +116,7 @@ bench-failover:
 
 bench-profile:
 	cargo bench --bench profile
+	$(MAKE) deps
+	$(MAKE) images
+	cargo bench --no-run --bench collector
+	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench collector
