@@ -56,6 +56,34 @@ fn show(daemon: &DaemonProc, service: &str) -> Option<Value> {
         .flatten()
 }
 
+/// Polls `profile show` every 2 s until `ready` accepts the report; on timeout the panic shows
+/// the last report.
+fn wait_report(
+    daemon: &DaemonProc,
+    service: &str,
+    what: &str,
+    limit: Duration,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + limit;
+    let mut last = None;
+    loop {
+        if let Some(r) = show(daemon, service) {
+            if ready(&r) {
+                return r;
+            }
+            last = Some(r);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}; last report: {}",
+            last.map(|r| serde_json::to_string_pretty(&r).unwrap_or_default())
+                .unwrap_or_else(|| "none".into())
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
 /// A peer for the guest's requests: answers each after holding the connection `hold`, so the
 /// guest's socket table shows it between two samples.
 struct SlowServer {
@@ -129,14 +157,12 @@ fn profile_learns_the_workload_and_its_dependencies() {
         &["connect", "10.77.0.1", &port, "1", "150"],
     );
     let key = format!("tcp://10.77.0.1:{port}");
-    let report = wait_for(
+    let report = wait_report(
+        &daemon,
+        name,
         "a profile with 45 observations naming the peer",
         Duration::from_secs(180),
-        || {
-            let r = show(&daemon, name)?;
-            (r["observations"].as_u64()? >= 45 && r["dependencies"].get(&key).is_some())
-                .then_some(r)
-        },
+        |r| r["observations"].as_u64().unwrap_or(0) >= 45 && r["dependencies"].get(&key).is_some(),
     );
     eprintln!(
         "profile of {name}: {}",
@@ -267,15 +293,15 @@ fn promotion_applies_the_profile_and_golden_reinit_uses_the_golden_image() {
         "/bin/us-workload",
         &["pattern", "100", "64", "300"],
     );
-    let report = wait_for(
+    let report = wait_report(
+        &daemon,
+        name,
         "a mature profile that tracks the configuration file",
         Duration::from_secs(180),
-        || {
-            let r = show(&daemon, name)?;
-            (r["plan"].is_object()
-                && r["observations"].as_u64()? >= 40
-                && r["expected_config"].get("file:/etc/us-app.conf").is_some())
-            .then_some(r)
+        |r| {
+            r["plan"].is_object()
+                && r["observations"].as_u64().unwrap_or(0) >= 40
+                && r["expected_config"].get("file:/etc/us-app.conf").is_some()
         },
     );
     eprintln!(

@@ -18,7 +18,7 @@ use crate::config::{ClassConfig, Config};
 use crate::failover::apply_profile::ProfileApply;
 use crate::failover::{now_unix_ms, ServiceState};
 use crate::monitor::agent::{AgentLimits, AgentOptions};
-use crate::monitor::collector::{Collector, CollectorSettings, ConfigFileContent};
+use crate::monitor::collector::{Collector, CollectorSettings, ConfigFileContent, GuestStatus};
 use crate::profile::manager::{ManagerError, PlanSummary, ProfileManager, OPEN_LIMITS};
 use crate::profile::StoreError;
 
@@ -207,8 +207,12 @@ async fn run_collector(d: Shared, service: String, domain: String) {
             }
         };
         collector = Some(c);
-        let now_failing: BTreeSet<&'static str> =
+        let mut now_failing: BTreeSet<&'static str> =
             tick.errors.iter().map(|e| e.source_label()).collect();
+        // Not asking is not recovering.
+        if tick.guest == GuestStatus::BackingOff && failing.contains("agent") {
+            now_failing.insert("agent");
+        }
         for e in &tick.errors {
             d.metrics.inc_collector_error(&service, e.source_label());
             if !failing.contains(e.source_label()) {

@@ -15,7 +15,10 @@
 //!
 //! Which numbers feed the profile: memory is the guest's own view (MemTotal − MemAvailable, from
 //! the balloon statistics) because that is what a shadow's balloon target must cover; the QEMU
-//! cgroup's charge (guest RAM touched plus QEMU's own overhead) is the fallback. CPU is the
+//! cgroup's charge (guest RAM touched plus QEMU's own overhead, about twice as much on a small
+//! guest) is the fallback for guests that never send those statistics. The choice is made once
+//! per collector ([`GUEST_MEMORY_GRACE_TICKS`]) and observations without a figure from the chosen
+//! source are skipped, so a profile never mixes the two. CPU is the
 //! guest's busy time when the agent answers two ticks in a row, because vCPU sizing is in guest
 //! CPUs and host time includes emulation overhead and loses time under host contention; the
 //! cgroup's CPU time is the fallback. The [`Sample`] in the history keeps the monitor's own rule
@@ -57,6 +60,10 @@ pub const MAX_CONFIG_ITEMS: usize = 32;
 pub const MAX_AGENT_BACKOFF_TICKS: u64 = 32;
 /// Ticks between two reads of the configuration items (30 s at the default 1 Hz).
 pub const CONFIG_EVERY_TICKS: u64 = 30;
+/// Ticks a collector waits for the guest's memory statistics before it settles for the QEMU
+/// cgroup's memory (a guest without a balloon driver never sends them; a booting one takes a
+/// while).
+pub const GUEST_MEMORY_GRACE_TICKS: u64 = 60;
 
 /// A failure while collecting; each one degrades a tick, none stops the collector.
 #[derive(Debug, Error)]
@@ -213,6 +220,8 @@ pub struct CollectorSettings {
     pub max_config_bytes: usize,
     /// How long a configuration command may run.
     pub exec_timeout: Duration,
+    /// Ticks to wait for the guest's memory statistics (see [`GUEST_MEMORY_GRACE_TICKS`]).
+    pub guest_memory_grace: u64,
     /// Bounds of the sample history.
     pub history: HistoryCaps,
 }
@@ -251,6 +260,7 @@ impl CollectorSettings {
             config_every: CONFIG_EVERY_TICKS,
             max_config_bytes: MAX_CONFIG_FILE_BYTES,
             exec_timeout: Duration::from_secs(5),
+            guest_memory_grace: GUEST_MEMORY_GRACE_TICKS,
             history: HistoryCaps {
                 ring_capacity: monitor.history_samples,
                 max_disk_bytes: monitor.history_max_bytes,
@@ -316,6 +326,17 @@ pub struct Tick {
 enum CounterSource {
     Cgroup,
     Libvirt,
+}
+
+/// Where the profile's memory figure comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MemSource {
+    /// Waiting for the guest's statistics; this many ticks went by without them.
+    Undecided { waited: u64 },
+    /// The guest's own view (balloon statistics).
+    Guest,
+    /// The QEMU cgroup's charge.
+    Host,
 }
 
 /// One tracked configuration item: its last content (bounded) and whether that was cut.
@@ -510,6 +531,7 @@ pub struct Collector {
     rates: RateCalculator,
     cpu_source: Option<CounterSource>,
     io_source: Option<CounterSource>,
+    mem_source: MemSource,
     prev_guest_cpu: Option<(u64, GuestCpuTotals)>,
     deps: DependencyMap,
     config: Option<ConfigSnapshot>,
@@ -556,6 +578,7 @@ impl Collector {
             rates: RateCalculator::new(),
             cpu_source: None,
             io_source: None,
+            mem_source: MemSource::Undecided { waited: 0 },
             prev_guest_cpu: None,
             deps: DependencyMap::new(MAX_DEPENDENCY_PEERS),
             config: None,
@@ -652,6 +675,7 @@ impl Collector {
             (reading, status)
         };
 
+        let profile_mem = self.profile_memory(&host.cgroup, &host.stats);
         let raw = self.raw_counters(&host.cgroup, &host.stats, &guest, ts_unix_ms, mono_ms);
         let guest_cpu = raw.guest_cpu;
         let sample = match self.rates.push(raw) {
@@ -686,7 +710,7 @@ impl Collector {
         }
         let observation = sample.as_ref().and_then(|s| {
             let cpu = guest_cores.or(s.cpu_cores)?;
-            let mem = s.mem_bytes?;
+            let mem = profile_mem?;
             Some(Observation {
                 ts_unix_ms,
                 cpu_cores: cpu,
@@ -863,6 +887,34 @@ impl Collector {
             raw = raw.with_guest_cpustats(cpus);
         }
         raw
+    }
+
+    /// The memory figure for the profile, from the source chosen for this collector.
+    fn profile_memory(
+        &mut self,
+        cgroup: &Option<CgroupCounters>,
+        stats: &Option<DomainStats>,
+    ) -> Option<u64> {
+        let guest = stats.as_ref().and_then(guest_used_bytes);
+        let host = cgroup.as_ref().and_then(|c| c.mem_bytes);
+        match (self.mem_source, guest) {
+            (MemSource::Guest, g) => g,
+            (MemSource::Host, _) => host,
+            (MemSource::Undecided { .. }, Some(g)) => {
+                self.mem_source = MemSource::Guest;
+                Some(g)
+            }
+            (MemSource::Undecided { waited }, None) => {
+                let waited = waited + 1;
+                if waited < self.settings.guest_memory_grace {
+                    self.mem_source = MemSource::Undecided { waited };
+                    return None;
+                }
+                tracing::info!(service = %self.service, domain = %self.domain, ticks = waited, "no guest memory statistics; the profile uses the QEMU cgroup's memory");
+                self.mem_source = MemSource::Host;
+                host
+            }
+        }
     }
 
     /// Guest busy cores over the interval, when the agent answered at both ends of it.
@@ -1134,6 +1186,8 @@ mod tests {
         };
         let mut s = CollectorSettings::new(&MonitorConfig::default(), &class);
         s.agent.exec_poll_interval = Duration::from_millis(1);
+        // Host memory at once for tests without balloon statistics.
+        s.guest_memory_grace = 0;
         s
     }
 
@@ -1388,6 +1442,58 @@ mod tests {
         assert_eq!(c.history().unwrap().ring().len(), 2);
         let (_, err) = Collector::new("../bad", "d", settings(), Some(dir.path()));
         assert_eq!(err.unwrap().source_label(), "history");
+    }
+
+    #[test]
+    fn profile_memory_never_mixes_guest_and_host_views() {
+        let fake = FakeAgent::default();
+        fake.always("guest-get-cpustats", Err(AgentTransportError::NotConnected));
+        let mut s = settings();
+        s.guest_memory_grace = 3;
+        let agent = GuestAgent::new(&fake, s.agent.clone());
+        let (mut c, _) = Collector::new("web", "web-dom", s.clone(), None);
+        let host_mem = 170 << 20;
+        let mut mems = Vec::new();
+        for i in 0..6u64 {
+            // Balloon statistics arrive from the fifth tick on: too late, the host was chosen.
+            let stats = (i >= 4).then(|| balloon(196_608, 96_608));
+            let t = c.tick(
+                host(i * 1_000_000, host_mem, stats),
+                &agent,
+                T0 + i * 1000,
+                1_000 + i * 1000,
+            );
+            mems.push(t.observation.map(|o| o.mem_bytes));
+        }
+        // No observation while waiting (the first tick has no rates anyway).
+        assert_eq!(
+            mems,
+            [
+                None,
+                None,
+                Some(host_mem),
+                Some(host_mem),
+                Some(host_mem),
+                Some(host_mem)
+            ]
+        );
+        // Statistics seen once: the guest's view only, and no observation without it.
+        let (mut c, _) = Collector::new("web", "web-dom", s, None);
+        let mut mems = Vec::new();
+        for i in 0..4u64 {
+            let stats = (i != 2).then(|| balloon(196_608, 96_608));
+            let t = c.tick(
+                host(i * 1_000_000, host_mem, stats),
+                &agent,
+                T0 + i * 1000,
+                1_000 + i * 1000,
+            );
+            mems.push(t.observation.map(|o| o.mem_bytes));
+        }
+        assert_eq!(
+            mems,
+            [None, Some(100_000 * 1024), None, Some(100_000 * 1024)]
+        );
     }
 
     #[test]
