@@ -265,11 +265,8 @@ fn promotion_applies_the_profile_and_golden_reinit_uses_the_golden_image() {
     );
     let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
     let before = hv.live_resources(&shadow).unwrap();
-    assert_eq!(
-        before,
-        (1, 192 * 1024),
-        "lab shadows start like their primary"
-    );
+    // One vCPU like its primary (of two possible); its memory is whatever the balloon reached.
+    assert_eq!(before.0, 1, "lab shadows start with their primary's vCPUs");
 
     // A configuration file the shadow (booted earlier, from the same image) does not have.
     wait_agent(&hv, name);

@@ -140,11 +140,15 @@ pub async fn apply(hv: &Hypervisor, shadow: &str, p: &ProfileApply) -> Vec<Strin
             notes
         })
     };
-    match blocking.await {
+    let (applied, unreachable) = tokio::join!(
+        blocking,
+        check_dependencies(&p.dependencies, p.dependency_timeout)
+    );
+    match applied {
         Ok(n) => notes.extend(n),
         Err(e) => notes.push(format!("{version}: not applied: {e}")),
     }
-    notes.extend(check_dependencies(&p.dependencies, p.dependency_timeout).await);
+    notes.extend(unreachable);
     for n in &notes {
         tracing::info!(shadow, note = %n, "apply_profile");
     }
