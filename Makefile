@@ -9,7 +9,8 @@
 #   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
 #   make bench       every benchmark (bench-profile, bench-failover)
 #   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
-#   make bench-profile   profile model vs baselines on synthetic traces
+#   make bench-profile   profile model vs baselines on synthetic traces, then the collectors'
+#                        own CPU cost on three lab guests (needs the lab)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
 #   make test        deps, images, cargo build --tests, then lab-up, cargo test
@@ -118,6 +119,10 @@ bench-failover:
 
 bench-profile:
 	cargo bench --bench profile
+	$(MAKE) deps
+	$(MAKE) images
+	cargo bench --no-run --bench collector
+	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench collector
 
 bench-soak:
 	$(MAKE) deps

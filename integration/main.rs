@@ -6,3 +6,4 @@ mod common;
 mod failover;
 mod faults;
 mod lab_basics;
+mod profile;

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 use crate::api::control;
 use crate::api::protocol::{render_status_text, Request, Response};
 use crate::config::{Config, LogFormat};
+use crate::profile::manager::{render_accuracy, AccuracyEntry, HistoryReport, ProfileReport};
+use crate::profile::ProfileDiff;
 
 /// Keeps a warm, paused shadow VM ready for every protected libvirt domain.
 #[derive(Debug, Parser)]
@@ -76,6 +78,12 @@ pub enum Command {
         #[command(subcommand)]
         action: ShadowAction,
     },
+    /// Deployment profiles: what each service needs, its versions, and how well it predicts.
+    Profile {
+        /// What to do.
+        #[command(subcommand)]
+        action: ProfileAction,
+    },
     /// Re-read the configuration file; on errors the running configuration stays.
     Reload,
     /// Probe a service's HTTP address like a client would and report who answered and the
@@ -119,6 +127,109 @@ pub enum ShadowAction {
     },
 }
 
+/// `understudy profile ...`
+#[derive(Debug, Subcommand)]
+pub enum ProfileAction {
+    /// The current profile: envelopes expected now, what was observed, the shadow sizing,
+    /// dependencies and configuration.
+    Show {
+        /// Service name.
+        service: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The stored versions, oldest first, and version files that could not be read.
+    History {
+        /// Service name.
+        service: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What changed between two stored versions.
+    Diff {
+        /// Service name.
+        service: String,
+        /// Older version.
+        a: u64,
+        /// Newer version.
+        b: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an older version current again, stored as a new version (without --to: the one
+    /// before the current).
+    Rollback {
+        /// Service name.
+        service: String,
+        /// Version to restore.
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// How well the live profiles predicted real usage since the daemon started.
+    Accuracy {
+        /// Only this service.
+        service: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Renders a JSON answer as text; `None` falls back to the JSON itself.
+type TextRenderer = fn(&serde_json::Value) -> Option<String>;
+
+impl ProfileAction {
+    fn request(&self) -> Request {
+        match self {
+            ProfileAction::Show { service, .. } => Request::ProfileShow {
+                service: service.clone(),
+            },
+            ProfileAction::History { service, .. } => Request::ProfileHistory {
+                service: service.clone(),
+            },
+            ProfileAction::Diff { service, a, b, .. } => Request::ProfileDiff {
+                service: service.clone(),
+                a: *a,
+                b: *b,
+            },
+            ProfileAction::Rollback { service, to } => Request::ProfileRollback {
+                service: service.clone(),
+                to: *to,
+            },
+            ProfileAction::Accuracy { service, .. } => Request::ProfileAccuracy {
+                service: service.clone(),
+            },
+        }
+    }
+
+    fn renderer(&self) -> Option<TextRenderer> {
+        fn text<T: serde::de::DeserializeOwned>(
+            v: &serde_json::Value,
+            f: impl FnOnce(T) -> String,
+        ) -> Option<String> {
+            serde_json::from_value::<T>(v.clone()).ok().map(f)
+        }
+        match self {
+            ProfileAction::Show { json: false, .. } => {
+                Some(|v| text(v, |r: ProfileReport| r.to_string()))
+            }
+            ProfileAction::History { json: false, .. } => {
+                Some(|v| text(v, |r: HistoryReport| r.to_string()))
+            }
+            ProfileAction::Diff { json: false, .. } => {
+                Some(|v| text(v, |r: ProfileDiff| r.to_string()))
+            }
+            ProfileAction::Accuracy { json: false, .. } => {
+                Some(|v| text(v, |r: Vec<AccuracyEntry>| render_accuracy(&r)))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Parses arguments and runs; the binary's whole `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -159,13 +270,18 @@ pub fn main() -> ExitCode {
                     service: service.clone(),
                     golden: *golden,
                 },
+                Command::Profile { action } => action.request(),
                 Command::Reload => Request::ReloadConfig,
                 Command::Run { .. } | Command::CheckConfig { .. } | Command::Probe { .. } => {
                     unreachable!("handled above")
                 }
             };
             let json = matches!(other, Command::Status { json: true });
-            client(&cli, req, json)
+            let text = match other {
+                Command::Profile { action } => action.renderer(),
+                _ => None,
+            };
+            client(&cli, req, json, text)
         }
     }
 }
@@ -181,7 +297,7 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, String> {
         })
 }
 
-fn client(cli: &Cli, req: Request, json: bool) -> ExitCode {
+fn client(cli: &Cli, req: Request, json: bool, text: Option<TextRenderer>) -> ExitCode {
     let path = match socket_path(cli) {
         Ok(p) => p,
         Err(e) => {
@@ -206,7 +322,10 @@ fn client(cli: &Cli, req: Request, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Response::Json(v)) => {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            match text.and_then(|render| render(&v)) {
+                Some(t) => print!("{t}"),
+                None => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+            }
             ExitCode::SUCCESS
         }
         Ok(Response::Error { kind, message }) => {
@@ -365,5 +484,96 @@ fn probe(
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile_request(args: &[&str]) -> (Request, bool) {
+        let cli = Cli::try_parse_from(std::iter::once("understudy").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match cli.command {
+            Command::Profile { action } => (action.request(), action.renderer().is_some()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn profile_subcommands_map_to_requests() {
+        let s = || "web".to_string();
+        assert_eq!(
+            profile_request(&["profile", "show", "web"]),
+            (Request::ProfileShow { service: s() }, true)
+        );
+        assert_eq!(
+            profile_request(&["profile", "show", "web", "--json"]),
+            (Request::ProfileShow { service: s() }, false)
+        );
+        assert_eq!(
+            profile_request(&["profile", "history", "web"]).0,
+            Request::ProfileHistory { service: s() }
+        );
+        assert_eq!(
+            profile_request(&["profile", "diff", "web", "3", "7"]).0,
+            Request::ProfileDiff {
+                service: s(),
+                a: 3,
+                b: 7
+            }
+        );
+        assert_eq!(
+            profile_request(&["profile", "rollback", "web", "--to", "2"]).0,
+            Request::ProfileRollback {
+                service: s(),
+                to: Some(2)
+            }
+        );
+        assert_eq!(
+            profile_request(&["profile", "rollback", "web"]).0,
+            Request::ProfileRollback {
+                service: s(),
+                to: None
+            }
+        );
+        assert_eq!(
+            profile_request(&["profile", "accuracy", "--json"]),
+            (Request::ProfileAccuracy { service: None }, false)
+        );
+        assert_eq!(
+            profile_request(&["profile", "accuracy", "web"]),
+            (Request::ProfileAccuracy { service: Some(s()) }, true)
+        );
+        for bad in [
+            &["profile", "diff", "web", "1"][..],
+            &["profile", "rollback", "web", "--to", "-1"],
+            &["profile", "show"],
+        ] {
+            assert!(
+                Cli::try_parse_from(std::iter::once("understudy").chain(bad.iter().copied()))
+                    .is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn text_renderers_fall_back_to_json_on_unexpected_answers() {
+        let show = ProfileAction::Show {
+            service: "web".into(),
+            json: false,
+        };
+        let render = show.renderer().unwrap();
+        assert_eq!(render(&serde_json::json!({"unexpected": true})), None);
+        let accuracy = ProfileAction::Accuracy {
+            service: None,
+            json: false,
+        }
+        .renderer()
+        .unwrap();
+        assert!(accuracy(&serde_json::json!([]))
+            .unwrap()
+            .contains("no service observed"));
     }
 }

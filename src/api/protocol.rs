@@ -296,6 +296,10 @@ pub struct FailoverRecord {
     pub ok: bool,
     /// Why it failed, when `ok` is false.
     pub error: Option<String>,
+    /// What happened besides the steps, e.g. how the profile resized the new primary or which
+    /// of its dependencies were unreachable; none of it failed the promotion.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Duration of one failover step.
@@ -422,6 +426,9 @@ pub fn render_status_text_at(report: &StatusReport, now_unix_ms: u64) -> String 
                     .collect::<Vec<_>>()
                     .join(", ");
                 let _ = writeln!(out, "  steps: {steps}");
+            }
+            for n in &f.notes {
+                let _ = writeln!(out, "  note: {n}");
             }
         }
     }
@@ -640,6 +647,7 @@ mod tests {
                     ],
                     ok: true,
                     error: None,
+                    notes: vec!["profile v3: vCPUs 1 -> 2".into()],
                 }),
                 health: "ok".into(),
                 last_heartbeat_unix_ms: Some(1_599_000),
@@ -773,6 +781,7 @@ mod tests {
             text.contains("steps: fence 1.2 ms, resume 3.5 ms"),
             "{text}"
         );
+        assert!(text.contains("  note: profile v3: vCPUs 1 -> 2"), "{text}");
         let dom = text.lines().find(|l| l.starts_with("web-a")).unwrap();
         assert!(dom.contains("running") && dom.contains("active"), "{dom}");
         // Columns line up: ACTIVE starts at the same offset in header and row.

@@ -4,10 +4,11 @@
 //! One loop owns the decisions; slow work (provisioning, promotion, pings) runs in tasks that
 //! report back over a channel. The truth lives in libvirt (domain metadata), so a restarted
 //! daemon rebuilds everything (see `recover`). Submodules: `recover` (reconcile from libvirt,
-//! shadow provisioning), `health` (heartbeats, hang detection, probes, tap repair) and
-//! `requests` (the control socket).
+//! shadow provisioning), `health` (heartbeats, hang detection, probes, tap repair),
+//! `requests` (the control socket) and `profiles` (collectors, profile requests, golden shadows).
 
 mod health;
+mod profiles;
 mod recover;
 mod requests;
 
@@ -144,6 +145,8 @@ pub struct Daemon {
     mono_origin: Instant,
     notes: mpsc::UnboundedSender<Note>,
     started_unix_ms: u64,
+    /// Collectors, profile manager, golden-image choices.
+    prof: profiles::Profiling,
 }
 
 type Shared = Arc<Daemon>;
@@ -234,6 +237,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
     tokio::spawn(control.serve(req_tx));
     tracing::info!(uri = %cfg.daemon.libvirt_uri, socket = %cfg.daemon.control_socket.display(), metrics = %cfg.daemon.metrics_listen, "understudy daemon started");
 
+    let prof = profiles::Profiling::open(&cfg, metrics.clone());
     let d: Shared = Arc::new(Daemon {
         cfg: RwLock::new(cfg.clone()),
         config_path,
@@ -253,7 +257,9 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
         mono_origin: Instant::now(),
         notes: note_tx,
         started_unix_ms: now_unix_ms(),
+        prof,
     });
+    profiles::start(&d);
     reconcile(&d).await;
 
     let hb_interval = cfg
@@ -306,7 +312,7 @@ fn load_config(path: &std::path::Path) -> Result<Config, DaemonError> {
 
 /// Begins a failover of `service` away from `from`, unless one is running or pointless.
 fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: Instant) {
-    let promotion = {
+    let mut promotion = {
         let mut services = d.services();
         let Some(svc) = services.get_mut(service) else {
             return;
@@ -338,8 +344,12 @@ fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: I
             shadow,
             trigger,
             detected_at: at,
+            profile: None,
         }
     };
+    // Outside the service table's lock; cheap, and applied only once traffic is restored.
+    promotion.profile = profiles::promotion_profile(d, service);
+    profiles::stop_collector(d, service);
     d.metrics.inc_detection(trigger.label());
     let d2 = d.clone();
     let service = service.to_string();

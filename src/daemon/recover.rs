@@ -325,6 +325,7 @@ pub(super) async fn refresh_active(d: &Shared, service: &str) {
 
 /// Opens a pidfd on the primary's QEMU and reports its exit.
 pub(super) fn watch_primary(d: &Shared, service: &str, domain: &str) {
+    super::profiles::start_collector(d, service, domain);
     let pid = match qemu_pid(std::path::Path::new(crate::libvirt::QEMU_RUN_DIR), domain) {
         Ok(p) => p,
         Err(e) => {
@@ -493,6 +494,7 @@ pub(super) fn ensure_all_shadows(d: &Shared) {
             agent_timeout: Duration::from_millis(cfg.monitor.agent_timeout_ms),
             agent_max_reply: cfg.monitor.agent_max_reply_bytes,
             warmup: c.warmup_commands.clone(),
+            golden_image: super::profiles::golden_image(d, &service, &c),
         };
         let d2 = d.clone();
         tokio::spawn(async move {

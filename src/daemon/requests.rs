@@ -1,4 +1,5 @@
-//! Control-socket requests: status, switchover, stop/start, shadow rebuild, reload.
+//! Control-socket requests: status, switchover, stop/start, shadow rebuild, reload; profile
+//! requests and `shadow reinit --golden` are answered in `profiles`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -138,10 +139,15 @@ pub(super) async fn handle_request(d: &Shared, req: Request) -> Response {
                 },
             }
         }
+        Request::ShadowReinit {
+            service,
+            golden: true,
+        } => super::profiles::reinit_golden(d, &service).await,
         Request::ShadowRebuild { service } | Request::ShadowReinit { service, .. } => {
             let Some(svc) = d.services().get(&service).cloned() else {
                 return unknown_service(d, &service);
             };
+            super::profiles::forget_golden(d, &service);
             for s in &svc.shadows {
                 remove_shadow(d, &service, &s.name).await;
             }
@@ -161,6 +167,11 @@ pub(super) async fn handle_request(d: &Shared, req: Request) -> Response {
                 ),
             }
         }
+        Request::ProfileShow { .. }
+        | Request::ProfileHistory { .. }
+        | Request::ProfileDiff { .. }
+        | Request::ProfileRollback { .. }
+        | Request::ProfileAccuracy { .. } => super::profiles::handle_request(d, req).await,
         Request::ReloadConfig => match load_config(&d.config_path) {
             Ok(c) => {
                 *d.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);

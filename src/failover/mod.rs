@@ -4,6 +4,7 @@
 //! their libvirt `<metadata>` (see [`crate::domain_xml::UnderstudyMeta`]): one active domain
 //! and N paused shadows. Everything here can be rebuilt from libvirt alone after a restart.
 
+pub mod apply_profile;
 pub mod promote;
 pub mod shadow;
 

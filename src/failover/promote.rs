@@ -7,6 +7,8 @@
 //! at once: resume (libvirt) and rewiring (netlink). The shadow's links were raised while it
 //! stood by paused and off the bridge, so no libvirt call is needed for them. Everything else
 //! (announce-self, metadata, retiring the old primary) happens after service is restored.
+//! Once the service is restored and the roles are recorded, `apply_profile` sizes and
+//! configures the new primary from its profile ([`super::apply_profile`]).
 
 use std::time::Instant;
 
@@ -15,6 +17,7 @@ use crate::domain_xml::{MemberState, Role};
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::{NetError, Netlink};
 
+use super::apply_profile::ProfileApply;
 use super::shadow::{member_meta, raise_links, write_meta};
 use super::{now_unix_ms, FailoverError, Shadow, StepClock, TapBinding};
 
@@ -73,6 +76,9 @@ pub struct Promotion {
     pub trigger: Trigger,
     /// When the failure was detected (start of the outage as far as we can know).
     pub detected_at: Instant,
+    /// What the service's profile asks of the promoted shadow (`apply_profile` step, after
+    /// traffic is restored); `None` without a profile.
+    pub profile: Option<ProfileApply>,
 }
 
 /// Result of a promotion: the record (always) and the new primary's taps on success.
@@ -100,7 +106,8 @@ pub async fn promote(
     let at_unix_ms = now_unix_ms();
     let span = tracing::info_span!("promote", service = %p.service, from = %p.old_primary, to = %p.shadow.name, trigger = p.trigger.label());
     let _enter = span.enter();
-    let result = run_steps(hv, net, &p, &mut clock).await;
+    let mut notes = Vec::new();
+    let result = run_steps(hv, net, &p, &mut clock, &mut notes).await;
     let outage_ms = clock.restored_ms().unwrap_or_else(|| clock.total_ms());
     let (ok, error) = match &result {
         Ok(_) => (true, None),
@@ -115,6 +122,7 @@ pub async fn promote(
         steps: clock.into_steps(),
         ok,
         error,
+        notes,
     };
     match result {
         Ok(taps) => {
@@ -133,6 +141,7 @@ async fn run_steps(
     net: &Netlink,
     p: &Promotion,
     clock: &mut StepClock,
+    notes: &mut Vec<String>,
 ) -> Result<Vec<TapBinding>, FailoverError> {
     // 1. Fence. A dead QEMU is already fenced; still cut any tap it left so no stale port
     //    keeps the MAC. A live (hung or switched-over) primary is cut off the bridge, and the
@@ -306,5 +315,13 @@ async fn run_steps(
         .await
     });
     clock.record("metadata", t.elapsed());
+
+    // 5. Size and configure the promoted shadow from its profile. Traffic already flows, so
+    //    this cannot lengthen the outage; what it does or fails to do is a note, never an error.
+    if let Some(profile) = &p.profile {
+        let t = Instant::now();
+        notes.extend(super::apply_profile::apply(hv, &shadow, profile).await);
+        clock.record("apply_profile", t.elapsed());
+    }
     Ok(bindings)
 }

@@ -36,6 +36,9 @@ pub struct ShadowRequest {
     pub agent_max_reply: usize,
     /// Commands run in the shadow (guest-exec, argument vectors) before it is paused.
     pub warmup: Vec<Vec<String>>,
+    /// Base of the system disk's overlay instead of the primary's own image
+    /// (`shadow reinit --golden`): the first writable image disk starts from it.
+    pub golden_image: Option<PathBuf>,
 }
 
 /// The shadow name for generation `n` of `service`.
@@ -132,8 +135,11 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
         domain: req.primary.clone(),
         source,
     })?;
-    for (image, target, overlay) in images {
-        let base = backing_for_shadows(&image, &disk_dir, &req.service, &target)?;
+    for (i, (image, target, overlay)) in images.into_iter().enumerate() {
+        let base = match (&req.golden_image, i) {
+            (Some(golden), 0) => golden.clone(),
+            _ => backing_for_shadows(&image, &disk_dir, &req.service, &target)?,
+        };
         create_overlay(&base, &overlay)?;
     }
     Ok(shadow.to_xml())

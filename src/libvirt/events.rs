@@ -361,6 +361,8 @@ fn apply_stat(out: &mut DomainStats, field: &str, value: Option<u64>) {
         "balloon.current" => out.balloon_current_kib = Some(v),
         "balloon.maximum" => out.balloon_max_kib = Some(v),
         "balloon.rss" => out.balloon_rss_kib = Some(v),
+        "balloon.available" => out.balloon_available_kib = Some(v),
+        "balloon.usable" => out.balloon_usable_kib = Some(v),
         "vcpu.current" => out.vcpu_current = u32::try_from(v).ok(),
         f if f.starts_with("block.") && f.ends_with(".rd.bytes") => add(&mut out.block_rd_bytes),
         f if f.starts_with("block.") && f.ends_with(".wr.bytes") => add(&mut out.block_wr_bytes),

@@ -190,6 +190,11 @@ pub struct DomainStats {
     pub balloon_max_kib: Option<u64>,
     /// Guest-reported RSS in KiB (`balloon.rss`).
     pub balloon_rss_kib: Option<u64>,
+    /// Memory the guest sees, KiB (`balloon.available`: the guest's MemTotal).
+    pub balloon_available_kib: Option<u64>,
+    /// Memory the guest could give up without swapping, KiB (`balloon.usable`: the guest's
+    /// MemAvailable).
+    pub balloon_usable_kib: Option<u64>,
     /// Current vCPU count (`vcpu.current`).
     pub vcpu_current: Option<u32>,
     /// Block bytes read, summed over disks.

@@ -102,6 +102,8 @@ pub enum Command {
     FileOpen,
     /// `guest-file-read`
     FileRead,
+    /// `guest-file-write`
+    FileWrite,
     /// `guest-file-close`
     FileClose,
 }
@@ -120,6 +122,7 @@ impl Command {
             Command::ExecStatus => "guest-exec-status",
             Command::FileOpen => "guest-file-open",
             Command::FileRead => "guest-file-read",
+            Command::FileWrite => "guest-file-write",
             Command::FileClose => "guest-file-close",
         }
     }
@@ -268,6 +271,20 @@ pub enum AgentError {
         actual: usize,
         /// Count requested.
         requested: usize,
+    },
+    /// `guest-file-write` reported writing more than it was sent.
+    #[error("guest-file-write: reply declares {declared} bytes written of {requested} sent")]
+    WriteCountMismatch {
+        /// The `count` field of the reply.
+        declared: u64,
+        /// Bytes sent in the request.
+        requested: usize,
+    },
+    /// `guest-file-write` wrote nothing, which would loop forever.
+    #[error("guest-file-write on {path}: no progress")]
+    WriteStalled {
+        /// The guest path being written.
+        path: String,
     },
     /// `guest-file-read` returned no data without reporting end of file, which would loop forever.
     #[error("guest-file-read on {path}: no progress and no end of file")]
@@ -1116,6 +1133,29 @@ pub fn parse_file_read(
     Ok(FileChunk { data, eof })
 }
 
+/// Parses a `guest-file-write` reply to a request carrying `requested` bytes and returns the
+/// number of bytes written (a short write is legal; more than was sent is not).
+pub fn parse_file_write(
+    text: &str,
+    limits: &AgentLimits,
+    requested: usize,
+) -> Result<usize, AgentError> {
+    let ctx = Ctx {
+        command: Command::FileWrite,
+        limits,
+    };
+    let ret = parse_reply(ctx.command, text, limits)?;
+    let o = ctx.object(&ret, "return")?;
+    let declared = ctx.counter(ctx.required(o, "return", "count")?, "return.count")?;
+    if declared > requested as u64 {
+        return Err(AgentError::WriteCountMismatch {
+            declared,
+            requested,
+        });
+    }
+    Ok(declared as usize)
+}
+
 /// Parses a reply whose `return` must be the empty object (`guest-file-close`).
 fn parse_empty(command: Command, text: &str, limits: &AgentLimits) -> Result<(), AgentError> {
     let ret = parse_reply(command, text, limits)?;
@@ -1312,6 +1352,67 @@ impl<T: AgentTransport> GuestAgent<T> {
                 });
             }
         }
+    }
+
+    /// Replaces the content of the guest file at absolute `path` with `data` (at most
+    /// `max_bytes`): open in mode `w` (created or truncated), write in chunks of
+    /// [`AgentOptions::file_chunk_bytes`], always close the handle. The guest sees a truncated
+    /// file until the last chunk is written, so keep `data` small.
+    pub fn write_file(&self, path: &str, data: &[u8], max_bytes: usize) -> Result<(), AgentError> {
+        if !path.starts_with('/') || path.len() > MAX_ARG_LEN || path.contains('\0') {
+            return Err(AgentError::InvalidRequest {
+                command: Command::FileOpen,
+                reason: "path must be absolute, without NUL, at most 4096 bytes",
+            });
+        }
+        if data.len() > max_bytes {
+            return Err(AgentError::InvalidRequest {
+                command: Command::FileWrite,
+                reason: "content is larger than the caller's bound",
+            });
+        }
+        let limits = &self.options.limits;
+        let handle = parse_file_open(
+            &self.call(
+                Command::FileOpen,
+                Some(json!({ "path": path, "mode": "w" })),
+            )?,
+            limits,
+        )?;
+        let result = self.write_handle(handle, path, data);
+        let closed = self
+            .call(Command::FileClose, Some(json!({ "handle": handle })))
+            .and_then(|r| parse_empty(Command::FileClose, &r, limits));
+        match (result, closed) {
+            (Err(e), _) => Err(e),
+            // Unlike a read, a write is only complete once the handle is flushed and closed.
+            (Ok(()), Err(e)) => Err(e),
+            (Ok(()), Ok(())) => Ok(()),
+        }
+    }
+
+    fn write_handle(&self, handle: i64, path: &str, data: &[u8]) -> Result<(), AgentError> {
+        let chunk_max = self.options.file_chunk_bytes.max(1);
+        let mut done = 0;
+        while done < data.len() {
+            let chunk = &data[done..data.len().min(done + chunk_max)];
+            let reply = self.call(
+                Command::FileWrite,
+                Some(json!({
+                    "handle": handle,
+                    "buf-b64": base64::encode(chunk),
+                    "count": chunk.len(),
+                })),
+            )?;
+            let written = parse_file_write(&reply, &self.options.limits, chunk.len())?;
+            if written == 0 {
+                return Err(AgentError::WriteStalled {
+                    path: path.to_owned(),
+                });
+            }
+            done += written;
+        }
+        Ok(())
     }
 
     /// Runs `argv[0]` with arguments `argv[1..]` in the guest (no shell is involved), then polls
@@ -1990,5 +2091,107 @@ mod tests {
             }
         ));
         assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn write_file_chunks_handles_short_writes_and_closes() {
+        let t = Script::new(vec![
+            ok(r#"{"return": 9}"#),
+            ok(r#"{"return": {"count": 4, "eof": false}}"#),
+            // A short write: 2 of the 4 bytes sent; the rest goes out again.
+            ok(r#"{"return": {"count": 2, "eof": false}}"#),
+            ok(r#"{"return": {"count": 2, "eof": false}}"#),
+            ok(r#"{"return": {"count": 1, "eof": false}}"#),
+            ok(r#"{"return": {}}"#),
+        ]);
+        GuestAgent::new(&t, opts(4))
+            .write_file("/etc/app.conf", b"abcdefghi", 64)
+            .unwrap();
+        let sent = t.sent();
+        assert_eq!(
+            t.sent_commands(),
+            [
+                "guest-file-open",
+                "guest-file-write",
+                "guest-file-write",
+                "guest-file-write",
+                "guest-file-write",
+                "guest-file-close"
+            ]
+        );
+        assert_eq!(
+            sent[0]["arguments"],
+            json!({"path": "/etc/app.conf", "mode": "w"})
+        );
+        let chunks: Vec<Vec<u8>> = sent[1..5]
+            .iter()
+            .map(|v| base64::decode(v["arguments"]["buf-b64"].as_str().unwrap()).unwrap())
+            .collect();
+        assert_eq!(
+            chunks,
+            [
+                b"abcd".to_vec(),
+                b"efgh".to_vec(),
+                b"ghi".to_vec(),
+                b"i".to_vec()
+            ]
+        );
+        assert_eq!(sent[5]["arguments"], json!({"handle": 9}));
+    }
+
+    #[test]
+    fn write_file_rejects_bad_replies_and_oversized_content() {
+        // More written than sent is a lie; the handle is still closed.
+        let t = Script::new(vec![
+            ok(r#"{"return": 3}"#),
+            ok(r#"{"return": {"count": 99, "eof": false}}"#),
+            ok(r#"{"return": {}}"#),
+        ]);
+        let e = GuestAgent::new(&t, opts(4))
+            .write_file("/x", b"ab", 64)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AgentError::WriteCountMismatch {
+                    declared: 99,
+                    requested: 2
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(t.sent_commands().last().unwrap(), "guest-file-close");
+        // No progress would loop forever.
+        let t = Script::new(vec![
+            ok(r#"{"return": 3}"#),
+            ok(r#"{"return": {"count": 0, "eof": false}}"#),
+            ok(r#"{"return": {}}"#),
+        ]);
+        let e = GuestAgent::new(&t, opts(4))
+            .write_file("/x", b"ab", 64)
+            .unwrap_err();
+        assert!(matches!(e, AgentError::WriteStalled { .. }), "{e}");
+        // Refused before anything is sent.
+        let t = Script::new(vec![]);
+        let a = GuestAgent::new(&t, opts(4));
+        assert!(matches!(
+            a.write_file("/x", b"abc", 2),
+            Err(AgentError::InvalidRequest { .. })
+        ));
+        assert!(matches!(
+            a.write_file("rel", b"a", 2),
+            Err(AgentError::InvalidRequest { .. })
+        ));
+        assert!(t.sent().is_empty());
+        // A failed close means the data may not be flushed: the write failed.
+        let t = Script::new(vec![
+            ok(r#"{"return": 3}"#),
+            ok(r#"{"return": {"count": 2, "eof": false}}"#),
+            ok(r#"{"error": {"class": "GenericError", "desc": "close failed"}}"#),
+        ]);
+        let e = GuestAgent::new(&t, opts(4))
+            .write_file("/x", b"ab", 64)
+            .unwrap_err();
+        assert!(matches!(e, AgentError::Guest { .. }), "{e}");
     }
 }

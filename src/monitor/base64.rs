@@ -4,7 +4,6 @@
 
 use thiserror::Error;
 
-#[cfg(test)]
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 /// Why a base64 string was rejected.
@@ -85,8 +84,8 @@ pub fn decode(text: &str) -> Result<Vec<u8>, Base64Error> {
     Ok(out)
 }
 
-/// Encodes bytes as padded standard base64 (tests build agent replies with it).
-#[cfg(test)]
+/// Encodes bytes as padded standard base64 (`guest-file-write` payloads; tests build agent
+/// replies with it).
 pub fn encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {

@@ -1,7 +1,7 @@
 //! Monitoring of protected primaries, host side and guest side.
 //!
-//! Nothing here talks to libvirt directly: the guest agent is reached through the
-//! [`AgentTransport`] trait (implemented over libvirt in `crate::libvirt`), host counters are
+//! Only [`collector`] talks to libvirt (its [`LibvirtAgent`] implements the [`AgentTransport`]
+//! trait over `crate::libvirt`); everything else reaches the guest agent through that trait, host counters are
 //! read from files under a configurable root, and everything else is pure logic fed with
 //! observations. That keeps every piece testable without a hypervisor.
 //!
@@ -19,12 +19,16 @@
 //!   ([`RawCounters`]), robust to counter resets.
 //! - [`history`]: an in-memory ring of samples plus a bounded append-only on-disk log per
 //!   service that survives restarts and torn writes.
+//! - [`collector`]: the per-primary collector that ties the above together once per sampling
+//!   interval: a [`Sample`] for the history and a profile observation per tick, degrading to
+//!   host-only data when the guest agent misbehaves.
 //! - [`heartbeat`]: the state machine that turns pings, vCPU progress and QEMU monitor
 //!   responsiveness into a [`Health`] verdict (healthy, degraded, suspect, hung).
 
 pub mod agent;
-mod base64;
+pub(crate) mod base64;
 pub mod cgroup;
+pub mod collector;
 pub mod configtrack;
 pub mod deps;
 pub mod heartbeat;
@@ -37,6 +41,10 @@ pub use agent::{
 };
 pub use base64::Base64Error;
 pub use cgroup::{CgroupCounters, CgroupError, CgroupReader, CgroupVersion};
+pub use collector::{
+    Collector, CollectorError, CollectorSettings, ConfigFileContent, GuestStatus, LibvirtAgent,
+    Tick,
+};
 pub use configtrack::{
     diff as config_diff, ConfigChange, ConfigItem, ConfigSnapshot, ConfigSource,
 };

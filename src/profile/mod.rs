@@ -9,7 +9,12 @@
 //! [`repo::ProfileRepository`] ([`layout`] is the on-disk format both share). [`accuracy`] scores predictions against what really happened and
 //! [`apply::resource_plan`] turns a profile into the vCPU and memory sizing of a shadow.
 //!
-//! Everything here is pure logic: no libvirt, no clock (timestamps come with the observations).
+//! [`manager::ProfileManager`] owns the live learners of a daemon and decides when a profile
+//! becomes a stored version (first observations, drift, hourly), answers the `profile` control
+//! requests and sizes shadows.
+//!
+//! Everything here is pure logic apart from the store's files: no libvirt, no clock (timestamps
+//! come with the observations).
 //! [`synthetic`] holds the deterministic trace generator and replay used by the benchmark
 //! (`cargo bench --bench profile`) and the tests.
 
@@ -18,6 +23,7 @@ pub mod apply;
 pub mod drift;
 pub mod layout;
 pub mod learner;
+pub mod manager;
 pub mod model;
 pub mod repo;
 pub mod store;
@@ -33,6 +39,7 @@ pub use apply::{resource_plan, ResourceLimits, ResourcePlan};
 pub use drift::{DriftDetector, DriftError, DriftEvent, DriftKind, DriftParams};
 pub use layout::VersionFileError;
 pub use learner::{Dependency, Learner, LearnerError, LearnerParams, Profile};
+pub use manager::{ManagerError, ProfileManager, ProfileReport};
 pub use model::{Envelope, Model, ModelError, ModelParams, Prediction, Source};
 pub use repo::{DirectoryRepository, ProfileRepository, RepoError};
 pub use store::{

@@ -1,0 +1,450 @@
+//! Profiles in the daemon: one collector task per active primary feeding the profile manager,
+//! the `profile` control requests, what a promotion takes from the profile, and shadows rebuilt
+//! on the class's golden image (`shadow reinit --golden`).
+//!
+//! A collector runs while its domain is the active primary of a running service (provisioning
+//! or protected); it stops by itself at its next tick once that is no longer true (failover,
+//! stop, primary down), and [`stop_collector`] stops it at once when a failover starts. The
+//! promoted shadow gets its own collector when it is watched as the new primary.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::api::metrics::Metrics;
+use crate::api::protocol::{ErrorKind, Request, Response};
+use crate::config::{ClassConfig, Config};
+use crate::failover::apply_profile::ProfileApply;
+use crate::failover::{now_unix_ms, ServiceState};
+use crate::monitor::agent::{AgentLimits, AgentOptions};
+use crate::monitor::collector::{Collector, CollectorSettings, ConfigFileContent, GuestStatus};
+use crate::profile::manager::{ManagerError, PlanSummary, ProfileManager, OPEN_LIMITS};
+use crate::profile::StoreError;
+
+use super::*;
+
+/// How often versions are exchanged with the central repository.
+const SYNC_EVERY: Duration = Duration::from_secs(300);
+/// Time allowed to each dependency check after a promotion.
+const DEPENDENCY_CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A running collector.
+struct CollectorTask {
+    domain: String,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// The daemon's profile state.
+pub(super) struct Profiling {
+    /// The manager, or why it could not be opened (profiles are then unavailable, nothing else).
+    manager: Result<Arc<ProfileManager>, String>,
+    /// Collector per service.
+    collectors: Mutex<BTreeMap<String, CollectorTask>>,
+    /// Latest configuration files of each service's primary, for delivery at promotion.
+    configs: Mutex<BTreeMap<String, Vec<ConfigFileContent>>>,
+    /// Services whose shadows are built on their class's golden image.
+    golden: Mutex<BTreeSet<String>>,
+}
+
+impl Profiling {
+    /// Opens the profile store under the state directory and the configured repository.
+    pub(super) fn open(cfg: &Config, metrics: Arc<Metrics>) -> Self {
+        let manager = ProfileManager::open(
+            &cfg.daemon.state_dir,
+            &cfg.profile,
+            Some(&cfg.profile.repository),
+            metrics,
+        )
+        .map(Arc::new)
+        .map_err(|e| {
+            tracing::error!(error = %e, cause = %crate::error_chain(&e), "profiles unavailable; failover is not affected");
+            format!("{e}: {}", crate::error_chain(&e))
+        });
+        Profiling {
+            manager,
+            collectors: Mutex::new(BTreeMap::new()),
+            configs: Mutex::new(BTreeMap::new()),
+            golden: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn manager(&self) -> Option<Arc<ProfileManager>> {
+        self.manager.as_ref().ok().cloned()
+    }
+}
+
+/// Starts the periodic repository synchronisation.
+pub(super) fn start(d: &Shared) {
+    let Some(m) = d.prof.manager() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(SYNC_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let m = m.clone();
+            match tokio::task::spawn_blocking(move || m.sync()).await {
+                Ok(Ok(Some(r))) => {
+                    for s in r.services.iter().filter(|s| {
+                        !s.pushed.is_empty() || s.pulled.is_some() || !s.conflicts.is_empty()
+                    }) {
+                        tracing::info!(service = %s.service, pushed = ?s.pushed, pulled = ?s.pulled, conflicts = ?s.conflicts, "profile repository sync");
+                    }
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, cause = %crate::error_chain(&e), "profile repository sync failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "profile repository sync worker failed"),
+            }
+        }
+    });
+}
+
+/// Starts collecting from `domain`, the active primary of `service`, unless a collector already
+/// does.
+pub(super) fn start_collector(d: &Shared, service: &str, domain: &str) {
+    let mut map = d.prof.collectors.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = map.get(service) {
+        if t.domain == domain && !t.handle.is_finished() {
+            return;
+        }
+        t.handle.abort();
+    }
+    let handle = tokio::spawn(run_collector(
+        d.clone(),
+        service.to_string(),
+        domain.to_string(),
+    ));
+    map.insert(
+        service.to_string(),
+        CollectorTask {
+            domain: domain.to_string(),
+            handle,
+        },
+    );
+}
+
+/// Stops the collector of `service` now (a failover is starting).
+pub(super) fn stop_collector(d: &Shared, service: &str) {
+    if let Some(t) = d
+        .prof
+        .collectors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(service)
+    {
+        t.handle.abort();
+    }
+}
+
+fn still_active(d: &Shared, service: &str, domain: &str) -> bool {
+    d.services().get(service).is_some_and(|s| {
+        s.active == domain
+            && matches!(
+                s.state,
+                ServiceState::Provisioning | ServiceState::Protected
+            )
+    })
+}
+
+async fn run_collector(d: Shared, service: String, domain: String) {
+    let cfg = d.cfg();
+    let class = match d.services().get(&service) {
+        Some(s) => d.class(&s.class),
+        None => return,
+    };
+    let settings = CollectorSettings::new(&cfg.monitor, &class);
+    let (collector, err) = Collector::new(
+        &service,
+        &domain,
+        settings,
+        Some(&cfg.daemon.state_dir.join("history")),
+    );
+    if let Some(e) = err {
+        d.metrics.inc_collector_error(&service, e.source_label());
+        tracing::warn!(%service, error = %e, cause = %crate::error_chain(&e), "collecting without an on-disk history");
+    }
+    tracing::info!(%service, %domain, interval_ms = cfg.monitor.sample_interval_ms, "collector started");
+    let mut collector = Some(collector);
+    let mut ticker = tokio::time::interval(cfg.monitor.sample_interval());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Sources that failed at the previous tick: a failure is logged when it starts and ends,
+    // not at every tick (each one is counted in the metrics).
+    let mut failing: BTreeSet<&'static str> = BTreeSet::new();
+    let mut learn_failed = false;
+    loop {
+        ticker.tick().await;
+        if !still_active(&d, &service, &domain) {
+            break;
+        }
+        let Some(mut c) = collector.take() else {
+            break;
+        };
+        let manager = d.prof.manager();
+        let (ts, mono) = (now_unix_ms(), d.now_mono().0);
+        let svc = service.clone();
+        let done = d
+            .hv()
+            .blocking("collect", move |hv| {
+                let tick = c.collect(hv, ts, mono);
+                // The manager writes version files: keep it off the async threads too.
+                let learned = match (&tick.observation, manager) {
+                    (Some(o), Some(m)) => Some(m.observe(&svc, o)),
+                    _ => None,
+                };
+                let files = tick.config_read.then(|| c.config_files());
+                (c, tick, learned, files)
+            })
+            .await;
+        let (c, tick, learned, files) = match done {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(%service, %domain, error = %e, "collector worker lost; collector stopped");
+                break;
+            }
+        };
+        collector = Some(c);
+        let mut now_failing: BTreeSet<&'static str> =
+            tick.errors.iter().map(|e| e.source_label()).collect();
+        // Not asking is not recovering.
+        if tick.guest == GuestStatus::BackingOff && failing.contains("agent") {
+            now_failing.insert("agent");
+        }
+        for e in &tick.errors {
+            d.metrics.inc_collector_error(&service, e.source_label());
+            if !failing.contains(e.source_label()) {
+                tracing::warn!(%service, %domain, guest = ?tick.guest, error = %e, cause = %crate::error_chain(e), "collection degraded");
+            } else {
+                tracing::debug!(%service, %domain, error = %e, cause = %crate::error_chain(e), "collection still degraded");
+            }
+        }
+        for recovered in failing.difference(&now_failing) {
+            tracing::info!(%service, %domain, source = recovered, "collection recovered");
+        }
+        failing = now_failing;
+        match learned {
+            Some(Ok(outcome)) => {
+                learn_failed = false;
+                if let Some((version, reason)) = outcome.committed {
+                    tracing::info!(%service, version, %reason, "profile version committed");
+                }
+            }
+            Some(Err(e)) => {
+                if !learn_failed {
+                    tracing::warn!(%service, error = %e, cause = %crate::error_chain(&e), "profile not learning");
+                }
+                learn_failed = true;
+            }
+            None => {}
+        }
+        if let Some(files) = files {
+            d.prof
+                .configs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(service.clone(), files);
+        }
+    }
+    tracing::info!(%service, %domain, "collector stopped");
+}
+
+/// What the promotion of `service`'s shadow takes from the profile: the sizing planned for now,
+/// the primary's configuration files, the dependencies. `None` when there is nothing to apply.
+pub(super) fn promotion_profile(d: &Shared, service: &str) -> Option<ProfileApply> {
+    let m = d.prof.manager()?;
+    let plan = m.resource_plan(service, now_unix_ms(), OPEN_LIMITS);
+    let config_files = d
+        .prof
+        .configs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(service)
+        .cloned()
+        .unwrap_or_default();
+    if plan.is_none() && config_files.is_empty() {
+        return None;
+    }
+    let monitor = d.cfg().monitor.clone();
+    Some(ProfileApply {
+        version: m.live_version(service),
+        resources: plan.as_ref().map(|p| PlanSummary {
+            vcpus: p.vcpus,
+            mem_kib: p.mem_kib,
+        }),
+        dependencies: plan.map(|p| p.expected_deps).unwrap_or_default(),
+        config_files,
+        agent: AgentOptions {
+            limits: AgentLimits {
+                max_reply_bytes: monitor.agent_max_reply_bytes,
+                ..AgentLimits::default()
+            },
+            command_timeout: monitor.agent_timeout(),
+            ..AgentOptions::default()
+        },
+        dependency_timeout: DEPENDENCY_CHECK_TIMEOUT,
+    })
+}
+
+fn manager_error(e: ManagerError) -> Response {
+    let kind = match &e {
+        ManagerError::UnknownService { .. } => ErrorKind::NotFound,
+        ManagerError::Store(
+            StoreError::NotFound { .. }
+            | StoreError::NoVersions { .. }
+            | StoreError::InvalidService { .. },
+        ) => ErrorKind::NotFound,
+        ManagerError::Store(StoreError::NoPrevious { .. }) | ManagerError::NotLive { .. } => {
+            ErrorKind::Conflict
+        }
+        _ => ErrorKind::Failed,
+    };
+    let chain = crate::error_chain(&e);
+    Response::error(
+        kind,
+        if chain.is_empty() {
+            e.to_string()
+        } else {
+            format!("{e}: {chain}")
+        },
+    )
+}
+
+fn json<T: serde::Serialize>(v: Result<T, ManagerError>) -> Response {
+    match v {
+        Ok(v) => match serde_json::to_value(v) {
+            Ok(v) => Response::Json(v),
+            Err(e) => Response::error(
+                ErrorKind::Internal,
+                format!("cannot encode the answer: {e}"),
+            ),
+        },
+        Err(e) => manager_error(e),
+    }
+}
+
+/// Answers the `profile` requests.
+pub(super) async fn handle_request(d: &Shared, req: Request) -> Response {
+    let m = match &d.prof.manager {
+        Ok(m) => m.clone(),
+        Err(why) => {
+            return Response::error(
+                ErrorKind::Failed,
+                format!("profiles are unavailable in this daemon: {why}"),
+            )
+        }
+    };
+    // Version files are read and written: not on the async threads.
+    let answer = tokio::task::spawn_blocking(move || match req {
+        Request::ProfileShow { service } => json(m.show(&service, now_unix_ms())),
+        Request::ProfileHistory { service } => json(m.history(&service)),
+        Request::ProfileDiff { service, a, b } => json(m.diff(&service, a, b)),
+        Request::ProfileRollback { service, to } => match m.rollback(&service, to) {
+            Ok(r) => Response::ok(format!(
+                "service '{}': profile v{} restored as new version v{}{}",
+                r.service,
+                r.to,
+                r.version,
+                if r.live {
+                    "; the live profile continues from it"
+                } else {
+                    ""
+                }
+            )),
+            Err(e) => manager_error(e),
+        },
+        Request::ProfileAccuracy { service } => json(m.accuracy(service.as_deref())),
+        other => Response::error(
+            ErrorKind::BadRequest,
+            format!("{} is not a profile request", other.name()),
+        ),
+    })
+    .await;
+    answer.unwrap_or_else(|e| {
+        Response::error(ErrorKind::Internal, format!("profile worker failed: {e}"))
+    })
+}
+
+/// The golden image shadows of `service` are built on, if `shadow reinit --golden` chose it.
+pub(super) fn golden_image(d: &Shared, service: &str, class: &ClassConfig) -> Option<PathBuf> {
+    let golden = d.prof.golden.lock().unwrap_or_else(|e| e.into_inner());
+    golden
+        .contains(service)
+        .then(|| class.golden_image.clone())
+        .flatten()
+}
+
+/// Shadows of `service` go back to the primary's own disks (plain rebuild or reinit).
+pub(super) fn forget_golden(d: &Shared, service: &str) {
+    d.prof
+        .golden
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(service);
+}
+
+/// `shadow reinit --golden`: replaces the shadows of `service` with ones whose system disk
+/// overlay sits on the class's golden image; replacements provisioned later do too, until a
+/// plain rebuild or reinit.
+pub(super) async fn reinit_golden(d: &Shared, service: &str) -> Response {
+    let Some(svc) = d.services().get(service).cloned() else {
+        return unknown_service(d, service);
+    };
+    let class = d.class(&svc.class);
+    let Some(image) = class.golden_image.clone() else {
+        return Response::error(
+            ErrorKind::BadRequest,
+            format!(
+                "service '{service}': class '{}' has no golden_image; set class.{}.golden_image to use --golden",
+                svc.class, svc.class
+            ),
+        );
+    };
+    match std::fs::metadata(&image) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => {
+            return Response::error(
+                ErrorKind::BadRequest,
+                format!(
+                    "golden image {} of class '{}' is not a file",
+                    image.display(),
+                    svc.class
+                ),
+            )
+        }
+        Err(e) => {
+            return Response::error(
+                ErrorKind::NotFound,
+                format!(
+                    "golden image {} of class '{}' is unusable: {e}",
+                    image.display(),
+                    svc.class
+                ),
+            )
+        }
+    }
+    d.prof
+        .golden
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(service.to_string());
+    for s in &svc.shadows {
+        remove_shadow(d, service, &s.name).await;
+    }
+    if let Some(s) = d.services().get_mut(service) {
+        if matches!(
+            s.state,
+            ServiceState::Protected | ServiceState::Unprotectable(_)
+        ) {
+            s.state = ServiceState::Provisioning;
+        }
+    }
+    ensure_all_shadows(d);
+    Response::ok(format!(
+        "service '{service}': {} shadow(s) removed; new ones are being provisioned on golden image {}",
+        svc.shadows.len(),
+        image.display()
+    ))
+}
