@@ -49,6 +49,52 @@ fn guest_run(hv: &Hypervisor, name: &str, path: &str, args: &[&str]) -> i64 {
     })
 }
 
+/// Runs `argv` in the guest; its exit code and output (stdout then stderr, lossy).
+fn guest_output(hv: &Hypervisor, name: &str, path: &str, args: &[&str]) -> (i64, String) {
+    let cmd = json!({"execute": "guest-exec", "arguments": {"path": path, "arg": args, "capture-output": true}});
+    let pid = agent(hv, name, &cmd.to_string()).expect("guest-exec answered")["return"]["pid"]
+        .as_i64()
+        .expect("guest pid");
+    let st = wait_for("guest command exit", Duration::from_secs(30), || {
+        let st = agent(
+            hv,
+            name,
+            &json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}).to_string(),
+        )?;
+        (st["return"]["exited"] == true).then_some(st)
+    });
+    let text = |k: &str| {
+        String::from_utf8_lossy(&b64decode(st["return"][k].as_str().unwrap_or(""))).into_owned()
+    };
+    (
+        st["return"]["exitcode"].as_i64().unwrap_or(-1),
+        format!("{}{}", text("out-data"), text("err-data")),
+    )
+}
+
+/// Standard base64, for guest-exec output in failure messages.
+fn b64decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for v in s.bytes().filter_map(val) {
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
 fn show(daemon: &DaemonProc, service: &str) -> Option<Value> {
     let (code, out, _) = daemon.cli(&["profile", "show", service, "--json"]);
     (code == 0)
@@ -156,6 +202,26 @@ fn profile_learns_the_workload_and_its_dependencies() {
         "/bin/us-workload",
         &["connect", "10.77.0.1", &port, "1", "150"],
     );
+    // The guest must reach the peer at all, or the test below proves nothing.
+    let reached = (0..30).any(|_| {
+        std::thread::sleep(Duration::from_secs(1));
+        server.served.load(Ordering::Relaxed) > 0
+    });
+    if !reached {
+        let (code, out) = guest_output(
+            &hv,
+            name,
+            "/bin/us-workload",
+            &["connect", "10.77.0.1", &port, "1", "2"],
+        );
+        let (_, net) = guest_output(
+            &hv,
+            name,
+            "/bin/sh",
+            &["-c", "ip addr; ip route; netstat -tn"],
+        );
+        panic!("the guest never reached 10.77.0.1:{port}; a one-shot connect exited {code}: {out}\n{net}");
+    }
     let key = format!("tcp://10.77.0.1:{port}");
     let report = wait_report(
         &daemon,
