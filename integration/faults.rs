@@ -97,8 +97,11 @@ fn sigstopped_primary_is_fenced_and_replaced() {
         || http_get(ip, Duration::from_millis(200)).filter(|p| page_uuid(p) == shadow_uuid),
     );
     eprintln!("SIGSTOP to shadow serving: {:?}", t.elapsed());
-    let svc = daemon.service(name).unwrap();
-    assert_eq!(svc["last_failover"]["trigger"], "heartbeat");
+    // The record lands when the whole pipeline (incl. apply_profile) is done, after serving.
+    wait_for("failover record", Duration::from_secs(30), || {
+        let s = daemon.service(name)?;
+        (s["last_failover"]["trigger"] == "heartbeat").then_some(())
+    });
     assert_single_server(ip, &shadow_uuid, &mac);
     // After the grace period the stopped primary is destroyed, and it never counted as false.
     wait_for("old primary destroyed", Duration::from_secs(40), || {
