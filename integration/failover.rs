@@ -217,7 +217,11 @@ fn restarted_daemon_rebuilds_state_without_duplicates() {
 
     // A shadow that crashes is replaced by a new generation; the primary is untouched.
     let pid = qemu_pid(&before[0]);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let replaced = wait_for("crashed shadow replaced", SHADOW_WAIT, || {
         let s = daemon.service(name)?;
         let paused: Vec<String> = s["shadows"]
@@ -230,17 +234,30 @@ fn restarted_daemon_rebuilds_state_without_duplicates() {
     });
     assert_eq!(replaced, vec![format!("{name}-shadow-2")]);
     let svc = daemon.service(name).unwrap();
-    assert_eq!(svc["active"], name, "a shadow crash must not move the service");
+    assert_eq!(
+        svc["active"], name,
+        "a shadow crash must not move the service"
+    );
     assert!(svc["last_failover"].is_null());
-    assert_eq!(hv.state(name).unwrap(), understudy::libvirt::RunState::Running);
+    assert_eq!(
+        hv.state(name).unwrap(),
+        understudy::libvirt::RunState::Running
+    );
 
     // A reload with a broken file is refused with the file and line named; the daemon keeps
     // its running configuration and keeps answering.
     let good = std::fs::read_to_string(&daemon.config).unwrap();
-    std::fs::write(&daemon.config, format!("{good}\n[class.default]\nshadows = \"many\"\n")).unwrap();
+    std::fs::write(
+        &daemon.config,
+        format!("{good}\n[class.default]\nshadows = \"many\"\n"),
+    )
+    .unwrap();
     let (code, _, err) = daemon.cli(&["reload"]);
     assert_eq!(code, 1, "a broken reload must fail");
-    assert!(err.contains("NOT reloaded") && err.contains("understudy.toml:"), "{err}");
+    assert!(
+        err.contains("NOT reloaded") && err.contains("understudy.toml:"),
+        "{err}"
+    );
     std::fs::write(&daemon.config, &good).unwrap();
     let (code, out, err) = daemon.cli(&["reload"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -383,22 +400,35 @@ fn primary_dying_while_its_shadow_boots_is_replaced_when_the_shadow_is_ready() {
     require_lab();
     let name = "it-early1";
     let ip = "10.77.0.27";
-    let _cleanup = Cleanup { prefixes: vec![name.to_string()] };
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
     let daemon = DaemonProc::start("early", name, 1);
     let hv = hypervisor();
     start_guest(&hv, name, &format!("{ip}/24"), &[]);
     // Kill the primary as soon as its shadow exists but before it is paused.
     wait_for("shadow booting", Duration::from_secs(60), || {
         let s = daemon.service(name)?;
-        s["shadows"].as_array()?.iter().any(|x| x["state"] == "booting").then_some(())
+        s["shadows"]
+            .as_array()?
+            .iter()
+            .any(|x| x["state"] == "booting")
+            .then_some(())
     });
     std::thread::sleep(Duration::from_secs(2));
     kill_qemu(name);
-    let svc = wait_for("service down with a clear reason", Duration::from_secs(30), || {
-        let s = daemon.service(name)?;
-        s["state"].as_str()?.starts_with("down").then_some(s)
-    });
-    assert!(svc["state"].as_str().unwrap().contains("no paused shadow"), "{svc}");
+    let svc = wait_for(
+        "service down with a clear reason",
+        Duration::from_secs(30),
+        || {
+            let s = daemon.service(name)?;
+            s["state"].as_str()?.starts_with("down").then_some(s)
+        },
+    );
+    assert!(
+        svc["state"].as_str().unwrap().contains("no paused shadow"),
+        "{svc}"
+    );
     // When the booting shadow is ready it takes over.
     let shadow = format!("{name}-shadow-1");
     wait_for("booting shadow promoted", SHADOW_WAIT, || {
