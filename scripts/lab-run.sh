@@ -16,6 +16,14 @@ set -euo pipefail
 [ $# -ge 1 ] || lab_die "usage: $0 <command> [args...]"
 lab_take_lock "$@"
 
+# Holding the lock, any lab that is up now was left by a run that could not
+# take it down (killed with SIGKILL, machine reset mid-run). Its domains would
+# still run, load the machine and be adopted by the daemons under test: start
+# from a clean lab instead.
+if lab_ns_exists; then
+    lab_log "a lab from an earlier run is still up; taking it down first"
+    "$REPO_ROOT/scripts/lab-down.sh"
+fi
 "$REPO_ROOT/scripts/lab-up.sh"
 status=0
 # An interrupt stops the command, not this script: the lab still goes down.
