@@ -341,7 +341,7 @@ fn bring_online(hv: &Hypervisor, n: &NetRt, name: &str) {
     for (mac, tap) in xml.live_interface_taps() {
         n.rt.block_on(n.net.enslave_and_up(&tap, "usbr0")).unwrap();
         if let Some(x) = xml.interface_xml_with_link(&mac, true) {
-            hv.update_device_live_and_config(name, &x).unwrap();
+            hv.update_device(name, &x, false).unwrap();
         }
     }
     let _ = hv.qmp(

@@ -306,6 +306,45 @@ warmup_commands = [["/bin/busybox", "sh", "-c", "for i in $(seq 30); do wget -q 
         })
     }
 
+    /// Like [`DaemonProc::wait_paused_shadows`], checking all along (every ~50 ms, while the
+    /// shadows boot) that no more than one tap carrying the service MAC `mac` sits on the bridge.
+    pub fn wait_paused_shadows_watching_bridge(
+        &self,
+        service: &str,
+        n: usize,
+        limit: Duration,
+        mac: &str,
+    ) -> Vec<String> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut checks = 0u32;
+        loop {
+            let on_bridge = taps_with_mac_on_bridge(mac);
+            assert!(
+                on_bridge.len() <= 1,
+                "after {checks} checks, taps carrying MAC {mac} on the bridge: {on_bridge:?}"
+            );
+            checks += 1;
+            if let Some(s) = self.service(service) {
+                let paused: Vec<String> = s["shadows"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|x| x["state"] == "paused")
+                    .map(|x| x["name"].as_str().unwrap_or_default().to_string())
+                    .collect();
+                if paused.len() == n {
+                    eprintln!("bridge checked {checks} times while shadows of {service} booted");
+                    return paused;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {n} paused shadow(s) of {service}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The Prometheus exposition from the daemon's metrics endpoint.
     pub fn metrics(&self) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics endpoint");

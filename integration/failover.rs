@@ -356,7 +356,9 @@ fn planned_switchover_and_shadow_rebuild() {
     // Rebuild: the old shadow goes, a new generation comes up paused.
     let (code, out, err) = daemon.cli(&["shadow", "rebuild", name]);
     assert_eq!(code, 0, "{out}{err}");
-    let rebuilt = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+    let rebuilt = daemon
+        .wait_paused_shadows_watching_bridge(name, 1, SHADOW_WAIT, &mac)
+        .remove(0);
     assert_ne!(rebuilt, first);
     assert!(
         hv.list().unwrap().iter().all(|d| d.name != first),
@@ -378,6 +380,12 @@ fn planned_switchover_and_shadow_rebuild() {
     wait_for("old primary shut off", Duration::from_secs(30), || {
         (!hv.state(name).ok()?.is_active()).then_some(())
     });
+    assert_single_server(ip, &new_uuid, &mac);
+    // The replacement boots while the promoted shadow serves: its tap must stay off the bridge.
+    let replacement = daemon
+        .wait_paused_shadows_watching_bridge(name, 1, SHADOW_WAIT, &mac)
+        .remove(0);
+    assert_ne!(replacement, rebuilt);
     assert_single_server(ip, &new_uuid, &mac);
 
     let metrics = daemon.metrics();

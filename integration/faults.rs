@@ -25,12 +25,12 @@ fn protected(
     let daemon = DaemonProc::start_with_env(tag, name, 1, env);
     let hv = hypervisor();
     start_guest(&hv, name, &format!("{ip}/24"), &[]);
-    daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    let mac = taps(&hv, name)[0].0.clone();
+    daemon.wait_paused_shadows_watching_bridge(name, 1, SHADOW_WAIT, &mac);
     wait_for("primary page", Duration::from_secs(60), || {
         http_get(ip, Duration::from_secs(1))
     });
     let uuid = domain_uuid(&hv, name);
-    let mac = taps(&hv, name)[0].0.clone();
     (daemon, hv, uuid, mac)
 }
 
@@ -108,7 +108,7 @@ fn sigstopped_primary_is_fenced_and_replaced() {
         (!hv.state(name).ok()?.is_active()).then_some(())
     });
     assert_eq!(daemon.status()["false_failovers"], 0);
-    daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    daemon.wait_paused_shadows_watching_bridge(name, 1, SHADOW_WAIT, &mac);
     assert_status_matches_libvirt(&daemon, &hv, name);
 }
 

@@ -7,7 +7,9 @@
 //! - identity: `<name>`, `<uuid>`; `<domain id=>` of live XML is dropped;
 //! - interfaces: `<target dev>` removed (libvirt creates a fresh tap), network `portid=`
 //!   removed (it names the primary's network port), `<link state='down'/>` on every NIC; MAC,
-//!   bridge/network and model are kept so promotion only has to bring the link up;
+//!   bridge/network and model are kept so promotion only has to bring the link up. The shadow
+//!   is *started* from [`standby_boot_spec`], whose NICs are plain `ethernet` taps, so its tap
+//!   joins no bridge until promotion enslaves it;
 //! - writable image files: `<source file>` becomes the plan's overlay (which the coordinator
 //!   creates with `qemu-img` on top of the primary's image), `<driver type='qcow2'>`, any
 //!   `<backingStore>` (which describes the primary's chain, not the overlay's) and live
@@ -356,6 +358,39 @@ pub fn shadow_spec(primary: &DomainXml, plan: &ShadowPlan) -> Result<DomainXml, 
     strip_dynamic_labels(&mut dom);
     dom.set_understudy_meta(&plan.meta);
     Ok(dom)
+}
+
+/// Children of a bridge or network `<interface>` that libvirt only accepts with a bridge or
+/// network behind it.
+pub(super) const BRIDGE_ONLY_CHILDREN: [&str; 4] = ["source", "virtualport", "vlan", "port"];
+
+/// The definition a shadow is *started* from: its spec with every bridge or network interface
+/// turned into a libvirt-managed tap of `type='ethernet'`, which libvirt creates and never puts
+/// on a bridge.
+///
+/// With `type='bridge'` libvirt enslaves the tap while it starts QEMU, so a booting shadow's tap
+/// would sit on the primary's bridge, carrying the primary's MAC, until we could detach it; and
+/// libvirtd re-enslaves such taps whenever it restarts. A shadow started from this variant
+/// never touches a bridge: promotion enslaves its tap itself, over netlink. Its persistent
+/// definition stays the spec (same bridge or network as the primary), defined again right
+/// after the start, so a promoted shadow that is later restarted comes up like the primary.
+pub fn standby_boot_spec(spec: &DomainXml) -> DomainXml {
+    let mut dom = spec.clone();
+    let ifaces: Vec<Node> = dom.device_nodes("interface").collect();
+    for iface in ifaces {
+        let kind = InterfaceKind::parse(attr(&dom.xot, iface, "type").unwrap_or(""));
+        if !matches!(kind, InterfaceKind::Bridge | InterfaceKind::Network) {
+            continue;
+        }
+        tree::set_attr(&mut dom.xot, iface, "type", "ethernet");
+        for local in BRIDGE_ONLY_CHILDREN {
+            let nodes: Vec<Node> = children_named(&dom.xot, iface, local).collect();
+            for n in nodes {
+                tree::remove(&mut dom.xot, n);
+            }
+        }
+    }
+    dom
 }
 
 fn clone_device(

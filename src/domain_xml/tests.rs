@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use xot::{Node, Xot};
 
+use super::shadow::BRIDGE_ONLY_CHILDREN;
 use super::tree;
 use super::*;
 
@@ -577,6 +578,45 @@ fn plan(name: &str, overlays: &[(&str, &str)]) -> ShadowPlan {
 
 fn attr_of(d: &DomainXml, node: Node, name: &str) -> Option<String> {
     tree::attr(&d.xot, node, name).map(str::to_string)
+}
+
+#[test]
+fn standby_boot_spec_puts_no_nic_on_a_bridge() {
+    let mut primary = parse(FULL);
+    // A bridge NIC with the children libvirt accepts only with a bridge behind it.
+    let iface = primary.device_nodes("interface").next().unwrap();
+    for local in ["virtualport", "vlan", "port"] {
+        let n = tree::new_element(&mut primary.xot, local);
+        tree::append_element(&mut primary.xot, iface, n);
+    }
+    let spec = shadow_spec(&primary, &plan("web1-shadow", &[("vda", "/o/vda.qcow2")])).unwrap();
+    let before = spec.to_xml();
+    let boot = parse(&standby_boot_spec(&spec).to_xml());
+    assert_eq!(spec.to_xml(), before, "the spec itself must not change");
+
+    let (si, bi) = (spec.interfaces(), boot.interfaces());
+    assert_eq!(si.len(), 2);
+    assert_eq!(bi.len(), 2);
+    for (a, b) in si.iter().zip(&bi) {
+        assert_eq!(b.kind, InterfaceKind::Ethernet);
+        assert_eq!((&a.mac, &a.model), (&b.mac, &b.model));
+        assert_eq!((b.bridge.as_deref(), b.network.as_deref()), (None, None));
+        assert!(!b.link_up, "booting NICs stay link-down");
+    }
+    for iface in boot.device_nodes("interface") {
+        for local in BRIDGE_ONLY_CHILDREN {
+            assert_eq!(tree::children_named(&boot.xot, iface, local).count(), 0);
+        }
+        // The guest keeps its PCI layout.
+        assert_eq!(tree::children_named(&boot.xot, iface, "address").count(), 1);
+    }
+    // Everything but the NICs is the spec's.
+    assert_eq!(boot.name(), spec.name());
+    assert_eq!(boot.disks(), spec.disks());
+    assert_eq!(
+        boot.understudy_meta().unwrap(),
+        spec.understudy_meta().unwrap()
+    );
 }
 
 #[test]

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::api::protocol::ShadowState;
 use crate::domain_xml::{
-    shadow_spec, DomainXml, MemberState, Role, ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
+    shadow_spec, standby_boot_spec, DomainXml, InterfaceKind, MemberState, Role, ShadowPlan,
+    UnderstudyMeta, META_NS, META_PREFIX,
 };
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
@@ -156,15 +157,29 @@ pub async fn provision(
     let name = hv
         .blocking("define shadow", move |hv| {
             let xml = build_shadow_xml(hv, &r)?;
-            let name = hv.define(&xml).map_err(|source| FailoverError::Libvirt {
-                step: "define shadow",
-                source,
-            })?;
+            // Boot from the off-bridge variant, then make the spec the persistent definition
+            // (see `standby_boot_spec`): the tap never joins a bridge before promotion.
+            let boot_xml = DomainXml::parse(&xml)
+                .map(|spec| standby_boot_spec(&spec).to_xml())
+                .map_err(|source| FailoverError::Xml {
+                    domain: r.name.clone(),
+                    source,
+                })?;
+            let name = hv
+                .define(&boot_xml)
+                .map_err(|source| FailoverError::Libvirt {
+                    step: "define shadow",
+                    source,
+                })?;
             hv.start(&name, false)
                 .map_err(|source| FailoverError::Libvirt {
                     step: "start shadow",
                     source,
                 })?;
+            hv.define(&xml).map_err(|source| FailoverError::Libvirt {
+                step: "define shadow spec",
+                source,
+            })?;
             Ok::<_, FailoverError>(name)
         })
         .await
@@ -172,8 +187,8 @@ pub async fn provision(
             step: "define shadow",
             source,
         })??;
-    // The NICs start with link down (no frames in or out); also take the taps off the bridge
-    // so a standing-by shadow cannot be reached even if its link state were flipped.
+    // The NICs start with link down (no frames in or out) and on no bridge; also set the taps
+    // down, and off any bridge in case the shadow was made another way.
     let taps = live_taps(hv, &name).await?;
     for b in &taps {
         isolate_tap(net, &b.tap).await?;
@@ -226,15 +241,23 @@ pub async fn provision(
     })
 }
 
-/// Sets the link of each NIC (by MAC) up, live and in the persistent definition.
+/// Sets the link of each NIC (by MAC) up, live and in the persistent definition. Each is
+/// updated from its own XML: a shadow's live NICs are `ethernet` taps while its definition
+/// names the bridge (see `standby_boot_spec`), and libvirt refuses a type change.
 pub fn raise_links(hv: &Hypervisor, domain: &str, macs: &[String]) -> Result<(), LibvirtError> {
-    let xml = hv.xml(domain, true)?;
-    let Ok(parsed) = DomainXml::parse(&xml) else {
-        return Ok(());
-    };
-    for mac in macs {
-        if let Some(iface) = parsed.interface_xml_with_link(mac, true) {
-            hv.update_device_live_and_config(domain, &iface)?;
+    let mut views = vec![false];
+    if hv.is_persistent(domain)? {
+        views.push(true);
+    }
+    for config in views {
+        let xml = hv.xml(domain, config)?;
+        let Ok(parsed) = DomainXml::parse(&xml) else {
+            continue;
+        };
+        for mac in macs {
+            if let Some(iface) = parsed.interface_xml_with_link(mac, true) {
+                hv.update_device(domain, &iface, config)?;
+            }
         }
     }
     Ok(())
@@ -304,39 +327,70 @@ pub async fn isolate_tap(net: &Netlink, tap: &str) -> Result<(), FailoverError> 
         })
 }
 
-/// The taps of a running domain with their MACs and the bridges they belong on, from its live
-/// XML (for a shadow, the bridge is where its tap goes at promotion).
+/// The taps of a running domain with their MACs and the bridges they belong on. Taps and link
+/// states come from the live XML; the bridge from the live XML too when libvirt put the tap on
+/// one, else (a shadow booted off-bridge, see `standby_boot_spec`) from the persistent
+/// definition: its `<source bridge>`, or its `<source network>`'s bridge.
 pub async fn live_taps(hv: &Hypervisor, domain: &str) -> Result<Vec<TapBinding>, FailoverError> {
     let d = domain.to_string();
-    let xml = hv
-        .run("read live XML", move |hv| hv.xml(&d, false))
+    let xmls = hv
+        .run("read live XML", move |hv| {
+            let live = hv.xml(&d, false)?;
+            let spec = hv.xml(&d, true)?;
+            Ok((live, spec))
+        })
         .await
         .map_err(|source| FailoverError::Libvirt {
             step: "read live XML",
             source,
         })?;
-    let parsed = DomainXml::parse(&xml).map_err(|source| FailoverError::Xml {
-        domain: domain.to_string(),
-        source,
-    })?;
-    let ifaces = parsed.interfaces();
-    Ok(parsed
-        .live_interface_taps()
-        .into_iter()
-        .map(|(mac, tap)| {
-            let iface = ifaces.iter().find(|i| {
+    let parse = |xml: &str| {
+        DomainXml::parse(xml).map_err(|source| FailoverError::Xml {
+            domain: domain.to_string(),
+            source,
+        })
+    };
+    let (live, spec) = (parse(&xmls.0)?, parse(&xmls.1)?);
+    let (live_ifaces, spec_ifaces) = (live.interfaces(), spec.interfaces());
+    let by_mac = |ifaces: &[crate::domain_xml::InterfaceSpec], mac: &str| {
+        ifaces
+            .iter()
+            .find(|i| {
                 i.mac
                     .as_deref()
-                    .is_some_and(|m| m.eq_ignore_ascii_case(&mac))
-            });
-            TapBinding {
-                bridge: iface.and_then(|i| i.bridge.clone()),
-                link_up: iface.is_some_and(|i| i.link_up),
-                mac,
-                tap,
-            }
-        })
-        .collect())
+                    .is_some_and(|m| m.eq_ignore_ascii_case(mac))
+            })
+            .cloned()
+    };
+    let mut out = Vec::new();
+    for (mac, tap) in live.live_interface_taps() {
+        let live_iface = by_mac(&live_ifaces, &mac);
+        let mut bridge = live_iface.as_ref().and_then(|i| i.bridge.clone());
+        if bridge.is_none() {
+            bridge = match by_mac(&spec_ifaces, &mac) {
+                Some(i) if i.kind == InterfaceKind::Bridge => i.bridge,
+                Some(i) if i.kind == InterfaceKind::Network => match i.network {
+                    Some(network) => hv
+                        .run("read network bridge", move |hv| hv.network_bridge(&network))
+                        .await
+                        .map(Some)
+                        .map_err(|source| FailoverError::Libvirt {
+                            step: "read network bridge",
+                            source,
+                        })?,
+                    None => None,
+                },
+                _ => None,
+            };
+        }
+        out.push(TapBinding {
+            bridge,
+            link_up: live_iface.is_some_and(|i| i.link_up),
+            mac,
+            tap,
+        });
+    }
+    Ok(out)
 }
 
 /// Pings the guest agent until it answers or `limit` passes.

@@ -523,20 +523,41 @@ impl Hypervisor {
             .map_err(|source| dom_err("QMP command", name, source))
     }
 
-    /// Updates a device (e.g. an `<interface>` with a new link state) in the live domain and,
-    /// when the domain is persistent, in its definition too.
-    pub fn update_device_live_and_config(
+    /// Updates a device (e.g. an `<interface>` with a new link state) in the live domain only
+    /// (`config == false`) or in the persistent definition only (`config == true`).
+    pub fn update_device(
         &self,
         name: &str,
         device_xml: &str,
+        config: bool,
     ) -> Result<(), LibvirtError> {
         let d = self.lookup(name)?;
-        let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
-        if d.is_persistent().unwrap_or(false) {
-            flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
-        }
+        let flags = if config {
+            sys::VIR_DOMAIN_AFFECT_CONFIG
+        } else {
+            sys::VIR_DOMAIN_AFFECT_LIVE
+        };
         d.update_device_flags(device_xml, flags)
             .map_err(|source| dom_err("update device", name, source))
+    }
+
+    /// Whether the domain has a persistent definition (is not transient).
+    pub fn is_persistent(&self, name: &str) -> Result<bool, LibvirtError> {
+        self.lookup(name)?
+            .is_persistent()
+            .map_err(|source| dom_err("read persistence", name, source))
+    }
+
+    /// The Linux bridge of a libvirt virtual network (`<network><bridge name=>`).
+    pub fn network_bridge(&self, network: &str) -> Result<String, LibvirtError> {
+        self.inner
+            .conn
+            .lookup_network_by_name(network)
+            .and_then(|n| n.bridge_name())
+            .map_err(|source| LibvirtError::Connection {
+                op: "read network bridge",
+                source,
+            })
     }
 
     /// Sets the live vCPU count (within the domain's maximum).
