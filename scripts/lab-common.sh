@@ -71,6 +71,12 @@ libvirt_answers() { timeout 5 virsh -c "$LAB_URI" version >/dev/null 2>&1; }
 # Succeeds when a pid is alive (a zombie is not).
 pid_alive() { [ -d "/proc/$1" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 
+# Live (non-zombie) QEMU processes booting a lab guest image (any worktree's:
+# there is one lab per machine), one "pid args" line each.
+lab_guest_qemus() {
+    ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/ && $3 ~ /qemu-system/ && /\/build\/guest\// { $2 = ""; print }'
+}
+
 # Waits until a pid is gone; SIGKILL after the given number of tenths of a second.
 stop_pid() {
     local pid=$1 tenths=${2:-100} i=0

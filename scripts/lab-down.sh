@@ -105,6 +105,14 @@ if lab_ns_exists; then
     lab_log "deleted network namespace $LAB_NS"
 fi
 
+# A QEMU that libvirt no longer tracks (its libvirtd died, or a destroy was still
+# tearing it down) would keep the guest's memory and taps; the lab owns every
+# QEMU running a lab guest image.
+lab_guest_qemus | while read -r pid args; do
+    lab_log "stopping leftover QEMU (pid $pid): ${args:0:120}"
+    stop_pid "$pid" 50
+done
+
 # --- what lab-up created outside build/ ---------------------------------------------
 if [ -f "$LAB_CREATED" ] && [ -n "$(libvirt_daemon_pids)" ]; then
     lab_log "a libvirt daemon still runs; leaving libvirt's directories, user and group in place" >&2

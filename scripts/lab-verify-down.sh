@@ -11,9 +11,14 @@ lab_take_lock "$@"
 left=()
 ip netns list 2>/dev/null | grep -qw "$LAB_NS" && left+=("network namespace $LAB_NS")
 ip link show "$LAB_BRIDGE" >/dev/null 2>&1 && left+=("bridge $LAB_BRIDGE in the host namespace")
-# Zombies do not count (see libvirt_daemon_pids).
-live() { ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/'; }
-live | grep -q "qemu-system-x86_64 .*/build/guest/" && left+=("QEMU processes of lab guests")
+# A QEMU killed a moment ago may still be freeing its guest memory: give it 10 s.
+for _ in $(seq 1 100); do
+    [ -z "$(lab_guest_qemus)" ] && break
+    sleep 0.1
+done
+qemus=$(lab_guest_qemus | cut -c1-160)
+[ -n "$qemus" ] && left+=("QEMU processes of lab guests:
+$qemus")
 daemons=$(ps -eo pid=,stat=,comm= | awk '$2 !~ /^Z/ && $3 == "understudy" { print $1 }' | tr '\n' ' ')
 [ -n "$daemons" ] && left+=("understudy daemons: $daemons")
 libvirtd=$(libvirt_daemon_pids | tr '\n' ' ')
