@@ -18,7 +18,9 @@ use crate::config::{ClassConfig, Config};
 use crate::failover::apply_profile::ProfileApply;
 use crate::failover::{now_unix_ms, ServiceState};
 use crate::monitor::agent::{AgentLimits, AgentOptions};
-use crate::monitor::collector::{Collector, CollectorSettings, ConfigFileContent, GuestStatus};
+use crate::monitor::collector::{
+    thread_cpu_ns, Collector, CollectorSettings, ConfigFileContent, GuestStatus,
+};
 use crate::profile::manager::{ManagerError, PlanSummary, ProfileManager, OPEN_LIMITS};
 use crate::profile::StoreError;
 
@@ -189,6 +191,7 @@ async fn run_collector(d: Shared, service: String, domain: String) {
         let done = d
             .hv()
             .blocking("collect", move |hv| {
+                let cpu_before = thread_cpu_ns();
                 let tick = c.collect(hv, ts, mono);
                 // The manager writes version files: keep it off the async threads too.
                 let learned = match (&tick.observation, manager) {
@@ -196,10 +199,13 @@ async fn run_collector(d: Shared, service: String, domain: String) {
                     _ => None,
                 };
                 let files = tick.config_read.then(|| c.config_files());
-                (c, tick, learned, files)
+                let cpu_ns = cpu_before
+                    .zip(thread_cpu_ns())
+                    .map_or(0, |(a, b)| b.saturating_sub(a));
+                (c, tick, learned, files, cpu_ns)
             })
             .await;
-        let (c, tick, learned, files) = match done {
+        let (c, tick, learned, files, cpu_ns) = match done {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(%service, %domain, error = %e, "collector worker lost; collector stopped");
@@ -207,6 +213,7 @@ async fn run_collector(d: Shared, service: String, domain: String) {
             }
         };
         collector = Some(c);
+        d.metrics.add_collector_cpu(&service, cpu_ns as f64 / 1e9);
         let mut now_failing: BTreeSet<&'static str> =
             tick.errors.iter().map(|e| e.source_label()).collect();
         // Not asking is not recovering.
