@@ -415,12 +415,10 @@ impl HostSource {
                 }
             },
         };
-        let found = u32::try_from(pid)
-            .map_err(|_| CgroupError::ProcessGone {
-                pid: 0,
-                path: self.run_dir.join(format!("{domain}.pid")),
-            })
-            .and_then(|p| self.reader.locate(p))
+        // `qemu_pid` only returns pids above 1.
+        let found = self
+            .reader
+            .locate(pid.unsigned_abs())
             .and_then(|loc| read_counters(&loc).map(|c| (loc, c)));
         match found {
             Ok((loc, c)) if usable(&c) => {
