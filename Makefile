@@ -11,6 +11,8 @@
 #   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
 #   make bench-profile   profile model vs baselines on synthetic traces, then the collectors'
 #                        own CPU cost on three lab guests (needs the lab)
+#   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
+#   make test-faults     only the fault-injection suite (also part of make test)
 #   make test        deps, images, cargo build --tests, then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 #
@@ -37,7 +39,7 @@ KERNEL_STAMP := $(GUEST_DIR)/.kernel
 ifneq ($(KERNEL),)
 $(shell mkdir -p $(GUEST_DIR) && { [ "$$(cat $(KERNEL_STAMP) 2>/dev/null)" = "$(KERNEL)" ] || echo "$(KERNEL)" >$(KERNEL_STAMP); })
 endif
-GUEST_INPUTS := images/init images/workload.c images/build-guest.sh $(KERNEL) $(KERNEL_STAMP) \
+GUEST_INPUTS := images/init images/workload.c images/httpd.c images/build-guest.sh $(KERNEL) $(KERNEL_STAMP) \
 	$(wildcard /usr/sbin/qemu-ga /usr/bin/busybox)
 
 NAME ?=
@@ -46,7 +48,7 @@ MEM ?= 192
 ROLE ?= primary
 DISK ?=
 
-.PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile
+.PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults
 
 deps:
 	@missing=""; \
@@ -97,6 +99,7 @@ test:
 	$(MAKE) images
 	cargo build --tests
 	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
+	scripts/lab-verify-down.sh
 
 # The demo and the failover bench need the lab; lab-run.sh takes it down afterwards, under the
 # machine-wide lab lock.
@@ -120,3 +123,15 @@ bench-profile:
 	$(MAKE) images
 	cargo bench --no-run --bench collector
 	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench collector
+
+bench-soak:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --release --benches
+	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench soak
+
+test-faults:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --tests
+	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline --test lab -- --test-threads=1 faults::

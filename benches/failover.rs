@@ -7,7 +7,11 @@
 //! allowed 1 s; requests overlap, like independent clients). Outage = first good answer after the kill minus last good answer before it.
 //! Writes build/bench/failover.json and build/bench/failover.svg.
 //!
-//! Environment: BENCH_TRIALS (default 10), BENCH_BASELINE_TRIALS (default 3).
+//! Also: the outage after SIGSTOP of the primary's QEMU (hang detection with the default
+//! heartbeat settings, then fencing and promotion).
+//!
+//! Environment: BENCH_TRIALS (default 10), BENCH_SIGSTOP_TRIALS (default 3),
+//! BENCH_BASELINE_TRIALS (default 3).
 
 #[path = "../integration/common.rs"]
 mod common;
@@ -121,6 +125,42 @@ fn main() {
         daemon_steps.push(svc["last_failover"].clone());
     }
 
+    // Hangs: SIGSTOP of the active primary's QEMU, with the default heartbeat settings.
+    let stop_trials: usize = std::env::var("BENCH_SIGSTOP_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut sigstop_ms = Vec::new();
+    for i in 0..stop_trials {
+        let shadow = daemon
+            .wait_paused_shadows(NAME, 1, Duration::from_secs(300))
+            .remove(0);
+        let active = active_of(&daemon);
+        wait_for(
+            "page served before SIGSTOP",
+            Duration::from_secs(60),
+            || http_get(IP, Duration::from_millis(200)),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let shadow_uuid = domain_uuid(&hv, &shadow);
+        let stop = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(qemu_pid(&active)),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .unwrap();
+        match outage(&probe, stop, &shadow_uuid, Duration::from_secs(30)) {
+            Some(ms) => {
+                println!("SIGSTOP trial {i}: {active} -> {shadow}: client outage {ms:.1} ms");
+                sigstop_ms.push(ms);
+            }
+            None => println!("SIGSTOP trial {i}: {active} -> {shadow}: NOT served within 30 s"),
+        }
+        wait_for("failover record", Duration::from_secs(30), || {
+            (daemon.service(NAME)?["active"] == shadow.as_str()).then_some(())
+        });
+    }
+
     // Baselines run without the daemon so nothing fails over behind our back.
     let standby = daemon
         .wait_paused_shadows(NAME, 1, Duration::from_secs(300))
@@ -167,6 +207,10 @@ fn main() {
         let kill = Instant::now();
         kill_qemu(&active);
         hv.start(&standby_name, false).unwrap(); // restores the managed save
+                                                 // A standby saved while paused comes back paused.
+        if hv.state(&standby_name).unwrap() == understudy::libvirt::RunState::Paused {
+            hv.resume(&standby_name).unwrap();
+        }
         bring_online(&hv, &net, &standby_name);
         match outage(&probe, kill, &uuid, Duration::from_secs(60)) {
             Some(ms) => {
@@ -212,13 +256,22 @@ fn main() {
         r95,
         rmax
     );
+    let (s50, s95, smax) = stats(&sigstop_ms);
+    println!(
+        "understudy after SIGSTOP{:>6} {:>11.1} {:>10.1} {:>10.1}",
+        sigstop_ms.len(),
+        s50,
+        s95,
+        smax
+    );
     println!("ratio cold/understudy (median): {:.1}x", c50 / u50);
     println!("ratio restore/understudy (median): {:.1}x", r50 / u50);
     println!(
-        "target: median <= 100 ms: {}, p95 <= 250 ms: {}, >= 50x shorter than cold restart: {}",
+        "target: median <= 100 ms: {}, p95 <= 250 ms: {}, >= 50x shorter than cold restart: {}, SIGSTOP to serving <= 1500 ms (max): {}",
         verdict(u50 <= 100.0),
         verdict(u95 <= 250.0),
-        verdict(c50 / u50 >= 50.0)
+        verdict(c50 / u50 >= 50.0),
+        verdict(smax <= 1500.0)
     );
 
     let out = repo().join("build/bench");
@@ -228,10 +281,12 @@ fn main() {
         "understudy_ms": understudy_ms,
         "cold_restart_ms": cold_ms,
         "managed_save_restore_ms": restore_ms,
+        "sigstop_ms": sigstop_ms,
         "summary": {
             "understudy": {"median": u50, "p95": u95, "max": umax},
             "cold_restart": {"median": c50, "p95": c95, "max": cmax},
             "managed_save_restore": {"median": r50, "p95": r95, "max": rmax},
+            "sigstop": {"median": s50, "p95": s95, "max": smax},
             "ratio_cold_over_understudy": c50 / u50,
             "ratio_restore_over_understudy": r50 / u50,
         },
@@ -308,6 +363,13 @@ fn make_standby(hv: &Hypervisor, n: &NetRt, from: &str, generation: u64) -> Stri
         boot_timeout: Duration::from_secs(300),
         agent_timeout: Duration::from_secs(1),
         agent_max_reply: 1 << 20,
+        // The same warm-up as the daemon's shadows get (integration/common.rs), for fairness.
+        warmup: vec![vec![
+            "/bin/busybox".into(),
+            "sh".into(),
+            "-c".into(),
+            "for i in $(seq 30); do wget -q -O /dev/null http://127.0.0.1/; done".into(),
+        ]],
         golden_image: None,
     };
     n.rt.block_on(understudy::failover::shadow::provision(hv, &n.net, req))
@@ -327,7 +389,7 @@ fn svg(series: &[(&str, &Vec<f64>)]) -> String {
     let y = |ms: f64| {
         top + (h - top - bottom) * (1.0 - (ms.max(min).ln() - min.ln()) / (max.ln() - min.ln()))
     };
-    let colors = ["#1b9e77", "#d95f02", "#7570b3"];
+    let colors = ["#1b9e77", "#66a61e", "#d95f02", "#7570b3"];
     let mut s = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n<text x='{left}' y='18' font-size='14'>Client-observed outage per trial (ms, log scale)</text>\n"
     );
@@ -348,7 +410,7 @@ fn svg(series: &[(&str, &Vec<f64>)]) -> String {
         );
         for (i, v) in values.iter().enumerate() {
             let x = gx + 10.0 + (group_w - 20.0) * (i as f64 + 0.5) / values.len().max(1) as f64;
-            s += &format!("<circle cx='{x:.1}' cy='{:.1}' r='4' fill='{}'><title>{v:.1} ms</title></circle>\n", y(*v), colors[gi % 3]);
+            s += &format!("<circle cx='{x:.1}' cy='{:.1}' r='4' fill='{}'><title>{v:.1} ms</title></circle>\n", y(*v), colors[gi % colors.len()]);
         }
     }
     s + "</svg>\n"

@@ -2,7 +2,7 @@
 # Builds the understudy lab test guest from Debian packages:
 #   <out>/vmlinuz            copy of the kernel
 #   <out>/vmlinux            the same kernel, decompressed (ELF with a PVH entry)
-#   <out>/initramfs.cpio.gz  busybox + qemu-ga + virtio modules + /init + us-workload
+#   <out>/initramfs.cpio.gz  busybox + qemu-ga + virtio modules + /init + us-workload + us-httpd
 #
 # usage: images/build-guest.sh <kernel image> <output dir>
 # The Makefile passes the newest /boot/vmlinuz-* and build/guest.
@@ -89,6 +89,8 @@ echo "build-guest: modules $(tr '\n' ' ' <"$root/lib/modules/load-order")"
 
 # --- workload tool ----------------------------------------------------------------
 gcc -static -O2 -Wall -Wextra -o "$root/bin/us-workload" "$here/workload.c"
+# The page server (one process, page in memory: see httpd.c for why not busybox httpd).
+gcc -static -O2 -Wall -Wextra -o "$root/bin/us-httpd" "$here/httpd.c"
 
 # --- /init and a few files the agent and busybox look at -------------------------
 install -m 0755 "$here/init" "$root/init"

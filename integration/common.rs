@@ -170,6 +170,7 @@ pub struct DaemonProc {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    pub metrics_port: u16,
 }
 
 static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
@@ -204,12 +205,12 @@ log_level = "info,understudy=debug"
 match = "{pattern}"
 class = "default"
 
+# Heartbeat settings are the built-in defaults on purpose: the tests and benches measure them.
 [class.default]
 shadows = {shadows}
-heartbeat_interval_ms = 250
-heartbeat_timeout_ms = 200
-heartbeat_misses = 3
 shadow_boot_timeout_s = 180
+# Exercise the page server over loopback before the shadow is paused (see configs/lab.toml).
+warmup_commands = [["/bin/busybox", "sh", "-c", "for i in $(seq 30); do wget -q -O /dev/null http://127.0.0.1/; done"]]
 "#,
                 state = dir.join("state").display(),
                 socket = socket.display(),
@@ -226,6 +227,7 @@ shadow_boot_timeout_s = 180
             dir,
             config,
             socket,
+            metrics_port: port,
         };
         d.wait_socket();
         d
@@ -302,6 +304,15 @@ shadow_boot_timeout_s = 180
                 .collect();
             (paused.len() == n).then_some(paused)
         })
+    }
+
+    /// The Prometheus exposition from the daemon's metrics endpoint.
+    pub fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
     }
 
     pub fn log_text(&self) -> String {

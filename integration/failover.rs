@@ -106,7 +106,7 @@ fn crash_of_primary_promotes_its_paused_shadow() {
     });
     let steps = svc["last_failover"]["steps"].as_array().unwrap();
     let names: Vec<&str> = steps.iter().filter_map(|s| s["name"].as_str()).collect();
-    for want in ["fence", "resume", "rewire", "link_up"] {
+    for want in ["fence", "resume", "rewire", "announce", "metadata"] {
         assert!(names.contains(&want), "step {want} missing from {names:?}");
     }
     assert!(svc["last_failover"]["outage_ms"].as_f64().unwrap() > 0.0);
@@ -214,6 +214,54 @@ fn restarted_daemon_rebuilds_state_without_duplicates() {
     assert_eq!(shadows, before, "duplicate shadows after restart");
     let svc = daemon.service(name).unwrap();
     assert_eq!(svc["active"], name);
+
+    // A shadow that crashes is replaced by a new generation; the primary is untouched.
+    let pid = qemu_pid(&before[0]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let replaced = wait_for("crashed shadow replaced", SHADOW_WAIT, || {
+        let s = daemon.service(name)?;
+        let paused: Vec<String> = s["shadows"]
+            .as_array()?
+            .iter()
+            .filter(|x| x["state"] == "paused")
+            .filter_map(|x| x["name"].as_str().map(str::to_string))
+            .collect();
+        (paused.len() == 1 && paused[0] != before[0]).then_some(paused)
+    });
+    assert_eq!(replaced, vec![format!("{name}-shadow-2")]);
+    let svc = daemon.service(name).unwrap();
+    assert_eq!(
+        svc["active"], name,
+        "a shadow crash must not move the service"
+    );
+    assert!(svc["last_failover"].is_null());
+    assert_eq!(
+        hv.state(name).unwrap(),
+        understudy::libvirt::RunState::Running
+    );
+
+    // A reload with a broken file is refused with the file and line named; the daemon keeps
+    // its running configuration and keeps answering.
+    let good = std::fs::read_to_string(&daemon.config).unwrap();
+    std::fs::write(
+        &daemon.config,
+        format!("{good}\n[class.default]\nshadows = \"many\"\n"),
+    )
+    .unwrap();
+    let (code, _, err) = daemon.cli(&["reload"]);
+    assert_eq!(code, 1, "a broken reload must fail");
+    assert!(
+        err.contains("NOT reloaded") && err.contains("understudy.toml:"),
+        "{err}"
+    );
+    std::fs::write(&daemon.config, &good).unwrap();
+    let (code, out, err) = daemon.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(daemon.service(name).unwrap()["active"], name);
 }
 
 #[test]
@@ -289,4 +337,104 @@ fn stop_is_not_a_failure_and_bad_requests_change_nothing() {
         understudy::libvirt::RunState::Running,
         "the primary itself must be untouched"
     );
+}
+
+#[test]
+fn planned_switchover_and_shadow_rebuild() {
+    require_lab();
+    let name = "it-sw1";
+    let ip = "10.77.0.26";
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let daemon = DaemonProc::start("switch", name, 1);
+    let hv = hypervisor();
+    start_guest(&hv, name, &format!("{ip}/24"), &[]);
+    let first = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+    let mac = taps(&hv, name)[0].0.clone();
+
+    // Rebuild: the old shadow goes, a new generation comes up paused.
+    let (code, out, err) = daemon.cli(&["shadow", "rebuild", name]);
+    assert_eq!(code, 0, "{out}{err}");
+    let rebuilt = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+    assert_ne!(rebuilt, first);
+    assert!(
+        hv.list().unwrap().iter().all(|d| d.name != first),
+        "{first} still defined after rebuild"
+    );
+
+    // Planned switchover: fence (pause + cut) the healthy primary, then promote.
+    wait_for("primary page", Duration::from_secs(60), || {
+        http_get(ip, Duration::from_secs(1))
+    });
+    let (code, out, err) = daemon.cli(&["failover", name]);
+    assert_eq!(code, 0, "{out}{err}");
+    let record: serde_json::Value =
+        serde_json::from_str(&out).expect("failover prints its record as JSON");
+    assert_eq!(record["trigger"], "manual");
+    assert_eq!(record["to"], rebuilt.as_str());
+    let new_uuid = domain_uuid(&hv, &rebuilt);
+    wait_page_uuid(ip, &new_uuid, Duration::from_secs(10));
+    wait_for("old primary shut off", Duration::from_secs(30), || {
+        (!hv.state(name).ok()?.is_active()).then_some(())
+    });
+    assert_single_server(ip, &new_uuid, &mac);
+
+    let metrics = daemon.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("understudy_failovers_total{")
+                && l.contains("trigger=\"manual\"")
+                && !l.ends_with(" 0")),
+        "no manual failover counted in metrics:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("understudy_failover_step_seconds"),
+        "no step histogram"
+    );
+}
+
+#[test]
+fn primary_dying_while_its_shadow_boots_is_replaced_when_the_shadow_is_ready() {
+    require_lab();
+    let name = "it-early1";
+    let ip = "10.77.0.27";
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let daemon = DaemonProc::start("early", name, 1);
+    let hv = hypervisor();
+    start_guest(&hv, name, &format!("{ip}/24"), &[]);
+    // Kill the primary as soon as its shadow exists but before it is paused.
+    wait_for("shadow booting", Duration::from_secs(60), || {
+        let s = daemon.service(name)?;
+        s["shadows"]
+            .as_array()?
+            .iter()
+            .any(|x| x["state"] == "booting")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    kill_qemu(name);
+    let svc = wait_for(
+        "service down with a clear reason",
+        Duration::from_secs(30),
+        || {
+            let s = daemon.service(name)?;
+            s["state"].as_str()?.starts_with("down").then_some(s)
+        },
+    );
+    assert!(
+        svc["state"].as_str().unwrap().contains("no paused shadow"),
+        "{svc}"
+    );
+    // When the booting shadow is ready it takes over.
+    let shadow = format!("{name}-shadow-1");
+    wait_for("booting shadow promoted", SHADOW_WAIT, || {
+        let s = daemon.service(name)?;
+        (s["active"] == shadow.as_str()).then_some(())
+    });
+    let uuid = domain_uuid(&hv, &shadow);
+    wait_page_uuid(ip, &uuid, Duration::from_secs(30));
 }

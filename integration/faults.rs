@@ -97,8 +97,11 @@ fn sigstopped_primary_is_fenced_and_replaced() {
         || http_get(ip, Duration::from_millis(200)).filter(|p| page_uuid(p) == shadow_uuid),
     );
     eprintln!("SIGSTOP to shadow serving: {:?}", t.elapsed());
-    let svc = daemon.service(name).unwrap();
-    assert_eq!(svc["last_failover"]["trigger"], "heartbeat");
+    // The record lands when the whole pipeline (incl. apply_profile) is done, after serving.
+    wait_for("failover record", Duration::from_secs(30), || {
+        let s = daemon.service(name)?;
+        (s["last_failover"]["trigger"] == "heartbeat").then_some(())
+    });
     assert_single_server(ip, &shadow_uuid, &mac);
     // After the grace period the stopped primary is destroyed, and it never counted as false.
     wait_for("old primary destroyed", Duration::from_secs(40), || {
@@ -235,7 +238,7 @@ fn daemon_killed_at_each_promotion_step_finishes_on_restart() {
         prefixes: vec![name.to_string()],
     };
     let (mut daemon, hv, _uuid, mac) = protected("journal", name, ip, &[]);
-    for step in ["fence", "resume", "rewire", "link_up", "announce"] {
+    for step in ["fence", "resume", "rewire", "announce", "metadata"] {
         let svc = daemon.service(name).unwrap();
         let active = svc["active"].as_str().unwrap().to_string();
         let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);

@@ -5,6 +5,7 @@
 LAB_NS=understudy-lab
 LAB_BRIDGE=usbr0
 LAB_BRIDGE_ADDR=10.77.0.1/24
+LAB_BRIDGE_MAC=02:75:73:00:00:01
 LAB_URI=qemu:///system
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

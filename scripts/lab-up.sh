@@ -110,6 +110,10 @@ ip -n "$LAB_NS" link set lo up
 if ! ip -n "$LAB_NS" link show "$LAB_BRIDGE" >/dev/null 2>&1; then
     # STP off and no forward delay: a tap enslaved later forwards at once.
     ip -n "$LAB_NS" link add "$LAB_BRIDGE" type bridge stp_state 0 forward_delay 0
+    # A fixed MAC: a bridge without one takes the lowest MAC of its ports and changes it as
+    # taps come and go, which flushes every ARP entry on it (clients then re-ARP during a
+    # failover). Real hosts' bridges get their uplink's MAC or a configured one.
+    ip -n "$LAB_NS" link set "$LAB_BRIDGE" address "$LAB_BRIDGE_MAC"
     ip -n "$LAB_NS" addr add "$LAB_BRIDGE_ADDR" dev "$LAB_BRIDGE"
     lab_log "created bridge $LAB_BRIDGE ($LAB_BRIDGE_ADDR) in $LAB_NS"
 fi

@@ -290,6 +290,9 @@ pub struct ClassConfig {
     pub config_files: Vec<PathBuf>,
     /// Argument vectors run through `guest-exec`; `argv[0]` is an absolute path.
     pub config_commands: Vec<Vec<String>>,
+    /// Argument vectors run in a new shadow through `guest-exec` before it is paused, to warm
+    /// it up (prime caches, JIT, the service's code paths); `argv[0]` is an absolute path.
+    pub warmup_commands: Vec<Vec<String>>,
     /// Optional external probe from the host namespace.
     pub probe: Option<ProbeConfig>,
 }
@@ -306,6 +309,7 @@ impl Default for ClassConfig {
             golden_image: None,
             config_files: Vec::new(),
             config_commands: Vec::new(),
+            warmup_commands: Vec::new(),
             probe: None,
         }
     }

@@ -276,21 +276,26 @@ impl Checker<'_, '_> {
             }
         }
 
-        let commands_at = at.key("config_commands");
-        for (i, argv) in class.config_commands.iter().enumerate() {
-            let command_at = commands_at.index(i);
-            match argv.first() {
-                None => self.fail(
-                    &command_at,
-                    "empty command: give at least argv[0]".to_owned(),
-                ),
-                Some(program) if !Path::new(program).is_absolute() => self.fail(
-                    &command_at.index(0),
-                    format!(
-                        "{program:?} is not an absolute path (guest-exec does not search PATH)"
+        for (key, commands) in [
+            ("config_commands", &class.config_commands),
+            ("warmup_commands", &class.warmup_commands),
+        ] {
+            let commands_at = at.key(key);
+            for (i, argv) in commands.iter().enumerate() {
+                let command_at = commands_at.index(i);
+                match argv.first() {
+                    None => self.fail(
+                        &command_at,
+                        "empty command: give at least argv[0]".to_owned(),
                     ),
-                ),
-                Some(_) => {}
+                    Some(program) if !Path::new(program).is_absolute() => self.fail(
+                        &command_at.index(0),
+                        format!(
+                            "{program:?} is not an absolute path (guest-exec does not search PATH)"
+                        ),
+                    ),
+                    Some(_) => {}
+                }
             }
         }
 

@@ -110,35 +110,52 @@ pub(super) fn send_heartbeats(d: &Shared) {
             .unwrap_or_else(|e| e.into_inner())
             .insert(domain.clone());
         if fresh {
-            let hv = d.hv();
+            // Pings and other guest probes use their own libvirt connection: a stuck agent
+            // call occupies one of libvirtd's per-client request slots for up to a second,
+            // and the promotion path must never queue behind those.
+            let hv = d.probe_hv();
             let timeout = Duration::from_millis(class.heartbeat_timeout_ms);
             let d2 = d.clone();
             tokio::spawn(async move {
                 let dn = domain.clone();
-                let ping = hv.run("heartbeat", move |hv| {
-                    hv.agent_command(&dn, r#"{"execute":"guest-ping"}"#, timeout, max_reply)
+                let mut call = tokio::spawn(async move {
+                    hv.run("heartbeat", move |hv| {
+                        hv.agent_command(&dn, r#"{"execute":"guest-ping"}"#, timeout, max_reply)
+                    })
+                    .await
                 });
-                let ping = match tokio::time::timeout(timeout, ping).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(LibvirtError::AgentTimeout { .. })) | Err(_) => {
+                let outcome = tokio::time::timeout(timeout, &mut call).await;
+                let timed_out = outcome.is_err();
+                let ping = match outcome {
+                    Ok(Ok(Ok(_))) => Ok(()),
+                    Ok(Ok(Err(LibvirtError::AgentTimeout { .. }))) | Err(_) => {
                         Err(PingFailure::Timeout)
                     }
-                    Ok(Err(LibvirtError::Domain { source, .. }))
+                    Ok(Ok(Err(LibvirtError::Domain { source, .. })))
                         if source
                             .code()
                             .is(virt::error::ErrorNumber::AgentUnresponsive) =>
                     {
                         Err(PingFailure::NotConnected)
                     }
-                    Ok(Err(_)) => Err(PingFailure::TransportError),
+                    Ok(_) => Err(PingFailure::TransportError),
                 };
                 let at = d2.now_mono();
                 let _ = d2.notes.send(Note::Heartbeat {
-                    domain,
+                    domain: domain.clone(),
                     ping,
                     at,
                     at_unix_ms: now_unix_ms(),
                 });
+                // The next ping for this domain waits until libvirt has given up on this one,
+                // so stuck calls never pile up.
+                if timed_out {
+                    let _ = call.await;
+                }
+                d2.pinging
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&domain);
             });
         } else {
             judge_health(d, &service, &domain);
@@ -307,7 +324,7 @@ pub(super) fn run_probe(
 /// Watches a primary fenced for a hang: if its agent answers during [`FENCE_GRACE`] it was
 /// alive after all (a false failover); either way it is destroyed afterwards.
 pub(super) fn spawn_fence_grace(d: &Shared, service: &str, old: &str) {
-    let (hv, notes) = (d.hv(), d.notes.clone());
+    let (hv, notes) = (d.probe_hv(), d.notes.clone());
     let (service, old) = (service.to_string(), old.to_string());
     tokio::spawn(async move {
         let deadline = Instant::now() + FENCE_GRACE;

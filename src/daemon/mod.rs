@@ -27,9 +27,9 @@ use crate::api::control::ControlServer;
 use crate::api::metrics::Metrics;
 use crate::api::protocol::{Request, Response, ShadowState};
 use crate::config::{ClassConfig, Config};
-use crate::domain_xml::META_NS;
+use crate::domain_xml::{MemberState, Role, META_NS};
 use crate::failover::promote::{promote, Promoted, Promotion, Trigger};
-use crate::failover::shadow::shadow_generation;
+use crate::failover::shadow::{member_meta, shadow_generation, write_meta};
 use crate::failover::{now_unix_ms, Service, ServiceState, Shadow};
 use crate::libvirt::{
     AgentState, DomainEvent, EventLoop, Hypervisor, LibvirtError, LifecycleEvent,
@@ -37,6 +37,9 @@ use crate::libvirt::{
 use crate::monitor::heartbeat::PingFailure;
 use crate::monitor::{Health, HeartbeatConfig, HeartbeatEvent, HeartbeatTracker, MonoMs};
 use crate::net::Netlink;
+
+/// Pause between a completed promotion and provisioning the replacement shadow.
+const REPLACEMENT_DELAY: Duration = Duration::from_secs(2);
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +124,8 @@ pub struct Daemon {
     cfg: RwLock<Arc<Config>>,
     config_path: PathBuf,
     hv: RwLock<Hypervisor>,
+    /// A second connection for guest probes, so stuck agent calls never delay a promotion.
+    probe_hv: RwLock<Hypervisor>,
     events: EventLoop,
     net: Netlink,
     metrics: Arc<Metrics>,
@@ -153,6 +158,14 @@ impl Daemon {
 
     fn hv(&self) -> Hypervisor {
         self.hv.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The connection for guest probes (pings, grace checks), kept apart from [`Self::hv`].
+    fn probe_hv(&self) -> Hypervisor {
+        self.probe_hv
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn class(&self, name: &str) -> ClassConfig {
@@ -201,6 +214,12 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
         cfg.daemon.keepalive_interval_s,
         cfg.daemon.keepalive_count,
     )?;
+    let probe_hv = Hypervisor::open(
+        &events,
+        &cfg.daemon.libvirt_uri,
+        cfg.daemon.keepalive_interval_s,
+        cfg.daemon.keepalive_count,
+    )?;
     let (note_tx, mut notes) = mpsc::unbounded_channel();
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     hv.subscribe(ev_tx.clone())?;
@@ -223,6 +242,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
         cfg: RwLock::new(cfg.clone()),
         config_path,
         hv: RwLock::new(hv),
+        probe_hv: RwLock::new(probe_hv),
         events,
         net,
         metrics,
@@ -370,6 +390,8 @@ async fn on_note(d: &Shared, note: Note) {
             Ok(shadow) => {
                 let mut services = d.services();
                 if let Some(svc) = services.get_mut(&service) {
+                    svc.provision_failures = 0;
+                    svc.provision_not_before = None;
                     if let Some(s) = svc.shadows.iter_mut().find(|s| s.name == name) {
                         *s = shadow;
                     }
@@ -379,10 +401,29 @@ async fn on_note(d: &Shared, note: Note) {
                         svc.state = ServiceState::Protected;
                     }
                 }
+                // The primary died while no shadow was ready: this one takes over now.
+                let waiting = services
+                    .get(&service)
+                    .filter(|s| matches!(s.state, ServiceState::Down(_)))
+                    .map(|s| s.active.clone());
+                drop(services);
+                if let Some(active) = waiting {
+                    tracing::warn!(%service, shadow = %name, "shadow ready for a service that is down; promoting it");
+                    start_failover(d, &service, &active, Trigger::Recovery, Instant::now());
+                }
             }
             Err(e) => {
                 tracing::error!(%service, shadow = %name, error = %e, "shadow provisioning failed");
                 remove_shadow(d, &service, &name).await;
+                if let Some(svc) = d.services().get_mut(&service) {
+                    // 10 s, 20 s, 40 s ... up to 5 minutes between attempts.
+                    svc.provision_failures += 1;
+                    let wait = Duration::from_secs(10)
+                        .saturating_mul(1 << svc.provision_failures.min(5).saturating_sub(1));
+                    let wait = wait.min(Duration::from_secs(300));
+                    svc.provision_not_before = Some(Instant::now() + wait);
+                    tracing::warn!(%service, failures = svc.provision_failures, retry_in_s = wait.as_secs(), "next shadow provisioning attempt delayed");
+                }
                 if unprotectable {
                     if let Some(svc) = d.services().get_mut(&service) {
                         svc.state = ServiceState::Unprotectable(e);
@@ -419,20 +460,54 @@ async fn on_note(d: &Shared, note: Note) {
                         svc.active = shadow.clone();
                         svc.active_taps = p.taps;
                         svc.state = ServiceState::Provisioning;
-                        Some(shadow)
+                        Some(shadow.clone())
                     }
                     Err(e) => {
                         if let Some(s) = svc.shadows.iter_mut().find(|s| s.name == shadow) {
                             s.state = ShadowState::Failed;
                         }
-                        svc.state = ServiceState::Down(format!("failover failed: {e}"));
+                        svc.promote_attempts += 1;
+                        svc.state = ServiceState::Down(format!(
+                            "failover failed (attempt {}): {e}",
+                            svc.promote_attempts
+                        ));
                         None
                     }
                 }
             };
-            if let Some(active) = new_active {
-                watch_primary(d, &service, &active);
-                ensure_all_shadows(d);
+            match new_active {
+                Some(active) => {
+                    if let Some(svc) = d.services().get_mut(&service) {
+                        svc.promote_attempts = 0;
+                    }
+                    watch_primary(d, &service, &active);
+                    // The replacement shadow waits a moment: booting it competes for CPU with
+                    // the guest that has just taken over, in the very seconds its clients
+                    // reconnect. Service first, redundancy right after.
+                    let d2 = d.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(REPLACEMENT_DELAY).await;
+                        ensure_all_shadows(&d2);
+                    });
+                }
+                None => {
+                    // The failed shadow may be half promoted: destroy it, then try again with
+                    // another (ready, or newly provisioned) within the retry limit.
+                    remove_shadow(d, &service, &shadow).await;
+                    let retry = d.services().get(&service).and_then(|s| {
+                        let limit = d.class(&s.class).promote_retry_limit;
+                        (s.promote_attempts <= limit).then(|| s.active.clone())
+                    });
+                    match retry {
+                        Some(active) => {
+                            start_failover(d, &service, &active, Trigger::Recovery, Instant::now());
+                            ensure_all_shadows(d);
+                        }
+                        None => {
+                            tracing::error!(%service, "promotion retries exhausted; service stays down")
+                        }
+                    }
+                }
             }
         }
         Note::Heartbeat {
@@ -441,10 +516,6 @@ async fn on_note(d: &Shared, note: Note) {
             at,
             at_unix_ms,
         } => {
-            d.pinging
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&domain);
             let found = d
                 .services()
                 .values()
@@ -538,7 +609,7 @@ async fn on_libvirt_event(d: &Shared, ev: DomainEvent, ev_tx: &mpsc::UnboundedSe
                         ensure_all_shadows(d);
                     }
                 }
-                (None, LifecycleEvent::Started) => {
+                (None, LifecycleEvent::Started | LifecycleEvent::Defined) => {
                     if let Some((class, _)) = d.cfg().class_for(&domain) {
                         let tagged = {
                             let dn = domain.clone();
@@ -550,7 +621,8 @@ async fn on_libvirt_event(d: &Shared, ev: DomainEvent, ev_tx: &mpsc::UnboundedSe
                         };
                         if tagged.is_none() {
                             let class = class.to_string();
-                            protect_new(d, &domain, &class).await;
+                            let running = event == LifecycleEvent::Started;
+                            protect_new(d, &domain, &class, running).await;
                         }
                     }
                 }
@@ -561,8 +633,29 @@ async fn on_libvirt_event(d: &Shared, ev: DomainEvent, ev_tx: &mpsc::UnboundedSe
                         .map(|s| s.state == ServiceState::Stopped)
                         .unwrap_or(false);
                     if stopped {
-                        if let Some(s) = d.services().get_mut(&service) {
+                        let class = d.services().get_mut(&service).map(|s| {
                             s.state = ServiceState::Provisioning;
+                            s.class.clone()
+                        });
+                        // The record in libvirt must say it runs: a restarted daemon that
+                        // read "stopped" would not fail it over.
+                        if let Some(class) = class {
+                            let gen = shadow_generation(&service, &domain).unwrap_or(0);
+                            let meta = member_meta(
+                                &service,
+                                &class,
+                                Role::Primary,
+                                gen,
+                                MemberState::Active,
+                            );
+                            let dn = domain.clone();
+                            if let Err(e) = d
+                                .hv()
+                                .run("mark primary active", move |hv| write_meta(hv, &dn, &meta))
+                                .await
+                            {
+                                tracing::error!(%service, error = %e, "cannot mark the started primary active");
+                            }
                         }
                         refresh_active(d, &service).await;
                     }
@@ -614,6 +707,25 @@ async fn reconnect(d: &Shared, ev_tx: &mpsc::UnboundedSender<DomainEvent>) {
                     tracing::error!(error = %e, "resubscribe failed");
                 } else {
                     *d.hv.write().unwrap_or_else(|e| e.into_inner()) = hv;
+                    let (uri, ki, kc, events) = (
+                        cfg.daemon.libvirt_uri.clone(),
+                        cfg.daemon.keepalive_interval_s,
+                        cfg.daemon.keepalive_count,
+                        d.events,
+                    );
+                    match tokio::task::spawn_blocking(move || {
+                        Hypervisor::open(&events, &uri, ki, kc)
+                    })
+                    .await
+                    {
+                        Ok(Ok(p)) => *d.probe_hv.write().unwrap_or_else(|e| e.into_inner()) = p,
+                        _ => {
+                            tracing::warn!(
+                                "probe connection not reopened; probes share the main connection"
+                            );
+                            *d.probe_hv.write().unwrap_or_else(|e| e.into_inner()) = d.hv();
+                        }
+                    }
                     d.metrics.inc_libvirt_reconnect();
                     tracing::info!("reconnected to libvirt");
                     break;

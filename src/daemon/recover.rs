@@ -41,6 +41,9 @@ pub(super) async fn reconcile(d: &Shared) {
     let mut found: BTreeMap<String, Service> = BTreeMap::new();
     let mut shadows: Vec<(UnderstudyMeta, crate::libvirt::DomainSummary)> = Vec::new();
     let mut untagged = Vec::new();
+    let all_names: Vec<String> = listing.iter().map(|(d, _)| d.name.clone()).collect();
+    let mut primaries: BTreeMap<String, (String, (bool, u64))> = BTreeMap::new();
+    let mut to_retire: Vec<(String, String, String)> = Vec::new();
     for (dom, meta) in listing {
         let meta = match meta.map(|m| UnderstudyMeta::from_libvirt_xml(&m)) {
             Some(Ok(m)) => m,
@@ -56,10 +59,29 @@ pub(super) async fn reconcile(d: &Shared) {
         match meta.role {
             Role::Primary => {
                 let state = match (dom.state.is_active(), meta.state) {
-                    (_, MemberState::Stopped) => ServiceState::Stopped,
+                    // Started by someone while we were away after an `understudy stop`: it
+                    // runs, so it is protected again.
                     (true, _) => ServiceState::Provisioning,
+                    (false, MemberState::Stopped) => ServiceState::Stopped,
                     (false, _) => ServiceState::Down("primary not running at daemon start".into()),
                 };
+                // Two primaries of one service: we died between promoting a shadow and
+                // retiring the old primary. The running one (else the newer one) is the
+                // primary; the other is retired now.
+                let candidate = (dom.state.is_active(), meta.generation);
+                if let Some((prev_dom, prev_rank)) = primaries.get(&meta.service).cloned() {
+                    let (keep, retire) = if candidate > prev_rank {
+                        (dom.name.clone(), prev_dom)
+                    } else {
+                        (prev_dom, dom.name.clone())
+                    };
+                    tracing::warn!(service = %meta.service, primary = %keep, retired = %retire, "two primaries found; retiring the stale one");
+                    to_retire.push((meta.service.clone(), meta.class.clone(), retire));
+                    if keep != dom.name {
+                        continue;
+                    }
+                }
+                primaries.insert(meta.service.clone(), (dom.name.clone(), candidate));
                 found.insert(
                     meta.service.clone(),
                     new_service(&meta.service, &meta.class, &dom.name, state),
@@ -88,6 +110,27 @@ pub(super) async fn reconcile(d: &Shared) {
             taps: Vec::new(),
         });
     }
+    for (service, class, domain) in to_retire {
+        let meta = member_meta(&service, &class, Role::Retired, 0, MemberState::Fenced);
+        let r = d
+            .hv()
+            .run("retire stale primary", move |hv| {
+                hv.destroy(&domain)?;
+                write_meta(hv, &domain, &meta)
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(%service, error = %e, "cannot retire a stale primary");
+        }
+    }
+    // Every generation ever used for a service, retired domains included.
+    for svc in found.values_mut() {
+        svc.last_generation = all_names
+            .iter()
+            .filter_map(|n| shadow_generation(&svc.name, n))
+            .max()
+            .unwrap_or(0);
+    }
     {
         let mut services = d.services();
         for (name, svc) in found {
@@ -101,9 +144,7 @@ pub(super) async fn reconcile(d: &Shared) {
     }
     for dom in untagged {
         if let Some((class, _)) = cfg.class_for(&dom.name) {
-            if dom.state.is_active() {
-                protect_new(d, &dom.name, class).await;
-            }
+            protect_new(d, &dom.name, class, dom.state.is_active()).await;
         }
     }
     ensure_all_shadows(d);
@@ -120,6 +161,10 @@ pub(super) fn new_service(name: &str, class: &str, active: &str, state: ServiceS
         last_failover: None,
         last_heartbeat_unix_ms: None,
         health: "unknown".into(),
+        promote_attempts: 0,
+        last_generation: 0,
+        provision_failures: 0,
+        provision_not_before: None,
     }
 }
 
@@ -267,6 +312,12 @@ pub(super) async fn refresh_active(d: &Shared, service: &str) {
     };
     let bridges = live_taps(&d.hv(), &active).await.unwrap_or_default();
     if let Some(s) = d.services().get_mut(service) {
+        for bridge in bridges.iter().filter_map(|b| b.bridge.as_deref()) {
+            if crate::net::mac_is_fixed(std::path::Path::new("/sys"), bridge) == Some(false) {
+                // Not fatal, but it costs every failover an ARP round trip with each client.
+                tracing::warn!(service, bridge, "bridge has no fixed MAC: it changes as ports come and go, flushing clients' ARP caches during failovers; set one (ip link set {bridge} address ...)");
+            }
+        }
         s.active_taps = bridges;
     }
     watch_primary(d, service, &active);
@@ -284,6 +335,19 @@ pub(super) fn watch_primary(d: &Shared, service: &str, domain: &str) {
     };
     let proc = match QemuProcess::open(domain, pid) {
         Ok(p) => p,
+        Err(crate::libvirt::LibvirtError::Process { source, .. })
+            if source.raw_os_error() == Some(libc::ESRCH) =>
+        {
+            // The pid libvirt recorded is gone already: libvirt has not caught up with a
+            // death (e.g. we restarted right after a crash). That is an exit, seen now.
+            tracing::warn!(service, domain, pid, "primary QEMU already gone");
+            let _ = d.notes.send(Note::PrimaryExited {
+                service: service.to_string(),
+                domain: domain.to_string(),
+                at: Instant::now(),
+            });
+            return;
+        }
         Err(e) => {
             tracing::warn!(service, domain, pid, error = %crate::error_chain(&e), "no pidfd; relying on libvirt events");
             return;
@@ -312,11 +376,18 @@ pub(super) fn watch_primary(d: &Shared, service: &str, domain: &str) {
 }
 
 /// Tags a newly seen matching domain as a service primary and starts protecting it.
-pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str) {
+/// A domain that is only defined (not running) is registered as a stopped service: it gets
+/// shadows once it starts.
+pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str, running: bool) {
     if d.services().contains_key(domain) {
         return;
     }
-    let meta = member_meta(domain, class, Role::Primary, 0, MemberState::Active);
+    let state = if running {
+        MemberState::Active
+    } else {
+        MemberState::Stopped
+    };
+    let meta = member_meta(domain, class, Role::Primary, 0, state);
     let dn = domain.to_string();
     if let Err(e) = d
         .hv()
@@ -324,6 +395,18 @@ pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str) {
         .await
     {
         tracing::error!(domain, error = %e, cause = %crate::error_chain(&e), "cannot tag primary; not protected");
+        return;
+    }
+    if !running {
+        tracing::info!(
+            domain,
+            class,
+            "protecting newly defined primary; shadows follow when it starts"
+        );
+        d.services().insert(
+            domain.to_string(),
+            new_service(domain, class, domain, ServiceState::Stopped),
+        );
         return;
     }
     tracing::info!(domain, class, "protecting new primary");
@@ -342,33 +425,47 @@ pub(super) fn ensure_all_shadows(d: &Shared) {
     {
         let mut services = d.services();
         for svc in services.values_mut() {
-            if !matches!(
+            // A service that is down still gets shadows: a new one is how it comes back
+            // (promoted as soon as it is ready), within the class's retry limit.
+            let class = cfg.class.get(&svc.class).cloned().unwrap_or_default();
+            let down_retry = matches!(svc.state, ServiceState::Down(_))
+                && svc.promote_attempts <= class.promote_retry_limit;
+            if !(matches!(
                 svc.state,
                 ServiceState::Provisioning | ServiceState::Protected
-            ) {
+            ) || down_retry)
+            {
                 continue;
             }
-            let want = cfg.class.get(&svc.class).map(|c| c.shadows).unwrap_or(1) as usize;
+            if svc.provision_not_before.is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
+            let want = (class.shadows as usize).max(usize::from(down_retry));
             let have = svc
                 .shadows
                 .iter()
                 .filter(|s| matches!(s.state, ShadowState::Booting | ShadowState::Paused))
                 .count();
             if have >= want {
-                if svc.shadows.iter().all(|s| s.state == ShadowState::Paused) {
+                if !down_retry && svc.shadows.iter().all(|s| s.state == ShadowState::Paused) {
                     svc.state = ServiceState::Protected;
                 }
                 continue;
             }
-            svc.state = ServiceState::Provisioning;
+            if !down_retry {
+                svc.state = ServiceState::Provisioning;
+            }
+            // Generations only grow: a rebuilt or replaced shadow never reuses a name.
             let next = svc
                 .shadows
                 .iter()
                 .filter_map(|s| shadow_generation(&svc.name, &s.name))
                 .chain(shadow_generation(&svc.name, &svc.active))
+                .chain([svc.last_generation])
                 .max()
                 .unwrap_or(0)
                 + 1;
+            svc.last_generation = next;
             let name = shadow_name(&svc.name, next);
             svc.shadows.push(Shadow {
                 name: name.clone(),
@@ -396,6 +493,7 @@ pub(super) fn ensure_all_shadows(d: &Shared) {
             boot_timeout: Duration::from_secs(c.shadow_boot_timeout_s),
             agent_timeout: Duration::from_millis(cfg.monitor.agent_timeout_ms),
             agent_max_reply: cfg.monitor.agent_max_reply_bytes,
+            warmup: c.warmup_commands.clone(),
             golden_image: super::profiles::golden_image(d, &service, &c),
         };
         let d2 = d.clone();

@@ -282,13 +282,18 @@ pub(super) async fn status(d: &Shared) -> StatusReport {
                 })
                 .map(|(r, s)| (Some(r), Some(s)))
                 .unwrap_or((None, None));
+            // Health is only judged for a service's active domain; a retired one keeps its
+            // last heartbeat time but no verdict.
+            let active = role.as_deref() == Some("primary");
+            let health = services
+                .iter()
+                .find(|s| s.active == dom.name)
+                .map(|s| s.health.clone())
+                .filter(|_| active && dom.state.is_active())
+                .unwrap_or_else(|| "-".into());
             DomainStatus {
                 last_heartbeat_unix_ms: beats.get(&dom.name).copied(),
-                health: if beats.contains_key(&dom.name) {
-                    "answering".into()
-                } else {
-                    "-".into()
-                },
+                health,
                 name: dom.name,
                 state: dom.state.as_str().to_string(),
                 role,

@@ -251,15 +251,19 @@ fn validate_plan(primary: &DomainXml, plan: &ShadowPlan) -> Result<(), CloneErro
 struct PathRewriter<'a> {
     dir: &'a Path,
     shadow: &'a str,
+    /// The primary's name: a primary that was itself a shadow has paths we rewrote before,
+    /// `dir/<primary>.<base>`, and its shadows must not stack prefixes on them.
+    primary: Option<String>,
     map: BTreeMap<String, String>,
     taken: BTreeSet<String>,
 }
 
 impl<'a> PathRewriter<'a> {
-    fn new(dir: &'a Path, shadow: &'a str) -> Self {
+    fn new(dir: &'a Path, shadow: &'a str, primary: Option<String>) -> Self {
         PathRewriter {
             dir,
             shadow,
+            primary,
             map: BTreeMap::new(),
             taken: BTreeSet::new(),
         }
@@ -271,10 +275,22 @@ impl<'a> PathRewriter<'a> {
         if let Some(p) = self.map.get(original) {
             return p.clone();
         }
-        let base = Path::new(original)
+        let original_path = Path::new(original);
+        let mut base = original_path
             .file_name()
             .and_then(|f| f.to_str())
             .unwrap_or(fallback);
+        if original_path.parent() == Some(self.dir) {
+            if let Some(stripped) = self
+                .primary
+                .as_deref()
+                .and_then(|p| base.strip_prefix(p))
+                .and_then(|rest| rest.strip_prefix('.'))
+                .filter(|rest| !rest.is_empty())
+            {
+                base = stripped;
+            }
+        }
         let make = |suffix: &str| {
             // `dir` was checked to be UTF-8 in `validate_plan`.
             self.dir
@@ -307,7 +323,7 @@ pub fn shadow_spec(primary: &DomainXml, plan: &ShadowPlan) -> Result<DomainXml, 
     dom.set_name(&plan.name);
     dom.set_uuid(&plan.uuid);
 
-    let mut paths = PathRewriter::new(&plan.console_dir, &plan.name);
+    let mut paths = PathRewriter::new(&plan.console_dir, &plan.name, primary.name());
     let mut overlays_used = BTreeSet::new();
     if let Some(devices) = dom.devices() {
         let nodes: Vec<Node> = tree::element_children(&dom.xot, devices).collect();

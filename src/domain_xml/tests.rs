@@ -1122,3 +1122,33 @@ fn libvirt_metadata_form_round_trips() {
     // Another tool's undeclared element is not ours.
     assert!(UnderstudyMeta::from_libvirt_xml("<membership a='1'/>").is_err());
 }
+
+#[test]
+fn shadow_of_a_promoted_shadow_does_not_stack_path_prefixes() {
+    // A primary that was itself a shadow carries paths we rewrote: the next generation must
+    // get `<new>.<base>`, not `<new>.<old>.<base>` (which grew until the name was too long).
+    let primary = parse(FULL);
+    let g1 = shadow_spec(&primary, &plan("web1-shadow-1", &[("vda", "/o/1.qcow2")])).unwrap();
+    let mut g1 = parse(&g1.to_xml());
+    g1.set_uuid("11111111-2222-4333-8444-555555555555");
+    let g2 = shadow_spec(&g1, &plan("web1-shadow-2", &[("vda", "/o/2.qcow2")])).unwrap();
+    let first = g1.to_xml();
+    let second = g2.to_xml();
+    let paths = |x: &str| -> Vec<String> {
+        x.split("/run/understudy/console/")
+            .skip(1)
+            .map(|r| r.split(['"', '\'']).next().unwrap_or("").to_string())
+            .collect()
+    };
+    let (p1, p2) = (paths(&first), paths(&second));
+    assert!(!p1.is_empty(), "fixture has no rewritten paths");
+    assert_eq!(p1.len(), p2.len());
+    for (a, b) in p1.iter().zip(&p2) {
+        assert!(a.starts_with("web1-shadow-1."), "{a}");
+        assert_eq!(
+            b.strip_prefix("web1-shadow-2."),
+            a.strip_prefix("web1-shadow-1."),
+            "{a} -> {b}"
+        );
+    }
+}

@@ -171,6 +171,16 @@ pub struct Service {
     pub last_heartbeat_unix_ms: Option<u64>,
     /// Last health verdict, for status.
     pub health: String,
+    /// Failed promotions since the service last ran: retries stop at the class's
+    /// `promote_retry_limit`.
+    pub promote_attempts: u32,
+    /// Highest shadow generation ever used, so new shadows never reuse a name.
+    pub last_generation: u64,
+    /// Consecutive failed shadow provisionings, and when the next attempt may start: a
+    /// failing host is not hammered every housekeeping round.
+    pub provision_failures: u32,
+    /// See `provision_failures`.
+    pub provision_not_before: Option<std::time::Instant>,
 }
 
 /// A tap device and the bridge it belongs on.
@@ -182,6 +192,15 @@ pub struct TapBinding {
     pub tap: String,
     /// Bridge the service's traffic arrives on.
     pub bridge: Option<String>,
+    /// Whether the NIC's link is up in the guest's view (`<link state>`).
+    pub link_up: bool,
+}
+
+impl Shadow {
+    /// True when every NIC's link is already up, so promotion needs no link change.
+    pub fn link_ready(&self) -> bool {
+        !self.taps.is_empty() && self.taps.iter().all(|b| b.link_up)
+    }
 }
 
 impl Service {

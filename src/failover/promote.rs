@@ -3,21 +3,22 @@
 //!
 //! Order matters only where safety needs it: the old primary is fenced (its QEMU confirmed
 //! gone, or its taps cut off the bridge and read back) before anything of the shadow is
-//! touched. After that, the independent steps run at once: resume (libvirt), rewiring
-//! (netlink) and the journal entry (libvirt metadata). The link is raised and the network
-//! told of the move last, when the guest can answer. Once the service is restored and the roles
-//! are recorded, `apply_profile` sizes and configures the new primary from its profile
-//! ([`super::apply_profile`]).
+//! touched. After that only two things stand between the client and the shadow, and they run
+//! at once: resume (libvirt) and rewiring (netlink). The shadow's links were raised while it
+//! stood by paused and off the bridge, so no libvirt call is needed for them. Everything else
+//! (announce-self, metadata, retiring the old primary) happens after service is restored.
+//! Once the service is restored and the roles are recorded, `apply_profile` sizes and
+//! configures the new primary from its profile ([`super::apply_profile`]).
 
 use std::time::Instant;
 
 use crate::api::protocol::FailoverRecord;
-use crate::domain_xml::{DomainXml, MemberState, Role};
+use crate::domain_xml::{MemberState, Role};
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::{NetError, Netlink};
 
 use super::apply_profile::ProfileApply;
-use super::shadow::{member_meta, write_meta};
+use super::shadow::{member_meta, raise_links, write_meta};
 use super::{now_unix_ms, FailoverError, Shadow, StepClock, TapBinding};
 
 /// What set the failover off.
@@ -187,21 +188,13 @@ async fn run_steps(
     }
     clock.record("fence", t.elapsed());
 
-    // 2. Journal, resume and rewire at once.
-    // Each shadow tap goes onto the bridge its own definition names.
+    // 2. Resume (libvirt) and rewire (netlink) at once. Nothing else touches libvirt before
+    //    service is restored: libvirt runs one job per domain at a time, so a journal write
+    //    here would queue in front of the resume. A restart that finds the shadow running
+    //    with a standby record treats it as an interrupted promotion (see the daemon's
+    //    recovery), so the journal can follow.
     let bindings: Vec<TapBinding> = p.shadow.taps.clone();
     let shadow = p.shadow.name.clone();
-    let journal = {
-        let mut m = member_meta(
-            &p.service,
-            &p.class,
-            Role::Shadow,
-            p.shadow_generation,
-            MemberState::Promoting,
-        );
-        m.journal = Some(format!("promoting; replaces {}", p.old_primary));
-        m
-    };
     let resume = {
         let shadow = shadow.clone();
         let t = Instant::now();
@@ -228,6 +221,7 @@ async fn run_steps(
         let bindings = bindings.clone();
         async move {
             for b in &bindings {
+                // Each shadow tap goes onto the bridge its own definition names.
                 let Some(bridge) = &b.bridge else { continue };
                 net.enslave_and_up(&b.tap, bridge)
                     .await
@@ -240,30 +234,7 @@ async fn run_steps(
             Ok::<_, (FailoverError, std::time::Duration)>(t.elapsed())
         }
     };
-    let journal_write = {
-        let shadow = shadow.clone();
-        async move {
-            hv.run("journal", move |hv| write_meta(hv, &shadow, &journal))
-                .await
-        }
-    };
-    let iface_xml = {
-        let shadow = shadow.clone();
-        let macs: Vec<String> = p.shadow.taps.iter().map(|b| b.mac.clone()).collect();
-        async move {
-            hv.run("read shadow XML", move |hv| {
-                let xml = hv.xml(&shadow, true)?;
-                Ok(DomainXml::parse(&xml).ok().map(|d| {
-                    macs.iter()
-                        .filter_map(|m| d.interface_xml_with_link(m, true))
-                        .collect::<Vec<_>>()
-                }))
-            })
-            .await
-        }
-    };
-    let ((resumed, resume_took), rewired, journaled, ifaces) =
-        tokio::join!(resume, rewire, journal_write, iface_xml);
+    let ((resumed, resume_took), rewired) = tokio::join!(resume, rewire);
     clock.record("resume", resume_took);
     resumed?;
     match rewired {
@@ -273,44 +244,39 @@ async fn run_steps(
             return Err(e);
         }
     }
-    if let Err(e) = journaled {
-        tracing::warn!(error = %e, "journal entry not written; promotion continues");
-    }
 
-    // 3. Link up, then make the network learn the MAC's new port.
-    let t = Instant::now();
-    let ifaces = ifaces
-        .map_err(|source| FailoverError::Libvirt {
-            step: "read shadow XML",
-            source,
-        })?
-        .unwrap_or_default();
-    let s = shadow.clone();
-    hv.run("link up", move |hv| {
-        for x in &ifaces {
-            hv.update_device_live_and_config(&s, x)?;
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|source| FailoverError::Libvirt {
-        step: "link up",
-        source,
-    })?;
-    clock.record("link_up", t.elapsed());
+    // 3. A standby whose links were not raised at provisioning (made by an older daemon, or
+    //    recovered mid-way) gets them raised now, on the critical path.
+    if !p.shadow.link_ready() {
+        let t = Instant::now();
+        let (s, macs) = (
+            shadow.clone(),
+            bindings.iter().map(|b| b.mac.clone()).collect::<Vec<_>>(),
+        );
+        hv.run("link up", move |hv| raise_links(hv, &s, &macs))
+            .await
+            .map_err(|source| FailoverError::Libvirt {
+                step: "link up",
+                source,
+            })?;
+        clock.record("link_up", t.elapsed());
+    }
+    // From here on the shadow serves: the end of the outage as far as we can tell. Frames to
+    // the MAC reach the new port even before any announcement, since the bridge floods frames
+    // for a MAC whose old port is gone.
+    clock.mark_restored();
+
+    // 4. Tell the network where the MAC lives now (switches beyond the bridge, ARP caches).
     let t = Instant::now();
     let s = shadow.clone();
     let announce =
         r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":5,"step":100}}"#;
     if let Err(e) = hv.run("announce", move |hv| hv.qmp(&s, announce)).await {
-        // Frames to an unknown MAC are flooded by the bridge anyway; log and go on.
         tracing::warn!(error = %e, "announce-self failed");
     }
     clock.record("announce", t.elapsed());
-    // From here on the shadow serves: this is the end of the outage as far as we can tell.
-    clock.mark_restored();
 
-    // 4. Roles: the shadow is the primary now; the old one is retired and fenced.
+    // 5. Roles: the shadow is the primary now; the old one is retired and fenced.
     let t = Instant::now();
     let new_meta = member_meta(
         &p.service,

@@ -34,6 +34,8 @@ pub struct ShadowRequest {
     pub agent_timeout: Duration,
     /// Bound on agent replies.
     pub agent_max_reply: usize,
+    /// Commands run in the shadow (guest-exec, argument vectors) before it is paused.
+    pub warmup: Vec<Vec<String>>,
     /// Base of the system disk's overlay instead of the primary's own image
     /// (`shadow reinit --golden`): the first writable image disk starts from it.
     pub golden_image: Option<PathBuf>,
@@ -184,6 +186,13 @@ pub async fn provision(
         req.agent_max_reply,
     )
     .await?;
+    for argv in &req.warmup {
+        // A warm-up that fails leaves a colder shadow, not a broken one.
+        match guest_exec_wait(hv, &name, argv, WARMUP_TIMEOUT, req.agent_max_reply).await {
+            Ok(code) => tracing::debug!(shadow = %name, ?argv, code, "warm-up command done"),
+            Err(e) => tracing::warn!(shadow = %name, ?argv, error = %e, "warm-up command failed"),
+        }
+    }
     let n = name.clone();
     let meta = member_meta(
         &req.service,
@@ -192,8 +201,12 @@ pub async fn provision(
         req.generation,
         MemberState::Paused,
     );
+    let macs: Vec<String> = taps.iter().map(|b| b.mac.clone()).collect();
     hv.run("pause shadow", move |hv| {
         hv.suspend(&n)?;
+        // Raise the NICs' links now, while paused and off the bridge: a paused guest sends
+        // nothing, and a promotion then needs no libvirt call besides the resume.
+        raise_links(hv, &n, &macs)?;
         write_meta(hv, &n, &meta)
     })
     .await
@@ -201,12 +214,78 @@ pub async fn provision(
         step: "pause shadow",
         source,
     })?;
+    let taps = taps
+        .into_iter()
+        .map(|b| TapBinding { link_up: true, ..b })
+        .collect();
     tracing::info!(service = %req.service, shadow = %name, ms = started.elapsed().as_millis() as u64, "shadow paused and ready");
     Ok(Shadow {
         name,
         state: ShadowState::Paused,
         taps,
     })
+}
+
+/// Sets the link of each NIC (by MAC) up, live and in the persistent definition.
+pub fn raise_links(hv: &Hypervisor, domain: &str, macs: &[String]) -> Result<(), LibvirtError> {
+    let xml = hv.xml(domain, true)?;
+    let Ok(parsed) = DomainXml::parse(&xml) else {
+        return Ok(());
+    };
+    for mac in macs {
+        if let Some(iface) = parsed.interface_xml_with_link(mac, true) {
+            hv.update_device_live_and_config(domain, &iface)?;
+        }
+    }
+    Ok(())
+}
+
+/// Longest a single warm-up command may run.
+const WARMUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `argv` in the guest through guest-exec (an argument vector, never a shell string)
+/// and waits for it to exit; returns its exit code.
+pub async fn guest_exec_wait(
+    hv: &Hypervisor,
+    domain: &str,
+    argv: &[String],
+    limit: Duration,
+    max_reply: usize,
+) -> Result<i64, LibvirtError> {
+    let (program, args) = argv
+        .split_first()
+        .map(|(p, a)| (p.clone(), a.to_vec()))
+        .unwrap_or_default();
+    let cmd =
+        serde_json::json!({"execute": "guest-exec", "arguments": {"path": program, "arg": args}})
+            .to_string();
+    let d = domain.to_string();
+    let reply = hv
+        .run("guest-exec", move |hv| {
+            hv.agent_command(&d, &cmd, Duration::from_secs(5), max_reply)
+        })
+        .await?;
+    let pid = serde_json::from_str::<serde_json::Value>(&reply)
+        .ok()
+        .and_then(|v| v["return"]["pid"].as_i64())
+        .unwrap_or(-1);
+    let deadline = Instant::now() + limit;
+    while pid >= 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}})
+            .to_string();
+        let d = domain.to_string();
+        let reply = hv
+            .run("guest-exec-status", move |hv| {
+                hv.agent_command(&d, &status, Duration::from_secs(5), max_reply)
+            })
+            .await?;
+        let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+        if v["return"]["exited"].as_bool() == Some(true) {
+            return Ok(v["return"]["exitcode"].as_i64().unwrap_or(-1));
+        }
+    }
+    Ok(-1)
 }
 
 /// Takes a tap off its bridge and sets it down.
@@ -244,17 +323,18 @@ pub async fn live_taps(hv: &Hypervisor, domain: &str) -> Result<Vec<TapBinding>,
     Ok(parsed
         .live_interface_taps()
         .into_iter()
-        .map(|(mac, tap)| TapBinding {
-            bridge: ifaces
-                .iter()
-                .find(|i| {
-                    i.mac
-                        .as_deref()
-                        .is_some_and(|m| m.eq_ignore_ascii_case(&mac))
-                })
-                .and_then(|i| i.bridge.clone()),
-            mac,
-            tap,
+        .map(|(mac, tap)| {
+            let iface = ifaces.iter().find(|i| {
+                i.mac
+                    .as_deref()
+                    .is_some_and(|m| m.eq_ignore_ascii_case(&mac))
+            });
+            TapBinding {
+                bridge: iface.and_then(|i| i.bridge.clone()),
+                link_up: iface.is_some_and(|i| i.link_up),
+                mac,
+                tap,
+            }
         })
         .collect())
 }

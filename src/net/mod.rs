@@ -147,3 +147,43 @@ pub enum NetError {
         source: Box<rtnetlink::Error>,
     },
 }
+
+/// How a link's MAC address was assigned, from `/sys/class/net/<link>/addr_assign_type`
+/// (under `sys_root`): `Some(true)` when it was set explicitly (NET_ADDR_SET), so it will
+/// not change as ports come and go.
+pub fn mac_is_fixed(sys_root: &std::path::Path, link: &str) -> Option<bool> {
+    let text = std::fs::read_to_string(
+        sys_root
+            .join("class/net")
+            .join(link)
+            .join("addr_assign_type"),
+    )
+    .ok()?;
+    // 0 permanent (hardware), 1 random, 2 stolen from a port, 3 set by userspace.
+    Some(matches!(text.trim(), "0" | "3"))
+}
+
+#[cfg(test)]
+mod mac_tests {
+    use super::*;
+
+    #[test]
+    fn assign_type_decides_fixed_or_not() {
+        let root = tempfile::tempdir().unwrap();
+        for (link, kind) in [
+            ("br-set", "3\n"),
+            ("br-stolen", "2\n"),
+            ("eth0", "0\n"),
+            ("br-rand", "1\n"),
+        ] {
+            let d = root.path().join("class/net").join(link);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("addr_assign_type"), kind).unwrap();
+        }
+        assert_eq!(mac_is_fixed(root.path(), "br-set"), Some(true));
+        assert_eq!(mac_is_fixed(root.path(), "eth0"), Some(true));
+        assert_eq!(mac_is_fixed(root.path(), "br-stolen"), Some(false));
+        assert_eq!(mac_is_fixed(root.path(), "br-rand"), Some(false));
+        assert_eq!(mac_is_fixed(root.path(), "missing"), None);
+    }
+}
