@@ -19,7 +19,7 @@ use crate::failover::apply_profile::ProfileApply;
 use crate::failover::{now_unix_ms, ServiceState};
 use crate::monitor::agent::{AgentLimits, AgentOptions};
 use crate::monitor::collector::{
-    thread_cpu_ns, Collector, CollectorSettings, ConfigFileContent, GuestStatus,
+    thread_cpu_ns, Collector, CollectorSettings, ConfigFileContent, GuestStatus, TickJitter,
 };
 use crate::profile::manager::{ManagerError, PlanSummary, ProfileManager, OPEN_LIMITS};
 use crate::profile::StoreError;
@@ -171,14 +171,16 @@ async fn run_collector(d: Shared, service: String, domain: String) {
     }
     tracing::info!(%service, %domain, interval_ms = cfg.monitor.sample_interval_ms, "collector started");
     let mut collector = Some(collector);
-    let mut ticker = tokio::time::interval(cfg.monitor.sample_interval());
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Jittered ticks: a fixed phase would alias with periodic guest activity (a request every
+    // second is then always seen, or never).
+    let mut jitter = TickJitter::new(&service, now_unix_ms());
+    let interval = cfg.monitor.sample_interval();
     // Sources that failed at the previous tick: a failure is logged when it starts and ends,
     // not at every tick (each one is counted in the metrics).
     let mut failing: BTreeSet<&'static str> = BTreeSet::new();
     let mut learn_failed = false;
     loop {
-        ticker.tick().await;
+        tokio::time::sleep(jitter.next_delay(interval)).await;
         if !still_active(&d, &service, &domain) {
             break;
         }
@@ -188,8 +190,10 @@ async fn run_collector(d: Shared, service: String, domain: String) {
         let manager = d.prof.manager();
         let (ts, mono) = (now_unix_ms(), d.now_mono().0);
         let svc = service.clone();
+        // The probe connection, like heartbeats: an agent call stuck for its whole timeout
+        // must not hold one of libvirtd's request slots that a promotion needs.
         let done = d
-            .hv()
+            .probe_hv()
             .blocking("collect", move |hv| {
                 let cpu_before = thread_cpu_ns();
                 let tick = c.collect(hv, ts, mono);

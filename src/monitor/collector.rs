@@ -733,7 +733,8 @@ impl Collector {
         let guest_cores = self.guest_cores(guest_cpu, mono_ms);
 
         let peers = guest.connections.as_deref().map(dependency_peers);
-        if let Some(p) = &peers {
+        if let (Some(p), Some(c)) = (&peers, &guest.connections) {
+            tracing::debug!(service = %self.service, domain = %self.domain, sockets = c.len(), peers = p.len(), "socket tables read");
             self.deps.observe_sockets(ts_unix_ms, p);
         }
         let config_read = guest.config.is_some();
@@ -1043,6 +1044,42 @@ impl Collector {
             .flat_map(|s| s.items())
             .map(|i| (config_item_name(&i.source), format!("{:016x}", i.hash)))
             .collect()
+    }
+}
+
+/// Delays between collector ticks: the sampling interval ±20%, pseudo-random (xorshift64*),
+/// averaging the interval. Sampling at a fixed phase aliases with periodic guest activity: a
+/// connection opened every second for 700 ms is seen at every tick or at none, depending on
+/// the phase. With jitter the phase drifts by about a tenth of the interval per tick.
+#[derive(Debug, Clone)]
+pub struct TickJitter {
+    state: u64,
+}
+
+impl TickJitter {
+    /// Jitter seeded from `service` and `seed` (e.g. the start time), so collectors started
+    /// together do not tick together.
+    pub fn new(service: &str, seed: u64) -> Self {
+        let state = configtrack::fnv1a64(service.as_bytes()) ^ seed.rotate_left(17);
+        TickJitter {
+            // xorshift must not start at zero.
+            state: if state == 0 {
+                0x9e37_79b9_7f4a_7c15
+            } else {
+                state
+            },
+        }
+    }
+
+    /// The delay before the next tick.
+    pub fn next_delay(&mut self, interval: Duration) -> Duration {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        let r = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        // Uniform in [0.8, 1.2).
+        let factor = 0.8 + 0.4 * ((r >> 11) as f64 / (1u64 << 53) as f64);
+        interval.mul_f64(factor)
     }
 }
 
@@ -1596,6 +1633,31 @@ mod tests {
         assert_eq!(
             mems,
             [None, Some(100_000 * 1024), None, Some(100_000 * 1024)]
+        );
+    }
+
+    #[test]
+    fn tick_delays_are_jittered_around_the_interval() {
+        let interval = Duration::from_secs(1);
+        let mut j = TickJitter::new("web", 1_700_000_000_000);
+        let delays: Vec<Duration> = (0..1000).map(|_| j.next_delay(interval)).collect();
+        assert!(delays
+            .iter()
+            .all(|d| *d >= Duration::from_millis(800) && *d < Duration::from_millis(1200)));
+        let mean = delays.iter().sum::<Duration>().as_secs_f64() / 1000.0;
+        assert!((mean - 1.0).abs() < 0.02, "mean delay {mean}");
+        // Spread over the whole range, not stuck.
+        assert!(delays.iter().any(|d| *d < Duration::from_millis(850)));
+        assert!(delays.iter().any(|d| *d > Duration::from_millis(1150)));
+        // Different services, different sequences; zero seeds still work.
+        let mut other = TickJitter::new("db", 1_700_000_000_000);
+        let mut same = TickJitter::new("web", 1_700_000_000_000);
+        assert_ne!(other.next_delay(interval), same.next_delay(interval));
+        let mut empty = TickJitter::new("", 0);
+        let firsts: Vec<Duration> = (0..3).map(|_| empty.next_delay(interval)).collect();
+        assert!(
+            firsts[0] != firsts[1] || firsts[1] != firsts[2],
+            "{firsts:?}"
         );
     }
 
