@@ -110,6 +110,7 @@ fn wait_report(
     what: &str,
     limit: Duration,
     ready: impl Fn(&Value) -> bool,
+    diagnose: impl Fn() -> String,
 ) -> Value {
     let deadline = std::time::Instant::now() + limit;
     let mut last = None;
@@ -120,12 +121,14 @@ fn wait_report(
             }
             last = Some(r);
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}; last report: {}",
-            last.map(|r| serde_json::to_string_pretty(&r).unwrap_or_default())
-                .unwrap_or_else(|| "none".into())
-        );
+        if std::time::Instant::now() >= deadline {
+            panic!(
+                "timed out after {limit:?} waiting for {what}; last report: {}\n{}",
+                last.map(|r| serde_json::to_string_pretty(&r).unwrap_or_default())
+                    .unwrap_or_else(|| "none".into()),
+                diagnose()
+            );
+        }
         std::thread::sleep(Duration::from_secs(2));
     }
 }
@@ -175,8 +178,9 @@ impl Drop for SlowServer {
     }
 }
 
+// Was flaky (about 1 run in 3): the collector ticked at a fixed phase, so the guest's request
+// every second was seen at every socket round or at none. Collector ticks are jittered now.
 #[test]
-#[ignore = "flaky: in 1 of 2 full runs the dependency map stayed empty for 180 s (cause not yet found; issue 4 stays open). Run with --ignored."]
 fn profile_learns_the_workload_and_its_dependencies() {
     require_lab();
     let name = "it-prof1";
@@ -230,6 +234,14 @@ fn profile_learns_the_workload_and_its_dependencies() {
         "a profile with 45 observations naming the peer",
         Duration::from_secs(180),
         |r| r["observations"].as_u64().unwrap_or(0) >= 45 && r["dependencies"].get(&key).is_some(),
+        || {
+            let (_, tcp) = guest_output(&hv, name, "/bin/cat", &["/proc/net/tcp"]);
+            let (_, ps) = guest_output(&hv, name, "/bin/ps", &[]);
+            format!(
+                "requests served: {}\nguest /proc/net/tcp:\n{tcp}\nguest processes:\n{ps}",
+                server.served.load(Ordering::Relaxed)
+            )
+        },
     );
     eprintln!(
         "profile of {name}: {}",
@@ -367,6 +379,7 @@ fn promotion_applies_the_profile_and_golden_reinit_uses_the_golden_image() {
                 && r["observations"].as_u64().unwrap_or(0) >= 40
                 && r["expected_config"].get("file:/etc/us-app.conf").is_some()
         },
+        String::new,
     );
     eprintln!(
         "profile before the switchover: plan {} observed {}",

@@ -89,6 +89,7 @@ struct CollectorLabels {
 }
 
 type RatioGauge = Gauge<f64, AtomicU64>;
+type SecondsCounter = Counter<f64, AtomicU64>;
 
 /// Buckets from 1 ms to 10 s, exponential (factor ≈ 2.15, 13 buckets): failover steps range
 /// from sub-millisecond netlink calls to multi-second fencing. Bounds are rounded to three
@@ -124,6 +125,7 @@ pub struct Metrics {
     profile_underprediction: Family<ProfileMetricLabels, RatioGauge>,
     profile_waste: Family<ProfileMetricLabels, RatioGauge>,
     collector_errors: Family<CollectorLabels, Counter>,
+    collector_cpu: Family<ServiceLabels, SecondsCounter>,
     libvirt_reconnects: Counter,
     detections: Family<SourceLabels, Counter>,
 }
@@ -151,6 +153,7 @@ impl Metrics {
         let profile_underprediction = Family::default();
         let profile_waste = Family::default();
         let collector_errors = Family::default();
+        let collector_cpu = Family::default();
         let libvirt_reconnects = Counter::default();
         let detections = Family::default();
         // Counters get their `_total` suffix from the encoder.
@@ -220,6 +223,12 @@ impl Metrics {
             Family::clone(&collector_errors),
         );
         registry.register(
+            "collector_cpu_seconds",
+            "CPU time the collector of each service spent collecting and learning (its work on \
+             the blocking thread; the cost of monitoring)",
+            Family::clone(&collector_cpu),
+        );
+        registry.register(
             "libvirt_reconnects",
             "Reconnections to libvirt",
             libvirt_reconnects.clone(),
@@ -244,6 +253,7 @@ impl Metrics {
             profile_underprediction,
             profile_waste,
             collector_errors,
+            collector_cpu,
             libvirt_reconnects,
             detections,
         }
@@ -379,6 +389,15 @@ impl Metrics {
                 source: source.to_string(),
             })
             .inc();
+    }
+
+    /// Adds CPU time spent by the collector of `service`.
+    pub fn add_collector_cpu(&self, service: &str, seconds: f64) {
+        if seconds.is_finite() && seconds > 0.0 {
+            self.collector_cpu
+                .get_or_create(&service_labels(service))
+                .inc_by(seconds);
+        }
     }
 
     /// Counts a reconnection to libvirt.
@@ -614,6 +633,8 @@ mod tests {
         m.inc_drift_event("web", "memory");
         m.set_profile_accuracy("web", "cpu", 0.95, 0.03, 0.25);
         m.inc_collector_error("web", "agent");
+        m.add_collector_cpu("web", 0.5);
+        m.add_collector_cpu("web", f64::NAN);
         m.inc_libvirt_reconnect();
         m.inc_detection("pidfd");
         let text = m.encode();
@@ -638,6 +659,7 @@ mod tests {
             r#"understudy_profile_underprediction_ratio{service="web",metric="cpu"} 0.03"#,
             r#"understudy_profile_waste_ratio{service="web",metric="cpu"} 0.25"#,
             r#"understudy_collector_errors_total{service="web",source="agent"} 1"#,
+            r#"understudy_collector_cpu_seconds_total{service="web"} 0.5"#,
             "understudy_libvirt_reconnects_total 1",
             r#"understudy_detection_total{source="pidfd"} 1"#,
         ] {

@@ -18,7 +18,9 @@ use crate::config::{ClassConfig, Config};
 use crate::failover::apply_profile::ProfileApply;
 use crate::failover::{now_unix_ms, ServiceState};
 use crate::monitor::agent::{AgentLimits, AgentOptions};
-use crate::monitor::collector::{Collector, CollectorSettings, ConfigFileContent, GuestStatus};
+use crate::monitor::collector::{
+    thread_cpu_ns, Collector, CollectorSettings, ConfigFileContent, GuestStatus, TickJitter,
+};
 use crate::profile::manager::{ManagerError, PlanSummary, ProfileManager, OPEN_LIMITS};
 use crate::profile::StoreError;
 
@@ -169,14 +171,16 @@ async fn run_collector(d: Shared, service: String, domain: String) {
     }
     tracing::info!(%service, %domain, interval_ms = cfg.monitor.sample_interval_ms, "collector started");
     let mut collector = Some(collector);
-    let mut ticker = tokio::time::interval(cfg.monitor.sample_interval());
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Jittered ticks: a fixed phase would alias with periodic guest activity (a request every
+    // second is then always seen, or never).
+    let mut jitter = TickJitter::new(&service, now_unix_ms());
+    let interval = cfg.monitor.sample_interval();
     // Sources that failed at the previous tick: a failure is logged when it starts and ends,
     // not at every tick (each one is counted in the metrics).
     let mut failing: BTreeSet<&'static str> = BTreeSet::new();
     let mut learn_failed = false;
     loop {
-        ticker.tick().await;
+        tokio::time::sleep(jitter.next_delay(interval)).await;
         if !still_active(&d, &service, &domain) {
             break;
         }
@@ -186,9 +190,12 @@ async fn run_collector(d: Shared, service: String, domain: String) {
         let manager = d.prof.manager();
         let (ts, mono) = (now_unix_ms(), d.now_mono().0);
         let svc = service.clone();
+        // The probe connection, like heartbeats: an agent call stuck for its whole timeout
+        // must not hold one of libvirtd's request slots that a promotion needs.
         let done = d
-            .hv()
+            .probe_hv()
             .blocking("collect", move |hv| {
+                let cpu_before = thread_cpu_ns();
                 let tick = c.collect(hv, ts, mono);
                 // The manager writes version files: keep it off the async threads too.
                 let learned = match (&tick.observation, manager) {
@@ -196,10 +203,13 @@ async fn run_collector(d: Shared, service: String, domain: String) {
                     _ => None,
                 };
                 let files = tick.config_read.then(|| c.config_files());
-                (c, tick, learned, files)
+                let cpu_ns = cpu_before
+                    .zip(thread_cpu_ns())
+                    .map_or(0, |(a, b)| b.saturating_sub(a));
+                (c, tick, learned, files, cpu_ns)
             })
             .await;
-        let (c, tick, learned, files) = match done {
+        let (c, tick, learned, files, cpu_ns) = match done {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(%service, %domain, error = %e, "collector worker lost; collector stopped");
@@ -207,6 +217,7 @@ async fn run_collector(d: Shared, service: String, domain: String) {
             }
         };
         collector = Some(c);
+        d.metrics.add_collector_cpu(&service, cpu_ns as f64 / 1e9);
         let mut now_failing: BTreeSet<&'static str> =
             tick.errors.iter().map(|e| e.source_label()).collect();
         // Not asking is not recovering.

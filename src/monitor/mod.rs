@@ -43,7 +43,7 @@ pub use base64::Base64Error;
 pub use cgroup::{CgroupCounters, CgroupError, CgroupReader, CgroupVersion};
 pub use collector::{
     Collector, CollectorError, CollectorSettings, ConfigFileContent, GuestStatus, LibvirtAgent,
-    Tick,
+    Tick, TickJitter,
 };
 pub use configtrack::{
     diff as config_diff, ConfigChange, ConfigItem, ConfigSnapshot, ConfigSource,
