@@ -252,6 +252,12 @@ fn profile_learns_the_workload_and_its_dependencies() {
         "the guest never reached the test's peer"
     );
     assert_eq!(report["live"], true);
+    // The guest's OS and kernel (guest-get-osinfo) are part of its expected configuration.
+    assert!(
+        report["expected_config"].get("os").is_some(),
+        "no guest OS item in {}",
+        report["expected_config"]
+    );
     let observed = &report["observed"];
     let envelope = &report["prediction"]["envelopes"];
     let cpu_mean = observed["cpu_cores"]["mean"].as_f64().unwrap();

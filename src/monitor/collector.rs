@@ -1,8 +1,9 @@
 //! The collector of one protected primary: once per `monitor.sample_interval_ms` it reads the
 //! QEMU process's cgroup counters, libvirt's bulk statistics and, through the guest agent, the
-//! guest's CPU times (and its interface counters when libvirt has none); every
+//! guest's CPU times (and its interface and disk counters when the host has none); every
 //! [`SOCKETS_EVERY_TICKS`] ticks the guest's socket tables for the dependency map, and every
-//! [`CONFIG_EVERY_TICKS`] ticks the class's `config_files` and `config_commands`. Each tick yields
+//! [`CONFIG_EVERY_TICKS`] ticks the class's `config_files` and `config_commands` and the guest's
+//! OS and kernel (`guest-get-osinfo`, configuration item `os`). Each tick yields
 //! a [`Sample`] (appended to the service's [`History`]) and a profile [`Observation`].
 //!
 //! Cost: every guest agent command is a libvirt round trip (about a quarter of a millisecond of
@@ -41,7 +42,7 @@ use thiserror::Error;
 
 use super::agent::{
     AgentError, AgentLimits, AgentOptions, AgentTransport, AgentTransportError, CpuStats,
-    ExitStatus, GuestAgent, NetInterface,
+    DiskStats, ExitStatus, GuestAgent, NetInterface, OsInfo,
 };
 use super::cgroup::{read_counters, CgroupCounters, CgroupError, CgroupLocation, CgroupReader};
 use super::configtrack::{self, ConfigError, ConfigSnapshot, ConfigSource};
@@ -340,6 +341,7 @@ pub struct Tick {
 enum CounterSource {
     Cgroup,
     Libvirt,
+    Guest,
 }
 
 /// Where the profile's memory figure comes from.
@@ -449,6 +451,7 @@ impl HostSource {
 #[derive(Debug, Clone, Copy)]
 struct GuestRound {
     interfaces: bool,
+    disks: bool,
     sockets: bool,
     config: bool,
 }
@@ -458,6 +461,7 @@ struct GuestRound {
 struct GuestReading {
     cpustats: Option<Vec<CpuStats>>,
     interfaces: Option<Vec<NetInterface>>,
+    disks: Option<Vec<DiskStats>>,
     /// Sockets of every table that could be read (`None` when none could).
     connections: Option<Vec<Connection>>,
     /// New content per configuration item, when this was a configuration round. Items whose
@@ -647,7 +651,7 @@ impl Collector {
                     hash: configtrack::fnv1a64(&c.content),
                     content: c.content.clone(),
                 }),
-                ConfigSource::Command(_) => None,
+                ConfigSource::Command(_) | ConfigSource::GuestOs => None,
             })
             .collect()
     }
@@ -690,10 +694,20 @@ impl Collector {
                 .stats
                 .as_ref()
                 .is_none_or(|s| s.net_rx_bytes.is_none() || s.net_tx_bytes.is_none());
+            // Likewise the guest's disk counters, when neither the cgroup nor libvirt has any.
+            let want_disks = host
+                .cgroup
+                .as_ref()
+                .is_none_or(|c| c.io_read_bytes.is_none() || c.io_write_bytes.is_none())
+                && host
+                    .stats
+                    .as_ref()
+                    .is_none_or(|s| s.block_rd_bytes.is_none() || s.block_wr_bytes.is_none());
             let reading = self.read_guest(
                 agent,
                 GuestRound {
                     interfaces: want_interfaces,
+                    disks: want_disks,
                     sockets: socket_round,
                     config: config_round,
                 },
@@ -791,6 +805,9 @@ impl Collector {
         if what.interfaces {
             round.reading.interfaces = round.ask("interfaces", |a| a.interfaces());
         }
+        if what.disks {
+            round.reading.disks = round.ask("diskstats", |a| a.diskstats());
+        }
         let mut connections: Option<Vec<Connection>> = None;
         let tables: &[(String, sockets::Proto)] = if what.sockets {
             &self.settings.socket_tables
@@ -860,6 +877,15 @@ impl Collector {
                     );
                 }
             }
+            if let Some(os) = round.ask("osinfo", |a| a.osinfo()) {
+                items.insert(
+                    ConfigSource::GuestOs,
+                    Some(TrackedContent {
+                        content: os_description(&os).into_bytes(),
+                        truncated: false,
+                    }),
+                );
+            }
             // Items a failed read missed keep their previous content; a round that read nothing
             // because the agent failed is retried at the next tick.
             if !round.reading.transport_failed || !items.is_empty() {
@@ -910,7 +936,12 @@ impl Collector {
                 raw.io_write_bytes = Some(w);
                 Some(CounterSource::Libvirt)
             }
-            (None, None) => None,
+            (None, None) => guest.disks.as_deref().map(|disks| {
+                let (r, w) = guest_disk_bytes(disks);
+                raw.io_read_bytes = Some(r);
+                raw.io_write_bytes = Some(w);
+                CounterSource::Guest
+            }),
         };
         let prev = std::mem::replace(&mut self.io_source, io_source);
         if matches!((prev, io_source), (Some(a), Some(b)) if a != b) {
@@ -1047,6 +1078,42 @@ impl Collector {
     }
 }
 
+/// The `guest-get-osinfo` fields that identify a system, one `key=value` line each (absent
+/// fields left out), as the configuration item's content.
+fn os_description(os: &OsInfo) -> String {
+    [
+        ("id", &os.id),
+        ("version-id", &os.version_id),
+        ("variant-id", &os.variant_id),
+        ("kernel-release", &os.kernel_release),
+        ("kernel-version", &os.kernel_version),
+        ("machine", &os.machine),
+    ]
+    .iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}\n")))
+    .collect()
+}
+
+/// Bytes read and written by the guest's disks, from its `/proc/diskstats` (512-byte sectors).
+/// Only whole disks count: partitions (a name extending another listed device's name) and
+/// stacked or memory devices (`dm-`, `md`, `loop`, `ram`, `zram`) would count the same I/O twice
+/// or count none.
+pub fn guest_disk_bytes(disks: &[DiskStats]) -> (u64, u64) {
+    const NOT_DISKS: [&str; 5] = ["dm-", "md", "loop", "ram", "zram"];
+    let whole = |d: &&DiskStats| {
+        !NOT_DISKS.iter().any(|p| d.name.starts_with(p))
+            && !disks
+                .iter()
+                .any(|o| o.name != d.name && d.name.starts_with(o.name.as_str()))
+    };
+    disks.iter().filter(whole).fold((0u64, 0u64), |(r, w), d| {
+        (
+            r.saturating_add(d.read_sectors.unwrap_or(0).saturating_mul(512)),
+            w.saturating_add(d.write_sectors.unwrap_or(0).saturating_mul(512)),
+        )
+    })
+}
+
 /// Delays between collector ticks: the sampling interval ±20%, pseudo-random (xorshift64*),
 /// averaging the interval. Sampling at a fixed phase aliases with periodic guest activity: a
 /// connection opened every second for 700 ms is seen at every tick or at none, depending on
@@ -1100,6 +1167,7 @@ pub fn config_item_name(source: &ConfigSource) -> String {
     match source {
         ConfigSource::File(p) => format!("file:{p}"),
         ConfigSource::Command(argv) => format!("cmd:{}", argv.join(" ")),
+        ConfigSource::GuestOs => "os".to_string(),
     }
 }
 
@@ -1243,6 +1311,102 @@ mod tests {
         }
     }
 
+    fn osinfo(kernel: &str) -> String {
+        json!({"return": {"id": "debian", "name": "Debian GNU/Linux", "version-id": "12",
+            "kernel-release": kernel, "kernel-version": "#1 SMP", "machine": "x86_64"}})
+        .to_string()
+    }
+
+    fn diskstats(vda_read_sectors: u64) -> String {
+        let disk = |name: &str, minor: u32, rd: u64, wr: u64| {
+            json!({"name": name, "major": 253, "minor": minor,
+                "stats": {"read-sectors": rd, "write-sectors": wr}})
+        };
+        json!({"return": [
+            disk("vda", 0, vda_read_sectors, 8),
+            disk("vda1", 1, vda_read_sectors, 8),
+            disk("dm-0", 2, 100, 100),
+            disk("loop0", 3, 100, 100),
+            disk("vdb", 16, 2, 0),
+        ]})
+        .to_string()
+    }
+
+    #[test]
+    fn guest_os_is_a_configuration_item() {
+        let fake = healthy_agent();
+        let mut s = settings();
+        s.config_every = 1;
+        let agent = GuestAgent::new(&fake, s.agent.clone());
+        let (mut c, _) = Collector::new("web", "web-dom", s, None);
+        c.tick(host(0, 1, None), &agent, T0, 1_000);
+        let t = c.tick(host(1, 1, None), &agent, T0 + 1_000, 2_000);
+        assert!(!t.config_changed);
+        let expected = "id=debian\nversion-id=12\nkernel-release=6.1.0-28-amd64\nkernel-version=#1 SMP\nmachine=x86_64\n";
+        assert_eq!(
+            t.observation.unwrap().config["os"],
+            format!("{:016x}", configtrack::fnv1a64(expected.as_bytes()))
+        );
+        // The OS is configuration to compare, not a file to deliver at promotion.
+        assert!(c.config_files().iter().all(|f| f.path.starts_with('/')));
+        fake.always("guest-get-osinfo", Ok(osinfo("6.1.0-29-amd64")));
+        let t = c.tick(host(2, 1, None), &agent, T0 + 2_000, 3_000);
+        assert!(
+            t.config_changed,
+            "a kernel upgrade is a configuration change"
+        );
+    }
+
+    #[test]
+    fn guest_disk_counters_are_the_fallback_and_count_whole_disks_once() {
+        let fake = healthy_agent();
+        fake.always("guest-get-diskstats", Ok(diskstats(1000)));
+        let s = settings();
+        let agent = GuestAgent::new(&fake, s.agent.clone());
+        let (mut c, _) = Collector::new("web", "web-dom", s, None);
+        let no_io = |cpu| {
+            let mut h = host(cpu, 1, None);
+            if let Some(cg) = h.cgroup.as_mut() {
+                cg.io_read_bytes = None;
+                cg.io_write_bytes = None;
+            }
+            h
+        };
+        c.tick(no_io(0), &agent, T0, 1_000);
+        assert!(fake.sent().contains(&"guest-get-diskstats".to_string()));
+        fake.always("guest-get-diskstats", Ok(diskstats(3000)));
+        let t = c.tick(no_io(1), &agent, T0 + 1_000, 2_000);
+        // vda: 2000 more sectors in 1 s; vda1, dm-0 and loop0 are not counted again.
+        let sample = t.sample.expect("a sample from two readings");
+        assert_eq!(sample.disk_read_bps, Some(2000.0 * 512.0));
+        assert_eq!(sample.disk_write_bps, Some(0.0));
+        // With host counters the guest is not asked.
+        fake.clear_sent();
+        c.tick(host(2, 1, None), &agent, T0 + 2_000, 3_000);
+        assert!(!fake.sent().contains(&"guest-get-diskstats".to_string()));
+    }
+
+    #[test]
+    fn whole_disks_are_summed_once() {
+        let d = |name: &str, rd: u64, wr: u64| DiskStats {
+            name: name.to_string(),
+            read_sectors: Some(rd),
+            write_sectors: Some(wr),
+            ..DiskStats::default()
+        };
+        let disks = [
+            d("nvme0n1", 1, 2),
+            d("nvme0n1p1", 1, 2),
+            d("sda", 10, 0),
+            d("sda2", 10, 0),
+            d("md0", 5, 5),
+            d("zram0", 7, 7),
+            d("sr0", 3, 0),
+        ];
+        assert_eq!(guest_disk_bytes(&disks), (14 * 512, 2 * 512));
+        assert_eq!(guest_disk_bytes(&[]), (0, 0));
+    }
+
     fn cpustats(busy_ms: u64) -> String {
         json!({"return": [
             {"type": "linux", "cpu": 0, "user": busy_ms, "nice": 0, "system": 0, "idle": 100000},
@@ -1266,6 +1430,7 @@ mod tests {
         let a = FakeAgent::default();
         a.always("guest-get-cpustats", Ok(cpustats(1000)));
         a.always("guest-network-get-interfaces", Ok(IFACES.into()));
+        a.always("guest-get-osinfo", Ok(osinfo("6.1.0-28-amd64")));
         a.file("/proc/net/tcp", TCP.as_bytes());
         a.file("/proc/net/tcp6", b"  sl  local_address\n");
         a.file("/proc/net/udp", b"  sl  local_address\n");
@@ -1355,7 +1520,7 @@ mod tests {
         assert_eq!(peers, ["tcp://10.77.0.1:5432", "tcp://10.77.0.9:53"]);
         assert_eq!(
             o.config.keys().collect::<Vec<_>>(),
-            ["file:/etc/app.conf"],
+            ["file:/etc/app.conf", "os"],
             "a missing file is absent"
         );
         assert_eq!(

@@ -41,6 +41,9 @@ pub enum ConfigSource {
     File(String),
     /// The standard output of a command run in the guest (argv, no shell).
     Command(Vec<String>),
+    /// The guest's operating system and kernel as its agent reports them (`guest-get-osinfo`):
+    /// a kernel or distribution upgrade is a configuration change like any other.
+    GuestOs,
 }
 
 impl fmt::Display for ConfigSource {
@@ -48,6 +51,7 @@ impl fmt::Display for ConfigSource {
         match self {
             ConfigSource::File(p) => write!(f, "file {p}"),
             ConfigSource::Command(argv) => write!(f, "command {argv:?}"),
+            ConfigSource::GuestOs => f.write_str("guest OS"),
         }
     }
 }
