@@ -204,6 +204,9 @@ pub struct ProfileConfig {
     pub drift_window: u32,
     /// Fraction of the drift window a profile must cover to stay valid (0 < x <= 1).
     pub drift_coverage_threshold: f64,
+    /// Versions kept per service on this host; older ones are deleted at each commit (at least
+    /// 2, so there is always one to roll back to; 0 keeps every version).
+    pub keep_versions: u32,
 }
 
 impl Default for ProfileConfig {
@@ -214,6 +217,7 @@ impl Default for ProfileConfig {
             min_samples_per_bucket: 30,
             drift_window: 120,
             drift_coverage_threshold: 0.8,
+            keep_versions: 500,
         }
     }
 }

@@ -269,6 +269,7 @@ bogus = 1
 [profile]
 headroom_pct = 500
 drift_coverage_threshold = 0.0
+keep_versions = 1
 
 [[protect]]
 match = "web*"
@@ -291,10 +292,11 @@ config_files = ["etc/hostname"]
             (6, "monitor.bogus"),
             (9, "profile.headroom_pct"),
             (10, "profile.drift_coverage_threshold"),
-            (14, "protect[0].class"),
-            (17, "class.web.shadows"),
-            (19, "class.web.heartbeat_timeout_ms"),
-            (20, "class.web.config_files[0]"),
+            (11, "profile.keep_versions"),
+            (15, "protect[0].class"),
+            (18, "class.web.shadows"),
+            (20, "class.web.heartbeat_timeout_ms"),
+            (21, "class.web.config_files[0]"),
         ]
     );
     // The rendered error has one line per problem after the summary.

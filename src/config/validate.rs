@@ -166,6 +166,12 @@ impl Checker<'_, '_> {
                 format!("{threshold} is out of range: must be above 0 and at most 1"),
             );
         }
+        if profile.keep_versions == 1 {
+            self.fail(
+                &at.key("keep_versions"),
+                "1 leaves no version to roll back to: use at least 2, or 0 to keep all".to_string(),
+            );
+        }
     }
 
     fn protect(&mut self, rules: &[ProtectRule], at: &KeyPath, declared: &BTreeSet<String>) {

@@ -319,7 +319,7 @@ impl ProfileManager {
         let params = learner_params(cfg);
         params.validate().map_err(ManagerError::Params)?;
         Ok(ProfileManager {
-            store: ProfileStore::open(state_dir)?,
+            store: ProfileStore::open(state_dir)?.with_retention(cfg.keep_versions as usize),
             repo: repository.map(DirectoryRepository::new),
             params,
             metrics,

@@ -434,6 +434,8 @@ pub struct SyncReport {
 #[derive(Debug)]
 pub struct ProfileStore {
     root: PathBuf,
+    /// Versions kept per service (`None`: all).
+    keep: Option<usize>,
     /// Serialises number allocation and writes within this process.
     lock: Mutex<()>,
 }
@@ -479,8 +481,50 @@ impl ProfileStore {
         })?;
         Ok(ProfileStore {
             root,
+            keep: None,
             lock: Mutex::new(()),
         })
+    }
+
+    /// Keeps at most `keep` versions per service (`0`: all): each commit deletes the oldest
+    /// version files beyond that. Numbers stay monotonic (the high-water mark is untouched).
+    pub fn with_retention(mut self, keep: usize) -> Self {
+        self.keep = (keep > 0).then_some(keep);
+        self
+    }
+
+    /// Deletes the oldest version files of `service` beyond the retention, unreadable ones
+    /// included. A failed delete is logged and retried at the next commit.
+    fn prune(&self, service: &str) -> Result<(), StoreError> {
+        let Some(keep) = self.keep else {
+            return Ok(());
+        };
+        let dir = self.service_dir(service)?;
+        let files = layout::scan(&dir).map_err(|source| StoreError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
+        let excess = files.len().saturating_sub(keep);
+        let mut removed = Vec::new();
+        for (n, path) in files.into_iter().take(excess) {
+            match fs::remove_file(&path) {
+                Ok(()) => removed.push(n),
+                Err(e) => {
+                    tracing::warn!(service, version = n, path = %path.display(), error = %e, "cannot delete an old profile version");
+                }
+            }
+        }
+        if let (Some(first), Some(last)) = (removed.first(), removed.last()) {
+            tracing::info!(
+                service,
+                keep,
+                first,
+                last,
+                count = removed.len(),
+                "old profile versions deleted"
+            );
+        }
+        Ok(())
     }
 
     /// The `profiles` directory.
@@ -665,6 +709,7 @@ impl ProfileStore {
         self.write_version(&v)?;
         self.raise_mark(service, version.saturating_add(1))?;
         tracing::info!(service, version, reason = %v.reason, "profile version committed");
+        self.prune(service)?;
         Ok(version)
     }
 
@@ -988,6 +1033,53 @@ mod tests {
             .commit("api", &profile(9.0, 1, "e"), Reason::Manual)
             .unwrap();
         assert_eq!(n, 6);
+    }
+
+    #[test]
+    fn retention_deletes_the_oldest_versions_and_keeps_numbers_monotonic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProfileStore::open(dir.path()).unwrap().with_retention(3);
+        for i in 1..=5 {
+            store
+                .commit("svc", &profile(f64::from(i), 1, "a"), Reason::Scheduled)
+                .unwrap();
+        }
+        let kept: Vec<u64> = store
+            .history("svc")
+            .unwrap()
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(kept, [3, 4, 5]);
+        assert_eq!(store.get("svc", 3).unwrap().profile, profile(3.0, 1, "a"));
+        assert!(matches!(
+            store.get("svc", 2),
+            Err(StoreError::NotFound { .. })
+        ));
+        // A corrupt old file counts against the retention and goes first.
+        std::fs::write(file(&store, "svc", 1), b"{").unwrap();
+        // Rollback to the previous version still works, and gets a fresh number.
+        assert_eq!(store.rollback("svc", None).unwrap(), 6);
+        let kept: Vec<u64> = store
+            .history("svc")
+            .unwrap()
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(kept, [4, 5, 6]);
+        assert!(!file(&store, "svc", 1).exists());
+        assert_eq!(
+            store.current("svc").unwrap().unwrap().profile,
+            profile(4.0, 1, "a")
+        );
+        // Other services are not touched; 0 keeps everything.
+        let all = ProfileStore::open(dir.path()).unwrap().with_retention(0);
+        for _ in 0..4 {
+            all.commit("other", &profile(1.0, 1, "a"), Reason::Manual)
+                .unwrap();
+        }
+        assert_eq!(all.history("other").unwrap().len(), 4);
+        assert_eq!(all.history("svc").unwrap().len(), 3);
     }
 
     #[test]
