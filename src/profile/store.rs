@@ -1039,18 +1039,19 @@ mod tests {
     fn retention_deletes_the_oldest_versions_and_keeps_numbers_monotonic() {
         let dir = tempfile::tempdir().unwrap();
         let store = ProfileStore::open(dir.path()).unwrap().with_retention(3);
+        let numbers = |s: &ProfileStore| -> Vec<u64> {
+            s.history("svc")
+                .unwrap()
+                .iter()
+                .map(|v| v.version)
+                .collect()
+        };
         for i in 1..=5 {
             store
                 .commit("svc", &profile(f64::from(i), 1, "a"), Reason::Scheduled)
                 .unwrap();
         }
-        let kept: Vec<u64> = store
-            .history("svc")
-            .unwrap()
-            .iter()
-            .map(|v| v.version)
-            .collect();
-        assert_eq!(kept, [3, 4, 5]);
+        assert_eq!(numbers(&store), [3, 4, 5]);
         assert_eq!(store.get("svc", 3).unwrap().profile, profile(3.0, 1, "a"));
         assert!(matches!(
             store.get("svc", 2),
@@ -1060,13 +1061,7 @@ mod tests {
         std::fs::write(file(&store, "svc", 1), b"{").unwrap();
         // Rollback to the previous version still works, and gets a fresh number.
         assert_eq!(store.rollback("svc", None).unwrap(), 6);
-        let kept: Vec<u64> = store
-            .history("svc")
-            .unwrap()
-            .iter()
-            .map(|v| v.version)
-            .collect();
-        assert_eq!(kept, [4, 5, 6]);
+        assert_eq!(numbers(&store), [4, 5, 6]);
         assert!(!file(&store, "svc", 1).exists());
         assert_eq!(
             store.current("svc").unwrap().unwrap().profile,
