@@ -485,7 +485,14 @@ pub fn taps_with_mac_on_bridge(mac: &str) -> Vec<String> {
         if !d.state.is_active() {
             continue;
         }
-        for (m, tap) in taps(&hv, &d.name) {
+        // A domain may vanish between the listing and this read (a shadow being replaced).
+        let Ok(xml) = hv.xml(&d.name, false) else {
+            continue;
+        };
+        let Ok(parsed) = understudy::domain_xml::DomainXml::parse(&xml) else {
+            continue;
+        };
+        for (m, tap) in parsed.live_interface_taps() {
             if m.eq_ignore_ascii_case(mac) && master_of(&tap).as_deref() == Some("usbr0") {
                 out.push(format!("{}:{tap}", d.name));
             }
