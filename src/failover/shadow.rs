@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::api::protocol::ShadowState;
 use crate::domain_xml::{
-    shadow_spec, standby_boot_spec, DomainXml, InterfaceKind, MemberState, Role, ShadowPlan,
-    UnderstudyMeta, META_NS, META_PREFIX,
+    shadow_spec, standby_boot_spec, DomainXml, InterfaceKind, InterfaceSpec, MemberState, Role,
+    ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
 };
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
@@ -351,8 +351,29 @@ pub async fn live_taps(hv: &Hypervisor, domain: &str) -> Result<Vec<TapBinding>,
         })
     };
     let (live, spec) = (parse(&xmls.0)?, parse(&xmls.1)?);
+    let mut out = Vec::new();
+    for (mut binding, network) in tap_bindings(&live, &spec) {
+        if let Some(network) = network {
+            let bridge = hv
+                .run("read network bridge", move |hv| hv.network_bridge(&network))
+                .await
+                .map_err(|source| FailoverError::Libvirt {
+                    step: "read network bridge",
+                    source,
+                })?;
+            binding.bridge = Some(bridge);
+        }
+        out.push(binding);
+    }
+    Ok(out)
+}
+
+/// The bindings of a running domain's taps, from its live XML and its persistent definition
+/// (see [`live_taps`]), each with the libvirt network whose bridge is still to be looked up when
+/// neither XML names the bridge itself.
+pub fn tap_bindings(live: &DomainXml, spec: &DomainXml) -> Vec<(TapBinding, Option<String>)> {
     let (live_ifaces, spec_ifaces) = (live.interfaces(), spec.interfaces());
-    let by_mac = |ifaces: &[crate::domain_xml::InterfaceSpec], mac: &str| {
+    let by_mac = |ifaces: &[InterfaceSpec], mac: &str| {
         ifaces
             .iter()
             .find(|i| {
@@ -362,35 +383,28 @@ pub async fn live_taps(hv: &Hypervisor, domain: &str) -> Result<Vec<TapBinding>,
             })
             .cloned()
     };
-    let mut out = Vec::new();
-    for (mac, tap) in live.live_interface_taps() {
-        let live_iface = by_mac(&live_ifaces, &mac);
-        let mut bridge = live_iface.as_ref().and_then(|i| i.bridge.clone());
-        if bridge.is_none() {
-            bridge = match by_mac(&spec_ifaces, &mac) {
-                Some(i) if i.kind == InterfaceKind::Bridge => i.bridge,
-                Some(i) if i.kind == InterfaceKind::Network => match i.network {
-                    Some(network) => hv
-                        .run("read network bridge", move |hv| hv.network_bridge(&network))
-                        .await
-                        .map(Some)
-                        .map_err(|source| FailoverError::Libvirt {
-                            step: "read network bridge",
-                            source,
-                        })?,
-                    None => None,
-                },
-                _ => None,
+    live.live_interface_taps()
+        .into_iter()
+        .map(|(mac, tap)| {
+            let live_iface = by_mac(&live_ifaces, &mac);
+            let mut bridge = live_iface.as_ref().and_then(|i| i.bridge.clone());
+            let mut network = None;
+            if bridge.is_none() {
+                match by_mac(&spec_ifaces, &mac) {
+                    Some(i) if i.kind == InterfaceKind::Bridge => bridge = i.bridge,
+                    Some(i) if i.kind == InterfaceKind::Network => network = i.network,
+                    _ => {}
+                }
+            }
+            let binding = TapBinding {
+                bridge,
+                link_up: live_iface.is_some_and(|i| i.link_up),
+                mac,
+                tap,
             };
-        }
-        out.push(TapBinding {
-            bridge,
-            link_up: live_iface.is_some_and(|i| i.link_up),
-            mac,
-            tap,
-        });
-    }
-    Ok(out)
+            (binding, network)
+        })
+        .collect()
 }
 
 /// Pings the guest agent until it answers or `limit` passes.
@@ -562,6 +576,49 @@ mod tests {
         assert_eq!(shadow_generation("web1", "web1-shadow-3"), Some(3));
         assert_eq!(shadow_generation("web1", "web10-shadow-3"), None);
         assert_eq!(shadow_generation("web1", "web1-shadow-x"), None);
+    }
+
+    #[test]
+    fn bindings_take_the_bridge_from_the_definition_when_the_live_nic_has_none() {
+        let dom = |ifaces: &str| {
+            DomainXml::parse(&format!(
+                "<domain type='qemu'><name>s</name><devices>{ifaces}</devices></domain>"
+            ))
+            .unwrap()
+        };
+        // A shadow booted off-bridge: ethernet taps live, bridge and network in the definition.
+        let live = dom(
+            "<interface type='ethernet'><mac address='52:54:00:00:00:01'/><target dev='vnet1' managed='yes'/><link state='up'/></interface>\
+             <interface type='ethernet'><mac address='52:54:00:00:00:02'/><target dev='vnet2' managed='yes'/><link state='down'/></interface>\
+             <interface type='ethernet'><mac address='52:54:00:00:00:03'/><target dev='vnet3' managed='yes'/></interface>",
+        );
+        let spec = dom(
+            "<interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='br0'/></interface>\
+             <interface type='network'><mac address='52:54:00:00:00:02'/><source network='backend'/></interface>\
+             <interface type='user'><mac address='52:54:00:00:00:03'/></interface>",
+        );
+        let b = tap_bindings(&live, &spec);
+        let got: Vec<_> = b
+            .iter()
+            .map(|(t, n)| (t.tap.as_str(), t.bridge.as_deref(), t.link_up, n.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("vnet1", Some("br0"), true, None),
+                ("vnet2", None, false, Some("backend")),
+                ("vnet3", None, true, None),
+            ]
+        );
+        // A primary on its bridge: the live XML decides, and a network's live XML names its
+        // bridge, so nothing is looked up.
+        let live = dom(
+            "<interface type='network'><mac address='52:54:00:00:00:02'/><source network='backend' bridge='virbr1'/><target dev='vnet7'/></interface>",
+        );
+        let b = tap_bindings(&live, &spec);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].0.bridge.as_deref(), Some("virbr1"));
+        assert_eq!(b[0].1, None);
     }
 
     #[test]
