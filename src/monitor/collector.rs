@@ -560,6 +560,9 @@ pub struct Collector {
     deps: DependencyMap,
     /// Tick of the last socket round that read a table.
     sockets_tick: Option<u64>,
+    /// The tick before which the guest's disk counters are not asked again: set when the guest
+    /// reported no whole disk (a diskless guest would otherwise cost a round trip per tick).
+    guest_disks_after_tick: u64,
     config: Option<ConfigSnapshot>,
     contents: BTreeMap<ConfigSource, TrackedContent>,
     ticks: u64,
@@ -608,6 +611,7 @@ impl Collector {
             prev_guest_cpu: None,
             deps: DependencyMap::new(MAX_DEPENDENCY_PEERS),
             sockets_tick: None,
+            guest_disks_after_tick: 0,
             config: None,
             contents: BTreeMap::new(),
             ticks: 0,
@@ -695,10 +699,11 @@ impl Collector {
                 .as_ref()
                 .is_none_or(|s| s.net_rx_bytes.is_none() || s.net_tx_bytes.is_none());
             // Likewise the guest's disk counters, when neither the cgroup nor libvirt has any.
-            let want_disks = host
-                .cgroup
-                .as_ref()
-                .is_none_or(|c| c.io_read_bytes.is_none() || c.io_write_bytes.is_none())
+            let want_disks = self.ticks >= self.guest_disks_after_tick
+                && host
+                    .cgroup
+                    .as_ref()
+                    .is_none_or(|c| c.io_read_bytes.is_none() || c.io_write_bytes.is_none())
                 && host
                     .stats
                     .as_ref()
@@ -715,6 +720,13 @@ impl Collector {
             );
             if reading.connections.is_some() {
                 self.sockets_tick = Some(self.ticks);
+            }
+            if reading
+                .disks
+                .as_deref()
+                .is_some_and(|d| guest_disk_bytes(d).is_none())
+            {
+                self.guest_disks_after_tick = self.ticks + self.settings.config_every.max(1);
             }
             let status = match (reading.answered, reading.failed) {
                 (_, 0) => GuestStatus::Answered,
@@ -936,12 +948,15 @@ impl Collector {
                 raw.io_write_bytes = Some(w);
                 Some(CounterSource::Libvirt)
             }
-            (None, None) => guest.disks.as_deref().map(|disks| {
-                let (r, w) = guest_disk_bytes(disks);
-                raw.io_read_bytes = Some(r);
-                raw.io_write_bytes = Some(w);
-                CounterSource::Guest
-            }),
+            (None, None) => guest
+                .disks
+                .as_deref()
+                .and_then(guest_disk_bytes)
+                .map(|(r, w)| {
+                    raw.io_read_bytes = Some(r);
+                    raw.io_write_bytes = Some(w);
+                    CounterSource::Guest
+                }),
         };
         let prev = std::mem::replace(&mut self.io_source, io_source);
         if matches!((prev, io_source), (Some(a), Some(b)) if a != b) {
@@ -1094,11 +1109,11 @@ fn os_description(os: &OsInfo) -> String {
     .collect()
 }
 
-/// Bytes read and written by the guest's disks, from its `/proc/diskstats` (512-byte sectors).
-/// Only whole disks count: partitions (a name extending another listed device's name) and
-/// stacked or memory devices (`dm-`, `md`, `loop`, `ram`, `zram`) would count the same I/O twice
-/// or count none.
-pub fn guest_disk_bytes(disks: &[DiskStats]) -> (u64, u64) {
+/// Bytes read and written by the guest's disks, from its `/proc/diskstats` (512-byte sectors);
+/// `None` when it has no whole disk. Only whole disks count: partitions (a name extending another
+/// listed device's name) and stacked or memory devices (`dm-`, `md`, `loop`, `ram`, `zram`) would
+/// count the same I/O twice or count none.
+pub fn guest_disk_bytes(disks: &[DiskStats]) -> Option<(u64, u64)> {
     const NOT_DISKS: [&str; 5] = ["dm-", "md", "loop", "ram", "zram"];
     let whole = |d: &&DiskStats| {
         !NOT_DISKS.iter().any(|p| d.name.starts_with(p))
@@ -1106,12 +1121,14 @@ pub fn guest_disk_bytes(disks: &[DiskStats]) -> (u64, u64) {
                 .iter()
                 .any(|o| o.name != d.name && d.name.starts_with(o.name.as_str()))
     };
-    disks.iter().filter(whole).fold((0u64, 0u64), |(r, w), d| {
+    let mut whole_disks = disks.iter().filter(whole).peekable();
+    whole_disks.peek()?;
+    Some(whole_disks.fold((0u64, 0u64), |(r, w), d| {
         (
             r.saturating_add(d.read_sectors.unwrap_or(0).saturating_mul(512)),
             w.saturating_add(d.write_sectors.unwrap_or(0).saturating_mul(512)),
         )
-    })
+    }))
 }
 
 /// Delays between collector ticks: the sampling interval ±20%, pseudo-random (xorshift64*),
@@ -1387,6 +1404,39 @@ mod tests {
     }
 
     #[test]
+    fn a_diskless_guest_is_not_asked_for_disk_counters_every_tick() {
+        let fake = healthy_agent();
+        fake.always(
+            "guest-get-diskstats",
+            Ok(
+                json!({"return": [{"name": "ram0", "major": 1, "minor": 0, "stats": {}}]})
+                    .to_string(),
+            ),
+        );
+        let mut s = settings();
+        s.config_every = 5;
+        let agent = GuestAgent::new(&fake, s.agent.clone());
+        let (mut c, _) = Collector::new("web", "web-dom", s, None);
+        let mut asked = Vec::new();
+        for i in 1..=11u64 {
+            fake.clear_sent();
+            let mut h = host(i, 1, None);
+            if let Some(cg) = h.cgroup.as_mut() {
+                cg.io_read_bytes = None;
+                cg.io_write_bytes = None;
+            }
+            let t = c.tick(h, &agent, T0 + i * 1000, i * 1000);
+            if fake.sent().contains(&"guest-get-diskstats".to_string()) {
+                asked.push(i);
+            }
+            if let Some(s) = t.sample {
+                assert_eq!(s.disk_read_bps, None, "no disk, no disk rate");
+            }
+        }
+        assert_eq!(asked, [1, 6, 11]);
+    }
+
+    #[test]
     fn whole_disks_are_summed_once() {
         let d = |name: &str, rd: u64, wr: u64| DiskStats {
             name: name.to_string(),
@@ -1403,8 +1453,12 @@ mod tests {
             d("zram0", 7, 7),
             d("sr0", 3, 0),
         ];
-        assert_eq!(guest_disk_bytes(&disks), (14 * 512, 2 * 512));
-        assert_eq!(guest_disk_bytes(&[]), (0, 0));
+        assert_eq!(guest_disk_bytes(&disks), Some((14 * 512, 2 * 512)));
+        assert_eq!(guest_disk_bytes(&[]), None);
+        assert_eq!(
+            guest_disk_bytes(&[d("loop0", 1, 1), d("zram0", 1, 1)]),
+            None
+        );
     }
 
     fn cpustats(busy_ms: u64) -> String {
