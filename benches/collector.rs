@@ -66,21 +66,11 @@ fn measure(daemon: &DaemonProc, window: Duration) -> f64 {
     (c1 - c0).as_secs_f64() / (t1 - t0).as_secs_f64()
 }
 
-/// Sum of `understudy_collector_cpu_seconds_total` over every service, from the metrics
-/// endpoint named in the daemon's configuration.
+/// Sum of `understudy_collector_cpu_seconds_total` over every service.
 fn collector_cpu(daemon: &DaemonProc) -> f64 {
-    let cfg = std::fs::read_to_string(&daemon.config).unwrap();
-    let addr = cfg
+    daemon
+        .metrics()
         .lines()
-        .find_map(|l| l.strip_prefix("metrics_listen = "))
-        .map(|v| v.trim_matches('"').to_string())
-        .expect("metrics_listen in the test configuration");
-    let mut s = std::net::TcpStream::connect(&addr).expect("metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n").unwrap();
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
-    text.lines()
         .filter(|l| l.starts_with("understudy_collector_cpu_seconds_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

@@ -295,15 +295,21 @@ warmup_commands = [["/bin/busybox", "sh", "-c", "for i in $(seq 30); do wget -q 
     /// Waits until the service has `n` paused shadows; returns their names.
     pub fn wait_paused_shadows(&self, service: &str, n: usize, limit: Duration) -> Vec<String> {
         wait_for(&format!("{n} paused shadow(s) of {service}"), limit, || {
-            let s = self.service(service)?;
-            let paused: Vec<String> = s["shadows"]
+            self.paused_shadows(service).filter(|p| p.len() == n)
+        })
+    }
+
+    /// The paused shadows of `service` per `status`, or `None` if the service is not listed.
+    pub fn paused_shadows(&self, service: &str) -> Option<Vec<String>> {
+        let s = self.service(service)?;
+        Some(
+            s["shadows"]
                 .as_array()?
                 .iter()
                 .filter(|x| x["state"] == "paused")
-                .map(|x| x["name"].as_str().unwrap_or_default().to_string())
-                .collect();
-            (paused.len() == n).then_some(paused)
-        })
+                .filter_map(|x| x["name"].as_str().map(str::to_string))
+                .collect(),
+        )
     }
 
     /// Like [`DaemonProc::wait_paused_shadows`], checking all along (every ~50 ms, while the
@@ -324,18 +330,9 @@ warmup_commands = [["/bin/busybox", "sh", "-c", "for i in $(seq 30); do wget -q 
                 "after {checks} checks, taps carrying MAC {mac} on the bridge: {on_bridge:?}"
             );
             checks += 1;
-            if let Some(s) = self.service(service) {
-                let paused: Vec<String> = s["shadows"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|x| x["state"] == "paused")
-                    .map(|x| x["name"].as_str().unwrap_or_default().to_string())
-                    .collect();
-                if paused.len() == n {
-                    eprintln!("bridge checked {checks} times while shadows of {service} booted");
-                    return paused;
-                }
+            if let Some(paused) = self.paused_shadows(service).filter(|p| p.len() == n) {
+                eprintln!("bridge checked {checks} times while shadows of {service} booted");
+                return paused;
             }
             assert!(
                 std::time::Instant::now() < deadline,

@@ -223,14 +223,9 @@ fn restarted_daemon_rebuilds_state_without_duplicates() {
     )
     .unwrap();
     let replaced = wait_for("crashed shadow replaced", SHADOW_WAIT, || {
-        let s = daemon.service(name)?;
-        let paused: Vec<String> = s["shadows"]
-            .as_array()?
-            .iter()
-            .filter(|x| x["state"] == "paused")
-            .filter_map(|x| x["name"].as_str().map(str::to_string))
-            .collect();
-        (paused.len() == 1 && paused[0] != before[0]).then_some(paused)
+        daemon
+            .paused_shadows(name)
+            .filter(|p| p.len() == 1 && p[0] != before[0])
     });
     assert_eq!(replaced, vec![format!("{name}-shadow-2")]);
     let svc = daemon.service(name).unwrap();

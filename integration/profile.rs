@@ -64,35 +64,13 @@ fn guest_output(hv: &Hypervisor, name: &str, path: &str, args: &[&str]) -> (i64,
         (st["return"]["exited"] == true).then_some(st)
     });
     let text = |k: &str| {
-        String::from_utf8_lossy(&b64decode(st["return"][k].as_str().unwrap_or(""))).into_owned()
+        let data = understudy::monitor::base64::decode(st["return"][k].as_str().unwrap_or(""));
+        String::from_utf8_lossy(&data.unwrap_or_default()).into_owned()
     };
     (
         st["return"]["exitcode"].as_i64().unwrap_or(-1),
         format!("{}{}", text("out-data"), text("err-data")),
     )
-}
-
-/// Standard base64, for guest-exec output in failure messages.
-fn b64decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    };
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0);
-    for v in s.bytes().filter_map(val) {
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    out
 }
 
 fn show(daemon: &DaemonProc, service: &str) -> Option<Value> {

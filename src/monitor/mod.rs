@@ -26,7 +26,7 @@
 //!   responsiveness into a [`Health`] verdict (healthy, degraded, suspect, hung).
 
 pub mod agent;
-pub(crate) mod base64;
+pub mod base64;
 pub mod cgroup;
 pub mod collector;
 pub mod configtrack;
