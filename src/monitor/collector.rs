@@ -54,6 +54,7 @@ use super::sample::{
 use super::sockets::{self, Connection, OutboundPeer, SocketError, SocketState};
 use crate::config::{ClassConfig, MonitorConfig};
 use crate::libvirt::{qemu_pid, DomainStats, Hypervisor, LibvirtError, QEMU_RUN_DIR};
+use crate::profile::synthetic::SplitMix64;
 use crate::profile::{Observation, PeerUse};
 
 /// Largest configuration file kept (and delivered at promotion), bytes.
@@ -1131,39 +1132,28 @@ pub fn guest_disk_bytes(disks: &[DiskStats]) -> Option<(u64, u64)> {
     }))
 }
 
-/// Delays between collector ticks: the sampling interval ±20%, pseudo-random (xorshift64*),
-/// averaging the interval. Sampling at a fixed phase aliases with periodic guest activity: a
-/// connection opened every second for 700 ms is seen at every tick or at none, depending on
-/// the phase. With jitter the phase drifts by about a tenth of the interval per tick.
+/// Delays between collector ticks: the sampling interval ±20%, pseudo-random, averaging the
+/// interval. Sampling at a fixed phase aliases with periodic guest activity: a connection opened
+/// every second for 700 ms is seen at every tick or at none, depending on the phase. With jitter
+/// the phase drifts by about a tenth of the interval per tick.
 #[derive(Debug, Clone)]
 pub struct TickJitter {
-    state: u64,
+    rng: SplitMix64,
 }
 
 impl TickJitter {
     /// Jitter seeded from `service` and `seed` (e.g. the start time), so collectors started
     /// together do not tick together.
     pub fn new(service: &str, seed: u64) -> Self {
-        let state = configtrack::fnv1a64(service.as_bytes()) ^ seed.rotate_left(17);
         TickJitter {
-            // xorshift must not start at zero.
-            state: if state == 0 {
-                0x9e37_79b9_7f4a_7c15
-            } else {
-                state
-            },
+            rng: SplitMix64::new(configtrack::fnv1a64(service.as_bytes()) ^ seed.rotate_left(17)),
         }
     }
 
     /// The delay before the next tick.
     pub fn next_delay(&mut self, interval: Duration) -> Duration {
-        self.state ^= self.state >> 12;
-        self.state ^= self.state << 25;
-        self.state ^= self.state >> 27;
-        let r = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d);
         // Uniform in [0.8, 1.2).
-        let factor = 0.8 + 0.4 * ((r >> 11) as f64 / (1u64 << 53) as f64);
-        interval.mul_f64(factor)
+        interval.mul_f64(0.8 + 0.4 * self.rng.next_f64())
     }
 }
 

@@ -26,7 +26,8 @@ pub const WASTE_TARGET: f64 = 0.25;
 /// Samples of the rolling window used for the adaptation figures.
 pub const ADAPT_WINDOW: usize = 60;
 
-/// splitmix64: tiny, fast, good enough statistical quality for test data, no dependency.
+/// splitmix64: tiny, fast, good enough statistical quality for test data and tick jitter, no
+/// dependency.
 #[derive(Debug, Clone)]
 pub struct SplitMix64(u64);
 
