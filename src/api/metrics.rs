@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::protocol::{ShadowState, StepTiming};
+use crate::failover::record::{ShadowState, StepTiming, Trigger};
 
 /// Content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -263,7 +263,7 @@ impl Metrics {
     pub fn record_failover(
         &self,
         service: &str,
-        trigger: &str,
+        trigger: Trigger,
         ok: bool,
         steps: &[StepTiming],
         outage_ms: f64,
@@ -271,7 +271,7 @@ impl Metrics {
         self.failovers
             .get_or_create(&FailoverLabels {
                 service: service.to_string(),
-                trigger: trigger.to_string(),
+                trigger: trigger.label().to_string(),
                 result: if ok { "ok" } else { "error" }.to_string(),
             })
             .inc();
@@ -406,10 +406,10 @@ impl Metrics {
     }
 
     /// Counts a failure detection by `source` (`pidfd`, `lifecycle`, `heartbeat`, `manual`).
-    pub fn inc_detection(&self, source: &str) {
+    pub fn inc_detection(&self, source: Trigger) {
         self.detections
             .get_or_create(&SourceLabels {
-                source: source.to_string(),
+                source: source.label().to_string(),
             })
             .inc();
     }
@@ -495,12 +495,6 @@ impl MetricsServer {
             }
         }
     }
-}
-
-/// Binds `addr` and serves `GET /metrics` until the task is dropped.
-pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), MetricsError> {
-    MetricsServer::bind(addr).await?.serve(metrics).await;
-    Ok(())
 }
 
 /// Outcome of parsing a request head.
@@ -615,12 +609,12 @@ mod tests {
         let m = Metrics::new();
         m.record_failover(
             "web",
-            "pidfd",
+            Trigger::Pidfd,
             true,
             &[step("fence", 2.0), step("resume", 4.0)],
             25.0,
         );
-        m.record_failover("web", "heartbeat", false, &[], 5000.0);
+        m.record_failover("web", Trigger::Heartbeat, false, &[], 5000.0);
         m.set_shadow_states([
             ShadowState::Paused,
             ShadowState::Paused,
@@ -636,7 +630,7 @@ mod tests {
         m.add_collector_cpu("web", 0.5);
         m.add_collector_cpu("web", f64::NAN);
         m.inc_libvirt_reconnect();
-        m.inc_detection("pidfd");
+        m.inc_detection(Trigger::Pidfd);
         let text = m.encode();
 
         for line in [
@@ -686,7 +680,7 @@ mod tests {
     fn bucket_bounds_are_readable() {
         let text = {
             let m = Metrics::new();
-            m.record_failover("s", "manual", true, &[], 1.0);
+            m.record_failover("s", Trigger::Manual, true, &[], 1.0);
             m.encode()
         };
         let les: Vec<&str> = text
@@ -764,7 +758,7 @@ mod tests {
     #[tokio::test]
     async fn http_endpoint_serves_metrics_and_404() {
         let metrics = Arc::new(Metrics::new());
-        metrics.inc_detection("lifecycle");
+        metrics.inc_detection(Trigger::Lifecycle);
         let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
