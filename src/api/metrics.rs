@@ -120,6 +120,7 @@ pub struct Metrics {
     heartbeat_failures: Family<ServiceLabels, Counter>,
     false_failovers: Family<ServiceLabels, Counter>,
     missed_failovers: Family<ServiceLabels, Counter>,
+    foreign_mac_ports: Family<ServiceLabels, Counter>,
     drift_events: Family<DriftLabels, Counter>,
     profile_coverage: Family<ProfileMetricLabels, RatioGauge>,
     profile_underprediction: Family<ProfileMetricLabels, RatioGauge>,
@@ -148,6 +149,7 @@ impl Metrics {
         let heartbeat_failures = Family::default();
         let false_failovers = Family::default();
         let missed_failovers = Family::default();
+        let foreign_mac_ports = Family::default();
         let drift_events = Family::default();
         let profile_coverage = Family::default();
         let profile_underprediction = Family::default();
@@ -196,6 +198,11 @@ impl Metrics {
             "missed_failovers",
             "Failures of an active domain that no failover answered",
             Family::clone(&missed_failovers),
+        );
+        registry.register(
+            "foreign_mac_ports",
+            "Times a bridge port other than the active primary's tap carried the service MAC",
+            Family::clone(&foreign_mac_ports),
         );
         registry.register(
             "drift_events",
@@ -248,6 +255,7 @@ impl Metrics {
             heartbeat_failures,
             false_failovers,
             missed_failovers,
+            foreign_mac_ports,
             drift_events,
             profile_coverage,
             profile_underprediction,
@@ -340,6 +348,13 @@ impl Metrics {
     /// Counts a failover of `service` judged unnecessary.
     pub fn inc_false_failover(&self, service: &str) {
         self.false_failovers
+            .get_or_create(&service_labels(service))
+            .inc();
+    }
+
+    /// Counts a bridge port other than `service`'s active tap seen carrying its MAC.
+    pub fn inc_foreign_mac_port(&self, service: &str) {
+        self.foreign_mac_ports
             .get_or_create(&service_labels(service))
             .inc();
     }
@@ -624,6 +639,7 @@ mod tests {
         m.inc_heartbeat_failure("web");
         m.inc_false_failover("web");
         m.inc_missed_failover("db");
+        m.inc_foreign_mac_port("web");
         m.inc_drift_event("web", "memory");
         m.set_profile_accuracy("web", "cpu", 0.95, 0.03, 0.25);
         m.inc_collector_error("web", "agent");
@@ -648,6 +664,7 @@ mod tests {
             r#"understudy_heartbeat_failures_total{service="web"} 1"#,
             r#"understudy_false_failovers_total{service="web"} 1"#,
             r#"understudy_missed_failovers_total{service="db"} 1"#,
+            r#"understudy_foreign_mac_ports_total{service="web"} 1"#,
             r#"understudy_drift_events_total{service="web",kind="memory"} 1"#,
             r#"understudy_profile_coverage_ratio{service="web",metric="cpu"} 0.95"#,
             r#"understudy_profile_underprediction_ratio{service="web",metric="cpu"} 0.03"#,

@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::HostCapacity;
 use crate::failover::record::{FailoverRecord, ShadowState};
 use crate::profile::manager::{AccuracyEntry, HistoryReport, ProfileReport};
 use crate::profile::ProfileDiff;
@@ -213,6 +214,12 @@ pub struct DaemonInfo {
     pub libvirt_uri: String,
     /// Whether the libvirt connection is currently up.
     pub connected: bool,
+    /// This host's name in the cluster.
+    #[serde(default)]
+    pub host: String,
+    /// What this host can still hold, when known.
+    #[serde(default)]
+    pub capacity: Option<HostCapacity>,
 }
 
 /// State of one protected service.
@@ -286,6 +293,16 @@ pub fn render_status_text_at(report: &StatusReport, now_unix_ms: u64) -> String 
             "DISCONNECTED"
         },
     );
+    if let Some(c) = &d.capacity {
+        let _ = writeln!(
+            out,
+            "host {}: {:.1} of {:.1} GiB memory available, {} CPUs",
+            d.host,
+            c.mem_available_kib as f64 / 1048576.0,
+            c.mem_total_kib as f64 / 1048576.0,
+            c.cpus
+        );
+    }
     let _ = writeln!(
         out,
         "false failovers: {}, missed failovers: {}",
@@ -542,6 +559,12 @@ mod tests {
                 started_unix_ms: 1_000_000,
                 libvirt_uri: "qemu:///system".into(),
                 connected: true,
+                host: "h1".into(),
+                capacity: Some(HostCapacity {
+                    mem_total_kib: 24 << 20,
+                    mem_available_kib: 12 << 20,
+                    cpus: 2,
+                }),
             },
             services: vec![ServiceStatus {
                 name: "web".into(),
@@ -694,6 +717,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("qemu:///system connected"), "{text}");
+        assert!(
+            text.contains("host h1: 12.0 of 24.0 GiB memory available, 2 CPUs"),
+            "{text}"
+        );
         let header = text.lines().find(|l| l.starts_with("SERVICE")).unwrap();
         assert!(header.contains("ACTIVE"));
         let row = text.lines().find(|l| l.starts_with("web ")).unwrap();

@@ -6,10 +6,12 @@
 //! loses means another promotion won, and the shadow stays paused. This is the seam several
 //! hosts plug into (an etcd transaction on the record's revision, a lease per host, watches);
 //! [`LocalCoordinator`] is the single-host implementation, where the daemon's own table is the
-//! only claimant.
+//! only claimant. [`HostCapacity`] says what this host can still hold.
 
+mod capacity;
 mod local;
 
+pub use capacity::{HostCapacity, HOST_RESERVE_KIB};
 pub use local::LocalCoordinator;
 
 use futures::future::BoxFuture;

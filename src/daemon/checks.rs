@@ -193,6 +193,44 @@ pub(super) fn isolate_standby_taps(d: &Shared, service: &str) {
     });
 }
 
+/// Audits every running service's bridges: its MAC must be learned behind the active
+/// primary's tap only. Another port carrying it (a standby tap that something re-attached, a
+/// copy of the VM started by hand) means two copies could answer for the service: reported
+/// (log and metric) for an operator, since the port may belong to a VM that is not ours.
+pub(super) fn audit_bridges(d: &Shared) {
+    let services: Vec<(String, Vec<crate::failover::TapBinding>)> = d
+        .table()
+        .iter()
+        .filter(|s| s.state.is_running())
+        .map(|s| (s.name.clone(), s.active_taps.clone()))
+        .collect();
+    if services.is_empty() {
+        return;
+    }
+    let d = d.clone();
+    tokio::spawn(async move {
+        for (service, taps) in services {
+            for b in &taps {
+                let Some(bridge) = &b.bridge else { continue };
+                let Ok(fdb) = d.net.bridge_fdb(bridge).await else {
+                    continue;
+                };
+                for e in fdb.iter().filter(|e| e.mac.eq_ignore_ascii_case(&b.mac)) {
+                    // Re-read: a failover may have moved the service since the list was taken.
+                    let still = d.table().get(&service).is_some_and(|s| {
+                        s.state.is_running() && s.active_taps.iter().any(|x| x.tap == b.tap)
+                    });
+                    if still && e.port != b.tap {
+                        d.metrics.inc_foreign_mac_port(&service);
+                        tracing::error!(%service, mac = %b.mac, %bridge, port = %e.port, active_tap = %b.tap,
+                            "the service MAC is learned behind a port that is not the active primary's: two copies may answer");
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// The external probe: a client's check from the host namespace. A service that stays
 /// unreachable longer than its detection bound without a failover counts as a missed one.
 fn run_probe(d: &Shared, service: &str, class: &ClassConfig, probe: ProbeConfig) {

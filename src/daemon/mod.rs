@@ -332,7 +332,10 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
                 });
             }
             _ = heartbeat.tick() => checks::send_heartbeats(&d),
-            _ = housekeeping.tick() => recover::ensure_all_shadows(&d),
+            _ = housekeeping.tick() => {
+                recover::ensure_all_shadows(&d);
+                checks::audit_bridges(&d);
+            }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping; shadows stay as they are"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping; shadows stay as they are"); break; }
         }

@@ -277,6 +277,8 @@ async fn status(d: &Shared) -> StatusReport {
             started_unix_ms: d.started_unix_ms,
             libvirt_uri: cfg.daemon.libvirt_uri.clone(),
             connected,
+            host: d.coord.host().to_string(),
+            capacity: crate::cluster::HostCapacity::read(),
         },
         services: service_status,
         domains,

@@ -91,6 +91,16 @@ pub enum FailoverError {
         /// What we saw.
         why: String,
     },
+    /// The host lacks the memory a shadow would hold (it keeps a reserve for itself).
+    #[error("shadow '{shadow}' needs {need_kib} KiB; the host has {available_kib} KiB available and keeps {} KiB in reserve", crate::cluster::HOST_RESERVE_KIB)]
+    HostFull {
+        /// The shadow.
+        shadow: String,
+        /// Its memory.
+        need_kib: u64,
+        /// The host's available memory.
+        available_kib: u64,
+    },
     /// Another promotion owns the service now (the owner record changed since it was read):
     /// this shadow stays paused.
     #[error("service '{service}' could not be claimed")]

@@ -156,6 +156,7 @@ pub async fn provision(
     let name = hv
         .blocking("define shadow", move |hv| {
             let xml = build_shadow_xml(hv, &r)?;
+            ensure_room(&r.name, &xml)?;
             // Boot from the off-bridge variant, then make the spec the persistent definition
             // (see `standby_boot_spec`): the tap never joins a bridge before promotion.
             let boot_xml = DomainXml::parse(&xml)
@@ -544,6 +545,33 @@ fn run_qemu_img(
         });
     }
     Ok(out.stdout)
+}
+
+/// Refuses a shadow the host cannot hold: a paused shadow keeps its memory.
+fn ensure_room(name: &str, xml: &str) -> Result<(), FailoverError> {
+    let need_kib = DomainXml::parse(xml)
+        .map_err(|source| FailoverError::Xml {
+            domain: name.to_string(),
+            source,
+        })?
+        .memory_kib()
+        .current_kib;
+    let Some(host) = crate::cluster::HostCapacity::read() else {
+        tracing::warn!(
+            shadow = name,
+            "host memory unknown; shadow placed without a check"
+        );
+        return Ok(());
+    };
+    if host.fits(need_kib) {
+        Ok(())
+    } else {
+        Err(FailoverError::HostFull {
+            shadow: name.to_string(),
+            need_kib,
+            available_kib: host.mem_available_kib,
+        })
+    }
 }
 
 /// A random (version 4) UUID for a new domain.

@@ -12,8 +12,8 @@
 //!   with `ping`, `osinfo`, `cpustats`, `diskstats`, `interfaces`, `read_file` and `exec`.
 //! - [`sockets`]: the guest's `/proc/net/{tcp,tcp6,udp}` (read through the agent) as
 //!   connections, listening ports and outbound peers.
-//! - [`deps`]: the dependency map: peers aggregated over time from socket snapshots and
-//!   conntrack records, bounded with least-recently-seen eviction.
+//! - [`deps`]: the dependency map: peers aggregated over time from socket snapshots,
+//!   bounded with least-recently-seen eviction.
 //! - [`configtrack`]: content hashes and previews of guest configuration items, and their diff.
 //! - [`sample`]: rates ([`Sample`]) from two consecutive sets of cumulative counters
 //!   ([`RawCounters`]), robust to counter resets.
