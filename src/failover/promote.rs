@@ -11,7 +11,7 @@
 //! recorded, `apply_profile` sizes and configures the new primary from its profile
 //! ([`super::apply_profile`]).
 //!
-//! The order lives in [`run_steps`], generic over [`PromotionSteps`]; [`LiveSteps`] carries
+//! The order lives in `run_steps`, generic over [`PromotionSteps`]; [`LiveSteps`] carries
 //! the steps out on libvirt, netlink and the coordinator, and the unit tests check the order
 //! with a recording implementation.
 
