@@ -69,7 +69,7 @@ pub struct PromotionFailed {
     pub error: FailoverError,
 }
 
-/// The steps of a promotion. [`run_steps`] decides their order; an implementation only
+/// The steps of a promotion. `run_steps` decides their order; an implementation only
 /// carries each one out.
 pub trait PromotionSteps: Sync {
     /// Isolates the old primary; an error means it may still be reachable.
