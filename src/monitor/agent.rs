@@ -1156,8 +1156,9 @@ pub fn parse_file_write(
     Ok(declared as usize)
 }
 
-/// Parses a reply whose `return` must be the empty object (`guest-file-close`).
-fn parse_empty(command: Command, text: &str, limits: &AgentLimits) -> Result<(), AgentError> {
+/// Parses a `guest-file-close` reply, whose `return` must be an object (empty).
+pub fn parse_file_close(text: &str, limits: &AgentLimits) -> Result<(), AgentError> {
+    let command = Command::FileClose;
     let ret = parse_reply(command, text, limits)?;
     Ctx { command, limits }.object(&ret, "return")?;
     Ok(())
@@ -1308,7 +1309,7 @@ impl<T: AgentTransport> GuestAgent<T> {
         let result = self.read_handle(handle, path, max_bytes);
         let closed = self
             .call(Command::FileClose, Some(json!({ "handle": handle })))
-            .and_then(|r| parse_empty(Command::FileClose, &r, limits));
+            .and_then(|r| parse_file_close(&r, limits));
         if let Err(e) = closed {
             tracing::warn!(path, handle, error = %e, "guest-file-close failed; handle may leak in the agent");
         }
@@ -1382,7 +1383,7 @@ impl<T: AgentTransport> GuestAgent<T> {
         let result = self.write_handle(handle, path, data);
         let closed = self
             .call(Command::FileClose, Some(json!({ "handle": handle })))
-            .and_then(|r| parse_empty(Command::FileClose, &r, limits));
+            .and_then(|r| parse_file_close(&r, limits));
         match (result, closed) {
             (Err(e), _) => Err(e),
             // Unlike a read, a write is only complete once the handle is flushed and closed.
