@@ -6,8 +6,8 @@
 #
 # Each test runs alone (`--exact`), so a failure keeps its own log: every run's output is kept
 # in build/soak/<stamp>/round-<n>/<test>.log, and a failed run's log (the daemon's log is in
-# it: the tests print it when they fail) plus the guests' QEMU logs are copied to
-# build/soak/<stamp>/failures/. Recovery times come from the tests' `understudy-recovery`
+# it: the tests print it when they fail) plus the QEMU logs and guest consoles it wrote are
+# copied to build/soak/<stamp>/failures/. Recovery times come from the tests' `understudy-recovery`
 # lines (integration/common.rs, report_recovery) and are collected in recoveries.tsv.
 #
 #   SOAK_ROUNDS  rounds (default 20)
@@ -42,7 +42,9 @@ for ((r = 1; r <= rounds; r++)); do
             dst=$out/failures/round-$r-${t//::/__}
             mkdir -p "$dst"
             cp "$log" "$dst/"
-            cp /var/log/libvirt/qemu/it-*.log "$dst/" 2>/dev/null
+            # The QEMU logs and guest consoles that this run wrote to.
+            find /var/log/libvirt/qemu build/lab -maxdepth 1 -type f -newermt "@$((start / 1000000000))" \
+                -exec cp {} "$dst/" \; 2>/dev/null
         fi
         printf '%s\t%s\t%s\t%s\n' "$r" "$t" "$st" "$secs" >>"$out/runs.tsv"
         sed -n 's/.*understudy-recovery test=\([^ ]*\) fault=\([^ ]*\) client_ms=\([0-9]*\) daemon_outage_ms=\([^ ]*\).*/\1\t\2\t\3\t\4/p' "$log" |
@@ -53,24 +55,32 @@ for ((r = 1; r <= rounds; r++)); do
     done
 done
 
-# Per test: runs, failures, slowest client-observed recovery (and which fault), and the
+# Per test: runs, failures and the slowest client-observed recovery (with its fault); then
+# per fault: how often it was timed, the median and slowest client-observed recovery, and the
 # daemon's largest outage estimate.
 echo
 awk -F'\t' '
     FNR == 1 { next }
-    FILENAME ~ /runs.tsv$/ { runs[$2]++; if ($3 != "ok") fail[$2]++; order[$2] = NR; next }
+    FILENAME ~ /runs.tsv$/ { runs[$2]++; if ($3 != "ok") fail[$2]++; next }
     {
         if (!($2 in slow) || $4 + 0 > slow[$2]) { slow[$2] = $4 + 0; slowf[$2] = $3 }
-        if ($5 != "-" && (!($2 in dslow) || $5 + 0 > dslow[$2])) dslow[$2] = $5 + 0
-        n[$2]++
     }
     END {
-        printf "%-66s %5s %8s %12s %10s  %s\n", "test", "runs", "failures", "slowest_ms", "daemon_ms", "slowest fault"
-        for (t in runs) {
-            s = (t in slow) ? slow[t] : "-"; d = (t in dslow) ? dslow[t] : "-"; f = (t in slowf) ? slowf[t] : "-"
-            printf "%-66s %5d %8d %12s %10s  %s\n", t, runs[t], fail[t] + 0, s, d, f
-        }
+        printf "%-72s %5s %8s %11s  %s\n", "test", "runs", "failures", "slowest_ms", "fault"
+        for (t in runs)
+            printf "%-72s %5d %8d %11s  %s\n", t, runs[t], fail[t] + 0, \
+                (t in slow) ? slow[t] : "-", (t in slowf) ? slowf[t] : "-"
     }' "$out/runs.tsv" "$out/recoveries.tsv" | { read -r header; echo "$header"; sort; }
+echo
+sort -t$'\t' -k2,2 -k3,3 -k4,4n <(tail -n +2 "$out/recoveries.tsv") | awk -F'\t' '
+    function flush() {
+        if (key == "") return
+        printf "%-40s %5d %10d %11d %16s\n", fault, n, ms[int((n + 1) / 2)], ms[n], (d == "") ? "-" : d
+    }
+    BEGIN { printf "%-40s %5s %10s %11s %16s\n", "fault", "times", "median_ms", "slowest_ms", "daemon_outage_ms" }
+    $2 "/" $3 != key { flush(); key = $2 "/" $3; fault = $3; n = 0; d = "" }
+    { ms[++n] = $4; if ($5 != "-" && (d == "" || $5 + 0 > d + 0)) d = $5 }
+    END { flush() }'
 failed=$(awk -F'\t' 'NR > 1 && $3 != "ok"' "$out/runs.tsv" | wc -l)
 echo "soak: $failed failed runs; details in $out (runs.tsv, recoveries.tsv, failures/)"
 [ "$failed" -eq 0 ]
