@@ -8,7 +8,10 @@
 # usage: scripts/fuzz.sh [target...]
 #   FUZZ_SECONDS  seconds per target (default 60)
 #   FUZZ_OUT      work directory (default build/fuzz)
-#   FUZZ_BUILD    0 to reuse fuzz/target/debug as built (default: cargo afl build first)
+#   FUZZ_BUILD    0 to reuse the targets as built (default: cargo afl build first)
+#   FUZZ_QUICK    1 for a build without optimisation (AFL_OPT_LEVEL=0, in fuzz/target/check):
+#                 a quarter of the build time, several times fewer executions a second; for
+#                 the brief runs of make test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,9 +33,15 @@ if [ $# -gt 0 ]; then
 fi
 
 command -v cargo-afl >/dev/null || { echo "fuzz: cargo-afl is missing: run make fuzz-deps" >&2; exit 2; }
+target_dir=fuzz/target
+if [ "${FUZZ_QUICK:-0}" = 1 ]; then
+    export AFL_OPT_LEVEL=0
+    target_dir=fuzz/target/check
+fi
 if [ "${FUZZ_BUILD:-1}" != 0 ]; then
-    echo "fuzz: cargo afl build (fuzz/)"
-    nice -n 19 cargo afl build --features afl --manifest-path fuzz/Cargo.toml --offline
+    echo "fuzz: cargo afl build (fuzz/, into $target_dir)"
+    nice -n 19 cargo afl build --features afl --manifest-path fuzz/Cargo.toml --offline \
+        --target-dir "$target_dir"
 fi
 
 export AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1
@@ -64,7 +73,7 @@ for t in "${order[@]}"; do
     [ -f "fuzz/dict/$t.dict" ] && dict=(-x "fuzz/dict/$t.dict")
     echo "fuzz: $t for ${seconds}s ($(ls "$dir/in" | wc -l) seeds)"
     if ! nice -n 19 cargo afl fuzz -i "$dir/in" -o "$dir/out" -V "$seconds" "${dict[@]}" \
-        "fuzz/target/debug/$t" >"$dir/afl.log" 2>&1; then
+        "$target_dir/debug/$t" >"$dir/afl.log" 2>&1; then
         echo "fuzz: afl-fuzz failed on $t; the end of $dir/afl.log:" >&2
         tail -20 "$dir/afl.log" >&2
         rows+=("$t - - - - - - failed")
