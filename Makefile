@@ -6,6 +6,9 @@
 #   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [MEM=192] [ROLE=primary]
 #   make lab-down    tear the lab down completely
 #   make build       cargo build
+#   make deb         the Debian package (cargo-deb, installed if missing) in target/debian/:
+#                    binary, systemd unit, /etc/understudy/understudy.toml, man pages,
+#                    completions, Grafana dashboard
 #   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
 #   make bench       every benchmark (bench-profile, bench-failover)
 #   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
@@ -28,7 +31,8 @@ GUEST_DIR := build/guest
 DEB_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
 	libvirt-clients libvirt-dev pkg-config qemu-guest-agent busybox-static \
 	linux-image-amd64 iproute2 curl cpio kmod gzip gcc libc6-dev make \
-	util-linux passwd binutils xz-utils
+	util-linux passwd binutils xz-utils \
+	systemd dpkg-dev prometheus
 
 # Newest installed kernel; evaluated when make starts, which is why `make test`
 # runs `images` in a sub-make after `deps` may have installed it.
@@ -48,7 +52,7 @@ MEM ?= 192
 ROLE ?= primary
 DISK ?=
 
-.PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults
+.PHONY: deps images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-soak test-faults
 
 deps:
 	@missing=""; \
@@ -57,7 +61,7 @@ deps:
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "deps: installing$$missing"; \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+		apt-get -o DPkg::Lock::Timeout=600 update && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends $$missing; \
 	else \
 		echo "deps: all Debian packages present"; \
 	fi
@@ -88,6 +92,18 @@ lab-guest: images
 
 build:
 	cargo build
+
+CARGO_DEB_VERSION := 3.8.0
+
+# Man pages and completions come from the CLI definition (hidden `gen-man`, `gen-completions`).
+deb:
+	@cargo deb --version 2>/dev/null | grep -qF '$(CARGO_DEB_VERSION)' || \
+		cargo install cargo-deb --locked --version $(CARGO_DEB_VERSION)
+	cargo build --release --bin understudy
+	rm -rf build/deb
+	target/release/understudy gen-man build/deb/man
+	target/release/understudy gen-completions build/deb/completions
+	cargo deb --no-build
 
 # The tests run inside the lab namespace (scripts/lab-exec.sh: `ip netns exec`
 # plus the host's cgroup mounts) so they reach the guests. scripts/lab-run.sh

@@ -1,6 +1,8 @@
 //! The `understudy` command line: `run` starts the daemon; every other subcommand talks to a
 //! running daemon over its control socket (or, like `check-config`, works offline).
 
+mod gen;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -106,6 +108,18 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Write man pages generated from this command line into DIR (for packaging).
+    #[command(hide = true)]
+    GenMan {
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
+    /// Write bash, zsh and fish completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenCompletions {
+        /// Output directory (created if missing).
+        dir: PathBuf,
     },
 }
 
@@ -247,6 +261,8 @@ pub fn main() -> ExitCode {
             seconds,
             json,
         } => probe(addr, path, interval_ms, timeout_ms, seconds, json),
+        Command::GenMan { ref dir } => generated("man pages", gen::man_pages(dir)),
+        Command::GenCompletions { ref dir } => generated("completions", gen::completions(dir)),
         ref other => {
             let req = match other {
                 Command::Status { .. } => Request::Status,
@@ -272,9 +288,11 @@ pub fn main() -> ExitCode {
                 },
                 Command::Profile { action } => action.request(),
                 Command::Reload => Request::ReloadConfig,
-                Command::Run { .. } | Command::CheckConfig { .. } | Command::Probe { .. } => {
-                    unreachable!("handled above")
-                }
+                Command::Run { .. }
+                | Command::CheckConfig { .. }
+                | Command::Probe { .. }
+                | Command::GenMan { .. }
+                | Command::GenCompletions { .. } => unreachable!("handled above"),
             };
             let json = matches!(other, Command::Status { json: true });
             let text = match other {
@@ -282,6 +300,16 @@ pub fn main() -> ExitCode {
                 _ => None,
             };
             client(&cli, req, json, text)
+        }
+    }
+}
+
+fn generated(what: &str, result: std::io::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("understudy: cannot write {what}: {e}");
+            ExitCode::from(1)
         }
     }
 }

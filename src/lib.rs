@@ -13,6 +13,7 @@
 //! - [`daemon`]: the long-running orchestrator that ties them together.
 //! - [`probe`]: an external client's view of a service (who answers, and the gaps).
 //! - [`cli`]: the `understudy` command line.
+//! - [`systemd`]: readiness, status and watchdog notifications to the service manager.
 
 pub mod api;
 pub mod cli;
@@ -26,6 +27,7 @@ pub mod net;
 pub mod probe;
 pub mod profile;
 pub mod state;
+pub mod systemd;
 
 /// Formats an error's chain of sources as `cause: cause: ...`, for logs and replies that must
 /// show the root of a failure on one line.

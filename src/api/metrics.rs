@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::protocol::{ShadowState, StepTiming};
+use crate::failover::{Service, ServiceState};
 
 /// Content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -128,6 +129,9 @@ pub struct Metrics {
     collector_cpu: Family<ServiceLabels, SecondsCounter>,
     libvirt_reconnects: Counter,
     detections: Family<SourceLabels, Counter>,
+    standby_memory: Family<ServiceLabels, Gauge>,
+    /// Services with a `standby_memory` series, so a service that is gone loses its series.
+    standby_services: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -156,6 +160,7 @@ impl Metrics {
         let collector_cpu = Family::default();
         let libvirt_reconnects = Counter::default();
         let detections = Family::default();
+        let standby_memory = Family::default();
         // Counters get their `_total` suffix from the encoder.
         registry.register(
             "failovers",
@@ -238,6 +243,12 @@ impl Metrics {
             "Failure detections by source (pidfd|lifecycle|heartbeat|manual)",
             Family::clone(&detections),
         );
+        registry.register_with_unit(
+            "standby_memory",
+            "Resident memory of each service's paused shadows: the host memory standing by costs",
+            prometheus_client::registry::Unit::Bytes,
+            Family::clone(&standby_memory),
+        );
         Metrics {
             registry,
             failovers,
@@ -256,7 +267,45 @@ impl Metrics {
             collector_cpu,
             libvirt_reconnects,
             detections,
+            standby_memory,
+            standby_services: Default::default(),
         }
+    }
+
+    /// Refreshes the gauges that describe the protected services: shadows by state, services
+    /// by state, and the memory each service's paused shadows hold (read from /proc).
+    pub fn observe_services<'a>(&self, services: impl IntoIterator<Item = &'a Service>) {
+        let services: Vec<&Service> = services.into_iter().collect();
+        self.set_shadow_states(
+            services
+                .iter()
+                .flat_map(|s| s.shadows.iter().map(|x| x.state)),
+        );
+        self.set_service_states(services.iter().map(|s| s.state.label()));
+        let standby: Vec<(String, u64)> = services
+            .iter()
+            .map(|s| (s.name.clone(), s.standby_rss_bytes()))
+            .collect();
+        self.set_standby_memory(standby);
+    }
+
+    /// Sets the standby memory of every current service; services absent now lose their series.
+    pub fn set_standby_memory(&self, per_service: impl IntoIterator<Item = (String, u64)>) {
+        let mut exported = self
+            .standby_services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut now = std::collections::BTreeSet::new();
+        for (service, bytes) in per_service {
+            self.standby_memory
+                .get_or_create(&service_labels(&service))
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            now.insert(service);
+        }
+        for gone in exported.difference(&now) {
+            self.standby_memory.remove(&service_labels(gone));
+        }
+        *exported = now;
     }
 
     /// Records one failover: the counter, each step's duration and the outage estimate.
@@ -427,14 +476,7 @@ impl Metrics {
 }
 
 /// Service states always exported by [`Metrics::set_service_states`], zero when unused.
-const KNOWN_SERVICE_STATES: [&str; 6] = [
-    "protected",
-    "degraded",
-    "failing_over",
-    "stopped",
-    "maintenance",
-    "unprotected",
-];
+const KNOWN_SERVICE_STATES: [&str; 6] = ServiceState::LABELS;
 
 fn service_labels(service: &str) -> ServiceLabels {
     ServiceLabels {
@@ -626,7 +668,8 @@ mod tests {
             ShadowState::Paused,
             ShadowState::Booting,
         ]);
-        m.set_service_states(["protected", "degraded", "protected"]);
+        m.set_service_states(["protected", "provisioning", "protected"]);
+        m.set_standby_memory([("web".to_string(), 200 << 20), ("db".to_string(), 1)]);
         m.inc_heartbeat_failure("web");
         m.inc_false_failover("web");
         m.inc_missed_failover("db");
@@ -649,8 +692,10 @@ mod tests {
             r#"understudy_shadows{state="booting"} 1"#,
             r#"understudy_shadows{state="failed"} 0"#,
             r#"understudy_services{state="protected"} 2"#,
-            r#"understudy_services{state="degraded"} 1"#,
-            r#"understudy_services{state="maintenance"} 0"#,
+            r#"understudy_services{state="provisioning"} 1"#,
+            r#"understudy_services{state="unprotectable"} 0"#,
+            r#"understudy_standby_memory_bytes{service="web"} 209715200"#,
+            r#"understudy_standby_memory_bytes{service="db"} 1"#,
             r#"understudy_heartbeat_failures_total{service="web"} 1"#,
             r#"understudy_false_failovers_total{service="web"} 1"#,
             r#"understudy_missed_failovers_total{service="db"} 1"#,
@@ -724,6 +769,20 @@ mod tests {
             text.contains(r#"understudy_services{state="weird_state"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn standby_memory_of_a_removed_service_disappears() {
+        let m = Metrics::new();
+        m.set_standby_memory([("web".to_string(), 5), ("db".to_string(), 7)]);
+        m.set_standby_memory([("web".to_string(), 6)]);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"understudy_standby_memory_bytes{service="web"} 6"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"service="db""#), "{text}");
+        assert!(text.contains("# UNIT understudy_standby_memory_bytes bytes"), "{text}");
     }
 
     #[test]

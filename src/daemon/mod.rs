@@ -271,7 +271,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
         .max(50);
     let mut heartbeat = tokio::time::interval(Duration::from_millis(hb_interval));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut housekeeping = tokio::time::interval(Duration::from_secs(5));
+    let mut housekeeping = tokio::time::interval(crate::systemd::KEEPALIVE_PERIOD);
+    crate::systemd::ready(&crate::systemd::status_line(d.services().values()));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler cannot fail in a tokio runtime");
     loop {
@@ -286,11 +287,16 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
                 });
             }
             _ = heartbeat.tick() => send_heartbeats(&d),
-            _ = housekeeping.tick() => ensure_all_shadows(&d),
+            _ = housekeeping.tick() => {
+                ensure_all_shadows(&d);
+                d.metrics.observe_services(d.services().values());
+                crate::systemd::alive(&crate::systemd::status_line(d.services().values()));
+            }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping; shadows stay as they are"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping; shadows stay as they are"); break; }
         }
     }
+    crate::systemd::stopping();
     Ok(())
 }
 

@@ -258,13 +258,7 @@ pub(super) async fn status(d: &Shared) -> StatusReport {
             last_heartbeat_unix_ms: s.last_heartbeat_unix_ms,
         })
         .collect();
-    d.metrics.set_shadow_states(
-        services
-            .iter()
-            .flat_map(|s| s.shadows.iter().map(|x| x.state)),
-    );
-    d.metrics
-        .set_service_states(services.iter().map(|s| s.state.label()));
+    d.metrics.observe_services(&services);
     let domains = doms
         .into_iter()
         .map(|dom| {

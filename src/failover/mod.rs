@@ -126,6 +126,16 @@ pub enum ServiceState {
 }
 
 impl ServiceState {
+    /// Every [`ServiceState::label`], for exporting a complete gauge family.
+    pub const LABELS: [&'static str; 6] = [
+        "provisioning",
+        "protected",
+        "failing_over",
+        "down",
+        "stopped",
+        "unprotectable",
+    ];
+
     /// Short lowercase name for status output and metrics labels.
     pub fn label(&self) -> &'static str {
         match self {
@@ -207,6 +217,21 @@ impl Service {
     /// The first paused shadow, if any.
     pub fn ready_shadow(&self) -> Option<&Shadow> {
         self.shadows.iter().find(|s| s.state == ShadowState::Paused)
+    }
+
+    /// What standing by costs: the resident memory of the paused shadows' QEMU processes, read
+    /// from /proc (no libvirt call). A shadow whose process cannot be read counts as 0.
+    pub fn standby_rss_bytes(&self) -> u64 {
+        let (run, proc_root) = (
+            std::path::Path::new(crate::libvirt::QEMU_RUN_DIR),
+            std::path::Path::new("/proc"),
+        );
+        self.shadows
+            .iter()
+            .filter(|s| s.state == ShadowState::Paused)
+            .filter_map(|s| crate::libvirt::qemu_pid(run, &s.name).ok())
+            .filter_map(|pid| crate::libvirt::rss_bytes(proc_root, pid).ok())
+            .sum()
     }
 }
 
