@@ -16,7 +16,8 @@
 #                        own CPU cost on three lab guests (needs the lab)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
-#   make test        deps, images, cargo build --tests, then lab-up, cargo test
+#   make test        deps, images, deb (the package test installs it), cargo build --tests,
+#                    then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 #
 # Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
@@ -31,7 +32,7 @@ GUEST_DIR := build/guest
 DEB_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
 	libvirt-clients libvirt-dev pkg-config qemu-guest-agent busybox-static \
 	linux-image-amd64 iproute2 curl cpio kmod gzip gcc libc6-dev make \
-	util-linux passwd binutils xz-utils \
+	util-linux passwd binutils xz-utils man-db \
 	systemd dpkg-dev prometheus
 
 # Newest installed kernel; evaluated when make starts, which is why `make test`
@@ -103,7 +104,7 @@ deb:
 	rm -rf build/deb
 	target/release/understudy gen-man build/deb/man
 	target/release/understudy gen-completions build/deb/completions
-	cargo deb --no-build
+	cargo deb --no-build --strip
 
 # The tests run inside the lab namespace (scripts/lab-exec.sh: `ip netns exec`
 # plus the host's cgroup mounts) so they reach the guests. scripts/lab-run.sh
@@ -113,6 +114,7 @@ deb:
 test:
 	$(MAKE) deps
 	$(MAKE) images
+	$(MAKE) deb
 	cargo build --tests
 	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
 	scripts/lab-verify-down.sh

@@ -11,6 +11,7 @@
 //! - [`net`]: bridge and route rewiring over rtnetlink.
 //! - [`api`]: the control socket protocol and Prometheus metrics.
 //! - [`daemon`]: the long-running orchestrator that ties them together.
+//! - [`plot`]: SVG charts (plotters).
 //! - [`probe`]: an external client's view of a service (who answers, and the gaps).
 //! - [`cli`]: the `understudy` command line.
 //! - [`systemd`]: readiness, status and watchdog notifications to the service manager.
@@ -24,6 +25,7 @@ pub mod failover;
 pub mod libvirt;
 pub mod monitor;
 pub mod net;
+pub mod plot;
 pub mod probe;
 pub mod profile;
 pub mod state;

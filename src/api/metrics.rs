@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::protocol::{ShadowState, StepTiming};
+use crate::failover::promote::Trigger;
 use crate::failover::{Service, ServiceState};
 
 /// Content type of the exposition.
@@ -161,6 +162,18 @@ impl Metrics {
         let libvirt_reconnects = Counter::default();
         let detections = Family::default();
         let standby_memory = Family::default();
+        // Series that exist before their first event start at 0, so that `increase()` and
+        // `rate()` see the first failover of a step or trigger (a series born at 1 shows none).
+        for step in crate::failover::promote::STEPS {
+            drop(failover_steps.get_or_create(&StepLabels {
+                step: step.to_string(),
+            }));
+        }
+        for t in Trigger::ALL {
+            drop(detections.get_or_create(&SourceLabels {
+                source: t.label().to_string(),
+            }));
+        }
         // Counters get their `_total` suffix from the encoder.
         registry.register(
             "failovers",
@@ -276,6 +289,9 @@ impl Metrics {
     /// by state, and the memory each service's paused shadows hold (read from /proc).
     pub fn observe_services<'a>(&self, services: impl IntoIterator<Item = &'a Service>) {
         let services: Vec<&Service> = services.into_iter().collect();
+        for s in &services {
+            self.initialize_service(&s.name);
+        }
         self.set_shadow_states(
             services
                 .iter()
@@ -287,6 +303,30 @@ impl Metrics {
             .map(|s| (s.name.clone(), s.standby_rss_bytes()))
             .collect();
         self.set_standby_memory(standby);
+    }
+
+    /// Creates `service`'s per-service counters at 0 (see [`Metrics::new`] for why).
+    fn initialize_service(&self, service: &str) {
+        for t in Trigger::ALL {
+            for result in ["ok", "error"] {
+                drop(self.failovers.get_or_create(&FailoverLabels {
+                    service: service.to_string(),
+                    trigger: t.label().to_string(),
+                    result: result.to_string(),
+                }));
+            }
+        }
+        for kind in crate::profile::manager::DRIFT_LABELS {
+            drop(self.drift_events.get_or_create(&DriftLabels {
+                service: service.to_string(),
+                kind: kind.to_string(),
+            }));
+        }
+        let labels = service_labels(service);
+        // Each returns a read guard on its family; created is all that matters here.
+        drop(self.heartbeat_failures.get_or_create(&labels));
+        drop(self.false_failovers.get_or_create(&labels));
+        drop(self.missed_failovers.get_or_create(&labels));
     }
 
     /// Sets the standby memory of every current service; services absent now lose their series.
@@ -772,6 +812,25 @@ mod tests {
     }
 
     #[test]
+    fn series_exist_at_zero_before_their_first_event() {
+        let m = Metrics::new();
+        m.initialize_service("web");
+        let text = m.encode();
+        for line in [
+            r#"understudy_failover_step_seconds_count{step="resume"} 0"#,
+            r#"understudy_detection_total{source="heartbeat"} 0"#,
+            r#"understudy_failovers_total{service="web",trigger="pidfd",result="ok"} 0"#,
+            r#"understudy_failovers_total{service="web",trigger="manual",result="error"} 0"#,
+            r#"understudy_drift_events_total{service="web",kind="level_shift"} 0"#,
+            r#"understudy_heartbeat_failures_total{service="web"} 0"#,
+            r#"understudy_false_failovers_total{service="web"} 0"#,
+            r#"understudy_missed_failovers_total{service="web"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+    }
+
+    #[test]
     fn standby_memory_of_a_removed_service_disappears() {
         let m = Metrics::new();
         m.set_standby_memory([("web".to_string(), 5), ("db".to_string(), 7)]);
@@ -782,7 +841,10 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains(r#"service="db""#), "{text}");
-        assert!(text.contains("# UNIT understudy_standby_memory_bytes bytes"), "{text}");
+        assert!(
+            text.contains("# UNIT understudy_standby_memory_bytes bytes"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -255,6 +255,7 @@ impl StepClock {
 
     /// Records a step that took `elapsed`.
     pub fn record(&mut self, name: &str, elapsed: Duration) {
+        debug_assert!(promote::STEPS.contains(&name), "unlisted step {name}");
         fault_point(name);
         self.steps.push(StepTiming {
             name: name.to_string(),

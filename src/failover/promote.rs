@@ -36,7 +36,28 @@ pub enum Trigger {
     Recovery,
 }
 
+/// Every step the pipeline records, in pipeline order (`link_up` only when a shadow's links
+/// were not raised while it stood by; `apply_profile` only with a profile).
+pub const STEPS: [&str; 7] = [
+    "fence",
+    "resume",
+    "rewire",
+    "link_up",
+    "announce",
+    "metadata",
+    "apply_profile",
+];
+
 impl Trigger {
+    /// Every trigger, for metrics that export each one from the start.
+    pub const ALL: [Trigger; 5] = [
+        Trigger::Pidfd,
+        Trigger::Lifecycle,
+        Trigger::Heartbeat,
+        Trigger::Manual,
+        Trigger::Recovery,
+    ];
+
     /// Label for status and metrics.
     pub fn label(self) -> &'static str {
         match self {

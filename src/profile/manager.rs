@@ -122,6 +122,14 @@ pub fn learner_params(cfg: &ProfileConfig) -> LearnerParams {
 }
 
 /// The `kind` label of a drift event in metrics.
+/// Every [`drift_label`], for metrics that export each kind from the start.
+pub const DRIFT_LABELS: [&str; 4] = [
+    "coverage_drop",
+    "level_shift",
+    "new_dependency",
+    "config_change",
+];
+
 pub fn drift_label(kind: &DriftKind) -> &'static str {
     match kind {
         DriftKind::CoverageDrop { .. } => "coverage_drop",
