@@ -7,6 +7,7 @@
 //! - [`domain_xml`]: a libvirt domain XML tree that round-trips, and the shadow clone of a spec.
 //! - [`monitor`]: collectors (cgroups, libvirt stats, guest agent), heartbeat, sample history.
 //! - [`profile`]: predictive deployment profiles: model, versions, repository, accuracy.
+//! - [`events`]: the journal of what the daemon does, for `understudy events`.
 //! - [`failover`]: shadows, crash detection, fencing and the promotion pipeline.
 //! - [`net`]: bridge and route rewiring over rtnetlink.
 //! - [`api`]: the control socket protocol and Prometheus metrics.
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod domain_xml;
+pub mod events;
 pub mod failover;
 pub mod libvirt;
 pub mod monitor;

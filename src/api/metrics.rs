@@ -689,6 +689,7 @@ mod tests {
         StepTiming {
             name: name.to_string(),
             ms,
+            start_ms: None,
         }
     }
 

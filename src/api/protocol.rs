@@ -309,6 +309,10 @@ pub struct StepTiming {
     pub name: String,
     /// Duration in milliseconds.
     pub ms: f64,
+    /// When it started, in ms after the failure was detected (steps may overlap: `resume` and
+    /// `rewire` run concurrently). Absent in records of older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ms: Option<f64>,
 }
 
 /// One domain managed by the daemon.
@@ -639,10 +643,12 @@ mod tests {
                         StepTiming {
                             name: "fence".into(),
                             ms: 1.25,
+                            start_ms: Some(0.5),
                         },
                         StepTiming {
                             name: "resume".into(),
                             ms: 3.5,
+                            start_ms: None,
                         },
                     ],
                     ok: true,

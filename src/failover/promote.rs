@@ -207,7 +207,7 @@ async fn run_steps(
                 })?;
         }
     }
-    clock.record("fence", t.elapsed());
+    clock.record("fence", t, t.elapsed());
 
     // 2. Resume (libvirt) and rewire (netlink) at once. Nothing else touches libvirt before
     //    service is restored: libvirt runs one job per domain at a time, so a journal write
@@ -216,6 +216,7 @@ async fn run_steps(
     //    recovery), so the journal can follow.
     let bindings: Vec<TapBinding> = p.shadow.taps.clone();
     let shadow = p.shadow.name.clone();
+    let together = Instant::now();
     let resume = {
         let shadow = shadow.clone();
         let t = Instant::now();
@@ -256,12 +257,12 @@ async fn run_steps(
         }
     };
     let ((resumed, resume_took), rewired) = tokio::join!(resume, rewire);
-    clock.record("resume", resume_took);
+    clock.record("resume", together, resume_took);
     resumed?;
     match rewired {
-        Ok(took) => clock.record("rewire", took),
+        Ok(took) => clock.record("rewire", together, took),
         Err((e, took)) => {
-            clock.record("rewire", took);
+            clock.record("rewire", together, took);
             return Err(e);
         }
     }
@@ -280,7 +281,7 @@ async fn run_steps(
                 step: "link up",
                 source,
             })?;
-        clock.record("link_up", t.elapsed());
+        clock.record("link_up", t, t.elapsed());
     }
     // From here on the shadow serves: the end of the outage as far as we can tell. Frames to
     // the MAC reach the new port even before any announcement, since the bridge floods frames
@@ -295,7 +296,7 @@ async fn run_steps(
     if let Err(e) = hv.run("announce", move |hv| hv.qmp(&s, announce)).await {
         tracing::warn!(error = %e, "announce-self failed");
     }
-    clock.record("announce", t.elapsed());
+    clock.record("announce", t, t.elapsed());
 
     // 5. Roles: the shadow is the primary now; the old one is retired and fenced.
     let t = Instant::now();
@@ -335,14 +336,14 @@ async fn run_steps(
     })
         .await
     });
-    clock.record("metadata", t.elapsed());
+    clock.record("metadata", t, t.elapsed());
 
     // 5. Size and configure the promoted shadow from its profile. Traffic already flows, so
     //    this cannot lengthen the outage; what it does or fails to do is a note, never an error.
     if let Some(profile) = &p.profile {
         let t = Instant::now();
         notes.extend(super::apply_profile::apply(hv, &shadow, profile).await);
-        clock.record("apply_profile", t.elapsed());
+        clock.record("apply_profile", t, t.elapsed());
     }
     Ok(bindings)
 }

@@ -915,7 +915,7 @@ pub fn render_accuracy(entries: &[AccuracyEntry]) -> String {
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` of a Unix time in ms.
-fn format_unix_ms(ms: u64) -> String {
+pub(crate) fn format_unix_ms(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
