@@ -16,8 +16,9 @@
 #                        own CPU cost on three lab guests (needs the lab)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
-#   make test        deps, images, deb (the package test installs it), cargo build --tests,
-#                    then lab-up, cargo test
+#   make lint        cargo fmt --check and cargo clippy --all-targets -D warnings
+#   make test        deps, lint, images, deb (the package test installs it), cargo build
+#                    --tests, then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 #
 # Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
@@ -53,7 +54,7 @@ MEM ?= 192
 ROLE ?= primary
 DISK ?=
 
-.PHONY: deps images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-soak test-faults
+.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-soak test-faults
 
 deps:
 	@missing=""; \
@@ -105,6 +106,10 @@ deb:
 	target/release/understudy gen-man build/deb/man
 	target/release/understudy gen-completions build/deb/completions
 	cargo deb --no-build --strip
+# The house style, enforced: CI runs it through `make test`.
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
 
 # The tests run inside the lab namespace (scripts/lab-exec.sh: `ip netns exec`
 # plus the host's cgroup mounts) so they reach the guests. scripts/lab-run.sh
@@ -113,6 +118,7 @@ deb:
 # status. The tests are built first, outside the lab and its lock.
 test:
 	$(MAKE) deps
+	$(MAKE) lint
 	$(MAKE) images
 	$(MAKE) deb
 	cargo build --tests

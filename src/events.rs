@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::api::protocol::StepTiming;
+use crate::failover::StepTiming;
 
 /// Events kept at most.
 pub const MAX_EVENTS: usize = 2000;
@@ -305,7 +305,7 @@ impl EventLog {
 
     /// Records an event now; returns it as recorded.
     pub fn emit(&self, service: Option<&str>, kind: EventKind) -> Event {
-        self.emit_at(crate::failover::now_unix_ms(), service, kind)
+        self.emit_at(crate::clock::now_unix_ms(), service, kind)
     }
 
     /// Records an event with its time given (tests, replays).
@@ -343,14 +343,14 @@ impl EventLog {
     /// The events kept now, oldest first.
     pub fn recent(&self) -> Vec<Event> {
         let mut j = self.lock();
-        self.prune(&mut j, crate::failover::now_unix_ms());
+        self.prune(&mut j, crate::clock::now_unix_ms());
         j.events.iter().cloned().collect()
     }
 
     /// The events kept now and a feed of every later one.
     pub fn subscribe(&self) -> (Vec<Event>, broadcast::Receiver<Event>) {
         let mut j = self.lock();
-        self.prune(&mut j, crate::failover::now_unix_ms());
+        self.prune(&mut j, crate::clock::now_unix_ms());
         let rx = self.live.subscribe();
         (j.events.iter().cloned().collect(), rx)
     }
@@ -392,7 +392,14 @@ mod tests {
         };
         assert_eq!(kept, [3, 4, 5]);
         // An event 2 s later ages out everything before it.
-        log.emit_at(12_005, None, EventKind::ConfigReloaded { ok: true, error: None });
+        log.emit_at(
+            12_005,
+            None,
+            EventKind::ConfigReloaded {
+                ok: true,
+                error: None,
+            },
+        );
         let seqs: Vec<u64> = log.lock().events.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [6]);
     }
@@ -400,9 +407,19 @@ mod tests {
     #[tokio::test]
     async fn subscribe_gives_backlog_then_live_without_gap_or_duplicate() {
         let log = EventLog::new();
-        log.emit(Some("web"), EventKind::Stopped { domain: "web".into() });
+        log.emit(
+            Some("web"),
+            EventKind::Stopped {
+                domain: "web".into(),
+            },
+        );
         let (backlog, mut rx) = log.subscribe();
-        log.emit(Some("web"), EventKind::Started { domain: "web".into() });
+        log.emit(
+            Some("web"),
+            EventKind::Started {
+                domain: "web".into(),
+            },
+        );
         assert_eq!(backlog.len(), 1);
         assert_eq!(backlog[0].seq, 1);
         let next = rx.recv().await.unwrap();
@@ -432,17 +449,22 @@ mod tests {
             "2025-12-01 15:00:01.123 UTC  #7  web1  failover_step web1-shadow-2 resume 4.2 ms (at +3.5 ms)"
         );
         // Unknown kinds are errors, not silently something else.
-        assert!(serde_json::from_str::<Event>(
-            r#"{"seq":1,"at_unix_ms":0,"kind":"exploded"}"#
-        )
-        .is_err());
+        assert!(
+            serde_json::from_str::<Event>(r#"{"seq":1,"at_unix_ms":0,"kind":"exploded"}"#).is_err()
+        );
     }
 
     #[test]
     fn service_filter() {
         let log = EventLog::new();
         let a = log.emit(Some("a"), EventKind::Stopped { domain: "a".into() });
-        let r = log.emit(None, EventKind::ConfigReloaded { ok: true, error: None });
+        let r = log.emit(
+            None,
+            EventKind::ConfigReloaded {
+                ok: true,
+                error: None,
+            },
+        );
         assert!(matches(&a, Some("a")) && matches(&a, None));
         assert!(!matches(&a, Some("b")) && !matches(&r, Some("a")));
     }

@@ -9,6 +9,7 @@
 //! - [`profile`]: predictive deployment profiles: model, versions, repository, accuracy.
 //! - [`events`]: the journal of what the daemon does, for `understudy events`.
 //! - [`failover`]: shadows, crash detection, fencing and the promotion pipeline.
+//! - [`cluster`]: who owns a service and who may promote which shadow (the coordination seam).
 //! - [`net`]: bridge and route rewiring over rtnetlink.
 //! - [`api`]: the control socket protocol and Prometheus metrics.
 //! - [`daemon`]: the long-running orchestrator that ties them together.
@@ -16,12 +17,18 @@
 //! - [`probe`]: an external client's view of a service (who answers, and the gaps).
 //! - [`cli`]: the `understudy` command line.
 //! - [`systemd`]: readiness, status and watchdog notifications to the service manager.
+//! - [`error`], [`clock`]: one-line error reports, wall-clock time.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod api;
 pub mod cli;
+pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod domain_xml;
+pub mod error;
 pub mod events;
 pub mod failover;
 pub mod libvirt;
@@ -32,15 +39,3 @@ pub mod probe;
 pub mod profile;
 pub mod state;
 pub mod systemd;
-
-/// Formats an error's chain of sources as `cause: cause: ...`, for logs and replies that must
-/// show the root of a failure on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        parts.push(s.to_string());
-        cur = s.source();
-    }
-    parts.join(": ")
-}

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::api::protocol::ShadowState;
-use crate::failover::Service;
+use crate::daemon::Service;
+use crate::failover::ShadowState;
 
 /// How often the daemon's main loop calls [`alive`] (its housekeeping period). A watchdog
 /// shorter than twice this would fire on a healthy daemon.
