@@ -302,7 +302,7 @@ fn http(port: u16, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") {
+    if head.split_whitespace().nth(1) != Some("200") {
         eprintln!("GET {path}: {head}\n{body}");
         return None;
     }
@@ -532,4 +532,329 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_query_returns_data() {
         )
         .expect("resume step");
     assert!(resume > 0.0, "resume took {resume} s");
+}
+
+/// `understudy events --follow --json` against `daemon`, its lines collected by a thread.
+struct Follower {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Follower {
+    fn start(daemon: &DaemonProc, service: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_understudy"))
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(["events", service, "--follow", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run understudy events --follow");
+        let out = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Follower { child, lines }
+    }
+
+    /// Every line so far, each parsed as JSON (a line that does not parse fails the test).
+    fn events(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The SVG file parsed as XML: its text contents (trimmed) and how many elements of `name`.
+fn svg_file(path: &Path, name: &str) -> (Vec<String>, Vec<xot::Node>, xot::Xot) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut xot = xot::Xot::new();
+    let doc = xot
+        .parse(&text)
+        .unwrap_or_else(|e| panic!("{} is not XML: {e}", path.display()));
+    let root = xot.document_element(doc).unwrap();
+    assert_eq!(xot.local_name_str(xot.element(root).unwrap().name()), "svg");
+    let mut texts = Vec::new();
+    let mut found = Vec::new();
+    for n in xot.descendants(root) {
+        if let Some(t) = xot.text_str(n) {
+            if !t.trim().is_empty() {
+                texts.push(t.trim().to_string());
+            }
+        }
+        if let Some(e) = xot.element(n) {
+            if xot.local_name_str(e.name()) == name {
+                found.push(n);
+            }
+        }
+    }
+    (texts, found, xot)
+}
+
+fn kill_qemu(name: &str) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu_pid(name)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL qemu");
+}
+
+#[test]
+fn events_plots_progress_and_profile_save() {
+    require_lab();
+    let name = "it-ops1";
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let daemon = DaemonProc::start("events", name, 1);
+    let follower = Follower::start(&daemon, name);
+    let hv = hypervisor();
+    start_guest(&hv, name, "10.77.0.61/24", &[]);
+    daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    let dir = daemon.dir.clone();
+
+    // A first profile version at once, reason manual, listed by history.
+    let history = |d: &DaemonProc| -> Vec<Value> {
+        let (code, out, err) = d.cli(&["profile", "history", name, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["versions"].as_array().cloned().unwrap_or_default()
+    };
+    let (code, out, err) = daemon.cli(&["profile", "save", name, "--json"]);
+    assert_eq!(code, 0, "profile save: {out}{err}");
+    let first: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(first["reason"]["kind"], "manual", "{first}");
+    let v1 = first["version"].as_u64().unwrap();
+    assert!(history(&daemon)
+        .iter()
+        .any(|v| v["version"] == v1 && v["reason"]["kind"] == "manual"));
+
+    // Observed use against the predicted envelope: both series per resource, every point.
+    std::thread::sleep(Duration::from_secs(15));
+    let plot = dir.join("profile.svg");
+    let (code, out, err) = daemon.cli(&[
+        "profile",
+        "plot",
+        name,
+        "--svg",
+        plot.to_str().unwrap(),
+        "--since",
+        "10m",
+    ]);
+    assert_eq!(code, 0, "profile plot: {out}{err}");
+    let observations: usize = out
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .expect("the observation count");
+    assert!(observations >= 10, "{out}");
+    let (texts, polylines, xot) = svg_file(&plot, "polyline");
+    for t in [
+        "CPU: observed and predicted limit",
+        "Memory: observed and predicted limit",
+        "observed",
+        "predicted limit",
+    ] {
+        assert!(texts.iter().any(|x| x == t), "no {t:?} in {texts:?}");
+    }
+    let points_of = |n: xot::Node| {
+        xot.name("points")
+            .and_then(|id| xot.get_attribute(n, id))
+            .map_or(0, |v| v.split_whitespace().count())
+    };
+    let full = polylines
+        .iter()
+        .filter(|n| points_of(**n) >= observations)
+        .count();
+    assert!(
+        full >= 2,
+        "observed CPU and memory lines hold every observation: {full}"
+    );
+
+    // A second version later, then rollback to the first: stored as a new version whose
+    // profile is the first one's.
+    let (code, out, err) = daemon.cli(&["profile", "save", name, "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v2: Value = serde_json::from_str(&out).unwrap();
+    assert!(v2["version"].as_u64().unwrap() > v1);
+    let (code, out, err) = daemon.cli(&["profile", "rollback", name, "--to", &v1.to_string()]);
+    assert_eq!(code, 0, "rollback: {out}{err}");
+    let versions = history(&daemon);
+    let last = versions.last().unwrap();
+    assert_eq!(last["reason"]["kind"], "rollback", "{versions:?}");
+    assert_eq!(last["reason"]["to"], v1, "{versions:?}");
+    let v3 = last["version"].as_u64().unwrap();
+    let (code, out, err) = daemon.cli(&[
+        "profile",
+        "diff",
+        name,
+        &v1.to_string(),
+        &v3.to_string(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let diff: Value = serde_json::from_str(&out).unwrap();
+    let changed: Vec<&String> = diff
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| v.as_array().is_some_and(|a| !a.is_empty()))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "v{v3} differs from v{v1} in {changed:?}: {diff}"
+    );
+
+    // A crash: the follower sees the failover, its steps in pipeline order, the fencing, the
+    // outcome; every line parses as JSON.
+    let primary = daemon.service(name).unwrap()["active"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    kill_qemu(&primary);
+    let finished = wait_for(
+        "failover_finished in the event stream",
+        Duration::from_secs(60),
+        || {
+            let ev = follower.events();
+            ev.iter()
+                .any(|e| e["kind"] == "failover_finished")
+                .then_some(ev)
+        },
+    );
+    let kinds: Vec<&str> = finished.iter().filter_map(|e| e["kind"].as_str()).collect();
+    eprintln!("events: {kinds:?}");
+    let at = |k: &str| {
+        kinds
+            .iter()
+            .position(|x| *x == k)
+            .unwrap_or_else(|| panic!("no {k} in {kinds:?}"))
+    };
+    assert!(at("protected") < at("shadow_ready"));
+    assert!(at("shadow_ready") < at("failover_started"));
+    let steps: Vec<&str> = finished
+        .iter()
+        .filter(|e| e["kind"] == "failover_step")
+        .filter_map(|e| e["step"].as_str())
+        .collect();
+    let record = daemon.service(name).unwrap()["last_failover"].clone();
+    let recorded: Vec<&str> = record["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(steps, recorded, "steps in the stream vs the record");
+    let order = [
+        "fence",
+        "claim",
+        "resume",
+        "rewire",
+        "link_up",
+        "announce",
+        "metadata",
+        "apply_profile",
+    ];
+    let ranks: Vec<usize> = steps
+        .iter()
+        .map(|s| order.iter().position(|o| o == s).unwrap())
+        .collect();
+    assert!(
+        ranks.windows(2).all(|w| w[0] < w[1]),
+        "steps out of order: {steps:?}"
+    );
+    assert!(
+        steps.starts_with(&["fence", "claim", "resume", "rewire"]),
+        "{steps:?}"
+    );
+    assert!(at("failover_started") < at("failover_step"));
+    assert!(at("fenced") > at("failover_step") && at("fenced") < at("failover_finished"));
+    let end = finished
+        .iter()
+        .find(|e| e["kind"] == "failover_finished")
+        .unwrap();
+    assert_eq!(end["ok"], true, "{end}");
+    assert_eq!(end["from"], primary.as_str());
+    let seqs: Vec<u64> = finished.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+
+    // A late reader sees the recent past, the failover included.
+    let (code, out, err) = daemon.cli(&["events", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let late: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(late
+        .iter()
+        .any(|e| e["kind"] == "failover_finished" && e["service"] == name));
+    let (code, text, _) = daemon.cli(&["events", name]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("failover_step") && text.contains(" resume "),
+        "{text}"
+    );
+
+    // The failover's timeline: a bar per step, each named.
+    let timeline = dir.join("timeline.svg");
+    let (code, out, err) = daemon.cli(&[
+        "failover",
+        "timeline",
+        name,
+        "--svg",
+        timeline.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "failover timeline: {out}{err}");
+    let (texts, rects, _) = svg_file(&timeline, "rect");
+    assert_eq!(
+        rects.len(),
+        1 + recorded.len(),
+        "background and one bar per step"
+    );
+    for s in &recorded {
+        assert!(
+            texts.iter().any(|t| t == s),
+            "no bar label {s} in {texts:?}"
+        );
+    }
+    assert!(
+        texts.iter().any(|t| t.starts_with("restored at ")),
+        "{texts:?}"
+    );
+
+    // Waiting with progress: plain lines when not a terminal, then protected again.
+    daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    let (code, out, err) = daemon.cli(&["shadow", "rebuild", name, "--wait", "--timeout", "4m"]);
+    assert_eq!(code, 0, "rebuild --wait: {out}{err}");
+    assert!(out.contains("new ones are being provisioned"), "{out}");
+    let progress: Vec<&str> = err.lines().collect();
+    assert!(progress.iter().any(|l| l.contains("booting")), "{err}");
+    assert!(
+        progress
+            .last()
+            .is_some_and(|l| l.contains(": protected; 1/1 shadows paused")),
+        "{err}"
+    );
+    let (code, _, err) = daemon.cli(&["shadow", "rebuild", name, "--wait", "--timeout", "1s"]);
+    assert_eq!(code, 3, "a wait past its timeout exits 3: {err}");
+    assert!(err.contains("still not protected after 1s"), "{err}");
+    // Unknown services are clear errors.
+    let (code, _, err) = daemon.cli(&["profile", "save", "no-such-service"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no-such-service"), "{err}");
 }
