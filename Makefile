@@ -6,6 +6,9 @@
 #   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [MEM=192] [ROLE=primary]
 #   make lab-down    tear the lab down completely
 #   make build       cargo build
+#   make deb         the Debian package (cargo-deb, installed if missing) in target/debian/:
+#                    binary, systemd unit, /etc/understudy/understudy.toml, man pages,
+#                    completions, Grafana dashboard
 #   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
 #   make bench       every benchmark (bench-profile, bench-failover)
 #   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
@@ -20,7 +23,8 @@
 #                    briefly (FUZZ_CHECK_SECONDS, 5); part of make test
 #   make fuzz-deps   cargo-afl (cargo install, once) and the fuzz crate's dependencies
 #   make lint        cargo fmt --check and cargo clippy --all-targets -D warnings
-#   make test        deps, lint, images, cargo build --tests, fuzz-check, then lab-up, cargo test
+#   make test        deps, lint, images, deb (the package test installs it), cargo build
+#                    --tests, fuzz-check, then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 #
 # Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
@@ -35,7 +39,8 @@ GUEST_DIR := build/guest
 DEB_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
 	libvirt-clients libvirt-dev pkg-config qemu-guest-agent busybox-static \
 	linux-image-amd64 iproute2 curl cpio kmod gzip gcc libc6-dev make \
-	util-linux passwd binutils xz-utils
+	util-linux passwd binutils xz-utils man-db \
+	systemd dpkg-dev prometheus
 
 # Newest installed kernel; evaluated when make starts, which is why `make test`
 # runs `images` in a sub-make after `deps` may have installed it.
@@ -59,7 +64,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_CHECK_SECONDS ?= 5
 SOAK_ROUNDS ?= 20
 
-.PHONY: deps lint images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults \
+.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-soak test-faults \
 	soak-faults fuzz fuzz-check fuzz-deps
 
 deps:
@@ -69,7 +74,7 @@ deps:
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "deps: installing$$missing"; \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+		apt-get -o DPkg::Lock::Timeout=600 update && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends $$missing; \
 	else \
 		echo "deps: all Debian packages present"; \
 	fi
@@ -101,6 +106,17 @@ lab-guest: images
 build:
 	cargo build
 
+CARGO_DEB_VERSION := 3.8.0
+
+# Man pages and completions come from the CLI definition (hidden `gen-man`, `gen-completions`).
+deb:
+	@cargo deb --version 2>/dev/null | grep -qF '$(CARGO_DEB_VERSION)' || \
+		cargo install cargo-deb --locked --version $(CARGO_DEB_VERSION)
+	cargo build --release --bin understudy
+	rm -rf build/deb
+	target/release/understudy gen-man build/deb/man
+	target/release/understudy gen-completions build/deb/completions
+	cargo deb --no-build --strip
 # The house style, enforced: CI runs it through `make test`.
 lint:
 	cargo fmt --check
@@ -115,6 +131,7 @@ test:
 	$(MAKE) deps
 	$(MAKE) lint
 	$(MAKE) images
+	$(MAKE) deb
 	cargo build --tests
 	$(MAKE) fuzz-check
 	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1

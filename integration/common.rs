@@ -193,6 +193,8 @@ pub fn domain_uuid(hv: &Hypervisor, name: &str) -> String {
 /// A running `understudy run` with its own temp config, state dir and socket.
 pub struct DaemonProc {
     pub child: Child,
+    /// Command the daemon runs under (e.g. scripts/run-confined.sh); empty: none.
+    pub wrapper: Vec<String>,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub socket: PathBuf,
@@ -210,6 +212,30 @@ impl DaemonProc {
 
     /// Like [`DaemonProc::start`], with extra environment for the daemon process.
     pub fn start_with_env(tag: &str, pattern: &str, shadows: u32, env: &[(&str, &str)]) -> Self {
+        Self::start_wrapped(tag, pattern, shadows, env, |_| Vec::new())
+    }
+
+    /// Like [`DaemonProc::start`], confined as packaging/understudy.service confines it
+    /// (scripts/run-confined.sh): its capabilities, no new privileges, a read-only system but
+    /// for the daemon's own directory.
+    pub fn start_confined(tag: &str, pattern: &str, shadows: u32) -> Self {
+        Self::start_wrapped(tag, pattern, shadows, &[], |dir| {
+            vec![
+                repo().join("scripts/run-confined.sh").display().to_string(),
+                "--rw".to_string(),
+                dir.display().to_string(),
+                "--".to_string(),
+            ]
+        })
+    }
+
+    fn start_wrapped(
+        tag: &str,
+        pattern: &str,
+        shadows: u32,
+        env: &[(&str, &str)],
+        wrapper: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("understudy-it-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let port = 19464
@@ -248,8 +274,10 @@ warmup_commands = [["/bin/busybox", "sh", "-c", "for i in $(seq 30); do wget -q 
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        let wrapper = wrapper(&dir);
         let mut d = DaemonProc {
-            child: spawn_daemon(&config, &dir.join("daemon.log"), &env),
+            child: spawn_daemon(&wrapper, &config, &dir.join("daemon.log"), &env),
+            wrapper,
             log: dir.join("daemon.log"),
             dir,
             config,
@@ -268,7 +296,7 @@ warmup_commands = [["/bin/busybox", "sh", "-c", "for i in $(seq 30); do wget -q 
             nix::sys::signal::Signal::SIGKILL,
         );
         let _ = self.child.wait();
-        self.child = spawn_daemon(&self.config, &self.log, &[]);
+        self.child = spawn_daemon(&self.wrapper, &self.config, &self.log, &[]);
         self.wait_socket();
     }
 
@@ -383,14 +411,22 @@ warmup_commands = [["/bin/busybox", "sh", "-c", "for i in $(seq 30); do wget -q 
     }
 }
 
-fn spawn_daemon(config: &Path, log: &Path, env: &[(String, String)]) -> Child {
+fn spawn_daemon(wrapper: &[String], config: &Path, log: &Path, env: &[(String, String)]) -> Child {
     let logf = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_understudy"))
-        .arg("--config")
+    let exe = env!("CARGO_BIN_EXE_understudy");
+    let mut cmd = match wrapper.split_first() {
+        Some((w, args)) => {
+            let mut c = Command::new(w);
+            c.args(args).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    cmd.arg("--config")
         .arg(config)
         .arg("run")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -6,4 +6,5 @@ mod common;
 mod failover;
 mod faults;
 mod lab_basics;
+mod ops;
 mod profile;

@@ -1,6 +1,11 @@
 //! The `understudy` command line: `run` starts the daemon; every other subcommand talks to a
 //! running daemon over its control socket (or, like `check-config`, works offline).
 
+mod events;
+mod gen;
+mod plots;
+mod progress;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -56,10 +61,31 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Planned switchover of a service to its shadow.
+    /// Planned switchover of a service to its shadow (`failover <service>`), or what the
+    /// last failover did (`failover timeline <service> --svg FILE`).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Failover {
         /// Service name.
-        service: String,
+        #[arg(required = true)]
+        service: Option<String>,
+        /// How long to wait for the switchover, e.g. `90s`.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Something other than a switchover.
+        #[command(subcommand)]
+        action: Option<FailoverAction>,
+    },
+    /// What the daemon did recently (protection, shadows, failovers and their steps, fencing,
+    /// drift, profile versions, reloads), and with --follow what it does next.
+    Events {
+        /// Only this service's events.
+        service: Option<String>,
+        /// Keep printing events as they happen, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop a service deliberately (no failover).
     Stop {
@@ -106,6 +132,52 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write man pages generated from this command line into DIR (for packaging).
+    #[command(hide = true)]
+    GenMan {
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
+    /// Write bash, zsh and fish completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenCompletions {
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// `understudy failover ...`
+#[derive(Debug, Subcommand)]
+pub enum FailoverAction {
+    /// Draw the last failover's steps on a time axis as an SVG file.
+    Timeline {
+        /// Service name.
+        service: String,
+        /// The SVG file to write.
+        #[arg(long)]
+        svg: PathBuf,
+    },
+}
+
+/// How a long operation is waited for.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// Wait until the service is protected again (the default on a terminal).
+    #[arg(long, conflicts_with = "no_wait")]
+    wait: bool,
+    /// Return as soon as the daemon has accepted the request (the default otherwise).
+    #[arg(long)]
+    no_wait: bool,
+    /// Longest wait, e.g. `10m` or `90s`; exceeding it exits with status 3.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+impl WaitArgs {
+    fn waits(&self) -> bool {
+        use std::io::IsTerminal;
+        self.wait || (!self.no_wait && std::io::stderr().is_terminal())
+    }
 }
 
 /// `understudy shadow ...`
@@ -115,6 +187,9 @@ pub enum ShadowAction {
     Rebuild {
         /// Service name.
         service: String,
+        /// Waiting.
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Re-initialise the shadows (from the class's golden image with --golden).
     Reinit {
@@ -123,7 +198,33 @@ pub enum ShadowAction {
         /// Start from the golden image named in the class.
         #[arg(long)]
         golden: bool,
+        /// Waiting.
+        #[command(flatten)]
+        wait: WaitArgs,
     },
+}
+
+impl ShadowAction {
+    fn request(&self) -> Request {
+        match self {
+            ShadowAction::Rebuild { service, .. } => Request::ShadowRebuild {
+                service: service.clone(),
+            },
+            ShadowAction::Reinit {
+                service, golden, ..
+            } => Request::ShadowReinit {
+                service: service.clone(),
+                golden: *golden,
+            },
+        }
+    }
+
+    fn parts(&self) -> (&str, &WaitArgs) {
+        match self {
+            ShadowAction::Rebuild { service, wait }
+            | ShadowAction::Reinit { service, wait, .. } => (service, wait),
+        }
+    }
 }
 
 /// `understudy profile ...`
@@ -167,6 +268,25 @@ pub enum ProfileAction {
         #[arg(long)]
         to: Option<u64>,
     },
+    /// Store the live profile as a new version now (reason `manual`).
+    Save {
+        /// Service name.
+        service: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Draw observed use against the predicted envelope as an SVG file.
+    Plot {
+        /// Service name.
+        service: String,
+        /// The SVG file to write.
+        #[arg(long)]
+        svg: PathBuf,
+        /// How far back, e.g. `30m` or `6h` (the daemon keeps six hours).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        since: Duration,
+    },
     /// How well the live profiles predicted real usage since the daemon started.
     Accuracy {
         /// Only this service.
@@ -198,6 +318,13 @@ impl ProfileAction {
             ProfileAction::Accuracy { service, .. } => Request::ProfileAccuracy {
                 service: service.clone(),
             },
+            ProfileAction::Save { service, .. } => Request::ProfileSave {
+                service: service.clone(),
+            },
+            ProfileAction::Plot { service, .. } => Request::ProfileSeries {
+                service: service.clone(),
+                since_unix_ms: 0,
+            },
         }
     }
 
@@ -207,8 +334,9 @@ impl ProfileAction {
             ProfileAction::Show { json, .. }
             | ProfileAction::History { json, .. }
             | ProfileAction::Diff { json, .. }
-            | ProfileAction::Accuracy { json, .. } => *json,
-            ProfileAction::Rollback { .. } => false,
+            | ProfileAction::Accuracy { json, .. }
+            | ProfileAction::Save { json, .. } => *json,
+            ProfileAction::Rollback { .. } | ProfileAction::Plot { .. } => false,
         }
     }
 }
@@ -230,41 +358,162 @@ pub fn main() -> ExitCode {
             seconds,
             json,
         } => probe(addr, path, interval_ms, timeout_ms, seconds, json),
+        Command::GenMan { ref dir } => generated("man pages", gen::man_pages(dir)),
+        Command::GenCompletions { ref dir } => generated("completions", gen::completions(dir)),
         ref other => {
-            let req = match other {
-                Command::Status { .. } => Request::Status,
-                Command::Failover { service } => Request::Failover {
-                    service: service.clone(),
-                },
-                Command::Stop { service } => Request::Stop {
-                    service: service.clone(),
-                },
-                Command::Start { service } => Request::Start {
-                    service: service.clone(),
-                },
-                Command::Shadow {
-                    action: ShadowAction::Rebuild { service },
-                } => Request::ShadowRebuild {
-                    service: service.clone(),
-                },
-                Command::Shadow {
-                    action: ShadowAction::Reinit { service, golden },
-                } => Request::ShadowReinit {
-                    service: service.clone(),
-                    golden: *golden,
-                },
-                Command::Profile { action } => action.request(),
-                Command::Reload => Request::ReloadConfig,
-                Command::Run { .. } | Command::CheckConfig { .. } | Command::Probe { .. } => {
-                    unreachable!("handled above")
+            let socket = match socket_path(&cli) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("understudy: {e}");
+                    return ExitCode::from(2);
                 }
             };
-            let json = match other {
-                Command::Status { json } => *json,
-                Command::Profile { action } => action.json(),
-                _ => false,
-            };
-            client(&cli, req, json)
+            match other {
+                Command::Events {
+                    service,
+                    follow,
+                    json,
+                } => events::events(&socket, service.clone(), *follow, *json),
+                Command::Failover {
+                    action: Some(FailoverAction::Timeline { service, svg }),
+                    ..
+                } => done(plots::failover_timeline(&socket, service, svg)),
+                Command::Failover {
+                    service, timeout, ..
+                } => switchover(&socket, service.as_deref().unwrap_or_default(), *timeout),
+                Command::Profile {
+                    action:
+                        ProfileAction::Plot {
+                            service,
+                            svg,
+                            since,
+                        },
+                } => done(plots::profile_plot(&socket, service, *since, svg)),
+                Command::Shadow { action } => shadow(&socket, action),
+                Command::Status { json } => client(&socket, Request::Status, *json),
+                Command::Stop { service } => client(
+                    &socket,
+                    Request::Stop {
+                        service: service.clone(),
+                    },
+                    false,
+                ),
+                Command::Start { service } => client(
+                    &socket,
+                    Request::Start {
+                        service: service.clone(),
+                    },
+                    false,
+                ),
+                Command::Profile { action } => client(&socket, action.request(), action.json()),
+                Command::Reload => client(&socket, Request::ReloadConfig, false),
+                Command::Run { .. }
+                | Command::CheckConfig { .. }
+                | Command::Probe { .. }
+                | Command::GenMan { .. }
+                | Command::GenCompletions { .. } => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+/// Exit status of a wait that ran out of time.
+const EXIT_TIMEOUT: u8 = 3;
+
+/// Prints what a client-side command did, or why it failed.
+fn done(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("understudy: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `understudy failover <service>`: progress on stderr while the daemon switches over, the
+/// record as JSON on stdout.
+fn switchover(socket: &Path, service: &str, timeout: Duration) -> ExitCode {
+    let mut progress = progress::Progress::new();
+    progress.update(&format!("switching {service} over to a shadow"));
+    let req = Request::Failover {
+        service: service.to_string(),
+    };
+    match control::call(socket, &req, timeout) {
+        Ok(Response::Failover(r)) => {
+            progress.finish(&format!(
+                "{service}: {} -> {} in {:.1} ms ({} steps)",
+                r.from,
+                r.to,
+                r.outage_ms,
+                r.steps.len()
+            ));
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Error { kind, message }) => {
+            progress.finish(&format!("{service}: switchover failed"));
+            eprintln!("understudy: {kind:?}: {message}");
+            ExitCode::from(1)
+        }
+        Ok(other) => {
+            progress.finish(&format!("{service}: unexpected answer"));
+            eprintln!("understudy: unexpected answer: {other:?}");
+            ExitCode::from(1)
+        }
+        Err(e @ control::ControlError::Timeout { .. }) => {
+            progress.finish(&format!(
+                "{service}: no answer within {}",
+                humantime::format_duration(timeout)
+            ));
+            eprintln!("understudy: {e}; it may still complete: see `understudy status`");
+            ExitCode::from(EXIT_TIMEOUT)
+        }
+        Err(e) => {
+            progress.finish(&format!("{service}: switchover not confirmed"));
+            eprintln!("understudy: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `understudy shadow rebuild|reinit`: the request, then (on a terminal or with --wait) the
+/// wait until the service is protected again.
+fn shadow(socket: &Path, action: &ShadowAction) -> ExitCode {
+    let code = client(socket, action.request(), false);
+    let (service, wait) = action.parts();
+    if code != ExitCode::SUCCESS || !wait.waits() {
+        return code;
+    }
+    let mut progress = progress::Progress::new();
+    match progress::wait_protected(socket, service, wait.timeout, &mut progress) {
+        Ok(line) => {
+            progress.finish(&line);
+            ExitCode::SUCCESS
+        }
+        Err(progress::WaitError::Timeout(line)) => {
+            progress.finish(&format!(
+                "still not protected after {}: {line}",
+                humantime::format_duration(wait.timeout)
+            ));
+            ExitCode::from(EXIT_TIMEOUT)
+        }
+        Err(progress::WaitError::Failed(line)) => {
+            progress.finish(&format!("not protected: {line}"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn generated(what: &str, result: std::io::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("understudy: cannot write {what}: {e}");
+            ExitCode::from(1)
         }
     }
 }
@@ -280,14 +529,7 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, String> {
         })
 }
 
-fn client(cli: &Cli, req: Request, json: bool) -> ExitCode {
-    let path = match socket_path(cli) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("understudy: {e}");
-            return ExitCode::from(2);
-        }
-    };
+fn client(path: &Path, req: Request, json: bool) -> ExitCode {
     /// Prints `v` as JSON, or as text through `text`.
     fn show<T: serde::Serialize>(v: &T, json: bool, text: impl FnOnce(&T) -> String) {
         if json {
@@ -296,7 +538,7 @@ fn client(cli: &Cli, req: Request, json: bool) -> ExitCode {
             print!("{}", text(v));
         }
     }
-    match control::call(&path, &req, Duration::from_secs(180)) {
+    match control::call(path, &req, Duration::from_secs(180)) {
         Ok(Response::Ok { message }) => println!("{message}"),
         Ok(Response::Status(r)) => show(&r, json, render_status_text),
         // A switchover's record is for scripts: always JSON.
@@ -305,6 +547,12 @@ fn client(cli: &Cli, req: Request, json: bool) -> ExitCode {
         Ok(Response::ProfileHistory(r)) => show(&r, json, |r| r.to_string()),
         Ok(Response::ProfileDiff(r)) => show(&r, json, |r| r.to_string()),
         Ok(Response::ProfileAccuracy(r)) => show(&r, json, |r| render_accuracy(r)),
+        Ok(Response::ProfileSaved(v)) => show(&v, json, |v| {
+            format!("profile saved as version v{} ({})\n", v.version, v.reason)
+        }),
+        Ok(r @ (Response::ProfileSeries(_) | Response::Event(_))) => {
+            show(&r, true, |_| String::new())
+        }
         Ok(Response::Error { kind, message }) => {
             eprintln!("understudy: {kind:?}: {message}");
             return ExitCode::from(1);
@@ -472,6 +720,67 @@ mod tests {
             .unwrap_or_else(|e| panic!("{args:?}: {e}"));
         match cli.command {
             Command::Profile { action } => (action.request(), !action.json()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("understudy").chain(args.iter().copied()))
+            .map(|c| c.command)
+    }
+
+    #[test]
+    fn operations_commands_parse() {
+        match parse(&["failover", "web"]).unwrap() {
+            Command::Failover {
+                service: Some(s),
+                action: None,
+                timeout,
+            } => assert_eq!((s.as_str(), timeout), ("web", Duration::from_secs(60))),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["failover", "timeline", "web", "--svg", "t.svg"]).unwrap() {
+            Command::Failover {
+                action: Some(FailoverAction::Timeline { service, svg }),
+                ..
+            } => assert_eq!((service.as_str(), svg), ("web", PathBuf::from("t.svg"))),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["failover"]).is_err());
+        assert!(
+            parse(&["failover", "timeline", "web"]).is_err(),
+            "--svg is required"
+        );
+        match parse(&["events", "web", "--follow", "--json"]).unwrap() {
+            Command::Events {
+                service,
+                follow,
+                json,
+            } => assert_eq!(
+                (service.as_deref(), follow, json),
+                (Some("web"), true, true)
+            ),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["profile", "plot", "web", "--svg", "p.svg", "--since", "30m"]).unwrap() {
+            Command::Profile {
+                action: ProfileAction::Plot { since, .. },
+            } => assert_eq!(since, Duration::from_secs(1800)),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["profile", "plot", "web", "--svg", "p.svg", "--since", "soon"]).is_err());
+        match parse(&["shadow", "rebuild", "web", "--wait", "--timeout", "90s"]).unwrap() {
+            Command::Shadow { action } => {
+                let (service, wait) = action.parts();
+                assert_eq!(service, "web");
+                assert!(wait.waits());
+                assert_eq!(wait.timeout, Duration::from_secs(90));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["shadow", "rebuild", "web", "--wait", "--no-wait"]).is_err());
+        match parse(&["shadow", "reinit", "web", "--no-wait"]).unwrap() {
+            Command::Shadow { action } => assert!(!action.parts().1.waits()),
             other => panic!("{other:?}"),
         }
     }

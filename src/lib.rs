@@ -7,13 +7,16 @@
 //! - [`domain_xml`]: a libvirt domain XML tree that round-trips, and the shadow clone of a spec.
 //! - [`monitor`]: collectors (cgroups, libvirt stats, guest agent), heartbeat, sample history.
 //! - [`profile`]: predictive deployment profiles: model, versions, repository, accuracy.
+//! - [`events`]: the journal of what the daemon does, for `understudy events`.
 //! - [`failover`]: shadows, crash detection, fencing and the promotion pipeline.
 //! - [`cluster`]: who owns a service and who may promote which shadow (the coordination seam).
 //! - [`net`]: bridge and route rewiring over rtnetlink.
 //! - [`api`]: the control socket protocol and Prometheus metrics.
 //! - [`daemon`]: the long-running orchestrator that ties them together.
+//! - [`plot`]: SVG charts (plotters).
 //! - [`probe`]: an external client's view of a service (who answers, and the gaps).
 //! - [`cli`]: the `understudy` command line.
+//! - [`systemd`]: readiness, status and watchdog notifications to the service manager.
 //! - [`error`], [`clock`]: one-line error reports, wall-clock time.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -26,10 +29,13 @@ pub mod config;
 pub mod daemon;
 pub mod domain_xml;
 pub mod error;
+pub mod events;
 pub mod failover;
 pub mod libvirt;
 pub mod monitor;
 pub mod net;
+pub mod plot;
 pub mod probe;
 pub mod profile;
 pub mod state;
+pub mod systemd;

@@ -18,6 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::protocol::{ErrorKind, Request, Response};
+use crate::events::{self, EventLog};
+use tokio::sync::broadcast;
 
 /// Longest accepted request line, newline included.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -172,6 +174,7 @@ pub struct ControlServer {
     listener: StdUnixListener,
     file: SocketFile,
     reply_timeout: Duration,
+    events: Option<EventLog>,
 }
 
 /// Removes the socket file on drop, but only if the file at the path is still the one we
@@ -260,7 +263,15 @@ impl ControlServer {
                 ino: meta.ino(),
             },
             reply_timeout: DEFAULT_REPLY_TIMEOUT,
+            events: None,
         })
+    }
+
+    /// Serves [`Request::Events`] from `events` (the socket streams them itself, without the
+    /// daemon's loop).
+    pub fn with_events(mut self, events: EventLog) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Sets how long a connection waits for the daemon's answer before replying
@@ -283,6 +294,7 @@ impl ControlServer {
             listener,
             file,
             reply_timeout,
+            events,
         } = self;
         let listener =
             UnixListener::from_std(listener).map_err(|source| ControlError::Register {
@@ -295,7 +307,7 @@ impl ControlServer {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let handler = handler.clone();
-                        tokio::spawn(handle_connection(stream, handler, own_uid, reply_timeout));
+                        tokio::spawn(handle_connection(stream, handler, own_uid, reply_timeout, events.clone()));
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning, keep serving.
@@ -362,11 +374,17 @@ async fn handle_connection(
     handler: RequestSender,
     own_uid: u32,
     reply_timeout: Duration,
+    events: Option<EventLog>,
 ) {
     let response = match stream.peer_cred() {
-        Ok(cred) if peer_allowed(cred.uid(), own_uid) => {
-            read_and_dispatch(&mut stream, &handler, reply_timeout).await
-        }
+        Ok(cred) if peer_allowed(cred.uid(), own_uid) => match read_request(&mut stream).await {
+            Ok(Request::Events { service, follow }) => match events {
+                Some(log) => return stream_events(stream, &log, service, follow).await,
+                None => Response::error(ErrorKind::Internal, "this daemon keeps no events"),
+            },
+            Ok(request) => dispatch(request, &handler, reply_timeout).await,
+            Err(refusal) => refusal,
+        },
         Ok(cred) => {
             warn!(
                 uid = cred.uid(),
@@ -392,8 +410,8 @@ async fn handle_connection(
     write_response(&mut stream, &response).await;
 }
 
-/// Reads one bounded request line, forwards it and waits for the answer.
-async fn read_and_dispatch<R>(read: R, handler: &RequestSender, reply_timeout: Duration) -> Response
+/// Reads one bounded request line; a bad one is answered with the error to send back.
+async fn read_request<R>(read: R) -> Result<Request, Response>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
@@ -402,22 +420,27 @@ where
     let mut limited = AsyncBufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     match tokio::time::timeout(REQUEST_READ_TIMEOUT, limited.read_until(b'\n', &mut line)).await {
         Err(_) => {
-            return Response::error(
+            return Err(Response::error(
                 ErrorKind::BadRequest,
                 format!("no request line within {REQUEST_READ_TIMEOUT:?}"),
-            )
+            ))
         }
         Ok(Err(e)) => {
             debug!(error = %e, "control connection read failed");
-            return Response::error(ErrorKind::BadRequest, format!("cannot read request: {e}"));
+            return Err(Response::error(
+                ErrorKind::BadRequest,
+                format!("cannot read request: {e}"),
+            ));
         }
         Ok(Ok(_)) => {}
     }
-    let request = match decode_request(&line) {
-        Ok(r) => r,
-        Err(message) => return Response::error(ErrorKind::BadRequest, message),
-    };
+    let request = decode_request(&line).map_err(|m| Response::error(ErrorKind::BadRequest, m))?;
     debug!(cmd = request.name(), "control request");
+    Ok(request)
+}
+
+/// Forwards a request to the daemon and waits for the answer.
+async fn dispatch(request: Request, handler: &RequestSender, reply_timeout: Duration) -> Response {
     let name = request.name();
     let (tx, rx) = oneshot::channel();
     if handler.send((request, tx)).await.is_err() {
@@ -456,6 +479,66 @@ pub fn decode_request(line: &[u8]) -> Result<Request, String> {
     })
 }
 
+/// Writes the recent events of `service` (all with `None`) as [`Response::Event`] lines and,
+/// with `follow`, every later one until the client hangs up. A client that falls too far
+/// behind is told how many events it lost and goes on with the next ones.
+async fn stream_events(stream: UnixStream, log: &EventLog, service: Option<String>, follow: bool) {
+    let (backlog, mut live) = log.subscribe();
+    let (mut read, mut write) = stream.into_split();
+    let service = service.as_deref();
+    for e in backlog.into_iter().filter(|e| events::matches(e, service)) {
+        if !write_line(&mut write, &Response::Event(e)).await {
+            return;
+        }
+    }
+    if !follow {
+        let _ = write.shutdown().await;
+        return;
+    }
+    let mut scratch = [0u8; 64];
+    loop {
+        tokio::select! {
+            next = live.recv() => match next {
+                Ok(e) if events::matches(&e, service) => {
+                    if !write_line(&mut write, &Response::Event(e)).await {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let lost = Response::error(ErrorKind::Timeout, format!("{n} events were lost: this client read too slowly"));
+                    if !write_line(&mut write, &lost).await {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            // The client sends nothing more: a read returning means it hung up.
+            r = read.read(&mut scratch) => {
+                if matches!(r, Ok(0) | Err(_)) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Writes one response line within [`RESPONSE_WRITE_TIMEOUT`]; false if the client is gone.
+async fn write_line<W>(write: &mut W, response: &Response) -> bool
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(mut line) = serde_json::to_vec(response) else {
+        warn!("cannot encode control response");
+        return false;
+    };
+    line.push(b'\n');
+    matches!(
+        tokio::time::timeout(RESPONSE_WRITE_TIMEOUT, write.write_all(&line)).await,
+        Ok(Ok(()))
+    )
+}
+
 async fn write_response<W>(write: &mut W, response: &Response)
 where
     W: tokio::io::AsyncWrite + Unpin,
@@ -481,6 +564,32 @@ where
 
 /// Sends `req` to the daemon at `path` and waits up to `timeout` for the answer (blocking).
 pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let mut answer = None;
+    exchange(path, req, Some(timeout), |r| {
+        answer = Some(r);
+        false
+    })?;
+    answer.ok_or_else(|| ControlError::NoResponse {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Sends `req` (e.g. [`Request::Events`]) and hands each answer line to `each` until the
+/// daemon ends the stream or `each` returns false (blocking; no timeout between lines).
+pub fn stream(
+    path: &Path,
+    req: &Request,
+    each: impl FnMut(Response) -> bool,
+) -> Result<(), ControlError> {
+    exchange(path, req, None, each)
+}
+
+fn exchange(
+    path: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+    mut each: impl FnMut(Response) -> bool,
+) -> Result<(), ControlError> {
     let p = || path.to_path_buf();
     let stream = StdUnixStream::connect(path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
@@ -489,43 +598,57 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Response, C
         io::ErrorKind::PermissionDenied => ControlError::PermissionDenied { path: p() },
         _ => ControlError::Connect { path: p(), source },
     })?;
-    let io_err = |source: io::Error| match source.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+    // A zero timeout means "block forever" to std; make it the smallest real one instead.
+    let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
+    let io_err = |source: io::Error| match (source.kind(), timeout) {
+        (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(timeout)) => {
             ControlError::Timeout { path: p(), timeout }
         }
         _ => ControlError::Io { path: p(), source },
     };
-    // A zero timeout means "block forever" to std; make it the smallest real one instead.
-    let timeout = timeout.max(Duration::from_millis(1));
     stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
         .map_err(io_err)?;
 
     let mut line = serde_json::to_vec(req).map_err(ControlError::Encode)?;
     line.push(b'\n');
     (&stream).write_all(&line).map_err(io_err)?;
 
-    let mut answer = Vec::new();
-    BufReader::new((&stream).take(MAX_RESPONSE_BYTES as u64 + 1))
-        .read_until(b'\n', &mut answer)
-        .map_err(io_err)?;
-    if answer.is_empty() {
-        return Err(ControlError::NoResponse { path: p() });
+    let mut reader = BufReader::new(&stream);
+    let mut answered = false;
+    loop {
+        let mut answer = Vec::new();
+        (&mut reader)
+            .take(MAX_RESPONSE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut answer)
+            .map_err(io_err)?;
+        if answer.is_empty() {
+            return if answered {
+                Ok(())
+            } else {
+                Err(ControlError::NoResponse { path: p() })
+            };
+        }
+        if answer.last() == Some(&b'\n') {
+            answer.pop();
+        } else if answer.len() > MAX_RESPONSE_BYTES {
+            return Err(ControlError::ResponseTooLarge { path: p() });
+        }
+        answered = true;
+        let response = serde_json::from_slice(&answer)
+            .map_err(|source| ControlError::BadResponse { path: p(), source })?;
+        if !each(response) {
+            return Ok(());
+        }
     }
-    if answer.last() == Some(&b'\n') {
-        answer.pop();
-    } else if answer.len() > MAX_RESPONSE_BYTES {
-        return Err(ControlError::ResponseTooLarge { path: p() });
-    }
-    serde_json::from_slice(&answer)
-        .map_err(|source| ControlError::BadResponse { path: p(), source })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::protocol::ErrorKind;
+    use crate::events::EventKind;
     use std::os::unix::fs::PermissionsExt;
 
     /// Answers `Status` with an `Ok`, everything else with `NotFound`, and `Stop` never.
@@ -576,6 +699,86 @@ mod tests {
             Response::Error { kind, .. } => Some(*kind),
             _ => None,
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_recent_events_then_follows_until_the_client_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let log = EventLog::new();
+        log.emit(
+            Some("web"),
+            EventKind::Stopped {
+                domain: "web".into(),
+            },
+        );
+        log.emit(
+            Some("db"),
+            EventKind::Stopped {
+                domain: "db".into(),
+            },
+        );
+        let server = ControlServer::bind(&path).unwrap().with_events(log.clone());
+        let (tx, _handler) = spawn_handler();
+        let serve = tokio::spawn(server.serve(tx));
+
+        // Not following: the recent events of the service asked for, then the end.
+        let p = path.clone();
+        let recent = blocking(move || {
+            let mut got = Vec::new();
+            stream(
+                &p,
+                &Request::Events {
+                    service: Some("web".into()),
+                    follow: false,
+                },
+                |r| {
+                    got.push(r);
+                    true
+                },
+            )
+            .map(|()| got)
+        })
+        .await
+        .unwrap();
+        assert_eq!(recent.len(), 1, "{recent:?}");
+        assert!(matches!(&recent[0], Response::Event(e) if e.seq == 1));
+
+        // Following: the backlog, then what happens next, in order.
+        let p = path.clone();
+        let follower = blocking(move || {
+            let mut seqs = Vec::new();
+            stream(
+                &p,
+                &Request::Events {
+                    service: None,
+                    follow: true,
+                },
+                |r| {
+                    if let Response::Event(e) = r {
+                        seqs.push(e.seq);
+                    }
+                    seqs.len() < 4
+                },
+            )
+            .map(|()| seqs)
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        log.emit(
+            Some("web"),
+            EventKind::Started {
+                domain: "web".into(),
+            },
+        );
+        log.emit(
+            None,
+            EventKind::ConfigReloaded {
+                ok: true,
+                error: None,
+            },
+        );
+        assert_eq!(follower.await.unwrap(), [1, 2, 3, 4]);
+        serve.abort();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

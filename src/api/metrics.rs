@@ -129,6 +129,9 @@ pub struct Metrics {
     collector_cpu: Family<ServiceLabels, SecondsCounter>,
     libvirt_reconnects: Counter,
     detections: Family<SourceLabels, Counter>,
+    standby_memory: Family<ServiceLabels, Gauge>,
+    /// Services with a `standby_memory` series, so a service that is gone loses its series.
+    standby_services: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -158,6 +161,19 @@ impl Metrics {
         let collector_cpu = Family::default();
         let libvirt_reconnects = Counter::default();
         let detections = Family::default();
+        let standby_memory = Family::default();
+        // Series that exist before their first event start at 0, so that `increase()` and
+        // `rate()` see the first failover of a step or trigger (a series born at 1 shows none).
+        for step in crate::failover::promote::STEPS {
+            drop(failover_steps.get_or_create(&StepLabels {
+                step: step.to_string(),
+            }));
+        }
+        for t in Trigger::ALL {
+            drop(detections.get_or_create(&SourceLabels {
+                source: t.label().to_string(),
+            }));
+        }
         // Counters get their `_total` suffix from the encoder.
         registry.register(
             "failovers",
@@ -245,6 +261,12 @@ impl Metrics {
             "Failure detections by source (pidfd|lifecycle|heartbeat|manual)",
             Family::clone(&detections),
         );
+        registry.register_with_unit(
+            "standby_memory",
+            "Resident memory of each service's paused shadows: the host memory standing by costs",
+            prometheus_client::registry::Unit::Bytes,
+            Family::clone(&standby_memory),
+        );
         Metrics {
             registry,
             failovers,
@@ -264,7 +286,53 @@ impl Metrics {
             collector_cpu,
             libvirt_reconnects,
             detections,
+            standby_memory,
+            standby_services: Default::default(),
         }
+    }
+
+    /// Creates `service`'s per-service counters at 0 (see [`Metrics::new`] for why); cheap
+    /// to call again.
+    pub fn initialize_service(&self, service: &str) {
+        for t in Trigger::ALL {
+            for result in ["ok", "error"] {
+                drop(self.failovers.get_or_create(&FailoverLabels {
+                    service: service.to_string(),
+                    trigger: t.label().to_string(),
+                    result: result.to_string(),
+                }));
+            }
+        }
+        for kind in crate::profile::manager::DRIFT_LABELS {
+            drop(self.drift_events.get_or_create(&DriftLabels {
+                service: service.to_string(),
+                kind: kind.to_string(),
+            }));
+        }
+        let labels = service_labels(service);
+        // Each returns a read guard on its family; created is all that matters here.
+        drop(self.heartbeat_failures.get_or_create(&labels));
+        drop(self.false_failovers.get_or_create(&labels));
+        drop(self.missed_failovers.get_or_create(&labels));
+    }
+
+    /// Sets the standby memory of every current service; services absent now lose their series.
+    pub fn set_standby_memory(&self, per_service: impl IntoIterator<Item = (String, u64)>) {
+        let mut exported = self
+            .standby_services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut now = std::collections::BTreeSet::new();
+        for (service, bytes) in per_service {
+            self.standby_memory
+                .get_or_create(&service_labels(&service))
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            now.insert(service);
+        }
+        for gone in exported.difference(&now) {
+            self.standby_memory.remove(&service_labels(gone));
+        }
+        *exported = now;
     }
 
     /// Records one failover: the counter, each step's duration and the outage estimate.
@@ -443,12 +511,12 @@ impl Metrics {
 
 /// Service states always exported by [`Metrics::set_service_states`], zero when unused.
 const KNOWN_SERVICE_STATES: [&str; 6] = [
+    "provisioning",
     "protected",
-    "degraded",
     "failing_over",
+    "down",
     "stopped",
-    "maintenance",
-    "unprotected",
+    "unprotectable",
 ];
 
 fn service_labels(service: &str) -> ServiceLabels {
@@ -616,6 +684,7 @@ mod tests {
         StepTiming {
             name: name.to_string(),
             ms,
+            start_ms: None,
         }
     }
 
@@ -635,7 +704,8 @@ mod tests {
             ShadowState::Paused,
             ShadowState::Booting,
         ]);
-        m.set_service_states(["protected", "degraded", "protected"]);
+        m.set_service_states(["protected", "provisioning", "protected"]);
+        m.set_standby_memory([("web".to_string(), 200 << 20), ("db".to_string(), 1)]);
         m.inc_heartbeat_failure("web");
         m.inc_false_failover("web");
         m.inc_missed_failover("db");
@@ -659,8 +729,10 @@ mod tests {
             r#"understudy_shadows{state="booting"} 1"#,
             r#"understudy_shadows{state="failed"} 0"#,
             r#"understudy_services{state="protected"} 2"#,
-            r#"understudy_services{state="degraded"} 1"#,
-            r#"understudy_services{state="maintenance"} 0"#,
+            r#"understudy_services{state="provisioning"} 1"#,
+            r#"understudy_services{state="unprotectable"} 0"#,
+            r#"understudy_standby_memory_bytes{service="web"} 209715200"#,
+            r#"understudy_standby_memory_bytes{service="db"} 1"#,
             r#"understudy_heartbeat_failures_total{service="web"} 1"#,
             r#"understudy_false_failovers_total{service="web"} 1"#,
             r#"understudy_missed_failovers_total{service="db"} 1"#,
@@ -733,6 +805,42 @@ mod tests {
         // Unknown states set once stay exported; they are not in the zeroing list.
         assert!(
             text.contains(r#"understudy_services{state="weird_state"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn series_exist_at_zero_before_their_first_event() {
+        let m = Metrics::new();
+        m.initialize_service("web");
+        let text = m.encode();
+        for line in [
+            r#"understudy_failover_step_seconds_count{step="resume"} 0"#,
+            r#"understudy_detection_total{source="heartbeat"} 0"#,
+            r#"understudy_failovers_total{service="web",trigger="pidfd",result="ok"} 0"#,
+            r#"understudy_failovers_total{service="web",trigger="manual",result="error"} 0"#,
+            r#"understudy_drift_events_total{service="web",kind="level_shift"} 0"#,
+            r#"understudy_heartbeat_failures_total{service="web"} 0"#,
+            r#"understudy_false_failovers_total{service="web"} 0"#,
+            r#"understudy_missed_failovers_total{service="web"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+    }
+
+    #[test]
+    fn standby_memory_of_a_removed_service_disappears() {
+        let m = Metrics::new();
+        m.set_standby_memory([("web".to_string(), 5), ("db".to_string(), 7)]);
+        m.set_standby_memory([("web".to_string(), 6)]);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"understudy_standby_memory_bytes{service="web"} 6"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"service="db""#), "{text}");
+        assert!(
+            text.contains("# UNIT understudy_standby_memory_bytes bytes"),
             "{text}"
         );
     }

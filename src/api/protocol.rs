@@ -9,9 +9,11 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::HostCapacity;
+use crate::events::Event;
 use crate::failover::record::{FailoverRecord, ShadowState};
-use crate::profile::manager::{AccuracyEntry, HistoryReport, ProfileReport};
+use crate::profile::manager::{AccuracyEntry, HistoryReport, ProfileReport, ProfileSeries};
 use crate::profile::ProfileDiff;
+use crate::profile::VersionSummary;
 
 /// A command sent by the CLI. Serialized as an object tagged by `"cmd"`, e.g.
 /// `{"cmd":"failover","service":"web"}`.
@@ -80,6 +82,27 @@ pub enum Request {
     },
     /// Re-read the configuration file.
     ReloadConfig,
+    /// The recent events, oldest first; with `follow`, every later one too, as it happens.
+    /// Answered with one [`Response::Event`] line per event; the stream ends when the client
+    /// hangs up (follow) or after the last recent event.
+    Events {
+        /// Only the events of this service.
+        service: Option<String>,
+        /// Keep the connection open and stream new events.
+        follow: bool,
+    },
+    /// Store the live profile of `service` as a new version, reason `manual`.
+    ProfileSave {
+        /// Service name from the configuration.
+        service: String,
+    },
+    /// What `service`'s primary used and what the profile predicted, since a time.
+    ProfileSeries {
+        /// Service name from the configuration.
+        service: String,
+        /// Only observations at or after this Unix time in ms.
+        since_unix_ms: u64,
+    },
 }
 
 impl Request {
@@ -98,6 +121,9 @@ impl Request {
             Request::ProfileRollback { .. } => "profile_rollback",
             Request::ProfileAccuracy { .. } => "profile_accuracy",
             Request::ReloadConfig => "reload_config",
+            Request::Events { .. } => "events",
+            Request::ProfileSave { .. } => "profile_save",
+            Request::ProfileSeries { .. } => "profile_series",
         }
     }
 }
@@ -125,6 +151,12 @@ pub enum Response {
     ProfileDiff(ProfileDiff),
     /// Answer to [`Request::ProfileAccuracy`].
     ProfileAccuracy(Vec<AccuracyEntry>),
+    /// Answer to [`Request::ProfileSave`]: the version stored.
+    ProfileSaved(VersionSummary),
+    /// Answer to [`Request::ProfileSeries`].
+    ProfileSeries(ProfileSeries),
+    /// One event of a [`Request::Events`] stream.
+    Event(Event),
     /// The command was refused or failed.
     Error {
         /// Category of the failure, for scripts.
@@ -591,10 +623,12 @@ mod tests {
                         StepTiming {
                             name: "fence".into(),
                             ms: 1.25,
+                            start_ms: Some(0.5),
                         },
                         StepTiming {
                             name: "resume".into(),
                             ms: 3.5,
+                            start_ms: None,
                         },
                     ],
                     ok: true,

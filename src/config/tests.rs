@@ -115,6 +115,16 @@ fn example_config_parses() {
 }
 
 #[test]
+fn packaged_config_is_the_defaults_and_protects_nothing() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/understudy.toml");
+    let config = Config::load(&path).expect("packaging/understudy.toml is valid");
+    // /etc/understudy/understudy.toml as installed: the paths the systemd unit provides.
+    assert_eq!(config.daemon, DaemonConfig::default());
+    assert_eq!(config.profile, ProfileConfig::default());
+    assert!(config.protect.is_empty());
+}
+
+#[test]
 fn empty_file_gives_all_defaults() {
     let config = Fixture::new("").load().expect("empty config is valid");
     assert_eq!(config, Config::default());

@@ -300,3 +300,47 @@ pub(super) fn spawn_fence_grace(d: &Shared, service: &str, old: &str) {
         });
     });
 }
+
+/// Refreshes the gauges that describe the services: shadows and services by state, and what
+/// standing by costs each service (its paused shadows' resident memory, read from /proc).
+/// Every service's counters exist from its first round, at 0.
+pub(super) fn publish_gauges(d: &Shared) {
+    let (shadow_states, service_states, paused): (Vec<ShadowState>, Vec<&'static str>, Vec<_>) = {
+        let table = d.table();
+        (
+            table
+                .iter()
+                .flat_map(|s| s.shadows.iter().map(|x| x.state))
+                .collect(),
+            table.iter().map(|s| s.state.label()).collect(),
+            table
+                .iter()
+                .map(|s| {
+                    let names: Vec<String> = s
+                        .shadows
+                        .iter()
+                        .filter(|x| x.state == ShadowState::Paused)
+                        .map(|x| x.name.clone())
+                        .collect();
+                    (s.name.clone(), names)
+                })
+                .collect(),
+        )
+    };
+    let (run, proc_root) = (
+        std::path::Path::new(crate::libvirt::QEMU_RUN_DIR),
+        std::path::Path::new("/proc"),
+    );
+    let standby = paused.into_iter().map(|(service, shadows)| {
+        d.metrics.initialize_service(&service);
+        let bytes = shadows
+            .iter()
+            .filter_map(|s| crate::libvirt::qemu_pid(run, s).ok())
+            .filter_map(|pid| crate::libvirt::rss_bytes(proc_root, pid).ok())
+            .sum();
+        (service, bytes)
+    });
+    d.metrics.set_standby_memory(standby.collect::<Vec<_>>());
+    d.metrics.set_shadow_states(shadow_states);
+    d.metrics.set_service_states(service_states);
+}

@@ -35,6 +35,7 @@ use crate::api::protocol::{Request, Response};
 use crate::cluster::{Coordinator, HostId, LocalCoordinator};
 use crate::config::{ClassConfig, Config};
 use crate::domain_xml::{MemberState, Role, META_NS};
+use crate::events::{EventKind, EventLog};
 use crate::failover::promote::{promote, Promoted, Promotion, PromotionFailed};
 use crate::failover::shadow::{member_meta, shadow_generation, write_meta};
 use crate::failover::{FailoverError, Shadow, Trigger};
@@ -205,6 +206,8 @@ pub struct Daemon {
     started_unix_ms: u64,
     /// Collectors, profile manager, golden-image choices.
     prof: profiles::Profiling,
+    /// What happened, for `understudy events`.
+    events: EventLog,
 }
 
 type Shared = Arc<Daemon>;
@@ -285,13 +288,14 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
             source,
         })?;
     tokio::spawn(metrics_server.serve(metrics.clone()));
-    let control = ControlServer::bind(&cfg.daemon.control_socket)?;
+    let events = EventLog::new();
+    let control = ControlServer::bind(&cfg.daemon.control_socket)?.with_events(events.clone());
     let (req_tx, mut requests) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(64);
     tokio::spawn(control.serve(req_tx));
     let host = HostId::local();
     tracing::info!(uri = %cfg.daemon.libvirt_uri, socket = %cfg.daemon.control_socket.display(), metrics = %cfg.daemon.metrics_listen, %host, "understudy daemon started");
 
-    let prof = profiles::Profiling::open(&cfg, metrics.clone());
+    let prof = profiles::Profiling::open(&cfg, metrics.clone(), events.clone());
     let d: Shared = Arc::new(Daemon {
         cfg: RwLock::new(cfg.clone()),
         config_path,
@@ -304,6 +308,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         notes: note_tx,
         started_unix_ms: crate::clock::now_unix_ms(),
         prof,
+        events,
     });
     profiles::start(&d);
     recover::reconcile(&d).await;
@@ -317,7 +322,8 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         .max(50);
     let mut heartbeat = tokio::time::interval(Duration::from_millis(hb_interval));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut housekeeping = tokio::time::interval(Duration::from_secs(5));
+    let mut housekeeping = tokio::time::interval(crate::systemd::KEEPALIVE_PERIOD);
+    crate::systemd::ready(&crate::systemd::status_line(d.table().iter()));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler cannot fail in a tokio runtime");
     loop {
@@ -335,11 +341,14 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
             _ = housekeeping.tick() => {
                 recover::ensure_all_shadows(&d);
                 checks::audit_bridges(&d);
+                checks::publish_gauges(&d);
+                crate::systemd::alive(&crate::systemd::status_line(d.table().iter()));
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping; shadows stay as they are"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping; shadows stay as they are"); break; }
         }
     }
+    crate::systemd::stopping();
     Ok(())
 }
 
@@ -405,6 +414,14 @@ fn launch_promotion(
         // Outside the table's lock; cheap, and applied only once traffic is restored.
         profile: profiles::promotion_profile(d, service),
     };
+    d.events.emit(
+        Some(service),
+        EventKind::FailoverStarted {
+            from: promotion.old_primary.clone(),
+            to: promotion.shadow.name.clone(),
+            trigger: trigger.to_string(),
+        },
+    );
     profiles::stop_collector(d, service);
     d.metrics.inc_detection(trigger);
     let d = d.clone();
@@ -467,6 +484,19 @@ async fn on_note(d: &Shared, note: Note) {
             old,
             answered,
         } => {
+            d.events.emit(
+                Some(&service),
+                if answered {
+                    EventKind::FalseFailover {
+                        domain: old.clone(),
+                    }
+                } else {
+                    EventKind::Fenced {
+                        domain: old.clone(),
+                        action: "silent through the grace period; destroyed".into(),
+                    }
+                },
+            );
             if answered {
                 d.health().false_failover();
                 d.metrics.inc_false_failover(&service);
@@ -493,13 +523,28 @@ async fn on_shadow_done(
     result: Result<Shadow, FailoverError>,
 ) {
     let answer = match result {
-        Ok(shadow) => d.table().shadow_ready(service, shadow),
+        Ok(shadow) => {
+            d.events.emit(
+                Some(service),
+                EventKind::ShadowReady {
+                    shadow: shadow.name.clone(),
+                },
+            );
+            d.table().shadow_ready(service, shadow)
+        }
         Err(e) => {
             // A spec that cannot be cloned will not clone next time either.
             let unprotectable =
                 matches!(e, FailoverError::Clone { .. } | FailoverError::Xml { .. });
             let why = crate::error::report(&e);
             tracing::error!(service, shadow = name, error = %why, "shadow provisioning failed");
+            d.events.emit(
+                Some(service),
+                EventKind::ShadowFailed {
+                    shadow: name.to_string(),
+                    error: why.clone(),
+                },
+            );
             let answer =
                 d.table()
                     .shadow_failed(service, name, &why, unprotectable, Instant::now());
@@ -534,6 +579,13 @@ async fn on_failover_done(
     shadow: &str,
     result: Result<Promoted, PromotionFailed>,
 ) {
+    let record = match &result {
+        Ok(p) => &p.record,
+        Err(f) => &f.record,
+    };
+    for kind in failover_events(record) {
+        d.events.emit(Some(service), kind);
+    }
     let answer = match result {
         Ok(p) => {
             let r = &p.record;
@@ -653,4 +705,35 @@ async fn on_lifecycle(d: &Shared, domain: &str, event: LifecycleEvent) {
         }
         _ => {}
     }
+}
+
+/// The events of a finished promotion, from its record: each step in order, the fencing of the
+/// old primary once its step is done, and the outcome.
+fn failover_events(r: &crate::failover::FailoverRecord) -> Vec<EventKind> {
+    let mut out = Vec::new();
+    let last = r.steps.len().saturating_sub(1);
+    for (i, kind) in EventKind::steps(&r.to, &r.steps).into_iter().enumerate() {
+        let fence = r.steps[i].name == "fence";
+        out.push(kind);
+        // A step recorded last in a failed promotion is the one that failed.
+        if fence && (r.ok || i < last) {
+            let action = match r.trigger {
+                Trigger::Manual => "cut off its bridge and paused",
+                Trigger::Heartbeat => "cut off its bridge (hung; watched for a grace period)",
+                _ => "its QEMU is gone; taps cut",
+            };
+            out.push(EventKind::Fenced {
+                domain: r.from.clone(),
+                action: action.into(),
+            });
+        }
+    }
+    out.push(EventKind::FailoverFinished {
+        from: r.from.clone(),
+        to: r.to.clone(),
+        ok: r.ok,
+        outage_ms: r.outage_ms,
+        error: r.error.clone(),
+    });
+    out
 }

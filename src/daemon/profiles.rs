@@ -16,6 +16,7 @@ use crate::api::metrics::Metrics;
 use crate::api::protocol::{ErrorKind, Request, Response};
 use crate::clock::now_unix_ms;
 use crate::config::{ClassConfig, Config};
+use crate::events::EventLog;
 use crate::failover::apply_profile::ProfileApply;
 use crate::monitor::agent::{AgentLimits, AgentOptions};
 use crate::monitor::collector::{
@@ -52,14 +53,14 @@ pub(super) struct Profiling {
 
 impl Profiling {
     /// Opens the profile store under the state directory and the configured repository.
-    pub(super) fn open(cfg: &Config, metrics: Arc<Metrics>) -> Self {
+    pub(super) fn open(cfg: &Config, metrics: Arc<Metrics>, events: EventLog) -> Self {
         let manager = ProfileManager::open(
             &cfg.daemon.state_dir,
             &cfg.profile,
             Some(&cfg.profile.repository),
             metrics,
         )
-        .map(Arc::new)
+        .map(|m| Arc::new(m.with_events(events)))
         .map_err(|e| {
             tracing::error!(error = %crate::error::report(&e), "profiles unavailable; failover is not affected");
             crate::error::report(&e)
@@ -356,6 +357,13 @@ pub(super) async fn handle_request(d: &Shared, req: Request) -> Response {
         Request::ProfileAccuracy { service } => {
             answer(m.accuracy(service.as_deref()), Response::ProfileAccuracy)
         }
+        Request::ProfileSave { service } => {
+            answer(m.save(&service, now_unix_ms()), Response::ProfileSaved)
+        }
+        Request::ProfileSeries {
+            service,
+            since_unix_ms,
+        } => answer(m.series(&service, since_unix_ms), Response::ProfileSeries),
         other => Response::error(
             ErrorKind::BadRequest,
             format!("{} is not a profile request", other.name()),

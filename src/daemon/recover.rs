@@ -385,6 +385,13 @@ pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str, running: 
         return;
     }
     tracing::info!(domain, class, "protecting new primary");
+    d.events.emit(
+        Some(domain),
+        crate::events::EventKind::Protected {
+            domain: domain.to_string(),
+            class: class.to_string(),
+        },
+    );
     refresh_active(d, domain).await;
     ensure_all_shadows(d);
 }

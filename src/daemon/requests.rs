@@ -9,6 +9,7 @@ use crate::api::protocol::{
     StatusReport,
 };
 use crate::domain_xml::{MemberState, Role};
+use crate::events::EventKind;
 use crate::failover::shadow::{member_meta, shadow_generation, write_meta};
 use crate::failover::{FailoverRecord, Trigger};
 
@@ -53,8 +54,15 @@ pub(super) async fn handle(d: &Shared, req: Request) -> Response {
         | Request::ProfileHistory { .. }
         | Request::ProfileDiff { .. }
         | Request::ProfileRollback { .. }
-        | Request::ProfileAccuracy { .. } => super::profiles::handle_request(d, req).await,
+        | Request::ProfileAccuracy { .. }
+        | Request::ProfileSave { .. }
+        | Request::ProfileSeries { .. } => super::profiles::handle_request(d, req).await,
         Request::ReloadConfig => reload(d),
+        // The control socket streams events itself; it never forwards this request.
+        Request::Events { .. } => Response::error(
+            ErrorKind::Internal,
+            "events are served by the control socket, not the daemon loop",
+        ),
     }
 }
 
@@ -140,9 +148,17 @@ async fn stop(d: &Shared, service: &str) -> Response {
         })
         .await
     {
-        Ok(()) => Response::ok(format!(
-            "service '{service}' stopped ({active} shut off); shadows keep standing by"
-        )),
+        Ok(()) => {
+            d.events.emit(
+                Some(service),
+                EventKind::Stopped {
+                    domain: active.clone(),
+                },
+            );
+            Response::ok(format!(
+                "service '{service}' stopped ({active} shut off); shadows keep standing by"
+            ))
+        }
         Err(e) => Response::error(ErrorKind::Failed, crate::error::report(&e)),
     }
 }
@@ -178,6 +194,12 @@ async fn start(d: &Shared, service: &str) -> Response {
     match r {
         Ok(()) => {
             refresh_active(d, service).await;
+            d.events.emit(
+                Some(service),
+                EventKind::Started {
+                    domain: active.clone(),
+                },
+            );
             Response::ok(format!("service '{service}' started on {active}"))
         }
         Err(e) => Response::error(ErrorKind::Failed, crate::error::report(&e)),
@@ -189,19 +211,33 @@ fn reload(d: &Shared) -> Response {
     match load_config(&d.config_path) {
         Ok(c) => {
             *d.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
+            d.events.emit(
+                None,
+                EventKind::ConfigReloaded {
+                    ok: true,
+                    error: None,
+                },
+            );
             ensure_all_shadows(d);
             Response::ok(format!(
                 "configuration reloaded from {}",
                 d.config_path.display()
             ))
         }
-        Err(e) => Response::error(
-            ErrorKind::BadRequest,
-            format!(
-                "configuration NOT reloaded, the running one stays:\n{}",
-                crate::error::report(&e)
-            ),
-        ),
+        Err(e) => {
+            let why = crate::error::report(&e);
+            d.events.emit(
+                None,
+                EventKind::ConfigReloaded {
+                    ok: false,
+                    error: Some(why.clone()),
+                },
+            );
+            Response::error(
+                ErrorKind::BadRequest,
+                format!("configuration NOT reloaded, the running one stays:\n{why}"),
+            )
+        }
     }
 }
 
@@ -235,13 +271,7 @@ async fn status(d: &Shared) -> StatusReport {
             last_heartbeat_unix_ms: s.last_heartbeat_unix_ms,
         })
         .collect();
-    d.metrics.set_shadow_states(
-        services
-            .iter()
-            .flat_map(|s| s.shadows.iter().map(|x| x.state)),
-    );
-    d.metrics
-        .set_service_states(services.iter().map(|s| s.state.label()));
+    super::checks::publish_gauges(d);
     let domains = doms
         .into_iter()
         .map(|dom| {

@@ -162,12 +162,16 @@ impl StepClock {
         }
     }
 
-    /// Records a step that took `elapsed`.
-    pub fn record(&mut self, name: &str, elapsed: Duration) {
+    /// Records a step that began at `started` and took `elapsed` (given apart: concurrent
+    /// steps are recorded after all of them ended).
+    pub fn record(&mut self, name: &str, started: std::time::Instant, elapsed: Duration) {
+        debug_assert!(promote::STEPS.contains(&name), "unlisted step {name}");
         fault_point(name);
+        let since_start = started.saturating_duration_since(self.start);
         self.steps.push(StepTiming {
             name: name.to_string(),
             ms: elapsed.as_secs_f64() * 1000.0,
+            start_ms: Some(since_start.as_secs_f64() * 1000.0),
         });
     }
 

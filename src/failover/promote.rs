@@ -137,6 +137,19 @@ pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted,
     }
 }
 
+/// Every step the pipeline records, in pipeline order (`link_up` only when a shadow's links
+/// were not raised while it stood by; `apply_profile` only with a profile).
+pub const STEPS: [&str; 8] = [
+    "fence",
+    "claim",
+    "resume",
+    "rewire",
+    "link_up",
+    "announce",
+    "metadata",
+    "apply_profile",
+];
+
 /// Times `f` as step `name`, success or not.
 async fn timed<T>(
     clock: &mut StepClock,
@@ -145,7 +158,7 @@ async fn timed<T>(
 ) -> Result<T, FailoverError> {
     let t = Instant::now();
     let r = f.await;
-    clock.record(name, t.elapsed());
+    clock.record(name, t, t.elapsed());
     r
 }
 
@@ -174,9 +187,9 @@ async fn run_steps<S: PromotionSteps>(
         (r, started.elapsed())
     };
     let ((resumed, resume_took), (rewired, rewire_took)) = tokio::join!(resume, rewire);
-    clock.record("resume", resume_took);
+    clock.record("resume", started, resume_took);
     resumed?;
-    clock.record("rewire", rewire_took);
+    clock.record("rewire", started, rewire_took);
     rewired?;
 
     // 3. A standby whose links were not raised at provisioning (made by an older daemon, or
@@ -202,7 +215,7 @@ async fn run_steps<S: PromotionSteps>(
     if p.profile.is_some() {
         let t = Instant::now();
         notes.extend(steps.apply_profile(p).await);
-        clock.record("apply_profile", t.elapsed());
+        clock.record("apply_profile", t, t.elapsed());
     }
     Ok(())
 }

@@ -21,6 +21,15 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    /// Every trigger, for metrics that export each one from the start.
+    pub const ALL: [Trigger; 5] = [
+        Trigger::Pidfd,
+        Trigger::Lifecycle,
+        Trigger::Heartbeat,
+        Trigger::Manual,
+        Trigger::Recovery,
+    ];
+
     /// Label for status and metrics.
     pub fn label(self) -> &'static str {
         match self {
@@ -113,4 +122,8 @@ pub struct StepTiming {
     pub name: String,
     /// Duration in milliseconds.
     pub ms: f64,
+    /// When it started, in ms after the failure was detected (steps may overlap: `resume` and
+    /// `rewire` run concurrently). Absent in records of older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ms: Option<f64>,
 }

@@ -11,7 +11,7 @@ mod process;
 pub use agent::LibvirtAgent;
 
 pub use events::{AgentState, DomainEvent, EventLoop, LifecycleEvent};
-pub use process::{qemu_pid, vcpu_time_ns, ProcessExit, QemuProcess, QEMU_RUN_DIR};
+pub use process::{qemu_pid, rss_bytes, vcpu_time_ns, ProcessExit, QemuProcess, QEMU_RUN_DIR};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

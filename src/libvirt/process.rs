@@ -68,6 +68,24 @@ pub fn vcpu_time_ns(proc_root: &Path, pid: i32) -> std::io::Result<u64> {
     }
 }
 
+/// Resident memory of a process in bytes (`VmRSS` of `/proc/<pid>/status`): for a paused
+/// shadow, the host memory it holds while it stands by.
+pub fn rss_bytes(proc_root: &Path, pid: i32) -> std::io::Result<u64> {
+    let path = proc_root.join(pid.to_string()).join("status");
+    let text = std::fs::read_to_string(&path)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb.saturating_mul(1024))
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} has no VmRSS line in kB", path.display()),
+            )
+        })
+}
+
 /// How the watch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessExit {
@@ -152,6 +170,27 @@ mod tests {
         }
         assert_eq!(vcpu_time_ns(root.path(), 42).unwrap(), 2000);
         assert!(vcpu_time_ns(root.path(), 43).is_err());
+    }
+
+    #[test]
+    fn rss_from_proc_status() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("7")).unwrap();
+        std::fs::write(
+            root.path().join("7/status"),
+            "Name:\tqemu-system-x86\nVmPeak:\t  999 kB\nVmRSS:\t  204800 kB\nThreads:\t5\n",
+        )
+        .unwrap();
+        assert_eq!(rss_bytes(root.path(), 7).unwrap(), 204800 * 1024);
+        // A kernel thread has no VmRSS line; a missing process is an I/O error.
+        std::fs::create_dir_all(root.path().join("8")).unwrap();
+        std::fs::write(root.path().join("8/status"), "Name:\tkthreadd\n").unwrap();
+        let e = rss_bytes(root.path(), 8).unwrap_err();
+        assert!(e.to_string().contains("no VmRSS"), "{e}");
+        assert!(rss_bytes(root.path(), 9).is_err());
+        // And the real thing: this test process holds some memory.
+        let own = rss_bytes(Path::new("/proc"), std::process::id() as i32).unwrap();
+        assert!(own > 0);
     }
 
     #[test]

@@ -39,6 +39,7 @@ use super::store::{
 use super::{Metric, Observation};
 use crate::api::metrics::Metrics;
 use crate::config::ProfileConfig;
+use crate::events::{EventKind, EventLog};
 
 /// Observation time after which a service without any stored version gets its first one.
 pub const INITIAL_COMMIT_AFTER_MS: u64 = 5 * 60_000;
@@ -52,6 +53,8 @@ pub const MIN_PLAN_OBSERVATIONS: u64 = 30;
 pub const MEM_FLOOR_KIB: u64 = 64 * 1024;
 /// Observations kept per service for the `observed` part of reports.
 pub const RECENT_OBSERVATIONS: usize = 120;
+/// Observations kept with their predicted limits for plots: six hours at one a second.
+pub const TRACE_POINTS: usize = 6 * 3600;
 /// Longest drift detail stored in a version's reason.
 const MAX_REASON_DETAIL: usize = 1024;
 
@@ -93,8 +96,8 @@ pub enum ManagerError {
         source: LearnerError,
     },
     /// The service has stored versions but is not observed by this daemon, so there is no
-    /// live accuracy to report.
-    #[error("service '{service}' is not observed by this daemon since it started; accuracy is measured live")]
+    /// live profile (accuracy, recent use, a profile to save).
+    #[error("service '{service}' is not observed by this daemon since it started; accuracy, plots and saves need the live profile")]
     NotLive {
         /// The service.
         service: String,
@@ -122,6 +125,14 @@ pub fn learner_params(cfg: &ProfileConfig) -> LearnerParams {
 }
 
 /// The `kind` label of a drift event in metrics.
+/// Every [`drift_label`], for metrics that export each kind from the start.
+pub const DRIFT_LABELS: [&str; 4] = [
+    "coverage_drop",
+    "level_shift",
+    "new_dependency",
+    "config_change",
+];
+
 pub fn drift_label(kind: &DriftKind) -> &'static str {
     match kind {
         DriftKind::CoverageDrop { .. } => "coverage_drop",
@@ -152,6 +163,32 @@ struct Live {
     observations: u64,
     /// `(ts, cpu cores, memory bytes)` of the latest observations.
     recent: VecDeque<(u64, f64, u64)>,
+    /// Each observation with the limits the profile had for it, for `profile plot`.
+    trace: VecDeque<SeriesPoint>,
+}
+
+/// One observation and the envelope limits predicted for its time, before it was learned.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SeriesPoint {
+    /// Unix ms.
+    pub ts_unix_ms: u64,
+    /// CPU used, in cores.
+    pub cpu_cores: f64,
+    /// The CPU limit predicted for this time, in cores.
+    pub cpu_limit: f64,
+    /// Memory used, in bytes.
+    pub mem_bytes: f64,
+    /// The memory limit predicted for this time, in bytes.
+    pub mem_limit: f64,
+}
+
+/// Answer to `profile plot`: observed use against the predicted envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileSeries {
+    /// The service.
+    pub service: String,
+    /// The points, oldest first (at most [`TRACE_POINTS`], the newest ones).
+    pub points: Vec<SeriesPoint>,
 }
 
 /// What one observation led to.
@@ -264,6 +301,7 @@ pub struct ProfileManager {
     repo: Option<DirectoryRepository>,
     params: LearnerParams,
     metrics: Arc<Metrics>,
+    events: Option<EventLog>,
     live: Mutex<BTreeMap<String, Live>>,
     commits: Mutex<()>,
     repo_missing_reported: AtomicBool,
@@ -323,10 +361,23 @@ impl ProfileManager {
             repo: repository.map(DirectoryRepository::new),
             params,
             metrics,
+            events: None,
             live: Mutex::new(BTreeMap::new()),
             commits: Mutex::new(()),
             repo_missing_reported: AtomicBool::new(false),
         })
+    }
+
+    /// Reports drift and stored versions to `events` too.
+    pub fn with_events(mut self, events: EventLog) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    fn emit(&self, service: &str, kind: EventKind) {
+        if let Some(e) = &self.events {
+            e.emit(Some(service), kind);
+        }
     }
 
     /// The version store.
@@ -390,6 +441,7 @@ impl ProfileManager {
             pending_drift: Vec::new(),
             observations: 0,
             recent: VecDeque::new(),
+            trace: VecDeque::new(),
         })
     }
 
@@ -474,6 +526,13 @@ impl ProfileManager {
                                 profile,
                             });
                         }
+                        self.emit(
+                            service,
+                            EventKind::ProfileVersion {
+                                version,
+                                reason: reason.to_string(),
+                            },
+                        );
                         committed = Some((version, reason));
                     }
                     // The next occasion (drift cool-down, schedule) tries again.
@@ -497,10 +556,29 @@ impl ProfileManager {
         }
         st.recent
             .push_back((now, obs.value(Metric::Cpu), obs.value(Metric::Mem) as u64));
+        // What the profile expected for this moment, before it learns from it.
+        let limits = st.learner.profile().model.predict(now).envelopes;
+        if st.trace.len() >= TRACE_POINTS {
+            st.trace.pop_front();
+        }
+        st.trace.push_back(SeriesPoint {
+            ts_unix_ms: now,
+            cpu_cores: obs.value(Metric::Cpu),
+            cpu_limit: limits.cpu.limit,
+            mem_bytes: obs.value(Metric::Mem),
+            mem_limit: limits.mem.limit,
+        });
         let drift = st.learner.observe(obs);
         for e in &drift {
             self.metrics.inc_drift_event(service, drift_label(&e.kind));
             tracing::info!(service, drift = %e.detail, "profile drift");
+            self.emit(
+                service,
+                EventKind::Drift {
+                    drift: drift_label(&e.kind).to_string(),
+                    detail: e.detail.clone(),
+                },
+            );
             st.pending_drift.push(e.detail.clone());
         }
         let report = st.learner.accuracy();
@@ -595,6 +673,75 @@ impl ProfileManager {
             }
             None => Err(self.unknown(service)),
         }
+    }
+
+    /// Stores the live profile of `service` as a new version with reason `manual`, at once
+    /// (a new service otherwise waits minutes for its first version).
+    pub fn save(&self, service: &str, now_unix_ms: u64) -> Result<VersionSummary, ManagerError> {
+        let _commits = self.commit_lock()?;
+        // Bound first: the live lock must be released before `unknown` takes it again.
+        let live = self
+            .lock()?
+            .get(service)
+            .map(|st| st.learner.profile().clone());
+        let profile = match live {
+            Some(p) => p,
+            None if self.has_versions(service)? => {
+                return Err(ManagerError::NotLive {
+                    service: service.to_string(),
+                })
+            }
+            None => return Err(self.unknown(service)),
+        };
+        let version = self
+            .store
+            .commit_at(service, &profile, Reason::Manual, now_unix_ms)?;
+        let summary = VersionSummary {
+            version,
+            created_unix_ms: now_unix_ms,
+            reason: Reason::Manual,
+        };
+        if let Some(st) = self.lock()?.get_mut(service) {
+            st.base = Some(Base {
+                summary: summary.clone(),
+                profile,
+            });
+        }
+        tracing::info!(service, version, "profile saved on request");
+        self.emit(
+            service,
+            EventKind::ProfileVersion {
+                version,
+                reason: Reason::Manual.to_string(),
+            },
+        );
+        Ok(summary)
+    }
+
+    /// What `service`'s primary used since `since_unix_ms`, with the limits predicted for each
+    /// moment.
+    pub fn series(&self, service: &str, since_unix_ms: u64) -> Result<ProfileSeries, ManagerError> {
+        // Bound first: the live lock must be released before `unknown` takes it again.
+        let live: Option<Vec<_>> = self.lock()?.get(service).map(|st| {
+            st.trace
+                .iter()
+                .filter(|p| p.ts_unix_ms >= since_unix_ms)
+                .copied()
+                .collect()
+        });
+        let points = match live {
+            Some(points) => points,
+            None if self.has_versions(service)? => {
+                return Err(ManagerError::NotLive {
+                    service: service.to_string(),
+                })
+            }
+            None => return Err(self.unknown(service)),
+        };
+        Ok(ProfileSeries {
+            service: service.to_string(),
+            points,
+        })
     }
 
     /// The stored versions of `service`, and the files that could not be read.
@@ -907,7 +1054,7 @@ pub fn render_accuracy(entries: &[AccuracyEntry]) -> String {
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` of a Unix time in ms.
-fn format_unix_ms(ms: u64) -> String {
+pub(crate) fn format_unix_ms(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -1165,6 +1312,60 @@ mod tests {
         );
         assert!(m.diff("web", 1, n + 1).unwrap().is_empty());
         assert!(!m.diff("web", 1, n).unwrap().is_empty());
+    }
+
+    #[test]
+    fn save_pins_the_live_profile_as_a_manual_version_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = EventLog::new();
+        let m = manager(dir.path()).with_events(events.clone());
+        let t = TRACE_START_UNIX_MS;
+        // Two minutes in: far from the five minutes of the first automatic version.
+        for i in 0..120 {
+            m.observe("web", &obs(t + i * 1000, 1.0, &[], &[])).unwrap();
+        }
+        assert!(versions(&m, "web").is_empty());
+        let saved = m.save("web", t + 120_000).unwrap();
+        assert_eq!((saved.version, saved.reason.clone()), (1, Reason::Manual));
+        assert_eq!(versions(&m, "web"), [(1, Reason::Manual)]);
+        assert_eq!(m.live_version("web"), Some(1));
+        let stored = m.store().get("web", 1).unwrap();
+        assert_eq!(stored.profile.model.observations(), 120);
+        // Reported as an event.
+        assert!(events.recent().iter().any(|e| matches!(
+            &e.kind,
+            EventKind::ProfileVersion { version: 1, reason } if reason == "manual"
+        )));
+        // Only a live profile can be saved; unknown services are named.
+        let e = m.save("nope", t).unwrap_err();
+        assert!(
+            e.to_string().contains("no profile for service 'nope'"),
+            "{e}"
+        );
+        let other = manager(dir.path());
+        let e = other.save("web", t).unwrap_err();
+        assert!(matches!(e, ManagerError::NotLive { .. }), "{e}");
+    }
+
+    #[test]
+    fn series_pairs_each_observation_with_the_limit_predicted_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path());
+        let t = TRACE_START_UNIX_MS;
+        for i in 0..200u64 {
+            m.observe("web", &obs(t + i * MIN, 1.0 + (i % 2) as f64, &[], &[]))
+                .unwrap();
+        }
+        let all = m.series("web", 0).unwrap();
+        assert_eq!(all.points.len(), 200);
+        assert_eq!(all.points[1].cpu_cores, 2.0);
+        // A model that has learned predicts a limit above what it saw.
+        let last = all.points.last().unwrap();
+        assert!(last.cpu_limit >= 2.0, "{last:?}");
+        assert_eq!(last.mem_bytes, (512u64 << 20) as f64);
+        let recent = m.series("web", t + 150 * MIN).unwrap();
+        assert_eq!(recent.points.len(), 50);
+        assert!(m.series("nope", 0).is_err());
     }
 
     #[test]
