@@ -13,6 +13,7 @@
 //! - [`daemon`]: the long-running orchestrator that ties them together.
 //! - [`probe`]: an external client's view of a service (who answers, and the gaps).
 //! - [`cli`]: the `understudy` command line.
+//! - [`rng`]: the seeded pseudo-random generator (tick jitter, synthetic traces).
 
 pub mod api;
 pub mod cli;
@@ -25,6 +26,7 @@ pub mod monitor;
 pub mod net;
 pub mod probe;
 pub mod profile;
+pub mod rng;
 pub mod state;
 
 /// Formats an error's chain of sources as `cause: cause: ...`, for logs and replies that must

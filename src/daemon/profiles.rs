@@ -158,6 +158,11 @@ async fn run_collector(d: Shared, service: String, domain: String) {
         Some(s) => d.class(&s.class),
         None => return,
     };
+    if let Some(m) = d.prof.manager() {
+        if let Err(e) = m.set_coverage_target(&service, class.coverage_target) {
+            tracing::warn!(%service, error = %e, cause = %crate::error_chain(&e), "class coverage target not applied");
+        }
+    }
     let settings = CollectorSettings::new(&cfg.monitor, &class);
     let (collector, err) = Collector::new(
         &service,

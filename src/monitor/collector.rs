@@ -54,8 +54,8 @@ use super::sample::{
 use super::sockets::{self, Connection, OutboundPeer, SocketError, SocketState};
 use crate::config::{ClassConfig, MonitorConfig};
 use crate::libvirt::{qemu_pid, DomainStats, Hypervisor, LibvirtError, QEMU_RUN_DIR};
-use crate::profile::synthetic::SplitMix64;
 use crate::profile::{Observation, PeerUse};
+use crate::rng::SplitMix64;
 
 /// Largest configuration file kept (and delivered at promotion), bytes.
 pub const MAX_CONFIG_FILE_BYTES: usize = 64 * 1024;

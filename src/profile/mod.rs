@@ -20,11 +20,15 @@
 
 pub mod accuracy;
 pub mod apply;
+pub mod backtest;
+pub mod baseline;
 pub mod drift;
+pub mod forecast;
 pub mod layout;
 pub mod learner;
 pub mod manager;
 pub mod model;
+pub mod replay;
 pub mod repo;
 pub mod store;
 pub mod synthetic;
@@ -37,14 +41,14 @@ use serde::{Deserialize, Serialize};
 pub use accuracy::{AccuracyReport, AccuracyTracker, MetricAccuracy};
 pub use apply::{resource_plan, ResourceLimits, ResourcePlan};
 pub use drift::{DriftDetector, DriftError, DriftEvent, DriftKind, DriftParams};
-pub use layout::VersionFileError;
+pub use layout::{ProfileVersion, Reason, VersionFileError};
 pub use learner::{Dependency, Learner, LearnerError, LearnerParams, Profile};
 pub use manager::{ManagerError, ProfileManager, ProfileReport};
 pub use model::{Envelope, Model, ModelError, ModelParams, Prediction, Source};
 pub use repo::{DirectoryRepository, ProfileRepository, RepoError};
 pub use store::{
-    BucketChange, EnvelopeChange, ProfileDiff, ProfileStore, ProfileVersion, Reason, ServiceSync,
-    SkippedFile, StoreError, SyncReport, VersionSummary,
+    BucketChange, EnvelopeChange, ProfileDiff, ProfileStore, ServiceSync, SkippedFile, StoreError,
+    SyncReport, VersionSummary,
 };
 
 /// One observation of a protected primary, as converted by the monitor.
@@ -217,7 +221,7 @@ impl<T> PerMetric<T> {
 }
 
 /// Anything that predicts a resource envelope before seeing the sample: the learned model and the
-/// baselines it is benchmarked against ([`synthetic::LastValue`], [`synthetic::StaticPeak`]).
+/// baselines it is benchmarked against ([`baseline`]).
 pub trait Predictor {
     /// Display name used in reports.
     fn name(&self) -> &str;
