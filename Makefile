@@ -9,8 +9,9 @@
 #   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
 #   make bench       every benchmark (bench-profile, bench-failover)
 #   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
-#   make bench-profile   profile model vs baselines on synthetic traces, then the collectors'
-#                        own CPU cost on three lab guests (needs the lab)
+#   make bench-profile   profile model vs baselines on synthetic and real traces, then the
+#                        collectors' own CPU cost on three lab guests (needs the lab)
+#   make bench-profile-model  only the model part (cargo bench --bench profile; no lab)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
 #   make test        deps, images, cargo build --tests, then lab-up, cargo test
@@ -48,7 +49,7 @@ MEM ?= 192
 ROLE ?= primary
 DISK ?=
 
-.PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults
+.PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-profile-model bench-soak test-faults
 
 deps:
 	@missing=""; \
@@ -117,12 +118,15 @@ bench-failover:
 	cargo build --release --benches
 	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench failover
 
-bench-profile:
-	cargo bench --bench profile
+# The model part runs on its own too (no lab): make bench-profile-model.
+bench-profile: bench-profile-model
 	$(MAKE) deps
 	$(MAKE) images
 	cargo bench --no-run --bench collector
 	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench collector
+
+bench-profile-model:
+	cargo bench --bench profile
 
 bench-soak:
 	$(MAKE) deps

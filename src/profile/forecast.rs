@@ -156,6 +156,9 @@ pub struct Issued {
     pub mix: Option<(f64, f64)>,
     /// The forecast made, in `y`: the corrected mixture, snapped (see [`SNAP`]).
     pub forecast: Option<f64>,
+    /// The floor `c` of the transform when it was made: the sample is judged in the same `y`
+    /// (the floor follows the metric's level and moves within the hour).
+    pub floor: f64,
 }
 
 /// Calibration and mixture state of one horizon.
@@ -232,11 +235,13 @@ impl Head {
             experts,
             mix,
             forecast: mix.map(|(m, d)| m + d),
+            floor: 0.0,
         }
     }
 
-    /// Learns from the sample `y` a forecast `issued` was made for.
-    fn learn(&mut self, issued: &Issued, y: f64, decay: f64, p: &ForecastParams) {
+    /// Learns from the sample `x` a forecast `issued` was made for.
+    fn learn(&mut self, issued: &Issued, x: f64, decay: f64, p: &ForecastParams) {
+        let y = (x.max(0.0) + issued.floor).ln();
         let (Some((mix, _)), Some(forecast)) = (issued.mix, issued.forecast) else {
             return;
         };
@@ -425,6 +430,7 @@ impl MetricForecast {
         });
         let limit = issued.forecast.map(|q| self.snap(self.x(q, p)));
         issued.forecast = limit.map(|l| self.y(l, p));
+        issued.floor = self.floor(p);
         (issued, limit)
     }
 
@@ -476,12 +482,10 @@ impl MetricForecast {
     ) {
         let dt = self.last.map_or(0.0, |(t, _)| ts.saturating_sub(t) as f64);
         let decay = 0.5f64.powf(dt / (p.loss_halflife_h * HOUR_MS as f64));
-        // Score both heads' forecasts for this sample (in the transform they were made in),
-        // then learn it.
-        let y = self.y(x, p);
+        // Score both heads' forecasts for this sample, then learn it.
         if self.last.is_some() {
             let (issued, _) = self.issue(0, ts, seasonal_now, p);
-            self.heads[0].learn(&issued, y, decay, p);
+            self.heads[0].learn(&issued, x, decay, p);
         }
         let due = ts.saturating_sub(HOUR_AHEAD_MS);
         while self.pending.len() >= 2 && self.pending[1].ts_unix_ms <= due {
@@ -490,7 +494,7 @@ impl MetricForecast {
         if let Some(s) = self.pending.front() {
             if s.ts_unix_ms <= due && ts - s.ts_unix_ms <= SNAPSHOT_MAX_AGE_MS {
                 let issued = s.issued;
-                self.heads[1].learn(&issued, y, decay, p);
+                self.heads[1].learn(&issued, x, decay, p);
             }
         }
 
@@ -572,6 +576,8 @@ impl MetricForecast {
                 s.issued.experts.iter().flatten().all(|x| finite(*x))
                     && s.issued.mix.is_none_or(|(a, b)| finite(a) && finite(b))
                     && s.issued.forecast.is_none_or(finite)
+                    && finite(s.issued.floor)
+                    && s.issued.floor >= 0.0
                     && usize::from(s.issued.state) < STATES
             })
             && [self.mean, self.fast, self.slow].into_iter().all(finite)
