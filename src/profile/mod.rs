@@ -1,8 +1,9 @@
 //! Predictive deployment profiles.
 //!
 //! The daemon feeds a [`Learner`] one [`Observation`] of a protected primary at a time. The learner
-//! keeps a [`Profile`] per service: a seasonal resource [`model::Model`] (what the primary needs at
-//! a given time of the week), the expected configuration and the expected network dependencies.
+//! keeps a [`Profile`] per service: a resource [`model::Model`] (seasonal buckets, and the
+//! calibrated [`forecast`] layer whose coverage converges on the class's target), the expected
+//! configuration and the expected network dependencies.
 //! It reports [`drift::DriftEvent`]s when the primary stops looking like its profile; the caller
 //! then commits a new version to the [`store::ProfileStore`] (versioned, atomically written JSON
 //! files, with rollback and diff), which can be synchronised with a central
@@ -15,8 +16,12 @@
 //!
 //! Everything here is pure logic apart from the store's files: no libvirt, no clock (timestamps
 //! come with the observations).
-//! [`synthetic`] holds the deterministic trace generator and replay used by the benchmark
-//! (`cargo bench --bench profile`) and the tests.
+//!
+//! Judging the model: [`baseline`] holds what a user would run instead (rolling window, last
+//! value, static peak), [`replay`] replays a history through any [`Predictor`] and scores it at
+//! any headroom, [`backtest`] reads an operator's history (CSV) and runs the comparison behind
+//! `understudy profile backtest` and the benchmark (`cargo bench --bench profile`), and
+//! [`synthetic`] generates the deterministic traces of the benchmark and the tests.
 
 pub mod accuracy;
 pub mod apply;
