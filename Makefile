@@ -14,7 +14,14 @@
 #   make bench-profile-model  only the model part (cargo bench --bench profile; no lab)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
-#   make test        deps, images, cargo build --tests, then lab-up, cargo test
+#   make soak-faults     the fault suite SOAK_ROUNDS times (20) under one lab: runs, failures
+#                        and slowest recovery per test; logs in build/soak/
+#   make fuzz        every AFL target for FUZZ_SECONDS each (60): executions, paths, crashes
+#   make fuzz-check  replay every fuzz target's corpus and past crashes, then fuzz each
+#                    briefly (FUZZ_CHECK_SECONDS, 5); part of make test
+#   make fuzz-deps   cargo-afl (cargo install, once) and the fuzz crate's dependencies
+#   make lint        cargo fmt --check and cargo clippy --all-targets -D warnings
+#   make test        deps, lint, images, cargo build --tests, fuzz-check, then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 #
 # Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
@@ -49,7 +56,12 @@ MEM ?= 192
 ROLE ?= primary
 DISK ?=
 
-.PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-profile-model bench-soak test-faults
+FUZZ_SECONDS ?= 60
+FUZZ_CHECK_SECONDS ?= 5
+SOAK_ROUNDS ?= 20
+
+.PHONY: deps lint images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-profile-model bench-soak test-faults \
+	soak-faults fuzz fuzz-check fuzz-deps
 
 deps:
 	@missing=""; \
@@ -90,6 +102,11 @@ lab-guest: images
 build:
 	cargo build
 
+# The house style, enforced: CI runs it through `make test`.
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
 # The tests run inside the lab namespace (scripts/lab-exec.sh: `ip netns exec`
 # plus the host's cgroup mounts) so they reach the guests. scripts/lab-run.sh
 # holds the machine-wide lab lock from lab-up to lab-down (another make test,
@@ -97,8 +114,10 @@ build:
 # status. The tests are built first, outside the lab and its lock.
 test:
 	$(MAKE) deps
+	$(MAKE) lint
 	$(MAKE) images
 	cargo build --tests
+	$(MAKE) fuzz-check
 	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
 	scripts/lab-verify-down.sh
 
@@ -139,3 +158,30 @@ test-faults:
 	$(MAKE) images
 	cargo build --tests
 	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline --test lab -- --test-threads=1 faults::
+
+# The fault suite SOAK_ROUNDS times in one lab (scripts/soak-faults.sh): each test runs alone,
+# every run's log is kept under build/soak/, and the summary gives per test the runs, the
+# failures and the slowest recovery.
+soak-faults:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --tests
+	SOAK_ROUNDS=$(SOAK_ROUNDS) scripts/lab-run.sh scripts/lab-exec.sh scripts/soak-faults.sh
+
+# Fuzzing (fuzz/, see its targets file). cargo-afl builds AFL++'s runtime when it is installed
+# (make and gcc, from deps); the fuzz crate is its own workspace with its own Cargo.lock.
+fuzz-deps:
+	@command -v cargo-afl >/dev/null || { \
+		echo "fuzz-deps: installing cargo-afl"; \
+		cargo install cargo-afl --locked; }
+	cargo fetch --manifest-path fuzz/Cargo.toml
+
+fuzz: fuzz-deps
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
+
+# A parser regression on a known input fails here: first the replay of every target's seeds,
+# kept corpus and past crashes (plain cargo test, sharing target/ with the main build), then a
+# few seconds of AFL per target, built without optimisation (much faster to build).
+fuzz-check: fuzz-deps
+	cargo test --offline --manifest-path fuzz/Cargo.toml --target-dir target
+	FUZZ_QUICK=1 FUZZ_SECONDS=$(FUZZ_CHECK_SECONDS) FUZZ_OUT=build/fuzz-check scripts/fuzz.sh

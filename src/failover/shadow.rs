@@ -4,15 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::api::protocol::ShadowState;
 use crate::domain_xml::{
-    shadow_spec, standby_boot_spec, DomainXml, InterfaceKind, InterfaceSpec, MemberState, Role,
-    ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
+    shadow_spec, standby_boot_spec, DiskSpec, DomainXml, InterfaceKind, InterfaceSpec, MemberState,
+    Role, ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
 };
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
 
-use super::{FailoverError, Shadow, TapBinding};
+use super::{FailoverError, Shadow, ShadowState, TapBinding};
 
 /// Everything needed to create one shadow.
 #[derive(Debug, Clone)]
@@ -82,6 +81,41 @@ pub fn write_meta(
     hv.set_metadata(domain, &meta.to_libvirt_xml(), META_PREFIX, META_NS)
 }
 
+/// The plan for the shadow `req` asks for, from the primary's parsed spec: an overlay under
+/// `<state_dir>/disks` for every writable image disk, consoles under `<state_dir>/consoles`,
+/// headroom above the primary's sizes. Pure: nothing on disk is touched, so a spec can be
+/// planned and cloned as a dry run.
+pub fn shadow_plan(primary: &DomainXml, req: &ShadowRequest, uuid: String) -> ShadowPlan {
+    let vcpus = primary.vcpus();
+    let mem = primary.memory_kib();
+    let disk_dir = req.state_dir.join("disks");
+    let disk_overlays = primary
+        .disks()
+        .into_iter()
+        .filter(DiskSpec::needs_overlay)
+        .map(|disk| {
+            let overlay = disk_dir.join(format!("{}-{}.qcow2", req.name, disk.target_dev));
+            (disk.target_dev, overlay)
+        })
+        .collect();
+    ShadowPlan {
+        name: req.name.clone(),
+        uuid,
+        disk_overlays,
+        // Headroom above the primary's current size so a profile can grow the shadow live.
+        vcpu_max: vcpus.max.max(vcpus.current.saturating_mul(2)).max(1),
+        memory_max_kib: mem.max_kib.max(mem.current_kib.saturating_mul(3) / 2),
+        console_dir: req.state_dir.join("consoles"),
+        meta: member_meta(
+            &req.service,
+            &req.class,
+            Role::Shadow,
+            req.generation,
+            MemberState::Booting,
+        ),
+    }
+}
+
 /// Builds the shadow's XML from the primary's persistent definition. Creates the disk
 /// overlays as a side effect. Pure enough to be called from a blocking thread.
 pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, FailoverError> {
@@ -95,42 +129,23 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
         domain: req.primary.clone(),
         source,
     })?;
-    let vcpus = primary.vcpus();
-    let mem = primary.memory_kib();
+    let plan = shadow_plan(&primary, req, new_uuid());
     let disk_dir = req.state_dir.join("disks");
-    let console_dir = req.state_dir.join("consoles");
-    for dir in [&disk_dir, &console_dir] {
+    for dir in [&disk_dir, &plan.console_dir] {
         std::fs::create_dir_all(dir).map_err(|source| FailoverError::Spawn {
             program: "mkdir",
             source,
         })?;
     }
-    let mut disk_overlays = std::collections::BTreeMap::new();
-    let mut images = Vec::new();
-    for disk in primary.disks() {
-        let Some(source) = disk.source.clone().filter(|_| disk.needs_overlay()) else {
-            continue;
-        };
-        let overlay = disk_dir.join(format!("{}-{}.qcow2", req.name, disk.target_dev));
-        disk_overlays.insert(disk.target_dev.clone(), overlay.clone());
-        images.push((PathBuf::from(source), disk.target_dev.clone(), overlay));
-    }
-    let plan = ShadowPlan {
-        name: req.name.clone(),
-        uuid: new_uuid(),
-        disk_overlays,
-        // Headroom above the primary's current size so a profile can grow the shadow live.
-        vcpu_max: vcpus.max.max(vcpus.current.saturating_mul(2)).max(1),
-        memory_max_kib: mem.max_kib.max(mem.current_kib.saturating_mul(3) / 2),
-        console_dir,
-        meta: member_meta(
-            &req.service,
-            &req.class,
-            Role::Shadow,
-            req.generation,
-            MemberState::Booting,
-        ),
-    };
+    let images: Vec<(PathBuf, String, PathBuf)> = primary
+        .disks()
+        .into_iter()
+        .filter(DiskSpec::needs_overlay)
+        .filter_map(|disk| {
+            let overlay = plan.disk_overlays.get(&disk.target_dev)?.clone();
+            Some((PathBuf::from(disk.source?), disk.target_dev, overlay))
+        })
+        .collect();
     // Validate the clone before touching any disk, so a refused spec leaves nothing behind.
     let shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
         domain: req.primary.clone(),
@@ -157,6 +172,7 @@ pub async fn provision(
     let name = hv
         .blocking("define shadow", move |hv| {
             let xml = build_shadow_xml(hv, &r)?;
+            ensure_room(&r.name, &xml)?;
             // Boot from the off-bridge variant, then make the spec the persistent definition
             // (see `standby_boot_spec`): the tap never joins a bridge before promotion.
             let boot_xml = DomainXml::parse(&xml)
@@ -547,23 +563,36 @@ fn run_qemu_img(
     Ok(out.stdout)
 }
 
-/// A random UUID from the kernel.
-pub fn new_uuid() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| {
-            // Only reached without /proc: derive one from time and pid.
-            let n = super::now_unix_ms() as u128 ^ ((std::process::id() as u128) << 64);
-            let h = format!("{n:032x}");
-            format!(
-                "{}-{}-4{}-8{}-{}",
-                &h[0..8],
-                &h[8..12],
-                &h[13..16],
-                &h[17..20],
-                &h[20..32]
-            )
+/// Refuses a shadow the host cannot hold: a paused shadow keeps its memory.
+fn ensure_room(name: &str, xml: &str) -> Result<(), FailoverError> {
+    let need_kib = DomainXml::parse(xml)
+        .map_err(|source| FailoverError::Xml {
+            domain: name.to_string(),
+            source,
+        })?
+        .memory_kib()
+        .current_kib;
+    let Some(host) = crate::cluster::HostCapacity::read() else {
+        tracing::warn!(
+            shadow = name,
+            "host memory unknown; shadow placed without a check"
+        );
+        return Ok(());
+    };
+    if host.fits(need_kib) {
+        Ok(())
+    } else {
+        Err(FailoverError::HostFull {
+            shadow: name.to_string(),
+            need_kib,
+            available_kib: host.mem_available_kib,
         })
+    }
+}
+
+/// A random (version 4) UUID for a new domain.
+pub fn new_uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 #[cfg(test)]

@@ -80,6 +80,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use super::model::HOUR_MS;
+use super::MAX_VALUE;
 
 /// Length of a slot.
 pub const SLOT_MS: u64 = 300_000;
@@ -565,39 +566,47 @@ impl MetricForecast {
         }
     }
 
-    /// Rebuilds what is derived after deserialisation, and checks the state.
+    /// Rebuilds what is derived after deserialisation, and checks the state: bounded sizes, and
+    /// finite values within the ranges the model itself produces (a version file may come from
+    /// another host, or be corrupt), so every forecast stays finite.
     pub(crate) fn restore(&mut self) -> Result<(), String> {
         if self.ring.len() > RING_SLOTS || self.pending.len() > MAX_PENDING {
             return Err("forecast ring larger than its bound".into());
         }
-        let finite = |x: f64| x.is_finite();
+        // Values are at most MAX_VALUE, so `y = ln(x + c)` stays within ±MAX_Y.
+        const MAX_Y: f64 = 64.0;
+        let value = |x: f64| x.is_finite() && (0.0..=MAX_VALUE).contains(&x);
+        let y = |x: f64| x.is_finite() && x.abs() <= MAX_Y;
+        let margin = |x: f64| x.is_finite() && x.abs() <= MAX_MARGIN;
         let heads_ok = self.heads.iter().all(|h| {
-            h.margin
-                .iter()
-                .flatten()
-                .chain(&h.scale)
-                .chain(&h.loss)
-                .all(|x| finite(*x))
-                && finite(h.delta)
-                && finite(h.delta_scale)
+            h.margin.iter().flatten().all(|x| margin(*x))
+                && margin(h.delta)
+                && h.scale
+                    .iter()
+                    .chain(&h.loss)
+                    .chain([&h.delta_scale])
+                    .all(|x| value(*x))
         });
         let values_ok = self
             .ring
             .iter()
             .chain(self.current.iter())
-            .all(|s| s.max.is_finite() && s.max >= 0.0)
+            .all(|s| value(s.max))
             && self.pending.iter().all(|s| {
-                s.issued.experts.iter().flatten().all(|x| finite(*x))
-                    && s.issued.mix.is_none_or(|(a, b)| finite(a) && finite(b))
-                    && s.issued.forecast.is_none_or(finite)
-                    && finite(s.issued.floor)
-                    && s.issued.floor >= 0.0
+                s.issued.experts.iter().flatten().all(|x| y(*x))
+                    && s.issued.mix.is_none_or(|(a, b)| y(a) && margin(b))
+                    && s.issued.forecast.is_none_or(y)
+                    && value(s.issued.floor)
                     && usize::from(s.issued.state) < STATES
             })
-            && [self.mean, self.fast, self.slow].into_iter().all(finite)
-            && self.last.is_none_or(|(_, x)| x.is_finite() && x >= 0.0);
+            && value(self.mean)
+            && y(self.fast)
+            && y(self.slow)
+            && self.last.is_none_or(|(_, x)| value(x));
         if !(heads_ok && values_ok) {
-            return Err("non-finite forecast state".into());
+            return Err(
+                "forecast state out of range (non-finite or beyond what the model produces)".into(),
+            );
         }
         let n = self.ring.len().min(WINDOW_SLOTS - 1);
         self.sorted = self.ring.iter().rev().take(n).map(|s| s.max).collect();
@@ -753,6 +762,9 @@ mod tests {
         let mut f = MetricForecast::default();
         f.heads[1].delta = f64::NAN;
         assert!(f.restore().is_err());
+        let mut f = MetricForecast::default();
+        f.heads[0].margin[2][3] = 1e300;
+        assert!(f.restore().unwrap_err().contains("out of range"));
         let mut f = MetricForecast {
             ring: (0..=RING_SLOTS as u64)
                 .map(|idx| Slot { idx, max: 1.0 })
