@@ -12,8 +12,9 @@
 #   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
 #   make bench       every benchmark (bench-profile, bench-failover)
 #   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
-#   make bench-profile   profile model vs baselines on synthetic traces, then the collectors'
-#                        own CPU cost on three lab guests (needs the lab)
+#   make bench-profile   profile model vs baselines on synthetic and real traces, then the
+#                        collectors' own CPU cost on three lab guests (needs the lab)
+#   make bench-profile-model  only the model part (cargo bench --bench profile; no lab)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
 #   make soak-faults     the fault suite SOAK_ROUNDS times (20) under one lab: runs, failures
@@ -64,7 +65,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_CHECK_SECONDS ?= 5
 SOAK_ROUNDS ?= 20
 
-.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-soak test-faults \
+.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-profile-model bench-soak test-faults \
 	soak-faults fuzz fuzz-check fuzz-deps
 
 deps:
@@ -153,12 +154,15 @@ bench-failover:
 	cargo build --release --benches
 	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench failover
 
-bench-profile:
-	cargo bench --bench profile
+# The model part runs on its own too (no lab): make bench-profile-model.
+bench-profile: bench-profile-model
 	$(MAKE) deps
 	$(MAKE) images
 	cargo bench --no-run --bench collector
 	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench collector
+
+bench-profile-model:
+	cargo bench --bench profile
 
 bench-soak:
 	$(MAKE) deps
