@@ -146,6 +146,7 @@ fn status() -> StatusReport {
                 steps: vec![StepTiming {
                     name: "fence".into(),
                     ms: 1.25,
+                    start_ms: Some(0.5),
                 }],
                 ok: true,
                 error: None,
