@@ -28,7 +28,7 @@ GUEST_DIR := build/guest
 DEB_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
 	libvirt-clients libvirt-dev pkg-config qemu-guest-agent busybox-static \
 	linux-image-amd64 iproute2 curl cpio kmod gzip gcc libc6-dev make \
-	util-linux passwd binutils xz-utils
+	util-linux passwd binutils xz-utils e2fsprogs swtpm swtpm-tools
 
 # Newest installed kernel; evaluated when make starts, which is why `make test`
 # runs `images` in a sub-make after `deps` may have installed it.
@@ -50,15 +50,30 @@ DISK ?=
 
 .PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults
 
+# Installing one package can remove another: a machine that came with a newer qemu-utils (from
+# backports) loses it when Debian's qemu-system-x86 goes in, because their versions conflict.
+# So after installing, check every package again and install what went missing; fail if a
+# second round still leaves one out.
 deps:
-	@missing=""; \
-	for p in $(DEB_PACKAGES); do \
-		dpkg -s "$$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		echo "deps: installing$$missing"; \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	@missing() { \
+		for p in $(DEB_PACKAGES); do \
+			dpkg -s "$$p" 2>/dev/null | grep -q '^Status: install ok installed' || echo "$$p"; \
+		done; \
+	}; \
+	todo=$$(missing); \
+	if [ -z "$$todo" ]; then \
+		echo "deps: all Debian packages present"; \
 	else \
+		echo "deps: installing" $$todo; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$todo || exit 1; \
+		for round in 1 2; do \
+			todo=$$(missing); \
+			[ -n "$$todo" ] || break; \
+			echo "deps: missing after installing (removed by a conflicting package?):" $$todo; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$todo || exit 1; \
+		done; \
+		todo=$$(missing); \
+		[ -z "$$todo" ] || { echo "deps: still missing:" $$todo >&2; exit 1; }; \
 		echo "deps: all Debian packages present"; \
 	fi
 	@command -v cargo >/dev/null || { \
