@@ -39,7 +39,7 @@ KERNEL_STAMP := $(GUEST_DIR)/.kernel
 ifneq ($(KERNEL),)
 $(shell mkdir -p $(GUEST_DIR) && { [ "$$(cat $(KERNEL_STAMP) 2>/dev/null)" = "$(KERNEL)" ] || echo "$(KERNEL)" >$(KERNEL_STAMP); })
 endif
-GUEST_INPUTS := images/init images/workload.c images/httpd.c images/build-guest.sh $(KERNEL) $(KERNEL_STAMP) \
+GUEST_INPUTS := images/init images/workload.c images/httpd.c images/us-data images/build-guest.sh $(KERNEL) $(KERNEL_STAMP) \
 	$(wildcard /usr/sbin/qemu-ga /usr/bin/busybox)
 
 NAME ?=

@@ -7,7 +7,16 @@
  * request from one process with the page held in memory: accept, read the request head
  * (bounded, short timeout), write a fixed response, close.
  *
- * usage: us-httpd <port> <page file>
+ * It also serves the stateful lab service, a ledger kept on the data disk mounted at
+ * <data dir> (an ext4 file system; see us-data):
+ *   POST /append?key=K  appends the record "K\n" to <data dir>/ledger and fsyncs it (and, when
+ *                       the file was just created, its directory) before answering 200;
+ *   GET /ledger         answers every record, one per line.
+ * K is 1 to 64 of [A-Za-z0-9_.-]. While no ext4 file system is mounted at <data dir> (a
+ * standing-by shadow boots without its data disk) both answer 503 and nothing is written:
+ * records never land in the initramfs.
+ *
+ * usage: us-httpd <port> <page file> [<data dir>]
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -15,21 +24,152 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #define MAX_PAGE 4096
 #define MAX_REQUEST 4096
+#define MAX_KEY 64
+#define EXT4_MAGIC 0xEF53
 
 static int usage(void) {
-    fprintf(stderr, "usage: us-httpd <port 1-65535> <page file>\n");
+    fprintf(stderr, "usage: us-httpd <port 1-65535> <page file> [<data dir>]\n");
     return 2;
 }
 
+static void write_all(int fd, const char *buf, size_t len) {
+    size_t off = 0;
+    while (off < len) {
+        ssize_t n = write(fd, buf + off, len - off);
+        if (n <= 0)
+            return;
+        off += (size_t)n;
+    }
+}
+
+static void reply(int c, const char *status, const char *body) {
+    char head[256];
+    size_t len = strlen(body);
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.0 %s\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
+                     "Connection: close\r\n\r\n",
+                     status, len);
+    write_all(c, head, (size_t)n);
+    write_all(c, body, len);
+}
+
+/* Whether an ext4 file system (the data disk) is mounted at dir. */
+static int data_mounted(const char *dir) {
+    struct statfs st;
+    return dir && statfs(dir, &st) == 0 && st.f_type == EXT4_MAGIC;
+}
+
+/* The key of "?key=K" in a request target, validated; 0 if missing or malformed. */
+static int parse_key(const char *target, char *key) {
+    const char *q = strstr(target, "?key=");
+    if (!q)
+        return 0;
+    q += 5;
+    size_t n = 0;
+    while (q[n] && q[n] != '&' && q[n] != ' ') {
+        char ch = q[n];
+        int ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                 ch == '_' || ch == '.' || ch == '-';
+        if (!ok || n >= MAX_KEY)
+            return 0;
+        key[n] = ch;
+        n++;
+    }
+    key[n] = 0;
+    return n > 0;
+}
+
+static void ledger_append(int c, const char *dir, const char *target) {
+    char key[MAX_KEY + 1];
+    if (!parse_key(target, key)) {
+        reply(c, "400 Bad Request", "expected ?key= with 1-64 of [A-Za-z0-9_.-]\n");
+        return;
+    }
+    if (!data_mounted(dir)) {
+        reply(c, "503 Service Unavailable", "data disk not mounted\n");
+        return;
+    }
+    char path[512];
+    snprintf(path, sizeof path, "%s/ledger", dir);
+    int created = access(path, F_OK) != 0;
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        reply(c, "500 Internal Server Error", "cannot open ledger\n");
+        return;
+    }
+    char rec[MAX_KEY + 2];
+    size_t len = (size_t)snprintf(rec, sizeof rec, "%s\n", key);
+    ssize_t n = write(fd, rec, len);
+    int synced = n == (ssize_t)len && fsync(fd) == 0;
+    close(fd);
+    if (synced && created) {
+        /* A new file's directory entry must be durable too. */
+        int d = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        synced = d >= 0 && fsync(d) == 0;
+        if (d >= 0)
+            close(d);
+    }
+    if (!synced) {
+        reply(c, "500 Internal Server Error", "write or fsync failed\n");
+        return;
+    }
+    char body[MAX_KEY + 8];
+    snprintf(body, sizeof body, "ok %s\n", key);
+    reply(c, "200 OK", body);
+}
+
+static void ledger_list(int c, const char *dir) {
+    if (!data_mounted(dir)) {
+        reply(c, "503 Service Unavailable", "data disk not mounted\n");
+        return;
+    }
+    char path[512];
+    snprintf(path, sizeof path, "%s/ledger", dir);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        reply(c, "200 OK", "");
+        return;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        close(fd);
+        reply(c, "500 Internal Server Error", "cannot stat ledger\n");
+        return;
+    }
+    char head[256];
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %lld\r\n"
+                     "Connection: close\r\n\r\n",
+                     (long long)st.st_size);
+    write_all(c, head, (size_t)n);
+    /* A listing may be large: no send timeout for it. */
+    struct timeval none = {0, 0};
+    setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none);
+    char buf[16384];
+    off_t left = st.st_size;
+    while (left > 0) {
+        ssize_t got = read(fd, buf, sizeof buf < (size_t)left ? sizeof buf : (size_t)left);
+        if (got <= 0)
+            break;
+        write_all(c, buf, (size_t)got);
+        left -= got;
+    }
+    close(fd);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 3)
+    if (argc != 3 && argc != 4)
         return usage();
+    const char *data_dir = argc == 4 ? argv[3] : NULL;
     char *end = NULL;
     long port = strtol(argv[1], &end, 10);
     if (!end || *end || port < 1 || port > 65535)
@@ -90,13 +230,12 @@ int main(int argc, char **argv) {
                 break;
         }
         if (got > 0) {
-            size_t off = 0;
-            while (off < response_len) {
-                ssize_t n = write(c, response + off, response_len - off);
-                if (n <= 0)
-                    break;
-                off += (size_t)n;
-            }
+            if (data_dir && strncmp(req, "POST /append", 12) == 0)
+                ledger_append(c, data_dir, req + 5);
+            else if (data_dir && strncmp(req, "GET /ledger", 11) == 0)
+                ledger_list(c, data_dir);
+            else
+                write_all(c, response, response_len);
         }
         close(c);
     }

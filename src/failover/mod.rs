@@ -5,6 +5,7 @@
 //! and N paused shadows. Everything here can be rebuilt from libvirt alone after a restart.
 
 pub mod apply_profile;
+pub mod plan;
 pub mod promote;
 pub mod shadow;
 
@@ -35,6 +36,15 @@ pub enum FailoverError {
         /// Why.
         #[source]
         source: crate::domain_xml::CloneError,
+    },
+    /// The primary's disks cannot be planned (roles that do not fit the disks).
+    #[error("cannot plan the disks of '{domain}'")]
+    Plan {
+        /// The primary domain.
+        domain: String,
+        /// Why.
+        #[source]
+        source: plan::PlanError,
     },
     /// The domain XML libvirt gave us did not parse.
     #[error("domain XML of '{domain}' is not understood")]

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use crate::api::protocol::ShadowState;
 use crate::domain_xml::{
     shadow_spec, standby_boot_spec, DomainXml, InterfaceKind, InterfaceSpec, MemberState, Role,
-    ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
+    UnderstudyMeta, META_NS, META_PREFIX,
 };
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
 
+use super::plan::{overlay_path, plan_disks, shadow_plan, DiskHandling, DiskPolicy};
 use super::{FailoverError, Shadow, TapBinding};
 
 /// Everything needed to create one shadow.
@@ -40,6 +41,17 @@ pub struct ShadowRequest {
     /// Base of the system disk's overlay instead of the primary's own image
     /// (`shadow reinit --golden`): the first writable image disk starts from it.
     pub golden_image: Option<PathBuf>,
+}
+
+impl ShadowRequest {
+    /// How this shadow treats the primary's disks.
+    pub fn disk_policy(&self) -> DiskPolicy {
+        DiskPolicy {
+            golden_for_images: self.golden_image.is_some(),
+            golden_image: self.golden_image.clone(),
+            ..DiskPolicy::default()
+        }
+    }
 }
 
 /// The shadow name for generation `n` of `service`.
@@ -83,7 +95,8 @@ pub fn write_meta(
 }
 
 /// Builds the shadow's XML from the primary's persistent definition. Creates the disk
-/// overlays as a side effect. Pure enough to be called from a blocking thread.
+/// overlays as a side effect, and logs what happens to each disk (and so whether a failover
+/// keeps its data). Pure enough to be called from a blocking thread.
 pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, FailoverError> {
     let xml = hv
         .xml(&req.primary, true)
@@ -95,8 +108,6 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
         domain: req.primary.clone(),
         source,
     })?;
-    let vcpus = primary.vcpus();
-    let mem = primary.memory_kib();
     let disk_dir = req.state_dir.join("disks");
     let console_dir = req.state_dir.join("consoles");
     for dir in [&disk_dir, &console_dir] {
@@ -105,43 +116,51 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
             source,
         })?;
     }
-    let mut disk_overlays = std::collections::BTreeMap::new();
-    let mut images = Vec::new();
-    for disk in primary.disks() {
-        let Some(source) = disk.source.clone().filter(|_| disk.needs_overlay()) else {
-            continue;
-        };
-        let overlay = disk_dir.join(format!("{}-{}.qcow2", req.name, disk.target_dev));
-        disk_overlays.insert(disk.target_dev.clone(), overlay.clone());
-        images.push((PathBuf::from(source), disk.target_dev.clone(), overlay));
-    }
-    let plan = ShadowPlan {
-        name: req.name.clone(),
-        uuid: new_uuid(),
-        disk_overlays,
-        // Headroom above the primary's current size so a profile can grow the shadow live.
-        vcpu_max: vcpus.max.max(vcpus.current.saturating_mul(2)).max(1),
-        memory_max_kib: mem.max_kib.max(mem.current_kib.saturating_mul(3) / 2),
-        console_dir,
-        meta: member_meta(
-            &req.service,
-            &req.class,
-            Role::Shadow,
-            req.generation,
-            MemberState::Booting,
-        ),
-    };
+    let policy = req.disk_policy();
+    let layout = plan_disks(&primary, &policy).map_err(|source| FailoverError::Plan {
+        domain: req.primary.clone(),
+        source,
+    })?;
+    let meta = member_meta(
+        &req.service,
+        &req.class,
+        Role::Shadow,
+        req.generation,
+        MemberState::Booting,
+    );
+    let plan = shadow_plan(
+        &primary,
+        &layout,
+        &req.state_dir,
+        &req.name,
+        &new_uuid(),
+        meta,
+    );
     // Validate the clone before touching any disk, so a refused spec leaves nothing behind.
     let shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
         domain: req.primary.clone(),
         source,
     })?;
-    for (i, (image, target, overlay)) in images.into_iter().enumerate() {
-        let base = match (&req.golden_image, i) {
-            (Some(golden), 0) => golden.clone(),
-            _ => backing_for_shadows(&image, &disk_dir, &req.service, &target)?,
+    for disk in &layout.disks {
+        tracing::info!(
+            service = %req.service,
+            shadow = %req.name,
+            disk = %disk.target,
+            role = disk.role.map_or("-", |r| r.as_str()),
+            handling = ?disk.handling,
+            keeps_data = ?disk.keeps_data,
+            "{disk}"
+        );
+    }
+    for disk in &layout.disks {
+        let Some(base) = &disk.overlay_base else {
+            continue;
         };
-        create_overlay(&base, &overlay)?;
+        let base = match disk.handling {
+            DiskHandling::GoldenOverlay => base.clone(),
+            _ => backing_for_shadows(base, &disk_dir, &req.service, &disk.target)?,
+        };
+        create_overlay(&base, &overlay_path(&disk_dir, &req.name, &disk.target))?;
     }
     Ok(shadow.to_xml())
 }

@@ -263,6 +263,22 @@ impl Hypervisor {
         })
     }
 
+    /// Opens `uri` for a few one-shot calls from a command-line tool: no keepalive and no
+    /// events, so no [`EventLoop`] is needed.
+    pub fn open_oneshot(uri: &str) -> Result<Self, LibvirtError> {
+        let conn = Connect::open(Some(uri)).map_err(|source| LibvirtError::Connect {
+            uri: uri.to_string(),
+            source,
+        })?;
+        Ok(Hypervisor {
+            inner: Arc::new(Inner {
+                conn,
+                uri: uri.to_string(),
+                callbacks: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
     /// The URI this connection was opened with.
     pub fn uri(&self) -> &str {
         &self.inner.uri
