@@ -64,6 +64,9 @@ pub enum DiskHandling {
     Shared,
     /// An empty drive: nothing to share or hand over.
     Empty,
+    /// A system disk that can have no overlay (a block, network or volume disk without a
+    /// golden image; a directory disk): the clone is refused.
+    NoOverlay,
 }
 
 impl DiskHandling {
@@ -73,7 +76,7 @@ impl DiskHandling {
         match self {
             DiskHandling::HandedOver => Some(true),
             DiskHandling::Overlay | DiskHandling::GoldenOverlay => Some(false),
-            DiskHandling::Shared | DiskHandling::Empty => None,
+            DiskHandling::Shared | DiskHandling::Empty | DiskHandling::NoOverlay => None,
         }
     }
 
@@ -93,6 +96,10 @@ impl DiskHandling {
             }
             DiskHandling::Shared => "read-only, shared as is",
             DiskHandling::Empty => "no medium",
+            DiskHandling::NoOverlay => {
+                "REFUSED: a system disk without an image file to lay an overlay on; make it a \
+                 data disk or give the class a golden_image"
+            }
         }
     }
 }
@@ -261,7 +268,7 @@ pub fn plan_disks(primary: &DomainXml, policy: &DiskPolicy) -> Result<DiskLayout
 
 /// The handling of a writable system disk: an overlay of its image, or of the golden image
 /// when it has no image file or `shadow reinit --golden` chose it. Disks that can have
-/// neither are planned as an overlay of nothing, which [`shadow_spec`] refuses by name.
+/// neither get no overlay, which [`shadow_spec`] refuses by name.
 fn system_disk(
     d: &DiskSpec,
     policy: &DiskPolicy,
@@ -280,9 +287,9 @@ fn system_disk(
         }
         DiskKind::Block | DiskKind::Network | DiskKind::Volume => match golden {
             Some(g) => (DiskHandling::GoldenOverlay, Some(g)),
-            None => (DiskHandling::Overlay, None),
+            None => (DiskHandling::NoOverlay, None),
         },
-        _ => (DiskHandling::Overlay, None),
+        _ => (DiskHandling::NoOverlay, None),
     }
 }
 
@@ -681,6 +688,10 @@ disk_roles = { vdb = "data" }
         assert_eq!(plan_exit_status(&r), 2, "{r:?}");
         let p = r.unwrap();
         assert!(p.refusal.as_deref().unwrap().contains("vda"), "{p:?}");
+        assert_eq!(disk(&p, "vda").handling, DiskHandling::NoOverlay);
+        assert!(p
+            .to_string()
+            .contains("vda (block disk /dev/vg0/db7-root): role system: REFUSED"));
         assert_eq!(disk(&p, "vdb").handling, DiskHandling::HandedOver);
         assert!(p.shadow_xml.is_none());
         // With a golden image the root boots from an overlay of it; the RBD disk is handed over.
