@@ -3,7 +3,10 @@
 #   make deps        install the Debian packages the lab needs (idempotent)
 #   make images      build the lab test guest into build/guest/
 #   make lab-up      start the lab (network namespace, bridge, libvirtd)
-#   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [MEM=192] [ROLE=primary]
+#   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]
+#                    DATA=1: a data disk (build/lab/disks/<n>-data.raw, ext4, created and
+#                    formatted on first use) holding the guest's ledger; configs/lab.toml hands
+#                    it over at failover
 #   make lab-down    tear the lab down completely
 #   make build       cargo build
 #   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
@@ -47,6 +50,7 @@ IP ?=
 MEM ?= 192
 ROLE ?= primary
 DISK ?=
+DATA ?=
 
 .PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults
 
@@ -93,13 +97,15 @@ lab-down:
 	scripts/lab-down.sh
 
 lab-guest: images
-	@[ -n "$(NAME)" ] && [ -n "$(IP)" ] || { echo "usage: make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [MEM=192] [ROLE=primary]" >&2; exit 1; }
-	@if [ -n "$(DISK)" ] && [ "$(DISK)" != 0 ]; then \
-		scripts/lab-guest.sh start '$(NAME)' '$(IP)' --mem '$(MEM)' --role '$(ROLE)' \
-			--disk "$$PWD/build/lab/disks/$(NAME).qcow2" --create-disk; \
-	else \
-		scripts/lab-guest.sh start '$(NAME)' '$(IP)' --mem '$(MEM)' --role '$(ROLE)'; \
-	fi
+	@[ -n "$(NAME)" ] && [ -n "$(IP)" ] || { echo "usage: make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]" >&2; exit 1; }
+	@set -- --mem '$(MEM)' --role '$(ROLE)'; \
+	if [ -n "$(DISK)" ] && [ "$(DISK)" != 0 ]; then \
+		set -- "$$@" --disk "$$PWD/build/lab/disks/$(NAME).qcow2" --create-disk; \
+	fi; \
+	if [ -n "$(DATA)" ] && [ "$(DATA)" != 0 ]; then \
+		set -- "$$@" --data "$$PWD/build/lab/disks/$(NAME)-data.raw" --create-data; \
+	fi; \
+	scripts/lab-guest.sh start '$(NAME)' '$(IP)' "$$@"
 
 build:
 	cargo build

@@ -24,6 +24,11 @@ daemons=$(ps -eo pid=,stat=,comm= | awk '$2 !~ /^Z/ && $3 == "understudy" { prin
 libvirtd=$(libvirt_daemon_pids | tr '\n' ' ')
 [ -n "$libvirtd" ] && left+=("libvirt daemons: $libvirtd")
 lab_conf_is_ours && left+=("the lab's $QEMU_CONF")
+lab_lockd_conf_is_ours && left+=("the lab's $QEMU_LOCKD_CONF")
+lockds=$(virtlockd_pids | tr '\n' ' ')
+[ -n "$lockds" ] && left+=("virtlockd: $lockds")
+loops=$(losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null | awk -v d="$LAB_DIR/" 'index($2, d) == 1 { print $1 }' | tr '\n' ' ')
+[ -n "${loops// /}" ] && left+=("loop devices over lab images: $loops")
 if [ ${#left[@]} -gt 0 ]; then
     printf 'lab-verify-down: left behind: %s\n' "${left[@]}" >&2
     exit 1

@@ -480,6 +480,17 @@ impl DomainXml {
             .collect()
     }
 
+    /// `<backend type=>` of every `<tpm>` (`emulator`, `passthrough`, `external`).
+    pub fn tpm_backends(&self) -> Vec<String> {
+        self.device_nodes("tpm")
+            .map(|n| {
+                tree::child_attr(&self.xot, n, "backend", "type")
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    }
+
     /// `(mac, target dev)` of every interface that has both, i.e. the host taps of a running
     /// domain as its live XML reports them.
     pub fn live_interface_taps(&self) -> Vec<(String, String)> {

@@ -8,6 +8,7 @@ pub mod apply_profile;
 pub mod plan;
 pub mod promote;
 pub mod shadow;
+pub mod tpm;
 
 use std::time::Duration;
 
@@ -45,6 +46,15 @@ pub enum FailoverError {
         /// Why.
         #[source]
         source: plan::PlanError,
+    },
+    /// The primary's emulated TPM state could not be given to the shadow.
+    #[error("cannot give the shadow the emulated TPM state of '{domain}'")]
+    Tpm {
+        /// The primary domain.
+        domain: String,
+        /// Why.
+        #[source]
+        source: tpm::TpmError,
     },
     /// The domain XML libvirt gave us did not parse.
     #[error("domain XML of '{domain}' is not understood")]

@@ -13,7 +13,7 @@ use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
 
 use super::plan::{overlay_path, plan_disks, shadow_plan, DiskHandling, DiskPolicy};
-use super::{FailoverError, Shadow, TapBinding};
+use super::{tpm, FailoverError, Shadow, TapBinding};
 
 /// Everything needed to create one shadow.
 #[derive(Debug, Clone)]
@@ -152,6 +152,9 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
             "{disk}"
         );
     }
+    if tpm::has_emulated_tpm(&primary) {
+        give_tpm_state(&primary, req, &plan.uuid, &disk_dir)?;
+    }
     for disk in &layout.disks {
         let Some(base) = &disk.overlay_base else {
             continue;
@@ -163,6 +166,32 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
         create_overlay(&base, &overlay_path(&disk_dir, &req.name, &disk.target))?;
     }
     Ok(shadow.to_xml())
+}
+
+/// Copies the primary's emulated TPM state to the shadow's UUID before the shadow first
+/// starts, and records which state it got (see [`tpm`]).
+fn give_tpm_state(
+    primary: &DomainXml,
+    req: &ShadowRequest,
+    shadow_uuid: &str,
+    disk_dir: &Path,
+) -> Result<(), FailoverError> {
+    let tpm_err = |source| FailoverError::Tpm {
+        domain: req.primary.clone(),
+        source,
+    };
+    let root = Path::new(tpm::SWTPM_STATE_DIR);
+    let given = match primary.uuid() {
+        Some(uuid) => tpm::copy_state(root, &uuid, shadow_uuid).map_err(tpm_err)?,
+        None => None,
+    };
+    tracing::info!(
+        service = %req.service,
+        shadow = %req.name,
+        copied = given.is_some(),
+        "emulated TPM: the shadow gets the primary's state"
+    );
+    tpm::record(disk_dir, &req.name, given.as_deref()).map_err(tpm_err)
 }
 
 /// Creates, boots, isolates and pauses one shadow.
