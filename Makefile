@@ -16,7 +16,8 @@
 #                        own CPU cost on three lab guests (needs the lab)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
-#   make test        deps, images, cargo build --tests, then lab-up, cargo test
+#   make lint        cargo fmt --check and cargo clippy --all-targets -D warnings
+#   make test        deps, lint, images, cargo build --tests, then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 #
 # Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
@@ -52,7 +53,7 @@ ROLE ?= primary
 DISK ?=
 DATA ?=
 
-.PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults
+.PHONY: deps lint images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults
 
 # Installing one package can remove another: a machine that came with a newer qemu-utils (from
 # backports) loses it when Debian's qemu-system-x86 goes in, because their versions conflict.
@@ -110,6 +111,11 @@ lab-guest: images
 build:
 	cargo build
 
+# The house style, enforced: CI runs it through `make test`.
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
 # The tests run inside the lab namespace (scripts/lab-exec.sh: `ip netns exec`
 # plus the host's cgroup mounts) so they reach the guests. scripts/lab-run.sh
 # holds the machine-wide lab lock from lab-up to lab-down (another make test,
@@ -117,6 +123,7 @@ build:
 # status. The tests are built first, outside the lab and its lock.
 test:
 	$(MAKE) deps
+	$(MAKE) lint
 	$(MAKE) images
 	cargo build --tests
 	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1

@@ -442,12 +442,7 @@ pub fn overlay_path(disk_dir: &Path, shadow: &str, target: &str) -> PathBuf {
 
 /// A clone refusal with its causes, on one line.
 fn refusal_text(e: &CloneError) -> String {
-    let chain = crate::error_chain(e);
-    if chain.is_empty() {
-        e.to_string()
-    } else {
-        format!("{e}: {chain}")
-    }
+    crate::error::report(e)
 }
 
 impl fmt::Display for ShadowPreview {

@@ -41,8 +41,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::agent::{
-    AgentError, AgentLimits, AgentOptions, AgentTransport, AgentTransportError, CpuStats,
-    DiskStats, ExitStatus, GuestAgent, NetInterface, OsInfo,
+    AgentError, AgentLimits, AgentOptions, AgentTransport, CpuStats, DiskStats, ExitStatus,
+    GuestAgent, NetInterface, OsInfo,
 };
 use super::cgroup::{read_counters, CgroupCounters, CgroupError, CgroupLocation, CgroupReader};
 use super::configtrack::{self, ConfigError, ConfigSnapshot, ConfigSource};
@@ -53,7 +53,7 @@ use super::sample::{
 };
 use super::sockets::{self, Connection, OutboundPeer, SocketError, SocketState};
 use crate::config::{ClassConfig, MonitorConfig};
-use crate::libvirt::{qemu_pid, DomainStats, Hypervisor, LibvirtError, QEMU_RUN_DIR};
+use crate::libvirt::{qemu_pid, DomainStats, Hypervisor, LibvirtAgent, LibvirtError, QEMU_RUN_DIR};
 use crate::profile::synthetic::SplitMix64;
 use crate::profile::{Observation, PeerUse};
 
@@ -182,37 +182,6 @@ impl CollectorError {
             CollectorError::Rates { .. } => "rates",
             CollectorError::History { .. } => "history",
         }
-    }
-}
-
-/// The guest agent of one domain over libvirt (`virDomainQemuAgentCommand`).
-#[derive(Clone)]
-pub struct LibvirtAgent {
-    /// The libvirt connection.
-    pub hv: Hypervisor,
-    /// The domain whose agent is asked.
-    pub domain: String,
-    /// Largest reply accepted, bytes.
-    pub max_reply: usize,
-}
-
-impl AgentTransport for LibvirtAgent {
-    fn command(&self, json: &str, timeout: Duration) -> Result<String, AgentTransportError> {
-        self.hv
-            .agent_command(&self.domain, json, timeout, self.max_reply)
-            .map_err(|e| match e {
-                LibvirtError::AgentTimeout { .. } => AgentTransportError::Timeout(timeout),
-                LibvirtError::Domain { ref source, .. }
-                    if source
-                        .code()
-                        .is(virt::error::ErrorNumber::AgentUnresponsive) =>
-                {
-                    AgentTransportError::NotConnected
-                }
-                other => {
-                    AgentTransportError::Other(format!("{other}: {}", crate::error_chain(&other)))
-                }
-            })
     }
 }
 
@@ -1238,6 +1207,7 @@ fn peer_uses(peers: &[OutboundPeer]) -> Vec<PeerUse> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::monitor::agent::AgentTransportError;
     use crate::monitor::cgroup::CgroupVersion;
     use serde_json::{json, Value};
     use std::collections::{HashMap, VecDeque};

@@ -1,8 +1,8 @@
 //! Monitoring of protected primaries, host side and guest side.
 //!
-//! Only [`collector`] talks to libvirt (its [`LibvirtAgent`] implements the [`AgentTransport`]
-//! trait over `crate::libvirt`); everything else reaches the guest agent through that trait, host counters are
-//! read from files under a configurable root, and everything else is pure logic fed with
+//! Only [`collector`] talks to libvirt; the guest agent is reached through the [`AgentTransport`]
+//! trait (`crate::libvirt::LibvirtAgent` implements it over libvirt), host counters are read
+//! from files under a configurable root, and everything else is pure logic fed with
 //! observations. That keeps every piece testable without a hypervisor.
 //!
 //! The pieces:
@@ -12,8 +12,8 @@
 //!   with `ping`, `osinfo`, `cpustats`, `diskstats`, `interfaces`, `read_file` and `exec`.
 //! - [`sockets`]: the guest's `/proc/net/{tcp,tcp6,udp}` (read through the agent) as
 //!   connections, listening ports and outbound peers.
-//! - [`deps`]: the dependency map: peers aggregated over time from socket snapshots and
-//!   conntrack records, bounded with least-recently-seen eviction.
+//! - [`deps`]: the dependency map: peers aggregated over time from socket snapshots,
+//!   bounded with least-recently-seen eviction.
 //! - [`configtrack`]: content hashes and previews of guest configuration items, and their diff.
 //! - [`sample`]: rates ([`Sample`]) from two consecutive sets of cumulative counters
 //!   ([`RawCounters`]), robust to counter resets.
@@ -42,8 +42,7 @@ pub use agent::{
 pub use base64::Base64Error;
 pub use cgroup::{CgroupCounters, CgroupError, CgroupReader, CgroupVersion};
 pub use collector::{
-    Collector, CollectorError, CollectorSettings, ConfigFileContent, GuestStatus, LibvirtAgent,
-    Tick, TickJitter,
+    Collector, CollectorError, CollectorSettings, ConfigFileContent, GuestStatus, Tick, TickJitter,
 };
 pub use configtrack::{
     diff as config_diff, ConfigChange, ConfigItem, ConfigSnapshot, ConfigSource,
