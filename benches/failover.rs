@@ -370,7 +370,7 @@ fn make_standby(hv: &Hypervisor, n: &NetRt, from: &str, generation: u64) -> Stri
             "-c".into(),
             "for i in $(seq 30); do wget -q -O /dev/null http://127.0.0.1/; done".into(),
         ]],
-        golden_image: None,
+        disks: understudy::failover::plan::DiskPolicy::default(),
     };
     n.rt.block_on(understudy::failover::shadow::provision(hv, &n.net, req))
         .unwrap()

@@ -35,7 +35,8 @@ use crate::api::protocol::{Request, Response};
 use crate::cluster::{Coordinator, HostId, LocalCoordinator};
 use crate::config::{ClassConfig, Config};
 use crate::domain_xml::{MemberState, Role, META_NS};
-use crate::failover::promote::{promote, Promoted, Promotion, PromotionFailed};
+use crate::failover::plan::DiskPolicy;
+use crate::failover::promote::{promote, Handover, Promoted, Promotion, PromotionFailed};
 use crate::failover::shadow::{member_meta, shadow_generation, write_meta};
 use crate::failover::{FailoverError, Shadow, Trigger};
 use crate::libvirt::{
@@ -393,7 +394,9 @@ fn launch_promotion(
     at: Instant,
     start: table::FailoverStart,
 ) {
+    let handover = handover_of(&d.class(&start.class), &d.cfg());
     let promotion = Promotion {
+        handover,
         service: service.to_string(),
         class: start.class,
         old_primary: start.old_primary,
@@ -418,6 +421,18 @@ fn launch_promotion(
             result,
         });
     });
+}
+
+/// What a promotion of a service of `class` hands over besides the network; `None` when the
+/// class gives no disk the data role.
+fn handover_of(class: &ClassConfig, cfg: &Config) -> Option<Handover> {
+    let disks = DiskPolicy::of_class(class, false);
+    disks.may_hand_over().then(|| Handover {
+        disks,
+        commands: class.promote_commands.clone(),
+        command_timeout: class.promote_command_timeout(),
+        agent_max_reply: cfg.monitor.agent_max_reply_bytes,
+    })
 }
 
 async fn on_note(d: &Shared, note: Note) {
@@ -496,8 +511,12 @@ async fn on_shadow_done(
         Ok(shadow) => d.table().shadow_ready(service, shadow),
         Err(e) => {
             // A spec that cannot be cloned will not clone next time either.
-            let unprotectable =
-                matches!(e, FailoverError::Clone { .. } | FailoverError::Xml { .. });
+            let unprotectable = matches!(
+                e,
+                FailoverError::Clone { .. }
+                    | FailoverError::Xml { .. }
+                    | FailoverError::Plan { .. }
+            );
             let why = crate::error::report(&e);
             tracing::error!(service, shadow = name, error = %why, "shadow provisioning failed");
             let answer =

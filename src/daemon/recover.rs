@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::domain_xml::{MemberState, Role, UnderstudyMeta, META_NS};
+use crate::failover::plan::DiskPolicy;
 use crate::failover::shadow::{
     isolate_tap, live_taps, member_meta, provision, shadow_generation, write_meta, ShadowRequest,
 };
@@ -401,7 +402,10 @@ fn spawn_provision(d: &Shared, plan: ShadowToProvision) {
     let cfg = d.cfg();
     let c = d.class(&plan.class);
     let req = ShadowRequest {
-        golden_image: super::profiles::golden_image(d, &plan.service, &c),
+        disks: DiskPolicy::of_class(
+            &c,
+            super::profiles::golden_image(d, &plan.service, &c).is_some(),
+        ),
         service: plan.service.clone(),
         class: plan.class,
         primary: plan.primary,

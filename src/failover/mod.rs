@@ -103,6 +103,35 @@ pub enum FailoverError {
         /// The limit.
         timeout: Duration,
     },
+    /// A data disk could not be attached to the promoted shadow.
+    #[error("attach: data disk {target} ({disk_source}) could not be attached to '{shadow}'")]
+    Attach {
+        /// The shadow.
+        shadow: String,
+        /// `<target dev>` of the disk.
+        target: String,
+        /// Its source.
+        disk_source: String,
+        /// libvirt's refusal (the lock manager's "resource busy" among others).
+        #[source]
+        source: Box<LibvirtError>,
+    },
+    /// A promote command failed, timed out or could not be run.
+    #[error("promote_commands: {argv:?} in '{shadow}' {outcome}")]
+    PromoteCommand {
+        /// The shadow.
+        shadow: String,
+        /// The command.
+        argv: Vec<String>,
+        /// What happened: exit status and its output, or why it could not run.
+        outcome: String,
+    },
+    /// A step failed on purpose ([`FAULT_FAIL_ONCE_ENV`], a test hook).
+    #[error("{step}: failed by fault injection ({FAULT_FAIL_ONCE_ENV})")]
+    Injected {
+        /// The step.
+        step: &'static str,
+    },
     /// Fencing of the old primary could not be confirmed, so nothing was promoted.
     #[error("fencing of '{domain}' could not be confirmed: {why}")]
     FenceUnconfirmed {
@@ -231,4 +260,21 @@ fn fault_point(step: &str) {
         );
         std::process::abort();
     }
+}
+
+/// Environment variable naming a promotion step that fails once, after doing its work, in
+/// this daemon process: the stateful suite uses it to check that a failed hand-over leaves
+/// its disk on no domain and that the retry runs. Unset in production; read once.
+pub const FAULT_FAIL_ONCE_ENV: &str = "UNDERSTUDY_FAULT_FAIL_ONCE";
+
+/// Whether step `step` is to fail now (at most once per process).
+fn fault_fail_once(step: &str) -> bool {
+    static TARGET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let target = TARGET.get_or_init(|| {
+        std::env::var(FAULT_FAIL_ONCE_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+    });
+    target.as_deref() == Some(step) && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
 }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{ClassConfig, DiskRole};
 use crate::domain_xml::{
@@ -48,10 +48,43 @@ impl DiskPolicy {
     fn role(&self, target: &str) -> DiskRole {
         self.roles.get(target).copied().unwrap_or(self.default_role)
     }
+
+    /// Whether a primary can have a data disk under this policy at all; promotions of a
+    /// class where none can skip the hand-over entirely.
+    pub fn may_hand_over(&self) -> bool {
+        self.default_role == DiskRole::Data || self.roles.values().any(|r| *r == DiskRole::Data)
+    }
+}
+
+/// A data disk as promotion attaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataDisk {
+    /// `<target dev>`.
+    pub target: String,
+    /// Its source, for messages.
+    pub source: String,
+    /// The `<disk>` element from the old primary's definition.
+    pub xml: String,
+}
+
+/// The data disks of `primary` under `policy`, each with the `<disk>` to attach to its
+/// shadow.
+pub fn data_disks(primary: &DomainXml, policy: &DiskPolicy) -> Result<Vec<DataDisk>, PlanError> {
+    let layout = plan_disks(primary, policy)?;
+    Ok(layout
+        .with(DiskHandling::HandedOver)
+        .filter_map(|d| {
+            Some(DataDisk {
+                target: d.target.clone(),
+                source: d.source.clone().unwrap_or_default(),
+                xml: primary.disk_xml(&d.target)?,
+            })
+        })
+        .collect())
 }
 
 /// What happens to one disk when a shadow is made and promoted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DiskHandling {
     /// System disk: the shadow boots a qcow2 overlay of the primary's image.
@@ -105,7 +138,7 @@ impl DiskHandling {
 }
 
 /// One disk of the primary, as planned.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskPlan {
     /// `<target dev>`.
     pub target: String,

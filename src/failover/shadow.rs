@@ -37,20 +37,9 @@ pub struct ShadowRequest {
     pub agent_max_reply: usize,
     /// Commands run in the shadow (guest-exec, argument vectors) before it is paused.
     pub warmup: Vec<Vec<String>>,
-    /// Base of the system disk's overlay instead of the primary's own image
-    /// (`shadow reinit --golden`): the first writable image disk starts from it.
-    pub golden_image: Option<PathBuf>,
-}
-
-impl ShadowRequest {
-    /// How this shadow treats the primary's disks.
-    pub fn disk_policy(&self) -> DiskPolicy {
-        DiskPolicy {
-            golden_for_images: self.golden_image.is_some(),
-            golden_image: self.golden_image.clone(),
-            ..DiskPolicy::default()
-        }
-    }
+    /// Disk roles and the golden image (whose overlay the first system image disk boots
+    /// when `shadow reinit --golden` chose it).
+    pub disks: DiskPolicy,
 }
 
 /// The shadow name for generation `n` of `service`.
@@ -115,8 +104,7 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
             source,
         })?;
     }
-    let policy = req.disk_policy();
-    let layout = plan_disks(&primary, &policy).map_err(|source| FailoverError::Plan {
+    let layout = plan_disks(&primary, &req.disks).map_err(|source| FailoverError::Plan {
         domain: req.primary.clone(),
         source,
     })?;
@@ -357,6 +345,90 @@ pub async fn guest_exec_wait(
         }
     }
     Ok(-1)
+}
+
+/// How a command run through guest-exec ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// Its exit code; `None` if it was still running at the deadline.
+    pub code: Option<i64>,
+    /// The end of what it wrote to stderr (bounded, lossy UTF-8).
+    pub stderr: String,
+}
+
+/// Runs `argv` in the guest through guest-exec with its output captured, polling every
+/// `poll` until it exits or `limit` passes. The guest is untrusted: replies are bounded by
+/// `max_reply`, and only the last 512 bytes of stderr are kept.
+pub async fn guest_exec_captured(
+    hv: &Hypervisor,
+    domain: &str,
+    argv: &[String],
+    limit: Duration,
+    poll: Duration,
+    max_reply: usize,
+) -> Result<ExecOutcome, LibvirtError> {
+    let (program, args) = argv
+        .split_first()
+        .map(|(p, a)| (p.clone(), a.to_vec()))
+        .unwrap_or_default();
+    let cmd = serde_json::json!({"execute": "guest-exec", "arguments": {"path": program, "arg": args, "capture-output": true}})
+        .to_string();
+    let d = domain.to_string();
+    let reply = hv
+        .run("guest-exec", move |hv| {
+            hv.agent_command(&d, &cmd, Duration::from_secs(5), max_reply)
+        })
+        .await?;
+    let Some(pid) = serde_json::from_str::<serde_json::Value>(&reply)
+        .ok()
+        .and_then(|v| v["return"]["pid"].as_i64())
+    else {
+        return Ok(ExecOutcome {
+            code: None,
+            stderr: format!("guest-exec gave no pid: {}", clip_tail(&reply, 200)),
+        });
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        tokio::time::sleep(poll).await;
+        let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}})
+            .to_string();
+        let d = domain.to_string();
+        let reply = hv
+            .run("guest-exec-status", move |hv| {
+                hv.agent_command(&d, &status, Duration::from_secs(5), max_reply)
+            })
+            .await?;
+        let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+        if v["return"]["exited"].as_bool() == Some(true) {
+            let stderr = v["return"]["err-data"]
+                .as_str()
+                .and_then(|b| crate::monitor::base64::decode(b).ok())
+                .map(|bytes| clip_tail(&String::from_utf8_lossy(&bytes), 512))
+                .unwrap_or_default();
+            return Ok(ExecOutcome {
+                // A command killed by a signal has no exit code; report it as -1.
+                code: Some(v["return"]["exitcode"].as_i64().unwrap_or(-1)),
+                stderr,
+            });
+        }
+        if Instant::now() >= deadline {
+            return Ok(ExecOutcome {
+                code: None,
+                stderr: String::new(),
+            });
+        }
+    }
+}
+
+/// The last `max` bytes of `s` (on a character boundary), trimmed.
+fn clip_tail(s: &str, max: usize) -> String {
+    let s = s.trim();
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_string()
 }
 
 /// Takes a tap off its bridge and sets it down.

@@ -560,6 +560,17 @@ impl Hypervisor {
             .map_err(|source| dom_err("update device", name, source))
     }
 
+    /// Attaches a device (e.g. a `<disk>`) to the running domain and to its persistent
+    /// definition.
+    pub fn attach_device(&self, name: &str, device_xml: &str) -> Result<(), LibvirtError> {
+        let d = self.lookup(name)?;
+        d.attach_device_flags(
+            device_xml,
+            sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
+        )
+        .map_err(|source| dom_err("attach device", name, source))
+    }
+
     /// Whether the domain has a persistent definition (is not transient).
     pub fn is_persistent(&self, name: &str) -> Result<bool, LibvirtError> {
         self.lookup(name)?
