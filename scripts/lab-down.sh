@@ -91,7 +91,7 @@ if lab_ns_exists; then
     for pid in $(ip netns pids "$LAB_NS" 2>/dev/null); do
         comm=$(cat "/proc/$pid/comm" 2>/dev/null || true)
         case "$comm" in
-            understudy | qemu-system-* | qemu-nbd)
+            understudy | qemu-system-* | qemu-nbd | lab-reaper)
                 lab_log "stopping leftover $comm (pid $pid) in $LAB_NS"
                 stop_pid "$pid" 50
                 ;;
@@ -178,6 +178,7 @@ fi
 if [ -d "$LAB_STATE" ]; then
     keep_log "$LAB_LIBVIRTD_LOG"
     keep_log "$VIRTLOCKD_LOG"
+    keep_log "$LAB_STATE/libvirtd.out"
     rm -rf "$LAB_STATE"
 fi
 

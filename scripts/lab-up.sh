@@ -153,11 +153,22 @@ if [ -z "$(virtlockd_pids)" ]; then
 fi
 
 # --- libvirtd inside the namespace ---------------------------------------------------
+# Under lab-reaper (scripts/lab-reaper.c), which reaps dead QEMUs at once as a real host's
+# init does; this machine's pid 1 leaves them zombies for a second or two, and libvirt waits
+# for them before it finishes stopping a domain and releases its disk leases.
+reaper=$REPO_ROOT/build/lab-reaper
+if [ ! -x "$reaper" ] || [ "$REPO_ROOT/scripts/lab-reaper.c" -nt "$reaper" ]; then
+    command -v gcc >/dev/null || lab_die "gcc not found; run make deps"
+    mkdir -p "$REPO_ROOT/build"
+    gcc -O2 -Wall -Wextra -o "$reaper.tmp" "$REPO_ROOT/scripts/lab-reaper.c"
+    mv -f "$reaper.tmp" "$reaper"
+fi
 rm -f "$LIBVIRTD_PIDFILE"
-LIBVIRT_LOG_OUTPUTS="3:file:$LAB_LIBVIRTD_LOG" \
-    "$REPO_ROOT/scripts/lab-exec.sh" libvirtd -d
+LIBVIRT_LOG_OUTPUTS="3:file:$LAB_LIBVIRTD_LOG" setsid \
+    "$REPO_ROOT/scripts/lab-exec.sh" "$reaper" libvirtd --pid-file "$LIBVIRTD_PIDFILE" \
+    </dev/null >>"$LAB_STATE/libvirtd.out" 2>&1 &
 for _ in $(seq 1 300); do
-    libvirt_answers && break
+    libvirt_answers && [ -s "$LIBVIRTD_PIDFILE" ] && break
     sleep 0.1
 done
 libvirt_answers || lab_die "libvirtd did not answer on $LAB_URI within 30 s (see $LAB_LIBVIRTD_LOG)"

@@ -12,13 +12,15 @@
 //! ([`super::apply_profile`]).
 //!
 //! A service with data disks (see [`super::plan`]) changes hands differently. Its disks must
-//! never have two writers, so fencing means the old primary's QEMU is confirmed gone (a hung
-//! or healthy one is killed through a pidfd and its exit awaited); then each data disk is
-//! attached, live and persistently, to the still-paused shadow; the shadow is resumed; the
-//! class's `promote_commands` run in the guest (find the disk, mount it, start the service);
-//! and only then is the network rewired, so no client reaches a service whose data is not
-//! there. Any failure after the attach destroys the shadow again, so the disk is left on no
-//! domain for the retry.
+//! never have two writers, so fencing means the old primary's QEMU is confirmed gone: a hung
+//! or healthy one is killed through a pidfd and its exit awaited, and libvirt is made to
+//! finish stopping the domain (which also releases its disk leases when libvirt's lock manager
+//! runs). Then the shadow is resumed (still off the network); each data disk is attached to
+//! it, live and persistently (to a running domain: libvirt's lock manager refuses to resume a
+//! domain that was given a disk while paused); the class's `promote_commands` run in the
+//! guest (find the disk, mount it, start the service); and only then is the network rewired,
+//! so no client reaches a service whose data is not there. Any failure after the resume
+//! destroys the shadow again, so the disk is left on no domain for the retry.
 //!
 //! The order lives in [`run_steps`], generic over [`PromotionSteps`]; [`LiveSteps`] carries
 //! the steps out on libvirt, netlink and the coordinator, and the unit tests check the order
@@ -241,15 +243,15 @@ async fn run_steps<S: PromotionSteps>(
     finish(steps, p, clock, notes).await
 }
 
-/// Attach (to the paused shadow), resume, promote commands, and only then the network.
+/// Resume (off the network), attach, promote commands, and only then the network.
 async fn hand_over<S: PromotionSteps>(
     steps: &S,
     p: &Promotion,
     disks: &[DataDisk],
     clock: &mut StepClock,
 ) -> Result<(), FailoverError> {
-    timed(clock, "attach", steps.attach(p, disks)).await?;
     timed(clock, "resume", steps.resume(p)).await?;
+    timed(clock, "attach", steps.attach(p, disks)).await?;
     timed(clock, "promote_commands", steps.promote_commands(p)).await?;
     timed(clock, "rewire", steps.rewire(p)).await?;
     if !p.shadow.link_ready() {
@@ -385,6 +387,38 @@ fn is_qemu_of(pid: i32, name: &str) -> bool {
         .any(|arg| arg == want || arg.starts_with(&format!("{want},")))
 }
 
+impl LiveSteps<'_> {
+    /// Has libvirt finish stopping `name` and confirms it sees the domain inactive: until
+    /// then libvirt holds the dead QEMU's disk leases (its lock manager refuses the disks to
+    /// anyone else) and may still report it running.
+    async fn libvirt_stopped(&self, name: &str) -> Result<(), FailoverError> {
+        let n = name.to_string();
+        let state = self
+            .hv
+            .run("fence: libvirt stops the old primary", move |hv| {
+                // Waits for libvirt's own processing of the exit; "not running" is success.
+                hv.destroy(&n)?;
+                hv.state(&n)
+            })
+            .await;
+        match state {
+            Ok(s) if !s.is_active() => Ok(()),
+            Err(LibvirtError::NoSuchDomain { .. }) => Ok(()),
+            Ok(s) => Err(FailoverError::FenceUnconfirmed {
+                domain: name.to_string(),
+                why: format!("libvirt still reports it {}", s.as_str()),
+            }),
+            Err(e) => Err(FailoverError::FenceUnconfirmed {
+                domain: name.to_string(),
+                why: format!(
+                    "libvirt cannot confirm it stopped: {}",
+                    crate::error::report(&e)
+                ),
+            }),
+        }
+    }
+}
+
 impl PromotionSteps for LiveSteps<'_> {
     async fn data_disks(&self, p: &Promotion) -> Result<Vec<DataDisk>, FailoverError> {
         let Some(handover) = &p.handover else {
@@ -419,15 +453,15 @@ impl PromotionSteps for LiveSteps<'_> {
         };
         // No pid file: libvirt has already seen the QEMU go (or it never ran).
         let Ok(pid) = qemu_pid(Path::new(QEMU_RUN_DIR), name) else {
-            return Ok(());
+            return self.libvirt_stopped(name).await;
         };
         if !is_qemu_of(pid, name) {
-            return Ok(());
+            return self.libvirt_stopped(name).await;
         }
         let process = match QemuProcess::open(name, pid) {
             Ok(p) => p,
             // Exited between the two reads.
-            Err(_) if !is_qemu_of(pid, name) => return Ok(()),
+            Err(_) if !is_qemu_of(pid, name) => return self.libvirt_stopped(name).await,
             Err(e) => return Err(unconfirmed(format!("cannot watch QEMU pid {pid}: {e}"))),
         };
         process
@@ -441,7 +475,7 @@ impl PromotionSteps for LiveSteps<'_> {
                 ))
             })?;
         tracing::info!(old_primary = %name, pid, "fence: old primary's QEMU killed and gone");
-        Ok(())
+        self.libvirt_stopped(name).await
     }
 
     async fn attach(&self, p: &Promotion, disks: &[DataDisk]) -> Result<(), FailoverError> {
@@ -815,8 +849,8 @@ mod tests {
                 "fence",
                 "stop_old_qemu",
                 "claim",
-                "attach",
                 "resume",
+                "attach",
                 "promote_commands",
                 "rewire",
                 "announce",
@@ -829,8 +863,8 @@ mod tests {
                 "plan_disks",
                 "fence",
                 "claim",
-                "attach",
                 "resume",
+                "attach",
                 "promote_commands",
                 "rewire",
                 "announce",
@@ -844,7 +878,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_hand_over_names_its_step_and_gives_the_disk_back() {
-        for failing in ["attach", "resume", "promote_commands", "rewire"] {
+        for failing in ["resume", "attach", "promote_commands", "rewire"] {
             let r = Recorder::failing(Some(failing));
             let failed = run(&r, stateful_promotion()).await.unwrap_err();
             let calls = r.calls();
