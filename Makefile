@@ -14,6 +14,8 @@
 #   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
 #   make bench-profile   profile model vs baselines on synthetic traces, then the collectors'
 #                        own CPU cost on three lab guests (needs the lab)
+#   make bench-stateful  SIGKILL failovers of the ledger guest (data disk handed over) while a
+#                        client appends every 10 ms, vs cold restart (BENCH_TRIALS=10)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
 #   make lint        cargo fmt --check and cargo clippy --all-targets -D warnings
@@ -53,7 +55,7 @@ ROLE ?= primary
 DISK ?=
 DATA ?=
 
-.PHONY: deps lint images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults
+.PHONY: deps lint images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak bench-stateful test-faults
 
 # Installing one package can remove another: a machine that came with a newer qemu-utils (from
 # backports) loses it when Debian's qemu-system-x86 goes in, because their versions conflict.
@@ -151,6 +153,12 @@ bench-profile:
 	$(MAKE) images
 	cargo bench --no-run --bench collector
 	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench collector
+
+bench-stateful:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --release --benches
+	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench stateful
 
 bench-soak:
 	$(MAKE) deps

@@ -7,3 +7,4 @@ mod failover;
 mod faults;
 mod lab_basics;
 mod profile;
+mod stateful;
