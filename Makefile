@@ -11,7 +11,7 @@
 #   make build       cargo build
 #   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
 #   make bench       every benchmark (bench-profile, bench-failover)
-#   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
+#   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=50, p99)
 #   make bench-profile   profile model vs baselines on synthetic traces, then the collectors'
 #                        own CPU cost on three lab guests (needs the lab)
 #   make bench-stateful  SIGKILL failovers of the ledger guest (data disk handed over) while a

@@ -511,15 +511,19 @@ pub fn taps_with_mac_on_bridge(mac: &str) -> Vec<String> {
     out
 }
 
-/// Median, p95 and max of `v` (NaN when empty).
-pub fn stats(v: &[f64]) -> (f64, f64, f64) {
+/// The `p` quantile (0..=1) of `v`, nearest rank (NaN when empty).
+pub fn percentile(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).unwrap());
     if s.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
+        return f64::NAN;
     }
-    let pct = |p: f64| s[((p * (s.len() - 1) as f64).round() as usize).min(s.len() - 1)];
-    (pct(0.5), pct(0.95), *s.last().unwrap())
+    s[((p * (s.len() - 1) as f64).round() as usize).min(s.len() - 1)]
+}
+
+/// Median, p95 and max of `v` (NaN when empty).
+pub fn stats(v: &[f64]) -> (f64, f64, f64) {
+    (percentile(v, 0.5), percentile(v, 0.95), percentile(v, 1.0))
 }
 
 /// A plain SVG chart: one dot per trial, per method, on a log-scale y axis.

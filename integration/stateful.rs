@@ -234,6 +234,20 @@ fn failover_keeps_every_key(
             "step {want} missing: {steps:?}"
         );
     }
+    eprintln!(
+        "round {round} ({fault:?}) daemon steps: {}",
+        svc["last_failover"]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!(
+                "{} {:.0} ms",
+                s["name"].as_str().unwrap_or("?"),
+                s["ms"].as_f64().unwrap_or(0.0)
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let order = |s: &str| steps.iter().position(|x| x == s).unwrap();
     assert!(order("attach") < order("promote_commands"));
     assert!(order("promote_commands") < order("rewire"), "{steps:?}");
@@ -457,4 +471,57 @@ impl Drop for StopNbd {
             .args(["stop-nbd", self.0])
             .status();
     }
+}
+
+#[test]
+fn emulated_tpm_primary_is_protected_and_its_shadow_follows_its_state() {
+    require_lab();
+    let name = "it-tpm1";
+    let ip = "10.77.0.66";
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let daemon = DaemonProc::start("tpm", name, 1);
+    let hv = hypervisor();
+    let xml = guest_xml(name, &format!("{ip}/24"), &[]).replace(
+        "<memballoon",
+        "<tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>\n    <memballoon",
+    );
+    hv.define(&xml).unwrap();
+    hv.start(name, false).unwrap();
+    let root = PathBuf::from(understudy::failover::tpm::SWTPM_STATE_DIR);
+    let state = |uuid: &str| {
+        std::fs::read(
+            understudy::failover::tpm::state_dir(&root, uuid).join("tpm2/tpm2-00.permall"),
+        )
+        .ok()
+    };
+    let primary_uuid = domain_uuid(&hv, name);
+    let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
+    assert!(hv.xml(&shadow, true).unwrap().contains("emulator"));
+    // The shadow runs on a copy of the primary's TPM state, not on a blank TPM of its own.
+    let shadow_uuid = domain_uuid(&hv, &shadow);
+    let copied = state(&shadow_uuid).expect("shadow TPM state");
+    assert_eq!(Some(copied), state(&primary_uuid), "shadow's TPM state");
+    assert!(daemon
+        .log_text()
+        .contains("the shadow gets the primary's state"));
+
+    // The primary's TPM state changes (swtpm replaces its file): the shadow holding the old
+    // state is replaced by one with the new state.
+    let permall =
+        understudy::failover::tpm::state_dir(&root, &primary_uuid).join("tpm2/tpm2-00.permall");
+    let bytes = std::fs::read(&permall).unwrap();
+    let tmp = permall.with_extension("test-rewrite");
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::rename(&tmp, &permall).unwrap();
+    let replacement = wait_for("stale shadow replaced", SHADOW_WAIT, || {
+        daemon
+            .paused_shadows(name)
+            .filter(|p| p.len() == 1 && p[0] != shadow)
+    });
+    assert_eq!(replacement[0], format!("{name}-shadow-2"));
+    assert!(daemon.log_text().contains("emulated TPM state changed"));
+    let new_uuid = domain_uuid(&hv, &replacement[0]);
+    assert_eq!(state(&new_uuid), state(&primary_uuid));
 }

@@ -336,6 +336,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
             _ = housekeeping.tick() => {
                 recover::ensure_all_shadows(&d);
                 checks::audit_bridges(&d);
+                checks::replace_stale_tpm_shadows(&d);
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping; shadows stay as they are"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping; shadows stay as they are"); break; }

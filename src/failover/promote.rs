@@ -131,6 +131,9 @@ pub trait PromotionSteps: Sync {
     ) -> impl Future<Output = Result<(), FailoverError>> + Send;
     /// After a failed hand-over: destroys the shadow, so the data disks are held by no domain.
     fn release(&self, p: &Promotion) -> impl Future<Output = ()> + Send;
+    /// After a failure past the claim: gives the service back to the old primary, so the
+    /// retry (on another shadow) can claim it; best effort.
+    fn unclaim(&self, p: &Promotion) -> impl Future<Output = ()> + Send;
     /// Becomes the service's owner; an error means another promotion owns it.
     fn claim(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
     /// Resumes the paused shadow.
@@ -231,16 +234,24 @@ async fn run_steps<S: PromotionSteps>(
     .await?;
     timed(clock, "claim", steps.claim(p)).await?;
 
-    if stateful {
-        // 2'. The hand-over; a failure once a disk may be attached gives the disk back.
-        if let Err(e) = hand_over(steps, p, &disks, clock).await {
-            steps.release(p).await;
-            return Err(e);
+    let rest = async {
+        if stateful {
+            // 2'. The hand-over; a failure once a disk may be attached gives the disk back.
+            if let Err(e) = hand_over(steps, p, &disks, clock).await {
+                steps.release(p).await;
+                return Err(e);
+            }
+        } else {
+            resume_and_rewire(steps, p, clock).await?;
         }
-    } else {
-        resume_and_rewire(steps, p, clock).await?;
+        finish(steps, p, clock, notes).await
     }
-    finish(steps, p, clock, notes).await
+    .await;
+    if rest.is_err() {
+        // The retry promotes another shadow: its claim expects the old primary as owner.
+        steps.unclaim(p).await;
+    }
+    rest
 }
 
 /// Resume (off the network), attach, promote commands, and only then the network.
@@ -419,6 +430,28 @@ impl LiveSteps<'_> {
     }
 }
 
+/// Compare-and-swap back: while the owner record names the shadow of the failed promotion, it
+/// names the old primary again.
+pub async fn unclaim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), FailoverError> {
+    let lost = |source| FailoverError::ClaimLost {
+        service: p.service.clone(),
+        source: Box::new(source),
+    };
+    match coord.owner(&p.service).await.map_err(lost)? {
+        Some(r) if r.domain == p.shadow.name => coord
+            .claim(Claim {
+                service: p.service.clone(),
+                domain: p.old_primary.clone(),
+                expected: r.generation,
+            })
+            .await
+            .map(drop)
+            .map_err(lost),
+        // Someone else moved it on (or it was never ours): leave it.
+        _ => Ok(()),
+    }
+}
+
 impl PromotionSteps for LiveSteps<'_> {
     async fn data_disks(&self, p: &Promotion) -> Result<Vec<DataDisk>, FailoverError> {
         let Some(handover) = &p.handover else {
@@ -537,6 +570,12 @@ impl PromotionSteps for LiveSteps<'_> {
             }
         }
         Ok(())
+    }
+
+    async fn unclaim(&self, p: &Promotion) {
+        if let Err(e) = unclaim_owner(self.coord, p).await {
+            tracing::warn!(service = %p.service, error = %crate::error::report(&e), "cannot give the service back to the old primary after a failed promotion");
+        }
     }
 
     async fn release(&self, p: &Promotion) {
@@ -774,6 +813,9 @@ mod tests {
         async fn release(&self, _: &Promotion) {
             let _ = self.step("release").await;
         }
+        async fn unclaim(&self, _: &Promotion) {
+            let _ = self.step("unclaim").await;
+        }
         async fn claim(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("claim").await
         }
@@ -882,7 +924,11 @@ mod tests {
             let r = Recorder::failing(Some(failing));
             let failed = run(&r, stateful_promotion()).await.unwrap_err();
             let calls = r.calls();
-            assert_eq!(calls.last(), Some(&"release"), "{failing}: {calls:?}");
+            assert_eq!(
+                &calls[calls.len() - 2..],
+                ["release", "unclaim"],
+                "{failing}: {calls:?}"
+            );
             assert!(!calls.contains(&"metadata"), "{failing}: {calls:?}");
             assert_eq!(step_names(&failed.record).last(), Some(&failing));
             assert!(!failed.record.ok);
@@ -893,6 +939,7 @@ mod tests {
             run(&r, stateful_promotion()).await.unwrap_err();
             let calls = r.calls();
             assert!(!calls.contains(&"release"), "{failing}: {calls:?}");
+            assert!(!calls.contains(&"unclaim"), "{failing}: {calls:?}");
             assert!(!calls.contains(&"attach"), "{failing}: {calls:?}");
         }
     }
@@ -1008,6 +1055,30 @@ mod tests {
         let p = promotion(true);
         let err = claim_owner(&coord, &p).await.unwrap_err();
         assert!(matches!(err, FailoverError::ClaimLost { .. }), "{err:?}");
+        assert_eq!(
+            coord.owner("web").await.unwrap().unwrap().domain,
+            "web-shadow-2"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_promotion_gives_the_claim_back_so_the_retry_can_claim() {
+        use crate::cluster::{HostId, LocalCoordinator};
+        let coord = LocalCoordinator::new(HostId("h".into()));
+        coord.adopt("web", "web").await.unwrap();
+        let first = promotion(true);
+        claim_owner(&coord, &first).await.unwrap();
+        unclaim_owner(&coord, &first).await.unwrap();
+        assert_eq!(coord.owner("web").await.unwrap().unwrap().domain, "web");
+        let mut retry = promotion(true);
+        retry.shadow.name = "web-shadow-2".into();
+        claim_owner(&coord, &retry).await.unwrap();
+        assert_eq!(
+            coord.owner("web").await.unwrap().unwrap().domain,
+            "web-shadow-2"
+        );
+        // Giving back what another promotion owns now changes nothing.
+        unclaim_owner(&coord, &first).await.unwrap();
         assert_eq!(
             coord.owner("web").await.unwrap().unwrap().domain,
             "web-shadow-2"
