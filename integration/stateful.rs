@@ -248,6 +248,15 @@ fn failover_keeps_every_key(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let metrics = daemon.metrics();
+    for step in ["attach", "promote_commands"] {
+        assert!(
+            metrics.contains(&format!(
+                "understudy_failover_step_seconds_count{{step=\"{step}\"}}"
+            )),
+            "no {step} step in the metrics"
+        );
+    }
     let order = |s: &str| steps.iter().position(|x| x == s).unwrap();
     assert!(order("attach") < order("promote_commands"));
     assert!(order("promote_commands") < order("rewire"), "{steps:?}");
@@ -301,6 +310,21 @@ fn ledger_keeps_every_acknowledged_key_through_crash_hang_and_switchover() {
     assert!(!hv.xml(&shadow, true).unwrap().contains(source));
     wait_for("ledger served", Duration::from_secs(60), || ledger(ip));
     assert!(append(ip, "first"));
+
+    // The dry run reads the definition from libvirt itself (no daemon needed) and says the
+    // data disk is handed over.
+    let out = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .arg("--config")
+        .arg(&daemon.config)
+        .args(["shadow", "plan", name])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("vdb (file disk ") && text.contains("role data") && text.contains("KEEPS"),
+        "{text}"
+    );
 
     // The lock manager guards the disk of the running primary: libvirt refuses it to the
     // shadow and refuses to start a second domain on it.
@@ -497,18 +521,28 @@ fn emulated_tpm_primary_is_protected_and_its_shadow_follows_its_state() {
         .ok()
     };
     let primary_uuid = domain_uuid(&hv, name);
+    // swtpm_setup made the primary's endorsement key certificate for "<name>:<uuid>"; a shadow
+    // given a blank TPM of its own would have one for its own name and UUID instead. (The
+    // files themselves differ soon: each swtpm records its own TPM's clock and start-ups.)
+    let identity = format!("{name}:{primary_uuid}");
+    let has_primary_identity = |uuid: &str| {
+        state(uuid).is_some_and(|b| b.windows(identity.len()).any(|w| w == identity.as_bytes()))
+    };
     let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
     assert!(hv.xml(&shadow, true).unwrap().contains("emulator"));
-    // The shadow runs on a copy of the primary's TPM state, not on a blank TPM of its own.
+    assert!(has_primary_identity(&primary_uuid), "primary's own state");
     let shadow_uuid = domain_uuid(&hv, &shadow);
-    let copied = state(&shadow_uuid).expect("shadow TPM state");
-    assert_eq!(Some(copied), state(&primary_uuid), "shadow's TPM state");
+    assert!(
+        has_primary_identity(&shadow_uuid),
+        "the shadow runs on a blank TPM, not on a copy of the primary's"
+    );
     assert!(daemon
         .log_text()
         .contains("the shadow gets the primary's state"));
 
-    // The primary's TPM state changes (swtpm replaces its file): the shadow holding the old
-    // state is replaced by one with the new state.
+    // The primary's TPM state changes (swtpm replaces its file): a shadow holding an older
+    // state is replaced by one made from the new state.
+    let current = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
     let permall =
         understudy::failover::tpm::state_dir(&root, &primary_uuid).join("tpm2/tpm2-00.permall");
     let bytes = std::fs::read(&permall).unwrap();
@@ -518,10 +552,9 @@ fn emulated_tpm_primary_is_protected_and_its_shadow_follows_its_state() {
     let replacement = wait_for("stale shadow replaced", SHADOW_WAIT, || {
         daemon
             .paused_shadows(name)
-            .filter(|p| p.len() == 1 && p[0] != shadow)
+            .filter(|p| p.len() == 1 && p[0] != current)
     });
-    assert_eq!(replacement[0], format!("{name}-shadow-2"));
     assert!(daemon.log_text().contains("emulated TPM state changed"));
     let new_uuid = domain_uuid(&hv, &replacement[0]);
-    assert_eq!(state(&new_uuid), state(&primary_uuid));
+    assert!(has_primary_identity(&new_uuid));
 }
