@@ -4,8 +4,10 @@
 //!
 //! The client, inside the lab namespace, starts `POST /append?key=K` every 10 ms (each allowed
 //! 2 s; requests overlap like independent clients) and keeps each acknowledged key; the
-//! ledger acknowledges only after fsync. Outage = first acknowledgement completed after the
-//! kill minus the last one completed before it. Lost = acknowledged keys missing from the
+//! ledger acknowledges only after fsync. Outage = the first acknowledgement of a request sent
+//! after the kill minus the last acknowledgement completed before the kill (an answer the old
+//! primary sent just before it died may complete just after the kill: it does not end the
+//! outage). Lost = acknowledged keys missing from the
 //! ledger at the end, summed over all trials.
 //!
 //! Writes build/bench/stateful.json and build/bench/stateful.svg.
@@ -30,9 +32,10 @@ promote_commands = [["/bin/us-data", "mount"]]
 promote_command_timeout_ms = 15000
 "#;
 
-/// One acknowledged append: its key and when the answer completed.
+/// One acknowledged append: its key, when it was sent and when the answer completed.
 struct Ack {
     key: String,
+    sent: Instant,
     at: Instant,
 }
 
@@ -75,9 +78,11 @@ fn start_client(stop: Arc<AtomicBool>) -> mpsc::Receiver<Ack> {
             n += 1;
             let tx = tx.clone();
             std::thread::spawn(move || {
+                let sent = Instant::now();
                 if post(&key) {
                     let _ = tx.send(Ack {
                         key,
+                        sent,
                         at: Instant::now(),
                     });
                 }
@@ -102,19 +107,14 @@ fn outage(
             acks.push(a);
         }
         let before = acks.iter().filter(|a| a.at < kill).map(|a| a.at).max();
-        let after = acks.iter().filter(|a| a.at > kill).map(|a| a.at).min();
-        if let (Some(b), Some(a)) = (before, after) {
-            // Late answers to requests sent before the kill may still arrive: give them a moment.
+        let first_after = |acks: &[Ack]| acks.iter().filter(|a| a.sent > kill).map(|a| a.at).min();
+        if let (Some(b), Some(a)) = (before, first_after(acks)) {
+            // Answers to earlier requests complete out of order: give them a moment.
             std::thread::sleep(Duration::from_millis(300));
             while let Ok(x) = rx.try_recv() {
                 acks.push(x);
             }
-            let after = acks
-                .iter()
-                .filter(|a| a.at > kill)
-                .map(|a| a.at)
-                .min()
-                .unwrap_or(a);
+            let after = first_after(acks).unwrap_or(a);
             return Some(after.duration_since(b).as_secs_f64() * 1000.0);
         }
         if Instant::now() > deadline {
