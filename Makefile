@@ -5,8 +5,8 @@
 #   make lab-up      start the lab (network namespace, bridge, libvirtd)
 #   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]
 #                    DATA=1: a data disk (build/lab/disks/<n>-data.raw, ext4, created and
-#                    formatted on first use) holding the guest's ledger; configs/lab.toml hands
-#                    it over at failover
+#                    formatted on first use; a LUN sdb on virtio-scsi) holding the guest's
+#                    ledger; configs/lab.toml hands it over at failover
 #   make lab-down    tear the lab down completely
 #   make build       cargo build
 #   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
@@ -106,7 +106,7 @@ lab-guest: images
 		set -- "$$@" --disk "$$PWD/build/lab/disks/$(NAME).qcow2" --create-disk; \
 	fi; \
 	if [ -n "$(DATA)" ] && [ "$(DATA)" != 0 ]; then \
-		set -- "$$@" --data "$$PWD/build/lab/disks/$(NAME)-data.raw" --create-data; \
+		set -- "$$@" --data "$$PWD/build/lab/disks/$(NAME)-data.raw" --create-data --data-bus scsi; \
 	fi; \
 	scripts/lab-guest.sh start '$(NAME)' '$(IP)' "$$@"
 

@@ -27,7 +27,7 @@ use common::*;
 const NAME: &str = "bench-led";
 const IP: &str = "10.77.0.31";
 
-const DATA_CLASS: &str = r#"disk_roles = { vdb = "data" }
+const DATA_CLASS: &str = r#"disk_roles = { sdb = "data" }
 promote_commands = [["/bin/us-data", "mount"]]
 promote_command_timeout_ms = 15000
 "#;
@@ -165,11 +165,13 @@ fn main() {
         .status()
         .unwrap();
     assert!(st.success());
+    // The data disk as a LUN on the virtio-scsi controller the shadow keeps: under TCG it shows
+    // up in the guest 3x sooner than a hot-plugged virtio-blk disk (README, Measured here).
     start_guest(
         &hv,
         NAME,
         &format!("{IP}/24"),
-        &["--data", image.to_str().unwrap()],
+        &["--data", image.to_str().unwrap(), "--data-bus", "scsi"],
     );
     wait_for("ledger served", Duration::from_secs(120), || {
         post("warmup").then_some(())
