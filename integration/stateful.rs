@@ -22,7 +22,7 @@ use crate::common::*;
 const SHADOW_WAIT: Duration = Duration::from_secs(240);
 
 /// The lab class settings that hand the ledger's disk over (as configs/lab.toml does).
-const DATA_CLASS: &str = r#"disk_roles = { vdb = "data" }
+const DATA_CLASS: &str = r#"disk_roles = { vdb = "data", sdb = "data" }
 promote_commands = [["/bin/us-data", "mount"]]
 promote_command_timeout_ms = 15000
 "#;
@@ -280,9 +280,11 @@ fn failover_keeps_every_key(
     );
     // Status says the disk is a data disk kept by failovers.
     let disks = svc["disks"].as_array().expect("disks in status");
-    let vdb = disks.iter().find(|d| d["target"] == "vdb").expect("vdb");
-    assert_eq!(vdb["role"], "data");
-    assert_eq!(vdb["keeps_data"], true);
+    let data = disks
+        .iter()
+        .find(|d| d["role"] == "data")
+        .expect("a data disk in status");
+    assert_eq!(data["keeps_data"], true);
     shadow
 }
 
@@ -381,11 +383,13 @@ fn block_and_nbd_data_disks_change_hands() {
         port,
     ]);
     let _stop_nbd = StopNbd(port);
+    // The block device as a LUN on virtio-scsi (the lab's default way), the NBD export as a
+    // virtio-blk disk.
     start_guest(
         &hv,
         blk,
         &format!("{blk_ip}/24"),
-        &["--data-block", &loop_dev],
+        &["--data-block", &loop_dev, "--data-bus", "scsi"],
     );
     start_guest(
         &hv,
