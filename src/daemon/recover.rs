@@ -103,6 +103,7 @@ fn census(listing: Vec<(DomainSummary, Option<String>)>) -> Census {
             name: dom.name.clone(),
             state,
             taps: Vec::new(),
+            data_disks: None,
         });
     }
     // Every generation ever used for a service, retired domains included.

@@ -171,6 +171,10 @@ pub struct Shadow {
     pub state: ShadowState,
     /// Its tap devices by MAC, known once it has started.
     pub taps: Vec<TapBinding>,
+    /// The primary's data disks this shadow was made without (and gets at promotion), as
+    /// planned when it was provisioned; `None` when not known (a shadow found after a
+    /// restart): promotion then reads them from the old primary's definition.
+    pub data_disks: Option<Vec<plan::DataDisk>>,
 }
 
 /// A tap device and the bridge it belongs on.

@@ -216,9 +216,12 @@ async fn run_steps<S: PromotionSteps>(
     notes: &mut Vec<String>,
 ) -> Result<(), FailoverError> {
     // 0. Data disks decide how the rest goes (a class that can have none skips this).
-    let disks = match &p.handover {
-        Some(_) => timed(clock, "plan_disks", steps.data_disks(p)).await?,
-        None => Vec::new(),
+    let disks = match (&p.handover, &p.shadow.data_disks) {
+        (None, _) => Vec::new(),
+        // Planned when the shadow was made from the same definition: no libvirt call here,
+        // where libvirt may still be busy with the old primary's crash.
+        (Some(_), Some(known)) => known.clone(),
+        (Some(_), None) => timed(clock, "plan_disks", steps.data_disks(p)).await?,
     };
     let stateful = !disks.is_empty();
 
@@ -855,6 +858,7 @@ mod tests {
                     bridge: Some("br0".into()),
                     link_up: links_up,
                 }],
+                data_disks: None,
             },
             shadow_generation: 1,
             trigger: Trigger::Pidfd,
@@ -941,6 +945,28 @@ mod tests {
             assert!(!calls.contains(&"release"), "{failing}: {calls:?}");
             assert!(!calls.contains(&"unclaim"), "{failing}: {calls:?}");
             assert!(!calls.contains(&"attach"), "{failing}: {calls:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn data_disks_planned_with_the_shadow_need_no_plan_step() {
+        let mut p = stateful_promotion();
+        p.shadow.data_disks = Some(vec![DataDisk {
+            target: "sdb".into(),
+            source: "/d/web-data.raw".into(),
+            xml: "<disk/>".into(),
+        }]);
+        let r = Recorder::failing(None);
+        let done = run(&r, p.clone()).await.unwrap();
+        assert!(!r.calls().contains(&"plan_disks"));
+        assert!(r.calls().contains(&"attach"));
+        assert!(done.record.ok);
+        // Known to have none: the stateless path, without even reading the definition.
+        p.shadow.data_disks = Some(Vec::new());
+        let r = Recorder::failing(None);
+        run(&r, p).await.unwrap();
+        for absent in ["plan_disks", "stop_old_qemu", "attach", "promote_commands"] {
+            assert!(!r.calls().contains(&absent), "{:?}", r.calls());
         }
     }
 

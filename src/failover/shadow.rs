@@ -11,7 +11,9 @@ use crate::domain_xml::{
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
 
-use super::plan::{overlay_path, plan_disks, shadow_plan, DiskHandling, DiskPolicy};
+use super::plan::{
+    data_disks, overlay_path, plan_disks, shadow_plan, DataDisk, DiskHandling, DiskPolicy,
+};
 use super::{tpm, FailoverError, Shadow, ShadowState, TapBinding};
 
 /// Everything needed to create one shadow.
@@ -84,8 +86,12 @@ pub fn write_meta(
 
 /// Builds the shadow's XML from the primary's persistent definition. Creates the disk
 /// overlays as a side effect, and logs what happens to each disk (and so whether a failover
-/// keeps its data). Pure enough to be called from a blocking thread.
-pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, FailoverError> {
+/// keeps its data). Pure enough to be called from a blocking thread. Returns the spec and the
+/// data disks it was made without.
+pub fn build_shadow_xml(
+    hv: &Hypervisor,
+    req: &ShadowRequest,
+) -> Result<(String, Vec<DataDisk>), FailoverError> {
     let xml = hv
         .xml(&req.primary, true)
         .map_err(|source| FailoverError::Libvirt {
@@ -152,7 +158,11 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
         };
         create_overlay(&base, &overlay_path(&disk_dir, &req.name, &disk.target))?;
     }
-    Ok(shadow.to_xml())
+    let data = data_disks(&primary, &req.disks).map_err(|source| FailoverError::Plan {
+        domain: req.primary.clone(),
+        source,
+    })?;
+    Ok((shadow.to_xml(), data))
 }
 
 /// Copies the primary's emulated TPM state to the shadow's UUID before the shadow first
@@ -189,9 +199,9 @@ pub async fn provision(
 ) -> Result<Shadow, FailoverError> {
     let started = Instant::now();
     let r = req.clone();
-    let name = hv
+    let (name, data_disks) = hv
         .blocking("define shadow", move |hv| {
-            let xml = build_shadow_xml(hv, &r)?;
+            let (xml, data) = build_shadow_xml(hv, &r)?;
             ensure_room(&r.name, &xml)?;
             // Boot from the off-bridge variant, then make the spec the persistent definition
             // (see `standby_boot_spec`): the tap never joins a bridge before promotion.
@@ -216,7 +226,7 @@ pub async fn provision(
                 step: "define shadow spec",
                 source,
             })?;
-            Ok::<_, FailoverError>(name)
+            Ok::<_, FailoverError>((name, data))
         })
         .await
         .map_err(|source| FailoverError::Libvirt {
@@ -274,6 +284,7 @@ pub async fn provision(
         name,
         state: ShadowState::Paused,
         taps,
+        data_disks: Some(data_disks),
     })
 }
 
