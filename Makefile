@@ -18,8 +18,14 @@
 #                        client appends every 10 ms, vs cold restart (BENCH_TRIALS=10)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
+#   make soak-faults     the fault suite SOAK_ROUNDS times (20) under one lab: runs, failures
+#                        and slowest recovery per test; logs in build/soak/
+#   make fuzz        every AFL target for FUZZ_SECONDS each (60): executions, paths, crashes
+#   make fuzz-check  replay every fuzz target's corpus and past crashes, then fuzz each
+#                    briefly (FUZZ_CHECK_SECONDS, 5); part of make test
+#   make fuzz-deps   cargo-afl (cargo install, once) and the fuzz crate's dependencies
 #   make lint        cargo fmt --check and cargo clippy --all-targets -D warnings
-#   make test        deps, lint, images, cargo build --tests, then lab-up, cargo test
+#   make test        deps, lint, images, cargo build --tests, fuzz-check, then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 #
 # Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
@@ -55,7 +61,12 @@ ROLE ?= primary
 DISK ?=
 DATA ?=
 
-.PHONY: deps lint images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak bench-stateful test-faults
+FUZZ_SECONDS ?= 60
+FUZZ_CHECK_SECONDS ?= 5
+SOAK_ROUNDS ?= 20
+
+.PHONY: deps lint images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak bench-stateful test-faults \
+	soak-faults fuzz fuzz-check fuzz-deps
 
 # Installing one package can remove another: a machine that came with a newer qemu-utils (from
 # backports) loses it when Debian's qemu-system-x86 goes in, because their versions conflict.
@@ -128,6 +139,7 @@ test:
 	$(MAKE) lint
 	$(MAKE) images
 	cargo build --tests
+	$(MAKE) fuzz-check
 	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
 	scripts/lab-verify-down.sh
 
@@ -171,3 +183,30 @@ test-faults:
 	$(MAKE) images
 	cargo build --tests
 	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline --test lab -- --test-threads=1 faults::
+
+# The fault suite SOAK_ROUNDS times in one lab (scripts/soak-faults.sh): each test runs alone,
+# every run's log is kept under build/soak/, and the summary gives per test the runs, the
+# failures and the slowest recovery.
+soak-faults:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --tests
+	SOAK_ROUNDS=$(SOAK_ROUNDS) scripts/lab-run.sh scripts/lab-exec.sh scripts/soak-faults.sh
+
+# Fuzzing (fuzz/, see its targets file). cargo-afl builds AFL++'s runtime when it is installed
+# (make and gcc, from deps); the fuzz crate is its own workspace with its own Cargo.lock.
+fuzz-deps:
+	@command -v cargo-afl >/dev/null || { \
+		echo "fuzz-deps: installing cargo-afl"; \
+		cargo install cargo-afl --locked; }
+	cargo fetch --manifest-path fuzz/Cargo.toml
+
+fuzz: fuzz-deps
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
+
+# A parser regression on a known input fails here: first the replay of every target's seeds,
+# kept corpus and past crashes (plain cargo test, sharing target/ with the main build), then a
+# few seconds of AFL per target, built without optimisation (much faster to build).
+fuzz-check: fuzz-deps
+	cargo test --offline --manifest-path fuzz/Cargo.toml --target-dir target
+	FUZZ_QUICK=1 FUZZ_SECONDS=$(FUZZ_CHECK_SECONDS) FUZZ_OUT=build/fuzz-check scripts/fuzz.sh

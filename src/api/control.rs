@@ -413,21 +413,9 @@ where
         }
         Ok(Ok(_)) => {}
     }
-    if line.last() == Some(&b'\n') {
-        line.pop();
-    } else if line.len() > MAX_REQUEST_BYTES {
-        warn!("control request longer than {MAX_REQUEST_BYTES} bytes rejected");
-        return Response::error(
-            ErrorKind::BadRequest,
-            format!("request line exceeds {MAX_REQUEST_BYTES} bytes"),
-        );
-    }
-    let request: Request = match serde_json::from_slice(&line) {
+    let request = match decode_request(&line) {
         Ok(r) => r,
-        Err(e) => {
-            warn!(error = %e, "malformed control request");
-            return Response::error(ErrorKind::BadRequest, format!("malformed request: {e}"));
-        }
+        Err(message) => return Response::error(ErrorKind::BadRequest, message),
     };
     debug!(cmd = request.name(), "control request");
     let name = request.name();
@@ -448,6 +436,24 @@ where
             ),
         ),
     }
+}
+
+/// Decodes what a client sent: at most [`MAX_REQUEST_BYTES`] + 1 bytes up to and including the
+/// first newline. A line that is too long or is not a [`Request`] is refused with a message that
+/// names the problem, for an [`ErrorKind::BadRequest`] answer.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    let line = match line.strip_suffix(b"\n") {
+        Some(l) => l,
+        None if line.len() > MAX_REQUEST_BYTES => {
+            warn!("control request longer than {MAX_REQUEST_BYTES} bytes rejected");
+            return Err(format!("request line exceeds {MAX_REQUEST_BYTES} bytes"));
+        }
+        None => line,
+    };
+    serde_json::from_slice(line).map_err(|e| {
+        warn!(error = %e, "malformed control request");
+        format!("malformed request: {e}")
+    })
 }
 
 async fn write_response<W>(write: &mut W, response: &Response)

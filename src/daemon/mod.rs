@@ -3,13 +3,13 @@
 //!
 //! Where things live:
 //! - `table`: the [`ServiceTable`], the only place where a service's state changes. Its
-//!   transitions return [`Action`]s; [`execute`] here carries them out.
+//!   transitions return [`Action`]s; `execute` here carries them out.
 //! - `health`: the [`HealthMonitor`] (hang detectors, pings in flight, probes, counts), and
 //!   `checks`: the periodic work that feeds it (heartbeats, probes, tap repair, fence grace).
 //! - `recover`: rebuilding the table from libvirt at start, and provisioning shadows.
 //! - `requests`: the control socket; `profiles`: collectors, profile requests, golden shadows.
 //!
-//! One loop ([`run`]) receives libvirt events and [`Note`]s from the tasks that do slow work
+//! One loop ([`run`]) receives libvirt events and `Note`s from the tasks that do slow work
 //! (provisioning, promotion, pings), asks the table, and carries out what it answers. The
 //! truth lives in libvirt (domain metadata), so a restarted daemon rebuilds everything.
 

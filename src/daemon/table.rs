@@ -188,7 +188,7 @@ pub enum Action {
     },
     /// Provision shadows wherever a service has fewer than its class asks for.
     EnsureShadows,
-    /// The same, after [`REPLACEMENT_DELAY`].
+    /// The same, after `REPLACEMENT_DELAY`.
     EnsureShadowsLater,
     /// Begin a failover of `service` away from `from`.
     Failover {
@@ -667,7 +667,7 @@ impl ServiceTable {
     }
 
     /// Provisioning a shadow failed: it is removed, and the next attempt waits (doubling up
-    /// to [`PROVISION_BACKOFF_MAX`]). `unprotectable` marks a primary that can never have a
+    /// to `PROVISION_BACKOFF_MAX`). `unprotectable` marks a primary that can never have a
     /// shadow (its spec cannot be cloned).
     pub fn shadow_failed(
         &mut self,

@@ -413,7 +413,7 @@ pub fn preview(primary: &DomainXml, input: &PreviewInput<'_>) -> ShadowPreview {
         }
     };
     out.hands_over_data = layout.has_data_disks();
-    let plan = shadow_plan(
+    let plan = clone_plan(
         primary,
         &layout,
         input.state_dir,
@@ -441,7 +441,7 @@ pub fn preview(primary: &DomainXml, input: &PreviewInput<'_>) -> ShadowPreview {
 
 /// The [`ShadowPlan`] for `layout`: overlays at `<state_dir>/disks/<shadow>-<target>.qcow2`,
 /// consoles under `<state_dir>/consoles`, sizes with headroom for a profile to grow into.
-pub fn shadow_plan(
+pub fn clone_plan(
     primary: &DomainXml,
     layout: &DiskLayout,
     state_dir: &Path,

@@ -22,7 +22,7 @@
 //! so no client reaches a service whose data is not there. Any failure after the resume
 //! destroys the shadow again, so the disk is left on no domain for the retry.
 //!
-//! The order lives in [`run_steps`], generic over [`PromotionSteps`]; [`LiveSteps`] carries
+//! The order lives in `run_steps`, generic over [`PromotionSteps`]; [`LiveSteps`] carries
 //! the steps out on libvirt, netlink and the coordinator, and the unit tests check the order
 //! with a recording implementation.
 
@@ -102,7 +102,7 @@ pub struct PromotionFailed {
     pub error: FailoverError,
 }
 
-/// The steps of a promotion. [`run_steps`] decides their order; an implementation only
+/// The steps of a promotion. `run_steps` decides their order; an implementation only
 /// carries each one out.
 pub trait PromotionSteps: Sync {
     /// The old primary's data disks, from its definition and the class's roles.

@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 
 use crate::domain_xml::{
     shadow_spec, standby_boot_spec, DomainXml, InterfaceKind, InterfaceSpec, MemberState, Role,
-    UnderstudyMeta, META_NS, META_PREFIX,
+    ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
 };
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
 
 use super::plan::{
-    data_disks, overlay_path, plan_disks, shadow_plan, DataDisk, DiskHandling, DiskPolicy,
+    clone_plan, data_disks, overlay_path, plan_disks, DataDisk, DiskHandling, DiskLayout,
+    DiskPolicy,
 };
 use super::{tpm, FailoverError, Shadow, ShadowState, TapBinding};
 
@@ -84,6 +85,31 @@ pub fn write_meta(
     hv.set_metadata(domain, &meta.to_libvirt_xml(), META_PREFIX, META_NS)
 }
 
+/// The plan for the shadow `req` asks for, from the primary's parsed spec: each disk planned
+/// under the request's roles ([`plan_disks`]), an overlay under `<state_dir>/disks` for every
+/// system disk that gets one, consoles under `<state_dir>/consoles`, headroom above the
+/// primary's sizes. Pure: nothing on disk is touched, so a spec can be planned and cloned as a
+/// dry run.
+pub fn shadow_plan(
+    primary: &DomainXml,
+    req: &ShadowRequest,
+    uuid: &str,
+) -> Result<(ShadowPlan, DiskLayout), FailoverError> {
+    let layout = plan_disks(primary, &req.disks).map_err(|source| FailoverError::Plan {
+        domain: req.primary.clone(),
+        source,
+    })?;
+    let meta = member_meta(
+        &req.service,
+        &req.class,
+        Role::Shadow,
+        req.generation,
+        MemberState::Booting,
+    );
+    let plan = clone_plan(primary, &layout, &req.state_dir, &req.name, uuid, meta);
+    Ok((plan, layout))
+}
+
 /// Builds the shadow's XML from the primary's persistent definition. Creates the disk
 /// overlays as a side effect, and logs what happens to each disk (and so whether a failover
 /// keeps its data). Pure enough to be called from a blocking thread. Returns the spec and the
@@ -102,33 +128,14 @@ pub fn build_shadow_xml(
         domain: req.primary.clone(),
         source,
     })?;
+    let (plan, layout) = shadow_plan(&primary, req, &new_uuid())?;
     let disk_dir = req.state_dir.join("disks");
-    let console_dir = req.state_dir.join("consoles");
-    for dir in [&disk_dir, &console_dir] {
+    for dir in [&disk_dir, &plan.console_dir] {
         std::fs::create_dir_all(dir).map_err(|source| FailoverError::Spawn {
             program: "mkdir",
             source,
         })?;
     }
-    let layout = plan_disks(&primary, &req.disks).map_err(|source| FailoverError::Plan {
-        domain: req.primary.clone(),
-        source,
-    })?;
-    let meta = member_meta(
-        &req.service,
-        &req.class,
-        Role::Shadow,
-        req.generation,
-        MemberState::Booting,
-    );
-    let plan = shadow_plan(
-        &primary,
-        &layout,
-        &req.state_dir,
-        &req.name,
-        &new_uuid(),
-        meta,
-    );
     // Validate the clone before touching any disk, so a refused spec leaves nothing behind.
     let shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
         domain: req.primary.clone(),

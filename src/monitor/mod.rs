@@ -9,7 +9,9 @@
 //! - [`cgroup`]: host-side CPU, memory and block I/O counters of a QEMU process, from its cgroup
 //!   (v1, v2 or hybrid), located through `/proc/<pid>/cgroup`.
 //! - [`agent`]: typed, bounded, validated parsing of qemu-ga replies, and [`GuestAgent`], a client
-//!   with `ping`, `osinfo`, `cpustats`, `diskstats`, `interfaces`, `read_file` and `exec`.
+//!   with `ping`, `osinfo`, `cpustats`, `diskstats`, `interfaces`, `read_file`, `write_file` and
+//!   `exec`. One file per part: the reply walk (`reply`), system information and counters
+//!   (`system`), `exec`, `file`, and the client (`client`).
 //! - [`sockets`]: the guest's `/proc/net/{tcp,tcp6,udp}` (read through the agent) as
 //!   connections, listening ports and outbound peers.
 //! - [`deps`]: the dependency map: peers aggregated over time from socket snapshots,
@@ -21,7 +23,9 @@
 //!   service that survives restarts and torn writes.
 //! - [`collector`]: the per-primary collector that ties the above together once per sampling
 //!   interval: a [`Sample`] for the history and a profile observation per tick, degrading to
-//!   host-only data when the guest agent misbehaves.
+//!   host-only data when the guest agent misbehaves. One file per part: `settings`, the host
+//!   side (`host`), the agent round (`guest`), the choice of counters (`counters`),
+//!   configuration items (`config`), outbound peers (`peers`), tick `jitter` and `cpu_time`.
 //! - [`heartbeat`]: the state machine that turns pings, vCPU progress and QEMU monitor
 //!   responsiveness into a [`Health`] verdict (healthy, degraded, suspect, hung).
 

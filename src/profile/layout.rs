@@ -111,7 +111,16 @@ pub fn read(path: &Path, service: &str, version: u64) -> Result<ProfileVersion, 
             size: bytes.len() as u64,
         });
     }
-    let v: ProfileVersion = serde_json::from_slice(&bytes)?;
+    parse(&bytes, service, version)
+}
+
+/// Parses the content of version file `version` of `service` and checks that it is that one.
+pub fn parse(
+    bytes: &[u8],
+    service: &str,
+    version: u64,
+) -> Result<ProfileVersion, VersionFileError> {
+    let v: ProfileVersion = serde_json::from_slice(bytes)?;
     if v.service != service {
         return Err(VersionFileError::ServiceMismatch {
             expected: service.to_string(),
