@@ -3,7 +3,10 @@
 #   make deps        install the Debian packages the lab needs (idempotent)
 #   make images      build the lab test guest into build/guest/
 #   make lab-up      start the lab (network namespace, bridge, libvirtd)
-#   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [MEM=192] [ROLE=primary]
+#   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]
+#                    DATA=1: a data disk (build/lab/disks/<n>-data.raw, ext4, created and
+#                    formatted on first use; a LUN sdb on virtio-scsi) holding the guest's
+#                    ledger; configs/lab.toml hands it over at failover
 #   make lab-down    tear the lab down completely
 #   make build       cargo build
 #   make deb         the Debian package (cargo-deb, installed if missing) in target/debian/:
@@ -11,10 +14,12 @@
 #                    completions, Grafana dashboard
 #   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
 #   make bench       every benchmark (bench-profile, bench-failover)
-#   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
+#   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=50, p99)
 #   make bench-profile   profile model vs baselines on synthetic and real traces, then the
 #                        collectors' own CPU cost on three lab guests (needs the lab)
 #   make bench-profile-model  only the model part (cargo bench --bench profile; no lab)
+#   make bench-stateful  SIGKILL failovers of the ledger guest (data disk handed over) while a
+#                        client appends every 10 ms, vs cold restart (BENCH_TRIALS=10)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
 #   make soak-faults     the fault suite SOAK_ROUNDS times (20) under one lab: runs, failures
@@ -40,7 +45,7 @@ GUEST_DIR := build/guest
 DEB_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
 	libvirt-clients libvirt-dev pkg-config qemu-guest-agent busybox-static \
 	linux-image-amd64 iproute2 curl cpio kmod gzip gcc libc6-dev make \
-	util-linux passwd binutils xz-utils man-db \
+	util-linux passwd binutils xz-utils man-db e2fsprogs swtpm swtpm-tools \
 	systemd dpkg-dev prometheus
 
 # Newest installed kernel; evaluated when make starts, which is why `make test`
@@ -52,7 +57,7 @@ KERNEL_STAMP := $(GUEST_DIR)/.kernel
 ifneq ($(KERNEL),)
 $(shell mkdir -p $(GUEST_DIR) && { [ "$$(cat $(KERNEL_STAMP) 2>/dev/null)" = "$(KERNEL)" ] || echo "$(KERNEL)" >$(KERNEL_STAMP); })
 endif
-GUEST_INPUTS := images/init images/workload.c images/httpd.c images/build-guest.sh $(KERNEL) $(KERNEL_STAMP) \
+GUEST_INPUTS := images/init images/workload.c images/httpd.c images/us-data images/build-guest.sh $(KERNEL) $(KERNEL_STAMP) \
 	$(wildcard /usr/sbin/qemu-ga /usr/bin/busybox)
 
 NAME ?=
@@ -60,23 +65,39 @@ IP ?=
 MEM ?= 192
 ROLE ?= primary
 DISK ?=
+DATA ?=
 
 FUZZ_SECONDS ?= 60
 FUZZ_CHECK_SECONDS ?= 5
 SOAK_ROUNDS ?= 20
 
-.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-profile-model bench-soak test-faults \
+.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-profile-model bench-soak bench-stateful test-faults \
 	soak-faults fuzz fuzz-check fuzz-deps
 
+# Installing one package can remove another: a machine that came with a newer qemu-utils (from
+# backports) loses it when Debian's qemu-system-x86 goes in, because their versions conflict.
+# So after installing, check every package again and install what went missing; fail if a
+# second round still leaves one out.
 deps:
-	@missing=""; \
-	for p in $(DEB_PACKAGES); do \
-		dpkg -s "$$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		echo "deps: installing$$missing"; \
-		apt-get -o DPkg::Lock::Timeout=600 update && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends $$missing; \
+	@missing() { \
+		for p in $(DEB_PACKAGES); do \
+			dpkg -s "$$p" 2>/dev/null | grep -q '^Status: install ok installed' || echo "$$p"; \
+		done; \
+	}; \
+	todo=$$(missing); \
+	if [ -z "$$todo" ]; then \
+		echo "deps: all Debian packages present"; \
 	else \
+		echo "deps: installing" $$todo; \
+		apt-get -o DPkg::Lock::Timeout=600 update && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends $$todo || exit 1; \
+		for round in 1 2; do \
+			todo=$$(missing); \
+			[ -n "$$todo" ] || break; \
+			echo "deps: missing after installing (removed by a conflicting package?):" $$todo; \
+			DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends $$todo || exit 1; \
+		done; \
+		todo=$$(missing); \
+		[ -z "$$todo" ] || { echo "deps: still missing:" $$todo >&2; exit 1; }; \
 		echo "deps: all Debian packages present"; \
 	fi
 	@command -v cargo >/dev/null || { \
@@ -96,13 +117,15 @@ lab-down:
 	scripts/lab-down.sh
 
 lab-guest: images
-	@[ -n "$(NAME)" ] && [ -n "$(IP)" ] || { echo "usage: make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [MEM=192] [ROLE=primary]" >&2; exit 1; }
-	@if [ -n "$(DISK)" ] && [ "$(DISK)" != 0 ]; then \
-		scripts/lab-guest.sh start '$(NAME)' '$(IP)' --mem '$(MEM)' --role '$(ROLE)' \
-			--disk "$$PWD/build/lab/disks/$(NAME).qcow2" --create-disk; \
-	else \
-		scripts/lab-guest.sh start '$(NAME)' '$(IP)' --mem '$(MEM)' --role '$(ROLE)'; \
-	fi
+	@[ -n "$(NAME)" ] && [ -n "$(IP)" ] || { echo "usage: make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]" >&2; exit 1; }
+	@set -- --mem '$(MEM)' --role '$(ROLE)'; \
+	if [ -n "$(DISK)" ] && [ "$(DISK)" != 0 ]; then \
+		set -- "$$@" --disk "$$PWD/build/lab/disks/$(NAME).qcow2" --create-disk; \
+	fi; \
+	if [ -n "$(DATA)" ] && [ "$(DATA)" != 0 ]; then \
+		set -- "$$@" --data "$$PWD/build/lab/disks/$(NAME)-data.raw" --create-data --data-bus scsi; \
+	fi; \
+	scripts/lab-guest.sh start '$(NAME)' '$(IP)' "$$@"
 
 build:
 	cargo build
@@ -163,6 +186,12 @@ bench-profile: bench-profile-model
 
 bench-profile-model:
 	cargo bench --bench profile
+
+bench-stateful:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --release --benches
+	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench stateful
 
 bench-soak:
 	$(MAKE) deps

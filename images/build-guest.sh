@@ -2,7 +2,8 @@
 # Builds the understudy lab test guest from Debian packages:
 #   <out>/vmlinuz            copy of the kernel
 #   <out>/vmlinux            the same kernel, decompressed (ELF with a PVH entry)
-#   <out>/initramfs.cpio.gz  busybox + qemu-ga + virtio modules + /init + us-workload + us-httpd
+#   <out>/initramfs.cpio.gz  busybox + qemu-ga + virtio, SCSI and ext4 modules + e2fsprogs
+#                            + /init + us-workload + us-httpd + us-data
 #
 # usage: images/build-guest.sh <kernel image> <output dir>
 # The Makefile passes the newest /boot/vmlinuz-* and build/guest.
@@ -56,22 +57,42 @@ done
 # --- qemu-ga with every library ldd lists, plus the dynamic loader ----------------
 copy_with_path() {
     mkdir -p "$root$(dirname "$1")"
+    # Never through a busybox applet link already there: it points at the host's /bin/busybox.
+    rm -f "$root$1"
     cp -L "$1" "$root$1"
 }
-copy_with_path "$qemu_ga"
-ldd "$qemu_ga" | awk '
-    $2 == "=>" && $3 ~ /^\// { print $3 }   # libfoo.so => /path (0x...)
-    $1 ~ /^\//               { print $1 }   # /lib64/ld-linux-x86-64.so.2 (0x...)
-' | sort -u | while read -r lib; do
-    copy_with_path "$lib"
+copy_with_libs() {
+    copy_with_path "$1"
+    ldd "$1" | awk '
+        $2 == "=>" && $3 ~ /^\// { print $3 }   # libfoo.so => /path (0x...)
+        $1 ~ /^\//               { print $1 }   # /lib64/ld-linux-x86-64.so.2 (0x...)
+    ' | sort -u | while read -r lib; do
+        [ -e "$root$lib" ] || copy_with_path "$lib"
+    done
+}
+copy_with_libs "$qemu_ga"
+
+# --- ext4 tools for the data disk (busybox cannot make or check a journal) ------------
+for tool in /sbin/mke2fs /sbin/e2fsck; do
+    [ -x "$tool" ] || die "$tool not found (install e2fsprogs: make deps)"
+    copy_with_libs "$tool"
 done
+ln -sf mke2fs "$root/sbin/mkfs.ext4"
+ln -sf e2fsck "$root/sbin/fsck.ext4"
+[ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/mke2fs.conf"
 
 # --- virtio modules in dependency order -----------------------------------------
 # `modprobe -a --show-depends` prints one `insmod <path>` per module (and its
 # dependencies first); keep the first occurrence of each.
 : >"$root/lib/modules/load-order"
+# ext4 (with jbd2, mbcache, crc16) for the data disk; crc32c_generic because ext4 and jbd2 ask
+# the crypto API for crc32c at mount time, which without a usable modprobe in the guest only
+# finds what is already loaded (crc32c-intel needs SSE4.2, which TCG's CPU may lack).
+# virtio_scsi and sd_mod for data disks attached as SCSI LUNs; t10-pi (under sd_mod) needs the
+# crc64-rocksoft and crct10dif algorithms loaded first for the same reason.
 modprobe -a -S "$kver" --show-depends \
-    virtio_pci virtio_console virtio_net virtio_blk virtio_balloon |
+    virtio_pci virtio_console virtio_net virtio_blk virtio_balloon \
+    crc32c_generic ext4 crct10dif_generic crc64_rocksoft_generic virtio_scsi sd_mod |
     awk '$1 == "insmod" && !seen[$2]++ { print $2 }' |
     while read -r path; do
         name=${path##*/}
@@ -91,6 +112,8 @@ echo "build-guest: modules $(tr '\n' ' ' <"$root/lib/modules/load-order")"
 gcc -static -O2 -Wall -Wextra -o "$root/bin/us-workload" "$here/workload.c"
 # The page server (one process, page in memory: see httpd.c for why not busybox httpd).
 gcc -static -O2 -Wall -Wextra -o "$root/bin/us-httpd" "$here/httpd.c"
+# Finds and mounts the data disk (used at boot and by the lab's promote_commands).
+install -m 0755 "$here/us-data" "$root/bin/us-data"
 
 # --- /init and a few files the agent and busybox look at -------------------------
 install -m 0755 "$here/init" "$root/init"

@@ -212,14 +212,26 @@ impl DaemonProc {
 
     /// Like [`DaemonProc::start`], with extra environment for the daemon process.
     pub fn start_with_env(tag: &str, pattern: &str, shadows: u32, env: &[(&str, &str)]) -> Self {
-        Self::start_wrapped(tag, pattern, shadows, env, |_| Vec::new())
+        Self::start_wrapped(tag, pattern, shadows, "", env, |_| Vec::new())
+    }
+
+    /// Like [`DaemonProc::start_with_env`], with `class_extra` (TOML lines) appended to the
+    /// class of the protected domains.
+    pub fn start_configured(
+        tag: &str,
+        pattern: &str,
+        shadows: u32,
+        class_extra: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::start_wrapped(tag, pattern, shadows, class_extra, env, |_| Vec::new())
     }
 
     /// Like [`DaemonProc::start`], confined as packaging/understudy.service confines it
     /// (scripts/run-confined.sh): its capabilities, no new privileges, a read-only system but
     /// for the daemon's own directory.
     pub fn start_confined(tag: &str, pattern: &str, shadows: u32) -> Self {
-        Self::start_wrapped(tag, pattern, shadows, &[], |dir| {
+        Self::start_wrapped(tag, pattern, shadows, "", &[], |dir| {
             vec![
                 repo().join("scripts/run-confined.sh").display().to_string(),
                 "--rw".to_string(),
@@ -233,6 +245,7 @@ impl DaemonProc {
         tag: &str,
         pattern: &str,
         shadows: u32,
+        class_extra: &str,
         env: &[(&str, &str)],
         wrapper: impl FnOnce(&Path) -> Vec<String>,
     ) -> Self {
@@ -269,6 +282,7 @@ shadows = {shadows}
 shadow_boot_timeout_s = 180
 # Exercise the page server over loopback before the shadow is paused (see configs/lab.toml).
 warmup_commands = [["/bin/busybox", "sh", "-c", "for i in $(seq 30); do wget -q -O /dev/null http://127.0.0.1/; done"]]
+{class_extra}
 "#,
                 state = dir.join("state").display(),
                 socket = socket.display(),
@@ -564,4 +578,58 @@ pub fn taps_with_mac_on_bridge(mac: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// The `p` quantile (0..=1) of `v`, nearest rank (NaN when empty).
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[((p * (s.len() - 1) as f64).round() as usize).min(s.len() - 1)]
+}
+
+/// Median, p95 and max of `v` (NaN when empty).
+pub fn stats(v: &[f64]) -> (f64, f64, f64) {
+    (percentile(v, 0.5), percentile(v, 0.95), percentile(v, 1.0))
+}
+
+/// A plain SVG chart: one dot per trial, per method, on a log-scale y axis.
+pub fn outage_svg(series: &[(&str, &Vec<f64>)]) -> String {
+    let (w, h, left, top, bottom) = (720.0, 420.0, 70.0, 30.0, 60.0);
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .fold(10.0_f64, f64::max)
+        * 1.5;
+    let min = 1.0_f64;
+    let y = |ms: f64| {
+        top + (h - top - bottom) * (1.0 - (ms.max(min).ln() - min.ln()) / (max.ln() - min.ln()))
+    };
+    let colors = ["#1b9e77", "#66a61e", "#d95f02", "#7570b3"];
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n<text x='{left}' y='18' font-size='14'>Client-observed outage per trial (ms, log scale)</text>\n"
+    );
+    let mut tick = 1.0;
+    while tick <= max {
+        let ty = y(tick);
+        s += &format!("<line x1='{left}' x2='{}' y1='{ty:.1}' y2='{ty:.1}' stroke='#ddd'/><text x='{}' y='{:.1}' text-anchor='end'>{tick}</text>\n", w - 20.0, left - 6.0, ty + 4.0);
+        tick *= 10.0;
+    }
+    let group_w = (w - left - 20.0) / series.len() as f64;
+    for (gi, (label, values)) in series.iter().enumerate() {
+        let gx = left + group_w * gi as f64;
+        s += &format!(
+            "<text x='{:.1}' y='{:.1}' text-anchor='middle'>{label} (n={})</text>\n",
+            gx + group_w / 2.0,
+            h - bottom + 20.0,
+            values.len()
+        );
+        for (i, v) in values.iter().enumerate() {
+            let x = gx + 10.0 + (group_w - 20.0) * (i as f64 + 0.5) / values.len().max(1) as f64;
+            s += &format!("<circle cx='{x:.1}' cy='{:.1}' r='4' fill='{}'><title>{v:.1} ms</title></circle>\n", y(*v), colors[gi % colors.len()]);
+        }
+    }
+    s + "</svg>\n"
 }

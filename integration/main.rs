@@ -8,3 +8,4 @@ mod faults;
 mod lab_basics;
 mod ops;
 mod profile;
+mod stateful;

@@ -23,6 +23,14 @@ QEMU_CONF_ORIG=/etc/libvirt/qemu.conf.understudy-orig
 LAB_CONF_MARK="# understudy-lab qemu.conf"
 # Where libvirtd -d writes its pid.
 LIBVIRTD_PIDFILE=/run/libvirtd.pid
+# libvirt's lock manager: virtlockd holds a lease on every disk a running domain uses, so
+# libvirt itself refuses a second domain on a disk in use (a second guard besides understudy's
+# fencing). Its configuration for the QEMU driver, and where its file leases live.
+QEMU_LOCKD_CONF=/etc/libvirt/qemu-lockd.conf
+QEMU_LOCKD_CONF_ORIG=/etc/libvirt/qemu-lockd.conf.understudy-orig
+LOCKD_LOCKSPACE=/var/lib/libvirt/lockd/files
+VIRTLOCKD_PIDFILE=$LAB_STATE/virtlockd.pid
+VIRTLOCKD_LOG=$LAB_STATE/virtlockd.log
 # What lab-up created outside build/ (so lab-down removes exactly that).
 LAB_CREATED=$LAB_STATE/created
 LAB_LIBVIRTD_LOG=$LAB_STATE/libvirtd.log
@@ -55,6 +63,12 @@ lab_take_lock() {
 lab_ns_exists() { [ -e "/run/netns/$LAB_NS" ]; }
 
 lab_conf_is_ours() { [ -f "$QEMU_CONF" ] && [[ $(head -n1 "$QEMU_CONF") == "$LAB_CONF_MARK"* ]]; }
+lab_lockd_conf_is_ours() { [ -f "$QEMU_LOCKD_CONF" ] && [[ $(head -n1 "$QEMU_LOCKD_CONF") == "$LAB_CONF_MARK"* ]]; }
+
+# Prints the pids of every running virtlockd.
+virtlockd_pids() {
+    ps -eo pid=,stat=,comm= | awk '$2 !~ /^Z/ && $3 == "virtlockd" { print $1 }'
+}
 
 # Prints the pids of every running libvirt daemon (monolithic or modular QEMU).
 # Zombies do not count: this machine's pid 1 reaps orphans only lazily.

@@ -91,7 +91,7 @@ if lab_ns_exists; then
     for pid in $(ip netns pids "$LAB_NS" 2>/dev/null); do
         comm=$(cat "/proc/$pid/comm" 2>/dev/null || true)
         case "$comm" in
-            understudy | qemu-system-*)
+            understudy | qemu-system-* | qemu-nbd | lab-reaper)
                 lab_log "stopping leftover $comm (pid $pid) in $LAB_NS"
                 stop_pid "$pid" 50
                 ;;
@@ -112,6 +112,24 @@ lab_guest_qemus | while read -r pid args; do
     lab_log "stopping leftover QEMU (pid $pid): ${args:0:120}"
     stop_pid "$pid" 50
 done
+
+# virtlockd goes after libvirtd and every QEMU (it holds their disk leases).
+for pid in $(virtlockd_pids); do
+    stop_pid "$pid" 50
+    lab_log "stopped virtlockd (pid $pid)"
+done
+rm -f "$VIRTLOCKD_PIDFILE"
+
+# Loop devices over the lab's data disk images (scripts/lab-data.sh loop).
+if [ -d "$LAB_DIR" ]; then
+    losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null | while read -r dev file; do
+        case "$file" in
+            "$LAB_DIR"/*)
+                losetup -d "$dev" && lab_log "detached $dev ($file)"
+                ;;
+        esac
+    done
+fi
 
 # --- what lab-up created outside build/ ---------------------------------------------
 if [ -f "$LAB_CREATED" ] && [ -n "$(libvirt_daemon_pids)" ]; then
@@ -137,7 +155,7 @@ elif [ -f "$LAB_CREATED" ]; then
                 for path in /etc/libvirt/* /etc/libvirt/.[!.]*; do
                     [ -e "$path" ] || continue
                     entry=${path##*/}
-                    case " $what qemu.conf qemu.conf.understudy-orig " in
+                    case " $what qemu.conf qemu.conf.understudy-orig qemu-lockd.conf qemu-lockd.conf.understudy-orig " in
                         *" $entry "*) ;;
                         *) rm -rf "/etc/libvirt/$entry" && lab_log "removed /etc/libvirt/$entry" ;;
                     esac
@@ -159,7 +177,19 @@ if [ -d "$LAB_DIR" ]; then
 fi
 if [ -d "$LAB_STATE" ]; then
     keep_log "$LAB_LIBVIRTD_LOG"
+    keep_log "$VIRTLOCKD_LOG"
+    keep_log "$LAB_STATE/libvirtd.out"
     rm -rf "$LAB_STATE"
+fi
+
+if lab_lockd_conf_is_ours; then
+    if [ -e "$QEMU_LOCKD_CONF_ORIG" ]; then
+        mv -f "$QEMU_LOCKD_CONF_ORIG" "$QEMU_LOCKD_CONF"
+        lab_log "restored the original $QEMU_LOCKD_CONF"
+    else
+        rm -f "$QEMU_LOCKD_CONF"
+        lab_log "removed the lab $QEMU_LOCKD_CONF"
+    fi
 fi
 
 if lab_conf_is_ours; then

@@ -2,13 +2,22 @@
 # Domain XML for a lab test guest (build/guest/), and starting one.
 #
 # usage:
-#   scripts/lab-guest.sh xml   NAME IP [--disk PATH] [--mem MIB] [--role R] [--accel tcg|kvm] [--kernel elf|bzimage]
-#   scripts/lab-guest.sh start NAME IP [--disk PATH [--create-disk]] [--mem MIB] [--role R] [--accel tcg|kvm] [--kernel elf|bzimage]
+#   scripts/lab-guest.sh xml   NAME IP [--disk PATH] [DATA] [--mem MIB] [--role R] [--accel tcg|kvm] [--kernel elf|bzimage]
+#   scripts/lab-guest.sh start NAME IP [--disk PATH [--create-disk]] [DATA [--create-data]] [--mem MIB] [--role R] [--accel tcg|kvm] [--kernel elf|bzimage]
+#
+# DATA, a data disk (ext4, label usdata: the ledger's, see images/us-data), one of:
+#   --data PATH                 a raw image file
+#   --data-block DEV            a host block device (the lab's loop devices: scripts/lab-data.sh)
+#   --data-nbd HOST:PORT[/NAME] an NBD export (the lab's qemu-nbd: scripts/lab-data.sh)
+# and where the guest sees it: --data-bus virtio (default: virtio-blk, target vdb) or scsi (a
+# LUN, target sdb, on a virtio-scsi controller the guest then has, so a shadow can get the
+# disk without a PCI hot-plug).
 #
 # `xml` only prints the domain XML on stdout (integration tests define guests
 # from it themselves); `start` defines the domain in the lab's libvirtd and
 # starts it. IP is the guest's a.b.c.d/prefix on the lab bridge usbr0.
-# --create-disk makes PATH a new 64 MiB qcow2 image first if it does not exist.
+# --create-disk makes PATH a new 64 MiB qcow2 image first if it does not exist;
+# --create-data makes the --data PATH a new formatted data disk if it does not exist.
 # --kernel: `elf` boots build/guest/vmlinux (decompressed, PVH entry; about
 # 10 s faster under TCG) and is the default when that file exists; `bzimage`
 # boots build/guest/vmlinuz, the unmodified copy of /boot/vmlinuz-*.
@@ -27,9 +36,15 @@ shift 3
 case "$mode" in xml | start) ;; *) usage ;; esac
 
 disk="" mem=192 role=primary accel=tcg create_disk="" kernel_kind=""
+data_kind="" data="" data_bus=virtio create_data=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --disk) [ $# -ge 2 ] || usage; disk=$2; shift 2 ;;
+        --data) [ $# -ge 2 ] || usage; data_kind=file data=$2; shift 2 ;;
+        --data-block) [ $# -ge 2 ] || usage; data_kind=block data=$2; shift 2 ;;
+        --data-nbd) [ $# -ge 2 ] || usage; data_kind=nbd data=$2; shift 2 ;;
+        --data-bus) [ $# -ge 2 ] || usage; data_bus=$2; shift 2 ;;
+        --create-data) create_data=1; shift ;;
         --mem) [ $# -ge 2 ] || usage; mem=$2; shift 2 ;;
         --role) [ $# -ge 2 ] || usage; role=$2; shift 2 ;;
         --accel) [ $# -ge 2 ] || usage; accel=$2; shift 2 ;;
@@ -60,6 +75,25 @@ if [ -n "$disk" ]; then
     [[ $disk =~ ^[A-Za-z0-9_./+-]+$ ]] || lab_die "disk path '$disk' has characters not allowed here"
 fi
 [ -z "$create_disk" ] || [ -n "$disk" ] || lab_die "--create-disk needs --disk PATH"
+nbd_host="" nbd_port="" nbd_name=""
+case "$data_kind" in
+    "") ;;
+    file | block)
+        data=$(realpath -m -- "$data")
+        [[ $data =~ ^[A-Za-z0-9_./+-]+$ ]] || lab_die "data disk path '$data' has characters not allowed here"
+        ;;
+    nbd)
+        [[ $data =~ ^([0-9.]{7,15}):([0-9]{1,5})(/([A-Za-z0-9_.-]{1,64}))?$ ]] ||
+            lab_die "invalid NBD export '$data' (expected a.b.c.d:port[/name])"
+        nbd_host=${BASH_REMATCH[1]} nbd_port=${BASH_REMATCH[2]} nbd_name=${BASH_REMATCH[4]}
+        ;;
+esac
+[ -z "$create_data" ] || [ "$data_kind" = file ] || lab_die "--create-data needs --data PATH"
+case "$data_bus" in
+    virtio) data_target=vdb ;;
+    scsi) data_target=sdb ;;
+    *) lab_die "invalid data bus '$data_bus' (virtio or scsi)" ;;
+esac
 
 if [ -z "$kernel_kind" ]; then
     if [ -f "$REPO_ROOT/build/guest/vmlinux" ]; then kernel_kind=elf; else kernel_kind=bzimage; fi
@@ -106,6 +140,29 @@ EOF
     </disk>
 EOF
     fi
+    if [ -n "$data_kind" ]; then
+        case "$data_kind" in
+            file) echo "    <disk type='file' device='disk'>" ;;
+            block) echo "    <disk type='block' device='disk'>" ;;
+            nbd) echo "    <disk type='network' device='disk'>" ;;
+        esac
+        echo "      <driver name='qemu' type='raw'/>"
+        case "$data_kind" in
+            file) echo "      <source file='$data'/>" ;;
+            block) echo "      <source dev='$data'/>" ;;
+            nbd)
+                echo "      <source protocol='nbd'${nbd_name:+ name='$nbd_name'}>"
+                echo "        <host name='$nbd_host' port='$nbd_port'/>"
+                echo "      </source>"
+                ;;
+        esac
+        echo "      <target dev='$data_target' bus='$data_bus'/>"
+        echo "      <serial>usdata</serial>"
+        echo "    </disk>"
+        if [ "$data_bus" = scsi ]; then
+            echo "    <controller type='scsi' index='0' model='virtio-scsi'/>"
+        fi
+    fi
     cat <<EOF
     <interface type='bridge'>
       <source bridge='$LAB_BRIDGE'/>
@@ -147,11 +204,15 @@ case "$mode" in
             lab_log "created disk $disk (qcow2, 64 MiB)"
         fi
         [ -z "$disk" ] || [ -f "$disk" ] || lab_die "disk $disk does not exist"
+        if [ -n "$create_data" ]; then
+            "$REPO_ROOT/scripts/lab-data.sh" file "$data" >/dev/null
+        fi
+        [ "$data_kind" != file ] || [ -f "$data" ] || lab_die "data disk $data does not exist"
         xml=$(mktemp)
         trap 'rm -f "$xml"' EXIT
         domain_xml >"$xml"
         virsh -c "$LAB_URI" define "$xml" >/dev/null
         virsh -c "$LAB_URI" start "$name" >/dev/null
-        lab_log "started $name ($ip, mac $mac, ${mem} MiB, role $role${disk:+, disk $disk})"
+        lab_log "started $name ($ip, mac $mac, ${mem} MiB, role $role${disk:+, disk $disk}${data_kind:+, $data_kind data disk $data})"
         ;;
 esac

@@ -73,7 +73,7 @@ if [ -d /etc/libvirt ] && ! grep -q '^etc-before' "$LAB_CREATED" 2>/dev/null; th
     before=""
     for path in /etc/libvirt/* /etc/libvirt/.[!.]*; do
         [ -e "$path" ] || continue
-        case "${path##*/}" in qemu.conf | qemu.conf.understudy-orig) ;; *) before="$before ${path##*/}" ;; esac
+        case "${path##*/}" in qemu.conf | qemu.conf.understudy-orig | qemu-lockd.conf | qemu-lockd.conf.understudy-orig) ;; *) before="$before ${path##*/}" ;; esac
     done
     echo "etc-before$before" >>"$LAB_CREATED"
 fi
@@ -97,9 +97,30 @@ swtpm_user = "root"
 swtpm_group = "root"
 security_driver = "none"
 stdio_handler = "file"
+# libvirt's lock manager (virtlockd, started below before libvirtd): see $QEMU_LOCKD_CONF.
+lock_manager = "lockd"
 EOF
     lab_log "wrote lab $QEMU_CONF"
 fi
+if ! lab_lockd_conf_is_ours; then
+    if [ -e "$QEMU_LOCKD_CONF" ]; then
+        [ -e "$QEMU_LOCKD_CONF_ORIG" ] &&
+            lab_die "$QEMU_LOCKD_CONF_ORIG already exists and $QEMU_LOCKD_CONF is not the lab's; sort them out by hand"
+        mv "$QEMU_LOCKD_CONF" "$QEMU_LOCKD_CONF_ORIG"
+        lab_log "kept the original $QEMU_LOCKD_CONF as $QEMU_LOCKD_CONF_ORIG"
+    fi
+    cat >"$QEMU_LOCKD_CONF" <<EOF
+$LAB_CONF_MARK (written by scripts/lab-up.sh, removed by scripts/lab-down.sh)
+# Every disk of a running domain gets a lease (a lock file named by the sha256 of its path),
+# and no domain starts or attaches a disk without one: a second domain on a disk that a running
+# one uses is refused with "resource busy". Read-only and shareable disks get shared leases.
+auto_disk_leases = 1
+require_lease_for_disks = 1
+file_lockspace_dir = "$LOCKD_LOCKSPACE"
+EOF
+    lab_log "wrote lab $QEMU_LOCKD_CONF"
+fi
+mkdir -p "$LOCKD_LOCKSPACE"
 
 # --- network namespace and bridge ---------------------------------------------------
 if ! lab_ns_exists; then
@@ -119,12 +140,35 @@ if ! ip -n "$LAB_NS" link show "$LAB_BRIDGE" >/dev/null 2>&1; then
 fi
 ip -n "$LAB_NS" link set "$LAB_BRIDGE" up
 
+# --- virtlockd, before libvirtd (which connects to it when it starts) ---------------
+if [ -z "$(virtlockd_pids)" ]; then
+    rm -f "$VIRTLOCKD_PIDFILE"
+    LIBVIRT_LOG_OUTPUTS="3:file:$VIRTLOCKD_LOG" virtlockd -d -p "$VIRTLOCKD_PIDFILE"
+    for _ in $(seq 1 50); do
+        [ -S /run/libvirt/virtlockd-sock ] && break
+        sleep 0.1
+    done
+    [ -S /run/libvirt/virtlockd-sock ] || lab_die "virtlockd did not start (see $VIRTLOCKD_LOG)"
+    lab_log "virtlockd (pid $(cat "$VIRTLOCKD_PIDFILE")) up: lock_manager = \"lockd\""
+fi
+
 # --- libvirtd inside the namespace ---------------------------------------------------
+# Under lab-reaper (scripts/lab-reaper.c), which reaps dead QEMUs at once as a real host's
+# init does; this machine's pid 1 leaves them zombies for a second or two, and libvirt waits
+# for them before it finishes stopping a domain and releases its disk leases.
+reaper=$REPO_ROOT/build/lab-reaper
+if [ ! -x "$reaper" ] || [ "$REPO_ROOT/scripts/lab-reaper.c" -nt "$reaper" ]; then
+    command -v gcc >/dev/null || lab_die "gcc not found; run make deps"
+    mkdir -p "$REPO_ROOT/build"
+    gcc -O2 -Wall -Wextra -o "$reaper.tmp" "$REPO_ROOT/scripts/lab-reaper.c"
+    mv -f "$reaper.tmp" "$reaper"
+fi
 rm -f "$LIBVIRTD_PIDFILE"
-LIBVIRT_LOG_OUTPUTS="3:file:$LAB_LIBVIRTD_LOG" \
-    "$REPO_ROOT/scripts/lab-exec.sh" libvirtd -d
+LIBVIRT_LOG_OUTPUTS="3:file:$LAB_LIBVIRTD_LOG" setsid \
+    "$REPO_ROOT/scripts/lab-exec.sh" "$reaper" libvirtd --pid-file "$LIBVIRTD_PIDFILE" \
+    </dev/null >>"$LAB_STATE/libvirtd.out" 2>&1 &
 for _ in $(seq 1 300); do
-    libvirt_answers && break
+    libvirt_answers && [ -s "$LIBVIRTD_PIDFILE" ] && break
     sleep 0.1
 done
 libvirt_answers || lab_die "libvirtd did not answer on $LAB_URI within 30 s (see $LAB_LIBVIRTD_LOG)"

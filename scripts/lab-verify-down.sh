@@ -21,9 +21,16 @@ qemus=$(lab_guest_qemus | cut -c1-160)
 $qemus")
 daemons=$(ps -eo pid=,stat=,comm= | awk '$2 !~ /^Z/ && $3 == "understudy" { print $1 }' | tr '\n' ' ')
 [ -n "$daemons" ] && left+=("understudy daemons: $daemons")
+reapers=$(ps -eo pid=,stat=,comm= | awk '$2 !~ /^Z/ && $3 == "lab-reaper" { print $1 }' | tr '\n' ' ')
+[ -n "$reapers" ] && left+=("lab-reaper: $reapers")
 libvirtd=$(libvirt_daemon_pids | tr '\n' ' ')
 [ -n "$libvirtd" ] && left+=("libvirt daemons: $libvirtd")
 lab_conf_is_ours && left+=("the lab's $QEMU_CONF")
+lab_lockd_conf_is_ours && left+=("the lab's $QEMU_LOCKD_CONF")
+lockds=$(virtlockd_pids | tr '\n' ' ')
+[ -n "$lockds" ] && left+=("virtlockd: $lockds")
+loops=$(losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null | awk -v d="$LAB_DIR/" 'index($2, d) == 1 { print $1 }' | tr '\n' ' ')
+[ -n "${loops// /}" ] && left+=("loop devices over lab images: $loops")
 if [ ${#left[@]} -gt 0 ]; then
     printf 'lab-verify-down: left behind: %s\n' "${left[@]}" >&2
     exit 1

@@ -203,6 +203,24 @@ pub enum ShadowAction {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Dry run, before protecting a VM: the shadow spec that would be defined, each disk's
+    /// role and whether a failover keeps its data, the NIC handling, or the refusal naming the
+    /// device and why. Needs no daemon. Exit status: 0 protectable, 2 refused, 1 other error.
+    Plan {
+        /// Domain whose persistent definition is read from libvirt (the configuration's
+        /// libvirt_uri).
+        #[arg(required_unless_present = "xml", conflicts_with = "xml")]
+        domain: Option<String>,
+        /// Read the domain XML from this file instead; works without libvirt.
+        #[arg(long, value_name = "FILE")]
+        xml: Option<PathBuf>,
+        /// Plan with this class instead of the one the [[protect]] rules give the domain.
+        #[arg(long, value_name = "C")]
+        class: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl ShadowAction {
@@ -217,6 +235,7 @@ impl ShadowAction {
                 service: service.clone(),
                 golden: *golden,
             },
+            ShadowAction::Plan { .. } => unreachable!("shadow plan runs locally, see main"),
         }
     }
 
@@ -224,6 +243,7 @@ impl ShadowAction {
         match self {
             ShadowAction::Rebuild { service, wait }
             | ShadowAction::Reinit { service, wait, .. } => (service, wait),
+            ShadowAction::Plan { .. } => unreachable!("shadow plan runs locally, see main"),
         }
     }
 }
@@ -375,6 +395,22 @@ pub fn main() -> ExitCode {
                     json,
                 },
         } => backtest(&cli.config, csv, class, json),
+        Command::Shadow {
+            action:
+                ShadowAction::Plan {
+                    ref domain,
+                    ref xml,
+                    ref class,
+                    json,
+                },
+        } => {
+            let source = match (domain, xml) {
+                (_, Some(file)) => PlanSource::File(file),
+                (Some(name), None) => PlanSource::Libvirt(name),
+                (None, None) => unreachable!("clap requires a domain or --xml"),
+            };
+            shadow_plan(&cli.config, source, class.as_deref(), json)
+        }
         Command::Probe {
             addr,
             ref path,
@@ -665,6 +701,135 @@ fn check_config(file: &Path) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Where `shadow plan` reads the primary's definition from.
+#[derive(Debug, Clone, Copy)]
+pub enum PlanSource<'a> {
+    /// The persistent definition of this domain, from libvirt.
+    Libvirt(&'a str),
+    /// A domain XML file.
+    File(&'a Path),
+}
+
+/// Exit status of `shadow plan` for a refused domain.
+const PLAN_REFUSED: u8 = 2;
+
+/// `understudy shadow plan`: prints the preview; exit 0 protectable, 2 refused, 1 other error.
+pub fn shadow_plan(
+    config: &Path,
+    source: PlanSource<'_>,
+    class: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let result = plan_preview(config, source, class);
+    match &result {
+        Ok(preview) if json => println!(
+            "{}",
+            serde_json::to_string_pretty(preview).unwrap_or_default()
+        ),
+        Ok(preview) => print!("{preview}"),
+        Err(e) => eprintln!("understudy: shadow plan: {e}"),
+    }
+    ExitCode::from(plan_exit_status(&result))
+}
+
+/// 0 protectable, 2 refused, 1 any other error.
+pub fn plan_exit_status(result: &Result<crate::failover::plan::ShadowPreview, String>) -> u8 {
+    match result {
+        Ok(p) if p.protectable => 0,
+        Ok(_) => PLAN_REFUSED,
+        Err(_) => 1,
+    }
+}
+
+/// The preview behind `shadow plan`, or the error that kept it from being made.
+pub fn plan_preview(
+    config_path: &Path,
+    source: PlanSource<'_>,
+    class: Option<&str>,
+) -> Result<crate::failover::plan::ShadowPreview, String> {
+    use crate::domain_xml::{DomainXml, DOMAIN_XML_MAX};
+    use crate::failover::plan::{preview, PreviewInput};
+    use crate::failover::shadow::{new_uuid, shadow_name};
+
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        // Without a configuration file (e.g. on a workstation with --xml), plan with the
+        // built-in defaults; a file that exists but is broken is an error.
+        Err(crate::config::ConfigError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            eprintln!(
+                "understudy: {} not found; planning with the built-in defaults",
+                config_path.display()
+            );
+            Config::default()
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let text = match source {
+        PlanSource::File(file) => {
+            use std::io::Read;
+            let f = std::fs::File::open(file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let mut buf = Vec::new();
+            f.take(DOMAIN_XML_MAX as u64 + 1)
+                .read_to_end(&mut buf)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            String::from_utf8(buf).map_err(|_| format!("{} is not UTF-8 text", file.display()))?
+        }
+        PlanSource::Libvirt(name) => {
+            let uri = &config.daemon.libvirt_uri;
+            crate::libvirt::Hypervisor::open_oneshot(uri)
+                .and_then(|hv| hv.xml(name, true))
+                .map_err(|e| crate::error::report(&e))?
+        }
+    };
+    let primary = DomainXml::parse(&text)
+        .map_err(|e| format!("domain XML not understood: {}", crate::error::report(&e)))?;
+    let name = primary.name().unwrap_or_default();
+    let (class_name, class_cfg) = match class {
+        Some(c) => match config.class.get_key_value(c) {
+            Some((n, cfg)) => (n.clone(), cfg.clone()),
+            None => {
+                let known: Vec<&str> = config.class.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "no class '{c}' in {} (classes: {})",
+                    config_path.display(),
+                    known.join(", ")
+                ));
+            }
+        },
+        None => match config.class_for(&name) {
+            Some((n, cfg)) => (n.to_string(), cfg.clone()),
+            None => {
+                eprintln!(
+                    "understudy: no [[protect]] rule matches '{name}'; planning with class '{}'",
+                    crate::config::DEFAULT_CLASS
+                );
+                let d = crate::config::DEFAULT_CLASS;
+                (
+                    d.to_string(),
+                    config.class.get(d).cloned().unwrap_or_default(),
+                )
+            }
+        },
+    };
+    let service = if name.is_empty() { "domain" } else { &name };
+    let input = PreviewInput {
+        class_name: &class_name,
+        class: &class_cfg,
+        state_dir: &absolute(&config.daemon.state_dir),
+        shadow_name: shadow_name(service, 1),
+        shadow_uuid: new_uuid(),
+    };
+    Ok(preview(&primary, &input))
+}
+
+/// `p` made absolute against the current directory, as the daemon's relative paths resolve.
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn init_logging(format: LogFormat, level: &str) {

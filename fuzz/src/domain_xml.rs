@@ -16,6 +16,7 @@ use understudy::domain_xml::{
     shadow_spec, standby_boot_spec, CloneError, DiskKind, DomainXml, InterfaceKind, UnderstudyMeta,
     XmlError,
 };
+use understudy::failover::plan::DiskPolicy;
 use understudy::failover::shadow::{shadow_plan, ShadowRequest};
 
 /// A request as the daemon makes one for generation 7 of service `svc`.
@@ -31,7 +32,7 @@ fn request(primary: &str) -> ShadowRequest {
         agent_timeout: Duration::from_secs(1),
         agent_max_reply: 1 << 20,
         warmup: Vec::new(),
-        golden_image: None,
+        disks: DiskPolicy::default(),
     }
 }
 
@@ -73,7 +74,9 @@ pub fn check(data: &[u8]) {
     }
 
     let primary_name = dom.name().unwrap_or_else(|| "primary".to_string());
-    let plan = shadow_plan(&dom, &request(&primary_name), UUID.to_string());
+    // Every writable disk is a system disk under the default roles: planning cannot fail.
+    let (plan, _) = shadow_plan(&dom, &request(&primary_name), UUID)
+        .unwrap_or_else(|e| panic!("default disk roles refused: {e}"));
     assert!(plan.vcpu_max >= dom.vcpus().max, "plan lowers vCPUs");
     assert!(
         plan.memory_max_kib >= dom.memory_kib().max_kib,
@@ -260,7 +263,9 @@ fn check_clone_error(xml: &str, primary: &DomainXml, e: &CloneError) {
             );
         }
         CloneError::MissingOverlay { target, .. }
-        | CloneError::UnexpectedOverlay { target, .. } => {
+        | CloneError::UnexpectedOverlay { target, .. }
+        | CloneError::UnexpectedDataDisk { target, .. }
+        | CloneError::NoImageForSystemDisk { target, .. } => {
             assert!(
                 primary.disks().iter().any(|d| &d.target_dev == target),
                 "{msg}: no disk has target {target}"

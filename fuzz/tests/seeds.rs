@@ -154,6 +154,16 @@ fn status() -> StatusReport {
             }),
             health: "ok".into(),
             last_heartbeat_unix_ms: Some(1_599_000),
+            disks: vec![understudy::failover::plan::DiskPlan {
+                target: "sdb".into(),
+                kind: "file".into(),
+                device: "disk".into(),
+                source: Some("/d/web-data.raw".into()),
+                role: Some(understudy::config::DiskRole::Data),
+                handling: understudy::failover::plan::DiskHandling::HandedOver,
+                keeps_data: Some(true),
+                overlay_base: None,
+            }],
         }],
         domains: vec![DomainStatus {
             name: "web-a".into(),

@@ -274,6 +274,9 @@ pub struct ServiceStatus {
     pub health: String,
     /// Last heartbeat from the active domain, Unix epoch milliseconds.
     pub last_heartbeat_unix_ms: Option<u64>,
+    /// The active domain's disks: each one's role and whether a failover keeps its data.
+    #[serde(default)]
+    pub disks: Vec<crate::failover::plan::DiskPlan>,
 }
 
 /// One shadow domain of a service.
@@ -377,6 +380,29 @@ pub fn render_status_text_at(report: &StatusReport, now_unix_ms: u64) -> String 
             ]);
         }
         out.push_str(&render_table(&rows));
+
+        for s in &report.services {
+            if s.disks.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "\n{} disks:", s.name);
+            for disk in &s.disks {
+                let keeps = match disk.keeps_data {
+                    Some(true) => "a failover KEEPS its data",
+                    Some(false) => "a failover LOSES its writes",
+                    None => "not written",
+                };
+                let _ = writeln!(
+                    out,
+                    "  {} {} ({} {}): {}",
+                    disk.target,
+                    disk.role.map_or("-", |r| r.as_str()),
+                    disk.kind,
+                    disk.source.as_deref().unwrap_or("no source"),
+                    keeps
+                );
+            }
+        }
 
         for s in &report.services {
             let Some(f) = &s.last_failover else { continue };
@@ -637,6 +663,16 @@ mod tests {
                 }),
                 health: "ok".into(),
                 last_heartbeat_unix_ms: Some(1_599_000),
+                disks: vec![crate::failover::plan::DiskPlan {
+                    target: "vdb".into(),
+                    kind: "file".into(),
+                    device: "disk".into(),
+                    source: Some("/d/web-data.raw".into()),
+                    role: Some(crate::config::DiskRole::Data),
+                    handling: crate::failover::plan::DiskHandling::HandedOver,
+                    keeps_data: Some(true),
+                    overlay_base: None,
+                }],
             }],
             domains: vec![DomainStatus {
                 name: "web-a".into(),
@@ -676,6 +712,7 @@ mod tests {
             [
                 "active",
                 "class",
+                "disks",
                 "health",
                 "last_failover",
                 "last_heartbeat_unix_ms",
@@ -689,6 +726,9 @@ mod tests {
         assert_eq!(s["shadows"][0]["name"], "web-s1");
         assert_eq!(s["shadows"][0]["state"], "paused");
         assert_eq!(s["shadows"][1]["state"], "booting");
+        assert_eq!(s["disks"][0]["target"], "vdb");
+        assert_eq!(s["disks"][0]["role"], "data");
+        assert_eq!(s["disks"][0]["keeps_data"], true);
         let f = &s["last_failover"];
         assert_eq!(f["outage_ms"], 42.5);
         assert_eq!(f["steps"][0]["name"], "fence");
@@ -757,6 +797,12 @@ mod tests {
         );
         let header = text.lines().find(|l| l.starts_with("SERVICE")).unwrap();
         assert!(header.contains("ACTIVE"));
+        assert!(
+            text.contains(
+                "web disks:\n  vdb data (file /d/web-data.raw): a failover KEEPS its data"
+            ),
+            "{text}"
+        );
         let row = text.lines().find(|l| l.starts_with("web ")).unwrap();
         assert!(row.contains("web-a"), "{row}");
         assert!(row.contains("web-s1 (paused), web-s2 (booting)"), "{row}");

@@ -298,11 +298,54 @@ pub struct ClassConfig {
     /// Argument vectors run in a new shadow through `guest-exec` before it is paused, to warm
     /// it up (prime caches, JIT, the service's code paths); `argv[0]` is an absolute path.
     pub warmup_commands: Vec<Vec<String>>,
+    /// Role of each writable disk by its `<target dev>` (e.g. `vdb`); disks not named here get
+    /// `default_disk_role`.
+    pub disk_roles: BTreeMap<String, DiskRole>,
+    /// Role of writable disks that `disk_roles` does not name.
+    pub default_disk_role: DiskRole,
+    /// Argument vectors run through `guest-exec`, in order, in a promoted shadow once its data
+    /// disks are attached (find the disk, mount it with journal replay, start the service);
+    /// `argv[0]` is an absolute path. They run only when the promotion hands over at least one
+    /// data disk, and the network comes up only after every one of them exited 0.
+    pub promote_commands: Vec<Vec<String>>,
+    /// Longest one promote command may run, in milliseconds (100..=600000).
+    pub promote_command_timeout_ms: u64,
     /// Optional external probe from the host namespace.
     pub probe: Option<ProbeConfig>,
     /// Share of samples the profile's calibrated envelope should cover (0.5..=0.999): each
     /// service's coverage converges on it (see `src/profile/forecast.rs`).
     pub coverage_target: f64,
+}
+
+/// What happens to a writable disk of a protected primary at failover.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskRole {
+    /// The shadow boots its own qcow2 overlay of the disk's image (or of the class's golden
+    /// image); what the primary wrote since the shadow was made is not carried over.
+    #[default]
+    System,
+    /// Handed over: the shadow is defined and booted without it, and at promotion the very same
+    /// disk source is attached to the shadow, so a failover keeps its data.
+    Data,
+}
+
+impl DiskRole {
+    /// The name used in the configuration and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskRole::System => "system",
+            DiskRole::Data => "data",
+        }
+    }
+}
+
+impl fmt::Display for DiskRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Default for ClassConfig {
@@ -318,6 +361,10 @@ impl Default for ClassConfig {
             config_files: Vec::new(),
             config_commands: Vec::new(),
             warmup_commands: Vec::new(),
+            disk_roles: BTreeMap::new(),
+            default_disk_role: DiskRole::System,
+            promote_commands: Vec::new(),
+            promote_command_timeout_ms: 30_000,
             probe: None,
             coverage_target: 0.95,
         }
@@ -338,6 +385,19 @@ impl ClassConfig {
     /// `shadow_boot_timeout_s` as a duration.
     pub fn shadow_boot_timeout(&self) -> Duration {
         Duration::from_secs(self.shadow_boot_timeout_s)
+    }
+
+    /// `promote_command_timeout_ms` as a duration.
+    pub fn promote_command_timeout(&self) -> Duration {
+        Duration::from_millis(self.promote_command_timeout_ms)
+    }
+
+    /// The role of the writable disk with `<target dev=target>`.
+    pub fn disk_role(&self, target: &str) -> DiskRole {
+        self.disk_roles
+            .get(target)
+            .copied()
+            .unwrap_or(self.default_disk_role)
     }
 }
 

@@ -586,3 +586,55 @@ fn accel_picks_the_domain_type() {
     assert_eq!(Accel::Kvm.domain_type(false), "kvm");
     assert_eq!(Accel::Tcg.domain_type(true), "qemu");
 }
+
+#[test]
+fn disk_roles_resolve_by_target_with_a_default() {
+    let config = Fixture::new(
+        r#"[class.db]
+disk_roles = { vdb = "data", vdc = "system" }
+default_disk_role = "data"
+promote_commands = [["/bin/mount", "/dev/vdb", "/data"], ["/usr/bin/systemctl", "start", "pg"]]
+promote_command_timeout_ms = 5000
+"#,
+    )
+    .load()
+    .expect("valid disk roles");
+    let db = &config.class["db"];
+    assert_eq!(db.disk_role("vdb"), DiskRole::Data);
+    assert_eq!(db.disk_role("vdc"), DiskRole::System);
+    assert_eq!(db.disk_role("vdz"), DiskRole::Data);
+    assert_eq!(db.promote_commands.len(), 2);
+    assert_eq!(db.promote_command_timeout(), Duration::from_millis(5000));
+    // Without any key every disk is a system disk, as before roles existed.
+    let default = ClassConfig::default();
+    assert_eq!(default.disk_role("vda"), DiskRole::System);
+    assert!(default.promote_commands.is_empty());
+}
+
+#[test]
+fn disk_roles_and_promote_commands_are_checked() {
+    let fixture = Fixture::new(
+        r#"[class.default]
+disk_roles = { "v d" = "data" }
+promote_commands = [["mount", "/data"], []]
+promote_command_timeout_ms = 50
+"#,
+    );
+    let problems = fixture.problems();
+    let found: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        found,
+        vec![
+            "class.default.disk_roles.\"v d\"",
+            "class.default.promote_commands[0][0]",
+            "class.default.promote_commands[1]",
+            "class.default.promote_command_timeout_ms",
+        ],
+        "{problems:?}"
+    );
+    assert!(problems[0].message.contains("not a disk target name"));
+    // A role that does not exist lists the two that do.
+    let text = Fixture::new("[class.default]\ndisk_roles = { vdb = \"scratch\" }\n").error_text();
+    assert!(text.contains("disk_roles"), "{text}");
+    assert!(text.contains("system") && text.contains("data"), "{text}");
+}

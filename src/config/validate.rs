@@ -290,9 +290,28 @@ impl Checker<'_, '_> {
             }
         }
 
+        let roles_at = at.key("disk_roles");
+        for target in class.disk_roles.keys() {
+            if !valid_disk_target(target) {
+                self.fail(
+                    &roles_at.key(target),
+                    format!(
+                        "{target:?} is not a disk target name: expected the <target dev> of a \
+                         disk, e.g. \"vdb\" (1 to 32 letters, digits, '_', '-')"
+                    ),
+                );
+            }
+        }
+        self.range(
+            &at.key("promote_command_timeout_ms"),
+            class.promote_command_timeout_ms,
+            100..=600_000,
+        );
+
         for (key, commands) in [
             ("config_commands", &class.config_commands),
             ("warmup_commands", &class.warmup_commands),
+            ("promote_commands", &class.promote_commands),
         ] {
             let commands_at = at.key(key);
             for (i, argv) in commands.iter().enumerate() {
@@ -339,4 +358,12 @@ impl Checker<'_, '_> {
             );
         }
     }
+}
+
+/// A `<target dev>` as libvirt names disks (`vda`, `sdb`, `hdc`, `nvme0n1`...).
+fn valid_disk_target(target: &str) -> bool {
+    (1..=32).contains(&target.len())
+        && target
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }

@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use crate::config::{ClassConfig, ProbeCheck, ProbeConfig};
+use crate::domain_xml::DomainXml;
 use crate::failover::shadow::isolate_tap;
+use crate::failover::tpm;
 use crate::failover::{ShadowState, Trigger};
 use crate::libvirt::LibvirtError;
 use crate::monitor::heartbeat::PingFailure;
@@ -343,4 +345,57 @@ pub(super) fn publish_gauges(d: &Shared) {
     d.metrics.set_standby_memory(standby.collect::<Vec<_>>());
     d.metrics.set_shadow_states(shadow_states);
     d.metrics.set_service_states(service_states);
+}
+
+/// Replaces standing-by shadows whose emulated TPM state is older than their primary's: a
+/// shadow's swtpm has read its copy already and cannot take a newer one (see
+/// [`crate::failover::tpm`]). Only shadows that were given TPM state are looked at.
+pub(super) fn replace_stale_tpm_shadows(d: &Shared) {
+    let disk_dir = d.cfg().daemon.state_dir.join("disks");
+    let candidates: Vec<(String, String, Vec<String>)> = d
+        .table()
+        .iter()
+        .filter(|s| s.state.is_running())
+        .map(|s| {
+            let shadows = s
+                .shadows
+                .iter()
+                .filter(|x| x.state == ShadowState::Paused)
+                .filter(|x| tpm::record_path(&disk_dir, &x.name).exists())
+                .map(|x| x.name.clone())
+                .collect();
+            (s.name.clone(), s.active.clone(), shadows)
+        })
+        .filter(|(_, _, shadows): &(String, String, Vec<String>)| !shadows.is_empty())
+        .collect();
+    if candidates.is_empty() {
+        return;
+    }
+    let d = d.clone();
+    tokio::spawn(async move {
+        for (service, active, shadows) in candidates {
+            let a = active.clone();
+            let Ok(xml) = d
+                .hv()
+                .run("tpm: primary XML", move |hv| hv.xml(&a, true))
+                .await
+            else {
+                continue;
+            };
+            let Some(uuid) = DomainXml::parse(&xml).ok().and_then(|x| x.uuid()) else {
+                continue;
+            };
+            let root = std::path::Path::new(tpm::SWTPM_STATE_DIR);
+            for shadow in shadows {
+                if !tpm::is_stale(root, &uuid, &disk_dir, &shadow) {
+                    continue;
+                }
+                tracing::info!(%service, %shadow, primary = %active, "the primary's emulated TPM state changed: replacing the shadow that holds the old one");
+                let answer = d.table().shadow_lost(&service, &shadow);
+                if let Ok(actions) = answer {
+                    super::execute(&d, actions).await;
+                }
+            }
+        }
+    });
 }

@@ -36,7 +36,8 @@ use crate::cluster::{Coordinator, HostId, LocalCoordinator};
 use crate::config::{ClassConfig, Config};
 use crate::domain_xml::{MemberState, Role, META_NS};
 use crate::events::{EventKind, EventLog};
-use crate::failover::promote::{promote, Promoted, Promotion, PromotionFailed};
+use crate::failover::plan::DiskPolicy;
+use crate::failover::promote::{promote, Handover, Promoted, Promotion, PromotionFailed};
 use crate::failover::shadow::{member_meta, shadow_generation, write_meta};
 use crate::failover::{FailoverError, Shadow, Trigger};
 use crate::libvirt::{
@@ -343,6 +344,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
                 checks::audit_bridges(&d);
                 checks::publish_gauges(&d);
                 crate::systemd::alive(&crate::systemd::status_line(d.table().iter()));
+                checks::replace_stale_tpm_shadows(&d);
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping; shadows stay as they are"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping; shadows stay as they are"); break; }
@@ -402,7 +404,9 @@ fn launch_promotion(
     at: Instant,
     start: table::FailoverStart,
 ) {
+    let handover = handover_of(&d.class(&start.class), &d.cfg());
     let promotion = Promotion {
+        handover,
         service: service.to_string(),
         class: start.class,
         old_primary: start.old_primary,
@@ -435,6 +439,18 @@ fn launch_promotion(
             result,
         });
     });
+}
+
+/// What a promotion of a service of `class` hands over besides the network; `None` when the
+/// class gives no disk the data role.
+fn handover_of(class: &ClassConfig, cfg: &Config) -> Option<Handover> {
+    let disks = DiskPolicy::of_class(class, false);
+    disks.may_hand_over().then(|| Handover {
+        disks,
+        commands: class.promote_commands.clone(),
+        command_timeout: class.promote_command_timeout(),
+        agent_max_reply: cfg.monitor.agent_max_reply_bytes,
+    })
 }
 
 async fn on_note(d: &Shared, note: Note) {
@@ -534,8 +550,12 @@ async fn on_shadow_done(
         }
         Err(e) => {
             // A spec that cannot be cloned will not clone next time either.
-            let unprotectable =
-                matches!(e, FailoverError::Clone { .. } | FailoverError::Xml { .. });
+            let unprotectable = matches!(
+                e,
+                FailoverError::Clone { .. }
+                    | FailoverError::Xml { .. }
+                    | FailoverError::Plan { .. }
+            );
             let why = crate::error::report(&e);
             tracing::error!(service, shadow = name, error = %why, "shadow provisioning failed");
             d.events.emit(

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::domain_xml::{MemberState, Role, UnderstudyMeta, META_NS};
+use crate::failover::plan::DiskPolicy;
 use crate::failover::shadow::{
     isolate_tap, live_taps, member_meta, provision, shadow_generation, write_meta, ShadowRequest,
 };
@@ -102,6 +103,7 @@ fn census(listing: Vec<(DomainSummary, Option<String>)>) -> Census {
             name: dom.name.clone(),
             state,
             taps: Vec::new(),
+            data_disks: None,
         });
     }
     // Every generation ever used for a service, retired domains included.
@@ -408,7 +410,10 @@ fn spawn_provision(d: &Shared, plan: ShadowToProvision) {
     let cfg = d.cfg();
     let c = d.class(&plan.class);
     let req = ShadowRequest {
-        golden_image: super::profiles::golden_image(d, &plan.service, &c),
+        disks: DiskPolicy::of_class(
+            &c,
+            super::profiles::golden_image(d, &plan.service, &c).is_some(),
+        ),
         service: plan.service.clone(),
         class: plan.class,
         primary: plan.primary,

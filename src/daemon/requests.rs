@@ -10,6 +10,7 @@ use crate::api::protocol::{
 };
 use crate::domain_xml::{MemberState, Role};
 use crate::events::EventKind;
+use crate::failover::plan::{plan_disks, DiskPlan, DiskPolicy};
 use crate::failover::shadow::{member_meta, shadow_generation, write_meta};
 use crate::failover::{FailoverRecord, Trigger};
 
@@ -241,6 +242,43 @@ fn reload(d: &Shared) -> Response {
     }
 }
 
+/// Each service's active domain's disks under its class's roles, by service; services whose
+/// active domain cannot be read are left out.
+async fn active_disks(
+    d: &Shared,
+    services: &[super::Service],
+) -> std::collections::BTreeMap<String, Vec<DiskPlan>> {
+    let wanted: Vec<(String, String, DiskPolicy)> = services
+        .iter()
+        .map(|s| {
+            let golden = super::profiles::golden_image(d, &s.name, &d.class(&s.class)).is_some();
+            (
+                s.name.clone(),
+                s.active.clone(),
+                DiskPolicy::of_class(&d.class(&s.class), golden),
+            )
+        })
+        .collect();
+    d.hv()
+        .run("status: disks", move |hv| {
+            let mut out = std::collections::BTreeMap::new();
+            for (service, active, policy) in wanted {
+                let Ok(xml) = hv.xml(&active, true) else {
+                    continue;
+                };
+                let Ok(dom) = crate::domain_xml::DomainXml::parse(&xml) else {
+                    continue;
+                };
+                if let Ok(layout) = plan_disks(&dom, &policy) {
+                    out.insert(service, layout.disks);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .unwrap_or_default()
+}
+
 async fn status(d: &Shared) -> StatusReport {
     let cfg = d.cfg();
     let listing = d.hv().run("status", |hv| hv.list()).await;
@@ -251,9 +289,11 @@ async fn status(d: &Shared) -> StatusReport {
         let h = d.health();
         (h.beats().clone(), h.counts())
     };
+    let disks = active_disks(d, &services).await;
     let service_status: Vec<ServiceStatus> = services
         .iter()
         .map(|s| ServiceStatus {
+            disks: disks.get(&s.name).cloned().unwrap_or_default(),
             name: s.name.clone(),
             class: s.class.clone(),
             state: s.state.describe(),

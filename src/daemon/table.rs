@@ -625,6 +625,7 @@ impl ServiceTable {
                 name: name.clone(),
                 state: ShadowState::Booting,
                 taps: Vec::new(),
+                data_disks: None,
             });
             out.push(ShadowToProvision {
                 service: svc.name.clone(),
@@ -885,6 +886,7 @@ mod tests {
             name: name.into(),
             state: ShadowState::Paused,
             taps: Vec::new(),
+            data_disks: None,
         }
     }
 
@@ -1221,6 +1223,7 @@ mod tests {
                 name: "web-shadow-1".into(),
                 state: ShadowState::Promoting,
                 taps: Vec::new(),
+                data_disks: None,
             },
         )
         .unwrap();

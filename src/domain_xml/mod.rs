@@ -511,6 +511,40 @@ impl DomainXml {
             .collect()
     }
 
+    /// The `<disk>` with `<target dev=target>`, serialized on its own for
+    /// `virDomainAttachDeviceFlags`: live-only details (`<alias>` names libvirt generated,
+    /// `<source index=>`) are dropped; its address is kept, so the guest finds it where it was.
+    pub fn disk_xml(&self, target: &str) -> Option<String> {
+        let disk = self
+            .disk_nodes()
+            .find(|n| self.disk_target(*n) == Some(target))?;
+        // A detached copy in a scratch tree: serializing an attached element would also emit
+        // every namespace declared on <domain>.
+        let mut xot = self.xot.clone();
+        let copy = xot.clone_node(disk);
+        let generated: Vec<Node> = tree::children_named(&xot, copy, "alias")
+            .filter(|a| !tree::attr(&xot, *a, "name").is_some_and(|n| n.starts_with("ua-")))
+            .collect();
+        for a in generated {
+            tree::remove(&mut xot, a);
+        }
+        if let Some(source) = tree::child_named(&xot, copy, "source") {
+            tree::remove_attr(&mut xot, source, "index");
+        }
+        xot.to_string(copy).ok()
+    }
+
+    /// `<backend type=>` of every `<tpm>` (`emulator`, `passthrough`, `external`).
+    pub fn tpm_backends(&self) -> Vec<String> {
+        self.device_nodes("tpm")
+            .map(|n| {
+                tree::child_attr(&self.xot, n, "backend", "type")
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    }
+
     /// `(mac, target dev)` of every interface that has both, i.e. the host taps of a running
     /// domain as its live XML reports them.
     pub fn live_interface_taps(&self) -> Vec<(String, String)> {

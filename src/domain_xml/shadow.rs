@@ -10,10 +10,16 @@
 //!   bridge/network and model are kept so promotion only has to bring the link up. The shadow
 //!   is *started* from [`standby_boot_spec`], whose NICs are plain `ethernet` taps, so its tap
 //!   joins no bridge until promotion enslaves it;
-//! - writable image files: `<source file>` becomes the plan's overlay (which the coordinator
-//!   creates with `qemu-img` on top of the primary's image), `<driver type='qcow2'>`, any
-//!   `<backingStore>` (which describes the primary's chain, not the overlay's) and live
-//!   `index=` removed. Read-only disks and CD-ROMs are shared as they are;
+//! - writable *system* disks: `<source file>` becomes the plan's overlay (which the
+//!   coordinator creates with `qemu-img` on top of the primary's image, or of the class's
+//!   golden image), `<driver type='qcow2'>`, any `<backingStore>` (which describes the
+//!   primary's chain, not the overlay's) and live `index=` removed. A block, network or volume
+//!   system disk has no image file to lay an overlay on: it becomes a `type='file'` disk on
+//!   the plan's overlay (of the golden image), or is refused. Read-only disks and CD-ROMs are
+//!   shared as they are;
+//! - writable *data* disks (the plan's `data_disks`) are left out: the shadow is defined and
+//!   booted without them, and promotion attaches the primary's very disk (any source type,
+//!   shareable or not) once the primary's QEMU is gone;
 //! - sizes: `<vcpu>` maximum and `<memory>` raised to the plan's (never lowered), keeping the
 //!   primary's current vCPUs, `placement`, and `<currentMemory>`, so a promoted shadow can
 //!   hot-plug up. A `<cpu><topology>` gets more sockets to match; a `<vcpus>` list gets
@@ -27,6 +33,8 @@
 //! - `<graphics>`: fixed `port`/`tlsPort` removed with `autoport='yes'`, `websocket` set to
 //!   auto, socket paths moved into `console_dir`;
 //! - `<vsock>`: a fixed guest CID becomes `auto='yes'` (CIDs are host-unique);
+//! - an emulated `<tpm>` (swtpm) is kept: libvirt keeps its state per domain UUID, and
+//!   provisioning gives the shadow a copy of the primary's state before it starts;
 //! - `<os><nvram>`: the primary's variable store is per-domain writable state. The element is
 //!   removed so libvirt creates `<name>_VARS.fd` for the shadow from the firmware's template
 //!   (an empty `<nvram template=..>` is not safe: some libvirt versions then use the template
@@ -40,10 +48,11 @@
 //!
 //! Refused (with the device and the reason named): `<hostdev>`, `<interface>` of type
 //! `hostdev`, `direct` (macvtap cannot move between bridges), `vhostuser`, `vdpa` or
-//! `ethernet` with an unmanaged tap; writable disks that are shareable or not image files
-//! (block, network, volume, dir, ...); a writable image file without an overlay in the plan;
-//! writable `<filesystem>`; `<tpm>` (emulated TPMs keep per-domain state, passthrough and
-//! external ones belong to the primary); host `<smartcard>`s and non-SPICE `<redirdev>`s;
+//! `ethernet` with an unmanaged tap; writable system disks that are shareable, or that have
+//! no image file and no overlay in the plan (block, network, volume without a golden image;
+//! dir, ...); a writable image file without an overlay in the plan; writable `<filesystem>`;
+//! passthrough and external `<tpm>`s (they belong to the primary), and an emulated one whose
+//! state sits at a fixed path; host `<smartcard>`s and non-SPICE `<redirdev>`s;
 //! `<shmem>` (shared guest memory); `nvdimm`/`virtio-pmem` `<memory>` devices (writable backing
 //! file); character devices that pass a host device or named pipe through or listen on a fixed
 //! TCP/UDP port.
@@ -66,9 +75,13 @@ pub struct ShadowPlan {
     pub name: String,
     /// The shadow's UUID; must differ from the primary's.
     pub uuid: String,
-    /// Overlay image per `<target dev>` of every writable image-file disk
-    /// ([`DiskSpec::needs_overlay`](super::DiskSpec::needs_overlay)). Absolute paths.
+    /// Overlay image per `<target dev>` of every writable system disk with a source
+    /// ([`DiskSpec::needs_overlay`](super::DiskSpec::needs_overlay), or a block, network or
+    /// volume disk started from a golden image). Absolute paths.
     pub disk_overlays: BTreeMap<String, PathBuf>,
+    /// `<target dev>` of every writable data disk: left out of the shadow, handed over at
+    /// promotion.
+    pub data_disks: BTreeSet<String>,
     /// vCPU maximum for the shadow (raised to, never below the primary's).
     pub vcpu_max: u32,
     /// `<memory>` for the shadow in KiB (raised to, never below the primary's).
@@ -130,6 +143,30 @@ pub enum CloneError {
         vcpu_max: u32,
         /// dies × clusters × cores × threads.
         per_socket: u64,
+    },
+    /// A data disk named in the plan is missing or is not a writable disk with a source.
+    #[error("shadow plan hands over disk {target}, but {reason}")]
+    UnexpectedDataDisk {
+        /// `<target dev>` named in the plan.
+        target: String,
+        /// Why it cannot be handed over.
+        reason: &'static str,
+    },
+    /// A writable system disk has no image file to lay an overlay on and the plan gives it
+    /// none (no golden image).
+    #[error(
+        "writable {kind} disk {target} ({disk_source}) is a system disk, and a {kind} disk has no \
+         image file to lay the shadow's overlay on; fix: make it a data disk \
+         (class.<name>.disk_roles.{target} = \"data\": handed over at failover) or give the \
+         class a golden_image to boot shadows from"
+    )]
+    NoImageForSystemDisk {
+        /// `<target dev>` of the disk.
+        target: String,
+        /// Its `type=` (block, network, volume).
+        kind: String,
+        /// Its source, as far as it can be named.
+        disk_source: String,
     },
     /// The domain's memory is defined by NUMA cells, so raising `<memory>` would be ignored.
     #[error(
@@ -244,6 +281,17 @@ fn validate_plan(primary: &DomainXml, plan: &ShadowPlan) -> Result<(), CloneErro
     for path in plan.disk_overlays.values() {
         utf8_absolute("disk_overlays", path)?;
     }
+    if let Some(target) = plan
+        .data_disks
+        .iter()
+        .find(|t| plan.disk_overlays.contains_key(*t))
+    {
+        return Err(invalid(
+            "data_disks",
+            target,
+            "a data disk is handed over and gets no overlay",
+        ));
+    }
     plan.meta.validate()?;
     Ok(())
 }
@@ -327,11 +375,26 @@ pub fn shadow_spec(primary: &DomainXml, plan: &ShadowPlan) -> Result<DomainXml, 
 
     let mut paths = PathRewriter::new(&plan.console_dir, &plan.name, primary.name());
     let mut overlays_used = BTreeSet::new();
+    let mut data_used = BTreeSet::new();
     if let Some(devices) = dom.devices() {
         let nodes: Vec<Node> = tree::element_children(&dom.xot, devices).collect();
         for node in nodes {
-            clone_device(&mut dom.xot, node, plan, &mut paths, &mut overlays_used)?;
+            let mut used = Used {
+                overlays: &mut overlays_used,
+                data: &mut data_used,
+            };
+            clone_device(&mut dom.xot, node, plan, &mut paths, &mut used)?;
         }
+    }
+    if let Some(target) = plan
+        .data_disks
+        .iter()
+        .find(|t| !data_used.contains(t.as_str()))
+    {
+        return Err(CloneError::UnexpectedDataDisk {
+            target: target.clone(),
+            reason: "the domain has no such disk",
+        });
     }
     if let Some(target) = plan
         .disk_overlays
@@ -393,12 +456,18 @@ pub fn standby_boot_spec(spec: &DomainXml) -> DomainXml {
     dom
 }
 
+/// Disks of the plan met while walking the devices.
+struct Used<'a> {
+    overlays: &'a mut BTreeSet<String>,
+    data: &'a mut BTreeSet<String>,
+}
+
 fn clone_device(
     x: &mut Xot,
     node: Node,
     plan: &ShadowPlan,
     paths: &mut PathRewriter<'_>,
-    overlays_used: &mut BTreeSet<String>,
+    used: &mut Used<'_>,
 ) -> Result<(), CloneError> {
     let Some((local, "")) = tree::element_name(x, node) else {
         return Ok(());
@@ -411,7 +480,7 @@ fn clone_device(
             "a passed-through host device can belong to one domain only",
         )),
         "interface" => clone_interface(x, node),
-        "disk" => clone_disk(x, node, plan, overlays_used),
+        "disk" => clone_disk(x, node, plan, used),
         "filesystem" => {
             if child_named(x, node, "readonly").is_some() {
                 Ok(())
@@ -424,9 +493,18 @@ fn clone_device(
             }
         }
         "tpm" => {
-            let backend = child_attr(x, node, "backend", "type").unwrap_or("unknown");
-            let reason = match backend {
-                "emulator" => "an emulated TPM keeps persistent per-domain state (keys, PCRs)",
+            let backend = child_named(x, node, "backend");
+            let kind = backend
+                .and_then(|b| attr(x, b, "type"))
+                .unwrap_or("unknown");
+            let fixed_state = backend
+                .and_then(|b| child_named(x, b, "source"))
+                .is_some_and(|s| attr(x, s, "path").is_some());
+            let reason = match kind {
+                // libvirt keeps an emulated TPM's state per domain UUID, so the shadow gets
+                // its own (a copy of the primary's, made by provisioning).
+                "emulator" if !fixed_state => return Ok(()),
+                "emulator" => "its state sits at a fixed path that the primary writes",
                 "passthrough" => "the host TPM can be passed to one domain only",
                 _ => "the TPM backend belongs to the primary",
             };
@@ -513,7 +591,7 @@ fn clone_disk(
     x: &mut Xot,
     disk: Node,
     plan: &ShadowPlan,
-    overlays_used: &mut BTreeSet<String>,
+    used: &mut Used<'_>,
 ) -> Result<(), CloneError> {
     let kind = DiskKind::parse(attr(x, disk, "type").unwrap_or("file"));
     let device = attr(x, disk, "device").unwrap_or("disk");
@@ -522,9 +600,26 @@ fn clone_disk(
         .unwrap_or_default()
         .to_string();
     let readonly = device == "cdrom" || child_named(x, disk, "readonly").is_some();
+    let source = child_named(x, disk, "source").filter(|s| has_medium(x, &kind, *s));
+    if plan.data_disks.contains(&target) {
+        used.data.insert(target.clone());
+        let reason = if readonly {
+            Some("that disk is read-only and is shared as is")
+        } else if source.is_none() {
+            Some("that disk has no medium to hand over")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(CloneError::UnexpectedDataDisk { target, reason });
+        }
+        // Handed over at promotion; the shadow boots without it.
+        tree::remove(x, disk);
+        return Ok(());
+    }
     let overlay = plan.disk_overlays.get(&target);
     if overlay.is_some() {
-        overlays_used.insert(target.clone());
+        used.overlays.insert(target.clone());
     }
     if readonly {
         return match overlay {
@@ -539,18 +634,11 @@ fn clone_disk(
         return Err(unclonable(
             x,
             disk,
-            "a writable shareable disk would be written by both domains",
+            "a writable shareable system disk would be written by both domains; \
+             make it a data disk (class.<name>.disk_roles) to hand it over at failover",
         ));
     }
-    if kind != DiskKind::File {
-        return Err(unclonable(
-            x,
-            disk,
-            format!("a writable {kind} disk cannot be given a qcow2 overlay"),
-        ));
-    }
-    let Some(source) = child_named(x, disk, "source").filter(|s| attr(x, *s, "file").is_some())
-    else {
+    let Some(source) = source else {
         // An empty writable drive shares nothing.
         return match overlay {
             Some(_) => Err(CloneError::UnexpectedOverlay {
@@ -561,10 +649,54 @@ fn clone_disk(
         };
     };
     let Some(overlay) = overlay else {
-        return Err(CloneError::MissingOverlay {
-            target,
-            image: attr(x, source, "file").unwrap_or_default().to_string(),
+        return Err(match kind {
+            DiskKind::File => CloneError::MissingOverlay {
+                target,
+                image: attr(x, source, "file").unwrap_or_default().to_string(),
+            },
+            DiskKind::Block | DiskKind::Network | DiskKind::Volume => {
+                CloneError::NoImageForSystemDisk {
+                    target,
+                    kind: kind.to_string(),
+                    disk_source: source_label(x, source),
+                }
+            }
+            _ => unclonable(
+                x,
+                disk,
+                format!(
+                    "a writable {kind} disk can neither get a qcow2 overlay nor be handed over"
+                ),
+            ),
         });
+    };
+    if !matches!(
+        kind,
+        DiskKind::File | DiskKind::Block | DiskKind::Network | DiskKind::Volume
+    ) {
+        return Err(unclonable(
+            x,
+            disk,
+            format!("a writable {kind} disk cannot be given a qcow2 overlay"),
+        ));
+    }
+    // A block, network or volume system disk boots from an overlay file (of the golden
+    // image): the shadow's disk becomes a plain file disk with a fresh <source>.
+    let source = if kind == DiskKind::File {
+        source
+    } else {
+        tree::set_attr(x, disk, "type", "file");
+        let fresh = tree::new_element(x, "source");
+        tree::insert_before(x, source, fresh);
+        tree::remove(x, source);
+        // Network-only settings (auth, hosts, reservations) no longer apply.
+        for local in ["auth", "encryption", "reservations"] {
+            let nodes: Vec<Node> = children_named(x, disk, local).collect();
+            for n in nodes {
+                tree::remove(x, n);
+            }
+        }
+        fresh
     };
     // Checked to be UTF-8 in `validate_plan`.
     tree::set_attr(x, source, "file", &overlay.to_string_lossy());
@@ -585,6 +717,34 @@ fn clone_disk(
     };
     tree::set_attr(x, driver, "type", "qcow2");
     Ok(())
+}
+
+/// Whether a disk's `<source>` names a medium (an empty CD-ROM or floppy has none).
+fn has_medium(x: &Xot, kind: &DiskKind, source: Node) -> bool {
+    let a = |name: &str| attr(x, source, name).is_some();
+    match kind {
+        DiskKind::File => a("file"),
+        DiskKind::Block => a("dev"),
+        DiskKind::Dir => a("dir"),
+        DiskKind::Network => a("protocol") || a("name"),
+        DiskKind::Volume => a("pool") || a("volume"),
+        DiskKind::Other(_) => true,
+    }
+}
+
+/// A disk source for messages: path, device, `protocol:name` or `pool/volume`.
+fn source_label(x: &Xot, source: Node) -> String {
+    let a = |name: &str| attr(x, source, name);
+    let label = match (a("protocol"), a("name"), a("pool"), a("volume")) {
+        (Some(p), Some(n), _, _) => format!("{p}:{n}"),
+        (_, _, Some(p), Some(v)) => format!("{p}/{v}"),
+        _ => a("file")
+            .or_else(|| a("dev"))
+            .or_else(|| a("dir"))
+            .unwrap_or("?")
+            .to_string(),
+    };
+    clip(&label, 120)
 }
 
 fn clone_chardev(

@@ -1,6 +1,6 @@
 //! Tests against `virsh dumpxml`-style fixtures in `fixtures/`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use xot::{Node, Xot};
@@ -562,6 +562,7 @@ fn plan(name: &str, overlays: &[(&str, &str)]) -> ShadowPlan {
             .iter()
             .map(|(t, p)| (t.to_string(), PathBuf::from(p)))
             .collect::<BTreeMap<_, _>>(),
+        data_disks: BTreeSet::new(),
         vcpu_max: 8,
         memory_max_kib: 8 * 1024 * 1024,
         console_dir: PathBuf::from("/run/understudy/console"),
@@ -868,9 +869,15 @@ fn refuses_direct_interface() {
 fn refuses_writable_block_disk() {
     let err = refusal(BLOCK_DISK, &plan("db2-shadow", &[("vda", "/o/vda.qcow2")]));
     let msg = err.to_string();
-    assert!(msg.contains("<disk type='block'"), "{msg}");
-    assert!(msg.contains("target vdb"), "{msg}");
+    assert!(
+        matches!(err, CloneError::NoImageForSystemDisk { .. }),
+        "{err:?}"
+    );
+    // Names the disk and both ways out.
+    assert!(msg.contains("block disk vdb"), "{msg}");
     assert!(msg.contains("/dev/vg0/db2-data"), "{msg}");
+    assert!(msg.contains("disk_roles.vdb = \"data\""), "{msg}");
+    assert!(msg.contains("golden_image"), "{msg}");
 
     // Read-only, the same disk is shared as is.
     let ro = BLOCK_DISK.replace(
@@ -1005,18 +1012,14 @@ fn refuses_other_unclonable_devices() {
             "shareable",
         ),
         (
-            "<disk type='network' device='disk'><source protocol='rbd' name='pool/img'/>\
-             <target dev='vdc'/></disk>",
-            "network disk",
-        ),
-        (
             "<filesystem type='mount' accessmode='passthrough'><source dir='/srv/share'/>\
              <target dir='share'/></filesystem>",
             "<filesystem",
         ),
         (
-            "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>",
-            "persistent",
+            "<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/>\
+             </backend></tpm>",
+            "host TPM",
         ),
         ("<smartcard mode='host'/>", "<smartcard mode='host'>"),
         (
@@ -1191,6 +1194,123 @@ fn shadow_of_a_promoted_shadow_does_not_stack_path_prefixes() {
             "{a} -> {b}"
         );
     }
+}
+
+fn plan_with_data(name: &str, overlays: &[(&str, &str)], data: &[&str]) -> ShadowPlan {
+    ShadowPlan {
+        data_disks: data.iter().map(|t| t.to_string()).collect(),
+        ..plan(name, overlays)
+    }
+}
+
+#[test]
+fn data_disks_are_left_out_whatever_their_source() {
+    // Block as a data disk: the shadow boots without it, the system disk gets its overlay.
+    let p = plan_with_data("db2-shadow", &[("vda", "/o/vda.qcow2")], &["vdb"]);
+    let s = shadow_spec(&parse(BLOCK_DISK), &p).unwrap();
+    let targets: Vec<String> = s.disks().into_iter().map(|d| d.target_dev).collect();
+    assert_eq!(targets, ["vda"]);
+    assert!(!s.to_xml().contains("/dev/vg0/db2-data"));
+    // Network and shareable disks too.
+    for device in [
+        "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+         <source protocol='nbd' name='export'><host name='10.0.0.5' port='10809'/></source>\
+         <target dev='vdc' bus='virtio'/></disk>",
+        "<disk type='file' device='disk'><source file='/i/shared.img'/>\
+         <target dev='vdc'/><shareable/></disk>",
+    ] {
+        let xml = BLOCK_DISK.replace("</devices>", &format!("{device}</devices>"));
+        let p = plan_with_data("db2-shadow", &[("vda", "/o/vda.qcow2")], &["vdb", "vdc"]);
+        let s = shadow_spec(&parse(&xml), &p).unwrap();
+        let targets: Vec<String> = s.disks().into_iter().map(|d| d.target_dev).collect();
+        assert_eq!(targets, ["vda"], "{device}");
+    }
+}
+
+#[test]
+fn data_disks_must_be_writable_disks_of_the_domain() {
+    let p = plan_with_data("db2-shadow", &[("vda", "/o/vda.qcow2")], &["vdb", "vdq"]);
+    let err = refusal(BLOCK_DISK, &p);
+    assert!(
+        matches!(&err, CloneError::UnexpectedDataDisk { target, .. } if target == "vdq"),
+        "{err:?}"
+    );
+    let ro = BLOCK_DISK.replace(
+        "<target dev='vdb' bus='virtio'/>",
+        "<target dev='vdb' bus='virtio'/>\n      <readonly/>",
+    );
+    let p = plan_with_data("db2-shadow", &[("vda", "/o/vda.qcow2")], &["vdb"]);
+    assert!(matches!(
+        refusal(&ro, &p),
+        CloneError::UnexpectedDataDisk { .. }
+    ));
+    // A disk cannot be both handed over and overlaid.
+    let p = plan_with_data(
+        "db2-shadow",
+        &[("vda", "/o/vda.qcow2"), ("vdb", "/o/vdb.qcow2")],
+        &["vdb"],
+    );
+    assert!(matches!(
+        refusal(BLOCK_DISK, &p),
+        CloneError::InvalidPlan { .. }
+    ));
+}
+
+#[test]
+fn block_and_network_system_disks_boot_from_a_golden_overlay() {
+    let xml = BLOCK_DISK.replace(
+        "</devices>",
+        "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+         <source protocol='rbd' name='pool/img'><host name='ceph1'/></source>\
+         <auth username='admin'><secret type='ceph' uuid='0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f'/></auth>\
+         <target dev='vdc' bus='virtio'/></disk></devices>",
+    );
+    let p = plan(
+        "db2-shadow",
+        &[
+            ("vda", "/o/vda.qcow2"),
+            ("vdb", "/o/vdb.qcow2"),
+            ("vdc", "/o/vdc.qcow2"),
+        ],
+    );
+    let s = shadow_spec(&parse(&xml), &p).unwrap();
+    let disks = s.disks();
+    assert_eq!(disks.len(), 3);
+    for d in &disks {
+        assert_eq!(d.kind, DiskKind::File, "{d:?}");
+        assert_eq!(d.driver_type.as_deref(), Some("qcow2"));
+        assert_eq!(
+            d.source.as_deref(),
+            Some(format!("/o/{}.qcow2", d.target_dev).as_str())
+        );
+    }
+    let out = s.to_xml();
+    assert!(!out.contains("<auth"), "{out}");
+    assert!(!out.contains("ceph1"), "{out}");
+}
+
+#[test]
+fn emulated_tpm_is_kept_and_a_fixed_state_path_is_refused() {
+    let p = plan("t1-shadow", &[]);
+    let tpm = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>";
+    let s = shadow_spec(&parse(&with_device(tpm)), &p).unwrap();
+    // A network system disk without a golden image is refused by name (see
+    // refuses_writable_block_disk for the message).
+    let rbd = "<disk type='network' device='disk'><source protocol='rbd' name='pool/img'/>\
+               <target dev='vdc'/></disk>";
+    assert!(matches!(
+        refusal(&with_device(rbd), &p),
+        CloneError::NoImageForSystemDisk { .. }
+    ));
+    assert!(
+        s.to_xml().contains("<backend type=\"emulator\""),
+        "{}",
+        s.to_xml()
+    );
+    let fixed = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'>\
+                 <source type='dir' path='/srv/tpm/web1'/></backend></tpm>";
+    let err = refusal(&with_device(fixed), &p);
+    assert!(err.to_string().contains("fixed path"), "{err}");
 }
 
 #[test]

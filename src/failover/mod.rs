@@ -6,9 +6,11 @@
 //! the daemon's service table (`crate::daemon`) tracks which member is which.
 
 pub mod apply_profile;
+pub mod plan;
 pub mod promote;
 pub mod record;
 pub mod shadow;
+pub mod tpm;
 
 use std::time::Duration;
 
@@ -35,6 +37,24 @@ pub enum FailoverError {
         /// Why.
         #[source]
         source: crate::domain_xml::CloneError,
+    },
+    /// The primary's disks cannot be planned (roles that do not fit the disks).
+    #[error("cannot plan the disks of '{domain}'")]
+    Plan {
+        /// The primary domain.
+        domain: String,
+        /// Why.
+        #[source]
+        source: plan::PlanError,
+    },
+    /// The primary's emulated TPM state could not be given to the shadow.
+    #[error("cannot give the shadow the emulated TPM state of '{domain}'")]
+    Tpm {
+        /// The primary domain.
+        domain: String,
+        /// Why.
+        #[source]
+        source: tpm::TpmError,
     },
     /// The domain XML libvirt gave us did not parse.
     #[error("domain XML of '{domain}' is not understood")]
@@ -83,6 +103,35 @@ pub enum FailoverError {
         /// The limit.
         timeout: Duration,
     },
+    /// A data disk could not be attached to the promoted shadow.
+    #[error("attach: data disk {target} ({disk_source}) could not be attached to '{shadow}'")]
+    Attach {
+        /// The shadow.
+        shadow: String,
+        /// `<target dev>` of the disk.
+        target: String,
+        /// Its source.
+        disk_source: String,
+        /// libvirt's refusal (the lock manager's "resource busy" among others).
+        #[source]
+        source: Box<LibvirtError>,
+    },
+    /// A promote command failed, timed out or could not be run.
+    #[error("promote_commands: {argv:?} in '{shadow}' {outcome}")]
+    PromoteCommand {
+        /// The shadow.
+        shadow: String,
+        /// The command.
+        argv: Vec<String>,
+        /// What happened: exit status and its output, or why it could not run.
+        outcome: String,
+    },
+    /// A step failed on purpose ([`FAULT_FAIL_ONCE_ENV`], a test hook).
+    #[error("{step}: failed by fault injection ({FAULT_FAIL_ONCE_ENV})")]
+    Injected {
+        /// The step.
+        step: &'static str,
+    },
     /// Fencing of the old primary could not be confirmed, so nothing was promoted.
     #[error("fencing of '{domain}' could not be confirmed: {why}")]
     FenceUnconfirmed {
@@ -122,6 +171,10 @@ pub struct Shadow {
     pub state: ShadowState,
     /// Its tap devices by MAC, known once it has started.
     pub taps: Vec<TapBinding>,
+    /// The primary's data disks this shadow was made without (and gets at promotion), as
+    /// planned when it was provisioned; `None` when not known (a shadow found after a
+    /// restart): promotion then reads them from the old primary's definition.
+    pub data_disks: Option<Vec<plan::DataDisk>>,
 }
 
 /// A tap device and the bridge it belongs on.
@@ -215,4 +268,21 @@ fn fault_point(step: &str) {
         );
         std::process::abort();
     }
+}
+
+/// Environment variable naming a promotion step that fails once, after doing its work, in
+/// this daemon process: the stateful suite uses it to check that a failed hand-over leaves
+/// its disk on no domain and that the retry runs. Unset in production; read once.
+pub const FAULT_FAIL_ONCE_ENV: &str = "UNDERSTUDY_FAULT_FAIL_ONCE";
+
+/// Whether step `step` is to fail now (at most once per process).
+fn fault_fail_once(step: &str) -> bool {
+    static TARGET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let target = TARGET.get_or_init(|| {
+        std::env::var(FAULT_FAIL_ONCE_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+    });
+    target.as_deref() == Some(step) && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
 }

@@ -11,20 +11,33 @@
 //! recorded, `apply_profile` sizes and configures the new primary from its profile
 //! ([`super::apply_profile`]).
 //!
+//! A service with data disks (see [`super::plan`]) changes hands differently. Its disks must
+//! never have two writers, so fencing means the old primary's QEMU is confirmed gone: a hung
+//! or healthy one is killed through a pidfd and its exit awaited, and libvirt is made to
+//! finish stopping the domain (which also releases its disk leases when libvirt's lock manager
+//! runs). Then the shadow is resumed (still off the network); each data disk is attached to
+//! it, live and persistently (to a running domain: libvirt's lock manager refuses to resume a
+//! domain that was given a disk while paused); the class's `promote_commands` run in the
+//! guest (find the disk, mount it, start the service); and only then is the network rewired,
+//! so no client reaches a service whose data is not there. Any failure after the resume
+//! destroys the shadow again, so the disk is left on no domain for the retry.
+//!
 //! The order lives in `run_steps`, generic over [`PromotionSteps`]; [`LiveSteps`] carries
 //! the steps out on libvirt, netlink and the coordinator, and the unit tests check the order
 //! with a recording implementation.
 
 use std::future::Future;
-use std::time::Instant;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::cluster::{Claim, CoordError, Coordinator};
-use crate::domain_xml::{MemberState, Role};
-use crate::libvirt::{Hypervisor, LibvirtError, RunState};
+use crate::domain_xml::{DomainXml, MemberState, Role};
+use crate::libvirt::{qemu_pid, Hypervisor, LibvirtError, QemuProcess, RunState, QEMU_RUN_DIR};
 use crate::net::{NetError, Netlink};
 
 use super::apply_profile::ProfileApply;
-use super::shadow::{member_meta, raise_links, write_meta};
+use super::plan::{data_disks, DataDisk, DiskPolicy};
+use super::shadow::{guest_exec_captured, member_meta, raise_links, write_meta};
 use super::{FailoverError, FailoverRecord, Shadow, StepClock, TapBinding, Trigger};
 
 /// Input of one promotion.
@@ -49,7 +62,27 @@ pub struct Promotion {
     /// What the service's profile asks of the promoted shadow (`apply_profile` step, after
     /// traffic is restored); `None` without a profile.
     pub profile: Option<ProfileApply>,
+    /// How data disks change hands; `None` for a class that can have none.
+    pub handover: Option<Handover>,
 }
+
+/// What a class hands over at promotion besides the network.
+#[derive(Debug, Clone)]
+pub struct Handover {
+    /// Which disks of the old primary are data disks.
+    pub disks: DiskPolicy,
+    /// Run in the guest once the disks are attached, before the network comes up.
+    pub commands: Vec<Vec<String>>,
+    /// Longest one command may run.
+    pub command_timeout: Duration,
+    /// Bound on guest agent replies.
+    pub agent_max_reply: usize,
+}
+
+/// Longest the old primary's QEMU may take to die after SIGKILL before fencing gives up.
+const QEMU_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a promote command is asked whether it has exited.
+const COMMAND_POLL: Duration = Duration::from_millis(20);
 
 /// Result of a successful promotion: the record and the new primary's taps.
 #[derive(Debug)]
@@ -72,8 +105,35 @@ pub struct PromotionFailed {
 /// The steps of a promotion. `run_steps` decides their order; an implementation only
 /// carries each one out.
 pub trait PromotionSteps: Sync {
+    /// The old primary's data disks, from its definition and the class's roles.
+    fn data_disks(
+        &self,
+        p: &Promotion,
+    ) -> impl Future<Output = Result<Vec<DataDisk>, FailoverError>> + Send;
     /// Isolates the old primary; an error means it may still be reachable.
     fn fence(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Makes sure the old primary's QEMU is gone (killing it if needed), so nothing else
+    /// writes its data disks; an error means it may still run.
+    fn stop_old_qemu(
+        &self,
+        p: &Promotion,
+    ) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Attaches the data disks to the shadow, live and persistently.
+    fn attach(
+        &self,
+        p: &Promotion,
+        disks: &[DataDisk],
+    ) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Runs the class's promote commands in the shadow; an error names the failing one.
+    fn promote_commands(
+        &self,
+        p: &Promotion,
+    ) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// After a failed hand-over: destroys the shadow, so the data disks are held by no domain.
+    fn release(&self, p: &Promotion) -> impl Future<Output = ()> + Send;
+    /// After a failure past the claim: gives the service back to the old primary, so the
+    /// retry (on another shadow) can claim it; best effort.
+    fn unclaim(&self, p: &Promotion) -> impl Future<Output = ()> + Send;
     /// Becomes the service's owner; an error means another promotion owns it.
     fn claim(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
     /// Resumes the paused shadow.
@@ -137,12 +197,17 @@ pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted,
     }
 }
 
-/// Every step the pipeline records, in pipeline order (`link_up` only when a shadow's links
-/// were not raised while it stood by; `apply_profile` only with a profile).
-pub const STEPS: [&str; 8] = [
+/// Every step the pipeline records, in pipeline order (`plan_disks` only for a shadow whose
+/// data disks were not planned when it was made; `attach` and `promote_commands` only with data
+/// disks; `link_up` only when a shadow's links were not raised while it stood by;
+/// `apply_profile` only with a profile).
+pub const STEPS: [&str; 11] = [
+    "plan_disks",
     "fence",
     "claim",
     "resume",
+    "attach",
+    "promote_commands",
     "rewire",
     "link_up",
     "announce",
@@ -168,10 +233,72 @@ async fn run_steps<S: PromotionSteps>(
     clock: &mut StepClock,
     notes: &mut Vec<String>,
 ) -> Result<(), FailoverError> {
-    // 1. Fence, then claim: nothing of the shadow is touched before both are confirmed.
-    timed(clock, "fence", steps.fence(p)).await?;
+    // 0. Data disks decide how the rest goes (a class that can have none skips this).
+    let disks = match (&p.handover, &p.shadow.data_disks) {
+        (None, _) => Vec::new(),
+        // Planned when the shadow was made from the same definition: no libvirt call here,
+        // where libvirt may still be busy with the old primary's crash.
+        (Some(_), Some(known)) => known.clone(),
+        (Some(_), None) => timed(clock, "plan_disks", steps.data_disks(p)).await?,
+    };
+    let stateful = !disks.is_empty();
+
+    // 1. Fence, then claim: nothing of the shadow is touched before both are confirmed. With
+    //    data disks, fenced means the old QEMU is gone: it can write no disk any more.
+    timed(clock, "fence", async {
+        steps.fence(p).await?;
+        if stateful {
+            steps.stop_old_qemu(p).await?;
+        }
+        Ok(())
+    })
+    .await?;
     timed(clock, "claim", steps.claim(p)).await?;
 
+    let rest = async {
+        if stateful {
+            // 2'. The hand-over; a failure once a disk may be attached gives the disk back.
+            if let Err(e) = hand_over(steps, p, &disks, clock).await {
+                steps.release(p).await;
+                return Err(e);
+            }
+        } else {
+            resume_and_rewire(steps, p, clock).await?;
+        }
+        finish(steps, p, clock, notes).await
+    }
+    .await;
+    if rest.is_err() {
+        // The retry promotes another shadow: its claim expects the old primary as owner.
+        steps.unclaim(p).await;
+    }
+    rest
+}
+
+/// Resume (off the network), attach, promote commands, and only then the network.
+async fn hand_over<S: PromotionSteps>(
+    steps: &S,
+    p: &Promotion,
+    disks: &[DataDisk],
+    clock: &mut StepClock,
+) -> Result<(), FailoverError> {
+    timed(clock, "resume", steps.resume(p)).await?;
+    timed(clock, "attach", steps.attach(p, disks)).await?;
+    timed(clock, "promote_commands", steps.promote_commands(p)).await?;
+    timed(clock, "rewire", steps.rewire(p)).await?;
+    if !p.shadow.link_ready() {
+        timed(clock, "link_up", steps.link_up(p)).await?;
+    }
+    clock.mark_restored();
+    Ok(())
+}
+
+/// The stateless critical path: resume and rewire at once.
+async fn resume_and_rewire<S: PromotionSteps>(
+    steps: &S,
+    p: &Promotion,
+    clock: &mut StepClock,
+) -> Result<(), FailoverError> {
     // 2. Resume (libvirt) and rewire (netlink) at once. Nothing else touches libvirt before
     //    service is restored: libvirt runs one job per domain at a time, so a journal write
     //    here would queue in front of the resume. A restart that finds the shadow running
@@ -201,7 +328,16 @@ async fn run_steps<S: PromotionSteps>(
     // the MAC reach the new port even before any announcement, since the bridge floods frames
     // for a MAC whose old port is gone.
     clock.mark_restored();
+    Ok(())
+}
 
+/// After service is restored: announce, roles, profile.
+async fn finish<S: PromotionSteps>(
+    steps: &S,
+    p: &Promotion,
+    clock: &mut StepClock,
+    notes: &mut Vec<String>,
+) -> Result<(), FailoverError> {
     // 4. Tell the network where the MAC lives now (switches beyond the bridge, ARP caches).
     timed(clock, "announce", async {
         steps.announce(p).await;
@@ -270,7 +406,215 @@ pub async fn claim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), F
         .map_err(lost)
 }
 
+/// Whether `pid` is the QEMU of domain `name` (its `-name guest=<name>,...`), so a pid file
+/// left behind never gets another process killed.
+fn is_qemu_of(pid: i32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let want = format!("guest={name}");
+    cmdline
+        .split(|b| *b == 0)
+        .filter_map(|arg| std::str::from_utf8(arg).ok())
+        .any(|arg| arg == want || arg.starts_with(&format!("{want},")))
+}
+
+impl LiveSteps<'_> {
+    /// Has libvirt finish stopping `name` and confirms it sees the domain inactive: until
+    /// then libvirt holds the dead QEMU's disk leases (its lock manager refuses the disks to
+    /// anyone else) and may still report it running.
+    async fn libvirt_stopped(&self, name: &str) -> Result<(), FailoverError> {
+        let n = name.to_string();
+        let state = self
+            .hv
+            .run("fence: libvirt stops the old primary", move |hv| {
+                // Waits for libvirt's own processing of the exit; "not running" is success.
+                hv.destroy(&n)?;
+                hv.state(&n)
+            })
+            .await;
+        match state {
+            Ok(s) if !s.is_active() => Ok(()),
+            Err(LibvirtError::NoSuchDomain { .. }) => Ok(()),
+            Ok(s) => Err(FailoverError::FenceUnconfirmed {
+                domain: name.to_string(),
+                why: format!("libvirt still reports it {}", s.as_str()),
+            }),
+            Err(e) => Err(FailoverError::FenceUnconfirmed {
+                domain: name.to_string(),
+                why: format!(
+                    "libvirt cannot confirm it stopped: {}",
+                    crate::error::report(&e)
+                ),
+            }),
+        }
+    }
+}
+
+/// Compare-and-swap back: while the owner record names the shadow of the failed promotion, it
+/// names the old primary again.
+pub async fn unclaim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), FailoverError> {
+    let lost = |source| FailoverError::ClaimLost {
+        service: p.service.clone(),
+        source: Box::new(source),
+    };
+    match coord.owner(&p.service).await.map_err(lost)? {
+        Some(r) if r.domain == p.shadow.name => coord
+            .claim(Claim {
+                service: p.service.clone(),
+                domain: p.old_primary.clone(),
+                expected: r.generation,
+            })
+            .await
+            .map(drop)
+            .map_err(lost),
+        // Someone else moved it on (or it was never ours): leave it.
+        _ => Ok(()),
+    }
+}
+
 impl PromotionSteps for LiveSteps<'_> {
+    async fn data_disks(&self, p: &Promotion) -> Result<Vec<DataDisk>, FailoverError> {
+        let Some(handover) = &p.handover else {
+            return Ok(Vec::new());
+        };
+        let old = p.old_primary.clone();
+        let xml = self
+            .hv
+            .run("read old primary XML", move |hv| {
+                // The definition names the disks as configured; a transient domain has only
+                // its live XML.
+                let persistent = hv.is_persistent(&old)?;
+                hv.xml(&old, persistent)
+            })
+            .await
+            .map_err(libvirt_step("plan_disks: read old primary XML"))?;
+        let primary = DomainXml::parse(&xml).map_err(|source| FailoverError::Xml {
+            domain: p.old_primary.clone(),
+            source,
+        })?;
+        data_disks(&primary, &handover.disks).map_err(|source| FailoverError::Plan {
+            domain: p.old_primary.clone(),
+            source,
+        })
+    }
+
+    async fn stop_old_qemu(&self, p: &Promotion) -> Result<(), FailoverError> {
+        let name = &p.old_primary;
+        let unconfirmed = |why: String| FailoverError::FenceUnconfirmed {
+            domain: name.clone(),
+            why,
+        };
+        // No pid file: libvirt has already seen the QEMU go (or it never ran).
+        let Ok(pid) = qemu_pid(Path::new(QEMU_RUN_DIR), name) else {
+            return self.libvirt_stopped(name).await;
+        };
+        if !is_qemu_of(pid, name) {
+            return self.libvirt_stopped(name).await;
+        }
+        let process = match QemuProcess::open(name, pid) {
+            Ok(p) => p,
+            // Exited between the two reads.
+            Err(_) if !is_qemu_of(pid, name) => return self.libvirt_stopped(name).await,
+            Err(e) => return Err(unconfirmed(format!("cannot watch QEMU pid {pid}: {e}"))),
+        };
+        process
+            .kill()
+            .map_err(|e| unconfirmed(format!("cannot kill QEMU pid {pid}: {e}")))?;
+        tokio::time::timeout(QEMU_EXIT_TIMEOUT, process.exited())
+            .await
+            .map_err(|_| {
+                unconfirmed(format!(
+                    "QEMU pid {pid} still runs {QEMU_EXIT_TIMEOUT:?} after SIGKILL"
+                ))
+            })?;
+        tracing::info!(old_primary = %name, pid, "fence: old primary's QEMU killed and gone");
+        self.libvirt_stopped(name).await
+    }
+
+    async fn attach(&self, p: &Promotion, disks: &[DataDisk]) -> Result<(), FailoverError> {
+        for disk in disks {
+            let (shadow, xml) = (p.shadow.name.clone(), disk.xml.clone());
+            self.hv
+                .run("attach data disk", move |hv| {
+                    hv.attach_device(&shadow, &xml)
+                })
+                .await
+                .map_err(|source| FailoverError::Attach {
+                    shadow: p.shadow.name.clone(),
+                    target: disk.target.clone(),
+                    disk_source: disk.source.clone(),
+                    source: Box::new(source),
+                })?;
+            tracing::info!(shadow = %p.shadow.name, disk = %disk.target, source = %disk.source, "data disk attached");
+        }
+        if super::fault_fail_once("attach") {
+            return Err(FailoverError::Injected { step: "attach" });
+        }
+        Ok(())
+    }
+
+    async fn promote_commands(&self, p: &Promotion) -> Result<(), FailoverError> {
+        let Some(handover) = &p.handover else {
+            return Ok(());
+        };
+        for argv in &handover.commands {
+            let failed = |outcome: String| FailoverError::PromoteCommand {
+                shadow: p.shadow.name.clone(),
+                argv: argv.clone(),
+                outcome,
+            };
+            let out = guest_exec_captured(
+                self.hv,
+                &p.shadow.name,
+                argv,
+                handover.command_timeout,
+                COMMAND_POLL,
+                handover.agent_max_reply,
+            )
+            .await
+            .map_err(|e| failed(format!("could not run: {}", crate::error::report(&e))))?;
+            match out.code {
+                Some(0) => {}
+                Some(code) => {
+                    return Err(failed(format!(
+                        "exited with {code}; stderr: {:?}",
+                        out.stderr
+                    )))
+                }
+                None => {
+                    return Err(failed(format!(
+                        "still running after {:?}",
+                        handover.command_timeout
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn unclaim(&self, p: &Promotion) {
+        if let Err(e) = unclaim_owner(self.coord, p).await {
+            tracing::warn!(service = %p.service, error = %crate::error::report(&e), "cannot give the service back to the old primary after a failed promotion");
+        }
+    }
+
+    async fn release(&self, p: &Promotion) {
+        let s = p.shadow.name.clone();
+        match self
+            .hv
+            .run("release data disks", move |hv| hv.destroy(&s))
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!(shadow = %p.shadow.name, "hand-over failed: shadow destroyed, its data disks are on no domain")
+            }
+            Err(e) => {
+                tracing::error!(shadow = %p.shadow.name, error = %crate::error::report(&e), "hand-over failed and the shadow could not be destroyed")
+            }
+        }
+    }
+
     /// A dead QEMU is already fenced; still cut any tap it left so no stale port keeps the
     /// MAC. A live (hung or switched-over) primary is cut off the bridge, and the cut is read
     /// back.
@@ -462,8 +806,36 @@ mod tests {
     }
 
     impl PromotionSteps for Recorder {
+        async fn data_disks(&self, p: &Promotion) -> Result<Vec<DataDisk>, FailoverError> {
+            self.step("plan_disks").await?;
+            // A class that hands over has one data disk in these tests.
+            Ok(p.handover
+                .iter()
+                .map(|_| DataDisk {
+                    target: "vdb".into(),
+                    source: "/d/web-data.raw".into(),
+                    xml: "<disk/>".into(),
+                })
+                .collect())
+        }
         async fn fence(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("fence").await
+        }
+        async fn stop_old_qemu(&self, _: &Promotion) -> Result<(), FailoverError> {
+            self.step("stop_old_qemu").await
+        }
+        async fn attach(&self, _: &Promotion, disks: &[DataDisk]) -> Result<(), FailoverError> {
+            assert_eq!(disks.len(), 1);
+            self.step("attach").await
+        }
+        async fn promote_commands(&self, _: &Promotion) -> Result<(), FailoverError> {
+            self.step("promote_commands").await
+        }
+        async fn release(&self, _: &Promotion) {
+            let _ = self.step("release").await;
+        }
+        async fn unclaim(&self, _: &Promotion) {
+            let _ = self.step("unclaim").await;
         }
         async fn claim(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("claim").await
@@ -504,11 +876,125 @@ mod tests {
                     bridge: Some("br0".into()),
                     link_up: links_up,
                 }],
+                data_disks: None,
             },
             shadow_generation: 1,
             trigger: Trigger::Pidfd,
             detected_at: Instant::now(),
             profile: None,
+            handover: None,
+        }
+    }
+
+    fn stateful_promotion() -> Promotion {
+        Promotion {
+            handover: Some(Handover {
+                disks: DiskPolicy::default(),
+                commands: vec![vec!["/bin/us-data".into(), "mount".into()]],
+                command_timeout: Duration::from_secs(1),
+                agent_max_reply: 4096,
+            }),
+            ..promotion(true)
+        }
+    }
+
+    fn step_names(record: &FailoverRecord) -> Vec<&str> {
+        record.steps.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn data_disks_change_hands_before_the_network_comes_up() {
+        let r = Recorder::failing(None);
+        let done = run(&r, stateful_promotion()).await.unwrap();
+        assert_eq!(
+            r.calls(),
+            [
+                "plan_disks",
+                "fence",
+                "stop_old_qemu",
+                "claim",
+                "resume",
+                "attach",
+                "promote_commands",
+                "rewire",
+                "announce",
+                "metadata"
+            ]
+        );
+        assert_eq!(
+            step_names(&done.record),
+            [
+                "plan_disks",
+                "fence",
+                "claim",
+                "resume",
+                "attach",
+                "promote_commands",
+                "rewire",
+                "announce",
+                "metadata"
+            ]
+        );
+        // Service counts as restored only once the network is up, after the commands.
+        let until_rewire: f64 = done.record.steps[..7].iter().map(|s| s.ms).sum();
+        assert!(done.record.outage_ms >= until_rewire, "{:?}", done.record);
+    }
+
+    #[tokio::test]
+    async fn a_failed_hand_over_names_its_step_and_gives_the_disk_back() {
+        for failing in ["resume", "attach", "promote_commands", "rewire"] {
+            let r = Recorder::failing(Some(failing));
+            let failed = run(&r, stateful_promotion()).await.unwrap_err();
+            let calls = r.calls();
+            assert_eq!(
+                &calls[calls.len() - 2..],
+                ["release", "unclaim"],
+                "{failing}: {calls:?}"
+            );
+            assert!(!calls.contains(&"metadata"), "{failing}: {calls:?}");
+            assert_eq!(step_names(&failed.record).last(), Some(&failing));
+            assert!(!failed.record.ok);
+        }
+        // Failing before anything is attached has nothing to give back.
+        for failing in ["plan_disks", "stop_old_qemu", "claim"] {
+            let r = Recorder::failing(Some(failing));
+            run(&r, stateful_promotion()).await.unwrap_err();
+            let calls = r.calls();
+            assert!(!calls.contains(&"release"), "{failing}: {calls:?}");
+            assert!(!calls.contains(&"unclaim"), "{failing}: {calls:?}");
+            assert!(!calls.contains(&"attach"), "{failing}: {calls:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn data_disks_planned_with_the_shadow_need_no_plan_step() {
+        let mut p = stateful_promotion();
+        p.shadow.data_disks = Some(vec![DataDisk {
+            target: "sdb".into(),
+            source: "/d/web-data.raw".into(),
+            xml: "<disk/>".into(),
+        }]);
+        let r = Recorder::failing(None);
+        let done = run(&r, p.clone()).await.unwrap();
+        assert!(!r.calls().contains(&"plan_disks"));
+        assert!(r.calls().contains(&"attach"));
+        assert!(done.record.ok);
+        // Known to have none: the stateless path, without even reading the definition.
+        p.shadow.data_disks = Some(Vec::new());
+        let r = Recorder::failing(None);
+        run(&r, p).await.unwrap();
+        for absent in ["plan_disks", "stop_old_qemu", "attach", "promote_commands"] {
+            assert!(!r.calls().contains(&absent), "{:?}", r.calls());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_class_without_data_disks_keeps_the_stateless_path() {
+        let r = Recorder::failing(None);
+        run(&r, promotion(true)).await.unwrap();
+        let calls = r.calls();
+        for absent in ["plan_disks", "stop_old_qemu", "attach", "promote_commands"] {
+            assert!(!calls.contains(&absent), "{calls:?}");
         }
     }
 
@@ -613,6 +1099,30 @@ mod tests {
         let p = promotion(true);
         let err = claim_owner(&coord, &p).await.unwrap_err();
         assert!(matches!(err, FailoverError::ClaimLost { .. }), "{err:?}");
+        assert_eq!(
+            coord.owner("web").await.unwrap().unwrap().domain,
+            "web-shadow-2"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_promotion_gives_the_claim_back_so_the_retry_can_claim() {
+        use crate::cluster::{HostId, LocalCoordinator};
+        let coord = LocalCoordinator::new(HostId("h".into()));
+        coord.adopt("web", "web").await.unwrap();
+        let first = promotion(true);
+        claim_owner(&coord, &first).await.unwrap();
+        unclaim_owner(&coord, &first).await.unwrap();
+        assert_eq!(coord.owner("web").await.unwrap().unwrap().domain, "web");
+        let mut retry = promotion(true);
+        retry.shadow.name = "web-shadow-2".into();
+        claim_owner(&coord, &retry).await.unwrap();
+        assert_eq!(
+            coord.owner("web").await.unwrap().unwrap().domain,
+            "web-shadow-2"
+        );
+        // Giving back what another promotion owns now changes nothing.
+        unclaim_owner(&coord, &first).await.unwrap();
         assert_eq!(
             coord.owner("web").await.unwrap().unwrap().domain,
             "web-shadow-2"

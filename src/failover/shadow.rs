@@ -5,13 +5,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::domain_xml::{
-    shadow_spec, standby_boot_spec, DiskSpec, DomainXml, InterfaceKind, InterfaceSpec, MemberState,
-    Role, ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
+    shadow_spec, standby_boot_spec, DomainXml, InterfaceKind, InterfaceSpec, MemberState, Role,
+    ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
 };
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
 
-use super::{FailoverError, Shadow, ShadowState, TapBinding};
+use super::plan::{
+    clone_plan, data_disks, overlay_path, plan_disks, DataDisk, DiskHandling, DiskLayout,
+    DiskPolicy,
+};
+use super::{tpm, FailoverError, Shadow, ShadowState, TapBinding};
 
 /// Everything needed to create one shadow.
 #[derive(Debug, Clone)]
@@ -36,9 +40,9 @@ pub struct ShadowRequest {
     pub agent_max_reply: usize,
     /// Commands run in the shadow (guest-exec, argument vectors) before it is paused.
     pub warmup: Vec<Vec<String>>,
-    /// Base of the system disk's overlay instead of the primary's own image
-    /// (`shadow reinit --golden`): the first writable image disk starts from it.
-    pub golden_image: Option<PathBuf>,
+    /// Disk roles and the golden image (whose overlay the first system image disk boots
+    /// when `shadow reinit --golden` chose it).
+    pub disks: DiskPolicy,
 }
 
 /// The shadow name for generation `n` of `service`.
@@ -81,44 +85,39 @@ pub fn write_meta(
     hv.set_metadata(domain, &meta.to_libvirt_xml(), META_PREFIX, META_NS)
 }
 
-/// The plan for the shadow `req` asks for, from the primary's parsed spec: an overlay under
-/// `<state_dir>/disks` for every writable image disk, consoles under `<state_dir>/consoles`,
-/// headroom above the primary's sizes. Pure: nothing on disk is touched, so a spec can be
-/// planned and cloned as a dry run.
-pub fn shadow_plan(primary: &DomainXml, req: &ShadowRequest, uuid: String) -> ShadowPlan {
-    let vcpus = primary.vcpus();
-    let mem = primary.memory_kib();
-    let disk_dir = req.state_dir.join("disks");
-    let disk_overlays = primary
-        .disks()
-        .into_iter()
-        .filter(DiskSpec::needs_overlay)
-        .map(|disk| {
-            let overlay = disk_dir.join(format!("{}-{}.qcow2", req.name, disk.target_dev));
-            (disk.target_dev, overlay)
-        })
-        .collect();
-    ShadowPlan {
-        name: req.name.clone(),
-        uuid,
-        disk_overlays,
-        // Headroom above the primary's current size so a profile can grow the shadow live.
-        vcpu_max: vcpus.max.max(vcpus.current.saturating_mul(2)).max(1),
-        memory_max_kib: mem.max_kib.max(mem.current_kib.saturating_mul(3) / 2),
-        console_dir: req.state_dir.join("consoles"),
-        meta: member_meta(
-            &req.service,
-            &req.class,
-            Role::Shadow,
-            req.generation,
-            MemberState::Booting,
-        ),
-    }
+/// The plan for the shadow `req` asks for, from the primary's parsed spec: each disk planned
+/// under the request's roles ([`plan_disks`]), an overlay under `<state_dir>/disks` for every
+/// system disk that gets one, consoles under `<state_dir>/consoles`, headroom above the
+/// primary's sizes. Pure: nothing on disk is touched, so a spec can be planned and cloned as a
+/// dry run.
+pub fn shadow_plan(
+    primary: &DomainXml,
+    req: &ShadowRequest,
+    uuid: &str,
+) -> Result<(ShadowPlan, DiskLayout), FailoverError> {
+    let layout = plan_disks(primary, &req.disks).map_err(|source| FailoverError::Plan {
+        domain: req.primary.clone(),
+        source,
+    })?;
+    let meta = member_meta(
+        &req.service,
+        &req.class,
+        Role::Shadow,
+        req.generation,
+        MemberState::Booting,
+    );
+    let plan = clone_plan(primary, &layout, &req.state_dir, &req.name, uuid, meta);
+    Ok((plan, layout))
 }
 
 /// Builds the shadow's XML from the primary's persistent definition. Creates the disk
-/// overlays as a side effect. Pure enough to be called from a blocking thread.
-pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, FailoverError> {
+/// overlays as a side effect, and logs what happens to each disk (and so whether a failover
+/// keeps its data). Pure enough to be called from a blocking thread. Returns the spec and the
+/// data disks it was made without.
+pub fn build_shadow_xml(
+    hv: &Hypervisor,
+    req: &ShadowRequest,
+) -> Result<(String, Vec<DataDisk>), FailoverError> {
     let xml = hv
         .xml(&req.primary, true)
         .map_err(|source| FailoverError::Libvirt {
@@ -129,7 +128,7 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
         domain: req.primary.clone(),
         source,
     })?;
-    let plan = shadow_plan(&primary, req, new_uuid());
+    let (plan, layout) = shadow_plan(&primary, req, &new_uuid())?;
     let disk_dir = req.state_dir.join("disks");
     for dir in [&disk_dir, &plan.console_dir] {
         std::fs::create_dir_all(dir).map_err(|source| FailoverError::Spawn {
@@ -137,28 +136,66 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
             source,
         })?;
     }
-    let images: Vec<(PathBuf, String, PathBuf)> = primary
-        .disks()
-        .into_iter()
-        .filter(DiskSpec::needs_overlay)
-        .filter_map(|disk| {
-            let overlay = plan.disk_overlays.get(&disk.target_dev)?.clone();
-            Some((PathBuf::from(disk.source?), disk.target_dev, overlay))
-        })
-        .collect();
     // Validate the clone before touching any disk, so a refused spec leaves nothing behind.
     let shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
         domain: req.primary.clone(),
         source,
     })?;
-    for (i, (image, target, overlay)) in images.into_iter().enumerate() {
-        let base = match (&req.golden_image, i) {
-            (Some(golden), 0) => golden.clone(),
-            _ => backing_for_shadows(&image, &disk_dir, &req.service, &target)?,
-        };
-        create_overlay(&base, &overlay)?;
+    for disk in &layout.disks {
+        tracing::info!(
+            service = %req.service,
+            shadow = %req.name,
+            disk = %disk.target,
+            role = disk.role.map_or("-", |r| r.as_str()),
+            handling = ?disk.handling,
+            keeps_data = ?disk.keeps_data,
+            "{disk}"
+        );
     }
-    Ok(shadow.to_xml())
+    if tpm::has_emulated_tpm(&primary) {
+        give_tpm_state(&primary, req, &plan.uuid, &disk_dir)?;
+    }
+    for disk in &layout.disks {
+        let Some(base) = &disk.overlay_base else {
+            continue;
+        };
+        let base = match disk.handling {
+            DiskHandling::GoldenOverlay => base.clone(),
+            _ => backing_for_shadows(base, &disk_dir, &req.service, &disk.target)?,
+        };
+        create_overlay(&base, &overlay_path(&disk_dir, &req.name, &disk.target))?;
+    }
+    let data = data_disks(&primary, &req.disks).map_err(|source| FailoverError::Plan {
+        domain: req.primary.clone(),
+        source,
+    })?;
+    Ok((shadow.to_xml(), data))
+}
+
+/// Copies the primary's emulated TPM state to the shadow's UUID before the shadow first
+/// starts, and records which state it got (see [`tpm`]).
+fn give_tpm_state(
+    primary: &DomainXml,
+    req: &ShadowRequest,
+    shadow_uuid: &str,
+    disk_dir: &Path,
+) -> Result<(), FailoverError> {
+    let tpm_err = |source| FailoverError::Tpm {
+        domain: req.primary.clone(),
+        source,
+    };
+    let root = Path::new(tpm::SWTPM_STATE_DIR);
+    let given = match primary.uuid() {
+        Some(uuid) => tpm::copy_state(root, &uuid, shadow_uuid).map_err(tpm_err)?,
+        None => None,
+    };
+    tracing::info!(
+        service = %req.service,
+        shadow = %req.name,
+        copied = given.is_some(),
+        "emulated TPM: the shadow gets the primary's state"
+    );
+    tpm::record(disk_dir, &req.name, given.as_deref()).map_err(tpm_err)
 }
 
 /// Creates, boots, isolates and pauses one shadow.
@@ -169,9 +206,9 @@ pub async fn provision(
 ) -> Result<Shadow, FailoverError> {
     let started = Instant::now();
     let r = req.clone();
-    let name = hv
+    let (name, data_disks) = hv
         .blocking("define shadow", move |hv| {
-            let xml = build_shadow_xml(hv, &r)?;
+            let (xml, data) = build_shadow_xml(hv, &r)?;
             ensure_room(&r.name, &xml)?;
             // Boot from the off-bridge variant, then make the spec the persistent definition
             // (see `standby_boot_spec`): the tap never joins a bridge before promotion.
@@ -196,7 +233,7 @@ pub async fn provision(
                 step: "define shadow spec",
                 source,
             })?;
-            Ok::<_, FailoverError>(name)
+            Ok::<_, FailoverError>((name, data))
         })
         .await
         .map_err(|source| FailoverError::Libvirt {
@@ -254,6 +291,7 @@ pub async fn provision(
         name,
         state: ShadowState::Paused,
         taps,
+        data_disks: Some(data_disks),
     })
 }
 
@@ -325,6 +363,90 @@ pub async fn guest_exec_wait(
         }
     }
     Ok(-1)
+}
+
+/// How a command run through guest-exec ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// Its exit code; `None` if it was still running at the deadline.
+    pub code: Option<i64>,
+    /// The end of what it wrote to stderr (bounded, lossy UTF-8).
+    pub stderr: String,
+}
+
+/// Runs `argv` in the guest through guest-exec with its output captured, polling every
+/// `poll` until it exits or `limit` passes. The guest is untrusted: replies are bounded by
+/// `max_reply`, and only the last 512 bytes of stderr are kept.
+pub async fn guest_exec_captured(
+    hv: &Hypervisor,
+    domain: &str,
+    argv: &[String],
+    limit: Duration,
+    poll: Duration,
+    max_reply: usize,
+) -> Result<ExecOutcome, LibvirtError> {
+    let (program, args) = argv
+        .split_first()
+        .map(|(p, a)| (p.clone(), a.to_vec()))
+        .unwrap_or_default();
+    let cmd = serde_json::json!({"execute": "guest-exec", "arguments": {"path": program, "arg": args, "capture-output": true}})
+        .to_string();
+    let d = domain.to_string();
+    let reply = hv
+        .run("guest-exec", move |hv| {
+            hv.agent_command(&d, &cmd, Duration::from_secs(5), max_reply)
+        })
+        .await?;
+    let Some(pid) = serde_json::from_str::<serde_json::Value>(&reply)
+        .ok()
+        .and_then(|v| v["return"]["pid"].as_i64())
+    else {
+        return Ok(ExecOutcome {
+            code: None,
+            stderr: format!("guest-exec gave no pid: {}", clip_tail(&reply, 200)),
+        });
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        tokio::time::sleep(poll).await;
+        let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}})
+            .to_string();
+        let d = domain.to_string();
+        let reply = hv
+            .run("guest-exec-status", move |hv| {
+                hv.agent_command(&d, &status, Duration::from_secs(5), max_reply)
+            })
+            .await?;
+        let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+        if v["return"]["exited"].as_bool() == Some(true) {
+            let stderr = v["return"]["err-data"]
+                .as_str()
+                .and_then(|b| crate::monitor::base64::decode(b).ok())
+                .map(|bytes| clip_tail(&String::from_utf8_lossy(&bytes), 512))
+                .unwrap_or_default();
+            return Ok(ExecOutcome {
+                // A command killed by a signal has no exit code; report it as -1.
+                code: Some(v["return"]["exitcode"].as_i64().unwrap_or(-1)),
+                stderr,
+            });
+        }
+        if Instant::now() >= deadline {
+            return Ok(ExecOutcome {
+                code: None,
+                stderr: String::new(),
+            });
+        }
+    }
+}
+
+/// The last `max` bytes of `s` (on a character boundary), trimmed.
+fn clip_tail(s: &str, max: usize) -> String {
+    let s = s.trim();
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_string()
 }
 
 /// Takes a tap off its bridge and sets it down.

@@ -266,6 +266,22 @@ impl Hypervisor {
         })
     }
 
+    /// Opens `uri` for a few one-shot calls from a command-line tool: no keepalive and no
+    /// events, so no [`EventLoop`] is needed.
+    pub fn open_oneshot(uri: &str) -> Result<Self, LibvirtError> {
+        let conn = Connect::open(Some(uri)).map_err(|source| LibvirtError::Connect {
+            uri: uri.to_string(),
+            source,
+        })?;
+        Ok(Hypervisor {
+            inner: Arc::new(Inner {
+                conn,
+                uri: uri.to_string(),
+                callbacks: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
     /// The URI this connection was opened with.
     pub fn uri(&self) -> &str {
         &self.inner.uri
@@ -542,6 +558,17 @@ impl Hypervisor {
         };
         d.update_device_flags(device_xml, flags)
             .map_err(|source| dom_err("update device", name, source))
+    }
+
+    /// Attaches a device (e.g. a `<disk>`) to the running domain and to its persistent
+    /// definition.
+    pub fn attach_device(&self, name: &str, device_xml: &str) -> Result<(), LibvirtError> {
+        let d = self.lookup(name)?;
+        d.attach_device_flags(
+            device_xml,
+            sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
+        )
+        .map_err(|source| dom_err("attach device", name, source))
     }
 
     /// Whether the domain has a persistent definition (is not transient).
