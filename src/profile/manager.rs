@@ -679,8 +679,13 @@ impl ProfileManager {
     /// (a new service otherwise waits minutes for its first version).
     pub fn save(&self, service: &str, now_unix_ms: u64) -> Result<VersionSummary, ManagerError> {
         let _commits = self.commit_lock()?;
-        let profile = match self.lock()?.get(service) {
-            Some(st) => st.learner.profile().clone(),
+        // The live lock is released before the errors, which take it again.
+        let live = self
+            .lock()?
+            .get(service)
+            .map(|st| st.learner.profile().clone());
+        let profile = match live {
+            Some(p) => p,
             None if self.has_versions(service)? => {
                 return Err(ManagerError::NotLive {
                     service: service.to_string(),
@@ -716,13 +721,16 @@ impl ProfileManager {
     /// What `service`'s primary used since `since_unix_ms`, with the limits predicted for each
     /// moment.
     pub fn series(&self, service: &str, since_unix_ms: u64) -> Result<ProfileSeries, ManagerError> {
-        let points = match self.lock()?.get(service) {
-            Some(st) => st
-                .trace
+        // The live lock is released before the errors, which take it again.
+        let live: Option<Vec<SeriesPoint>> = self.lock()?.get(service).map(|st| {
+            st.trace
                 .iter()
                 .filter(|p| p.ts_unix_ms >= since_unix_ms)
                 .copied()
-                .collect(),
+                .collect()
+        });
+        let points = match live {
+            Some(points) => points,
             None if self.has_versions(service)? => {
                 return Err(ManagerError::NotLive {
                     service: service.to_string(),
