@@ -509,8 +509,9 @@ impl Metrics {
     }
 }
 
-/// Service states always exported by [`Metrics::set_service_states`], zero when unused.
-const KNOWN_SERVICE_STATES: [&str; 6] = [
+/// Service states always exported by [`Metrics::set_service_states`], zero when unused: the
+/// labels of the daemon's service states (a daemon test checks they match).
+pub const KNOWN_SERVICE_STATES: [&str; 6] = [
     "provisioning",
     "protected",
     "failing_over",
