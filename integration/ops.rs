@@ -229,7 +229,9 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(target_port: u16) -> Self {
-        let dir = std::env::temp_dir().join(format!("understudy-it-prom-{}", std::process::id()));
+        // Not understudy-it-<tag>-<pid>: that is a daemon's directory (DaemonProc).
+        let dir =
+            std::env::temp_dir().join(format!("understudy-prometheus-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("prometheus.yml");
