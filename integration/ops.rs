@@ -105,6 +105,8 @@ fn package_installs_verifies_and_purges_cleanly() {
         "/usr/share/man/man1/understudy.1.gz",
         "/usr/share/man/man1/understudy-run.1.gz",
         "/usr/share/man/man1/understudy-profile-rollback.1.gz",
+        "/usr/share/man/man1/understudy-events.1.gz",
+        "/usr/share/man/man1/understudy-failover-timeline.1.gz",
         "/usr/share/bash-completion/completions/understudy",
         "/usr/share/zsh/vendor-completions/_understudy",
         "/usr/share/fish/vendor_completions.d/understudy.fish",
