@@ -12,13 +12,20 @@
 #   make demo        a protected guest, its shadow, a crash and the client's view; cleans up
 #   make bench       every benchmark (bench-profile, bench-failover)
 #   make bench-failover  crash failovers vs cold restart vs managed-save restore (BENCH_TRIALS=10)
-#   make bench-profile   profile model vs baselines on synthetic traces, then the collectors'
-#                        own CPU cost on three lab guests (needs the lab)
+#   make bench-profile   profile model vs baselines on synthetic and real traces, then the
+#                        collectors' own CPU cost on three lab guests (needs the lab)
+#   make bench-profile-model  only the model part (cargo bench --bench profile; no lab)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
+#   make soak-faults     the fault suite SOAK_ROUNDS times (20) under one lab: runs, failures
+#                        and slowest recovery per test; logs in build/soak/
+#   make fuzz        every AFL target for FUZZ_SECONDS each (60): executions, paths, crashes
+#   make fuzz-check  replay every fuzz target's corpus and past crashes, then fuzz each
+#                    briefly (FUZZ_CHECK_SECONDS, 5); part of make test
+#   make fuzz-deps   cargo-afl (cargo install, once) and the fuzz crate's dependencies
 #   make lint        cargo fmt --check and cargo clippy --all-targets -D warnings
 #   make test        deps, lint, images, deb (the package test installs it), cargo build
-#                    --tests, then lab-up, cargo test
+#                    --tests, fuzz-check, then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 #
 # Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
@@ -54,7 +61,12 @@ MEM ?= 192
 ROLE ?= primary
 DISK ?=
 
-.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-soak test-faults
+FUZZ_SECONDS ?= 60
+FUZZ_CHECK_SECONDS ?= 5
+SOAK_ROUNDS ?= 20
+
+.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-profile-model bench-soak test-faults \
+	soak-faults fuzz fuzz-check fuzz-deps
 
 deps:
 	@missing=""; \
@@ -122,6 +134,7 @@ test:
 	$(MAKE) images
 	$(MAKE) deb
 	cargo build --tests
+	$(MAKE) fuzz-check
 	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
 	scripts/lab-verify-down.sh
 
@@ -141,12 +154,15 @@ bench-failover:
 	cargo build --release --benches
 	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench failover
 
-bench-profile:
-	cargo bench --bench profile
+# The model part runs on its own too (no lab): make bench-profile-model.
+bench-profile: bench-profile-model
 	$(MAKE) deps
 	$(MAKE) images
 	cargo bench --no-run --bench collector
 	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench collector
+
+bench-profile-model:
+	cargo bench --bench profile
 
 bench-soak:
 	$(MAKE) deps
@@ -159,3 +175,30 @@ test-faults:
 	$(MAKE) images
 	cargo build --tests
 	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline --test lab -- --test-threads=1 faults::
+
+# The fault suite SOAK_ROUNDS times in one lab (scripts/soak-faults.sh): each test runs alone,
+# every run's log is kept under build/soak/, and the summary gives per test the runs, the
+# failures and the slowest recovery.
+soak-faults:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --tests
+	SOAK_ROUNDS=$(SOAK_ROUNDS) scripts/lab-run.sh scripts/lab-exec.sh scripts/soak-faults.sh
+
+# Fuzzing (fuzz/, see its targets file). cargo-afl builds AFL++'s runtime when it is installed
+# (make and gcc, from deps); the fuzz crate is its own workspace with its own Cargo.lock.
+fuzz-deps:
+	@command -v cargo-afl >/dev/null || { \
+		echo "fuzz-deps: installing cargo-afl"; \
+		cargo install cargo-afl --locked; }
+	cargo fetch --manifest-path fuzz/Cargo.toml
+
+fuzz: fuzz-deps
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
+
+# A parser regression on a known input fails here: first the replay of every target's seeds,
+# kept corpus and past crashes (plain cargo test, sharing target/ with the main build), then a
+# few seconds of AFL per target, built without optimisation (much faster to build).
+fuzz-check: fuzz-deps
+	cargo test --offline --manifest-path fuzz/Cargo.toml --target-dir target
+	FUZZ_QUICK=1 FUZZ_SECONDS=$(FUZZ_CHECK_SECONDS) FUZZ_OUT=build/fuzz-check scripts/fuzz.sh

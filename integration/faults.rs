@@ -58,6 +58,22 @@ fn assert_status_matches_libvirt(
     }
 }
 
+/// The daemon's own outage estimate of the service's last failover, if its record lands
+/// within a few seconds (for the report only: the test asserts nothing on it).
+fn outage_ms(daemon: &DaemonProc, service: &str) -> Option<f64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(ms) = daemon
+            .service(service)
+            .and_then(|s| s["last_failover"]["outage_ms"].as_f64())
+        {
+            return Some(ms);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
 fn state_files(daemon: &DaemonProc) -> Vec<String> {
     let mut v: Vec<String> = walk(&daemon.dir.join("state"));
     v.sort();
@@ -91,17 +107,24 @@ fn sigstopped_primary_is_fenced_and_replaced() {
     let shadow_uuid = domain_uuid(&hv, &shadow);
     let t = Instant::now();
     signal_qemu(name, nix::sys::signal::Signal::SIGSTOP);
-    wait_for(
+    wait_for_every(
         "shadow serving after SIGSTOP",
         Duration::from_secs(30),
+        RECOVERY_POLL,
         || http_get(ip, Duration::from_millis(200)).filter(|p| page_uuid(p) == shadow_uuid),
     );
-    eprintln!("SIGSTOP to shadow serving: {:?}", t.elapsed());
+    let served = t.elapsed();
     // The record lands when the whole pipeline (incl. apply_profile) is done, after serving.
-    wait_for("failover record", Duration::from_secs(30), || {
+    let record = wait_for("failover record", Duration::from_secs(30), || {
         let s = daemon.service(name)?;
-        (s["last_failover"]["trigger"] == "heartbeat").then_some(())
+        (s["last_failover"]["trigger"] == "heartbeat").then(|| s["last_failover"].clone())
     });
+    report_recovery(
+        "sigstopped_primary_is_fenced_and_replaced",
+        "sigstop",
+        served,
+        record["outage_ms"].as_f64(),
+    );
     assert_single_server(ip, &shadow_uuid, &mac);
     // After the grace period the stopped primary is destroyed, and it never counted as false.
     wait_for("old primary destroyed", Duration::from_secs(40), || {
@@ -163,17 +186,30 @@ fn detached_primary_tap_is_reattached_not_failed_over() {
     };
     let (daemon, hv, uuid, mac) = protected("tap", name, ip, &[]);
     let tap = taps(&hv, name)[0].1.clone();
+    let t = Instant::now();
     let st = Command::new("ip")
         .args(["link", "set", "dev", &tap, "nomaster"])
         .status()
         .unwrap();
     assert!(st.success());
-    wait_for("tap re-attached", Duration::from_secs(10), || {
-        (master_of(&tap).as_deref() == Some("usbr0")).then_some(())
-    });
-    wait_for("page served again", Duration::from_secs(10), || {
-        http_get(ip, Duration::from_millis(500))
-    });
+    wait_for_every(
+        "tap re-attached",
+        Duration::from_secs(10),
+        RECOVERY_POLL,
+        || (master_of(&tap).as_deref() == Some("usbr0")).then_some(()),
+    );
+    wait_for_every(
+        "page served again",
+        Duration::from_secs(10),
+        RECOVERY_POLL,
+        || http_get(ip, Duration::from_millis(500)),
+    );
+    report_recovery(
+        "detached_primary_tap_is_reattached_not_failed_over",
+        "tap-nomaster",
+        t.elapsed(),
+        None,
+    );
     assert!(daemon.service(name).unwrap()["last_failover"].is_null());
     assert_single_server(ip, &uuid, &mac);
     assert_status_matches_libvirt(&daemon, &hv, name);
@@ -193,6 +229,7 @@ fn libvirtd_restart_under_the_daemon_reconnects_without_failover() {
         .trim()
         .parse()
         .unwrap();
+    let t = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGTERM,
@@ -208,9 +245,18 @@ fn libvirtd_restart_under_the_daemon_reconnects_without_failover() {
         let events = understudy::libvirt::EventLoop::start().ok()?;
         understudy::libvirt::Hypervisor::open(&events, URI, 5, 3).ok()
     });
-    wait_for("daemon reconnected", Duration::from_secs(30), || {
-        (daemon.status()["daemon"]["connected"] == true).then_some(())
-    });
+    wait_for_every(
+        "daemon reconnected",
+        Duration::from_secs(30),
+        RECOVERY_POLL,
+        || (daemon.status()["daemon"]["connected"] == true).then_some(()),
+    );
+    report_recovery(
+        "libvirtd_restart_under_the_daemon_reconnects_without_failover",
+        "libvirtd-restart",
+        t.elapsed(),
+        None,
+    );
     std::thread::sleep(Duration::from_secs(5));
     let svc = daemon.service(name).unwrap();
     assert!(
@@ -221,13 +267,22 @@ fn libvirtd_restart_under_the_daemon_reconnects_without_failover() {
     assert_status_matches_libvirt(&daemon, &hv, name);
     // Events still arrive after the reconnect: a crash now is still failed over.
     let shadow_uuid = domain_uuid(&hv, &format!("{name}-shadow-1"));
+    let t = Instant::now();
     signal_qemu(name, nix::sys::signal::Signal::SIGKILL);
-    wait_for(
+    wait_for_every(
         "shadow serving after reconnect",
         Duration::from_secs(30),
+        RECOVERY_POLL,
         || http_get(ip, Duration::from_millis(200)).filter(|p| page_uuid(p) == shadow_uuid),
     );
+    let served = t.elapsed();
     assert_single_server(ip, &shadow_uuid, &mac);
+    report_recovery(
+        "libvirtd_restart_under_the_daemon_reconnects_without_failover",
+        "sigkill-after-reconnect",
+        served,
+        outage_ms(&daemon, name),
+    );
 }
 
 #[test]
@@ -266,14 +321,22 @@ fn daemon_killed_at_each_promotion_step_finishes_on_restart() {
                     .then_some(())
             },
         );
+        let t = Instant::now();
         signal_qemu(&active, nix::sys::signal::Signal::SIGKILL);
         wait_exit(&mut daemon, Duration::from_secs(30));
         // A normal restart must finish the promotion.
         daemon.restart();
-        wait_for(
+        wait_for_every(
             &format!("shadow serving after abort at {step}"),
             Duration::from_secs(60),
+            RECOVERY_POLL,
             || http_get(ip, Duration::from_millis(300)).filter(|p| page_uuid(p) == shadow_uuid),
+        );
+        report_recovery(
+            "daemon_killed_at_each_promotion_step_finishes_on_restart",
+            &format!("sigkill-with-abort-after-{step}"),
+            t.elapsed(),
+            None,
         );
         let svc = wait_for(
             "status shows the promoted shadow",

@@ -14,8 +14,9 @@ use clap::{Parser, Subcommand};
 
 use crate::api::control;
 use crate::api::protocol::{render_status_text, Request, Response};
-use crate::config::{Config, LogFormat};
-use crate::profile::manager::render_accuracy;
+use crate::config::{Config, ConfigError, LogFormat};
+use crate::profile::manager::{learner_params, render_accuracy};
+use crate::profile::{backtest, LearnerParams};
 
 /// Keeps a warm, paused shadow VM ready for every protected libvirt domain.
 #[derive(Debug, Parser)]
@@ -295,6 +296,20 @@ pub enum ProfileAction {
         #[arg(long)]
         json: bool,
     },
+    /// Replay a VM's history through the model and the baselines, locally (no daemon): coverage,
+    /// under-prediction and waste at the configured settings, one step and one hour ahead.
+    Backtest {
+        /// The history: CSV (or gzip-compressed CSV) with the header
+        /// `timestamp_unix_s,cpu_cores,mem_bytes,disk_bytes_per_s,net_bytes_per_s`.
+        #[arg(long)]
+        csv: PathBuf,
+        /// Class whose coverage target applies.
+        #[arg(long, default_value = crate::config::DEFAULT_CLASS)]
+        class: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl ProfileAction {
@@ -325,6 +340,7 @@ impl ProfileAction {
                 service: service.clone(),
                 since_unix_ms: 0,
             },
+            ProfileAction::Backtest { .. } => unreachable!("backtest runs locally, see main"),
         }
     }
 
@@ -335,7 +351,8 @@ impl ProfileAction {
             | ProfileAction::History { json, .. }
             | ProfileAction::Diff { json, .. }
             | ProfileAction::Accuracy { json, .. }
-            | ProfileAction::Save { json, .. } => *json,
+            | ProfileAction::Save { json, .. }
+            | ProfileAction::Backtest { json, .. } => *json,
             ProfileAction::Rollback { .. } | ProfileAction::Plot { .. } => false,
         }
     }
@@ -350,6 +367,14 @@ pub fn main() -> ExitCode {
             exit_after,
         } => run_daemon(&cli.config, json_logs, exit_after),
         Command::CheckConfig { ref file } => check_config(file),
+        Command::Profile {
+            action:
+                ProfileAction::Backtest {
+                    ref csv,
+                    ref class,
+                    json,
+                },
+        } => backtest(&cli.config, csv, class, json),
         Command::Probe {
             addr,
             ref path,
@@ -563,6 +588,57 @@ fn client(path: &Path, req: Request, json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The learner parameters a backtest runs with: the configuration's `[profile]` settings and
+/// the class's coverage target; built-in defaults when the configuration file does not exist.
+fn backtest_params(config: &Path, class: &str) -> Result<LearnerParams, String> {
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(ConfigError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "understudy: {} does not exist: backtesting with the built-in defaults",
+                config.display()
+            );
+            Config::default()
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let Some(c) = cfg.class.get(class) else {
+        let known: Vec<&str> = cfg.class.keys().map(String::as_str).collect();
+        return Err(format!(
+            "unknown class '{class}' (classes: {})",
+            known.join(", ")
+        ));
+    };
+    let mut params = learner_params(&cfg.profile);
+    params.model.coverage_target = c.coverage_target;
+    Ok(params)
+}
+
+fn backtest(config: &Path, csv: &Path, class: &str, json: bool) -> ExitCode {
+    let params = match backtest_params(config, class) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("understudy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = backtest::load(csv).and_then(|obs| Ok(backtest::run(&obs, None, &params)?));
+    match report {
+        Ok(r) if json => {
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            print!("{}: {r}", csv.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("understudy: {}", crate::error::report(&e));
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn check_config(file: &Path) -> ExitCode {
@@ -841,6 +917,39 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn backtest_runs_locally_with_the_configured_settings() {
+        let cli = Cli::try_parse_from([
+            "understudy",
+            "profile",
+            "backtest",
+            "--csv",
+            "h.csv",
+            "--class",
+            "db",
+            "--json",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Profile {
+                action: ProfileAction::Backtest { ref csv, ref class, json: true }
+            } if csv == Path::new("h.csv") && class == "db"
+        ));
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/understudy.toml");
+        let p = backtest_params(&shipped, "db").unwrap();
+        assert_eq!(p.model.coverage_target, 0.99);
+        assert_eq!(p.model.headroom, 0.0);
+        let err = backtest_params(&shipped, "nope").unwrap_err();
+        assert!(
+            err.contains("unknown class 'nope' (classes: db, default)"),
+            "{err}"
+        );
+        // No configuration file: the built-in defaults.
+        let p = backtest_params(Path::new("/nonexistent/understudy.toml"), "default").unwrap();
+        assert_eq!(p.model.coverage_target, 0.95);
     }
 
     #[test]

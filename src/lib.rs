@@ -17,6 +17,7 @@
 //! - [`probe`]: an external client's view of a service (who answers, and the gaps).
 //! - [`cli`]: the `understudy` command line.
 //! - [`systemd`]: readiness, status and watchdog notifications to the service manager.
+//! - [`rng`]: the seeded pseudo-random generator (tick jitter, synthetic traces).
 //! - [`error`], [`clock`]: one-line error reports, wall-clock time.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -37,5 +38,6 @@ pub mod net;
 pub mod plot;
 pub mod probe;
 pub mod profile;
+pub mod rng;
 pub mod state;
 pub mod systemd;

@@ -434,19 +434,7 @@ where
         }
         Ok(Ok(_)) => {}
     }
-    if line.last() == Some(&b'\n') {
-        line.pop();
-    } else if line.len() > MAX_REQUEST_BYTES {
-        warn!("control request longer than {MAX_REQUEST_BYTES} bytes rejected");
-        return Err(Response::error(
-            ErrorKind::BadRequest,
-            format!("request line exceeds {MAX_REQUEST_BYTES} bytes"),
-        ));
-    }
-    let request: Request = serde_json::from_slice(&line).map_err(|e| {
-        warn!(error = %e, "malformed control request");
-        Response::error(ErrorKind::BadRequest, format!("malformed request: {e}"))
-    })?;
+    let request = decode_request(&line).map_err(|m| Response::error(ErrorKind::BadRequest, m))?;
     debug!(cmd = request.name(), "control request");
     Ok(request)
 }
@@ -471,6 +459,24 @@ async fn dispatch(request: Request, handler: &RequestSender, reply_timeout: Dura
             ),
         ),
     }
+}
+
+/// Decodes what a client sent: at most [`MAX_REQUEST_BYTES`] + 1 bytes up to and including the
+/// first newline. A line that is too long or is not a [`Request`] is refused with a message that
+/// names the problem, for an [`ErrorKind::BadRequest`] answer.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    let line = match line.strip_suffix(b"\n") {
+        Some(l) => l,
+        None if line.len() > MAX_REQUEST_BYTES => {
+            warn!("control request longer than {MAX_REQUEST_BYTES} bytes rejected");
+            return Err(format!("request line exceeds {MAX_REQUEST_BYTES} bytes"));
+        }
+        None => line,
+    };
+    serde_json::from_slice(line).map_err(|e| {
+        warn!(error = %e, "malformed control request");
+        format!("malformed request: {e}")
+    })
 }
 
 /// Writes the recent events of `service` (all with `None`) as [`Response::Event`] lines and,

@@ -196,7 +196,8 @@ impl MonitorConfig {
 pub struct ProfileConfig {
     /// Directory backend of the central profile repository.
     pub repository: PathBuf,
-    /// Extra capacity added on top of observed demand, in percent (0..=200).
+    /// Extra capacity added on top of the calibrated envelope, in percent (0..=200). 0 lets each
+    /// service's coverage converge on its class's `coverage_target`.
     pub headroom_pct: u32,
     /// Samples a time bucket needs before it is trusted (at least 1).
     pub min_samples_per_bucket: u32,
@@ -213,7 +214,7 @@ impl Default for ProfileConfig {
     fn default() -> Self {
         Self {
             repository: PathBuf::from("/var/lib/understudy/profile-repo"),
-            headroom_pct: 20,
+            headroom_pct: 0,
             min_samples_per_bucket: 30,
             drift_window: 120,
             drift_coverage_threshold: 0.8,
@@ -272,7 +273,7 @@ pub struct ProtectRule {
 }
 
 /// `[class.X]`: how domains of one class are shadowed and failed over.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClassConfig {
     /// Paused shadows kept per protected domain (0..=8).
@@ -299,6 +300,9 @@ pub struct ClassConfig {
     pub warmup_commands: Vec<Vec<String>>,
     /// Optional external probe from the host namespace.
     pub probe: Option<ProbeConfig>,
+    /// Share of samples the profile's calibrated envelope should cover (0.5..=0.999): each
+    /// service's coverage converges on it (see `src/profile/forecast.rs`).
+    pub coverage_target: f64,
 }
 
 impl Default for ClassConfig {
@@ -315,6 +319,7 @@ impl Default for ClassConfig {
             config_commands: Vec::new(),
             warmup_commands: Vec::new(),
             probe: None,
+            coverage_target: 0.95,
         }
     }
 }

@@ -290,6 +290,7 @@ shadows = 9
 heartbeat_interval_ms = 100
 heartbeat_timeout_ms = 100
 config_files = ["etc/hostname"]
+coverage_target = 1.5
 "#,
     );
     let problems = fixture.problems();
@@ -307,6 +308,7 @@ config_files = ["etc/hostname"]
             (18, "class.web.shadows"),
             (20, "class.web.heartbeat_timeout_ms"),
             (21, "class.web.config_files[0]"),
+            (22, "class.web.coverage_target"),
         ]
     );
     // The rendered error has one line per problem after the summary.

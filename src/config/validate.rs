@@ -222,6 +222,14 @@ impl Checker<'_, '_> {
 
     fn class(&mut self, class: &ClassConfig, at: &KeyPath) {
         self.range(&at.key("shadows"), class.shadows, 0..=8);
+        let target = class.coverage_target;
+        // Written so that NaN fails too.
+        if !(0.5..=0.999).contains(&target) {
+            self.fail(
+                &at.key("coverage_target"),
+                format!("{target} is out of range: must be between 0.5 and 0.999"),
+            );
+        }
         self.range(
             &at.key("heartbeat_interval_ms"),
             class.heartbeat_interval_ms,

@@ -156,6 +156,11 @@ async fn run_collector(d: Shared, service: String, domain: String) {
         return;
     };
     let class = d.class(&class);
+    if let Some(m) = d.prof.manager() {
+        if let Err(e) = m.set_coverage_target(&service, class.coverage_target) {
+            tracing::warn!(%service, error = %crate::error::report(&e), "class coverage target not applied");
+        }
+    }
     let settings = CollectorSettings::new(&cfg.monitor, &class);
     let (collector, err) = Collector::new(
         &service,

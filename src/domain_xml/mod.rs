@@ -106,6 +106,18 @@ pub enum XmlError {
         /// Start tag of the disk.
         device: String,
     },
+    /// Two `<disk>`s have the same `<target dev=...>`. libvirt refuses such a domain, and the
+    /// target is what tells disks apart: a shadow's overlays are planned per target, so both
+    /// disks would be given the same overlay.
+    #[error("disks #{first} and #{second} both have <target dev='{target}'>")]
+    DuplicateDiskTarget {
+        /// The shared target (clipped).
+        target: String,
+        /// Position of the first disk among the domain's disks, from 0.
+        first: usize,
+        /// Position of the second.
+        second: usize,
+    },
     /// An element given as understudy metadata is something else.
     #[error("expected <member> in namespace {ns}, found {found}", ns = META_NS)]
     NotMemberElement {
@@ -137,6 +149,16 @@ pub enum XmlError {
         len: usize,
         /// The limit.
         limit: usize,
+    },
+    /// A namespace URI holds a `"`, legal in a single-quoted declaration but not where the XML
+    /// library writes it back (verbatim, in double quotes): the shadow's XML would not be
+    /// well-formed.
+    #[error("namespace {prefix:?} has URI {uri:?}, which cannot be written back as XML")]
+    UnwritableNamespace {
+        /// The declared prefix (empty for a default namespace).
+        prefix: String,
+        /// The URI (clipped).
+        uri: String,
     },
     /// `<metadata>` holds more than one understudy element; libvirt keeps one per namespace, so
     /// the document was edited by hand or corrupted.
@@ -376,8 +398,8 @@ pub struct DomainXml {
 
 impl DomainXml {
     /// Parses a domain XML document; the root element must be `<domain>`. Numbers that the
-    /// typed accessors report (vCPUs, memory sizes) and disk targets are validated here, so the
-    /// accessors need not fail later.
+    /// typed accessors report (vCPUs, memory sizes), disk targets (present and unique) and
+    /// namespace URIs (writable back) are validated here, so the accessors need not fail later.
     pub fn parse(xml: &str) -> Result<Self, XmlError> {
         if xml.len() > DOMAIN_XML_MAX {
             return Err(XmlError::TooLarge {
@@ -397,14 +419,23 @@ impl DomainXml {
                 found: tree::start_tag(&xot, root),
             });
         }
+        check_namespaces(&xot, doc)?;
         let dom = DomainXml { xot, doc, root };
         dom.try_vcpus()?;
         dom.try_memory_kib()?;
+        let mut targets = std::collections::HashMap::new();
         for (index, disk) in dom.disk_nodes().enumerate() {
-            if dom.disk_target(disk).is_none() {
+            let Some(target) = dom.disk_target(disk) else {
                 return Err(XmlError::MissingDiskTarget {
                     index,
                     device: tree::start_tag(&dom.xot, disk),
+                });
+            };
+            if let Some(first) = targets.insert(target, index) {
+                return Err(XmlError::DuplicateDiskTarget {
+                    target: tree::clip(target, 40),
+                    first,
+                    second: index,
                 });
             }
         }
@@ -732,6 +763,24 @@ impl DomainXml {
             device,
         })
     }
+}
+
+/// Refuses namespace URIs that `to_xml` could not write back: xot 0.31 writes declarations
+/// verbatim between double quotes. (It also keeps entity references in them unexpanded, so an
+/// `&` read is an `&amp;` written, which reads back the same; a raw `<` cannot be read at all.)
+fn check_namespaces(xot: &Xot, doc: Node) -> Result<(), XmlError> {
+    for node in xot.descendants(doc) {
+        for (prefix, ns) in xot.namespace_declarations(node) {
+            let uri = xot.namespace_str(ns);
+            if uri.contains(['"', '<']) {
+                return Err(XmlError::UnwritableNamespace {
+                    prefix: xot.prefix_str(prefix).to_string(),
+                    uri: tree::clip(uri, 120),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sets `<link state=>` on one interface element, creating `<link>` if needed.

@@ -1192,3 +1192,44 @@ fn shadow_of_a_promoted_shadow_does_not_stack_path_prefixes() {
         );
     }
 }
+
+#[test]
+fn namespace_uris_that_cannot_be_written_back_are_refused() {
+    // Found by the domain_xml fuzz target (fuzz/crashes/domain_xml/namespace-quote.xml): the
+    // parse succeeded, but `to_xml` wrote `xmlns:qemu="...schem"s/..."`, which is not XML.
+    let xml = include_str!("fixtures/fuzz-namespace-quote.xml");
+    let err = DomainXml::parse(xml).unwrap_err();
+    assert!(
+        matches!(&err, XmlError::UnwritableNamespace { prefix, uri }
+            if prefix == "qemu" && uri.contains("schem\"s")),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("qemu"), "{err}");
+    // Anywhere in the document, e.g. another tool's metadata.
+    let other = xml
+        .replace("schem\"s", "schemas")
+        .replace("a&amp;b", "a\"b");
+    let err = DomainXml::parse(&other).unwrap_err();
+    assert!(
+        matches!(&err, XmlError::UnwritableNamespace { prefix, uri }
+            if prefix == "other" && uri == "urn:x-tool:a\"b"),
+        "{err:?}"
+    );
+    // Without a quote the document round-trips, entity references in URIs included.
+    let ok = xml.replace("schem\"s", "schemas");
+    let dom = DomainXml::parse(&ok).unwrap();
+    DomainXml::parse(&dom.to_xml()).unwrap();
+}
+
+#[test]
+fn duplicate_disk_targets_are_refused() {
+    // The shadow plan gives each target one overlay: with two disks on `vda`, both wrote
+    // `<shadow>-vda.qcow2` (fuzz/crashes/domain_xml/duplicate-disk-target.xml).
+    let err =
+        DomainXml::parse(include_str!("fixtures/fuzz-duplicate-disk-target.xml")).unwrap_err();
+    assert!(
+        matches!(&err, XmlError::DuplicateDiskTarget { target, first: 0, second: 1 } if target == "vda"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("vda"), "{err}");
+}

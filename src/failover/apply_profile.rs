@@ -187,6 +187,26 @@ pub async fn apply(hv: &Hypervisor, shadow: &str, p: &ProfileApply) -> Vec<Strin
     notes
 }
 
+/// How long the sizing waits for the guest's balloon statistics. A shadow just resumed may not
+/// have reported them yet; without them it could only grow. Traffic already flows here.
+const BALLOON_STATS_WAIT: Duration = Duration::from_secs(2);
+
+/// The shadow's statistics once they include the balloon's figures, or the last ones read
+/// when [`BALLOON_STATS_WAIT`] runs out.
+fn balloon_stats(hv: &Hypervisor, shadow: &str) -> Option<DomainStats> {
+    let deadline = std::time::Instant::now() + BALLOON_STATS_WAIT;
+    loop {
+        let stats = hv.stats(shadow).ok();
+        let complete = stats
+            .as_ref()
+            .is_some_and(|s| s.balloon_current_kib.is_some() && s.balloon_available_kib.is_some());
+        if complete || std::time::Instant::now() >= deadline {
+            return stats;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Sets vCPUs and balloon target from `plan` within the shadow's maxima.
 fn resize(hv: &Hypervisor, shadow: &str, plan: PlanSummary, version: &str) -> Vec<String> {
     let maxima = hv
@@ -220,7 +240,11 @@ fn resize(hv: &Hypervisor, shadow: &str, plan: PlanSummary, version: &str) -> Ve
             )];
         }
     };
-    let balloon = balloon_target(plan.mem_kib, cur_mem_kib, hv.stats(shadow).ok().as_ref());
+    let balloon = balloon_target(
+        plan.mem_kib,
+        cur_mem_kib,
+        balloon_stats(hv, shadow).as_ref(),
+    );
     let target = clamp_plan(
         PlanSummary {
             vcpus: plan.vcpus,

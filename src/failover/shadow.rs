@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::domain_xml::{
-    shadow_spec, standby_boot_spec, DomainXml, InterfaceKind, InterfaceSpec, MemberState, Role,
-    ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
+    shadow_spec, standby_boot_spec, DiskSpec, DomainXml, InterfaceKind, InterfaceSpec, MemberState,
+    Role, ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
 };
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
@@ -81,6 +81,41 @@ pub fn write_meta(
     hv.set_metadata(domain, &meta.to_libvirt_xml(), META_PREFIX, META_NS)
 }
 
+/// The plan for the shadow `req` asks for, from the primary's parsed spec: an overlay under
+/// `<state_dir>/disks` for every writable image disk, consoles under `<state_dir>/consoles`,
+/// headroom above the primary's sizes. Pure: nothing on disk is touched, so a spec can be
+/// planned and cloned as a dry run.
+pub fn shadow_plan(primary: &DomainXml, req: &ShadowRequest, uuid: String) -> ShadowPlan {
+    let vcpus = primary.vcpus();
+    let mem = primary.memory_kib();
+    let disk_dir = req.state_dir.join("disks");
+    let disk_overlays = primary
+        .disks()
+        .into_iter()
+        .filter(DiskSpec::needs_overlay)
+        .map(|disk| {
+            let overlay = disk_dir.join(format!("{}-{}.qcow2", req.name, disk.target_dev));
+            (disk.target_dev, overlay)
+        })
+        .collect();
+    ShadowPlan {
+        name: req.name.clone(),
+        uuid,
+        disk_overlays,
+        // Headroom above the primary's current size so a profile can grow the shadow live.
+        vcpu_max: vcpus.max.max(vcpus.current.saturating_mul(2)).max(1),
+        memory_max_kib: mem.max_kib.max(mem.current_kib.saturating_mul(3) / 2),
+        console_dir: req.state_dir.join("consoles"),
+        meta: member_meta(
+            &req.service,
+            &req.class,
+            Role::Shadow,
+            req.generation,
+            MemberState::Booting,
+        ),
+    }
+}
+
 /// Builds the shadow's XML from the primary's persistent definition. Creates the disk
 /// overlays as a side effect. Pure enough to be called from a blocking thread.
 pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, FailoverError> {
@@ -94,42 +129,23 @@ pub fn build_shadow_xml(hv: &Hypervisor, req: &ShadowRequest) -> Result<String, 
         domain: req.primary.clone(),
         source,
     })?;
-    let vcpus = primary.vcpus();
-    let mem = primary.memory_kib();
+    let plan = shadow_plan(&primary, req, new_uuid());
     let disk_dir = req.state_dir.join("disks");
-    let console_dir = req.state_dir.join("consoles");
-    for dir in [&disk_dir, &console_dir] {
+    for dir in [&disk_dir, &plan.console_dir] {
         std::fs::create_dir_all(dir).map_err(|source| FailoverError::Spawn {
             program: "mkdir",
             source,
         })?;
     }
-    let mut disk_overlays = std::collections::BTreeMap::new();
-    let mut images = Vec::new();
-    for disk in primary.disks() {
-        let Some(source) = disk.source.clone().filter(|_| disk.needs_overlay()) else {
-            continue;
-        };
-        let overlay = disk_dir.join(format!("{}-{}.qcow2", req.name, disk.target_dev));
-        disk_overlays.insert(disk.target_dev.clone(), overlay.clone());
-        images.push((PathBuf::from(source), disk.target_dev.clone(), overlay));
-    }
-    let plan = ShadowPlan {
-        name: req.name.clone(),
-        uuid: new_uuid(),
-        disk_overlays,
-        // Headroom above the primary's current size so a profile can grow the shadow live.
-        vcpu_max: vcpus.max.max(vcpus.current.saturating_mul(2)).max(1),
-        memory_max_kib: mem.max_kib.max(mem.current_kib.saturating_mul(3) / 2),
-        console_dir,
-        meta: member_meta(
-            &req.service,
-            &req.class,
-            Role::Shadow,
-            req.generation,
-            MemberState::Booting,
-        ),
-    };
+    let images: Vec<(PathBuf, String, PathBuf)> = primary
+        .disks()
+        .into_iter()
+        .filter(DiskSpec::needs_overlay)
+        .filter_map(|disk| {
+            let overlay = plan.disk_overlays.get(&disk.target_dev)?.clone();
+            Some((PathBuf::from(disk.source?), disk.target_dev, overlay))
+        })
+        .collect();
     // Validate the clone before touching any disk, so a refused spec leaves nothing behind.
     let shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
         domain: req.primary.clone(),

@@ -107,11 +107,19 @@ impl AccuracyTracker {
 
     /// Scores `prediction` against `observation`.
     pub fn record(&mut self, prediction: &Prediction, observation: &Observation) {
+        self.record_limits(
+            &PerMetric::from_fn(|m| prediction.envelopes.get(m).limit),
+            &PerMetric::from_fn(|m| observation.value(m)),
+        );
+    }
+
+    /// Scores predicted limits against observed values.
+    pub fn record_limits(&mut self, limits: &PerMetric<f64>, observed: &PerMetric<f64>) {
         self.samples += 1;
         for m in Metric::ALL {
             self.metrics
                 .get_mut(m)
-                .record(prediction.envelopes.get(m).limit, observation.value(m));
+                .record(*limits.get(m), *observed.get(m));
         }
     }
 

@@ -95,7 +95,11 @@ mod tests {
 
     /// A profile that learned two flat hours: `cpu` cores and `mem_mib` MiB.
     fn profile(cpu: f64, mem_mib: u64) -> Profile {
-        let mut p = Profile::new(ModelParams::default()).unwrap();
+        let mut p = Profile::new(ModelParams {
+            headroom: 0.1,
+            ..ModelParams::default()
+        })
+        .unwrap();
         for i in 0..120 {
             p.model.observe(&Observation {
                 ts_unix_ms: TRACE_START_UNIX_MS + i * 60_000,

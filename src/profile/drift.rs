@@ -2,7 +2,8 @@
 //!
 //! Four kinds are detected:
 //! - **coverage drop**: of the last `window` observations of a metric, the share inside the
-//!   predicted envelope (at or below its limit) fell below `coverage_threshold`;
+//!   predicted envelope (at or below its calibrated quantile, `p95`, which covers the class's
+//!   coverage target when the profile fits) fell below `coverage_threshold`;
 //! - **level shift**: the model confirms a regime shift (its level factor, observed / seasonal
 //!   median, stayed outside `[1/shift_factor, shift_factor]` for `shift_confirm` observations, see
 //!   [`crate::profile::model`]) — a sustained step up *or down*, which coverage alone cannot see
@@ -203,7 +204,9 @@ impl DriftDetector {
             if st.inside.len() >= self.params.window {
                 st.inside.pop_front();
             }
-            st.inside.push_back(obs.value(m) <= env.limit);
+            // The calibrated quantile, not the limit: whether the primary still looks like its profile
+            // does not depend on the headroom an operator adds for sizing.
+            st.inside.push_back(obs.value(m) <= env.p95);
             if !warm {
                 // A shift seen during the warm-up is part of what is being learned.
                 st.in_shift = shift.is_some();

@@ -1,11 +1,14 @@
 //! On-disk layout shared by the local store and directory repositories:
 //! `<root>/<service>/v<N>.json`, one JSON [`ProfileVersion`] per file, written atomically.
 
+use std::fmt;
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use super::store::ProfileVersion;
+use serde::{Deserialize, Serialize};
+
+use super::learner::Profile;
 
 /// Version files larger than this are rejected unread (a real one is a few hundred KiB).
 pub const MAX_VERSION_FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -43,6 +46,55 @@ pub enum VersionFileError {
         /// Version recorded in the file.
         found: u64,
     },
+}
+
+/// Why a version was created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reason {
+    /// First version of a service.
+    Initial,
+    /// Periodic refresh of the learned profile.
+    Scheduled,
+    /// The primary drifted from its profile.
+    Drift {
+        /// What drifted.
+        detail: String,
+    },
+    /// An operator asked for it.
+    Manual,
+    /// Copy of an earlier version.
+    Rollback {
+        /// The version restored.
+        to: u64,
+    },
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Initial => f.write_str("initial"),
+            Reason::Scheduled => f.write_str("scheduled"),
+            Reason::Drift { detail } => write!(f, "drift: {detail}"),
+            Reason::Manual => f.write_str("manual"),
+            Reason::Rollback { to } => write!(f, "rollback to v{to}"),
+        }
+    }
+}
+
+/// One stored version of a service's profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileVersion {
+    /// Version number, monotonic per service.
+    pub version: u64,
+    /// When it was committed, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Why it was committed.
+    pub reason: Reason,
+    /// The service it describes.
+    pub service: String,
+    /// Model snapshot, expected configuration and dependencies.
+    pub profile: Profile,
 }
 
 /// Checks that `name` can be used as a directory name: 1 to 128 characters among ASCII letters,
@@ -111,7 +163,16 @@ pub fn read(path: &Path, service: &str, version: u64) -> Result<ProfileVersion, 
             size: bytes.len() as u64,
         });
     }
-    let v: ProfileVersion = serde_json::from_slice(&bytes)?;
+    parse(&bytes, service, version)
+}
+
+/// Parses the content of version file `version` of `service` and checks that it is that one.
+pub fn parse(
+    bytes: &[u8],
+    service: &str,
+    version: u64,
+) -> Result<ProfileVersion, VersionFileError> {
+    let v: ProfileVersion = serde_json::from_slice(bytes)?;
     if v.service != service {
         return Err(VersionFileError::ServiceMismatch {
             expected: service.to_string(),

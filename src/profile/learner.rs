@@ -162,10 +162,14 @@ impl Learner {
         &self.profile
     }
 
-    /// Replaces the profile (after a rollback or a pull from the repository); the drift windows
-    /// restart, the accuracy figures carry on.
+    /// Replaces the profile (after a rollback or a pull from the repository), keeping the
+    /// coverage target; the drift windows restart, the accuracy figures carry on.
     pub fn replace_profile(&mut self, profile: Profile) {
+        // The coverage target is this service's class's, whatever the version was made with.
+        let target = self.profile.model.params().coverage_target;
         self.profile = profile;
+        // Both targets passed validation, so this cannot fail.
+        let _ = self.profile.model.set_coverage_target(target);
         for m in super::Metric::ALL {
             self.detector.reset(m);
         }
@@ -174,6 +178,11 @@ impl Learner {
     /// The envelope expected at `ts_unix_ms`.
     pub fn predict(&self, ts_unix_ms: u64) -> Prediction {
         self.profile.model.predict(ts_unix_ms)
+    }
+
+    /// Sets the coverage the model calibrates to (the service's class target).
+    pub fn set_coverage_target(&mut self, target: f64) -> Result<(), ModelError> {
+        self.profile.model.set_coverage_target(target)
     }
 
     /// Accuracy of the predictions made before each observation so far.
@@ -431,10 +440,12 @@ mod tests {
                 .is_empty());
             i += 1;
         }
-        // Then the load quadruples and jitters widely: coverage drops and the level shifts.
+        // Then the load quadruples and keeps climbing, 1% a sample, each one above all before:
+        // coverage drops (the calibration, tuned to a steady load, cannot catch up that fast) and
+        // the level shifts.
         let mut kinds = Vec::new();
         while i < 360 {
-            let v = if i % 3 == 0 { 8.0 } else { 4.0 };
+            let v = 4.0 * 1.01f64.powi((i - 180) as i32);
             kinds.extend(
                 l.observe(&obs(i, v, &[], vec![]))
                     .into_iter()

@@ -30,11 +30,12 @@ use serde::{Deserialize, Serialize};
 use super::accuracy::AccuracyReport;
 use super::apply::{resource_plan, ResourceLimits, ResourcePlan};
 use super::drift::{DriftEvent, DriftKind, DriftParams};
+use super::layout::Reason;
 use super::learner::{Dependency, Learner, LearnerError, LearnerParams, Profile};
 use super::model::{ModelParams, Prediction, Source, HOUR_MS};
 use super::repo::DirectoryRepository;
 use super::store::{
-    ProfileDiff, ProfileStore, Reason, SkippedFile, StoreError, SyncReport, VersionSummary,
+    ProfileDiff, ProfileStore, SkippedFile, StoreError, SyncReport, VersionSummary,
 };
 use super::{Metric, Observation};
 use crate::api::metrics::Metrics;
@@ -303,6 +304,8 @@ pub struct ProfileManager {
     metrics: Arc<Metrics>,
     events: Option<EventLog>,
     live: Mutex<BTreeMap<String, Live>>,
+    /// Coverage target per service (its class's), applied to its learner when it is loaded.
+    targets: Mutex<BTreeMap<String, f64>>,
     commits: Mutex<()>,
     repo_missing_reported: AtomicBool,
 }
@@ -363,6 +366,7 @@ impl ProfileManager {
             metrics,
             events: None,
             live: Mutex::new(BTreeMap::new()),
+            targets: Mutex::new(BTreeMap::new()),
             commits: Mutex::new(()),
             repo_missing_reported: AtomicBool::new(false),
         })
@@ -396,9 +400,24 @@ impl ProfileManager {
         self.commits.lock().map_err(|_| ManagerError::Poisoned)
     }
 
+    /// Sets the coverage `service`'s profile calibrates to (its class's `coverage_target`), now
+    /// if it is live and whenever its learner is loaded.
+    pub fn set_coverage_target(&self, service: &str, target: f64) -> Result<(), ManagerError> {
+        if let Some(st) = self.lock()?.get_mut(service) {
+            st.learner
+                .set_coverage_target(target)
+                .map_err(|e| ManagerError::Params(e.into()))?;
+        }
+        self.targets
+            .lock()
+            .map_err(|_| ManagerError::Poisoned)?
+            .insert(service.to_string(), target);
+        Ok(())
+    }
+
     /// A learner for `service`, resumed from its current stored version if it has one.
     fn load(&self, service: &str) -> Result<Live, ManagerError> {
-        let (learner, base) = match self.store.current(service)? {
+        let (mut learner, base) = match self.store.current(service)? {
             Some(v) => {
                 let learner =
                     Learner::resume(v.profile.clone(), self.params.clone()).map_err(|source| {
@@ -431,6 +450,17 @@ impl ProfileManager {
                 None,
             ),
         };
+        let target = self
+            .targets
+            .lock()
+            .map_err(|_| ManagerError::Poisoned)?
+            .get(service)
+            .copied();
+        if let Some(t) = target {
+            learner
+                .set_coverage_target(t)
+                .map_err(|e| ManagerError::Params(e.into()))?;
+        }
         Ok(Live {
             learner,
             base,
@@ -679,7 +709,7 @@ impl ProfileManager {
     /// (a new service otherwise waits minutes for its first version).
     pub fn save(&self, service: &str, now_unix_ms: u64) -> Result<VersionSummary, ManagerError> {
         let _commits = self.commit_lock()?;
-        // The live lock is released before the errors, which take it again.
+        // Bound first: the live lock must be released before `unknown` takes it again.
         let live = self
             .lock()?
             .get(service)
@@ -721,8 +751,8 @@ impl ProfileManager {
     /// What `service`'s primary used since `since_unix_ms`, with the limits predicted for each
     /// moment.
     pub fn series(&self, service: &str, since_unix_ms: u64) -> Result<ProfileSeries, ManagerError> {
-        // The live lock is released before the errors, which take it again.
-        let live: Option<Vec<SeriesPoint>> = self.lock()?.get(service).map(|st| {
+        // Bound first: the live lock must be released before `unknown` takes it again.
+        let live: Option<Vec<_>> = self.lock()?.get(service).map(|st| {
             st.trace
                 .iter()
                 .filter(|p| p.ts_unix_ms >= since_unix_ms)

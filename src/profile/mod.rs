@@ -1,8 +1,9 @@
 //! Predictive deployment profiles.
 //!
 //! The daemon feeds a [`Learner`] one [`Observation`] of a protected primary at a time. The learner
-//! keeps a [`Profile`] per service: a seasonal resource [`model::Model`] (what the primary needs at
-//! a given time of the week), the expected configuration and the expected network dependencies.
+//! keeps a [`Profile`] per service: a resource [`model::Model`] (seasonal buckets, and the
+//! calibrated [`forecast`] layer whose coverage converges on the class's target), the expected
+//! configuration and the expected network dependencies.
 //! It reports [`drift::DriftEvent`]s when the primary stops looking like its profile; the caller
 //! then commits a new version to the [`store::ProfileStore`] (versioned, atomically written JSON
 //! files, with rollback and diff), which can be synchronised with a central
@@ -15,16 +16,24 @@
 //!
 //! Everything here is pure logic apart from the store's files: no libvirt, no clock (timestamps
 //! come with the observations).
-//! [`synthetic`] holds the deterministic trace generator and replay used by the benchmark
-//! (`cargo bench --bench profile`) and the tests.
+//!
+//! Judging the model: [`baseline`] holds what a user would run instead (rolling window, last
+//! value, static peak), [`replay`] replays a history through any [`Predictor`] and scores it at
+//! any headroom, [`backtest`] reads an operator's history (CSV) and runs the comparison behind
+//! `understudy profile backtest` and the benchmark (`cargo bench --bench profile`), and
+//! [`synthetic`] generates the deterministic traces of the benchmark and the tests.
 
 pub mod accuracy;
 pub mod apply;
+pub mod backtest;
+pub mod baseline;
 pub mod drift;
+pub mod forecast;
 pub mod layout;
 pub mod learner;
 pub mod manager;
 pub mod model;
+pub mod replay;
 pub mod repo;
 pub mod store;
 pub mod synthetic;
@@ -37,14 +46,14 @@ use serde::{Deserialize, Serialize};
 pub use accuracy::{AccuracyReport, AccuracyTracker, MetricAccuracy};
 pub use apply::{resource_plan, ResourceLimits, ResourcePlan};
 pub use drift::{DriftDetector, DriftError, DriftEvent, DriftKind, DriftParams};
-pub use layout::VersionFileError;
+pub use layout::{ProfileVersion, Reason, VersionFileError};
 pub use learner::{Dependency, Learner, LearnerError, LearnerParams, Profile};
 pub use manager::{ManagerError, ProfileManager, ProfileReport};
 pub use model::{Envelope, Model, ModelError, ModelParams, Prediction, Source};
 pub use repo::{DirectoryRepository, ProfileRepository, RepoError};
 pub use store::{
-    BucketChange, EnvelopeChange, ProfileDiff, ProfileStore, ProfileVersion, Reason, ServiceSync,
-    SkippedFile, StoreError, SyncReport, VersionSummary,
+    BucketChange, EnvelopeChange, ProfileDiff, ProfileStore, ServiceSync, SkippedFile, StoreError,
+    SyncReport, VersionSummary,
 };
 
 /// One observation of a protected primary, as converted by the monitor.
@@ -217,7 +226,7 @@ impl<T> PerMetric<T> {
 }
 
 /// Anything that predicts a resource envelope before seeing the sample: the learned model and the
-/// baselines it is benchmarked against ([`synthetic::LastValue`], [`synthetic::StaticPeak`]).
+/// baselines it is benchmarked against ([`baseline`]).
 pub trait Predictor {
     /// Display name used in reports.
     fn name(&self) -> &str;

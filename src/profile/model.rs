@@ -1,10 +1,17 @@
-//! The seasonal resource model.
+//! The resource model: seasonal buckets, and the calibrated forecast layer on top of them.
 //!
 //! # Model
 //!
 //! For each metric (CPU cores, memory bytes, disk and network bytes per second) the model answers
-//! "how much will the primary use at time *t*?" with an [`Envelope`]: a median (`p50`), a 95th
-//! percentile (`p95`) and a provisioning `limit = p95 × (1 + headroom)`.
+//! "how much will the primary use at time *t*?" with an [`Envelope`]: a median (`p50`), an upper
+//! quantile (`p95`) and a provisioning `limit = p95 × (1 + headroom)`.
+//!
+//! Up to two hours after the last sample, `p95` is the calibrated quantile of the
+//! [`super::forecast`] layer: a mixture of experts (last value, moving averages, the rolling
+//! 24-hour window, the recent hour, yesterday at the same time, and the seasonal buckets below)
+//! whose coverage converges on `coverage_target` (the service's class target, 95% by default).
+//! Further ahead, and for `p50`, the seasonal buckets answer alone, as described next. The
+//! default `headroom` is 0: the calibration already gives the coverage asked for.
 //!
 //! **Seasonal buckets.** Load on a service follows the clock, so history is kept per time bucket:
 //! the 168 hours of the week (bucket 0 is Monday 00:00-01:00 UTC), the 24 hours of the day, and
@@ -73,6 +80,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use super::forecast::{self, ForecastParams, MetricForecast};
 use super::{Metric, Observation, PerMetric};
 
 /// One hour, in milliseconds.
@@ -114,7 +122,7 @@ pub enum ModelError {
 pub struct ModelParams {
     /// A bucket with fewer samples than this defers to the next coarser level.
     pub min_samples_per_bucket: u32,
-    /// Safety margin above p95: `limit = p95 × (1 + headroom)`.
+    /// Safety margin above the calibrated quantile: `limit = p95 × (1 + headroom)`.
     pub headroom: f64,
     /// Visits (weeks) remembered per hour-of-week bucket.
     pub week_visits: usize,
@@ -136,13 +144,30 @@ pub struct ModelParams {
     pub shift_factor: f64,
     /// Consecutive shifted observations that confirm a regime shift.
     pub shift_confirm: u32,
+    /// Share of samples the calibrated quantile (`p95` of the envelope) should cover: the
+    /// class's `coverage_target` (see [`super::forecast`]).
+    pub coverage_target: f64,
+    /// Step of the online calibration, relative to the mean absolute residual.
+    pub calibration_step: f64,
+    /// Softness of the expert mixture's weights.
+    pub mix_temperature: f64,
+    /// Half-life of the experts' discounted losses, hours.
+    pub loss_halflife_h: f64,
+    /// `c = floor_frac × level` in the forecast's transform `ln(x + c)`.
+    pub floor_frac: f64,
+    /// Loss of a missed sample when the mixture weighs its experts (a covered sample costs its
+    /// waste, 0..1).
+    pub miss_loss: f64,
+    /// Experts the mixture may use, one bit each in the order of
+    /// [`forecast::EXPERT_NAMES`].
+    pub experts: u32,
 }
 
 impl Default for ModelParams {
     fn default() -> Self {
         ModelParams {
             min_samples_per_bucket: 30,
-            headroom: 0.10,
+            headroom: 0.0,
             week_visits: 3,
             day_visits: 7,
             all_visits: 48,
@@ -153,11 +178,31 @@ impl Default for ModelParams {
             recent_window: 5,
             shift_factor: 1.3,
             shift_confirm: 60,
+            coverage_target: 0.95,
+            calibration_step: 0.03,
+            mix_temperature: 0.03,
+            loss_halflife_h: 48.0,
+            floor_frac: 0.05,
+            miss_loss: 1.0,
+            experts: (1 << forecast::EXPERTS) - 1,
         }
     }
 }
 
 impl ModelParams {
+    /// The forecast layer's part.
+    pub fn forecast(&self) -> ForecastParams {
+        ForecastParams {
+            coverage_target: self.coverage_target,
+            calibration_step: self.calibration_step,
+            mix_temperature: self.mix_temperature,
+            loss_halflife_h: self.loss_halflife_h,
+            floor_frac: self.floor_frac,
+            miss_loss: self.miss_loss,
+            experts: self.experts,
+        }
+    }
+
     /// Checks every parameter's range.
     pub fn validate(&self) -> Result<(), ModelError> {
         fn bad(name: &'static str, value: impl ToString, expected: &'static str) -> ModelError {
@@ -182,6 +227,61 @@ impl ModelParams {
                 "shift_factor",
                 self.shift_factor,
                 "a finite number above 1",
+            ));
+        }
+        if !(self.coverage_target.is_finite() && (0.5..=0.999).contains(&self.coverage_target)) {
+            return Err(bad(
+                "coverage_target",
+                self.coverage_target,
+                "between 0.5 and 0.999",
+            ));
+        }
+        for (name, v, lo, hi, expected) in [
+            (
+                "calibration_step",
+                self.calibration_step,
+                1e-4,
+                1.0,
+                "between 0.0001 and 1",
+            ),
+            (
+                "mix_temperature",
+                self.mix_temperature,
+                1e-3,
+                100.0,
+                "between 0.001 and 100",
+            ),
+            (
+                "loss_halflife_h",
+                self.loss_halflife_h,
+                0.1,
+                1e4,
+                "between 0.1 and 10000",
+            ),
+            (
+                "floor_frac",
+                self.floor_frac,
+                1e-6,
+                1.0,
+                "between 0.000001 and 1",
+            ),
+            (
+                "miss_loss",
+                self.miss_loss,
+                0.0,
+                1000.0,
+                "between 0 and 1000",
+            ),
+        ] {
+            if !(v.is_finite() && (lo..=hi).contains(&v)) {
+                return Err(bad(name, v, expected));
+            }
+        }
+        if self.experts == 0 || self.experts >= 1 << forecast::EXPERTS {
+            return Err(bad(
+                "experts",
+                self.experts,
+                "a non-empty set of the 8 experts' bits (1..=255)",
             ));
         }
         if !(1..=100_000).contains(&self.shift_confirm) {
@@ -234,7 +334,8 @@ pub enum Source {
 pub struct Envelope {
     /// Median.
     pub p50: f64,
-    /// 95th percentile.
+    /// Upper quantile: the calibrated quantile at the coverage target (95% by default) within
+    /// two hours of the last sample, the seasonal 95th percentile beyond.
     pub p95: f64,
     /// Provisioning limit: `p95 × (1 + headroom)`.
     pub limit: f64,
@@ -555,6 +656,13 @@ impl MetricModel {
             .push(v, p.max_hour_samples);
     }
 
+    /// The seasonal p95 for `ts` (level factor and recent floor included, no headroom), the
+    /// forecast layer's `seasonal` expert.
+    fn seasonal(&self, ts: u64, p: &ModelParams) -> Option<f64> {
+        let e = self.predict(ts, p);
+        (e.source != Source::Empty).then_some(e.p95)
+    }
+
     fn shifted(&self, p: &ModelParams) -> Option<f64> {
         self.in_shift.then(|| self.level_factor(p))
     }
@@ -619,6 +727,8 @@ impl MetricModel {
 pub struct Model {
     params: ModelParams,
     metrics: PerMetric<MetricModel>,
+    /// The calibrated forecast layer ([`super::forecast`]).
+    forecast: PerMetric<MetricForecast>,
     observations: u64,
 }
 
@@ -627,6 +737,9 @@ pub struct Model {
 struct ModelRepr {
     params: ModelParams,
     metrics: PerMetric<MetricModel>,
+    /// Absent from versions written before the forecast layer: it then starts empty.
+    #[serde(default)]
+    forecast: PerMetric<MetricForecast>,
     observations: u64,
 }
 
@@ -639,9 +752,17 @@ impl TryFrom<ModelRepr> for Model {
             mm.validate(&r.params)
                 .map_err(|e| ModelError::Inconsistent(format!("{m}: {e}")))?;
         }
+        let mut forecast = r.forecast;
+        for m in Metric::ALL {
+            forecast
+                .get_mut(m)
+                .restore()
+                .map_err(|e| ModelError::Inconsistent(format!("{m}: {e}")))?;
+        }
         Ok(Model {
             params: r.params,
             metrics: r.metrics,
+            forecast,
             observations: r.observations,
         })
     }
@@ -662,6 +783,7 @@ impl Model {
         Ok(Model {
             params,
             metrics: PerMetric::from_fn(|_| MetricModel::new()),
+            forecast: PerMetric::default(),
             observations: 0,
         })
     }
@@ -678,23 +800,65 @@ impl Model {
 
     /// Learns one observation's resource usage.
     pub fn observe(&mut self, obs: &Observation) {
+        let fp = self.params.forecast();
+        let ts = obs.ts_unix_ms;
         for m in Metric::ALL {
             let v = obs.value(m);
-            self.metrics
-                .get_mut(m)
-                .observe(obs.ts_unix_ms, v, &self.params);
+            let seasonal_now = self.metrics.get(m).seasonal(ts, &self.params);
+            let mm = self.metrics.get_mut(m);
+            mm.observe(ts, v, &self.params);
+            let mm = &*mm;
+            let params = &self.params;
+            self.forecast.get_mut(m).observe(
+                ts,
+                v,
+                seasonal_now,
+                || mm.seasonal(ts + forecast::HOUR_AHEAD_MS, params),
+                &fp,
+            );
         }
         self.observations += 1;
     }
 
-    /// The envelopes expected at `ts_unix_ms`.
+    /// The envelopes expected at `ts_unix_ms`: the buckets' median, and the calibrated quantile
+    /// of the forecast layer as `p95`.
     pub fn predict(&self, ts_unix_ms: u64) -> Prediction {
+        let fp = self.params.forecast();
         Prediction {
             ts_unix_ms,
             envelopes: PerMetric::from_fn(|m| {
-                self.metrics.get(m).predict(ts_unix_ms, &self.params)
+                let seasonal = self.metrics.get(m).predict(ts_unix_ms, &self.params);
+                let known = seasonal.source != Source::Empty;
+                let Some(q) =
+                    self.forecast
+                        .get(m)
+                        .predict(ts_unix_ms, known.then_some(seasonal.p95), &fp)
+                else {
+                    // Nothing seen, or a target beyond the calibrated horizons.
+                    return seasonal;
+                };
+                Envelope {
+                    p50: seasonal.p50.min(q),
+                    p95: q,
+                    limit: q * (1.0 + self.params.headroom),
+                    source: seasonal.source,
+                }
             }),
         }
+    }
+
+    /// The forecast layer of `metric` (calibration state, for reports and tests).
+    pub fn forecast(&self, metric: Metric) -> &MetricForecast {
+        self.forecast.get(metric)
+    }
+
+    /// Sets the coverage the calibrated quantile converges on (the service's class target).
+    pub fn set_coverage_target(&mut self, target: f64) -> Result<(), ModelError> {
+        let mut p = self.params.clone();
+        p.coverage_target = target;
+        p.validate()?;
+        self.params = p;
+        Ok(())
     }
 
     /// The current level factor of `metric` (1 = the primary runs as its buckets say).
@@ -792,6 +956,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::profile::replay;
     use crate::profile::synthetic::{self, Shape, TraceSpec, TRACE_START_UNIX_MS};
     use crate::profile::{Learner, LearnerParams};
 
@@ -837,7 +1002,7 @@ mod tests {
             seed: 7,
         });
         let mut learner = Learner::new(LearnerParams::default()).unwrap();
-        let result = synthetic::replay(&trace, &mut learner, 0);
+        let result = replay::replay(&trace.observations, None, &mut learner, 0).score(0.0);
         assert!(result.report.coverage >= 0.90, "{:?}", result.report);
         assert!(
             result.report.metrics.cpu.coverage >= 0.90,
@@ -918,7 +1083,11 @@ mod tests {
         }
         let e = m.predict(t + 5 * MIN).envelopes.cpu;
         assert_eq!(e.source, Source::Recent);
-        assert!((e.limit - 2.2).abs() < 1e-9, "{e:?}");
+        // A constant: the calibrated quantile is that constant (to its tracking step).
+        assert!((e.limit - 2.0).abs() < 1e-3, "{e:?}");
+        // Beyond the calibrated horizons the seasonal envelope answers (here the recent window).
+        let far = m.predict(t + 5 * HOUR_MS).envelopes.cpu;
+        assert_eq!((far.p95, far.limit), (2.0, 2.0));
     }
 
     #[test]
@@ -938,7 +1107,7 @@ mod tests {
         assert!(m.level_shift(Metric::Cpu).is_some());
         // Predictions already follow the new level...
         let e = m.predict(t1 + 3 * HOUR_MS).envelopes.cpu;
-        assert!(e.p50 > 2.9 && e.limit >= 3.0, "{e:?}");
+        assert!(e.p50 > 2.9 && e.limit >= 2.99, "{e:?}");
         // ...and the hours completed during the shift replaced their buckets' history.
         let day = &m.metrics.cpu.day[hour_of_day(t1 + HOUR_MS)];
         assert_eq!(day.visits.len(), 1);

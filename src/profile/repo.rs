@@ -3,8 +3,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::layout::{self, VersionFileError};
-use super::store::ProfileVersion;
+use super::layout::{self, ProfileVersion, VersionFileError};
 use crate::state::write_atomic;
 
 /// Errors of a profile repository.
@@ -175,9 +174,9 @@ impl ProfileRepository for DirectoryRepository {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::layout::Reason;
     use crate::profile::learner::Profile;
     use crate::profile::model::ModelParams;
-    use crate::profile::store::Reason;
 
     fn version(service: &str, n: u64, tag: &str) -> ProfileVersion {
         let mut profile = Profile::new(ModelParams::default()).unwrap();

@@ -31,7 +31,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::layout::{self, VersionFileError};
+use super::layout::{self, ProfileVersion, Reason, VersionFileError};
 use super::learner::Profile;
 use super::model::{Model, WEEK_BUCKETS};
 use super::repo::{ProfileRepository, RepoError};
@@ -128,55 +128,6 @@ pub enum StoreError {
     /// The store's lock was poisoned by a panic in another thread.
     #[error("profile store lock poisoned")]
     Poisoned,
-}
-
-/// Why a version was created.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Reason {
-    /// First version of a service.
-    Initial,
-    /// Periodic refresh of the learned profile.
-    Scheduled,
-    /// The primary drifted from its profile.
-    Drift {
-        /// What drifted.
-        detail: String,
-    },
-    /// An operator asked for it.
-    Manual,
-    /// Copy of an earlier version.
-    Rollback {
-        /// The version restored.
-        to: u64,
-    },
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Reason::Initial => f.write_str("initial"),
-            Reason::Scheduled => f.write_str("scheduled"),
-            Reason::Drift { detail } => write!(f, "drift: {detail}"),
-            Reason::Manual => f.write_str("manual"),
-            Reason::Rollback { to } => write!(f, "rollback to v{to}"),
-        }
-    }
-}
-
-/// One stored version of a service's profile.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProfileVersion {
-    /// Version number, monotonic per service.
-    pub version: u64,
-    /// When it was committed, milliseconds since the Unix epoch.
-    pub created_unix_ms: u64,
-    /// Why it was committed.
-    pub reason: Reason,
-    /// The service it describes.
-    pub service: String,
-    /// Model snapshot, expected configuration and dependencies.
-    pub profile: Profile,
 }
 
 /// A version without its content.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::exec::{parse_exec, parse_exec_status, CapturedOutput, ExecStatus, ExitStatus};
-use super::file::{parse_empty, parse_file_open, parse_file_read, parse_file_write};
+use super::file::{parse_file_close, parse_file_open, parse_file_read, parse_file_write};
 use super::system::{
     parse_cpustats, parse_diskstats, parse_info, parse_interfaces, parse_osinfo, parse_ping,
     AgentInfo, CpuStats, DiskStats, NetInterface, OsInfo,
@@ -157,7 +157,7 @@ impl<T: AgentTransport> GuestAgent<T> {
         let result = self.read_handle(handle, path, max_bytes);
         let closed = self
             .call(Command::FileClose, Some(json!({ "handle": handle })))
-            .and_then(|r| parse_empty(Command::FileClose, &r, limits));
+            .and_then(|r| parse_file_close(&r, limits));
         if let Err(e) = closed {
             tracing::warn!(path, handle, error = %e, "guest-file-close failed; handle may leak in the agent");
         }
@@ -231,7 +231,7 @@ impl<T: AgentTransport> GuestAgent<T> {
         let result = self.write_handle(handle, path, data);
         let closed = self
             .call(Command::FileClose, Some(json!({ "handle": handle })))
-            .and_then(|r| parse_empty(Command::FileClose, &r, limits));
+            .and_then(|r| parse_file_close(&r, limits));
         match (result, closed) {
             (Err(e), _) => Err(e),
             // Unlike a read, a write is only complete once the handle is flushed and closed.

@@ -72,12 +72,9 @@ pub fn parse_file_write(
     Ok(declared as usize)
 }
 
-/// Parses a reply whose `return` must be the empty object (`guest-file-close`).
-pub(super) fn parse_empty(
-    command: Command,
-    text: &str,
-    limits: &AgentLimits,
-) -> Result<(), AgentError> {
+/// Parses a `guest-file-close` reply, whose `return` must be an object (empty).
+pub fn parse_file_close(text: &str, limits: &AgentLimits) -> Result<(), AgentError> {
+    let command = Command::FileClose;
     let ret = parse_reply(command, text, limits)?;
     Ctx { command, limits }.object(&ret, "return")?;
     Ok(())

@@ -40,7 +40,7 @@ mod test_support;
 
 pub use client::{AgentOptions, ExecOutput, GuestAgent, GuestFile};
 pub use exec::{parse_exec, parse_exec_status, CapturedOutput, ExecStatus, ExitStatus};
-pub use file::{parse_file_open, parse_file_read, parse_file_write, FileChunk};
+pub use file::{parse_file_close, parse_file_open, parse_file_read, parse_file_write, FileChunk};
 pub use reply::parse_reply;
 pub use system::{
     parse_cpustats, parse_diskstats, parse_info, parse_interfaces, parse_osinfo, parse_ping,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::monitor::configtrack;
-use crate::profile::synthetic::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// Delays between collector ticks: the sampling interval ±20%, pseudo-random, averaging the
 /// interval. Sampling at a fixed phase aliases with periodic guest activity: a connection opened

@@ -1,0 +1,5 @@
+//! AFL target: see [`understudy_fuzz::agent`].
+
+fn main() {
+    afl::fuzz!(|data: &[u8]| understudy_fuzz::agent::check(data));
+}

@@ -1,0 +1,275 @@
+//! Domain XML written by other tools: parse, plan and clone a shadow (a dry run: the plan is
+//! made as `failover::shadow` makes it, nothing is written), the standby boot variant, and
+//! understudy's metadata element.
+//!
+//! Properties: a parsed document reserializes to one that parses to the same typed views; the
+//! typed views stay within libvirt's rules (1 <= current <= max vCPUs, balloon <= maximum); a
+//! clone keeps every device it does not refuse, in order, never shares a writable image with
+//! the primary or between two of its disks, and carries the plan's identity, sizes and
+//! metadata; a refusal names a device element that is in the input.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use understudy::domain_xml::{
+    shadow_spec, standby_boot_spec, CloneError, DiskKind, DomainXml, InterfaceKind, UnderstudyMeta,
+    XmlError,
+};
+use understudy::failover::shadow::{shadow_plan, ShadowRequest};
+
+/// A request as the daemon makes one for generation 7 of service `svc`.
+fn request(primary: &str) -> ShadowRequest {
+    ShadowRequest {
+        service: "svc".to_string(),
+        class: "default".to_string(),
+        primary: primary.to_string(),
+        name: "svc-shadow-7".to_string(),
+        generation: 7,
+        state_dir: PathBuf::from("/var/lib/understudy-fuzz"),
+        boot_timeout: Duration::from_secs(180),
+        agent_timeout: Duration::from_secs(1),
+        agent_max_reply: 1 << 20,
+        warmup: Vec::new(),
+        golden_image: None,
+    }
+}
+
+const UUID: &str = "6f1d3a52-0c8e-4b7e-9d55-0123456789ab";
+
+/// Runs one input.
+pub fn check(data: &[u8]) {
+    let xml = crate::text(data);
+    check_meta(&xml);
+    let dom = match DomainXml::parse(&xml) {
+        Ok(d) => d,
+        Err(e) => return check_parse_error(&xml, &e),
+    };
+    check_views(&dom);
+
+    let again = DomainXml::parse(&dom.to_xml())
+        .unwrap_or_else(|e| panic!("serialized domain does not parse again: {e}"));
+    assert_eq!(again.vcpus(), dom.vcpus(), "vCPUs change on a round trip");
+    assert_eq!(
+        again.memory_kib(),
+        dom.memory_kib(),
+        "memory changes on a round trip"
+    );
+    assert_eq!(
+        again.interfaces(),
+        dom.interfaces(),
+        "interfaces change on a round trip"
+    );
+    assert_eq!(again.disks(), dom.disks(), "disks change on a round trip");
+    assert_eq!(again.name(), dom.name(), "name changes on a round trip");
+
+    for iface in dom.interfaces() {
+        if let Some(mac) = &iface.mac {
+            let one = dom
+                .interface_xml_with_link(mac, true)
+                .unwrap_or_else(|| panic!("interface with MAC {mac:?} not found by its MAC"));
+            assert!(one.contains("<interface"), "not an interface: {one}");
+        }
+    }
+
+    let primary_name = dom.name().unwrap_or_else(|| "primary".to_string());
+    let plan = shadow_plan(&dom, &request(&primary_name), UUID.to_string());
+    assert!(plan.vcpu_max >= dom.vcpus().max, "plan lowers vCPUs");
+    assert!(
+        plan.memory_max_kib >= dom.memory_kib().max_kib,
+        "plan lowers memory"
+    );
+    match shadow_spec(&dom, &plan) {
+        Ok(shadow) => check_clone(&xml, &dom, &plan, &shadow),
+        Err(e) => check_clone_error(&xml, &dom, &e),
+    }
+}
+
+fn check_meta(xml: &str) {
+    if let Ok(m) = UnderstudyMeta::from_libvirt_xml(xml) {
+        let back = UnderstudyMeta::from_libvirt_xml(&m.to_libvirt_xml())
+            .unwrap_or_else(|e| panic!("metadata {m:?} does not read back: {e}"));
+        assert_eq!(back, m, "metadata changes on a round trip");
+    }
+}
+
+fn check_parse_error(xml: &str, e: &XmlError) {
+    let msg = e.to_string();
+    assert!(!msg.is_empty());
+    match e {
+        XmlError::Parse { offset, .. } => assert!(*offset <= xml.len(), "offset past the input"),
+        XmlError::NotDomain { found } => assert!(found.starts_with('<'), "{found}"),
+        XmlError::InvalidNumber { value, .. } => {
+            assert!(value.chars().count() <= 41, "unclipped value in {msg}")
+        }
+        XmlError::MissingDiskTarget { device, .. } => {
+            assert!(device.starts_with("<disk"), "{device}")
+        }
+        _ => {}
+    }
+}
+
+fn check_views(dom: &DomainXml) {
+    let v = dom.vcpus();
+    assert!(v.current >= 1 && v.current <= v.max, "vCPUs {v:?}");
+    let m = dom.memory_kib();
+    assert!(m.current_kib <= m.max_kib, "memory {m:?}");
+    let mut targets = BTreeSet::new();
+    for d in dom.disks() {
+        assert!(!d.target_dev.is_empty(), "disk without target: {d:?}");
+        targets.insert(d.target_dev.clone());
+    }
+    for (mac, tap) in dom.live_interface_taps() {
+        assert!(!mac.is_empty() || !tap.is_empty());
+    }
+}
+
+/// Element children of `<devices>` by local name (namespace-less ones, which the clone
+/// handles), read independently of understudy's own tree helpers.
+fn device_counts(xml: &str) -> BTreeMap<String, usize> {
+    let mut xot = xot::Xot::new();
+    let doc = xot.parse(xml).expect("already parsed once");
+    let root = xot.document_element(doc).expect("has a root");
+    let mut counts = BTreeMap::new();
+    let devices = xot.children(root).find(|n| {
+        xot.element(*n)
+            .is_some_and(|e| xot.name_ns_str(e.name()) == ("devices", ""))
+    });
+    if let Some(devices) = devices {
+        for n in xot.children(devices) {
+            if let Some(e) = xot.element(n) {
+                let (local, ns) = xot.name_ns_str(e.name());
+                if ns.is_empty() {
+                    *counts.entry(local.to_string()).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    counts
+}
+
+fn check_clone(
+    xml: &str,
+    primary: &DomainXml,
+    plan: &understudy::domain_xml::ShadowPlan,
+    shadow: &DomainXml,
+) {
+    let text = shadow.to_xml();
+    let reparsed =
+        DomainXml::parse(&text).unwrap_or_else(|e| panic!("shadow spec does not parse: {e}"));
+    assert_eq!(shadow.name().as_deref(), Some(plan.name.as_str()));
+    assert_eq!(shadow.uuid().as_deref(), Some(plan.uuid.as_str()));
+    assert_eq!(shadow.live_id(), None, "shadow keeps the primary's live id");
+    assert_eq!(
+        device_counts(xml),
+        device_counts(&text),
+        "the clone dropped or added a device"
+    );
+
+    // Interfaces: same NICs in the same order, held down, without the primary's tap.
+    let (pi, si) = (primary.interfaces(), reparsed.interfaces());
+    assert_eq!(pi.len(), si.len());
+    for (p, s) in pi.iter().zip(&si) {
+        assert_eq!((&p.mac, &p.kind, &p.model), (&s.mac, &s.kind, &s.model));
+        assert!(!s.link_up, "shadow NIC {s:?} is up");
+        assert_eq!(s.target_dev, None, "shadow NIC keeps the primary's tap");
+    }
+
+    // Disks: same targets in the same order; no writable image shared with the primary or
+    // between two disks of the shadow.
+    let (pd, sd) = (primary.disks(), reparsed.disks());
+    assert_eq!(
+        pd.iter().map(|d| &d.target_dev).collect::<Vec<_>>(),
+        sd.iter().map(|d| &d.target_dev).collect::<Vec<_>>()
+    );
+    let primary_images: BTreeSet<&String> = pd.iter().filter_map(|d| d.source.as_ref()).collect();
+    let mut written = BTreeSet::new();
+    for (p, s) in pd.iter().zip(&sd) {
+        assert_eq!(
+            p.readonly, s.readonly,
+            "disk {} changed read-only",
+            p.target_dev
+        );
+        if s.readonly {
+            assert_eq!(p.source, s.source, "read-only disk {} moved", p.target_dev);
+            continue;
+        }
+        if let Some(src) = &s.source {
+            assert_eq!(s.kind, DiskKind::File, "writable non-file disk kept: {s:?}");
+            assert!(
+                !primary_images.contains(src),
+                "shadow disk {} writes the primary's image {src}",
+                s.target_dev
+            );
+            assert!(
+                written.insert(src.clone()),
+                "two writable disks of the shadow write {src}"
+            );
+            assert_eq!(s.driver_type.as_deref(), Some("qcow2"));
+        }
+    }
+
+    let (pv, sv) = (primary.vcpus(), reparsed.vcpus());
+    assert_eq!(sv.max, pv.max.max(plan.vcpu_max), "vCPU maximum");
+    assert_eq!(sv.current, pv.current, "current vCPUs");
+    let (pm, sm) = (primary.memory_kib(), reparsed.memory_kib());
+    assert_eq!(
+        sm.max_kib,
+        pm.max_kib.max(plan.memory_max_kib),
+        "memory maximum"
+    );
+    assert_eq!(sm.current_kib, pm.current_kib, "balloon");
+    assert_eq!(
+        reparsed.understudy_meta().expect("metadata reads"),
+        Some(plan.meta.clone())
+    );
+
+    // The boot variant keeps every NIC, on no bridge.
+    let boot = standby_boot_spec(&reparsed);
+    let boot = DomainXml::parse(&boot.to_xml())
+        .unwrap_or_else(|e| panic!("standby boot spec does not parse: {e}"));
+    let bi = boot.interfaces();
+    assert_eq!(bi.len(), si.len());
+    for (b, s) in bi.iter().zip(&si) {
+        assert_eq!(b.mac, s.mac);
+        if matches!(s.kind, InterfaceKind::Bridge | InterfaceKind::Network) {
+            assert_eq!(b.kind, InterfaceKind::Ethernet);
+            assert_eq!(
+                (&b.bridge, &b.network),
+                (&None, &None),
+                "boot NIC on a bridge"
+            );
+        }
+    }
+}
+
+fn check_clone_error(xml: &str, primary: &DomainXml, e: &CloneError) {
+    let msg = e.to_string();
+    match e {
+        CloneError::Unclonable { device, reason } => {
+            assert!(!reason.is_empty());
+            let local: String = device
+                .strip_prefix('<')
+                .unwrap_or_else(|| panic!("refusal names no element: {msg}"))
+                .chars()
+                .take_while(|c| !c.is_whitespace() && *c != '>')
+                .collect();
+            assert!(
+                xml.contains(&format!("<{local}")) || xml.contains(&format!(":{local}")),
+                "refused device {device} is not in the input"
+            );
+        }
+        CloneError::MissingOverlay { target, .. }
+        | CloneError::UnexpectedOverlay { target, .. } => {
+            assert!(
+                primary.disks().iter().any(|d| &d.target_dev == target),
+                "{msg}: no disk has target {target}"
+            );
+        }
+        CloneError::InvalidPlan { field, .. } => {
+            // The plan is made from the primary: only a name or UUID collision can spoil it.
+            assert!(matches!(*field, "name" | "uuid"), "{msg}");
+        }
+        CloneError::CpuTopology { .. } | CloneError::NumaMemory { .. } | CloneError::Xml(_) => {}
+    }
+}

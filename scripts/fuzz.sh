@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Runs every AFL target (fuzz/targets) for FUZZ_SECONDS each, one after the other, under
+# nice, and reports per target: executions, paths (AFL's corpus_count), crashes and hangs,
+# read from AFL's fuzzer_stats. Inputs that crash or hang a target are copied to
+# build/fuzz/findings/<target>/; turn each into a fixture under fuzz/crashes/<target>/ with
+# the fix. Exits non-zero if any target crashed, hung or could not run.
+#
+# usage: scripts/fuzz.sh [target...]
+#   FUZZ_SECONDS  seconds per target (default 60)
+#   FUZZ_OUT      work directory (default build/fuzz)
+#   FUZZ_BUILD    0 to reuse the targets as built (default: cargo afl build first)
+#   FUZZ_QUICK    1 for a build without optimisation (AFL_OPT_LEVEL=0, in fuzz/target/check):
+#                 a quarter of the build time, several times fewer executions a second; for
+#                 the brief runs of make test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seconds=${FUZZ_SECONDS:-60}
+out=${FUZZ_OUT:-build/fuzz}
+[[ $seconds =~ ^[0-9]+$ ]] && [ "$seconds" -gt 0 ] || { echo "fuzz: FUZZ_SECONDS must be a positive integer" >&2; exit 2; }
+
+# `target seed-dir...` lines of fuzz/targets.
+declare -A seeds=()
+order=()
+while read -r name dirs; do
+    [[ -z $name || $name == \#* ]] && continue
+    seeds[$name]=$dirs
+    order+=("$name")
+done <fuzz/targets
+if [ $# -gt 0 ]; then
+    for t in "$@"; do [ -n "${seeds[$t]+x}" ] || { echo "fuzz: unknown target $t (see fuzz/targets)" >&2; exit 2; }; done
+    order=("$@")
+fi
+
+command -v cargo-afl >/dev/null || { echo "fuzz: cargo-afl is missing: run make fuzz-deps" >&2; exit 2; }
+target_dir=fuzz/target
+if [ "${FUZZ_QUICK:-0}" = 1 ]; then
+    export AFL_OPT_LEVEL=0
+    target_dir=fuzz/target/check
+fi
+if [ "${FUZZ_BUILD:-1}" != 0 ]; then
+    echo "fuzz: cargo afl build (fuzz/, into $target_dir)"
+    nice -n 19 cargo afl build --features afl --manifest-path fuzz/Cargo.toml --offline \
+        --target-dir "$target_dir"
+fi
+
+export AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1
+# The machine is shared: do not pin a core, and leave it to the others when they need it.
+export AFL_NO_AFFINITY=1
+
+rows=()
+status=0
+for t in "${order[@]}"; do
+    dir=$out/$t
+    rm -rf "$dir"
+    mkdir -p "$dir/in" "$out/findings/$t"
+    # Seeds: the fixtures in the tree, the corpus kept from earlier runs, past crashes.
+    # AFL skips inputs over 1 MiB; none of ours comes close.
+    for s in ${seeds[$t]} fuzz/corpus/$t fuzz/crashes/$t; do
+        [ -d "$s" ] || continue
+        for f in "$s"/*; do
+            [ -f "$f" ] && cp "$f" "$dir/in/$(echo "$s" | tr / _)__$(basename "$f")"
+        done
+    done
+    if [ -z "$(ls -A "$dir/in")" ]; then
+        echo "fuzz: $t has no seed input" >&2
+        status=1
+        continue
+    fi
+    # A dictionary of the parser's own tokens (fuzz/dict/, from its string literals and field
+    # names) lets AFL build keys and elements it would rarely guess.
+    dict=()
+    [ -f "fuzz/dict/$t.dict" ] && dict=(-x "fuzz/dict/$t.dict")
+    echo "fuzz: $t for ${seconds}s ($(ls "$dir/in" | wc -l) seeds)"
+    if ! nice -n 19 cargo afl fuzz -i "$dir/in" -o "$dir/out" -V "$seconds" "${dict[@]}" \
+        "$target_dir/debug/$t" >"$dir/afl.log" 2>&1; then
+        echo "fuzz: afl-fuzz failed on $t; the end of $dir/afl.log:" >&2
+        tail -20 "$dir/afl.log" >&2
+        rows+=("$t - - - - - - failed")
+        status=1
+        continue
+    fi
+    stats=$dir/out/default/fuzzer_stats
+    stat() { awk -F' *: *' -v k="$1" '$1 == k { print $2 }' "$stats"; }
+    crashes=$(stat saved_crashes)
+    hangs=$(stat saved_hangs)
+    for f in "$dir"/out/default/crashes/id:* "$dir"/out/default/hangs/id:*; do
+        [ -f "$f" ] && cp "$f" "$out/findings/$t/$(basename "$(dirname "$f")")-$(basename "$f" | tr ':,' '__')"
+    done
+    verdict=ok
+    if [ "$crashes" != 0 ] || [ "$hangs" != 0 ]; then
+        verdict="findings:$out/findings/$t"
+        status=1
+    fi
+    rows+=("$t $(stat run_time) $(stat execs_done) $(stat execs_per_sec) $(stat corpus_count) $crashes $hangs $verdict")
+done
+
+printf '\n%-11s %8s %12s %10s %7s %8s %6s  %s\n' target seconds executions execs/s paths crashes hangs result
+for r in "${rows[@]}"; do
+    # shellcheck disable=SC2086 # rows are space-separated fields
+    printf '%-11s %8s %12s %10s %7s %8s %6s  %s\n' $r
+done
+exit "$status"
