@@ -105,6 +105,8 @@ fn package_installs_verifies_and_purges_cleanly() {
         "/usr/share/man/man1/understudy.1.gz",
         "/usr/share/man/man1/understudy-run.1.gz",
         "/usr/share/man/man1/understudy-profile-rollback.1.gz",
+        "/usr/share/man/man1/understudy-events.1.gz",
+        "/usr/share/man/man1/understudy-failover-timeline.1.gz",
         "/usr/share/bash-completion/completions/understudy",
         "/usr/share/zsh/vendor-completions/_understudy",
         "/usr/share/fish/vendor_completions.d/understudy.fish",
@@ -229,7 +231,9 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(target_port: u16) -> Self {
-        let dir = std::env::temp_dir().join(format!("understudy-it-prom-{}", std::process::id()));
+        // Not understudy-it-<tag>-<pid>: that is a daemon's directory (DaemonProc).
+        let dir =
+            std::env::temp_dir().join(format!("understudy-prometheus-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("prometheus.yml");

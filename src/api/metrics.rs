@@ -21,6 +21,9 @@ use crate::failover::record::{ShadowState, StepTiming, Trigger};
 
 /// Content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the classic text exposition, for clients that do not ask for OpenMetrics
+/// (curl, `promtool check metrics`).
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Largest accepted HTTP request head; a scrape request is a few hundred bytes.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// Whole-connection budget, so a stalled scraper cannot hold a task forever.
@@ -497,6 +500,12 @@ impl Metrics {
             .inc();
     }
 
+    /// The classic Prometheus text format (0.0.4) of the same families: a counter's HELP and
+    /// TYPE name its `_total` samples, and there is no `# UNIT` or `# EOF`.
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
+    }
+
     /// The OpenMetrics text exposition of every family, ending with `# EOF`.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -509,8 +518,41 @@ impl Metrics {
     }
 }
 
-/// Service states always exported by [`Metrics::set_service_states`], zero when unused.
-const KNOWN_SERVICE_STATES: [&str; 6] = [
+/// Rewrites the OpenMetrics exposition that prometheus-client writes as text format 0.0.4.
+fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let (name, rest) = line.strip_prefix(prefix)?.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {rest}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// Whether a request head asks for OpenMetrics (Prometheus does; curl does not).
+fn wants_openmetrics(head: &[u8]) -> bool {
+    String::from_utf8_lossy(head).lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("accept") && v.contains("application/openmetrics-text")
+        })
+    })
+}
+
+/// Service states always exported by [`Metrics::set_service_states`], zero when unused: the
+/// labels of the daemon's service states (a daemon test checks they match).
+pub const KNOWN_SERVICE_STATES: [&str; 6] = [
     "provisioning",
     "protected",
     "failing_over",
@@ -644,7 +686,8 @@ async fn handle_http(mut stream: TcpStream, metrics: &Metrics) {
         return; // connected and left without a word
     }
     let (status, content_type, body) = match route(&head, complete) {
-        Route::Metrics => ("200 OK", CONTENT_TYPE, metrics.encode()),
+        Route::Metrics if wants_openmetrics(&head) => ("200 OK", CONTENT_TYPE, metrics.encode()),
+        Route::Metrics => ("200 OK", TEXT_CONTENT_TYPE, metrics.encode_text()),
         Route::NotFound => ("404 Not Found", "text/plain", "not found\n".to_string()),
         Route::MethodNotAllowed => (
             "405 Method Not Allowed",
@@ -846,6 +889,33 @@ mod tests {
     }
 
     #[test]
+    fn text_format_names_counters_by_their_samples() {
+        let m = Metrics::new();
+        m.record_failover("web", Trigger::Pidfd, true, &[step("fence", 1.0)], 20.0);
+        m.set_standby_memory([("web".to_string(), 1)]);
+        let text = m.encode_text();
+        for line in [
+            "# HELP understudy_failovers_total Failovers by service, trigger and result (ok|error).",
+            "# TYPE understudy_failovers_total counter",
+            r#"understudy_failovers_total{service="web",trigger="pidfd",result="ok"} 1"#,
+            "# TYPE understudy_failover_step_seconds histogram",
+            "# TYPE understudy_standby_memory_bytes gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        assert!(wants_openmetrics(
+            b"GET /metrics HTTP/1.1\r\naccept: application/openmetrics-text; version=1.0.0\r\n"
+        ));
+        assert!(!wants_openmetrics(
+            b"GET /metrics HTTP/1.1\r\nAccept: */*\r\n"
+        ));
+    }
+
+    #[test]
     fn routing() {
         assert_eq!(
             route(b"GET /metrics HTTP/1.1\r\nHost: x", true),
@@ -890,7 +960,11 @@ mod tests {
         let addr = server.local_addr().unwrap();
         let task = tokio::spawn(server.serve(Arc::clone(&metrics)));
 
-        let resp = http(addr, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+        let resp = http(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n",
+        )
+        .await;
         assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
         assert!(resp.contains(&format!("Content-Type: {CONTENT_TYPE}\r\n")));
         let (head, body) = resp.split_once("\r\n\r\n").unwrap();
@@ -906,9 +980,15 @@ mod tests {
         let resp = http(addr, &huge).await;
         assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
 
-        // Still serving.
+        // Without OpenMetrics in Accept: the classic text format.
         let resp = http(addr, b"GET /metrics HTTP/1.0\r\n\r\n").await;
         assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+        assert!(resp.contains(&format!("Content-Type: {TEXT_CONTENT_TYPE}\r\n")));
+        assert!(
+            resp.contains("# TYPE understudy_detection_total counter\n"),
+            "{resp}"
+        );
+        assert!(!resp.contains("# EOF"), "{resp}");
         task.abort();
     }
 }

@@ -375,6 +375,13 @@ pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str, running: 
         tracing::debug!(domain, "already protected: {e}");
         return;
     }
+    d.events.emit(
+        Some(domain),
+        crate::events::EventKind::Protected {
+            domain: domain.to_string(),
+            class: class.to_string(),
+        },
+    );
     if let Err(e) = d.coord.adopt(domain, domain).await {
         tracing::error!(domain, error = %crate::error::report(&e), "cannot record the service's owner");
     }
@@ -387,13 +394,6 @@ pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str, running: 
         return;
     }
     tracing::info!(domain, class, "protecting new primary");
-    d.events.emit(
-        Some(domain),
-        crate::events::EventKind::Protected {
-            domain: domain.to_string(),
-            class: class.to_string(),
-        },
-    );
     refresh_active(d, domain).await;
     ensure_all_shadows(d);
 }

@@ -862,6 +862,29 @@ impl ServiceTable {
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_state_label_is_exported_by_the_metrics() {
+        let t = Trigger::Pidfd;
+        let reason = String::new;
+        for state in [
+            ServiceState::Provisioning,
+            ServiceState::Protected,
+            ServiceState::FailingOver {
+                shadow: String::new(),
+                trigger: t,
+            },
+            ServiceState::Down { reason: reason() },
+            ServiceState::Stopped,
+            ServiceState::Unprotectable { reason: reason() },
+        ] {
+            assert!(
+                crate::api::metrics::KNOWN_SERVICE_STATES.contains(&state.label()),
+                "{}",
+                state.label()
+            );
+        }
+    }
+
     const LIMITS: ClassLimits = ClassLimits {
         shadows: 1,
         promote_retry_limit: 2,
