@@ -19,7 +19,8 @@
 #   make fuzz-check  replay every fuzz target's corpus and past crashes, then fuzz each
 #                    briefly (FUZZ_CHECK_SECONDS, 5); part of make test
 #   make fuzz-deps   cargo-afl (cargo install, once) and the fuzz crate's dependencies
-#   make test        deps, images, cargo build --tests, fuzz-check, then lab-up, cargo test
+#   make lint        cargo fmt --check and cargo clippy --all-targets -D warnings
+#   make test        deps, lint, images, cargo build --tests, fuzz-check, then lab-up, cargo test
 #                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
 #
 # Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
@@ -58,7 +59,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_CHECK_SECONDS ?= 5
 SOAK_ROUNDS ?= 20
 
-.PHONY: deps images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults \
+.PHONY: deps lint images lab-up lab-down lab-guest build test demo bench bench-failover bench-profile bench-soak test-faults \
 	soak-faults fuzz fuzz-check fuzz-deps
 
 deps:
@@ -100,6 +101,11 @@ lab-guest: images
 build:
 	cargo build
 
+# The house style, enforced: CI runs it through `make test`.
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
 # The tests run inside the lab namespace (scripts/lab-exec.sh: `ip netns exec`
 # plus the host's cgroup mounts) so they reach the guests. scripts/lab-run.sh
 # holds the machine-wide lab lock from lab-up to lab-down (another make test,
@@ -107,6 +113,7 @@ build:
 # status. The tests are built first, outside the lab and its lock.
 test:
 	$(MAKE) deps
+	$(MAKE) lint
 	$(MAKE) images
 	cargo build --tests
 	$(MAKE) fuzz-check

@@ -10,8 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::api::control;
 use crate::api::protocol::{render_status_text, Request, Response};
 use crate::config::{Config, LogFormat};
-use crate::profile::manager::{render_accuracy, AccuracyEntry, HistoryReport, ProfileReport};
-use crate::profile::ProfileDiff;
+use crate::profile::manager::render_accuracy;
 
 /// Keeps a warm, paused shadow VM ready for every protected libvirt domain.
 #[derive(Debug, Parser)]
@@ -178,9 +177,6 @@ pub enum ProfileAction {
     },
 }
 
-/// Renders a JSON answer as text; `None` falls back to the JSON itself.
-type TextRenderer = fn(&serde_json::Value) -> Option<String>;
-
 impl ProfileAction {
     fn request(&self) -> Request {
         match self {
@@ -205,27 +201,14 @@ impl ProfileAction {
         }
     }
 
-    fn renderer(&self) -> Option<TextRenderer> {
-        fn text<T: serde::de::DeserializeOwned>(
-            v: &serde_json::Value,
-            f: impl FnOnce(T) -> String,
-        ) -> Option<String> {
-            serde_json::from_value::<T>(v.clone()).ok().map(f)
-        }
+    /// Whether the answer is wanted as JSON.
+    fn json(&self) -> bool {
         match self {
-            ProfileAction::Show { json: false, .. } => {
-                Some(|v| text(v, |r: ProfileReport| r.to_string()))
-            }
-            ProfileAction::History { json: false, .. } => {
-                Some(|v| text(v, |r: HistoryReport| r.to_string()))
-            }
-            ProfileAction::Diff { json: false, .. } => {
-                Some(|v| text(v, |r: ProfileDiff| r.to_string()))
-            }
-            ProfileAction::Accuracy { json: false, .. } => {
-                Some(|v| text(v, |r: Vec<AccuracyEntry>| render_accuracy(&r)))
-            }
-            _ => None,
+            ProfileAction::Show { json, .. }
+            | ProfileAction::History { json, .. }
+            | ProfileAction::Diff { json, .. }
+            | ProfileAction::Accuracy { json, .. } => *json,
+            ProfileAction::Rollback { .. } => false,
         }
     }
 }
@@ -276,12 +259,12 @@ pub fn main() -> ExitCode {
                     unreachable!("handled above")
                 }
             };
-            let json = matches!(other, Command::Status { json: true });
-            let text = match other {
-                Command::Profile { action } => action.renderer(),
-                _ => None,
+            let json = match other {
+                Command::Status { json } => *json,
+                Command::Profile { action } => action.json(),
+                _ => false,
             };
-            client(&cli, req, json, text)
+            client(&cli, req, json)
         }
     }
 }
@@ -297,7 +280,7 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, String> {
         })
 }
 
-fn client(cli: &Cli, req: Request, json: bool, text: Option<TextRenderer>) -> ExitCode {
+fn client(cli: &Cli, req: Request, json: bool) -> ExitCode {
     let path = match socket_path(cli) {
         Ok(p) => p,
         Err(e) => {
@@ -305,38 +288,33 @@ fn client(cli: &Cli, req: Request, json: bool, text: Option<TextRenderer>) -> Ex
             return ExitCode::from(2);
         }
     };
+    /// Prints `v` as JSON, or as text through `text`.
+    fn show<T: serde::Serialize>(v: &T, json: bool, text: impl FnOnce(&T) -> String) {
+        if json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            print!("{}", text(v));
+        }
+    }
     match control::call(&path, &req, Duration::from_secs(180)) {
-        Ok(Response::Status(report)) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                print!("{}", render_status_text(&report));
-            }
-            ExitCode::SUCCESS
-        }
-        Ok(Response::Ok { message }) => {
-            println!("{message}");
-            ExitCode::SUCCESS
-        }
-        Ok(Response::Json(v)) => {
-            match text.and_then(|render| render(&v)) {
-                Some(t) => print!("{t}"),
-                None => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(Response::Ok { message }) => println!("{message}"),
+        Ok(Response::Status(r)) => show(&r, json, render_status_text),
+        // A switchover's record is for scripts: always JSON.
+        Ok(Response::Failover(r)) => show(&r, true, |_| String::new()),
+        Ok(Response::ProfileShow(r)) => show(&r, json, |r| r.to_string()),
+        Ok(Response::ProfileHistory(r)) => show(&r, json, |r| r.to_string()),
+        Ok(Response::ProfileDiff(r)) => show(&r, json, |r| r.to_string()),
+        Ok(Response::ProfileAccuracy(r)) => show(&r, json, |r| render_accuracy(r)),
         Ok(Response::Error { kind, message }) => {
             eprintln!("understudy: {kind:?}: {message}");
-            ExitCode::from(1)
+            return ExitCode::from(1);
         }
         Err(e) => {
             eprintln!("understudy: {e}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
         }
     }
+    ExitCode::SUCCESS
 }
 
 fn check_config(file: &Path) -> ExitCode {
@@ -378,26 +356,21 @@ fn init_logging(format: LogFormat, level: &str) {
 }
 
 fn run_daemon(config: &Path, json_logs: bool, exit_after: Option<u64>) -> ExitCode {
-    // Logging settings come from the file; an unreadable file is reported by `run` itself.
-    let (format, level) = match Config::load(config) {
-        Ok(c) => (
-            if json_logs {
-                LogFormat::Json
-            } else {
-                c.daemon.log_format
-            },
-            c.daemon.log_level.clone(),
-        ),
-        Err(_) => (
-            if json_logs {
-                LogFormat::Json
-            } else {
-                LogFormat::Text
-            },
-            "info".to_string(),
-        ),
+    // Loaded once: logging settings come from the same file the daemon runs on.
+    let loaded = crate::daemon::load_config(config);
+    let (format, level) = match &loaded {
+        Ok(c) => (c.daemon.log_format, c.daemon.log_level.clone()),
+        Err(_) => (LogFormat::Text, "info".to_string()),
     };
-    init_logging(format, &level);
+    init_logging(if json_logs { LogFormat::Json } else { format }, &level);
+    let cfg = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %crate::error::report(&e), "daemon not started");
+            eprintln!("understudy: {}", crate::error::report(&e));
+            return ExitCode::from(1);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -413,8 +386,11 @@ fn run_daemon(config: &Path, json_logs: bool, exit_after: Option<u64>) -> ExitCo
     let result = rt.block_on(async move {
         match exit_after {
             Some(secs) => {
-                match tokio::time::timeout(Duration::from_secs(secs), crate::daemon::run(config))
-                    .await
+                match tokio::time::timeout(
+                    Duration::from_secs(secs),
+                    crate::daemon::run(config, cfg),
+                )
+                .await
                 {
                     Ok(r) => r,
                     Err(_) => {
@@ -423,14 +399,14 @@ fn run_daemon(config: &Path, json_logs: bool, exit_after: Option<u64>) -> ExitCo
                     }
                 }
             }
-            None => crate::daemon::run(config).await,
+            None => crate::daemon::run(config, cfg).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, cause = %crate::error_chain(&e), "daemon stopped");
-            eprintln!("understudy: {e}: {}", crate::error_chain(&e));
+            tracing::error!(error = %crate::error::report(&e), "daemon stopped");
+            eprintln!("understudy: {}", crate::error::report(&e));
             ExitCode::from(1)
         }
     }
@@ -495,7 +471,7 @@ mod tests {
         let cli = Cli::try_parse_from(std::iter::once("understudy").chain(args.iter().copied()))
             .unwrap_or_else(|e| panic!("{args:?}: {e}"));
         match cli.command {
-            Command::Profile { action } => (action.request(), action.renderer().is_some()),
+            Command::Profile { action } => (action.request(), !action.json()),
             other => panic!("{other:?}"),
         }
     }
@@ -559,21 +535,7 @@ mod tests {
     }
 
     #[test]
-    fn text_renderers_fall_back_to_json_on_unexpected_answers() {
-        let show = ProfileAction::Show {
-            service: "web".into(),
-            json: false,
-        };
-        let render = show.renderer().unwrap();
-        assert_eq!(render(&serde_json::json!({"unexpected": true})), None);
-        let accuracy = ProfileAction::Accuracy {
-            service: None,
-            json: false,
-        }
-        .renderer()
-        .unwrap();
-        assert!(accuracy(&serde_json::json!([]))
-            .unwrap()
-            .contains("no service observed"));
+    fn an_empty_accuracy_report_says_so_in_text() {
+        assert!(render_accuracy(&[]).contains("no service observed"));
     }
 }

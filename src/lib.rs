@@ -8,17 +8,24 @@
 //! - [`monitor`]: collectors (cgroups, libvirt stats, guest agent), heartbeat, sample history.
 //! - [`profile`]: predictive deployment profiles: model, versions, repository, accuracy.
 //! - [`failover`]: shadows, crash detection, fencing and the promotion pipeline.
+//! - [`cluster`]: who owns a service and who may promote which shadow (the coordination seam).
 //! - [`net`]: bridge and route rewiring over rtnetlink.
 //! - [`api`]: the control socket protocol and Prometheus metrics.
 //! - [`daemon`]: the long-running orchestrator that ties them together.
 //! - [`probe`]: an external client's view of a service (who answers, and the gaps).
 //! - [`cli`]: the `understudy` command line.
+//! - [`error`], [`clock`]: one-line error reports, wall-clock time.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod api;
 pub mod cli;
+pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod domain_xml;
+pub mod error;
 pub mod failover;
 pub mod libvirt;
 pub mod monitor;
@@ -26,15 +33,3 @@ pub mod net;
 pub mod probe;
 pub mod profile;
 pub mod state;
-
-/// Formats an error's chain of sources as `cause: cause: ...`, for logs and replies that must
-/// show the root of a failure on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        parts.push(s.to_string());
-        cur = s.source();
-    }
-    parts.join(": ")
-}

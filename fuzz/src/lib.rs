@@ -7,7 +7,7 @@
 //!   disk), the standby boot variant and understudy's metadata element;
 //! - [`agent`]: every guest-agent reply parser, base64 payloads, and the file helpers driven by
 //!   a guest that answers with the input;
-//! - [`proc_net`]: guest socket tables, conntrack, and the dependency map they feed;
+//! - [`proc_net`]: guest socket tables and the dependency map they feed;
 //! - [`cgroup`]: `/proc/<pid>/cgroup` (locating a domain's cgroups under a fake root) and the
 //!   v1/v2 counter files;
 //! - [`config`]: the TOML configuration loader;

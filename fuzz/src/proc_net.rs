@@ -1,5 +1,5 @@
-//! Socket tables (`/proc/net/{tcp,tcp6,udp,udp6}`) and `/proc/net/nf_conntrack`, read out of a
-//! guest, and the dependency map they feed.
+//! Socket tables (`/proc/net/{tcp,tcp6,udp,udp6}`), read out of a guest, and the dependency
+//! map they feed.
 //!
 //! Properties: at most `max_lines` records are kept, and all of them when the table is not
 //! reported truncated; records keep their table's protocol and one address family per
@@ -7,9 +7,7 @@
 //! holds more than its bound; an error points at a line of the input and quotes at most 64
 //! characters of it.
 
-use std::collections::BTreeSet;
-
-use understudy::monitor::deps::{parse_conntrack, DependencyMap, DepsError};
+use understudy::monitor::deps::DependencyMap;
 use understudy::monitor::sockets::{
     listening_ports, outbound_peers, parse_proc_net, Proto, SocketError, SocketState,
 };
@@ -59,29 +57,6 @@ pub fn check(data: &[u8]) {
                 assert!(map.len() <= MAX_PEERS, "map holds {} peers", map.len());
             }
             Err(e) => check_socket_error(text, proto, &e),
-        }
-    }
-    match parse_conntrack(text, MAX_LINES) {
-        Ok(table) => {
-            assert!(table.records.len() <= MAX_LINES);
-            let local: BTreeSet<_> = table.records.iter().take(1).map(|r| r.src).collect();
-            for at in [3_000, 4_000] {
-                map.observe_conntrack(at, &table.records, &local);
-                assert!(map.len() <= MAX_PEERS, "map holds {} peers", map.len());
-            }
-            for (_, s) in map.entries() {
-                assert!(s.first_seen_ms <= s.last_seen_ms, "{s:?}");
-            }
-        }
-        Err(e) => {
-            let (line, value) = match &e {
-                DepsError::Malformed { line, .. } => (*line, None),
-                DepsError::BadValue { line, value, .. } => (*line, Some(value)),
-            };
-            assert!((1..=crate::line_bound(text)).contains(&line), "{e}");
-            if let Some(v) = value {
-                assert!(v.chars().count() <= 64, "{e}");
-            }
         }
     }
 }

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use understudy::api::protocol::{
-    DaemonInfo, DomainStatus, ErrorKind, FailoverRecord, Request, Response, ServiceStatus,
-    ShadowState, ShadowStatus, StatusReport, StepTiming,
+    DaemonInfo, DomainStatus, ErrorKind, Request, Response, ServiceStatus, ShadowStatus,
+    StatusReport,
 };
+use understudy::failover::{FailoverRecord, ShadowState, StepTiming, Trigger};
 use understudy::profile::learner::{Learner, LearnerParams};
 use understudy::profile::{Observation, PeerUse, ProfileVersion, Proto, Reason};
 
@@ -95,10 +96,6 @@ fn write_control_seeds() {
         },
         Request::ProfileAccuracy { service: None },
         Request::ReloadConfig,
-        Request::Maintenance {
-            service: s(),
-            on: true,
-        },
     ];
     for r in &requests {
         let mut line = serde_json::to_vec(r).unwrap();
@@ -108,8 +105,8 @@ fn write_control_seeds() {
     let responses = [
         Response::ok("failover of web started"),
         Response::error(ErrorKind::NotFound, "no service named db"),
-        Response::Json(serde_json::json!({"versions": [1, 2, 3], "current": 3})),
         Response::Status(status()),
+        Response::Failover(status().services[0].last_failover.clone().unwrap()),
     ];
     for (i, r) in responses.iter().enumerate() {
         std::fs::write(
@@ -128,6 +125,8 @@ fn status() -> StatusReport {
             started_unix_ms: 1_000_000,
             libvirt_uri: "qemu:///system".into(),
             connected: true,
+            host: "h1".into(),
+            capacity: None,
         },
         services: vec![ServiceStatus {
             name: "web".into(),
@@ -142,7 +141,7 @@ fn status() -> StatusReport {
                 at_unix_ms: 1_500_000,
                 from: "web-old".into(),
                 to: "web-a".into(),
-                trigger: "pidfd".into(),
+                trigger: Trigger::Pidfd,
                 outage_ms: 42.5,
                 steps: vec![StepTiming {
                     name: "fence".into(),

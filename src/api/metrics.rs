@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::protocol::{ShadowState, StepTiming};
+use crate::failover::record::{ShadowState, StepTiming, Trigger};
 
 /// Content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -120,6 +120,7 @@ pub struct Metrics {
     heartbeat_failures: Family<ServiceLabels, Counter>,
     false_failovers: Family<ServiceLabels, Counter>,
     missed_failovers: Family<ServiceLabels, Counter>,
+    foreign_mac_ports: Family<ServiceLabels, Counter>,
     drift_events: Family<DriftLabels, Counter>,
     profile_coverage: Family<ProfileMetricLabels, RatioGauge>,
     profile_underprediction: Family<ProfileMetricLabels, RatioGauge>,
@@ -148,6 +149,7 @@ impl Metrics {
         let heartbeat_failures = Family::default();
         let false_failovers = Family::default();
         let missed_failovers = Family::default();
+        let foreign_mac_ports = Family::default();
         let drift_events = Family::default();
         let profile_coverage = Family::default();
         let profile_underprediction = Family::default();
@@ -196,6 +198,11 @@ impl Metrics {
             "missed_failovers",
             "Failures of an active domain that no failover answered",
             Family::clone(&missed_failovers),
+        );
+        registry.register(
+            "foreign_mac_ports",
+            "Times a bridge port other than the active primary's tap carried the service MAC",
+            Family::clone(&foreign_mac_ports),
         );
         registry.register(
             "drift_events",
@@ -248,6 +255,7 @@ impl Metrics {
             heartbeat_failures,
             false_failovers,
             missed_failovers,
+            foreign_mac_ports,
             drift_events,
             profile_coverage,
             profile_underprediction,
@@ -263,7 +271,7 @@ impl Metrics {
     pub fn record_failover(
         &self,
         service: &str,
-        trigger: &str,
+        trigger: Trigger,
         ok: bool,
         steps: &[StepTiming],
         outage_ms: f64,
@@ -271,7 +279,7 @@ impl Metrics {
         self.failovers
             .get_or_create(&FailoverLabels {
                 service: service.to_string(),
-                trigger: trigger.to_string(),
+                trigger: trigger.label().to_string(),
                 result: if ok { "ok" } else { "error" }.to_string(),
             })
             .inc();
@@ -344,6 +352,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a bridge port other than `service`'s active tap seen carrying its MAC.
+    pub fn inc_foreign_mac_port(&self, service: &str) {
+        self.foreign_mac_ports
+            .get_or_create(&service_labels(service))
+            .inc();
+    }
+
     /// Counts a failure of `service` that no failover answered.
     pub fn inc_missed_failover(&self, service: &str) {
         self.missed_failovers
@@ -406,10 +421,10 @@ impl Metrics {
     }
 
     /// Counts a failure detection by `source` (`pidfd`, `lifecycle`, `heartbeat`, `manual`).
-    pub fn inc_detection(&self, source: &str) {
+    pub fn inc_detection(&self, source: Trigger) {
         self.detections
             .get_or_create(&SourceLabels {
-                source: source.to_string(),
+                source: source.label().to_string(),
             })
             .inc();
     }
@@ -495,12 +510,6 @@ impl MetricsServer {
             }
         }
     }
-}
-
-/// Binds `addr` and serves `GET /metrics` until the task is dropped.
-pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), MetricsError> {
-    MetricsServer::bind(addr).await?.serve(metrics).await;
-    Ok(())
 }
 
 /// Outcome of parsing a request head.
@@ -615,12 +624,12 @@ mod tests {
         let m = Metrics::new();
         m.record_failover(
             "web",
-            "pidfd",
+            Trigger::Pidfd,
             true,
             &[step("fence", 2.0), step("resume", 4.0)],
             25.0,
         );
-        m.record_failover("web", "heartbeat", false, &[], 5000.0);
+        m.record_failover("web", Trigger::Heartbeat, false, &[], 5000.0);
         m.set_shadow_states([
             ShadowState::Paused,
             ShadowState::Paused,
@@ -630,13 +639,14 @@ mod tests {
         m.inc_heartbeat_failure("web");
         m.inc_false_failover("web");
         m.inc_missed_failover("db");
+        m.inc_foreign_mac_port("web");
         m.inc_drift_event("web", "memory");
         m.set_profile_accuracy("web", "cpu", 0.95, 0.03, 0.25);
         m.inc_collector_error("web", "agent");
         m.add_collector_cpu("web", 0.5);
         m.add_collector_cpu("web", f64::NAN);
         m.inc_libvirt_reconnect();
-        m.inc_detection("pidfd");
+        m.inc_detection(Trigger::Pidfd);
         let text = m.encode();
 
         for line in [
@@ -654,6 +664,7 @@ mod tests {
             r#"understudy_heartbeat_failures_total{service="web"} 1"#,
             r#"understudy_false_failovers_total{service="web"} 1"#,
             r#"understudy_missed_failovers_total{service="db"} 1"#,
+            r#"understudy_foreign_mac_ports_total{service="web"} 1"#,
             r#"understudy_drift_events_total{service="web",kind="memory"} 1"#,
             r#"understudy_profile_coverage_ratio{service="web",metric="cpu"} 0.95"#,
             r#"understudy_profile_underprediction_ratio{service="web",metric="cpu"} 0.03"#,
@@ -686,7 +697,7 @@ mod tests {
     fn bucket_bounds_are_readable() {
         let text = {
             let m = Metrics::new();
-            m.record_failover("s", "manual", true, &[], 1.0);
+            m.record_failover("s", Trigger::Manual, true, &[], 1.0);
             m.encode()
         };
         let les: Vec<&str> = text
@@ -764,7 +775,7 @@ mod tests {
     #[tokio::test]
     async fn http_endpoint_serves_metrics_and_404() {
         let metrics = Arc::new(Metrics::new());
-        metrics.inc_detection("lifecycle");
+        metrics.inc_detection(Trigger::Lifecycle);
         let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();

@@ -9,8 +9,8 @@ pub mod metrics;
 pub mod protocol;
 
 pub use control::{call, ControlError, ControlServer, RequestSender};
-pub use metrics::{serve_metrics, Metrics, MetricsError, MetricsServer};
+pub use metrics::{Metrics, MetricsError, MetricsServer};
 pub use protocol::{
-    render_status_text, DaemonInfo, DomainStatus, ErrorKind, FailoverRecord, Request, Response,
-    ServiceStatus, ShadowState, ShadowStatus, StatusReport, StepTiming,
+    render_status_text, DaemonInfo, DomainStatus, ErrorKind, Request, Response, ServiceStatus,
+    ShadowStatus, StatusReport,
 };

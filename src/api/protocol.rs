@@ -5,9 +5,13 @@
 //! robust: a misbehaving client can only ever spoil its own connection.
 
 use std::fmt::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use crate::cluster::HostCapacity;
+use crate::failover::record::{FailoverRecord, ShadowState};
+use crate::profile::manager::{AccuracyEntry, HistoryReport, ProfileReport};
+use crate::profile::ProfileDiff;
 
 /// A command sent by the CLI. Serialized as an object tagged by `"cmd"`, e.g.
 /// `{"cmd":"failover","service":"web"}`.
@@ -76,13 +80,6 @@ pub enum Request {
     },
     /// Re-read the configuration file.
     ReloadConfig,
-    /// Enter or leave maintenance mode for `service` (no automatic failover while on).
-    Maintenance {
-        /// Service name from the configuration.
-        service: String,
-        /// `true` enters maintenance, `false` leaves it.
-        on: bool,
-    },
 }
 
 impl Request {
@@ -101,14 +98,13 @@ impl Request {
             Request::ProfileRollback { .. } => "profile_rollback",
             Request::ProfileAccuracy { .. } => "profile_accuracy",
             Request::ReloadConfig => "reload_config",
-            Request::Maintenance { .. } => "maintenance",
         }
     }
 }
 
-/// The daemon's answer. Serialized adjacently tagged, e.g.
-/// `{"type":"ok","body":{"message":"..."}}` or `{"type":"status","body":{...StatusReport}}`;
-/// adjacent tagging lets [`Response::Json`] carry any JSON value, not only objects.
+/// The daemon's answer: one variant per kind of answer, so a client never guesses its type.
+/// Serialized adjacently tagged, e.g. `{"type":"ok","body":{"message":"..."}}` or
+/// `{"type":"status","body":{...StatusReport}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "body", rename_all = "snake_case")]
 pub enum Response {
@@ -119,8 +115,16 @@ pub enum Response {
     },
     /// Answer to [`Request::Status`].
     Status(StatusReport),
-    /// Free-form structured answer (profiles, diffs, accuracy reports).
-    Json(serde_json::Value),
+    /// Answer to [`Request::Failover`]: the completed switchover.
+    Failover(FailoverRecord),
+    /// Answer to [`Request::ProfileShow`].
+    ProfileShow(Box<ProfileReport>),
+    /// Answer to [`Request::ProfileHistory`].
+    ProfileHistory(HistoryReport),
+    /// Answer to [`Request::ProfileDiff`].
+    ProfileDiff(ProfileDiff),
+    /// Answer to [`Request::ProfileAccuracy`].
+    ProfileAccuracy(Vec<AccuracyEntry>),
     /// The command was refused or failed.
     Error {
         /// Category of the failure, for scripts.
@@ -210,6 +214,12 @@ pub struct DaemonInfo {
     pub libvirt_uri: String,
     /// Whether the libvirt connection is currently up.
     pub connected: bool,
+    /// This host's name in the cluster.
+    #[serde(default)]
+    pub host: String,
+    /// What this host can still hold, when known.
+    #[serde(default)]
+    pub capacity: Option<HostCapacity>,
 }
 
 /// State of one protected service.
@@ -243,74 +253,6 @@ pub struct ShadowStatus {
     pub state: ShadowState,
 }
 
-/// Life cycle of a shadow, serialized lowercase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ShadowState {
-    /// Created and starting; not yet ready to take over.
-    Booting,
-    /// Booted and paused: ready for promotion.
-    Paused,
-    /// Being promoted to active right now.
-    Promoting,
-    /// Could not be brought up; needs a rebuild.
-    Failed,
-}
-
-impl ShadowState {
-    /// Every state, for exporting a complete gauge family.
-    pub const ALL: [ShadowState; 4] = [
-        ShadowState::Booting,
-        ShadowState::Paused,
-        ShadowState::Promoting,
-        ShadowState::Failed,
-    ];
-
-    /// The serialized name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ShadowState::Booting => "booting",
-            ShadowState::Paused => "paused",
-            ShadowState::Promoting => "promoting",
-            ShadowState::Failed => "failed",
-        }
-    }
-}
-
-/// What happened during one failover.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FailoverRecord {
-    /// When the failure was detected, Unix epoch milliseconds.
-    pub at_unix_ms: u64,
-    /// Domain that failed.
-    pub from: String,
-    /// Domain promoted in its place.
-    pub to: String,
-    /// What detected the failure: `pidfd`, `lifecycle`, `heartbeat` or `manual`.
-    pub trigger: String,
-    /// Estimated outage: from detection of the failure to traffic restored.
-    pub outage_ms: f64,
-    /// Duration of each pipeline step, in order.
-    pub steps: Vec<StepTiming>,
-    /// Whether the promotion completed.
-    pub ok: bool,
-    /// Why it failed, when `ok` is false.
-    pub error: Option<String>,
-    /// What happened besides the steps, e.g. how the profile resized the new primary or which
-    /// of its dependencies were unreachable; none of it failed the promotion.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub notes: Vec<String>,
-}
-
-/// Duration of one failover step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepTiming {
-    /// Step name, e.g. `fence`, `resume`, `network`.
-    pub name: String,
-    /// Duration in milliseconds.
-    pub ms: f64,
-}
-
 /// One domain managed by the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainStatus {
@@ -330,10 +272,7 @@ pub struct DomainStatus {
 
 /// Renders `report` as an operator-friendly text table, with ages relative to the current time.
 pub fn render_status_text(report: &StatusReport) -> String {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0);
+    let now_ms = crate::clock::now_unix_ms();
     render_status_text_at(report, now_ms)
 }
 
@@ -354,6 +293,16 @@ pub fn render_status_text_at(report: &StatusReport, now_unix_ms: u64) -> String 
             "DISCONNECTED"
         },
     );
+    if let Some(c) = &d.capacity {
+        let _ = writeln!(
+            out,
+            "host {}: {:.1} of {:.1} GiB memory available, {} CPUs",
+            d.host,
+            c.mem_available_kib as f64 / 1048576.0,
+            c.mem_total_kib as f64 / 1048576.0,
+            c.cpus
+        );
+    }
     let _ = writeln!(
         out,
         "false failovers: {}, missed failovers: {}",
@@ -510,6 +459,7 @@ fn render_table(rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failover::StepTiming;
     use serde_json::{json, Value};
 
     fn all_requests() -> Vec<Request> {
@@ -542,10 +492,6 @@ mod tests {
             Request::ProfileAccuracy { service: None },
             Request::ProfileAccuracy { service: Some(s()) },
             Request::ReloadConfig,
-            Request::Maintenance {
-                service: s(),
-                on: true,
-            },
         ]
     }
 
@@ -613,6 +559,12 @@ mod tests {
                 started_unix_ms: 1_000_000,
                 libvirt_uri: "qemu:///system".into(),
                 connected: true,
+                host: "h1".into(),
+                capacity: Some(HostCapacity {
+                    mem_total_kib: 24 << 20,
+                    mem_available_kib: 12 << 20,
+                    cpus: 2,
+                }),
             },
             services: vec![ServiceStatus {
                 name: "web".into(),
@@ -633,7 +585,7 @@ mod tests {
                     at_unix_ms: 1_500_000,
                     from: "web-old".into(),
                     to: "web-a".into(),
-                    trigger: "pidfd".into(),
+                    trigger: crate::failover::Trigger::Pidfd,
                     outage_ms: 42.5,
                     steps: vec![
                         StepTiming {
@@ -743,8 +695,8 @@ mod tests {
     fn other_responses_round_trip() {
         for resp in [
             Response::ok("failed over web to web-s1"),
-            Response::Json(json!([1, 2, 3])),
-            Response::Json(json!({"coverage": 0.9})),
+            Response::ProfileAccuracy(Vec::new()),
+            Response::Failover(sample_report().services[0].last_failover.clone().unwrap()),
             Response::error(ErrorKind::NotFound, "no service named \"x\""),
         ] {
             let line = serde_json::to_string(&resp).unwrap();
@@ -765,6 +717,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("qemu:///system connected"), "{text}");
+        assert!(
+            text.contains("host h1: 12.0 of 24.0 GiB memory available, 2 CPUs"),
+            "{text}"
+        );
         let header = text.lines().find(|l| l.starts_with("SERVICE")).unwrap();
         assert!(header.contains("ACTIVE"));
         let row = text.lines().find(|l| l.starts_with("web ")).unwrap();

@@ -1,29 +1,59 @@
-//! Health: heartbeats into the hang detector, the external probe (missed failovers), the fence
-//! grace period (false failovers), and repair of taps that drifted off or onto a bridge.
+//! Health state of the active primaries, owned by [`HealthMonitor`]: one hang detector per
+//! domain, the pings in flight, the QEMU pids read for vCPU time, the external probe of each
+//! service, and the false and missed failover counts. No I/O happens here; the periodic checks
+//! that feed it live in `checks`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::api::protocol::ShadowState;
 use crate::config::ClassConfig;
-use crate::failover::promote::Trigger;
-use crate::failover::shadow::isolate_tap;
-use crate::failover::{now_unix_ms, ServiceState};
-use crate::libvirt::LibvirtError;
 use crate::monitor::heartbeat::PingFailure;
-use crate::monitor::{Health, HeartbeatConfig, HeartbeatEvent};
+use crate::monitor::{Health, HeartbeatConfig, HeartbeatEvent, HeartbeatTracker, MonoMs};
 
-use super::*;
+/// What [`HealthMonitor::judge`] concluded for a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Status label (`healthy`, `degraded: ...`, `hung: ...`).
+    pub label: String,
+    /// When the domain is hung: the instant the hang began (first unanswered ping).
+    pub hung_since: Option<Instant>,
+}
 
-/// Per-service state of the external probe.
+/// State of the external probe of one service.
 #[derive(Debug, Default, Clone)]
-pub(super) struct ProbeState {
+struct ProbeState {
     last_run: Option<Instant>,
     failing_since: Option<Instant>,
     counted: bool,
     in_flight: bool,
 }
 
-pub(super) fn heartbeat_config(class: &ClassConfig) -> HeartbeatConfig {
+/// A missed failover: the service was unreachable past its detection bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissedFailover {
+    /// How long the probe has failed.
+    pub unreachable: Duration,
+}
+
+/// Everything health knows, by primary domain (trackers, pids, pings, heartbeats) or by
+/// service (probes).
+#[derive(Debug)]
+pub struct HealthMonitor {
+    /// Origin of the monotonic clock the trackers use.
+    origin: Instant,
+    trackers: BTreeMap<String, HeartbeatTracker>,
+    pids: BTreeMap<String, i32>,
+    /// Domains with a ping in flight: no second ping is queued behind a stuck one.
+    pinging: BTreeSet<String>,
+    /// Last answered heartbeat per domain, Unix ms.
+    beats: BTreeMap<String, u64>,
+    probes: BTreeMap<String, ProbeState>,
+    false_failovers: u64,
+    missed_failovers: u64,
+}
+
+/// The hang detector's settings for a class.
+pub fn heartbeat_config(class: &ClassConfig) -> HeartbeatConfig {
     HeartbeatConfig {
         interval: Duration::from_millis(class.heartbeat_interval_ms),
         timeout: Duration::from_millis(class.heartbeat_timeout_ms),
@@ -32,327 +62,317 @@ pub(super) fn heartbeat_config(class: &ClassConfig) -> HeartbeatConfig {
     }
 }
 
-/// Turns the tracker's verdict into status and, for a hang, a failover.
-pub(super) fn judge_health(d: &Shared, service: &str, domain: &str) {
-    let Some(health) = d.health(domain) else {
-        return;
-    };
-    let label = match &health {
+/// How long a service may stay unreachable before the probe counts a missed failover: the
+/// class's hang detection time plus 2 s for the promotion.
+pub fn probe_bound(class: &ClassConfig) -> Duration {
+    Duration::from_millis(
+        class.heartbeat_interval_ms * u64::from(class.heartbeat_misses)
+            + class.heartbeat_timeout_ms,
+    ) + Duration::from_secs(2)
+}
+
+/// The status label of a verdict.
+pub fn health_label(h: &Health) -> String {
+    match h {
         Health::Unknown => "unknown".to_string(),
         Health::Healthy => "healthy".to_string(),
         Health::Degraded { reason } => format!("degraded: {reason}"),
         Health::Suspect { reason } => format!("suspect: {reason}"),
         Health::Hung { evidence, .. } => format!("hung: {evidence:?}"),
-    };
-    let changed = {
-        let mut services = d.services();
-        let Some(svc) = services.get_mut(service) else {
-            return;
+    }
+}
+
+impl HealthMonitor {
+    /// Empty; its clock starts at `origin`.
+    pub fn new(origin: Instant) -> Self {
+        HealthMonitor {
+            origin,
+            trackers: BTreeMap::new(),
+            pids: BTreeMap::new(),
+            pinging: BTreeSet::new(),
+            beats: BTreeMap::new(),
+            probes: BTreeMap::new(),
+            false_failovers: 0,
+            missed_failovers: 0,
+        }
+    }
+
+    /// Now on the trackers' clock.
+    pub fn now(&self) -> MonoMs {
+        self.at(Instant::now())
+    }
+
+    fn at(&self, t: Instant) -> MonoMs {
+        MonoMs(t.saturating_duration_since(self.origin).as_millis() as u64)
+    }
+
+    /// Feeds one observation to the domain's tracker (created on first use).
+    pub fn observe(&mut self, domain: &str, class: &ClassConfig, event: HeartbeatEvent) {
+        let now = self.now();
+        let tracker = self.trackers.entry(domain.to_string()).or_insert_with(|| {
+            HeartbeatTracker::new(heartbeat_config(class), now).unwrap_or_else(|_| {
+                HeartbeatTracker::new(HeartbeatConfig::default(), now)
+                    .expect("default heartbeat config is valid")
+            })
+        });
+        tracker.observe(event);
+    }
+
+    /// A ping's outcome: fed to the tracker, and an answer remembered for status.
+    pub fn ping_done(
+        &mut self,
+        domain: &str,
+        class: &ClassConfig,
+        at: MonoMs,
+        at_unix_ms: u64,
+        ping: Result<(), PingFailure>,
+    ) {
+        match ping {
+            Ok(()) => {
+                self.observe(domain, class, HeartbeatEvent::PingOk { at });
+                self.beats.insert(domain.to_string(), at_unix_ms);
+            }
+            Err(failure) => self.observe(domain, class, HeartbeatEvent::PingFailed { at, failure }),
+        }
+    }
+
+    /// The verdict on `domain` now, if it is tracked.
+    pub fn judge(&self, domain: &str) -> Option<Verdict> {
+        self.judge_at(domain, Instant::now())
+    }
+
+    fn judge_at(&self, domain: &str, now: Instant) -> Option<Verdict> {
+        let health = self.trackers.get(domain)?.health(self.at(now));
+        let hung_since = match health {
+            Health::Hung { since, .. } => {
+                Some((self.origin + Duration::from_millis(since.0)).min(now))
+            }
+            _ => None,
         };
-        let changed = svc.health != label;
-        svc.health = label.clone();
-        changed
-    };
-    if changed {
-        tracing::info!(service, domain, health = %label, "health changed");
-    }
-    if let Health::Hung { since, .. } = health {
-        let at = d.mono_origin + Duration::from_millis(since.0);
-        tracing::warn!(service, domain, "primary hung; failing over");
-        start_failover(
-            d,
-            service,
-            domain,
-            Trigger::Heartbeat,
-            at.min(Instant::now()),
-        );
-    }
-}
-
-pub(super) fn send_heartbeats(d: &Shared) {
-    let cfg = d.cfg();
-    let targets: Vec<(String, String, ClassConfig)> = d
-        .services()
-        .values()
-        .filter(|s| {
-            matches!(
-                s.state,
-                ServiceState::Provisioning | ServiceState::Protected
-            )
+        Some(Verdict {
+            label: health_label(&health),
+            hung_since,
         })
-        .map(|s| (s.name.clone(), s.active.clone(), d.class(&s.class)))
-        .collect();
-    let max_reply = cfg.monitor.agent_max_reply_bytes;
-    for (service, domain, class) in targets {
-        // vCPU time straight from /proc: answers even when QEMU or its monitor is stuck.
-        let pid = d
-            .pids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&domain)
-            .copied();
-        if let Some(pid) = pid {
-            if let Ok(total_ns) = crate::libvirt::vcpu_time_ns(std::path::Path::new("/proc"), pid) {
-                d.observe(
-                    &domain,
-                    &class,
-                    HeartbeatEvent::VcpuTime {
-                        at: d.now_mono(),
-                        total_ns,
-                    },
-                );
-            }
-        }
-        // A ping still outstanding is not doubled; the tracker counts the silence itself.
-        let fresh = d
-            .pinging
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(domain.clone());
-        if fresh {
-            // Pings and other guest probes use their own libvirt connection: a stuck agent
-            // call occupies one of libvirtd's per-client request slots for up to a second,
-            // and the promotion path must never queue behind those.
-            let hv = d.probe_hv();
-            let timeout = Duration::from_millis(class.heartbeat_timeout_ms);
-            let d2 = d.clone();
-            tokio::spawn(async move {
-                let dn = domain.clone();
-                let mut call = tokio::spawn(async move {
-                    hv.run("heartbeat", move |hv| {
-                        hv.agent_command(&dn, r#"{"execute":"guest-ping"}"#, timeout, max_reply)
-                    })
-                    .await
-                });
-                let outcome = tokio::time::timeout(timeout, &mut call).await;
-                let timed_out = outcome.is_err();
-                let ping = match outcome {
-                    Ok(Ok(Ok(_))) => Ok(()),
-                    Ok(Ok(Err(LibvirtError::AgentTimeout { .. }))) | Err(_) => {
-                        Err(PingFailure::Timeout)
-                    }
-                    Ok(Ok(Err(LibvirtError::Domain { source, .. })))
-                        if source
-                            .code()
-                            .is(virt::error::ErrorNumber::AgentUnresponsive) =>
-                    {
-                        Err(PingFailure::NotConnected)
-                    }
-                    Ok(_) => Err(PingFailure::TransportError),
-                };
-                let at = d2.now_mono();
-                let _ = d2.notes.send(Note::Heartbeat {
-                    domain: domain.clone(),
-                    ping,
-                    at,
-                    at_unix_ms: now_unix_ms(),
-                });
-                // The next ping for this domain waits until libvirt has given up on this one,
-                // so stuck calls never pile up.
-                if timed_out {
-                    let _ = call.await;
-                }
-                d2.pinging
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&domain);
-            });
-        } else {
-            judge_health(d, &service, &domain);
-        }
-        if let Some(probe) = class.probe.clone() {
-            run_probe(d, &service, &class, probe);
-        }
-        repair_taps(d, &service);
     }
-}
 
-/// Puts an active primary's taps back on their bridge if something took them off (an
-/// operator's mistake, a script): the primary is healthy, so repairing beats failing over.
-pub(super) fn repair_taps(d: &Shared, service: &str) {
-    isolate_standby_taps(d, service);
-    let taps = match d.services().get(service) {
-        Some(s)
-            if matches!(
-                s.state,
-                ServiceState::Provisioning | ServiceState::Protected
-            ) =>
-        {
-            s.active_taps.clone()
-        }
-        _ => return,
-    };
-    if taps.is_empty() {
-        return;
+    /// Starts a ping of `domain` unless one is still in flight; true when the caller sends it.
+    pub fn begin_ping(&mut self, domain: &str) -> bool {
+        self.pinging.insert(domain.to_string())
     }
-    let d2 = d.clone();
-    let service = service.to_string();
-    tokio::spawn(async move {
-        for b in taps {
-            let Some(bridge) = &b.bridge else { continue };
-            match d2.net.master_of(&b.tap).await {
-                Ok(Some(m)) if &m == bridge => {}
-                Ok(_) => {
-                    // Only while this is still the active primary's tap: a failover may have
-                    // started since the list was read.
-                    let still_active = d2.services().get(&service).is_some_and(|s| {
-                        s.state != ServiceState::FailingOver
-                            && s.active_taps.iter().any(|x| x.tap == b.tap)
-                    });
-                    if !still_active {
-                        return;
-                    }
-                    match d2.net.enslave_and_up(&b.tap, bridge).await {
-                        Ok(()) => {
-                            tracing::warn!(%service, tap = %b.tap, %bridge, "active primary's tap was off its bridge; re-attached")
-                        }
-                        Err(e) => {
-                            tracing::error!(%service, tap = %b.tap, error = %e, "cannot re-attach the active primary's tap")
-                        }
-                    }
-                }
-                Err(_) => {}
-            }
-        }
-    });
-}
 
-/// Takes any paused shadow's tap back off its bridge. libvirtd re-attaches every tap to its
-/// configured bridge when it restarts, and a standing-by shadow must never be reachable.
-pub(super) fn isolate_standby_taps(d: &Shared, service: &str) {
-    let taps: Vec<(String, String)> = match d.services().get(service) {
-        Some(s) if s.state != ServiceState::FailingOver => s
-            .shadows
-            .iter()
-            .filter(|x| x.state == ShadowState::Paused)
-            .flat_map(|x| x.taps.iter().map(move |b| (x.name.clone(), b.tap.clone())))
-            .collect(),
-        _ => return,
-    };
-    if taps.is_empty() {
-        return;
+    /// The ping of `domain` is over (answered, failed, or given up by libvirt).
+    pub fn end_ping(&mut self, domain: &str) {
+        self.pinging.remove(domain);
     }
-    let d2 = d.clone();
-    let service = service.to_string();
-    tokio::spawn(async move {
-        for (shadow, tap) in taps {
-            if let Ok(Some(master)) = d2.net.master_of(&tap).await {
-                // Re-check: the shadow may have been picked for promotion meanwhile.
-                let standing_by = d2.services().get(&service).is_some_and(|s| {
-                    s.state != ServiceState::FailingOver
-                        && s.shadows
-                            .iter()
-                            .any(|x| x.name == shadow && x.state == ShadowState::Paused)
-                });
-                if standing_by {
-                    match isolate_tap(&d2.net, &tap).await {
-                        Ok(()) => {
-                            tracing::warn!(%service, %shadow, %tap, %master, "standing-by shadow's tap was on a bridge; isolated again")
-                        }
-                        Err(e) => {
-                            tracing::error!(%service, %shadow, %tap, error = %e, "cannot isolate standing-by shadow's tap")
-                        }
-                    }
-                }
-            }
-        }
-    });
-}
 
-/// The external probe: a client's check from the host namespace. A service that stays
-/// unreachable longer than its detection bound without a failover counts as a missed one.
-pub(super) fn run_probe(
-    d: &Shared,
-    service: &str,
-    class: &ClassConfig,
-    probe: crate::config::ProbeConfig,
-) {
-    {
-        let mut probes = d.probes.lock().unwrap_or_else(|e| e.into_inner());
-        let st = probes.entry(service.to_string()).or_default();
+    /// `domain` is (again) a watched primary with QEMU `pid`: a fresh health history.
+    pub fn watch(&mut self, domain: &str, pid: i32) {
+        self.pids.insert(domain.to_string(), pid);
+        self.trackers.remove(domain);
+    }
+
+    /// The QEMU pid of a watched primary.
+    pub fn pid(&self, domain: &str) -> Option<i32> {
+        self.pids.get(domain).copied()
+    }
+
+    /// Last answered heartbeat of each domain, Unix ms.
+    pub fn beats(&self) -> &BTreeMap<String, u64> {
+        &self.beats
+    }
+
+    /// Whether the probe of `service` is due (`interval` since its last run, none in flight);
+    /// a due probe is marked in flight.
+    pub fn probe_due(&mut self, service: &str, interval: Duration, now: Instant) -> bool {
+        let st = self.probes.entry(service.to_string()).or_default();
         if st.in_flight
             || st
                 .last_run
-                .is_some_and(|t| t.elapsed() < Duration::from_millis(probe.interval_ms))
+                .is_some_and(|t| now.saturating_duration_since(t) < interval)
         {
-            return;
+            return false;
         }
         st.in_flight = true;
-        st.last_run = Some(Instant::now());
+        st.last_run = Some(now);
+        true
     }
-    let bound = Duration::from_millis(
-        class.heartbeat_interval_ms * u64::from(class.heartbeat_misses)
-            + class.heartbeat_timeout_ms,
-    ) + Duration::from_secs(2);
-    let d2 = d.clone();
-    let service = service.to_string();
-    tokio::task::spawn_blocking(move || {
-        let timeout = Duration::from_millis(probe.timeout_ms);
-        let ok = match &probe.check {
-            crate::config::ProbeCheck::Http { path } => {
-                crate::probe::http_get(probe.address, path, timeout).is_some()
-            }
-            crate::config::ProbeCheck::Tcp => {
-                std::net::TcpStream::connect_timeout(&probe.address, timeout).is_ok()
-            }
-        };
-        let acting = d2
-            .services()
-            .get(&service)
-            .map(|s| matches!(s.state, ServiceState::FailingOver | ServiceState::Stopped))
-            .unwrap_or(true);
-        let mut probes = d2.probes.lock().unwrap_or_else(|e| e.into_inner());
-        let st = probes.entry(service.clone()).or_default();
+
+    /// The probe of `service` answered `ok` (or the service was failing over or stopped, when
+    /// an unreachable service is expected: `acting`). A failure that lasts beyond `bound` is a
+    /// missed failover, counted once per outage.
+    pub fn probe_done(
+        &mut self,
+        service: &str,
+        ok: bool,
+        acting: bool,
+        bound: Duration,
+        now: Instant,
+    ) -> Option<MissedFailover> {
+        let st = self.probes.entry(service.to_string()).or_default();
         st.in_flight = false;
         if ok || acting {
             st.failing_since = None;
             st.counted = false;
-            return;
+            return None;
         }
-        let since = *st.failing_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > bound && !st.counted {
+        let since = *st.failing_since.get_or_insert(now);
+        let unreachable = now.saturating_duration_since(since);
+        if unreachable > bound && !st.counted {
             st.counted = true;
-            d2.missed_failovers
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            d2.metrics.inc_missed_failover(&service);
-            tracing::error!(%service, unreachable_ms = since.elapsed().as_millis() as u64, bound_ms = bound.as_millis() as u64,
-                "MISSED FAILOVER: the external probe cannot reach the service and no failover was started within the detection bound");
+            self.missed_failovers += 1;
+            return Some(MissedFailover { unreachable });
         }
-    });
+        None
+    }
+
+    /// A primary fenced for a hang answered during the grace period: the failover was false.
+    pub fn false_failover(&mut self) {
+        self.false_failovers += 1;
+    }
+
+    /// False and missed failovers since start.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.false_failovers, self.missed_failovers)
+    }
 }
 
-/// Watches a primary fenced for a hang: if its agent answers during [`FENCE_GRACE`] it was
-/// alive after all (a false failover); either way it is destroyed afterwards.
-pub(super) fn spawn_fence_grace(d: &Shared, service: &str, old: &str) {
-    let (hv, notes) = (d.probe_hv(), d.notes.clone());
-    let (service, old) = (service.to_string(), old.to_string());
-    tokio::spawn(async move {
-        let deadline = Instant::now() + FENCE_GRACE;
-        let mut answered = false;
-        while Instant::now() < deadline && !answered {
-            let o = old.clone();
-            let ping = hv.run("grace ping", move |hv| {
-                hv.agent_command(
-                    &o,
-                    r#"{"execute":"guest-ping"}"#,
-                    Duration::from_secs(1),
-                    4096,
-                )
-            });
-            answered = matches!(
-                tokio::time::timeout(Duration::from_secs(2), ping).await,
-                Ok(Ok(_))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class() -> ClassConfig {
+        ClassConfig {
+            heartbeat_interval_ms: 250,
+            heartbeat_timeout_ms: 200,
+            heartbeat_misses: 3,
+            ..ClassConfig::default()
+        }
+    }
+
+    #[test]
+    fn answered_pings_are_healthy_and_remembered() {
+        let origin = Instant::now();
+        let mut h = HealthMonitor::new(origin);
+        assert_eq!(h.judge("web"), None);
+        h.ping_done("web", &class(), MonoMs(10), 1234, Ok(()));
+        assert_eq!(h.judge("web").unwrap().label, "healthy");
+        assert_eq!(h.beats().get("web"), Some(&1234));
+    }
+
+    #[test]
+    fn lost_pings_and_stalled_vcpus_are_a_hang_that_began_at_the_first_miss() {
+        let origin = Instant::now();
+        let mut h = HealthMonitor::new(origin);
+        let c = class();
+        h.ping_done("web", &c, MonoMs(0), 1, Ok(()));
+        for i in 0..6u64 {
+            let at = MonoMs(250 * (i + 1));
+            h.observe(
+                "web",
+                &c,
+                HeartbeatEvent::VcpuTime {
+                    at,
+                    total_ns: 5_000_000,
+                },
             );
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            h.ping_done("web", &c, at, 0, Err(PingFailure::Timeout));
         }
-        let _ = notes.send(Note::FenceGraceOver {
-            service,
-            old,
-            answered,
-        });
-    });
-}
+        let v = h
+            .judge_at("web", origin + Duration::from_millis(1600))
+            .unwrap();
+        assert!(v.label.starts_with("hung"), "{v:?}");
+        let since = v.hung_since.unwrap();
+        assert!(since <= origin + Duration::from_millis(1600));
+        assert!(since >= origin + Duration::from_millis(250), "{since:?}");
+    }
 
-/// How long a primary fenced for a hang is kept (isolated, off the bridge) to see whether it
-/// was really dead: an agent answer in this window makes the failover count as false.
-pub(super) const FENCE_GRACE: Duration = Duration::from_secs(10);
+    #[test]
+    fn lost_pings_while_vcpus_run_are_not_a_hang() {
+        let origin = Instant::now();
+        let mut h = HealthMonitor::new(origin);
+        let c = class();
+        h.ping_done("web", &c, MonoMs(0), 1, Ok(()));
+        for i in 0..6u64 {
+            let at = MonoMs(250 * (i + 1));
+            h.observe(
+                "web",
+                &c,
+                HeartbeatEvent::VcpuTime {
+                    at,
+                    total_ns: 5_000_000 + i * 200_000_000,
+                },
+            );
+            h.ping_done("web", &c, at, 0, Err(PingFailure::Timeout));
+        }
+        let v = h
+            .judge_at("web", origin + Duration::from_millis(1600))
+            .unwrap();
+        assert_eq!(v.hung_since, None, "{v:?}");
+        assert!(v.label.starts_with("degraded"), "{v:?}");
+    }
+
+    #[test]
+    fn one_ping_in_flight_per_domain() {
+        let mut h = HealthMonitor::new(Instant::now());
+        assert!(h.begin_ping("web"));
+        assert!(!h.begin_ping("web"));
+        assert!(h.begin_ping("db"));
+        h.end_ping("web");
+        assert!(h.begin_ping("web"));
+    }
+
+    #[test]
+    fn watching_a_primary_again_forgets_its_history() {
+        let mut h = HealthMonitor::new(Instant::now());
+        h.ping_done("web", &class(), MonoMs(0), 1, Ok(()));
+        h.watch("web", 42);
+        assert_eq!(h.pid("web"), Some(42));
+        assert_eq!(h.judge("web"), None);
+    }
+
+    #[test]
+    fn probe_runs_at_its_interval_one_at_a_time() {
+        let t0 = Instant::now();
+        let mut h = HealthMonitor::new(t0);
+        let every = Duration::from_secs(1);
+        assert!(h.probe_due("web", every, t0));
+        assert!(
+            !h.probe_due("web", every, t0 + Duration::from_secs(5)),
+            "in flight"
+        );
+        h.probe_done("web", true, false, Duration::from_secs(3), t0);
+        assert!(!h.probe_due("web", every, t0 + Duration::from_millis(500)));
+        assert!(h.probe_due("web", every, t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_missed_failover_is_counted_once_per_outage_and_not_while_acting() {
+        let t0 = Instant::now();
+        let mut h = HealthMonitor::new(t0);
+        let bound = Duration::from_secs(3);
+        let s = |x: u64| t0 + Duration::from_secs(x);
+        assert_eq!(h.probe_done("web", false, false, bound, s(0)), None);
+        assert_eq!(h.probe_done("web", false, false, bound, s(2)), None);
+        assert_eq!(
+            h.probe_done("web", false, false, bound, s(4)),
+            Some(MissedFailover {
+                unreachable: Duration::from_secs(4)
+            })
+        );
+        assert_eq!(h.probe_done("web", false, false, bound, s(9)), None);
+        // Recovered, then a failover in progress: expected to be unreachable.
+        h.probe_done("web", true, false, bound, s(10));
+        assert_eq!(h.probe_done("web", false, true, bound, s(11)), None);
+        assert_eq!(h.probe_done("web", false, true, bound, s(20)), None);
+        h.false_failover();
+        assert_eq!(h.counts(), (1, 1));
+    }
+
+    #[test]
+    fn probe_bound_is_detection_time_plus_two_seconds() {
+        assert_eq!(
+            probe_bound(&class()),
+            Duration::from_millis(250 * 3 + 200 + 2000)
+        );
+    }
+}

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use crate::api::metrics::Metrics;
 use crate::api::protocol::{ErrorKind, Request, Response};
+use crate::clock::now_unix_ms;
 use crate::config::{ClassConfig, Config};
 use crate::failover::apply_profile::ProfileApply;
-use crate::failover::{now_unix_ms, ServiceState};
 use crate::monitor::agent::{AgentLimits, AgentOptions};
 use crate::monitor::collector::{
     thread_cpu_ns, Collector, CollectorSettings, ConfigFileContent, GuestStatus, TickJitter,
@@ -24,7 +24,8 @@ use crate::monitor::collector::{
 use crate::profile::manager::{ManagerError, PlanSummary, ProfileManager, OPEN_LIMITS};
 use crate::profile::StoreError;
 
-use super::*;
+use super::requests::{rebuild, refused};
+use super::Shared;
 
 /// How often versions are exchanged with the central repository.
 const SYNC_EVERY: Duration = Duration::from_secs(300);
@@ -60,8 +61,8 @@ impl Profiling {
         )
         .map(Arc::new)
         .map_err(|e| {
-            tracing::error!(error = %e, cause = %crate::error_chain(&e), "profiles unavailable; failover is not affected");
-            format!("{e}: {}", crate::error_chain(&e))
+            tracing::error!(error = %crate::error::report(&e), "profiles unavailable; failover is not affected");
+            crate::error::report(&e)
         });
         Profiling {
             manager,
@@ -97,7 +98,7 @@ pub(super) fn start(d: &Shared) {
                 }
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, cause = %crate::error_chain(&e), "profile repository sync failed")
+                    tracing::warn!(error = %crate::error::report(&e), "profile repository sync failed")
                 }
                 Err(e) => tracing::warn!(error = %e, "profile repository sync worker failed"),
             }
@@ -143,21 +144,17 @@ pub(super) fn stop_collector(d: &Shared, service: &str) {
 }
 
 fn still_active(d: &Shared, service: &str, domain: &str) -> bool {
-    d.services().get(service).is_some_and(|s| {
-        s.active == domain
-            && matches!(
-                s.state,
-                ServiceState::Provisioning | ServiceState::Protected
-            )
-    })
+    d.table()
+        .get(service)
+        .is_some_and(|s| s.active == domain && s.state.is_running())
 }
 
 async fn run_collector(d: Shared, service: String, domain: String) {
     let cfg = d.cfg();
-    let class = match d.services().get(&service) {
-        Some(s) => d.class(&s.class),
-        None => return,
+    let Some(class) = d.table().get(&service).map(|s| s.class.clone()) else {
+        return;
     };
+    let class = d.class(&class);
     let settings = CollectorSettings::new(&cfg.monitor, &class);
     let (collector, err) = Collector::new(
         &service,
@@ -167,7 +164,7 @@ async fn run_collector(d: Shared, service: String, domain: String) {
     );
     if let Some(e) = err {
         d.metrics.inc_collector_error(&service, e.source_label());
-        tracing::warn!(%service, error = %e, cause = %crate::error_chain(&e), "collecting without an on-disk history");
+        tracing::warn!(%service, error = %crate::error::report(&e), "collecting without an on-disk history");
     }
     tracing::info!(%service, %domain, interval_ms = cfg.monitor.sample_interval_ms, "collector started");
     let mut collector = Some(collector);
@@ -188,7 +185,7 @@ async fn run_collector(d: Shared, service: String, domain: String) {
             break;
         };
         let manager = d.prof.manager();
-        let (ts, mono) = (now_unix_ms(), d.now_mono().0);
+        let (ts, mono) = (now_unix_ms(), d.health().now().0);
         let svc = service.clone();
         // The probe connection, like heartbeats: an agent call stuck for its whole timeout
         // must not hold one of libvirtd's request slots that a promotion needs.
@@ -227,9 +224,9 @@ async fn run_collector(d: Shared, service: String, domain: String) {
         for e in &tick.errors {
             d.metrics.inc_collector_error(&service, e.source_label());
             if !failing.contains(e.source_label()) {
-                tracing::warn!(%service, %domain, guest = ?tick.guest, error = %e, cause = %crate::error_chain(e), "collection degraded");
+                tracing::warn!(%service, %domain, guest = ?tick.guest, error = %crate::error::report(e), "collection degraded");
             } else {
-                tracing::debug!(%service, %domain, error = %e, cause = %crate::error_chain(e), "collection still degraded");
+                tracing::debug!(%service, %domain, error = %crate::error::report(e), "collection still degraded");
             }
         }
         for recovered in failing.difference(&now_failing) {
@@ -245,7 +242,7 @@ async fn run_collector(d: Shared, service: String, domain: String) {
             }
             Some(Err(e)) => {
                 if !learn_failed {
-                    tracing::warn!(%service, error = %e, cause = %crate::error_chain(&e), "profile not learning");
+                    tracing::warn!(%service, error = %crate::error::report(&e), "profile not learning");
                 }
                 learn_failed = true;
             }
@@ -312,28 +309,12 @@ fn manager_error(e: ManagerError) -> Response {
         }
         _ => ErrorKind::Failed,
     };
-    let chain = crate::error_chain(&e);
-    Response::error(
-        kind,
-        if chain.is_empty() {
-            e.to_string()
-        } else {
-            format!("{e}: {chain}")
-        },
-    )
+    Response::error(kind, crate::error::report(&e))
 }
 
-fn json<T: serde::Serialize>(v: Result<T, ManagerError>) -> Response {
-    match v {
-        Ok(v) => match serde_json::to_value(v) {
-            Ok(v) => Response::Json(v),
-            Err(e) => Response::error(
-                ErrorKind::Internal,
-                format!("cannot encode the answer: {e}"),
-            ),
-        },
-        Err(e) => manager_error(e),
-    }
+/// The typed answer, or the manager's error.
+fn answer<T>(v: Result<T, ManagerError>, typed: impl FnOnce(T) -> Response) -> Response {
+    v.map_or_else(manager_error, typed)
 }
 
 /// Answers the `profile` requests.
@@ -349,9 +330,15 @@ pub(super) async fn handle_request(d: &Shared, req: Request) -> Response {
     };
     // Version files are read and written: not on the async threads.
     let answer = tokio::task::spawn_blocking(move || match req {
-        Request::ProfileShow { service } => json(m.show(&service, now_unix_ms())),
-        Request::ProfileHistory { service } => json(m.history(&service)),
-        Request::ProfileDiff { service, a, b } => json(m.diff(&service, a, b)),
+        Request::ProfileShow { service } => answer(m.show(&service, now_unix_ms()), |r| {
+            Response::ProfileShow(Box::new(r))
+        }),
+        Request::ProfileHistory { service } => {
+            answer(m.history(&service), Response::ProfileHistory)
+        }
+        Request::ProfileDiff { service, a, b } => {
+            answer(m.diff(&service, a, b), Response::ProfileDiff)
+        }
         Request::ProfileRollback { service, to } => match m.rollback(&service, to) {
             Ok(r) => Response::ok(format!(
                 "service '{}': profile v{} restored as new version v{}{}",
@@ -366,7 +353,9 @@ pub(super) async fn handle_request(d: &Shared, req: Request) -> Response {
             )),
             Err(e) => manager_error(e),
         },
-        Request::ProfileAccuracy { service } => json(m.accuracy(service.as_deref())),
+        Request::ProfileAccuracy { service } => {
+            answer(m.accuracy(service.as_deref()), Response::ProfileAccuracy)
+        }
         other => Response::error(
             ErrorKind::BadRequest,
             format!("{} is not a profile request", other.name()),
@@ -400,16 +389,17 @@ pub(super) fn forget_golden(d: &Shared, service: &str) {
 /// overlay sits on the class's golden image; replacements provisioned later do too, until a
 /// plain rebuild or reinit.
 pub(super) async fn reinit_golden(d: &Shared, service: &str) -> Response {
-    let Some(svc) = d.services().get(service).cloned() else {
-        return unknown_service(d, service);
+    let svc_class = match d.table().require(service) {
+        Ok(s) => s.class.clone(),
+        Err(e) => return refused(e),
     };
-    let class = d.class(&svc.class);
+    let class = d.class(&svc_class);
     let Some(image) = class.golden_image.clone() else {
         return Response::error(
             ErrorKind::BadRequest,
             format!(
                 "service '{service}': class '{}' has no golden_image; set class.{}.golden_image to use --golden",
-                svc.class, svc.class
+                svc_class, svc_class
             ),
         );
     };
@@ -421,7 +411,7 @@ pub(super) async fn reinit_golden(d: &Shared, service: &str) -> Response {
                 format!(
                     "golden image {} of class '{}' is not a file",
                     image.display(),
-                    svc.class
+                    svc_class
                 ),
             )
         }
@@ -431,7 +421,7 @@ pub(super) async fn reinit_golden(d: &Shared, service: &str) -> Response {
                 format!(
                     "golden image {} of class '{}' is unusable: {e}",
                     image.display(),
-                    svc.class
+                    svc_class
                 ),
             )
         }
@@ -441,21 +431,11 @@ pub(super) async fn reinit_golden(d: &Shared, service: &str) -> Response {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(service.to_string());
-    for s in &svc.shadows {
-        remove_shadow(d, service, &s.name).await;
+    match rebuild(d, service).await {
+        Ok(n) => Response::ok(format!(
+            "service '{service}': {n} shadow(s) removed; new ones are being provisioned on golden image {}",
+            image.display()
+        )),
+        Err(e) => refused(e),
     }
-    if let Some(s) = d.services().get_mut(service) {
-        if matches!(
-            s.state,
-            ServiceState::Protected | ServiceState::Unprotectable(_)
-        ) {
-            s.state = ServiceState::Provisioning;
-        }
-    }
-    ensure_all_shadows(d);
-    Response::ok(format!(
-        "service '{service}': {} shadow(s) removed; new ones are being provisioned on golden image {}",
-        svc.shadows.len(),
-        image.display()
-    ))
 }

@@ -9,162 +9,44 @@ use crate::api::protocol::{
     StatusReport,
 };
 use crate::domain_xml::{MemberState, Role};
-use crate::failover::promote::Trigger;
 use crate::failover::shadow::{member_meta, shadow_generation, write_meta};
-use crate::failover::ServiceState;
+use crate::failover::{FailoverRecord, Trigger};
 
-use super::*;
+use super::recover::{ensure_all_shadows, refresh_active, remove_shadow};
+use super::{launch_promotion, load_config, Refused, ServiceState, Shared};
 
-pub(super) fn unknown_service(d: &Shared, name: &str) -> Response {
-    let known: Vec<String> = d.services().keys().cloned().collect();
-    Response::Error {
-        kind: ErrorKind::NotFound,
-        message: format!(
-            "no service named '{name}'; known services: {}",
-            if known.is_empty() {
-                "(none)".to_string()
-            } else {
-                known.join(", ")
-            }
-        ),
-    }
+/// How long a switchover request waits for its promotion.
+const SWITCHOVER_WAIT: Duration = Duration::from_secs(60);
+
+/// The answer to a refused transition, with the kind a script can act on.
+pub(super) fn refused(e: Refused) -> Response {
+    let kind = match e {
+        Refused::UnknownService { .. } | Refused::NoSuchShadow { .. } => ErrorKind::NotFound,
+        Refused::NotActive { .. } | Refused::WrongState { .. } | Refused::NoShadow { .. } => {
+            ErrorKind::Conflict
+        }
+    };
+    Response::error(kind, e.to_string())
 }
 
-pub(super) async fn handle_request(d: &Shared, req: Request) -> Response {
+/// Answers one control request.
+pub(super) async fn handle(d: &Shared, req: Request) -> Response {
     match req {
         Request::Status => Response::Status(status(d).await),
-        Request::Failover { service } => {
-            let Some(svc) = d.services().get(&service).cloned() else {
-                return unknown_service(d, &service);
-            };
-            if svc.ready_shadow().is_none() {
-                return Response::Error {
-                    kind: ErrorKind::Conflict,
-                    message: format!(
-                        "service '{service}' has no paused shadow ready (state {})",
-                        svc.state.label()
-                    ),
-                };
-            }
-            if !matches!(
-                svc.state,
-                ServiceState::Provisioning | ServiceState::Protected
-            ) {
-                return Response::Error {
-                    kind: ErrorKind::Conflict,
-                    message: format!(
-                        "service '{service}' is {}; no switchover now",
-                        svc.state.label()
-                    ),
-                };
-            }
-            start_failover(d, &service, &svc.active, Trigger::Manual, Instant::now());
-            wait_failover(
-                d,
-                &service,
-                svc.last_failover.as_ref().map(|r| r.at_unix_ms),
-            )
-            .await
-        }
-        Request::Stop { service } => {
-            let Some(svc) = d.services().get(&service).cloned() else {
-                return unknown_service(d, &service);
-            };
-            if let Some(s) = d.services().get_mut(&service) {
-                s.state = ServiceState::Stopped;
-            }
-            let meta = member_meta(
-                &service,
-                &svc.class,
-                Role::Primary,
-                shadow_generation(&service, &svc.active).unwrap_or(0),
-                MemberState::Stopped,
-            );
-            let a = svc.active.clone();
-            match d
-                .hv()
-                .run("stop", move |hv| {
-                    write_meta(hv, &a, &meta)?;
-                    hv.destroy(&a)
-                })
-                .await
-            {
-                Ok(()) => Response::Ok {
-                    message: format!(
-                        "service '{service}' stopped ({} shut off); shadows keep standing by",
-                        svc.active
-                    ),
-                },
-                Err(e) => Response::Error {
-                    kind: ErrorKind::Failed,
-                    message: format!("{e}: {}", crate::error_chain(&e)),
-                },
-            }
-        }
-        Request::Start { service } => {
-            let Some(svc) = d.services().get(&service).cloned() else {
-                return unknown_service(d, &service);
-            };
-            let meta = member_meta(
-                &service,
-                &svc.class,
-                Role::Primary,
-                shadow_generation(&service, &svc.active).unwrap_or(0),
-                MemberState::Active,
-            );
-            let a = svc.active.clone();
-            if let Some(s) = d.services().get_mut(&service) {
-                s.state = ServiceState::Provisioning;
-            }
-            match d
-                .hv()
-                .run("start", move |hv| {
-                    write_meta(hv, &a, &meta)?;
-                    if !hv.state(&a)?.is_active() {
-                        hv.start(&a, false)?;
-                    }
-                    Ok(())
-                })
-                .await
-            {
-                Ok(()) => {
-                    refresh_active(d, &service).await;
-                    Response::Ok {
-                        message: format!("service '{service}' started on {}", svc.active),
-                    }
-                }
-                Err(e) => Response::Error {
-                    kind: ErrorKind::Failed,
-                    message: format!("{e}: {}", crate::error_chain(&e)),
-                },
-            }
-        }
+        Request::Failover { service } => switchover(d, &service).await,
+        Request::Stop { service } => stop(d, &service).await,
+        Request::Start { service } => start(d, &service).await,
         Request::ShadowReinit {
             service,
             golden: true,
         } => super::profiles::reinit_golden(d, &service).await,
         Request::ShadowRebuild { service } | Request::ShadowReinit { service, .. } => {
-            let Some(svc) = d.services().get(&service).cloned() else {
-                return unknown_service(d, &service);
-            };
             super::profiles::forget_golden(d, &service);
-            for s in &svc.shadows {
-                remove_shadow(d, &service, &s.name).await;
-            }
-            if let Some(s) = d.services().get_mut(&service) {
-                if matches!(
-                    s.state,
-                    ServiceState::Protected | ServiceState::Unprotectable(_)
-                ) {
-                    s.state = ServiceState::Provisioning;
-                }
-            }
-            ensure_all_shadows(d);
-            Response::Ok {
-                message: format!(
-                    "service '{service}': {} shadow(s) removed; new ones are being provisioned",
-                    svc.shadows.len()
-                ),
+            match rebuild(d, &service).await {
+                Ok(n) => Response::ok(format!(
+                    "service '{service}': {n} shadow(s) removed; new ones are being provisioned"
+                )),
+                Err(e) => refused(e),
             }
         }
         Request::ProfileShow { .. }
@@ -172,78 +54,173 @@ pub(super) async fn handle_request(d: &Shared, req: Request) -> Response {
         | Request::ProfileDiff { .. }
         | Request::ProfileRollback { .. }
         | Request::ProfileAccuracy { .. } => super::profiles::handle_request(d, req).await,
-        Request::ReloadConfig => match load_config(&d.config_path) {
-            Ok(c) => {
-                *d.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
-                ensure_all_shadows(d);
-                Response::Ok {
-                    message: format!("configuration reloaded from {}", d.config_path.display()),
-                }
-            }
-            Err(e) => Response::Error {
-                kind: ErrorKind::BadRequest,
-                message: format!(
-                    "configuration NOT reloaded, the running one stays:\n{e}: {}",
-                    crate::error_chain(&e)
-                ),
-            },
-        },
-        other => Response::Error {
-            kind: ErrorKind::BadRequest,
-            message: format!("{other:?} is not available in this daemon build"),
-        },
+        Request::ReloadConfig => reload(d),
     }
 }
 
-/// Waits until the service's failover record changes, then reports it.
-pub(super) async fn wait_failover(d: &Shared, service: &str, previous: Option<u64>) -> Response {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Removes every shadow of `service` so new ones are provisioned; returns how many.
+pub(super) async fn rebuild(d: &Shared, service: &str) -> Result<usize, Refused> {
+    let shadows = d.table().rebuild(service)?;
+    for s in &shadows {
+        remove_shadow(d, service, s).await;
+    }
+    ensure_all_shadows(d);
+    Ok(shadows.len())
+}
+
+/// A planned switchover: the healthy primary is fenced (paused, cut) and a shadow promoted.
+async fn switchover(d: &Shared, service: &str) -> Response {
+    let previous = match d.table().require(service) {
+        Ok(s) => s.last_failover.as_ref().map(|r| r.at_unix_ms),
+        Err(e) => return refused(e),
+    };
+    // Refused unless it runs with a shadow ready: a refused switchover never marks it down.
+    let begun = d.table().begin_switchover(service);
+    match begun {
+        Ok(start) => launch_promotion(d, service, Trigger::Manual, Instant::now(), start),
+        Err(e) => return refused(e),
+    }
+    match wait_failover(d, service, previous).await {
+        Some(r) if r.ok => Response::Failover(r),
+        Some(r) => Response::error(ErrorKind::Failed, r.error.unwrap_or_default()),
+        None => Response::error(
+            ErrorKind::Timeout,
+            format!(
+                "switchover of '{service}' did not finish within {} s",
+                SWITCHOVER_WAIT.as_secs()
+            ),
+        ),
+    }
+}
+
+/// Waits until the service's failover record changes and no failover runs, then returns it.
+async fn wait_failover(d: &Shared, service: &str, previous: Option<u64>) -> Option<FailoverRecord> {
+    let deadline = Instant::now() + SWITCHOVER_WAIT;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let svc = d.services().get(service).cloned();
-        if let Some(svc) = svc {
-            if svc.state != ServiceState::FailingOver {
-                if let Some(r) = svc.last_failover.filter(|r| Some(r.at_unix_ms) != previous) {
-                    return if r.ok {
-                        Response::Json(serde_json::to_value(&r).unwrap_or_default())
-                    } else {
-                        Response::Error {
-                            kind: ErrorKind::Failed,
-                            message: r.error.unwrap_or_default(),
-                        }
-                    };
-                }
-            }
+        let table = d.table();
+        let svc = table.get(service)?;
+        if matches!(svc.state, ServiceState::FailingOver { .. }) {
+            continue;
+        }
+        if let Some(r) = svc
+            .last_failover
+            .as_ref()
+            .filter(|r| Some(r.at_unix_ms) != previous)
+        {
+            return Some(r.clone());
         }
     }
-    Response::Error {
-        kind: ErrorKind::Failed,
-        message: format!("switchover of '{service}' did not finish within 60 s"),
+    None
+}
+
+/// `understudy stop`: the primary is shut off on purpose; its shadows keep standing by.
+async fn stop(d: &Shared, service: &str) -> Response {
+    let stopped = d
+        .table()
+        .stop(service)
+        .map(|s| (s.class.clone(), s.active.clone()));
+    let (class, active) = match stopped {
+        Ok(x) => x,
+        Err(e) => return refused(e),
+    };
+    let meta = member_meta(
+        service,
+        &class,
+        Role::Primary,
+        shadow_generation(service, &active).unwrap_or(0),
+        MemberState::Stopped,
+    );
+    let a = active.clone();
+    match d
+        .hv()
+        .run("stop", move |hv| {
+            write_meta(hv, &a, &meta)?;
+            hv.destroy(&a)
+        })
+        .await
+    {
+        Ok(()) => Response::ok(format!(
+            "service '{service}' stopped ({active} shut off); shadows keep standing by"
+        )),
+        Err(e) => Response::error(ErrorKind::Failed, crate::error::report(&e)),
     }
 }
 
-pub(super) async fn status(d: &Shared) -> StatusReport {
+/// `understudy start`: the primary runs again and is protected.
+async fn start(d: &Shared, service: &str) -> Response {
+    let started = d
+        .table()
+        .start(service)
+        .map(|s| (s.class.clone(), s.active.clone()));
+    let (class, active) = match started {
+        Ok(x) => x,
+        Err(e) => return refused(e),
+    };
+    let meta = member_meta(
+        service,
+        &class,
+        Role::Primary,
+        shadow_generation(service, &active).unwrap_or(0),
+        MemberState::Active,
+    );
+    let a = active.clone();
+    let r = d
+        .hv()
+        .run("start", move |hv| {
+            write_meta(hv, &a, &meta)?;
+            if !hv.state(&a)?.is_active() {
+                hv.start(&a, false)?;
+            }
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(()) => {
+            refresh_active(d, service).await;
+            Response::ok(format!("service '{service}' started on {active}"))
+        }
+        Err(e) => Response::error(ErrorKind::Failed, crate::error::report(&e)),
+    }
+}
+
+/// `understudy reload`: a configuration that does not load leaves the running one in force.
+fn reload(d: &Shared) -> Response {
+    match load_config(&d.config_path) {
+        Ok(c) => {
+            *d.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
+            ensure_all_shadows(d);
+            Response::ok(format!(
+                "configuration reloaded from {}",
+                d.config_path.display()
+            ))
+        }
+        Err(e) => Response::error(
+            ErrorKind::BadRequest,
+            format!(
+                "configuration NOT reloaded, the running one stays:\n{}",
+                crate::error::report(&e)
+            ),
+        ),
+    }
+}
+
+async fn status(d: &Shared) -> StatusReport {
     let cfg = d.cfg();
     let listing = d.hv().run("status", |hv| hv.list()).await;
     let connected = listing.is_ok();
     let doms = listing.unwrap_or_default();
-    let services = d.services().values().cloned().collect::<Vec<_>>();
-    let beats = d
-        .heartbeats
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let services: Vec<_> = d.table().iter().cloned().collect();
+    let (beats, (false_failovers, missed_failovers)) = {
+        let h = d.health();
+        (h.beats().clone(), h.counts())
+    };
     let service_status: Vec<ServiceStatus> = services
         .iter()
         .map(|s| ServiceStatus {
             name: s.name.clone(),
             class: s.class.clone(),
-            state: match &s.state {
-                ServiceState::Down(r) | ServiceState::Unprotectable(r) => {
-                    format!("{}: {r}", s.state.label())
-                }
-                other => other.label().to_string(),
-            },
+            state: s.state.describe(),
             active: Some(s.active.clone()),
             shadows: s
                 .shadows
@@ -268,28 +245,20 @@ pub(super) async fn status(d: &Shared) -> StatusReport {
     let domains = doms
         .into_iter()
         .map(|dom| {
-            let (role, service) = services
+            let active = services.iter().find(|s| s.active == dom.name);
+            let shadow_of = services
                 .iter()
-                .find_map(|s| {
-                    if s.active == dom.name {
-                        Some(("primary".to_string(), s.name.clone()))
-                    } else {
-                        s.shadows
-                            .iter()
-                            .find(|x| x.name == dom.name)
-                            .map(|_| ("shadow".to_string(), s.name.clone()))
-                    }
-                })
-                .map(|(r, s)| (Some(r), Some(s)))
-                .unwrap_or((None, None));
+                .find(|s| s.shadows.iter().any(|x| x.name == dom.name));
+            let (role, service) = match (active, shadow_of) {
+                (Some(s), _) => (Some("primary".to_string()), Some(s.name.clone())),
+                (None, Some(s)) => (Some("shadow".to_string()), Some(s.name.clone())),
+                (None, None) => (None, None),
+            };
             // Health is only judged for a service's active domain; a retired one keeps its
             // last heartbeat time but no verdict.
-            let active = role.as_deref() == Some("primary");
-            let health = services
-                .iter()
-                .find(|s| s.active == dom.name)
+            let health = active
+                .filter(|_| dom.state.is_active())
                 .map(|s| s.health.clone())
-                .filter(|_| active && dom.state.is_active())
                 .unwrap_or_else(|| "-".into());
             DomainStatus {
                 last_heartbeat_unix_ms: beats.get(&dom.name).copied(),
@@ -308,12 +277,12 @@ pub(super) async fn status(d: &Shared) -> StatusReport {
             started_unix_ms: d.started_unix_ms,
             libvirt_uri: cfg.daemon.libvirt_uri.clone(),
             connected,
+            host: d.coord.host().to_string(),
+            capacity: crate::cluster::HostCapacity::read(),
         },
         services: service_status,
         domains,
-        false_failovers: d.false_failovers.load(std::sync::atomic::Ordering::Relaxed),
-        missed_failovers: d
-            .missed_failovers
-            .load(std::sync::atomic::Ordering::Relaxed),
+        false_failovers,
+        missed_failovers,
     }
 }

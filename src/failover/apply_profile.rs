@@ -22,9 +22,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::domain_xml::DomainXml;
+use crate::libvirt::LibvirtAgent;
 use crate::libvirt::{DomainStats, Hypervisor, LibvirtError};
 use crate::monitor::agent::{AgentError, AgentOptions, AgentTransport, GuestAgent};
-use crate::monitor::collector::{ConfigFileContent, LibvirtAgent, MAX_CONFIG_FILE_BYTES};
+use crate::monitor::collector::{ConfigFileContent, MAX_CONFIG_FILE_BYTES};
 use crate::monitor::configtrack::fnv1a64;
 use crate::profile::manager::{PlanSummary, MEM_FLOOR_KIB};
 use crate::profile::{Dependency, Proto};
@@ -90,15 +91,6 @@ pub enum ApplyError {
         #[source]
         source: std::io::Error,
     },
-}
-
-fn note(e: &ApplyError) -> String {
-    let chain = crate::error_chain(e);
-    if chain.is_empty() {
-        e.to_string()
-    } else {
-        format!("{e}: {chain}")
-    }
 }
 
 /// Memory a guest keeps free on top of its planned use: the kernel's reserves and page cache for
@@ -208,7 +200,12 @@ fn resize(hv: &Hypervisor, shadow: &str, plan: PlanSummary, version: &str) -> Ve
         });
     let (max_vcpus, max_mem_kib) = match maxima {
         Ok(m) => m,
-        Err(e) => return vec![format!("{version}: size unchanged: {}", note(&e))],
+        Err(e) => {
+            return vec![format!(
+                "{version}: size unchanged: {}",
+                crate::error::report(&e)
+            )]
+        }
     };
     let (cur_vcpus, cur_mem_kib) = match hv.live_resources(shadow) {
         Ok(r) => r,
@@ -217,7 +214,10 @@ fn resize(hv: &Hypervisor, shadow: &str, plan: PlanSummary, version: &str) -> Ve
                 domain: shadow.to_string(),
                 source,
             };
-            return vec![format!("{version}: size unchanged: {}", note(&e))];
+            return vec![format!(
+                "{version}: size unchanged: {}",
+                crate::error::report(&e)
+            )];
         }
     };
     let balloon = balloon_target(plan.mem_kib, cur_mem_kib, hv.stats(shadow).ok().as_ref());
@@ -248,7 +248,7 @@ fn resize(hv: &Hypervisor, shadow: &str, plan: PlanSummary, version: &str) -> Ve
             )),
             Err(source) => notes.push(format!(
                 "{version}: vCPUs stay {cur_vcpus}: {}",
-                note(&ApplyError::Resize {
+                crate::error::report(&ApplyError::Resize {
                     domain: shadow.to_string(),
                     source
                 })
@@ -263,7 +263,7 @@ fn resize(hv: &Hypervisor, shadow: &str, plan: PlanSummary, version: &str) -> Ve
             )),
             Err(source) => notes.push(format!(
                 "{version}: memory stays {cur_mem_kib} KiB: {}",
-                note(&ApplyError::Resize {
+                crate::error::report(&ApplyError::Resize {
                     domain: shadow.to_string(),
                     source
                 })
@@ -310,7 +310,7 @@ pub fn deliver_config<T: AgentTransport>(
                     "was missing"
                 }
             )),
-            Err(source) => notes.push(note(&ApplyError::Config {
+            Err(source) => notes.push(crate::error::report(&ApplyError::Config {
                 domain: domain.to_string(),
                 path: f.path.clone(),
                 source,
@@ -350,8 +350,8 @@ pub async fn check_dependencies(deps: &[Dependency], timeout: Duration) -> Vec<S
         .into_iter()
         .filter_map(Result::err)
         .map(|e| {
-            tracing::warn!(error = %e, cause = %crate::error_chain(&e), "profile dependency unreachable after promotion");
-            note(&e)
+            tracing::warn!(error = %crate::error::report(&e), "profile dependency unreachable after promotion");
+            crate::error::report(&e)
         })
         .collect()
 }

@@ -2,18 +2,18 @@
 //!
 //! A *service* is what a protected primary domain provides. Its members are domains tagged in
 //! their libvirt `<metadata>` (see [`crate::domain_xml::UnderstudyMeta`]): one active domain
-//! and N paused shadows. Everything here can be rebuilt from libvirt alone after a restart.
+//! and N paused shadows. Everything here can be rebuilt from libvirt alone after a restart;
+//! the daemon's service table (`crate::daemon`) tracks which member is which.
 
 pub mod apply_profile;
 pub mod promote;
+pub mod record;
 pub mod shadow;
 
 use std::time::Duration;
 
-use serde::Serialize;
-
-use crate::api::protocol::{FailoverRecord, ShadowState, StepTiming};
 use crate::libvirt::LibvirtError;
+pub use record::{FailoverRecord, ShadowState, StepTiming, Trigger};
 
 /// Errors of shadow provisioning and promotion.
 #[derive(Debug, thiserror::Error)]
@@ -83,20 +83,6 @@ pub enum FailoverError {
         /// The limit.
         timeout: Duration,
     },
-    /// The live XML of a running domain has no tap for its interface.
-    #[error("domain '{domain}' has no tap device for MAC {mac}")]
-    NoTap {
-        /// The domain.
-        domain: String,
-        /// The interface MAC.
-        mac: String,
-    },
-    /// No paused shadow is available to promote.
-    #[error("service '{service}' has no paused shadow to promote")]
-    NoShadow {
-        /// The service.
-        service: String,
-    },
     /// Fencing of the old primary could not be confirmed, so nothing was promoted.
     #[error("fencing of '{domain}' could not be confirmed: {why}")]
     FenceUnconfirmed {
@@ -105,38 +91,26 @@ pub enum FailoverError {
         /// What we saw.
         why: String,
     },
-}
-
-/// A service's lifecycle, as the daemon tracks it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
-pub enum ServiceState {
-    /// Active primary running, but fewer paused shadows than the class asks for.
-    Provisioning,
-    /// Active primary running and every shadow paused and ready.
-    Protected,
-    /// A failover is in progress.
-    FailingOver,
-    /// The primary is gone and no shadow could take over; the reason says why.
-    Down(String),
-    /// Stopped deliberately by an operator through understudy; not a failure.
-    Stopped,
-    /// Shadows cannot be made for this primary (e.g. a device that cannot be cloned).
-    Unprotectable(String),
-}
-
-impl ServiceState {
-    /// Short lowercase name for status output and metrics labels.
-    pub fn label(&self) -> &'static str {
-        match self {
-            ServiceState::Provisioning => "provisioning",
-            ServiceState::Protected => "protected",
-            ServiceState::FailingOver => "failing_over",
-            ServiceState::Down(_) => "down",
-            ServiceState::Stopped => "stopped",
-            ServiceState::Unprotectable(_) => "unprotectable",
-        }
-    }
+    /// The host lacks the memory a shadow would hold (it keeps a reserve for itself).
+    #[error("shadow '{shadow}' needs {need_kib} KiB; the host has {available_kib} KiB available and keeps {} KiB in reserve", crate::cluster::HOST_RESERVE_KIB)]
+    HostFull {
+        /// The shadow.
+        shadow: String,
+        /// Its memory.
+        need_kib: u64,
+        /// The host's available memory.
+        available_kib: u64,
+    },
+    /// Another promotion owns the service now (the owner record changed since it was read):
+    /// this shadow stays paused.
+    #[error("service '{service}' could not be claimed")]
+    ClaimLost {
+        /// The service.
+        service: String,
+        /// The coordinator's answer.
+        #[source]
+        source: Box<crate::cluster::CoordError>,
+    },
 }
 
 /// One shadow of a service.
@@ -148,39 +122,6 @@ pub struct Shadow {
     pub state: ShadowState,
     /// Its tap devices by MAC, known once it has started.
     pub taps: Vec<TapBinding>,
-}
-
-/// What the daemon knows of one protected service.
-#[derive(Debug, Clone)]
-pub struct Service {
-    /// Service name: the name of the domain first protected.
-    pub name: String,
-    /// The class from the protection rule.
-    pub class: String,
-    /// Lifecycle.
-    pub state: ServiceState,
-    /// The domain serving now.
-    pub active: String,
-    /// Taps of the active domain by MAC, with the bridge each was on.
-    pub active_taps: Vec<TapBinding>,
-    /// Shadows, oldest first.
-    pub shadows: Vec<Shadow>,
-    /// Last completed failover.
-    pub last_failover: Option<FailoverRecord>,
-    /// Unix ms of the last answered heartbeat.
-    pub last_heartbeat_unix_ms: Option<u64>,
-    /// Last health verdict, for status.
-    pub health: String,
-    /// Failed promotions since the service last ran: retries stop at the class's
-    /// `promote_retry_limit`.
-    pub promote_attempts: u32,
-    /// Highest shadow generation ever used, so new shadows never reuse a name.
-    pub last_generation: u64,
-    /// Consecutive failed shadow provisionings, and when the next attempt may start: a
-    /// failing host is not hammered every housekeeping round.
-    pub provision_failures: u32,
-    /// See `provision_failures`.
-    pub provision_not_before: Option<std::time::Instant>,
 }
 
 /// A tap device and the bridge it belongs on.
@@ -200,13 +141,6 @@ impl Shadow {
     /// True when every NIC's link is already up, so promotion needs no link change.
     pub fn link_ready(&self) -> bool {
         !self.taps.is_empty() && self.taps.iter().all(|b| b.link_up)
-    }
-}
-
-impl Service {
-    /// The first paused shadow, if any.
-    pub fn ready_shadow(&self) -> Option<&Shadow> {
-        self.shadows.iter().find(|s| s.state == ShadowState::Paused)
     }
 }
 
@@ -256,14 +190,6 @@ impl StepClock {
     pub fn into_steps(self) -> Vec<StepTiming> {
         self.steps
     }
-}
-
-/// Current wall-clock time in Unix milliseconds.
-pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Environment variable naming a promotion step after which the daemon aborts: the fault

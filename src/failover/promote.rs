@@ -1,61 +1,31 @@
-//! The promotion pipeline: fence the old primary, then resume a shadow and rewire the network
-//! so the service's MAC and address are answered by the shadow.
+//! The promotion pipeline: fence the old primary, claim the service, then resume a shadow and
+//! rewire the network so the service's MAC and address are answered by the shadow.
 //!
 //! Order matters only where safety needs it: the old primary is fenced (its QEMU confirmed
-//! gone, or its taps cut off the bridge and read back) before anything of the shadow is
-//! touched. After that only two things stand between the client and the shadow, and they run
-//! at once: resume (libvirt) and rewiring (netlink). The shadow's links were raised while it
-//! stood by paused and off the bridge, so no libvirt call is needed for them. Everything else
-//! (announce-self, metadata, retiring the old primary) happens after service is restored.
-//! Once the service is restored and the roles are recorded, `apply_profile` sizes and
-//! configures the new primary from its profile ([`super::apply_profile`]).
+//! gone, or its taps cut off the bridge and read back) and the service's owner record is
+//! claimed before anything of the shadow is touched. After that only two things stand between
+//! the client and the shadow, and they run at once: resume (libvirt) and rewiring (netlink).
+//! The shadow's links were raised while it stood by paused and off the bridge, so no libvirt
+//! call is needed for them. Everything else (announce-self, metadata, retiring the old
+//! primary) happens after service is restored. Once the service is restored and the roles are
+//! recorded, `apply_profile` sizes and configures the new primary from its profile
+//! ([`super::apply_profile`]).
+//!
+//! The order lives in `run_steps`, generic over [`PromotionSteps`]; [`LiveSteps`] carries
+//! the steps out on libvirt, netlink and the coordinator, and the unit tests check the order
+//! with a recording implementation.
 
+use std::future::Future;
 use std::time::Instant;
 
-use crate::api::protocol::FailoverRecord;
+use crate::cluster::{Claim, CoordError, Coordinator};
 use crate::domain_xml::{MemberState, Role};
-use crate::libvirt::{Hypervisor, LibvirtError};
+use crate::libvirt::{Hypervisor, LibvirtError, RunState};
 use crate::net::{NetError, Netlink};
 
 use super::apply_profile::ProfileApply;
 use super::shadow::{member_meta, raise_links, write_meta};
-use super::{now_unix_ms, FailoverError, Shadow, StepClock, TapBinding};
-
-/// What set the failover off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    /// The primary's QEMU process exited (pidfd).
-    Pidfd,
-    /// libvirt reported the primary crashed or failed.
-    Lifecycle,
-    /// Heartbeats stopped and the guest is hung.
-    Heartbeat,
-    /// An operator asked for a switchover.
-    Manual,
-    /// Found at daemon start: the primary was already gone.
-    Recovery,
-}
-
-impl Trigger {
-    /// Label for status and metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            Trigger::Pidfd => "pidfd",
-            Trigger::Lifecycle => "lifecycle",
-            Trigger::Heartbeat => "heartbeat",
-            Trigger::Manual => "manual",
-            Trigger::Recovery => "recovery",
-        }
-    }
-
-    /// Whether the old primary's QEMU is already known to be gone.
-    fn primary_known_dead(self) -> bool {
-        matches!(
-            self,
-            Trigger::Pidfd | Trigger::Lifecycle | Trigger::Recovery
-        )
-    }
-}
+use super::{FailoverError, FailoverRecord, Shadow, StepClock, TapBinding, Trigger};
 
 /// Input of one promotion.
 #[derive(Debug, Clone)]
@@ -81,12 +51,170 @@ pub struct Promotion {
     pub profile: Option<ProfileApply>,
 }
 
-/// Result of a promotion: the record (always) and the new primary's taps on success.
+/// Result of a successful promotion: the record and the new primary's taps.
+#[derive(Debug)]
 pub struct Promoted {
     /// Timeline for status and metrics.
     pub record: FailoverRecord,
     /// The new active domain's taps.
     pub taps: Vec<TapBinding>,
+}
+
+/// A failed promotion: how far it got, and why it stopped.
+#[derive(Debug)]
+pub struct PromotionFailed {
+    /// Timeline up to the failing step.
+    pub record: FailoverRecord,
+    /// What failed.
+    pub error: FailoverError,
+}
+
+/// The steps of a promotion. `run_steps` decides their order; an implementation only
+/// carries each one out.
+pub trait PromotionSteps: Sync {
+    /// Isolates the old primary; an error means it may still be reachable.
+    fn fence(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Becomes the service's owner; an error means another promotion owns it.
+    fn claim(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Resumes the paused shadow.
+    fn resume(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Puts the shadow's taps on their bridges.
+    fn rewire(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Raises the shadow's NIC links (only for a shadow whose links were not raised at
+    /// provisioning).
+    fn link_up(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Tells switches and ARP caches where the MAC lives now; best effort.
+    fn announce(&self, p: &Promotion) -> impl Future<Output = ()> + Send;
+    /// Records the shadow as primary and retires the old one.
+    fn record_roles(&self, p: &Promotion)
+        -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Sizes and configures the new primary from its profile; returns notes, never fails.
+    fn apply_profile(&self, p: &Promotion) -> impl Future<Output = Vec<String>> + Send;
+}
+
+/// Runs a promotion with the live steps. On error the record says how far it got.
+pub async fn promote(
+    hv: &Hypervisor,
+    net: &Netlink,
+    coord: &dyn Coordinator,
+    p: Promotion,
+) -> Result<Promoted, PromotionFailed> {
+    run(&LiveSteps { hv, net, coord }, p).await
+}
+
+/// Runs the pipeline over `steps` and builds the record.
+pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted, PromotionFailed> {
+    let mut clock = StepClock::starting_at(p.detected_at);
+    let at_unix_ms = crate::clock::now_unix_ms();
+    let span = tracing::info_span!("promote", service = %p.service, from = %p.old_primary, to = %p.shadow.name, trigger = p.trigger.label());
+    let _enter = span.enter();
+    let mut notes = Vec::new();
+    let result = run_steps(steps, &p, &mut clock, &mut notes).await;
+    let outage_ms = clock.restored_ms().unwrap_or_else(|| clock.total_ms());
+    let record = FailoverRecord {
+        at_unix_ms,
+        from: p.old_primary.clone(),
+        to: p.shadow.name.clone(),
+        trigger: p.trigger,
+        outage_ms,
+        steps: clock.into_steps(),
+        ok: result.is_ok(),
+        error: result.as_ref().err().map(|e| crate::error::report(e)),
+        notes,
+    };
+    match result {
+        Ok(()) => {
+            tracing::info!(outage_ms, "promotion complete");
+            Ok(Promoted {
+                record,
+                taps: p.shadow.taps.clone(),
+            })
+        }
+        Err(error) => {
+            tracing::error!(error = %crate::error::report(&error), "promotion failed");
+            Err(PromotionFailed { record, error })
+        }
+    }
+}
+
+/// Times `f` as step `name`, success or not.
+async fn timed<T>(
+    clock: &mut StepClock,
+    name: &str,
+    f: impl Future<Output = Result<T, FailoverError>>,
+) -> Result<T, FailoverError> {
+    let t = Instant::now();
+    let r = f.await;
+    clock.record(name, t.elapsed());
+    r
+}
+
+async fn run_steps<S: PromotionSteps>(
+    steps: &S,
+    p: &Promotion,
+    clock: &mut StepClock,
+    notes: &mut Vec<String>,
+) -> Result<(), FailoverError> {
+    // 1. Fence, then claim: nothing of the shadow is touched before both are confirmed.
+    timed(clock, "fence", steps.fence(p)).await?;
+    timed(clock, "claim", steps.claim(p)).await?;
+
+    // 2. Resume (libvirt) and rewire (netlink) at once. Nothing else touches libvirt before
+    //    service is restored: libvirt runs one job per domain at a time, so a journal write
+    //    here would queue in front of the resume. A restart that finds the shadow running
+    //    with a standby record treats it as an interrupted promotion (see the daemon's
+    //    recovery), so the journal can follow.
+    let started = Instant::now();
+    let resume = async {
+        let r = steps.resume(p).await;
+        (r, started.elapsed())
+    };
+    let rewire = async {
+        let r = steps.rewire(p).await;
+        (r, started.elapsed())
+    };
+    let ((resumed, resume_took), (rewired, rewire_took)) = tokio::join!(resume, rewire);
+    clock.record("resume", resume_took);
+    resumed?;
+    clock.record("rewire", rewire_took);
+    rewired?;
+
+    // 3. A standby whose links were not raised at provisioning (made by an older daemon, or
+    //    recovered mid-way) gets them raised now, on the critical path.
+    if !p.shadow.link_ready() {
+        timed(clock, "link_up", steps.link_up(p)).await?;
+    }
+    // From here on the shadow serves: the end of the outage as far as we can tell. Frames to
+    // the MAC reach the new port even before any announcement, since the bridge floods frames
+    // for a MAC whose old port is gone.
+    clock.mark_restored();
+
+    // 4. Tell the network where the MAC lives now (switches beyond the bridge, ARP caches).
+    timed(clock, "announce", async {
+        steps.announce(p).await;
+        Ok(())
+    })
+    .await?;
+    // 5. Roles: the shadow is the primary now; the old one is retired and fenced.
+    timed(clock, "metadata", steps.record_roles(p)).await?;
+    // 6. Size and configure the promoted shadow from its profile. Traffic already flows, so
+    //    this cannot lengthen the outage; what it does or fails to do is a note.
+    if p.profile.is_some() {
+        let t = Instant::now();
+        notes.extend(steps.apply_profile(p).await);
+        clock.record("apply_profile", t.elapsed());
+    }
+    Ok(())
+}
+
+/// The steps on the real host: libvirt, netlink and the coordinator.
+pub struct LiveSteps<'a> {
+    /// The libvirt connection.
+    pub hv: &'a Hypervisor,
+    /// Netlink, in the namespace of the taps.
+    pub net: &'a Netlink,
+    /// Who owns which service.
+    pub coord: &'a dyn Coordinator,
 }
 
 fn ignore_missing_link(r: Result<(), NetError>) -> Result<(), NetError> {
@@ -96,66 +224,56 @@ fn ignore_missing_link(r: Result<(), NetError>) -> Result<(), NetError> {
     }
 }
 
-/// Runs the pipeline. On error the record says how far it got.
-pub async fn promote(
-    hv: &Hypervisor,
-    net: &Netlink,
-    p: Promotion,
-) -> Result<Promoted, (FailoverRecord, FailoverError)> {
-    let mut clock = StepClock::starting_at(p.detected_at);
-    let at_unix_ms = now_unix_ms();
-    let span = tracing::info_span!("promote", service = %p.service, from = %p.old_primary, to = %p.shadow.name, trigger = p.trigger.label());
-    let _enter = span.enter();
-    let mut notes = Vec::new();
-    let result = run_steps(hv, net, &p, &mut clock, &mut notes).await;
-    let outage_ms = clock.restored_ms().unwrap_or_else(|| clock.total_ms());
-    let (ok, error) = match &result {
-        Ok(_) => (true, None),
-        Err(e) => (false, Some(format!("{e}: {}", crate::error_chain(e)))),
-    };
-    let record = FailoverRecord {
-        at_unix_ms,
-        from: p.old_primary.clone(),
-        to: p.shadow.name.clone(),
-        trigger: p.trigger.label().to_string(),
-        outage_ms,
-        steps: clock.into_steps(),
-        ok,
-        error,
-        notes,
-    };
-    match result {
-        Ok(taps) => {
-            tracing::info!(outage_ms, "promotion complete");
-            Ok(Promoted { record, taps })
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "promotion failed");
-            Err((record, e))
-        }
-    }
+fn libvirt_step(step: &'static str) -> impl FnOnce(LibvirtError) -> FailoverError {
+    move |source| FailoverError::Libvirt { step, source }
 }
 
-async fn run_steps(
-    hv: &Hypervisor,
-    net: &Netlink,
-    p: &Promotion,
-    clock: &mut StepClock,
-    notes: &mut Vec<String>,
-) -> Result<Vec<TapBinding>, FailoverError> {
-    // 1. Fence. A dead QEMU is already fenced; still cut any tap it left so no stale port
-    //    keeps the MAC. A live (hung or switched-over) primary is cut off the bridge, and the
-    //    cut is read back before anything else happens.
-    let t = Instant::now();
-    for b in &p.old_taps {
-        ignore_missing_link(net.set_nomaster(&b.tap).await)
-            .and(ignore_missing_link(net.set_down(&b.tap).await))
-            .map_err(|source| FailoverError::Net {
-                step: "fence: cut old primary's tap",
-                source,
-            })?;
-    }
-    if !p.trigger.primary_known_dead() {
+/// Compare-and-swap on the owner record of `p.service`: it must still name the old primary
+/// (no record yet counts as generation 0).
+pub async fn claim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), FailoverError> {
+    let lost = |source| FailoverError::ClaimLost {
+        service: p.service.clone(),
+        source: Box::new(source),
+    };
+    let expected = match coord.owner(&p.service).await.map_err(lost)? {
+        None => 0,
+        Some(r) if r.domain == p.old_primary => r.generation,
+        Some(current) => {
+            return Err(lost(CoordError::Conflict {
+                service: p.service.clone(),
+                expected: 0,
+                current,
+            }))
+        }
+    };
+    coord
+        .claim(Claim {
+            service: p.service.clone(),
+            domain: p.shadow.name.clone(),
+            expected,
+        })
+        .await
+        .map(drop)
+        .map_err(lost)
+}
+
+impl PromotionSteps for LiveSteps<'_> {
+    /// A dead QEMU is already fenced; still cut any tap it left so no stale port keeps the
+    /// MAC. A live (hung or switched-over) primary is cut off the bridge, and the cut is read
+    /// back.
+    async fn fence(&self, p: &Promotion) -> Result<(), FailoverError> {
+        let net = self.net;
+        for b in &p.old_taps {
+            ignore_missing_link(net.set_nomaster(&b.tap).await)
+                .and(ignore_missing_link(net.set_down(&b.tap).await))
+                .map_err(|source| FailoverError::Net {
+                    step: "fence: cut old primary's tap",
+                    source,
+                })?;
+        }
+        if p.trigger.primary_known_dead() {
+            return Ok(());
+        }
         for b in &p.old_taps {
             match net.master_of(&b.tap).await {
                 Ok(None) | Err(NetError::NoSuchLink { .. }) => {}
@@ -178,150 +296,323 @@ async fn run_steps(
         // (the daemon watches it for a grace period, then destroys it).
         if p.trigger == Trigger::Manual {
             let old = p.old_primary.clone();
-            hv.run("fence: pause", move |hv| hv.suspend(&old))
+            self.hv
+                .run("fence: pause", move |hv| hv.suspend(&old))
                 .await
-                .map_err(|source| FailoverError::Libvirt {
-                    step: "fence: pause old primary",
+                .map_err(libvirt_step("fence: pause old primary"))?;
+        }
+        Ok(())
+    }
+
+    async fn claim(&self, p: &Promotion) -> Result<(), FailoverError> {
+        claim_owner(self.coord, p).await
+    }
+
+    async fn resume(&self, p: &Promotion) -> Result<(), FailoverError> {
+        let shadow = p.shadow.name.clone();
+        self.hv
+            .run("resume shadow", move |hv| match hv.resume(&shadow) {
+                // Resuming again after an interrupted promotion: already running is fine.
+                Err(e) if hv.state(&shadow).ok() == Some(RunState::Running) => {
+                    tracing::info!(error = %e, "shadow already running");
+                    Ok(())
+                }
+                other => other,
+            })
+            .await
+            .map_err(libvirt_step("resume"))
+    }
+
+    async fn rewire(&self, p: &Promotion) -> Result<(), FailoverError> {
+        for b in &p.shadow.taps {
+            // Each shadow tap goes onto the bridge its own definition names.
+            let Some(bridge) = &b.bridge else { continue };
+            self.net
+                .enslave_and_up(&b.tap, bridge)
+                .await
+                .map_err(|source| FailoverError::Net {
+                    step: "rewire: enslave shadow tap",
                     source,
                 })?;
         }
-    }
-    clock.record("fence", t.elapsed());
-
-    // 2. Resume (libvirt) and rewire (netlink) at once. Nothing else touches libvirt before
-    //    service is restored: libvirt runs one job per domain at a time, so a journal write
-    //    here would queue in front of the resume. A restart that finds the shadow running
-    //    with a standby record treats it as an interrupted promotion (see the daemon's
-    //    recovery), so the journal can follow.
-    let bindings: Vec<TapBinding> = p.shadow.taps.clone();
-    let shadow = p.shadow.name.clone();
-    let resume = {
-        let shadow = shadow.clone();
-        let t = Instant::now();
-        async move {
-            let r = hv
-                .run("resume shadow", move |hv| match hv.resume(&shadow) {
-                    // Resuming again after an interrupted promotion: already running is fine.
-                    Err(e) if hv.state(&shadow).ok() == Some(crate::libvirt::RunState::Running) => {
-                        tracing::info!(error = %e, "shadow already running");
-                        Ok(())
-                    }
-                    other => other,
-                })
-                .await
-                .map_err(|source| FailoverError::Libvirt {
-                    step: "resume",
-                    source,
-                });
-            (r, t.elapsed())
-        }
-    };
-    let rewire = {
-        let t = Instant::now();
-        let bindings = bindings.clone();
-        async move {
-            for b in &bindings {
-                // Each shadow tap goes onto the bridge its own definition names.
-                let Some(bridge) = &b.bridge else { continue };
-                net.enslave_and_up(&b.tap, bridge)
-                    .await
-                    .map_err(|source| FailoverError::Net {
-                        step: "rewire: enslave shadow tap",
-                        source,
-                    })
-                    .map_err(|e| (e, t.elapsed()))?;
-            }
-            Ok::<_, (FailoverError, std::time::Duration)>(t.elapsed())
-        }
-    };
-    let ((resumed, resume_took), rewired) = tokio::join!(resume, rewire);
-    clock.record("resume", resume_took);
-    resumed?;
-    match rewired {
-        Ok(took) => clock.record("rewire", took),
-        Err((e, took)) => {
-            clock.record("rewire", took);
-            return Err(e);
-        }
+        Ok(())
     }
 
-    // 3. A standby whose links were not raised at provisioning (made by an older daemon, or
-    //    recovered mid-way) gets them raised now, on the critical path.
-    if !p.shadow.link_ready() {
-        let t = Instant::now();
-        let (s, macs) = (
-            shadow.clone(),
-            bindings.iter().map(|b| b.mac.clone()).collect::<Vec<_>>(),
-        );
-        hv.run("link up", move |hv| raise_links(hv, &s, &macs))
+    async fn link_up(&self, p: &Promotion) -> Result<(), FailoverError> {
+        let s = p.shadow.name.clone();
+        let macs: Vec<String> = p.shadow.taps.iter().map(|b| b.mac.clone()).collect();
+        self.hv
+            .run("link up", move |hv| raise_links(hv, &s, &macs))
             .await
-            .map_err(|source| FailoverError::Libvirt {
-                step: "link up",
-                source,
-            })?;
-        clock.record("link_up", t.elapsed());
+            .map_err(libvirt_step("link up"))
     }
-    // From here on the shadow serves: the end of the outage as far as we can tell. Frames to
-    // the MAC reach the new port even before any announcement, since the bridge floods frames
-    // for a MAC whose old port is gone.
-    clock.mark_restored();
 
-    // 4. Tell the network where the MAC lives now (switches beyond the bridge, ARP caches).
-    let t = Instant::now();
-    let s = shadow.clone();
-    let announce =
-        r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":5,"step":100}}"#;
-    if let Err(e) = hv.run("announce", move |hv| hv.qmp(&s, announce)).await {
-        tracing::warn!(error = %e, "announce-self failed");
-    }
-    clock.record("announce", t.elapsed());
-
-    // 5. Roles: the shadow is the primary now; the old one is retired and fenced.
-    let t = Instant::now();
-    let new_meta = member_meta(
-        &p.service,
-        &p.class,
-        Role::Primary,
-        p.shadow_generation,
-        MemberState::Active,
-    );
-    let old_meta = member_meta(&p.service, &p.class, Role::Retired, 0, MemberState::Fenced);
-    let (old, new) = (p.old_primary.clone(), shadow.clone());
-    let kill_old = p.trigger == Trigger::Manual;
-    hv.run("roles", move |hv| write_meta(hv, &new, &new_meta))
-        .await
-        .map_err(|source| FailoverError::Libvirt {
-            step: "metadata",
-            source,
-        })?;
-    // The old primary is retired off the critical path: after a crash libvirt holds that
-    // domain's job until it has processed the QEMU exit, which takes about a second.
-    let service = p.service.clone();
-    let hv_bg = hv.clone();
-    tokio::spawn(async move {
-        hv_bg.run("retire old primary", move |hv| {
-        if kill_old {
-            hv.destroy(&old)?;
+    async fn announce(&self, p: &Promotion) {
+        let s = p.shadow.name.clone();
+        let announce = r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":5,"step":100}}"#;
+        if let Err(e) = self
+            .hv
+            .run("announce", move |hv| hv.qmp(&s, announce))
+            .await
+        {
+            tracing::warn!(error = %crate::error::report(&e), "announce-self failed");
         }
-        match write_meta(hv, &old, &old_meta) {
-            // The retired domain may be gone entirely (transient); that is fine.
-            Ok(()) | Err(LibvirtError::NoSuchDomain { .. }) => Ok(()),
-            Err(e) => {
-                tracing::warn!(service = %service, old = %old, error = %e, "cannot mark the old primary retired");
-                Err(e)
+    }
+
+    async fn record_roles(&self, p: &Promotion) -> Result<(), FailoverError> {
+        let new_meta = member_meta(
+            &p.service,
+            &p.class,
+            Role::Primary,
+            p.shadow_generation,
+            MemberState::Active,
+        );
+        let new = p.shadow.name.clone();
+        self.hv
+            .run("roles", move |hv| write_meta(hv, &new, &new_meta))
+            .await
+            .map_err(libvirt_step("metadata"))?;
+        // The old primary is retired off the critical path: after a crash libvirt holds that
+        // domain's job until it has processed the QEMU exit, which takes about a second.
+        let old_meta = member_meta(&p.service, &p.class, Role::Retired, 0, MemberState::Fenced);
+        let (service, old) = (p.service.clone(), p.old_primary.clone());
+        let kill_old = p.trigger == Trigger::Manual;
+        let hv = self.hv.clone();
+        tokio::spawn(async move {
+            let r = hv
+                .run("retire old primary", move |hv| {
+                    if kill_old {
+                        hv.destroy(&old)?;
+                    }
+                    write_meta(hv, &old, &old_meta)
+                })
+                .await;
+            match r {
+                // The retired domain may be gone entirely (transient); that is fine.
+                Ok(()) | Err(LibvirtError::NoSuchDomain { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(%service, error = %crate::error::report(&e), "cannot retire the old primary")
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn apply_profile(&self, p: &Promotion) -> Vec<String> {
+        match &p.profile {
+            Some(profile) => super::apply_profile::apply(self.hv, &p.shadow.name, profile).await,
+            None => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::failover::ShadowState;
+
+    /// How long each fake step takes, so concurrent steps really overlap.
+    const FAKE_STEP: Duration = Duration::from_millis(1);
+
+    /// Records the order of the steps; fails the one named in `fail`.
+    struct Recorder {
+        calls: Mutex<Vec<&'static str>>,
+        fail: Option<&'static str>,
+    }
+
+    impl Recorder {
+        fn failing(fail: Option<&'static str>) -> Self {
+            Recorder {
+                calls: Mutex::new(Vec::new()),
+                fail,
             }
         }
-    })
-        .await
-    });
-    clock.record("metadata", t.elapsed());
 
-    // 5. Size and configure the promoted shadow from its profile. Traffic already flows, so
-    //    this cannot lengthen the outage; what it does or fails to do is a note, never an error.
-    if let Some(profile) = &p.profile {
-        let t = Instant::now();
-        notes.extend(super::apply_profile::apply(hv, &shadow, profile).await);
-        clock.record("apply_profile", t.elapsed());
+        async fn step(&self, name: &'static str) -> Result<(), FailoverError> {
+            tokio::time::sleep(FAKE_STEP).await;
+            self.calls.lock().unwrap().push(name);
+            if self.fail == Some(name) {
+                return Err(FailoverError::FenceUnconfirmed {
+                    domain: "web".into(),
+                    why: format!("{name} failed in the test"),
+                });
+            }
+            Ok(())
+        }
+
+        fn calls(&self) -> Vec<&'static str> {
+            self.calls.lock().unwrap().clone()
+        }
     }
-    Ok(bindings)
+
+    impl PromotionSteps for Recorder {
+        async fn fence(&self, _: &Promotion) -> Result<(), FailoverError> {
+            self.step("fence").await
+        }
+        async fn claim(&self, _: &Promotion) -> Result<(), FailoverError> {
+            self.step("claim").await
+        }
+        async fn resume(&self, _: &Promotion) -> Result<(), FailoverError> {
+            self.step("resume").await
+        }
+        async fn rewire(&self, _: &Promotion) -> Result<(), FailoverError> {
+            self.step("rewire").await
+        }
+        async fn link_up(&self, _: &Promotion) -> Result<(), FailoverError> {
+            self.step("link_up").await
+        }
+        async fn announce(&self, _: &Promotion) {
+            let _ = self.step("announce").await;
+        }
+        async fn record_roles(&self, _: &Promotion) -> Result<(), FailoverError> {
+            self.step("metadata").await
+        }
+        async fn apply_profile(&self, _: &Promotion) -> Vec<String> {
+            let _ = self.step("apply_profile").await;
+            vec!["resized".into()]
+        }
+    }
+
+    fn promotion(links_up: bool) -> Promotion {
+        Promotion {
+            service: "web".into(),
+            class: "stateless".into(),
+            old_primary: "web".into(),
+            old_taps: Vec::new(),
+            shadow: Shadow {
+                name: "web-shadow-1".into(),
+                state: ShadowState::Promoting,
+                taps: vec![TapBinding {
+                    mac: "52:54:00:00:00:01".into(),
+                    tap: "vnet1".into(),
+                    bridge: Some("br0".into()),
+                    link_up: links_up,
+                }],
+            },
+            shadow_generation: 1,
+            trigger: Trigger::Pidfd,
+            detected_at: Instant::now(),
+            profile: None,
+        }
+    }
+
+    fn position(calls: &[&str], step: &str) -> usize {
+        calls
+            .iter()
+            .position(|c| *c == step)
+            .unwrap_or_else(|| panic!("{step} not called: {calls:?}"))
+    }
+
+    #[tokio::test]
+    async fn fence_and_claim_come_before_the_shadow_is_touched() {
+        let r = Recorder::failing(None);
+        let done = run(&r, promotion(true)).await.unwrap();
+        let calls = r.calls();
+        assert_eq!(&calls[..2], ["fence", "claim"]);
+        for later in ["resume", "rewire"] {
+            assert!(
+                position(&calls, later) > position(&calls, "claim"),
+                "{calls:?}"
+            );
+        }
+        assert_eq!(&calls[4..], ["announce", "metadata"]);
+        assert!(
+            !calls.contains(&"link_up"),
+            "links were already up: {calls:?}"
+        );
+        let names: Vec<&str> = done.record.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["fence", "claim", "resume", "rewire", "announce", "metadata"]
+        );
+        assert!(done.record.ok);
+        assert_eq!(done.taps.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_fence_touches_nothing_else() {
+        let r = Recorder::failing(Some("fence"));
+        let failed = run(&r, promotion(true)).await.unwrap_err();
+        assert_eq!(r.calls(), ["fence"]);
+        assert!(!failed.record.ok);
+        assert!(failed.record.error.unwrap().contains("fence failed"));
+    }
+
+    #[tokio::test]
+    async fn a_lost_claim_leaves_the_shadow_paused() {
+        let r = Recorder::failing(Some("claim"));
+        run(&r, promotion(true)).await.unwrap_err();
+        assert_eq!(r.calls(), ["fence", "claim"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_resume_records_no_roles() {
+        let r = Recorder::failing(Some("resume"));
+        let failed = run(&r, promotion(true)).await.unwrap_err();
+        let calls = r.calls();
+        assert!(!calls.contains(&"metadata"), "{calls:?}");
+        assert!(!calls.contains(&"announce"), "{calls:?}");
+        let names: Vec<&str> = failed
+            .record
+            .steps
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(names, ["fence", "claim", "resume"]);
+    }
+
+    #[tokio::test]
+    async fn links_down_are_raised_before_service_counts_as_restored_and_profile_comes_last() {
+        let r = Recorder::failing(None);
+        let mut p = promotion(false);
+        p.profile = Some(ProfileApply {
+            version: None,
+            resources: None,
+            config_files: Vec::new(),
+            dependencies: Vec::new(),
+            agent: Default::default(),
+            dependency_timeout: Duration::from_millis(1),
+        });
+        let done = run(&r, p).await.unwrap();
+        let calls = r.calls();
+        assert!(position(&calls, "link_up") < position(&calls, "announce"));
+        assert_eq!(calls.last(), Some(&"apply_profile"));
+        assert_eq!(done.record.notes, ["resized"]);
+    }
+
+    #[tokio::test]
+    async fn the_live_claim_loses_to_an_earlier_promotion() {
+        use crate::cluster::{HostId, LocalCoordinator};
+        let coord = LocalCoordinator::new(HostId("h".into()));
+        coord.adopt("web", "web").await.unwrap();
+        // Another promotion already moved the service to shadow 2.
+        coord
+            .claim(Claim {
+                service: "web".into(),
+                domain: "web-shadow-2".into(),
+                expected: 1,
+            })
+            .await
+            .unwrap();
+        let p = promotion(true);
+        let err = claim_owner(&coord, &p).await.unwrap_err();
+        assert!(matches!(err, FailoverError::ClaimLost { .. }), "{err:?}");
+        assert_eq!(
+            coord.owner("web").await.unwrap().unwrap().domain,
+            "web-shadow-2"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_live_claim_wins_while_the_record_names_the_old_primary() {
+        use crate::cluster::{HostId, LocalCoordinator};
+        let coord = LocalCoordinator::new(HostId("h".into()));
+        coord.adopt("web", "web").await.unwrap();
+        claim_owner(&coord, &promotion(true)).await.unwrap();
+        let r = coord.owner("web").await.unwrap().unwrap();
+        assert_eq!((r.domain.as_str(), r.generation), ("web-shadow-1", 2));
+    }
 }

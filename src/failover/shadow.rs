@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::api::protocol::ShadowState;
 use crate::domain_xml::{
     shadow_spec, standby_boot_spec, DiskSpec, DomainXml, InterfaceKind, InterfaceSpec, MemberState,
     Role, ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
@@ -12,7 +11,7 @@ use crate::domain_xml::{
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::net::Netlink;
 
-use super::{FailoverError, Shadow, TapBinding};
+use super::{FailoverError, Shadow, ShadowState, TapBinding};
 
 /// Everything needed to create one shadow.
 #[derive(Debug, Clone)]
@@ -173,6 +172,7 @@ pub async fn provision(
     let name = hv
         .blocking("define shadow", move |hv| {
             let xml = build_shadow_xml(hv, &r)?;
+            ensure_room(&r.name, &xml)?;
             // Boot from the off-bridge variant, then make the spec the persistent definition
             // (see `standby_boot_spec`): the tap never joins a bridge before promotion.
             let boot_xml = DomainXml::parse(&xml)
@@ -563,23 +563,36 @@ fn run_qemu_img(
     Ok(out.stdout)
 }
 
-/// A random UUID from the kernel.
-pub fn new_uuid() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| {
-            // Only reached without /proc: derive one from time and pid.
-            let n = super::now_unix_ms() as u128 ^ ((std::process::id() as u128) << 64);
-            let h = format!("{n:032x}");
-            format!(
-                "{}-{}-4{}-8{}-{}",
-                &h[0..8],
-                &h[8..12],
-                &h[13..16],
-                &h[17..20],
-                &h[20..32]
-            )
+/// Refuses a shadow the host cannot hold: a paused shadow keeps its memory.
+fn ensure_room(name: &str, xml: &str) -> Result<(), FailoverError> {
+    let need_kib = DomainXml::parse(xml)
+        .map_err(|source| FailoverError::Xml {
+            domain: name.to_string(),
+            source,
+        })?
+        .memory_kib()
+        .current_kib;
+    let Some(host) = crate::cluster::HostCapacity::read() else {
+        tracing::warn!(
+            shadow = name,
+            "host memory unknown; shadow placed without a check"
+        );
+        return Ok(());
+    };
+    if host.fits(need_kib) {
+        Ok(())
+    } else {
+        Err(FailoverError::HostFull {
+            shadow: name.to_string(),
+            need_kib,
+            available_kib: host.mem_available_kib,
         })
+    }
+}
+
+/// A random (version 4) UUID for a new domain.
+pub fn new_uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 #[cfg(test)]

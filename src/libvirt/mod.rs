@@ -4,8 +4,11 @@
 //! Every call into libvirt blocks; async code reaches this module through
 //! `tokio::task::spawn_blocking` (see [`Hypervisor::run`]).
 
+mod agent;
 mod events;
 mod process;
+
+pub use agent::LibvirtAgent;
 
 pub use events::{AgentState, DomainEvent, EventLoop, LifecycleEvent};
 pub use process::{qemu_pid, vcpu_time_ns, ProcessExit, QemuProcess, QEMU_RUN_DIR};

@@ -1,19 +1,21 @@
 //! Monitoring of protected primaries, host side and guest side.
 //!
-//! Only [`collector`] talks to libvirt (its [`LibvirtAgent`] implements the [`AgentTransport`]
-//! trait over `crate::libvirt`); everything else reaches the guest agent through that trait, host counters are
-//! read from files under a configurable root, and everything else is pure logic fed with
+//! Only [`collector`] talks to libvirt; the guest agent is reached through the [`AgentTransport`]
+//! trait (`crate::libvirt::LibvirtAgent` implements it over libvirt), host counters are read
+//! from files under a configurable root, and everything else is pure logic fed with
 //! observations. That keeps every piece testable without a hypervisor.
 //!
 //! The pieces:
 //! - [`cgroup`]: host-side CPU, memory and block I/O counters of a QEMU process, from its cgroup
 //!   (v1, v2 or hybrid), located through `/proc/<pid>/cgroup`.
 //! - [`agent`]: typed, bounded, validated parsing of qemu-ga replies, and [`GuestAgent`], a client
-//!   with `ping`, `osinfo`, `cpustats`, `diskstats`, `interfaces`, `read_file` and `exec`.
+//!   with `ping`, `osinfo`, `cpustats`, `diskstats`, `interfaces`, `read_file`, `write_file` and
+//!   `exec`. One file per part: the reply walk (`reply`), system information and counters
+//!   (`system`), `exec`, `file`, and the client (`client`).
 //! - [`sockets`]: the guest's `/proc/net/{tcp,tcp6,udp}` (read through the agent) as
 //!   connections, listening ports and outbound peers.
-//! - [`deps`]: the dependency map: peers aggregated over time from socket snapshots and
-//!   conntrack records, bounded with least-recently-seen eviction.
+//! - [`deps`]: the dependency map: peers aggregated over time from socket snapshots,
+//!   bounded with least-recently-seen eviction.
 //! - [`configtrack`]: content hashes and previews of guest configuration items, and their diff.
 //! - [`sample`]: rates ([`Sample`]) from two consecutive sets of cumulative counters
 //!   ([`RawCounters`]), robust to counter resets.
@@ -21,7 +23,9 @@
 //!   service that survives restarts and torn writes.
 //! - [`collector`]: the per-primary collector that ties the above together once per sampling
 //!   interval: a [`Sample`] for the history and a profile observation per tick, degrading to
-//!   host-only data when the guest agent misbehaves.
+//!   host-only data when the guest agent misbehaves. One file per part: `settings`, the host
+//!   side (`host`), the agent round (`guest`), the choice of counters (`counters`),
+//!   configuration items (`config`), outbound peers (`peers`), tick `jitter` and `cpu_time`.
 //! - [`heartbeat`]: the state machine that turns pings, vCPU progress and QEMU monitor
 //!   responsiveness into a [`Health`] verdict (healthy, degraded, suspect, hung).
 
@@ -42,8 +46,7 @@ pub use agent::{
 pub use base64::Base64Error;
 pub use cgroup::{CgroupCounters, CgroupError, CgroupReader, CgroupVersion};
 pub use collector::{
-    Collector, CollectorError, CollectorSettings, ConfigFileContent, GuestStatus, LibvirtAgent,
-    Tick, TickJitter,
+    Collector, CollectorError, CollectorSettings, ConfigFileContent, GuestStatus, Tick, TickJitter,
 };
 pub use configtrack::{
     diff as config_diff, ConfigChange, ConfigItem, ConfigSnapshot, ConfigSource,

@@ -305,8 +305,7 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 /// Connections opened from here: established or connecting, to a real peer, from a local port
 /// that is not a listening port (a listening local port means the peer connected to us).
 ///
-/// UDP caveat: only `connect()`ed UDP sockets show a peer; `sendto()` traffic is invisible here
-/// (conntrack records cover it, see [`super::deps`]).
+/// UDP caveat: only `connect()`ed UDP sockets show a peer; `sendto()` traffic is invisible here.
 pub fn outbound_peers(conns: &[Connection]) -> Vec<OutboundPeer> {
     let listening = listening_ports(conns);
     conns

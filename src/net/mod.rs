@@ -1,20 +1,19 @@
-//! Bridge and route rewiring over rtnetlink.
+//! Bridge rewiring over rtnetlink.
 //!
 //! Everything here acts on the network namespace the netlink socket was opened in, which is
 //! the namespace of the thread that called [`Netlink::new`] (the daemon runs inside the lab's
 //! namespace). Links are addressed by name; only the operations that need another link's
-//! index (a bridge to enslave to, a route's output device) resolve it first.
+//! index (a bridge to enslave to) resolve it first.
 
 mod netlink;
 #[cfg(test)]
 mod tests;
 
 use std::fmt;
-use std::net::Ipv4Addr;
 
 use thiserror::Error;
 
-pub use self::netlink::{FdbEntry, FdbEntryKind, Netlink, PortInfo};
+pub use self::netlink::{FdbEntry, FdbEntryKind, Netlink};
 
 /// A change made to a link, named in errors.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,26 +121,6 @@ pub enum NetError {
     Dump {
         /// The table being dumped.
         what: DumpKind,
-        /// The netlink error (boxed: it carries a whole netlink message).
-        #[source]
-        source: Box<rtnetlink::Error>,
-    },
-    /// Installing or replacing a host route failed.
-    #[error("cannot route {dest}/32 via {link}")]
-    RouteReplace {
-        /// Route destination.
-        dest: Ipv4Addr,
-        /// Output device.
-        link: String,
-        /// The netlink error (boxed: it carries a whole netlink message).
-        #[source]
-        source: Box<rtnetlink::Error>,
-    },
-    /// Looking up the route to an address failed.
-    #[error("cannot look up the route to {dest}")]
-    RouteLookup {
-        /// The address looked up.
-        dest: Ipv4Addr,
         /// The netlink error (boxed: it carries a whole netlink message).
         #[source]
         source: Box<rtnetlink::Error>,

@@ -1,32 +1,17 @@
-//! The rtnetlink handle and its link, bridge and route operations.
+//! The rtnetlink handle and its link and bridge operations.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::Ipv4Addr;
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourState};
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec};
 
 use super::{DumpKind, LinkChange, NetError};
 
 /// Linux `IFNAMSIZ` minus the terminating NUL.
 const MAX_LINK_NAME: usize = 15;
-
-/// A port of a bridge.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortInfo {
-    /// Interface name.
-    pub name: String,
-    /// Interface index.
-    pub index: u32,
-    /// Administratively up (`IFF_UP`).
-    pub up: bool,
-    /// Hardware address, `aa:bb:cc:dd:ee:ff`; `None` for links without one.
-    pub mac: Option<String>,
-}
 
 /// How a forwarding entry got into a bridge's FDB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -136,27 +121,6 @@ impl Netlink {
         }
     }
 
-    /// The ports of `bridge`, in kernel order.
-    pub async fn bridge_ports(&self, bridge: &str) -> Result<Vec<PortInfo>, NetError> {
-        let bridge_index = self.link_index(bridge).await?;
-        let links = self.dump_links().await?;
-        Ok(links
-            .iter()
-            .filter(|l| controller(l) == Some(bridge_index))
-            .filter_map(|l| {
-                Some(PortInfo {
-                    name: link_name_attr(l)?.to_string(),
-                    index: l.header.index,
-                    up: l.header.flags.contains(LinkFlags::Up),
-                    mac: l.attributes.iter().find_map(|a| match a {
-                        LinkAttribute::Address(bytes) => Some(format_mac(bytes)),
-                        _ => None,
-                    }),
-                })
-            })
-            .collect())
-    }
-
     /// Station MACs in `bridge`'s forwarding database, one entry per (MAC, port), sorted.
     ///
     /// Only entries the bridge forwards to a port are listed: the bridge's own local
@@ -214,60 +178,6 @@ impl Netlink {
             });
         }
         Ok(entries.into_iter().collect())
-    }
-
-    /// Installs the host route `dest/32 dev via_link`, replacing any route to `dest/32`
-    /// (`NLM_F_REPLACE`), so traffic moves to the new device in one atomic step.
-    pub async fn replace_host_route(&self, dest: Ipv4Addr, via_link: &str) -> Result<(), NetError> {
-        let index = self.link_index(via_link).await?;
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dest, 32)
-            .output_interface(index)
-            .scope(RouteScope::Link)
-            .build();
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(|source| NetError::RouteReplace {
-                dest,
-                link: via_link.to_string(),
-                source: Box::new(source),
-            })
-    }
-
-    /// The device the kernel would send traffic for `dest` through (like `ip route get`),
-    /// or `None` when `dest` is unreachable.
-    pub async fn route_dev(&self, dest: Ipv4Addr) -> Result<Option<String>, NetError> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        msg.header.destination_prefix_length = 32;
-        msg.attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet(dest)));
-        let reply = self.handle.route().get(msg).execute().try_next().await;
-        let route = match reply {
-            Ok(Some(route)) => route,
-            Ok(None) => return Ok(None),
-            Err(e) if matches!(errno(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
-                return Ok(None)
-            }
-            Err(source) => {
-                return Err(NetError::RouteLookup {
-                    dest,
-                    source: Box::new(source),
-                })
-            }
-        };
-        let oif = route.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        });
-        match oif {
-            Some(index) => Ok(Some(self.link_name(index).await?)),
-            None => Ok(None),
-        }
     }
 
     async fn set_link(

@@ -478,7 +478,7 @@ impl ProfileManager {
                     }
                     // The next occasion (drift cool-down, schedule) tries again.
                     Err(e) => {
-                        tracing::warn!(service, error = %e, cause = %crate::error_chain(&e), "profile version not committed")
+                        tracing::warn!(service, error = %crate::error::report(&e), "profile version not committed")
                     }
                 }
             }
@@ -1147,9 +1147,9 @@ mod tests {
         // Errors name what is missing.
         let e = m.rollback("web", Some(99)).unwrap_err();
         assert!(
-            e.to_string().contains("store") && crate::error_chain(&e).contains("no version 99"),
+            e.to_string().contains("store") && crate::error::report(&e).contains("no version 99"),
             "{e}: {}",
-            crate::error_chain(&e)
+            crate::error::report(&e)
         );
         let e = m.rollback("nope", Some(1)).unwrap_err();
         assert!(
@@ -1159,9 +1159,9 @@ mod tests {
         );
         let e = m.diff("web", 1, 42).unwrap_err();
         assert!(
-            crate::error_chain(&e).contains("no version 42"),
+            crate::error::report(&e).contains("no version 42"),
             "{}",
-            crate::error_chain(&e)
+            crate::error::report(&e)
         );
         assert!(m.diff("web", 1, n + 1).unwrap().is_empty());
         assert!(!m.diff("web", 1, n).unwrap().is_empty());

@@ -28,7 +28,6 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -446,24 +445,6 @@ struct Scan {
     skipped: Vec<SkippedFile>,
 }
 
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// The full error chain as one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
 fn check_service(service: &str) -> Result<(), StoreError> {
     layout::check_service(service).map_err(|reason| StoreError::InvalidService {
         name: service.to_string(),
@@ -573,7 +554,7 @@ impl ProfileStore {
             match layout::read(&path, service, n) {
                 Ok(v) => versions.push(v),
                 Err(e) => {
-                    let error = error_chain(&e);
+                    let error = crate::error::report(&e);
                     tracing::warn!(path = %path.display(), %error, "skipping unusable profile version");
                     skipped.push(SkippedFile { path, error });
                 }
@@ -593,7 +574,7 @@ impl ProfileStore {
             match layout::read(&path, service, n) {
                 Ok(v) => return Ok(Some(v)),
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %error_chain(&e), "skipping unusable profile version");
+                    tracing::warn!(path = %path.display(), error = %crate::error::report(&e), "skipping unusable profile version");
                 }
             }
         }
@@ -685,7 +666,7 @@ impl ProfileStore {
         profile: &Profile,
         reason: Reason,
     ) -> Result<u64, StoreError> {
-        self.commit_at(service, profile, reason, now_unix_ms())
+        self.commit_at(service, profile, reason, crate::clock::now_unix_ms())
     }
 
     /// [`ProfileStore::commit`] with an explicit creation time.
@@ -752,7 +733,7 @@ impl ProfileStore {
             match self.sync_service(&service, repo) {
                 Ok(s) => report.services.push(s),
                 Err(e) => {
-                    tracing::warn!(service, error = %error_chain(&e), "profile sync failed");
+                    tracing::warn!(service, error = %crate::error::report(&e), "profile sync failed");
                     report.failures.push((service, e));
                 }
             }
@@ -781,7 +762,7 @@ impl ProfileStore {
         let read = |n: u64, path: &Path| match layout::read(path, service, n) {
             Ok(v) => Some(v),
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %error_chain(&e), "skipping unusable profile version");
+                tracing::warn!(path = %path.display(), error = %crate::error::report(&e), "skipping unusable profile version");
                 None
             }
         };

@@ -1,0 +1,1243 @@
+//! The service table: every protected service, its state and its shadows, owned by one type.
+//!
+//! [`ServiceTable`] is the only place where a service's state changes. Each transition checks
+//! the state it starts from, refuses with a [`Refused`] when it does not fit, and otherwise
+//! returns the [`Action`]s the daemon must carry out next (promote, watch a primary, remove a
+//! shadow, ...). The table itself does no I/O, so every transition is tested without libvirt.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::failover::shadow::{shadow_generation, shadow_name};
+use crate::failover::{FailoverRecord, Shadow, ShadowState, TapBinding, Trigger};
+
+/// Pause between a completed promotion and provisioning the replacement shadow: booting it
+/// competes for CPU with the guest that has just taken over, in the very seconds its clients
+/// reconnect. Service first, redundancy right after.
+pub const REPLACEMENT_DELAY: Duration = Duration::from_secs(2);
+
+/// First wait after a failed shadow provisioning; it doubles per failure up to
+/// [`PROVISION_BACKOFF_MAX`], so a failing host is not hammered every housekeeping round.
+pub const PROVISION_BACKOFF_START: Duration = Duration::from_secs(10);
+/// Longest wait between provisioning attempts.
+pub const PROVISION_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// A service's lifecycle. Each variant carries what is true only in that state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceState {
+    /// Active primary running, but fewer paused shadows than the class asks for.
+    Provisioning,
+    /// Active primary running and every shadow paused and ready.
+    Protected,
+    /// A failover to `shadow` is in progress.
+    FailingOver {
+        /// The shadow being promoted.
+        shadow: String,
+        /// What set it off.
+        trigger: Trigger,
+    },
+    /// The primary is gone and no shadow could take over yet.
+    Down {
+        /// Why, for status.
+        reason: String,
+    },
+    /// Stopped deliberately by an operator through understudy; not a failure.
+    Stopped,
+    /// Shadows cannot be made for this primary (e.g. a device that cannot be cloned).
+    Unprotectable {
+        /// Why, naming the device.
+        reason: String,
+    },
+}
+
+impl ServiceState {
+    /// Short lowercase name for status output and metrics labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ServiceState::Provisioning => "provisioning",
+            ServiceState::Protected => "protected",
+            ServiceState::FailingOver { .. } => "failing_over",
+            ServiceState::Down { .. } => "down",
+            ServiceState::Stopped => "stopped",
+            ServiceState::Unprotectable { .. } => "unprotectable",
+        }
+    }
+
+    /// The label with the reason where there is one, for status.
+    pub fn describe(&self) -> String {
+        match self {
+            ServiceState::Down { reason } | ServiceState::Unprotectable { reason } => {
+                format!("{}: {reason}", self.label())
+            }
+            other => other.label().to_string(),
+        }
+    }
+
+    /// The active primary runs and is watched (heartbeats, probes, collectors).
+    pub fn is_running(&self) -> bool {
+        matches!(self, ServiceState::Provisioning | ServiceState::Protected)
+    }
+}
+
+/// What the daemon knows of one protected service. Read-only outside this module: the
+/// table's transitions are the only writers.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// Service name: the name of the domain first protected.
+    pub name: String,
+    /// The class from the protection rule.
+    pub class: String,
+    /// Lifecycle.
+    pub state: ServiceState,
+    /// The domain serving now.
+    pub active: String,
+    /// Taps of the active domain by MAC, with the bridge each was on.
+    pub active_taps: Vec<TapBinding>,
+    /// Shadows, oldest first.
+    pub shadows: Vec<Shadow>,
+    /// Last completed failover.
+    pub last_failover: Option<FailoverRecord>,
+    /// Unix ms of the last answered heartbeat.
+    pub last_heartbeat_unix_ms: Option<u64>,
+    /// Last health verdict, for status.
+    pub health: String,
+    /// Failed promotions since the service last ran: retries stop at the class's
+    /// `promote_retry_limit`.
+    pub promote_attempts: u32,
+    /// Highest shadow generation ever used, so new shadows never reuse a name.
+    pub last_generation: u64,
+    /// Consecutive failed shadow provisionings.
+    pub provision_failures: u32,
+    /// No provisioning before this instant (backoff after failures).
+    pub provision_not_before: Option<Instant>,
+}
+
+impl Service {
+    /// A service as found or first protected; `state` is where it starts.
+    pub fn new(name: &str, class: &str, active: &str, state: ServiceState) -> Self {
+        Service {
+            name: name.to_string(),
+            class: class.to_string(),
+            state,
+            active: active.to_string(),
+            active_taps: Vec::new(),
+            shadows: Vec::new(),
+            last_failover: None,
+            last_heartbeat_unix_ms: None,
+            health: "unknown".into(),
+            promote_attempts: 0,
+            last_generation: 0,
+            provision_failures: 0,
+            provision_not_before: None,
+        }
+    }
+
+    /// The first paused shadow, if any.
+    pub fn ready_shadow(&self) -> Option<&Shadow> {
+        self.shadows.iter().find(|s| s.state == ShadowState::Paused)
+    }
+
+    fn shadow_mut(&mut self, name: &str) -> Option<&mut Shadow> {
+        self.shadows.iter_mut().find(|s| s.name == name)
+    }
+
+    /// Provisioning becomes Protected once every shadow stands by.
+    fn settle(&mut self) {
+        if self.state == ServiceState::Provisioning
+            && !self.shadows.is_empty()
+            && self.shadows.iter().all(|s| s.state == ShadowState::Paused)
+        {
+            self.state = ServiceState::Protected;
+        }
+    }
+}
+
+/// Which member of a service a domain is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Member {
+    /// The service's active primary.
+    Active {
+        /// The service.
+        service: String,
+    },
+    /// One of its shadows.
+    Shadow {
+        /// The service.
+        service: String,
+        /// The shadow's state.
+        state: ShadowState,
+    },
+}
+
+/// What the daemon must do after a transition, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Watch `domain`, now the active primary of `service` (pidfd, collector, taps).
+    WatchPrimary {
+        /// The service.
+        service: String,
+        /// Its new active domain.
+        domain: String,
+    },
+    /// Destroy and undefine a shadow, then drop it from the table.
+    RemoveShadow {
+        /// The service.
+        service: String,
+        /// The shadow.
+        shadow: String,
+    },
+    /// Provision shadows wherever a service has fewer than its class asks for.
+    EnsureShadows,
+    /// The same, after `REPLACEMENT_DELAY`.
+    EnsureShadowsLater,
+    /// Begin a failover of `service` away from `from`.
+    Failover {
+        /// The service.
+        service: String,
+        /// The primary being replaced.
+        from: String,
+        /// Why.
+        trigger: Trigger,
+    },
+    /// Watch the primary fenced for a hang through the grace period, then destroy it.
+    FenceGrace {
+        /// The service.
+        service: String,
+        /// The fenced primary.
+        old: String,
+    },
+}
+
+/// Why a transition was refused. The table is unchanged unless the variant says otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// No service of that name.
+    #[error("no service named '{service}'; known services: {known}")]
+    UnknownService {
+        /// The name asked for.
+        service: String,
+        /// The services there are, comma-separated, or `(none)`.
+        known: String,
+    },
+    /// The domain named is no longer the service's active primary (a failover already moved
+    /// it, or the event is stale).
+    #[error("'{domain}' is not the active primary of service '{service}' (that is '{active}')")]
+    NotActive {
+        /// The service.
+        service: String,
+        /// The domain named.
+        domain: String,
+        /// The actual active primary.
+        active: String,
+    },
+    /// The service is in a state where the transition makes no sense.
+    #[error("service '{service}' is {state}; cannot {what}")]
+    WrongState {
+        /// The service.
+        service: String,
+        /// Its state label.
+        state: &'static str,
+        /// What was asked.
+        what: &'static str,
+    },
+    /// No paused shadow is ready. For a failover the service is now Down: this is the
+    /// one refusal that changes the table.
+    #[error("service '{service}' has no paused shadow ready")]
+    NoShadow {
+        /// The service.
+        service: String,
+    },
+    /// The shadow named is not a member of the service (or not in the state needed).
+    #[error("'{shadow}' is not a {what} shadow of service '{service}'")]
+    NoSuchShadow {
+        /// The service.
+        service: String,
+        /// The shadow named.
+        shadow: String,
+        /// The state it needed to be in.
+        what: &'static str,
+    },
+}
+
+/// What a started failover needs from the table.
+#[derive(Debug, Clone)]
+pub struct FailoverStart {
+    /// The service's class.
+    pub class: String,
+    /// The primary being replaced.
+    pub old_primary: String,
+    /// The old primary's taps, as last seen.
+    pub old_taps: Vec<TapBinding>,
+    /// The shadow to promote (its state is now Promoting).
+    pub shadow: Shadow,
+    /// The shadow's generation number.
+    pub shadow_generation: u64,
+}
+
+/// A shadow the table has reserved a name for; the daemon provisions it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowToProvision {
+    /// The service.
+    pub service: String,
+    /// Its class.
+    pub class: String,
+    /// The primary whose spec is cloned.
+    pub primary: String,
+    /// The new shadow's name.
+    pub name: String,
+    /// Its generation.
+    pub generation: u64,
+}
+
+/// Per-class numbers the table needs to plan shadows and retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassLimits {
+    /// Shadows per primary.
+    pub shadows: u32,
+    /// Failed promotions tolerated before the service stays down.
+    pub promote_retry_limit: u32,
+}
+
+/// Every protected service, by name.
+#[derive(Debug, Default)]
+pub struct ServiceTable {
+    services: BTreeMap<String, Service>,
+}
+
+impl ServiceTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The service named, if any.
+    pub fn get(&self, service: &str) -> Option<&Service> {
+        self.services.get(service)
+    }
+
+    /// The service named, or the refusal naming the known ones.
+    pub fn require(&self, service: &str) -> Result<&Service, Refused> {
+        self.services
+            .get(service)
+            .ok_or_else(|| self.unknown(service))
+    }
+
+    /// Every service, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Service> {
+        self.services.values()
+    }
+
+    /// The names of every service.
+    pub fn names(&self) -> Vec<String> {
+        self.services.keys().cloned().collect()
+    }
+
+    /// Whether `service` exists.
+    pub fn contains(&self, service: &str) -> bool {
+        self.services.contains_key(service)
+    }
+
+    /// Which member `domain` is, if it belongs to a service.
+    pub fn member(&self, domain: &str) -> Option<Member> {
+        self.services.values().find_map(|s| {
+            if s.active == domain {
+                Some(Member::Active {
+                    service: s.name.clone(),
+                })
+            } else {
+                s.shadows
+                    .iter()
+                    .find(|x| x.name == domain)
+                    .map(|x| Member::Shadow {
+                        service: s.name.clone(),
+                        state: x.state,
+                    })
+            }
+        })
+    }
+
+    /// The service whose active primary is `domain`.
+    pub fn service_of_active(&self, domain: &str) -> Option<&Service> {
+        self.services.values().find(|s| s.active == domain)
+    }
+
+    fn unknown(&self, service: &str) -> Refused {
+        let known: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        Refused::UnknownService {
+            service: service.to_string(),
+            known: if known.is_empty() {
+                "(none)".into()
+            } else {
+                known.join(", ")
+            },
+        }
+    }
+
+    fn svc_mut(&mut self, service: &str) -> Result<&mut Service, Refused> {
+        if !self.services.contains_key(service) {
+            return Err(self.unknown(service));
+        }
+        Ok(self.services.get_mut(service).expect("checked above"))
+    }
+
+    // ---- adoption ------------------------------------------------------------------------
+
+    /// Adds services rebuilt from libvirt; a service already known is kept as it is.
+    pub fn adopt(&mut self, found: impl IntoIterator<Item = Service>) {
+        for svc in found {
+            self.services.entry(svc.name.clone()).or_insert(svc);
+        }
+    }
+
+    /// Registers a newly tagged primary: provisioning when it runs, stopped when only defined.
+    pub fn protect(&mut self, domain: &str, class: &str, running: bool) -> Result<(), Refused> {
+        if let Some(s) = self.services.get(domain) {
+            return Err(Refused::WrongState {
+                service: domain.to_string(),
+                state: s.state.label(),
+                what: "protect it again",
+            });
+        }
+        let state = if running {
+            ServiceState::Provisioning
+        } else {
+            ServiceState::Stopped
+        };
+        self.services.insert(
+            domain.to_string(),
+            Service::new(domain, class, domain, state),
+        );
+        Ok(())
+    }
+
+    // ---- failover ------------------------------------------------------------------------
+
+    /// Begins a failover of `service` away from `from`: the first paused shadow becomes
+    /// Promoting and the service FailingOver. Without a ready shadow the service is Down
+    /// (the refusal says so) and the next ready shadow takes over ([`Self::shadow_ready`]).
+    pub fn begin_failover(
+        &mut self,
+        service: &str,
+        from: &str,
+        trigger: Trigger,
+    ) -> Result<FailoverStart, Refused> {
+        let svc = self.svc_mut(service)?;
+        if svc.active != from {
+            return Err(Refused::NotActive {
+                service: service.to_string(),
+                domain: from.to_string(),
+                active: svc.active.clone(),
+            });
+        }
+        if matches!(
+            svc.state,
+            ServiceState::FailingOver { .. } | ServiceState::Stopped
+        ) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "fail over",
+            });
+        }
+        let Some(shadow) = svc.ready_shadow().cloned() else {
+            svc.state = ServiceState::Down {
+                reason: "primary failed; no paused shadow".into(),
+            };
+            return Err(Refused::NoShadow {
+                service: service.to_string(),
+            });
+        };
+        svc.state = ServiceState::FailingOver {
+            shadow: shadow.name.clone(),
+            trigger,
+        };
+        if let Some(s) = svc.shadow_mut(&shadow.name) {
+            s.state = ShadowState::Promoting;
+        }
+        Ok(FailoverStart {
+            class: svc.class.clone(),
+            old_primary: svc.active.clone(),
+            old_taps: svc.active_taps.clone(),
+            shadow_generation: shadow_generation(service, &shadow.name).unwrap_or(0),
+            shadow,
+        })
+    }
+
+    /// A planned switchover asked by an operator: refused unless the service runs and has a
+    /// paused shadow, so a refusal never marks the service Down.
+    pub fn begin_switchover(&mut self, service: &str) -> Result<FailoverStart, Refused> {
+        let svc = self.require(service)?;
+        if !svc.state.is_running() {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "switch over",
+            });
+        }
+        if svc.ready_shadow().is_none() {
+            return Err(Refused::NoShadow {
+                service: service.to_string(),
+            });
+        }
+        let active = svc.active.clone();
+        self.begin_failover(service, &active, Trigger::Manual)
+    }
+
+    /// The promotion of `shadow` succeeded: it is the active primary now, with `taps`.
+    pub fn failover_succeeded(
+        &mut self,
+        service: &str,
+        shadow: &str,
+        record: FailoverRecord,
+        taps: Vec<TapBinding>,
+    ) -> Result<Vec<Action>, Refused> {
+        let svc = self.svc_mut(service)?;
+        let ServiceState::FailingOver { shadow: s, trigger } = &svc.state else {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "complete a failover",
+            });
+        };
+        if s != shadow {
+            return Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+                what: "promoting",
+            });
+        }
+        let trigger = *trigger;
+        let old = std::mem::replace(&mut svc.active, shadow.to_string());
+        svc.shadows.retain(|s| s.name != shadow);
+        svc.active_taps = taps;
+        svc.state = ServiceState::Provisioning;
+        svc.promote_attempts = 0;
+        svc.last_failover = Some(record);
+        let mut actions = Vec::new();
+        if trigger == Trigger::Heartbeat {
+            actions.push(Action::FenceGrace {
+                service: service.to_string(),
+                old,
+            });
+        }
+        actions.push(Action::WatchPrimary {
+            service: service.to_string(),
+            domain: shadow.to_string(),
+        });
+        actions.push(Action::EnsureShadowsLater);
+        Ok(actions)
+    }
+
+    /// The promotion of `shadow` failed: the shadow is removed (it may be half promoted) and,
+    /// within the class's retry limit, another failover follows.
+    pub fn failover_failed(
+        &mut self,
+        service: &str,
+        shadow: &str,
+        record: FailoverRecord,
+        limits: ClassLimits,
+    ) -> Result<Vec<Action>, Refused> {
+        let svc = self.svc_mut(service)?;
+        if !matches!(&svc.state, ServiceState::FailingOver { shadow: s, .. } if s == shadow) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "fail a failover to that shadow",
+            });
+        }
+        if let Some(s) = svc.shadow_mut(shadow) {
+            s.state = ShadowState::Failed;
+        }
+        svc.promote_attempts += 1;
+        svc.state = ServiceState::Down {
+            reason: format!(
+                "failover failed (attempt {}): {}",
+                svc.promote_attempts,
+                record.error.as_deref().unwrap_or("unknown error")
+            ),
+        };
+        svc.last_failover = Some(record);
+        let mut actions = vec![Action::RemoveShadow {
+            service: service.to_string(),
+            shadow: shadow.to_string(),
+        }];
+        if svc.promote_attempts <= limits.promote_retry_limit {
+            actions.push(Action::Failover {
+                service: service.to_string(),
+                from: svc.active.clone(),
+                trigger: Trigger::Recovery,
+            });
+            actions.push(Action::EnsureShadows);
+        }
+        Ok(actions)
+    }
+
+    // ---- shadows -------------------------------------------------------------------------
+
+    /// Reserves names for the shadows each service lacks, marking them Booting. A service that
+    /// is down still gets one (within its retry limit): a new shadow is how it comes back.
+    pub fn plan_shadows(
+        &mut self,
+        limits: impl Fn(&str) -> ClassLimits,
+        now: Instant,
+    ) -> Vec<ShadowToProvision> {
+        let mut out = Vec::new();
+        for svc in self.services.values_mut() {
+            let lim = limits(&svc.class);
+            let down_retry = matches!(svc.state, ServiceState::Down { .. })
+                && svc.promote_attempts <= lim.promote_retry_limit;
+            if !(svc.state.is_running() || down_retry) {
+                continue;
+            }
+            if svc.provision_not_before.is_some_and(|t| now < t) {
+                continue;
+            }
+            let want = (lim.shadows as usize).max(usize::from(down_retry));
+            let have = svc
+                .shadows
+                .iter()
+                .filter(|s| matches!(s.state, ShadowState::Booting | ShadowState::Paused))
+                .count();
+            if have >= want {
+                if svc.state == ServiceState::Provisioning
+                    && svc.shadows.iter().all(|s| s.state == ShadowState::Paused)
+                {
+                    svc.state = ServiceState::Protected;
+                }
+                continue;
+            }
+            if !down_retry {
+                svc.state = ServiceState::Provisioning;
+            }
+            // Generations only grow: a rebuilt or replaced shadow never reuses a name.
+            let next = svc
+                .shadows
+                .iter()
+                .filter_map(|s| shadow_generation(&svc.name, &s.name))
+                .chain(shadow_generation(&svc.name, &svc.active))
+                .chain([svc.last_generation])
+                .max()
+                .unwrap_or(0)
+                + 1;
+            svc.last_generation = next;
+            let name = shadow_name(&svc.name, next);
+            svc.shadows.push(Shadow {
+                name: name.clone(),
+                state: ShadowState::Booting,
+                taps: Vec::new(),
+            });
+            out.push(ShadowToProvision {
+                service: svc.name.clone(),
+                class: svc.class.clone(),
+                primary: svc.active.clone(),
+                name,
+                generation: next,
+            });
+        }
+        out
+    }
+
+    /// A booting shadow is paused and ready. A service that is down promotes it at once.
+    pub fn shadow_ready(&mut self, service: &str, shadow: Shadow) -> Result<Vec<Action>, Refused> {
+        let svc = self.svc_mut(service)?;
+        let Some(slot) = svc
+            .shadows
+            .iter_mut()
+            .find(|s| s.name == shadow.name && s.state == ShadowState::Booting)
+        else {
+            return Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.name,
+                what: "booting",
+            });
+        };
+        *slot = shadow;
+        svc.provision_failures = 0;
+        svc.provision_not_before = None;
+        svc.settle();
+        Ok(match svc.state {
+            ServiceState::Down { .. } => vec![Action::Failover {
+                service: service.to_string(),
+                from: svc.active.clone(),
+                trigger: Trigger::Recovery,
+            }],
+            _ => Vec::new(),
+        })
+    }
+
+    /// Provisioning a shadow failed: it is removed, and the next attempt waits (doubling up
+    /// to `PROVISION_BACKOFF_MAX`). `unprotectable` marks a primary that can never have a
+    /// shadow (its spec cannot be cloned).
+    pub fn shadow_failed(
+        &mut self,
+        service: &str,
+        shadow: &str,
+        reason: &str,
+        unprotectable: bool,
+        now: Instant,
+    ) -> Result<(Vec<Action>, Duration), Refused> {
+        let svc = self.svc_mut(service)?;
+        if let Some(s) = svc.shadow_mut(shadow) {
+            s.state = ShadowState::Failed;
+        }
+        svc.provision_failures += 1;
+        let wait = PROVISION_BACKOFF_START
+            .saturating_mul(1 << svc.provision_failures.min(6).saturating_sub(1))
+            .min(PROVISION_BACKOFF_MAX);
+        svc.provision_not_before = Some(now + wait);
+        if unprotectable && svc.state.is_running() {
+            svc.state = ServiceState::Unprotectable {
+                reason: reason.to_string(),
+            };
+        }
+        Ok((
+            vec![Action::RemoveShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+            }],
+            wait,
+        ))
+    }
+
+    /// A shadow stopped or crashed outside a promotion: it is removed and replaced.
+    pub fn shadow_lost(&mut self, service: &str, shadow: &str) -> Result<Vec<Action>, Refused> {
+        let svc = self.require(service)?;
+        match svc.shadows.iter().find(|s| s.name == shadow) {
+            Some(s) if s.state != ShadowState::Promoting => Ok(vec![
+                Action::RemoveShadow {
+                    service: service.to_string(),
+                    shadow: shadow.to_string(),
+                },
+                Action::EnsureShadows,
+            ]),
+            _ => Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+                what: "standing-by or booting",
+            }),
+        }
+    }
+
+    /// A shadow is gone from libvirt: it leaves the table.
+    pub fn shadow_removed(&mut self, service: &str, shadow: &str) {
+        if let Some(svc) = self.services.get_mut(service) {
+            svc.shadows.retain(|x| x.name != shadow);
+        }
+    }
+
+    /// A shadow found after a restart (from its metadata) joins its service.
+    pub fn shadow_found(&mut self, service: &str, shadow: Shadow) -> Result<(), Refused> {
+        let svc = self.svc_mut(service)?;
+        match svc.shadow_mut(&shadow.name) {
+            Some(s) => *s = shadow,
+            None => svc.shadows.push(shadow),
+        }
+        Ok(())
+    }
+
+    /// A shadow went back on standby (interrupted promotion undone): paused, with `taps`.
+    pub fn shadow_reparked(
+        &mut self,
+        service: &str,
+        shadow: &str,
+        taps: Vec<TapBinding>,
+    ) -> Result<(), Refused> {
+        let svc = self.svc_mut(service)?;
+        let Some(s) = svc.shadow_mut(shadow) else {
+            return Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+                what: "known",
+            });
+        };
+        s.state = ShadowState::Paused;
+        s.taps = taps;
+        Ok(())
+    }
+
+    /// The taps of a shadow, read from libvirt.
+    pub fn set_shadow_taps(&mut self, service: &str, shadow: &str, taps: Vec<TapBinding>) {
+        if let Some(s) = self
+            .services
+            .get_mut(service)
+            .and_then(|v| v.shadow_mut(shadow))
+        {
+            s.taps = taps;
+        }
+    }
+
+    /// The taps of the active primary, read from libvirt.
+    pub fn set_active_taps(&mut self, service: &str, taps: Vec<TapBinding>) {
+        if let Some(s) = self.services.get_mut(service) {
+            s.active_taps = taps;
+        }
+    }
+
+    /// Operator rebuild or reinit: every shadow is to be removed and a service that was
+    /// protected (or unprotectable) provisions again. Returns the shadows to remove.
+    pub fn rebuild(&mut self, service: &str) -> Result<Vec<String>, Refused> {
+        let svc = self.svc_mut(service)?;
+        if matches!(svc.state, ServiceState::FailingOver { .. }) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "rebuild its shadows",
+            });
+        }
+        if matches!(
+            svc.state,
+            ServiceState::Protected | ServiceState::Unprotectable { .. }
+        ) {
+            svc.state = ServiceState::Provisioning;
+        }
+        Ok(svc.shadows.iter().map(|s| s.name.clone()).collect())
+    }
+
+    // ---- stop and start ------------------------------------------------------------------
+
+    /// `understudy stop`: the primary is shut off on purpose, never a failure.
+    pub fn stop(&mut self, service: &str) -> Result<&Service, Refused> {
+        let svc = self.svc_mut(service)?;
+        if matches!(svc.state, ServiceState::FailingOver { .. }) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "stop",
+            });
+        }
+        svc.state = ServiceState::Stopped;
+        Ok(svc)
+    }
+
+    /// `understudy start`, or a stopped primary started by someone: protected again.
+    pub fn start(&mut self, service: &str) -> Result<&Service, Refused> {
+        let svc = self.svc_mut(service)?;
+        if matches!(svc.state, ServiceState::FailingOver { .. }) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "start",
+            });
+        }
+        svc.state = ServiceState::Provisioning;
+        Ok(svc)
+    }
+
+    /// libvirt reports the primary of a stopped service started: it is protected again.
+    /// Refused (and nothing changes) unless the service was stopped.
+    pub fn primary_started(&mut self, service: &str) -> Result<&Service, Refused> {
+        match self.require(service)?.state {
+            ServiceState::Stopped => self.start(service),
+            ref other => Err(Refused::WrongState {
+                service: service.to_string(),
+                state: other.label(),
+                what: "restart a primary that was not stopped",
+            }),
+        }
+    }
+
+    // ---- health --------------------------------------------------------------------------
+
+    /// Records the health verdict; returns whether it changed.
+    pub fn set_health(&mut self, service: &str, label: &str) -> bool {
+        match self.services.get_mut(service) {
+            Some(s) if s.health != label => {
+                s.health = label.to_string();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records an answered heartbeat.
+    pub fn heartbeat(&mut self, service: &str, at_unix_ms: u64) {
+        if let Some(s) = self.services.get_mut(service) {
+            s.last_heartbeat_unix_ms = Some(at_unix_ms);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ClassLimits = ClassLimits {
+        shadows: 1,
+        promote_retry_limit: 2,
+    };
+
+    fn record(ok: bool) -> FailoverRecord {
+        FailoverRecord {
+            at_unix_ms: 1,
+            from: "web".into(),
+            to: "web-shadow-1".into(),
+            trigger: Trigger::Pidfd,
+            outage_ms: 40.0,
+            steps: Vec::new(),
+            ok,
+            error: (!ok).then(|| "resume failed".into()),
+            notes: Vec::new(),
+        }
+    }
+
+    fn paused(name: &str) -> Shadow {
+        Shadow {
+            name: name.into(),
+            state: ShadowState::Paused,
+            taps: Vec::new(),
+        }
+    }
+
+    /// A running service `web` with one paused shadow.
+    fn protected() -> ServiceTable {
+        let mut t = ServiceTable::new();
+        t.protect("web", "stateless", true).unwrap();
+        let planned = t.plan_shadows(|_| LIMITS, Instant::now());
+        assert_eq!(planned.len(), 1);
+        assert_eq!(planned[0].name, "web-shadow-1");
+        t.shadow_ready("web", paused("web-shadow-1")).unwrap();
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Protected);
+        t
+    }
+
+    #[test]
+    fn protect_registers_running_and_defined_primaries() {
+        let mut t = ServiceTable::new();
+        t.protect("a", "c", true).unwrap();
+        t.protect("b", "c", false).unwrap();
+        assert_eq!(t.get("a").unwrap().state, ServiceState::Provisioning);
+        assert_eq!(t.get("b").unwrap().state, ServiceState::Stopped);
+        assert!(matches!(
+            t.protect("a", "c", true),
+            Err(Refused::WrongState { .. })
+        ));
+    }
+
+    #[test]
+    fn plan_shadows_reserves_growing_generations_and_skips_stopped() {
+        let mut t = ServiceTable::new();
+        t.protect("web", "c", true).unwrap();
+        t.protect("db", "c", false).unwrap();
+        let two = ClassLimits {
+            shadows: 2,
+            promote_retry_limit: 0,
+        };
+        let p = t.plan_shadows(|_| two, Instant::now());
+        assert_eq!(p.len(), 1, "one shadow per round per service: {p:?}");
+        let p2 = t.plan_shadows(|_| two, Instant::now());
+        assert_eq!(p2[0].name, "web-shadow-2");
+        assert!(t.plan_shadows(|_| two, Instant::now()).is_empty());
+        // A removed shadow's generation is never reused.
+        t.shadow_removed("web", "web-shadow-2");
+        assert_eq!(
+            t.plan_shadows(|_| two, Instant::now())[0].name,
+            "web-shadow-3"
+        );
+    }
+
+    #[test]
+    fn failover_promotes_the_paused_shadow_and_asks_for_a_replacement() {
+        let mut t = protected();
+        let start = t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        assert_eq!(start.shadow.name, "web-shadow-1");
+        assert_eq!(start.shadow_generation, 1);
+        assert_eq!(
+            t.member("web-shadow-1"),
+            Some(Member::Shadow {
+                service: "web".into(),
+                state: ShadowState::Promoting
+            })
+        );
+        let actions = t
+            .failover_succeeded("web", "web-shadow-1", record(true), Vec::new())
+            .unwrap();
+        assert_eq!(
+            actions,
+            vec![
+                Action::WatchPrimary {
+                    service: "web".into(),
+                    domain: "web-shadow-1".into()
+                },
+                Action::EnsureShadowsLater
+            ]
+        );
+        let s = t.get("web").unwrap();
+        assert_eq!(s.active, "web-shadow-1");
+        assert!(s.shadows.is_empty());
+        assert_eq!(s.state, ServiceState::Provisioning);
+    }
+
+    #[test]
+    fn a_hang_failover_watches_the_fenced_primary_through_the_grace_period() {
+        let mut t = protected();
+        t.begin_failover("web", "web", Trigger::Heartbeat).unwrap();
+        let actions = t
+            .failover_succeeded("web", "web-shadow-1", record(true), Vec::new())
+            .unwrap();
+        assert_eq!(
+            actions[0],
+            Action::FenceGrace {
+                service: "web".into(),
+                old: "web".into()
+            }
+        );
+    }
+
+    #[test]
+    fn failover_is_refused_twice_for_stale_domains_and_when_stopped() {
+        let mut t = protected();
+        t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        assert!(matches!(
+            t.begin_failover("web", "web", Trigger::Lifecycle),
+            Err(Refused::WrongState {
+                state: "failing_over",
+                ..
+            })
+        ));
+        let mut t = protected();
+        assert!(matches!(
+            t.begin_failover("web", "old-primary", Trigger::Pidfd),
+            Err(Refused::NotActive { .. })
+        ));
+        t.stop("web").unwrap();
+        assert!(matches!(
+            t.begin_failover("web", "web", Trigger::Pidfd),
+            Err(Refused::WrongState {
+                state: "stopped",
+                ..
+            })
+        ));
+        assert!(matches!(
+            t.begin_failover("nope", "x", Trigger::Pidfd),
+            Err(Refused::UnknownService { .. })
+        ));
+    }
+
+    #[test]
+    fn failover_without_a_shadow_marks_down_then_the_next_ready_shadow_takes_over() {
+        let mut t = ServiceTable::new();
+        t.protect("web", "c", true).unwrap();
+        let planned = t.plan_shadows(|_| LIMITS, Instant::now());
+        assert_eq!(
+            t.begin_failover("web", "web", Trigger::Pidfd).unwrap_err(),
+            Refused::NoShadow {
+                service: "web".into()
+            }
+        );
+        assert_eq!(t.get("web").unwrap().state.label(), "down");
+        let actions = t.shadow_ready("web", paused(&planned[0].name)).unwrap();
+        assert_eq!(
+            actions,
+            vec![Action::Failover {
+                service: "web".into(),
+                from: "web".into(),
+                trigger: Trigger::Recovery
+            }]
+        );
+    }
+
+    #[test]
+    fn failed_promotion_retries_within_the_limit_then_stays_down() {
+        let mut t = protected();
+        for attempt in 1..=3u32 {
+            // A down service within its retry limit still gets a shadow.
+            if attempt > 1 {
+                let p = t.plan_shadows(|_| LIMITS, Instant::now());
+                assert_eq!(p.len(), 1, "attempt {attempt}");
+                t.shadow_ready("web", paused(&p[0].name)).unwrap();
+            }
+            let start = t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+            let actions = t
+                .failover_failed("web", &start.shadow.name, record(false), LIMITS)
+                .unwrap();
+            assert_eq!(
+                actions[0],
+                Action::RemoveShadow {
+                    service: "web".into(),
+                    shadow: start.shadow.name.clone()
+                }
+            );
+            let retried = actions.iter().any(|a| matches!(a, Action::Failover { .. }));
+            assert_eq!(
+                retried,
+                attempt <= LIMITS.promote_retry_limit,
+                "attempt {attempt}"
+            );
+            t.shadow_removed("web", &start.shadow.name);
+            assert!(t
+                .get("web")
+                .unwrap()
+                .state
+                .describe()
+                .contains("resume failed"));
+        }
+        // Retries exhausted: no more shadows for it.
+        assert!(t.plan_shadows(|_| LIMITS, Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn completing_a_failover_checks_the_state_and_the_shadow() {
+        let mut t = protected();
+        assert!(matches!(
+            t.failover_succeeded("web", "web-shadow-1", record(true), Vec::new()),
+            Err(Refused::WrongState { .. })
+        ));
+        t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        assert!(matches!(
+            t.failover_succeeded("web", "web-shadow-9", record(true), Vec::new()),
+            Err(Refused::NoSuchShadow { .. })
+        ));
+        assert!(matches!(
+            t.failover_failed("web", "web-shadow-9", record(false), LIMITS),
+            Err(Refused::WrongState { .. })
+        ));
+    }
+
+    #[test]
+    fn switchover_is_refused_without_changing_state() {
+        let mut t = ServiceTable::new();
+        t.protect("web", "c", true).unwrap();
+        assert!(matches!(
+            t.begin_switchover("web"),
+            Err(Refused::NoShadow { .. })
+        ));
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Provisioning);
+        let mut t = protected();
+        t.stop("web").unwrap();
+        assert!(matches!(
+            t.begin_switchover("web"),
+            Err(Refused::WrongState { .. })
+        ));
+        let mut t = protected();
+        assert_eq!(
+            t.begin_switchover("web").unwrap().shadow.name,
+            "web-shadow-1"
+        );
+    }
+
+    #[test]
+    fn provisioning_failures_back_off_and_unprotectable_sticks() {
+        let mut t = ServiceTable::new();
+        t.protect("web", "c", true).unwrap();
+        let now = Instant::now();
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let p = t.plan_shadows(|_| LIMITS, now + Duration::from_secs(3600));
+            let (actions, wait) = t
+                .shadow_failed("web", &p[0].name, "qemu-img failed", false, now)
+                .unwrap();
+            assert!(matches!(actions[0], Action::RemoveShadow { .. }));
+            t.shadow_removed("web", &p[0].name);
+            waits.push(wait.as_secs());
+        }
+        assert_eq!(waits, [10, 20, 40, 80, 160, 300, 300, 300]);
+        // Not before the backoff ends.
+        assert!(t.plan_shadows(|_| LIMITS, now).is_empty());
+        let p = t.plan_shadows(|_| LIMITS, now + Duration::from_secs(301));
+        t.shadow_failed("web", &p[0].name, "hostdev cannot be cloned", true, now)
+            .unwrap();
+        assert_eq!(
+            t.get("web").unwrap().state.describe(),
+            "unprotectable: hostdev cannot be cloned"
+        );
+        assert!(t
+            .plan_shadows(|_| LIMITS, now + Duration::from_secs(3600))
+            .is_empty());
+        // A rebuild gives it another chance.
+        t.rebuild("web").unwrap();
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Provisioning);
+    }
+
+    #[test]
+    fn a_ready_shadow_resets_the_backoff() {
+        let mut t = ServiceTable::new();
+        t.protect("web", "c", true).unwrap();
+        let now = Instant::now();
+        let p = t.plan_shadows(|_| LIMITS, now);
+        t.shadow_failed("web", &p[0].name, "x", false, now).unwrap();
+        t.shadow_removed("web", &p[0].name);
+        let p = t.plan_shadows(|_| LIMITS, now + Duration::from_secs(11));
+        t.shadow_ready("web", paused(&p[0].name)).unwrap();
+        let s = t.get("web").unwrap();
+        assert_eq!((s.provision_failures, s.provision_not_before), (0, None));
+        // Only a booting shadow can become ready.
+        assert!(matches!(
+            t.shadow_ready("web", paused(&p[0].name)),
+            Err(Refused::NoSuchShadow { .. })
+        ));
+    }
+
+    #[test]
+    fn a_lost_shadow_is_replaced_unless_it_is_being_promoted() {
+        let mut t = protected();
+        assert_eq!(
+            t.shadow_lost("web", "web-shadow-1").unwrap(),
+            vec![
+                Action::RemoveShadow {
+                    service: "web".into(),
+                    shadow: "web-shadow-1".into()
+                },
+                Action::EnsureShadows
+            ]
+        );
+        t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        assert!(t.shadow_lost("web", "web-shadow-1").is_err());
+    }
+
+    #[test]
+    fn stop_and_start_and_a_started_primary() {
+        let mut t = protected();
+        t.stop("web").unwrap();
+        assert!(t.plan_shadows(|_| LIMITS, Instant::now()).is_empty());
+        t.primary_started("web").unwrap();
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Provisioning);
+        // A start event for a running primary changes nothing.
+        assert!(t.primary_started("web").is_err());
+        t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        assert!(t.stop("web").is_err());
+        assert!(t.start("web").is_err());
+        assert!(t.rebuild("web").is_err());
+    }
+
+    #[test]
+    fn unknown_service_names_the_known_ones() {
+        let t = protected();
+        assert_eq!(
+            t.require("nope").unwrap_err().to_string(),
+            "no service named 'nope'; known services: web"
+        );
+        assert_eq!(
+            ServiceTable::new().require("x").unwrap_err().to_string(),
+            "no service named 'x'; known services: (none)"
+        );
+    }
+
+    #[test]
+    fn repark_returns_an_interrupted_promotion_to_standby() {
+        let mut t = protected();
+        t.shadow_found(
+            "web",
+            Shadow {
+                name: "web-shadow-1".into(),
+                state: ShadowState::Promoting,
+                taps: Vec::new(),
+            },
+        )
+        .unwrap();
+        t.shadow_reparked("web", "web-shadow-1", Vec::new())
+            .unwrap();
+        assert_eq!(
+            t.get("web").unwrap().ready_shadow().unwrap().name,
+            "web-shadow-1"
+        );
+        assert!(t.shadow_reparked("web", "nope", Vec::new()).is_err());
+    }
+
+    #[test]
+    fn health_changes_are_reported_once() {
+        let mut t = protected();
+        assert!(t.set_health("web", "healthy"));
+        assert!(!t.set_health("web", "healthy"));
+        assert!(!t.set_health("nope", "healthy"));
+    }
+}
