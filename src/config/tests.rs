@@ -574,3 +574,13 @@ fn accel_picks_the_domain_type() {
     assert_eq!(Accel::Kvm.domain_type(false), "kvm");
     assert_eq!(Accel::Tcg.domain_type(true), "qemu");
 }
+
+#[test]
+fn non_ascii_log_level_is_a_problem_not_a_panic() {
+    let text = include_str!("fixtures/fuzz-log-level-multibyte.toml");
+    let problems = Fixture::new(text).problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "daemon.log_level");
+    assert_eq!(problems[0].line, 5);
+    assert!(problems[0].message.contains("only ASCII"), "{problems:?}");
+}
