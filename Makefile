@@ -145,6 +145,8 @@ deb:
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	cargo fmt --check --manifest-path fuzz/Cargo.toml
+	cargo clippy --manifest-path fuzz/Cargo.toml --target-dir target --all-targets -- -D warnings
 
 # The tests run inside the lab namespace (scripts/lab-exec.sh: `ip netns exec`
 # plus the host's cgroup mounts) so they reach the guests. scripts/lab-run.sh

@@ -833,8 +833,13 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // `level` was validated with the configuration; a bad UNDERSTUDY_LOG falls back to it.
+    let from_env = std::env::var("UNDERSTUDY_LOG").ok().and_then(|v| {
+        crate::config::log_filter(&v)
+            .map_err(|e| eprintln!("UNDERSTUDY_LOG ignored: {e}"))
+            .ok()
+    });
+    let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);

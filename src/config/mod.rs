@@ -716,6 +716,19 @@ impl Config {
     }
 }
 
+/// Parses `tracing` filter directives (`[daemon] log_level`, `UNDERSTUDY_LOG`). Non-ASCII text
+/// is refused before tracing-subscriber sees it: its directive parser slices at byte offsets
+/// and panics inside a multi-byte character (found by the config fuzz target).
+pub fn log_filter(directives: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    if !directives.is_ascii() {
+        return Err(format!(
+            "{directives:?} is not a valid log filter: only ASCII is allowed"
+        ));
+    }
+    tracing_subscriber::EnvFilter::try_new(directives)
+        .map_err(|e| format!("{directives:?} is not a valid log filter: {e}"))
+}
+
 /// A problem at `path`, located on the line of that key.
 fn problem(doc: &Document<'_>, path: &KeyPath, message: String) -> Problem {
     Problem {

@@ -638,3 +638,13 @@ promote_command_timeout_ms = 50
     assert!(text.contains("disk_roles"), "{text}");
     assert!(text.contains("system") && text.contains("data"), "{text}");
 }
+
+#[test]
+fn non_ascii_log_level_is_a_problem_not_a_panic() {
+    let text = include_str!("fixtures/fuzz-log-level-multibyte.toml");
+    let problems = Fixture::new(text).problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "daemon.log_level");
+    assert_eq!(problems[0].line, 5);
+    assert!(problems[0].message.contains("only ASCII"), "{problems:?}");
+}

@@ -97,11 +97,8 @@ impl Checker<'_, '_> {
         }
         if daemon.log_level.trim().is_empty() {
             self.fail(&at.key("log_level"), "must not be empty".to_owned());
-        } else if let Err(e) = tracing_subscriber::EnvFilter::try_new(&daemon.log_level) {
-            self.fail(
-                &at.key("log_level"),
-                format!("{:?} is not a valid log filter: {e}", daemon.log_level),
-            );
+        } else if let Err(e) = super::log_filter(&daemon.log_level) {
+            self.fail(&at.key("log_level"), e);
         }
         self.range(
             &at.key("keepalive_interval_s"),
