@@ -34,9 +34,16 @@ fi
 
 command -v cargo-afl >/dev/null || { echo "fuzz: cargo-afl is missing: run make fuzz-deps" >&2; exit 2; }
 target_dir=fuzz/target
+# The brief runs of `make test` (FUZZ_QUICK) use an unoptimised build on a machine that may be
+# busy: an input over AFL's few-ms timeout there is load, not a bug. They give every input a
+# second and report hangs without failing; crashes fail them as always.
+hang_timeout=()
+hangs_fail=1
 if [ "${FUZZ_QUICK:-0}" = 1 ]; then
     export AFL_OPT_LEVEL=0
     target_dir=fuzz/target/check
+    hang_timeout=(-t 1000)
+    hangs_fail=0
 fi
 if [ "${FUZZ_BUILD:-1}" != 0 ]; then
     echo "fuzz: cargo afl build (fuzz/, into $target_dir)"
@@ -72,7 +79,7 @@ for t in "${order[@]}"; do
     dict=()
     [ -f "fuzz/dict/$t.dict" ] && dict=(-x "fuzz/dict/$t.dict")
     echo "fuzz: $t for ${seconds}s ($(ls "$dir/in" | wc -l) seeds)"
-    if ! nice -n 19 cargo afl fuzz -i "$dir/in" -o "$dir/out" -V "$seconds" "${dict[@]}" \
+    if ! nice -n 19 cargo afl fuzz -i "$dir/in" -o "$dir/out" -V "$seconds" "${dict[@]}" "${hang_timeout[@]}" \
         "$target_dir/debug/$t" >"$dir/afl.log" 2>&1; then
         echo "fuzz: afl-fuzz failed on $t; the end of $dir/afl.log:" >&2
         tail -20 "$dir/afl.log" >&2
@@ -88,9 +95,11 @@ for t in "${order[@]}"; do
         [ -f "$f" ] && cp "$f" "$out/findings/$t/$(basename "$(dirname "$f")")-$(basename "$f" | tr ':,' '__')"
     done
     verdict=ok
-    if [ "$crashes" != 0 ] || [ "$hangs" != 0 ]; then
+    if [ "$crashes" != 0 ] || { [ "$hangs" != 0 ] && [ "$hangs_fail" = 1 ]; }; then
         verdict="findings:$out/findings/$t"
         status=1
+    elif [ "$hangs" != 0 ]; then
+        verdict="hangs-reported:$out/findings/$t"
     fi
     rows+=("$t $(stat run_time) $(stat execs_done) $(stat execs_per_sec) $(stat corpus_count) $crashes $hangs $verdict")
 done
