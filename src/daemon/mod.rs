@@ -34,11 +34,11 @@ use crate::api::metrics::Metrics;
 use crate::api::protocol::{Request, Response};
 use crate::cluster::{Coordinator, HostId, LocalCoordinator};
 use crate::config::{ClassConfig, Config};
-use crate::domain_xml::{MemberState, Role, META_NS};
+use crate::domain_xml::{MemberState, META_NS};
 use crate::events::{EventKind, EventLog};
 use crate::failover::plan::DiskPolicy;
 use crate::failover::promote::{promote, Handover, Promoted, Promotion, PromotionFailed};
-use crate::failover::shadow::{member_meta, shadow_generation, write_meta};
+use crate::failover::shadow::{primary_meta, write_meta};
 use crate::failover::{FailoverError, Shadow, Trigger};
 use crate::libvirt::{
     AgentState, DomainEvent, EventLoop, Hypervisor, LibvirtError, LifecycleEvent,
@@ -711,8 +711,7 @@ async fn on_lifecycle(d: &Shared, domain: &str, event: LifecycleEvent) {
             let Ok(class) = started else { return };
             // The record in libvirt must say it runs: a restarted daemon that read "stopped"
             // would not fail it over.
-            let gen = shadow_generation(&service, domain).unwrap_or(0);
-            let meta = member_meta(&service, &class, Role::Primary, gen, MemberState::Active);
+            let meta = primary_meta(&service, &class, domain, MemberState::Active);
             let dn = domain.to_string();
             if let Err(e) = d
                 .hv()

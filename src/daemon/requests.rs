@@ -8,10 +8,10 @@ use crate::api::protocol::{
     DaemonInfo, DomainStatus, ErrorKind, Request, Response, ServiceStatus, ShadowStatus,
     StatusReport,
 };
-use crate::domain_xml::{MemberState, Role};
+use crate::domain_xml::MemberState;
 use crate::events::EventKind;
 use crate::failover::plan::{plan_disks, DiskPlan, DiskPolicy};
-use crate::failover::shadow::{member_meta, shadow_generation, write_meta};
+use crate::failover::shadow::{primary_meta, write_meta};
 use crate::failover::{FailoverRecord, Trigger};
 
 use super::recover::{ensure_all_shadows, refresh_active, remove_shadow};
@@ -133,13 +133,7 @@ async fn stop(d: &Shared, service: &str) -> Response {
         Ok(x) => x,
         Err(e) => return refused(e),
     };
-    let meta = member_meta(
-        service,
-        &class,
-        Role::Primary,
-        shadow_generation(service, &active).unwrap_or(0),
-        MemberState::Stopped,
-    );
+    let meta = primary_meta(service, &class, &active, MemberState::Stopped);
     let a = active.clone();
     match d
         .hv()
@@ -174,13 +168,7 @@ async fn start(d: &Shared, service: &str) -> Response {
         Ok(x) => x,
         Err(e) => return refused(e),
     };
-    let meta = member_meta(
-        service,
-        &class,
-        Role::Primary,
-        shadow_generation(service, &active).unwrap_or(0),
-        MemberState::Active,
-    );
+    let meta = primary_meta(service, &class, &active, MemberState::Active);
     let a = active.clone();
     let r = d
         .hv()

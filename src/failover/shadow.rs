@@ -58,6 +58,18 @@ pub fn shadow_generation(service: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
+/// Metadata for `domain` as the primary of `service`, in `state`; its generation is read from
+/// its name (0 for the domain first protected).
+pub fn primary_meta(
+    service: &str,
+    class: &str,
+    domain: &str,
+    state: MemberState,
+) -> UnderstudyMeta {
+    let generation = shadow_generation(service, domain).unwrap_or(0);
+    member_meta(service, class, Role::Primary, generation, state)
+}
+
 /// Metadata for a member of a service.
 pub fn member_meta(
     service: &str,
