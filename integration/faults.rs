@@ -293,7 +293,7 @@ fn daemon_killed_at_each_promotion_step_finishes_on_restart() {
         prefixes: vec![name.to_string()],
     };
     let (mut daemon, hv, _uuid, mac) = protected("journal", name, ip, &[]);
-    for step in ["fence", "resume", "rewire", "announce", "metadata"] {
+    for step in ["fence", "claim", "resume", "rewire", "announce", "metadata"] {
         let svc = daemon.service(name).unwrap();
         let active = svc["active"].as_str().unwrap().to_string();
         let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
