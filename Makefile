@@ -46,7 +46,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-
 	libvirt-clients libvirt-dev pkg-config qemu-guest-agent busybox-static \
 	linux-image-amd64 iproute2 curl cpio kmod gzip gcc libc6-dev make \
 	util-linux passwd binutils xz-utils man-db e2fsprogs swtpm swtpm-tools \
-	systemd dpkg-dev prometheus
+	systemd dpkg-dev prometheus etcd-server etcd-client protobuf-compiler
 
 # Newest installed kernel; evaluated when make starts, which is why `make test`
 # runs `images` in a sub-make after `deps` may have installed it.
