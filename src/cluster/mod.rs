@@ -6,13 +6,16 @@
 //! loses means another promotion won, and the shadow stays paused. This is the seam several
 //! hosts plug into (an etcd transaction on the record's revision, a lease per host, watches);
 //! [`LocalCoordinator`] is the single-host implementation, where the daemon's own table is the
-//! only claimant. [`HostCapacity`] says what this host can still hold.
+//! only claimant. [`HostCapacity`] says what this host can still hold; [`placement`] decides
+//! on which hosts a service's shadows go.
 
 mod capacity;
 mod local;
+pub mod placement;
 
 pub use capacity::{HostCapacity, HOST_RESERVE_KIB};
 pub use local::LocalCoordinator;
+pub use placement::Placement;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};

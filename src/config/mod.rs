@@ -278,6 +278,10 @@ pub struct ProtectRule {
 pub struct ClassConfig {
     /// Paused shadows kept per protected domain (0..=8).
     pub shadows: u32,
+    /// Where the shadows go: `local`, `other-host` or `spread` (see
+    /// [`crate::cluster::placement`]). Without a `[cluster]` table every host is alone and only
+    /// `local` can be satisfied; the others leave shadows unplaced (status says why).
+    pub placement: crate::cluster::Placement,
     /// Period of guest heartbeats in milliseconds (50..=60000).
     pub heartbeat_interval_ms: u64,
     /// Time a heartbeat may take to be answered, in milliseconds (10..=60000). Strictly below
@@ -352,6 +356,7 @@ impl Default for ClassConfig {
     fn default() -> Self {
         Self {
             shadows: 1,
+            placement: crate::cluster::Placement::Local,
             heartbeat_interval_ms: 250,
             heartbeat_timeout_ms: 200,
             heartbeat_misses: 3,

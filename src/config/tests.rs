@@ -249,6 +249,27 @@ fn bad_enum_value_lists_the_choices() {
 }
 
 #[test]
+fn class_placement_is_read_and_a_bad_one_lists_the_choices() {
+    let config = Fixture::new("[class.web]\nshadows = 2\nplacement = \"spread\"\n")
+        .load()
+        .expect("spread is a placement");
+    assert_eq!(
+        config.class["web"].placement,
+        crate::cluster::Placement::Spread
+    );
+    assert_eq!(
+        config.class["default"].placement,
+        crate::cluster::Placement::Local
+    );
+    let problems = Fixture::new("[class.web]\nplacement = \"anywhere\"\n").problems();
+    assert_eq!(
+        (problems[0].line, problems[0].key.as_str()),
+        (2, "class.web.placement")
+    );
+    assert!(problems[0].message.contains("`other-host`"), "{problems:?}");
+}
+
+#[test]
 fn out_of_range_names_file_line_key_and_range() {
     let fixture = Fixture::new("# lab\n\n[class.web]\nshadows = 12\n");
     let text = fixture.error_text();
