@@ -552,13 +552,15 @@ fn wants_openmetrics(head: &[u8]) -> bool {
 
 /// Service states always exported by [`Metrics::set_service_states`], zero when unused: the
 /// labels of the daemon's service states (a daemon test checks they match).
-pub const KNOWN_SERVICE_STATES: [&str; 6] = [
+pub const KNOWN_SERVICE_STATES: [&str; 8] = [
     "provisioning",
     "protected",
     "failing_over",
     "down",
     "stopped",
     "unprotectable",
+    "elsewhere",
+    "handing_over",
 ];
 
 fn service_labels(service: &str) -> ServiceLabels {

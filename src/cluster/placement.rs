@@ -56,32 +56,22 @@ impl std::fmt::Display for Placement {
     }
 }
 
-/// Whether a host can take part.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HostState {
-    /// Registered and alive (its lease is held).
-    Up,
-    /// Its registration is gone (lease expired) or it is declared lost.
-    Lost,
-}
-
 /// One host as placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostView {
     /// The host.
     pub id: HostId,
-    /// Up or lost.
-    pub state: HostState,
-    /// Drained by an operator: it keeps nothing new and its shadows move away.
-    pub drained: bool,
+    /// Its lease is alive (false: lost).
+    pub alive: bool,
+    /// Drained by an operator: it gets nothing new and its shadows move away.
+    pub draining: bool,
     /// Its capacity as last published.
     pub capacity: HostCapacity,
 }
 
 impl HostView {
     fn usable(&self) -> bool {
-        self.state == HostState::Up && !self.drained
+        self.alive && !self.draining
     }
 }
 
@@ -196,7 +186,7 @@ pub fn place(layout: &ServiceLayout, hosts: &[HostView], ledger: &mut Ledger) ->
     let keepable = |id: &HostId| {
         by_id
             .get(id)
-            .is_some_and(|h| h.usable() || (h.state == HostState::Up && *id == layout.primary))
+            .is_some_and(|h| h.usable() || (h.alive && *id == layout.primary))
     };
     let mut plan = PlacementPlan::default();
     // Hosts holding a member the layout keeps; the primary's always counts.
@@ -291,8 +281,8 @@ mod tests {
     fn host(name: &str, free_gib: u64) -> HostView {
         HostView {
             id: HostId(name.into()),
-            state: HostState::Up,
-            drained: false,
+            alive: true,
+            draining: false,
             capacity: HostCapacity {
                 mem_total_kib: 16 * GIB,
                 mem_available_kib: free_gib * GIB,
@@ -392,7 +382,7 @@ mod tests {
     #[test]
     fn full_drained_and_lost_hosts_get_nothing() {
         let mut hosts = three();
-        hosts[1].drained = true;
+        hosts[1].draining = true;
         hosts[2].capacity.mem_available_kib = GIB; // 1 GiB: not with the 512 MiB reserve
         let p = place(
             &layout(Placement::OtherHost, 1, &[]),
@@ -408,7 +398,7 @@ mod tests {
             }]
         );
         assert!(p.unplaced[0].to_string().contains("1024 MiB"));
-        hosts[2].state = HostState::Lost;
+        hosts[2].alive = false;
         let p = place(
             &layout(Placement::OtherHost, 1, &[]),
             &hosts,
@@ -457,7 +447,7 @@ mod tests {
     #[test]
     fn a_lost_host_s_shadow_is_replaced_elsewhere() {
         let mut hosts = three();
-        hosts[1].state = HostState::Lost;
+        hosts[1].alive = false;
         let p = place(
             &layout(Placement::OtherHost, 1, &[("web-shadow-1", "h2")]),
             &hosts,
@@ -470,7 +460,7 @@ mod tests {
     #[test]
     fn a_drained_host_s_shadows_move_away() {
         let mut hosts = three();
-        hosts[1].drained = true;
+        hosts[1].draining = true;
         let p = place(
             &layout(
                 Placement::Spread,
@@ -513,7 +503,7 @@ mod tests {
     #[test]
     fn a_primary_on_a_drained_host_keeps_its_local_shadow_until_it_moves() {
         let mut hosts = three();
-        hosts[0].drained = true;
+        hosts[0].draining = true;
         let p = place(
             &layout(Placement::Local, 2, &[("web-shadow-1", "h1")]),
             &hosts,

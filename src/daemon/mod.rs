@@ -378,6 +378,14 @@ async fn execute(d: &Shared, actions: Vec<Action>) {
                 trigger,
             } => start_failover(d, &service, &from, trigger, Instant::now()),
             Action::FenceGrace { service, old } => checks::spawn_fence_grace(d, &service, &old),
+            Action::RetirePrimary { service, old } => {
+                let class = d.table().get(&service).map(|s| s.class.clone());
+                profiles::stop_collector(d, &service);
+                recover::retire_primary(d, &service, &class.unwrap_or_default(), &old).await;
+            }
+            Action::Unfence { service, domain } => {
+                recover::unfence_primary(d, &service, &domain).await
+            }
         }
     }
 }

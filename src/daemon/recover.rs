@@ -140,17 +140,7 @@ pub(super) async fn reconcile(d: &Shared) {
     };
     let census = census(listing);
     for (service, class, domain) in census.retire {
-        let meta = member_meta(&service, &class, Role::Retired, 0, MemberState::Fenced);
-        let r = d
-            .hv()
-            .run("retire stale primary", move |hv| {
-                hv.destroy(&domain)?;
-                write_meta(hv, &domain, &meta)
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(%service, error = %crate::error::report(&e), "cannot retire a stale primary");
-        }
+        retire_primary(d, &service, &class, &domain).await;
     }
     // The owner records follow what libvirt says runs here.
     for svc in census.services.values() {
@@ -171,6 +161,28 @@ pub(super) async fn reconcile(d: &Shared) {
         }
     }
     ensure_all_shadows(d);
+}
+
+/// Destroys a primary that no longer serves its service and marks it retired, so that
+/// neither we nor a restarted daemon ever run it again.
+pub(super) async fn retire_primary(d: &Shared, service: &str, class: &str, domain: &str) {
+    let meta = member_meta(service, class, Role::Retired, 0, MemberState::Fenced);
+    let dn = domain.to_string();
+    let r = d
+        .hv()
+        .run("retire stale primary", move |hv| {
+            if hv.state(&dn)?.is_active() {
+                hv.destroy(&dn)?;
+            }
+            write_meta(hv, &dn, &meta)
+        })
+        .await;
+    match r {
+        Ok(()) => tracing::info!(service, domain, "old primary retired"),
+        Err(e) => {
+            tracing::error!(service, domain, error = %crate::error::report(&e), "cannot retire a stale primary")
+        }
+    }
 }
 
 /// After a restart: settle half-done work of one service.
@@ -243,7 +255,7 @@ async fn recover_service(d: &Shared, name: &str) {
 
 /// An interrupted switchover may have fenced the primary (paused, taps cut): with the shadow
 /// back on standby, the primary serves again.
-async fn unfence_primary(d: &Shared, service: &str, active: &str) {
+pub(super) async fn unfence_primary(d: &Shared, service: &str, active: &str) {
     let a = active.to_string();
     let r = d
         .hv()

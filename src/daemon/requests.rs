@@ -24,9 +24,10 @@ const SWITCHOVER_WAIT: Duration = Duration::from_secs(60);
 pub(super) fn refused(e: Refused) -> Response {
     let kind = match e {
         Refused::UnknownService { .. } | Refused::NoSuchShadow { .. } => ErrorKind::NotFound,
-        Refused::NotActive { .. } | Refused::WrongState { .. } | Refused::NoShadow { .. } => {
-            ErrorKind::Conflict
-        }
+        Refused::NotActive { .. }
+        | Refused::WrongState { .. }
+        | Refused::NoShadow { .. }
+        | Refused::NoShadowOnHost { .. } => ErrorKind::Conflict,
     };
     Response::error(kind, e.to_string())
 }
