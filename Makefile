@@ -3,11 +3,17 @@
 #   make deps        install the Debian packages the lab needs (idempotent)
 #   make images      build the lab test guest into build/guest/
 #   make lab-up      start the lab (network namespace, bridge, libvirtd)
-#   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]
+#   make lab-up HOSTS=3  the three-host lab instead: hosts h1 h2 h3 (own network and mount
+#                    namespaces, libvirtd on TCP, virtlockd, etcd member), switch, management
+#                    network, test client, shared storage; README "Three-host lab"
+#   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [HOST=h2] [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]
 #                    DATA=1: a data disk (build/lab/disks/<n>-data.raw, ext4, created and
 #                    formatted on first use; a LUN sdb on virtio-scsi) holding the guest's
 #                    ledger; configs/lab.toml hands it over at failover
-#   make lab-down    tear the lab down completely
+#                    HOST=h2: on that host of the three-host lab; its disks then live on the
+#                    shared storage (/run/understudy-lab/shared/disks/), so another host can
+#                    take them over
+#   make lab-down    tear the lab down completely (whichever, one host or three)
 #   make build       cargo build
 #   make deb         the Debian package (cargo-deb, installed if missing) in target/debian/:
 #                    binary, systemd unit, /etc/understudy/understudy.toml, man pages,
@@ -66,6 +72,8 @@ MEM ?= 192
 ROLE ?= primary
 DISK ?=
 DATA ?=
+HOSTS ?= 1
+HOST ?=
 
 FUZZ_SECONDS ?= 60
 FUZZ_CHECK_SECONDS ?= 5
@@ -111,19 +119,24 @@ $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initramfs.cpio.gz &: $(GUEST_INPUTS)
 	images/build-guest.sh $(KERNEL) $(GUEST_DIR)
 
 lab-up:
-	scripts/lab-up.sh
+	HOSTS=$(HOSTS) scripts/lab-up.sh
 
 lab-down:
 	scripts/lab-down.sh
 
 lab-guest: images
-	@[ -n "$(NAME)" ] && [ -n "$(IP)" ] || { echo "usage: make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]" >&2; exit 1; }
+	@[ -n "$(NAME)" ] && [ -n "$(IP)" ] || { echo "usage: make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [HOST=h2] [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]" >&2; exit 1; }
 	@set -- --mem '$(MEM)' --role '$(ROLE)'; \
+	disks="$$PWD/build/lab/disks"; \
+	if [ -n "$(HOST)" ]; then \
+		set -- "$$@" --host '$(HOST)'; \
+		disks=/run/understudy-lab/shared/disks; \
+	fi; \
 	if [ -n "$(DISK)" ] && [ "$(DISK)" != 0 ]; then \
-		set -- "$$@" --disk "$$PWD/build/lab/disks/$(NAME).qcow2" --create-disk; \
+		set -- "$$@" --disk "$$disks/$(NAME).qcow2" --create-disk; \
 	fi; \
 	if [ -n "$(DATA)" ] && [ "$(DATA)" != 0 ]; then \
-		set -- "$$@" --data "$$PWD/build/lab/disks/$(NAME)-data.raw" --create-data --data-bus scsi; \
+		set -- "$$@" --data "$$disks/$(NAME)-data.raw" --create-data --data-bus scsi; \
 	fi; \
 	scripts/lab-guest.sh start '$(NAME)' '$(IP)' "$$@"
 
