@@ -418,6 +418,7 @@ fn launch_promotion(
         service: service.to_string(),
         class: start.class,
         old_primary: start.old_primary,
+        old_host: start.old_host,
         old_taps: start.old_taps,
         shadow_generation: start.shadow_generation,
         shadow: start.shadow,

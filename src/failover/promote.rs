@@ -30,7 +30,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{Claim, CoordError, Coordinator};
+use crate::cluster::{Claim, CoordError, Coordinator, HostId};
 use crate::domain_xml::{DomainXml, MemberState, Role};
 use crate::libvirt::{qemu_pid, Hypervisor, LibvirtError, QemuProcess, RunState, QEMU_RUN_DIR};
 use crate::net::{NetError, Netlink};
@@ -49,7 +49,11 @@ pub struct Promotion {
     pub class: String,
     /// The domain being replaced.
     pub old_primary: String,
-    /// Its taps and bridges, as last seen.
+    /// Its host when that is another one. Its host reported it dead (its QEMU gone: crash)
+    /// or fenced it before asking for this promotion (handover; with data disks, its QEMU
+    /// stopped): this host cannot reach it and does not fence it again.
+    pub old_host: Option<HostId>,
+    /// Its taps and bridges, as last seen (empty when it runs elsewhere).
     pub old_taps: Vec<TapBinding>,
     /// The shadow to promote.
     pub shadow: Shadow,
@@ -244,15 +248,25 @@ async fn run_steps<S: PromotionSteps>(
     let stateful = !disks.is_empty();
 
     // 1. Fence, then claim: nothing of the shadow is touched before both are confirmed. With
-    //    data disks, fenced means the old QEMU is gone: it can write no disk any more.
-    timed(clock, "fence", async {
-        steps.fence(p).await?;
-        if stateful {
-            steps.stop_old_qemu(p).await?;
+    //    data disks, fenced means the old QEMU is gone: it can write no disk any more. A
+    //    primary on another host was fenced there before its host reported it (a dead QEMU,
+    //    or a paused one cut off its bridge; with data disks a stopped one).
+    match &p.old_host {
+        None => {
+            timed(clock, "fence", async {
+                steps.fence(p).await?;
+                if stateful {
+                    steps.stop_old_qemu(p).await?;
+                }
+                Ok(())
+            })
+            .await?
         }
-        Ok(())
-    })
-    .await?;
+        Some(host) => notes.push(format!(
+            "old primary '{}' ran on host {host}, which fenced it and reported it ({})",
+            p.old_primary, p.trigger
+        )),
+    }
     timed(clock, "claim", steps.claim(p)).await?;
 
     let rest = async {
@@ -729,6 +743,10 @@ impl PromotionSteps for LiveSteps<'_> {
             .run("roles", move |hv| write_meta(hv, &new, &new_meta))
             .await
             .map_err(libvirt_step("metadata"))?;
+        if p.old_host.is_some() {
+            // Its own host retires it when it sees the new owner.
+            return Ok(());
+        }
         // The old primary is retired off the critical path: after a crash libvirt holds that
         // domain's job until it has processed the QEMU exit, which takes about a second.
         let old_meta = member_meta(&p.service, &p.class, Role::Retired, 0, MemberState::Fenced);
@@ -866,6 +884,7 @@ mod tests {
             service: "web".into(),
             class: "stateless".into(),
             old_primary: "web".into(),
+            old_host: None,
             old_taps: Vec::new(),
             shadow: Shadow {
                 name: "web-shadow-1".into(),
@@ -985,6 +1004,31 @@ mod tests {
         run(&r, p).await.unwrap();
         for absent in ["plan_disks", "stop_old_qemu", "attach", "promote_commands"] {
             assert!(!r.calls().contains(&absent), "{:?}", r.calls());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_primary_on_another_host_is_not_fenced_from_here_but_still_claimed_first() {
+        for p in [promotion(true), stateful_promotion()] {
+            let mut p = p;
+            p.old_host = Some(HostId("h1".into()));
+            p.shadow.data_disks = Some(Vec::new());
+            let r = Recorder::failing(None);
+            let done = run(&r, p).await.unwrap();
+            let calls = r.calls();
+            assert!(!calls.contains(&"fence") && !calls.contains(&"stop_old_qemu"));
+            assert_eq!(calls[0], "claim", "{calls:?}");
+            assert!(
+                done.record.notes[0].contains("host h1"),
+                "{:?}",
+                done.record
+            );
+            // A lost claim touches nothing of the shadow.
+            let r = Recorder::failing(Some("claim"));
+            let mut p = promotion(true);
+            p.old_host = Some(HostId("h1".into()));
+            run(&r, p).await.unwrap_err();
+            assert_eq!(r.calls(), ["claim"]);
         }
     }
 
