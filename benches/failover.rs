@@ -355,6 +355,7 @@ fn make_standby(hv: &Hypervisor, n: &NetRt, from: &str, generation: u64) -> Stri
         service: NAME.to_string(),
         class: "default".into(),
         primary: from.to_string(),
+        primary_xml: None,
         name: format!("{NAME}-shadow-{generation}"),
         generation,
         state_dir: std::env::temp_dir().join("understudy-bench-standby"),

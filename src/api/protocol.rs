@@ -26,6 +26,21 @@ pub enum Request {
     Failover {
         /// Service name from the configuration.
         service: String,
+        /// With a cluster: the host whose shadow takes over (asked of the primary's host).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_host: Option<String>,
+    },
+    /// With a cluster: drain `host` (its primaries move to shadows on other hosts, it gets no
+    /// new shadows) or undrain it. Answered once nothing runs there any more, or at
+    /// `wait_s`.
+    HostDrain {
+        /// The host.
+        host: String,
+        /// Drain (true) or undrain (false).
+        drain: bool,
+        /// Longest the answer waits for the host's primaries to move away, in seconds.
+        #[serde(default)]
+        wait_s: u64,
     },
     /// Stop protecting `service` and shut its shadows down.
     Stop {
@@ -111,6 +126,8 @@ impl Request {
         match self {
             Request::Status => "status",
             Request::Failover { .. } => "failover",
+            Request::HostDrain { drain: true, .. } => "host_drain",
+            Request::HostDrain { drain: false, .. } => "host_undrain",
             Request::Stop { .. } => "stop",
             Request::Start { .. } => "start",
             Request::ShadowRebuild { .. } => "shadow_rebuild",
@@ -524,7 +541,19 @@ mod tests {
         let s = || "web".to_string();
         vec![
             Request::Status,
-            Request::Failover { service: s() },
+            Request::Failover {
+                service: s(),
+                to_host: None,
+            },
+            Request::Failover {
+                service: s(),
+                to_host: Some("h2".into()),
+            },
+            Request::HostDrain {
+                host: "h1".into(),
+                drain: true,
+                wait_s: 300,
+            },
             Request::Stop { service: s() },
             Request::Start { service: s() },
             Request::ShadowRebuild { service: s() },

@@ -405,6 +405,7 @@ mod tests {
             generation: 1,
             trigger: Trigger::Pidfd,
             at_unix_ms: 9,
+            to: None,
         })
         .await
         .unwrap();

@@ -169,6 +169,10 @@ pub struct FailureReport {
     pub trigger: Trigger,
     /// When (Unix ms, the reporting host's clock).
     pub at_unix_ms: u64,
+    /// The host that is to take over (a planned switchover `--to-host`, a drain); `None`: any
+    /// host with a ready shadow (a crash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<HostId>,
 }
 
 /// A change in the cluster.

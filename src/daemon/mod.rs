@@ -8,12 +8,15 @@
 //!   `checks`: the periodic work that feeds it (heartbeats, probes, tap repair, fence grace).
 //! - `recover`: rebuilding the table from libvirt at start, and provisioning shadows.
 //! - `requests`: the control socket; `profiles`: collectors, profile requests, golden shadows.
+//! - `crosshost`: with a cluster, what other hosts' records ask of this one (primaries
+//!   elsewhere, failure reports, placement, handovers and drains).
 //!
 //! One loop ([`run`]) receives libvirt events and `Note`s from the tasks that do slow work
 //! (provisioning, promotion, pings), asks the table, and carries out what it answers. The
 //! truth lives in libvirt (domain metadata), so a restarted daemon rebuilds everything.
 
 mod checks;
+mod crosshost;
 mod health;
 mod profiles;
 mod recover;
@@ -313,6 +316,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
     });
     profiles::start(&d);
     recover::reconcile(&d).await;
+    let mut cluster_events = crosshost::join(&d).await;
 
     let hb_interval = cfg
         .class
@@ -331,6 +335,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         tokio::select! {
             Some(ev) = ev_rx.recv() => on_libvirt_event(&d, ev, &ev_tx).await,
             Some(note) = notes.recv() => on_note(&d, note).await,
+            ev = crosshost::next(&mut cluster_events) => crosshost::on_event(&d, ev).await,
             Some((req, reply)) = requests.recv() => {
                 let d = d.clone();
                 tokio::spawn(async move {
@@ -398,7 +403,14 @@ fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: I
     match start {
         Ok(start) => launch_promotion(d, service, trigger, at, start),
         Err(e @ Refused::NoShadow { .. }) => {
-            tracing::error!(service, from, %trigger, "primary failed: {e}; the next shadow to be ready takes over")
+            let elsewhere = d
+                .table()
+                .get(service)
+                .and_then(|s| s.primary_host().cloned());
+            if elsewhere.is_none() {
+                tracing::error!(service, from, %trigger, "primary failed: {e}; the next shadow to be ready takes over");
+                crosshost::report_failure(d, service, from, trigger);
+            }
         }
         Err(e) => tracing::debug!(service, from, %trigger, "no failover: {e}"),
     }
@@ -620,8 +632,30 @@ async fn on_failover_done(
             let r = &p.record;
             d.metrics
                 .record_failover(service, r.trigger, true, &r.steps, r.outage_ms);
-            d.table()
-                .failover_succeeded(service, shadow, p.record, p.taps)
+            let from_elsewhere = d.table().get(service).is_some_and(|s| {
+                matches!(
+                    s.state,
+                    ServiceState::FailingOver {
+                        from_host: Some(_),
+                        ..
+                    }
+                )
+            });
+            let answer = d
+                .table()
+                .failover_succeeded(service, shadow, p.record, p.taps);
+            crosshost::promoted(d, service, from_elsewhere).await;
+            answer
+        }
+        Err(PromotionFailed {
+            error: FailoverError::ClaimLost { source, .. },
+            ..
+        }) if matches!(*source, crate::cluster::CoordError::Conflict { .. }) => {
+            let crate::cluster::CoordError::Conflict { current, .. } = *source else {
+                unreachable!("matched above")
+            };
+            tracing::warn!(service, shadow, winner = %current.domain, host = %current.host, "another host's promotion won; the shadow here stays paused");
+            d.table().failover_lost(service, shadow, &current)
         }
         Err(f) => {
             let r = &f.record;

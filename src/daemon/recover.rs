@@ -25,6 +25,8 @@ struct Census {
     retire: Vec<(String, String, String)>,
     /// Domains without our metadata.
     untagged: Vec<DomainSummary>,
+    /// Shadows of services whose primary is not here (with a cluster: on another host).
+    orphans: Vec<(String, Shadow)>,
 }
 
 /// Reads the services out of libvirt's domains and their metadata (`None`: untagged).
@@ -87,10 +89,6 @@ fn census(listing: Vec<(DomainSummary, Option<String>)>) -> Census {
         }
     }
     for (meta, dom) in shadows {
-        let Some(svc) = c.services.get_mut(&meta.service) else {
-            tracing::warn!(shadow = %dom.name, service = %meta.service, "shadow of a service without primary; left alone");
-            continue;
-        };
         let state = match (meta.state, dom.state) {
             (MemberState::Paused, RunState::Paused) => ShadowState::Paused,
             (MemberState::Promoting, _) => ShadowState::Promoting,
@@ -99,12 +97,16 @@ fn census(listing: Vec<(DomainSummary, Option<String>)>) -> Census {
             (MemberState::Paused, RunState::Running) => ShadowState::Promoting,
             _ => ShadowState::Failed,
         };
-        svc.shadows.push(Shadow {
+        let shadow = Shadow {
             name: dom.name.clone(),
             state,
             taps: Vec::new(),
             data_disks: None,
-        });
+        };
+        match c.services.get_mut(&meta.service) {
+            Some(svc) => svc.shadows.push(shadow),
+            None => c.orphans.push((meta.service.clone(), shadow)),
+        }
     }
     // Every generation ever used for a service, retired domains included.
     for svc in c.services.values_mut() {
@@ -142,13 +144,54 @@ pub(super) async fn reconcile(d: &Shared) {
     for (service, class, domain) in census.retire {
         retire_primary(d, &service, &class, &domain).await;
     }
-    // The owner records follow what libvirt says runs here.
-    for svc in census.services.values() {
-        if let Err(e) = d.coord.adopt(&svc.name, &svc.active).await {
-            tracing::error!(service = %svc.name, error = %crate::error::report(&e), "cannot record the service's owner");
+    // The owner records follow what libvirt says runs here, unless another host took the
+    // service over while we were away: then the primary here is stale and is retired.
+    let me = d.coord.host().clone();
+    let mut services = census.services;
+    let mut moved = Vec::new();
+    for svc in services.values() {
+        match d.coord.adopt(&svc.name, &svc.active).await {
+            Ok(rec) if rec.host != me => moved.push((svc.class.clone(), rec)),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(service = %svc.name, error = %crate::error::report(&e), "cannot record the service's owner")
+            }
         }
     }
-    d.table().adopt(census.services.into_values());
+    let mut stale = Vec::new();
+    for (class, rec) in moved {
+        if let Some(svc) = services.remove(&rec.service) {
+            tracing::warn!(service = %rec.service, domain = %svc.active, owner = %rec.domain, host = %rec.host, "service is served from another host now; retiring the primary here");
+            stale.push((svc, class, rec));
+        }
+    }
+    d.table().adopt(services.into_values());
+    for (svc, class, rec) in stale {
+        retire_primary(d, &svc.name, &class, &svc.active).await;
+        let _ = d
+            .table()
+            .follow(&rec.service, &class, &rec.domain, &rec.host);
+        for s in svc.shadows {
+            let _ = d.table().shadow_found(&rec.service, s);
+        }
+    }
+    // Shadows of primaries elsewhere join the service they stand in for.
+    for (service, shadow) in census.orphans {
+        let spec = match d.coord.spec(&service).await {
+            Ok(Some(spec)) if spec.host != me => spec,
+            _ => {
+                tracing::warn!(shadow = %shadow.name, %service, "shadow of a service without primary; left alone");
+                continue;
+            }
+        };
+        let mut t = d.table();
+        if t.follow(&service, &spec.class, &spec.domain, &spec.host)
+            .is_ok()
+        {
+            tracing::info!(shadow = %shadow.name, %service, host = %spec.host, "shadow of a primary on another host found");
+            let _ = t.shadow_found(&service, shadow);
+        }
+    }
     // Finish what a previous run left behind, per service.
     let names = d.table().names();
     for name in names {
@@ -304,7 +347,13 @@ async fn repark_shadow(d: &Shared, service: &str, shadow: &str) -> Result<(), Fa
 
 /// Reads the active primary's taps and starts watching its QEMU process.
 pub(super) async fn refresh_active(d: &Shared, service: &str) {
-    let Some(active) = d.table().get(service).map(|s| s.active.clone()) else {
+    // A primary on another host is its host's to watch.
+    let Some(active) = d
+        .table()
+        .get(service)
+        .filter(|s| s.primary_host().is_none())
+        .map(|s| s.active.clone())
+    else {
         return;
     };
     let taps = live_taps(&d.hv(), &active).await.unwrap_or_default();
@@ -412,13 +461,21 @@ pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str, running: 
 
 /// Starts shadow provisioning wherever a service has fewer than its class asks for.
 pub(super) fn ensure_all_shadows(d: &Shared) {
+    // With a cluster, placement decides which host provisions what.
+    if super::crosshost::clustered(d) {
+        let d = d.clone();
+        tokio::spawn(async move { super::crosshost::place_all(&d).await });
+        return;
+    }
     let planned = d.table().plan_shadows(d.limits(), Instant::now());
     for plan in planned {
-        spawn_provision(d, plan);
+        spawn_provision(d, plan, None);
     }
 }
 
-fn spawn_provision(d: &Shared, plan: ShadowToProvision) {
+/// Provisions the shadow the table reserved, from the primary's definition here, or from
+/// `primary_xml` (the published spec of a primary on another host).
+pub(super) fn spawn_provision(d: &Shared, plan: ShadowToProvision, primary_xml: Option<String>) {
     let cfg = d.cfg();
     let c = d.class(&plan.class);
     let req = ShadowRequest {
@@ -429,6 +486,7 @@ fn spawn_provision(d: &Shared, plan: ShadowToProvision) {
         service: plan.service.clone(),
         class: plan.class,
         primary: plan.primary,
+        primary_xml,
         name: plan.name.clone(),
         generation: plan.generation,
         state_dir: cfg.daemon.state_dir.clone(),

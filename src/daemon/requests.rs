@@ -8,6 +8,7 @@ use crate::api::protocol::{
     DaemonInfo, DomainStatus, ErrorKind, Request, Response, ServiceStatus, ShadowStatus,
     StatusReport,
 };
+use crate::cluster::HostId;
 use crate::domain_xml::MemberState;
 use crate::events::EventKind;
 use crate::failover::plan::{plan_disks, DiskPlan, DiskPolicy};
@@ -36,7 +37,28 @@ pub(super) fn refused(e: Refused) -> Response {
 pub(super) async fn handle(d: &Shared, req: Request) -> Response {
     match req {
         Request::Status => Response::Status(status(d).await),
-        Request::Failover { service } => switchover(d, &service).await,
+        Request::Failover {
+            service,
+            to_host: None,
+        } => switchover(d, &service).await,
+        Request::Failover {
+            service,
+            to_host: Some(host),
+        } => match super::crosshost::handover(d, &service, &HostId(host)).await {
+            Ok(msg) => Response::ok(msg),
+            Err(why) => Response::error(ErrorKind::Failed, why),
+        },
+        Request::HostDrain {
+            host,
+            drain,
+            wait_s,
+        } => {
+            let wait = Duration::from_secs(wait_s);
+            match super::crosshost::set_drain(d, &HostId(host), drain, wait).await {
+                Ok(msg) => Response::ok(msg),
+                Err(why) => Response::error(ErrorKind::Failed, why),
+            }
+        }
         Request::Stop { service } => stop(d, &service).await,
         Request::Start { service } => start(d, &service).await,
         Request::ShadowReinit {

@@ -1188,17 +1188,28 @@ impl ServiceTable {
         }
     }
 
-    /// Reserves the name of one more shadow here of a primary elsewhere (placement chose
-    /// this host for it); it is provisioned from the primary's published spec. Names are
-    /// above every generation seen on any host.
-    pub fn plan_shadow_here(&mut self, service: &str) -> Result<ShadowToProvision, Refused> {
+    /// Reserves the name of one more shadow here, where placement put it (with a cluster):
+    /// of a running primary here, of one that is down within its retry limit, or of a primary
+    /// elsewhere (then provisioned from its published spec). Names are above every generation
+    /// seen on any host.
+    pub fn reserve_shadow(
+        &mut self,
+        service: &str,
+        limits: ClassLimits,
+    ) -> Result<ShadowToProvision, Refused> {
         let svc = self.svc_mut(service)?;
-        if !matches!(svc.state, ServiceState::Elsewhere { .. }) {
+        let down_retry = matches!(svc.state, ServiceState::Down { .. })
+            && svc.promote_attempts <= limits.promote_retry_limit;
+        let elsewhere = matches!(svc.state, ServiceState::Elsewhere { .. });
+        if !(svc.state.is_running() || down_retry || elsewhere) {
             return Err(Refused::WrongState {
                 service: service.to_string(),
                 state: svc.state.label(),
-                what: "provision a shadow of a primary elsewhere",
+                what: "provision a shadow",
             });
+        }
+        if svc.state == ServiceState::Protected {
+            svc.state = ServiceState::Provisioning;
         }
         let next = svc
             .shadows
@@ -1675,7 +1686,7 @@ mod tests {
     fn following() -> ServiceTable {
         let mut t = ServiceTable::new();
         t.follow("web", "c", "web", &host("h1")).unwrap();
-        let p = t.plan_shadow_here("web").unwrap();
+        let p = t.reserve_shadow("web", LIMITS).unwrap();
         assert_eq!(p.name, "web-shadow-1");
         t.shadow_ready("web", paused("web-shadow-1")).unwrap();
         t
@@ -1923,8 +1934,18 @@ mod tests {
                 ready: true,
             },
         );
-        assert_eq!(t.plan_shadow_here("web").unwrap().name, "web-shadow-5");
-        assert!(protected().plan_shadow_here("web").is_err());
+        assert_eq!(
+            t.reserve_shadow("web", LIMITS).unwrap().name,
+            "web-shadow-5"
+        );
+        let mut t = protected();
+        assert_eq!(
+            t.reserve_shadow("web", LIMITS).unwrap().name,
+            "web-shadow-2"
+        );
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Provisioning);
+        t.stop("web").unwrap();
+        assert!(t.reserve_shadow("web", LIMITS).is_err());
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct ShadowRequest {
     pub class: String,
     /// The domain whose spec is cloned (the active primary).
     pub primary: String,
+    /// The primary's definition when it runs on another host (its published spec); `None`:
+    /// read from this host's libvirt.
+    pub primary_xml: Option<String>,
     /// The new shadow's domain name.
     pub name: String,
     /// Its generation number (the `n` in `<service>-shadow-<n>`).
@@ -130,12 +133,15 @@ pub fn build_shadow_xml(
     hv: &Hypervisor,
     req: &ShadowRequest,
 ) -> Result<(String, Vec<DataDisk>), FailoverError> {
-    let xml = hv
-        .xml(&req.primary, true)
-        .map_err(|source| FailoverError::Libvirt {
-            step: "read primary XML",
-            source,
-        })?;
+    let xml = match &req.primary_xml {
+        Some(xml) => xml.clone(),
+        None => hv
+            .xml(&req.primary, true)
+            .map_err(|source| FailoverError::Libvirt {
+                step: "read primary XML",
+                source,
+            })?,
+    };
     let primary = DomainXml::parse(&xml).map_err(|source| FailoverError::Xml {
         domain: req.primary.clone(),
         source,
