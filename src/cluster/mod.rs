@@ -24,10 +24,12 @@
 //! says what a host can still hold.
 
 mod capacity;
+pub mod etcd;
 mod local;
 mod records;
 
 pub use capacity::{HostCapacity, HOST_RESERVE_KIB};
+pub use etcd::{EtcdCoordinator, EtcdProfileRepository, EtcdSettings};
 pub use local::LocalCoordinator;
 pub use records::{
     check_name, ClusterEvent, FailureReport, HostFacts, HostInfo, HostState, LeaseStatus, Mode,
