@@ -160,10 +160,9 @@ async fn two_hosts_claiming_one_service_at_once_exactly_one_wins() {
     assert_eq!((first.generation, first.host.0.as_str()), (1, "h1"));
 
     let rounds = 30;
-    let mut generation = 1;
     let mut wins = [0u32; 2];
     let mut contended = Vec::new();
-    for round in 0..rounds {
+    for (round, generation) in (0..rounds).zip(1u64..) {
         let barrier = Arc::new(tokio::sync::Barrier::new(2));
         let task = |c: Arc<EtcdCoordinator>, domain: String| {
             let barrier = barrier.clone();
@@ -200,7 +199,6 @@ async fn two_hosts_claiming_one_service_at_once_exactly_one_wins() {
             }
             other => panic!("round {round}: the loser got {other:?}, not Conflict"),
         }
-        generation += 1;
         // Both hosts read the same owner.
         assert_eq!(a.owner("web").await.unwrap(), Some(winner.clone()));
         assert_eq!(b.owner("web").await.unwrap(), Some(winner));

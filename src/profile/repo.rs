@@ -50,7 +50,7 @@ pub enum RepoError {
         service: String,
         /// What the backend said.
         #[source]
-        source: crate::cluster::CoordError,
+        source: Box<crate::cluster::CoordError>,
     },
     /// A version could not be serialised.
     #[error("cannot serialise version {version} of service {service}")]

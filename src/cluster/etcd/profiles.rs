@@ -64,7 +64,7 @@ fn parse_version(
 fn backend(service: &str) -> impl FnOnce(CoordError) -> RepoError + '_ {
     move |source| RepoError::Backend {
         service: service.to_string(),
-        source,
+        source: Box::new(source),
     }
 }
 
