@@ -3,6 +3,7 @@
 //! guest boot takes a full core under TCG.
 
 mod cluster;
+mod cluster_lab;
 mod common;
 mod etcd_server;
 mod failover;
