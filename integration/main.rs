@@ -1,8 +1,11 @@
 //! Integration tests against the real lab (libvirtd + TCG guests in the understudy-lab
-//! namespace). Run them with `make test`; they are serial (`--test-threads=1`) because every
+//! namespace), and (`cluster`) against a real etcd the tests start themselves. Run them with `make test`; they are serial (`--test-threads=1`) because every
 //! guest boot takes a full core under TCG.
 
+mod cluster;
+mod cluster_lab;
 mod common;
+mod etcd_server;
 mod failover;
 mod faults;
 mod lab_basics;

@@ -25,11 +25,13 @@
 //! go.
 
 mod capacity;
+pub mod etcd;
 mod local;
 pub mod placement;
 mod records;
 
 pub use capacity::{HostCapacity, HOST_RESERVE_KIB};
+pub use etcd::{EtcdCoordinator, EtcdProfileRepository, EtcdSettings};
 pub use local::LocalCoordinator;
 pub use placement::Placement;
 pub use records::{

@@ -82,6 +82,10 @@ pub(super) async fn handle(d: &Shared, req: Request) -> Response {
         | Request::ProfileSave { .. }
         | Request::ProfileSeries { .. } => super::profiles::handle_request(d, req).await,
         Request::ReloadConfig => reload(d),
+        Request::Hosts => match super::cluster::hosts(d).await {
+            Ok(r) => Response::Hosts(r),
+            Err(e) => Response::error(ErrorKind::Failed, crate::error::report(&e)),
+        },
         // The control socket streams events itself; it never forwards this request.
         Request::Events { .. } => Response::error(
             ErrorKind::Internal,
