@@ -37,11 +37,17 @@
 #   make lint        cargo fmt --check and cargo clippy --all-targets -D warnings
 #   make test        deps, lint, images, deb (the package test installs it), cargo build
 #                    --tests, fuzz-check, then lab-up, cargo test
-#                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
+#                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock);
+#                    then the three-host tests (three_hosts::) in a three-host lab
+#                    (HOSTS=3 scripts/lab-run.sh), then lab-verify-down
 #
 # Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
 # command inside the lab namespace), lab-run.sh (lab-up, a command, lab-down,
 # all under the machine-wide lab lock), lab-smoke.sh (boot a guest and check it).
+# Three-host lab: lab-host-exec.sh <host> <cmd> (a command on a host), lab-cut.sh
+# <host> mgmt|switch down|up (pull a host's cable), fence_lab (the hosts' fence
+# agent, fence-agents' conventions), /run/understudy-lab/cluster.env (the lab's
+# addresses, libvirt URIs and etcd endpoints).
 
 SHELL := /bin/bash
 
@@ -173,7 +179,8 @@ test:
 	$(MAKE) deb
 	cargo build --tests
 	$(MAKE) fuzz-check
-	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
+	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1 --skip three_hosts::
+	HOSTS=3 scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline --test lab -- --test-threads=1 three_hosts::
 	scripts/lab-verify-down.sh
 
 # The demo and the failover bench need the lab; lab-run.sh takes it down afterwards, under the

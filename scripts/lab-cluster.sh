@@ -174,7 +174,15 @@ host_power_on() {
     done
     rm -f "$dir/holder.pid" "$dir/libvirtd.pid" "$dir/virtlockd.pid"
     sys_mounts=$(findmnt --task 1 -rn -o TARGET,FSTYPE,OPTIONS | awk '$1 ~ "^/sys/."')
-    setsid ip netns exec "$ns" unshare --uts -- /bin/bash -c "$HOST_HOLDER_SCRIPT" host-holder \
+    # From the machine's own mount namespace where allowed (the caller may be inside another
+    # host, e.g. a daemon's fence command), so that no other host's mounts lie under this
+    # one's. Where pid 1 is out of reach (it may hold capabilities we lack), from the caller's:
+    # the host's own mounts cover whatever lies below them.
+    local root_mnt=()
+    if nsenter --mount=/proc/1/ns/mnt true 2>/dev/null; then
+        root_mnt=(nsenter --mount=/proc/1/ns/mnt --)
+    fi
+    setsid "${root_mnt[@]}" ip netns exec "$ns" unshare --uts -- /bin/bash -c "$HOST_HOLDER_SCRIPT" host-holder \
         "$h" "$dir" "$sys_mounts" "$CLUSTER_CACHE" "$HOST_HOLDER_TAG" </dev/null >>"$dir/host.log" 2>&1 &
     for i in $(seq 1 50); do
         holder=$(host_holder_pid "$h") && break
