@@ -15,6 +15,7 @@
 
 #![allow(dead_code)]
 
+mod crosshost;
 mod lab;
 
 use std::collections::BTreeMap;
