@@ -85,7 +85,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_CHECK_SECONDS ?= 5
 SOAK_ROUNDS ?= 20
 
-.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-profile-model bench-soak bench-stateful test-faults \
+.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-cluster bench-profile bench-profile-model bench-soak bench-stateful test-faults \
 	soak-faults fuzz fuzz-check fuzz-deps
 
 # Installing one package can remove another: a machine that came with a newer qemu-utils (from
@@ -214,6 +214,14 @@ bench-stateful:
 	$(MAKE) images
 	cargo build --release --benches
 	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench stateful
+
+# Cross-host crash failovers (BENCH_TRIALS, default 10) and local ones in the same run, on the
+# three-host lab: median/p95/max, build/bench/cluster.json and .svg.
+bench-cluster:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --benches
+	HOSTS=3 scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench cluster
 
 bench-soak:
 	$(MAKE) deps

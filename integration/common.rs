@@ -240,7 +240,10 @@ impl DaemonProc {
         let host = host.to_string();
         Self::start_wrapped(tag, pattern, shadows, class_extra, &[], move |_| {
             vec![
-                repo().join("scripts/lab-host-exec.sh").display().to_string(),
+                repo()
+                    .join("scripts/lab-host-exec.sh")
+                    .display()
+                    .to_string(),
                 host,
             ]
         })

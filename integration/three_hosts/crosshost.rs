@@ -11,7 +11,7 @@ const SHADOW_WAIT: Duration = Duration::from_secs(300);
 
 /// A daemon on `host` protecting `name`, `shadows` shadows placed by `placement`, its records
 /// under `prefix` in the lab's etcd.
-fn daemon(
+pub fn daemon(
     cluster: &Cluster,
     host: &str,
     name: &str,
@@ -19,13 +19,26 @@ fn daemon(
     placement: &str,
     prefix: &str,
 ) -> DaemonProc {
+    daemon_with(cluster, host, name, shadows, placement, prefix, "")
+}
+
+/// [`daemon`], with `more` (TOML: further rules and classes) at the end of its configuration.
+pub fn daemon_with(
+    cluster: &Cluster,
+    host: &str,
+    name: &str,
+    shadows: u32,
+    placement: &str,
+    prefix: &str,
+    more: &str,
+) -> DaemonProc {
     let endpoints: Vec<String> = cluster
         .hosts()
         .iter()
         .map(|h| format!("\"{}\"", cluster.host(h, "ETCD_ENDPOINT")))
         .collect();
     let extra = format!(
-        "placement = \"{placement}\"\n\n[cluster]\nendpoints = [{}]\nhost = \"{host}\"\nkey_prefix = \"{prefix}\"\nlease_ttl_s = 3\nlibvirt_uri = \"{}\"\n",
+        "placement = \"{placement}\"\n\n[cluster]\nendpoints = [{}]\nhost = \"{host}\"\nkey_prefix = \"{prefix}\"\nlease_ttl_s = 3\nlibvirt_uri = \"{}\"\n\n{more}",
         endpoints.join(", "),
         cluster.libvirt_uri(host)
     );
@@ -34,7 +47,7 @@ fn daemon(
 
 /// Removes what an earlier run left under `prefix` in etcd (an owner record of the same
 /// service would make the new primary look stale).
-fn clear_prefix(cluster: &Cluster, prefix: &str) {
+pub fn clear_prefix(cluster: &Cluster, prefix: &str) {
     let out = run(std::process::Command::new("etcdctl").args([
         &format!("--endpoints={}", cluster.etcd_endpoints()),
         "del",
@@ -45,7 +58,7 @@ fn clear_prefix(cluster: &Cluster, prefix: &str) {
 }
 
 /// SIGKILLs the QEMU of `domain` on `host`.
-fn kill_qemu(host: &str, domain: &str) {
+pub fn kill_qemu(host: &str, domain: &str) {
     let out = host_exec(host, &["cat", &format!("/run/libvirt/qemu/{domain}.pid")]);
     let pid: i32 = text(&out.stdout)
         .trim()
@@ -59,14 +72,14 @@ fn kill_qemu(host: &str, domain: &str) {
 }
 
 /// The state line of `service` in a daemon's status.
-fn state_of(d: &DaemonProc, service: &str) -> String {
+pub fn state_of(d: &DaemonProc, service: &str) -> String {
     d.service(service)
         .and_then(|s| s["state"].as_str().map(str::to_string))
         .unwrap_or_default()
 }
 
 /// The service's owner per `understudy hosts --json`: (host, domain).
-fn owner(d: &DaemonProc, service: &str) -> Option<(String, String)> {
+pub fn owner(d: &DaemonProc, service: &str) -> Option<(String, String)> {
     let (code, out, _) = d.cli(&["hosts", "--json"]);
     if code != 0 {
         return None;
@@ -85,7 +98,7 @@ fn owner(d: &DaemonProc, service: &str) -> Option<(String, String)> {
 }
 
 /// Waits until the service answers at `ip` from the domain with `uuid`; how long it took.
-fn wait_served_by(ip: &str, uuid: &str, what: &str) -> Duration {
+pub fn wait_served_by(ip: &str, uuid: &str, what: &str) -> Duration {
     let began = Instant::now();
     wait_for(what, Duration::from_secs(60), || {
         http_get(ip, Duration::from_millis(200)).filter(|p| page_uuid(p) == uuid)
@@ -141,10 +154,7 @@ fn a_crash_is_served_by_the_shadow_on_another_host_and_a_replacement_is_placed()
         "other-host placed a shadow on the primary's host"
     );
     assert_eq!(state_of(&d2, name), "elsewhere: on host h1");
-    assert_eq!(
-        owner(&d1, name),
-        Some(("h1".to_string(), name.to_string()))
-    );
+    assert_eq!(owner(&d1, name), Some(("h1".to_string(), name.to_string())));
     assert_eq!(
         cluster.switch_port_of(&mac).as_deref(),
         Some(cluster.host("h1", "SWITCH_PORT"))
@@ -160,7 +170,11 @@ fn a_crash_is_served_by_the_shadow_on_another_host_and_a_replacement_is_placed()
             _ => None,
         },
     );
-    let (new, standby) = if winner == "h2" { (&s2, &s3) } else { (&s3, &s2) };
+    let (new, standby) = if winner == "h2" {
+        (&s2, &s3)
+    } else {
+        (&s3, &s2)
+    };
     let took = wait_served_by(
         ip,
         &domain_uuid(&cluster.hypervisor(winner), new),
@@ -178,14 +192,16 @@ fn a_crash_is_served_by_the_shadow_on_another_host_and_a_replacement_is_placed()
         .unwrap()
         .starts_with("pro"));
     // The other shadow host did not promote: its shadow is paused, it follows the winner.
-    assert_eq!(lost.paused_shadows(name).unwrap(), [standby.clone()]);
+    assert_eq!(lost.paused_shadows(name).unwrap(), std::slice::from_ref(standby));
     assert_eq!(
         cluster.hypervisor(loser).state(standby).unwrap(),
         understudy::libvirt::RunState::Paused
     );
-    wait_for("the loser following the winner", Duration::from_secs(10), || {
-        (state_of(lost, name) == format!("elsewhere: on host {winner}")).then_some(())
-    });
+    wait_for(
+        "the loser following the winner",
+        Duration::from_secs(10),
+        || (state_of(lost, name) == format!("elsewhere: on host {winner}")).then_some(()),
+    );
     // h1 retired its dead primary and gets the replacement shadow.
     wait_for("h1 following the winner", Duration::from_secs(30), || {
         (state_of(&d1, name) == format!("elsewhere: on host {winner}")).then_some(())
@@ -195,13 +211,15 @@ fn a_crash_is_served_by_the_shadow_on_another_host_and_a_replacement_is_placed()
         ![&s2, &s3].contains(&&replacement),
         "replacement {replacement}"
     );
-    assert!(!h1.state(name).unwrap().is_active(), "the dead primary stays down");
+    assert!(
+        !h1.state(name).unwrap().is_active(),
+        "the dead primary stays down"
+    );
     // Exactly one domain of the service runs unpaused, on the winner.
     let mut running = Vec::new();
     for h in cluster.hosts() {
         for dom in cluster.hypervisor(h).list().unwrap() {
-            if dom.name.starts_with(name) && dom.state == understudy::libvirt::RunState::Running
-            {
+            if dom.name.starts_with(name) && dom.state == understudy::libvirt::RunState::Running {
                 running.push(format!("{h}/{}", dom.name));
             }
         }
@@ -245,7 +263,10 @@ fn switchover_to_a_named_host_and_back() {
 
     let (code, _, err) = d1.cli(&["failover", name, "--to-host", "h2"]);
     assert_eq!(code, 0, "switchover to h2: {err}");
-    assert!(err.contains(&format!("switched over to {s2} on host h2")), "{err}");
+    assert!(
+        err.contains(&format!("switched over to {s2} on host h2")),
+        "{err}"
+    );
     wait_served_by(
         ip,
         &domain_uuid(&cluster.hypervisor("h2"), &s2),

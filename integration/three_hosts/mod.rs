@@ -15,7 +15,7 @@
 
 #![allow(dead_code)]
 
-mod crosshost;
+pub mod crosshost;
 mod lab;
 
 use std::collections::BTreeMap;
