@@ -85,7 +85,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_CHECK_SECONDS ?= 5
 SOAK_ROUNDS ?= 20
 
-.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-cluster bench-profile bench-profile-model bench-soak bench-stateful test-faults \
+.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo demo-cluster bench bench-failover bench-cluster bench-profile bench-profile-model bench-soak bench-stateful test-faults \
 	soak-faults fuzz fuzz-check fuzz-deps
 
 # Installing one package can remove another: a machine that came with a newer qemu-utils (from
@@ -190,6 +190,14 @@ demo:
 	$(MAKE) images
 	cargo build --release
 	scripts/lab-run.sh scripts/demo.sh
+
+# Three hosts, a guest whose shadow stands by on another host, a drain, a crash promoted across
+# hosts (scripts/demo-cluster.sh).
+demo-cluster:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build
+	HOSTS=3 scripts/lab-run.sh scripts/demo-cluster.sh
 
 bench: bench-profile bench-failover
 
