@@ -192,7 +192,10 @@ fn a_crash_is_served_by_the_shadow_on_another_host_and_a_replacement_is_placed()
         .unwrap()
         .starts_with("pro"));
     // The other shadow host did not promote: its shadow is paused, it follows the winner.
-    assert_eq!(lost.paused_shadows(name).unwrap(), std::slice::from_ref(standby));
+    assert_eq!(
+        lost.paused_shadows(name).unwrap(),
+        std::slice::from_ref(standby)
+    );
     assert_eq!(
         cluster.hypervisor(loser).state(standby).unwrap(),
         understudy::libvirt::RunState::Paused
@@ -229,7 +232,8 @@ fn a_crash_is_served_by_the_shadow_on_another_host_and_a_replacement_is_placed()
 
 /// A planned switchover to a named host and back: the primary here is fenced, the named
 /// host's shadow claims and serves, the old primary is retired, a replacement takes its
-/// place on the old host; then the same back the other way.
+/// place on the old host; then the same back the other way. Then both daemons are
+/// restarted: they rebuild from libvirt and etcd without duplicating or moving anything.
 #[test]
 fn switchover_to_a_named_host_and_back() {
     let cluster = Cluster::require();
@@ -298,4 +302,115 @@ fn switchover_to_a_named_host_and_back() {
     wait_for("h2's primary retired", Duration::from_secs(30), || {
         (!cluster.hypervisor("h2").state(&s2).unwrap().is_active()).then_some(())
     });
+    let standby = d2.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
+
+    // Both daemons restarted: each rebuilds from its libvirt and etcd, duplicates nothing
+    // and changes no owner.
+    let domains = |h: &str| -> Vec<(String, understudy::libvirt::RunState)> {
+        let mut v: Vec<_> = cluster
+            .hypervisor(h)
+            .list()
+            .unwrap()
+            .into_iter()
+            .filter(|d| d.name.starts_with(name))
+            .map(|d| (d.name, d.state))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let before = (domains("h1"), domains("h2"));
+    let (mut d1, mut d2) = (d1, d2);
+    d1.restart();
+    d2.restart();
+    wait_for(
+        "h1's daemon protecting its primary again",
+        Duration::from_secs(30),
+        || state_of(&d1, name).starts_with("pro").then_some(()),
+    );
+    wait_for(
+        "h2's daemon following h1 again",
+        Duration::from_secs(30),
+        || (state_of(&d2, name) == "elsewhere: on host h1").then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(
+        (domains("h1"), domains("h2")),
+        before,
+        "domains after the restarts"
+    );
+    assert_eq!(owner(&d1, name), Some(("h1".to_string(), back.clone())));
+    assert_eq!(
+        d2.paused_shadows(name).unwrap(),
+        std::slice::from_ref(&standby)
+    );
+    wait_served_by(
+        ip,
+        &domain_uuid(&h1, &back),
+        "the service still served from h1",
+    );
+}
+
+/// A drain of a host with two primaries: both move to their shadows on another host, the
+/// drained host gets no new shadow (the replacements go to the third host), and an undrain
+/// lets it take shadows again.
+#[test]
+fn drain_and_undrain_of_a_host_with_two_primaries() {
+    let cluster = Cluster::require();
+    let guests = [("xh3-a", "10.77.0.83"), ("xh3-b", "10.77.0.84")];
+    let prefix = "/understudy/it-xh3";
+    let names: Vec<String> = guests
+        .iter()
+        .flat_map(|(g, _)| {
+            std::iter::once(g.to_string()).chain((1..8).map(move |n| format!("{g}-shadow-{n}")))
+        })
+        .collect();
+    let _cleanup = ClusterCleanup::new(
+        &cluster,
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    clear_prefix(&cluster, prefix);
+    let ds: Vec<DaemonProc> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|h| daemon(&cluster, h, "xh3-*", 1, "other-host", prefix))
+        .collect();
+    let h1 = cluster.hypervisor("h1");
+    for (g, ip) in guests {
+        h1.define(&guest_xml(g, &format!("{ip}/24"), &[]))
+            .expect("define on h1");
+        h1.start(g, false).expect("start on h1");
+    }
+    for (g, _) in guests {
+        wait_for(&format!("a paused shadow of {g}"), SHADOW_WAIT, || {
+            ds[1..]
+                .iter()
+                .any(|d| !d.paused_shadows(g).unwrap_or_default().is_empty())
+                .then_some(())
+        });
+    }
+    let (code, _, err) = ds[0].cli(&["host", "drain", "h1", "--timeout", "3m"]);
+    assert_eq!(code, 0, "drain: {err}");
+    assert!(err.contains("host h1 drained: 2 primaries moved"), "{err}");
+    for (g, ip) in guests {
+        let (host, domain) = owner(&ds[0], g).expect("an owner");
+        assert_ne!(host, "h1", "{g} still on the drained host");
+        wait_served_by(
+            ip,
+            &domain_uuid(&cluster.hypervisor(&host), &domain),
+            "the service served from its new host",
+        );
+        assert!(!h1.state(g).unwrap().is_active(), "{g}'s old primary runs");
+        // Its replacement shadow is on the host that is neither the drained one nor its own.
+        let third = if host == "h2" { 2 } else { 1 };
+        ds[third].wait_paused_shadows(g, 1, SHADOW_WAIT);
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    for (g, _) in guests {
+        assert!(
+            ds[0].paused_shadows(g).unwrap_or_default().is_empty(),
+            "a shadow of {g} was placed on the drained host"
+        );
+    }
+    let (code, _, err) = ds[0].cli(&["host", "undrain", "h1"]);
+    assert_eq!(code, 0, "undrain: {err}");
+    assert!(err.contains("host h1 undrained"), "{err}");
 }
