@@ -634,6 +634,20 @@ async fn on_failover_done(
     for kind in failover_events(record) {
         d.events.emit(Some(service), kind);
     }
+    let lost_to = match &result {
+        Err(PromotionFailed {
+            error: FailoverError::ClaimLost { source, .. },
+            ..
+        }) => match &**source {
+            crate::cluster::CoordError::Conflict { current, .. }
+                if current.host != *d.coord.host() =>
+            {
+                Some(current.clone())
+            }
+            _ => None,
+        },
+        _ => None,
+    };
     let answer = match result {
         Ok(p) => {
             let r = &p.record;
@@ -654,15 +668,11 @@ async fn on_failover_done(
             crosshost::promoted(d, service, from_elsewhere).await;
             answer
         }
-        Err(PromotionFailed {
-            error: FailoverError::ClaimLost { source, .. },
-            ..
-        }) if matches!(*source, crate::cluster::CoordError::Conflict { .. }) => {
-            let crate::cluster::CoordError::Conflict { current, .. } = *source else {
-                unreachable!("matched above")
-            };
-            tracing::warn!(service, shadow, winner = %current.domain, host = %current.host, "another host's promotion won; the shadow here stays paused");
-            d.table().failover_lost(service, shadow, &current)
+        // Another host's claim won: the shadow here was never resumed and stays paused.
+        Err(_) if lost_to.is_some() => {
+            let winner = lost_to.expect("checked above");
+            tracing::warn!(service, shadow, winner = %winner.domain, host = %winner.host, "another host's promotion won; the shadow here stays paused");
+            d.table().failover_lost(service, shadow, &winner)
         }
         Err(f) => {
             let r = &f.record;
