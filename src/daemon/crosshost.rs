@@ -361,9 +361,21 @@ pub(super) async fn place_all(d: &Shared) {
         for why in &plan.unplaced {
             tracing::debug!(service = %svc.name, "{why}");
         }
-        if plan.add.contains(&me) {
+        // Hosts given a new shadow of the service this round, each once: this host's place
+        // among them keeps the names apart.
+        let mut given: Vec<&HostId> = Vec::new();
+        for h in &plan.add {
+            if !given.contains(&h) {
+                given.push(h);
+            }
+        }
+        if let Some(slot) = given.iter().position(|h| **h == me) {
             let elsewhere = svc.primary_host().is_some();
-            provision.push((svc.name.clone(), elsewhere.then(|| spec.xml.clone())));
+            provision.push((
+                svc.name.clone(),
+                slot as u64,
+                elsewhere.then(|| spec.xml.clone()),
+            ));
         }
         if plan.add.is_empty() {
             for name in plan.retire {
@@ -374,11 +386,11 @@ pub(super) async fn place_all(d: &Shared) {
         }
     }
     let limits = d.limits();
-    for (service, xml) in provision {
+    for (service, slot, xml) in provision {
         let class = d.table().get(&service).map(|s| s.class.clone());
         let reserved = d
             .table()
-            .reserve_shadow(&service, limits(&class.unwrap_or_default()));
+            .reserve_shadow(&service, limits(&class.unwrap_or_default()), slot);
         match reserved {
             Ok(plan) => {
                 tracing::info!(%service, shadow = %plan.name, "placement: a shadow goes on this host");

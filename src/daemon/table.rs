@@ -1191,11 +1191,14 @@ impl ServiceTable {
     /// Reserves the name of one more shadow here, where placement put it (with a cluster):
     /// of a running primary here, of one that is down within its retry limit, or of a primary
     /// elsewhere (then provisioned from its published spec). Names are above every generation
-    /// seen on any host.
+    /// seen on any host, plus `slot`: the place of this host among the hosts that placement
+    /// gave a new shadow in the same round (every host computes the same list), so two hosts
+    /// provisioning at once never pick the same name.
     pub fn reserve_shadow(
         &mut self,
         service: &str,
         limits: ClassLimits,
+        slot: u64,
     ) -> Result<ShadowToProvision, Refused> {
         let svc = self.svc_mut(service)?;
         let down_retry = matches!(svc.state, ServiceState::Down { .. })
@@ -1221,7 +1224,8 @@ impl ServiceTable {
             .chain([svc.last_generation])
             .max()
             .unwrap_or(0)
-            + 1;
+            + 1
+            + slot;
         svc.last_generation = next;
         let name = shadow_name(&svc.name, next);
         svc.shadows.push(Shadow {
@@ -1686,7 +1690,7 @@ mod tests {
     fn following() -> ServiceTable {
         let mut t = ServiceTable::new();
         t.follow("web", "c", "web", &host("h1")).unwrap();
-        let p = t.reserve_shadow("web", LIMITS).unwrap();
+        let p = t.reserve_shadow("web", LIMITS, 0).unwrap();
         assert_eq!(p.name, "web-shadow-1");
         t.shadow_ready("web", paused("web-shadow-1")).unwrap();
         t
@@ -1935,17 +1939,23 @@ mod tests {
             },
         );
         assert_eq!(
-            t.reserve_shadow("web", LIMITS).unwrap().name,
+            t.reserve_shadow("web", LIMITS, 0).unwrap().name,
             "web-shadow-5"
+        );
+        // The second host given a shadow in the same round skips the first one's name.
+        let mut other = following();
+        assert_eq!(
+            other.reserve_shadow("web", LIMITS, 1).unwrap().name,
+            "web-shadow-3"
         );
         let mut t = protected();
         assert_eq!(
-            t.reserve_shadow("web", LIMITS).unwrap().name,
+            t.reserve_shadow("web", LIMITS, 0).unwrap().name,
             "web-shadow-2"
         );
         assert_eq!(t.get("web").unwrap().state, ServiceState::Provisioning);
         t.stop("web").unwrap();
-        assert!(t.reserve_shadow("web", LIMITS).is_err());
+        assert!(t.reserve_shadow("web", LIMITS, 0).is_err());
     }
 
     #[test]
