@@ -421,7 +421,9 @@ pub(super) async fn handover(d: &Shared, service: &str, to: &HostId) -> Result<S
         .owner(service)
         .await
         .map_err(|e| crate::error::report(&e))?;
-    let start = d.table().begin_handover(service, to).map_err(|e| {
+    // The table's lock is released before the refusal is explained (that reads the table).
+    let begun = d.table().begin_handover(service, to);
+    let start = begun.map_err(|e| {
         match d
             .table()
             .get(service)
