@@ -97,6 +97,30 @@ pub fn owner(d: &DaemonProc, service: &str) -> Option<(String, String)> {
     })
 }
 
+/// Waits until `shadow` of `service` is registered ready on `host` in etcd (per `hosts
+/// --json`): what an operator checks before a switchover to that host.
+pub fn wait_registered_ready(d: &DaemonProc, service: &str, host: &str, shadow: &str) {
+    wait_for(
+        &format!("{shadow} registered ready on {host}"),
+        Duration::from_secs(30),
+        || {
+            let (code, out, _) = d.cli(&["hosts", "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            let ready = v["hosts"].as_array()?.iter().any(|h| {
+                h["name"] == host
+                    && h["shadows"].as_array().is_some_and(|l| {
+                        l.iter().any(|x| {
+                            x["service"] == service
+                                && x["shadow"] == shadow
+                                && x["status"] == "ready"
+                        })
+                    })
+            });
+            (code == 0 && ready).then_some(())
+        },
+    );
+}
+
 /// Waits until the service answers at `ip` from the domain with `uuid`; how long it took.
 pub fn wait_served_by(ip: &str, uuid: &str, what: &str) -> Duration {
     let began = Instant::now();
@@ -258,6 +282,7 @@ fn switchover_to_a_named_host_and_back() {
         http_get(ip, Duration::from_secs(1))
     });
     let s2 = d2.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
+    wait_registered_ready(&d1, name, "h2", &s2);
 
     // A host without a ready shadow is refused, naming where one is.
     let (code, _, err) = d1.cli(&["failover", name, "--to-host", "h3"]);
@@ -285,6 +310,7 @@ fn switchover_to_a_named_host_and_back() {
         (!h1.state(name).unwrap().is_active()).then_some(())
     });
     let back = d1.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
+    wait_registered_ready(&d2, name, "h1", &back);
 
     // And back, asked on h2 now.
     let (code, _, err) = d2.cli(&["failover", name, "--to-host", "h1"]);
@@ -303,6 +329,7 @@ fn switchover_to_a_named_host_and_back() {
         (!cluster.hypervisor("h2").state(&s2).unwrap().is_active()).then_some(())
     });
     let standby = d2.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
+    wait_registered_ready(&d1, name, "h2", &standby);
 
     // Both daemons restarted: each rebuilds from its libvirt and etcd, duplicates nothing
     // and changes no owner.

@@ -41,6 +41,9 @@ pub(super) const HANDOVER_WAIT: Duration = Duration::from_secs(30);
 
 /// One placement round at a time: two at once would both count a shadow as missing.
 static PLACING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// One drain at a time; a drain that left primaries behind (no ready shadow elsewhere yet)
+/// is tried again by later placement rounds.
+static DRAINING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Whether this host is one of several (a coordinator other than the standalone one).
 pub(super) fn clustered(d: &Shared) -> bool {
@@ -319,6 +322,11 @@ pub(super) async fn place_all(d: &Shared) {
     let specs: BTreeMap<String, PrimarySpec> =
         specs.into_iter().map(|s| (s.service.clone(), s)).collect();
     let me = me(d);
+    let draining_here = views.iter().any(|h| h.id == me && h.draining);
+    if draining_here && d.table().iter().any(|s| s.state.is_running()) {
+        let d = d.clone();
+        tokio::spawn(async move { drain_here(&d).await });
+    }
     let cfg = d.cfg();
     let services: Vec<_> = d.table().iter().cloned().collect();
     let mut ledger = Ledger::new();
@@ -607,6 +615,9 @@ pub(super) async fn set_drain(
 /// This host is draining: every primary here goes to a ready shadow on a host that is alive
 /// and not draining. Services without one stay (and are logged).
 pub(super) async fn drain_here(d: &Shared) {
+    let Ok(_one) = DRAINING.try_lock() else {
+        return;
+    };
     let hosts = match d.coord.hosts().await {
         Ok(h) => h,
         Err(e) => {
