@@ -33,11 +33,12 @@ use std::time::{Duration, Instant};
 use crate::cluster::{Claim, CoordError, Coordinator};
 use crate::domain_xml::{DomainXml, MemberState, Role};
 use crate::libvirt::{qemu_pid, Hypervisor, LibvirtError, QemuProcess, RunState, QEMU_RUN_DIR};
+use crate::monitor::agent::{AgentError, ExitStatus};
 use crate::net::{NetError, Netlink};
 
 use super::apply_profile::ProfileApply;
 use super::plan::{data_disks, DataDisk, DiskPolicy};
-use super::shadow::{guest_exec_captured, member_meta, raise_links, write_meta};
+use super::shadow::{clip_tail, guest_exec, member_meta, raise_links, write_meta};
 use super::{FailoverError, FailoverRecord, Shadow, StepClock, TapBinding, Trigger};
 
 /// Input of one promotion.
@@ -564,7 +565,7 @@ impl PromotionSteps for LiveSteps<'_> {
                 argv: argv.clone(),
                 outcome,
             };
-            let out = guest_exec_captured(
+            let out = match guest_exec(
                 self.hv,
                 &p.shadow.name,
                 argv,
@@ -573,19 +574,35 @@ impl PromotionSteps for LiveSteps<'_> {
                 handover.agent_max_reply,
             )
             .await
-            .map_err(|e| failed(format!("could not run: {}", crate::error::report(&e))))?;
-            match out.code {
-                Some(0) => {}
-                Some(code) => {
-                    return Err(failed(format!(
-                        "exited with {code}; stderr: {:?}",
-                        out.stderr
-                    )))
-                }
-                None => {
+            {
+                Ok(out) => out,
+                Err(AgentError::ExecTimeout { .. }) => {
                     return Err(failed(format!(
                         "still running after {:?}",
                         handover.command_timeout
+                    )))
+                }
+                Err(e) => {
+                    return Err(failed(format!(
+                        "could not run: {}",
+                        crate::error::report(&e)
+                    )))
+                }
+            };
+            let stderr = clip_tail(&String::from_utf8_lossy(&out.stderr.data), 512);
+            match out.status {
+                ExitStatus::Code(0) => {}
+                ExitStatus::Code(code) => {
+                    return Err(failed(format!("exited with {code}; stderr: {stderr:?}")))
+                }
+                ExitStatus::Signal(sig) => {
+                    return Err(failed(format!(
+                        "killed by signal {sig}; stderr: {stderr:?}"
+                    )))
+                }
+                ExitStatus::Unknown => {
+                    return Err(failed(format!(
+                        "ended without an exit status; stderr: {stderr:?}"
                     )))
                 }
             }
