@@ -22,7 +22,7 @@ use crate::common::*;
 const SHADOW_WAIT: Duration = Duration::from_secs(240);
 
 /// The lab class settings that hand the ledger's disk over (as configs/lab.toml does).
-const DATA_CLASS: &str = r#"disk_roles = { vdb = "data", sdb = "data" }
+pub(crate) const DATA_CLASS: &str = r#"disk_roles = { vdb = "data", sdb = "data" }
 promote_commands = [["/bin/us-data", "mount"]]
 promote_command_timeout_ms = 15000
 "#;
@@ -42,7 +42,7 @@ fn http(ip: &str, method: &str, path: &str, timeout: Duration) -> Option<(u16, S
     Some((code, body))
 }
 
-fn append(ip: &str, key: &str) -> bool {
+pub(crate) fn append(ip: &str, key: &str) -> bool {
     matches!(
         http(
             ip,
@@ -54,7 +54,7 @@ fn append(ip: &str, key: &str) -> bool {
     )
 }
 
-fn ledger(ip: &str) -> Option<Vec<String>> {
+pub(crate) fn ledger(ip: &str) -> Option<Vec<String>> {
     match http(ip, "GET", "/ledger", Duration::from_secs(2))? {
         (200, body) => Some(body.lines().map(str::to_string).collect()),
         _ => None,
@@ -62,14 +62,14 @@ fn ledger(ip: &str) -> Option<Vec<String>> {
 }
 
 /// A client appending a new key every 10 ms, keeping the acknowledged ones.
-struct Writer {
+pub(crate) struct Writer {
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
-    fn start(ip: &str, prefix: &str) -> Self {
+    pub(crate) fn start(ip: &str, prefix: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let (s, a, ip, prefix) = (
@@ -96,11 +96,11 @@ impl Writer {
         }
     }
 
-    fn acked(&self) -> usize {
+    pub(crate) fn acked(&self) -> usize {
         self.acked.lock().unwrap().len()
     }
 
-    fn finish(mut self) -> Vec<String> {
+    pub(crate) fn finish(mut self) -> Vec<String> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
@@ -131,7 +131,7 @@ fn lab_data(args: &[&str]) -> String {
 
 /// Running domains whose live definition has a disk on `source` (a path, or an NBD export's
 /// `nbd:<name>`).
-fn holders(hv: &Hypervisor, source: &str) -> Vec<String> {
+pub(crate) fn holders(hv: &Hypervisor, source: &str) -> Vec<String> {
     let mut out = Vec::new();
     for d in hv.list().unwrap() {
         if !d.state.is_active() {
@@ -281,7 +281,7 @@ fn failover_keeps_every_key(
     shadow
 }
 
-fn data_image(daemon: &DaemonProc, name: &str) -> PathBuf {
+pub(crate) fn data_image(daemon: &DaemonProc, name: &str) -> PathBuf {
     let path = daemon.dir.join(format!("{name}-data.raw"));
     let _ = std::fs::remove_file(&path);
     PathBuf::from(lab_data(&["file", path.to_str().unwrap()]))

@@ -116,6 +116,20 @@ pub enum FailoverError {
         #[source]
         source: Box<LibvirtError>,
     },
+    /// Another running domain holds the data disk: attaching it would make two writers.
+    /// libvirt's lock manager does not cover every disk (network disks such as NBD or RBD
+    /// have no lease), so understudy checks the live definitions itself before the attach.
+    #[error("attach: data disk {target} ({disk_source}) is still attached to running domain(s) {holders:?}; not attached to '{shadow}'")]
+    DiskHeld {
+        /// The shadow.
+        shadow: String,
+        /// `<target dev>` of the disk.
+        target: String,
+        /// Its source.
+        disk_source: String,
+        /// The running domains whose live definition has it.
+        holders: Vec<String>,
+    },
     /// A promote command failed, timed out or could not be run.
     #[error("promote_commands: {argv:?} in '{shadow}' {outcome}")]
     PromoteCommand {

@@ -83,6 +83,24 @@ pub fn data_disks(primary: &DomainXml, policy: &DiskPolicy) -> Result<Vec<DataDi
         .collect())
 }
 
+/// Which of `running` (name and live definition of each running domain) have a writable disk
+/// on `source`, and at which target: understudy's own single-writer check before a data disk
+/// is attached, for the disks libvirt's lock manager does not lease (network disks).
+pub fn disk_holders<'a>(
+    running: &'a [(String, DomainXml)],
+    source: &str,
+) -> Vec<(&'a str, String)> {
+    running
+        .iter()
+        .flat_map(|(name, xml)| {
+            xml.disks()
+                .into_iter()
+                .filter(|d| !d.readonly && d.source.as_deref() == Some(source))
+                .map(move |d| (name.as_str(), d.target_dev))
+        })
+        .collect()
+}
+
 /// What happens to one disk when a shadow is made and promoted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -838,5 +856,34 @@ disk_roles = { vdb = "data" }
             }
         }
         assert!(runs > 400, "{runs}");
+    }
+
+    #[test]
+    fn a_data_disk_held_by_a_running_domain_is_found_by_its_source() {
+        let xml = std::fs::read_to_string(fixture("stateful.xml")).unwrap();
+        let running = vec![
+            ("ledger1".to_string(), DomainXml::parse(&xml).unwrap()),
+            (
+                "other".to_string(),
+                DomainXml::parse("<domain type='qemu'><name>other</name><devices/></domain>")
+                    .unwrap(),
+            ),
+        ];
+        // File, block and network (NBD, which no lock manager leases) sources.
+        assert_eq!(
+            disk_holders(&running, "/var/lib/libvirt/images/ledger1-data.raw"),
+            [("ledger1", "vdb".to_string())]
+        );
+        assert_eq!(
+            disk_holders(&running, "/dev/vg0/ledger1-wal"),
+            [("ledger1", "vdc".to_string())]
+        );
+        assert_eq!(
+            disk_holders(&running, "nbd:ledger1-archive"),
+            [("ledger1", "vdd".to_string())]
+        );
+        // A read-only disk is no writer; an unknown source has no holder.
+        assert!(disk_holders(&running, "/var/lib/libvirt/images/tools.raw").is_empty());
+        assert!(disk_holders(&running, "nbd:elsewhere").is_empty());
     }
 }

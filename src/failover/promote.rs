@@ -37,7 +37,7 @@ use crate::monitor::agent::{AgentError, ExitStatus};
 use crate::net::{NetError, Netlink};
 
 use super::apply_profile::ProfileApply;
-use super::plan::{data_disks, DataDisk, DiskPolicy};
+use super::plan::{data_disks, disk_holders, DataDisk, DiskPolicy};
 use super::shadow::{clip_tail, guest_exec, member_meta, raise_links, write_meta};
 use super::{FailoverError, FailoverRecord, Shadow, StepClock, TapBinding, Trigger};
 
@@ -534,7 +534,51 @@ impl PromotionSteps for LiveSteps<'_> {
     }
 
     async fn attach(&self, p: &Promotion, disks: &[DataDisk]) -> Result<(), FailoverError> {
-        for disk in disks {
+        // understudy's own single-writer check, besides the fencing before it and libvirt's
+        // lock manager (which leases no network disk: NBD, RBD, iSCSI): no other running
+        // domain may hold a data disk. A disk the shadow itself holds already was attached by
+        // a promotion that a daemon restart interrupted; it is not attached twice.
+        let sources: Vec<String> = disks.iter().map(|d| d.source.clone()).collect();
+        let holders = self
+            .hv
+            .run("attach: who holds the data disks", move |hv| {
+                let mut running = Vec::new();
+                for d in hv.list()?.into_iter().filter(|d| d.state.is_active()) {
+                    let Ok(xml) = hv.xml(&d.name, false) else {
+                        continue; // gone meanwhile
+                    };
+                    match DomainXml::parse(&xml) {
+                        Ok(x) => running.push((d.name, x)),
+                        Err(e) => tracing::warn!(domain = %d.name, error = %crate::error::report(&e), "live definition unreadable; its disks are not checked"),
+                    }
+                }
+                Ok(sources
+                    .iter()
+                    .map(|s| {
+                        disk_holders(&running, s)
+                            .into_iter()
+                            .map(|(n, t)| (n.to_string(), t))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await
+            .map_err(libvirt_step("attach: list running domains"))?;
+        for (disk, holders) in disks.iter().zip(holders) {
+            let (ours, others): (Vec<_>, Vec<_>) =
+                holders.into_iter().partition(|(n, _)| *n == p.shadow.name);
+            if !others.is_empty() {
+                return Err(FailoverError::DiskHeld {
+                    shadow: p.shadow.name.clone(),
+                    target: disk.target.clone(),
+                    disk_source: disk.source.clone(),
+                    holders: others.into_iter().map(|(n, _)| n).collect(),
+                });
+            }
+            if ours.iter().any(|(_, t)| *t == disk.target) {
+                tracing::info!(shadow = %p.shadow.name, disk = %disk.target, source = %disk.source, "data disk already attached (a hand-over interrupted by a restart); not attached again");
+                continue;
+            }
             let (shadow, xml) = (p.shadow.name.clone(), disk.xml.clone());
             self.hv
                 .run("attach data disk", move |hv| {
