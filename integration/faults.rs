@@ -419,7 +419,11 @@ fn daemon_killed_between_disk_attach_and_network_finishes_the_hand_over_on_resta
         signal_qemu(&active, nix::sys::signal::Signal::SIGKILL);
         wait_exit(&mut daemon, Duration::from_secs(60));
         // Aborted with the disk on the shadow and the network still down.
-        assert_eq!(holders(&hv, source), vec![shadow.clone()], "after abort at {step}");
+        assert_eq!(
+            holders(&hv, source),
+            vec![shadow.clone()],
+            "after abort at {step}"
+        );
         assert_eq!(hv.state(&shadow).unwrap(), RunState::Running);
         assert_eq!(
             master_of(&taps(&hv, &shadow)[0].1),
@@ -476,7 +480,10 @@ fn daemon_killed_between_disk_attach_and_network_finishes_the_hand_over_on_resta
         assert_eq!(holders(&hv, source), vec![shadow.clone()]);
         assert_single_server(ip, &shadow_uuid, &mac);
         assert_status_matches_libvirt(&daemon, &hv, name);
-        eprintln!("abort after {step}: finished on restart; {} keys kept; steps {steps:?}", acked.len());
+        eprintln!(
+            "abort after {step}: finished on restart; {} keys kept; steps {steps:?}",
+            acked.len()
+        );
     }
 }
 

@@ -202,6 +202,19 @@ pub struct TapBinding {
     pub bridge: Option<String>,
     /// Whether the NIC's link is up in the guest's view (`<link state>`).
     pub link_up: bool,
+    /// For a routed class, what on the host points traffic at this tap.
+    pub routed: RoutedSide,
+}
+
+/// The host side of a routed NIC (class `network = "routed"`): what points the VM's traffic at
+/// its tap, read while the primary runs (its tap, and every route through it, vanish with its
+/// QEMU).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutedSide {
+    /// Destinations of the `/32` host routes through the tap.
+    pub routes: Vec<std::net::Ipv4Addr>,
+    /// The host's own IPv4 addresses on the tap (the guest's gateway), with prefix lengths.
+    pub addresses: Vec<(std::net::Ipv4Addr, u8)>,
 }
 
 impl Shadow {

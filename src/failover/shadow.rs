@@ -19,7 +19,7 @@ use super::plan::{
     clone_plan, data_disks, overlay_path, plan_disks, DataDisk, DiskHandling, DiskLayout,
     DiskPolicy,
 };
-use super::{tpm, FailoverError, Shadow, ShadowState, TapBinding};
+use super::{tpm, FailoverError, RoutedSide, Shadow, ShadowState, TapBinding};
 
 /// Everything needed to create one shadow.
 #[derive(Debug, Clone)]
@@ -494,12 +494,34 @@ pub fn tap_bindings(live: &DomainXml, spec: &DomainXml) -> Vec<(TapBinding, Opti
             let binding = TapBinding {
                 bridge,
                 link_up: live_iface.is_some_and(|i| i.link_up),
+                routed: RoutedSide::default(),
                 mac,
                 tap,
             };
             (binding, network)
         })
         .collect()
+}
+
+/// Reads what on the host points traffic at each routed tap (see [`RoutedSide`]): the `/32`
+/// host routes through it and its IPv4 addresses. A tap without any host route is named in a
+/// warning, since promotion would then have nothing to move.
+pub async fn read_routed_sides(net: &Netlink, domain: &str, taps: &mut [TapBinding]) {
+    for b in taps.iter_mut() {
+        let routes = net.host_routes_via(&b.tap).await;
+        let addresses = net.ipv4_addresses(&b.tap).await;
+        match (routes, addresses) {
+            (Ok(routes), Ok(addresses)) => {
+                if routes.is_empty() {
+                    tracing::warn!(domain, tap = %b.tap, "routed class, but no /32 host route goes through this tap: a promotion would have no route to move to its shadow");
+                }
+                b.routed = RoutedSide { routes, addresses };
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(domain, tap = %b.tap, error = %crate::error::report(&e), "cannot read the routed tap's host routes and addresses; keeping what was known")
+            }
+        }
+    }
 }
 
 /// Pings the guest agent until it answers or `limit` passes.
