@@ -270,6 +270,22 @@ pub async fn provision(
         req.agent_max_reply,
     )
     .await?;
+    // Raise the NICs' links now, while the guest runs with its taps down and off the bridge
+    // (whatever it sends goes nowhere), so that it has handled the link-up before it is
+    // paused. A guest that first sees its link come up when it is resumed at promotion handles
+    // that event on a workqueue, after the softirq of the first client SYNs: its first ARP
+    // request (for the client, needed by its first SYN-ACK) leaves while its carrier is still
+    // off, is dropped, and every client waits for the ARP retransmission, a second later.
+    let macs: Vec<String> = taps.iter().map(|b| b.mac.clone()).collect();
+    {
+        let (n, macs) = (name.clone(), macs.clone());
+        hv.run("raise shadow links", move |hv| raise_links(hv, &n, &macs))
+            .await
+            .map_err(|source| FailoverError::Libvirt {
+                step: "raise shadow links",
+                source,
+            })?;
+    }
     for argv in &req.warmup {
         // A warm-up that fails leaves a colder shadow, not a broken one.
         match guest_exec(
@@ -298,12 +314,18 @@ pub async fn provision(
         req.generation,
         MemberState::Paused,
     );
-    let macs: Vec<String> = taps.iter().map(|b| b.mac.clone()).collect();
+    // The guest has answered the agent since its link came up (after the warm-up, or now):
+    // it has run its link-up handling.
+    wait_for_agent(
+        hv,
+        &name,
+        req.agent_timeout * 5,
+        req.agent_timeout,
+        req.agent_max_reply,
+    )
+    .await?;
     hv.run("pause shadow", move |hv| {
         hv.suspend(&n)?;
-        // Raise the NICs' links now, while paused and off the bridge: a paused guest sends
-        // nothing, and a promotion then needs no libvirt call besides the resume.
-        raise_links(hv, &n, &macs)?;
         write_meta(hv, &n, &meta)
     })
     .await
