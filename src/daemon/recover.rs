@@ -233,11 +233,14 @@ async fn recover_service(d: &Shared, name: &str) {
             // the network comes up, so a daemon killed between the attach and the network
             // still finishes the hand-over.
             if let Some(s) = promoting.first() {
-                let taps = svc
-                    .shadows
-                    .iter()
-                    .find(|x| &x.name == s)
-                    .map(|x| x.taps.clone())
+                // The taps just read from libvirt (`svc` is from before): with none, the
+                // promotion would bring no network up, as when the daemon died after the
+                // data disk's attach, before `rewire`.
+                let taps = d
+                    .table()
+                    .get(name)
+                    .and_then(|v| v.shadows.iter().find(|x| &x.name == s).cloned())
+                    .map(|x| x.taps)
                     .unwrap_or_default();
                 let _ = d.table().shadow_reparked(name, s, taps);
             }
