@@ -315,6 +315,39 @@ pub struct ClassConfig {
     /// Share of samples the profile's calibrated envelope should cover (0.5..=0.999): each
     /// service's coverage converges on it (see `src/profile/forecast.rs`).
     pub coverage_target: f64,
+    /// How the service's traffic reaches its VM: through a bridge, or routed to its own tap.
+    pub network: NetworkMode,
+}
+
+/// How a protected VM's traffic reaches it, and so what promotion moves to the shadow.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// The VM's tap is a port of a bridge: promotion enslaves the shadow's tap to it.
+    #[default]
+    Bridged,
+    /// The VM hangs off its own tap, reached through host routes (`/32`) to its addresses:
+    /// promotion gives the shadow's tap the old tap's host addresses and replaces those routes
+    /// so they point at it.
+    Routed,
+}
+
+impl NetworkMode {
+    /// The name used in the configuration and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Bridged => "bridged",
+            NetworkMode::Routed => "routed",
+        }
+    }
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What happens to a writable disk of a protected primary at failover.
@@ -367,6 +400,7 @@ impl Default for ClassConfig {
             promote_command_timeout_ms: 30_000,
             probe: None,
             coverage_target: 0.95,
+            network: NetworkMode::Bridged,
         }
     }
 }

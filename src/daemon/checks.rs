@@ -195,6 +195,43 @@ pub(super) fn isolate_standby_taps(d: &Shared, service: &str) {
     });
 }
 
+/// Re-reads the host side of every routed service's active taps (routes and addresses may be
+/// set up by a hook after the VM started), so that a crash finds them known: they vanish with
+/// the tap.
+pub(super) fn refresh_routed(d: &Shared) {
+    let cfg = d.cfg();
+    let services: Vec<(String, String, Vec<crate::failover::TapBinding>)> = d
+        .table()
+        .iter()
+        .filter(|s| s.state.is_running())
+        .filter(|s| {
+            cfg.class.get(&s.class).map(|c| c.network) == Some(crate::config::NetworkMode::Routed)
+        })
+        .map(|s| (s.name.clone(), s.active.clone(), s.active_taps.clone()))
+        .collect();
+    if services.is_empty() {
+        return;
+    }
+    let d = d.clone();
+    tokio::spawn(async move {
+        for (service, active, mut taps) in services {
+            crate::failover::shadow::read_routed_sides(&d.net, &active, &mut taps).await;
+            let mut table = d.table();
+            // Only if nothing changed the active domain meanwhile.
+            if table.get(&service).is_some_and(|s| {
+                s.state.is_running()
+                    && s.active == active
+                    && s.active_taps
+                        .iter()
+                        .map(|b| &b.tap)
+                        .eq(taps.iter().map(|b| &b.tap))
+            }) {
+                table.set_active_taps(&service, taps);
+            }
+        }
+    });
+}
+
 /// Audits every running service's bridges: its MAC must be learned behind the active
 /// primary's tap only. Another port carrying it (a standby tap that something re-attached, a
 /// copy of the VM started by hand) means two copies could answer for the service: reported

@@ -342,6 +342,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
             _ = housekeeping.tick() => {
                 recover::ensure_all_shadows(&d);
                 checks::audit_bridges(&d);
+                checks::refresh_routed(&d);
                 checks::publish_gauges(&d);
                 crate::systemd::alive(&crate::systemd::status_line(d.table().iter()));
                 checks::replace_stale_tpm_shadows(&d);
@@ -404,9 +405,11 @@ fn launch_promotion(
     at: Instant,
     start: table::FailoverStart,
 ) {
-    let handover = handover_of(&d.class(&start.class), &d.cfg());
+    let class = d.class(&start.class);
+    let handover = handover_of(&class, &d.cfg());
     let promotion = Promotion {
         handover,
+        network: class.network,
         service: service.to_string(),
         class: start.class,
         old_primary: start.old_primary,

@@ -4,10 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::config::NetworkMode;
 use crate::domain_xml::{MemberState, Role, UnderstudyMeta, META_NS};
 use crate::failover::plan::DiskPolicy;
 use crate::failover::shadow::{
-    isolate_tap, live_taps, member_meta, provision, shadow_generation, write_meta, ShadowRequest,
+    isolate_tap, live_taps, member_meta, provision, read_routed_sides, shadow_generation,
+    write_meta, ShadowRequest,
 };
 use crate::failover::{FailoverError, Shadow, ShadowState, Trigger};
 use crate::libvirt::{qemu_pid, DomainSummary, LibvirtError, QemuProcess, RunState};
@@ -225,13 +227,20 @@ async fn recover_service(d: &Shared, name: &str) {
         }
         ServiceState::Down { .. } => {
             // The primary died while we were away (or mid-promotion): promote now, the
-            // interrupted shadow first (it stands ready again).
+            // interrupted shadow first (it stands ready again). The promotion runs every step
+            // again: a shadow already running is fine for `resume`, a data disk it already
+            // holds is not attached twice (`attach`), and `promote_commands` run again before
+            // the network comes up, so a daemon killed between the attach and the network
+            // still finishes the hand-over.
             if let Some(s) = promoting.first() {
-                let taps = svc
-                    .shadows
-                    .iter()
-                    .find(|x| &x.name == s)
-                    .map(|x| x.taps.clone())
+                // The taps just read from libvirt (`svc` is from before): with none, the
+                // promotion would bring no network up, as when the daemon died after the
+                // data disk's attach, before `rewire`.
+                let taps = d
+                    .table()
+                    .get(name)
+                    .and_then(|v| v.shadows.iter().find(|x| &x.name == s).cloned())
+                    .map(|x| x.taps)
                     .unwrap_or_default();
                 let _ = d.table().shadow_reparked(name, s, taps);
             }
@@ -295,7 +304,10 @@ pub(super) async fn refresh_active(d: &Shared, service: &str) {
     let Some(active) = d.table().get(service).map(|s| s.active.clone()) else {
         return;
     };
-    let taps = live_taps(&d.hv(), &active).await.unwrap_or_default();
+    let mut taps = live_taps(&d.hv(), &active).await.unwrap_or_default();
+    if d.class(&svc_class(d, service)).network == NetworkMode::Routed {
+        read_routed_sides(&d.net, &active, &mut taps).await;
+    }
     for bridge in taps.iter().filter_map(|b| b.bridge.as_deref()) {
         if crate::net::mac_is_fixed(std::path::Path::new("/sys"), bridge) == Some(false) {
             // Not fatal, but it costs every failover an ARP round trip with each client.
@@ -304,6 +316,14 @@ pub(super) async fn refresh_active(d: &Shared, service: &str) {
     }
     d.table().set_active_taps(service, taps);
     watch_primary(d, service, &active);
+}
+
+/// The class of `service` (empty when it is unknown: the default class).
+pub(super) fn svc_class(d: &Shared, service: &str) -> String {
+    d.table()
+        .get(service)
+        .map(|s| s.class.clone())
+        .unwrap_or_default()
 }
 
 /// Opens a pidfd on the primary's QEMU and reports its exit.

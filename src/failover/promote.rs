@@ -31,13 +31,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{Claim, CoordError, Coordinator};
+use crate::config::NetworkMode;
 use crate::domain_xml::{DomainXml, MemberState, Role};
 use crate::libvirt::{qemu_pid, Hypervisor, LibvirtError, QemuProcess, RunState, QEMU_RUN_DIR};
+use crate::monitor::agent::{AgentError, ExitStatus};
 use crate::net::{NetError, Netlink};
 
 use super::apply_profile::ProfileApply;
-use super::plan::{data_disks, DataDisk, DiskPolicy};
-use super::shadow::{guest_exec_captured, member_meta, raise_links, write_meta};
+use super::plan::{data_disks, disk_holders, DataDisk, DiskPolicy};
+use super::shadow::{clip_tail, guest_exec, member_meta, raise_links, write_meta};
 use super::{FailoverError, FailoverRecord, Shadow, StepClock, TapBinding, Trigger};
 
 /// Input of one promotion.
@@ -64,6 +66,8 @@ pub struct Promotion {
     pub profile: Option<ProfileApply>,
     /// How data disks change hands; `None` for a class that can have none.
     pub handover: Option<Handover>,
+    /// Bridged (the shadow's tap joins the bridge) or routed (the host routes move to it).
+    pub network: NetworkMode,
 }
 
 /// What a class hands over at promotion besides the network.
@@ -138,8 +142,11 @@ pub trait PromotionSteps: Sync {
     fn claim(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
     /// Resumes the paused shadow.
     fn resume(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
-    /// Puts the shadow's taps on their bridges.
+    /// Puts the shadow's taps on their bridges (bridged) or brings them up (routed).
     fn rewire(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Routed networks: gives each shadow tap the old tap's host addresses and points the old
+    /// tap's `/32` host routes at it.
+    fn reroute(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
     /// Raises the shadow's NIC links (only for a shadow whose links were not raised at
     /// provisioning).
     fn link_up(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
@@ -187,7 +194,7 @@ pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted,
             tracing::info!(outage_ms, "promotion complete");
             Ok(Promoted {
                 record,
-                taps: p.shadow.taps.clone(),
+                taps: promoted_taps(&p),
             })
         }
         Err(error) => {
@@ -197,11 +204,34 @@ pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted,
     }
 }
 
+/// The new primary's taps: the shadow's, each with the host side (routes, addresses) it took
+/// over from the old tap of the same MAC.
+fn promoted_taps(p: &Promotion) -> Vec<TapBinding> {
+    p.shadow
+        .taps
+        .iter()
+        .map(|b| TapBinding {
+            routed: match p.network {
+                NetworkMode::Routed => old_tap_of(p, &b.mac)
+                    .map(|o| o.routed.clone())
+                    .unwrap_or_default(),
+                NetworkMode::Bridged => Default::default(),
+            },
+            ..b.clone()
+        })
+        .collect()
+}
+
+/// The old primary's tap with MAC `mac`.
+fn old_tap_of<'a>(p: &'a Promotion, mac: &str) -> Option<&'a TapBinding> {
+    p.old_taps.iter().find(|o| o.mac.eq_ignore_ascii_case(mac))
+}
+
 /// Every step the pipeline records, in pipeline order (`plan_disks` only for a shadow whose
 /// data disks were not planned when it was made; `attach` and `promote_commands` only with data
-/// disks; `link_up` only when a shadow's links were not raised while it stood by;
-/// `apply_profile` only with a profile).
-pub const STEPS: [&str; 11] = [
+/// disks; `route` only for a routed class; `link_up` only when a shadow's links were not
+/// raised while it stood by; `apply_profile` only with a profile).
+pub const STEPS: [&str; 12] = [
     "plan_disks",
     "fence",
     "claim",
@@ -209,6 +239,7 @@ pub const STEPS: [&str; 11] = [
     "attach",
     "promote_commands",
     "rewire",
+    "route",
     "link_up",
     "announce",
     "metadata",
@@ -286,6 +317,9 @@ async fn hand_over<S: PromotionSteps>(
     timed(clock, "attach", steps.attach(p, disks)).await?;
     timed(clock, "promote_commands", steps.promote_commands(p)).await?;
     timed(clock, "rewire", steps.rewire(p)).await?;
+    if p.network == NetworkMode::Routed {
+        timed(clock, "route", steps.reroute(p)).await?;
+    }
     if !p.shadow.link_ready() {
         timed(clock, "link_up", steps.link_up(p)).await?;
     }
@@ -309,15 +343,29 @@ async fn resume_and_rewire<S: PromotionSteps>(
         let r = steps.resume(p).await;
         (r, started.elapsed())
     };
+    // A routed class moves its host routes right after the tap is up, still beside the resume.
     let rewire = async {
         let r = steps.rewire(p).await;
-        (r, started.elapsed())
+        let took = started.elapsed();
+        let routed = match (&r, p.network) {
+            (Ok(()), NetworkMode::Routed) => {
+                let t = Instant::now();
+                let rr = steps.reroute(p).await;
+                Some((rr, t, t.elapsed()))
+            }
+            _ => None,
+        };
+        (r, took, routed)
     };
-    let ((resumed, resume_took), (rewired, rewire_took)) = tokio::join!(resume, rewire);
+    let ((resumed, resume_took), (rewired, rewire_took, routed)) = tokio::join!(resume, rewire);
     clock.record("resume", started, resume_took);
     resumed?;
     clock.record("rewire", started, rewire_took);
     rewired?;
+    if let Some((rerouted, t, took)) = routed {
+        clock.record("route", t, took);
+        rerouted?;
+    }
 
     // 3. A standby whose links were not raised at provisioning (made by an older daemon, or
     //    recovered mid-way) gets them raised now, on the critical path.
@@ -533,7 +581,51 @@ impl PromotionSteps for LiveSteps<'_> {
     }
 
     async fn attach(&self, p: &Promotion, disks: &[DataDisk]) -> Result<(), FailoverError> {
-        for disk in disks {
+        // understudy's own single-writer check, besides the fencing before it and libvirt's
+        // lock manager (which leases no network disk: NBD, RBD, iSCSI): no other running
+        // domain may hold a data disk. A disk the shadow itself holds already was attached by
+        // a promotion that a daemon restart interrupted; it is not attached twice.
+        let sources: Vec<String> = disks.iter().map(|d| d.source.clone()).collect();
+        let holders = self
+            .hv
+            .run("attach: who holds the data disks", move |hv| {
+                let mut running = Vec::new();
+                for d in hv.list()?.into_iter().filter(|d| d.state.is_active()) {
+                    let Ok(xml) = hv.xml(&d.name, false) else {
+                        continue; // gone meanwhile
+                    };
+                    match DomainXml::parse(&xml) {
+                        Ok(x) => running.push((d.name, x)),
+                        Err(e) => tracing::warn!(domain = %d.name, error = %crate::error::report(&e), "live definition unreadable; its disks are not checked"),
+                    }
+                }
+                Ok(sources
+                    .iter()
+                    .map(|s| {
+                        disk_holders(&running, s)
+                            .into_iter()
+                            .map(|(n, t)| (n.to_string(), t))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await
+            .map_err(libvirt_step("attach: list running domains"))?;
+        for (disk, holders) in disks.iter().zip(holders) {
+            let (ours, others): (Vec<_>, Vec<_>) =
+                holders.into_iter().partition(|(n, _)| *n == p.shadow.name);
+            if !others.is_empty() {
+                return Err(FailoverError::DiskHeld {
+                    shadow: p.shadow.name.clone(),
+                    target: disk.target.clone(),
+                    disk_source: disk.source.clone(),
+                    holders: others.into_iter().map(|(n, _)| n).collect(),
+                });
+            }
+            if ours.iter().any(|(_, t)| *t == disk.target) {
+                tracing::info!(shadow = %p.shadow.name, disk = %disk.target, source = %disk.source, "data disk already attached (a hand-over interrupted by a restart); not attached again");
+                continue;
+            }
             let (shadow, xml) = (p.shadow.name.clone(), disk.xml.clone());
             self.hv
                 .run("attach data disk", move |hv| {
@@ -564,7 +656,7 @@ impl PromotionSteps for LiveSteps<'_> {
                 argv: argv.clone(),
                 outcome,
             };
-            let out = guest_exec_captured(
+            let out = match guest_exec(
                 self.hv,
                 &p.shadow.name,
                 argv,
@@ -573,19 +665,35 @@ impl PromotionSteps for LiveSteps<'_> {
                 handover.agent_max_reply,
             )
             .await
-            .map_err(|e| failed(format!("could not run: {}", crate::error::report(&e))))?;
-            match out.code {
-                Some(0) => {}
-                Some(code) => {
-                    return Err(failed(format!(
-                        "exited with {code}; stderr: {:?}",
-                        out.stderr
-                    )))
-                }
-                None => {
+            {
+                Ok(out) => out,
+                Err(AgentError::ExecTimeout { .. }) => {
                     return Err(failed(format!(
                         "still running after {:?}",
                         handover.command_timeout
+                    )))
+                }
+                Err(e) => {
+                    return Err(failed(format!(
+                        "could not run: {}",
+                        crate::error::report(&e)
+                    )))
+                }
+            };
+            let stderr = clip_tail(&String::from_utf8_lossy(&out.stderr.data), 512);
+            match out.status {
+                ExitStatus::Code(0) => {}
+                ExitStatus::Code(code) => {
+                    return Err(failed(format!("exited with {code}; stderr: {stderr:?}")))
+                }
+                ExitStatus::Signal(sig) => {
+                    return Err(failed(format!(
+                        "killed by signal {sig}; stderr: {stderr:?}"
+                    )))
+                }
+                ExitStatus::Unknown => {
+                    return Err(failed(format!(
+                        "ended without an exit status; stderr: {stderr:?}"
                     )))
                 }
             }
@@ -682,6 +790,17 @@ impl PromotionSteps for LiveSteps<'_> {
 
     async fn rewire(&self, p: &Promotion) -> Result<(), FailoverError> {
         for b in &p.shadow.taps {
+            if p.network == NetworkMode::Routed {
+                // Its own tap, on no bridge: up, and the routes follow (`reroute`).
+                self.net
+                    .set_up(&b.tap)
+                    .await
+                    .map_err(|source| FailoverError::Net {
+                        step: "rewire: shadow tap up",
+                        source,
+                    })?;
+                continue;
+            }
             // Each shadow tap goes onto the bridge its own definition names.
             let Some(bridge) = &b.bridge else { continue };
             self.net
@@ -691,6 +810,37 @@ impl PromotionSteps for LiveSteps<'_> {
                     step: "rewire: enslave shadow tap",
                     source,
                 })?;
+        }
+        Ok(())
+    }
+
+    async fn reroute(&self, p: &Promotion) -> Result<(), FailoverError> {
+        for b in &p.shadow.taps {
+            let Some(old) = old_tap_of(p, &b.mac) else {
+                continue;
+            };
+            if old.routed.routes.is_empty() {
+                tracing::warn!(service = %p.service, tap = %b.tap, mac = %b.mac, "routed class, but no host route to move was known for this MAC");
+            }
+            for (address, prefix) in &old.routed.addresses {
+                self.net
+                    .ensure_ipv4_address(&b.tap, *address, *prefix)
+                    .await
+                    .map_err(|source| FailoverError::Net {
+                        step: "route: host address on the shadow's tap",
+                        source,
+                    })?;
+            }
+            for dest in &old.routed.routes {
+                self.net
+                    .replace_host_route(*dest, &b.tap)
+                    .await
+                    .map_err(|source| FailoverError::Net {
+                        step: "route: replace host route",
+                        source,
+                    })?;
+                tracing::info!(service = %p.service, %dest, tap = %b.tap, "host route now points at the shadow's tap");
+            }
         }
         Ok(())
     }
@@ -769,7 +919,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::failover::ShadowState;
+    use crate::failover::{RoutedSide, ShadowState};
 
     /// How long each fake step takes, so concurrent steps really overlap.
     const FAKE_STEP: Duration = Duration::from_millis(1);
@@ -846,6 +996,9 @@ mod tests {
         async fn rewire(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("rewire").await
         }
+        async fn reroute(&self, _: &Promotion) -> Result<(), FailoverError> {
+            self.step("route").await
+        }
         async fn link_up(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("link_up").await
         }
@@ -875,6 +1028,7 @@ mod tests {
                     tap: "vnet1".into(),
                     bridge: Some("br0".into()),
                     link_up: links_up,
+                    routed: RoutedSide::default(),
                 }],
                 data_disks: None,
             },
@@ -883,6 +1037,7 @@ mod tests {
             detected_at: Instant::now(),
             profile: None,
             handover: None,
+            network: NetworkMode::Bridged,
         }
     }
 
@@ -986,6 +1141,46 @@ mod tests {
         for absent in ["plan_disks", "stop_old_qemu", "attach", "promote_commands"] {
             assert!(!r.calls().contains(&absent), "{:?}", r.calls());
         }
+    }
+
+    #[tokio::test]
+    async fn a_routed_class_moves_its_routes_right_after_the_tap_is_up() {
+        let mut p = promotion(true);
+        p.network = NetworkMode::Routed;
+        p.old_taps = vec![TapBinding {
+            mac: "52:54:00:00:00:01".into(),
+            tap: "vnet0".into(),
+            bridge: None,
+            link_up: true,
+            routed: RoutedSide {
+                routes: vec!["10.77.5.10".parse().unwrap()],
+                addresses: vec![("10.77.5.1".parse().unwrap(), 32)],
+            },
+        }];
+        let r = Recorder::failing(None);
+        let done = run(&r, p.clone()).await.unwrap();
+        let calls = r.calls();
+        assert!(position(&calls, "rewire") < position(&calls, "route"));
+        assert!(position(&calls, "route") < position(&calls, "announce"));
+        assert!(step_names(&done.record).contains(&"route"));
+        // The new primary's tap carries the host side it took over, for the next failover.
+        assert_eq!(done.taps[0].routed, p.old_taps[0].routed);
+        assert_eq!(done.taps[0].tap, "vnet1");
+
+        // The stateful path moves them after the network-up step too, and a failed move fails
+        // the promotion with its step named.
+        let mut stateful = stateful_promotion();
+        stateful.network = NetworkMode::Routed;
+        let r = Recorder::failing(Some("route"));
+        let failed = run(&r, stateful).await.unwrap_err();
+        assert_eq!(step_names(&failed.record).last(), Some(&"route"));
+        assert!(!r.calls().contains(&"metadata"));
+
+        // A bridged class has no route step.
+        let r = Recorder::failing(None);
+        let done = run(&r, promotion(true)).await.unwrap();
+        assert!(!r.calls().contains(&"route"));
+        assert_eq!(done.taps[0].routed, RoutedSide::default());
     }
 
     #[tokio::test]
