@@ -8,4 +8,5 @@ mod faults;
 mod lab_basics;
 mod ops;
 mod profile;
+mod standby;
 mod stateful;

@@ -14,6 +14,7 @@
 //! truth lives in libvirt (domain metadata), so a restarted daemon rebuilds everything.
 
 mod checks;
+mod cost;
 mod health;
 mod profiles;
 mod recover;

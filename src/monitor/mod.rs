@@ -32,6 +32,7 @@
 pub mod agent;
 pub mod base64;
 pub mod cgroup;
+pub mod memcost;
 pub mod collector;
 pub mod configtrack;
 pub mod deps;

@@ -1,0 +1,175 @@
+//! What standing by costs, and the ways to make it cheaper, on real guests.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+const SHADOW_WAIT: Duration = Duration::from_secs(240);
+
+/// The memory cgroup charge of a QEMU process, read the way an operator would: the `memory`
+/// line of /proc/<pid>/cgroup (minus libvirt's per-thread child), then that cgroup's
+/// memory.usage_in_bytes (v1) or memory.current (v2).
+fn cgroup_charge(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let (root, path) = text
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, ctrl, path) = (parts.next()?, parts.next()?, parts.next()?);
+            ctrl.split(',')
+                .any(|c| c == "memory")
+                .then(|| ("/sys/fs/cgroup/memory", path.to_string()))
+        })
+        .or_else(|| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(|p| ("/sys/fs/cgroup", p.to_string()))
+        })
+        .expect("a memory cgroup line");
+    let path = path.trim_end_matches("/emulator");
+    let dir = format!("{root}{path}");
+    let file = ["memory.usage_in_bytes", "memory.current"]
+        .iter()
+        .map(|f| format!("{dir}/{f}"))
+        .find(|f| std::path::Path::new(f).exists())
+        .unwrap_or_else(|| panic!("no memory counter in {dir}"));
+    std::fs::read_to_string(&file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// VmRSS of a process, bytes.
+fn vm_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+fn close(what: &str, reported: u64, measured: u64, tolerance: f64) {
+    let diff = reported.abs_diff(measured) as f64;
+    assert!(
+        diff <= (measured as f64 * tolerance).max(1024.0 * 1024.0),
+        "{what}: status says {reported}, measured {measured}"
+    );
+}
+
+fn shadow_entry(svc: &Value, name: &str) -> Value {
+    svc["shadows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} not in {svc}"))
+}
+
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn cost_figures_in_status_match_the_cgroups() {
+    require_lab();
+    let name = "it-cost1";
+    let ip = "10.77.0.70";
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let daemon = DaemonProc::start("cost", name, 1);
+    let hv = hypervisor();
+    start_guest(&hv, name, &format!("{ip}/24"), &[]);
+    let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+
+    let svc = daemon.service(name).expect("service in status");
+    let s = shadow_entry(&svc, &shadow);
+    let m = &s["memory"];
+    let (spid, ppid) = (qemu_pid(&shadow), qemu_pid(name));
+    // A paused shadow's memory holds still: status and the cgroup agree closely.
+    close(
+        "paused shadow's cgroup charge",
+        m["cgroup_bytes"].as_u64().expect("cgroup_bytes"),
+        cgroup_charge(spid),
+        0.02,
+    );
+    close(
+        "paused shadow's RSS",
+        m["rss_bytes"].as_u64().unwrap(),
+        vm_rss(spid),
+        0.02,
+    );
+    let (rss, pss) = (m["rss_bytes"].as_u64().unwrap(), m["pss_bytes"].as_u64().unwrap());
+    assert!(pss > 0 && pss <= rss, "PSS {pss} must be within RSS {rss}");
+    // The primary runs: its figures move a little between two reads.
+    let p = &svc["primary_memory"];
+    close(
+        "primary's cgroup charge",
+        p["cgroup_bytes"].as_u64().expect("primary cgroup_bytes"),
+        cgroup_charge(ppid),
+        0.10,
+    );
+    close(
+        "primary's RSS",
+        p["rss_bytes"].as_u64().unwrap(),
+        vm_rss(ppid),
+        0.10,
+    );
+    // The shares are the figures' own ratio.
+    let share = s["share_of_primary_pct"].as_f64().expect("share");
+    let want = m["cgroup_bytes"].as_f64().unwrap() * 100.0 / p["cgroup_bytes"].as_f64().unwrap();
+    assert!((share - want).abs() < 0.1, "share {share}%, figures say {want}%");
+    assert_eq!(svc["standby_memory_bytes"], m["cgroup_bytes"]);
+    assert_eq!(svc["standby_share_pct"], s["share_of_primary_pct"]);
+    eprintln!(
+        "primary: cgroup {} rss {} pss {}; paused shadow: cgroup {} rss {} pss {} ({share}%)",
+        p["cgroup_bytes"], p["rss_bytes"], p["pss_bytes"], m["cgroup_bytes"], rss, pss
+    );
+
+    // The metrics carry the same figures.
+    let text = daemon.metrics();
+    let exported = metric(
+        &text,
+        &format!(
+            r#"understudy_member_memory_bytes{{service="{name}",domain="{shadow}",role="paused",measure="cgroup"}}"#
+        ),
+    )
+    .unwrap_or_else(|| panic!("no shadow cgroup series in\n{text}"));
+    close(
+        "exported shadow cgroup charge",
+        exported as u64,
+        cgroup_charge(spid),
+        0.02,
+    );
+    let standby = metric(
+        &text,
+        &format!(r#"understudy_standby_memory_bytes{{service="{name}"}}"#),
+    )
+    .expect("standby_memory_bytes series");
+    close("exported standby memory", standby as u64, cgroup_charge(spid), 0.02);
+    assert!(
+        metric(
+            &text,
+            &format!(r#"understudy_standby_memory_share_ratio{{service="{name}"}}"#)
+        )
+        .is_some_and(|r| r > 0.0 && r < 2.0),
+        "{text}"
+    );
+
+    // The text status says it too.
+    let (code, out, err) = daemon.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("{name} memory: standing by")),
+        "{out}"
+    );
+}
