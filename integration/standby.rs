@@ -108,7 +108,10 @@ fn cost_figures_in_status_match_the_cgroups() {
         vm_rss(spid),
         0.02,
     );
-    let (rss, pss) = (m["rss_bytes"].as_u64().unwrap(), m["pss_bytes"].as_u64().unwrap());
+    let (rss, pss) = (
+        m["rss_bytes"].as_u64().unwrap(),
+        m["pss_bytes"].as_u64().unwrap(),
+    );
     assert!(pss > 0 && pss <= rss, "PSS {pss} must be within RSS {rss}");
     // The primary runs: its figures move a little between two reads.
     let p = &svc["primary_memory"];
@@ -127,7 +130,10 @@ fn cost_figures_in_status_match_the_cgroups() {
     // The shares are the figures' own ratio.
     let share = s["share_of_primary_pct"].as_f64().expect("share");
     let want = m["cgroup_bytes"].as_f64().unwrap() * 100.0 / p["cgroup_bytes"].as_f64().unwrap();
-    assert!((share - want).abs() < 0.1, "share {share}%, figures say {want}%");
+    assert!(
+        (share - want).abs() < 0.1,
+        "share {share}%, figures say {want}%"
+    );
     assert_eq!(svc["standby_memory_bytes"], m["cgroup_bytes"]);
     assert_eq!(svc["standby_share_pct"], s["share_of_primary_pct"]);
     eprintln!(
@@ -155,7 +161,12 @@ fn cost_figures_in_status_match_the_cgroups() {
         &format!(r#"understudy_standby_memory_bytes{{service="{name}"}}"#),
     )
     .expect("standby_memory_bytes series");
-    close("exported standby memory", standby as u64, cgroup_charge(spid), 0.02);
+    close(
+        "exported standby memory",
+        standby as u64,
+        cgroup_charge(spid),
+        0.02,
+    );
     assert!(
         metric(
             &text,
@@ -172,4 +183,87 @@ fn cost_figures_in_status_match_the_cgroups() {
         out.contains(&format!("{name} memory: standing by")),
         "{out}"
     );
+}
+
+/// The shadow's live balloon size, KiB.
+fn live_kib(hv: &understudy::libvirt::Hypervisor, name: &str) -> u64 {
+    hv.live_resources(name).expect("live resources").1
+}
+
+#[test]
+fn shrunk_paused_shadow_is_promoted_grown_back_and_serves() {
+    require_lab();
+    let name = "it-shrink1";
+    let ip = "10.77.0.71";
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let daemon = DaemonProc::start_configured(
+        "shrink",
+        name,
+        1,
+        "standby_shrink = true\nfree_page_reporting = true",
+        &[],
+    );
+    let hv = hypervisor();
+    start_guest(&hv, name, &format!("{ip}/24"), &[]);
+    let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+    let shadow_uuid = domain_uuid(&hv, &shadow);
+
+    // Shrunk before it was paused, with free page reporting on its balloon.
+    let full = live_kib(&hv, name);
+    let standing = live_kib(&hv, &shadow);
+    assert!(
+        standing < full,
+        "the paused shadow was not shrunk: {standing} KiB, primary {full} KiB"
+    );
+    let xml = hv.xml(&shadow, false).unwrap();
+    assert!(
+        xml.contains("freePageReporting='on'") || xml.contains("freePageReporting=\"on\""),
+        "{xml}"
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("shadow ballooned down before standing by"),
+        "no shrink in the log"
+    );
+    let svc = daemon.service(name).unwrap();
+    eprintln!(
+        "standing by at {standing} of {full} KiB; shadow {} / primary {} (share {}%)",
+        shadow_entry(&svc, &shadow)["memory"],
+        svc["primary_memory"],
+        svc["standby_share_pct"]
+    );
+
+    wait_for("primary page", Duration::from_secs(60), || {
+        http_get(ip, Duration::from_secs(1))
+    });
+    let pid = qemu_pid(name);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The promoted shadow serves, and is grown back to the size it was defined with.
+    wait_for(
+        "the promoted shadow's page",
+        Duration::from_secs(30),
+        || http_get(ip, Duration::from_millis(200)).filter(|p| page_uuid(p) == shadow_uuid),
+    );
+    let svc = wait_for("status shows the failover", Duration::from_secs(60), || {
+        let s = daemon.service(name)?;
+        (s["active"] == shadow.as_str() && s["last_failover"]["ok"] == true).then_some(s)
+    });
+    let notes = svc["last_failover"]["notes"].to_string();
+    assert!(notes.contains("standby shrink undone"), "{notes}");
+    let grown = wait_for("balloon grown back", Duration::from_secs(30), || {
+        let k = live_kib(&hv, &shadow);
+        (k + 2048 >= full).then_some(k)
+    });
+    eprintln!("promoted: {standing} KiB -> {grown} KiB; notes {notes}");
+    for _ in 0..5 {
+        let page = http_get(ip, Duration::from_secs(1)).expect("promoted shadow serves");
+        assert_eq!(page_uuid(&page), shadow_uuid);
+    }
 }

@@ -969,7 +969,13 @@ mod tests {
             members: members
                 .iter()
                 .enumerate()
-                .map(|(i, d)| (d.to_string(), if i == 0 { "primary" } else { "paused" }, figures))
+                .map(|(i, d)| {
+                    (
+                        d.to_string(),
+                        if i == 0 { "primary" } else { "paused" },
+                        figures,
+                    )
+                })
                 .collect(),
         }
     }

@@ -315,6 +315,13 @@ pub struct ClassConfig {
     /// Share of samples the profile's calibrated envelope should cover (0.5..=0.999): each
     /// service's coverage converges on it (see `src/profile/forecast.rs`).
     pub coverage_target: f64,
+    /// Balloon each new shadow down to what its service needs when idle (its profile's lowest
+    /// planned use over the next day, or the shadow's own use after its warm-up) before it is
+    /// paused; a promotion grows it back.
+    pub standby_shrink: bool,
+    /// Give shadows' virtio balloons free page reporting, so pages the guest frees go back to
+    /// the host.
+    pub free_page_reporting: bool,
 }
 
 /// What happens to a writable disk of a protected primary at failover.
@@ -367,6 +374,8 @@ impl Default for ClassConfig {
             promote_command_timeout_ms: 30_000,
             probe: None,
             coverage_target: 0.95,
+            standby_shrink: false,
+            free_page_reporting: false,
         }
     }
 }

@@ -341,9 +341,11 @@ pub(super) fn publish_cost(d: &Shared, costs: &[super::cost::ServiceCost]) {
                 .primary
                 .map(|m| (c.active.clone(), "primary", m))
                 .into_iter()
-                .chain(c.shadows.iter().filter_map(|x| {
-                    x.memory.map(|m| (x.name.clone(), x.state.as_str(), m))
-                }))
+                .chain(
+                    c.shadows
+                        .iter()
+                        .filter_map(|x| x.memory.map(|m| (x.name.clone(), x.state.as_str(), m))),
+                )
                 .collect(),
         }
     });

@@ -9,6 +9,7 @@ use crate::failover::plan::DiskPolicy;
 use crate::failover::shadow::{
     isolate_tap, live_taps, member_meta, provision, shadow_generation, write_meta, ShadowRequest,
 };
+use crate::failover::standby::StandbyMemory;
 use crate::failover::{FailoverError, Shadow, ShadowState, Trigger};
 use crate::libvirt::{qemu_pid, DomainSummary, LibvirtError, QemuProcess, RunState};
 
@@ -424,6 +425,14 @@ fn spawn_provision(d: &Shared, plan: ShadowToProvision) {
         agent_timeout: Duration::from_millis(cfg.monitor.agent_timeout_ms),
         agent_max_reply: cfg.monitor.agent_max_reply_bytes,
         warmup: c.warmup_commands.clone(),
+        standby: StandbyMemory {
+            shrink: c.standby_shrink,
+            idle_use_kib: c
+                .standby_shrink
+                .then(|| super::profiles::idle_memory_kib(d, &plan.service))
+                .flatten(),
+            free_page_reporting: c.free_page_reporting,
+        },
     };
     let d = d.clone();
     tokio::spawn(async move {

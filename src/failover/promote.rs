@@ -200,7 +200,7 @@ pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted,
 /// Every step the pipeline records, in pipeline order (`plan_disks` only for a shadow whose
 /// data disks were not planned when it was made; `attach` and `promote_commands` only with data
 /// disks; `link_up` only when a shadow's links were not raised while it stood by;
-/// `apply_profile` only with a profile).
+/// `apply_profile` always, last).
 pub const STEPS: [&str; 11] = [
     "plan_disks",
     "fence",
@@ -346,13 +346,12 @@ async fn finish<S: PromotionSteps>(
     .await?;
     // 5. Roles: the shadow is the primary now; the old one is retired and fenced.
     timed(clock, "metadata", steps.record_roles(p)).await?;
-    // 6. Size and configure the promoted shadow from its profile. Traffic already flows, so
-    //    this cannot lengthen the outage; what it does or fails to do is a note.
-    if p.profile.is_some() {
-        let t = Instant::now();
-        notes.extend(steps.apply_profile(p).await);
-        clock.record("apply_profile", t, t.elapsed());
-    }
+    // 6. Size and configure the promoted shadow from its profile (without one, grow a shadow
+    //    shrunk for standby back to its defined size). Traffic already flows, so this cannot
+    //    lengthen the outage; what it does or fails to do is a note.
+    let t = Instant::now();
+    notes.extend(steps.apply_profile(p).await);
+    clock.record("apply_profile", t, t.elapsed());
     Ok(())
 }
 
@@ -758,7 +757,18 @@ impl PromotionSteps for LiveSteps<'_> {
     async fn apply_profile(&self, p: &Promotion) -> Vec<String> {
         match &p.profile {
             Some(profile) => super::apply_profile::apply(self.hv, &p.shadow.name, profile).await,
-            None => Vec::new(),
+            None => {
+                let shadow = p.shadow.name.clone();
+                self.hv
+                    .blocking("grow back", move |hv| {
+                        super::standby::grow_back(hv, &shadow)
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                    .into_iter()
+                    .collect()
+            }
         }
     }
 }
@@ -918,7 +928,8 @@ mod tests {
                 "promote_commands",
                 "rewire",
                 "announce",
-                "metadata"
+                "metadata",
+                "apply_profile"
             ]
         );
         assert_eq!(
@@ -932,7 +943,8 @@ mod tests {
                 "promote_commands",
                 "rewire",
                 "announce",
-                "metadata"
+                "metadata",
+                "apply_profile"
             ]
         );
         // Service counts as restored only once the network is up, after the commands.
@@ -1017,7 +1029,7 @@ mod tests {
                 "{calls:?}"
             );
         }
-        assert_eq!(&calls[4..], ["announce", "metadata"]);
+        assert_eq!(&calls[4..], ["announce", "metadata", "apply_profile"]);
         assert!(
             !calls.contains(&"link_up"),
             "links were already up: {calls:?}"
@@ -1025,7 +1037,15 @@ mod tests {
         let names: Vec<&str> = done.record.steps.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
-            ["fence", "claim", "resume", "rewire", "announce", "metadata"]
+            [
+                "fence",
+                "claim",
+                "resume",
+                "rewire",
+                "announce",
+                "metadata",
+                "apply_profile"
+            ]
         );
         assert!(done.record.ok);
         assert_eq!(done.taps.len(), 1);

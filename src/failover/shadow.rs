@@ -15,6 +15,7 @@ use super::plan::{
     clone_plan, data_disks, overlay_path, plan_disks, DataDisk, DiskHandling, DiskLayout,
     DiskPolicy,
 };
+use super::standby::{self, StandbyMemory};
 use super::{tpm, FailoverError, Shadow, ShadowState, TapBinding};
 
 /// Everything needed to create one shadow.
@@ -43,6 +44,8 @@ pub struct ShadowRequest {
     /// Disk roles and the golden image (whose overlay the first system image disk boots
     /// when `shadow reinit --golden` chose it).
     pub disks: DiskPolicy,
+    /// How its memory is made smaller before it stands by.
+    pub standby: StandbyMemory,
 }
 
 /// The shadow name for generation `n` of `service`.
@@ -149,10 +152,13 @@ pub fn build_shadow_xml(
         })?;
     }
     // Validate the clone before touching any disk, so a refused spec leaves nothing behind.
-    let shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
+    let mut shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
         domain: req.primary.clone(),
         source,
     })?;
+    if req.standby.free_page_reporting && !shadow.enable_free_page_reporting() {
+        tracing::warn!(service = %req.service, shadow = %req.name, "free_page_reporting: the primary has no virtio <memballoon>; not enabled");
+    }
     for disk in &layout.disks {
         tracing::info!(
             service = %req.service,
@@ -271,6 +277,26 @@ pub async fn provision(
         match guest_exec_wait(hv, &name, argv, WARMUP_TIMEOUT, req.agent_max_reply).await {
             Ok(code) => tracing::debug!(shadow = %name, ?argv, code, "warm-up command done"),
             Err(e) => tracing::warn!(shadow = %name, ?argv, error = %e, "warm-up command failed"),
+        }
+    }
+    if req.standby.shrink {
+        let (n, idle) = (name.clone(), req.standby.idle_use_kib);
+        match hv
+            .blocking("shrink shadow", move |hv| standby::shrink(hv, &n, idle))
+            .await
+        {
+            Ok(Ok(s)) => tracing::info!(
+                service = %req.service, shadow = %name, from_kib = s.from_kib, target_kib = s.target_kib,
+                reached_kib = s.reached_kib, use_kib = s.use_kib, use_source = s.use_source,
+                "shadow ballooned down before standing by"
+            ),
+            // A shadow that could not be shrunk stands by at full size.
+            Ok(Err(e)) => {
+                tracing::warn!(service = %req.service, shadow = %name, error = %crate::error::report(&e), "shadow not shrunk")
+            }
+            Err(e) => {
+                tracing::warn!(service = %req.service, shadow = %name, error = %crate::error::report(&e), "shadow not shrunk")
+            }
         }
     }
     let n = name.clone();

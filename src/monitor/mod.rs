@@ -32,12 +32,12 @@
 pub mod agent;
 pub mod base64;
 pub mod cgroup;
-pub mod memcost;
 pub mod collector;
 pub mod configtrack;
 pub mod deps;
 pub mod heartbeat;
 pub mod history;
+pub mod memcost;
 pub mod sample;
 pub mod sockets;
 
