@@ -267,3 +267,84 @@ fn shrunk_paused_shadow_is_promoted_grown_back_and_serves() {
         assert_eq!(page_uuid(&page), shadow_uuid);
     }
 }
+
+/// A shadow of `tier` stands by shut off, holding no memory, and is promoted when its primary's
+/// QEMU is killed: it wakes (restored or booted), serves with the primary's address, and the
+/// failover record has the `wake` step.
+fn shut_off_tier_is_promoted(tier: &str, name: &str, ip: &str) {
+    require_lab();
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let daemon = DaemonProc::start_configured(
+        &format!("tier-{tier}"),
+        name,
+        1,
+        &format!("standby_tier = \"{tier}\""),
+        &[],
+    );
+    let hv = hypervisor();
+    start_guest(&hv, name, &format!("{ip}/24"), &[]);
+    let shadow = wait_for(&format!("a {tier} shadow"), SHADOW_WAIT, || {
+        let svc = daemon.service(name)?;
+        svc["shadows"]
+            .as_array()?
+            .iter()
+            .find(|s| s["state"] == tier)
+            .and_then(|s| s["name"].as_str().map(str::to_string))
+    });
+    assert_eq!(
+        hv.state(&shadow).unwrap(),
+        understudy::libvirt::RunState::Shutoff,
+        "a {tier} shadow stands by shut off"
+    );
+    let svc = daemon.service(name).unwrap();
+    assert_eq!(svc["state"], "protected", "{svc}");
+    assert_eq!(svc["standby_memory_bytes"], 0, "{svc}");
+    assert!(shadow_entry(&svc, &shadow)["memory"].is_null(), "{svc}");
+    let shadow_uuid = domain_uuid(&hv, &shadow);
+
+    wait_for("primary page", Duration::from_secs(60), || {
+        http_get(ip, Duration::from_secs(1))
+    });
+    let killed = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu_pid(name)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for_every(
+        &format!("the woken {tier} shadow's page"),
+        Duration::from_secs(180),
+        Duration::from_millis(20),
+        || http_get(ip, Duration::from_millis(200)).filter(|p| page_uuid(p) == shadow_uuid),
+    );
+    eprintln!("{tier}: served again {:?} after SIGKILL", killed.elapsed());
+    let svc = wait_for("status shows the failover", Duration::from_secs(60), || {
+        let s = daemon.service(name)?;
+        (s["active"] == shadow.as_str() && s["last_failover"]["ok"] == true).then_some(s)
+    });
+    let steps: Vec<&str> = svc["last_failover"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(steps.contains(&"wake"), "{steps:?}");
+    eprintln!("{tier}: steps {}", svc["last_failover"]["steps"]);
+    // One server for the address: the woken shadow.
+    for _ in 0..5 {
+        let page = http_get(ip, Duration::from_secs(1)).expect("woken shadow serves");
+        assert_eq!(page_uuid(&page), shadow_uuid);
+    }
+}
+
+#[test]
+fn saved_tier_shadow_is_restored_and_promoted() {
+    shut_off_tier_is_promoted("saved", "it-saved1", "10.77.0.72");
+}
+
+#[test]
+fn cold_tier_shadow_is_booted_and_promoted() {
+    shut_off_tier_is_promoted("cold", "it-cold1", "10.77.0.73");
+}

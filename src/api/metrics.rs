@@ -820,8 +820,8 @@ mod tests {
         );
         m.record_failover("web", Trigger::Heartbeat, false, &[], 5000.0);
         m.set_shadow_states([
-            ShadowState::Paused,
-            ShadowState::Paused,
+            ShadowState::PAUSED,
+            ShadowState::PAUSED,
             ShadowState::Booting,
         ]);
         m.set_service_states(["protected", "provisioning", "protected"]);

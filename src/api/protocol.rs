@@ -695,7 +695,7 @@ mod tests {
                 shadows: vec![
                     ShadowStatus {
                         name: "web-s1".into(),
-                        state: ShadowState::Paused,
+                        state: ShadowState::PAUSED,
                         memory: Some(MemoryHeld {
                             cgroup_bytes: Some(64 << 20),
                             cgroup_anon_bytes: Some(60 << 20),
@@ -843,7 +843,7 @@ mod tests {
     fn shadow_states_serialize_lowercase() {
         for (state, name) in [
             (ShadowState::Booting, "booting"),
-            (ShadowState::Paused, "paused"),
+            (ShadowState::PAUSED, "paused"),
             (ShadowState::Promoting, "promoting"),
             (ShadowState::Failed, "failed"),
         ] {

@@ -322,6 +322,9 @@ pub struct ClassConfig {
     /// Give shadows' virtio balloons free page reporting, so pages the guest frees go back to
     /// the host.
     pub free_page_reporting: bool,
+    /// How shadows stand by: `paused` (booted and paused), `saved` (a managed-save image,
+    /// restored at promotion) or `cold` (defined only, booted at promotion).
+    pub standby_tier: crate::failover::record::Tier,
 }
 
 /// What happens to a writable disk of a protected primary at failover.
@@ -376,6 +379,7 @@ impl Default for ClassConfig {
             coverage_target: 0.95,
             standby_shrink: false,
             free_page_reporting: false,
+            standby_tier: crate::failover::record::Tier::Paused,
         }
     }
 }

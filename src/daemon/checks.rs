@@ -155,7 +155,7 @@ fn standing_by(d: &Shared, service: &str, shadow: &str) -> bool {
         !matches!(s.state, ServiceState::FailingOver { .. })
             && s.shadows
                 .iter()
-                .any(|x| x.name == shadow && x.state == ShadowState::Paused)
+                .any(|x| x.name == shadow && x.state == ShadowState::PAUSED)
     })
 }
 
@@ -166,7 +166,7 @@ pub(super) fn isolate_standby_taps(d: &Shared, service: &str) {
         Some(s) if !matches!(s.state, ServiceState::FailingOver { .. }) => s
             .shadows
             .iter()
-            .filter(|x| x.state == ShadowState::Paused)
+            .filter(|x| x.state == ShadowState::PAUSED)
             .flat_map(|x| x.taps.iter().map(move |b| (x.name.clone(), b.tap.clone())))
             .collect(),
         _ => return,
@@ -365,7 +365,7 @@ pub(super) fn replace_stale_tpm_shadows(d: &Shared) {
             let shadows = s
                 .shadows
                 .iter()
-                .filter(|x| x.state == ShadowState::Paused)
+                .filter(|x| x.state == ShadowState::PAUSED)
                 .filter(|x| tpm::record_path(&disk_dir, &x.name).exists())
                 .map(|x| x.name.clone())
                 .collect();

@@ -38,7 +38,7 @@ impl ServiceCost {
     pub fn standby_bytes(&self) -> u64 {
         self.shadows
             .iter()
-            .filter(|s| s.state == ShadowState::Paused)
+            .filter(|s| s.state.is_standby())
             .filter_map(|s| s.memory.map(|m| m.held_bytes()))
             .sum()
     }
@@ -108,7 +108,7 @@ mod tests {
             shadows: vec![
                 ShadowCost {
                     name: "web-shadow-1".into(),
-                    state: ShadowState::Paused,
+                    state: ShadowState::PAUSED,
                     memory: held(50),
                 },
                 ShadowCost {

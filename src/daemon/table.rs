@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::failover::record::Tier;
 use crate::failover::shadow::{shadow_generation, shadow_name};
 use crate::failover::{FailoverRecord, Shadow, ShadowState, TapBinding, Trigger};
 
@@ -132,9 +133,14 @@ impl Service {
         }
     }
 
-    /// The first paused shadow, if any.
+    /// The shadow to promote: the fastest tier standing by (paused, then saved, then cold),
+    /// oldest first.
     pub fn ready_shadow(&self) -> Option<&Shadow> {
-        self.shadows.iter().find(|s| s.state == ShadowState::Paused)
+        Tier::ALL.iter().find_map(|t| {
+            self.shadows
+                .iter()
+                .find(|s| s.state == ShadowState::Standby(*t))
+        })
     }
 
     fn shadow_mut(&mut self, name: &str) -> Option<&mut Shadow> {
@@ -145,7 +151,7 @@ impl Service {
     fn settle(&mut self) {
         if self.state == ServiceState::Provisioning
             && !self.shadows.is_empty()
-            && self.shadows.iter().all(|s| s.state == ShadowState::Paused)
+            && self.shadows.iter().all(|s| s.state.is_standby())
         {
             self.state = ServiceState::Protected;
         }
@@ -596,11 +602,11 @@ impl ServiceTable {
             let have = svc
                 .shadows
                 .iter()
-                .filter(|s| matches!(s.state, ShadowState::Booting | ShadowState::Paused))
+                .filter(|s| matches!(s.state, ShadowState::Booting | ShadowState::Standby(_)))
                 .count();
             if have >= want {
                 if svc.state == ServiceState::Provisioning
-                    && svc.shadows.iter().all(|s| s.state == ShadowState::Paused)
+                    && svc.shadows.iter().all(|s| s.state.is_standby())
                 {
                     svc.state = ServiceState::Protected;
                 }
@@ -751,7 +757,7 @@ impl ServiceTable {
                 what: "known",
             });
         };
-        s.state = ShadowState::Paused;
+        s.state = ShadowState::PAUSED;
         s.taps = taps;
         Ok(())
     }
@@ -907,7 +913,7 @@ mod tests {
     fn paused(name: &str) -> Shadow {
         Shadow {
             name: name.into(),
-            state: ShadowState::Paused,
+            state: ShadowState::PAUSED,
             taps: Vec::new(),
             data_disks: None,
         }

@@ -37,8 +37,9 @@ use crate::net::{NetError, Netlink};
 
 use super::apply_profile::ProfileApply;
 use super::plan::{data_disks, DataDisk, DiskPolicy};
+use super::record::Tier;
 use super::shadow::{guest_exec_captured, member_meta, raise_links, write_meta};
-use super::{FailoverError, FailoverRecord, Shadow, StepClock, TapBinding, Trigger};
+use super::{FailoverError, FailoverRecord, Shadow, ShadowState, StepClock, TapBinding, Trigger};
 
 /// Input of one promotion.
 #[derive(Debug, Clone)]
@@ -136,6 +137,13 @@ pub trait PromotionSteps: Sync {
     fn unclaim(&self, p: &Promotion) -> impl Future<Output = ()> + Send;
     /// Becomes the service's owner; an error means another promotion owns it.
     fn claim(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Brings a shadow standing by shut off (`saved` or `cold` tier) up: a saved one restored
+    /// paused, a cold one booted. Returns its taps, which exist only now.
+    fn wake(
+        &self,
+        p: &Promotion,
+        tier: Tier,
+    ) -> impl Future<Output = Result<Vec<TapBinding>, FailoverError>> + Send;
     /// Resumes the paused shadow.
     fn resume(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
     /// Puts the shadow's taps on their bridges.
@@ -169,7 +177,8 @@ pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted,
     let span = tracing::info_span!("promote", service = %p.service, from = %p.old_primary, to = %p.shadow.name, trigger = p.trigger.label());
     let _enter = span.enter();
     let mut notes = Vec::new();
-    let result = run_steps(steps, &p, &mut clock, &mut notes).await;
+    let mut p = p;
+    let result = run_steps(steps, &mut p, &mut clock, &mut notes).await;
     let outage_ms = clock.restored_ms().unwrap_or_else(|| clock.total_ms());
     let record = FailoverRecord {
         at_unix_ms,
@@ -197,14 +206,16 @@ pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted,
     }
 }
 
-/// Every step the pipeline records, in pipeline order (`plan_disks` only for a shadow whose
+/// Every step the pipeline records, in pipeline order (`wake` only for a `saved` or `cold`
+/// shadow; `plan_disks` only for a shadow whose
 /// data disks were not planned when it was made; `attach` and `promote_commands` only with data
 /// disks; `link_up` only when a shadow's links were not raised while it stood by;
 /// `apply_profile` always, last).
-pub const STEPS: [&str; 11] = [
+pub const STEPS: [&str; 12] = [
     "plan_disks",
     "fence",
     "claim",
+    "wake",
     "resume",
     "attach",
     "promote_commands",
@@ -229,7 +240,7 @@ async fn timed<T>(
 
 async fn run_steps<S: PromotionSteps>(
     steps: &S,
-    p: &Promotion,
+    p: &mut Promotion,
     clock: &mut StepClock,
     notes: &mut Vec<String>,
 ) -> Result<(), FailoverError> {
@@ -254,6 +265,19 @@ async fn run_steps<S: PromotionSteps>(
     })
     .await?;
     timed(clock, "claim", steps.claim(p)).await?;
+    // 1'. A shadow standing by shut off comes up only now, fenced and claimed: a cold one's
+    //     tap joins the bridge as it boots.
+    if let ShadowState::Standby(tier @ (Tier::Saved | Tier::Cold)) = p.shadow.state {
+        let woken = timed(clock, "wake", steps.wake(p, tier)).await;
+        match woken {
+            Ok(taps) => p.shadow.taps = taps,
+            Err(e) => {
+                steps.unclaim(p).await;
+                return Err(e);
+            }
+        }
+    }
+    let p = &*p;
 
     let rest = async {
         if stateful {
@@ -664,6 +688,18 @@ impl PromotionSteps for LiveSteps<'_> {
         claim_owner(self.coord, p).await
     }
 
+    async fn wake(&self, p: &Promotion, tier: Tier) -> Result<Vec<TapBinding>, FailoverError> {
+        let shadow = p.shadow.name.clone();
+        // A saved shadow restores paused (its image holds the off-bridge standby); a cold one
+        // boots from its bridged definition.
+        let paused = tier == Tier::Saved;
+        self.hv
+            .run("wake shadow", move |hv| hv.start(&shadow, paused))
+            .await
+            .map_err(libvirt_step("wake"))?;
+        super::shadow::live_taps(self.hv, &p.shadow.name).await
+    }
+
     async fn resume(&self, p: &Promotion) -> Result<(), FailoverError> {
         let shadow = p.shadow.name.clone();
         self.hv
@@ -850,6 +886,15 @@ mod tests {
         async fn claim(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("claim").await
         }
+        async fn wake(&self, _: &Promotion, _: Tier) -> Result<Vec<TapBinding>, FailoverError> {
+            self.step("wake").await?;
+            Ok(vec![TapBinding {
+                mac: "52:54:00:00:00:01".into(),
+                tap: "vnet9".into(),
+                bridge: Some("br0".into()),
+                link_up: true,
+            }])
+        }
         async fn resume(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("resume").await
         }
@@ -894,6 +939,33 @@ mod tests {
             profile: None,
             handover: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_saved_or_cold_shadow_wakes_after_the_claim_and_serves_on_its_new_taps() {
+        for tier in [Tier::Saved, Tier::Cold] {
+            let r = Recorder::failing(None);
+            let mut p = promotion(false);
+            p.shadow.state = ShadowState::Standby(tier);
+            p.shadow.taps.clear();
+            let done = run(&r, p).await.unwrap();
+            let calls = r.calls();
+            assert_eq!(&calls[..3], ["fence", "claim", "wake"], "{tier:?}");
+            assert!(!calls.contains(&"link_up"), "woken links are up: {calls:?}");
+            assert_eq!(done.taps[0].tap, "vnet9");
+            assert!(step_names(&done.record).contains(&"wake"));
+        }
+        // A paused shadow does not wake; a failed wake gives the claim back.
+        let r = Recorder::failing(None);
+        let mut p = promotion(true);
+        p.shadow.state = ShadowState::PAUSED;
+        run(&r, p).await.unwrap();
+        assert!(!r.calls().contains(&"wake"));
+        let r = Recorder::failing(Some("wake"));
+        let mut p = promotion(true);
+        p.shadow.state = ShadowState::Standby(Tier::Saved);
+        assert!(run(&r, p).await.is_err());
+        assert_eq!(r.calls(), ["fence", "claim", "wake", "unclaim"]);
     }
 
     fn stateful_promotion() -> Promotion {

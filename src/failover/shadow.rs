@@ -15,6 +15,7 @@ use super::plan::{
     clone_plan, data_disks, overlay_path, plan_disks, DataDisk, DiskHandling, DiskLayout,
     DiskPolicy,
 };
+use super::record::Tier;
 use super::standby::{self, StandbyMemory};
 use super::{tpm, FailoverError, Shadow, ShadowState, TapBinding};
 
@@ -46,6 +47,8 @@ pub struct ShadowRequest {
     pub disks: DiskPolicy,
     /// How its memory is made smaller before it stands by.
     pub standby: StandbyMemory,
+    /// How it stands by.
+    pub tier: Tier,
 }
 
 /// The shadow name for generation `n` of `service`.
@@ -223,6 +226,9 @@ pub async fn provision(
     req: ShadowRequest,
 ) -> Result<Shadow, FailoverError> {
     let started = Instant::now();
+    if req.tier == Tier::Cold {
+        return define_cold(hv, req).await;
+    }
     let r = req.clone();
     let (name, data_disks) = hv
         .blocking("define shadow", move |hv| {
@@ -305,15 +311,25 @@ pub async fn provision(
         &req.class,
         Role::Shadow,
         req.generation,
-        MemberState::Paused,
+        match req.tier {
+            Tier::Saved => MemberState::Saved,
+            _ => MemberState::Paused,
+        },
     );
     let macs: Vec<String> = taps.iter().map(|b| b.mac.clone()).collect();
+    let tier = req.tier;
     hv.run("pause shadow", move |hv| {
         hv.suspend(&n)?;
         // Raise the NICs' links now, while paused and off the bridge: a paused guest sends
         // nothing, and a promotion then needs no libvirt call besides the resume.
         raise_links(hv, &n, &macs)?;
-        write_meta(hv, &n, &meta)
+        write_meta(hv, &n, &meta)?;
+        if tier == Tier::Saved {
+            // The image keeps the paused guest, its off-bridge taps and raised links: a
+            // restore brings back exactly this standby, without its memory held meanwhile.
+            hv.managed_save(&n)?;
+        }
+        Ok(())
     })
     .await
     .map_err(|source| FailoverError::Libvirt {
@@ -324,11 +340,50 @@ pub async fn provision(
         .into_iter()
         .map(|b| TapBinding { link_up: true, ..b })
         .collect();
-    tracing::info!(service = %req.service, shadow = %name, ms = started.elapsed().as_millis() as u64, "shadow paused and ready");
+    tracing::info!(service = %req.service, shadow = %name, tier = req.tier.as_str(), ms = started.elapsed().as_millis() as u64, "shadow ready");
     Ok(Shadow {
         name,
-        state: ShadowState::Paused,
+        state: ShadowState::Standby(req.tier),
         taps,
+        data_disks: Some(data_disks),
+    })
+}
+
+/// A `cold` shadow: defined (its overlays made) but never started, links up in its
+/// definition, so the promotion that boots it needs nothing else before it serves. Its taps
+/// exist only once it runs.
+async fn define_cold(hv: &Hypervisor, req: ShadowRequest) -> Result<Shadow, FailoverError> {
+    let r = req.clone();
+    let data_disks = hv
+        .blocking("define cold shadow", move |hv| {
+            let (xml, data) = build_shadow_xml(hv, &r)?;
+            let mut spec = DomainXml::parse(&xml).map_err(|source| FailoverError::Xml {
+                domain: r.name.clone(),
+                source,
+            })?;
+            spec.set_interfaces_link(true);
+            let lv = |step| move |source| FailoverError::Libvirt { step, source };
+            hv.define(&spec.to_xml()).map_err(lv("define shadow"))?;
+            let meta = member_meta(
+                &r.service,
+                &r.class,
+                Role::Shadow,
+                r.generation,
+                MemberState::Cold,
+            );
+            write_meta(hv, &r.name, &meta).map_err(lv("write shadow metadata"))?;
+            Ok::<_, FailoverError>(data)
+        })
+        .await
+        .map_err(|source| FailoverError::Libvirt {
+            step: "define cold shadow",
+            source,
+        })??;
+    tracing::info!(service = %req.service, shadow = %req.name, tier = "cold", "shadow defined and ready");
+    Ok(Shadow {
+        name: req.name,
+        state: ShadowState::Standby(Tier::Cold),
+        taps: Vec::new(),
         data_disks: Some(data_disks),
     })
 }
