@@ -68,7 +68,7 @@ pub enum ShrinkError {
         what: &'static str,
         /// Why.
         #[source]
-        source: LibvirtError,
+        source: Box<LibvirtError>,
     },
 }
 
@@ -110,7 +110,7 @@ pub fn shrink(
     let lv = |what, source| ShrinkError::Libvirt {
         shadow: shadow.to_string(),
         what,
-        source,
+        source: Box::new(source),
     };
     let stats = wait_stats(hv, shadow).ok_or_else(|| ShrinkError::NoStats {
         shadow: shadow.to_string(),
