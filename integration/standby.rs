@@ -348,3 +348,83 @@ fn saved_tier_shadow_is_restored_and_promoted() {
 fn cold_tier_shadow_is_booted_and_promoted() {
     shut_off_tier_is_promoted("cold", "it-cold1", "10.77.0.73");
 }
+
+/// The state of the one shadow of `name` in status, with its name, once it is `state`.
+fn wait_shadow_state(d: &DaemonProc, name: &str, state: &str, limit: Duration) -> String {
+    wait_for(&format!("a {state} shadow of {name}"), limit, || {
+        d.service(name)?["shadows"]
+            .as_array()?
+            .iter()
+            .find(|s| s["state"] == state)
+            .and_then(|s| s["name"].as_str().map(str::to_string))
+    })
+}
+
+#[test]
+fn adaptive_tier_switches_between_paused_and_saved_on_the_driven_clock() {
+    require_lab();
+    let name = "it-adapt1";
+    let ip = "10.77.0.75";
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    const HOUR: u64 = 3_600_000;
+    let day = 20_500 * 24 * HOUR; // a midnight, UTC
+    let clock = std::env::temp_dir().join(format!("understudy-it-clock-{}", std::process::id()));
+    let set_clock = |t: u64| std::fs::write(&clock, t.to_string()).unwrap();
+    set_clock(day);
+    let daemon = DaemonProc::start_configured(
+        "adaptive",
+        name,
+        1,
+        "standby_tier = \"adaptive\"\nbusy_hours_utc = [[10, 12]]\nadaptive_lead_s = 600",
+        &[("UNDERSTUDY_PROFILE_CLOCK_FILE", clock.to_str().unwrap())],
+    );
+    let hv = hypervisor();
+    start_guest(&hv, name, &format!("{ip}/24"), &[]);
+
+    // Midnight is idle: the shadow is made saved, and the plan says when it will be paused.
+    let shadow = wait_shadow_state(&daemon, name, "saved", SHADOW_WAIT);
+    let plan = &daemon.service(name).unwrap()["standby_plan"];
+    assert_eq!(plan["tier"], "saved", "{plan}");
+    assert_eq!(plan["next_tier"], "paused", "{plan}");
+    assert_eq!(
+        plan["next_switch_unix_ms"],
+        day + 10 * HOUR - 600_000,
+        "{plan}"
+    );
+    let (_, text, _) = daemon.cli(&["status"]);
+    assert!(
+        text.contains("adaptive standby: saved now; next switch to paused at"),
+        "{text}"
+    );
+
+    // Ten minutes before the busy hours it is restored and paused, off the bridge.
+    set_clock(day + 10 * HOUR - 5 * 60_000);
+    let s = wait_shadow_state(&daemon, name, "paused", Duration::from_secs(120));
+    assert_eq!(s, shadow, "the same shadow switches");
+    assert_eq!(
+        hv.state(&shadow).unwrap(),
+        understudy::libvirt::RunState::Paused
+    );
+    for (_, tap) in taps(&hv, &shadow) {
+        assert_eq!(
+            master_of(&tap),
+            None,
+            "a paused shadow's tap is on a bridge"
+        );
+    }
+    let plan = &daemon.service(name).unwrap()["standby_plan"];
+    assert_eq!(plan["tier"], "paused", "{plan}");
+    assert_eq!(plan["next_switch_unix_ms"], day + 12 * HOUR, "{plan}");
+
+    // When the busy hours end it is saved again.
+    set_clock(day + 12 * HOUR);
+    wait_shadow_state(&daemon, name, "saved", Duration::from_secs(120));
+    assert_eq!(
+        hv.state(&shadow).unwrap(),
+        understudy::libvirt::RunState::Shutoff
+    );
+    assert_eq!(daemon.service(name).unwrap()["state"], "protected");
+    let _ = std::fs::remove_file(&clock);
+}

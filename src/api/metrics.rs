@@ -446,7 +446,10 @@ impl Metrics {
     pub fn set_shadow_states(&self, states: impl IntoIterator<Item = ShadowState>) {
         let mut counts = [0i64; ShadowState::ALL.len()];
         for s in states {
-            if let Some(i) = ShadowState::ALL.iter().position(|x| *x == s) {
+            if let Some(i) = ShadowState::ALL
+                .iter()
+                .position(|x| x.as_str() == s.as_str())
+            {
                 counts[i] += 1;
             }
         }

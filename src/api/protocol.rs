@@ -287,6 +287,9 @@ pub struct ServiceStatus {
     /// That memory as a percentage of the primary's.
     #[serde(default)]
     pub standby_share_pct: Option<f64>,
+    /// For an `adaptive` class: the tier wanted now and the next planned switch.
+    #[serde(default)]
+    pub standby_plan: Option<crate::failover::standby::TierPlan>,
 }
 
 /// One shadow domain of a service.
@@ -328,6 +331,22 @@ fn mib(bytes: u64) -> String {
 
 /// The memory lines of one service: its primary's and each shadow's, with shares.
 fn render_standby_cost(out: &mut String, s: &ServiceStatus) {
+    if let Some(p) = &s.standby_plan {
+        let next = match (p.next_switch_unix_ms, p.next_tier) {
+            (Some(at), Some(t)) => format!(
+                "next switch to {} at {}",
+                t.as_str(),
+                crate::events::format_unix_ms(at)
+            ),
+            _ => "no switch planned within a day".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "\n{} adaptive standby: {} now; {next}",
+            s.name,
+            p.tier.as_str()
+        );
+    }
     if s.primary_memory.is_none() && s.shadows.iter().all(|x| x.memory.is_none()) {
         return;
     }
@@ -753,6 +772,7 @@ mod tests {
                 }),
                 standby_memory_bytes: 64 << 20,
                 standby_share_pct: Some(25.0),
+                standby_plan: None,
             }],
             domains: vec![DomainStatus {
                 name: "web-a".into(),
@@ -800,6 +820,7 @@ mod tests {
                 "primary_memory",
                 "shadows",
                 "standby_memory_bytes",
+                "standby_plan",
                 "standby_share_pct",
                 "state"
             ]

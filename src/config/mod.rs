@@ -323,8 +323,15 @@ pub struct ClassConfig {
     /// the host.
     pub free_page_reporting: bool,
     /// How shadows stand by: `paused` (booted and paused), `saved` (a managed-save image,
-    /// restored at promotion) or `cold` (defined only, booted at promotion).
-    pub standby_tier: crate::failover::record::Tier,
+    /// restored at promotion), `cold` (defined only, booted at promotion) or `adaptive`
+    /// (paused in and ahead of busy hours, saved otherwise).
+    pub standby_tier: crate::failover::standby::TierPolicy,
+    /// Busy hours for `adaptive`, as `[start, end)` UTC hour pairs (0..=24), on top of the
+    /// busy hours the service's profile predicts.
+    pub busy_hours_utc: Vec<[u8; 2]>,
+    /// How long before a busy time an `adaptive` shadow is switched to paused, in seconds
+    /// (0..=86400).
+    pub adaptive_lead_s: u64,
 }
 
 /// What happens to a writable disk of a protected primary at failover.
@@ -379,7 +386,9 @@ impl Default for ClassConfig {
             coverage_target: 0.95,
             standby_shrink: false,
             free_page_reporting: false,
-            standby_tier: crate::failover::record::Tier::Paused,
+            standby_tier: crate::failover::standby::TierPolicy::Paused,
+            busy_hours_utc: Vec::new(),
+            adaptive_lead_s: 600,
         }
     }
 }

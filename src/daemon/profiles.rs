@@ -73,7 +73,7 @@ impl Profiling {
         }
     }
 
-    fn manager(&self) -> Option<Arc<ProfileManager>> {
+    pub(super) fn manager(&self) -> Option<Arc<ProfileManager>> {
         self.manager.as_ref().ok().cloned()
     }
 }

@@ -438,7 +438,7 @@ fn spawn_provision(d: &Shared, plan: ShadowToProvision) {
                 .flatten(),
             free_page_reporting: c.free_page_reporting,
         },
-        tier: c.standby_tier,
+        tier: super::tiers::provision_tier(d, &plan.service, &c),
     };
     let d = d.clone();
     tokio::spawn(async move {

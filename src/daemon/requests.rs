@@ -309,6 +309,11 @@ async fn status(d: &Shared) -> StatusReport {
             primary_memory: cost.primary,
             standby_memory_bytes: cost.standby_bytes(),
             standby_share_pct: cost.standby_share_pct(),
+            standby_plan: super::tiers::plan(
+                d,
+                &s.name,
+                &cfg.class.get(&s.class).cloned().unwrap_or_default(),
+            ),
         })
         .collect();
     super::checks::publish_cost(d, &costs);

@@ -92,6 +92,8 @@ pub enum ShadowState {
     Booting,
     /// Ready for promotion, standing by in a tier.
     Standby(Tier),
+    /// Moving to another tier (the `adaptive` policy); not promotable until it is there.
+    Switching(Tier),
     /// Being promoted to active right now.
     Promoting,
     /// Could not be brought up; needs a rebuild.
@@ -103,11 +105,13 @@ impl ShadowState {
     pub const PAUSED: ShadowState = ShadowState::Standby(Tier::Paused);
 
     /// Every state, for exporting a complete gauge family.
-    pub const ALL: [ShadowState; 6] = [
+    /// (`Switching` appears once: every target tier has the one name `switching`.)
+    pub const ALL: [ShadowState; 7] = [
         ShadowState::Booting,
         ShadowState::PAUSED,
         ShadowState::Standby(Tier::Saved),
         ShadowState::Standby(Tier::Cold),
+        ShadowState::Switching(Tier::Paused),
         ShadowState::Promoting,
         ShadowState::Failed,
     ];
@@ -117,6 +121,7 @@ impl ShadowState {
         match self {
             ShadowState::Booting => "booting",
             ShadowState::Standby(t) => t.as_str(),
+            ShadowState::Switching(_) => "switching",
             ShadowState::Promoting => "promoting",
             ShadowState::Failed => "failed",
         }

@@ -15,6 +15,7 @@ use crate::libvirt::{DomainStats, Hypervisor, LibvirtError};
 use crate::profile::manager::MEM_FLOOR_KIB;
 
 use super::apply_profile::balloon_target;
+use super::record::Tier;
 
 /// How a new shadow's memory is made smaller before it stands by (class options).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -174,9 +175,107 @@ pub fn grow_back(hv: &Hypervisor, shadow: &str) -> Option<String> {
     })
 }
 
+/// A class's `standby_tier`: one tier for good, or `adaptive` (the tier follows the predicted
+/// busy hours, see [`adaptive_plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TierPolicy {
+    /// Always paused.
+    Paused,
+    /// Always saved.
+    Saved,
+    /// Always cold.
+    Cold,
+    /// Paused while the service is predicted busy (and from `adaptive_lead_s` before), saved
+    /// otherwise.
+    Adaptive,
+}
+
+impl TierPolicy {
+    /// The fixed tier, `None` for `adaptive`.
+    pub fn fixed(self) -> Option<Tier> {
+        match self {
+            TierPolicy::Paused => Some(Tier::Paused),
+            TierPolicy::Saved => Some(Tier::Saved),
+            TierPolicy::Cold => Some(Tier::Cold),
+            TierPolicy::Adaptive => None,
+        }
+    }
+}
+
+/// What the adaptive policy wants now, and its next planned change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TierPlan {
+    /// The tier wanted now.
+    pub tier: Tier,
+    /// When the wanted tier changes next (Unix ms), within the next day.
+    pub next_switch_unix_ms: Option<u64>,
+    /// What it changes to then.
+    pub next_tier: Option<Tier>,
+}
+
+/// Granularity of the adaptive plan.
+const PLAN_STEP_MS: u64 = 60_000;
+/// How far ahead the plan looks for its next change.
+const PLAN_HORIZON_MS: u64 = 24 * 3_600_000;
+
+/// The adaptive plan at `now_unix_ms`: paused at any instant from which a busy instant is at
+/// most `lead_ms` ahead (the switch happens ahead of the busy time), saved otherwise. `busy`
+/// is asked on a one-minute grid, `now` rounded down to the minute.
+pub fn adaptive_plan(now_unix_ms: u64, lead_ms: u64, busy: impl Fn(u64) -> bool) -> TierPlan {
+    let start = now_unix_ms - now_unix_ms % PLAN_STEP_MS;
+    let lead_steps = lead_ms.div_ceil(PLAN_STEP_MS) as usize;
+    let steps = (PLAN_HORIZON_MS / PLAN_STEP_MS) as usize;
+    let grid: Vec<bool> = (0..=steps + lead_steps)
+        .map(|i| busy(start + i as u64 * PLAN_STEP_MS))
+        .collect();
+    let wanted = |i: usize| {
+        if grid[i..=i + lead_steps].iter().any(|b| *b) {
+            Tier::Paused
+        } else {
+            Tier::Saved
+        }
+    };
+    let tier = wanted(0);
+    let next = (1..=steps).find(|&i| wanted(i) != tier);
+    TierPlan {
+        tier,
+        next_switch_unix_ms: next.map(|i| start + i as u64 * PLAN_STEP_MS),
+        next_tier: next.map(wanted),
+    }
+}
+
+/// Whether `at_unix_ms` falls in one of the `[start, end)` UTC hour ranges.
+pub fn in_busy_hours(busy_hours_utc: &[[u8; 2]], at_unix_ms: u64) -> bool {
+    let hour = (at_unix_ms / 3_600_000 % 24) as u8;
+    busy_hours_utc.iter().any(|[s, e]| (*s..*e).contains(&hour))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HOUR: u64 = 3_600_000;
+
+    #[test]
+    fn adaptive_is_paused_ahead_of_and_during_busy_hours_saved_otherwise() {
+        let day = 20_000 * 24 * HOUR; // a midnight, UTC
+        let busy = |t: u64| in_busy_hours(&[[10, 12]], t);
+        let lead = 10 * 60_000;
+        let p = adaptive_plan(day, lead, busy);
+        assert_eq!(p.tier, Tier::Saved);
+        assert_eq!(p.next_switch_unix_ms, Some(day + 10 * HOUR - lead));
+        assert_eq!(p.next_tier, Some(Tier::Paused));
+        let p = adaptive_plan(day + 10 * HOUR + 30 * 60_000, lead, busy);
+        assert_eq!(p.tier, Tier::Paused);
+        assert_eq!(p.next_switch_unix_ms, Some(day + 12 * HOUR));
+        assert_eq!(p.next_tier, Some(Tier::Saved));
+        // Never busy: saved, no switch planned.
+        let p = adaptive_plan(day, lead, |_| false);
+        assert_eq!((p.tier, p.next_switch_unix_ms), (Tier::Saved, None));
+        assert!(in_busy_hours(&[[22, 24]], day + 23 * HOUR));
+        assert!(!in_busy_hours(&[[22, 24]], day + 24 * HOUR));
+    }
 
     #[test]
     fn measured_use_is_total_minus_available() {
