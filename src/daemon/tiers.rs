@@ -77,7 +77,9 @@ pub(super) fn provision_tier(d: &Shared, service: &str, class: &ClassConfig) -> 
 /// Starts the switches adaptive services need now: each shadow standing by paused or saved
 /// that the plan wants in the other tier. Called every housekeeping round.
 pub(super) fn switch_tiers(d: &Shared) {
-    let services: Vec<(String, String, Vec<(String, Tier)>)> = d
+    // Per service: its name, class, and the shadows that could switch with their tiers.
+    type Candidates = (String, String, Vec<(String, Tier)>);
+    let services: Vec<Candidates> = d
         .table()
         .iter()
         .filter(|s| {
