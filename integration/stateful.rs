@@ -476,7 +476,9 @@ fn nbd_second_writer_is_refused(
             old_taps: Vec::new(),
             shadow: understudy::failover::Shadow {
                 name: shadow.to_string(),
-                state: understudy::failover::ShadowState::Paused,
+                state: understudy::failover::ShadowState::Standby(
+                    understudy::failover::record::Tier::Paused,
+                ),
                 taps: Vec::new(),
                 data_disks: None,
             },

@@ -14,11 +14,13 @@
 //! truth lives in libvirt (domain metadata), so a restarted daemon rebuilds everything.
 
 mod checks;
+mod cost;
 mod health;
 mod profiles;
 mod recover;
 mod requests;
 mod table;
+mod tiers;
 
 pub use health::{HealthMonitor, Verdict};
 pub use table::{Action, Refused, Service, ServiceState, ServiceTable};
@@ -346,6 +348,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
                 checks::publish_gauges(&d);
                 crate::systemd::alive(&crate::systemd::status_line(d.table().iter()));
                 checks::replace_stale_tpm_shadows(&d);
+                tiers::switch_tiers(&d);
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping; shadows stay as they are"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping; shadows stay as they are"); break; }

@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 use crate::config::NetworkMode;
 use crate::domain_xml::{MemberState, Role, UnderstudyMeta, META_NS};
 use crate::failover::plan::DiskPolicy;
+use crate::failover::record::Tier;
 use crate::failover::shadow::{
     isolate_tap, live_taps, member_meta, provision, read_routed_sides, shadow_generation,
     write_meta, ShadowRequest,
 };
+use crate::failover::standby::StandbyMemory;
 use crate::failover::{FailoverError, Shadow, ShadowState, Trigger};
 use crate::libvirt::{qemu_pid, DomainSummary, LibvirtError, QemuProcess, RunState};
 
@@ -94,7 +96,11 @@ fn census(listing: Vec<(DomainSummary, Option<String>)>) -> Census {
             continue;
         };
         let state = match (meta.state, dom.state) {
-            (MemberState::Paused, RunState::Paused) => ShadowState::Paused,
+            (MemberState::Paused, RunState::Paused) => ShadowState::PAUSED,
+            // Saved and cold shadows stand by shut off; one found running was being promoted.
+            (MemberState::Saved, RunState::Shutoff) => ShadowState::Standby(Tier::Saved),
+            (MemberState::Cold, RunState::Shutoff) => ShadowState::Standby(Tier::Cold),
+            (MemberState::Saved | MemberState::Cold, RunState::Running) => ShadowState::Promoting,
             (MemberState::Promoting, _) => ShadowState::Promoting,
             // Running with a standby record: we died between resuming it and writing the
             // journal. Treated as an interrupted promotion: finished or undone.
@@ -196,7 +202,7 @@ async fn recover_service(d: &Shared, name: &str) {
         .filter(|s| s.state != ShadowState::Failed)
     {
         let taps = live_taps(&d.hv(), &s.name).await.unwrap_or_default();
-        if s.state == ShadowState::Paused {
+        if s.state == ShadowState::PAUSED {
             for b in &taps {
                 // Belt and braces: a standing-by shadow is never on the bridge.
                 let _ = isolate_tap(&d.net, &b.tap).await;
@@ -444,6 +450,15 @@ fn spawn_provision(d: &Shared, plan: ShadowToProvision) {
         agent_timeout: Duration::from_millis(cfg.monitor.agent_timeout_ms),
         agent_max_reply: cfg.monitor.agent_max_reply_bytes,
         warmup: c.warmup_commands.clone(),
+        standby: StandbyMemory {
+            shrink: c.standby_shrink,
+            idle_use_kib: c
+                .standby_shrink
+                .then(|| super::profiles::idle_memory_kib(d, &plan.service))
+                .flatten(),
+            free_page_reporting: c.free_page_reporting,
+        },
+        tier: super::tiers::provision_tier(d, &plan.service, &c),
     };
     let d = d.clone();
     tokio::spawn(async move {
@@ -545,7 +560,7 @@ mod tests {
         assert_eq!(
             states,
             [
-                ("web-shadow-2", ShadowState::Paused),
+                ("web-shadow-2", ShadowState::PAUSED),
                 // Running with a standby record: an interrupted promotion.
                 ("web-shadow-3", ShadowState::Promoting)
             ]

@@ -278,27 +278,45 @@ async fn status(d: &Shared) -> StatusReport {
         (h.beats().clone(), h.counts())
     };
     let disks = active_disks(d, &services).await;
+    let costs = {
+        let services = services.clone();
+        tokio::task::spawn_blocking(move || super::cost::measure(&services))
+            .await
+            .unwrap_or_default()
+    };
     let service_status: Vec<ServiceStatus> = services
         .iter()
-        .map(|s| ServiceStatus {
+        .zip(&costs)
+        .map(|(s, cost)| ServiceStatus {
             disks: disks.get(&s.name).cloned().unwrap_or_default(),
             name: s.name.clone(),
             class: s.class.clone(),
             state: s.state.describe(),
             active: Some(s.active.clone()),
-            shadows: s
+            shadows: cost
                 .shadows
                 .iter()
                 .map(|x| ShadowStatus {
                     name: x.name.clone(),
                     state: x.state,
+                    memory: x.memory,
+                    share_of_primary_pct: cost.shadow_share_pct(x),
                 })
                 .collect(),
             last_failover: s.last_failover.clone(),
             health: s.health.clone(),
             last_heartbeat_unix_ms: s.last_heartbeat_unix_ms,
+            primary_memory: cost.primary,
+            standby_memory_bytes: cost.standby_bytes(),
+            standby_share_pct: cost.standby_share_pct(),
+            standby_plan: super::tiers::plan(
+                d,
+                &s.name,
+                &cfg.class.get(&s.class).cloned().unwrap_or_default(),
+            ),
         })
         .collect();
+    super::checks::publish_cost(d, &costs);
     super::checks::publish_gauges(d);
     let domains = doms
         .into_iter()

@@ -10,6 +10,7 @@ pub mod plan;
 pub mod promote;
 pub mod record;
 pub mod shadow;
+pub mod standby;
 pub mod tpm;
 
 use std::time::Duration;

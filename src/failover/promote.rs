@@ -39,8 +39,9 @@ use crate::net::{NetError, Netlink};
 
 use super::apply_profile::ProfileApply;
 use super::plan::{data_disks, disk_holders, DataDisk, DiskPolicy};
+use super::record::Tier;
 use super::shadow::{clip_tail, guest_exec, member_meta, raise_links, write_meta};
-use super::{FailoverError, FailoverRecord, Shadow, StepClock, TapBinding, Trigger};
+use super::{FailoverError, FailoverRecord, Shadow, ShadowState, StepClock, TapBinding, Trigger};
 
 /// Input of one promotion.
 #[derive(Debug, Clone)]
@@ -140,6 +141,13 @@ pub trait PromotionSteps: Sync {
     fn unclaim(&self, p: &Promotion) -> impl Future<Output = ()> + Send;
     /// Becomes the service's owner; an error means another promotion owns it.
     fn claim(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Brings a shadow standing by shut off (`saved` or `cold` tier) up: a saved one restored
+    /// paused, a cold one booted. Returns its taps, which exist only now.
+    fn wake(
+        &self,
+        p: &Promotion,
+        tier: Tier,
+    ) -> impl Future<Output = Result<Vec<TapBinding>, FailoverError>> + Send;
     /// Resumes the paused shadow.
     fn resume(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
     /// Puts the shadow's taps on their bridges (bridged) or brings them up (routed).
@@ -176,7 +184,8 @@ pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted,
     let span = tracing::info_span!("promote", service = %p.service, from = %p.old_primary, to = %p.shadow.name, trigger = p.trigger.label());
     let _enter = span.enter();
     let mut notes = Vec::new();
-    let result = run_steps(steps, &p, &mut clock, &mut notes).await;
+    let mut p = p;
+    let result = run_steps(steps, &mut p, &mut clock, &mut notes).await;
     let outage_ms = clock.restored_ms().unwrap_or_else(|| clock.total_ms());
     let record = FailoverRecord {
         at_unix_ms,
@@ -227,14 +236,15 @@ fn old_tap_of<'a>(p: &'a Promotion, mac: &str) -> Option<&'a TapBinding> {
     p.old_taps.iter().find(|o| o.mac.eq_ignore_ascii_case(mac))
 }
 
-/// Every step the pipeline records, in pipeline order (`plan_disks` only for a shadow whose
-/// data disks were not planned when it was made; `attach` and `promote_commands` only with data
-/// disks; `route` only for a routed class; `link_up` only when a shadow's links were not
+/// Every step the pipeline records, in pipeline order (`wake` only for a `saved` or `cold`
+/// shadow; `plan_disks` only for a shadow whose data disks were not planned when it was made;
+/// `attach` and `promote_commands` only with data disks; `route` only for a routed class; `link_up` only when a shadow's links were not
 /// raised while it stood by; `apply_profile` only with a profile).
-pub const STEPS: [&str; 12] = [
+pub const STEPS: [&str; 13] = [
     "plan_disks",
     "fence",
     "claim",
+    "wake",
     "resume",
     "attach",
     "promote_commands",
@@ -260,7 +270,7 @@ async fn timed<T>(
 
 async fn run_steps<S: PromotionSteps>(
     steps: &S,
-    p: &Promotion,
+    p: &mut Promotion,
     clock: &mut StepClock,
     notes: &mut Vec<String>,
 ) -> Result<(), FailoverError> {
@@ -285,6 +295,19 @@ async fn run_steps<S: PromotionSteps>(
     })
     .await?;
     timed(clock, "claim", steps.claim(p)).await?;
+    // 1'. A shadow standing by shut off comes up only now, fenced and claimed: a cold one's
+    //     tap joins the bridge as it boots.
+    if let ShadowState::Standby(tier @ (Tier::Saved | Tier::Cold)) = p.shadow.state {
+        let woken = timed(clock, "wake", steps.wake(p, tier)).await;
+        match woken {
+            Ok(taps) => p.shadow.taps = taps,
+            Err(e) => {
+                steps.unclaim(p).await;
+                return Err(e);
+            }
+        }
+    }
+    let p = &*p;
 
     let rest = async {
         if stateful {
@@ -394,13 +417,12 @@ async fn finish<S: PromotionSteps>(
     .await?;
     // 5. Roles: the shadow is the primary now; the old one is retired and fenced.
     timed(clock, "metadata", steps.record_roles(p)).await?;
-    // 6. Size and configure the promoted shadow from its profile. Traffic already flows, so
-    //    this cannot lengthen the outage; what it does or fails to do is a note.
-    if p.profile.is_some() {
-        let t = Instant::now();
-        notes.extend(steps.apply_profile(p).await);
-        clock.record("apply_profile", t, t.elapsed());
-    }
+    // 6. Size and configure the promoted shadow from its profile (without one, grow a shadow
+    //    shrunk for standby back to its defined size). Traffic already flows, so this cannot
+    //    lengthen the outage; what it does or fails to do is a note.
+    let t = Instant::now();
+    notes.extend(steps.apply_profile(p).await);
+    clock.record("apply_profile", t, t.elapsed());
     Ok(())
 }
 
@@ -773,6 +795,18 @@ impl PromotionSteps for LiveSteps<'_> {
         claim_owner(self.coord, p).await
     }
 
+    async fn wake(&self, p: &Promotion, tier: Tier) -> Result<Vec<TapBinding>, FailoverError> {
+        let shadow = p.shadow.name.clone();
+        // A saved shadow restores paused (its image holds the off-bridge standby); a cold one
+        // boots from its bridged definition.
+        let paused = tier == Tier::Saved;
+        self.hv
+            .run("wake shadow", move |hv| hv.start(&shadow, paused))
+            .await
+            .map_err(libvirt_step("wake"))?;
+        super::shadow::live_taps(self.hv, &p.shadow.name).await
+    }
+
     async fn resume(&self, p: &Promotion) -> Result<(), FailoverError> {
         let shadow = p.shadow.name.clone();
         self.hv
@@ -908,7 +942,18 @@ impl PromotionSteps for LiveSteps<'_> {
     async fn apply_profile(&self, p: &Promotion) -> Vec<String> {
         match &p.profile {
             Some(profile) => super::apply_profile::apply(self.hv, &p.shadow.name, profile).await,
-            None => Vec::new(),
+            None => {
+                let shadow = p.shadow.name.clone();
+                self.hv
+                    .blocking("grow back", move |hv| {
+                        super::standby::grow_back(hv, &shadow)
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                    .into_iter()
+                    .collect()
+            }
         }
     }
 }
@@ -990,6 +1035,16 @@ mod tests {
         async fn claim(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("claim").await
         }
+        async fn wake(&self, _: &Promotion, _: Tier) -> Result<Vec<TapBinding>, FailoverError> {
+            self.step("wake").await?;
+            Ok(vec![TapBinding {
+                mac: "52:54:00:00:00:01".into(),
+                tap: "vnet9".into(),
+                bridge: Some("br0".into()),
+                link_up: true,
+                routed: Default::default(),
+            }])
+        }
         async fn resume(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("resume").await
         }
@@ -1041,6 +1096,33 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_saved_or_cold_shadow_wakes_after_the_claim_and_serves_on_its_new_taps() {
+        for tier in [Tier::Saved, Tier::Cold] {
+            let r = Recorder::failing(None);
+            let mut p = promotion(false);
+            p.shadow.state = ShadowState::Standby(tier);
+            p.shadow.taps.clear();
+            let done = run(&r, p).await.unwrap();
+            let calls = r.calls();
+            assert_eq!(&calls[..3], ["fence", "claim", "wake"], "{tier:?}");
+            assert!(!calls.contains(&"link_up"), "woken links are up: {calls:?}");
+            assert_eq!(done.taps[0].tap, "vnet9");
+            assert!(step_names(&done.record).contains(&"wake"));
+        }
+        // A paused shadow does not wake; a failed wake gives the claim back.
+        let r = Recorder::failing(None);
+        let mut p = promotion(true);
+        p.shadow.state = ShadowState::PAUSED;
+        run(&r, p).await.unwrap();
+        assert!(!r.calls().contains(&"wake"));
+        let r = Recorder::failing(Some("wake"));
+        let mut p = promotion(true);
+        p.shadow.state = ShadowState::Standby(Tier::Saved);
+        assert!(run(&r, p).await.is_err());
+        assert_eq!(r.calls(), ["fence", "claim", "wake", "unclaim"]);
+    }
+
     fn stateful_promotion() -> Promotion {
         Promotion {
             handover: Some(Handover {
@@ -1073,7 +1155,8 @@ mod tests {
                 "promote_commands",
                 "rewire",
                 "announce",
-                "metadata"
+                "metadata",
+                "apply_profile"
             ]
         );
         assert_eq!(
@@ -1087,7 +1170,8 @@ mod tests {
                 "promote_commands",
                 "rewire",
                 "announce",
-                "metadata"
+                "metadata",
+                "apply_profile"
             ]
         );
         // Service counts as restored only once the network is up, after the commands.
@@ -1212,7 +1296,7 @@ mod tests {
                 "{calls:?}"
             );
         }
-        assert_eq!(&calls[4..], ["announce", "metadata"]);
+        assert_eq!(&calls[4..], ["announce", "metadata", "apply_profile"]);
         assert!(
             !calls.contains(&"link_up"),
             "links were already up: {calls:?}"
@@ -1220,7 +1304,15 @@ mod tests {
         let names: Vec<&str> = done.record.steps.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
-            ["fence", "claim", "resume", "rewire", "announce", "metadata"]
+            [
+                "fence",
+                "claim",
+                "resume",
+                "rewire",
+                "announce",
+                "metadata",
+                "apply_profile"
+            ]
         );
         assert!(done.record.ok);
         assert_eq!(done.taps.len(), 1);

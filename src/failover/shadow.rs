@@ -19,6 +19,8 @@ use super::plan::{
     clone_plan, data_disks, overlay_path, plan_disks, DataDisk, DiskHandling, DiskLayout,
     DiskPolicy,
 };
+use super::record::Tier;
+use super::standby::{self, StandbyMemory};
 use super::{tpm, FailoverError, RoutedSide, Shadow, ShadowState, TapBinding};
 
 /// Everything needed to create one shadow.
@@ -47,6 +49,10 @@ pub struct ShadowRequest {
     /// Disk roles and the golden image (whose overlay the first system image disk boots
     /// when `shadow reinit --golden` chose it).
     pub disks: DiskPolicy,
+    /// How its memory is made smaller before it stands by.
+    pub standby: StandbyMemory,
+    /// How it stands by.
+    pub tier: Tier,
 }
 
 /// The shadow name for generation `n` of `service`.
@@ -153,10 +159,13 @@ pub fn build_shadow_xml(
         })?;
     }
     // Validate the clone before touching any disk, so a refused spec leaves nothing behind.
-    let shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
+    let mut shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
         domain: req.primary.clone(),
         source,
     })?;
+    if req.standby.free_page_reporting && !shadow.enable_free_page_reporting() {
+        tracing::warn!(service = %req.service, shadow = %req.name, "free_page_reporting: the primary has no virtio <memballoon>; not enabled");
+    }
     for disk in &layout.disks {
         tracing::info!(
             service = %req.service,
@@ -221,6 +230,9 @@ pub async fn provision(
     req: ShadowRequest,
 ) -> Result<Shadow, FailoverError> {
     let started = Instant::now();
+    if req.tier == Tier::Cold {
+        return define_cold(hv, req).await;
+    }
     let r = req.clone();
     let (name, data_disks) = hv
         .blocking("define shadow", move |hv| {
@@ -306,13 +318,36 @@ pub async fn provision(
             }
         }
     }
+    if req.standby.shrink {
+        let (n, idle) = (name.clone(), req.standby.idle_use_kib);
+        match hv
+            .blocking("shrink shadow", move |hv| standby::shrink(hv, &n, idle))
+            .await
+        {
+            Ok(Ok(s)) => tracing::info!(
+                service = %req.service, shadow = %name, from_kib = s.from_kib, target_kib = s.target_kib,
+                reached_kib = s.reached_kib, use_kib = s.use_kib, use_source = s.use_source,
+                "shadow ballooned down before standing by"
+            ),
+            // A shadow that could not be shrunk stands by at full size.
+            Ok(Err(e)) => {
+                tracing::warn!(service = %req.service, shadow = %name, error = %crate::error::report(&e), "shadow not shrunk")
+            }
+            Err(e) => {
+                tracing::warn!(service = %req.service, shadow = %name, error = %crate::error::report(&e), "shadow not shrunk")
+            }
+        }
+    }
     let n = name.clone();
     let meta = member_meta(
         &req.service,
         &req.class,
         Role::Shadow,
         req.generation,
-        MemberState::Paused,
+        match req.tier {
+            Tier::Saved => MemberState::Saved,
+            _ => MemberState::Paused,
+        },
     );
     // The guest has answered the agent since its link came up (after the warm-up, or now):
     // it has run its link-up handling.
@@ -324,9 +359,16 @@ pub async fn provision(
         req.agent_max_reply,
     )
     .await?;
+    let tier = req.tier;
     hv.run("pause shadow", move |hv| {
         hv.suspend(&n)?;
-        write_meta(hv, &n, &meta)
+        write_meta(hv, &n, &meta)?;
+        if tier == Tier::Saved {
+            // The image keeps the paused guest, its off-bridge taps and raised links: a
+            // restore brings back exactly this standby, without its memory held meanwhile.
+            hv.managed_save(&n)?;
+        }
+        Ok(())
     })
     .await
     .map_err(|source| FailoverError::Libvirt {
@@ -337,11 +379,50 @@ pub async fn provision(
         .into_iter()
         .map(|b| TapBinding { link_up: true, ..b })
         .collect();
-    tracing::info!(service = %req.service, shadow = %name, ms = started.elapsed().as_millis() as u64, "shadow paused and ready");
+    tracing::info!(service = %req.service, shadow = %name, tier = req.tier.as_str(), ms = started.elapsed().as_millis() as u64, "shadow ready");
     Ok(Shadow {
         name,
-        state: ShadowState::Paused,
+        state: ShadowState::Standby(req.tier),
         taps,
+        data_disks: Some(data_disks),
+    })
+}
+
+/// A `cold` shadow: defined (its overlays made) but never started, links up in its
+/// definition, so the promotion that boots it needs nothing else before it serves. Its taps
+/// exist only once it runs.
+async fn define_cold(hv: &Hypervisor, req: ShadowRequest) -> Result<Shadow, FailoverError> {
+    let r = req.clone();
+    let data_disks = hv
+        .blocking("define cold shadow", move |hv| {
+            let (xml, data) = build_shadow_xml(hv, &r)?;
+            let mut spec = DomainXml::parse(&xml).map_err(|source| FailoverError::Xml {
+                domain: r.name.clone(),
+                source,
+            })?;
+            spec.set_interfaces_link(true);
+            let lv = |step| move |source| FailoverError::Libvirt { step, source };
+            hv.define(&spec.to_xml()).map_err(lv("define shadow"))?;
+            let meta = member_meta(
+                &r.service,
+                &r.class,
+                Role::Shadow,
+                r.generation,
+                MemberState::Cold,
+            );
+            write_meta(hv, &r.name, &meta).map_err(lv("write shadow metadata"))?;
+            Ok::<_, FailoverError>(data)
+        })
+        .await
+        .map_err(|source| FailoverError::Libvirt {
+            step: "define cold shadow",
+            source,
+        })??;
+    tracing::info!(service = %req.service, shadow = %req.name, tier = "cold", "shadow defined and ready");
+    Ok(Shadow {
+        name: req.name,
+        state: ShadowState::Standby(Tier::Cold),
+        taps: Vec::new(),
         data_disks: Some(data_disks),
     })
 }
