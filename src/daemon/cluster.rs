@@ -173,12 +173,15 @@ async fn publish(d: &Shared, p: &mut Published) -> Result<(), CoordError> {
     }
 
     // Specs are for other hosts: published only in a cluster.
-    if cfg.cluster.is_none() {
+    if coord.lease().borrow().mode == Mode::Standalone {
         return Ok(());
     }
     for s in &services {
-        let Some(owner) = coord.owner(&s.name).await? else {
-            continue;
+        let owner = match coord.owner(&s.name).await? {
+            Some(o) => o,
+            // Not recorded at start (etcd was out of reach): recorded now, unless another
+            // host got there first (adopt is conditional on the record's absence).
+            None => coord.adopt(&s.name, &s.active).await?,
         };
         if owner.host != *coord.host() || owner.domain != s.active {
             continue;
