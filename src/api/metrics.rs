@@ -133,6 +133,7 @@ pub struct Metrics {
     libvirt_reconnects: Counter,
     detections: Family<SourceLabels, Counter>,
     standby_memory: Family<ServiceLabels, Gauge>,
+    cluster_mode: Family<StateLabels, Gauge>,
     /// Services with a `standby_memory` series, so a service that is gone loses its series.
     standby_services: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
@@ -163,6 +164,7 @@ impl Metrics {
         let collector_errors = Family::default();
         let collector_cpu = Family::default();
         let libvirt_reconnects = Counter::default();
+        let cluster_mode = Family::<StateLabels, Gauge>::default();
         let detections = Family::default();
         let standby_memory = Family::default();
         // Series that exist before their first event start at 0, so that `increase()` and
@@ -264,6 +266,11 @@ impl Metrics {
             "Failure detections by source (pidfd|lifecycle|heartbeat|manual)",
             Family::clone(&detections),
         );
+        registry.register(
+            "cluster_mode",
+            "How this host stands with etcd: 1 for the current state (standalone|starting|connected|etcd_unreachable)",
+            Family::clone(&cluster_mode),
+        );
         registry.register_with_unit(
             "standby_memory",
             "Resident memory of each service's paused shadows: the host memory standing by costs",
@@ -288,6 +295,7 @@ impl Metrics {
             collector_errors,
             collector_cpu,
             libvirt_reconnects,
+            cluster_mode,
             detections,
             standby_memory,
             standby_services: Default::default(),
@@ -362,6 +370,18 @@ impl Metrics {
                 .observe(ms_to_seconds(step.ms));
         }
         self.failover_outage.observe(ms_to_seconds(outage_ms));
+    }
+
+    /// Sets the cluster mode gauge: 1 for `mode`, 0 for every other (each exported from the
+    /// first call).
+    pub fn set_cluster_mode(&self, mode: crate::cluster::Mode) {
+        for m in crate::cluster::Mode::ALL {
+            self.cluster_mode
+                .get_or_create(&StateLabels {
+                    state: m.label().to_string(),
+                })
+                .set(i64::from(m == mode));
+        }
     }
 
     /// Sets the shadow gauge from the states of all current shadows; every state is exported,
@@ -760,6 +780,7 @@ mod tests {
         m.add_collector_cpu("web", f64::NAN);
         m.inc_libvirt_reconnect();
         m.inc_detection(Trigger::Pidfd);
+        m.set_cluster_mode(crate::cluster::Mode::Unreachable);
         let text = m.encode();
 
         for line in [
@@ -788,6 +809,8 @@ mod tests {
             r#"understudy_collector_cpu_seconds_total{service="web"} 0.5"#,
             "understudy_libvirt_reconnects_total 1",
             r#"understudy_detection_total{source="pidfd"} 1"#,
+            r#"understudy_cluster_mode{state="etcd_unreachable"} 1"#,
+            r#"understudy_cluster_mode{state="connected"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

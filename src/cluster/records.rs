@@ -238,6 +238,14 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Every mode, for a complete gauge family.
+    pub const ALL: [Mode; 4] = [
+        Mode::Standalone,
+        Mode::Starting,
+        Mode::Connected,
+        Mode::Unreachable,
+    ];
+
     /// Label for status and metrics.
     pub fn label(self) -> &'static str {
         match self {

@@ -81,8 +81,18 @@ struct Published {
     specs: BTreeMap<String, (String, u64)>,
 }
 
-/// Starts registering this host and publishing what runs on it.
+/// Starts registering this host and publishing what runs on it, and exports the mode.
 pub(super) fn start(d: &Shared) {
+    let (mut lease, metrics) = (d.coord.lease(), d.metrics.clone());
+    tokio::spawn(async move {
+        loop {
+            let mode = lease.borrow_and_update().mode;
+            metrics.set_cluster_mode(mode);
+            if lease.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     let d = d.clone();
     tokio::spawn(async move {
         let mut published = Published::default();
