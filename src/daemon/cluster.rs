@@ -4,7 +4,8 @@
 //!
 //! Publishing is state-based: every [`PUBLISH_EVERY`] the table is compared with what was last
 //! written, and only the differences are written, so a write that failed while etcd was out of
-//! reach is simply made again on a later round.
+//! reach is simply made again on a later round. A primary's definition is read again every
+//! [`SPEC_EVERY`] and published when it changed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +27,8 @@ use super::Shared;
 const PUBLISH_EVERY: Duration = Duration::from_secs(2);
 /// How often this host's facts (capacity) are written again.
 const FACTS_EVERY: Duration = Duration::from_secs(30);
+/// How often a primary's definition is read again to see whether it changed.
+const SPEC_EVERY: Duration = Duration::from_secs(60);
 
 /// The etcd endpoints and timeouts of `[cluster]`.
 pub fn endpoints(c: &ClusterConfig) -> Endpoints {
@@ -71,14 +74,22 @@ pub fn profile_repository(cfg: &Config) -> Result<Arc<dyn ProfileRepository>, Co
     }
 }
 
+/// A published spec: its primary, generation and XML, and when libvirt was last read.
+struct SpecMark {
+    domain: String,
+    generation: u64,
+    xml: String,
+    read_at: Instant,
+}
+
 /// What was last written, so that only changes are written again.
 #[derive(Default)]
 struct Published {
     facts_at: Option<Instant>,
     /// (service, shadow) → status.
     shadows: BTreeMap<(String, String), ShadowStatus>,
-    /// service → (primary, generation).
-    specs: BTreeMap<String, (String, u64)>,
+    /// service → what was published and when it was last compared with libvirt.
+    specs: BTreeMap<String, SpecMark>,
 }
 
 /// Starts registering this host and publishing what runs on it, and exports the mode.
@@ -196,8 +207,11 @@ async fn publish(d: &Shared, p: &mut Published) -> Result<(), CoordError> {
         if owner.host != *coord.host() || owner.domain != s.active {
             continue;
         }
-        let mark = (s.active.clone(), owner.generation);
-        if p.specs.get(&s.name) == Some(&mark) {
+        let same_owner = |m: &SpecMark| m.domain == s.active && m.generation == owner.generation;
+        if p.specs
+            .get(&s.name)
+            .is_some_and(|m| same_owner(m) && m.read_at.elapsed() < SPEC_EVERY)
+        {
             continue;
         }
         let dom = s.active.clone();
@@ -212,18 +226,32 @@ async fn publish(d: &Shared, p: &mut Published) -> Result<(), CoordError> {
                 continue;
             }
         };
-        coord
-            .publish_spec(PrimarySpec {
-                service: s.name.clone(),
-                class: s.class.clone(),
+        let unchanged = p
+            .specs
+            .get(&s.name)
+            .is_some_and(|m| same_owner(m) && m.xml == xml);
+        if !unchanged {
+            coord
+                .publish_spec(PrimarySpec {
+                    service: s.name.clone(),
+                    class: s.class.clone(),
+                    domain: s.active.clone(),
+                    host: coord.host().clone(),
+                    generation: owner.generation,
+                    xml: xml.clone(),
+                    published_unix_ms: crate::clock::now_unix_ms(),
+                })
+                .await?;
+        }
+        p.specs.insert(
+            s.name.clone(),
+            SpecMark {
                 domain: s.active.clone(),
-                host: coord.host().clone(),
                 generation: owner.generation,
                 xml,
-                published_unix_ms: crate::clock::now_unix_ms(),
-            })
-            .await?;
-        p.specs.insert(s.name.clone(), mark);
+                read_at: Instant::now(),
+            },
+        );
     }
     Ok(())
 }
