@@ -788,10 +788,6 @@ async fn claim_until_done(c: &EtcdCoordinator, service: &str, domain: &str, expe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_etcd_member_of_three_lost_and_back_changes_no_owner_and_keeps_the_lease() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("understudy=debug")
-        .with_test_writer()
-        .try_init();
     let mut etcd = EtcdServer::start_cluster(3);
     let (a, obs) = (start(&etcd, "h1"), start(&etcd, "h2"));
     let mut events = obs.watch();
