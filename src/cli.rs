@@ -62,6 +62,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Every host of the cluster: alive or lost, active or draining, capacity, and the
+    /// primaries and shadows on it (this host alone without a [cluster] table).
+    Hosts {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Planned switchover of a service to its shadow (`failover <service>`), or what the
     /// last failover did (`failover timeline <service> --svg FILE`).
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -452,6 +459,7 @@ pub fn main() -> ExitCode {
                 } => done(plots::profile_plot(&socket, service, *since, svg)),
                 Command::Shadow { action } => shadow(&socket, action),
                 Command::Status { json } => client(&socket, Request::Status, *json),
+                Command::Hosts { json } => client(&socket, Request::Hosts, *json),
                 Command::Stop { service } => client(
                     &socket,
                     Request::Stop {
@@ -602,6 +610,7 @@ fn client(path: &Path, req: Request, json: bool) -> ExitCode {
     match control::call(path, &req, Duration::from_secs(180)) {
         Ok(Response::Ok { message }) => println!("{message}"),
         Ok(Response::Status(r)) => show(&r, json, render_status_text),
+        Ok(Response::Hosts(r)) => show(&r, json, crate::api::protocol::render_hosts_text),
         // A switchover's record is for scripts: always JSON.
         Ok(Response::Failover(r)) => show(&r, true, |_| String::new()),
         Ok(Response::ProfileShow(r)) => show(&r, json, |r| r.to_string()),

@@ -161,6 +161,7 @@ pub struct Metrics {
     /// Series of the three standby families exported last round, so members and services that
     /// are gone lose theirs.
     standby_series: std::sync::Mutex<(Vec<ServiceLabels>, Vec<MemberMemoryLabels>)>,
+    cluster_mode: Family<StateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -189,6 +190,7 @@ impl Metrics {
         let collector_errors = Family::default();
         let collector_cpu = Family::default();
         let libvirt_reconnects = Counter::default();
+        let cluster_mode = Family::<StateLabels, Gauge>::default();
         let detections = Family::default();
         let standby_memory = Family::default();
         let standby_share = Family::default();
@@ -292,6 +294,11 @@ impl Metrics {
             "Failure detections by source (pidfd|lifecycle|heartbeat|manual)",
             Family::clone(&detections),
         );
+        registry.register(
+            "cluster_mode",
+            "How this host stands with etcd: 1 for the current state (standalone|starting|connected|etcd_unreachable)",
+            Family::clone(&cluster_mode),
+        );
         registry.register_with_unit(
             "standby_memory",
             "Host memory each service's paused shadows hold (their cgroups' charge, else their \
@@ -329,6 +336,7 @@ impl Metrics {
             collector_errors,
             collector_cpu,
             libvirt_reconnects,
+            cluster_mode,
             detections,
             standby_memory,
             standby_share,
@@ -439,6 +447,18 @@ impl Metrics {
                 .observe(ms_to_seconds(step.ms));
         }
         self.failover_outage.observe(ms_to_seconds(outage_ms));
+    }
+
+    /// Sets the cluster mode gauge: 1 for `mode`, 0 for every other (each exported from the
+    /// first call).
+    pub fn set_cluster_mode(&self, mode: crate::cluster::Mode) {
+        for m in crate::cluster::Mode::ALL {
+            self.cluster_mode
+                .get_or_create(&StateLabels {
+                    state: m.label().to_string(),
+                })
+                .set(i64::from(m == mode));
+        }
     }
 
     /// Sets the shadow gauge from the states of all current shadows; every state is exported,
@@ -843,6 +863,7 @@ mod tests {
         m.add_collector_cpu("web", f64::NAN);
         m.inc_libvirt_reconnect();
         m.inc_detection(Trigger::Pidfd);
+        m.set_cluster_mode(crate::cluster::Mode::Unreachable);
         let text = m.encode();
 
         for line in [
@@ -874,6 +895,8 @@ mod tests {
             r#"understudy_collector_cpu_seconds_total{service="web"} 0.5"#,
             "understudy_libvirt_reconnects_total 1",
             r#"understudy_detection_total{source="pidfd"} 1"#,
+            r#"understudy_cluster_mode{state="etcd_unreachable"} 1"#,
+            r#"understudy_cluster_mode{state="connected"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::hosts::{render_hosts_text, HostEntry, HostPrimary, HostShadow, HostsReport};
 use crate::cluster::HostCapacity;
 use crate::events::Event;
 use crate::failover::record::{FailoverRecord, ShadowState};
@@ -104,6 +105,8 @@ pub enum Request {
         /// Only observations at or after this Unix time in ms.
         since_unix_ms: u64,
     },
+    /// Every host of the cluster with its state, capacity, primaries and shadows.
+    Hosts,
 }
 
 impl Request {
@@ -125,6 +128,7 @@ impl Request {
             Request::Events { .. } => "events",
             Request::ProfileSave { .. } => "profile_save",
             Request::ProfileSeries { .. } => "profile_series",
+            Request::Hosts => "hosts",
         }
     }
 }
@@ -158,6 +162,8 @@ pub enum Response {
     ProfileSeries(ProfileSeries),
     /// One event of a [`Request::Events`] stream.
     Event(Event),
+    /// Answer to [`Request::Hosts`].
+    Hosts(HostsReport),
     /// The command was refused or failed.
     Error {
         /// Category of the failure, for scripts.

@@ -56,6 +56,8 @@ pub struct Config {
     pub protect: Vec<ProtectRule>,
     /// `[class.X]`: protection classes by name; always holds [`DEFAULT_CLASS`].
     pub class: BTreeMap<String, ClassConfig>,
+    /// `[cluster]`: several hosts through etcd; `None` runs this host alone.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -66,6 +68,7 @@ impl Default for Config {
             profile: ProfileConfig::default(),
             protect: Vec::new(),
             class: BTreeMap::from([(DEFAULT_CLASS.to_owned(), ClassConfig::default())]),
+            cluster: None,
         }
     }
 }
@@ -190,11 +193,89 @@ impl MonitorConfig {
     }
 }
 
+/// `[cluster]`: this host is one of several, coordinated through etcd.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd client URLs, `http://host:port`, at least one.
+    pub endpoints: Vec<String>,
+    /// This host's name in the cluster; the operating system's host name when absent.
+    pub host: Option<String>,
+    /// Every key lives under this prefix (absolute, no trailing `/`).
+    pub key_prefix: String,
+    /// The libvirt URI other hosts reach this host's libvirtd at; `daemon.libvirt_uri` when
+    /// absent.
+    pub libvirt_uri: Option<String>,
+    /// Time to live of this host's lease, in seconds (2..=300): how long after its last
+    /// renewal a silent host counts as lost.
+    pub lease_ttl_s: u64,
+    /// Period of keepalives, in milliseconds (50..=lease_ttl_s*1000/3); a quarter of the TTL
+    /// when absent.
+    pub keepalive_interval_ms: Option<u64>,
+    /// Bound on each etcd call, in milliseconds (50..=30000, below the lease TTL).
+    pub op_timeout_ms: u64,
+    /// Bound on connecting to etcd, in milliseconds (50..=30000).
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            host: None,
+            key_prefix: "/understudy/default".to_owned(),
+            libvirt_uri: None,
+            lease_ttl_s: 5,
+            keepalive_interval_ms: None,
+            op_timeout_ms: 1000,
+            connect_timeout_ms: 1000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// `lease_ttl_s` as a duration.
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_s)
+    }
+
+    /// The keepalive period: as configured, or a quarter of the TTL.
+    pub fn keepalive_interval(&self) -> Duration {
+        Duration::from_millis(
+            self.keepalive_interval_ms
+                .unwrap_or(self.lease_ttl_s * 1000 / 4),
+        )
+    }
+
+    /// `op_timeout_ms` as a duration.
+    pub fn op_timeout(&self) -> Duration {
+        Duration::from_millis(self.op_timeout_ms)
+    }
+
+    /// `connect_timeout_ms` as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+/// Where the central profile repository lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RepositoryBackend {
+    /// The directory `repository` (local, or a shared mount).
+    #[default]
+    Directory,
+    /// etcd, under the cluster's key prefix (needs `[cluster]`).
+    Etcd,
+}
+
 /// `[profile]`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProfileConfig {
-    /// Directory backend of the central profile repository.
+    /// Where the central profile repository lives.
+    pub repository_backend: RepositoryBackend,
+    /// Directory of the central profile repository (with `repository_backend = "directory"`).
     pub repository: PathBuf,
     /// Extra capacity added on top of the calibrated envelope, in percent (0..=200). 0 lets each
     /// service's coverage converge on its class's `coverage_target`.
@@ -213,6 +294,7 @@ pub struct ProfileConfig {
 impl Default for ProfileConfig {
     fn default() -> Self {
         Self {
+            repository_backend: RepositoryBackend::Directory,
             repository: PathBuf::from("/var/lib/understudy/profile-repo"),
             headroom_pct: 0,
             min_samples_per_bucket: 30,
@@ -640,7 +722,7 @@ fn render_invalid(path: &Path, problems: &[Problem]) -> String {
 }
 
 /// The top-level keys, for the unknown-key message.
-const SECTIONS: &str = "`daemon`, `monitor`, `profile`, `protect`, `class`";
+const SECTIONS: &str = "`daemon`, `monitor`, `profile`, `protect`, `class`, `cluster`";
 
 impl Config {
     /// Reads, parses and validates the configuration file at `path`.
@@ -703,6 +785,9 @@ impl Config {
                     if let Some(profile) = section(&doc, value, &path, &mut problems) {
                         config.profile = profile;
                     }
+                }
+                "cluster" => {
+                    config.cluster = section(&doc, value, &path, &mut problems);
                 }
                 "protect" => match value.get_ref() {
                     DeValue::Array(rules) => {

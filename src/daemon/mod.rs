@@ -8,12 +8,15 @@
 //!   `checks`: the periodic work that feeds it (heartbeats, probes, tap repair, fence grace).
 //! - `recover`: rebuilding the table from libvirt at start, and provisioning shadows.
 //! - `requests`: the control socket; `profiles`: collectors, profile requests, golden shadows.
+//! - `cluster`: the coordinator (etcd with `[cluster]`, this host alone without), this host's
+//!   registration, its published shadows and primary specs, and `hosts`.
 //!
 //! One loop ([`run`]) receives libvirt events and `Note`s from the tasks that do slow work
 //! (provisioning, promotion, pings), asks the table, and carries out what it answers. The
 //! truth lives in libvirt (domain metadata), so a restarted daemon rebuilds everything.
 
 mod checks;
+mod cluster;
 mod cost;
 mod health;
 mod profiles;
@@ -34,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::api::control::ControlServer;
 use crate::api::metrics::Metrics;
 use crate::api::protocol::{Request, Response};
-use crate::cluster::{Coordinator, HostId, LocalCoordinator};
+use crate::cluster::Coordinator;
 use crate::config::{ClassConfig, Config};
 use crate::domain_xml::{MemberState, META_NS};
 use crate::events::{EventKind, EventLog};
@@ -75,6 +78,9 @@ pub enum DaemonError {
         #[source]
         source: crate::api::metrics::MetricsError,
     },
+    /// The cluster's coordinator could not be started (an invalid host name or key prefix).
+    #[error("cluster coordination unavailable")]
+    Cluster(#[from] crate::cluster::CoordError),
     /// The state directory could not be created.
     #[error("state directory {path} unusable")]
     StateDir {
@@ -295,8 +301,8 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
     let control = ControlServer::bind(&cfg.daemon.control_socket)?.with_events(events.clone());
     let (req_tx, mut requests) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(64);
     tokio::spawn(control.serve(req_tx));
-    let host = HostId::local();
-    tracing::info!(uri = %cfg.daemon.libvirt_uri, socket = %cfg.daemon.control_socket.display(), metrics = %cfg.daemon.metrics_listen, %host, "understudy daemon started");
+    let coord = cluster::coordinator(&cfg)?;
+    tracing::info!(uri = %cfg.daemon.libvirt_uri, socket = %cfg.daemon.control_socket.display(), metrics = %cfg.daemon.metrics_listen, host = %coord.host(), cluster = cfg.cluster.is_some(), "understudy daemon started");
 
     let prof = profiles::Profiling::open(&cfg, metrics.clone(), events.clone());
     let d: Shared = Arc::new(Daemon {
@@ -307,7 +313,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         metrics,
         table: Mutex::new(ServiceTable::new()),
         health: Mutex::new(HealthMonitor::new(Instant::now())),
-        coord: Arc::new(LocalCoordinator::new(host)),
+        coord,
         notes: note_tx,
         started_unix_ms: crate::clock::now_unix_ms(),
         prof,
@@ -315,6 +321,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
     });
     profiles::start(&d);
     recover::reconcile(&d).await;
+    cluster::start(&d);
 
     let hb_interval = cfg
         .class

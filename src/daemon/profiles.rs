@@ -54,12 +54,10 @@ pub(super) struct Profiling {
 impl Profiling {
     /// Opens the profile store under the state directory and the configured repository.
     pub(super) fn open(cfg: &Config, metrics: Arc<Metrics>, events: EventLog) -> Self {
-        let manager = ProfileManager::open(
-            &cfg.daemon.state_dir,
-            &cfg.profile,
-            Some(&cfg.profile.repository),
-            metrics,
-        )
+        let repo = super::cluster::profile_repository(cfg)
+            .map_err(|e| tracing::error!(error = %crate::error::report(&e), "profile repository unavailable; versions stay local"))
+            .ok();
+        let manager = ProfileManager::open(&cfg.daemon.state_dir, &cfg.profile, repo, metrics)
         .map(|m| Arc::new(m.with_events(events)))
         .map_err(|e| {
             tracing::error!(error = %crate::error::report(&e), "profiles unavailable; failover is not affected");

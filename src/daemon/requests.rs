@@ -59,6 +59,10 @@ pub(super) async fn handle(d: &Shared, req: Request) -> Response {
         | Request::ProfileSave { .. }
         | Request::ProfileSeries { .. } => super::profiles::handle_request(d, req).await,
         Request::ReloadConfig => reload(d),
+        Request::Hosts => match super::cluster::hosts(d).await {
+            Ok(r) => Response::Hosts(r),
+            Err(e) => Response::error(ErrorKind::Failed, crate::error::report(&e)),
+        },
         // The control socket streams events itself; it never forwards this request.
         Request::Events { .. } => Response::error(
             ErrorKind::Internal,
@@ -198,7 +202,16 @@ async fn start(d: &Shared, service: &str) -> Response {
 /// `understudy reload`: a configuration that does not load leaves the running one in force.
 fn reload(d: &Shared) -> Response {
     match load_config(&d.config_path) {
-        Ok(c) => {
+        Ok(mut c) => {
+            // The coordinator and the profile repository are made at start.
+            let running = d.cfg();
+            let kept = c.cluster != running.cluster
+                || c.profile.repository_backend != running.profile.repository_backend;
+            if kept {
+                c.cluster = running.cluster.clone();
+                c.profile.repository_backend = running.profile.repository_backend;
+                tracing::warn!("[cluster] and profile.repository_backend changed: they take effect at the next start");
+            }
             *d.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
             d.events.emit(
                 None,
@@ -209,8 +222,13 @@ fn reload(d: &Shared) -> Response {
             );
             ensure_all_shadows(d);
             Response::ok(format!(
-                "configuration reloaded from {}",
-                d.config_path.display()
+                "configuration reloaded from {}{}",
+                d.config_path.display(),
+                if kept {
+                    " ([cluster] and profile.repository_backend take effect at the next start)"
+                } else {
+                    ""
+                }
             ))
         }
         Err(e) => {
