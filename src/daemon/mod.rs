@@ -533,14 +533,25 @@ async fn on_note(d: &Shared, note: Note) {
             } else {
                 tracing::info!(%service, old_primary = %old, "fenced primary stayed silent through the grace period; destroying it");
             }
-            let o = old.clone();
-            if let Err(e) = d
-                .hv()
-                .run("destroy fenced primary", move |hv| hv.destroy(&o))
-                .await
-            {
-                tracing::warn!(%service, old_primary = %old, error = %crate::error::report(&e), "cannot destroy fenced primary");
-            }
+            // Off the loop: libvirt's destroy of a stopped QEMU would wait out its SIGTERM grace
+            // (about 10 s) first, and the loop would judge no other service meanwhile. A SIGKILL
+            // through a pidfd ends it at once, stopped or not; destroy then only tidies up.
+            let hv = d.hv();
+            tokio::spawn(async move {
+                let run_dir = std::path::Path::new(crate::libvirt::QEMU_RUN_DIR);
+                if let Err(why) =
+                    crate::libvirt::kill_qemu(run_dir, &old, Duration::from_secs(10)).await
+                {
+                    tracing::warn!(%service, old_primary = %old, %why, "cannot kill fenced primary's QEMU; asking libvirt");
+                }
+                let o = old.clone();
+                if let Err(e) = hv
+                    .run("destroy fenced primary", move |hv| hv.destroy(&o))
+                    .await
+                {
+                    tracing::warn!(%service, old_primary = %old, error = %crate::error::report(&e), "cannot destroy fenced primary");
+                }
+            });
         }
     }
 }

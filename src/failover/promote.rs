@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::{Claim, CoordError, Coordinator};
 use crate::config::NetworkMode;
 use crate::domain_xml::{DomainXml, MemberState, Role};
-use crate::libvirt::{qemu_pid, Hypervisor, LibvirtError, QemuProcess, RunState, QEMU_RUN_DIR};
+use crate::libvirt::{kill_qemu, Hypervisor, LibvirtError, RunState, QEMU_RUN_DIR};
 use crate::monitor::agent::{AgentError, ExitStatus};
 use crate::net::{NetError, Netlink};
 
@@ -476,19 +476,6 @@ pub async fn claim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), F
         .map_err(lost)
 }
 
-/// Whether `pid` is the QEMU of domain `name` (its `-name guest=<name>,...`), so a pid file
-/// left behind never gets another process killed.
-fn is_qemu_of(pid: i32, name: &str) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let want = format!("guest={name}");
-    cmdline
-        .split(|b| *b == 0)
-        .filter_map(|arg| std::str::from_utf8(arg).ok())
-        .any(|arg| arg == want || arg.starts_with(&format!("{want},")))
-}
-
 impl LiveSteps<'_> {
     /// Has libvirt finish stopping `name` and confirms it sees the domain inactive: until
     /// then libvirt holds the dead QEMU's disk leases (its lock manager refuses the disks to
@@ -575,30 +562,14 @@ impl PromotionSteps for LiveSteps<'_> {
             domain: name.clone(),
             why,
         };
-        // No pid file: libvirt has already seen the QEMU go (or it never ran).
-        let Ok(pid) = qemu_pid(Path::new(QEMU_RUN_DIR), name) else {
-            return self.libvirt_stopped(name).await;
-        };
-        if !is_qemu_of(pid, name) {
-            return self.libvirt_stopped(name).await;
+        match kill_qemu(Path::new(QEMU_RUN_DIR), name, QEMU_EXIT_TIMEOUT).await {
+            // No QEMU: libvirt has already seen it go (or it never ran).
+            Ok(None) => {}
+            Ok(Some(pid)) => {
+                tracing::info!(old_primary = %name, pid, "fence: old primary's QEMU killed and gone")
+            }
+            Err(why) => return Err(unconfirmed(why)),
         }
-        let process = match QemuProcess::open(name, pid) {
-            Ok(p) => p,
-            // Exited between the two reads.
-            Err(_) if !is_qemu_of(pid, name) => return self.libvirt_stopped(name).await,
-            Err(e) => return Err(unconfirmed(format!("cannot watch QEMU pid {pid}: {e}"))),
-        };
-        process
-            .kill()
-            .map_err(|e| unconfirmed(format!("cannot kill QEMU pid {pid}: {e}")))?;
-        tokio::time::timeout(QEMU_EXIT_TIMEOUT, process.exited())
-            .await
-            .map_err(|_| {
-                unconfirmed(format!(
-                    "QEMU pid {pid} still runs {QEMU_EXIT_TIMEOUT:?} after SIGKILL"
-                ))
-            })?;
-        tracing::info!(old_primary = %name, pid, "fence: old primary's QEMU killed and gone");
         self.libvirt_stopped(name).await
     }
 
