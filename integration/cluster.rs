@@ -31,7 +31,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 fn endpoints(etcd: &EtcdServer) -> Endpoints {
     Endpoints {
-        urls: vec![etcd.endpoint()],
+        urls: etcd.endpoints(),
         connect_timeout: Duration::from_millis(500),
         op_timeout: Duration::from_millis(1000),
     }
@@ -759,4 +759,76 @@ fn profile_versions_round_trip_through_etcd() {
     // With etcd gone, a call fails within its bound instead of hanging.
     drop(etcd);
     assert!(matches!(repo.list("svc"), Err(RepoError::Backend { .. })));
+}
+
+/// A claim retried while etcd fails over; a retry after an answer that was lost finds its own
+/// record and takes it as done.
+async fn claim_until_done(c: &EtcdCoordinator, service: &str, domain: &str, expected: u64) -> u64 {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let r = c
+            .claim(Claim {
+                service: service.into(),
+                domain: domain.into(),
+                expected,
+            })
+            .await;
+        match r {
+            Ok(rec) => return rec.generation,
+            Err(CoordError::Conflict { current, .. })
+                if current.domain == domain && current.generation == expected + 1 =>
+            {
+                return current.generation
+            }
+            Err(CoordError::Unavailable { .. } | CoordError::Timeout { .. }) => {}
+            Err(e) => panic!("claim failed: {e:?}"),
+        }
+        assert!(Instant::now() < deadline, "claim never went through");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_etcd_member_of_three_lost_and_back_changes_no_owner_and_keeps_the_lease() {
+    let mut etcd = EtcdServer::start_cluster(3);
+    let (a, obs) = (start(&etcd, "h1"), start(&etcd, "h2"));
+    let mut events = obs.watch();
+    watch_ready(&obs, &mut events).await;
+    wait_mode(&a, Mode::Connected).await;
+    a.register(facts("h1")).await.unwrap();
+    let owner = a.adopt("web", "web").await.unwrap();
+    let lease = a.lease().borrow().lease_id;
+    let mut generation = 0;
+    for i in 0..3 {
+        etcd.kill_member(i);
+        let down = Instant::now();
+        // Claims go on through the two members left.
+        generation = claim_until_done(&a, "probe", &format!("probe-{i}"), generation).await;
+        let claimed = down.elapsed();
+        // Longer than the lease: the host must stay alive all along.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        wait_mode(&a, Mode::Connected).await;
+        let alive = until("the host list", || async { obs.hosts().await.ok() }).await;
+        assert!(
+            alive.iter().any(|h| h.facts.host.0 == "h1" && h.alive),
+            "member {i} down: {alive:?}"
+        );
+        etcd.restart_member(i);
+        println!("understudy-etcd member m{i} killed: a claim went through after {claimed:?}; lease kept");
+    }
+    assert_eq!(
+        a.lease().borrow().lease_id,
+        lease,
+        "the same lease throughout"
+    );
+    let now = until("the owner", || async { obs.owner("web").await.ok() }).await;
+    assert_eq!(now, Some(owner), "no change of owner");
+    assert_eq!(generation, 3);
+    // No moment at which another host saw h1 lost.
+    while let Ok(ev) = events.try_recv() {
+        assert!(
+            !matches!(&ev, ClusterEvent::HostLost(h) if h.0 == "h1"),
+            "h1 was seen lost while one member was down"
+        );
+    }
 }

@@ -15,5 +15,6 @@ mod faults;
 mod lab_basics;
 mod ops;
 mod profile;
+mod standby;
 mod stateful;
 mod three_hosts;

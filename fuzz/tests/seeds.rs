@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use understudy::api::protocol::{
-    DaemonInfo, DomainStatus, ErrorKind, Request, Response, ServiceStatus, ShadowStatus,
-    StatusReport,
+    DaemonInfo, DomainStatus, ErrorKind, HostEntry, HostPrimary, HostShadow, HostsReport, Request,
+    Response, ServiceStatus, ShadowStatus, StatusReport,
 };
+use understudy::cluster::{HostState, Mode};
 use understudy::failover::{FailoverRecord, ShadowState, StepTiming, Trigger};
 use understudy::profile::learner::{Learner, LearnerParams};
 use understudy::profile::{Observation, PeerUse, ProfileVersion, Proto, Reason};
@@ -96,6 +97,7 @@ fn write_control_seeds() {
         },
         Request::ProfileAccuracy { service: None },
         Request::ReloadConfig,
+        Request::Hosts,
     ];
     for r in &requests {
         let mut line = serde_json::to_vec(r).unwrap();
@@ -107,6 +109,7 @@ fn write_control_seeds() {
         Response::error(ErrorKind::NotFound, "no service named db"),
         Response::Status(status()),
         Response::Failover(status().services[0].last_failover.clone().unwrap()),
+        Response::Hosts(hosts()),
     ];
     for (i, r) in responses.iter().enumerate() {
         std::fs::write(
@@ -114,6 +117,33 @@ fn write_control_seeds() {
             serde_json::to_vec(r).unwrap(),
         )
         .unwrap();
+    }
+}
+
+fn hosts() -> HostsReport {
+    let mut h1 = HostEntry::unknown("h1");
+    h1.known = true;
+    h1.alive = true;
+    h1.libvirt_uri = "qemu+tcp://h1/system".into();
+    h1.primaries.push(HostPrimary {
+        service: "web".into(),
+        domain: "web".into(),
+        generation: 2,
+    });
+    let mut h2 = HostEntry::unknown("h2");
+    h2.known = true;
+    h2.state = HostState::Draining;
+    h2.shadows.push(HostShadow {
+        service: "web".into(),
+        shadow: "web-shadow-3".into(),
+        status: understudy::cluster::ShadowStatus::Ready,
+    });
+    HostsReport {
+        this_host: "h1".into(),
+        mode: Mode::Connected,
+        last_keepalive_ms_ago: Some(250),
+        lease_ttl_ms: Some(5000),
+        hosts: vec![h1, h2],
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use understudy::libvirt::RunState;
 
 use super::*;
-use crate::common::{guest_xml, http_get, wait_for};
+use crate::common::{guest_xml, http_get, wait_for, wait_for_every};
 
 /// Each host is its own libvirt host (its libvirtd answers over qemu+tcp from another host's
 /// namespace with its own hostname, and has a private /run/libvirt), the etcd cluster has
@@ -110,28 +110,25 @@ fn hosts_answer_over_tcp_etcd_has_three_members_and_cuts_isolate() {
 }
 
 /// A guest on h2 serves the client through the switch, which learns its MAC behind h2's
-/// uplink. While it runs, h3 cannot start a domain on its data disk (the shared lockspace:
-/// virtlockd refuses the lease before QEMU is started); once it is destroyed, h3 can, and after
-/// QEMU's announce-self the switch forwards its MAC to h3's uplink.
-///
-/// libvirt takes a domain's disk leases when its CPUs start: a domain started paused holds
-/// none until it is resumed (then only QEMU's own image lock guards the disk, on this machine's
-/// one kernel). So the refused domain is started running, and the moved one paused.
+/// uplink. While it runs, its data disk cannot be attached to a domain on h3 (the shared
+/// lockspace refuses the lease); once it is destroyed, it can, and after QEMU's announce-self
+/// the switch forwards its MAC to h3's uplink: a shadow's takeover on another host. The guest
+/// on h3 runs only from its resume to the end of the test, before it has booted.
 #[test]
 fn guest_moves_from_h2_to_h3_switch_relearns_and_lockspace_guards_the_disk() {
     let cluster = Cluster::require();
-    let (name, moved, thief) = ("it3-web", "it3-web-h3", "it3-thief");
-    let _cleanup = ClusterCleanup::new(&cluster, &[name, moved, thief]);
-    let data = cluster.shared_disks().join("it3-web-data.raw");
-    let data = data.to_str().unwrap();
-    let out = run(Command::new(repo().join("scripts/lab-data.sh")).args(["file", data]));
-    assert!(out.status.success(), "lab-data.sh: {}", text(&out.stderr));
+    let (name, moved) = ("it3-web", "it3-web-h3");
+    let _cleanup = ClusterCleanup::new(&cluster, &[name, moved]);
+    let data = data_disk(&cluster, "it3-web-data.raw");
     let mac = guest_mac(name);
-    let disk = ["--data", data, "--data-bus", "scsi"];
 
     let h2 = cluster.hypervisor("h2");
-    h2.define(&guest_xml(name, "10.77.0.70/24", &disk))
-        .expect("define on h2");
+    h2.define(&guest_xml(
+        name,
+        "10.77.0.70/24",
+        &["--data", &data, "--data-bus", "scsi"],
+    ))
+    .expect("define on h2");
     h2.start(name, false).expect("start on h2");
     let page = wait_for("the guest on h2 serving", Duration::from_secs(180), || {
         http_get("10.77.0.70", Duration::from_secs(1))
@@ -143,27 +140,25 @@ fn guest_moves_from_h2_to_h3_switch_relearns_and_lockspace_guards_the_disk() {
         "switch port of {mac}"
     );
 
-    // The lockspace: h3 may not start a domain on the disk h2's guest holds.
+    // Its understudy on h3: paused (no CPU), the same MAC, a SCSI controller for the disk.
     let h3 = cluster.hypervisor("h3");
-    h3.define(&guest_xml(thief, "10.77.0.71/24", &disk))
-        .expect("define the thief on h3");
-    let refused = h3.start(thief, false);
-    let err = refused.expect_err("h3 started a domain on a disk that h2's domain holds");
-    let msg = understudy::error::report(&err);
-    assert!(
-        msg.contains("resource busy") && msg.contains("Lockspace resource"),
-        "refused, but not by the lockspace: {msg}"
-    );
-    h3.undefine(thief).expect("undefine the thief");
+    h3.define(&with_scsi_controller(&guest_xml(
+        moved,
+        "10.77.0.70/24",
+        &["--mac", &mac],
+    )))
+    .expect("define on h3");
+    h3.start(moved, true).expect("start paused on h3");
+    assert_lockspace_refuses(h3.attach_device(moved, &data_disk_xml(&data)));
 
-    // The guest moves: destroyed on h2, started (paused, as a shadow) on h3 with its MAC.
+    // The guest moves as a promotion moves it: destroyed on h2, resumed on h3, given the disk
+    // (libvirt refuses to resume a domain given a disk while paused), its MAC announced (QEMU
+    // sends nothing for a paused domain: it would queue the announcement). The resumed guest
+    // has only begun to boot: it sends nothing of its own for seconds.
     h2.destroy(name).expect("destroy on h2");
-    let mut extra = disk.to_vec();
-    extra.extend(["--mac", &mac]);
-    h3.define(&guest_xml(moved, "10.77.0.70/24", &extra))
-        .expect("define on h3");
-    h3.start(moved, true)
-        .expect("start on h3 once h2's domain released the disk");
+    h3.resume(moved).expect("resume on h3");
+    h3.attach_device(moved, &data_disk_xml(&data))
+        .expect("attach the disk on h3 once h2's domain released it");
     assert_ne!(
         cluster.switch_port_of(&mac).as_deref(),
         Some(cluster.host("h3", "SWITCH_PORT")),
@@ -174,9 +169,10 @@ fn guest_moves_from_h2_to_h3_switch_relearns_and_lockspace_guards_the_disk() {
         r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":5,"step":100}}"#,
     )
     .expect("announce-self");
-    wait_for(
+    wait_for_every(
         "the switch to learn the MAC on h3's uplink",
-        Duration::from_secs(5),
+        Duration::from_secs(2),
+        Duration::from_millis(20),
         || {
             (cluster.switch_port_of(&mac).as_deref() == Some(cluster.host("h3", "SWITCH_PORT")))
                 .then_some(())
@@ -187,18 +183,13 @@ fn guest_moves_from_h2_to_h3_switch_relearns_and_lockspace_guards_the_disk() {
 /// fence_lab: status (arguments and stdin), off kills every process of the host at once (QEMU
 /// included, so its disk lease goes and another host can take the disk; libvirtd and etcd stop
 /// answering), on brings libvirtd and the etcd member back with the host's persistent state.
-/// The domain on h3 runs only for the moment between its resume (which takes its disk lease)
-/// and the power cut; the domain on h2 is destroyed as soon as it has the lease.
+/// Both domains stay paused: a disk attached to a paused domain holds its lease all the same.
 #[test]
 fn fence_lab_powers_a_host_off_and_on() {
     let cluster = Cluster::require();
     let (name, taker) = ("it3-fenced", "it3-fenced-h2");
     let _cleanup = ClusterCleanup::new(&cluster, &[name, taker]);
-    let data = cluster.shared_disks().join("it3-fenced-data.raw");
-    let data = data.to_str().unwrap();
-    let out = run(Command::new(repo().join("scripts/lab-data.sh")).args(["file", data]));
-    assert!(out.status.success(), "lab-data.sh: {}", text(&out.stderr));
-    let disk = ["--data", data, "--data-bus", "scsi"];
+    let data = data_disk(&cluster, "it3-fenced-data.raw");
 
     assert_eq!(fence_lab(&["-o", "monitor"], None).0, 0, "monitor");
     let (code, list) = fence_lab(&["-o", "list"], None);
@@ -217,24 +208,27 @@ fn fence_lab_powers_a_host_off_and_on() {
         "status of an unknown host"
     );
 
-    // A domain on h3 holding its disk's lease (taken at resume).
+    // A domain on h3 holding the disk's lease, and one on h2 that wants it.
     let h3 = cluster.hypervisor("h3");
-    h3.define(&guest_xml(name, "10.77.0.72/24", &disk))
-        .expect("define on h3");
+    h3.define(&with_scsi_controller(&guest_xml(
+        name,
+        "10.77.0.72/24",
+        &[],
+    )))
+    .expect("define on h3");
     h3.start(name, true).expect("start on h3");
-    h3.resume(name).expect("resume on h3");
+    h3.attach_device(name, &data_disk_xml(&data))
+        .expect("attach the disk on h3");
     drop(h3);
     let h2 = cluster.hypervisor("h2");
-    h2.define(&guest_xml(taker, "10.77.0.72/24", &disk))
-        .expect("define on h2");
-    let err = h2
-        .start(taker, false)
-        .expect_err("h2 started a domain on the disk h3's domain holds");
-    assert!(
-        understudy::error::report(&err).contains("Lockspace resource"),
-        "refused, but not by the lockspace: {}",
-        understudy::error::report(&err)
-    );
+    h2.define(&with_scsi_controller(&guest_xml(
+        taker,
+        "10.77.0.73/24",
+        &[],
+    )))
+    .expect("define on h2");
+    h2.start(taker, true).expect("start on h2");
+    assert_lockspace_refuses(h2.attach_device(taker, &data_disk_xml(&data)));
     let ns = cluster.host("h3", "NETNS");
     let qemu_running = |pids: &[u32]| {
         pids.iter().any(|p| {
@@ -265,9 +259,8 @@ fn fence_lab_powers_a_host_off_and_on() {
     );
     assert_eq!(cluster.etcd_healthy(), 2, "etcd members healthy, h3 off");
     // The dead QEMU's disk lease went with the host: h2 may take the disk.
-    h2.start(taker, false)
+    h2.attach_device(taker, &data_disk_xml(&data))
         .expect("h2 takes the disk of the powered-off host's domain");
-    h2.destroy(taker).expect("destroy on h2");
 
     assert_eq!(
         fence_lab(&["-o", "on", "-n", "h3"], None),
@@ -283,4 +276,40 @@ fn fence_lab_powers_a_host_off_and_on() {
     wait_for("etcd healthy again", Duration::from_secs(30), || {
         (cluster.etcd_healthy() == 3).then_some(())
     });
+}
+
+/// A formatted data disk (scripts/lab-data.sh) on the shared storage; its path.
+fn data_disk(cluster: &Cluster, file: &str) -> String {
+    let path = cluster.shared_disks().join(file);
+    let path = path.to_str().unwrap().to_string();
+    let out = run(Command::new(repo().join("scripts/lab-data.sh")).args(["file", &path]));
+    assert!(out.status.success(), "lab-data.sh: {}", text(&out.stderr));
+    path
+}
+
+/// The data disk as a LUN on the domain's virtio-scsi controller, as lab-guest.sh --data-bus
+/// scsi gives it.
+fn data_disk_xml(path: &str) -> String {
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{path}'/><target dev='sdb' bus='scsi'/><serial>usdata</serial></disk>"
+    )
+}
+
+fn with_scsi_controller(xml: &str) -> String {
+    xml.replace(
+        "</devices>",
+        "  <controller type='scsi' index='0' model='virtio-scsi'/>\n  </devices>",
+    )
+}
+
+/// libvirt refused a disk because the shared lockspace holds its lease for another domain
+/// (virtlockd, possibly another host's), not for any other reason.
+fn assert_lockspace_refuses(result: Result<(), understudy::libvirt::LibvirtError>) {
+    let err = result.expect_err("a disk that another host's domain holds was attached");
+    let msg = understudy::error::report(&err);
+    assert!(
+        msg.contains("resource busy") && msg.contains("Lockspace resource"),
+        "refused, but not by the lockspace: {msg}"
+    );
 }

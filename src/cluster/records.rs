@@ -1,5 +1,6 @@
 //! What hosts tell each other: the records a [`super::Coordinator`] stores, its events and the
-//! state of this host's lease.
+//! state of this host's lease. Fields a reader does not know are ignored, so that hosts running
+//! different versions during an upgrade still read each other's records.
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +40,6 @@ pub fn check_name(what: &'static str, name: &str) -> Result<(), CoordError> {
 
 /// Who serves a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct OwnerRecord {
     /// The service.
     pub service: String,
@@ -53,7 +53,6 @@ pub struct OwnerRecord {
 
 /// What a host tells the others about itself when it registers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HostFacts {
     /// The host.
     pub host: HostId,
@@ -107,7 +106,6 @@ pub struct HostInfo {
 /// A protected primary's definition, published by its host so that another host can
 /// provision a shadow of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PrimarySpec {
     /// The service.
     pub service: String,
@@ -137,7 +135,6 @@ pub enum ShadowStatus {
 
 /// A shadow of a service running on a host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ShadowRecord {
     /// The service.
     pub service: String,
@@ -155,7 +152,6 @@ pub struct ShadowRecord {
 
 /// "The primary of a service died": written by the primary's host, acted on by a shadow's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct FailureReport {
     /// The service.
     pub service: String,
@@ -242,6 +238,14 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Every mode, for a complete gauge family.
+    pub const ALL: [Mode; 4] = [
+        Mode::Standalone,
+        Mode::Starting,
+        Mode::Connected,
+        Mode::Unreachable,
+    ];
+
     /// Label for status and metrics.
     pub fn label(self) -> &'static str {
         match self {

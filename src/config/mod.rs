@@ -401,6 +401,56 @@ pub struct ClassConfig {
     /// Share of samples the profile's calibrated envelope should cover (0.5..=0.999): each
     /// service's coverage converges on it (see `src/profile/forecast.rs`).
     pub coverage_target: f64,
+    /// How the service's traffic reaches its VM: through a bridge, or routed to its own tap.
+    pub network: NetworkMode,
+    /// Balloon each new shadow down to what its service needs when idle (its profile's lowest
+    /// planned use over the next day, or the shadow's own use after its warm-up) before it is
+    /// paused; a promotion grows it back.
+    pub standby_shrink: bool,
+    /// Give shadows' virtio balloons free page reporting, so pages the guest frees go back to
+    /// the host.
+    pub free_page_reporting: bool,
+    /// How shadows stand by: `paused` (booted and paused), `saved` (a managed-save image,
+    /// restored at promotion), `cold` (defined only, booted at promotion) or `adaptive`
+    /// (paused in and ahead of busy hours, saved otherwise).
+    pub standby_tier: crate::failover::standby::TierPolicy,
+    /// Busy hours for `adaptive`, as `[start, end)` UTC hour pairs (0..=24), on top of the
+    /// busy hours the service's profile predicts.
+    pub busy_hours_utc: Vec<[u8; 2]>,
+    /// How long before a busy time an `adaptive` shadow is switched to paused, in seconds
+    /// (0..=86400).
+    pub adaptive_lead_s: u64,
+}
+
+/// How a protected VM's traffic reaches it, and so what promotion moves to the shadow.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// The VM's tap is a port of a bridge: promotion enslaves the shadow's tap to it.
+    #[default]
+    Bridged,
+    /// The VM hangs off its own tap, reached through host routes (`/32`) to its addresses:
+    /// promotion gives the shadow's tap the old tap's host addresses and replaces those routes
+    /// so they point at it.
+    Routed,
+}
+
+impl NetworkMode {
+    /// The name used in the configuration and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Bridged => "bridged",
+            NetworkMode::Routed => "routed",
+        }
+    }
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What happens to a writable disk of a protected primary at failover.
@@ -454,6 +504,12 @@ impl Default for ClassConfig {
             promote_command_timeout_ms: 30_000,
             probe: None,
             coverage_target: 0.95,
+            network: NetworkMode::Bridged,
+            standby_shrink: false,
+            free_page_reporting: false,
+            standby_tier: crate::failover::standby::TierPolicy::Paused,
+            busy_hours_utc: Vec::new(),
+            adaptive_lead_s: 600,
         }
     }
 }

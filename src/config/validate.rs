@@ -306,6 +306,19 @@ impl Checker<'_, '_> {
 
     fn class(&mut self, class: &ClassConfig, at: &KeyPath) {
         self.range(&at.key("shadows"), class.shadows, 0..=8);
+        self.range(
+            &at.key("adaptive_lead_s"),
+            class.adaptive_lead_s,
+            0..=86_400,
+        );
+        for [start, end] in &class.busy_hours_utc {
+            if !(*start < *end && *end <= 24) {
+                self.fail(
+                    &at.key("busy_hours_utc"),
+                    format!("[{start}, {end}] is not an hour range: need start < end <= 24"),
+                );
+            }
+        }
         let target = class.coverage_target;
         // Written so that NaN fails too.
         if !(0.5..=0.999).contains(&target) {

@@ -4,7 +4,8 @@
 //!
 //! Publishing is state-based: every [`PUBLISH_EVERY`] the table is compared with what was last
 //! written, and only the differences are written, so a write that failed while etcd was out of
-//! reach is simply made again on a later round.
+//! reach is simply made again on a later round. A primary's definition is read again every
+//! [`SPEC_EVERY`] and published when it changed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +27,8 @@ use super::Shared;
 const PUBLISH_EVERY: Duration = Duration::from_secs(2);
 /// How often this host's facts (capacity) are written again.
 const FACTS_EVERY: Duration = Duration::from_secs(30);
+/// How often a primary's definition is read again to see whether it changed.
+const SPEC_EVERY: Duration = Duration::from_secs(60);
 
 /// The etcd endpoints and timeouts of `[cluster]`.
 pub fn endpoints(c: &ClusterConfig) -> Endpoints {
@@ -71,18 +74,36 @@ pub fn profile_repository(cfg: &Config) -> Result<Arc<dyn ProfileRepository>, Co
     }
 }
 
+/// A published spec: its primary, generation and XML, and when libvirt was last read.
+struct SpecMark {
+    domain: String,
+    generation: u64,
+    xml: String,
+    read_at: Instant,
+}
+
 /// What was last written, so that only changes are written again.
 #[derive(Default)]
 struct Published {
     facts_at: Option<Instant>,
     /// (service, shadow) → status.
     shadows: BTreeMap<(String, String), ShadowStatus>,
-    /// service → (primary, generation).
-    specs: BTreeMap<String, (String, u64)>,
+    /// service → what was published and when it was last compared with libvirt.
+    specs: BTreeMap<String, SpecMark>,
 }
 
-/// Starts registering this host and publishing what runs on it.
+/// Starts registering this host and publishing what runs on it, and exports the mode.
 pub(super) fn start(d: &Shared) {
+    let (mut lease, metrics) = (d.coord.lease(), d.metrics.clone());
+    tokio::spawn(async move {
+        loop {
+            let mode = lease.borrow_and_update().mode;
+            metrics.set_cluster_mode(mode);
+            if lease.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     let d = d.clone();
     tokio::spawn(async move {
         let mut published = Published::default();
@@ -134,8 +155,9 @@ async fn publish(d: &Shared, p: &mut Published) -> Result<(), CoordError> {
     for s in &services {
         for x in &s.shadows {
             let status = match x.state {
-                ShadowState::Paused => ShadowStatus::Ready,
-                ShadowState::Booting => ShadowStatus::Provisioning,
+                ShadowState::Standby(_) => ShadowStatus::Ready,
+                // Between tiers it cannot be promoted until it is there.
+                ShadowState::Booting | ShadowState::Switching(_) => ShadowStatus::Provisioning,
                 // Being promoted, or failed: not a shadow anyone can count on.
                 ShadowState::Promoting | ShadowState::Failed => continue,
             };
@@ -173,18 +195,24 @@ async fn publish(d: &Shared, p: &mut Published) -> Result<(), CoordError> {
     }
 
     // Specs are for other hosts: published only in a cluster.
-    if cfg.cluster.is_none() {
+    if coord.lease().borrow().mode == Mode::Standalone {
         return Ok(());
     }
     for s in &services {
-        let Some(owner) = coord.owner(&s.name).await? else {
-            continue;
+        let owner = match coord.owner(&s.name).await? {
+            Some(o) => o,
+            // Not recorded at start (etcd was out of reach): recorded now, unless another
+            // host got there first (adopt is conditional on the record's absence).
+            None => coord.adopt(&s.name, &s.active).await?,
         };
         if owner.host != *coord.host() || owner.domain != s.active {
             continue;
         }
-        let mark = (s.active.clone(), owner.generation);
-        if p.specs.get(&s.name) == Some(&mark) {
+        let same_owner = |m: &SpecMark| m.domain == s.active && m.generation == owner.generation;
+        if p.specs
+            .get(&s.name)
+            .is_some_and(|m| same_owner(m) && m.read_at.elapsed() < SPEC_EVERY)
+        {
             continue;
         }
         let dom = s.active.clone();
@@ -199,18 +227,32 @@ async fn publish(d: &Shared, p: &mut Published) -> Result<(), CoordError> {
                 continue;
             }
         };
-        coord
-            .publish_spec(PrimarySpec {
-                service: s.name.clone(),
-                class: s.class.clone(),
+        let unchanged = p
+            .specs
+            .get(&s.name)
+            .is_some_and(|m| same_owner(m) && m.xml == xml);
+        if !unchanged {
+            coord
+                .publish_spec(PrimarySpec {
+                    service: s.name.clone(),
+                    class: s.class.clone(),
+                    domain: s.active.clone(),
+                    host: coord.host().clone(),
+                    generation: owner.generation,
+                    xml: xml.clone(),
+                    published_unix_ms: crate::clock::now_unix_ms(),
+                })
+                .await?;
+        }
+        p.specs.insert(
+            s.name.clone(),
+            SpecMark {
                 domain: s.active.clone(),
-                host: coord.host().clone(),
                 generation: owner.generation,
                 xml,
-                published_unix_ms: crate::clock::now_unix_ms(),
-            })
-            .await?;
-        p.specs.insert(s.name.clone(), mark);
+                read_at: Instant::now(),
+            },
+        );
     }
     Ok(())
 }

@@ -346,7 +346,7 @@ pub(super) async fn place_all(d: &Shared) {
         let mut shadows: Vec<ExistingShadow> = svc
             .shadows
             .iter()
-            .filter(|s| matches!(s.state, ShadowState::Booting | ShadowState::Paused))
+            .filter(|s| matches!(s.state, ShadowState::Booting | ShadowState::Standby(_)))
             .map(|s| ExistingShadow {
                 name: s.name.clone(),
                 host: me.clone(),

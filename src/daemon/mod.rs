@@ -19,12 +19,14 @@
 
 mod checks;
 mod cluster;
+mod cost;
 mod crosshost;
 mod health;
 mod profiles;
 mod recover;
 mod requests;
 mod table;
+mod tiers;
 
 pub use health::{HealthMonitor, Verdict};
 pub use table::{Action, Refused, Service, ServiceState, ServiceTable};
@@ -354,9 +356,11 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
             _ = housekeeping.tick() => {
                 recover::ensure_all_shadows(&d);
                 checks::audit_bridges(&d);
+                checks::refresh_routed(&d);
                 checks::publish_gauges(&d);
                 crate::systemd::alive(&crate::systemd::status_line(d.table().iter()));
                 checks::replace_stale_tpm_shadows(&d);
+                tiers::switch_tiers(&d);
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping; shadows stay as they are"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping; shadows stay as they are"); break; }
@@ -431,9 +435,11 @@ fn launch_promotion(
     at: Instant,
     start: table::FailoverStart,
 ) {
-    let handover = handover_of(&d.class(&start.class), &d.cfg());
+    let class = d.class(&start.class);
+    let handover = handover_of(&class, &d.cfg());
     let promotion = Promotion {
         handover,
+        network: class.network,
         service: service.to_string(),
         class: start.class,
         old_primary: start.old_primary,
@@ -548,14 +554,25 @@ async fn on_note(d: &Shared, note: Note) {
             } else {
                 tracing::info!(%service, old_primary = %old, "fenced primary stayed silent through the grace period; destroying it");
             }
-            let o = old.clone();
-            if let Err(e) = d
-                .hv()
-                .run("destroy fenced primary", move |hv| hv.destroy(&o))
-                .await
-            {
-                tracing::warn!(%service, old_primary = %old, error = %crate::error::report(&e), "cannot destroy fenced primary");
-            }
+            // Off the loop: libvirt's destroy of a stopped QEMU would wait out its SIGTERM grace
+            // (about 10 s) first, and the loop would judge no other service meanwhile. A SIGKILL
+            // through a pidfd ends it at once, stopped or not; destroy then only tidies up.
+            let hv = d.hv();
+            tokio::spawn(async move {
+                let run_dir = std::path::Path::new(crate::libvirt::QEMU_RUN_DIR);
+                if let Err(why) =
+                    crate::libvirt::kill_qemu(run_dir, &old, Duration::from_secs(10)).await
+                {
+                    tracing::warn!(%service, old_primary = %old, %why, "cannot kill fenced primary's QEMU; asking libvirt");
+                }
+                let o = old.clone();
+                if let Err(e) = hv
+                    .run("destroy fenced primary", move |hv| hv.destroy(&o))
+                    .await
+                {
+                    tracing::warn!(%service, old_primary = %old, error = %crate::error::report(&e), "cannot destroy fenced primary");
+                }
+            });
         }
     }
 }

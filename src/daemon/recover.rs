@@ -4,11 +4,15 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::config::NetworkMode;
 use crate::domain_xml::{MemberState, Role, UnderstudyMeta, META_NS};
 use crate::failover::plan::DiskPolicy;
+use crate::failover::record::Tier;
 use crate::failover::shadow::{
-    isolate_tap, live_taps, member_meta, provision, shadow_generation, write_meta, ShadowRequest,
+    isolate_tap, live_taps, member_meta, provision, read_routed_sides, shadow_generation,
+    write_meta, ShadowRequest,
 };
+use crate::failover::standby::StandbyMemory;
 use crate::failover::{FailoverError, Shadow, ShadowState, Trigger};
 use crate::libvirt::{qemu_pid, DomainSummary, LibvirtError, QemuProcess, RunState};
 
@@ -90,7 +94,11 @@ fn census(listing: Vec<(DomainSummary, Option<String>)>) -> Census {
     }
     for (meta, dom) in shadows {
         let state = match (meta.state, dom.state) {
-            (MemberState::Paused, RunState::Paused) => ShadowState::Paused,
+            (MemberState::Paused, RunState::Paused) => ShadowState::PAUSED,
+            // Saved and cold shadows stand by shut off; one found running was being promoted.
+            (MemberState::Saved, RunState::Shutoff) => ShadowState::Standby(Tier::Saved),
+            (MemberState::Cold, RunState::Shutoff) => ShadowState::Standby(Tier::Cold),
+            (MemberState::Saved | MemberState::Cold, RunState::Running) => ShadowState::Promoting,
             (MemberState::Promoting, _) => ShadowState::Promoting,
             // Running with a standby record: we died between resuming it and writing the
             // journal. Treated as an interrupted promotion: finished or undone.
@@ -249,7 +257,7 @@ async fn recover_service(d: &Shared, name: &str) {
         .filter(|s| s.state != ShadowState::Failed)
     {
         let taps = live_taps(&d.hv(), &s.name).await.unwrap_or_default();
-        if s.state == ShadowState::Paused {
+        if s.state == ShadowState::PAUSED {
             for b in &taps {
                 // Belt and braces: a standing-by shadow is never on the bridge.
                 let _ = isolate_tap(&d.net, &b.tap).await;
@@ -280,13 +288,20 @@ async fn recover_service(d: &Shared, name: &str) {
         }
         ServiceState::Down { .. } => {
             // The primary died while we were away (or mid-promotion): promote now, the
-            // interrupted shadow first (it stands ready again).
+            // interrupted shadow first (it stands ready again). The promotion runs every step
+            // again: a shadow already running is fine for `resume`, a data disk it already
+            // holds is not attached twice (`attach`), and `promote_commands` run again before
+            // the network comes up, so a daemon killed between the attach and the network
+            // still finishes the hand-over.
             if let Some(s) = promoting.first() {
-                let taps = svc
-                    .shadows
-                    .iter()
-                    .find(|x| &x.name == s)
-                    .map(|x| x.taps.clone())
+                // The taps just read from libvirt (`svc` is from before): with none, the
+                // promotion would bring no network up, as when the daemon died after the
+                // data disk's attach, before `rewire`.
+                let taps = d
+                    .table()
+                    .get(name)
+                    .and_then(|v| v.shadows.iter().find(|x| &x.name == s).cloned())
+                    .map(|x| x.taps)
                     .unwrap_or_default();
                 let _ = d.table().shadow_reparked(name, s, taps);
             }
@@ -356,7 +371,10 @@ pub(super) async fn refresh_active(d: &Shared, service: &str) {
     else {
         return;
     };
-    let taps = live_taps(&d.hv(), &active).await.unwrap_or_default();
+    let mut taps = live_taps(&d.hv(), &active).await.unwrap_or_default();
+    if d.class(&svc_class(d, service)).network == NetworkMode::Routed {
+        read_routed_sides(&d.net, &active, &mut taps).await;
+    }
     for bridge in taps.iter().filter_map(|b| b.bridge.as_deref()) {
         if crate::net::mac_is_fixed(std::path::Path::new("/sys"), bridge) == Some(false) {
             // Not fatal, but it costs every failover an ARP round trip with each client.
@@ -365,6 +383,14 @@ pub(super) async fn refresh_active(d: &Shared, service: &str) {
     }
     d.table().set_active_taps(service, taps);
     watch_primary(d, service, &active);
+}
+
+/// The class of `service` (empty when it is unknown: the default class).
+pub(super) fn svc_class(d: &Shared, service: &str) -> String {
+    d.table()
+        .get(service)
+        .map(|s| s.class.clone())
+        .unwrap_or_default()
 }
 
 /// Opens a pidfd on the primary's QEMU and reports its exit.
@@ -494,6 +520,15 @@ pub(super) fn spawn_provision(d: &Shared, plan: ShadowToProvision, primary_xml: 
         agent_timeout: Duration::from_millis(cfg.monitor.agent_timeout_ms),
         agent_max_reply: cfg.monitor.agent_max_reply_bytes,
         warmup: c.warmup_commands.clone(),
+        standby: StandbyMemory {
+            shrink: c.standby_shrink,
+            idle_use_kib: c
+                .standby_shrink
+                .then(|| super::profiles::idle_memory_kib(d, &plan.service))
+                .flatten(),
+            free_page_reporting: c.free_page_reporting,
+        },
+        tier: super::tiers::provision_tier(d, &plan.service, &c),
     };
     let d = d.clone();
     tokio::spawn(async move {
@@ -595,7 +630,7 @@ mod tests {
         assert_eq!(
             states,
             [
-                ("web-shadow-2", ShadowState::Paused),
+                ("web-shadow-2", ShadowState::PAUSED),
                 // Running with a standby record: an interrupted promotion.
                 ("web-shadow-3", ShadowState::Promoting)
             ]

@@ -225,7 +225,16 @@ async fn start(d: &Shared, service: &str) -> Response {
 /// `understudy reload`: a configuration that does not load leaves the running one in force.
 fn reload(d: &Shared) -> Response {
     match load_config(&d.config_path) {
-        Ok(c) => {
+        Ok(mut c) => {
+            // The coordinator and the profile repository are made at start.
+            let running = d.cfg();
+            let kept = c.cluster != running.cluster
+                || c.profile.repository_backend != running.profile.repository_backend;
+            if kept {
+                c.cluster = running.cluster.clone();
+                c.profile.repository_backend = running.profile.repository_backend;
+                tracing::warn!("[cluster] and profile.repository_backend changed: they take effect at the next start");
+            }
             *d.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
             d.events.emit(
                 None,
@@ -236,8 +245,13 @@ fn reload(d: &Shared) -> Response {
             );
             ensure_all_shadows(d);
             Response::ok(format!(
-                "configuration reloaded from {}",
-                d.config_path.display()
+                "configuration reloaded from {}{}",
+                d.config_path.display(),
+                if kept {
+                    " ([cluster] and profile.repository_backend take effect at the next start)"
+                } else {
+                    ""
+                }
             ))
         }
         Err(e) => {
@@ -305,27 +319,45 @@ async fn status(d: &Shared) -> StatusReport {
         (h.beats().clone(), h.counts())
     };
     let disks = active_disks(d, &services).await;
+    let costs = {
+        let services = services.clone();
+        tokio::task::spawn_blocking(move || super::cost::measure(&services))
+            .await
+            .unwrap_or_default()
+    };
     let service_status: Vec<ServiceStatus> = services
         .iter()
-        .map(|s| ServiceStatus {
+        .zip(&costs)
+        .map(|(s, cost)| ServiceStatus {
             disks: disks.get(&s.name).cloned().unwrap_or_default(),
             name: s.name.clone(),
             class: s.class.clone(),
             state: s.state.describe(),
             active: Some(s.active.clone()),
-            shadows: s
+            shadows: cost
                 .shadows
                 .iter()
                 .map(|x| ShadowStatus {
                     name: x.name.clone(),
                     state: x.state,
+                    memory: x.memory,
+                    share_of_primary_pct: cost.shadow_share_pct(x),
                 })
                 .collect(),
             last_failover: s.last_failover.clone(),
             health: s.health.clone(),
             last_heartbeat_unix_ms: s.last_heartbeat_unix_ms,
+            primary_memory: cost.primary,
+            standby_memory_bytes: cost.standby_bytes(),
+            standby_share_pct: cost.standby_share_pct(),
+            standby_plan: super::tiers::plan(
+                d,
+                &s.name,
+                &cfg.class.get(&s.class).cloned().unwrap_or_default(),
+            ),
         })
         .collect();
+    super::checks::publish_cost(d, &costs);
     super::checks::publish_gauges(d);
     let domains = doms
         .into_iter()

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{HostId, OwnerRecord};
+use crate::failover::record::Tier;
 use crate::failover::shadow::{shadow_generation, shadow_name};
 use crate::failover::{FailoverRecord, Shadow, ShadowState, TapBinding, Trigger};
 
@@ -39,6 +40,9 @@ pub enum ServiceState {
         /// The old primary's host when it is another one (a promotion here of a primary that
         /// died there).
         from_host: Option<HostId>,
+        /// How the shadow stood by, to return to when another host's claim wins (the claim
+        /// comes before anything of the shadow is touched).
+        standby: ShadowState,
     },
     /// The primary is gone and no shadow could take over yet.
     Down {
@@ -167,9 +171,14 @@ impl Service {
         }
     }
 
-    /// The first paused shadow, if any.
+    /// The shadow to promote: the fastest tier standing by (paused, then saved, then cold),
+    /// oldest first.
     pub fn ready_shadow(&self) -> Option<&Shadow> {
-        self.shadows.iter().find(|s| s.state == ShadowState::Paused)
+        Tier::ALL.iter().find_map(|t| {
+            self.shadows
+                .iter()
+                .find(|s| s.state == ShadowState::Standby(*t))
+        })
     }
 
     fn shadow_mut(&mut self, name: &str) -> Option<&mut Shadow> {
@@ -180,7 +189,7 @@ impl Service {
     fn settle(&mut self) {
         if self.state == ServiceState::Provisioning
             && !self.shadows.is_empty()
-            && self.shadows.iter().all(|s| s.state == ShadowState::Paused)
+            && self.shadows.iter().all(|s| s.state.is_standby())
         {
             self.state = ServiceState::Protected;
         }
@@ -547,6 +556,7 @@ impl ServiceTable {
             shadow: shadow.name.clone(),
             trigger,
             from_host: from_host.clone(),
+            standby: shadow.state,
         };
         if let Some(s) = svc.shadow_mut(&shadow.name) {
             s.state = ShadowState::Promoting;
@@ -594,6 +604,7 @@ impl ServiceTable {
             shadow: s,
             trigger,
             from_host,
+            ..
         } = &svc.state
         else {
             return Err(Refused::WrongState {
@@ -716,11 +727,16 @@ impl ServiceTable {
             let have = svc
                 .shadows
                 .iter()
-                .filter(|s| matches!(s.state, ShadowState::Booting | ShadowState::Paused))
+                .filter(|s| {
+                    matches!(
+                        s.state,
+                        ShadowState::Booting | ShadowState::Standby(_) | ShadowState::Switching(_)
+                    )
+                })
                 .count();
             if have >= want {
                 if svc.state == ServiceState::Provisioning
-                    && svc.shadows.iter().all(|s| s.state == ShadowState::Paused)
+                    && svc.shadows.iter().all(|s| s.state.is_standby())
                 {
                     svc.state = ServiceState::Protected;
                 }
@@ -871,9 +887,71 @@ impl ServiceTable {
                 what: "known",
             });
         };
-        s.state = ShadowState::Paused;
+        s.state = ShadowState::PAUSED;
         s.taps = taps;
         Ok(())
+    }
+
+    /// A shadow standing by starts moving to tier `to` (the `adaptive` policy); it cannot be
+    /// promoted until [`Self::tier_switched`]. Refused during a failover.
+    pub fn begin_tier_switch(
+        &mut self,
+        service: &str,
+        shadow: &str,
+        to: Tier,
+    ) -> Result<(), Refused> {
+        let svc = self.svc_mut(service)?;
+        if matches!(svc.state, ServiceState::FailingOver { .. }) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "switch a shadow's tier",
+            });
+        }
+        match svc.shadow_mut(shadow) {
+            Some(s) if matches!(s.state, ShadowState::Standby(t) if t != to) => {
+                s.state = ShadowState::Switching(to);
+                Ok(())
+            }
+            _ => Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+                what: "standing-by (in another tier)",
+            }),
+        }
+    }
+
+    /// A switching shadow stands by in `tier` now, with `taps` (a restored shadow has new
+    /// ones). A service that went down meanwhile promotes it at once.
+    pub fn tier_switched(
+        &mut self,
+        service: &str,
+        shadow: &str,
+        tier: Tier,
+        taps: Vec<TapBinding>,
+    ) -> Result<Vec<Action>, Refused> {
+        let svc = self.svc_mut(service)?;
+        let Some(s) = svc
+            .shadow_mut(shadow)
+            .filter(|s| s.state == ShadowState::Switching(tier))
+        else {
+            return Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+                what: "switching",
+            });
+        };
+        s.state = ShadowState::Standby(tier);
+        s.taps = taps;
+        svc.settle();
+        Ok(match svc.state {
+            ServiceState::Down { .. } => vec![Action::Failover {
+                service: service.to_string(),
+                from: svc.active.clone(),
+                trigger: Trigger::Recovery,
+            }],
+            _ => Vec::new(),
+        })
     }
 
     /// The taps of a shadow, read from libvirt.
@@ -1066,6 +1144,7 @@ impl ServiceTable {
         let ServiceState::FailingOver {
             shadow: s,
             from_host,
+            standby,
             ..
         } = &svc.state
         else {
@@ -1083,8 +1162,9 @@ impl ServiceTable {
             });
         }
         let primary_was_here = from_host.is_none();
+        let standby = *standby;
         if let Some(x) = svc.shadow_mut(shadow) {
-            x.state = ShadowState::Paused;
+            x.state = standby;
         }
         let old = std::mem::replace(&mut svc.active, winner.domain.clone());
         svc.state = ServiceState::Elsewhere {
@@ -1279,6 +1359,7 @@ mod tests {
                 shadow: String::new(),
                 trigger: t,
                 from_host: None,
+                standby: ShadowState::PAUSED,
             },
             ServiceState::Down { reason: reason() },
             ServiceState::Stopped,
@@ -1321,7 +1402,7 @@ mod tests {
     fn paused(name: &str) -> Shadow {
         Shadow {
             name: name.into(),
-            state: ShadowState::Paused,
+            state: ShadowState::PAUSED,
             taps: Vec::new(),
             data_disks: None,
         }
@@ -1649,6 +1730,40 @@ mod tests {
             ServiceTable::new().require("x").unwrap_err().to_string(),
             "no service named 'x'; known services: (none)"
         );
+    }
+
+    #[test]
+    fn a_switching_shadow_is_not_promoted_until_it_arrives() {
+        let mut t = protected();
+        let name = "web-shadow-1".to_string();
+        assert!(
+            t.begin_tier_switch("web", &name, Tier::Paused).is_err(),
+            "already paused"
+        );
+        t.begin_tier_switch("web", &name, Tier::Saved).unwrap();
+        // Still counted as a shadow: nothing new is provisioned.
+        assert!(t.plan_shadows(|_| LIMITS, Instant::now()).is_empty());
+        assert_eq!(
+            t.begin_failover("web", "web", Trigger::Pidfd).unwrap_err(),
+            Refused::NoShadow {
+                service: "web".into()
+            }
+        );
+        // Down meanwhile: arriving promotes it.
+        let actions = t
+            .tier_switched("web", &name, Tier::Saved, Vec::new())
+            .unwrap();
+        assert!(
+            matches!(actions[..], [Action::Failover { .. }]),
+            "{actions:?}"
+        );
+        assert_eq!(
+            t.get("web").unwrap().shadows[0].state,
+            ShadowState::Standby(Tier::Saved)
+        );
+        assert!(t
+            .tier_switched("web", &name, Tier::Saved, Vec::new())
+            .is_err());
     }
 
     #[test]

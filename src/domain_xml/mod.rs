@@ -577,6 +577,21 @@ impl DomainXml {
         xot.to_string(copy).ok()
     }
 
+    /// Sets `freePageReporting='on'` on the virtio `<memballoon>`: the guest hands the pages it
+    /// frees back to the host. Returns false (and changes nothing) without a virtio balloon.
+    pub fn enable_free_page_reporting(&mut self) -> bool {
+        let balloon = self
+            .device_nodes("memballoon")
+            .find(|n| tree::attr(&self.xot, *n, "model") == Some("virtio"));
+        match balloon {
+            Some(b) => {
+                tree::set_attr(&mut self.xot, b, "freePageReporting", "on");
+                true
+            }
+            None => false,
+        }
+    }
+
     /// understudy's metadata element, if present.
     pub fn understudy_meta(&self) -> Result<Option<UnderstudyMeta>, XmlError> {
         let nodes = self.meta_nodes();

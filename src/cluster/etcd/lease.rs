@@ -102,10 +102,15 @@ impl Lease {
                 why: "not granted yet; the key is written when it is".into(),
             });
         };
+        let (k, v) = (&key, &value);
         conn.run(format!("put {key}"), |mut c| async move {
-            c.put(key, value, Some(PutOptions::new().with_lease(id)))
-                .await
-                .map(drop)
+            c.put(
+                k.as_str(),
+                v.clone(),
+                Some(PutOptions::new().with_lease(id)),
+            )
+            .await
+            .map(drop)
         })
         .await
     }
@@ -114,26 +119,45 @@ impl Lease {
     pub async fn drop_key(&self, conn: &Conn, key: String) -> Result<(), CoordError> {
         let mut held = self.held.lock().await;
         held.remove(&key);
+        let k = &key;
         conn.run(format!("delete {key}"), |mut c| async move {
-            c.delete(key, None).await.map(drop)
+            c.delete(k.as_str(), None).await.map(drop)
         })
         .await
     }
 
-    /// Renews the lease for as long as the process runs.
+    /// Renews the lease for as long as the process runs. When a connection fails, every
+    /// other endpoint is tried at once; the mode turns [`Mode::Unreachable`] only when none of
+    /// them answered.
     pub async fn keep(&self, conn: &Conn) {
         let mut backoff = MIN_BACKOFF;
+        let mut others = 0;
         loop {
-            let e = self.session(conn, &mut backoff).await;
-            self.set_mode(Mode::Unreachable);
+            let (e, renewed) = self.session(conn, &mut backoff).await;
             tracing::debug!(error = %crate::error::report(&e), "etcd lease session ended");
+            if renewed {
+                others = conn.endpoints().urls.len().saturating_sub(1);
+                continue;
+            }
+            if others > 0 {
+                others -= 1;
+                continue;
+            }
+            self.set_mode(Mode::Unreachable);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
-    /// One connection's worth of renewals: returns why it ended.
-    async fn session(&self, conn: &Conn, backoff: &mut Duration) -> CoordError {
+    /// One connection's worth of renewals: returns why it ended, and whether the lease was
+    /// renewed on it (then the next endpoints are tried at once).
+    async fn session(&self, conn: &Conn, backoff: &mut Duration) -> (CoordError, bool) {
+        let mut renewed = false;
+        let e = self.renew(conn, backoff, &mut renewed).await;
+        (e, renewed)
+    }
+
+    async fn renew(&self, conn: &Conn, backoff: &mut Duration, renewed: &mut bool) -> CoordError {
         let ttl = self.ttl_s;
         let id = match self.lease_id() {
             Some(id) => id,
@@ -181,6 +205,7 @@ impl Lease {
             return e;
         }
         self.set_mode(Mode::Connected);
+        *renewed = true;
         *backoff = MIN_BACKOFF;
         let bound = conn.endpoints().op_timeout;
         loop {
@@ -259,9 +284,9 @@ impl Lease {
             .chain(stale.into_iter().map(|k| TxnOp::delete(k, None)))
             .collect();
         for chunk in ops.chunks(TXN_OPS) {
-            let chunk = chunk.to_vec();
+            let txn = &Txn::new().and_then(chunk.to_vec());
             conn.run("write leased keys", |mut c| async move {
-                c.txn(Txn::new().and_then(chunk)).await.map(drop)
+                c.txn(txn.clone()).await.map(drop)
             })
             .await?;
         }

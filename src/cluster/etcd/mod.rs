@@ -110,49 +110,50 @@ impl EtcdCoordinator {
     }
 
     async fn get_one(&self, key: String) -> Result<Option<etcd_client::KeyValue>, CoordError> {
-        let k = key.clone();
+        let k = &key;
         let mut r = self
             .conn
-            .run(
-                format!("get {key}"),
-                |mut c| async move { c.get(k, None).await },
-            )
+            .run(format!("get {key}"), |mut c| async move {
+                c.get(k.as_str(), None).await
+            })
             .await?;
         Ok(r.take_kvs().into_iter().next())
     }
 
     async fn get_prefix(&self, prefix: String) -> Result<Vec<etcd_client::KeyValue>, CoordError> {
-        let p = prefix.clone();
+        let p = &prefix;
         let mut r = self
             .conn
             .run(format!("list {prefix}"), |mut c| async move {
-                c.get(p, Some(GetOptions::new().with_prefix())).await
+                c.get(p.as_str(), Some(GetOptions::new().with_prefix()))
+                    .await
             })
             .await?;
         Ok(r.take_kvs())
     }
 
     async fn put(&self, key: String, value: Vec<u8>) -> Result<(), CoordError> {
-        let k = key.clone();
+        let (k, v) = (&key, &value);
         self.conn
             .run(format!("put {key}"), |mut c| async move {
-                c.put(k, value, None).await.map(drop)
+                c.put(k.as_str(), v.clone(), None).await.map(drop)
             })
             .await
     }
 
     async fn delete(&self, key: String) -> Result<(), CoordError> {
-        let k = key.clone();
+        let k = &key;
         self.conn
             .run(format!("delete {key}"), |mut c| async move {
-                c.delete(k, None).await.map(drop)
+                c.delete(k.as_str(), None).await.map(drop)
             })
             .await
     }
 
     async fn txn(&self, op: String, txn: Txn) -> Result<etcd_client::TxnResponse, CoordError> {
+        let t = &txn;
         self.conn
-            .run(op, |mut c| async move { c.txn(txn).await })
+            .run(op, |mut c| async move { c.txn(t.clone()).await })
             .await
     }
 
@@ -206,14 +207,18 @@ impl EtcdCoordinator {
         if r.succeeded() {
             return Ok(record);
         }
-        // Someone else's transaction landed between our read and ours.
+        // Someone else's transaction landed between our read and ours; or ours did, on an
+        // attempt whose answer was lost and that the connection made again.
         let responses = r.op_responses();
         match responses.first().and_then(|g| kvs(g).first()) {
-            Some(kv) => Err(CoordError::Conflict {
-                service: claim.service.clone(),
-                expected: claim.expected,
-                current: codec::owner(&key, &claim.service, kv.value())?,
-            }),
+            Some(kv) => match codec::owner(&key, &claim.service, kv.value())? {
+                current if current == record => Ok(record),
+                current => Err(CoordError::Conflict {
+                    service: claim.service.clone(),
+                    expected: claim.expected,
+                    current,
+                }),
+            },
             None => Err(CoordError::NoRecord {
                 service: claim.service,
                 expected: claim.expected,

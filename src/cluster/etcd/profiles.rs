@@ -141,11 +141,11 @@ async fn numbers(
     service: &str,
 ) -> Result<Vec<(u64, String)>, CoordError> {
     let prefix = keys.profiles_of(service)?;
-    let p = prefix.clone();
+    let p = &prefix;
     let mut r = conn
         .run(format!("list {prefix}"), |mut c| async move {
             c.get(
-                p,
+                p.as_str(),
                 Some(
                     GetOptions::new()
                         .with_prefix()
@@ -169,12 +169,10 @@ async fn numbers(
 }
 
 async fn read(conn: &Conn, key: &str) -> Result<Option<(Vec<u8>, i64)>, CoordError> {
-    let k = key.to_string();
     let mut r = conn
-        .run(
-            format!("get {key}"),
-            |mut c| async move { c.get(k, None).await },
-        )
+        .run(format!("get {key}"), |mut c| async move {
+            c.get(key, None).await
+        })
         .await?;
     Ok(r.take_kvs()
         .into_iter()
@@ -206,10 +204,10 @@ async fn push(conn: &Conn, keys: &Keys, v: ProfileVersion) -> Result<Pushed, Coo
             .and_then([TxnOp::put(key.as_str(), bytes.clone(), None)])
             .or_else([TxnOp::get(key.as_str(), None)]);
         let r = conn
-            .run(
-                format!("push {key}"),
-                |mut c| async move { c.txn(txn).await },
-            )
+            .run(format!("push {key}"), |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?;
         if r.succeeded() {
             return Ok(Pushed::Stored);
@@ -286,10 +284,11 @@ impl ProfileRepository for EtcdProfileRepository {
         self.call("list profile versions", move |conn, keys| {
             Box::pin(async move {
                 let prefix = keys.profiles_of(&s)?;
-                let p = prefix.clone();
+                let p = &prefix;
                 let mut r = conn
                     .run(format!("list {prefix}"), |mut c| async move {
-                        c.get(p, Some(GetOptions::new().with_prefix())).await
+                        c.get(p.as_str(), Some(GetOptions::new().with_prefix()))
+                            .await
                     })
                     .await?;
                 let mut out = Vec::new();

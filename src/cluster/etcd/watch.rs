@@ -46,11 +46,11 @@ async fn watch_once(
     let from = match *next {
         Some(r) => r,
         None => {
-            let r = root.clone();
+            let r = &root;
             let now = conn
                 .run("read revision", |mut c| async move {
                     c.get(
-                        r,
+                        r.as_str(),
                         Some(
                             GetOptions::new()
                                 .with_prefix()
@@ -70,11 +70,11 @@ async fn watch_once(
         }
     };
     *started = true;
-    let r = root.clone();
+    let r = &root;
     let mut stream = conn
         .run("open watch", |mut c| async move {
             c.watch(
-                r,
+                r.as_str(),
                 Some(
                     WatchOptions::new()
                         .with_prefix()
