@@ -423,7 +423,7 @@ impl DomainXml {
         let dom = DomainXml { xot, doc, root };
         dom.try_vcpus()?;
         dom.try_memory_kib()?;
-        let mut targets = std::collections::HashMap::new();
+        let mut targets = std::collections::BTreeMap::new();
         for (index, disk) in dom.disk_nodes().enumerate() {
             let Some(target) = dom.disk_target(disk) else {
                 return Err(XmlError::MissingDiskTarget {
