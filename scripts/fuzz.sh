@@ -73,9 +73,11 @@ for t in "${order[@]}"; do
     stat() { awk -F' *: *' -v k="$1" '$1 == k { print $2 }' "$stats"; }
     input=("$dir/in")
     execs_before=0
+    time_before=0
     if [ "${FUZZ_RESUME:-0}" = 1 ] && [ -d "$dir/out/default/queue" ] && [ -f "$stats" ]; then
         input=(-)
         execs_before=$(stat execs_done)
+        time_before=$(stat run_time)
     else
         rm -rf "$dir"
     fi
@@ -125,9 +127,10 @@ for t in "${order[@]}"; do
     fi
     # A resumed run's stats count from the start of its first run.
     execs=$(($(stat execs_done) - execs_before))
-    rows+=("$t $(stat run_time) $execs $(stat execs_done) $(stat execs_per_sec) $(stat corpus_count) $(stat stability) $crashes $hangs $verdict")
+    run_time=$(($(stat run_time) - time_before))
+    rows+=("$t $run_time $execs $(stat execs_done) $(stat execs_per_sec) $(stat corpus_count) $(stat stability) $crashes $hangs $verdict")
     if [ -n "${FUZZ_LEDGER:-}" ]; then
-        printf '| %s | `%s` | %s s | %s | %s | %s | %s | %s / %s | %s |\n' "$started" "$t" "$seconds" \
+        printf '| %s | `%s` | %s s | %s | %s | %s | %s | %s / %s | %s |\n' "$started" "$t" "$run_time" \
             "$execs" "$(stat execs_done)" "$(stat corpus_count)" "$(stat stability)" "$crashes" "$hangs" \
             "$([ "${input[0]}" = - ] && echo resumed || echo seeds)" >>"$FUZZ_LEDGER"
     fi

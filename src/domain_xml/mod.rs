@@ -442,6 +442,13 @@ impl DomainXml {
         Ok(dom)
     }
 
+    /// The parsed tree and its `<domain>` element, read-only: for a check that must walk the
+    /// document without the typed views (the fuzz target counts devices this way, and so needs
+    /// no second parse of a document it already holds).
+    pub fn tree(&self) -> (&Xot, Node) {
+        (&self.xot, self.root)
+    }
+
     /// Serializes the whole document, including comments around `<domain>`.
     pub fn to_xml(&self) -> String {
         // Serialization only fails on an element whose namespace has no prefix in scope. Parsed
