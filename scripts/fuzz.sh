@@ -16,6 +16,8 @@
 #                 not only the kept corpus), so that long runs add up; a target without one
 #                 starts from its seeds
 #   FUZZ_LEDGER   a file to append one Markdown row per target run to (see fuzz/RUNS.md)
+#   FUZZ_EXECS    also stop a target once its AFL output has about this many executions (`-E`;
+#                 a resumed run counts those of the runs before it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,14 +101,16 @@ for t in "${order[@]}"; do
     # names) lets AFL build keys and elements it would rarely guess.
     dict=()
     [ -f "fuzz/dict/$t.dict" ] && dict=(-x "fuzz/dict/$t.dict")
+    until_execs=()
+    [ -n "${FUZZ_EXECS:-}" ] && until_execs=(-E "$FUZZ_EXECS")
     if [ "${input[0]}" = - ]; then
         echo "fuzz: $t for ${seconds}s (resuming $dir/out, $execs_before executions so far)"
     else
         echo "fuzz: $t for ${seconds}s ($(ls "$dir/in" | wc -l) seeds)"
     fi
     started=$(date -u '+%Y-%m-%d %H:%M')
-    if ! nice -n 19 cargo afl fuzz -i "${input[0]}" -o "$dir/out" -V "$seconds" "${dict[@]}" "${hang_timeout[@]}" \
-        "$target_dir/$profile/$t" >>"$dir/afl.log" 2>&1; then
+    if ! nice -n 19 cargo afl fuzz -i "${input[0]}" -o "$dir/out" -V "$seconds" "${until_execs[@]}" \
+        "${dict[@]}" "${hang_timeout[@]}" "$target_dir/$profile/$t" >>"$dir/afl.log" 2>&1; then
         echo "fuzz: afl-fuzz failed on $t; the end of $dir/afl.log:" >&2
         tail -20 "$dir/afl.log" >&2
         rows+=("$t - - - - - - - - failed")
