@@ -503,6 +503,15 @@ fn invalid_log_filter_is_rejected() {
 }
 
 #[test]
+fn log_filter_field_values_are_literal_not_regexes() {
+    // An invalid regex is accepted as a literal value: no pattern is compiled at all.
+    crate::config::log_filter("understudy[{peer=a(}]=debug").expect("literal field value");
+    // What the fuzz target found: this value's regex took ~1.7 s of CPU to compile.
+    let found = include_str!("fixtures/fuzz-log-level-regex.toml");
+    Fixture::new(found).load().expect("directives accepted");
+}
+
+#[test]
 fn class_for_uses_the_first_matching_rule() {
     let config = Config::parse(
         r#"
