@@ -864,14 +864,19 @@ impl Config {
 
 /// Parses `tracing` filter directives (`[daemon] log_level`, `UNDERSTUDY_LOG`). Non-ASCII text
 /// is refused before tracing-subscriber sees it: its directive parser slices at byte offsets
-/// and panics inside a multi-byte character (found by the config fuzz target).
+/// and panics inside a multi-byte character (found by the config fuzz target). Field values
+/// (`target[{field=value}]`) match literally, not as regular expressions: compiling one into
+/// a DFA took seconds for a 60-byte value (also found by the fuzz target), and a pattern can
+/// cost far more.
 pub fn log_filter(directives: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     if !directives.is_ascii() {
         return Err(format!(
             "{directives:?} is not a valid log filter: only ASCII is allowed"
         ));
     }
-    tracing_subscriber::EnvFilter::try_new(directives)
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(directives)
         .map_err(|e| format!("{directives:?} is not a valid log filter: {e}"))
 }
 

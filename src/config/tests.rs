@@ -524,6 +524,18 @@ fn invalid_log_filter_is_rejected() {
 }
 
 #[test]
+fn log_filter_field_values_are_literal_not_regexes() {
+    // An invalid regex is accepted as a literal value: no pattern is compiled at all.
+    crate::config::log_filter("understudy[{peer=a(}]=debug").expect("literal field value");
+    // What the fuzz target found (its regex took ~1.7 s of CPU to compile): now refused at
+    // once, naming the key.
+    let found = include_str!("fixtures/fuzz-log-level-regex.toml");
+    let problems = Fixture::new(found).problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "daemon.log_level");
+}
+
+#[test]
 fn class_for_uses_the_first_matching_rule() {
     let config = Config::parse(
         r#"
