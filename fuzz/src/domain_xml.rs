@@ -17,7 +17,9 @@ use understudy::domain_xml::{
     XmlError,
 };
 use understudy::failover::plan::DiskPolicy;
+use understudy::failover::record::Tier;
 use understudy::failover::shadow::{shadow_plan, ShadowRequest};
+use understudy::failover::standby::StandbyMemory;
 
 /// A request as the daemon makes one for generation 7 of service `svc`.
 fn request(primary: &str) -> ShadowRequest {
@@ -33,6 +35,9 @@ fn request(primary: &str) -> ShadowRequest {
         agent_max_reply: 1 << 20,
         warmup: Vec::new(),
         disks: DiskPolicy::default(),
+        primary_xml: None,
+        standby: StandbyMemory::default(),
+        tier: Tier::Paused,
     }
 }
 

@@ -76,7 +76,10 @@ fn write_control_seeds() {
     let s = || "web".to_string();
     let requests = [
         Request::Status,
-        Request::Failover { service: s() },
+        Request::Failover {
+            service: s(),
+            to_host: None,
+        },
         Request::Stop { service: s() },
         Request::Start { service: s() },
         Request::ShadowRebuild { service: s() },
@@ -165,8 +168,14 @@ fn status() -> StatusReport {
             active: Some("web-a".into()),
             shadows: vec![ShadowStatus {
                 name: "web-s1".into(),
-                state: ShadowState::Paused,
+                state: ShadowState::Standby(understudy::failover::record::Tier::Paused),
+                memory: None,
+                share_of_primary_pct: None,
             }],
+            primary_memory: None,
+            standby_memory_bytes: 0,
+            standby_share_pct: None,
+            standby_plan: None,
             last_failover: Some(FailoverRecord {
                 at_unix_ms: 1_500_000,
                 from: "web-old".into(),
