@@ -398,7 +398,7 @@ impl Metrics {
                     ("cgroup", m.cgroup_bytes),
                     ("cgroup_anon", m.cgroup_anon_bytes),
                     ("rss", Some(m.rss_bytes)),
-                    ("pss", Some(m.pss_bytes)),
+                    ("pss", m.pss_bytes),
                 ];
                 for (measure, value) in figures {
                     let Some(v) = value else { continue };
@@ -988,7 +988,7 @@ mod tests {
             cgroup_bytes: Some(3),
             cgroup_anon_bytes: None,
             rss_bytes: 2,
-            pss_bytes: 1,
+            pss_bytes: Some(1),
         };
         StandbyCost {
             service: service.into(),

@@ -378,7 +378,7 @@ fn render_standby_cost(out: &mut String, s: &ServiceStatus) {
             "cgroup {}, rss {}, pss {}",
             m.cgroup_bytes.map_or_else(|| "-".to_string(), mib),
             mib(m.rss_bytes),
-            mib(m.pss_bytes)
+            m.pss_bytes.map_or_else(|| "-".to_string(), mib)
         )
     };
     let pct = |p: Option<f64>| p.map_or_else(|| "-".to_string(), |p| format!("{p:.1}%"));
@@ -754,7 +754,7 @@ mod tests {
                             cgroup_bytes: Some(64 << 20),
                             cgroup_anon_bytes: Some(60 << 20),
                             rss_bytes: 70 << 20,
-                            pss_bytes: 66 << 20,
+                            pss_bytes: Some(66 << 20),
                         }),
                         share_of_primary_pct: Some(25.0),
                     },
@@ -803,7 +803,7 @@ mod tests {
                     cgroup_bytes: Some(256 << 20),
                     cgroup_anon_bytes: Some(200 << 20),
                     rss_bytes: 240 << 20,
-                    pss_bytes: 230 << 20,
+                    pss_bytes: Some(230 << 20),
                 }),
                 standby_memory_bytes: 64 << 20,
                 standby_share_pct: Some(25.0),

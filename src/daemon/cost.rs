@@ -95,7 +95,7 @@ mod tests {
             cgroup_bytes: Some(bytes),
             cgroup_anon_bytes: None,
             rss_bytes: bytes,
-            pss_bytes: bytes,
+            pss_bytes: Some(bytes),
         })
     }
 

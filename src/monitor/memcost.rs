@@ -61,15 +61,19 @@ pub struct MemoryHeld {
     pub cgroup_anon_bytes: Option<u64>,
     /// Resident set size of the QEMU process.
     pub rss_bytes: u64,
-    /// Proportional set size: shared pages divided among their sharers.
-    pub pss_bytes: u64,
+    /// Proportional set size: shared pages divided among their sharers; `None` when
+    /// `smaps_rollup` may not be read (it needs ptrace access: a daemon confined without
+    /// CAP_SYS_PTRACE reads RSS from `status` instead).
+    pub pss_bytes: Option<u64>,
 }
 
 impl MemoryHeld {
     /// The one figure costs are compared by: the cgroup charge when there is one (it is what
     /// the kernel bills), the process's PSS otherwise.
     pub fn held_bytes(&self) -> u64 {
-        self.cgroup_bytes.unwrap_or(self.pss_bytes)
+        self.cgroup_bytes
+            .or(self.pss_bytes)
+            .unwrap_or(self.rss_bytes)
     }
 }
 
@@ -108,15 +112,27 @@ pub fn parse_smaps_rollup(text: &str, source: &Path) -> Result<(u64, u64), MemCo
 /// Reads the figures of process `pid` with `/proc` and `/sys/fs/cgroup` under `root` (`/` on a
 /// real host; a fixture tree in tests).
 pub fn read(root: &Path, pid: u32) -> Result<MemoryHeld, MemCostError> {
-    let path = root.join("proc").join(pid.to_string()).join("smaps_rollup");
+    let proc_dir = root.join("proc").join(pid.to_string());
+    let path = proc_dir.join("smaps_rollup");
     let mut text = String::new();
-    File::open(&path)
-        .and_then(|f| f.take(MAX_ROLLUP_BYTES).read_to_string(&mut text))
-        .map_err(|source| MemCostError::Read {
-            path: path.clone(),
-            source,
-        })?;
-    let (rss_bytes, pss_bytes) = parse_smaps_rollup(&text, &path)?;
+    let (rss_bytes, pss_bytes) =
+        match File::open(&path).and_then(|f| f.take(MAX_ROLLUP_BYTES).read_to_string(&mut text)) {
+            Ok(_) => {
+                let (rss, pss) = parse_smaps_rollup(&text, &path)?;
+                (rss, Some(pss))
+            }
+            // smaps_rollup needs ptrace access to the process; `status` does not.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                let rss = crate::libvirt::rss_bytes(&root.join("proc"), pid as i32).map_err(
+                    |source| MemCostError::Read {
+                        path: proc_dir.join("status"),
+                        source,
+                    },
+                )?;
+                (rss, None)
+            }
+            Err(source) => return Err(MemCostError::Read { path, source }),
+        };
     let counters = CgroupReader::new(root)
         .read(pid)
         .map_err(|source| MemCostError::Cgroup { pid, source })?;
@@ -211,7 +227,7 @@ Locked:                0 kB
                 cgroup_bytes: Some(120_000_000),
                 cgroup_anon_bytes: Some(92_000_000),
                 rss_bytes: 104_412 * 1024,
-                pss_bytes: 98_127 * 1024,
+                pss_bytes: Some(98_127 * 1024),
             }
         );
         assert_eq!(m.held_bytes(), 120_000_000);
