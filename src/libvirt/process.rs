@@ -170,7 +170,10 @@ pub fn group_exiting(proc_root: &Path, pid: i32) -> bool {
         .unwrap_or("")
         .split_whitespace();
     let state = fields.next().unwrap_or("");
-    let flags = fields.nth(5).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let flags = fields
+        .nth(5)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
     if matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0 {
         return true;
     }
@@ -380,7 +383,11 @@ time.sleep(100)
     async fn a_killed_threaded_process_is_heard_ending() {
         let mut child = threaded_child(None);
         let pid = child.id() as i32;
-        assert_eq!(watched_threads(Path::new("/proc"), pid).len(), 2, "two sub-threads");
+        assert_eq!(
+            watched_threads(Path::new("/proc"), pid).len(),
+            2,
+            "two sub-threads"
+        );
         let watch = QemuProcess::open("test", pid).unwrap();
         assert!(!group_exiting(Path::new("/proc"), pid));
         watch.kill().unwrap();
@@ -430,12 +437,24 @@ time.sleep(100)
         assert!(group_exiting(root.path(), 3));
         // SIGKILL queued to the thread, or to the process.
         let run = "4 (qemu) S 1 1 1 0 -1 4194560 0 0\n";
-        write("4", run, "SigPnd:\t0000000000000100\nShdPnd:\t0000000000000000\n");
+        write(
+            "4",
+            run,
+            "SigPnd:\t0000000000000100\nShdPnd:\t0000000000000000\n",
+        );
         assert!(group_exiting(root.path(), 4));
-        write("5", run, "SigPnd:\t0000000000000000\nShdPnd:\t0000000000000100\n");
+        write(
+            "5",
+            run,
+            "SigPnd:\t0000000000000000\nShdPnd:\t0000000000000100\n",
+        );
         assert!(group_exiting(root.path(), 5));
         // Other signals pending are no exit; a missing process is.
-        write("6", run, "SigPnd:\t0000000000004002\nShdPnd:\t0000000000000000\n");
+        write(
+            "6",
+            run,
+            "SigPnd:\t0000000000004002\nShdPnd:\t0000000000000000\n",
+        );
         assert!(!group_exiting(root.path(), 6));
         assert!(group_exiting(root.path(), 7));
     }
