@@ -100,6 +100,24 @@ pub fn is_qemu_of(pid: i32, name: &str) -> bool {
         .any(|arg| arg == want || arg.starts_with(&format!("{want},")))
 }
 
+/// Whether the QEMU of `domain` still holds its files: the pid in libvirt's pid file is that
+/// domain's QEMU, or a process in a group exit (a dying QEMU's command line is gone with its
+/// memory, but its files close only at the end). A zombie or a reaped one holds nothing.
+pub fn qemu_holds_files(run_dir: &Path, domain: &str) -> bool {
+    let Ok(pid) = qemu_pid(run_dir, domain) else {
+        return false;
+    };
+    if is_qemu_of(pid, domain) {
+        return true;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("");
+    !matches!(state, "" | "Z" | "X" | "x") && group_exiting(Path::new("/proc"), pid)
+}
+
 /// SIGKILLs the QEMU of `domain` through a pidfd and waits up to `timeout` for it to exit.
 /// `Ok(Some(pid))`: killed and gone; `Ok(None)`: no QEMU of that domain runs; `Err`: why it
 /// may still run. Besides fencing, this spares libvirt's destroy its SIGTERM grace (about
@@ -112,7 +130,8 @@ pub async fn kill_qemu(
     let Ok(pid) = qemu_pid(run_dir, domain) else {
         return Ok(None);
     };
-    if !is_qemu_of(pid, domain) {
+    // A QEMU already dying (its crash heard early) is waited for like a killed one.
+    if !is_qemu_of(pid, domain) && !qemu_holds_files(run_dir, domain) {
         return Ok(None);
     }
     let process = match QemuProcess::open(domain, pid) {
