@@ -110,12 +110,9 @@ pub fn qemu_holds_files(run_dir: &Path, domain: &str) -> bool {
     if is_qemu_of(pid, domain) {
         return true;
     }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .unwrap_or("");
-    !matches!(state, "" | "Z" | "X" | "x") && group_exiting(Path::new("/proc"), pid)
+    let proc_root = Path::new("/proc");
+    state_and_flags(proc_root, pid).is_some_and(|(state, _)| !is_dead_state(&state))
+        && group_exiting(proc_root, pid)
 }
 
 /// SIGKILLs the QEMU of `domain` through a pidfd and waits up to `timeout` for it to exit.
@@ -178,24 +175,13 @@ const GROUP_EXIT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_mi
 /// Whether process `pid` is in a group exit (its leader killed, exiting or a zombie, or gone),
 /// from `/proc/<pid>/stat` and `/proc/<pid>/status`.
 pub fn group_exiting(proc_root: &Path, pid: i32) -> bool {
-    let dir = proc_root.join(pid.to_string());
-    let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+    let Some((state, flags)) = state_and_flags(proc_root, pid) else {
         return true; // gone
     };
-    // The command name is in parentheses and may hold anything: fields follow the last ')'.
-    let mut fields = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or("")
-        .split_whitespace();
-    let state = fields.next().unwrap_or("");
-    let flags = fields
-        .nth(5)
-        .and_then(|f| f.parse::<u64>().ok())
-        .unwrap_or(0);
-    if matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0 {
+    if is_dead_state(&state) || flags & PF_EXITING != 0 {
         return true;
     }
+    let dir = proc_root.join(pid.to_string());
     let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
         return true;
     };
@@ -208,6 +194,24 @@ pub fn group_exiting(proc_root: &Path, pid: i32) -> bool {
                 .is_some_and(|set| set & sigkill != 0)
         })
     })
+}
+
+/// A task's state letter and flags (`/proc/<pid>/stat` fields 3 and 9); `None` when it is gone.
+fn state_and_flags(proc_root: &Path, pid: i32) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    // The command name is in parentheses and may hold anything: fields follow the last ')'.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.to_string();
+    let flags = fields
+        .nth(5)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    Some((state, flags))
+}
+
+/// A zombie or dead task: its threads have all exited and its files are closed.
+fn is_dead_state(state: &str) -> bool {
+    matches!(state, "Z" | "X" | "x")
 }
 
 /// Opens a pidfd; `flags` 0 watches the whole process, `PIDFD_THREAD` one thread.
