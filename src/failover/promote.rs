@@ -33,9 +33,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::{Claim, CoordError, Coordinator, HostId};
 use crate::config::NetworkMode;
 use crate::domain_xml::{DomainXml, MemberState, Role};
-use crate::libvirt::{
-    kill_qemu, qemu_holds_files, Hypervisor, LibvirtError, RunState, QEMU_RUN_DIR,
-};
+use crate::libvirt::{kill_qemu, Hypervisor, LibvirtError, RunState, QEMU_RUN_DIR};
 use crate::monitor::agent::{AgentError, ExitStatus};
 use crate::net::{NetError, Netlink};
 
@@ -516,19 +514,10 @@ impl LiveSteps<'_> {
     /// Has libvirt finish stopping `name` and confirms it sees the domain inactive: until
     /// then libvirt holds the dead QEMU's disk leases (its lock manager refuses the disks to
     /// anyone else) and may still report it running.
-    /// Whether libvirt still lists `name` as running.
-    async fn libvirt_still_runs(&self, name: &str) -> bool {
-        let n = name.to_string();
-        self.hv
-            .run("libvirt state", move |hv| hv.state(&n))
-            .await
-            .is_ok_and(|s| s.is_active())
-    }
-
     async fn libvirt_stopped(&self, name: &str) -> Result<(), FailoverError> {
-        // libvirt stops a domain whose QEMU died by itself when its monitor hits EOF. A destroy
-        // sent while the kernel is still tearing the dead QEMU down would sit out libvirt's
-        // kill loop (it looks again every 200 ms), so wait for libvirt first.
+        // libvirt stops a domain whose QEMU died by itself when its monitor hits EOF; a destroy
+        // would only queue behind that. (libvirt's own stop often costs about 200 ms here: its
+        // kill loop, finding the QEMU not yet reaped, sleeps that long before it looks again.)
         let deadline = Instant::now() + LIBVIRT_CATCH_UP;
         loop {
             let n = name.to_string();
@@ -632,10 +621,9 @@ impl PromotionSteps for LiveSteps<'_> {
             }
             Err(why) => return Err(unconfirmed(why)),
         }
-        // Gone: it writes no disk and holds no lease any more. libvirt finishes stopping the
-        // domain on its own (its kill loop may sit out 200 ms first); the attach does not wait
-        // for that unless libvirt's lock manager insists (see `attach`).
-        Ok(())
+        // Gone: it writes no disk any more. libvirt's lock manager gives its leases back only
+        // once libvirt has finished stopping the domain, and the attach needs them.
+        self.libvirt_stopped(name).await
     }
 
     async fn attach(&self, p: &Promotion, disks: &[DataDisk]) -> Result<(), FailoverError> {
@@ -649,11 +637,6 @@ impl PromotionSteps for LiveSteps<'_> {
             .run("attach: who holds the data disks", move |hv| {
                 let mut running = Vec::new();
                 for d in hv.list()?.into_iter().filter(|d| d.state.is_active()) {
-                    // libvirt may still list a domain whose QEMU is gone (its stop is under
-                    // way): a process that no longer holds its files holds no disk.
-                    if !qemu_holds_files(Path::new(QEMU_RUN_DIR), &d.name) {
-                        continue;
-                    }
                     let Ok(xml) = hv.xml(&d.name, false) else {
                         continue; // gone meanwhile
                     };
@@ -689,28 +672,18 @@ impl PromotionSteps for LiveSteps<'_> {
                 tracing::info!(shadow = %p.shadow.name, disk = %disk.target, source = %disk.source, "data disk already attached (a hand-over interrupted by a restart); not attached again");
                 continue;
             }
-            let attach = || {
-                let (shadow, xml) = (p.shadow.name.clone(), disk.xml.clone());
-                self.hv.run("attach data disk", move |hv| {
+            let (shadow, xml) = (p.shadow.name.clone(), disk.xml.clone());
+            self.hv
+                .run("attach data disk", move |hv| {
                     hv.attach_device(&shadow, &xml)
                 })
-            };
-            let attached = match attach().await {
-                // libvirt's lock manager may hold the old primary's lease until libvirt has
-                // finished stopping it: then wait for that, and try once more.
-                Err(e) if p.old_host.is_none() && self.libvirt_still_runs(&p.old_primary).await => {
-                    tracing::info!(shadow = %p.shadow.name, disk = %disk.target, error = %crate::error::report(&e), "attach refused while libvirt still stops the old primary; waiting for it");
-                    self.libvirt_stopped(&p.old_primary).await?;
-                    attach().await
-                }
-                other => other,
-            };
-            attached.map_err(|source| FailoverError::Attach {
-                shadow: p.shadow.name.clone(),
-                target: disk.target.clone(),
-                disk_source: disk.source.clone(),
-                source: Box::new(source),
-            })?;
+                .await
+                .map_err(|source| FailoverError::Attach {
+                    shadow: p.shadow.name.clone(),
+                    target: disk.target.clone(),
+                    disk_source: disk.source.clone(),
+                    source: Box::new(source),
+                })?;
             tracing::info!(shadow = %p.shadow.name, disk = %disk.target, source = %disk.source, "data disk attached");
         }
         if super::fault_fail_once("attach") {
