@@ -14,6 +14,12 @@
 //! domain after the kill minus the last good answer before it. Writes build/bench/cluster.json
 //! and build/bench/cluster.svg.
 //!
+//! Where a cross-host failover's time goes is read per trial from the two daemons' logs (the
+//! primary's host seeing its QEMU exit and writing the failure report; the shadow's host taking
+//! it over) and from the shadow host's failover record (claim, resume and rewire, announce),
+//! all as milliseconds after the kill on the machine's one clock, next to the client's first
+//! answer from the shadow: `cross_host_breakdown` in the JSON, medians printed.
+//!
 //! Environment: BENCH_TRIALS (default 10) cross-host trials, BENCH_LOCAL_TRIALS (default 5).
 
 #[path = "../integration/common.rs"]
@@ -23,7 +29,8 @@ mod common;
 #[path = "../integration/three_hosts/mod.rs"]
 mod three_hosts;
 
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use three_hosts::crosshost::{clear_prefix, daemon_with, kill_qemu, owner};
@@ -56,6 +63,111 @@ fn outage(probe: &Prober, kill: Instant, uuid: &str, limit: Duration) -> Option<
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The 1-minute load average (`/proc/loadavg`): the machine is shared, so every figure comes
+/// with it.
+fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Unix time in µs.
+fn unix_us(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The time of the first line of the daemon log at `log` at or after `since` (Unix µs) that
+/// contains `what` and `service`, in ms after `since`. The log's lines start with an RFC 3339
+/// timestamp (colours stripped).
+fn log_mark(log: &Path, since: i64, what: &str, service: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().find_map(|raw| {
+        let line = strip_ansi(raw);
+        if !line.contains(what) || !line.contains(service) {
+            return None;
+        }
+        let stamp = line.split_whitespace().next()?;
+        let at = unix_us(humantime::parse_rfc3339_weak(stamp.trim_end_matches('Z')).ok()?);
+        (at >= since).then(|| (at - since) as f64 / 1000.0)
+    })
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The end of step `name` of a failover record, in ms after the record's start.
+fn step_end(record: &serde_json::Value, name: &str) -> Option<f64> {
+    record["steps"].as_array()?.iter().find_map(|s| {
+        (s["name"] == name)
+            .then(|| s["start_ms"].as_f64().unwrap_or(0.0) + s["ms"].as_f64().unwrap_or(0.0))
+    })
+}
+
+/// Where one cross-host failover's time went, in ms after the kill (see the module's comment).
+fn breakdown(
+    primary_log: &Path,
+    shadow_log: &Path,
+    kill_us: i64,
+    record: &serde_json::Value,
+    client_ms: Option<f64>,
+) -> serde_json::Value {
+    let exit_seen = log_mark(primary_log, kill_us, "primary QEMU exited", CROSS);
+    let reported = log_mark(primary_log, kill_us, "primary failure reported", CROSS);
+    let taken = log_mark(shadow_log, kill_us, "promoting the shadow here", CROSS);
+    let after_taken = |v: Option<f64>| Some(taken? + v?);
+    serde_json::json!({
+        "exit_seen": exit_seen,
+        "reported": reported,
+        "taken_over": taken,
+        "claimed": after_taken(step_end(record, "claim")),
+        "resumed": after_taken(step_end(record, "resume")),
+        "rewired": after_taken(step_end(record, "rewire")),
+        "restored": after_taken(record["outage_ms"].as_f64()),
+        "announced": after_taken(step_end(record, "announce")),
+        "client_served": client_ms,
+    })
+}
+
+/// The columns of [`breakdown`], in order.
+const MARKS: [&str; 9] = [
+    "exit_seen",
+    "reported",
+    "taken_over",
+    "claimed",
+    "resumed",
+    "rewired",
+    "restored",
+    "announced",
+    "client_served",
+];
+
+/// The first answer naming `uuid` after `kill`, in ms after it.
+fn first_answer_ms(probe: &Prober, kill: Instant, uuid: &str) -> Option<f64> {
+    probe
+        .answers()
+        .iter()
+        .filter(|a| a.at > kill && page_uuid(&a.body) == uuid)
+        .map(|a| (a.at - kill).as_secs_f64() * 1000.0)
+        .reduce(f64::min)
 }
 
 fn names(service: &str) -> Vec<String> {
@@ -103,6 +215,8 @@ fn main() {
     .unwrap();
     let mut cross_ms = Vec::new();
     let mut records = Vec::new();
+    let mut breakdowns = Vec::new();
+    let mut loads = vec![load1()];
     for i in 0..trials {
         let (at, domain) = wait_for("the owner of bc-web", SHADOW_WAIT, || {
             owner(&daemons[0], CROSS)
@@ -122,6 +236,7 @@ fn main() {
         );
         std::thread::sleep(Duration::from_millis(300));
         let uuid = domain_uuid(&hv(hosts[b]), &shadow);
+        let kill_us = unix_us(SystemTime::now());
         let kill = Instant::now();
         kill_qemu(hosts[a], &domain);
         match outage(&probe, kill, &uuid, Duration::from_secs(30)) {
@@ -141,6 +256,26 @@ fn main() {
             let s = daemons[b].service(CROSS)?;
             (s["active"] == shadow.as_str()).then_some(s)
         });
+        let marks = breakdown(
+            &daemons[a].log,
+            &daemons[b].log,
+            kill_us,
+            &svc["last_failover"],
+            first_answer_ms(&probe, kill, &uuid),
+        );
+        println!(
+            "  ms after the kill: {}",
+            MARKS
+                .iter()
+                .map(|m| format!(
+                    "{m} {}",
+                    marks[m].as_f64().map_or("-".into(), |v| format!("{v:.1}"))
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        breakdowns.push(marks);
+        loads.push(load1());
         records.push(svc["last_failover"].clone());
     }
     drop(probe);
@@ -194,6 +329,20 @@ fn main() {
         "local crash failovers:      {} of {local_trials} served; median {l50:.1} ms, p95 {l95:.1} ms, max {lmax:.1} ms",
         local_ms.len()
     );
+    loads.push(load1());
+    let (lmin, lmax) = loads
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &l| (a.min(l), b.max(l)));
+    println!("load average (1 min) during the run: {lmin:.1} to {lmax:.1}");
+    println!("cross-host, median ms after the kill:");
+    for m in MARKS {
+        let v: Vec<f64> = breakdowns.iter().filter_map(|b| b[m].as_f64()).collect();
+        let (median, p95, _) = stats(&v);
+        println!(
+            "  {m:<14} median {median:7.1}  p95 {p95:7.1}  ({} trials)",
+            v.len()
+        );
+    }
     println!(
         "target (cross-host): median <= 150 ms: {}, p95 <= 300 ms: {}",
         if x50 <= 150.0 { "met" } else { "NOT met" },
@@ -211,6 +360,8 @@ fn main() {
             "local": {"median": l50, "p95": l95, "max": lmax},
         },
         "cross_host_failover_records": records,
+        "cross_host_breakdown": breakdowns,
+        "load_average_1m": loads,
     });
     std::fs::write(
         out.join("cluster.json"),

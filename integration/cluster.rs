@@ -464,6 +464,55 @@ async fn adopt_after_a_restart_changes_no_owner() {
     ));
 }
 
+/// A failed promotion's undo names the old primary's host, not the claimant's; and a claim
+/// made on the revision a read of the claimant saw still loses to a change since, or (the
+/// record removed and adopted again at the same generation) reads again and goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_give_back_names_the_old_host_and_claims_compare_what_was_read() {
+    let etcd = EtcdServer::start();
+    let (a, b) = (start(&etcd, "h1"), start(&etcd, "h2"));
+    let claim = |domain: &str, expected| Claim {
+        service: "web".into(),
+        domain: domain.into(),
+        expected,
+    };
+    a.adopt("web", "web").await.unwrap();
+    assert_eq!(b.owner("web").await.unwrap().unwrap().generation, 1);
+    let claimed = b.claim(claim("web-shadow-2", 1)).await.unwrap();
+    assert_eq!((claimed.host.0.as_str(), claimed.generation), ("h2", 2));
+    let back = b
+        .give_back(claim("web", 2), &HostId("h1".into()))
+        .await
+        .unwrap();
+    assert_eq!((back.domain.as_str(), back.host.0.as_str()), ("web", "h1"));
+    assert_eq!(back.generation, 3);
+    assert_eq!(a.owner("web").await.unwrap(), Some(back.clone()));
+    // Only at the generation expected.
+    assert!(matches!(
+        b.give_back(claim("web", 2), &HostId("h1".into())).await,
+        Err(CoordError::Conflict { .. })
+    ));
+
+    // b read generation 3; a claims meanwhile: b's claim on what it read loses.
+    assert_eq!(b.owner("web").await.unwrap().unwrap().generation, 3);
+    let won = a.claim(claim("web-shadow-1", 3)).await.unwrap();
+    match b.claim(claim("web-shadow-2", 3)).await {
+        Err(CoordError::Conflict { current, .. }) => assert_eq!(current, won),
+        other => panic!("{other:?}"),
+    }
+    // Removed and adopted again (generation 1 again, another revision) after b read it.
+    let key = Keys::new(PREFIX).unwrap().owner("web").unwrap();
+    let mut c = raw(&etcd).await;
+    c.delete(key.as_str(), None).await.unwrap();
+    a.adopt("web", "web").await.unwrap();
+    assert_eq!(b.owner("web").await.unwrap().unwrap().generation, 1);
+    c.delete(key.as_str(), None).await.unwrap();
+    a.adopt("web", "web").await.unwrap();
+    let r = b.claim(claim("web-shadow-2", 1)).await.unwrap();
+    assert_eq!((r.domain.as_str(), r.generation), ("web-shadow-2", 2));
+    assert_eq!(a.owner("web").await.unwrap(), Some(r));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn specs_and_failure_reports_reach_the_other_host() {
     let etcd = EtcdServer::start();

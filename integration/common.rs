@@ -237,8 +237,20 @@ impl DaemonProc {
         shadows: u32,
         class_extra: &str,
     ) -> Self {
+        Self::start_on_host_with_env(host, tag, pattern, shadows, class_extra, &[])
+    }
+
+    /// Like [`DaemonProc::start_on_host`], with extra environment for the daemon process.
+    pub fn start_on_host_with_env(
+        host: &str,
+        tag: &str,
+        pattern: &str,
+        shadows: u32,
+        class_extra: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let host = host.to_string();
-        Self::start_wrapped(tag, pattern, shadows, class_extra, &[], move |_| {
+        Self::start_wrapped(tag, pattern, shadows, class_extra, env, move |_| {
             vec![
                 repo()
                     .join("scripts/lab-host-exec.sh")
@@ -332,13 +344,30 @@ warmup_commands = [["/bin/busybox", "sh", "-c", "for i in $(seq 30); do wget -q 
     /// Kills and restarts the daemon process with the same configuration (and no extra
     /// environment).
     pub fn restart(&mut self) {
+        self.restart_with_env(&[]);
+    }
+
+    /// Kills and restarts the daemon process with the same configuration and `env`.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
         let _ = self.child.wait();
-        self.child = spawn_daemon(&self.wrapper, &self.config, &self.log, &[]);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.child = spawn_daemon(&self.wrapper, &self.config, &self.log, &env);
         self.wait_socket();
+    }
+
+    /// Waits until the daemon process exits by itself (e.g. a fault injection aborted it).
+    pub fn wait_exited(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let child = &mut self.child;
+        wait_for("the daemon to exit", limit, || {
+            child.try_wait().ok().flatten()
+        })
     }
 
     fn wait_socket(&mut self) {

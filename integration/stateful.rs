@@ -475,6 +475,7 @@ fn nbd_second_writer_is_refused(
             old_primary: primary.to_string(),
             old_host: None,
             old_taps: Vec::new(),
+            owner_generation: None,
             shadow: understudy::failover::Shadow {
                 name: shadow.to_string(),
                 state: understudy::failover::ShadowState::Standby(

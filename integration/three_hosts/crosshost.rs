@@ -32,6 +32,22 @@ pub fn daemon_with(
     prefix: &str,
     more: &str,
 ) -> DaemonProc {
+    daemon_env(cluster, host, name, shadows, placement, prefix, more, &[])
+}
+
+/// [`daemon_with`], with extra environment for the daemon process (fault injection). `more`
+/// starts inside the `[cluster]` table: keys there are cluster keys.
+#[allow(clippy::too_many_arguments)]
+pub fn daemon_env(
+    cluster: &Cluster,
+    host: &str,
+    name: &str,
+    shadows: u32,
+    placement: &str,
+    prefix: &str,
+    more: &str,
+    env: &[(&str, &str)],
+) -> DaemonProc {
     let endpoints: Vec<String> = cluster
         .hosts()
         .iter()
@@ -42,7 +58,7 @@ pub fn daemon_with(
         endpoints.join(", "),
         cluster.libvirt_uri(host)
     );
-    DaemonProc::start_on_host(host, &format!("{name}-{host}"), name, shadows, &extra)
+    DaemonProc::start_on_host_with_env(host, &format!("{name}-{host}"), name, shadows, &extra, env)
 }
 
 /// Removes what an earlier run left under `prefix` in etcd (an owner record of the same

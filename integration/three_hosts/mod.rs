@@ -17,6 +17,7 @@
 
 pub mod crosshost;
 mod lab;
+mod resilience;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};

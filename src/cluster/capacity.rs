@@ -30,6 +30,15 @@ impl HostCapacity {
         })
     }
 
+    /// The same host with `kib` of its available memory kept out of placement
+    /// (`[cluster] reserved_memory_mib`).
+    pub fn reserving(self, kib: u64) -> Self {
+        HostCapacity {
+            mem_available_kib: self.mem_available_kib.saturating_sub(kib),
+            ..self
+        }
+    }
+
     /// Whether a domain of `mem_kib` fits and leaves [`HOST_RESERVE_KIB`] free.
     pub fn fits(&self, mem_kib: u64) -> bool {
         self.mem_available_kib >= mem_kib.saturating_add(HOST_RESERVE_KIB)
@@ -59,5 +68,9 @@ mod tests {
         };
         assert!(c.fits(512 * 1024));
         assert!(!c.fits(512 * 1024 + 1));
+        // Memory kept out of placement counts as used.
+        assert!(!c.reserving(1).fits(512 * 1024));
+        assert_eq!(c.reserving(u64::MAX).mem_available_kib, 0);
+        assert_eq!(c.reserving(0), c);
     }
 }

@@ -57,7 +57,8 @@ impl LocalCoordinator {
         let _ = self.changes.send(ev);
     }
 
-    fn claim_now(&self, claim: Claim) -> Result<OwnerRecord, CoordError> {
+    /// Compare-and-swap: `claim.domain` on `host` becomes the owner.
+    fn claim_now(&self, claim: Claim, host: &HostId) -> Result<OwnerRecord, CoordError> {
         check_name("service", &claim.service)?;
         check_name("domain", &claim.domain)?;
         let mut r = self.records();
@@ -81,7 +82,7 @@ impl LocalCoordinator {
         let record = OwnerRecord {
             service: claim.service.clone(),
             domain: claim.domain,
-            host: self.host.clone(),
+            host: host.clone(),
             generation: current + 1,
         };
         r.owners.insert(claim.service, record.clone());
@@ -195,7 +196,11 @@ impl Coordinator for LocalCoordinator {
     }
 
     fn claim(&self, claim: Claim) -> CoordFuture<'_, OwnerRecord> {
-        done(self.claim_now(claim))
+        done(self.claim_now(claim, &self.host))
+    }
+
+    fn give_back(&self, claim: Claim, to: &HostId) -> CoordFuture<'_, OwnerRecord> {
+        done(check_name("host", &to.0).and_then(|()| self.claim_now(claim, to)))
     }
 
     fn adopt(&self, service: &str, domain: &str) -> CoordFuture<'_, OwnerRecord> {

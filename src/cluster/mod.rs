@@ -160,7 +160,7 @@ pub type CoordFuture<'a, T> = BoxFuture<'a, Result<T, CoordError>>;
 /// The coordination seam. Names (host, service, domain) must pass [`check_name`].
 ///
 /// Records this host writes carry its name: a record's `host` field given by the caller is
-/// replaced with [`Coordinator::host`].
+/// replaced with [`Coordinator::host`] (the one exception is [`Coordinator::give_back`]).
 pub trait Coordinator: Send + Sync {
     /// This host.
     fn host(&self) -> &HostId;
@@ -193,6 +193,14 @@ pub trait Coordinator: Send + Sync {
     /// Compare-and-swap: `claim.domain` on this host becomes the owner, provided the record's
     /// generation is still `claim.expected` (no record counts as 0). Returns the new record.
     fn claim(&self, claim: Claim) -> CoordFuture<'_, OwnerRecord>;
+
+    /// Undoes this host's own claim: `claim.domain` on host `to` (the owner before the claim,
+    /// which may be another host) becomes the owner again, provided the record's generation is
+    /// still `claim.expected`; the generation grows as with any change. The one record this
+    /// host writes that may name another host: a promotion here of a primary from host `to`
+    /// that failed past its claim gives the service back to that primary, so that the record
+    /// names where it ran and a retry can claim it from there. Returns the new record.
+    fn give_back(&self, claim: Claim, to: &HostId) -> CoordFuture<'_, OwnerRecord>;
 
     /// Records what was found at start (a primary running here) unless a record exists:
     /// returns the record in force, which may name another domain or host.

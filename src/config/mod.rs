@@ -216,6 +216,10 @@ pub struct ClusterConfig {
     pub op_timeout_ms: u64,
     /// Bound on connecting to etcd, in milliseconds (50..=30000).
     pub connect_timeout_ms: u64,
+    /// Memory this host keeps out of placement, in MiB (other workloads, the host's own
+    /// growth): subtracted from the available memory it publishes, so other hosts place no
+    /// shadow here that would eat into it. 0 by default.
+    pub reserved_memory_mib: u64,
 }
 
 impl Default for ClusterConfig {
@@ -229,6 +233,7 @@ impl Default for ClusterConfig {
             keepalive_interval_ms: None,
             op_timeout_ms: 1000,
             connect_timeout_ms: 1000,
+            reserved_memory_mib: 0,
         }
     }
 }

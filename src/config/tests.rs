@@ -697,6 +697,7 @@ fn cluster_table_is_read_with_its_defaults() {
     assert_eq!(c.key_prefix, "/understudy/lab");
     assert_eq!(c.lease_ttl(), Duration::from_secs(3));
     assert_eq!(c.keepalive_interval(), Duration::from_millis(500));
+    assert_eq!(c.reserved_memory_mib, 2048);
     assert_eq!(config.profile.repository_backend, RepositoryBackend::Etcd);
 
     // Only the endpoints are required; the keepalive defaults to a quarter of the TTL.
@@ -709,6 +710,7 @@ fn cluster_table_is_read_with_its_defaults() {
         (c.key_prefix.as_str(), c.lease_ttl_s, c.keepalive_interval()),
         ("/understudy/default", 5, Duration::from_millis(1250))
     );
+    assert_eq!(c.reserved_memory_mib, 0, "no memory kept out of placement");
     assert_eq!(Config::default().cluster, None, "single host without it");
 }
 
@@ -729,6 +731,7 @@ fn cluster_problems_name_file_line_and_key() {
         format!("{p}:10: cluster.keepalive_interval_ms: 900 is out of range 50..=333"),
         format!("{p}:11: cluster.op_timeout_ms: 5000 ms is not below the lease TTL (1 s)"),
         format!("{p}:12: cluster.connect_timeout_ms: 10 is out of range 50..=30000"),
+        format!("{p}:13: cluster.reserved_memory_mib: 99999999999 is out of range 0..=16777216"),
     ] {
         assert!(text.contains(&want), "{want:?} missing from:\n{text}");
     }

@@ -216,6 +216,12 @@ impl Checker<'_, '_> {
             );
         }
         self.range(&at.key("op_timeout_ms"), cluster.op_timeout_ms, 50..=30_000);
+        // 16 TiB: beyond any host, and far from overflowing when turned into KiB.
+        self.range(
+            &at.key("reserved_memory_mib"),
+            cluster.reserved_memory_mib,
+            0..=16 << 20,
+        );
         self.range(
             &at.key("connect_timeout_ms"),
             cluster.connect_timeout_ms,

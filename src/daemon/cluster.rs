@@ -142,7 +142,12 @@ async fn publish(d: &Shared, p: &mut Published) -> Result<(), CoordError> {
             .as_ref()
             .and_then(|c| c.libvirt_uri.clone())
             .unwrap_or_else(|| cfg.daemon.libvirt_uri.clone());
-        let facts = HostFacts::now(coord.host().clone(), &uri, d.started_unix_ms);
+        let mut facts = HostFacts::now(coord.host().clone(), &uri, d.started_unix_ms);
+        let reserved_kib = cfg
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.reserved_memory_mib.saturating_mul(1024));
+        facts.capacity = facts.capacity.map(|c| c.reserving(reserved_kib));
         match coord.register(facts).await {
             // Written as soon as the lease is granted.
             Ok(()) | Err(CoordError::NoLease { .. }) => p.facts_at = Some(Instant::now()),

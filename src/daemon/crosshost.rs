@@ -25,7 +25,8 @@ use tokio::sync::broadcast;
 
 use crate::cluster::placement::{self, ExistingShadow, HostView, Ledger, ServiceLayout};
 use crate::cluster::{
-    ClusterEvent, FailureReport, HostCapacity, HostId, HostState, Mode, PrimarySpec, ShadowStatus,
+    ClusterEvent, FailureReport, HostCapacity, HostId, HostState, Mode, OwnerRecord, PrimarySpec,
+    ShadowStatus,
 };
 use crate::domain_xml::DomainXml;
 use crate::failover::plan::DiskPolicy;
@@ -34,7 +35,7 @@ use crate::failover::{ShadowState, Trigger};
 use crate::libvirt::RunState;
 
 use super::table::{HandoverStart, RemoteShadow};
-use super::{execute, recover, start_failover, ServiceState, Shared};
+use super::{execute, launch_promotion, recover, ServiceState, Shared};
 
 /// How long a handover waits for the other host to claim the service.
 pub(super) const HANDOVER_WAIT: Duration = Duration::from_secs(30);
@@ -253,25 +254,56 @@ async fn take_over(d: &Shared, report: &FailureReport) {
     if !ready {
         return;
     }
-    match d.coord.owner(&report.service).await {
-        Ok(Some(o)) if o.domain == report.domain && o.generation == report.generation => {}
-        Ok(_) => {
-            tracing::debug!(service = %report.service, "stale failure report ignored");
-            return;
+    // Whether the report is about the owner in force is the claim's to check: it requires the
+    // record at the report's generation (a stale report claims nothing, and the shadow, never
+    // touched, stands by again), which spares the critical path a read of its own.
+    let at = Instant::now();
+    let start = d
+        .table()
+        .begin_failover(&report.service, &report.domain, report.trigger);
+    match start {
+        Ok(start) => {
+            tracing::warn!(service = %report.service, from = %report.domain, host = %report.host, trigger = %report.trigger, generation = report.generation, "primary on another host reported failed; promoting the shadow here");
+            launch_promotion(
+                d,
+                &report.service,
+                report.trigger,
+                at,
+                start,
+                Some(report.generation),
+            );
         }
-        Err(e) => {
-            tracing::warn!(service = %report.service, error = %crate::error::report(&e), "owner unreadable; failure report not acted on");
-            return;
-        }
+        Err(e) => tracing::debug!(service = %report.service, "failure report not acted on: {e}"),
     }
-    tracing::warn!(service = %report.service, from = %report.domain, host = %report.host, trigger = %report.trigger, "primary on another host reported failed; promoting the shadow here");
-    start_failover(
-        d,
-        &report.service,
-        &report.domain,
-        report.trigger,
-        Instant::now(),
-    );
+}
+
+/// A shadow here became ready. For a primary elsewhere whose failure was reported while no
+/// shadow could take it over (none ready, or the promotion that claimed it failed and gave
+/// it back), the report still stands: it is acted on now.
+pub(super) fn shadow_ready(d: &Shared, service: &str) {
+    if !clustered(d)
+        || d.table()
+            .get(service)
+            .is_none_or(|s| s.primary_host().is_none())
+    {
+        return;
+    }
+    let (d, service) = (d.clone(), service.to_string());
+    tokio::spawn(async move {
+        match d.coord.failures().await {
+            Ok(reports) => {
+                for r in reports
+                    .iter()
+                    .filter(|r| r.service == service && r.host != me(&d))
+                {
+                    take_over(&d, r).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%service, error = %crate::error::report(&e), "failure reports unreadable")
+            }
+        }
+    });
 }
 
 /// A promotion here of a primary reported from elsewhere is done: the report is settled.
@@ -466,8 +498,14 @@ pub(super) async fn handover(d: &Shared, service: &str, to: &HostId) -> Result<S
         to: Some(to.clone()),
     };
     let reported = d.coord.report_failure(report).await;
+    let asked = Asked {
+        me: me(d),
+        primary: start.primary.clone(),
+        to: to.clone(),
+        generation: owner.generation,
+    };
     let claimed = match reported {
-        Ok(()) => wait_for_claim(d, &mut changes, service, to, owner.generation).await,
+        Ok(()) => wait_for_claim(d, &mut changes, service, &asked).await,
         Err(e) => Err(crate::error::report(&e)),
     };
     match claimed {
@@ -479,14 +517,27 @@ pub(super) async fn handover(d: &Shared, service: &str, to: &HostId) -> Result<S
             ))
         }
         Err(why) => {
-            let _ = d.coord.clear_failure(service).await;
-            // A claim may have landed just now: only a service still ours is given back.
+            // Only a service still ours, at the generation the handover began with, is given
+            // back to the primary here; its failure report is cleared first, so that no host
+            // acts on it later. A record changed meanwhile answers the handover instead (the
+            // main loop retires the primary here when it sees it).
+            let moved = |o: &OwnerRecord| {
+                asked.outcome(o).map(|outcome| match outcome {
+                    Ok(domain) => Ok(format!(
+                        "service '{service}': switched over to {domain} on host {to} (late)"
+                    )),
+                    Err(why) => Err(format!("{why}; the primary here is not given back")),
+                })
+            };
             if let Ok(Some(o)) = d.coord.owner(service).await {
-                if o.generation != owner.generation {
-                    return Ok(format!(
-                        "service '{service}': switched over to {} on host {} (late)",
-                        o.domain, o.host
-                    ));
+                if let Some(answer) = moved(&o) {
+                    return answer;
+                }
+            }
+            let _ = d.coord.clear_failure(service).await;
+            if let Ok(Some(o)) = d.coord.owner(service).await {
+                if let Some(answer) = moved(&o) {
+                    return answer;
                 }
             }
             let actions = d.table().handover_failed(service).unwrap_or_default();
@@ -499,35 +550,54 @@ pub(super) async fn handover(d: &Shared, service: &str, to: &HostId) -> Result<S
     }
 }
 
-/// Waits until another host owns `service` at a newer generation; its domain.
+/// What a handover asked: `primary` on this host `me`, owner at `generation`, to host `to`.
+struct Asked {
+    me: HostId,
+    primary: String,
+    to: HostId,
+    generation: u64,
+}
+
+impl Asked {
+    /// What an owner record says of the handover: `None` while it is not news; the domain
+    /// that serves on the host asked; or why the handover did not happen (another host
+    /// claimed the service, or the host asked gave it back to the primary here).
+    fn outcome(&self, r: &OwnerRecord) -> Option<Result<String, String>> {
+        if r.generation <= self.generation {
+            return None;
+        }
+        Some(if r.host == self.me && r.domain == self.primary {
+            Err(format!(
+                "host {} gave the service back (its promotion failed)",
+                self.to
+            ))
+        } else if r.host == self.to {
+            Ok(r.domain.clone())
+        } else {
+            Err(format!("host {} claimed it instead", r.host))
+        })
+    }
+}
+
+/// Waits until the owner record of `service` answers the handover ([`Asked::outcome`]).
 async fn wait_for_claim(
     d: &Shared,
     changes: &mut broadcast::Receiver<ClusterEvent>,
     service: &str,
-    to: &HostId,
-    generation: u64,
+    asked: &Asked,
 ) -> Result<String, String> {
     let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
     loop {
         let ev = tokio::time::timeout_at(deadline, changes.recv()).await;
-        match ev {
+        let record = match ev {
             Err(_) => return Err(format!("no claim within {HANDOVER_WAIT:?}")),
-            Ok(Ok(ClusterEvent::Owner(r))) if r.service == service && r.generation > generation => {
-                return if r.host == *to {
-                    Ok(r.domain)
-                } else {
-                    Err(format!("host {} claimed it instead", r.host))
-                };
-            }
-            Ok(Ok(_)) => {}
+            Ok(Ok(ClusterEvent::Owner(r))) if r.service == service => Some(r),
+            Ok(Ok(_)) => None,
             // Missed changes: read the record itself.
-            Ok(Err(_)) => {
-                if let Ok(Some(r)) = d.coord.owner(service).await {
-                    if r.generation > generation {
-                        return Ok(r.domain);
-                    }
-                }
-            }
+            Ok(Err(_)) => d.coord.owner(service).await.ok().flatten(),
+        };
+        if let Some(outcome) = record.and_then(|r| asked.outcome(&r)) {
+            return outcome;
         }
     }
 }
@@ -658,6 +728,39 @@ pub(super) async fn drain_here(d: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_handover_is_answered_by_the_owner_record() {
+        let host = |h: &str| HostId(h.into());
+        let asked = Asked {
+            me: host("h1"),
+            primary: "web".into(),
+            to: host("h2"),
+            generation: 4,
+        };
+        let rec = |domain: &str, h: &str, generation| OwnerRecord {
+            service: "web".into(),
+            domain: domain.into(),
+            host: host(h),
+            generation,
+        };
+        assert_eq!(asked.outcome(&rec("web", "h1", 4)), None);
+        assert_eq!(
+            asked.outcome(&rec("web-shadow-2", "h2", 5)),
+            Some(Ok("web-shadow-2".into()))
+        );
+        assert_eq!(
+            asked.outcome(&rec("web-shadow-3", "h3", 5)),
+            Some(Err("host h3 claimed it instead".into()))
+        );
+        // h2 claimed, failed and gave it back (read after missed changes): not a switchover.
+        assert_eq!(
+            asked.outcome(&rec("web", "h1", 6)),
+            Some(Err(
+                "host h2 gave the service back (its promotion failed)".into()
+            ))
+        );
+    }
 
     #[test]
     fn a_shadow_holds_the_memory_of_the_primary_s_spec() {

@@ -402,6 +402,9 @@ async fn execute(d: &Shared, actions: Vec<Action>) {
             Action::Unfence { service, domain } => {
                 recover::unfence_primary(d, &service, &domain).await
             }
+            Action::GivenBack { service, domain } => {
+                recover::given_back(d, &service, &domain).await
+            }
         }
     }
 }
@@ -412,7 +415,7 @@ async fn execute(d: &Shared, actions: Vec<Action>) {
 fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: Instant) {
     let start = d.table().begin_failover(service, from, trigger);
     match start {
-        Ok(start) => launch_promotion(d, service, trigger, at, start),
+        Ok(start) => launch_promotion(d, service, trigger, at, start, None),
         Err(e @ Refused::NoShadow { .. }) => {
             let elsewhere = d
                 .table()
@@ -428,12 +431,14 @@ fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: I
 }
 
 /// Runs the promotion the table has begun, and reports back as [`Note::FailoverDone`].
+/// `owner_generation`: the one a failure report from the old primary's host names.
 fn launch_promotion(
     d: &Shared,
     service: &str,
     trigger: Trigger,
     at: Instant,
     start: table::FailoverStart,
+    owner_generation: Option<u64>,
 ) {
     let class = d.class(&start.class);
     let handover = handover_of(&class, &d.cfg());
@@ -445,6 +450,7 @@ fn launch_promotion(
         old_primary: start.old_primary,
         old_host: start.old_host,
         old_taps: start.old_taps,
+        owner_generation,
         shadow_generation: start.shadow_generation,
         shadow: start.shadow,
         trigger,
@@ -591,7 +597,11 @@ async fn on_shadow_done(
                     shadow: shadow.name.clone(),
                 },
             );
-            d.table().shadow_ready(service, shadow)
+            let ready = d.table().shadow_ready(service, shadow);
+            if ready.is_ok() {
+                crosshost::shadow_ready(d, service);
+            }
+            ready
         }
         Err(e) => {
             // A spec that cannot be cloned will not clone next time either.

@@ -18,7 +18,8 @@ use crate::libvirt::{qemu_pid, DomainSummary, LibvirtError, QemuProcess, RunStat
 
 use super::checks::repair_taps;
 use super::table::ShadowToProvision;
-use super::{start_failover, Note, Service, ServiceState, Shared};
+use super::{launch_promotion, start_failover, Note, Service, ServiceState, Shared};
+use crate::cluster::{Claim, OwnerRecord};
 
 /// What libvirt's domains say about the services, before anything is changed.
 #[derive(Debug, Default)]
@@ -271,6 +272,15 @@ async fn recover_service(d: &Shared, name: &str) {
         .filter(|s| s.state == ShadowState::Promoting)
         .map(|s| s.name.clone())
         .collect();
+    // The owner record (in etcd, with a cluster) may name a shadow here already: a promotion
+    // claimed the service, then the daemon died before that shadow served.
+    let claimed = claimed_here(d, &svc).await;
+    let claimed_shadow = claimed.as_ref().and_then(|r| {
+        svc.shadows
+            .iter()
+            .find(|s| s.name == r.domain && s.state != ShadowState::Failed)
+            .map(|s| s.name.clone())
+    });
     match svc.state {
         ServiceState::Provisioning => {
             refresh_active(d, name).await;
@@ -282,9 +292,24 @@ async fn recover_service(d: &Shared, name: &str) {
                     remove_shadow(d, name, s).await;
                 }
             }
-            if !promoting.is_empty() {
+            // Undone with its claim: the record names the primary again.
+            if let Some(r) = &claimed {
+                give_back_here(d, name, &svc.active, r.generation).await;
+            }
+            if !promoting.is_empty() || claimed.is_some() {
                 unfence_primary(d, name, &svc.active).await;
             }
+        }
+        // The service is this host's already: the claimed shadow, and no other, serves.
+        ServiceState::Down { .. } | ServiceState::Elsewhere { .. } if claimed_shadow.is_some() => {
+            let shadow = claimed_shadow.expect("checked above");
+            finish_claimed(d, name, &svc.active, &shadow).await;
+        }
+        // Claimed for a domain here that is neither the primary nor a shadow (gone meanwhile):
+        // nothing serves, as when a service is given back to a primary here that is gone.
+        ServiceState::Elsewhere { .. } if claimed.is_some() => {
+            let r = claimed.expect("checked above");
+            given_back(d, name, &r.domain).await;
         }
         ServiceState::Down { .. } => {
             // The primary died while we were away (or mid-promotion): promote now, the
@@ -309,6 +334,120 @@ async fn recover_service(d: &Shared, name: &str) {
         }
         _ => {}
     }
+}
+
+/// The owner record of `svc` when it names this host and a domain other than the service's
+/// active one (a shadow here that a promotion claimed, or a domain given back).
+async fn claimed_here(d: &Shared, svc: &Service) -> Option<OwnerRecord> {
+    match d.coord.owner(&svc.name).await {
+        Ok(Some(r)) if r.host == *d.coord.host() && r.domain != svc.active => Some(r),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(service = %svc.name, error = %crate::error::report(&e), "owner record unreadable; an interrupted claim is not looked for");
+            None
+        }
+    }
+}
+
+/// Gives the service back to `primary` here after a promotion claimed it and was undone.
+async fn give_back_here(d: &Shared, service: &str, primary: &str, generation: u64) {
+    let claim = Claim {
+        service: service.to_string(),
+        domain: primary.to_string(),
+        expected: generation,
+    };
+    match d.coord.give_back(claim, d.coord.host()).await {
+        Ok(r) => {
+            tracing::info!(
+                service,
+                primary,
+                generation = r.generation,
+                "interrupted promotion undone: the owner record names the primary again"
+            )
+        }
+        Err(e) => {
+            tracing::error!(service, primary, error = %crate::error::report(&e), "cannot give the owner record back to the primary")
+        }
+    }
+}
+
+/// Finishes a promotion that claimed `shadow` before the daemon died: the shadow (back on
+/// standby if it was found running) is promoted again from `from`. The claim is not made
+/// again (the record names the shadow here already); every other step runs again.
+async fn finish_claimed(d: &Shared, service: &str, from: &str, shadow: &str) {
+    tracing::warn!(
+        service,
+        shadow,
+        "promotion interrupted after its claim; finishing it"
+    );
+    let taps = d
+        .table()
+        .get(service)
+        .and_then(|v| v.shadows.iter().find(|x| x.name == shadow).cloned())
+        .map(|x| x.taps)
+        .unwrap_or_default();
+    let _ = d.table().shadow_reparked(service, shadow, taps);
+    let start = d.table().begin_claimed_failover(service, from, shadow);
+    match start {
+        Ok(start) => launch_promotion(d, service, Trigger::Recovery, Instant::now(), start, None),
+        Err(e) => {
+            tracing::error!(service, shadow, "cannot finish the claimed promotion: {e}")
+        }
+    }
+}
+
+/// An owner record gives `service` to `domain` on this host while the table followed it
+/// elsewhere ([`super::Action::GivenBack`]), e.g. another host's promotion failed past its
+/// claim and gave it back to the primary this host retired when that claim landed. Acted on
+/// only while that record is still in force and `domain` is not running here as a shadow of
+/// the service or its primary: then nothing serves, and the service fails over as after a
+/// crash (to a shadow here, or through a failure report to the shadows on other hosts).
+pub(super) async fn given_back(d: &Shared, service: &str, domain: &str) {
+    let me = d.coord.host().clone();
+    match d.coord.owner(service).await {
+        Ok(Some(r)) if r.domain == domain && r.host == me => {}
+        Ok(_) => {
+            tracing::debug!(service, domain, "owner record moved on; not a give-back");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(service, domain, error = %crate::error::report(&e), "owner record unreadable; a give-back is not acted on");
+            return;
+        }
+    }
+    let dn = domain.to_string();
+    let found = d
+        .hv()
+        .run("read a given-back domain", move |hv| {
+            let state = hv.state(&dn)?;
+            Ok((state, hv.metadata(&dn, META_NS)?))
+        })
+        .await;
+    match found {
+        Err(LibvirtError::NoSuchDomain { .. }) => {}
+        Err(e) => {
+            tracing::warn!(service, domain, error = %crate::error::report(&e), "given-back domain unreadable; not acted on");
+            return;
+        }
+        Ok((state, meta)) => {
+            let meta = meta.and_then(|m| UnderstudyMeta::from_libvirt_xml(&m).ok());
+            let role = meta.filter(|m| m.service == service).map(|m| m.role);
+            if role == Some(Role::Shadow) || state.is_active() {
+                tracing::error!(service, domain, state = state.as_str(), ?role, "the owner record names this domain here, which this host does not run as the service's primary; left as it is");
+                return;
+            }
+        }
+    }
+    if let Err(e) = d.table().given_back(service, domain) {
+        tracing::debug!(service, domain, "give-back not applied: {e}");
+        return;
+    }
+    tracing::warn!(
+        service,
+        domain,
+        "the service was given back to a primary here that does not run; failing over"
+    );
+    start_failover(d, service, domain, Trigger::Recovery, Instant::now());
 }
 
 /// An interrupted switchover may have fenced the primary (paused, taps cut): with the shadow

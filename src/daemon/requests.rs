@@ -113,7 +113,7 @@ async fn switchover(d: &Shared, service: &str) -> Response {
     // Refused unless it runs with a shadow ready: a refused switchover never marks it down.
     let begun = d.table().begin_switchover(service);
     match begun {
-        Ok(start) => launch_promotion(d, service, Trigger::Manual, Instant::now(), start),
+        Ok(start) => launch_promotion(d, service, Trigger::Manual, Instant::now(), start, None),
         Err(e) => return refused(e),
     }
     match wait_failover(d, service, previous).await {

@@ -270,6 +270,18 @@ pub enum Action {
         /// The primary here.
         domain: String,
     },
+    /// An owner record names a domain here that this host does not run as the service's
+    /// primary, while the table follows the service elsewhere: another host's promotion
+    /// failed past its claim and gave the service back to its old primary here. The daemon
+    /// asks libvirt whether `domain` was this service's primary; if so, the service is down
+    /// here ([`ServiceTable::given_back`]) and its failure is reported again, for the
+    /// shadows on other hosts.
+    GivenBack {
+        /// The service.
+        service: String,
+        /// The domain the record names.
+        domain: String,
+    },
     /// Watch the primary fenced for a hang through the grace period, then destroy it.
     FenceGrace {
         /// The service.
@@ -520,6 +532,28 @@ impl ServiceTable {
         from: &str,
         trigger: Trigger,
     ) -> Result<FailoverStart, Refused> {
+        self.begin_failover_with(service, from, trigger, None)
+    }
+
+    /// Begins a failover to the standing-by `shadow` named: the owner record names it on this
+    /// host already (a promotion claimed it, then the daemon restarted before it served), so
+    /// no other shadow may be promoted in its place.
+    pub fn begin_claimed_failover(
+        &mut self,
+        service: &str,
+        from: &str,
+        shadow: &str,
+    ) -> Result<FailoverStart, Refused> {
+        self.begin_failover_with(service, from, Trigger::Recovery, Some(shadow))
+    }
+
+    fn begin_failover_with(
+        &mut self,
+        service: &str,
+        from: &str,
+        trigger: Trigger,
+        pick: Option<&str>,
+    ) -> Result<FailoverStart, Refused> {
         let svc = self.svc_mut(service)?;
         if svc.active != from {
             return Err(Refused::NotActive {
@@ -541,7 +575,24 @@ impl ServiceTable {
             });
         }
         let from_host = svc.primary_host().cloned();
-        let Some(shadow) = svc.ready_shadow().cloned() else {
+        let shadow = match pick {
+            None => svc.ready_shadow().cloned(),
+            Some(name) => {
+                let named = svc
+                    .shadows
+                    .iter()
+                    .find(|s| s.name == name && s.state.is_standby());
+                let Some(named) = named.cloned() else {
+                    return Err(Refused::NoSuchShadow {
+                        service: service.to_string(),
+                        shadow: name.to_string(),
+                        what: "standing-by",
+                    });
+                };
+                Some(named)
+            }
+        };
+        let Some(shadow) = shadow else {
             // A primary elsewhere may have shadows on other hosts: not down for this host.
             if from_host.is_none() {
                 svc.state = ServiceState::Down {
@@ -1112,8 +1163,24 @@ impl ServiceTable {
         let Some(svc) = self.services.get_mut(&record.service) else {
             return Vec::new();
         };
-        if &record.host == me || matches!(svc.state, ServiceState::FailingOver { .. }) {
+        if matches!(svc.state, ServiceState::FailingOver { .. }) {
             return Vec::new();
+        }
+        if &record.host == me {
+            // Followed elsewhere, yet the record names a domain here that is neither the one
+            // followed nor a shadow here (a shadow here is this host's own claim, which the
+            // promotion, or a restarted daemon's recovery, answers).
+            let given_back = matches!(svc.state, ServiceState::Elsewhere { .. })
+                && record.domain != svc.active
+                && !svc.shadows.iter().any(|s| s.name == record.domain);
+            return if given_back {
+                vec![Action::GivenBack {
+                    service: record.service.clone(),
+                    domain: record.domain.clone(),
+                }]
+            } else {
+                Vec::new()
+            };
         }
         svc.remote_shadows
             .retain(|r| !(r.name == record.domain && r.host == record.host));
@@ -1130,6 +1197,29 @@ impl ServiceTable {
         } else {
             Vec::new()
         }
+    }
+
+    /// The owner record names `domain`, a former primary of the service here that is not
+    /// running (retired when another host claimed the service, or dead), after that host's
+    /// promotion failed and gave the service back: the service is down here until a shadow
+    /// (here or elsewhere) takes over.
+    pub fn given_back(&mut self, service: &str, domain: &str) -> Result<(), Refused> {
+        let svc = self.svc_mut(service)?;
+        let ServiceState::Elsewhere { host } = &svc.state else {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "take back a service given back",
+            });
+        };
+        svc.state = ServiceState::Down {
+            reason: format!(
+                "host {host} gave the service back after its promotion failed; {domain} does not run"
+            ),
+        };
+        svc.active = domain.to_string();
+        svc.remote_shadows.retain(|r| r.name != domain);
+        Ok(())
     }
 
     /// This host's claim for `shadow` lost: `winner` serves the service. The shadow goes
@@ -2079,5 +2169,73 @@ mod tests {
         assert!(t.set_health("web", "healthy"));
         assert!(!t.set_health("web", "healthy"));
         assert!(!t.set_health("nope", "healthy"));
+    }
+
+    #[test]
+    fn a_service_given_back_to_the_retired_primary_here_is_down_here() {
+        let me = host("h1");
+        let mut t = protected();
+        // h2 claims: the primary here is retired, the service followed on h2.
+        t.owner_changed(&owner("web-shadow-2", "h2", 2), &me);
+        // h2's promotion failed and gave the service back to the primary on h1.
+        let given = vec![Action::GivenBack {
+            service: "web".into(),
+            domain: "web".into(),
+        }];
+        assert_eq!(t.owner_changed(&owner("web", "h1", 3), &me), given);
+        t.given_back("web", "web").unwrap();
+        let s = t.get("web").unwrap();
+        assert_eq!((s.active.as_str(), s.state.label()), ("web", "down"));
+        assert!(s.state.describe().contains("host h2 gave the service back"));
+        assert!(t.given_back("web", "web").is_err(), "only from elsewhere");
+        // The shadow still here takes over from the given-back primary, as after a crash.
+        let start = t.begin_failover("web", "web", Trigger::Recovery).unwrap();
+        assert_eq!(
+            (start.shadow.name.as_str(), start.old_host),
+            ("web-shadow-1", None)
+        );
+    }
+
+    #[test]
+    fn this_host_s_own_claim_is_not_taken_for_a_give_back() {
+        let me = host("h2");
+        // The claim of the shadow here, seen after the promotion ended (or at a restart).
+        let mut t = following();
+        assert!(t
+            .owner_changed(&owner("web-shadow-1", "h2", 2), &me)
+            .is_empty());
+        assert_eq!(t.get("web").unwrap().state.label(), "elsewhere");
+        // Services here, and promotions in flight, are never given back.
+        let mut t = protected();
+        assert!(t.owner_changed(&owner("web-old", "h2", 3), &me).is_empty());
+        let mut t = following();
+        t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        assert!(t.owner_changed(&owner("web", "h2", 3), &me).is_empty());
+    }
+
+    #[test]
+    fn a_claimed_shadow_is_the_one_promoted() {
+        let mut t = following();
+        let p = t.reserve_shadow("web", LIMITS, 0).unwrap();
+        assert_eq!(p.name, "web-shadow-2");
+        t.shadow_ready("web", paused("web-shadow-2")).unwrap();
+        // web-shadow-1 would be first; the record names web-shadow-2.
+        let start = t
+            .begin_claimed_failover("web", "web", "web-shadow-2")
+            .unwrap();
+        assert_eq!(start.shadow.name, "web-shadow-2");
+        assert_eq!(start.old_host, Some(host("h1")));
+        let s = t.get("web").unwrap();
+        assert!(matches!(
+            &s.state,
+            ServiceState::FailingOver { shadow, trigger: Trigger::Recovery, .. } if shadow == "web-shadow-2"
+        ));
+        // Only a shadow standing by can be named.
+        let mut t = following();
+        let refused = t
+            .begin_claimed_failover("web", "web", "web-shadow-9")
+            .unwrap_err();
+        assert!(matches!(refused, Refused::NoSuchShadow { .. }), "{refused}");
+        assert_eq!(t.get("web").unwrap().state.label(), "elsewhere");
     }
 }

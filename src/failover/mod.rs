@@ -314,3 +314,20 @@ fn fault_fail_once(step: &str) -> bool {
     });
     target.as_deref() == Some(step) && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
 }
+
+/// Environment variable giving a pause, in milliseconds, between a claim's reading of the
+/// owner record and its compare-and-swap: the three-host suite sets it on two hosts so that
+/// both read the same generation before either writes, which forces two promotions of one
+/// service to race for its claim. Unset in production; read once.
+pub const FAULT_CLAIM_HOLD_ENV: &str = "UNDERSTUDY_FAULT_CLAIM_HOLD_MS";
+
+/// The pause [`FAULT_CLAIM_HOLD_ENV`] asks for, if any.
+fn fault_claim_hold() -> Option<Duration> {
+    static HOLD: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *HOLD.get_or_init(|| {
+        std::env::var(FAULT_CLAIM_HOLD_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    })
+}

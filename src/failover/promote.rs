@@ -58,6 +58,9 @@ pub struct Promotion {
     pub old_host: Option<HostId>,
     /// Its taps and bridges, as last seen (empty when it runs elsewhere).
     pub old_taps: Vec<TapBinding>,
+    /// The owner generation the old primary served under, when its host's failure report
+    /// said so: the claim requires the record still at it (a stale report claims nothing).
+    pub owner_generation: Option<u64>,
     /// The shadow to promote.
     pub shadow: Shadow,
     /// The shadow's generation number.
@@ -482,7 +485,9 @@ fn libvirt_step(step: &'static str) -> impl FnOnce(LibvirtError) -> FailoverErro
 }
 
 /// Compare-and-swap on the owner record of `p.service`: it must still name the old primary
-/// (no record yet counts as generation 0).
+/// (no record yet counts as generation 0). A record that names this very shadow on this host
+/// already is this promotion's own claim, made before a restart interrupted it: the promotion
+/// goes on without claiming again (only this host promotes its shadows).
 pub async fn claim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), FailoverError> {
     let lost = |source| FailoverError::ClaimLost {
         service: p.service.clone(),
@@ -490,7 +495,16 @@ pub async fn claim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), F
     };
     let expected = match coord.owner(&p.service).await.map_err(lost)? {
         None => 0,
-        Some(r) if r.domain == p.old_primary => r.generation,
+        Some(r)
+            if r.domain == p.old_primary
+                && p.owner_generation.is_none_or(|g| g == r.generation) =>
+        {
+            r.generation
+        }
+        Some(r) if r.domain == p.shadow.name && r.host == *coord.host() => {
+            tracing::info!(service = %p.service, generation = r.generation, "the owner record names this shadow already (claimed before a restart)");
+            return Ok(());
+        }
         Some(current) => {
             return Err(lost(CoordError::Conflict {
                 service: p.service.clone(),
@@ -499,6 +513,14 @@ pub async fn claim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), F
             }))
         }
     };
+    if let Some(hold) = super::fault_claim_hold() {
+        tracing::warn!(
+            ?hold,
+            "fault injection: holding the claim ({})",
+            super::FAULT_CLAIM_HOLD_ENV
+        );
+        tokio::time::sleep(hold).await;
+    }
     coord
         .claim(Claim {
             service: p.service.clone(),
@@ -559,20 +581,24 @@ impl LiveSteps<'_> {
     }
 }
 
-/// Compare-and-swap back: while the owner record names the shadow of the failed promotion, it
-/// names the old primary again.
+/// Compare-and-swap back: while the owner record names the shadow of the failed promotion on
+/// this host, it names the old primary again, on the old primary's host (another one when the
+/// primary ran elsewhere: this host never ran it).
 pub async fn unclaim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), FailoverError> {
     let lost = |source| FailoverError::ClaimLost {
         service: p.service.clone(),
         source: Box::new(source),
     };
     match coord.owner(&p.service).await.map_err(lost)? {
-        Some(r) if r.domain == p.shadow.name => coord
-            .claim(Claim {
-                service: p.service.clone(),
-                domain: p.old_primary.clone(),
-                expected: r.generation,
-            })
+        Some(r) if r.domain == p.shadow.name && r.host == *coord.host() => coord
+            .give_back(
+                Claim {
+                    service: p.service.clone(),
+                    domain: p.old_primary.clone(),
+                    expected: r.generation,
+                },
+                p.old_host.as_ref().unwrap_or(coord.host()),
+            )
             .await
             .map(drop)
             .map_err(lost),
@@ -997,10 +1023,12 @@ mod tests {
     /// How long each fake step takes, so concurrent steps really overlap.
     const FAKE_STEP: Duration = Duration::from_millis(1);
 
-    /// Records the order of the steps; fails the one named in `fail`.
+    /// Records the order of the steps; fails the one named in `fail`. With `coord`, `claim`
+    /// and `unclaim` also do their work on it.
     struct Recorder {
         calls: Mutex<Vec<&'static str>>,
         fail: Option<&'static str>,
+        coord: Option<crate::cluster::LocalCoordinator>,
     }
 
     impl Recorder {
@@ -1008,6 +1036,7 @@ mod tests {
             Recorder {
                 calls: Mutex::new(Vec::new()),
                 fail,
+                coord: None,
             }
         }
 
@@ -1057,11 +1086,18 @@ mod tests {
         async fn release(&self, _: &Promotion) {
             let _ = self.step("release").await;
         }
-        async fn unclaim(&self, _: &Promotion) {
+        async fn unclaim(&self, p: &Promotion) {
             let _ = self.step("unclaim").await;
+            if let Some(c) = &self.coord {
+                unclaim_owner(c, p).await.unwrap();
+            }
         }
-        async fn claim(&self, _: &Promotion) -> Result<(), FailoverError> {
-            self.step("claim").await
+        async fn claim(&self, p: &Promotion) -> Result<(), FailoverError> {
+            self.step("claim").await?;
+            match &self.coord {
+                Some(c) => claim_owner(c, p).await,
+                None => Ok(()),
+            }
         }
         async fn wake(&self, _: &Promotion, _: Tier) -> Result<Vec<TapBinding>, FailoverError> {
             self.step("wake").await?;
@@ -1104,6 +1140,7 @@ mod tests {
             old_primary: "web".into(),
             old_host: None,
             old_taps: Vec::new(),
+            owner_generation: None,
             shadow: Shadow {
                 name: "web-shadow-1".into(),
                 state: ShadowState::Promoting,
@@ -1490,5 +1527,136 @@ mod tests {
         claim_owner(&coord, &promotion(true)).await.unwrap();
         let r = coord.owner("web").await.unwrap().unwrap();
         assert_eq!((r.domain.as_str(), r.generation), ("web-shadow-1", 2));
+    }
+
+    /// The promotion here of a primary that ran on host h1: h2's claim, and what a failure
+    /// after it leaves in the owner record.
+    fn remote_promotion() -> Promotion {
+        Promotion {
+            old_host: Some(crate::cluster::HostId("h1".into())),
+            ..promotion(true)
+        }
+    }
+
+    /// An owner record naming `web` on h1 (generation 1), in h2's coordinator.
+    async fn owned_by_h1() -> crate::cluster::LocalCoordinator {
+        use crate::cluster::{HostId, LocalCoordinator};
+        let coord = LocalCoordinator::new(HostId("h2".into()));
+        let first = Claim {
+            service: "web".into(),
+            domain: "web".into(),
+            expected: 0,
+        };
+        let r = coord.give_back(first, &HostId("h1".into())).await.unwrap();
+        assert_eq!((r.host.0.as_str(), r.generation), ("h1", 1));
+        coord
+    }
+
+    #[tokio::test]
+    async fn a_remote_promotion_failing_past_its_claim_gives_the_service_back_to_the_old_host() {
+        for failing in ["resume", "rewire", "metadata"] {
+            let r = Recorder {
+                coord: Some(owned_by_h1().await),
+                ..Recorder::failing(Some(failing))
+            };
+            assert!(run(&r, remote_promotion()).await.is_err(), "{failing}");
+            let calls = r.calls();
+            assert_eq!(
+                calls[0], "claim",
+                "{failing}: not fenced from here: {calls:?}"
+            );
+            assert_eq!(calls.last(), Some(&"unclaim"), "{failing}: {calls:?}");
+            let rec = r
+                .coord
+                .as_ref()
+                .unwrap()
+                .owner("web")
+                .await
+                .unwrap()
+                .unwrap();
+            // Claimed by h2 (generation 2), then given back: the old primary on ITS host.
+            assert_eq!(
+                (rec.domain.as_str(), rec.host.0.as_str(), rec.generation),
+                ("web", "h1", 3),
+                "{failing}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_promotion_failing_past_its_claim_gives_the_service_back_on_this_host() {
+        use crate::cluster::{HostId, LocalCoordinator};
+        let coord = LocalCoordinator::new(HostId("h2".into()));
+        coord.adopt("web", "web").await.unwrap();
+        let r = Recorder {
+            coord: Some(coord),
+            ..Recorder::failing(Some("resume"))
+        };
+        assert!(run(&r, promotion(true)).await.is_err());
+        let rec = r
+            .coord
+            .as_ref()
+            .unwrap()
+            .owner("web")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (rec.domain.as_str(), rec.host.0.as_str(), rec.generation),
+            ("web", "h2", 3)
+        );
+    }
+
+    #[tokio::test]
+    async fn only_this_host_s_own_claim_is_given_back() {
+        use crate::cluster::HostId;
+        let coord = owned_by_h1().await;
+        // h3's promotion owns the service now (a record naming the same shadow name, but on
+        // another host, is not this host's claim).
+        let h3 = Claim {
+            service: "web".into(),
+            domain: "web-shadow-1".into(),
+            expected: 1,
+        };
+        coord.give_back(h3, &HostId("h3".into())).await.unwrap();
+        unclaim_owner(&coord, &remote_promotion()).await.unwrap();
+        let rec = coord.owner("web").await.unwrap().unwrap();
+        assert_eq!((rec.host.0.as_str(), rec.generation), ("h3", 2));
+        // Nor is it claimed as if it were ours.
+        let err = claim_owner(&coord, &remote_promotion()).await.unwrap_err();
+        assert!(matches!(err, FailoverError::ClaimLost { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_reported_generation_must_still_be_the_owner_s() {
+        let coord = owned_by_h1().await;
+        let stale = Promotion {
+            owner_generation: Some(0),
+            ..remote_promotion()
+        };
+        assert!(claim_owner(&coord, &stale).await.is_err());
+        assert_eq!(coord.owner("web").await.unwrap().unwrap().generation, 1);
+        let reported = Promotion {
+            owner_generation: Some(1),
+            ..remote_promotion()
+        };
+        claim_owner(&coord, &reported).await.unwrap();
+        assert_eq!(coord.owner("web").await.unwrap().unwrap().generation, 2);
+    }
+
+    #[tokio::test]
+    async fn a_claim_made_before_a_restart_is_not_made_again() {
+        let coord = owned_by_h1().await;
+        let p = remote_promotion();
+        claim_owner(&coord, &p).await.unwrap();
+        let claimed = coord.owner("web").await.unwrap().unwrap();
+        assert_eq!((claimed.host.0.as_str(), claimed.generation), ("h2", 2));
+        // The restarted daemon promotes the same shadow again: the record stays as it is.
+        claim_owner(&coord, &p).await.unwrap();
+        assert_eq!(coord.owner("web").await.unwrap().unwrap(), claimed);
+        // Another shadow of this host cannot ride on it.
+        let mut other = remote_promotion();
+        other.shadow.name = "web-shadow-2".into();
+        assert!(claim_owner(&coord, &other).await.is_err());
     }
 }

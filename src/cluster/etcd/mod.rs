@@ -16,6 +16,7 @@ mod watch;
 pub use conn::Endpoints;
 pub use profiles::EtcdProfileRepository;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,9 @@ pub struct EtcdCoordinator {
     lease: Arc<Lease>,
     changes: broadcast::Sender<ClusterEvent>,
     tasks: Vec<JoinHandle<()>>,
+    /// Service → generation and revision of its owner record as last read or written here:
+    /// a claim right after a read compares that revision without reading again.
+    seen: std::sync::Mutex<BTreeMap<String, (u64, i64)>>,
 }
 
 impl Drop for EtcdCoordinator {
@@ -101,6 +105,7 @@ impl EtcdCoordinator {
             lease,
             changes,
             tasks,
+            seen: Default::default(),
         })
     }
 
@@ -160,18 +165,42 @@ impl EtcdCoordinator {
     /// The owner record of `service` with its key's mod revision.
     async fn owner_at(&self, service: &str) -> Result<Option<(OwnerRecord, i64)>, CoordError> {
         let key = self.keys.owner(service)?;
-        match self.get_one(key.clone()).await? {
-            None => Ok(None),
-            Some(kv) => Ok(Some((
-                codec::owner(&key, service, kv.value())?,
-                kv.mod_revision(),
-            ))),
-        }
+        let found = match self.get_one(key.clone()).await? {
+            None => None,
+            Some(kv) => Some((codec::owner(&key, service, kv.value())?, kv.mod_revision())),
+        };
+        self.saw(service, found.as_ref().map(|(r, rev)| (r.generation, *rev)));
+        Ok(found)
     }
 
-    async fn claim_now(&self, claim: Claim) -> Result<OwnerRecord, CoordError> {
+    /// Compare-and-swap on the record's revision: `claim.domain` on `host` becomes the owner.
+    /// A claim usually follows the caller's own read of the record (to learn its generation):
+    /// when that read saw the generation claimed, its revision is compared at once, which
+    /// spares the critical path a round trip; a record changed since fails the compare and is
+    /// read in the same transaction.
+    async fn claim_now(&self, claim: Claim, host: &HostId) -> Result<OwnerRecord, CoordError> {
         check_name("domain", &claim.domain)?;
+        check_name("host", &host.0)?;
         let key = self.keys.owner(&claim.service)?;
+        let record = |generation| OwnerRecord {
+            service: claim.service.clone(),
+            domain: claim.domain.clone(),
+            host: host.clone(),
+            generation,
+        };
+        if let Some(rev) = self.seen_revision(&claim.service, claim.expected) {
+            let compare = Compare::mod_revision(key.as_str(), CompareOp::Equal, rev);
+            match self
+                .swap(&key, &claim, compare, record(claim.expected + 1))
+                .await
+            {
+                // The generation claimed, at another revision: the record was removed and
+                // adopted again since that read. Read it now.
+                Err(CoordError::Conflict { current, .. })
+                    if current.generation == claim.expected => {}
+                other => return other,
+            }
+        }
         let current = self.owner_at(&claim.service).await?;
         let (compare, generation) = match current {
             None if claim.expected == 0 => (Compare::version(key.as_str(), CompareOp::Equal, 0), 1),
@@ -193,37 +222,79 @@ impl EtcdCoordinator {
                 cur.generation + 1,
             ),
         };
-        let record = OwnerRecord {
-            service: claim.service.clone(),
-            domain: claim.domain,
-            host: self.host.clone(),
-            generation,
-        };
+        self.swap(&key, &claim, compare, record(generation)).await
+    }
+
+    /// The transaction of a claim: `record` is written if `compare` holds; otherwise the
+    /// record in force is read in the same transaction, and decides.
+    async fn swap(
+        &self,
+        key: &str,
+        claim: &Claim,
+        compare: Compare,
+        record: OwnerRecord,
+    ) -> Result<OwnerRecord, CoordError> {
         let txn = Txn::new()
             .when([compare])
-            .and_then([TxnOp::put(key.as_str(), codec::encode(&record), None)])
-            .or_else([TxnOp::get(key.as_str(), None)]);
+            .and_then([TxnOp::put(key, codec::encode(&record), None)])
+            .or_else([TxnOp::get(key, None)]);
         let r = self.txn(format!("claim {}", claim.service), txn).await?;
         if r.succeeded() {
+            // The put's revision is the transaction's.
+            self.saw(
+                &claim.service,
+                r.header().map(|h| (record.generation, h.revision())),
+            );
             return Ok(record);
         }
         // Someone else's transaction landed between our read and ours; or ours did, on an
         // attempt whose answer was lost and that the connection made again.
         let responses = r.op_responses();
         match responses.first().and_then(|g| kvs(g).first()) {
-            Some(kv) => match codec::owner(&key, &claim.service, kv.value())? {
+            Some(kv) => match codec::owner(key, &claim.service, kv.value())? {
                 current if current == record => Ok(record),
-                current => Err(CoordError::Conflict {
+                current => {
+                    self.saw(
+                        &claim.service,
+                        Some((current.generation, kv.mod_revision())),
+                    );
+                    Err(CoordError::Conflict {
+                        service: claim.service.clone(),
+                        expected: claim.expected,
+                        current,
+                    })
+                }
+            },
+            None => {
+                self.saw(&claim.service, None);
+                Err(CoordError::NoRecord {
                     service: claim.service.clone(),
                     expected: claim.expected,
-                    current,
-                }),
-            },
-            None => Err(CoordError::NoRecord {
-                service: claim.service,
-                expected: claim.expected,
-            }),
+                })
+            }
         }
+    }
+
+    /// Notes the generation and revision of the owner record of `service` as last read or
+    /// written here (`None`: no record).
+    fn saw(&self, service: &str, at: Option<(u64, i64)>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match at {
+            Some(at) => {
+                seen.insert(service.to_string(), at);
+            }
+            None => {
+                seen.remove(service);
+            }
+        }
+    }
+
+    /// The revision at which the owner record of `service` was last seen here at `generation`.
+    fn seen_revision(&self, service: &str, generation: u64) -> Option<i64> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(service)
+            .filter(|(g, _)| *g == generation && generation > 0)
+            .map(|(_, rev)| *rev)
     }
 
     async fn adopt_now(&self, service: &str, domain: &str) -> Result<OwnerRecord, CoordError> {
@@ -408,7 +479,12 @@ impl Coordinator for EtcdCoordinator {
     }
 
     fn claim(&self, claim: Claim) -> CoordFuture<'_, OwnerRecord> {
-        Box::pin(self.claim_now(claim))
+        Box::pin(self.claim_now(claim, &self.host))
+    }
+
+    fn give_back(&self, claim: Claim, to: &HostId) -> CoordFuture<'_, OwnerRecord> {
+        let to = to.clone();
+        Box::pin(async move { self.claim_now(claim, &to).await })
     }
 
     fn adopt(&self, service: &str, domain: &str) -> CoordFuture<'_, OwnerRecord> {
