@@ -132,13 +132,16 @@ fn copy_data(src: &Path, dst: &Path) -> Result<(), CanaryError> {
     std::fs::rename(&tmp, dst).map_err(|e| err("rename", &tmp, e))
 }
 
+/// Data disks to copy, each with the format of its copy.
+pub(super) type CopyPlan = Vec<(DataDisk, String)>;
+
 /// The data disks of `primary` as isolated runs copy them (with their format), and their live
 /// sources. Only raw file and block data disks can be copied while the primary writes them.
 pub(super) fn data_plan(
     hv: &Hypervisor,
     primary_name: &str,
     data: Vec<DataDisk>,
-) -> Result<(Vec<(DataDisk, String)>, Vec<String>), CanaryError> {
+) -> Result<(CopyPlan, Vec<String>), CanaryError> {
     let primary =
         DomainXml::parse(&hv.xml(primary_name, true)?).map_err(|source| CanaryError::Xml {
             domain: primary_name.to_string(),
@@ -180,7 +183,7 @@ pub(super) fn data_plan(
 pub(super) async fn attach_copies(
     hv: &Hypervisor,
     name: &str,
-    data: Vec<(DataDisk, String)>,
+    data: CopyPlan,
     state_dir: &Path,
 ) -> Result<Vec<PathBuf>, CanaryError> {
     let mut copies = Vec::new();
@@ -469,7 +472,7 @@ pub async fn check(net: &Netlink, dom: &IsolatedDomain, out: &mut IsolationCheck
                     continue;
                 };
                 let t = target.display().to_string();
-                if dom.live_sources.iter().any(|s| *s == t) {
+                if dom.live_sources.contains(&t) {
                     bad(format!(
                         "{} (QEMU pid {pid}) holds the live data disk {t} open",
                         dom.name
