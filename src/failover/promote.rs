@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 use crate::cluster::{Claim, CoordError, Coordinator, HostId};
 use crate::config::NetworkMode;
 use crate::domain_xml::{DomainXml, MemberState, Role};
-use crate::libvirt::{kill_qemu, Hypervisor, LibvirtError, RunState, QEMU_RUN_DIR};
+use crate::libvirt::{
+    kill_qemu, qemu_holds_files, Hypervisor, LibvirtError, RunState, QEMU_RUN_DIR,
+};
 use crate::monitor::agent::{AgentError, ExitStatus};
 use crate::net::{NetError, Netlink};
 
@@ -90,6 +92,10 @@ pub struct Handover {
 
 /// Longest the old primary's QEMU may take to die after SIGKILL before fencing gives up.
 const QEMU_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long libvirt is given to stop a domain whose QEMU is gone before we destroy it, and how
+/// often we look meanwhile.
+const LIBVIRT_CATCH_UP: Duration = Duration::from_secs(2);
+const LIBVIRT_CATCH_UP_POLL: Duration = Duration::from_millis(5);
 /// How often a promote command is asked whether it has exited.
 const COMMAND_POLL: Duration = Duration::from_millis(20);
 
@@ -242,13 +248,15 @@ fn old_tap_of<'a>(p: &'a Promotion, mac: &str) -> Option<&'a TapBinding> {
 
 /// Every step the pipeline records, in pipeline order (`wake` only for a `saved` or `cold`
 /// shadow; `plan_disks` only for a shadow whose data disks were not planned when it was made;
-/// `attach` and `promote_commands` only with data disks; `route` only for a routed class; `link_up` only when a shadow's links were not
+/// `stop_old_qemu` (the old QEMU stopped for good, beside `resume`), `attach` and
+/// `promote_commands` only with data disks; `route` only for a routed class; `link_up` only when a shadow's links were not
 /// raised while it stood by; `apply_profile` only with a profile).
-pub const STEPS: [&str; 13] = [
+pub const STEPS: [&str; 14] = [
     "plan_disks",
     "fence",
     "claim",
     "wake",
+    "stop_old_qemu",
     "resume",
     "attach",
     "promote_commands",
@@ -289,20 +297,12 @@ async fn run_steps<S: PromotionSteps>(
     let stateful = !disks.is_empty();
 
     // 1. Fence, then claim: nothing of the shadow is touched before both are confirmed. With
-    //    data disks, fenced means the old QEMU is gone: it can write no disk any more. A
-    //    primary on another host was fenced there before its host reported it (a dead QEMU,
-    //    or a paused one cut off its bridge; with data disks a stopped one).
+    //    data disks, fenced also means the old QEMU is gone (it can write no disk any more),
+    //    which the hand-over waits for before it attaches anything. A primary on another host
+    //    was fenced there before its host reported it (a dead QEMU, or a paused one cut off
+    //    its bridge; with data disks a stopped one).
     match &p.old_host {
-        None => {
-            timed(clock, "fence", async {
-                steps.fence(p).await?;
-                if stateful {
-                    steps.stop_old_qemu(p).await?;
-                }
-                Ok(())
-            })
-            .await?
-        }
+        None => timed(clock, "fence", steps.fence(p)).await?,
         Some(host) => notes.push(format!(
             "old primary '{}' ran on host {host}, which fenced it and reported it ({})",
             p.old_primary, p.trigger
@@ -326,7 +326,7 @@ async fn run_steps<S: PromotionSteps>(
     let rest = async {
         if stateful {
             // 2'. The hand-over; a failure once a disk may be attached gives the disk back.
-            if let Err(e) = hand_over(steps, p, &disks, clock).await {
+            if let Err(e) = hand_over(steps, p, &disks, clock, p.old_host.is_none()).await {
                 steps.release(p).await;
                 return Err(e);
             }
@@ -343,14 +343,36 @@ async fn run_steps<S: PromotionSteps>(
     rest
 }
 
-/// Resume (off the network), attach, promote commands, and only then the network.
+/// Resume (off the network, without the disks) while the old QEMU is stopped for good, then
+/// attach, promote commands, and only then the network.
 async fn hand_over<S: PromotionSteps>(
     steps: &S,
     p: &Promotion,
     disks: &[DataDisk],
     clock: &mut StepClock,
+    stop_old: bool,
 ) -> Result<(), FailoverError> {
-    timed(clock, "resume", steps.resume(p)).await?;
+    // The old QEMU's exit takes the kernel tens of ms and libvirt up to a few hundred more; the
+    // shadow, still off the bridge and holding no data disk, wakes meanwhile.
+    let started = Instant::now();
+    let stop = async {
+        if !stop_old {
+            return None;
+        }
+        let r = steps.stop_old_qemu(p).await;
+        Some((r, started.elapsed()))
+    };
+    let resume = async {
+        let r = steps.resume(p).await;
+        (r, started.elapsed())
+    };
+    let (stopped, (resumed, resume_took)) = tokio::join!(stop, resume);
+    if let Some((r, took)) = stopped {
+        clock.record("stop_old_qemu", started, took);
+        r?;
+    }
+    clock.record("resume", started, resume_took);
+    resumed?;
     timed(clock, "attach", steps.attach(p, disks)).await?;
     timed(clock, "promote_commands", steps.promote_commands(p)).await?;
     timed(clock, "rewire", steps.rewire(p)).await?;
@@ -494,7 +516,33 @@ impl LiveSteps<'_> {
     /// Has libvirt finish stopping `name` and confirms it sees the domain inactive: until
     /// then libvirt holds the dead QEMU's disk leases (its lock manager refuses the disks to
     /// anyone else) and may still report it running.
+    /// Whether libvirt still lists `name` as running.
+    async fn libvirt_still_runs(&self, name: &str) -> bool {
+        let n = name.to_string();
+        self.hv
+            .run("libvirt state", move |hv| hv.state(&n))
+            .await
+            .is_ok_and(|s| s.is_active())
+    }
+
     async fn libvirt_stopped(&self, name: &str) -> Result<(), FailoverError> {
+        // libvirt stops a domain whose QEMU died by itself when its monitor hits EOF. A destroy
+        // sent while the kernel is still tearing the dead QEMU down would sit out libvirt's
+        // kill loop (it looks again every 200 ms), so wait for libvirt first.
+        let deadline = Instant::now() + LIBVIRT_CATCH_UP;
+        loop {
+            let n = name.to_string();
+            match self
+                .hv
+                .run("fence: libvirt state", move |hv| hv.state(&n))
+                .await
+            {
+                Ok(s) if !s.is_active() => return Ok(()),
+                Err(LibvirtError::NoSuchDomain { .. }) => return Ok(()),
+                _ if Instant::now() >= deadline => break,
+                _ => tokio::time::sleep(LIBVIRT_CATCH_UP_POLL).await,
+            }
+        }
         let n = name.to_string();
         let state = self
             .hv
@@ -584,7 +632,10 @@ impl PromotionSteps for LiveSteps<'_> {
             }
             Err(why) => return Err(unconfirmed(why)),
         }
-        self.libvirt_stopped(name).await
+        // Gone: it writes no disk and holds no lease any more. libvirt finishes stopping the
+        // domain on its own (its kill loop may sit out 200 ms first); the attach does not wait
+        // for that unless libvirt's lock manager insists (see `attach`).
+        Ok(())
     }
 
     async fn attach(&self, p: &Promotion, disks: &[DataDisk]) -> Result<(), FailoverError> {
@@ -598,6 +649,11 @@ impl PromotionSteps for LiveSteps<'_> {
             .run("attach: who holds the data disks", move |hv| {
                 let mut running = Vec::new();
                 for d in hv.list()?.into_iter().filter(|d| d.state.is_active()) {
+                    // libvirt may still list a domain whose QEMU is gone (its stop is under
+                    // way): a process that no longer holds its files holds no disk.
+                    if !qemu_holds_files(Path::new(QEMU_RUN_DIR), &d.name) {
+                        continue;
+                    }
                     let Ok(xml) = hv.xml(&d.name, false) else {
                         continue; // gone meanwhile
                     };
@@ -633,18 +689,28 @@ impl PromotionSteps for LiveSteps<'_> {
                 tracing::info!(shadow = %p.shadow.name, disk = %disk.target, source = %disk.source, "data disk already attached (a hand-over interrupted by a restart); not attached again");
                 continue;
             }
-            let (shadow, xml) = (p.shadow.name.clone(), disk.xml.clone());
-            self.hv
-                .run("attach data disk", move |hv| {
+            let attach = || {
+                let (shadow, xml) = (p.shadow.name.clone(), disk.xml.clone());
+                self.hv.run("attach data disk", move |hv| {
                     hv.attach_device(&shadow, &xml)
                 })
-                .await
-                .map_err(|source| FailoverError::Attach {
-                    shadow: p.shadow.name.clone(),
-                    target: disk.target.clone(),
-                    disk_source: disk.source.clone(),
-                    source: Box::new(source),
-                })?;
+            };
+            let attached = match attach().await {
+                // libvirt's lock manager may hold the old primary's lease until libvirt has
+                // finished stopping it: then wait for that, and try once more.
+                Err(e) if p.old_host.is_none() && self.libvirt_still_runs(&p.old_primary).await => {
+                    tracing::info!(shadow = %p.shadow.name, disk = %disk.target, error = %crate::error::report(&e), "attach refused while libvirt still stops the old primary; waiting for it");
+                    self.libvirt_stopped(&p.old_primary).await?;
+                    attach().await
+                }
+                other => other,
+            };
+            attached.map_err(|source| FailoverError::Attach {
+                shadow: p.shadow.name.clone(),
+                target: disk.target.clone(),
+                disk_source: disk.source.clone(),
+                source: Box::new(source),
+            })?;
             tracing::info!(shadow = %p.shadow.name, disk = %disk.target, source = %disk.source, "data disk attached");
         }
         if super::fault_fail_once("attach") {
@@ -1133,14 +1199,17 @@ mod tests {
     async fn data_disks_change_hands_before_the_network_comes_up() {
         let r = Recorder::failing(None);
         let done = run(&r, stateful_promotion()).await.unwrap();
+        // The old QEMU is stopped for good while the shadow resumes, in either order.
+        let mut calls = r.calls();
+        calls[3..5].sort_unstable();
         assert_eq!(
-            r.calls(),
+            calls,
             [
                 "plan_disks",
                 "fence",
-                "stop_old_qemu",
                 "claim",
                 "resume",
+                "stop_old_qemu",
                 "attach",
                 "promote_commands",
                 "rewire",
@@ -1155,6 +1224,7 @@ mod tests {
                 "plan_disks",
                 "fence",
                 "claim",
+                "stop_old_qemu",
                 "resume",
                 "attach",
                 "promote_commands",
@@ -1165,13 +1235,21 @@ mod tests {
             ]
         );
         // Service counts as restored only once the network is up, after the commands.
-        let until_rewire: f64 = done.record.steps[..7].iter().map(|s| s.ms).sum();
-        assert!(done.record.outage_ms >= until_rewire, "{:?}", done.record);
+        let rewire = &done.record.steps[7];
+        assert_eq!(rewire.name, "rewire");
+        let rewired_at = rewire.start_ms.unwrap() + rewire.ms;
+        assert!(done.record.outage_ms >= rewired_at, "{:?}", done.record);
     }
 
     #[tokio::test]
     async fn a_failed_hand_over_names_its_step_and_gives_the_disk_back() {
-        for failing in ["resume", "attach", "promote_commands", "rewire"] {
+        for failing in [
+            "stop_old_qemu",
+            "resume",
+            "attach",
+            "promote_commands",
+            "rewire",
+        ] {
             let r = Recorder::failing(Some(failing));
             let failed = run(&r, stateful_promotion()).await.unwrap_err();
             let calls = r.calls();
@@ -1184,8 +1262,8 @@ mod tests {
             assert_eq!(step_names(&failed.record).last(), Some(&failing));
             assert!(!failed.record.ok);
         }
-        // Failing before anything is attached has nothing to give back.
-        for failing in ["plan_disks", "stop_old_qemu", "claim"] {
+        // Failing before the shadow is touched has nothing to give back.
+        for failing in ["plan_disks", "fence", "claim"] {
             let r = Recorder::failing(Some(failing));
             run(&r, stateful_promotion()).await.unwrap_err();
             let calls = r.calls();

@@ -12,8 +12,8 @@ pub use agent::LibvirtAgent;
 
 pub use events::{AgentState, DomainEvent, EventLoop, LifecycleEvent};
 pub use process::{
-    is_qemu_of, kill_qemu, qemu_pid, rss_bytes, vcpu_time_ns, ProcessExit, QemuProcess,
-    QEMU_RUN_DIR,
+    is_qemu_of, kill_qemu, qemu_holds_files, qemu_pid, rss_bytes, vcpu_time_ns, ProcessExit,
+    QemuProcess, QEMU_RUN_DIR,
 };
 
 use std::sync::{Arc, Mutex};
