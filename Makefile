@@ -26,6 +26,8 @@
 #   make bench-profile-model  only the model part (cargo bench --bench profile; no lab)
 #   make bench-stateful  SIGKILL failovers of the ledger guest (data disk handed over) while a
 #                        client appends every 10 ms, vs cold restart (BENCH_TRIALS=10)
+#   make bench-replay    capture on/off client latency (p50/p99, same run), replay throughput,
+#                        fidelity of an unchanged canary, standby verification
 #   make bench-cost      host memory per protected VM and SIGKILL outage per standby way
 #                        (paused, paused+shrunk, saved, cold; BENCH_TRIALS=3)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
@@ -87,7 +89,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_CHECK_SECONDS ?= 5
 SOAK_ROUNDS ?= 20
 
-.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo demo-cluster bench bench-failover bench-cluster bench-profile bench-profile-model bench-soak bench-stateful test-faults bench-cost \
+.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo demo-cluster bench bench-failover bench-cluster bench-profile bench-profile-model bench-soak bench-stateful bench-replay test-faults bench-cost \
 	soak-faults fuzz fuzz-check fuzz-deps
 
 # Installing one package can remove another: a machine that came with a newer qemu-utils (from
@@ -232,6 +234,14 @@ bench-cluster:
 	$(MAKE) images
 	cargo build --benches
 	HOSTS=3 scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench cluster
+
+# Capture on/off client latency (same run), replay throughput and fidelity on an unchanged
+# canary, standby verification: build/bench/replay.json (BENCH_REQUESTS, default 3000).
+bench-replay:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --benches
+	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --profile dev --bench replay
 
 bench-cost:
 	$(MAKE) deps

@@ -6,6 +6,7 @@
 //! run in a second lab run of their own (see `make test` and `three_hosts/mod.rs`), and the
 //! one-host run skips them (`--skip three_hosts::`).
 
+mod canary;
 mod cluster;
 mod cluster_lab;
 mod common;

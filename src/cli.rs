@@ -1,6 +1,7 @@
 //! The `understudy` command line: `run` starts the daemon; every other subcommand talks to a
 //! running daemon over its control socket (or, like `check-config`, works offline).
 
+mod canary;
 mod events;
 mod gen;
 mod plots;
@@ -113,6 +114,12 @@ pub enum Command {
         /// What to do with the host.
         #[command(subcommand)]
         action: HostAction,
+    },
+    /// Canaries: try a change on an isolated clone against recorded traffic.
+    Canary {
+        /// What to do.
+        #[command(subcommand)]
+        action: canary::CanaryAction,
     },
     /// Shadow management.
     Shadow {
@@ -495,6 +502,7 @@ pub fn main() -> ExitCode {
                         },
                 } => done(plots::profile_plot(&socket, service, *since, svg)),
                 Command::Shadow { action } => shadow(&socket, action),
+                Command::Canary { action } => canary::canary(&socket, action),
                 Command::Status { json } => client(&socket, Request::Status, *json),
                 Command::Hosts { json } => client(&socket, Request::Hosts, *json),
                 Command::Stop { service } => client(
@@ -701,6 +709,8 @@ fn client(path: &Path, req: Request, json: bool) -> ExitCode {
         Ok(Response::Ok { message }) => println!("{message}"),
         Ok(Response::Status(r)) => show(&r, json, render_status_text),
         Ok(Response::Hosts(r)) => show(&r, json, crate::api::protocol::render_hosts_text),
+        Ok(Response::Canary(r)) => show(&r, json, |r| canary::render(r)),
+        Ok(Response::Verify(r)) => show(&r, json, |r| canary::render_verify(r)),
         // A switchover's record is for scripts: always JSON.
         Ok(Response::Failover(r)) => show(&r, true, |_| String::new()),
         Ok(Response::ProfileShow(r)) => show(&r, json, |r| r.to_string()),

@@ -131,6 +131,14 @@ pub enum EventKind {
         /// The started primary.
         domain: String,
     },
+    /// A canary or a standby verification moved on (`canary_started`, `canary_finished`,
+    /// `canary_failed`, `canary_aborted`, `canary_promoted`, `verify_passed`, `verify_failed`).
+    Replay {
+        /// What happened.
+        what: String,
+        /// Details: the verdict, the differing requests, the error.
+        detail: String,
+    },
     /// The configuration file was read again.
     ConfigReloaded {
         /// Whether the new configuration is in force.
@@ -158,6 +166,7 @@ impl EventKind {
             EventKind::Stopped { .. } => "stopped",
             EventKind::Started { .. } => "started",
             EventKind::ConfigReloaded { .. } => "config_reloaded",
+            EventKind::Replay { .. } => "replay",
         }
     }
 
@@ -216,6 +225,7 @@ impl fmt::Display for EventKind {
                 write!(f, "{name}: {domain} answered while fenced")
             }
             EventKind::Drift { drift, detail } => write!(f, "{name} {drift}: {detail}"),
+            EventKind::Replay { what, detail } => write!(f, "{what}: {detail}"),
             EventKind::ProfileVersion { version, reason } => {
                 write!(f, "{name} v{version} ({reason})")
             }

@@ -23,6 +23,8 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod api;
+pub mod canary;
+pub mod capture;
 pub mod cli;
 pub mod clock;
 pub mod cluster;
@@ -38,6 +40,7 @@ pub mod net;
 pub mod plot;
 pub mod probe;
 pub mod profile;
+pub mod replay;
 pub mod rng;
 pub mod state;
 pub mod systemd;

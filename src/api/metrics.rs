@@ -162,6 +162,19 @@ pub struct Metrics {
     /// are gone lose theirs.
     standby_series: std::sync::Mutex<(Vec<ServiceLabels>, Vec<MemberMemoryLabels>)>,
     cluster_mode: Family<StateLabels, Gauge>,
+    capture_running: Family<ServiceLabels, Gauge>,
+    capture_records: Family<OutcomeLabels, Gauge>,
+    capture_store_bytes: Family<ServiceLabels, Gauge>,
+    canary_runs: Family<OutcomeLabels, Counter>,
+    canary_differing: Family<ServiceLabels, Gauge>,
+    canary_fidelity: Family<ServiceLabels, RatioGauge>,
+    verify_runs: Family<OutcomeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    service: String,
+    outcome: String,
 }
 
 impl Default for Metrics {
@@ -195,6 +208,13 @@ impl Metrics {
         let standby_memory = Family::default();
         let standby_share = Family::default();
         let member_memory = Family::default();
+        let capture_running = Family::default();
+        let capture_records = Family::default();
+        let capture_store_bytes = Family::default();
+        let canary_runs = Family::default();
+        let canary_differing = Family::default();
+        let canary_fidelity = Family::default();
+        let verify_runs = Family::default();
         // Series that exist before their first event start at 0, so that `increase()` and
         // `rate()` see the first failover of a step or trigger (a series born at 1 shows none).
         for step in crate::failover::promote::STEPS {
@@ -318,7 +338,50 @@ impl Metrics {
             prometheus_client::registry::Unit::Bytes,
             Family::clone(&member_memory),
         );
+        registry.register(
+            "capture_running",
+            "1 while the service's primary traffic is being captured",
+            Family::clone(&capture_running),
+        );
+        registry.register(
+            "capture_records",
+            "Captured records since the capture started, by outcome (stored|rate_dropped|oversize|broken_connections|refused_connections)",
+            Family::clone(&capture_records),
+        );
+        registry.register_with_unit(
+            "capture_store",
+            "Bytes in the service's capture store",
+            prometheus_client::registry::Unit::Bytes,
+            Family::clone(&capture_store_bytes),
+        );
+        registry.register(
+            "canary_runs",
+            "Canaries by service and outcome (started|clean|differs|failed|aborted|promoted)",
+            Family::clone(&canary_runs),
+        );
+        registry.register(
+            "canary_differing_requests",
+            "Requests whose answers differed beyond the noise in the service's last canary",
+            Family::clone(&canary_differing),
+        );
+        registry.register(
+            "canary_fidelity_ratio",
+            "Share of replayed requests answered alike by the last canary and its baseline",
+            Family::clone(&canary_fidelity),
+        );
+        registry.register(
+            "verify_runs",
+            "Standby verifications by service and outcome (passed|failed)",
+            Family::clone(&verify_runs),
+        );
         Metrics {
+            verify_runs,
+            capture_running,
+            capture_records,
+            capture_store_bytes,
+            canary_runs,
+            canary_differing,
+            canary_fidelity,
             registry,
             failovers,
             failover_steps,
@@ -584,6 +647,63 @@ impl Metrics {
                 .get_or_create(&service_labels(service))
                 .inc_by(seconds);
         }
+    }
+
+    /// Marks the service's capture as running or not.
+    pub fn set_capture_running(&self, service: &str, running: bool) {
+        self.capture_running
+            .get_or_create(&service_labels(service))
+            .set(i64::from(running));
+    }
+
+    /// Exports a capture's counters.
+    pub fn set_capture_stats(&self, service: &str, s: &crate::capture::CaptureStats) {
+        for (outcome, v) in [
+            ("stored", s.stored),
+            ("rate_dropped", s.rate_dropped),
+            ("oversize", s.oversize),
+            ("broken_connections", s.broken),
+            ("refused_connections", s.refused),
+        ] {
+            self.capture_records
+                .get_or_create(&OutcomeLabels {
+                    service: service.to_string(),
+                    outcome: outcome.to_string(),
+                })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+        self.capture_store_bytes
+            .get_or_create(&service_labels(service))
+            .set(i64::try_from(s.store_bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a canary outcome.
+    pub fn inc_canary(&self, service: &str, outcome: &str) {
+        self.canary_runs
+            .get_or_create(&OutcomeLabels {
+                service: service.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a standby verification's outcome.
+    pub fn inc_verify(&self, service: &str, outcome: &str) {
+        self.verify_runs
+            .get_or_create(&OutcomeLabels {
+                service: service.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Exports a finished canary's comparison.
+    pub fn set_canary_result(&self, service: &str, c: &crate::replay::Comparison) {
+        let l = service_labels(service);
+        self.canary_differing
+            .get_or_create(&l)
+            .set(c.differing.len() as i64);
+        self.canary_fidelity.get_or_create(&l).set(c.fidelity());
     }
 
     /// Counts a reconnection to libvirt.

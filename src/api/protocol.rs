@@ -122,6 +122,39 @@ pub enum Request {
     },
     /// Every host of the cluster with its state, capacity, primaries and shadows.
     Hosts,
+    /// Try a change on an isolated clone of `service`'s primary and replay its recorded
+    /// traffic against it and an unchanged clone. Answered at once with the new canary; its
+    /// report follows (`CanaryReport`).
+    CanaryStart {
+        /// Service name.
+        service: String,
+        /// The change file's text (TOML: `[[file]]` and `[[command]]` entries).
+        change: String,
+    },
+    /// The canary of `service`: its phase, progress and, once done, its report.
+    CanaryReport {
+        /// Service name.
+        service: String,
+    },
+    /// Discard the canary of `service` (its clones and data copies).
+    CanaryAbort {
+        /// Service name.
+        service: String,
+    },
+    /// Verify a standing-by shadow of `service` now (see `canary::verify`).
+    ShadowVerify {
+        /// Service name.
+        service: String,
+    },
+    /// Make the canary's change part of `service`'s expected configuration and switch over to
+    /// a shadow carrying it.
+    CanaryPromote {
+        /// Service name.
+        service: String,
+        /// Longest wait for a shadow carrying the change, in seconds.
+        #[serde(default)]
+        wait_s: u64,
+    },
 }
 
 impl Request {
@@ -146,6 +179,11 @@ impl Request {
             Request::ProfileSave { .. } => "profile_save",
             Request::ProfileSeries { .. } => "profile_series",
             Request::Hosts => "hosts",
+            Request::CanaryStart { .. } => "canary_start",
+            Request::CanaryReport { .. } => "canary_report",
+            Request::CanaryAbort { .. } => "canary_abort",
+            Request::CanaryPromote { .. } => "canary_promote",
+            Request::ShadowVerify { .. } => "shadow_verify",
         }
     }
 }
@@ -181,6 +219,10 @@ pub enum Response {
     Event(Event),
     /// Answer to [`Request::Hosts`].
     Hosts(HostsReport),
+    /// Answer to the canary requests: the canary as it stands.
+    Canary(Box<crate::canary::CanaryRecord>),
+    /// Answer to [`Request::ShadowVerify`].
+    Verify(Box<crate::canary::verify::VerifyReport>),
     /// The command was refused or failed.
     Error {
         /// Category of the failure, for scripts.

@@ -17,7 +17,10 @@
 //! directory, not to the configuration file.
 
 mod document;
+mod replay;
 mod validate;
+
+pub use replay::{CaptureConfig, CaptureProtocol, ReplayConfig};
 
 #[cfg(test)]
 mod tests;
@@ -425,6 +428,10 @@ pub struct ClassConfig {
     /// How long before a busy time an `adaptive` shadow is switched to paused, in seconds
     /// (0..=86400).
     pub adaptive_lead_s: u64,
+    /// Passive recording of the primary's traffic (off by default).
+    pub capture: CaptureConfig,
+    /// Replay and comparison of recorded traffic (canaries, standby verification).
+    pub replay: ReplayConfig,
 }
 
 /// How a protected VM's traffic reaches it, and so what promotion moves to the shadow.
@@ -515,6 +522,8 @@ impl Default for ClassConfig {
             standby_tier: crate::failover::standby::TierPolicy::Paused,
             busy_hours_utc: Vec::new(),
             adaptive_lead_s: 600,
+            capture: CaptureConfig::default(),
+            replay: ReplayConfig::default(),
         }
     }
 }

@@ -754,3 +754,32 @@ fn cluster_problems_name_file_line_and_key() {
         f.error_text()
     );
 }
+
+#[test]
+fn capture_and_replay_settings_are_checked() {
+    let problems = Fixture::new(
+        "[class.web.capture]\nenabled = true\nports = [0]\nmax_bytes = 10\nredact_patterns = [\"(\"]\n[class.web.replay]\nignore = [\"[\"]\nverify_interval_s = 5\n",
+    )
+    .problems();
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for key in [
+        "class.web.capture.ports[0]",
+        "class.web.capture.max_bytes",
+        "class.web.capture.redact_patterns[0]",
+        "class.web.replay.ignore[0]",
+        "class.web.replay.verify_interval_s",
+    ] {
+        assert!(keys.contains(&key), "{key} not in {problems:?}");
+    }
+    let cfg =
+        Fixture::new("[class.web.capture]\nenabled = true\nprotocol = \"tcp\"\nports = [6379]\n")
+            .load()
+            .unwrap();
+    let c = &cfg.class["web"].capture;
+    assert!(c.enabled);
+    assert_eq!(c.protocol, CaptureProtocol::Tcp);
+    assert!(
+        !cfg.class["default"].capture.enabled,
+        "capture is off by default"
+    );
+}

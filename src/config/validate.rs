@@ -438,6 +438,55 @@ impl Checker<'_, '_> {
         if let Some(probe) = &class.probe {
             self.probe(probe, &at.key("probe"));
         }
+        self.capture(&class.capture, &at.key("capture"));
+        self.replay(&class.replay, &at.key("replay"));
+    }
+
+    fn capture(&mut self, c: &super::CaptureConfig, at: &KeyPath) {
+        self.range(&at.key("max_bytes"), c.max_bytes, 65_536..=1 << 30);
+        self.range(&at.key("max_per_second"), c.max_per_second, 1..=10_000);
+        self.range(&at.key("max_body_bytes"), c.max_body_bytes, 0..=1 << 20);
+        if c.ports.is_empty() || c.ports.len() > 16 {
+            self.fail(&at.key("ports"), "give 1 to 16 ports".to_owned());
+        }
+        for (i, p) in c.ports.iter().enumerate() {
+            if *p == 0 {
+                self.fail(&at.key("ports").index(i), "port 0 is not a port".to_owned());
+            }
+        }
+        self.patterns(&c.redact_patterns, &at.key("redact_patterns"));
+    }
+
+    fn replay(&mut self, r: &super::ReplayConfig, at: &KeyPath) {
+        self.range(&at.key("max_requests"), r.max_requests, 1..=100_000);
+        self.range(&at.key("timeout_ms"), r.timeout_ms, 10..=60_000);
+        self.range(&at.key("latency_factor"), r.latency_factor, 1.0..=100.0);
+        self.range(
+            &at.key("latency_slack_ms"),
+            r.latency_slack_ms,
+            0.0..=60_000.0,
+        );
+        self.range(&at.key("verify_min_match"), r.verify_min_match, 0.0..=1.0);
+        if r.verify_interval_s != 0 {
+            self.range(
+                &at.key("verify_interval_s"),
+                r.verify_interval_s,
+                60..=604_800,
+            );
+        }
+        self.patterns(&r.ignore, &at.key("ignore"));
+    }
+
+    /// Each entry must be a regular expression of bounded size.
+    fn patterns(&mut self, patterns: &[String], at: &KeyPath) {
+        for (i, p) in patterns.iter().enumerate() {
+            if let Err(e) = regex::RegexBuilder::new(p).size_limit(1 << 20).build() {
+                self.fail(
+                    &at.index(i),
+                    format!("{p:?} is not a regular expression: {e}"),
+                );
+            }
+        }
     }
 
     fn probe(&mut self, probe: &ProbeConfig, at: &KeyPath) {

@@ -17,6 +17,7 @@
 //! (provisioning, promotion, pings), asks the table, and carries out what it answers. The
 //! truth lives in libvirt (domain metadata), so a restarted daemon rebuilds everything.
 
+mod canary;
 mod checks;
 mod cluster;
 mod cost;
@@ -220,6 +221,12 @@ pub struct Daemon {
     prof: profiles::Profiling,
     /// What happened, for `understudy events`.
     events: EventLog,
+    /// Running captures of primaries' traffic.
+    captures: crate::capture::Captures,
+    /// Every service's canary.
+    canaries: Arc<crate::canary::Canaries>,
+    /// Standby verifications: running and last outcomes.
+    verifications: crate::canary::verify::Verifications,
 }
 
 type Shared = Arc<Daemon>;
@@ -301,7 +308,10 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         })?;
     tokio::spawn(metrics_server.serve(metrics.clone()));
     let events = EventLog::new();
-    let control = ControlServer::bind(&cfg.daemon.control_socket)?.with_events(events.clone());
+    // `canary promote` waits for a shadow carrying the change to boot, then switches over.
+    let control = ControlServer::bind(&cfg.daemon.control_socket)?
+        .with_events(events.clone())
+        .with_reply_timeout(Duration::from_secs(600));
     let (req_tx, mut requests) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(64);
     tokio::spawn(control.serve(req_tx));
     let coord = cluster::coordinator(&cfg)?;
@@ -321,6 +331,9 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         started_unix_ms: crate::clock::now_unix_ms(),
         prof,
         events,
+        captures: crate::capture::Captures::new(),
+        canaries: canary::book(&cfg.daemon.state_dir),
+        verifications: crate::canary::verify::Verifications::new(),
     });
     profiles::start(&d);
     recover::reconcile(&d).await;
@@ -361,6 +374,8 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
                 crate::systemd::alive(&crate::systemd::status_line(d.table().iter()));
                 checks::replace_stale_tpm_shadows(&d);
                 tiers::switch_tiers(&d);
+                canary::sync_captures(&d);
+                canary::schedule_verifications(&d);
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping; shadows stay as they are"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping; shadows stay as they are"); break; }

@@ -90,7 +90,8 @@ fn census(listing: Vec<(DomainSummary, Option<String>)>) -> Census {
                 );
             }
             Role::Shadow => shadows.push((meta, dom)),
-            Role::Retired => {}
+            // Canary and verification domains belong to `canary`, which cleans them up.
+            Role::Retired | Role::Isolated => {}
         }
     }
     for (meta, dom) in shadows {
@@ -660,7 +661,12 @@ pub(super) fn spawn_provision(d: &Shared, plan: ShadowToProvision, primary_xml: 
         boot_timeout: Duration::from_secs(c.shadow_boot_timeout_s),
         agent_timeout: Duration::from_millis(cfg.monitor.agent_timeout_ms),
         agent_max_reply: cfg.monitor.agent_max_reply_bytes,
-        warmup: c.warmup_commands.clone(),
+        // Changes promoted from canaries first: every new shadow carries them.
+        warmup: [
+            super::canary::promoted_steps(d, &plan.service),
+            c.warmup_commands.clone(),
+        ]
+        .concat(),
         standby: StandbyMemory {
             shrink: c.standby_shrink,
             idle_use_kib: c

@@ -86,6 +86,15 @@ pub(super) async fn handle(d: &Shared, req: Request) -> Response {
             Ok(r) => Response::Hosts(r),
             Err(e) => Response::error(ErrorKind::Failed, crate::error::report(&e)),
         },
+        Request::CanaryStart { service, change } => {
+            super::canary::start(d, &service, &change).await
+        }
+        Request::CanaryReport { service } => super::canary::report(d, &service),
+        Request::ShadowVerify { service } => super::canary::verify(d, &service).await,
+        Request::CanaryAbort { service } => super::canary::abort(d, &service).await,
+        Request::CanaryPromote { service, wait_s } => {
+            super::canary::promote(d, &service, Duration::from_secs(wait_s.clamp(10, 3600))).await
+        }
         // The control socket streams events itself; it never forwards this request.
         Request::Events { .. } => Response::error(
             ErrorKind::Internal,
@@ -105,7 +114,7 @@ pub(super) async fn rebuild(d: &Shared, service: &str) -> Result<usize, Refused>
 }
 
 /// A planned switchover: the healthy primary is fenced (paused, cut) and a shadow promoted.
-async fn switchover(d: &Shared, service: &str) -> Response {
+pub(super) async fn switchover(d: &Shared, service: &str) -> Response {
     let previous = match d.table().require(service) {
         Ok(s) => s.last_failover.as_ref().map(|r| r.at_unix_ms),
         Err(e) => return refused(e),

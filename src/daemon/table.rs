@@ -906,6 +906,34 @@ impl ServiceTable {
         }
     }
 
+    /// Takes the oldest standing-by shadow of `service` out of it for a standby verification:
+    /// it is no longer a member (never promoted, not counted), and a replacement is
+    /// provisioned. Only while the service is protected.
+    pub fn lend_shadow(&mut self, service: &str) -> Result<(String, Vec<Action>), Refused> {
+        let svc = self.svc_mut(service)?;
+        if !matches!(svc.state, ServiceState::Protected) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "verify a shadow",
+            });
+        }
+        let Some(i) = svc
+            .shadows
+            .iter()
+            .position(|s| s.state == ShadowState::PAUSED)
+        else {
+            return Err(Refused::NoShadow {
+                service: service.to_string(),
+            });
+        };
+        let lent = svc.shadows.remove(i);
+        if !svc.shadows.iter().any(|s| s.state == ShadowState::PAUSED) {
+            svc.state = ServiceState::Provisioning;
+        }
+        Ok((lent.name, vec![Action::EnsureShadows]))
+    }
+
     /// A shadow is gone from libvirt: it leaves the table.
     pub fn shadow_removed(&mut self, service: &str, shadow: &str) {
         if let Some(svc) = self.services.get_mut(service) {

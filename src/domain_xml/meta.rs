@@ -40,6 +40,9 @@ pub enum Role {
     Shadow,
     /// A former primary that lost its role (fenced or replaced) and must not come back.
     Retired,
+    /// A clone resumed off the service network (a canary, its baseline, a standby check):
+    /// never a member that serves or stands by.
+    Isolated,
 }
 
 impl Role {
@@ -49,6 +52,7 @@ impl Role {
             Role::Primary => "primary",
             Role::Shadow => "shadow",
             Role::Retired => "retired",
+            Role::Isolated => "isolated",
         }
     }
 
@@ -57,6 +61,7 @@ impl Role {
             "primary" => Role::Primary,
             "shadow" => Role::Shadow,
             "retired" => Role::Retired,
+            "isolated" => Role::Isolated,
             _ => return None,
         })
     }

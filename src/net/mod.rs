@@ -34,6 +34,10 @@ pub enum LinkChange {
         /// The bridge.
         bridge: String,
     },
+    /// Create as a bridge.
+    CreateBridge,
+    /// Delete.
+    Delete,
 }
 
 impl fmt::Display for LinkChange {
@@ -44,6 +48,8 @@ impl fmt::Display for LinkChange {
             LinkChange::Up => f.write_str("set up"),
             LinkChange::Down => f.write_str("set down"),
             LinkChange::EnslaveAndUp { bridge } => write!(f, "enslave to {bridge} and set up"),
+            LinkChange::CreateBridge => f.write_str("create as a bridge"),
+            LinkChange::Delete => f.write_str("delete"),
         }
     }
 }

@@ -11,7 +11,7 @@ use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
 
 use super::{DumpKind, LinkChange, NetError};
 
@@ -296,6 +296,67 @@ impl Netlink {
                 link: link.to_string(),
                 source: Box::new(source),
             })
+    }
+
+    /// Creates the bridge `name` (up), with no port and no address.
+    pub async fn add_bridge(&self, name: &str) -> Result<(), NetError> {
+        validate_name(name)?;
+        self.handle
+            .link()
+            .add(LinkBridge::new(name).build())
+            .execute()
+            .await
+            .map_err(|source| NetError::LinkChange {
+                link: name.to_string(),
+                change: LinkChange::CreateBridge,
+                source: Box::new(source),
+            })
+    }
+
+    /// Deletes the link `name`; a link already gone is not an error.
+    pub async fn delete_link(&self, name: &str) -> Result<(), NetError> {
+        let index = match self.link_index(name).await {
+            Ok(i) => i,
+            Err(NetError::NoSuchLink { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|source| NetError::LinkChange {
+                link: name.to_string(),
+                change: LinkChange::Delete,
+                source: Box::new(source),
+            })
+    }
+
+    /// Adds `address/prefix` to `link` without the prefix route (`noprefixroute`): the host
+    /// answers for the address on that link, but routes nothing there by itself; a socket
+    /// bound to the link (`SO_BINDTODEVICE`) reaches its neighbours.
+    pub async fn add_ipv4_address_unrouted(
+        &self,
+        link: &str,
+        address: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetError> {
+        use rtnetlink::packet_route::address::AddressFlags;
+        let index = self.link_index(link).await?;
+        let mut req = self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(address), prefix)
+            .replace();
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Noprefixroute));
+        req.execute().await.map_err(|source| NetError::AddressAdd {
+            address,
+            prefix,
+            link: link.to_string(),
+            source: Box::new(source),
+        })
     }
 
     async fn set_link(

@@ -1,0 +1,599 @@
+//! Capture, isolated runs and canaries on real guests: the primary's traffic is recorded from
+//! its tap (bounded, redacted before it is stored), clones run off the service network on
+//! copies of the data, and a canary's answers are compared with an unchanged clone's.
+//!
+//! Throughout, a watcher checks what the issue requires of isolation: the service bridge never
+//! forwards the service MAC to any port but the primary's tap, no tap carrying it other than
+//! the primary's is on the service bridge, and the live data disk is attached to exactly one
+//! running domain.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::common::*;
+use crate::stateful::{data_image, holders, ledger, DATA_CLASS};
+
+const SHADOW_WAIT: Duration = Duration::from_secs(240);
+
+/// One HTTP/1.0 request with extra header lines; (status, body).
+fn http(ip: &str, method: &str, path: &str, headers: &str) -> Option<(u16, String)> {
+    let addr: SocketAddr = format!("{ip}:80").parse().unwrap();
+    let t = Duration::from_secs(2);
+    let mut s = TcpStream::connect_timeout(&addr, t).ok()?;
+    s.set_read_timeout(Some(t)).ok()?;
+    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {ip}\r\n{headers}\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, out.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+fn store_dir(daemon: &DaemonProc, service: &str) -> PathBuf {
+    daemon.dir.join("state/capture").join(service)
+}
+
+/// Bytes of every file in `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|it| {
+            it.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Every byte of every file in `dir`.
+fn dir_contents(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        out.extend(std::fs::read(e.path()).unwrap_or_default());
+    }
+    out
+}
+
+fn records(daemon: &DaemonProc, service: &str) -> Vec<understudy::capture::Record> {
+    understudy::capture::store::read_records(&store_dir(daemon, service), usize::MAX).unwrap()
+}
+
+fn wait_capture(daemon: &DaemonProc, service: &str) {
+    wait_for("capture running", Duration::from_secs(60), || {
+        daemon
+            .metrics()
+            .lines()
+            .any(|l| {
+                l.starts_with(&format!(
+                    "understudy_capture_running{{service=\"{service}\"}} 1"
+                ))
+            })
+            .then_some(())
+    });
+}
+
+/// Checks isolation every 100 ms while it lives; panics in `finish` with what it saw.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    bad: Arc<Mutex<Vec<String>>>,
+    checks: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watcher {
+    fn start(mac: &str, primary_tap: &str, primary: &str, live_disk: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bad = Arc::new(Mutex::new(Vec::new()));
+        let checks = Arc::new(AtomicU64::new(0));
+        let (s, b, c) = (stop.clone(), bad.clone(), checks.clone());
+        let (mac, tap, primary, disk) = (
+            mac.to_string(),
+            primary_tap.to_string(),
+            primary.to_string(),
+            live_disk.to_string(),
+        );
+        let thread = std::thread::spawn(move || {
+            let hv = hypervisor();
+            while !s.load(Ordering::SeqCst) {
+                let mut found = Vec::new();
+                let ports = fdb_ports_of(&mac);
+                if ports.iter().any(|p| *p != tap) {
+                    found.push(format!("usbr0 forwards {mac} to {ports:?}"));
+                }
+                let on = taps_with_mac_on_bridge(&mac);
+                if on.len() > 1 || on.iter().any(|x| !x.starts_with(&format!("{primary}:"))) {
+                    found.push(format!("taps with {mac} on usbr0: {on:?}"));
+                }
+                let h = holders(&hv, &disk);
+                if h != vec![primary.clone()] {
+                    found.push(format!("live data disk held by {h:?}"));
+                }
+                if !found.is_empty() {
+                    b.lock().unwrap().extend(found);
+                }
+                c.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Watcher {
+            stop,
+            bad,
+            checks,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        let bad = self.bad.lock().unwrap().clone();
+        assert!(bad.is_empty(), "isolation broken: {bad:?}");
+        self.checks.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Names and states of every domain.
+fn domains(hv: &understudy::libvirt::Hypervisor) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = hv
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.name, d.state.as_str().to_string()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Links whose name starts with `usi` (isolated bridges).
+fn isolated_bridges() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-j", "link", "show"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l["ifname"].as_str())
+                .filter(|n| n.starts_with("usi"))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn canary_start(
+    daemon: &DaemonProc,
+    service: &str,
+    change: &str,
+) -> (i32, serde_json::Value, String) {
+    let file = daemon.dir.join("change.toml");
+    std::fs::write(&file, change).unwrap();
+    let (code, out, err) = daemon.cli(&[
+        "canary",
+        "start",
+        service,
+        "--apply",
+        file.to_str().unwrap(),
+        "--json",
+        "--timeout",
+        "600",
+    ]);
+    let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("canary start: {e}: {out} {err}"));
+    (code, v, err)
+}
+
+#[test]
+fn capture_is_bounded_and_redacted_before_it_is_stored() {
+    require_lab();
+    let name = "it-cap1";
+    let ip = "10.77.0.90";
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let daemon = DaemonProc::start_configured(
+        "capture",
+        name,
+        0,
+        r#"
+[class.default.capture]
+enabled = true
+ports = [80]
+max_bytes = 65536
+max_per_second = 10000
+max_body_bytes = 512
+redact_headers = ["authorization", "x-api-key"]
+redact_fields = ["token"]
+redact_patterns = ["card-[0-9]{4}"]
+"#,
+        &[],
+    );
+    let hv = hypervisor();
+    start_guest(&hv, name, &format!("{ip}/24"), &[]);
+    wait_for("page served", Duration::from_secs(120), || {
+        http_get(ip, Duration::from_secs(1))
+    });
+    wait_capture(&daemon, name);
+
+    let dir = store_dir(&daemon, name);
+    let mut max_seen = 0;
+    let mut answered = 0;
+    for i in 0..1500 {
+        let r = http(
+            ip,
+            "GET",
+            &format!("/?token=SECRETTOKEN{i}&n={i}&c=card-1234"),
+            "Authorization: Bearer AUTHSECRET\r\nX-Api-Key: KEYSECRET\r\nX-Plain: visible\r\n",
+        );
+        answered += usize::from(r.is_some_and(|(c, _)| c == 200));
+        if i % 50 == 0 {
+            max_seen = max_seen.max(dir_bytes(&dir));
+        }
+    }
+    // The capture writes every 500 ms.
+    std::thread::sleep(Duration::from_secs(2));
+    max_seen = max_seen.max(dir_bytes(&dir));
+    eprintln!("{answered} of 1500 requests answered; store at most {max_seen} bytes");
+    assert!(answered > 1000, "the guest answered only {answered}");
+    assert!(max_seen <= 65_536, "store grew to {max_seen} bytes");
+
+    let recs = records(&daemon, name);
+    assert!(recs.len() > 20, "only {} records", recs.len());
+    assert!(recs.len() < 1500, "nothing was dropped: {}", recs.len());
+    // Oldest dropped first: what is kept is the end of the flood, in order.
+    let last = recs.last().unwrap();
+    let understudy::capture::Exchange::Http { request, response } = &last.exchange else {
+        panic!("not HTTP: {last:?}")
+    };
+    assert!(request.target.contains("n=1499"), "{}", request.target);
+    assert!(
+        request.target.contains("token=[redacted]"),
+        "{}",
+        request.target
+    );
+    assert!(request
+        .headers
+        .iter()
+        .any(|(n, v)| n == "X-Plain" && v == "visible"));
+    let response = response.as_ref().expect("response recorded");
+    assert_eq!(response.status, 200);
+    assert!(
+        response.body.data.starts_with("understudy-lab-guest"),
+        "{response:?}"
+    );
+    assert!(last.latency_ms.is_some());
+    assert!(recs.windows(2).all(|w| w[0].seq < w[1].seq));
+
+    let bytes = dir_contents(&dir);
+    let text = String::from_utf8_lossy(&bytes);
+    for secret in ["SECRETTOKEN", "AUTHSECRET", "KEYSECRET", "card-1234"] {
+        assert!(!text.contains(secret), "{secret} reached the store");
+    }
+    let metrics = daemon.metrics();
+    assert!(
+        metrics.contains(&format!(
+            "understudy_capture_records{{service=\"{name}\",outcome=\"stored\"}}"
+        )),
+        "{metrics}"
+    );
+}
+
+/// A ledger guest whose traffic is recorded: / pages, appends and ledger listings.
+fn ledger_service(tag: &str, name: &str, ip: &str, extra: &str) -> (DaemonProc, PathBuf) {
+    let class = format!(
+        r#"{DATA_CLASS}
+{extra}
+[class.default.capture]
+enabled = true
+ports = [80]
+
+# Per-guest identity on the page; ledger records (the list grows as clients append).
+[class.default.replay]
+ignore = ["uuid=\\S+", "boot=\\S+", "(?m)^k[0-9]+$"]
+"#
+    );
+    let daemon = DaemonProc::start_configured(tag, name, 1, &class, &[]);
+    let hv = hypervisor();
+    let image = data_image(&daemon, name);
+    start_guest(
+        &hv,
+        name,
+        &format!("{ip}/24"),
+        &["--data", image.to_str().unwrap()],
+    );
+    daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    wait_for("ledger served", Duration::from_secs(60), || ledger(ip));
+    wait_capture(&daemon, name);
+    for i in 0..8 {
+        assert!(http(ip, "GET", "/", "").is_some());
+        assert_eq!(
+            http(ip, "POST", &format!("/append?key=k{i}"), "").map(|r| r.0),
+            Some(200)
+        );
+        assert!(http(ip, "GET", "/ledger", "").is_some());
+    }
+    wait_for("24 records stored", Duration::from_secs(10), || {
+        (records(&daemon, name).len() >= 24).then_some(())
+    });
+    (daemon, image)
+}
+
+/// Restarts the guest's page server without its data directory: it no longer serves the
+/// ledger (every path answers its page).
+const BREAK_LEDGER: &str = r#"
+[[command]]
+argv = ["/bin/sh", "-c", "kill $(pidof us-httpd); sleep 0.3; setsid /bin/us-httpd 80 /www/index.html </dev/null >/dev/null 2>&1 &"]
+"#;
+
+/// A file nobody reads and a command that changes nothing.
+const HARMLESS: &str = r#"
+[[file]]
+path = "/etc/canary-note"
+content = "tried by a canary\n"
+
+[[command]]
+argv = ["/bin/true"]
+"#;
+
+#[test]
+fn canary_reports_a_broken_path_passes_a_harmless_change_and_abort_leaves_things_as_they_were() {
+    require_lab();
+    let name = "it-can1";
+    let ip = "10.77.0.91";
+    let _cleanup = Cleanup {
+        prefixes: vec![
+            name.to_string(),
+            format!("{name}-canary"),
+            format!("{name}-baseline"),
+        ],
+    };
+    let (daemon, image) = ledger_service("canary", name, ip, "");
+    let hv = hypervisor();
+    let live = image.to_str().unwrap().to_string();
+    let (mac, tap) = taps(&hv, name)[0].clone();
+    let primary_uuid = domain_uuid(&hv, name);
+    let before = domains(&hv);
+    let watcher = Watcher::start(&mac, &tap, name, &live);
+
+    // A change that breaks the ledger paths.
+    let (code, report, err) = canary_start(&daemon, name, BREAK_LEDGER);
+    eprintln!("{err}");
+    assert_eq!(code, 4, "differences must exit 4: {report:#}");
+    assert_eq!(report["phase"], "done");
+    let differing: Vec<String> = report["comparison"]["differing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["request"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!differing.is_empty());
+    assert!(
+        differing
+            .iter()
+            .all(|r| r.starts_with("POST /append") || r == "GET /ledger"),
+        "{differing:?}"
+    );
+    assert!(
+        differing.iter().any(|r| r == "GET /ledger"),
+        "{differing:?}"
+    );
+    assert!(
+        differing.iter().any(|r| r.starts_with("POST /append")),
+        "{differing:?}"
+    );
+    // Without its data directory the page server answers every path with its page.
+    let what = report["comparison"]["differing"][0]["what"][0]
+        .as_str()
+        .unwrap();
+    assert!(what.contains("understudy-lab-guest"), "{what}");
+    assert_eq!(
+        report["isolation"]["violations"].as_array().unwrap().len(),
+        0,
+        "{report:#}"
+    );
+    assert!(report["isolation"]["checks"].as_u64().unwrap() > 2);
+    // The text report names the differing requests.
+    let (code, text, _) = daemon.cli(&["canary", "report", name]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("GET /ledger") && text.contains("verdict: Differs"),
+        "{text}"
+    );
+    // The clones ran on their own bridges, on copies of the data.
+    let canary_dom = report["canary"]["name"].as_str().unwrap().to_string();
+    let copies: Vec<String> = report["canary"]["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(copies.len(), 1);
+    assert_ne!(copies[0], live);
+    // The paused canary holds its copy, and only the canary.
+    assert_eq!(holders(&hv, &copies[0]), vec![canary_dom.clone()]);
+    assert_eq!(isolated_bridges().len(), 2, "{:?}", isolated_bridges());
+    // The primary still serves, and alone.
+    assert_single_server(ip, &primary_uuid, &mac);
+    assert!(ledger(ip).unwrap().contains(&"k7".to_string()));
+
+    let (code, out, err) = daemon.cli(&["canary", "abort", name]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(domains(&hv), before);
+    assert!(isolated_bridges().is_empty(), "{:?}", isolated_bridges());
+    assert!(!Path::new(&copies[0]).exists());
+    let (code, _, err) = daemon.cli(&["canary", "report", name]);
+    assert_eq!(code, 1);
+    assert!(err.contains("has no canary"), "{err}");
+
+    // A harmless change is clean.
+    let (code, report, err) = canary_start(&daemon, name, HARMLESS);
+    assert_eq!(code, 0, "a harmless change must be clean: {report:#} {err}");
+    assert_eq!(
+        report["comparison"]["differing"].as_array().unwrap().len(),
+        0
+    );
+    assert!(report["comparison"]["requests"].as_u64().unwrap() >= 24);
+    assert_eq!(report["applied"][0]["result"], "ok");
+    let (code, _, err) = daemon.cli(&["canary", "abort", name]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(domains(&hv), before);
+
+    let checks = watcher.finish();
+    eprintln!("isolation checked {checks} times");
+    assert_single_server(ip, &primary_uuid, &mac);
+    let events = daemon.cli(&["events", name]).1;
+    for what in ["canary_started", "canary_finished", "canary_aborted"] {
+        assert!(events.contains(what), "{what} missing: {events}");
+    }
+    let metrics = daemon.metrics();
+    assert!(
+        metrics.contains(&format!(
+            "understudy_canary_runs_total{{service=\"{name}\",outcome=\"differs\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "understudy_canary_runs_total{{service=\"{name}\",outcome=\"clean\"}} 1"
+        )),
+        "{metrics}"
+    );
+}
+
+/// Runs a command in a guest through its agent (fire and forget).
+fn guest_run(hv: &understudy::libvirt::Hypervisor, domain: &str, script: &str) {
+    let cmd = serde_json::json!({
+        "execute": "guest-exec",
+        "arguments": {"path": "/bin/sh", "arg": ["-c", script]}
+    });
+    assert!(
+        agent(hv, domain, &cmd.to_string()).is_some(),
+        "guest-exec in {domain}"
+    );
+}
+
+#[test]
+fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy_one() {
+    require_lab();
+    let name = "it-ver1";
+    let ip = "10.77.0.92";
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let (daemon, image) = ledger_service("verify", name, ip, "");
+    let hv = hypervisor();
+    let (mac, tap) = taps(&hv, name)[0].clone();
+    let primary_uuid = domain_uuid(&hv, name);
+    let watcher = Watcher::start(&mac, &tap, name, image.to_str().unwrap());
+
+    // Break the standing-by shadow's service: resumed for a moment (its tap is down and off
+    // the bridge), its page server killed, paused again.
+    let broken = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
+    hv.resume(&broken).unwrap();
+    wait_agent(&hv, &broken);
+    guest_run(&hv, &broken, "kill $(pidof us-httpd)");
+    std::thread::sleep(Duration::from_secs(1));
+    hv.suspend(&broken).unwrap();
+
+    let (code, out, err) = daemon.cli(&["canary", "verify", name, "--json"]);
+    let r: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    assert_eq!(code, 4, "a broken shadow must fail: {r:#}");
+    assert_eq!(r["passed"], false);
+    assert_eq!(r["shadow"], broken.as_str());
+    assert_eq!(r["verdict"]["matched"], 0, "{r:#}");
+    assert!(
+        r["isolation"]["violations"].as_array().unwrap().is_empty(),
+        "{r:#}"
+    );
+    // It was replaced: gone from libvirt, a new shadow stands by.
+    assert!(!hv.list().unwrap().iter().any(|d| d.name == broken));
+    let healthy = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
+    assert_ne!(healthy, broken);
+    let events = daemon.cli(&["events", name]).1;
+    assert!(events.contains("verify_failed"), "{events}");
+
+    let (code, out, err) = daemon.cli(&["canary", "verify", name, "--json"]);
+    let r: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    assert_eq!(code, 0, "a healthy shadow must pass: {r:#}");
+    assert_eq!(r["passed"], true);
+    assert!(r["verdict"]["requests"].as_u64().unwrap() >= 24);
+    daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    let checks = watcher.finish();
+    eprintln!("isolation checked {checks} times");
+    assert_single_server(ip, &primary_uuid, &mac);
+    let metrics = daemon.metrics();
+    for outcome in ["passed", "failed"] {
+        assert!(
+            metrics.contains(&format!(
+                "understudy_verify_runs_total{{service=\"{name}\",outcome=\"{outcome}\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
+}
+
+#[test]
+fn canary_promote_switches_over_and_new_shadows_carry_the_change() {
+    require_lab();
+    let name = "it-pro1";
+    let ip = "10.77.0.93";
+    let _cleanup = Cleanup {
+        prefixes: vec![
+            name.to_string(),
+            format!("{name}-canary"),
+            format!("{name}-baseline"),
+        ],
+    };
+    let (daemon, image) = ledger_service("promote", name, ip, "");
+    let hv = hypervisor();
+    let (code, report, err) = canary_start(&daemon, name, HARMLESS);
+    assert_eq!(code, 0, "{report:#} {err}");
+    let (code, out, err) = daemon.cli(&["canary", "promote", name]);
+    assert_eq!(code, 0, "promote: {out} {err}");
+    let rec: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rec["ok"], true, "{rec:#}");
+    let new_primary = daemon.service(name).unwrap()["active"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new_primary, name);
+    // The new primary and the new shadows carry the change.
+    let has_note = |dom: &str| {
+        let cmd = serde_json::json!({"execute": "guest-file-open", "arguments": {"path": "/etc/canary-note"}});
+        agent(&hv, dom, &cmd.to_string()).is_some_and(|v| v.get("return").is_some())
+    };
+    wait_for(
+        "new primary carries the change",
+        Duration::from_secs(30),
+        || has_note(&new_primary).then_some(()),
+    );
+    let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
+    hv.resume(&shadow).unwrap();
+    wait_agent(&hv, &shadow);
+    let carried = has_note(&shadow);
+    hv.suspend(&shadow).unwrap();
+    assert!(carried, "new shadow {shadow} lacks the promoted change");
+    // The data followed: every key is on the new primary, its disk on exactly it.
+    let keys = ledger(ip).expect("ledger on the new primary");
+    assert!(keys.contains(&"k7".to_string()), "{keys:?}");
+    assert_eq!(
+        holders(&hv, image.to_str().unwrap()),
+        vec![new_primary.clone()]
+    );
+    assert!(isolated_bridges().is_empty());
+}
