@@ -14,6 +14,7 @@ mod failover;
 mod faults;
 mod lab_basics;
 mod ops;
+mod pool;
 mod profile;
 mod standby;
 mod stateful;
