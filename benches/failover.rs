@@ -87,6 +87,7 @@ fn main() {
 
     let mut understudy_ms = Vec::new();
     let mut daemon_steps = Vec::new();
+    let mut breakdown = Vec::new();
     for i in 0..trials {
         let shadow = daemon
             .wait_paused_shadows(NAME, 1, Duration::from_secs(300))
@@ -100,19 +101,35 @@ fn main() {
         std::thread::sleep(Duration::from_millis(300));
         let shadow_uuid = domain_uuid(&hv, &shadow);
         let kill = Instant::now();
+        let kill_unix_ms = understudy::clock::now_unix_ms();
         kill_qemu(&active);
-        match outage(&probe, kill, &shadow_uuid, Duration::from_secs(30)) {
-            Some(ms) => {
-                println!("understudy trial {i}: {active} -> {shadow}: client outage {ms:.1} ms");
-                understudy_ms.push(ms);
-            }
-            None => println!("understudy trial {i}: {active} -> {shadow}: NOT served within 30 s"),
-        }
+        let client = outage(&probe, kill, &shadow_uuid, Duration::from_secs(30));
         let svc = wait_for("failover record", Duration::from_secs(30), || {
             let s = daemon.service(NAME)?;
             (s["active"] == shadow.as_str()).then_some(s)
         });
-        daemon_steps.push(svc["last_failover"].clone());
+        let record = svc["last_failover"].clone();
+        // Where the client's outage went: kill to detection (the record starts at detection,
+        // ms resolution), the daemon's own outage, and the rest (guest and network).
+        let detect_ms = record["at_unix_ms"]
+            .as_u64()
+            .map(|at| at.saturating_sub(kill_unix_ms) as f64);
+        let daemon_ms = record["outage_ms"].as_f64();
+        breakdown.push(serde_json::json!({
+            "client_ms": client, "kill_to_detection_ms": detect_ms, "daemon_outage_ms": daemon_ms,
+        }));
+        match client {
+            Some(ms) => {
+                println!(
+                    "understudy trial {i}: {active} -> {shadow}: client outage {ms:.1} ms (kill to detection {} ms, daemon {:.1} ms)",
+                    detect_ms.map_or("?".into(), |d| format!("{d:.0}")),
+                    daemon_ms.unwrap_or(f64::NAN)
+                );
+                understudy_ms.push(ms);
+            }
+            None => println!("understudy trial {i}: {active} -> {shadow}: NOT served within 30 s"),
+        }
+        daemon_steps.push(record);
     }
 
     // Hangs: SIGSTOP of the active primary's QEMU, with the default heartbeat settings.
@@ -287,6 +304,7 @@ fn main() {
             "ratio_restore_over_understudy": r50 / u50,
         },
         "daemon_failover_records": daemon_steps,
+        "understudy_breakdown": breakdown,
     });
     std::fs::write(
         out.join("failover.json"),

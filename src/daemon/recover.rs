@@ -463,7 +463,9 @@ pub(super) fn watch_primary(d: &Shared, service: &str, domain: &str) {
     let d = d.clone();
     let (service, domain) = (service.to_string(), domain.to_string());
     tokio::spawn(async move {
-        proc.exited().await;
+        // Heard at the first thread's exit: the process runs no more code from there.
+        let how = proc.ended().await;
+        tracing::debug!(%service, %domain, pid, ?how, "primary QEMU ending");
         let _ = d.notes.send(Note::PrimaryExited {
             service,
             domain,

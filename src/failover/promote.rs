@@ -294,16 +294,17 @@ fn old_tap_of<'a>(p: &'a Promotion, mac: &str) -> Option<&'a TapBinding> {
 
 /// Every step the pipeline records, in pipeline order (`wake` only for a `saved` or `cold`
 /// shadow; `plan_disks` only for a shadow whose data disks were not planned when it was made;
-/// `attach` and `promote_commands` only with data disks; `route` only for a routed class;
-/// `link_up` only when a shadow's links were not raised while it stood by; `identity`,
-/// `plug_nic`, `address` and `size` only for a pooled shadow; `apply_profile` only with a
-/// profile).
-pub const STEPS: [&str; 17] = [
+/// `stop_old_qemu` (the old QEMU stopped for good, beside `resume`), `attach` and
+/// `promote_commands` only with data disks; `route` only for a routed class; `link_up` only
+/// when a shadow's links were not raised while it stood by; `plug_nic`, `identity`, `address`
+/// and `size` only for a pooled shadow; `apply_profile` only with a profile).
+pub const STEPS: [&str; 18] = [
     "plan_disks",
     "fence",
     "claim",
     "wake",
     "plug_nic",
+    "stop_old_qemu",
     "resume",
     "identity",
     "attach",
@@ -347,20 +348,12 @@ async fn run_steps<S: PromotionSteps>(
     let stateful = !disks.is_empty();
 
     // 1. Fence, then claim: nothing of the shadow is touched before both are confirmed. With
-    //    data disks, fenced means the old QEMU is gone: it can write no disk any more. A
-    //    primary on another host was fenced there before its host reported it (a dead QEMU,
-    //    or a paused one cut off its bridge; with data disks a stopped one).
+    //    data disks, fenced also means the old QEMU is gone (it can write no disk any more),
+    //    which the hand-over waits for before it attaches anything. A primary on another host
+    //    was fenced there before its host reported it (a dead QEMU, or a paused one cut off
+    //    its bridge; with data disks a stopped one).
     match &p.old_host {
-        None => {
-            timed(clock, "fence", async {
-                steps.fence(p).await?;
-                if stateful {
-                    steps.stop_old_qemu(p).await?;
-                }
-                Ok(())
-            })
-            .await?
-        }
+        None => timed(clock, "fence", steps.fence(p)).await?,
         Some(host) => notes.push(format!(
             "old primary '{}' ran on host {host}, which fenced it and reported it ({})",
             p.old_primary, p.trigger
@@ -394,7 +387,7 @@ async fn run_steps<S: PromotionSteps>(
     let rest = async {
         if stateful {
             // 2'. The hand-over; a failure once a disk may be attached gives the disk back.
-            if let Err(e) = hand_over(steps, p, &disks, clock).await {
+            if let Err(e) = hand_over(steps, p, &disks, clock, p.old_host.is_none()).await {
                 steps.release(p).await;
                 return Err(e);
             }
@@ -426,7 +419,8 @@ async fn take_over<S: PromotionSteps>(
 ) -> Result<(), FailoverError> {
     let (shape, taps) = timed(clock, "plug_nic", steps.plug_nics(p)).await?;
     p.shadow.taps = taps;
-    timed(clock, "resume", steps.resume(p)).await?;
+    let stop_old = !disks.is_empty() && p.old_host.is_none();
+    resume_beside_stop(steps, p, clock, stop_old).await?;
     notes.extend(timed(clock, "identity", steps.assume_identity(p)).await?);
     if !disks.is_empty() {
         // The old primary's device addresses mean nothing in the template's layout: libvirt
@@ -465,14 +459,16 @@ async fn take_over<S: PromotionSteps>(
     Ok(())
 }
 
-/// Resume (off the network), attach, promote commands, and only then the network.
+/// Resume (off the network, without the disks) while the old QEMU is stopped for good, then
+/// attach, promote commands, and only then the network.
 async fn hand_over<S: PromotionSteps>(
     steps: &S,
     p: &Promotion,
     disks: &[DataDisk],
     clock: &mut StepClock,
+    stop_old: bool,
 ) -> Result<(), FailoverError> {
-    timed(clock, "resume", steps.resume(p)).await?;
+    resume_beside_stop(steps, p, clock, stop_old).await?;
     timed(clock, "attach", steps.attach(p, disks)).await?;
     timed(clock, "promote_commands", steps.promote_commands(p)).await?;
     timed(clock, "rewire", steps.rewire(p)).await?;
@@ -484,6 +480,36 @@ async fn hand_over<S: PromotionSteps>(
     }
     clock.mark_restored();
     Ok(())
+}
+
+/// Resumes the shadow while, with `stop_old`, the old QEMU is stopped for good: its exit takes
+/// the kernel tens of ms and libvirt up to a few hundred more, and the shadow, off the network
+/// and holding no data disk, wakes meanwhile. Both must succeed.
+async fn resume_beside_stop<S: PromotionSteps>(
+    steps: &S,
+    p: &Promotion,
+    clock: &mut StepClock,
+    stop_old: bool,
+) -> Result<(), FailoverError> {
+    let started = Instant::now();
+    let stop = async {
+        if !stop_old {
+            return None;
+        }
+        let r = steps.stop_old_qemu(p).await;
+        Some((r, started.elapsed()))
+    };
+    let resume = async {
+        let r = steps.resume(p).await;
+        (r, started.elapsed())
+    };
+    let (stopped, (resumed, resume_took)) = tokio::join!(stop, resume);
+    if let Some((r, took)) = stopped {
+        clock.record("stop_old_qemu", started, took);
+        r?;
+    }
+    clock.record("resume", started, resume_took);
+    resumed
 }
 
 /// The stateless critical path: resume and rewire at once.
@@ -1374,15 +1400,15 @@ mod tests {
     async fn a_pooled_shadow_becomes_the_primary_before_its_network_comes_up() {
         let r = Recorder::failing(None);
         let done = run(&r, pooled_promotion()).await.unwrap();
+        let calls = r.calls();
+        assert_eq!(calls[..4], ["plan_disks", "fence", "claim", "plug_nic"]);
+        // The old QEMU is stopped for good beside the resume, before any disk is attached.
+        let mut beside = calls[4..6].to_vec();
+        beside.sort_unstable();
+        assert_eq!(beside, ["resume", "stop_old_qemu"]);
         assert_eq!(
-            r.calls(),
+            calls[6..],
             [
-                "plan_disks",
-                "fence",
-                "stop_old_qemu",
-                "claim",
-                "plug_nic",
-                "resume",
                 "identity",
                 "attach",
                 "promote_commands",
@@ -1504,14 +1530,17 @@ mod tests {
     async fn data_disks_change_hands_before_the_network_comes_up() {
         let r = Recorder::failing(None);
         let done = run(&r, stateful_promotion()).await.unwrap();
+        // The old QEMU is stopped for good while the shadow resumes, in either order.
+        let mut calls = r.calls();
+        calls[3..5].sort_unstable();
         assert_eq!(
-            r.calls(),
+            calls,
             [
                 "plan_disks",
                 "fence",
-                "stop_old_qemu",
                 "claim",
                 "resume",
+                "stop_old_qemu",
                 "attach",
                 "promote_commands",
                 "rewire",
@@ -1526,6 +1555,7 @@ mod tests {
                 "plan_disks",
                 "fence",
                 "claim",
+                "stop_old_qemu",
                 "resume",
                 "attach",
                 "promote_commands",
@@ -1536,13 +1566,21 @@ mod tests {
             ]
         );
         // Service counts as restored only once the network is up, after the commands.
-        let until_rewire: f64 = done.record.steps[..7].iter().map(|s| s.ms).sum();
-        assert!(done.record.outage_ms >= until_rewire, "{:?}", done.record);
+        let rewire = &done.record.steps[7];
+        assert_eq!(rewire.name, "rewire");
+        let rewired_at = rewire.start_ms.unwrap() + rewire.ms;
+        assert!(done.record.outage_ms >= rewired_at, "{:?}", done.record);
     }
 
     #[tokio::test]
     async fn a_failed_hand_over_names_its_step_and_gives_the_disk_back() {
-        for failing in ["resume", "attach", "promote_commands", "rewire"] {
+        for failing in [
+            "stop_old_qemu",
+            "resume",
+            "attach",
+            "promote_commands",
+            "rewire",
+        ] {
             let r = Recorder::failing(Some(failing));
             let failed = run(&r, stateful_promotion()).await.unwrap_err();
             let calls = r.calls();
@@ -1555,8 +1593,8 @@ mod tests {
             assert_eq!(step_names(&failed.record).last(), Some(&failing));
             assert!(!failed.record.ok);
         }
-        // Failing before anything is attached has nothing to give back.
-        for failing in ["plan_disks", "stop_old_qemu", "claim"] {
+        // Failing before the shadow is touched has nothing to give back.
+        for failing in ["plan_disks", "fence", "claim"] {
             let r = Recorder::failing(Some(failing));
             run(&r, stateful_promotion()).await.unwrap_err();
             let calls = r.calls();

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Trigger {
-    /// The primary's QEMU process exited (pidfd).
+    /// The primary's QEMU process is exiting or exited (thread and process pidfds).
     Pidfd,
     /// libvirt reported the primary crashed or failed.
     Lifecycle,

@@ -1,5 +1,6 @@
-//! Watching a domain's QEMU process through a pidfd: the kernel reports its exit at once,
-//! about a second before libvirt's own lifecycle event arrives.
+//! Watching a domain's QEMU process through pidfds: the kernel reports its exit at once,
+//! about a second before libvirt's own lifecycle event arrives, and thread pidfds report a
+//! crash at its first thread's exit, before the kernel has released the guest's memory.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -132,35 +133,122 @@ pub async fn kill_qemu(
 /// How the watch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessExit {
-    /// The process exited (any reason).
+    /// The process is gone.
     Exited,
+    /// Its threads are exiting (a fatal signal, or `exit_group`): it runs no more code, but the
+    /// kernel is still releasing its memory and files, which for a guest's RAM takes tens of
+    /// milliseconds here and longer the larger the guest.
+    Exiting,
 }
 
-/// A pidfd on one QEMU process.
+/// Threads watched besides the whole process. At a fatal signal every thread exits, but only
+/// the last one releases the memory; a watch on two or more of them hears the first. Only
+/// sub-threads: the kernel wakes a thread pidfd on the leader only when the whole group is gone.
+const WATCHED_THREADS: usize = 8;
+
+/// `PF_EXITING` in a task's flags (`/proc/<pid>/stat` field 9): set as it enters `do_exit`.
+const PF_EXITING: u64 = 0x4;
+
+/// After a watched thread exits: how often, and how many times, to look for the process's
+/// group exit before deciding the thread left alone (a vCPU unplugged). A fatal signal marks
+/// every thread before any can exit, so the evidence is there at once but for a window of a
+/// few instructions in the leader.
+const GROUP_EXIT_CHECKS: u32 = 20;
+const GROUP_EXIT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Whether process `pid` is in a group exit (its leader killed, exiting or a zombie, or gone),
+/// from `/proc/<pid>/stat` and `/proc/<pid>/status`.
+pub fn group_exiting(proc_root: &Path, pid: i32) -> bool {
+    let dir = proc_root.join(pid.to_string());
+    let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+        return true; // gone
+    };
+    // The command name is in parentheses and may hold anything: fields follow the last ')'.
+    let mut fields = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .split_whitespace();
+    let state = fields.next().unwrap_or("");
+    let flags = fields
+        .nth(5)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    if matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0 {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
+        return true;
+    };
+    // A fatal signal is queued as SIGKILL to every thread (its bit is 1 << (9 - 1)).
+    let sigkill = 1u64 << (libc::SIGKILL - 1);
+    status.lines().any(|l| {
+        ["SigPnd:", "ShdPnd:"].iter().any(|k| {
+            l.strip_prefix(k)
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .is_some_and(|set| set & sigkill != 0)
+        })
+    })
+}
+
+/// Opens a pidfd; `flags` 0 watches the whole process, `PIDFD_THREAD` one thread.
+fn pidfd(pid: i32, flags: libc::c_uint) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no pointers.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    // SAFETY: `owned` is a valid open pidfd that the AsyncFd owns for its whole life, so
+    // its raw fd stays the same open description until the AsyncFd is dropped.
+    unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// The threads of `pid` worth a watch: its long-lived sub-threads (vCPUs, RCU, I/O threads;
+/// not the thread pool's `worker`s, which come and go), at most [`WATCHED_THREADS`], vCPU
+/// threads (`CPU <n>/...`, named by QEMU's `debug-threads=on`, which libvirt sets) first.
+fn watched_threads(proc_root: &Path, pid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir(proc_root.join(pid.to_string()).join("task")) else {
+        return Vec::new();
+    };
+    let mut threads: Vec<(bool, i32)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let tid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (tid != pid && !comm.starts_with("worker")).then_some((!comm.starts_with("CPU "), tid))
+        })
+        .collect();
+    threads.sort_unstable();
+    threads
+        .into_iter()
+        .take(WATCHED_THREADS)
+        .map(|(_, tid)| tid)
+        .collect()
+}
+
+/// A pidfd on one QEMU process, and thread pidfds on some of its threads.
 pub struct QemuProcess {
     pid: i32,
     fd: AsyncFd<OwnedFd>,
+    threads: Vec<AsyncFd<OwnedFd>>,
 }
 
 impl QemuProcess {
-    /// Opens a pidfd on `pid`. Must be called inside a tokio runtime.
+    /// Opens a pidfd on `pid`, and thread pidfds on its long-lived sub-threads (where the
+    /// kernel offers them: Linux 6.9 and later). Must be called inside a tokio runtime.
     pub fn open(domain: &str, pid: i32) -> Result<Self, LibvirtError> {
-        let err = |source| LibvirtError::Process {
+        let fd = pidfd(pid, 0).map_err(|source| LibvirtError::Process {
             domain: domain.to_string(),
             source,
-        };
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no pointers.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if raw < 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        // SAFETY: the syscall returned a fresh fd that nothing else owns.
-        let owned = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-        // SAFETY: `owned` is a valid open pidfd that the AsyncFd owns for its whole life, so
-        // its raw fd stays the same open description until the AsyncFd is dropped.
-        let fd = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
-            .map_err(|e| err(std::io::Error::other(e.to_string())))?;
-        Ok(QemuProcess { pid, fd })
+        })?;
+        let threads = watched_threads(Path::new("/proc"), pid)
+            .into_iter()
+            .filter_map(|tid| pidfd(tid, libc::PIDFD_THREAD).ok())
+            .collect();
+        Ok(QemuProcess { pid, fd, threads })
     }
 
     /// The watched pid.
@@ -204,6 +292,42 @@ impl QemuProcess {
             }
         }
     }
+
+    /// Completes as soon as the process is known to be ending: at the first watched thread
+    /// that exits in a group exit ([`ProcessExit::Exiting`]), or when the process is gone. The
+    /// crash of a large guest is heard before the kernel has released its memory. A thread
+    /// that leaves alone (a vCPU unplugged) is dropped from the watch.
+    pub async fn ended(&self) -> ProcessExit {
+        let mut watching = vec![true; self.threads.len()];
+        loop {
+            let ready = std::future::poll_fn(|cx| {
+                if self.fd.poll_read_ready(cx).is_ready() {
+                    return std::task::Poll::Ready(None);
+                }
+                for (i, fd) in self.threads.iter().enumerate() {
+                    if watching[i] && fd.poll_read_ready(cx).is_ready() {
+                        return std::task::Poll::Ready(Some(i));
+                    }
+                }
+                std::task::Poll::Pending
+            })
+            .await;
+            let Some(i) = ready else {
+                return self.exited().await;
+            };
+            for _ in 0..GROUP_EXIT_CHECKS {
+                if group_exiting(Path::new("/proc"), self.pid) {
+                    return ProcessExit::Exiting;
+                }
+                tokio::time::sleep(GROUP_EXIT_CHECK_EVERY).await;
+            }
+            tracing::info!(
+                pid = self.pid,
+                "a watched QEMU thread exited without its process; watching the others"
+            );
+            watching[i] = false;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -220,6 +344,119 @@ mod tests {
         let r = tokio::time::timeout(std::time::Duration::from_secs(10), watch.exited()).await;
         assert_eq!(r.unwrap(), ProcessExit::Exited);
         child.wait().unwrap();
+    }
+
+    /// A child with a few threads, one of them named like a vCPU, that exits on its own after
+    /// `vcpu_leaves_after` seconds when given.
+    fn threaded_child(vcpu_leaves_after: Option<f64>) -> std::process::Child {
+        let script = format!(
+            r#"
+import threading, time
+def vcpu(leave):
+    with open(f"/proc/self/task/{{threading.get_native_id()}}/comm", "w") as f:
+        f.write("CPU 0/TCG")
+    time.sleep(leave if leave is not None else 100)
+ballast = bytearray(64 << 20)
+threading.Thread(target=vcpu, args=({leave},), daemon=True).start()
+threading.Thread(target=time.sleep, args=(100,), daemon=True).start()
+print("ready", flush=True)
+time.sleep(100)
+"#,
+            leave = vcpu_leaves_after.map_or("None".to_string(), |s| s.to_string())
+        );
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
+        child
+    }
+
+    #[tokio::test]
+    async fn a_killed_threaded_process_is_heard_ending() {
+        let mut child = threaded_child(None);
+        let pid = child.id() as i32;
+        assert_eq!(
+            watched_threads(Path::new("/proc"), pid).len(),
+            2,
+            "two sub-threads"
+        );
+        let watch = QemuProcess::open("test", pid).unwrap();
+        assert!(!group_exiting(Path::new("/proc"), pid));
+        watch.kill().unwrap();
+        let how = tokio::time::timeout(std::time::Duration::from_secs(10), watch.ended())
+            .await
+            .unwrap();
+        assert!(matches!(how, ProcessExit::Exiting | ProcessExit::Exited));
+        assert!(group_exiting(Path::new("/proc"), pid));
+        child.wait().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_vcpu_thread_leaving_alone_is_not_an_end() {
+        let mut child = threaded_child(Some(0.2));
+        let pid = child.id() as i32;
+        let watch = QemuProcess::open("test", pid).unwrap();
+        assert_eq!(watch.threads.len(), 2, "a pidfd on each sub-thread");
+        // The vCPU thread exits after 0.2 s; the process lives on.
+        let early = tokio::time::timeout(std::time::Duration::from_secs(1), watch.ended()).await;
+        assert!(early.is_err(), "ended at a lone thread's exit: {early:?}");
+        child.kill().unwrap();
+        let how = tokio::time::timeout(std::time::Duration::from_secs(10), watch.ended())
+            .await
+            .unwrap();
+        assert!(matches!(how, ProcessExit::Exiting | ProcessExit::Exited));
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn group_exit_read_from_proc_files() {
+        let root = tempfile::tempdir().unwrap();
+        let write = |pid: &str, stat: &str, status: &str| {
+            let d = root.path().join(pid);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("stat"), stat).unwrap();
+            std::fs::write(d.join("status"), status).unwrap();
+        };
+        let quiet = "SigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\n";
+        // Running, nothing pending; the name holds spaces and parentheses.
+        write("1", "1 (qemu (x) y) S 1 1 1 0 -1 4194560 0 0\n", quiet);
+        assert!(!group_exiting(root.path(), 1));
+        // PF_EXITING among the flags.
+        write("2", "2 (qemu) R 1 1 1 0 -1 4194564 0 0\n", quiet);
+        assert!(group_exiting(root.path(), 2));
+        // A zombie leader.
+        write("3", "3 (qemu) Z 1 1 1 0 -1 4194560 0 0\n", quiet);
+        assert!(group_exiting(root.path(), 3));
+        // SIGKILL queued to the thread, or to the process.
+        let run = "4 (qemu) S 1 1 1 0 -1 4194560 0 0\n";
+        write(
+            "4",
+            run,
+            "SigPnd:\t0000000000000100\nShdPnd:\t0000000000000000\n",
+        );
+        assert!(group_exiting(root.path(), 4));
+        write(
+            "5",
+            run,
+            "SigPnd:\t0000000000000000\nShdPnd:\t0000000000000100\n",
+        );
+        assert!(group_exiting(root.path(), 5));
+        // Other signals pending are no exit; a missing process is.
+        write(
+            "6",
+            run,
+            "SigPnd:\t0000000000004002\nShdPnd:\t0000000000000000\n",
+        );
+        assert!(!group_exiting(root.path(), 6));
+        assert!(group_exiting(root.path(), 7));
     }
 
     #[test]
