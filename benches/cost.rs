@@ -142,6 +142,59 @@ fn trial(
     Some((ms, rec["steps"].clone()))
 }
 
+/// Where a QEMU process's resident memory is (`/proc/<pid>/smaps`), MiB: guest RAM (the
+/// largest private anonymous read-write mapping), TCG's translated code (anonymous mappings
+/// that are executable), the rest of QEMU's anonymous memory, and files.
+fn smaps_breakdown(domain: &str) -> Value {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{}/smaps", qemu_pid(domain))) else {
+        return Value::Null;
+    };
+    // (size KiB, perms, path, rss KiB)
+    let mut maps: Vec<(u64, String, String, u64)> = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first()
+            .is_some_and(|a| a.contains('-') && !a.ends_with(':'))
+            && f.len() >= 5
+        {
+            let (a, b) = f[0].split_once('-').unwrap();
+            let size = (u64::from_str_radix(b, 16).unwrap_or(0)
+                - u64::from_str_radix(a, 16).unwrap_or(0))
+                / 1024;
+            maps.push((
+                size,
+                f[1].to_string(),
+                f.get(5).unwrap_or(&"").to_string(),
+                0,
+            ));
+        } else if let (Some(&"Rss:"), Some(v)) = (f.first(), f.get(1)) {
+            if let Some(m) = maps.last_mut() {
+                m.3 = v.parse().unwrap_or(0);
+            }
+        }
+    }
+    let ram = maps
+        .iter()
+        .filter(|m| m.2.is_empty() && m.1.starts_with("rw") && !m.1.contains('x'))
+        .max_by_key(|m| m.0)
+        .map(|m| (m.0, m.3))
+        .unwrap_or((0, 0));
+    let sum = |f: &dyn Fn(&(u64, String, String, u64)) -> bool| -> u64 {
+        maps.iter().filter(|m| f(m)).map(|m| m.3).sum()
+    };
+    let code = sum(&|m| m.2.is_empty() && m.1.contains('x'));
+    let anon = sum(&|m| m.2.is_empty() || m.2.starts_with('['));
+    let files = sum(&|m| !m.2.is_empty() && !m.2.starts_with('['));
+    let mib = |k: u64| (k as f64 / 1024.0 * 10.0).round() / 10.0;
+    json!({
+        "guest_ram_mapped_mib": mib(ram.0),
+        "guest_ram_rss_mib": mib(ram.1),
+        "tcg_code_rss_mib": mib(code),
+        "other_anon_rss_mib": mib(anon.saturating_sub(ram.1 + code)),
+        "file_rss_mib": mib(files),
+    })
+}
+
 /// KSM's counters and ksmd's CPU ticks now.
 fn ksm_now() -> (understudy::monitor::ksm::KsmStats, u64) {
     let root = std::path::Path::new("/");
@@ -226,6 +279,12 @@ fn one_way(
         .unwrap_or(Value::Null);
     let standby_bytes = svc["standby_memory_bytes"].as_u64().unwrap_or(0);
     let share = svc["standby_share_pct"].as_f64().unwrap_or(0.0);
+    let active = svc["active"].as_str().unwrap_or_default().to_string();
+    let breakdown = json!({
+        "primary": smaps_breakdown(&active),
+        "shadow": if shadow_mem.is_null() { Value::Null } else { smaps_breakdown(&shadow) },
+    });
+    println!("{way}: where the memory is (MiB): {breakdown}");
     println!(
         "{way}: primary cgroup {:.1} MiB (rss {:.1}, pss {:.1}); standing by {:.1} MiB = {share:.1}% (shadow rss {:.1}, pss {:.1})",
         mib(&primary["cgroup_bytes"]),
@@ -259,6 +318,7 @@ fn one_way(
         "standby_bytes": standby_bytes,
         "protected_vms": 1,
         "standby_share_pct": share,
+        "smaps": breakdown,
         "ksm": ksm,
         "outage_ms": outages,
         "outage": {"median": median, "p95": p95, "max": max},
@@ -332,6 +392,11 @@ fn pooled(hv: &understudy::libvirt::Hypervisor, trials: usize) -> Value {
         .sum::<f64>()
         / primaries.len().max(1) as f64;
     let per_vm = standby_total as f64 / POOL_PER as f64;
+    let pool_shadow_name = pool_shadow["name"].as_str().unwrap_or_default().to_string();
+    println!(
+        "{way}: where the pooled shadow's memory is (MiB): {}",
+        smaps_breakdown(&pool_shadow_name)
+    );
     let share = 100.0 * per_vm / mean_primary;
     println!(
         "{way}: mean primary cgroup {:.1} MiB; pooled shadow {:.1} MiB for {POOL_PER} primaries = {:.1} MiB per protected VM = {share:.1}%",
