@@ -142,6 +142,9 @@ fn trial(
     Some((ms, rec["steps"].clone()))
 }
 
+/// One mapping of /proc/<pid>/smaps: size (KiB), permissions, path, resident (KiB).
+type Mapping = (u64, String, String, u64);
+
 /// Where a QEMU process's resident memory is (`/proc/<pid>/smaps`), MiB: guest RAM (the
 /// largest private anonymous read-write mapping), TCG's translated code (anonymous mappings
 /// that are executable), the rest of QEMU's anonymous memory, and files.
@@ -149,8 +152,7 @@ fn smaps_breakdown(domain: &str) -> Value {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{}/smaps", qemu_pid(domain))) else {
         return Value::Null;
     };
-    // (size KiB, perms, path, rss KiB)
-    let mut maps: Vec<(u64, String, String, u64)> = Vec::new();
+    let mut maps: Vec<Mapping> = Vec::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.first()
@@ -179,9 +181,8 @@ fn smaps_breakdown(domain: &str) -> Value {
         .max_by_key(|m| m.0)
         .map(|m| (m.0, m.3))
         .unwrap_or((0, 0));
-    let sum = |f: &dyn Fn(&(u64, String, String, u64)) -> bool| -> u64 {
-        maps.iter().filter(|m| f(m)).map(|m| m.3).sum()
-    };
+    let sum =
+        |f: &dyn Fn(&Mapping) -> bool| -> u64 { maps.iter().filter(|m| f(m)).map(|m| m.3).sum() };
     let code = sum(&|m| m.2.is_empty() && m.1.contains('x'));
     let anon = sum(&|m| m.2.is_empty() || m.2.starts_with('['));
     let files = sum(&|m| !m.2.is_empty() && !m.2.starts_with('['));
