@@ -27,7 +27,8 @@
 #   make bench-stateful  SIGKILL failovers of the ledger guest (data disk handed over) while a
 #                        client appends every 10 ms, vs cold restart (BENCH_TRIALS=10)
 #   make bench-cost      host memory per protected VM and SIGKILL outage per standby way
-#                        (paused, paused+shrunk, saved, cold; BENCH_TRIALS=3)
+#                        (paused, paused+shrunk, saved, cold, pooled 1:4, paused+ksm;
+#                        BENCH_TRIALS=3, BENCH_WAYS=paused,pooled,... for some)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
 #   make soak-faults     the fault suite SOAK_ROUNDS times (20) under one lab: runs, failures
