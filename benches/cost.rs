@@ -340,8 +340,13 @@ fn pooled(hv: &understudy::libvirt::Hypervisor, trials: usize) -> Value {
         "\n[class.default.pool]\nprimaries_per_shadow = {POOL_PER}\ntemplate = \"{POOL_TEMPLATE}\"\n"
     );
     let d = DaemonProc::start_configured("bench-costp", "bench-costp*", 0, &class, &[]);
+    // One at a time: five TCG guests booting at once on two loaded cores is a load spike of
+    // its own (a kernel once panicked in its boot-time timer check under it).
     for (n, ip) in names.iter().zip(POOL_IPS) {
         start_guest(hv, n, &format!("{ip}/24"), &[]);
+        wait_for("the primary's page", Duration::from_secs(300), || {
+            http_get(ip, Duration::from_secs(1))
+        });
     }
     // The pool's paused shadow once every primary is protected by it and its identity known;
     // never one already taken.
