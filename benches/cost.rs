@@ -1,14 +1,25 @@
 //! `make bench-cost`: what each way of standing by costs in host memory, and what it costs in
 //! outage. One table from one run.
 //!
-//! For each way (paused; paused and shrunk, with free page reporting; saved; cold) a daemon
-//! protects one lab guest with one shadow of that way. Once the shadow stands by (and 5 s more,
-//! for the figures to settle), the daemon's `status` gives the primary's and the standing-by
-//! shadow's host memory (cgroup charge, RSS, PSS; `integration/standby.rs` checks those against
-//! the cgroups). Then BENCH_TRIALS times (default 3): SIGKILL of the active primary's QEMU while
-//! an independent client, inside the lab, opens a new HTTP connection every 5 ms; the outage is
-//! from the kill to the first page served by the promoted shadow. The next trial waits for the
-//! replacement shadow.
+//! For each way (paused; paused and shrunk, with free page reporting; saved; cold; paused with
+//! KSM) a daemon protects one lab guest with one shadow of that way. Once the shadow stands by
+//! (and 5 s more, for the figures to settle; with KSM, until `ksmd` has scanned everything
+//! twice), the daemon's `status` gives the primary's and the standing-by shadow's host memory
+//! (cgroup charge, RSS, PSS; `integration/standby.rs` checks those against the cgroups). Then
+//! BENCH_TRIALS times (default 3): SIGKILL of the active primary's QEMU while an independent
+//! client, inside the lab, opens a new HTTP connection every 5 ms; the outage is from the kill
+//! to the first page served by the promoted shadow. The next trial waits for the replacement
+//! shadow.
+//!
+//! `pooled 1:4`: four primaries of one class share one pooled shadow (cloned from a golden
+//! template domain). The memory per protected VM is the pooled shadow's divided by the four
+//! primaries it covers; each trial kills the next primary, and the pooled shadow takes its
+//! identity (its NIC with the primary's MAC, its address, host name); the next trial waits for
+//! the pool to refill.
+//!
+//! The KSM row turns the host's `/sys/kernel/mm/ksm/run` on (the daemon does, for a class with
+//! `ksm = true`) and reports what `ksmd` saved host-wide (`pages_sharing`) and the CPU it used
+//! meanwhile; the bench sets `run` back to what it was (unmerging first if it was off).
 //!
 //! Writes build/bench/cost.json. Not asserted anywhere: the targets are read off the
 //! table.
@@ -23,8 +34,8 @@ use serde_json::{json, Value};
 
 const IP: &str = "10.77.0.74";
 
-/// The ways, as class options.
-const WAYS: [(&str, &str); 4] = [
+/// The ways with one shadow per primary, as class options.
+const WAYS: [(&str, &str); 5] = [
     ("paused", ""),
     (
         "paused+shrunk",
@@ -32,7 +43,16 @@ const WAYS: [(&str, &str); 4] = [
     ),
     ("saved", "standby_tier = \"saved\""),
     ("cold", "standby_tier = \"cold\""),
+    ("paused+ksm", "ksm = true"),
 ];
+
+/// The pooled way: primaries per pooled shadow, their addresses, the template.
+const POOL_PER: usize = 4;
+const POOL_IPS: [&str; POOL_PER] = ["10.77.0.75", "10.77.0.76", "10.77.0.77", "10.77.0.78"];
+const POOL_TEMPLATE: &str = "bench-costgolden";
+
+/// Clock ticks per second of /proc/<pid>/stat (USER_HZ: 100 on Linux).
+const TICKS_PER_S: f64 = 100.0;
 
 fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key)
@@ -69,6 +89,364 @@ fn mib(v: &Value) -> f64 {
     v.as_f64().unwrap_or(0.0) / 1048576.0
 }
 
+/// Kills `active` (of `service`) and times the outage until `shadow` serves `ip`: the
+/// client-observed outage and the daemon's failover record.
+fn trial(
+    d: &DaemonProc,
+    hv: &understudy::libvirt::Hypervisor,
+    (service, ip, active, shadow): (&str, &str, &str, &str),
+    label: &str,
+) -> Option<(f64, Value)> {
+    let shadow_uuid = domain_uuid(hv, shadow);
+    wait_for("the primary serves", Duration::from_secs(60), || {
+        http_get(ip, Duration::from_secs(1))
+    });
+    let kill = Instant::now();
+    kill_qemu(active);
+    let mut served = None;
+    while kill.elapsed() < Duration::from_secs(300) {
+        if let Some(p) = http_get(ip, Duration::from_millis(25)) {
+            if page_uuid(&p) == shadow_uuid {
+                served = Some(kill.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let Some(ms) = served else {
+        println!("{label}: {active} -> {shadow}: NOT served within 300 s");
+        return None;
+    };
+    let rec = wait_for("failover record", Duration::from_secs(60), || {
+        let s = d.service(service)?;
+        (s["active"] == shadow).then(|| s["last_failover"].clone())
+    });
+    let timeline: Vec<String> = rec["steps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    format!(
+                        "{} {:.0}",
+                        s["name"].as_str().unwrap_or("?"),
+                        s["ms"].as_f64().unwrap_or(0.0)
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!(
+        "{label}: {active} -> {shadow}: outage {ms:.0} ms; steps (ms): {}",
+        timeline.join(", ")
+    );
+    Some((ms, rec["steps"].clone()))
+}
+
+/// One mapping of /proc/<pid>/smaps: size (KiB), permissions, path, resident (KiB).
+type Mapping = (u64, String, String, u64);
+
+/// Where a QEMU process's resident memory is (`/proc/<pid>/smaps`), MiB: guest RAM (the
+/// largest private anonymous read-write mapping), TCG's translated code (anonymous mappings
+/// that are executable), the rest of QEMU's anonymous memory, and files.
+fn smaps_breakdown(domain: &str) -> Value {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{}/smaps", qemu_pid(domain))) else {
+        return Value::Null;
+    };
+    let mut maps: Vec<Mapping> = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first()
+            .is_some_and(|a| a.contains('-') && !a.ends_with(':'))
+            && f.len() >= 5
+        {
+            let (a, b) = f[0].split_once('-').unwrap();
+            let size = (u64::from_str_radix(b, 16).unwrap_or(0)
+                - u64::from_str_radix(a, 16).unwrap_or(0))
+                / 1024;
+            maps.push((
+                size,
+                f[1].to_string(),
+                f.get(5).unwrap_or(&"").to_string(),
+                0,
+            ));
+        } else if let (Some(&"Rss:"), Some(v)) = (f.first(), f.get(1)) {
+            if let Some(m) = maps.last_mut() {
+                m.3 = v.parse().unwrap_or(0);
+            }
+        }
+    }
+    let ram = maps
+        .iter()
+        .filter(|m| m.2.is_empty() && m.1.starts_with("rw") && !m.1.contains('x'))
+        .max_by_key(|m| m.0)
+        .map(|m| (m.0, m.3))
+        .unwrap_or((0, 0));
+    let sum =
+        |f: &dyn Fn(&Mapping) -> bool| -> u64 { maps.iter().filter(|m| f(m)).map(|m| m.3).sum() };
+    let code = sum(&|m| m.2.is_empty() && m.1.contains('x'));
+    let anon = sum(&|m| m.2.is_empty() || m.2.starts_with('['));
+    let files = sum(&|m| !m.2.is_empty() && !m.2.starts_with('['));
+    let mib = |k: u64| (k as f64 / 1024.0 * 10.0).round() / 10.0;
+    json!({
+        "guest_ram_mapped_mib": mib(ram.0),
+        "guest_ram_rss_mib": mib(ram.1),
+        "tcg_code_rss_mib": mib(code),
+        "other_anon_rss_mib": mib(anon.saturating_sub(ram.1 + code)),
+        "file_rss_mib": mib(files),
+    })
+}
+
+/// KSM's counters and ksmd's CPU ticks now.
+fn ksm_now() -> (understudy::monitor::ksm::KsmStats, u64) {
+    let root = std::path::Path::new("/");
+    (
+        understudy::monitor::ksm::stats(root).unwrap_or_default(),
+        understudy::monitor::ksm::ksmd_cpu_ticks(root).unwrap_or(0),
+    )
+}
+
+/// Waits until ksmd has scanned all mergeable memory twice more (merging needs two passes) and
+/// what it shares stopped growing, at most 5 minutes; returns what it did meanwhile.
+fn ksm_settle(start: (understudy::monitor::ksm::KsmStats, u64), t0: Instant) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = start.0.pages_sharing;
+    loop {
+        std::thread::sleep(Duration::from_secs(10));
+        let (now, _) = ksm_now();
+        let scanned = now.full_scans >= start.0.full_scans + 2;
+        let stable = now.pages_sharing <= last + last / 100;
+        last = now.pages_sharing;
+        if (scanned && stable) || Instant::now() >= deadline {
+            break;
+        }
+    }
+    let (end, ticks) = ksm_now();
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu_s = ticks.saturating_sub(start.1) as f64 / TICKS_PER_S;
+    let v = json!({
+        "run": end.run,
+        "full_scans": end.full_scans - start.0.full_scans,
+        "pages_sharing": end.pages_sharing,
+        "saved_bytes": end.saved_bytes(),
+        "ksmd_cpu_s": cpu_s,
+        "window_s": secs,
+        "ksmd_cpu_pct_of_a_core": 100.0 * cpu_s / secs,
+    });
+    println!(
+        "ksm: {} full scans, {:.1} MiB saved host-wide ({} pages sharing), ksmd {:.1} s of CPU in {:.0} s ({:.1}% of a core)",
+        v["full_scans"],
+        end.saved_bytes() as f64 / 1048576.0,
+        end.pages_sharing,
+        cpu_s,
+        secs,
+        v["ksmd_cpu_pct_of_a_core"].as_f64().unwrap_or(0.0)
+    );
+    v
+}
+
+/// One primary with one shadow standing by in `way` (class options `class`).
+fn one_way(
+    hv: &understudy::libvirt::Hypervisor,
+    i: usize,
+    way: &str,
+    class: &str,
+    trials: usize,
+) -> Value {
+    let name = format!("bench-cost{i}");
+    let _cleanup = Cleanup {
+        prefixes: vec![name.clone()],
+    };
+    let ksm_before = (ksm_now(), Instant::now());
+    let d = DaemonProc::start_configured(&format!("bench-cost{i}"), &name, 1, class, &[]);
+    start_guest(hv, &name, &format!("{IP}/24"), &[]);
+    wait_for("primary page", Duration::from_secs(300), || {
+        http_get(IP, Duration::from_secs(1))
+    });
+    standing_by(&d, &name, Duration::from_secs(600));
+    // ksmd's CPU counts from the daemon's start, which turned it on.
+    let ksm = class
+        .contains("ksm = true")
+        .then(|| ksm_settle(ksm_before.0, ksm_before.1));
+    // Let the figures settle (a shrunk guest's freed pages, page cache).
+    std::thread::sleep(Duration::from_secs(5));
+    let (shadow, svc) = standing_by(&d, &name, Duration::from_secs(60));
+    let primary = svc["primary_memory"].clone();
+    let shadow_mem = svc["shadows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == shadow.as_str())
+        .map(|s| s["memory"].clone())
+        .unwrap_or(Value::Null);
+    let standby_bytes = svc["standby_memory_bytes"].as_u64().unwrap_or(0);
+    let share = svc["standby_share_pct"].as_f64().unwrap_or(0.0);
+    let active = svc["active"].as_str().unwrap_or_default().to_string();
+    let breakdown = json!({
+        "primary": smaps_breakdown(&active),
+        "shadow": if shadow_mem.is_null() { Value::Null } else { smaps_breakdown(&shadow) },
+    });
+    println!("{way}: where the memory is (MiB): {breakdown}");
+    println!(
+        "{way}: primary cgroup {:.1} MiB (rss {:.1}, pss {:.1}); standing by {:.1} MiB = {share:.1}% (shadow rss {:.1}, pss {:.1})",
+        mib(&primary["cgroup_bytes"]),
+        mib(&primary["rss_bytes"]),
+        mib(&primary["pss_bytes"]),
+        standby_bytes as f64 / 1048576.0,
+        mib(&shadow_mem["rss_bytes"]),
+        mib(&shadow_mem["pss_bytes"]),
+    );
+    let mut outages = Vec::new();
+    let mut steps = Vec::new();
+    for t in 0..trials {
+        let (shadow, svc) = standing_by(&d, &name, Duration::from_secs(600));
+        let active = svc["active"].as_str().unwrap().to_string();
+        if let Some((ms, s)) = trial(
+            &d,
+            hv,
+            (&name, IP, &active, &shadow),
+            &format!("{way} trial {t}"),
+        ) {
+            outages.push(ms);
+            steps.push(s);
+        }
+    }
+    let (median, p95, max) = stats(&outages);
+    json!({
+        "way": way,
+        "class_options": class,
+        "primary_memory": primary,
+        "shadow_memory": shadow_mem,
+        "standby_bytes": standby_bytes,
+        "protected_vms": 1,
+        "standby_share_pct": share,
+        "smaps": breakdown,
+        "ksm": ksm,
+        "outage_ms": outages,
+        "outage": {"median": median, "p95": p95, "max": max},
+        "steps": steps,
+    })
+}
+
+/// Four primaries sharing one pooled shadow.
+fn pooled(hv: &understudy::libvirt::Hypervisor, trials: usize) -> Value {
+    let way = format!("pooled 1:{POOL_PER}");
+    let names: Vec<String> = (0..POOL_PER).map(|i| format!("bench-costp{i}")).collect();
+    let mut prefixes = names.clone();
+    prefixes.extend([POOL_TEMPLATE.to_string(), "default-pool".to_string()]);
+    let _cleanup = Cleanup { prefixes };
+    hv.define(&guest_xml(POOL_TEMPLATE, "10.77.0.79/24", &[]))
+        .expect("define the pool's template");
+    let class = format!(
+        "\n[class.default.pool]\nprimaries_per_shadow = {POOL_PER}\ntemplate = \"{POOL_TEMPLATE}\"\n"
+    );
+    let d = DaemonProc::start_configured("bench-costp", "bench-costp*", 0, &class, &[]);
+    // One at a time: five TCG guests booting at once on two loaded cores is a load spike of
+    // its own (a kernel once panicked in its boot-time timer check under it).
+    for (n, ip) in names.iter().zip(POOL_IPS) {
+        start_guest(hv, n, &format!("{ip}/24"), &[]);
+        wait_for("the primary's page", Duration::from_secs(300), || {
+            http_get(ip, Duration::from_secs(1))
+        });
+    }
+    // The pool's paused shadow once every primary is protected by it and its identity known;
+    // never one already taken.
+    let ready = |taken: &[String]| -> (String, Value) {
+        wait_for(
+            "a pooled shadow covering every primary",
+            Duration::from_secs(900),
+            || {
+                let st = d.status();
+                let pool = st["pools"].as_array()?.first()?.clone();
+                let shadow = pool["shadows"]
+                    .as_array()?
+                    .iter()
+                    .find(|s| s["state"] == "paused")?
+                    .clone();
+                let name = shadow["name"].as_str()?.to_string();
+                if taken.contains(&name) || pool["covers"].as_array()?.len() < POOL_PER {
+                    return None;
+                }
+                let all = names.iter().all(|n| {
+                    d.service(n)
+                        .is_some_and(|s| s["state"] == "protected" && !s["identity"].is_null())
+                });
+                all.then_some((name, json!({"pool": pool, "services": st["services"]})))
+            },
+        )
+    };
+    let (_, _) = ready(&[]);
+    std::thread::sleep(Duration::from_secs(5));
+    let (_, snap) = ready(&[]);
+    let pool_shadow = snap["pool"]["shadows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["state"] == "paused")
+        .cloned()
+        .unwrap();
+    let standby_total = pool_shadow["memory"]["cgroup_bytes"].as_u64().unwrap_or(0);
+    let primaries: Vec<Value> = snap["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| names.iter().any(|n| s["name"] == n.as_str()))
+        .map(|s| s["primary_memory"].clone())
+        .collect();
+    let mean_primary = primaries
+        .iter()
+        .map(|p| p["cgroup_bytes"].as_f64().unwrap_or(0.0))
+        .sum::<f64>()
+        / primaries.len().max(1) as f64;
+    let per_vm = standby_total as f64 / POOL_PER as f64;
+    let pool_shadow_name = pool_shadow["name"].as_str().unwrap_or_default().to_string();
+    println!(
+        "{way}: where the pooled shadow's memory is (MiB): {}",
+        smaps_breakdown(&pool_shadow_name)
+    );
+    let share = 100.0 * per_vm / mean_primary;
+    println!(
+        "{way}: mean primary cgroup {:.1} MiB; pooled shadow {:.1} MiB for {POOL_PER} primaries = {:.1} MiB per protected VM = {share:.1}%",
+        mean_primary / 1048576.0,
+        standby_total as f64 / 1048576.0,
+        per_vm / 1048576.0
+    );
+    let mut outages = Vec::new();
+    let mut steps = Vec::new();
+    let mut taken = Vec::new();
+    for t in 0..trials {
+        let (shadow, _) = ready(taken.as_slice());
+        let service = &names[t % POOL_PER];
+        let active = d.service(service).unwrap()["active"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if let Some((ms, s)) = trial(
+            &d,
+            hv,
+            (service, POOL_IPS[t % POOL_PER], &active, &shadow),
+            &format!("{way} trial {t}"),
+        ) {
+            outages.push(ms);
+            steps.push(s);
+        }
+        taken.push(shadow);
+    }
+    let (median, p95, max) = stats(&outages);
+    json!({
+        "way": way,
+        "class_options": class,
+        "primary_memory": {"cgroup_bytes": mean_primary},
+        "primaries_memory": primaries,
+        "shadow_memory": pool_shadow["memory"],
+        "standby_bytes": per_vm,
+        "protected_vms": POOL_PER,
+        "standby_share_pct": share,
+        "outage_ms": outages,
+        "outage": {"median": median, "p95": p95, "max": max},
+        "steps": steps,
+    })
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -76,114 +454,59 @@ fn main() {
     require_lab();
     let trials = env_usize("BENCH_TRIALS", 3);
     let hv = hypervisor();
+    let only = std::env::var("BENCH_WAYS").ok();
+    let wanted = |way: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|w| w == way))
+    };
+    let ksm_run_before = understudy::monitor::ksm::stats(std::path::Path::new("/"))
+        .map(|s| s.run)
+        .ok();
     let mut rows = Vec::new();
+    let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     for (i, (way, class)) in WAYS.iter().enumerate() {
-        let name = format!("bench-cost{i}");
-        let _cleanup = Cleanup {
-            prefixes: vec![name.clone()],
-        };
-        let d = DaemonProc::start_configured(&format!("bench-cost{i}"), &name, 1, class, &[]);
-        start_guest(&hv, &name, &format!("{IP}/24"), &[]);
-        wait_for("primary page", Duration::from_secs(300), || {
-            http_get(IP, Duration::from_secs(1))
-        });
-        standing_by(&d, &name, Duration::from_secs(600));
-        // Let the figures settle (a shrunk guest's freed pages, page cache).
-        std::thread::sleep(Duration::from_secs(5));
-        let (shadow, svc) = standing_by(&d, &name, Duration::from_secs(60));
-        let primary = svc["primary_memory"].clone();
-        let shadow_mem = svc["shadows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == shadow.as_str())
-            .map(|s| s["memory"].clone())
-            .unwrap_or(Value::Null);
-        let standby_bytes = svc["standby_memory_bytes"].as_u64().unwrap_or(0);
-        let share = svc["standby_share_pct"].as_f64().unwrap_or(0.0);
-        println!(
-            "{way}: primary cgroup {:.1} MiB (rss {:.1}, pss {:.1}); standing by {:.1} MiB = {share:.1}% (shadow rss {:.1}, pss {:.1})",
-            mib(&primary["cgroup_bytes"]),
-            mib(&primary["rss_bytes"]),
-            mib(&primary["pss_bytes"]),
-            standby_bytes as f64 / 1048576.0,
-            mib(&shadow_mem["rss_bytes"]),
-            mib(&shadow_mem["pss_bytes"]),
-        );
-
-        let mut outages = Vec::new();
-        let mut steps = Vec::new();
-        for t in 0..trials {
-            let (shadow, svc) = standing_by(&d, &name, Duration::from_secs(600));
-            let active = svc["active"].as_str().unwrap().to_string();
-            let shadow_uuid = domain_uuid(&hv, &shadow);
-            wait_for("the primary serves", Duration::from_secs(60), || {
-                http_get(IP, Duration::from_secs(1))
-            });
-            let kill = Instant::now();
-            kill_qemu(&active);
-            let mut served = None;
-            while kill.elapsed() < Duration::from_secs(300) {
-                if let Some(p) = http_get(IP, Duration::from_millis(25)) {
-                    if page_uuid(&p) == shadow_uuid {
-                        served = Some(kill.elapsed().as_secs_f64() * 1000.0);
-                        break;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let Some(ms) = served else {
-                println!("{way} trial {t}: {active} -> {shadow}: NOT served within 300 s");
-                continue;
-            };
-            let rec = wait_for("failover record", Duration::from_secs(60), || {
-                let s = d.service(&name)?;
-                (s["active"] == shadow.as_str()).then(|| s["last_failover"].clone())
-            });
-            let timeline: Vec<String> = rec["steps"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|s| {
-                            format!(
-                                "{} {:.0}",
-                                s["name"].as_str().unwrap_or("?"),
-                                s["ms"].as_f64().unwrap_or(0.0)
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            println!(
-                "{way} trial {t}: {active} -> {shadow}: outage {ms:.0} ms; steps (ms): {}",
-                timeline.join(", ")
-            );
-            outages.push(ms);
-            steps.push(rec["steps"].clone());
+        if *way == "paused+ksm" && wanted("pooled") {
+            // Before KSM merges anything host-wide.
+            rows.push(pooled(&hv, trials));
         }
-        let (median, p95, max) = stats(&outages);
-        rows.push(json!({
-            "way": way,
-            "class_options": class,
-            "primary_memory": primary,
-            "shadow_memory": shadow_mem,
-            "standby_bytes": standby_bytes,
-            "standby_share_pct": share,
-            "outage_ms": outages,
-            "outage": {"median": median, "p95": p95, "max": max},
-            "steps": steps,
-        }));
-        drop(d);
+        if wanted(way) {
+            rows.push(one_way(&hv, i, way, class, trials));
+        }
+    }
+    if !WAYS.iter().any(|(w, _)| *w == "paused+ksm" && wanted(w)) && wanted("pooled") {
+        rows.push(pooled(&hv, trials));
+    }
+    // Leave the host's KSM as it was: unmerge what the bench merged if it was off.
+    if let Some(before) = ksm_run_before {
+        let root = std::path::Path::new("/");
+        let now = understudy::monitor::ksm::stats(root)
+            .map(|s| s.run)
+            .unwrap_or(before);
+        if now != before {
+            let r = if before == 0 {
+                understudy::monitor::ksm::set_run(root, 2)
+            } else {
+                understudy::monitor::ksm::set_run(root, before)
+            };
+            println!(
+                "ksm: run set back ({}): {r:?}",
+                if before == 0 {
+                    "2: unmerge, then stop"
+                } else {
+                    "as it was"
+                }
+            );
+        }
     }
 
     println!();
     println!(
-        "{:<15} {:>16} {:>14} {:>10} {:>12} {:>12}",
-        "way", "primary (MiB)", "standby (MiB)", "share", "outage p50", "outage max"
+        "{:<15} {:>14} {:>22} {:>10} {:>12} {:>12}",
+        "way", "primary (MiB)", "standby per VM (MiB)", "share", "outage p50", "outage max"
     );
     for r in &rows {
         println!(
-            "{:<15} {:>16.1} {:>14.1} {:>9.1}% {:>10.0}ms {:>10.0}ms",
+            "{:<15} {:>14.1} {:>22.1} {:>9.1}% {:>10.0}ms {:>10.0}ms",
             r["way"].as_str().unwrap(),
             mib(&r["primary_memory"]["cgroup_bytes"]),
             r["standby_bytes"].as_f64().unwrap() / 1048576.0,
@@ -192,15 +515,28 @@ fn main() {
             r["outage"]["max"].as_f64().unwrap_or(f64::NAN),
         );
     }
-    println!("(memory: cgroup charge; share: standing-by memory / the primary's; outage: SIGKILL to the first page the promoted shadow serves, {trials} trials each)");
+    for r in rows.iter().filter(|r| !r["ksm"].is_null()) {
+        println!(
+            "{}: ksm saved {:.1} MiB host-wide; ksmd {:.1} s of CPU over {:.0} s ({:.1}% of a core)",
+            r["way"].as_str().unwrap(),
+            mib(&r["ksm"]["saved_bytes"]),
+            r["ksm"]["ksmd_cpu_s"].as_f64().unwrap_or(0.0),
+            r["ksm"]["window_s"].as_f64().unwrap_or(0.0),
+            r["ksm"]["ksmd_cpu_pct_of_a_core"].as_f64().unwrap_or(0.0),
+        );
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("(memory: cgroup charge; standby per VM: the standing-by shadows' memory per protected VM; share: that / the primary's; outage: SIGKILL to the first page the promoted shadow serves, {trials} trials each; load average at start {}, at end {})", load_start.trim(), load.trim());
     let out = repo().join("build/bench");
     std::fs::create_dir_all(&out).unwrap();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     std::fs::write(
         out.join("cost.json"),
-        serde_json::to_string_pretty(
-            &json!({"trials": trials, "loadavg_at_end": load.trim(), "ways": rows}),
-        )
+        serde_json::to_string_pretty(&json!({
+            "trials": trials,
+            "loadavg_at_start": load_start.trim(),
+            "loadavg_at_end": load.trim(),
+            "ways": rows
+        }))
         .unwrap(),
     )
     .unwrap();

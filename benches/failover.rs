@@ -390,6 +390,7 @@ fn make_standby(hv: &Hypervisor, n: &NetRt, from: &str, generation: u64) -> Stri
         disks: understudy::failover::plan::DiskPolicy::default(),
         standby: Default::default(),
         tier: understudy::failover::record::Tier::Paused,
+        pooled: false,
     };
     n.rt.block_on(understudy::failover::shadow::provision(hv, &n.net, req))
         .unwrap()

@@ -156,6 +156,31 @@ pub fn wait_agent(hv: &Hypervisor, name: &str) {
     );
 }
 
+/// Runs `argv` in the guest; its exit code and output (stdout then stderr, lossy).
+pub fn guest_output(hv: &Hypervisor, name: &str, path: &str, args: &[&str]) -> (i64, String) {
+    let cmd = serde_json::json!({"execute": "guest-exec", "arguments": {"path": path, "arg": args, "capture-output": true}});
+    let pid = agent(hv, name, &cmd.to_string()).expect("guest-exec answered")["return"]["pid"]
+        .as_i64()
+        .expect("guest pid");
+    let st = wait_for("guest command exit", Duration::from_secs(30), || {
+        let st = agent(
+            hv,
+            name,
+            &serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}})
+                .to_string(),
+        )?;
+        (st["return"]["exited"] == true).then_some(st)
+    });
+    let text = |k: &str| {
+        let data = understudy::monitor::base64::decode(st["return"][k].as_str().unwrap_or(""));
+        String::from_utf8_lossy(&data.unwrap_or_default()).into_owned()
+    };
+    (
+        st["return"]["exitcode"].as_i64().unwrap_or(-1),
+        format!("{}{}", text("out-data"), text("err-data")),
+    )
+}
+
 /// One HTTP GET of `/` with short timeouts; the body's first line.
 pub fn http_get(ip: &str, timeout: Duration) -> Option<String> {
     let addr: SocketAddr = format!("{ip}:80").parse().ok()?;

@@ -15,6 +15,7 @@ mod failover;
 mod faults;
 mod lab_basics;
 mod ops;
+mod pool;
 mod profile;
 mod standby;
 mod stateful;

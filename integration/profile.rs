@@ -49,30 +49,6 @@ fn guest_run(hv: &Hypervisor, name: &str, path: &str, args: &[&str]) -> i64 {
     })
 }
 
-/// Runs `argv` in the guest; its exit code and output (stdout then stderr, lossy).
-fn guest_output(hv: &Hypervisor, name: &str, path: &str, args: &[&str]) -> (i64, String) {
-    let cmd = json!({"execute": "guest-exec", "arguments": {"path": path, "arg": args, "capture-output": true}});
-    let pid = agent(hv, name, &cmd.to_string()).expect("guest-exec answered")["return"]["pid"]
-        .as_i64()
-        .expect("guest pid");
-    let st = wait_for("guest command exit", Duration::from_secs(30), || {
-        let st = agent(
-            hv,
-            name,
-            &json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}).to_string(),
-        )?;
-        (st["return"]["exited"] == true).then_some(st)
-    });
-    let text = |k: &str| {
-        let data = understudy::monitor::base64::decode(st["return"][k].as_str().unwrap_or(""));
-        String::from_utf8_lossy(&data.unwrap_or_default()).into_owned()
-    };
-    (
-        st["return"]["exitcode"].as_i64().unwrap_or(-1),
-        format!("{}{}", text("out-data"), text("err-data")),
-    )
-}
-
 fn show(daemon: &DaemonProc, service: &str) -> Option<Value> {
     let (code, out, _) = daemon.cli(&["profile", "show", service, "--json"]);
     (code == 0)

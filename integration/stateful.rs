@@ -490,6 +490,7 @@ fn nbd_second_writer_is_refused(
             profile: None,
             handover: None,
             network: understudy::config::NetworkMode::Bridged,
+            identity: None,
         };
         steps.attach(&p, &[disk]).await.unwrap_err()
     });

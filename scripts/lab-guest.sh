@@ -128,7 +128,7 @@ domain_xml() {
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>$kernel</kernel>
     <initrd>$initrd</initrd>
-    <cmdline>console=ttyS0 quiet us.ip=$ip us.gw=10.77.0.1 us.host=$name us.role=$role</cmdline>
+    <cmdline>console=ttyS0 quiet no_timer_check us.ip=$ip us.gw=10.77.0.1 us.host=$name us.role=$role</cmdline>
   </os>
   <features>
     <acpi/>

@@ -1245,7 +1245,7 @@ mod tests {
         assert_eq!(p.model.headroom, 0.0);
         let err = backtest_params(&shipped, "nope").unwrap_err();
         assert!(
-            err.contains("unknown class 'nope' (classes: db, default)"),
+            err.contains("unknown class 'nope' (classes: db, default, pooled)"),
             "{err}"
         );
         // No configuration file: the built-in defaults.

@@ -38,6 +38,7 @@ fn request(primary: &str) -> ShadowRequest {
         primary_xml: None,
         standby: StandbyMemory::default(),
         tier: Tier::Paused,
+        pooled: false,
     }
 }
 

@@ -176,6 +176,7 @@ fn status() -> StatusReport {
             standby_memory_bytes: 0,
             standby_share_pct: None,
             standby_plan: None,
+            identity: None,
             last_failover: Some(FailoverRecord {
                 at_unix_ms: 1_500_000,
                 from: "web-old".into(),
@@ -214,5 +215,6 @@ fn status() -> StatusReport {
         }],
         false_failovers: 1,
         missed_failovers: 0,
+        pools: Vec::new(),
     }
 }

@@ -297,6 +297,24 @@ pub struct StatusReport {
     pub false_failovers: u64,
     /// Real failures that no failover answered, since start.
     pub missed_failovers: u64,
+    /// The pools of pooled classes: shadows shared by a class's primaries.
+    #[serde(default)]
+    pub pools: Vec<PoolStatus>,
+}
+
+/// The pooled shadows of one class on this host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// The class.
+    pub class: String,
+    /// The pool's name (its shadows are `<name>-shadow-<n>`).
+    pub name: String,
+    /// Primaries one pooled shadow covers.
+    pub primaries_per_shadow: u32,
+    /// The services it stands in for now.
+    pub covers: Vec<String>,
+    /// Its shadows, with the memory each holds.
+    pub shadows: Vec<ShadowStatus>,
 }
 
 /// Identity and connection state of the daemon.
@@ -355,6 +373,10 @@ pub struct ServiceStatus {
     /// For an `adaptive` class: the tier wanted now and the next planned switch.
     #[serde(default)]
     pub standby_plan: Option<crate::failover::standby::TierPlan>,
+    /// For a pooled class: the identity a pooled shadow would take from this primary (host
+    /// name, addresses), as its guest agent last reported it.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 /// One shadow domain of a service.
@@ -445,6 +467,43 @@ fn render_standby_cost(out: &mut String, s: &ServiceStatus) {
                 pct(x.share_of_primary_pct)
             );
         }
+    }
+}
+
+/// A pool: what it covers, its shadows and their memory, and each covered primary's identity.
+fn render_pool(out: &mut String, p: &PoolStatus, services: &[ServiceStatus]) {
+    let shadows: Vec<String> = p
+        .shadows
+        .iter()
+        .map(|x| match &x.memory {
+            Some(m) => format!("{} ({}, {})", x.name, x.state.as_str(), mib(m.held_bytes())),
+            None => format!("{} ({})", x.name, x.state.as_str()),
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "\npool {} (class {}, one shadow per {} primaries): covers {}; shadows {}",
+        p.name,
+        p.class,
+        p.primaries_per_shadow,
+        if p.covers.is_empty() {
+            "nothing".to_string()
+        } else {
+            p.covers.join(", ")
+        },
+        if shadows.is_empty() {
+            "none".to_string()
+        } else {
+            shadows.join(", ")
+        }
+    );
+    for s in services.iter().filter(|s| p.covers.contains(&s.name)) {
+        let _ = writeln!(
+            out,
+            "  {} identity: {}",
+            s.name,
+            s.identity.as_deref().unwrap_or("not read yet")
+        );
     }
 }
 
@@ -549,6 +608,10 @@ pub fn render_status_text_at(report: &StatusReport, now_unix_ms: u64) -> String 
 
         for s in &report.services {
             render_standby_cost(&mut out, s);
+        }
+
+        for p in &report.pools {
+            render_pool(&mut out, p, &report.services);
         }
 
         for s in &report.services {
@@ -850,6 +913,24 @@ mod tests {
                 standby_memory_bytes: 64 << 20,
                 standby_share_pct: Some(25.0),
                 standby_plan: None,
+                identity: Some("host name web-a, 10.77.0.10/24 on 52:54:00:12:34:56".into()),
+            }],
+            pools: vec![PoolStatus {
+                class: "stateless".into(),
+                name: "stateless-pool".into(),
+                primaries_per_shadow: 4,
+                covers: vec!["web".into()],
+                shadows: vec![ShadowStatus {
+                    name: "stateless-pool-shadow-2".into(),
+                    state: ShadowState::PAUSED,
+                    memory: Some(MemoryHeld {
+                        cgroup_bytes: Some(48 << 20),
+                        cgroup_anon_bytes: None,
+                        rss_bytes: 50 << 20,
+                        pss_bytes: None,
+                    }),
+                    share_of_primary_pct: None,
+                }],
             }],
             domains: vec![DomainStatus {
                 name: "web-a".into(),
@@ -891,6 +972,7 @@ mod tests {
                 "class",
                 "disks",
                 "health",
+                "identity",
                 "last_failover",
                 "last_heartbeat_unix_ms",
                 "name",
@@ -933,8 +1015,26 @@ mod tests {
         ] {
             assert!(d.get(key).is_some(), "domains[].{key}");
         }
+        assert_eq!(r["pools"][0]["covers"][0], "web");
+        assert_eq!(r["pools"][0]["shadows"][0]["state"], "paused");
         let back: Response = serde_json::from_value(v).unwrap();
         assert_eq!(back, resp);
+    }
+
+    #[test]
+    fn status_text_shows_each_pool_what_it_covers_and_the_identities_it_would_take() {
+        let text = render_status_text_at(&sample_report(), 1_600_000);
+        assert!(
+            text.contains(
+                "pool stateless-pool (class stateless, one shadow per 4 primaries): covers web; \
+                 shadows stateless-pool-shadow-2 (paused, 48.0 MiB)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  web identity: host name web-a, 10.77.0.10/24 on 52:54:00:12:34:56"),
+            "{text}"
+        );
     }
 
     #[test]

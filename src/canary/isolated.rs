@@ -325,6 +325,7 @@ async fn start_inner(
                 disks: r.disks.clone(),
                 standby: StandbyMemory::default(),
                 tier: Tier::Paused,
+                pooled: false,
             };
             let (xml, data) = build_shadow_xml(hv, &shadow_req)?;
             let spec = DomainXml::parse(&xml).map_err(|source| CanaryError::Xml {

@@ -418,6 +418,10 @@ pub struct ClassConfig {
     /// Give shadows' virtio balloons free page reporting, so pages the guest frees go back to
     /// the host.
     pub free_page_reporting: bool,
+    /// Let the host merge identical pages of this class's shadows (and their primaries: KSM):
+    /// shadows keep their memory mergeable (a primary's `<nosharepages/>` is dropped from
+    /// them) and the daemon turns `/sys/kernel/mm/ksm/run` on. `ksmd` costs host CPU.
+    pub ksm: bool,
     /// How shadows stand by: `paused` (booted and paused), `saved` (a managed-save image,
     /// restored at promotion), `cold` (defined only, booted at promotion) or `adaptive`
     /// (paused in and ahead of busy hours, saved otherwise).
@@ -432,6 +436,23 @@ pub struct ClassConfig {
     pub capture: CaptureConfig,
     /// Replay and comparison of recorded traffic (canaries, standby verification).
     pub replay: ReplayConfig,
+    /// Pooled shadows (`[class.X.pool]`): one generic shadow per `primaries_per_shadow`
+    /// primaries of the class, cloned from a golden template domain, that takes the identity of
+    /// whichever primary fails first. Needs `shadows = 0`.
+    pub pool: Option<PoolConfig>,
+}
+
+/// `[class.X.pool]`: shadows shared by the class's primaries.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// How many primaries one pooled shadow covers (1..=64): the class keeps
+    /// ceil(primaries / primaries_per_shadow) pooled shadows on this host.
+    pub primaries_per_shadow: u32,
+    /// The libvirt domain pooled shadows are cloned from: the class's golden VM, defined and
+    /// never started. Its disks are the golden images (each shadow boots an overlay of them);
+    /// its NICs are left out (a promotion plugs the failed primary's).
+    pub template: String,
 }
 
 /// How a protected VM's traffic reaches it, and so what promotion moves to the shadow.
@@ -519,11 +540,13 @@ impl Default for ClassConfig {
             network: NetworkMode::Bridged,
             standby_shrink: false,
             free_page_reporting: false,
+            ksm: false,
             standby_tier: crate::failover::standby::TierPolicy::Paused,
             busy_hours_utc: Vec::new(),
             adaptive_lead_s: 600,
             capture: CaptureConfig::default(),
             replay: ReplayConfig::default(),
+            pool: None,
         }
     }
 }

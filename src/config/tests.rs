@@ -112,6 +112,12 @@ fn example_config_parses() {
     assert_eq!(db.shadows, 2);
     assert_eq!(db.probe.as_ref().map(|p| &p.check), Some(&ProbeCheck::Tcp));
     assert_eq!(config.class_for("web-1").map(|(n, _)| n), Some("default"));
+    let pooled = &config.class["pooled"];
+    assert_eq!(pooled.shadows, 0);
+    assert_eq!(
+        pooled.pool.as_ref().map(|p| p.primaries_per_shadow),
+        Some(4)
+    );
 }
 
 #[test]
@@ -782,4 +788,54 @@ fn capture_and_replay_settings_are_checked() {
         !cfg.class["default"].capture.enabled,
         "capture is off by default"
     );
+}
+
+#[test]
+fn a_pool_is_read_with_its_template_and_ratio() {
+    let config = Fixture::new(
+        "[class.web]\nshadows = 0\n\n[class.web.pool]\nprimaries_per_shadow = 4\ntemplate = \"web-golden\"\n",
+    )
+    .load()
+    .expect("a pooled class is valid");
+    assert_eq!(
+        config.class["web"].pool,
+        Some(PoolConfig {
+            primaries_per_shadow: 4,
+            template: "web-golden".into()
+        })
+    );
+    assert_eq!(config.class["default"].pool, None);
+}
+
+#[test]
+fn a_pool_refuses_what_it_cannot_stand_in_for() {
+    let problems = Fixture::new(
+        "[class.web]\nstandby_tier = \"saved\"\nnetwork = \"routed\"\n\n[class.web.pool]\nprimaries_per_shadow = 0\ntemplate = \"a b\"\n",
+    )
+    .problems();
+    let mut found: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        [
+            "class.web.network",
+            "class.web.pool.primaries_per_shadow",
+            "class.web.pool.template",
+            "class.web.shadows",
+            "class.web.standby_tier",
+        ],
+        "{problems:?}"
+    );
+    let text = |key: &str| {
+        problems
+            .iter()
+            .find(|p| p.key == key)
+            .map(|p| p.message.clone())
+            .unwrap()
+    };
+    assert!(text("class.web.shadows").contains("set shadows = 0"));
+    assert!(text("class.web.standby_tier").contains("stand by paused"));
+    assert!(text("class.web.pool.template").contains("not a domain name"));
+    let unknown = Fixture::new("[class.web.pool]\nratio = 4\n").error_text();
+    assert!(unknown.contains("class.web.pool"), "{unknown}");
 }

@@ -310,6 +310,65 @@ impl Checker<'_, '_> {
         }
     }
 
+    /// A pool stands in for the class's per-primary shadows, on this host, paused, bridged.
+    fn pool(&mut self, class: &ClassConfig, pool: &super::PoolConfig, class_at: &KeyPath) {
+        let at = &class_at.key("pool");
+        self.range(
+            &at.key("primaries_per_shadow"),
+            pool.primaries_per_shadow,
+            1..=64,
+        );
+        let t = &pool.template;
+        if t.is_empty()
+            || t.len() > 64
+            || !t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            self.fail(
+                &at.key("template"),
+                format!(
+                    "{t:?} is not a domain name: 1 to 64 letters, digits, '_', '-', '.' (the \
+                     golden VM, defined in libvirt and never started)"
+                ),
+            );
+        }
+        let mut conflict = |key: &str, why: String| self.fail(&class_at.key(key), why);
+        if class.shadows != 0 {
+            conflict(
+                "shadows",
+                format!(
+                    "{} with a pool: a pooled class keeps no shadow per primary; set shadows = 0",
+                    class.shadows
+                ),
+            );
+        }
+        if class.standby_tier != crate::failover::standby::TierPolicy::Paused {
+            conflict(
+                "standby_tier",
+                format!(
+                    "{:?} with a pool: pooled shadows stand by paused",
+                    class.standby_tier
+                ),
+            );
+        }
+        if class.placement != crate::cluster::Placement::Local {
+            conflict(
+                "placement",
+                "a pool is kept on each host for its own primaries: placement must be \"local\""
+                    .to_owned(),
+            );
+        }
+        if class.network != super::NetworkMode::Bridged {
+            conflict(
+                "network",
+                "\"routed\" with a pool: a pooled shadow gets the primary's NIC on its bridge; \
+                 routed classes are not pooled"
+                    .to_owned(),
+            );
+        }
+    }
+
     fn class(&mut self, class: &ClassConfig, at: &KeyPath) {
         self.range(&at.key("shadows"), class.shadows, 0..=8);
         self.range(
@@ -366,6 +425,9 @@ impl Checker<'_, '_> {
         );
         if let Some(image) = &class.golden_image {
             self.non_empty_path(&at.key("golden_image"), image);
+        }
+        if let Some(pool) = &class.pool {
+            self.pool(class, pool, at);
         }
 
         let files_at = at.key("config_files");

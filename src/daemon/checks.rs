@@ -355,9 +355,15 @@ pub(super) fn publish_states(d: &Shared) {
     let (shadow_states, service_states): (Vec<ShadowState>, Vec<&'static str>) = {
         let table = d.table();
         (
+            // Pooled shadows count like any other: they stand by for the class's primaries.
             table
                 .iter()
                 .flat_map(|s| s.shadows.iter().map(|x| x.state))
+                .chain(
+                    table
+                        .pools()
+                        .flat_map(|p| p.shadows.iter().map(|x| x.state)),
+                )
                 .collect(),
             table.iter().map(|s| s.state.label()).collect(),
         )

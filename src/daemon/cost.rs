@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::failover::ShadowState;
+use crate::failover::{Shadow, ShadowState};
 use crate::monitor::memcost::{self, MemoryHeld};
 
 use super::Service;
@@ -57,33 +57,39 @@ impl ServiceCost {
 /// Reads every member's figures. Blocking (procfs and cgroupfs reads), cheap: a few small
 /// files per domain.
 pub(super) fn measure(services: &[Service]) -> Vec<ServiceCost> {
-    let run = Path::new(crate::libvirt::QEMU_RUN_DIR);
-    let held = |domain: &str| -> Option<MemoryHeld> {
-        let pid = crate::libvirt::qemu_pid(run, domain).ok()?;
-        let pid = u32::try_from(pid).ok()?;
-        memcost::read(Path::new("/"), pid)
-            .map_err(|e| {
-                tracing::debug!(%domain, error = %crate::error::report(&e), "memory figures unreadable");
-            })
-            .ok()
-    };
     services
         .iter()
         .map(|s| ServiceCost {
             service: s.name.clone(),
             active: s.active.clone(),
             primary: s.state.is_running().then(|| held(&s.active)).flatten(),
-            shadows: s
-                .shadows
-                .iter()
-                .map(|x| ShadowCost {
-                    name: x.name.clone(),
-                    state: x.state,
-                    memory: held(&x.name),
-                })
-                .collect(),
+            shadows: measure_shadows(&s.shadows),
         })
         .collect()
+}
+
+/// Each shadow's figures (a service's, or a pool's).
+pub(super) fn measure_shadows(shadows: &[Shadow]) -> Vec<ShadowCost> {
+    shadows
+        .iter()
+        .map(|x| ShadowCost {
+            name: x.name.clone(),
+            state: x.state,
+            memory: held(&x.name),
+        })
+        .collect()
+}
+
+/// What `domain`'s QEMU process holds, if it runs and its figures can be read.
+fn held(domain: &str) -> Option<MemoryHeld> {
+    let run = Path::new(crate::libvirt::QEMU_RUN_DIR);
+    let pid = crate::libvirt::qemu_pid(run, domain).ok()?;
+    let pid = u32::try_from(pid).ok()?;
+    memcost::read(Path::new("/"), pid)
+        .map_err(|e| {
+            tracing::debug!(%domain, error = %crate::error::report(&e), "memory figures unreadable");
+        })
+        .ok()
 }
 
 #[cfg(test)]

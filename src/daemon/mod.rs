@@ -23,6 +23,7 @@ mod cluster;
 mod cost;
 mod crosshost;
 mod health;
+mod pool;
 mod profiles;
 mod recover;
 mod requests;
@@ -256,6 +257,7 @@ impl Daemon {
             ClassLimits {
                 shadows: c.shadows,
                 promote_retry_limit: c.promote_retry_limit,
+                pool: c.pool.map(|p| p.primaries_per_shadow),
             }
         }
     }
@@ -273,6 +275,29 @@ impl Daemon {
     /// Feeds one observation to a domain's hang detector.
     fn observe(&self, domain: &str, class: &ClassConfig, event: HeartbeatEvent) {
         self.health().observe(domain, class, event);
+    }
+}
+
+/// Turns the host's KSM on when a class asks for it (`ksm = true`). It is never turned off
+/// here: it is the host's policy, which other software may rely on too.
+fn apply_ksm(cfg: &Config) {
+    let wanted: Vec<&str> = cfg
+        .class
+        .iter()
+        .filter(|(_, c)| c.ksm)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    match crate::monitor::ksm::set_run(Path::new("/"), 1) {
+        Ok(0) => {
+            tracing::info!(classes = ?wanted, "ksm: samepage merging turned on (/sys/kernel/mm/ksm/run = 1)")
+        }
+        Ok(_) => tracing::info!(classes = ?wanted, "ksm: samepage merging already on"),
+        Err(e) => {
+            tracing::error!(classes = ?wanted, error = %crate::error::report(&e), "ksm: cannot turn samepage merging on; shadows stand by unmerged")
+        }
     }
 }
 
@@ -336,6 +361,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         verifications: crate::canary::verify::Verifications::new(),
     });
     profiles::start(&d);
+    apply_ksm(&cfg);
     recover::reconcile(&d).await;
     cluster::start(&d);
     let mut cluster_events = crosshost::join(&d).await;
@@ -457,7 +483,16 @@ fn launch_promotion(
 ) {
     let class = d.class(&start.class);
     let handover = handover_of(&class, &d.cfg());
+    let mut shadow = start.shadow;
+    if start.pooled {
+        // Planned from the template, which has none of the primary's data disks: the
+        // promotion reads them from the old primary's definition.
+        shadow.data_disks = None;
+    }
     let promotion = Promotion {
+        identity: start
+            .pooled
+            .then(|| profiles::promotion_identity(d, service)),
         handover,
         network: class.network,
         service: service.to_string(),
@@ -467,7 +502,7 @@ fn launch_promotion(
         old_taps: start.old_taps,
         owner_generation,
         shadow_generation: start.shadow_generation,
-        shadow: start.shadow,
+        shadow,
         trigger,
         detected_at: at,
         // Outside the table's lock; cheap, and applied only once traffic is restored.

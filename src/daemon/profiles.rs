@@ -18,6 +18,9 @@ use crate::clock::now_unix_ms;
 use crate::config::{ClassConfig, Config};
 use crate::events::EventLog;
 use crate::failover::apply_profile::ProfileApply;
+use crate::failover::identity::{read_guest_identity, GuestIdentity, Identity};
+use crate::libvirt::LibvirtAgent;
+use crate::monitor::agent::GuestAgent;
 use crate::monitor::agent::{AgentLimits, AgentOptions};
 use crate::monitor::collector::{
     thread_cpu_ns, Collector, CollectorSettings, ConfigFileContent, GuestStatus, TickJitter,
@@ -49,6 +52,9 @@ pub(super) struct Profiling {
     configs: Mutex<BTreeMap<String, Vec<ConfigFileContent>>>,
     /// Services whose shadows are built on their class's golden image.
     golden: Mutex<BTreeSet<String>>,
+    /// For pooled classes: each service's primary's identity (host name, addresses) as its
+    /// agent last reported it, for the pooled shadow that takes over.
+    identities: Mutex<BTreeMap<String, GuestIdentity>>,
 }
 
 impl Profiling {
@@ -68,7 +74,16 @@ impl Profiling {
             collectors: Mutex::new(BTreeMap::new()),
             configs: Mutex::new(BTreeMap::new()),
             golden: Mutex::new(BTreeSet::new()),
+            identities: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Every known primary identity, by service.
+    pub(super) fn identities(&self) -> BTreeMap<String, GuestIdentity> {
+        self.identities
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(super) fn manager(&self) -> Option<Arc<ProfileManager>> {
@@ -191,6 +206,17 @@ async fn run_collector(d: Shared, service: String, domain: String) {
         let manager = d.prof.manager();
         let (ts, mono) = (now_unix_ms(), d.health().now().0);
         let svc = service.clone();
+        // A pooled class's primaries: read the identity a pooled shadow would take with the
+        // configuration items, and at every tick until it was read once.
+        let want_identity = class.pool.is_some().then(|| {
+            let known = d
+                .prof
+                .identities
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&service);
+            (known, domain.clone(), agent_options(&cfg))
+        });
         // The probe connection, like heartbeats: an agent call stuck for its whole timeout
         // must not hold one of libvirtd's request slots that a promotion needs.
         let done = d
@@ -204,13 +230,26 @@ async fn run_collector(d: Shared, service: String, domain: String) {
                     _ => None,
                 };
                 let files = tick.config_read.then(|| c.config_files());
+                let identity = want_identity
+                    .filter(|(known, _, _)| tick.config_read || !known)
+                    .map(|(_, domain, options)| {
+                        let agent = GuestAgent::new(
+                            LibvirtAgent {
+                                hv: hv.clone(),
+                                domain,
+                                max_reply: options.limits.max_reply_bytes,
+                            },
+                            options,
+                        );
+                        read_guest_identity(&agent)
+                    });
                 let cpu_ns = cpu_before
                     .zip(thread_cpu_ns())
                     .map_or(0, |(a, b)| b.saturating_sub(a));
-                (c, tick, learned, files, cpu_ns)
+                (c, tick, learned, files, identity, cpu_ns)
             })
             .await;
-        let (c, tick, learned, files, cpu_ns) = match done {
+        let (c, tick, learned, files, identity, cpu_ns) = match done {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(%service, %domain, error = %e, "collector worker lost; collector stopped");
@@ -259,6 +298,19 @@ async fn run_collector(d: Shared, service: String, domain: String) {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(service.clone(), files);
         }
+        match identity {
+            Some(Ok(id)) => {
+                let mut map = d.prof.identities.lock().unwrap_or_else(|e| e.into_inner());
+                if map.get(&service) != Some(&id) {
+                    tracing::info!(%service, %domain, identity = %id.describe(), "identity a pooled shadow would take");
+                }
+                map.insert(service.clone(), id);
+            }
+            Some(Err(e)) => {
+                tracing::debug!(%service, %domain, error = %crate::error::report(&e), "identity not read")
+            }
+            None => {}
+        }
     }
     tracing::info!(%service, %domain, "collector stopped");
 }
@@ -273,6 +325,41 @@ pub(super) fn idle_memory_kib(d: &Shared, service: &str) -> Option<u64> {
         .filter_map(|h| m.resource_plan(service, now + h * HOUR_MS, OPEN_LIMITS))
         .map(|p| p.mem_kib)
         .min()
+}
+
+/// The guest agent options of the daemon's configuration.
+fn agent_options(cfg: &Config) -> AgentOptions {
+    AgentOptions {
+        limits: AgentLimits {
+            max_reply_bytes: cfg.monitor.agent_max_reply_bytes,
+            ..AgentLimits::default()
+        },
+        command_timeout: cfg.monitor.agent_timeout(),
+        ..AgentOptions::default()
+    }
+}
+
+/// What a pooled shadow takes from `service`'s primary at promotion: its last known identity
+/// and configuration files.
+pub(super) fn promotion_identity(d: &Shared, service: &str) -> Identity {
+    Identity {
+        guest: d
+            .prof
+            .identities
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+            .cloned(),
+        config_files: d
+            .prof
+            .configs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+            .cloned()
+            .unwrap_or_default(),
+        agent_max_reply: d.cfg().monitor.agent_max_reply_bytes,
+    }
 }
 
 /// What the promotion of `service`'s shadow takes from the profile: the sizing planned for now,
@@ -291,7 +378,6 @@ pub(super) fn promotion_profile(d: &Shared, service: &str) -> Option<ProfileAppl
     if plan.is_none() && config_files.is_empty() {
         return None;
     }
-    let monitor = d.cfg().monitor.clone();
     Some(ProfileApply {
         version: m.live_version(service),
         resources: plan.as_ref().map(|p| PlanSummary {
@@ -300,14 +386,7 @@ pub(super) fn promotion_profile(d: &Shared, service: &str) -> Option<ProfileAppl
         }),
         dependencies: plan.map(|p| p.expected_deps).unwrap_or_default(),
         config_files,
-        agent: AgentOptions {
-            limits: AgentLimits {
-                max_reply_bytes: monitor.agent_max_reply_bytes,
-                ..AgentLimits::default()
-            },
-            command_timeout: monitor.agent_timeout(),
-            ..AgentOptions::default()
-        },
+        agent: agent_options(&d.cfg()),
         dependency_timeout: DEPENDENCY_CHECK_TIMEOUT,
     })
 }

@@ -150,6 +150,7 @@ pub(super) async fn reconcile(d: &Shared) {
             return;
         }
     };
+    let names: Vec<String> = listing.iter().map(|(d, _)| d.name.clone()).collect();
     let census = census(listing);
     for (service, class, domain) in census.retire {
         retire_primary(d, &service, &class, &domain).await;
@@ -185,8 +186,44 @@ pub(super) async fn reconcile(d: &Shared) {
             let _ = d.table().shadow_found(&rec.service, s);
         }
     }
-    // Shadows of primaries elsewhere join the service they stand in for.
+    // Pooled shadows rejoin their class's pool; one found other than paused was being
+    // promoted into a service it no longer names (its primary's identity half given): it is
+    // destroyed, and the pool provisions a new one. No new pooled shadow reuses the name of a
+    // domain there is (promoted ones keep theirs).
+    let cfg = d.cfg();
+    for (class, c) in &cfg.class {
+        if let Some(p) = &c.pool {
+            d.table().pool_generations_used(
+                class,
+                p.primaries_per_shadow,
+                names.iter().map(String::as_str),
+            );
+        }
+    }
+    let mut orphans = Vec::new();
     for (service, shadow) in census.orphans {
+        let pooled = cfg.class.iter().find_map(|(class, c)| {
+            c.pool
+                .as_ref()
+                .filter(|_| super::pool::pool_name(class) == service)
+                .map(|p| (class.clone(), p.primaries_per_shadow))
+        });
+        match pooled {
+            Some((class, per)) if shadow.state == ShadowState::PAUSED => {
+                tracing::info!(shadow = %shadow.name, pool = %service, "pooled shadow found");
+                d.table().pool_shadow_found(&class, per, shadow);
+            }
+            Some((class, per)) => {
+                tracing::warn!(shadow = %shadow.name, pool = %service, state = shadow.state.as_str(), "pooled shadow found mid-promotion; destroyed");
+                let name = shadow.name.clone();
+                d.table().pool_shadow_found(&class, per, shadow);
+                remove_shadow(d, &service, &name).await;
+            }
+            None => orphans.push((service, shadow)),
+        }
+    }
+    // Shadows of primaries elsewhere join the service they stand in for.
+    for (service, shadow) in orphans {
         let spec = match d.coord.spec(&service).await {
             Ok(Some(spec)) if spec.host != me => spec,
             _ => {
@@ -207,7 +244,6 @@ pub(super) async fn reconcile(d: &Shared) {
     for name in names {
         recover_service(d, &name).await;
     }
-    let cfg = d.cfg();
     for dom in census.untagged {
         if let Some((class, _)) = cfg.class_for(&dom.name) {
             protect_new(d, &dom.name, class, dom.state.is_active()).await;
@@ -646,6 +682,11 @@ pub(super) fn ensure_all_shadows(d: &Shared) {
 pub(super) fn spawn_provision(d: &Shared, plan: ShadowToProvision, primary_xml: Option<String>) {
     let cfg = d.cfg();
     let c = d.class(&plan.class);
+    // A pooled shadow is cloned from the class's golden template, not from a primary.
+    let primary = match (&c.pool, plan.pooled) {
+        (Some(pool), true) => pool.template.clone(),
+        _ => plan.primary,
+    };
     let req = ShadowRequest {
         disks: DiskPolicy::of_class(
             &c,
@@ -653,8 +694,9 @@ pub(super) fn spawn_provision(d: &Shared, plan: ShadowToProvision, primary_xml: 
         ),
         service: plan.service.clone(),
         class: plan.class,
-        primary: plan.primary,
+        primary,
         primary_xml,
+        pooled: plan.pooled,
         name: plan.name.clone(),
         generation: plan.generation,
         state_dir: cfg.daemon.state_dir.clone(),
@@ -674,6 +716,7 @@ pub(super) fn spawn_provision(d: &Shared, plan: ShadowToProvision, primary_xml: 
                 .then(|| super::profiles::idle_memory_kib(d, &plan.service))
                 .flatten(),
             free_page_reporting: c.free_page_reporting,
+            ksm: c.ksm,
         },
         tier: super::tiers::provision_tier(d, &plan.service, &c),
     };

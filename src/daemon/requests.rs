@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::api::protocol::{
-    DaemonInfo, DomainStatus, ErrorKind, Request, Response, ServiceStatus, ShadowStatus,
-    StatusReport,
+    DaemonInfo, DomainStatus, ErrorKind, PoolStatus, Request, Response, ServiceStatus,
+    ShadowStatus, StatusReport,
 };
 use crate::cluster::HostId;
 use crate::domain_xml::MemberState;
@@ -244,6 +244,7 @@ fn reload(d: &Shared) -> Response {
                 c.profile.repository_backend = running.profile.repository_backend;
                 tracing::warn!("[cluster] and profile.repository_backend changed: they take effect at the next start");
             }
+            super::apply_ksm(&c);
             *d.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
             d.events.emit(
                 None,
@@ -323,17 +324,42 @@ async fn status(d: &Shared) -> StatusReport {
     let connected = listing.is_ok();
     let doms = listing.unwrap_or_default();
     let services: Vec<_> = d.table().iter().cloned().collect();
+    let pools: Vec<(super::pool::Pool, Vec<String>)> = {
+        let limits = d.limits();
+        let t = d.table();
+        t.pools()
+            .map(|p| {
+                let covers = t
+                    .covered_by_pool(&p.class, limits(&p.class))
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect();
+                (p.clone(), covers)
+            })
+            .collect()
+    };
     let (beats, (false_failovers, missed_failovers)) = {
         let h = d.health();
         (h.beats().clone(), h.counts())
     };
     let disks = active_disks(d, &services).await;
-    let costs = {
+    let (costs, pool_costs) = {
         let services = services.clone();
-        tokio::task::spawn_blocking(move || super::cost::measure(&services))
-            .await
-            .unwrap_or_default()
+        let shadows: Vec<Vec<crate::failover::Shadow>> =
+            pools.iter().map(|(p, _)| p.shadows.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            (
+                super::cost::measure(&services),
+                shadows
+                    .iter()
+                    .map(|s| super::cost::measure_shadows(s))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await
+        .unwrap_or_default()
     };
+    let identities = d.prof.identities();
     let service_status: Vec<ServiceStatus> = services
         .iter()
         .zip(&costs)
@@ -364,6 +390,30 @@ async fn status(d: &Shared) -> StatusReport {
                 &s.name,
                 &cfg.class.get(&s.class).cloned().unwrap_or_default(),
             ),
+            identity: identities.get(&s.name).map(|g| g.describe()),
+        })
+        .collect();
+    let pool_members: Vec<(String, String)> = pools
+        .iter()
+        .flat_map(|(p, _)| p.shadows.iter().map(|x| (x.name.clone(), p.name.clone())))
+        .collect();
+    let pool_status = pools
+        .into_iter()
+        .zip(pool_costs)
+        .map(|((p, covers), costs)| PoolStatus {
+            class: p.class,
+            name: p.name,
+            primaries_per_shadow: p.primaries_per_shadow,
+            covers,
+            shadows: costs
+                .into_iter()
+                .map(|x| ShadowStatus {
+                    name: x.name,
+                    state: x.state,
+                    memory: x.memory,
+                    share_of_primary_pct: None,
+                })
+                .collect(),
         })
         .collect();
     super::checks::publish_cost(d, &costs);
@@ -378,7 +428,12 @@ async fn status(d: &Shared) -> StatusReport {
             let (role, service) = match (active, shadow_of) {
                 (Some(s), _) => (Some("primary".to_string()), Some(s.name.clone())),
                 (None, Some(s)) => (Some("shadow".to_string()), Some(s.name.clone())),
-                (None, None) => (None, None),
+                (None, None) => pool_members
+                    .iter()
+                    .find(|(n, _)| *n == dom.name)
+                    .map_or((None, None), |(_, pool)| {
+                        (Some("pooled".to_string()), Some(pool.clone()))
+                    }),
             };
             // Health is only judged for a service's active domain; a retired one keeps its
             // last heartbeat time but no verdict.
@@ -410,5 +465,6 @@ async fn status(d: &Shared) -> StatusReport {
         domains,
         false_failovers,
         missed_failovers,
+        pools: pool_status,
     }
 }

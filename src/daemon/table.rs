@@ -13,6 +13,8 @@ use crate::failover::record::Tier;
 use crate::failover::shadow::{shadow_generation, shadow_name};
 use crate::failover::{FailoverRecord, Shadow, ShadowState, TapBinding, Trigger};
 
+use super::pool::Pool;
+
 /// Pause between a completed promotion and provisioning the replacement shadow: booting it
 /// competes for CPU with the guest that has just taken over, in the very seconds its clients
 /// reconnect. Service first, redundancy right after.
@@ -368,6 +370,9 @@ pub struct FailoverStart {
     pub shadow: Shadow,
     /// The shadow's generation number.
     pub shadow_generation: u64,
+    /// The shadow came from the class's pool: it has no identity of its own yet, and the
+    /// promotion gives it the old primary's.
+    pub pooled: bool,
 }
 
 /// What a started handover to another host needs from the table.
@@ -398,6 +403,9 @@ pub struct ShadowToProvision {
     pub name: String,
     /// Its generation.
     pub generation: u64,
+    /// A pooled shadow (`service` is the pool's name): cloned from the class's template, not
+    /// from `primary`.
+    pub pooled: bool,
 }
 
 /// Per-class numbers the table needs to plan shadows and retries.
@@ -407,12 +415,15 @@ pub struct ClassLimits {
     pub shadows: u32,
     /// Failed promotions tolerated before the service stays down.
     pub promote_retry_limit: u32,
+    /// Primaries per pooled shadow, for a pooled class.
+    pub pool: Option<u32>,
 }
 
-/// Every protected service, by name.
+/// Every protected service, by name, and the pools of pooled classes, by class.
 #[derive(Debug, Default)]
 pub struct ServiceTable {
     services: BTreeMap<String, Service>,
+    pools: BTreeMap<String, Pool>,
 }
 
 impl ServiceTable {
@@ -448,8 +459,40 @@ impl ServiceTable {
         self.services.contains_key(service)
     }
 
-    /// Which member `domain` is, if it belongs to a service.
+    /// Every pool, by class.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        self.pools.values()
+    }
+
+    /// The services a class's pool stands in for: its running primaries here, and those down
+    /// that may still be retried.
+    pub fn covered_by_pool(&self, class: &str, limits: ClassLimits) -> Vec<&Service> {
+        self.services
+            .values()
+            .filter(|s| s.class == class && s.primary_host().is_none())
+            .filter(|s| {
+                s.state.is_running()
+                    || matches!(s.state, ServiceState::FailingOver { .. })
+                    || (matches!(s.state, ServiceState::Down { .. })
+                        && s.promote_attempts <= limits.promote_retry_limit)
+            })
+            .collect()
+    }
+
+    fn pool_named_mut(&mut self, name: &str) -> Option<&mut Pool> {
+        self.pools.values_mut().find(|p| p.name == name)
+    }
+
+    /// Which member `domain` is, if it belongs to a service (a pooled shadow belongs to its
+    /// pool, named as the service).
     pub fn member(&self, domain: &str) -> Option<Member> {
+        if let Some(p) = self.pools.values().find(|p| p.has(domain)) {
+            let state = p.shadows.iter().find(|s| s.name == domain)?.state;
+            return Some(Member::Shadow {
+                service: p.name.clone(),
+                state,
+            });
+        }
         self.services.values().find_map(|s| {
             if s.active == domain {
                 Some(Member::Active {
@@ -575,6 +618,24 @@ impl ServiceTable {
             });
         }
         let from_host = svc.primary_host().cloned();
+        // A pooled class's primary takes the pool's ready shadow when it has none of its own
+        // (never for a promotion of a named shadow).
+        let wants_pool = pick.is_none() && svc.ready_shadow().is_none() && from_host.is_none();
+        let class = svc.class.clone();
+        let pooled = if wants_pool {
+            self.pools.get_mut(&class).and_then(Pool::take_ready)
+        } else {
+            None
+        };
+        let svc = self.services.get_mut(service).expect("checked above");
+        let is_pooled = pooled.is_some();
+        if let Some(p) = pooled {
+            svc.last_generation += 1;
+            svc.shadows.push(Shadow {
+                state: ShadowState::PAUSED,
+                ..p
+            });
+        }
         let shadow = match pick {
             None => svc.ready_shadow().cloned(),
             Some(name) => {
@@ -612,14 +673,25 @@ impl ServiceTable {
         if let Some(s) = svc.shadow_mut(&shadow.name) {
             s.state = ShadowState::Promoting;
         }
-        Ok(FailoverStart {
+        let start = FailoverStart {
             class: svc.class.clone(),
             old_primary: svc.active.clone(),
             old_host: from_host,
             old_taps: svc.active_taps.clone(),
-            shadow_generation: shadow_generation(service, &shadow.name).unwrap_or(0),
+            // A pooled shadow's name is not the service's: its generation is the next one.
+            shadow_generation: if is_pooled {
+                svc.last_generation
+            } else {
+                shadow_generation(service, &shadow.name).unwrap_or(0)
+            },
+            pooled: is_pooled,
             shadow,
-        })
+        };
+        if is_pooled {
+            // The other primaries of the class stand unprotected until the pool refills.
+            self.settle_pool(&class);
+        }
+        Ok(start)
     }
 
     /// A planned switchover asked by an operator: refused unless the service runs and has a
@@ -633,7 +705,8 @@ impl ServiceTable {
                 what: "switch over",
             });
         }
-        if svc.ready_shadow().is_none() {
+        let pooled = self.pools.get(&svc.class).and_then(Pool::ready).is_some();
+        if svc.ready_shadow().is_none() && !pooled {
             return Err(Refused::NoShadow {
                 service: service.to_string(),
             });
@@ -766,6 +839,9 @@ impl ServiceTable {
         let mut out = Vec::new();
         for svc in self.services.values_mut() {
             let lim = limits(&svc.class);
+            if lim.pool.is_some() {
+                continue;
+            }
             let down_retry = matches!(svc.state, ServiceState::Down { .. })
                 && svc.promote_attempts <= lim.promote_retry_limit;
             if !(svc.state.is_running() || down_retry) {
@@ -820,13 +896,153 @@ impl ServiceTable {
                 primary: svc.active.clone(),
                 name,
                 generation: next,
+                pooled: false,
             });
+        }
+        out.extend(self.plan_pools(&limits, now));
+        out
+    }
+
+    /// The pool pass of [`Self::plan_shadows`]: each pooled class gets its pool, the pool the
+    /// shadows its covered primaries want, and each covered primary is Protected exactly while
+    /// the pool has a shadow ready for it.
+    fn plan_pools(
+        &mut self,
+        limits: &impl Fn(&str) -> ClassLimits,
+        now: Instant,
+    ) -> Vec<ShadowToProvision> {
+        let mut classes: Vec<(String, ClassLimits)> = self
+            .services
+            .values()
+            .map(|s| (s.class.clone(), limits(&s.class)))
+            .filter(|(_, l)| l.pool.is_some())
+            .collect();
+        classes.sort_by(|a, b| a.0.cmp(&b.0));
+        classes.dedup_by(|a, b| a.0 == b.0);
+        let mut out = Vec::new();
+        for (class, lim) in classes {
+            let per = lim.pool.expect("filtered above");
+            let covered = self.covered_by_pool(&class, lim).len();
+            let pool = self
+                .pools
+                .entry(class.clone())
+                .or_insert_with(|| Pool::new(&class, per));
+            pool.primaries_per_shadow = per.max(1);
+            let backing_off = pool.provision_not_before.is_some_and(|t| now < t);
+            // Service first: no pooled shadow boots while one of the class is being promoted
+            // (the promotion's guest commands would compete with its boot for the CPU); the
+            // promotion asks again when it is done.
+            let promoting = self
+                .services
+                .values()
+                .any(|s| s.class == class && matches!(s.state, ServiceState::FailingOver { .. }));
+            let pool = self.pools.get_mut(&class).expect("inserted above");
+            while !backing_off && !promoting && pool.counted() < pool.wanted(covered) {
+                let (name, generation) = pool.reserve();
+                out.push(ShadowToProvision {
+                    service: pool.name.clone(),
+                    class: class.clone(),
+                    primary: String::new(),
+                    name,
+                    generation,
+                    pooled: true,
+                });
+            }
+            self.settle_pool(&class);
         }
         out
     }
 
+    /// Covered primaries are Protected while their pool has a ready shadow, Provisioning
+    /// otherwise.
+    fn settle_pool(&mut self, class: &str) {
+        let ready = self.pools.get(class).and_then(Pool::ready).is_some();
+        for svc in self.services.values_mut() {
+            if svc.class != class || svc.primary_host().is_some() {
+                continue;
+            }
+            match svc.state {
+                ServiceState::Provisioning if ready => svc.state = ServiceState::Protected,
+                ServiceState::Protected if !ready => svc.state = ServiceState::Provisioning,
+                _ => {}
+            }
+        }
+    }
+
+    /// A pooled shadow is ready: covered primaries are protected again, and the first one that
+    /// is down takes it at once.
+    fn pool_shadow_ready(&mut self, pool: &str, shadow: Shadow) -> Result<Vec<Action>, Refused> {
+        let Some(p) = self.pool_named_mut(pool) else {
+            return Err(self.unknown(pool));
+        };
+        let Some(slot) = p
+            .shadow_mut(&shadow.name)
+            .filter(|s| s.state == ShadowState::Booting)
+        else {
+            return Err(Refused::NoSuchShadow {
+                service: pool.to_string(),
+                shadow: shadow.name,
+                what: "booting",
+            });
+        };
+        *slot = shadow;
+        p.provision_failures = 0;
+        p.provision_not_before = None;
+        let class = p.class.clone();
+        self.settle_pool(&class);
+        Ok(self
+            .services
+            .values()
+            .find(|s| s.class == class && matches!(s.state, ServiceState::Down { .. }))
+            .map(|s| Action::Failover {
+                service: s.name.clone(),
+                from: s.active.clone(),
+                trigger: Trigger::Recovery,
+            })
+            .into_iter()
+            .collect())
+    }
+
+    /// After a restart: no pooled shadow of `class` may reuse the name of a domain that
+    /// exists, in the pool or not (a promoted pooled shadow keeps its name as a primary).
+    pub fn pool_generations_used<'a>(
+        &mut self,
+        class: &str,
+        per: u32,
+        domains: impl IntoIterator<Item = &'a str>,
+    ) {
+        let pool = self
+            .pools
+            .entry(class.to_string())
+            .or_insert_with(|| Pool::new(class, per));
+        let used = domains
+            .into_iter()
+            .filter_map(|n| shadow_generation(&pool.name, n))
+            .max()
+            .unwrap_or(0);
+        pool.last_generation = pool.last_generation.max(used);
+    }
+
+    /// A pooled shadow found after a restart (from its metadata) joins its class's pool.
+    pub fn pool_shadow_found(&mut self, class: &str, per: u32, shadow: Shadow) {
+        let pool = self
+            .pools
+            .entry(class.to_string())
+            .or_insert_with(|| Pool::new(class, per));
+        if let Some(g) = shadow_generation(&pool.name, &shadow.name) {
+            pool.last_generation = pool.last_generation.max(g);
+        }
+        match pool.shadow_mut(&shadow.name) {
+            Some(s) => *s = shadow,
+            None => pool.shadows.push(shadow),
+        }
+    }
+
     /// A booting shadow is paused and ready. A service that is down promotes it at once.
     pub fn shadow_ready(&mut self, service: &str, shadow: Shadow) -> Result<Vec<Action>, Refused> {
+        if self.pool_named_mut(service).is_some() {
+            return self.pool_shadow_ready(service, shadow);
+        }
         let svc = self.svc_mut(service)?;
         let Some(slot) = svc
             .shadows
@@ -864,6 +1080,25 @@ impl ServiceTable {
         unprotectable: bool,
         now: Instant,
     ) -> Result<(Vec<Action>, Duration), Refused> {
+        if let Some(pool) = self.pool_named_mut(service) {
+            // A template that cannot be cloned fails every pooled shadow alike: the pool backs
+            // off like a service does, and the covered primaries stay unprotected meanwhile.
+            if let Some(s) = pool.shadow_mut(shadow) {
+                s.state = ShadowState::Failed;
+            }
+            pool.provision_failures += 1;
+            let wait = PROVISION_BACKOFF_START
+                .saturating_mul(1 << pool.provision_failures.min(6).saturating_sub(1))
+                .min(PROVISION_BACKOFF_MAX);
+            pool.provision_not_before = Some(now + wait);
+            return Ok((
+                vec![Action::RemoveShadow {
+                    service: service.to_string(),
+                    shadow: shadow.to_string(),
+                }],
+                wait,
+            ));
+        }
         let svc = self.svc_mut(service)?;
         if let Some(s) = svc.shadow_mut(shadow) {
             s.state = ShadowState::Failed;
@@ -889,8 +1124,11 @@ impl ServiceTable {
 
     /// A shadow stopped or crashed outside a promotion: it is removed and replaced.
     pub fn shadow_lost(&mut self, service: &str, shadow: &str) -> Result<Vec<Action>, Refused> {
-        let svc = self.require(service)?;
-        match svc.shadows.iter().find(|s| s.name == shadow) {
+        let shadows = match self.pools.values().find(|p| p.name == service) {
+            Some(pool) => &pool.shadows,
+            None => &self.require(service)?.shadows,
+        };
+        match shadows.iter().find(|s| s.name == shadow) {
             Some(s) if s.state != ShadowState::Promoting => Ok(vec![
                 Action::RemoveShadow {
                     service: service.to_string(),
@@ -938,6 +1176,9 @@ impl ServiceTable {
     pub fn shadow_removed(&mut self, service: &str, shadow: &str) {
         if let Some(svc) = self.services.get_mut(service) {
             svc.shadows.retain(|x| x.name != shadow);
+        }
+        if let Some(pool) = self.pool_named_mut(service) {
+            pool.shadows.retain(|x| x.name != shadow);
         }
     }
 
@@ -1438,6 +1679,7 @@ impl ServiceTable {
             primary: svc.active.clone(),
             name,
             generation: next,
+            pooled: false,
         })
     }
 
@@ -1501,7 +1743,133 @@ mod tests {
     const LIMITS: ClassLimits = ClassLimits {
         shadows: 1,
         promote_retry_limit: 2,
+        pool: None,
     };
+
+    /// A pooled class: no shadow per primary, one pooled shadow per four primaries.
+    const POOLED: ClassLimits = ClassLimits {
+        shadows: 0,
+        promote_retry_limit: 2,
+        pool: Some(4),
+    };
+
+    #[test]
+    fn two_primaries_share_one_pooled_shadow_and_the_first_to_fail_takes_it() {
+        let mut t = ServiceTable::new();
+        t.protect("a", "web", true).unwrap();
+        t.protect("b", "web", true).unwrap();
+        let planned = t.plan_shadows(|_| POOLED, Instant::now());
+        assert_eq!(
+            planned.len(),
+            1,
+            "one pooled shadow covers both: {planned:?}"
+        );
+        let p = &planned[0];
+        assert_eq!(
+            (p.service.as_str(), p.name.as_str(), p.pooled),
+            ("web-pool", "web-pool-shadow-1", true)
+        );
+        assert!(t.plan_shadows(|_| POOLED, Instant::now()).is_empty());
+        assert_eq!(t.get("a").unwrap().state, ServiceState::Provisioning);
+        assert_eq!(
+            t.member("web-pool-shadow-1"),
+            Some(Member::Shadow {
+                service: "web-pool".into(),
+                state: ShadowState::Booting
+            })
+        );
+        assert!(t
+            .shadow_ready("web-pool", paused("web-pool-shadow-1"))
+            .unwrap()
+            .is_empty());
+        assert_eq!(t.get("a").unwrap().state, ServiceState::Protected);
+        assert_eq!(t.get("b").unwrap().state, ServiceState::Protected);
+
+        let start = t.begin_failover("a", "a", Trigger::Pidfd).unwrap();
+        assert!(start.pooled);
+        assert_eq!(start.shadow.name, "web-pool-shadow-1");
+        assert_eq!(start.shadow_generation, 1, "the service's next generation");
+        assert_eq!(
+            t.member("web-pool-shadow-1"),
+            Some(Member::Shadow {
+                service: "a".into(),
+                state: ShadowState::Promoting
+            })
+        );
+        assert!(t.pools().all(|p| p.shadows.is_empty()));
+        assert_eq!(
+            t.get("b").unwrap().state,
+            ServiceState::Provisioning,
+            "b is unprotected until the pool refills"
+        );
+        // A second failure meanwhile finds no shadow: down, until the pool has one again.
+        assert!(matches!(
+            t.begin_failover("b", "b", Trigger::Pidfd),
+            Err(Refused::NoShadow { .. })
+        ));
+        t.failover_succeeded("a", "web-pool-shadow-1", record(true), Vec::new())
+            .unwrap();
+        assert_eq!(t.get("a").unwrap().active, "web-pool-shadow-1");
+        let refill = t.plan_shadows(|_| POOLED, Instant::now());
+        assert_eq!(refill.len(), 1);
+        assert_eq!(refill[0].name, "web-pool-shadow-2");
+        let actions = t
+            .shadow_ready("web-pool", paused("web-pool-shadow-2"))
+            .unwrap();
+        assert_eq!(
+            actions,
+            vec![Action::Failover {
+                service: "b".into(),
+                from: "b".into(),
+                trigger: Trigger::Recovery
+            }],
+            "the down primary takes the new pooled shadow at once"
+        );
+        assert_eq!(t.get("a").unwrap().state, ServiceState::Protected);
+        let start = t.begin_failover("b", "b", Trigger::Recovery).unwrap();
+        assert_eq!(start.shadow.name, "web-pool-shadow-2");
+    }
+
+    #[test]
+    fn a_pool_grows_with_its_primaries_and_backs_off_after_a_failure() {
+        let mut t = ServiceTable::new();
+        for n in ["a", "b", "c", "d", "e"] {
+            t.protect(n, "web", true).unwrap();
+        }
+        t.protect("stopped", "web", false).unwrap();
+        let now = Instant::now();
+        let planned = t.plan_shadows(|_| POOLED, now);
+        let names: Vec<_> = planned.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["web-pool-shadow-1", "web-pool-shadow-2"]);
+        let (actions, wait) = t
+            .shadow_failed("web-pool", "web-pool-shadow-1", "boom", false, now)
+            .unwrap();
+        assert_eq!(
+            actions,
+            vec![Action::RemoveShadow {
+                service: "web-pool".into(),
+                shadow: "web-pool-shadow-1".into()
+            }]
+        );
+        t.shadow_removed("web-pool", "web-pool-shadow-1");
+        assert!(t.plan_shadows(|_| POOLED, now).is_empty(), "backing off");
+        let later = t.plan_shadows(|_| POOLED, now + wait);
+        assert_eq!(later[0].name, "web-pool-shadow-3");
+        assert!(
+            t.shadow_lost("web-pool", "web-pool-shadow-2").is_ok(),
+            "a pooled shadow that crashed is replaced"
+        );
+    }
+
+    #[test]
+    fn after_a_restart_no_pooled_shadow_reuses_a_promoted_one_s_name() {
+        let mut t = ServiceTable::new();
+        t.protect("a", "web", true).unwrap();
+        // web-pool-shadow-3 was promoted before the restart: it is a's primary now.
+        t.pool_generations_used("web", 4, ["a", "web-pool-shadow-3", "web-pool-shadow-x"]);
+        let planned = t.plan_shadows(|_| POOLED, Instant::now());
+        assert_eq!(planned[0].name, "web-pool-shadow-4");
+    }
 
     fn record(ok: bool) -> FailoverRecord {
         FailoverRecord {
@@ -1559,6 +1927,7 @@ mod tests {
         let two = ClassLimits {
             shadows: 2,
             promote_retry_limit: 0,
+            pool: None,
         };
         let p = t.plan_shadows(|_| two, Instant::now());
         assert_eq!(p.len(), 1, "one shadow per round per service: {p:?}");

@@ -561,6 +561,32 @@ impl DomainXml {
             .collect()
     }
 
+    /// Drops `<memoryBacking><nosharepages/>`, so QEMU leaves guest memory mergeable by the
+    /// host's KSM. Returns whether there was one.
+    pub fn allow_page_sharing(&mut self) -> bool {
+        let Some(backing) = tree::child_named(&self.xot, self.root, "memoryBacking") else {
+            return false;
+        };
+        let Some(nosharing) = tree::child_named(&self.xot, backing, "nosharepages") else {
+            return false;
+        };
+        tree::remove(&mut self.xot, nosharing);
+        if tree::is_bare(&self.xot, backing) {
+            tree::remove(&mut self.xot, backing);
+        }
+        true
+    }
+
+    /// Removes every `<interface>`: a pooled shadow stands by without NICs and gets the
+    /// primary's at promotion. Returns how many there were.
+    pub fn remove_interfaces(&mut self) -> usize {
+        let ifaces: Vec<Node> = self.device_nodes("interface").collect();
+        for iface in &ifaces {
+            tree::remove(&mut self.xot, *iface);
+        }
+        ifaces.len()
+    }
+
     /// Sets `<link state='up'|'down'/>` on every interface.
     pub fn set_interfaces_link(&mut self, up: bool) {
         let ifaces: Vec<Node> = self.device_nodes("interface").collect();
@@ -840,6 +866,32 @@ fn check_namespaces(xot: &Xot, doc: Node) -> Result<(), XmlError> {
 }
 
 /// Sets `<link state=>` on one interface element, creating `<link>` if needed.
+/// A device element (`<interface>`, `<disk>`, ...) as XML again, without its direct children
+/// named in `names`: e.g. the `<address>`, `<alias>` and `<target>` one domain's definition gave
+/// a NIC, before it is plugged into another domain whose own layout decides them.
+pub fn without_children(device_xml: &str, names: &[&str]) -> Result<String, XmlError> {
+    if device_xml.len() > DOMAIN_XML_MAX {
+        return Err(XmlError::TooLarge {
+            what: "device XML",
+            len: device_xml.len(),
+            limit: DOMAIN_XML_MAX,
+        });
+    }
+    let mut xot = Xot::new();
+    let doc = xot.parse(device_xml).map_err(|source| XmlError::Parse {
+        offset: source.span().start,
+        source,
+    })?;
+    let root = xot.document_element(doc).map_err(XmlError::Tree)?;
+    let drop: Vec<Node> = tree::element_children(&xot, root)
+        .filter(|c| names.iter().any(|n| tree::is_plain(&xot, *c, n)))
+        .collect();
+    for c in drop {
+        tree::remove(&mut xot, c);
+    }
+    xot.to_string(root).map_err(XmlError::Tree)
+}
+
 fn set_link(xot: &mut Xot, iface: Node, up: bool) {
     let link = tree::ensure_child(xot, iface, "link");
     tree::set_attr(xot, link, "state", if up { "up" } else { "down" });

@@ -1368,3 +1368,55 @@ fn free_page_reporting_is_set_on_the_virtio_balloon_only() {
     assert!(!none.enable_free_page_reporting());
     assert!(!none.to_xml().contains("freePageReporting"));
 }
+
+#[test]
+fn a_pooled_shadow_spec_has_no_interface_left() {
+    let mut d = parse(FULL);
+    let n = d.interfaces().len();
+    assert!(n > 0);
+    assert_eq!(d.remove_interfaces(), n);
+    assert!(d.interfaces().is_empty());
+    assert!(!d.to_xml().contains("<interface"));
+    DomainXml::parse(&d.to_xml()).expect("still a domain");
+}
+
+#[test]
+fn page_sharing_is_allowed_by_dropping_nosharepages_only() {
+    let xml = FULL.replacen(
+        "<devices>",
+        "<memoryBacking><nosharepages/><locked/></memoryBacking>\n  <devices>",
+        1,
+    );
+    let mut d = parse(&xml);
+    assert!(d.allow_page_sharing());
+    let out = d.to_xml();
+    assert!(
+        !out.contains("nosharepages") && out.contains("<locked/>"),
+        "{out}"
+    );
+    assert!(!d.allow_page_sharing(), "nothing left to drop");
+    let mut alone = parse(&FULL.replacen(
+        "<devices>",
+        "<memoryBacking><nosharepages/></memoryBacking>\n  <devices>",
+        1,
+    ));
+    assert!(alone.allow_page_sharing());
+    assert!(
+        !alone.to_xml().contains("memoryBacking"),
+        "an empty one goes too"
+    );
+}
+
+#[test]
+fn a_device_loses_only_the_children_named() {
+    let nic = "<interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='br0'/><target dev='vnet0'/><alias name='net0'/><address type='pci' slot='0x03'/></interface>";
+    let out = without_children(nic, &["address", "alias", "target"]).unwrap();
+    assert!(
+        out.contains("52:54:00:00:00:01") && out.contains("br0"),
+        "{out}"
+    );
+    for gone in ["vnet0", "net0", "slot"] {
+        assert!(!out.contains(gone), "{gone} in {out}");
+    }
+    assert!(without_children("<interface", &["address"]).is_err());
+}

@@ -6,6 +6,7 @@
 //! the daemon's service table (`crate::daemon`) tracks which member is which.
 
 pub mod apply_profile;
+pub mod identity;
 pub mod plan;
 pub mod promote;
 pub mod record;
@@ -139,6 +140,16 @@ pub enum FailoverError {
         /// The command.
         argv: Vec<String>,
         /// What happened: exit status and its output, or why it could not run.
+        outcome: String,
+    },
+    /// A pooled shadow could not take the old primary's identity (host name, addresses).
+    #[error("identity: {what} of '{shadow}' not set: {outcome}")]
+    Identity {
+        /// The shadow.
+        shadow: String,
+        /// Which part of the identity.
+        what: String,
+        /// What the guest command did, or why it could not run.
         outcome: String,
     },
     /// A step failed on purpose ([`FAULT_FAIL_ONCE_ENV`], a test hook).

@@ -38,6 +38,7 @@ use crate::monitor::agent::{AgentError, ExitStatus};
 use crate::net::{NetError, Netlink};
 
 use super::apply_profile::ProfileApply;
+use super::identity::{address_argv, hostname_argv, primary_shape, Identity, PrimaryShape};
 use super::plan::{data_disks, disk_holders, DataDisk, DiskPolicy};
 use super::record::Tier;
 use super::shadow::{clip_tail, guest_exec, member_meta, raise_links, write_meta};
@@ -76,6 +77,9 @@ pub struct Promotion {
     pub handover: Option<Handover>,
     /// Bridged (the shadow's tap joins the bridge) or routed (the host routes move to it).
     pub network: NetworkMode,
+    /// A pooled shadow takes the old primary's identity (see [`super::identity`]): `Some` for
+    /// a pooled promotion.
+    pub identity: Option<Identity>,
 }
 
 /// What a class hands over at promotion besides the network.
@@ -99,6 +103,33 @@ const LIBVIRT_CATCH_UP: Duration = Duration::from_secs(2);
 const LIBVIRT_CATCH_UP_POLL: Duration = Duration::from_millis(5);
 /// How often a promote command is asked whether it has exited.
 const COMMAND_POLL: Duration = Duration::from_millis(20);
+/// Longest a pooled shadow's host name or configuration change may take in the guest.
+const IDENTITY_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `argv` in the guest and waits for it to exit 0; otherwise says what happened (exit
+/// status and the tail of its stderr, a timeout, or why it could not run).
+async fn run_in_guest(
+    hv: &Hypervisor,
+    domain: &str,
+    argv: &[String],
+    timeout: Duration,
+    max_reply: usize,
+) -> Result<(), String> {
+    let out = match guest_exec(hv, domain, argv, timeout, COMMAND_POLL, max_reply).await {
+        Ok(out) => out,
+        Err(AgentError::ExecTimeout { .. }) => {
+            return Err(format!("still running after {timeout:?}"))
+        }
+        Err(e) => return Err(format!("could not run: {}", crate::error::report(&e))),
+    };
+    let stderr = clip_tail(&String::from_utf8_lossy(&out.stderr.data), 512);
+    match out.status {
+        ExitStatus::Code(0) => Ok(()),
+        ExitStatus::Code(code) => Err(format!("exited with {code}; stderr: {stderr:?}")),
+        ExitStatus::Signal(sig) => Err(format!("killed by signal {sig}; stderr: {stderr:?}")),
+        ExitStatus::Unknown => Err(format!("ended without an exit status; stderr: {stderr:?}")),
+    }
+}
 
 /// Result of a successful promotion: the record and the new primary's taps.
 #[derive(Debug)]
@@ -176,6 +207,27 @@ pub trait PromotionSteps: Sync {
         -> impl Future<Output = Result<(), FailoverError>> + Send;
     /// Sizes and configures the new primary from its profile; returns notes, never fails.
     fn apply_profile(&self, p: &Promotion) -> impl Future<Output = Vec<String>> + Send;
+    /// Pooled: reads the old primary's definition (its NICs and size) and plugs its NICs (its
+    /// MACs, model and bridges) into the shadow, links down, live and persistently; returns
+    /// the shape and the shadow's taps.
+    fn plug_nics(
+        &self,
+        p: &Promotion,
+    ) -> impl Future<Output = Result<(PrimaryShape, Vec<TapBinding>), FailoverError>> + Send;
+    /// Pooled: gives the running shadow the old primary's host name and configuration files;
+    /// returns notes.
+    fn assume_identity(
+        &self,
+        p: &Promotion,
+    ) -> impl Future<Output = Result<Vec<String>, FailoverError>> + Send;
+    /// Pooled: in the guest, brings each plugged NIC up with the old primary's addresses.
+    fn address(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Pooled, without a profile to size it: the old primary's vCPUs and memory; notes.
+    fn size_like(
+        &self,
+        p: &Promotion,
+        shape: &PrimaryShape,
+    ) -> impl Future<Output = Vec<String>> + Send;
 }
 
 /// Runs a promotion with the live steps. On error the record says how far it got.
@@ -250,22 +302,27 @@ fn old_tap_of<'a>(p: &'a Promotion, mac: &str) -> Option<&'a TapBinding> {
 /// Every step the pipeline records, in pipeline order (`wake` only for a `saved` or `cold`
 /// shadow; `plan_disks` only for a shadow whose data disks were not planned when it was made;
 /// `stop_old_qemu` (the old QEMU stopped for good, beside `resume`), `attach` and
-/// `promote_commands` only with data disks; `route` only for a routed class; `link_up` only when a shadow's links were not
-/// raised while it stood by; `apply_profile` only with a profile).
-pub const STEPS: [&str; 14] = [
+/// `promote_commands` only with data disks; `route` only for a routed class; `link_up` only
+/// when a shadow's links were not raised while it stood by; `plug_nic`, `identity`, `address`
+/// and `size` only for a pooled shadow; `apply_profile` only with a profile).
+pub const STEPS: [&str; 18] = [
     "plan_disks",
     "fence",
     "claim",
     "wake",
+    "plug_nic",
     "stop_old_qemu",
     "resume",
+    "identity",
     "attach",
     "promote_commands",
     "rewire",
     "route",
     "link_up",
+    "address",
     "announce",
     "metadata",
+    "size",
     "apply_profile",
 ];
 
@@ -322,6 +379,16 @@ async fn run_steps<S: PromotionSteps>(
             }
         }
     }
+    if p.identity.is_some() {
+        let rest = take_over(steps, p, &disks, clock, notes).await;
+        if rest.is_err() {
+            // Half a new identity (a NIC with the service's MAC, a data disk) is on no
+            // domain once the shadow is gone; the retry claims from the old primary again.
+            steps.release(p).await;
+            steps.unclaim(p).await;
+        }
+        return rest;
+    }
     let p = &*p;
 
     let rest = async {
@@ -344,6 +411,61 @@ async fn run_steps<S: PromotionSteps>(
     rest
 }
 
+/// A pooled shadow becomes the old primary. Still paused, it gets the old primary's NICs (its
+/// MACs, on its bridges), links down: the guest handles the PCI hot-plug (about half a second
+/// under TCG) while the rest goes on. Then resume, host name and configuration files, the data
+/// disks and their commands, and only then the links go up and the addresses are set: the
+/// network comes up last, as it does for data disks. Then what every promotion does after
+/// service is restored, with the old primary's size when no profile sizes it.
+async fn take_over<S: PromotionSteps>(
+    steps: &S,
+    p: &mut Promotion,
+    disks: &[DataDisk],
+    clock: &mut StepClock,
+    notes: &mut Vec<String>,
+) -> Result<(), FailoverError> {
+    let (shape, taps) = timed(clock, "plug_nic", steps.plug_nics(p)).await?;
+    p.shadow.taps = taps;
+    let stop_old = !disks.is_empty() && p.old_host.is_none();
+    resume_beside_stop(steps, p, clock, stop_old).await?;
+    notes.extend(timed(clock, "identity", steps.assume_identity(p)).await?);
+    if !disks.is_empty() {
+        // The old primary's device addresses mean nothing in the template's layout: libvirt
+        // places each disk anew (the guest finds it by label or serial, not by slot).
+        let placed: Vec<DataDisk> = disks
+            .iter()
+            .map(|d| DataDisk {
+                xml: crate::domain_xml::without_children(&d.xml, &["address", "alias"])
+                    .unwrap_or_else(|_| d.xml.clone()),
+                ..d.clone()
+            })
+            .collect();
+        timed(clock, "attach", steps.attach(p, &placed)).await?;
+        timed(clock, "promote_commands", steps.promote_commands(p)).await?;
+    }
+    timed(clock, "link_up", steps.link_up(p)).await?;
+    timed(clock, "address", steps.address(p)).await?;
+    clock.mark_restored();
+    let p = &*p;
+    timed(clock, "announce", async {
+        steps.announce(p).await;
+        Ok(())
+    })
+    .await?;
+    timed(clock, "metadata", steps.record_roles(p)).await?;
+    if p.profile.as_ref().is_none_or(|x| x.resources.is_none()) {
+        let t = Instant::now();
+        notes.extend(steps.size_like(p, &shape).await);
+        clock.record("size", t, t.elapsed());
+    }
+    if p.profile.is_some() {
+        let t = Instant::now();
+        notes.extend(steps.apply_profile(p).await);
+        clock.record("apply_profile", t, t.elapsed());
+    }
+    Ok(())
+}
+
 /// Resume (off the network, without the disks) while the old QEMU is stopped for good, then
 /// attach, promote commands, and only then the network.
 async fn hand_over<S: PromotionSteps>(
@@ -353,8 +475,29 @@ async fn hand_over<S: PromotionSteps>(
     clock: &mut StepClock,
     stop_old: bool,
 ) -> Result<(), FailoverError> {
-    // The old QEMU's exit takes the kernel tens of ms and libvirt up to a few hundred more; the
-    // shadow, still off the bridge and holding no data disk, wakes meanwhile.
+    resume_beside_stop(steps, p, clock, stop_old).await?;
+    timed(clock, "attach", steps.attach(p, disks)).await?;
+    timed(clock, "promote_commands", steps.promote_commands(p)).await?;
+    timed(clock, "rewire", steps.rewire(p)).await?;
+    if p.network == NetworkMode::Routed {
+        timed(clock, "route", steps.reroute(p)).await?;
+    }
+    if !p.shadow.link_ready() {
+        timed(clock, "link_up", steps.link_up(p)).await?;
+    }
+    clock.mark_restored();
+    Ok(())
+}
+
+/// Resumes the shadow while, with `stop_old`, the old QEMU is stopped for good: its exit takes
+/// the kernel tens of ms and libvirt up to a few hundred more, and the shadow, off the network
+/// and holding no data disk, wakes meanwhile. Both must succeed.
+async fn resume_beside_stop<S: PromotionSteps>(
+    steps: &S,
+    p: &Promotion,
+    clock: &mut StepClock,
+    stop_old: bool,
+) -> Result<(), FailoverError> {
     let started = Instant::now();
     let stop = async {
         if !stop_old {
@@ -373,18 +516,7 @@ async fn hand_over<S: PromotionSteps>(
         r?;
     }
     clock.record("resume", started, resume_took);
-    resumed?;
-    timed(clock, "attach", steps.attach(p, disks)).await?;
-    timed(clock, "promote_commands", steps.promote_commands(p)).await?;
-    timed(clock, "rewire", steps.rewire(p)).await?;
-    if p.network == NetworkMode::Routed {
-        timed(clock, "route", steps.reroute(p)).await?;
-    }
-    if !p.shadow.link_ready() {
-        timed(clock, "link_up", steps.link_up(p)).await?;
-    }
-    clock.mark_restored();
-    Ok(())
+    resumed
 }
 
 /// The stateless critical path: resume and rewire at once.
@@ -723,54 +855,201 @@ impl PromotionSteps for LiveSteps<'_> {
             return Ok(());
         };
         for argv in &handover.commands {
-            let failed = |outcome: String| FailoverError::PromoteCommand {
-                shadow: p.shadow.name.clone(),
-                argv: argv.clone(),
-                outcome,
-            };
-            let out = match guest_exec(
+            run_in_guest(
                 self.hv,
                 &p.shadow.name,
                 argv,
                 handover.command_timeout,
-                COMMAND_POLL,
                 handover.agent_max_reply,
             )
             .await
-            {
-                Ok(out) => out,
-                Err(AgentError::ExecTimeout { .. }) => {
-                    return Err(failed(format!(
-                        "still running after {:?}",
-                        handover.command_timeout
-                    )))
-                }
-                Err(e) => {
-                    return Err(failed(format!(
-                        "could not run: {}",
-                        crate::error::report(&e)
-                    )))
-                }
-            };
-            let stderr = clip_tail(&String::from_utf8_lossy(&out.stderr.data), 512);
-            match out.status {
-                ExitStatus::Code(0) => {}
-                ExitStatus::Code(code) => {
-                    return Err(failed(format!("exited with {code}; stderr: {stderr:?}")))
-                }
-                ExitStatus::Signal(sig) => {
-                    return Err(failed(format!(
-                        "killed by signal {sig}; stderr: {stderr:?}"
-                    )))
-                }
-                ExitStatus::Unknown => {
-                    return Err(failed(format!(
-                        "ended without an exit status; stderr: {stderr:?}"
-                    )))
-                }
-            }
+            .map_err(|outcome| FailoverError::PromoteCommand {
+                shadow: p.shadow.name.clone(),
+                argv: argv.clone(),
+                outcome,
+            })?;
         }
         Ok(())
+    }
+
+    async fn assume_identity(&self, p: &Promotion) -> Result<Vec<String>, FailoverError> {
+        let id = p.identity.clone().unwrap_or_default();
+        let mut notes = Vec::new();
+        let hostname = id.guest.as_ref().and_then(|g| g.hostname.clone());
+        match hostname.as_deref().and_then(hostname_argv) {
+            Some(argv) => {
+                run_in_guest(
+                    self.hv,
+                    &p.shadow.name,
+                    &argv,
+                    IDENTITY_COMMAND_TIMEOUT,
+                    id.agent_max_reply,
+                )
+                .await
+                .map_err(|outcome| FailoverError::Identity {
+                    shadow: p.shadow.name.clone(),
+                    what: "host name".into(),
+                    outcome,
+                })?;
+                notes.push(format!(
+                    "identity: host name {}",
+                    hostname.clone().unwrap_or_default()
+                ));
+            }
+            None => notes.push(format!(
+                "identity: the host name of '{}' was never read; the shadow keeps the template's",
+                p.old_primary
+            )),
+        }
+        if !id.config_files.is_empty() {
+            let (shadow, files, max_reply) = (
+                p.shadow.name.clone(),
+                id.config_files.clone(),
+                id.agent_max_reply,
+            );
+            let delivered = self
+                .hv
+                .blocking("identity: configuration files", move |hv| {
+                    let agent = crate::monitor::agent::GuestAgent::new(
+                        crate::libvirt::LibvirtAgent {
+                            hv: hv.clone(),
+                            domain: shadow.clone(),
+                            max_reply,
+                        },
+                        crate::monitor::agent::AgentOptions {
+                            limits: crate::monitor::agent::AgentLimits {
+                                max_reply_bytes: max_reply,
+                                ..Default::default()
+                            },
+                            command_timeout: IDENTITY_COMMAND_TIMEOUT,
+                            ..Default::default()
+                        },
+                    );
+                    super::apply_profile::deliver_config(&agent, &shadow, &files)
+                })
+                .await
+                .map_err(libvirt_step("identity: configuration files"))?;
+            notes.extend(delivered.into_iter().map(|n| format!("identity: {n}")));
+        }
+        Ok(notes)
+    }
+
+    async fn plug_nics(
+        &self,
+        p: &Promotion,
+    ) -> Result<(PrimaryShape, Vec<TapBinding>), FailoverError> {
+        let old = p.old_primary.clone();
+        let xml = self
+            .hv
+            .run("plug_nic: read old primary XML", move |hv| {
+                let persistent = hv.is_persistent(&old)?;
+                hv.xml(&old, persistent)
+            })
+            .await
+            .map_err(libvirt_step("plug_nic: read old primary XML"))?;
+        let shape = DomainXml::parse(&xml)
+            .and_then(|x| primary_shape(&x))
+            .map_err(|source| FailoverError::Xml {
+                domain: p.old_primary.clone(),
+                source,
+            })?;
+        let (shadow, nics) = (p.shadow.name.clone(), shape.nics.clone());
+        self.hv
+            .run("plug NICs", move |hv| {
+                // A restarted promotion finds the NICs it plugged already: not plugged twice.
+                let live = DomainXml::parse(&hv.xml(&shadow, false)?).ok();
+                for (mac, xml) in &nics {
+                    let plugged = live.as_ref().is_some_and(|l| {
+                        l.interfaces().iter().any(|i| {
+                            i.mac
+                                .as_deref()
+                                .is_some_and(|m| m.eq_ignore_ascii_case(mac))
+                        })
+                    });
+                    if !plugged {
+                        hv.attach_device(&shadow, xml)?;
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .map_err(libvirt_step("plug_nic"))?;
+        let taps = super::shadow::live_taps(self.hv, &p.shadow.name).await?;
+        for b in &taps {
+            tracing::info!(shadow = %p.shadow.name, mac = %b.mac, tap = %b.tap, bridge = ?b.bridge, "NIC of the old primary plugged, link down");
+        }
+        Ok((shape, taps))
+    }
+
+    async fn address(&self, p: &Promotion) -> Result<(), FailoverError> {
+        let id = p.identity.clone().unwrap_or_default();
+        let none = Vec::new();
+        for b in &p.shadow.taps {
+            let addrs = id
+                .guest
+                .as_ref()
+                .and_then(|g| g.addresses.get(&b.mac.to_ascii_lowercase()))
+                .unwrap_or(&none);
+            let Some(argv) = address_argv(&b.mac, addrs) else {
+                continue;
+            };
+            run_in_guest(
+                self.hv,
+                &p.shadow.name,
+                &argv,
+                super::identity::NIC_APPEAR_TIMEOUT + IDENTITY_COMMAND_TIMEOUT,
+                id.agent_max_reply,
+            )
+            .await
+            .map_err(|outcome| FailoverError::Identity {
+                shadow: p.shadow.name.clone(),
+                what: format!("addresses of the NIC {}", b.mac),
+                outcome,
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn size_like(&self, p: &Promotion, shape: &PrimaryShape) -> Vec<String> {
+        let (shadow, want) = (p.shadow.name.clone(), shape.clone());
+        let r = self
+            .hv
+            .blocking("size like the old primary", move |hv| {
+                let lv = |e: LibvirtError| crate::error::report(&e);
+                let live = hv.xml(&shadow, false).map_err(lv)?;
+                let live = DomainXml::parse(&live).map_err(|e| crate::error::report(&e))?;
+                let (max_vcpus, max_kib) = (live.vcpus().max, live.memory_kib().max_kib);
+                let (cur_vcpus, cur_kib) = hv.live_resources(&shadow).map_err(lv)?;
+                let vcpus = want.vcpus.clamp(1, max_vcpus.max(1));
+                let kib = want.mem_kib.min(max_kib);
+                let mut notes = Vec::new();
+                if vcpus != cur_vcpus {
+                    hv.set_vcpus_live(&shadow, vcpus).map_err(lv)?;
+                    notes.push(format!(
+                        "size: vCPUs {cur_vcpus} -> {vcpus} (the old primary's {}, shadow maximum {max_vcpus})",
+                        want.vcpus
+                    ));
+                }
+                if kib != cur_kib {
+                    hv.set_memory_live(&shadow, kib).map_err(lv)?;
+                    notes.push(format!(
+                        "size: memory {cur_kib} -> {kib} KiB (the old primary's {}, shadow maximum {max_kib})",
+                        want.mem_kib
+                    ));
+                }
+                if notes.is_empty() {
+                    notes.push(format!(
+                        "size: already the old primary's ({vcpus} vCPUs, {kib} KiB)"
+                    ));
+                }
+                Ok::<_, String>(notes)
+            })
+            .await;
+        match r {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => vec![format!("size: unchanged: {e}")],
+            Err(e) => vec![format!("size: unchanged: {}", crate::error::report(&e))],
+        }
     }
 
     async fn unclaim(&self, p: &Promotion) {
@@ -1131,6 +1410,107 @@ mod tests {
             let _ = self.step("apply_profile").await;
             vec!["resized".into()]
         }
+        async fn assume_identity(&self, _: &Promotion) -> Result<Vec<String>, FailoverError> {
+            self.step("identity").await?;
+            Ok(vec!["identity: host name web".into()])
+        }
+        async fn plug_nics(
+            &self,
+            _: &Promotion,
+        ) -> Result<(PrimaryShape, Vec<TapBinding>), FailoverError> {
+            self.step("plug_nic").await?;
+            let shape = PrimaryShape {
+                nics: vec![("52:54:00:00:00:07".into(), "<interface/>".into())],
+                vcpus: 1,
+                mem_kib: 196_608,
+            };
+            let taps = shape
+                .nics
+                .iter()
+                .map(|(mac, _)| TapBinding {
+                    mac: mac.clone(),
+                    tap: "vnet7".into(),
+                    bridge: Some("br0".into()),
+                    link_up: false,
+                    routed: Default::default(),
+                })
+                .collect();
+            Ok((shape, taps))
+        }
+        async fn address(&self, _: &Promotion) -> Result<(), FailoverError> {
+            self.step("address").await
+        }
+        async fn size_like(&self, _: &Promotion, _: &PrimaryShape) -> Vec<String> {
+            let _ = self.step("size").await;
+            vec!["size: as the old primary".into()]
+        }
+    }
+
+    fn pooled_promotion() -> Promotion {
+        let mut p = stateful_promotion();
+        p.shadow.name = "web-pool-shadow-1".into();
+        p.shadow.taps.clear();
+        p.shadow.state = ShadowState::PAUSED;
+        p.identity = Some(Identity::default());
+        p
+    }
+
+    #[tokio::test]
+    async fn a_pooled_shadow_becomes_the_primary_before_its_network_comes_up() {
+        let r = Recorder::failing(None);
+        let done = run(&r, pooled_promotion()).await.unwrap();
+        let calls = r.calls();
+        assert_eq!(calls[..4], ["plan_disks", "fence", "claim", "plug_nic"]);
+        // The old QEMU is stopped for good beside the resume, before any disk is attached.
+        let mut beside = calls[4..6].to_vec();
+        beside.sort_unstable();
+        assert_eq!(beside, ["resume", "stop_old_qemu"]);
+        assert_eq!(
+            calls[6..],
+            [
+                "identity",
+                "attach",
+                "promote_commands",
+                "link_up",
+                "address",
+                "announce",
+                "metadata",
+                "size",
+            ]
+        );
+        assert_eq!(
+            done.taps[0].mac, "52:54:00:00:00:07",
+            "the old primary's MAC"
+        );
+        assert!(done.record.notes.iter().any(|n| n.contains("host name")));
+        let steps = step_names(&done.record);
+        assert!(steps.contains(&"plug_nic") && steps.contains(&"size"));
+        // Without data disks the same order, without the hand-over.
+        let r = Recorder::failing(None);
+        let p = Promotion {
+            handover: None,
+            ..pooled_promotion()
+        };
+        run(&r, p).await.unwrap();
+        assert_eq!(
+            r.calls(),
+            [
+                "fence", "claim", "plug_nic", "resume", "identity", "link_up", "address",
+                "announce", "metadata", "size"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pooled_promotion_that_fails_gives_back_the_shadow_and_the_claim() {
+        for failing in ["plug_nic", "identity", "link_up", "address"] {
+            let r = Recorder::failing(Some(failing));
+            let failed = run(&r, pooled_promotion()).await.unwrap_err();
+            let calls = r.calls();
+            assert_eq!(&calls[calls.len() - 3..], [failing, "release", "unclaim"]);
+            assert!(!calls.contains(&"announce"), "{calls:?}");
+            assert!(!failed.record.ok);
+        }
     }
 
     fn promotion(links_up: bool) -> Promotion {
@@ -1159,6 +1539,7 @@ mod tests {
             profile: None,
             handover: None,
             network: NetworkMode::Bridged,
+            identity: None,
         }
     }
 

@@ -56,6 +56,9 @@ pub struct ShadowRequest {
     pub standby: StandbyMemory,
     /// How it stands by.
     pub tier: Tier,
+    /// A pooled shadow: `primary` is the class's golden template, and the shadow stands by
+    /// without NICs (a promotion plugs the failed primary's).
+    pub pooled: bool,
 }
 
 /// The shadow name for generation `n` of `service`.
@@ -169,6 +172,13 @@ pub fn build_shadow_xml(
         domain: req.primary.clone(),
         source,
     })?;
+    if req.pooled {
+        let n = shadow.remove_interfaces();
+        tracing::info!(pool = %req.service, shadow = %req.name, template = %req.primary, nics = n, "pooled shadow: the template's NICs left out");
+    }
+    if req.standby.ksm && shadow.allow_page_sharing() {
+        tracing::info!(service = %req.service, shadow = %req.name, "ksm: the primary's <nosharepages/> left out of the shadow");
+    }
     if req.standby.free_page_reporting && !shadow.enable_free_page_reporting() {
         tracing::warn!(service = %req.service, shadow = %req.name, "free_page_reporting: the primary has no virtio <memballoon>; not enabled");
     }

@@ -27,6 +27,8 @@ pub struct StandbyMemory {
     pub idle_use_kib: Option<u64>,
     /// The guest reports the pages it frees to the host (`free_page_reporting`).
     pub free_page_reporting: bool,
+    /// Its memory stays mergeable by the host's KSM (`ksm`).
+    pub ksm: bool,
 }
 
 /// How long the guest may take to give up the pages the balloon asks for (TCG guests are slow).

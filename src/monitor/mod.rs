@@ -26,6 +26,7 @@
 //!   host-only data when the guest agent misbehaves. One file per part: `settings`, the host
 //!   side (`host`), the agent round (`guest`), the choice of counters (`counters`),
 //!   configuration items (`config`), outbound peers (`peers`), tick `jitter` and `cpu_time`.
+//! - [`ksm`]: the host's samepage merging: its counters, its switch, `ksmd`'s CPU time.
 //! - [`heartbeat`]: the state machine that turns pings, vCPU progress and QEMU monitor
 //!   responsiveness into a [`Health`] verdict (healthy, degraded, suspect, hung).
 
@@ -37,6 +38,7 @@ pub mod configtrack;
 pub mod deps;
 pub mod heartbeat;
 pub mod history;
+pub mod ksm;
 pub mod memcost;
 pub mod sample;
 pub mod sockets;

@@ -1,0 +1,258 @@
+//! Pooled shadows on real guests: two ledger primaries share one shadow cloned from the class's
+//! golden template; the first to fail gets it with its own MAC, address, host name,
+//! configuration file and data disk; a new pooled shadow follows, and the second primary, still
+//! protected, gets that one with its own identity in turn.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use understudy::domain_xml::DomainXml;
+use understudy::libvirt::Hypervisor;
+
+use crate::common::*;
+use crate::stateful::{append, data_image, ledger, DATA_CLASS};
+
+const POOL_WAIT: Duration = Duration::from_secs(300);
+const TEMPLATE: &str = "golden-it-pl";
+/// The pool of class `default` (the tests' daemon protects with that class).
+const POOL: &str = "default-pool";
+const CONF: &str = "/etc/us-service.conf";
+
+fn class() -> String {
+    format!(
+        "{DATA_CLASS}config_files = [\"{CONF}\"]\n\n[class.default.pool]\nprimaries_per_shadow = 4\ntemplate = \"{TEMPLATE}\"\n"
+    )
+}
+
+/// The pool's entry in status.
+fn pool(d: &DaemonProc) -> Option<Value> {
+    d.status()["pools"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == POOL)
+        .cloned()
+}
+
+/// The pool's paused shadow once every service in `services` is protected by it and its
+/// identity has been read; the shadow must not be one of `taken`.
+fn pool_ready(d: &DaemonProc, services: &[&str], taken: &[String]) -> String {
+    wait_for("a pooled shadow covering the primaries", POOL_WAIT, || {
+        let p = pool(d)?;
+        let shadow = p["shadows"]
+            .as_array()?
+            .iter()
+            .find(|s| s["state"] == "paused")?["name"]
+            .as_str()?
+            .to_string();
+        if taken.contains(&shadow) {
+            return None;
+        }
+        for s in services {
+            let svc = d.service(s)?;
+            if svc["state"] != "protected" || svc["identity"].is_null() {
+                return None;
+            }
+            if !p["covers"].as_array()?.iter().any(|c| c == s) {
+                return None;
+            }
+        }
+        Some(shadow)
+    })
+}
+
+fn mac_of(hv: &Hypervisor, domain: &str) -> String {
+    DomainXml::parse(&hv.xml(domain, true).unwrap())
+        .unwrap()
+        .interfaces()[0]
+        .mac
+        .clone()
+        .expect("a MAC")
+}
+
+fn guest_text(hv: &Hypervisor, domain: &str, argv: &[&str]) -> String {
+    let (code, out) = guest_output(hv, domain, argv[0], &argv[1..]);
+    assert_eq!(code, 0, "{argv:?} in {domain}: {out}");
+    out.trim().to_string()
+}
+
+/// Kills `primary` while its ledger holds `keys`, waits for the pooled `shadow` to serve
+/// `ip`, and checks that it is the primary in every respect: MAC on the bridge, address,
+/// host name, configuration file, every key of the ledger, and the steps that made it so.
+fn fail_into_pooled_shadow(
+    d: &DaemonProc,
+    hv: &Hypervisor,
+    primary: &str,
+    ip: &str,
+    shadow: &str,
+    round: &str,
+) {
+    let mac = mac_of(hv, primary);
+    let mut keys = Vec::new();
+    for i in 0..10 {
+        let key = format!("{round}-{i}");
+        assert!(append(ip, &key), "append {key} to {primary}");
+        keys.push(key);
+    }
+    // Standing by: no NIC, no data disk, the template's host name.
+    let standby = hv.xml(shadow, false).unwrap();
+    assert!(
+        !standby.contains("<interface"),
+        "{shadow} stands by with a NIC"
+    );
+    assert!(
+        !standby.contains("data.raw"),
+        "{shadow} stands by with a data disk"
+    );
+
+    let shadow_uuid = domain_uuid(hv, shadow);
+    let kill = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu_pid(primary)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for_every(
+        "the pooled shadow serves the primary's address",
+        Duration::from_secs(120),
+        RECOVERY_POLL,
+        || http_get(ip, Duration::from_millis(200)).filter(|p| page_uuid(p) == shadow_uuid),
+    );
+    let client = kill.elapsed();
+    let svc = wait_for("status shows the failover", Duration::from_secs(60), || {
+        let s = d.service(primary)?;
+        (s["active"] == shadow && s["last_failover"]["ok"] == true).then_some(s)
+    });
+    let steps: Vec<String> = svc["last_failover"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {:.0}",
+                s["name"].as_str().unwrap_or("?"),
+                s["ms"].as_f64().unwrap_or(0.0)
+            )
+        })
+        .collect();
+    eprintln!(
+        "pool {round}: {primary} -> {shadow}: served after {client:?} (client); daemon outage {:.0} ms; steps (ms): {}; notes: {}",
+        svc["last_failover"]["outage_ms"].as_f64().unwrap_or(0.0),
+        steps.join(", "),
+        svc["last_failover"]["notes"]
+    );
+    report_recovery(
+        "pool",
+        round,
+        client,
+        svc["last_failover"]["outage_ms"].as_f64(),
+    );
+    let names: Vec<&str> = steps.iter().map(|s| s.split(' ').next().unwrap()).collect();
+    let at = |n: &str| {
+        names
+            .iter()
+            .position(|x| *x == n)
+            .unwrap_or_else(|| panic!("step {n} missing: {names:?}"))
+    };
+    // Plugged while paused, links down; up only once the data is mounted.
+    assert!(at("plug_nic") < at("resume"), "{names:?}");
+    assert!(at("resume") < at("identity"));
+    assert!(at("identity") < at("attach"));
+    assert!(at("promote_commands") < at("link_up"), "{names:?}");
+    assert!(at("link_up") < at("address"));
+
+    // The primary's MAC, on its bridge, on the promoted shadow's one port, in its definition.
+    let live = DomainXml::parse(&hv.xml(shadow, false).unwrap()).unwrap();
+    let nic = &live.interfaces()[0];
+    assert_eq!(nic.mac.as_deref(), Some(mac.as_str()));
+    let persistent = DomainXml::parse(&hv.xml(shadow, true).unwrap()).unwrap();
+    assert_eq!(
+        persistent.interfaces()[0].mac.as_deref(),
+        Some(mac.as_str())
+    );
+    let tap = nic.target_dev.clone().expect("a tap");
+    assert_eq!(master_of(&tap).as_deref(), Some("usbr0"));
+    assert_single_server(ip, &shadow_uuid, &mac);
+    // Address, host name, configuration file, data: the primary's.
+    let addrs = guest_text(
+        hv,
+        shadow,
+        &["/bin/busybox", "ip", "-o", "-4", "addr", "show"],
+    );
+    assert!(addrs.contains(&format!("{ip}/24")), "{addrs}");
+    assert_eq!(
+        guest_text(hv, shadow, &["/bin/busybox", "hostname"]),
+        primary
+    );
+    assert_eq!(
+        guest_text(hv, shadow, &["/bin/busybox", "cat", CONF]),
+        format!("service {primary}")
+    );
+    let have = ledger(ip).expect("the promoted pooled shadow serves the ledger");
+    for k in &keys {
+        assert!(have.contains(k), "key {k} lost: {have:?}");
+    }
+}
+
+#[test]
+fn two_primaries_share_one_pooled_shadow_and_each_gets_it_with_its_identity() {
+    require_lab();
+    let (a, b) = ("it-pla", "it-plb");
+    let (ip_a, ip_b) = ("10.77.0.81", "10.77.0.82");
+    let _cleanup = Cleanup {
+        prefixes: vec![a.into(), b.into(), TEMPLATE.into(), POOL.into()],
+    };
+    let hv = hypervisor();
+    // The class's golden VM: defined, never started.
+    hv.define(&guest_xml(TEMPLATE, "10.77.0.89/24", &[]))
+        .expect("define the template");
+    let d = DaemonProc::start_configured("pool", "it-pl*", 0, &class(), &[]);
+    for (name, ip) in [(a, ip_a), (b, ip_b)] {
+        let image = data_image(&d, name);
+        start_guest(
+            &hv,
+            name,
+            &format!("{ip}/24"),
+            &["--data", image.to_str().unwrap()],
+        );
+    }
+    let written = Instant::now();
+    for name in [a, b] {
+        wait_agent(&hv, name);
+        guest_text(
+            &hv,
+            name,
+            &["/bin/sh", "-c", &format!("echo 'service {name}' >{CONF}")],
+        );
+    }
+    let first = pool_ready(&d, &[a, b], &[]);
+    let p = pool(&d).unwrap();
+    assert_eq!(
+        p["shadows"].as_array().unwrap().len(),
+        1,
+        "one shadow for two: {p}"
+    );
+    let svc = d.service(a).unwrap();
+    assert!(svc["shadows"].as_array().unwrap().is_empty());
+    assert!(
+        svc["identity"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("host name {a}, {ip_a}/24")),
+        "{svc}"
+    );
+    wait_for("both ledgers", Duration::from_secs(60), || {
+        ledger(ip_a).and(ledger(ip_b))
+    });
+    // The configuration files are collected every 30 s: let one round see the file.
+    std::thread::sleep(Duration::from_secs(35).saturating_sub(written.elapsed()));
+
+    fail_into_pooled_shadow(&d, &hv, a, ip_a, &first, "a");
+    // b stood unprotected only until the pool refilled: a new pooled shadow, covering both.
+    let second = pool_ready(&d, &[a, b], std::slice::from_ref(&first));
+    assert_ne!(second, first);
+    assert_eq!(d.service(a).unwrap()["active"], first.as_str());
+    fail_into_pooled_shadow(&d, &hv, b, ip_b, &second, "b");
+    // a still serves as itself on the first pooled shadow.
+    assert_eq!(guest_text(&hv, &first, &["/bin/busybox", "hostname"]), a);
+    assert!(ledger(ip_a).is_some());
+}
