@@ -22,7 +22,7 @@ use understudy::failover::shadow::{shadow_plan, ShadowRequest};
 use understudy::failover::standby::StandbyMemory;
 
 /// A request as the daemon makes one for generation 7 of service `svc`.
-fn request(primary: &str) -> ShadowRequest {
+pub fn request(primary: &str) -> ShadowRequest {
     ShadowRequest {
         service: "svc".to_string(),
         class: "default".to_string(),
@@ -41,7 +41,8 @@ fn request(primary: &str) -> ShadowRequest {
     }
 }
 
-const UUID: &str = "6f1d3a52-0c8e-4b7e-9d55-0123456789ab";
+/// The shadow's UUID in every plan.
+pub const UUID: &str = "6f1d3a52-0c8e-4b7e-9d55-0123456789ab";
 
 /// Runs one input.
 pub fn check(data: &[u8]) {
