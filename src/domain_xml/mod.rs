@@ -30,6 +30,12 @@ pub use shadow::{shadow_spec, standby_boot_spec, CloneError, ShadowPlan};
 /// memory use on hostile input.
 pub const DOMAIN_XML_MAX: usize = 4 * 1024 * 1024;
 
+/// Most vCPUs a domain may have (`<vcpu>`, its maximum): KVM's limit on x86 (`KVM_MAX_VCPUS`)
+/// and the most any QEMU machine type accepts. A shadow's `<vcpus>` list gets one element per
+/// possible vCPU, so an unbounded count would let a domain definition make the daemon write
+/// billions of elements.
+pub const DOMAIN_VCPUS_MAX: u32 = 4096;
+
 /// Errors reading or editing domain XML and understudy's metadata element.
 #[derive(Debug, thiserror::Error)]
 pub enum XmlError {
@@ -97,6 +103,14 @@ pub enum XmlError {
         max: u32,
         /// Current vCPUs (attribute).
         current: u32,
+    },
+    /// `<vcpu>` asks for more vCPUs than [`DOMAIN_VCPUS_MAX`].
+    #[error("<vcpu> maximum {max} is more than {limit}, the most vCPUs KVM and QEMU support")]
+    TooManyVcpus {
+        /// Maximum vCPUs (element text).
+        max: u32,
+        /// [`DOMAIN_VCPUS_MAX`].
+        limit: u32,
     },
     /// A `<disk>` has no `<target dev=...>`, which libvirt requires and which identifies disks.
     #[error("disk #{index} ({device}) has no <target dev=...>")]
@@ -740,6 +754,12 @@ impl DomainXml {
         };
         if max == 0 || current == 0 || current > max {
             return Err(XmlError::InvalidVcpus { max, current });
+        }
+        if max > DOMAIN_VCPUS_MAX {
+            return Err(XmlError::TooManyVcpus {
+                max,
+                limit: DOMAIN_VCPUS_MAX,
+            });
         }
         Ok(VcpuSpec { max, current })
     }

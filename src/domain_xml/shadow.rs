@@ -66,7 +66,7 @@ use std::path::{Path, PathBuf};
 use xot::{Node, Xot};
 
 use super::tree::{self, attr, child_attr, child_named, children_named, clip};
-use super::{DiskKind, DomainXml, InterfaceKind, UnderstudyMeta, XmlError};
+use super::{DiskKind, DomainXml, InterfaceKind, UnderstudyMeta, XmlError, DOMAIN_VCPUS_MAX};
 
 /// How to turn a primary's spec into a shadow's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,6 +276,13 @@ fn validate_plan(primary: &DomainXml, plan: &ShadowPlan) -> Result<(), CloneErro
         .ok_or_else(|| invalid("uuid", &plan.uuid, "is not 32 hex digits"))?;
     if primary.uuid().and_then(|u| normalize_uuid(&u)) == Some(uuid) {
         return Err(invalid("uuid", &plan.uuid, "is the primary's UUID"));
+    }
+    if plan.vcpu_max > DOMAIN_VCPUS_MAX {
+        return Err(invalid(
+            "vcpu_max",
+            &plan.vcpu_max.to_string(),
+            "is more vCPUs than a domain may have",
+        ));
     }
     utf8_absolute("console_dir", &plan.console_dir)?;
     for path in plan.disk_overlays.values() {
@@ -893,13 +900,20 @@ fn raise_vcpus(
             tree::set_attr(x, topo, "sockets", &sockets.to_string());
         }
         // Per-vCPU list: libvirt wants one entry per possible vCPU; extras start unplugged.
+        // Each goes right after the one before: appending would look for the list's last
+        // element every time, quadratic in a list of thousands.
         if let Some(list) = child_named(x, root, "vcpus") {
+            let mut last = None;
             for id in old_max..new_max {
                 let v = tree::new_element(x, "vcpu");
                 tree::set_attr(x, v, "id", &id.to_string());
                 tree::set_attr(x, v, "enabled", "no");
                 tree::set_attr(x, v, "hotpluggable", "yes");
-                tree::append_element(x, list, v);
+                match last {
+                    Some(prev) => tree::insert_after(x, prev, v),
+                    None => tree::append_element(x, list, v),
+                }
+                last = Some(v);
             }
         }
     }

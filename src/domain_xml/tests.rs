@@ -1420,3 +1420,63 @@ fn a_device_loses_only_the_children_named() {
     }
     assert!(without_children("<interface", &["address"]).is_err());
 }
+
+#[test]
+fn more_vcpus_than_kvm_supports_are_refused_at_parse() {
+    // Cloning this one (a per-vCPU list, 20,000 possible vCPUs) took minutes of CPU.
+    let err = DomainXml::parse(include_str!("fixtures/fuzz-vcpus-list-20000.xml")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            XmlError::TooManyVcpus {
+                max: 20000,
+                limit: DOMAIN_VCPUS_MAX
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("20000"), "{err}");
+    let at_limit = include_str!("fixtures/fuzz-vcpus-list-20000.xml")
+        .replace(">20000<", &format!(">{DOMAIN_VCPUS_MAX}<"));
+    assert_eq!(parse(&at_limit).vcpus().max, DOMAIN_VCPUS_MAX);
+}
+
+#[test]
+fn shadow_extends_a_long_vcpus_list_up_to_the_limit() {
+    let half = DOMAIN_VCPUS_MAX / 2;
+    let primary = parse(
+        &include_str!("fixtures/fuzz-vcpus-list-20000.xml")
+            .replace(">20000<", &format!(">{half}<")),
+    );
+    let mut p = plan("big-shadow", &[]);
+    p.vcpu_max = DOMAIN_VCPUS_MAX;
+    let s = parse(&shadow_spec(&primary, &p).unwrap().to_xml());
+    let list = tree::child_named(&s.xot, s.root, "vcpus").unwrap();
+    let ids: Vec<String> = tree::children_named(&s.xot, list, "vcpu")
+        .map(|v| attr_of(&s, v, "id").unwrap())
+        .collect();
+    // The one entry the primary had, then one disabled entry per added vCPU, in order.
+    assert_eq!(ids.len() as u32, 1 + DOMAIN_VCPUS_MAX - half);
+    assert_eq!(ids[1], half.to_string());
+    assert_eq!(ids.last().unwrap(), &(DOMAIN_VCPUS_MAX - 1).to_string());
+    assert_eq!(
+        s.vcpus(),
+        VcpuSpec {
+            max: DOMAIN_VCPUS_MAX,
+            current: half
+        }
+    );
+
+    p.vcpu_max = DOMAIN_VCPUS_MAX + 1;
+    let err = shadow_spec(&primary, &p).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CloneError::InvalidPlan {
+                field: "vcpu_max",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ClassConfig, DiskRole, NetworkMode};
 use crate::domain_xml::{
     shadow_spec, CloneError, DiskKind, DiskSpec, DomainXml, InterfaceKind, ShadowPlan,
+    DOMAIN_VCPUS_MAX,
 };
 
 /// How a class treats the disks of its primaries, as provisioning needs it.
@@ -488,8 +489,12 @@ pub fn clone_plan(
             .map(|(t, _)| (t.to_string(), overlay_path(&disk_dir, name, t)))
             .collect(),
         data_disks: layout.data_disks(),
-        // Headroom above the primary's current size so a profile can grow the shadow live.
-        vcpu_max: vcpus.max.max(vcpus.current.saturating_mul(2)).max(1),
+        // Headroom above the primary's current size so a profile can grow the shadow live,
+        // within what a domain may have.
+        vcpu_max: vcpus
+            .max
+            .max(vcpus.current.saturating_mul(2).min(DOMAIN_VCPUS_MAX))
+            .max(1),
         memory_max_kib: mem.max_kib.max(mem.current_kib.saturating_mul(3) / 2),
         console_dir: state_dir.join("consoles"),
         meta,
@@ -933,5 +938,32 @@ network = "routed"
         // A read-only disk is no writer; an unknown source has no holder.
         assert!(disk_holders(&running, "/var/lib/libvirt/images/tools.raw").is_empty());
         assert!(disk_holders(&running, "nbd:elsewhere").is_empty());
+    }
+
+    #[test]
+    fn shadow_headroom_stays_within_the_vcpu_limit() {
+        let meta = crate::domain_xml::UnderstudyMeta {
+            service: "big".to_string(),
+            class: "c".to_string(),
+            role: crate::domain_xml::Role::Shadow,
+            generation: 1,
+            state: crate::domain_xml::MemberState::Booting,
+            journal: None,
+        };
+        let plan_for = |max: u32, current: u32| {
+            let xml = format!(
+                "<domain type='kvm'><name>big</name><vcpu current='{current}'>{max}</vcpu>\
+                 <devices/></domain>"
+            );
+            let primary = DomainXml::parse(&xml).unwrap();
+            let layout = plan_disks(&primary, &DiskPolicy::default()).unwrap();
+            let uuid = "9b3f7c2e-1a4d-4e5f-8a6b-7c8d9e0f1a2b";
+            clone_plan(&primary, &layout, Path::new("/s"), "s", uuid, meta.clone()).vcpu_max
+        };
+        // Twice the current vCPUs, as long as that stays within what a domain may have.
+        assert_eq!(plan_for(8, 2), 8);
+        assert_eq!(plan_for(8, 6), 12);
+        assert_eq!(plan_for(DOMAIN_VCPUS_MAX, 3000), DOMAIN_VCPUS_MAX);
+        assert_eq!(plan_for(3000, 3000), DOMAIN_VCPUS_MAX);
     }
 }
