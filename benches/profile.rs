@@ -205,6 +205,15 @@ fn run_real(params: &LearnerParams) -> (Vec<(String, BacktestReport)>, Vec<RealS
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no *.csv.gz in {}", dir.display());
+    // `BENCH_PROFILE_VMS=tune` keeps the first half of the VMs (in file-name order: the split the
+    // defaults were chosen on), `held` the other half; unset or `all`, every VM.
+    let half = files.len().div_ceil(2);
+    match std::env::var("BENCH_PROFILE_VMS").as_deref() {
+        Ok("tune") => files.truncate(half),
+        Ok("held") => drop(files.drain(..half)),
+        Ok("all") | Err(_) => {}
+        Ok(other) => panic!("BENCH_PROFILE_VMS={other}: expected tune, held or all"),
+    }
     println!(
         "\n### 2. real traces: {} VMs of {} (default settings; waste at 95% coverage = each predictor at its smallest headroom reaching it)",
         files.len(),
