@@ -4,7 +4,9 @@
 //!
 //! Run: `cargo bench --bench profile` (the model part of `make bench-profile`; no lab needed).
 //! Results also go to `<target dir>/bench-profile.json`. `BENCH_PROFILE_PARTS` picks parts,
-//! comma-separated, default all: `synthetic`, `real`, `cost`.
+//! comma-separated, default all: `synthetic`, `real`, `cost`. `BENCH_PROFILE_VMS=tune` runs the
+//! real part on the first 22 VMs only (file-name order: the half the defaults were chosen on),
+//! `held` on the other 21.
 //!
 //! Every history goes through `understudy::profile::backtest::run`, the code behind
 //! `understudy profile backtest`, with the default settings (coverage target 95%, no headroom):

@@ -194,7 +194,7 @@ impl Default for ModelParams {
             experts: (1 << forecast::EXPERTS) - 1,
             quantile_rate: 0.001,
             quantile_rate_hour: 0.0005,
-            snap: 1.0,
+            snap: 0.3,
         }
     }
 }
