@@ -776,13 +776,13 @@ struct ModelRepr {
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum StoredForecast {
-    Current(PerMetric<MetricForecast>),
+    Current(Box<PerMetric<MetricForecast>>),
     Earlier(serde::de::IgnoredAny),
 }
 
 impl Default for StoredForecast {
     fn default() -> Self {
-        StoredForecast::Current(PerMetric::default())
+        StoredForecast::Current(Box::default())
     }
 }
 
@@ -796,7 +796,7 @@ impl TryFrom<ModelRepr> for Model {
                 .map_err(|e| ModelError::Inconsistent(format!("{m}: {e}")))?;
         }
         let mut forecast = match r.forecast {
-            StoredForecast::Current(f) => f,
+            StoredForecast::Current(f) => *f,
             StoredForecast::Earlier(_) => PerMetric::default(),
         };
         for m in Metric::ALL {
