@@ -68,8 +68,7 @@
 //!
 //! The forecast is then *snapped*: when it falls between two values of the last day, it is
 //! lowered onto the lower one if that is within `snap` (default 30%) below it; a forecast above
-//! every value of the day only within [`SNAP_ABOVE`] (2%: a constant metric's limit lands on
-//! its value). Counters often take
+//! every value of the day only within [`SNAP_ABOVE`] (15%). Counters often take
 //! discrete values (the Bitbrains network readings move in steps of 68 bytes/s, memory in steps
 //! of 11 MB); a limit between two of them covers exactly what the lower one covers and wastes
 //! the gap.
@@ -144,7 +143,7 @@ const SLOW_TAU_MS: f64 = 6.0 * HOUR_MS as f64;
 const MEAN_TAU_MS: f64 = 24.0 * HOUR_MS as f64;
 /// Largest relative step down when a forecast above every value of the window snaps onto the
 /// largest one.
-const SNAP_ABOVE: f64 = 0.02;
+const SNAP_ABOVE: f64 = 0.15;
 /// Time constant of the volatility feature.
 const VOLATILITY_TAU_MS: f64 = HOUR_MS as f64;
 /// Targets further than this from the last sample use the hour head.
@@ -916,9 +915,9 @@ mod tests {
         let any = ForecastParams { snap: 1.0, ..p };
         assert_eq!(f.snap(500.0, &any), 136.5);
         assert_eq!(f.snap(1700.0, &any), 1700.0);
-        // Above every value of the window: at most 2% down; below every value: unchanged.
-        assert_eq!(f.snap(1380.0, &p), 1365.3);
-        assert_eq!(f.snap(1400.0, &p), 1400.0);
+        // Above every value of the window: at most 15% down; below every value: unchanged.
+        assert_eq!(f.snap(1400.0, &p), 1365.3);
+        assert_eq!(f.snap(1700.0, &p), 1700.0);
         assert_eq!(f.snap(50.0, &p), 50.0);
         // Within a bounded snap, only values close enough below.
         let near = ForecastParams { snap: 0.15, ..p };
