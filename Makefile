@@ -3,11 +3,17 @@
 #   make deps        install the Debian packages the lab needs (idempotent)
 #   make images      build the lab test guest into build/guest/
 #   make lab-up      start the lab (network namespace, bridge, libvirtd)
-#   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]
+#   make lab-up HOSTS=3  the three-host lab instead: hosts h1 h2 h3 (own network and mount
+#                    namespaces, libvirtd on TCP, virtlockd, etcd member), switch, management
+#                    network, test client, shared storage; README "Three-host lab"
+#   make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [HOST=h2] [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]
 #                    DATA=1: a data disk (build/lab/disks/<n>-data.raw, ext4, created and
 #                    formatted on first use; a LUN sdb on virtio-scsi) holding the guest's
 #                    ledger; configs/lab.toml hands it over at failover
-#   make lab-down    tear the lab down completely
+#                    HOST=h2: on that host of the three-host lab; its disks then live on the
+#                    shared storage (/run/understudy-lab/shared/disks/), so another host can
+#                    take them over
+#   make lab-down    tear the lab down completely (whichever, one host or three)
 #   make build       cargo build
 #   make deb         the Debian package (cargo-deb, installed if missing) in target/debian/:
 #                    binary, systemd unit, /etc/understudy/understudy.toml, man pages,
@@ -20,6 +26,8 @@
 #   make bench-profile-model  only the model part (cargo bench --bench profile; no lab)
 #   make bench-stateful  SIGKILL failovers of the ledger guest (data disk handed over) while a
 #                        client appends every 10 ms, vs cold restart (BENCH_TRIALS=10)
+#   make bench-cost      host memory per protected VM and SIGKILL outage per standby way
+#                        (paused, paused+shrunk, saved, cold; BENCH_TRIALS=3)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
 #   make soak-faults     the fault suite SOAK_ROUNDS times (20) under one lab: runs, failures
@@ -31,11 +39,17 @@
 #   make lint        cargo fmt --check and cargo clippy --all-targets -D warnings
 #   make test        deps, lint, images, deb (the package test installs it), cargo build
 #                    --tests, fuzz-check, then lab-up, cargo test
-#                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock)
+#                    inside the lab, lab-down (scripts/lab-run.sh, under the lab lock);
+#                    then the three-host tests (three_hosts::) in a three-host lab
+#                    (HOSTS=3 scripts/lab-run.sh), then lab-verify-down
 #
 # Scripts: lab-guest.sh xml|start (domain XML of a lab guest), lab-exec.sh (run a
 # command inside the lab namespace), lab-run.sh (lab-up, a command, lab-down,
 # all under the machine-wide lab lock), lab-smoke.sh (boot a guest and check it).
+# Three-host lab: lab-host-exec.sh <host> <cmd> (a command on a host), lab-cut.sh
+# <host> mgmt|switch down|up (pull a host's cable), fence_lab (the hosts' fence
+# agent, fence-agents' conventions), /run/understudy-lab/cluster.env (the lab's
+# addresses, libvirt URIs and etcd endpoints).
 
 SHELL := /bin/bash
 
@@ -66,12 +80,14 @@ MEM ?= 192
 ROLE ?= primary
 DISK ?=
 DATA ?=
+HOSTS ?= 1
+HOST ?=
 
 FUZZ_SECONDS ?= 60
 FUZZ_CHECK_SECONDS ?= 5
 SOAK_ROUNDS ?= 20
 
-.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo bench bench-failover bench-profile bench-profile-model bench-soak bench-stateful test-faults \
+.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo demo-cluster bench bench-failover bench-cluster bench-profile bench-profile-model bench-soak bench-stateful test-faults bench-cost \
 	soak-faults fuzz fuzz-check fuzz-deps
 
 # Installing one package can remove another: a machine that came with a newer qemu-utils (from
@@ -111,19 +127,24 @@ $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initramfs.cpio.gz &: $(GUEST_INPUTS)
 	images/build-guest.sh $(KERNEL) $(GUEST_DIR)
 
 lab-up:
-	scripts/lab-up.sh
+	HOSTS=$(HOSTS) scripts/lab-up.sh
 
 lab-down:
 	scripts/lab-down.sh
 
 lab-guest: images
-	@[ -n "$(NAME)" ] && [ -n "$(IP)" ] || { echo "usage: make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]" >&2; exit 1; }
+	@[ -n "$(NAME)" ] && [ -n "$(IP)" ] || { echo "usage: make lab-guest NAME=<n> IP=<a.b.c.d/prefix> [HOST=h2] [DISK=1] [DATA=1] [MEM=192] [ROLE=primary]" >&2; exit 1; }
 	@set -- --mem '$(MEM)' --role '$(ROLE)'; \
+	disks="$$PWD/build/lab/disks"; \
+	if [ -n "$(HOST)" ]; then \
+		set -- "$$@" --host '$(HOST)'; \
+		disks=/run/understudy-lab/shared/disks; \
+	fi; \
 	if [ -n "$(DISK)" ] && [ "$(DISK)" != 0 ]; then \
-		set -- "$$@" --disk "$$PWD/build/lab/disks/$(NAME).qcow2" --create-disk; \
+		set -- "$$@" --disk "$$disks/$(NAME).qcow2" --create-disk; \
 	fi; \
 	if [ -n "$(DATA)" ] && [ "$(DATA)" != 0 ]; then \
-		set -- "$$@" --data "$$PWD/build/lab/disks/$(NAME)-data.raw" --create-data --data-bus scsi; \
+		set -- "$$@" --data "$$disks/$(NAME)-data.raw" --create-data --data-bus scsi; \
 	fi; \
 	scripts/lab-guest.sh start '$(NAME)' '$(IP)' "$$@"
 
@@ -160,7 +181,8 @@ test:
 	$(MAKE) deb
 	cargo build --tests
 	$(MAKE) fuzz-check
-	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
+	scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1 --skip three_hosts::
+	HOSTS=3 scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline --test lab -- --test-threads=1 three_hosts::
 	scripts/lab-verify-down.sh
 
 # The demo and the failover bench need the lab; lab-run.sh takes it down afterwards, under the
@@ -170,6 +192,14 @@ demo:
 	$(MAKE) images
 	cargo build --release
 	scripts/lab-run.sh scripts/demo.sh
+
+# Three hosts, a guest whose shadow stands by on another host, a drain, a crash promoted across
+# hosts (scripts/demo-cluster.sh).
+demo-cluster:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build
+	HOSTS=3 scripts/lab-run.sh scripts/demo-cluster.sh
 
 bench: bench-profile bench-failover
 
@@ -194,6 +224,20 @@ bench-stateful:
 	$(MAKE) images
 	cargo build --release --benches
 	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench stateful
+
+# Cross-host crash failovers (BENCH_TRIALS, default 10) and local ones in the same run, on the
+# three-host lab: median/p95/max, build/bench/cluster.json and .svg.
+bench-cluster:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --benches
+	HOSTS=3 scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench cluster
+
+bench-cost:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --release --benches
+	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench cost
 
 bench-soak:
 	$(MAKE) deps

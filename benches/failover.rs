@@ -355,6 +355,7 @@ fn make_standby(hv: &Hypervisor, n: &NetRt, from: &str, generation: u64) -> Stri
         service: NAME.to_string(),
         class: "default".into(),
         primary: from.to_string(),
+        primary_xml: None,
         name: format!("{NAME}-shadow-{generation}"),
         generation,
         state_dir: std::env::temp_dir().join("understudy-bench-standby"),
@@ -369,6 +370,8 @@ fn make_standby(hv: &Hypervisor, n: &NetRt, from: &str, generation: u64) -> Stri
             "for i in $(seq 30); do wget -q -O /dev/null http://127.0.0.1/; done".into(),
         ]],
         disks: understudy::failover::plan::DiskPolicy::default(),
+        standby: Default::default(),
+        tier: understudy::failover::record::Tier::Paused,
     };
     n.rt.block_on(understudy::failover::shadow::provision(hv, &n.net, req))
         .unwrap()

@@ -227,6 +227,28 @@ impl DaemonProc {
         Self::start_wrapped(tag, pattern, shadows, class_extra, env, |_| Vec::new())
     }
 
+    /// Like [`DaemonProc::start_configured`], run on a host of the three-host lab (inside its
+    /// namespaces, through scripts/lab-host-exec.sh), where `qemu:///system` is that host's
+    /// own libvirtd.
+    pub fn start_on_host(
+        host: &str,
+        tag: &str,
+        pattern: &str,
+        shadows: u32,
+        class_extra: &str,
+    ) -> Self {
+        let host = host.to_string();
+        Self::start_wrapped(tag, pattern, shadows, class_extra, &[], move |_| {
+            vec![
+                repo()
+                    .join("scripts/lab-host-exec.sh")
+                    .display()
+                    .to_string(),
+                host,
+            ]
+        })
+    }
+
     /// Like [`DaemonProc::start`], confined as packaging/understudy.service confines it
     /// (scripts/run-confined.sh): its capabilities, no new privileges, a read-only system but
     /// for the daemon's own directory.

@@ -441,3 +441,122 @@ fn primary_dying_while_its_shadow_boots_is_replaced_when_the_shadow_is_ready() {
     let uuid = domain_uuid(&hv, &shadow);
     wait_page_uuid(ip, &uuid, Duration::from_secs(30));
 }
+
+/// The host routes to `dest` in the main table: (destination, device) pairs.
+fn routes_to(dest: &str) -> Vec<(String, String)> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "-4", "route", "show", "table", "main"])
+        .output()
+        .expect("ip route");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["dst"] == dest)
+        .map(|r| {
+            (
+                r["dst"].as_str().unwrap_or("").to_string(),
+                r["dev"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn ip(args: &[&str]) {
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ip {args:?}");
+}
+
+/// A routed VM (class `network = "routed"`): its own tap, on no bridge, the guest's gateway
+/// address on the tap and a /32 host route to the guest through it, as a host's VM hook sets
+/// them up. Its SIGKILL failover points the route at the shadow's tap; the client (in the lab
+/// namespace, through that route) reaches the shadow, and no route to the old tap is left.
+/// Then the new primary fails over in turn: what it took over is known for its crash too.
+#[test]
+fn routed_guest_fails_over_through_the_replaced_host_route() {
+    require_lab();
+    let (name, ip_addr, gw) = ("it-rt1", "10.77.5.10", "10.77.5.1");
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let hv = hypervisor();
+    let bridged = guest_xml(name, &format!("{ip_addr}/24"), &[]);
+    let xml = bridged
+        .replace(
+            "<interface type='bridge'>\n      <source bridge='usbr0'/>",
+            "<interface type='ethernet'>",
+        )
+        .replace("us.gw=10.77.0.1", &format!("us.gw={gw}"));
+    assert!(
+        xml.contains("<interface type='ethernet'>") && xml.contains(&format!("us.gw={gw}")),
+        "lab guest XML changed shape: {bridged}"
+    );
+    hv.define(&xml).unwrap();
+    hv.start(name, false).unwrap();
+    let (mac, tap) = taps(&hv, name)[0].clone();
+    assert_eq!(master_of(&tap), None, "a routed tap is on no bridge");
+    ip(&["addr", "add", &format!("{gw}/32"), "dev", &tap]);
+    ip(&["route", "add", &format!("{ip_addr}/32"), "dev", &tap]);
+    wait_for("routed guest's page", Duration::from_secs(120), || {
+        http_get(ip_addr, Duration::from_secs(1))
+    });
+
+    // The daemon finds the running primary, reads its tap's host routes and addresses.
+    let daemon = DaemonProc::start_configured("routed", name, 1, "network = \"routed\"\n", &[]);
+    let mut active = name.to_string();
+    let mut active_tap = tap;
+    for round in 1..=2 {
+        let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+        let shadow_uuid = domain_uuid(&hv, &shadow);
+        let shadow_tap = taps(&hv, &shadow)[0].1.clone();
+        assert_eq!(master_of(&shadow_tap), None);
+        assert_eq!(
+            routes_to(ip_addr),
+            [(ip_addr.to_string(), active_tap.clone())],
+            "round {round}: before the crash the route goes to the active primary's tap"
+        );
+        // The daemon has read the routes by now (at protection, and every 5 s).
+        std::thread::sleep(Duration::from_secs(6));
+        kill_qemu(&active);
+        let took = wait_page_uuid(ip_addr, &shadow_uuid, Duration::from_secs(60));
+        eprintln!("routed round {round}: the shadow answered {took:?} after the kill");
+        assert_eq!(
+            routes_to(ip_addr),
+            [(ip_addr.to_string(), shadow_tap.clone())],
+            "round {round}: the host route points at the shadow's tap, and only there"
+        );
+        let addrs = std::process::Command::new("ip")
+            .args(["-4", "-o", "addr", "show", "dev", &shadow_tap])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&addrs.stdout).contains(&format!("{gw}/32")),
+            "round {round}: the gateway address moved to the shadow's tap"
+        );
+        // The old tap went with the old QEMU, and no route is left to it.
+        assert!(!routes_to(ip_addr).iter().any(|(_, d)| *d == active_tap));
+        let svc = wait_for("failover record", Duration::from_secs(30), || {
+            let s = daemon.service(name)?;
+            (s["active"] == shadow.as_str() && s["last_failover"]["ok"] == true).then_some(s)
+        });
+        let steps: Vec<&str> = svc["last_failover"]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        assert!(steps.contains(&"route"), "round {round}: {steps:?}");
+        assert!(
+            daemon
+                .metrics()
+                .contains("understudy_failover_step_seconds_count{step=\"route\"}"),
+            "no route step in the metrics"
+        );
+        assert_eq!(taps(&hv, &shadow)[0].0, mac);
+        active = shadow;
+        active_tap = shadow_tap;
+    }
+}

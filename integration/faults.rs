@@ -359,6 +359,134 @@ fn daemon_killed_at_each_promotion_step_finishes_on_restart() {
     }
 }
 
+#[test]
+fn daemon_killed_between_disk_attach_and_network_finishes_the_hand_over_on_restart() {
+    use crate::stateful::{data_image, holders, ledger, Writer, DATA_CLASS};
+    require_lab();
+    let (name, ip) = ("it-jr2", "10.77.0.36");
+    let _cleanup = Cleanup {
+        prefixes: vec![name.to_string()],
+    };
+    let mut daemon = DaemonProc::start_configured("journal-data", name, 1, DATA_CLASS, &[]);
+    let hv = hypervisor();
+    let image = data_image(&daemon, name);
+    let source = image.to_str().unwrap();
+    // A LUN on virtio-scsi, as `make lab-guest DATA=1` makes it.
+    start_guest(
+        &hv,
+        name,
+        &format!("{ip}/24"),
+        &["--data", source, "--data-bus", "scsi"],
+    );
+    let mac = taps(&hv, name)[0].0.clone();
+    // After `attach` the disk is on the running shadow, off the network, not mounted; after
+    // `promote_commands` it is mounted too. Either way a restart must run the commands (again)
+    // and only then bring the network up.
+    for (round, step) in ["attach", "promote_commands"].into_iter().enumerate() {
+        let active = daemon.service(name).unwrap()["active"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT).remove(0);
+        let shadow_uuid = domain_uuid(&hv, &shadow);
+        wait_for("ledger served", Duration::from_secs(60), || ledger(ip));
+        let writer = Writer::start(ip, &format!("jr{round}"));
+        wait_for("acknowledged appends", Duration::from_secs(20), || {
+            (writer.acked() >= 20).then_some(())
+        });
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = daemon.child.wait();
+        daemon.child = respawn_with_fault(&daemon, step);
+        wait_for(
+            "armed daemon up with its paused shadow",
+            Duration::from_secs(60),
+            || {
+                let s =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| daemon.service(name)))
+                        .ok()
+                        .flatten()?;
+                s["shadows"]
+                    .as_array()?
+                    .iter()
+                    .any(|x| x["state"] == "paused")
+                    .then_some(())
+            },
+        );
+        let t = Instant::now();
+        signal_qemu(&active, nix::sys::signal::Signal::SIGKILL);
+        wait_exit(&mut daemon, Duration::from_secs(60));
+        // Aborted with the disk on the shadow and the network still down.
+        assert_eq!(
+            holders(&hv, source),
+            vec![shadow.clone()],
+            "after abort at {step}"
+        );
+        assert_eq!(hv.state(&shadow).unwrap(), RunState::Running);
+        assert_eq!(
+            master_of(&taps(&hv, &shadow)[0].1),
+            None,
+            "the shadow's tap joined the bridge before its commands ran (abort at {step})"
+        );
+        let before = writer.acked();
+        daemon.restart();
+        wait_for_every(
+            &format!("appends acknowledged again after abort at {step}"),
+            Duration::from_secs(90),
+            RECOVERY_POLL,
+            || (writer.acked() >= before + 20).then_some(()),
+        );
+        report_recovery(
+            "daemon_killed_between_disk_attach_and_network_finishes_the_hand_over_on_restart",
+            &format!("sigkill-with-abort-after-{step}"),
+            t.elapsed(),
+            None,
+        );
+        let acked = writer.finish();
+        let svc = wait_for(
+            "status shows the promoted shadow",
+            Duration::from_secs(30),
+            || {
+                let s = daemon.service(name)?;
+                (s["active"] == shadow.as_str() && s["last_failover"]["ok"] == true).then_some(s)
+            },
+        );
+        // The interrupted shadow itself was promoted (not destroyed for a new one), its
+        // commands ran after the restart, and the network came up after them.
+        let steps: Vec<&str> = svc["last_failover"]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        let at = |want: &str| {
+            steps
+                .iter()
+                .position(|s| *s == want)
+                .unwrap_or_else(|| panic!("no {want} step after abort at {step}: {steps:?}"))
+        };
+        assert!(at("promote_commands") < at("rewire"), "{steps:?}");
+        assert_eq!(svc["last_failover"]["trigger"], "recovery", "{svc}");
+        let have = ledger(ip).expect("the promoted shadow serves the ledger");
+        let missing: Vec<&String> = acked.iter().filter(|k| !have.contains(k)).collect();
+        assert!(
+            missing.is_empty(),
+            "abort at {step}: {} acknowledged keys lost, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        assert_eq!(holders(&hv, source), vec![shadow.clone()]);
+        assert_single_server(ip, &shadow_uuid, &mac);
+        assert_status_matches_libvirt(&daemon, &hv, name);
+        eprintln!(
+            "abort after {step}: finished on restart; {} keys kept; steps {steps:?}",
+            acked.len()
+        );
+    }
+}
+
 fn respawn_with_fault(d: &DaemonProc, step: &str) -> std::process::Child {
     let logf = std::fs::OpenOptions::new()
         .create(true)

@@ -22,7 +22,7 @@ use crate::common::*;
 const SHADOW_WAIT: Duration = Duration::from_secs(240);
 
 /// The lab class settings that hand the ledger's disk over (as configs/lab.toml does).
-const DATA_CLASS: &str = r#"disk_roles = { vdb = "data", sdb = "data" }
+pub(crate) const DATA_CLASS: &str = r#"disk_roles = { vdb = "data", sdb = "data" }
 promote_commands = [["/bin/us-data", "mount"]]
 promote_command_timeout_ms = 15000
 "#;
@@ -42,7 +42,7 @@ fn http(ip: &str, method: &str, path: &str, timeout: Duration) -> Option<(u16, S
     Some((code, body))
 }
 
-fn append(ip: &str, key: &str) -> bool {
+pub(crate) fn append(ip: &str, key: &str) -> bool {
     matches!(
         http(
             ip,
@@ -54,7 +54,7 @@ fn append(ip: &str, key: &str) -> bool {
     )
 }
 
-fn ledger(ip: &str) -> Option<Vec<String>> {
+pub(crate) fn ledger(ip: &str) -> Option<Vec<String>> {
     match http(ip, "GET", "/ledger", Duration::from_secs(2))? {
         (200, body) => Some(body.lines().map(str::to_string).collect()),
         _ => None,
@@ -62,14 +62,14 @@ fn ledger(ip: &str) -> Option<Vec<String>> {
 }
 
 /// A client appending a new key every 10 ms, keeping the acknowledged ones.
-struct Writer {
+pub(crate) struct Writer {
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
-    fn start(ip: &str, prefix: &str) -> Self {
+    pub(crate) fn start(ip: &str, prefix: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let (s, a, ip, prefix) = (
@@ -96,11 +96,11 @@ impl Writer {
         }
     }
 
-    fn acked(&self) -> usize {
+    pub(crate) fn acked(&self) -> usize {
         self.acked.lock().unwrap().len()
     }
 
-    fn finish(mut self) -> Vec<String> {
+    pub(crate) fn finish(mut self) -> Vec<String> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
@@ -131,7 +131,7 @@ fn lab_data(args: &[&str]) -> String {
 
 /// Running domains whose live definition has a disk on `source` (a path, or an NBD export's
 /// `nbd:<name>`).
-fn holders(hv: &Hypervisor, source: &str) -> Vec<String> {
+pub(crate) fn holders(hv: &Hypervisor, source: &str) -> Vec<String> {
     let mut out = Vec::new();
     for d in hv.list().unwrap() {
         if !d.state.is_active() {
@@ -281,7 +281,7 @@ fn failover_keeps_every_key(
     shadow
 }
 
-fn data_image(daemon: &DaemonProc, name: &str) -> PathBuf {
+pub(crate) fn data_image(daemon: &DaemonProc, name: &str) -> PathBuf {
     let path = daemon.dir.join(format!("{name}-data.raw"));
     let _ = std::fs::remove_file(&path);
     PathBuf::from(lab_data(&["file", path.to_str().unwrap()]))
@@ -394,10 +394,116 @@ fn block_and_nbd_data_disks_change_hands() {
         (blk, blk_ip, loop_dev.as_str()),
         (nbd, nbd_ip, "nbd:usdata"),
     ] {
-        daemon.wait_paused_shadows(service, 1, SHADOW_WAIT);
+        let shadow = daemon
+            .wait_paused_shadows(service, 1, SHADOW_WAIT)
+            .remove(0);
         wait_for("ledger served", Duration::from_secs(60), || ledger(ip));
+        if service == nbd {
+            nbd_second_writer_is_refused(&hv, nbd, &shadow, port, &daemon.dir.join("nbd-data.raw"));
+        }
         failover_keeps_every_key(&daemon, &hv, service, ip, source, Fault::Kill, 1);
     }
+}
+
+/// libvirt's lock manager leases no network disk, so an NBD data disk has two other guards:
+/// qemu-nbd serves one client (`--shared=1`, scripts/lab-data.sh), so a second writer never
+/// gets the export while the primary's QEMU holds it; and understudy's attach step refuses a
+/// disk that a running domain's live definition has, naming it.
+fn nbd_second_writer_is_refused(
+    hv: &Hypervisor,
+    primary: &str,
+    shadow: &str,
+    port: &str,
+    image: &std::path::Path,
+) {
+    use understudy::failover::plan::DataDisk;
+    use understudy::failover::promote::{LiveSteps, PromotionSteps};
+
+    // A second NBD client writing the export: never served while the primary is connected.
+    let head = |p: &std::path::Path| {
+        let mut b = vec![0u8; 512];
+        std::fs::File::open(p).unwrap().read_exact(&mut b).unwrap();
+        b
+    };
+    let before = head(image);
+    let out = Command::new("timeout")
+        .args([
+            "5",
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 512",
+            &format!("nbd://10.77.0.1:{port}/usdata"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a second NBD writer was served: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        head(image),
+        before,
+        "the second writer's bytes reached the disk"
+    );
+
+    // understudy's own check, on the real domains: the shadow may not get the disk.
+    let primary_xml = DomainXml::parse(&hv.xml(primary, false).unwrap()).unwrap();
+    let disk = DataDisk {
+        target: "vdb".into(),
+        source: "nbd:usdata".into(),
+        xml: primary_xml.disk_xml("vdb").expect("the NBD data disk"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt.block_on(async {
+        let net = understudy::net::Netlink::new().unwrap();
+        let coord =
+            understudy::cluster::LocalCoordinator::new(understudy::cluster::HostId("lab".into()));
+        let steps = LiveSteps {
+            hv,
+            net: &net,
+            coord: &coord,
+        };
+        let p = understudy::failover::promote::Promotion {
+            service: primary.to_string(),
+            class: "default".into(),
+            old_primary: primary.to_string(),
+            old_host: None,
+            old_taps: Vec::new(),
+            shadow: understudy::failover::Shadow {
+                name: shadow.to_string(),
+                state: understudy::failover::ShadowState::Standby(
+                    understudy::failover::record::Tier::Paused,
+                ),
+                taps: Vec::new(),
+                data_disks: None,
+            },
+            shadow_generation: 1,
+            trigger: understudy::failover::Trigger::Manual,
+            detected_at: Instant::now(),
+            profile: None,
+            handover: None,
+            network: understudy::config::NetworkMode::Bridged,
+        };
+        steps.attach(&p, &[disk]).await.unwrap_err()
+    });
+    match &err {
+        understudy::failover::FailoverError::DiskHeld { holders, .. } => {
+            assert_eq!(holders, &[primary.to_string()])
+        }
+        other => panic!("attach of a held NBD disk: {other:?}"),
+    }
+    assert!(
+        understudy::error::report(&err).contains(primary),
+        "{}",
+        understudy::error::report(&err)
+    );
+    assert_eq!(holders(hv, "nbd:usdata"), [primary.to_string()]);
 }
 
 #[test]

@@ -12,6 +12,12 @@
 #   FUZZ_QUICK    1 for a build without optimisation (AFL_OPT_LEVEL=0, in fuzz/target/check):
 #                 a quarter of the build time, several times fewer executions a second; for
 #                 the brief runs of make test
+#   FUZZ_RESUME   1 to continue each target's previous run in FUZZ_OUT (AFL's `-i -`: its queue,
+#                 not only the kept corpus), so that long runs add up; a target without one
+#                 starts from its seeds
+#   FUZZ_LEDGER   a file to append one Markdown row per target run to (see fuzz/RUNS.md)
+#   FUZZ_EXECS    also stop a target once its AFL output has about this many executions (`-E`;
+#                 a resumed run counts those of the runs before it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +40,10 @@ fi
 
 command -v cargo-afl >/dev/null || { echo "fuzz: cargo-afl is missing: run make fuzz-deps" >&2; exit 2; }
 target_dir=fuzz/target
+# cargo-afl builds at opt-level 3 in either profile (AFL_OPT_LEVEL); the release profile only
+# drops the debug info, which makes the build cheaper.
+profile=release
+profile_flag=(--release)
 # The brief runs of `make test` (FUZZ_QUICK) use an unoptimised build on a machine that may be
 # busy: an input over AFL's few-ms timeout there is load, not a bug. They give every input a
 # second and report hangs without failing; crashes fail them as always.
@@ -42,13 +52,15 @@ hangs_fail=1
 if [ "${FUZZ_QUICK:-0}" = 1 ]; then
     export AFL_OPT_LEVEL=0
     target_dir=fuzz/target/check
+    profile=debug
+    profile_flag=()
     hang_timeout=(-t 1000)
     hangs_fail=0
 fi
 if [ "${FUZZ_BUILD:-1}" != 0 ]; then
     echo "fuzz: cargo afl build (fuzz/, into $target_dir)"
-    nice -n 19 cargo afl build --features afl --manifest-path fuzz/Cargo.toml --offline \
-        --target-dir "$target_dir"
+    nice -n 19 cargo afl build "${profile_flag[@]}" --features afl --manifest-path fuzz/Cargo.toml \
+        --offline --target-dir "$target_dir"
 fi
 
 export AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1
@@ -59,7 +71,18 @@ rows=()
 status=0
 for t in "${order[@]}"; do
     dir=$out/$t
-    rm -rf "$dir"
+    stats=$dir/out/default/fuzzer_stats
+    stat() { awk -F' *: *' -v k="$1" '$1 == k { print $2 }' "$stats"; }
+    input=("$dir/in")
+    execs_before=0
+    time_before=0
+    if [ "${FUZZ_RESUME:-0}" = 1 ] && [ -d "$dir/out/default/queue" ] && [ -f "$stats" ]; then
+        input=(-)
+        execs_before=$(stat execs_done)
+        time_before=$(stat run_time)
+    else
+        rm -rf "$dir"
+    fi
     mkdir -p "$dir/in" "$out/findings/$t"
     # Seeds: the fixtures in the tree, the corpus kept from earlier runs, past crashes.
     # AFL skips inputs over 1 MiB; none of ours comes close.
@@ -69,7 +92,7 @@ for t in "${order[@]}"; do
             [ -f "$f" ] && cp "$f" "$dir/in/$(echo "$s" | tr / _)__$(basename "$f")"
         done
     done
-    if [ -z "$(ls -A "$dir/in")" ]; then
+    if [ "${input[0]}" != - ] && [ -z "$(ls -A "$dir/in")" ]; then
         echo "fuzz: $t has no seed input" >&2
         status=1
         continue
@@ -78,17 +101,22 @@ for t in "${order[@]}"; do
     # names) lets AFL build keys and elements it would rarely guess.
     dict=()
     [ -f "fuzz/dict/$t.dict" ] && dict=(-x "fuzz/dict/$t.dict")
-    echo "fuzz: $t for ${seconds}s ($(ls "$dir/in" | wc -l) seeds)"
-    if ! nice -n 19 cargo afl fuzz -i "$dir/in" -o "$dir/out" -V "$seconds" "${dict[@]}" "${hang_timeout[@]}" \
-        "$target_dir/debug/$t" >"$dir/afl.log" 2>&1; then
+    until_execs=()
+    [ -n "${FUZZ_EXECS:-}" ] && until_execs=(-E "$FUZZ_EXECS")
+    if [ "${input[0]}" = - ]; then
+        echo "fuzz: $t for ${seconds}s (resuming $dir/out, $execs_before executions so far)"
+    else
+        echo "fuzz: $t for ${seconds}s ($(ls "$dir/in" | wc -l) seeds)"
+    fi
+    started=$(date -u '+%Y-%m-%d %H:%M')
+    if ! nice -n 19 cargo afl fuzz -i "${input[0]}" -o "$dir/out" -V "$seconds" "${until_execs[@]}" \
+        "${dict[@]}" "${hang_timeout[@]}" "$target_dir/$profile/$t" >>"$dir/afl.log" 2>&1; then
         echo "fuzz: afl-fuzz failed on $t; the end of $dir/afl.log:" >&2
         tail -20 "$dir/afl.log" >&2
-        rows+=("$t - - - - - - failed")
+        rows+=("$t - - - - - - - - failed")
         status=1
         continue
     fi
-    stats=$dir/out/default/fuzzer_stats
-    stat() { awk -F' *: *' -v k="$1" '$1 == k { print $2 }' "$stats"; }
     crashes=$(stat saved_crashes)
     hangs=$(stat saved_hangs)
     for f in "$dir"/out/default/crashes/id:* "$dir"/out/default/hangs/id:*; do
@@ -101,12 +129,20 @@ for t in "${order[@]}"; do
     elif [ "$hangs" != 0 ]; then
         verdict="hangs-reported:$out/findings/$t"
     fi
-    rows+=("$t $(stat run_time) $(stat execs_done) $(stat execs_per_sec) $(stat corpus_count) $crashes $hangs $verdict")
+    # A resumed run's stats count from the start of its first run.
+    execs=$(($(stat execs_done) - execs_before))
+    run_time=$(($(stat run_time) - time_before))
+    rows+=("$t $run_time $execs $(stat execs_done) $(stat execs_per_sec) $(stat corpus_count) $(stat stability) $crashes $hangs $verdict")
+    if [ -n "${FUZZ_LEDGER:-}" ]; then
+        printf '| %s | `%s` | %s s | %s | %s | %s | %s | %s / %s | %s |\n' "$started" "$t" "$run_time" \
+            "$execs" "$(stat execs_done)" "$(stat corpus_count)" "$(stat stability)" "$crashes" "$hangs" \
+            "$([ "${input[0]}" = - ] && echo resumed || echo seeds)" >>"$FUZZ_LEDGER"
+    fi
 done
 
-printf '\n%-11s %8s %12s %10s %7s %8s %6s  %s\n' target seconds executions execs/s paths crashes hangs result
+printf '\n%-11s %8s %11s %11s %9s %6s %9s %7s %5s  %s\n' target seconds executions "all runs" execs/s paths stability crashes hangs result
 for r in "${rows[@]}"; do
     # shellcheck disable=SC2086 # rows are space-separated fields
-    printf '%-11s %8s %12s %10s %7s %8s %6s  %s\n' $r
+    printf '%-11s %8s %11s %11s %9s %6s %9s %7s %5s  %s\n' $r
 done
 exit "$status"

@@ -105,3 +105,6 @@ stop_pid() {
         sleep 0.1
     done
 }
+
+# shellcheck source=scripts/lab-cluster.sh
+. "$REPO_ROOT/scripts/lab-cluster.sh"

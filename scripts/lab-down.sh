@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Takes the understudy lab down completely: every domain of the lab's libvirtd
+# Takes the understudy lab down completely, whichever was up (one host, or
+# HOSTS=3: see the first section below). One host: every domain of the lab's libvirtd
 # (destroyed and undefined), the lab's libvirtd, leftover understudy daemons in
 # the namespace, the namespace itself (with its bridge and taps), build/lab/
 # and the lab's qemu.conf (the original comes back). Safe to run at any time;
@@ -15,6 +16,38 @@ set -euo pipefail
 
 [ "$(id -u)" -eq 0 ] || lab_die "must run as root"
 lab_take_lock "$@"
+
+# --- the several-host lab (make lab-up HOSTS=3), if that is what is up --------------------
+# Every host is powered off (all its processes killed: QEMU, libvirtd, virtlockd, etcd, daemons;
+# its mount namespace goes with its holder), then every lab namespace is deleted and the hosts'
+# disks, the shared storage and cluster.env are removed. The hosts' logs (libvirtd, virtlockd,
+# etcd, QEMU) are kept in build/lab-logs/<host>/.
+if cluster_exists; then
+    rm -rf "$LAB_LOGS"
+    for h in $( (cluster_hosts; ls "$CLUSTER_HOSTS_DIR" 2>/dev/null) | sort -u); do
+        cluster_valid_host "$h" || continue
+        if [ -e "/run/netns/$(host_ns "$h")" ]; then
+            (host_power_off "$h") || lab_log "could not power off host $h" >&2
+        fi
+        dir=$(host_dir "$h")
+        mkdir -p "$LAB_LOGS/$h"
+        for log in "$dir"/*.log "$dir/libvirtd.out" "$dir"/log/qemu/*.log; do
+            [ -f "$log" ] && mv -f "$log" "$LAB_LOGS/$h/"
+        done
+        lab_log "host $h powered off (logs in $LAB_LOGS/$h)"
+    done
+    for ns in $(cluster_namespaces); do
+        # Test clients and anything else still inside (the hosts' processes are gone already).
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do
+            lab_log "stopping $(cat "/proc/$pid/comm" 2>/dev/null) (pid $pid) in $ns"
+            stop_pid "$pid" 50
+        done
+        ip netns del "$ns"
+        lab_log "deleted network namespace $ns"
+    done
+    rm -rf "$CLUSTER_HOSTS_DIR" "$CLUSTER_CACHE" "$LAB_SHARED" "$CLUSTER_ENV"
+    lab_log "removed the hosts' state, the shared storage and $CLUSTER_ENV"
+fi
 
 lab_pid=""
 foreign_pid=""

@@ -2,8 +2,8 @@
 # Domain XML for a lab test guest (build/guest/), and starting one.
 #
 # usage:
-#   scripts/lab-guest.sh xml   NAME IP [--disk PATH] [DATA] [--mem MIB] [--role R] [--accel tcg|kvm] [--kernel elf|bzimage]
-#   scripts/lab-guest.sh start NAME IP [--disk PATH [--create-disk]] [DATA [--create-data]] [--mem MIB] [--role R] [--accel tcg|kvm] [--kernel elf|bzimage]
+#   scripts/lab-guest.sh xml   NAME IP [--disk PATH] [DATA] [--mem MIB] [--role R] [--accel tcg|kvm] [--kernel elf|bzimage] [--mac MAC]
+#   scripts/lab-guest.sh start NAME IP [--host H] [--disk PATH [--create-disk]] [DATA [--create-data]] [--mem MIB] [--role R] [--accel tcg|kvm] [--kernel elf|bzimage] [--mac MAC]
 #
 # DATA, a data disk (ext4, label usdata: the ledger's, see images/us-data), one of:
 #   --data PATH                 a raw image file
@@ -18,6 +18,11 @@
 # starts it. IP is the guest's a.b.c.d/prefix on the lab bridge usbr0.
 # --create-disk makes PATH a new 64 MiB qcow2 image first if it does not exist;
 # --create-data makes the --data PATH a new formatted data disk if it does not exist.
+# --host H (start): define and start it on host H of the several-host lab (make lab-up HOSTS=3)
+# instead of the one-host lab; give it disks on the shared storage
+# (/run/understudy-lab/shared/disks/) so that another host can take them over.
+# --mac: the guest's MAC (default: 52:54:00 + 3 bytes of md5(NAME)); the same MAC under another
+# name, on another host, is the same service moved there.
 # --kernel: `elf` boots build/guest/vmlinux (decompressed, PVH entry; about
 # 10 s faster under TCG) and is the default when that file exists; `bzimage`
 # boots build/guest/vmlinuz, the unmodified copy of /boot/vmlinuz-*.
@@ -35,7 +40,7 @@ mode=$1 name=$2 ip=$3
 shift 3
 case "$mode" in xml | start) ;; *) usage ;; esac
 
-disk="" mem=192 role=primary accel=tcg create_disk="" kernel_kind=""
+disk="" mem=192 role=primary accel=tcg create_disk="" kernel_kind="" host="" mac=""
 data_kind="" data="" data_bus=virtio create_data=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -50,6 +55,8 @@ while [ $# -gt 0 ]; do
         --accel) [ $# -ge 2 ] || usage; accel=$2; shift 2 ;;
         --kernel) [ $# -ge 2 ] || usage; kernel_kind=$2; shift 2 ;;
         --create-disk) create_disk=1; shift ;;
+        --host) [ $# -ge 2 ] || usage; host=$2; shift 2 ;;
+        --mac) [ $# -ge 2 ] || usage; mac=$2; shift 2 ;;
         *) lab_die "unknown option $1" ;;
     esac
 done
@@ -75,6 +82,8 @@ if [ -n "$disk" ]; then
     [[ $disk =~ ^[A-Za-z0-9_./+-]+$ ]] || lab_die "disk path '$disk' has characters not allowed here"
 fi
 [ -z "$create_disk" ] || [ -n "$disk" ] || lab_die "--create-disk needs --disk PATH"
+[ -z "$host" ] || cluster_valid_host "$host" || lab_die "invalid host '$host' (h1, h2, h3, ...)"
+[ -z "$mac" ] || [[ $mac =~ ^([0-9a-f]{2}:){5}[0-9a-f]{2}$ ]] || lab_die "invalid MAC '$mac' (lower-case aa:bb:cc:dd:ee:ff)"
 nbd_host="" nbd_port="" nbd_name=""
 case "$data_kind" in
     "") ;;
@@ -106,7 +115,7 @@ esac
 initrd=$REPO_ROOT/build/guest/initramfs.cpio.gz
 console=$LAB_DIR/$name.console.log
 # A stable locally administered MAC per name: 52:54:00 + 3 bytes of md5(name).
-mac=$(printf '%s' "$name" | md5sum | sed -E 's/^(..)(..)(..).*/52:54:00:\1:\2:\3/')
+[ -n "$mac" ] || mac=$(printf '%s' "$name" | md5sum | sed -E 's/^(..)(..)(..).*/52:54:00:\1:\2:\3/')
 
 domain_xml() {
     cat <<EOF
@@ -196,7 +205,13 @@ case "$mode" in
         if [ ! -f "$kernel" ] || [ ! -f "$initrd" ]; then
             lab_die "guest image missing in build/guest; run make images"
         fi
-        libvirt_answers || lab_die "the lab's libvirtd does not answer on $LAB_URI; run make lab-up"
+        virsh=(virsh -c "$LAB_URI")
+        if [ -n "$host" ]; then
+            host_libvirt_answers "$host" || lab_die "the libvirtd of lab host $host does not answer; run make lab-up HOSTS=3"
+            virsh=("$REPO_ROOT/scripts/lab-host-exec.sh" "$host" virsh -c qemu:///system)
+        else
+            libvirt_answers || lab_die "the lab's libvirtd does not answer on $LAB_URI; run make lab-up"
+        fi
         mkdir -p "$LAB_DIR"
         if [ -n "$create_disk" ] && [ ! -e "$disk" ]; then
             mkdir -p "$(dirname "$disk")"
@@ -211,8 +226,8 @@ case "$mode" in
         xml=$(mktemp)
         trap 'rm -f "$xml"' EXIT
         domain_xml >"$xml"
-        virsh -c "$LAB_URI" define "$xml" >/dev/null
-        virsh -c "$LAB_URI" start "$name" >/dev/null
-        lab_log "started $name ($ip, mac $mac, ${mem} MiB, role $role${disk:+, disk $disk}${data_kind:+, $data_kind data disk $data})"
+        "${virsh[@]}" define "$xml" >/dev/null
+        "${virsh[@]}" start "$name" >/dev/null
+        lab_log "started $name${host:+ on $host} ($ip, mac $mac, ${mem} MiB, role $role${disk:+, disk $disk}${data_kind:+, $data_kind data disk $data})"
         ;;
 esac

@@ -4,10 +4,12 @@
 # Ctrl-C). Exits with the command's status. Other lab users (make test in any
 # worktree, lab-up, lab-down, lab-smoke) wait meanwhile.
 #
-# usage: scripts/lab-run.sh <command> [args...]
+# usage: [HOSTS=1|3] scripts/lab-run.sh <command> [args...]
 #   e.g. scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline -- --test-threads=1
+#        HOSTS=3 scripts/lab-run.sh scripts/lab-exec.sh cargo test --offline --test lab -- --test-threads=1 three_hosts::
+# HOSTS=3 brings up the three-host lab instead (scripts/lab-cluster-up.sh).
 # The command runs outside the lab namespace; wrap it in scripts/lab-exec.sh to
-# run it inside.
+# run it inside (with HOSTS=3: inside the test client's namespace).
 set -euo pipefail
 # shellcheck source=scripts/lab-common.sh
 . "$(dirname "$0")/lab-common.sh"
@@ -20,7 +22,7 @@ lab_take_lock "$@"
 # take it down (killed with SIGKILL, machine reset mid-run). Its domains would
 # still run, load the machine and be adopted by the daemons under test: start
 # from a clean lab instead.
-if lab_ns_exists; then
+if lab_ns_exists || cluster_exists; then
     lab_log "a lab from an earlier run is still up; taking it down first"
     "$REPO_ROOT/scripts/lab-down.sh"
 fi

@@ -3,13 +3,22 @@
 # bridge usbr0 (10.77.0.1/24) and a libvirtd whose guests' taps all live there.
 # Running it again while the lab is up changes nothing.
 #
-# usage: scripts/lab-up.sh
+# With HOSTS=N (2 to 9; the tests use 3) it starts the several-host lab instead:
+# scripts/lab-cluster-up.sh (hosts h1..hN, switch, management network, client,
+# shared storage, etcd; see scripts/lab-cluster.sh).
+#
+# usage: [HOSTS=1|3] scripts/lab-up.sh
 set -euo pipefail
 # shellcheck source=scripts/lab-common.sh
 . "$(dirname "$0")/lab-common.sh"
 
 [ "$(id -u)" -eq 0 ] || lab_die "must run as root"
 lab_take_lock "$@"
+HOSTS=${HOSTS:-1}
+if [ "$HOSTS" != 1 ]; then
+    exec "$REPO_ROOT/scripts/lab-cluster-up.sh" "$@"
+fi
+cluster_exists && lab_die "a several-host lab is up (make lab-up HOSTS=3); run make lab-down first"
 for tool in ip virsh libvirtd findmnt; do
     command -v "$tool" >/dev/null || lab_die "$tool not found; run make deps"
 done
@@ -156,13 +165,8 @@ fi
 # Under lab-reaper (scripts/lab-reaper.c), which reaps dead QEMUs at once as a real host's
 # init does; this machine's pid 1 leaves them zombies for a second or two, and libvirt waits
 # for them before it finishes stopping a domain and releases its disk leases.
-reaper=$REPO_ROOT/build/lab-reaper
-if [ ! -x "$reaper" ] || [ "$REPO_ROOT/scripts/lab-reaper.c" -nt "$reaper" ]; then
-    command -v gcc >/dev/null || lab_die "gcc not found; run make deps"
-    mkdir -p "$REPO_ROOT/build"
-    gcc -O2 -Wall -Wextra -o "$reaper.tmp" "$REPO_ROOT/scripts/lab-reaper.c"
-    mv -f "$reaper.tmp" "$reaper"
-fi
+lab_build_reaper
+reaper=$LAB_REAPER
 rm -f "$LIBVIRTD_PIDFILE"
 LIBVIRT_LOG_OUTPUTS="3:file:$LAB_LIBVIRTD_LOG" setsid \
     "$REPO_ROOT/scripts/lab-exec.sh" "$reaper" libvirtd --pid-file "$LIBVIRTD_PIDFILE" \

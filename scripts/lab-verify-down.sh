@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Checks that no trace of the lab is left (run after lab-down, e.g. at the end of make test):
 # no lab namespace, no lab bridge anywhere, no libvirtd or understudy daemon from the lab, no
-# lab QEMU process, no lab qemu.conf. Exits 1 and names what is left otherwise.
+# lab QEMU process, no lab qemu.conf; of the several-host lab (HOSTS=3) no namespace, host
+# holder, etcd member, host mount (in any process's mount namespace) or state directory.
+# Exits 1 and names what is left otherwise.
 set -euo pipefail
 # shellcheck source=scripts/lab-common.sh
 . "$(dirname "$0")/lab-common.sh"
@@ -31,6 +33,18 @@ lockds=$(virtlockd_pids | tr '\n' ' ')
 [ -n "$lockds" ] && left+=("virtlockd: $lockds")
 loops=$(losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null | awk -v d="$LAB_DIR/" 'index($2, d) == 1 { print $1 }' | tr '\n' ' ')
 [ -n "${loops// /}" ] && left+=("loop devices over lab images: $loops")
+# The several-host lab (HOSTS=3): its namespaces, hosts' holders, etcd members, the hosts'
+# private mounts (held by any process at all) and its state.
+for ns in $(cluster_namespaces); do left+=("network namespace $ns"); done
+holders=$(ps -eo pid=,args= | awk -v tag="$HOST_HOLDER_TAG" 'index($2, tag) == 1 { print $1 }' | tr '\n' ' ')
+[ -n "$holders" ] && left+=("lab host holders: $holders")
+etcds=$(ps -eo pid=,stat=,comm=,args= | awk -v d="$LAB_STATE/" '$2 !~ /^Z/ && $3 == "etcd" && index($0, d) { print $1 }' | tr '\n' ' ')
+[ -n "$etcds" ] && left+=("lab etcd members: $etcds")
+mounts=$(grep -l " $CLUSTER_HOSTS_DIR/" /proc/[0-9]*/mountinfo 2>/dev/null | cut -d/ -f3 | tr '\n' ' ' || true)
+[ -n "$mounts" ] && left+=("processes holding a lab host's mounts: $mounts")
+for path in "$CLUSTER_ENV" "$CLUSTER_HOSTS_DIR" "$LAB_SHARED" "$CLUSTER_CACHE"; do
+    [ -e "$path" ] && left+=("$path")
+done
 if [ ${#left[@]} -gt 0 ]; then
     printf 'lab-verify-down: left behind: %s\n' "${left[@]}" >&2
     exit 1

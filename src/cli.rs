@@ -62,6 +62,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Every host of the cluster: alive or lost, active or draining, capacity, and the
+    /// primaries and shadows on it (this host alone without a [cluster] table).
+    Hosts {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Planned switchover of a service to its shadow (`failover <service>`), or what the
     /// last failover did (`failover timeline <service> --svg FILE`).
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -72,6 +79,9 @@ pub enum Command {
         /// How long to wait for the switchover, e.g. `90s`.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// With a cluster: the host whose shadow takes over (run on the primary's host).
+        #[arg(long, value_name = "HOST")]
+        to_host: Option<String>,
         /// Something other than a switchover.
         #[command(subcommand)]
         action: Option<FailoverAction>,
@@ -97,6 +107,12 @@ pub enum Command {
     Start {
         /// Service name.
         service: String,
+    },
+    /// With a cluster: take a host out of service and back (`host drain|undrain <host>`).
+    Host {
+        /// What to do with the host.
+        #[command(subcommand)]
+        action: HostAction,
     },
     /// Shadow management.
     Shadow {
@@ -157,6 +173,25 @@ pub enum FailoverAction {
         /// The SVG file to write.
         #[arg(long)]
         svg: PathBuf,
+    },
+}
+
+/// `understudy host ...`
+#[derive(Debug, Subcommand)]
+pub enum HostAction {
+    /// Move every primary on the host to a shadow on another host and place no shadows there;
+    /// shows progress until the host runs no primary.
+    Drain {
+        /// The host's name in the cluster.
+        host: String,
+        /// How long to wait for its primaries to move, e.g. `10m`.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Let the host take shadows and primaries again.
+    Undrain {
+        /// The host's name in the cluster.
+        host: String,
     },
 }
 
@@ -440,8 +475,17 @@ pub fn main() -> ExitCode {
                     ..
                 } => done(plots::failover_timeline(&socket, service, svg)),
                 Command::Failover {
-                    service, timeout, ..
-                } => switchover(&socket, service.as_deref().unwrap_or_default(), *timeout),
+                    service,
+                    timeout,
+                    to_host,
+                    ..
+                } => switchover(
+                    &socket,
+                    service.as_deref().unwrap_or_default(),
+                    *timeout,
+                    to_host.as_deref(),
+                ),
+                Command::Host { action } => host(&socket, action),
                 Command::Profile {
                     action:
                         ProfileAction::Plot {
@@ -452,6 +496,7 @@ pub fn main() -> ExitCode {
                 } => done(plots::profile_plot(&socket, service, *since, svg)),
                 Command::Shadow { action } => shadow(&socket, action),
                 Command::Status { json } => client(&socket, Request::Status, *json),
+                Command::Hosts { json } => client(&socket, Request::Hosts, *json),
                 Command::Stop { service } => client(
                     &socket,
                     Request::Stop {
@@ -495,15 +540,68 @@ fn done(result: Result<String, String>) -> ExitCode {
     }
 }
 
-/// `understudy failover <service>`: progress on stderr while the daemon switches over, the
-/// record as JSON on stdout.
-fn switchover(socket: &Path, service: &str, timeout: Duration) -> ExitCode {
+/// `understudy host drain|undrain <host>`: progress on stderr while the host's primaries move.
+fn host(socket: &Path, action: &HostAction) -> ExitCode {
+    let (req, timeout, doing) = match action {
+        HostAction::Drain { host, timeout } => (
+            Request::HostDrain {
+                host: host.clone(),
+                drain: true,
+                wait_s: timeout.as_secs(),
+            },
+            *timeout + Duration::from_secs(10),
+            format!("draining {host}: moving its primaries to shadows on other hosts"),
+        ),
+        HostAction::Undrain { host } => (
+            Request::HostDrain {
+                host: host.clone(),
+                drain: false,
+                wait_s: 0,
+            },
+            Duration::from_secs(30),
+            format!("undraining {host}"),
+        ),
+    };
     let mut progress = progress::Progress::new();
-    progress.update(&format!("switching {service} over to a shadow"));
+    progress.update(&doing);
+    match control::call(socket, &req, timeout) {
+        Ok(Response::Ok { message }) => {
+            progress.finish(&message);
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Error { kind, message }) => {
+            progress.finish(&format!("{kind:?}: {message}"));
+            ExitCode::from(1)
+        }
+        Ok(other) => {
+            progress.finish(&format!("unexpected answer: {other:?}"));
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            progress.finish(&format!("{e}"));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `understudy failover <service> [--to-host H]`: progress on stderr while the daemon switches
+/// over, the record as JSON on stdout (with `--to-host`, the outcome line: the record is the
+/// other host's).
+fn switchover(socket: &Path, service: &str, timeout: Duration, to_host: Option<&str>) -> ExitCode {
+    let mut progress = progress::Progress::new();
+    progress.update(&match to_host {
+        Some(h) => format!("handing {service} over to its shadow on host {h}"),
+        None => format!("switching {service} over to a shadow"),
+    });
     let req = Request::Failover {
         service: service.to_string(),
+        to_host: to_host.map(str::to_string),
     };
     match control::call(socket, &req, timeout) {
+        Ok(Response::Ok { message }) => {
+            progress.finish(&message);
+            ExitCode::SUCCESS
+        }
         Ok(Response::Failover(r)) => {
             progress.finish(&format!(
                 "{service}: {} -> {} in {:.1} ms ({} steps)",
@@ -602,6 +700,7 @@ fn client(path: &Path, req: Request, json: bool) -> ExitCode {
     match control::call(path, &req, Duration::from_secs(180)) {
         Ok(Response::Ok { message }) => println!("{message}"),
         Ok(Response::Status(r)) => show(&r, json, render_status_text),
+        Ok(Response::Hosts(r)) => show(&r, json, crate::api::protocol::render_hosts_text),
         // A switchover's record is for scripts: always JSON.
         Ok(Response::Failover(r)) => show(&r, true, |_| String::new()),
         Ok(Response::ProfileShow(r)) => show(&r, json, |r| r.to_string()),
@@ -982,9 +1081,31 @@ mod tests {
                 service: Some(s),
                 action: None,
                 timeout,
+                to_host: None,
             } => assert_eq!((s.as_str(), timeout), ("web", Duration::from_secs(60))),
             other => panic!("{other:?}"),
         }
+        match parse(&["failover", "web", "--to-host", "h2"]).unwrap() {
+            Command::Failover {
+                service: Some(s),
+                to_host: Some(h),
+                ..
+            } => assert_eq!((s.as_str(), h.as_str()), ("web", "h2")),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["host", "drain", "h1", "--timeout", "2m"]).unwrap() {
+            Command::Host {
+                action: HostAction::Drain { host, timeout },
+            } => assert_eq!((host.as_str(), timeout), ("h1", Duration::from_secs(120))),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["host", "undrain", "h1"]).unwrap() {
+            Command::Host {
+                action: HostAction::Undrain { host },
+            } => assert_eq!(host, "h1"),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["host", "drain"]).is_err(), "the host is required");
         match parse(&["failover", "timeline", "web", "--svg", "t.svg"]).unwrap() {
             Command::Failover {
                 action: Some(FailoverAction::Timeline { service, svg }),

@@ -12,7 +12,6 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 use crate::daemon::Service;
-use crate::failover::ShadowState;
 
 /// How often the daemon's main loop calls [`alive`] (its housekeeping period). A watchdog
 /// shorter than twice this would fire on a healthy daemon.
@@ -52,11 +51,7 @@ fn send(states: &[NotifyState]) {
 /// `2 services (1 protected, 1 provisioning), 3 shadows paused`.
 pub fn status_line<'a>(services: impl IntoIterator<Item = &'a Service>) -> String {
     summarize(services.into_iter().map(|s| {
-        let paused = s
-            .shadows
-            .iter()
-            .filter(|x| x.state == ShadowState::Paused)
-            .count();
+        let paused = s.shadows.iter().filter(|x| x.state.is_standby()).count();
         (s.state.label(), paused)
     }))
 }

@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-use understudy::config::{Config, ConfigError, DEFAULT_CLASS};
+use understudy::cluster::check_name;
+use understudy::cluster::etcd::keys::Keys;
+use understudy::config::{Config, ConfigError, RepositoryBackend, DEFAULT_CLASS};
 
 const ORIGIN: &str = "fuzz/understudy.toml";
 
@@ -99,6 +101,30 @@ fn check_config(c: &Config) {
     }
     for name in ["web-1", "db", "x"] {
         let _ = c.class_for(name);
+    }
+    match &c.cluster {
+        None => assert!(
+            c.profile.repository_backend != RepositoryBackend::Etcd,
+            "etcd profiles without [cluster]"
+        ),
+        Some(k) => {
+            assert!(!k.endpoints.is_empty(), "{k:?}");
+            assert!(
+                k.endpoints.iter().all(|e| e.starts_with("http://")),
+                "{k:?}"
+            );
+            assert!((2..=300).contains(&k.lease_ttl_s), "{k:?}");
+            assert!(k.op_timeout_ms < k.lease_ttl_s * 1000, "{k:?}");
+            let every = k.keepalive_interval().as_millis() as u64;
+            assert!(
+                (50..=(k.lease_ttl_s * 1000 / 3).max(50)).contains(&every),
+                "{k:?}"
+            );
+            assert!(Keys::new(&k.key_prefix).is_ok(), "{k:?}");
+            if let Some(h) = &k.host {
+                assert!(check_name("host", h).is_ok(), "{k:?}");
+            }
+        }
     }
 }
 

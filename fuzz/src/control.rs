@@ -2,11 +2,11 @@
 //! CLI's response decoder and status renderer (what comes back from the socket).
 //!
 //! Properties: a request that decodes encodes back to itself; anything else is refused with a
-//! message saying what was wrong (the `bad_request` answer); a response that decodes round-trips and a status
-//! report renders as text at any clock.
+//! message saying what was wrong (the `bad_request` answer); a response that decodes round-trips, a status
+//! report renders as text at any clock, and a hosts report renders every host.
 
 use understudy::api::control::{decode_request, MAX_REQUEST_BYTES};
-use understudy::api::protocol::{render_status_text_at, Response};
+use understudy::api::protocol::{render_hosts_text, render_status_text_at, Response};
 
 /// Runs one input.
 pub fn check(data: &[u8]) {
@@ -40,6 +40,12 @@ pub fn check(data: &[u8]) {
             for now in [0, 1_764_590_000_000, u64::MAX] {
                 let out = render_status_text_at(report, now);
                 assert!(!out.is_empty());
+            }
+        }
+        if let Response::Hosts(report) = &resp {
+            let out = render_hosts_text(report);
+            for h in &report.hosts {
+                assert!(out.contains(&format!("host {}: ", h.name)), "{out}");
             }
         }
     }

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use understudy::api::protocol::{
-    DaemonInfo, DomainStatus, ErrorKind, Request, Response, ServiceStatus, ShadowStatus,
-    StatusReport,
+    DaemonInfo, DomainStatus, ErrorKind, HostEntry, HostPrimary, HostShadow, HostsReport, Request,
+    Response, ServiceStatus, ShadowStatus, StatusReport,
 };
+use understudy::cluster::{HostState, Mode};
 use understudy::failover::{FailoverRecord, ShadowState, StepTiming, Trigger};
 use understudy::profile::learner::{Learner, LearnerParams};
 use understudy::profile::{Observation, PeerUse, ProfileVersion, Proto, Reason};
@@ -75,7 +76,10 @@ fn write_control_seeds() {
     let s = || "web".to_string();
     let requests = [
         Request::Status,
-        Request::Failover { service: s() },
+        Request::Failover {
+            service: s(),
+            to_host: None,
+        },
         Request::Stop { service: s() },
         Request::Start { service: s() },
         Request::ShadowRebuild { service: s() },
@@ -96,6 +100,7 @@ fn write_control_seeds() {
         },
         Request::ProfileAccuracy { service: None },
         Request::ReloadConfig,
+        Request::Hosts,
     ];
     for r in &requests {
         let mut line = serde_json::to_vec(r).unwrap();
@@ -107,6 +112,7 @@ fn write_control_seeds() {
         Response::error(ErrorKind::NotFound, "no service named db"),
         Response::Status(status()),
         Response::Failover(status().services[0].last_failover.clone().unwrap()),
+        Response::Hosts(hosts()),
     ];
     for (i, r) in responses.iter().enumerate() {
         std::fs::write(
@@ -114,6 +120,33 @@ fn write_control_seeds() {
             serde_json::to_vec(r).unwrap(),
         )
         .unwrap();
+    }
+}
+
+fn hosts() -> HostsReport {
+    let mut h1 = HostEntry::unknown("h1");
+    h1.known = true;
+    h1.alive = true;
+    h1.libvirt_uri = "qemu+tcp://h1/system".into();
+    h1.primaries.push(HostPrimary {
+        service: "web".into(),
+        domain: "web".into(),
+        generation: 2,
+    });
+    let mut h2 = HostEntry::unknown("h2");
+    h2.known = true;
+    h2.state = HostState::Draining;
+    h2.shadows.push(HostShadow {
+        service: "web".into(),
+        shadow: "web-shadow-3".into(),
+        status: understudy::cluster::ShadowStatus::Ready,
+    });
+    HostsReport {
+        this_host: "h1".into(),
+        mode: Mode::Connected,
+        last_keepalive_ms_ago: Some(250),
+        lease_ttl_ms: Some(5000),
+        hosts: vec![h1, h2],
     }
 }
 
@@ -135,8 +168,14 @@ fn status() -> StatusReport {
             active: Some("web-a".into()),
             shadows: vec![ShadowStatus {
                 name: "web-s1".into(),
-                state: ShadowState::Paused,
+                state: ShadowState::Standby(understudy::failover::record::Tier::Paused),
+                memory: None,
+                share_of_primary_pct: None,
             }],
+            primary_memory: None,
+            standby_memory_bytes: 0,
+            standby_share_pct: None,
+            standby_plan: None,
             last_failover: Some(FailoverRecord {
                 at_unix_ms: 1_500_000,
                 from: "web-old".into(),

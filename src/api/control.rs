@@ -807,6 +807,7 @@ mod tests {
                 &p,
                 &Request::Failover {
                     service: "web".into(),
+                    to_host: None,
                 },
                 Duration::from_secs(30),
             )

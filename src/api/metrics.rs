@@ -69,6 +69,29 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MemberMemoryLabels {
+    service: String,
+    domain: String,
+    /// `primary`, or the shadow's state.
+    role: String,
+    /// `cgroup`, `cgroup_anon`, `rss` or `pss`.
+    measure: String,
+}
+
+/// What standing by costs one service, as [`Metrics::set_standby_cost`] exports it.
+#[derive(Debug, Clone)]
+pub struct StandbyCost {
+    /// The service.
+    pub service: String,
+    /// Host memory its standing-by shadows hold together.
+    pub standby_bytes: u64,
+    /// That as a fraction of the primary's (`None`: the primary's is unknown).
+    pub standby_share: Option<f64>,
+    /// Each measured member: domain, role (`primary` or the shadow's state), figures.
+    pub members: Vec<(String, &'static str, crate::monitor::memcost::MemoryHeld)>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DriftLabels {
     service: String,
     kind: String,
@@ -133,8 +156,12 @@ pub struct Metrics {
     libvirt_reconnects: Counter,
     detections: Family<SourceLabels, Counter>,
     standby_memory: Family<ServiceLabels, Gauge>,
-    /// Services with a `standby_memory` series, so a service that is gone loses its series.
-    standby_services: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    standby_share: Family<ServiceLabels, RatioGauge>,
+    member_memory: Family<MemberMemoryLabels, Gauge>,
+    /// Series of the three standby families exported last round, so members and services that
+    /// are gone lose theirs.
+    standby_series: std::sync::Mutex<(Vec<ServiceLabels>, Vec<MemberMemoryLabels>)>,
+    cluster_mode: Family<StateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -163,8 +190,11 @@ impl Metrics {
         let collector_errors = Family::default();
         let collector_cpu = Family::default();
         let libvirt_reconnects = Counter::default();
+        let cluster_mode = Family::<StateLabels, Gauge>::default();
         let detections = Family::default();
         let standby_memory = Family::default();
+        let standby_share = Family::default();
+        let member_memory = Family::default();
         // Series that exist before their first event start at 0, so that `increase()` and
         // `rate()` see the first failover of a step or trigger (a series born at 1 shows none).
         for step in crate::failover::promote::STEPS {
@@ -264,11 +294,29 @@ impl Metrics {
             "Failure detections by source (pidfd|lifecycle|heartbeat|manual)",
             Family::clone(&detections),
         );
+        registry.register(
+            "cluster_mode",
+            "How this host stands with etcd: 1 for the current state (standalone|starting|connected|etcd_unreachable)",
+            Family::clone(&cluster_mode),
+        );
         registry.register_with_unit(
             "standby_memory",
-            "Resident memory of each service's paused shadows: the host memory standing by costs",
+            "Host memory each service's paused shadows hold (their cgroups' charge, else their \
+             QEMU processes' PSS): what standing by costs",
             prometheus_client::registry::Unit::Bytes,
             Family::clone(&standby_memory),
+        );
+        registry.register(
+            "standby_memory_share_ratio",
+            "Host memory of each service's paused shadows as a fraction of its primary's",
+            Family::clone(&standby_share),
+        );
+        registry.register_with_unit(
+            "member_memory",
+            "Host memory each primary and shadow holds, by measure: cgroup (its cgroup's \
+             charge), cgroup_anon, rss and pss (of its QEMU process)",
+            prometheus_client::registry::Unit::Bytes,
+            Family::clone(&member_memory),
         );
         Metrics {
             registry,
@@ -288,9 +336,12 @@ impl Metrics {
             collector_errors,
             collector_cpu,
             libvirt_reconnects,
+            cluster_mode,
             detections,
             standby_memory,
-            standby_services: Default::default(),
+            standby_share,
+            member_memory,
+            standby_series: Default::default(),
         }
     }
 
@@ -319,23 +370,57 @@ impl Metrics {
         drop(self.missed_failovers.get_or_create(&labels));
     }
 
-    /// Sets the standby memory of every current service; services absent now lose their series.
-    pub fn set_standby_memory(&self, per_service: impl IntoIterator<Item = (String, u64)>) {
+    /// Sets what standing by costs every current service; services and members absent now
+    /// lose their series.
+    pub fn set_standby_cost(&self, costs: Vec<StandbyCost>) {
         let mut exported = self
-            .standby_services
+            .standby_series
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let mut now = std::collections::BTreeSet::new();
-        for (service, bytes) in per_service {
+        let (mut services, mut members) = (Vec::new(), Vec::new());
+        let gauge = |bytes: u64| i64::try_from(bytes).unwrap_or(i64::MAX);
+        for c in costs {
+            let labels = service_labels(&c.service);
             self.standby_memory
-                .get_or_create(&service_labels(&service))
-                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-            now.insert(service);
+                .get_or_create(&labels)
+                .set(gauge(c.standby_bytes));
+            match c.standby_share {
+                Some(r) => {
+                    self.standby_share.get_or_create(&labels).set(r);
+                }
+                None => {
+                    self.standby_share.remove(&labels);
+                }
+            }
+            services.push(labels);
+            for (domain, role, m) in c.members {
+                let figures = [
+                    ("cgroup", m.cgroup_bytes),
+                    ("cgroup_anon", m.cgroup_anon_bytes),
+                    ("rss", Some(m.rss_bytes)),
+                    ("pss", m.pss_bytes),
+                ];
+                for (measure, value) in figures {
+                    let Some(v) = value else { continue };
+                    let l = MemberMemoryLabels {
+                        service: c.service.clone(),
+                        domain: domain.clone(),
+                        role: role.to_string(),
+                        measure: measure.to_string(),
+                    };
+                    self.member_memory.get_or_create(&l).set(gauge(v));
+                    members.push(l);
+                }
+            }
         }
-        for gone in exported.difference(&now) {
-            self.standby_memory.remove(&service_labels(gone));
+        for gone in exported.0.iter().filter(|l| !services.contains(l)) {
+            self.standby_memory.remove(gone);
+            self.standby_share.remove(gone);
         }
-        *exported = now;
+        for gone in exported.1.iter().filter(|l| !members.contains(l)) {
+            self.member_memory.remove(gone);
+        }
+        *exported = (services, members);
     }
 
     /// Records one failover: the counter, each step's duration and the outage estimate.
@@ -364,12 +449,27 @@ impl Metrics {
         self.failover_outage.observe(ms_to_seconds(outage_ms));
     }
 
+    /// Sets the cluster mode gauge: 1 for `mode`, 0 for every other (each exported from the
+    /// first call).
+    pub fn set_cluster_mode(&self, mode: crate::cluster::Mode) {
+        for m in crate::cluster::Mode::ALL {
+            self.cluster_mode
+                .get_or_create(&StateLabels {
+                    state: m.label().to_string(),
+                })
+                .set(i64::from(m == mode));
+        }
+    }
+
     /// Sets the shadow gauge from the states of all current shadows; every state is exported,
     /// zero included, so a state that empties out drops to 0 instead of going stale.
     pub fn set_shadow_states(&self, states: impl IntoIterator<Item = ShadowState>) {
         let mut counts = [0i64; ShadowState::ALL.len()];
         for s in states {
-            if let Some(i) = ShadowState::ALL.iter().position(|x| *x == s) {
+            if let Some(i) = ShadowState::ALL
+                .iter()
+                .position(|x| x.as_str() == s.as_str())
+            {
                 counts[i] += 1;
             }
         }
@@ -552,13 +652,15 @@ fn wants_openmetrics(head: &[u8]) -> bool {
 
 /// Service states always exported by [`Metrics::set_service_states`], zero when unused: the
 /// labels of the daemon's service states (a daemon test checks they match).
-pub const KNOWN_SERVICE_STATES: [&str; 6] = [
+pub const KNOWN_SERVICE_STATES: [&str; 8] = [
     "provisioning",
     "protected",
     "failing_over",
     "down",
     "stopped",
     "unprotectable",
+    "elsewhere",
+    "handing_over",
 ];
 
 fn service_labels(service: &str) -> ServiceLabels {
@@ -743,12 +845,15 @@ mod tests {
         );
         m.record_failover("web", Trigger::Heartbeat, false, &[], 5000.0);
         m.set_shadow_states([
-            ShadowState::Paused,
-            ShadowState::Paused,
+            ShadowState::PAUSED,
+            ShadowState::PAUSED,
             ShadowState::Booting,
         ]);
         m.set_service_states(["protected", "provisioning", "protected"]);
-        m.set_standby_memory([("web".to_string(), 200 << 20), ("db".to_string(), 1)]);
+        m.set_standby_cost(vec![
+            cost("web", 200 << 20, Some(0.5), &["web", "web-shadow-1"]),
+            cost("db", 1, None, &[]),
+        ]);
         m.inc_heartbeat_failure("web");
         m.inc_false_failover("web");
         m.inc_missed_failover("db");
@@ -760,6 +865,7 @@ mod tests {
         m.add_collector_cpu("web", f64::NAN);
         m.inc_libvirt_reconnect();
         m.inc_detection(Trigger::Pidfd);
+        m.set_cluster_mode(crate::cluster::Mode::Unreachable);
         let text = m.encode();
 
         for line in [
@@ -776,6 +882,9 @@ mod tests {
             r#"understudy_services{state="unprotectable"} 0"#,
             r#"understudy_standby_memory_bytes{service="web"} 209715200"#,
             r#"understudy_standby_memory_bytes{service="db"} 1"#,
+            r#"understudy_standby_memory_share_ratio{service="web"} 0.5"#,
+            r#"understudy_member_memory_bytes{service="web",domain="web",role="primary",measure="cgroup"} 3"#,
+            r#"understudy_member_memory_bytes{service="web",domain="web-shadow-1",role="paused",measure="pss"} 1"#,
             r#"understudy_heartbeat_failures_total{service="web"} 1"#,
             r#"understudy_false_failovers_total{service="web"} 1"#,
             r#"understudy_missed_failovers_total{service="db"} 1"#,
@@ -788,6 +897,8 @@ mod tests {
             r#"understudy_collector_cpu_seconds_total{service="web"} 0.5"#,
             "understudy_libvirt_reconnects_total 1",
             r#"understudy_detection_total{source="pidfd"} 1"#,
+            r#"understudy_cluster_mode{state="etcd_unreachable"} 1"#,
+            r#"understudy_cluster_mode{state="connected"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
@@ -871,12 +982,46 @@ mod tests {
         }
     }
 
+    /// A service's cost: its first member the primary, the others paused shadows.
+    fn cost(service: &str, bytes: u64, share: Option<f64>, members: &[&str]) -> StandbyCost {
+        let figures = crate::monitor::memcost::MemoryHeld {
+            cgroup_bytes: Some(3),
+            cgroup_anon_bytes: None,
+            rss_bytes: 2,
+            pss_bytes: Some(1),
+        };
+        StandbyCost {
+            service: service.into(),
+            standby_bytes: bytes,
+            standby_share: share,
+            members: members
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    (
+                        d.to_string(),
+                        if i == 0 { "primary" } else { "paused" },
+                        figures,
+                    )
+                })
+                .collect(),
+        }
+    }
+
     #[test]
     fn standby_memory_of_a_removed_service_disappears() {
         let m = Metrics::new();
-        m.set_standby_memory([("web".to_string(), 5), ("db".to_string(), 7)]);
-        m.set_standby_memory([("web".to_string(), 6)]);
+        m.set_standby_cost(vec![
+            cost("web", 5, Some(0.1), &["web", "web-shadow-1"]),
+            cost("db", 7, Some(0.2), &["db", "db-shadow-1"]),
+        ]);
+        m.set_standby_cost(vec![cost("web", 6, Some(0.1), &["web"])]);
         let text = m.encode();
+        assert!(!text.contains("web-shadow-1"), "{text}");
+        assert!(
+            text.contains(r#"understudy_member_memory_bytes{service="web",domain="web",role="primary",measure="rss"} 2"#),
+            "{text}"
+        );
         assert!(
             text.contains(r#"understudy_standby_memory_bytes{service="web"} 6"#),
             "{text}"
@@ -892,7 +1037,7 @@ mod tests {
     fn text_format_names_counters_by_their_samples() {
         let m = Metrics::new();
         m.record_failover("web", Trigger::Pidfd, true, &[step("fence", 1.0)], 20.0);
-        m.set_standby_memory([("web".to_string(), 1)]);
+        m.set_standby_cost(vec![cost("web", 1, None, &[])]);
         let text = m.encode_text();
         for line in [
             "# HELP understudy_failovers_total Failovers by service, trigger and result (ok|error).",

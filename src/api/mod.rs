@@ -3,8 +3,10 @@
 //! - [`protocol`]: the JSON-lines request/response types and the status text rendering.
 //! - [`control`]: the Unix control socket server (daemon side) and client (CLI side).
 //! - [`metrics`]: the metric families and the `/metrics` HTTP endpoint.
+//! - [`hosts`]: the answer to `understudy hosts` and its rendering.
 
 pub mod control;
+pub mod hosts;
 pub mod metrics;
 pub mod protocol;
 

@@ -8,9 +8,11 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::hosts::{render_hosts_text, HostEntry, HostPrimary, HostShadow, HostsReport};
 use crate::cluster::HostCapacity;
 use crate::events::Event;
 use crate::failover::record::{FailoverRecord, ShadowState};
+use crate::monitor::memcost::MemoryHeld;
 use crate::profile::manager::{AccuracyEntry, HistoryReport, ProfileReport, ProfileSeries};
 use crate::profile::ProfileDiff;
 use crate::profile::VersionSummary;
@@ -26,6 +28,21 @@ pub enum Request {
     Failover {
         /// Service name from the configuration.
         service: String,
+        /// With a cluster: the host whose shadow takes over (asked of the primary's host).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_host: Option<String>,
+    },
+    /// With a cluster: drain `host` (its primaries move to shadows on other hosts, it gets no
+    /// new shadows) or undrain it. Answered once nothing runs there any more, or at
+    /// `wait_s`.
+    HostDrain {
+        /// The host.
+        host: String,
+        /// Drain (true) or undrain (false).
+        drain: bool,
+        /// Longest the answer waits for the host's primaries to move away, in seconds.
+        #[serde(default)]
+        wait_s: u64,
     },
     /// Stop protecting `service` and shut its shadows down.
     Stop {
@@ -103,6 +120,8 @@ pub enum Request {
         /// Only observations at or after this Unix time in ms.
         since_unix_ms: u64,
     },
+    /// Every host of the cluster with its state, capacity, primaries and shadows.
+    Hosts,
 }
 
 impl Request {
@@ -111,6 +130,8 @@ impl Request {
         match self {
             Request::Status => "status",
             Request::Failover { .. } => "failover",
+            Request::HostDrain { drain: true, .. } => "host_drain",
+            Request::HostDrain { drain: false, .. } => "host_undrain",
             Request::Stop { .. } => "stop",
             Request::Start { .. } => "start",
             Request::ShadowRebuild { .. } => "shadow_rebuild",
@@ -124,6 +145,7 @@ impl Request {
             Request::Events { .. } => "events",
             Request::ProfileSave { .. } => "profile_save",
             Request::ProfileSeries { .. } => "profile_series",
+            Request::Hosts => "hosts",
         }
     }
 }
@@ -157,6 +179,8 @@ pub enum Response {
     ProfileSeries(ProfileSeries),
     /// One event of a [`Request::Events`] stream.
     Event(Event),
+    /// Answer to [`Request::Hosts`].
+    Hosts(HostsReport),
     /// The command was refused or failed.
     Error {
         /// Category of the failure, for scripts.
@@ -277,15 +301,33 @@ pub struct ServiceStatus {
     /// The active domain's disks: each one's role and whether a failover keeps its data.
     #[serde(default)]
     pub disks: Vec<crate::failover::plan::DiskPlan>,
+    /// Host memory the active primary holds, when it runs and could be measured.
+    #[serde(default)]
+    pub primary_memory: Option<MemoryHeld>,
+    /// Host memory the standing-by (paused) shadows hold together, bytes.
+    #[serde(default)]
+    pub standby_memory_bytes: u64,
+    /// That memory as a percentage of the primary's.
+    #[serde(default)]
+    pub standby_share_pct: Option<f64>,
+    /// For an `adaptive` class: the tier wanted now and the next planned switch.
+    #[serde(default)]
+    pub standby_plan: Option<crate::failover::standby::TierPlan>,
 }
 
 /// One shadow domain of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShadowStatus {
     /// Domain name of the shadow.
     pub name: String,
     /// Where the shadow is in its life cycle.
     pub state: ShadowState,
+    /// Host memory it holds, when it has a QEMU process.
+    #[serde(default)]
+    pub memory: Option<MemoryHeld>,
+    /// That memory as a percentage of the primary's.
+    #[serde(default)]
+    pub share_of_primary_pct: Option<f64>,
 }
 
 /// One domain managed by the daemon.
@@ -303,6 +345,65 @@ pub struct DomainStatus {
     pub last_heartbeat_unix_ms: Option<u64>,
     /// Health summary.
     pub health: String,
+}
+
+/// Mebibytes with one decimal, for the text status.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
+}
+
+/// The memory lines of one service: its primary's and each shadow's, with shares.
+fn render_standby_cost(out: &mut String, s: &ServiceStatus) {
+    if let Some(p) = &s.standby_plan {
+        let next = match (p.next_switch_unix_ms, p.next_tier) {
+            (Some(at), Some(t)) => format!(
+                "next switch to {} at {}",
+                t.as_str(),
+                crate::events::format_unix_ms(at)
+            ),
+            _ => "no switch planned within a day".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "\n{} adaptive standby: {} now; {next}",
+            s.name,
+            p.tier.as_str()
+        );
+    }
+    if s.primary_memory.is_none() && s.shadows.iter().all(|x| x.memory.is_none()) {
+        return;
+    }
+    let figures = |m: &MemoryHeld| {
+        format!(
+            "cgroup {}, rss {}, pss {}",
+            m.cgroup_bytes.map_or_else(|| "-".to_string(), mib),
+            mib(m.rss_bytes),
+            m.pss_bytes.map_or_else(|| "-".to_string(), mib)
+        )
+    };
+    let pct = |p: Option<f64>| p.map_or_else(|| "-".to_string(), |p| format!("{p:.1}%"));
+    let _ = writeln!(
+        out,
+        "\n{} memory: standing by {} = {} of the primary's",
+        s.name,
+        mib(s.standby_memory_bytes),
+        pct(s.standby_share_pct)
+    );
+    if let (Some(m), Some(active)) = (&s.primary_memory, &s.active) {
+        let _ = writeln!(out, "  {active} (primary): {}", figures(m));
+    }
+    for x in &s.shadows {
+        if let Some(m) = &x.memory {
+            let _ = writeln!(
+                out,
+                "  {} ({}): {} = {}",
+                x.name,
+                x.state.as_str(),
+                figures(m),
+                pct(x.share_of_primary_pct)
+            );
+        }
+    }
 }
 
 /// Renders `report` as an operator-friendly text table, with ages relative to the current time.
@@ -402,6 +503,10 @@ pub fn render_status_text_at(report: &StatusReport, now_unix_ms: u64) -> String 
                     keeps
                 );
             }
+        }
+
+        for s in &report.services {
+            render_standby_cost(&mut out, s);
         }
 
         for s in &report.services {
@@ -524,7 +629,19 @@ mod tests {
         let s = || "web".to_string();
         vec![
             Request::Status,
-            Request::Failover { service: s() },
+            Request::Failover {
+                service: s(),
+                to_host: None,
+            },
+            Request::Failover {
+                service: s(),
+                to_host: Some("h2".into()),
+            },
+            Request::HostDrain {
+                host: "h1".into(),
+                drain: true,
+                wait_s: 300,
+            },
             Request::Stop { service: s() },
             Request::Start { service: s() },
             Request::ShadowRebuild { service: s() },
@@ -632,11 +749,20 @@ mod tests {
                 shadows: vec![
                     ShadowStatus {
                         name: "web-s1".into(),
-                        state: ShadowState::Paused,
+                        state: ShadowState::PAUSED,
+                        memory: Some(MemoryHeld {
+                            cgroup_bytes: Some(64 << 20),
+                            cgroup_anon_bytes: Some(60 << 20),
+                            rss_bytes: 70 << 20,
+                            pss_bytes: Some(66 << 20),
+                        }),
+                        share_of_primary_pct: Some(25.0),
                     },
                     ShadowStatus {
                         name: "web-s2".into(),
                         state: ShadowState::Booting,
+                        memory: None,
+                        share_of_primary_pct: None,
                     },
                 ],
                 last_failover: Some(FailoverRecord {
@@ -673,6 +799,15 @@ mod tests {
                     keeps_data: Some(true),
                     overlay_base: None,
                 }],
+                primary_memory: Some(MemoryHeld {
+                    cgroup_bytes: Some(256 << 20),
+                    cgroup_anon_bytes: Some(200 << 20),
+                    rss_bytes: 240 << 20,
+                    pss_bytes: Some(230 << 20),
+                }),
+                standby_memory_bytes: 64 << 20,
+                standby_share_pct: Some(25.0),
+                standby_plan: None,
             }],
             domains: vec![DomainStatus {
                 name: "web-a".into(),
@@ -717,7 +852,11 @@ mod tests {
                 "last_failover",
                 "last_heartbeat_unix_ms",
                 "name",
+                "primary_memory",
                 "shadows",
+                "standby_memory_bytes",
+                "standby_plan",
+                "standby_share_pct",
                 "state"
             ]
         );
@@ -726,6 +865,11 @@ mod tests {
         assert_eq!(s["shadows"][0]["name"], "web-s1");
         assert_eq!(s["shadows"][0]["state"], "paused");
         assert_eq!(s["shadows"][1]["state"], "booting");
+        assert_eq!(s["shadows"][0]["memory"]["cgroup_bytes"], 64 << 20);
+        assert_eq!(s["shadows"][0]["memory"]["pss_bytes"], 66 << 20);
+        assert_eq!(s["shadows"][0]["share_of_primary_pct"], 25.0);
+        assert_eq!(s["primary_memory"]["rss_bytes"], 240 << 20);
+        assert_eq!(s["standby_share_pct"], 25.0);
         assert_eq!(s["disks"][0]["target"], "vdb");
         assert_eq!(s["disks"][0]["role"], "data");
         assert_eq!(s["disks"][0]["keeps_data"], true);
@@ -755,7 +899,7 @@ mod tests {
     fn shadow_states_serialize_lowercase() {
         for (state, name) in [
             (ShadowState::Booting, "booting"),
-            (ShadowState::Paused, "paused"),
+            (ShadowState::PAUSED, "paused"),
             (ShadowState::Promoting, "promoting"),
             (ShadowState::Failed, "failed"),
         ] {
@@ -818,6 +962,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("  note: profile v3: vCPUs 1 -> 2"), "{text}");
+        assert!(
+            text.contains("web memory: standing by 64.0 MiB = 25.0% of the primary's\n  web-a (primary): cgroup 256.0 MiB, rss 240.0 MiB, pss 230.0 MiB\n  web-s1 (paused): cgroup 64.0 MiB, rss 70.0 MiB, pss 66.0 MiB = 25.0%\n"),
+            "{text}"
+        );
         let dom = text.lines().find(|l| l.starts_with("web-a")).unwrap();
         assert!(dom.contains("running") && dom.contains("active"), "{dom}");
         // Columns line up: ACTIVE starts at the same offset in header and row.

@@ -67,11 +67,7 @@ pub(super) enum WaitError {
 
 /// One line of a service's protection: its state and each shadow's.
 fn describe(s: &ServiceStatus) -> String {
-    let paused = s
-        .shadows
-        .iter()
-        .filter(|x| x.state == crate::failover::ShadowState::Paused)
-        .count();
+    let paused = s.shadows.iter().filter(|x| x.state.is_standby()).count();
     let shadows: Vec<String> = s
         .shadows
         .iter()

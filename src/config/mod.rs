@@ -56,6 +56,8 @@ pub struct Config {
     pub protect: Vec<ProtectRule>,
     /// `[class.X]`: protection classes by name; always holds [`DEFAULT_CLASS`].
     pub class: BTreeMap<String, ClassConfig>,
+    /// `[cluster]`: several hosts through etcd; `None` runs this host alone.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -66,6 +68,7 @@ impl Default for Config {
             profile: ProfileConfig::default(),
             protect: Vec::new(),
             class: BTreeMap::from([(DEFAULT_CLASS.to_owned(), ClassConfig::default())]),
+            cluster: None,
         }
     }
 }
@@ -190,11 +193,89 @@ impl MonitorConfig {
     }
 }
 
+/// `[cluster]`: this host is one of several, coordinated through etcd.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd client URLs, `http://host:port`, at least one.
+    pub endpoints: Vec<String>,
+    /// This host's name in the cluster; the operating system's host name when absent.
+    pub host: Option<String>,
+    /// Every key lives under this prefix (absolute, no trailing `/`).
+    pub key_prefix: String,
+    /// The libvirt URI other hosts reach this host's libvirtd at; `daemon.libvirt_uri` when
+    /// absent.
+    pub libvirt_uri: Option<String>,
+    /// Time to live of this host's lease, in seconds (2..=300): how long after its last
+    /// renewal a silent host counts as lost.
+    pub lease_ttl_s: u64,
+    /// Period of keepalives, in milliseconds (50..=lease_ttl_s*1000/3); a quarter of the TTL
+    /// when absent.
+    pub keepalive_interval_ms: Option<u64>,
+    /// Bound on each etcd call, in milliseconds (50..=30000, below the lease TTL).
+    pub op_timeout_ms: u64,
+    /// Bound on connecting to etcd, in milliseconds (50..=30000).
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            host: None,
+            key_prefix: "/understudy/default".to_owned(),
+            libvirt_uri: None,
+            lease_ttl_s: 5,
+            keepalive_interval_ms: None,
+            op_timeout_ms: 1000,
+            connect_timeout_ms: 1000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// `lease_ttl_s` as a duration.
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_s)
+    }
+
+    /// The keepalive period: as configured, or a quarter of the TTL.
+    pub fn keepalive_interval(&self) -> Duration {
+        Duration::from_millis(
+            self.keepalive_interval_ms
+                .unwrap_or(self.lease_ttl_s * 1000 / 4),
+        )
+    }
+
+    /// `op_timeout_ms` as a duration.
+    pub fn op_timeout(&self) -> Duration {
+        Duration::from_millis(self.op_timeout_ms)
+    }
+
+    /// `connect_timeout_ms` as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+/// Where the central profile repository lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RepositoryBackend {
+    /// The directory `repository` (local, or a shared mount).
+    #[default]
+    Directory,
+    /// etcd, under the cluster's key prefix (needs `[cluster]`).
+    Etcd,
+}
+
 /// `[profile]`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProfileConfig {
-    /// Directory backend of the central profile repository.
+    /// Where the central profile repository lives.
+    pub repository_backend: RepositoryBackend,
+    /// Directory of the central profile repository (with `repository_backend = "directory"`).
     pub repository: PathBuf,
     /// Extra capacity added on top of the calibrated envelope, in percent (0..=200). 0 lets each
     /// service's coverage converge on its class's `coverage_target`.
@@ -213,6 +294,7 @@ pub struct ProfileConfig {
 impl Default for ProfileConfig {
     fn default() -> Self {
         Self {
+            repository_backend: RepositoryBackend::Directory,
             repository: PathBuf::from("/var/lib/understudy/profile-repo"),
             headroom_pct: 0,
             min_samples_per_bucket: 30,
@@ -278,6 +360,10 @@ pub struct ProtectRule {
 pub struct ClassConfig {
     /// Paused shadows kept per protected domain (0..=8).
     pub shadows: u32,
+    /// Where the shadows go: `local`, `other-host` or `spread` (see
+    /// [`crate::cluster::placement`]). Without a `[cluster]` table every host is alone and only
+    /// `local` can be satisfied; the others leave shadows unplaced (status says why).
+    pub placement: crate::cluster::Placement,
     /// Period of guest heartbeats in milliseconds (50..=60000).
     pub heartbeat_interval_ms: u64,
     /// Time a heartbeat may take to be answered, in milliseconds (10..=60000). Strictly below
@@ -315,6 +401,56 @@ pub struct ClassConfig {
     /// Share of samples the profile's calibrated envelope should cover (0.5..=0.999): each
     /// service's coverage converges on it (see `src/profile/forecast.rs`).
     pub coverage_target: f64,
+    /// How the service's traffic reaches its VM: through a bridge, or routed to its own tap.
+    pub network: NetworkMode,
+    /// Balloon each new shadow down to what its service needs when idle (its profile's lowest
+    /// planned use over the next day, or the shadow's own use after its warm-up) before it is
+    /// paused; a promotion grows it back.
+    pub standby_shrink: bool,
+    /// Give shadows' virtio balloons free page reporting, so pages the guest frees go back to
+    /// the host.
+    pub free_page_reporting: bool,
+    /// How shadows stand by: `paused` (booted and paused), `saved` (a managed-save image,
+    /// restored at promotion), `cold` (defined only, booted at promotion) or `adaptive`
+    /// (paused in and ahead of busy hours, saved otherwise).
+    pub standby_tier: crate::failover::standby::TierPolicy,
+    /// Busy hours for `adaptive`, as `[start, end)` UTC hour pairs (0..=24), on top of the
+    /// busy hours the service's profile predicts.
+    pub busy_hours_utc: Vec<[u8; 2]>,
+    /// How long before a busy time an `adaptive` shadow is switched to paused, in seconds
+    /// (0..=86400).
+    pub adaptive_lead_s: u64,
+}
+
+/// How a protected VM's traffic reaches it, and so what promotion moves to the shadow.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// The VM's tap is a port of a bridge: promotion enslaves the shadow's tap to it.
+    #[default]
+    Bridged,
+    /// The VM hangs off its own tap, reached through host routes (`/32`) to its addresses:
+    /// promotion gives the shadow's tap the old tap's host addresses and replaces those routes
+    /// so they point at it.
+    Routed,
+}
+
+impl NetworkMode {
+    /// The name used in the configuration and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Bridged => "bridged",
+            NetworkMode::Routed => "routed",
+        }
+    }
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What happens to a writable disk of a protected primary at failover.
@@ -352,6 +488,7 @@ impl Default for ClassConfig {
     fn default() -> Self {
         Self {
             shadows: 1,
+            placement: crate::cluster::Placement::Local,
             heartbeat_interval_ms: 250,
             heartbeat_timeout_ms: 200,
             heartbeat_misses: 3,
@@ -367,6 +504,12 @@ impl Default for ClassConfig {
             promote_command_timeout_ms: 30_000,
             probe: None,
             coverage_target: 0.95,
+            network: NetworkMode::Bridged,
+            standby_shrink: false,
+            free_page_reporting: false,
+            standby_tier: crate::failover::standby::TierPolicy::Paused,
+            busy_hours_utc: Vec::new(),
+            adaptive_lead_s: 600,
         }
     }
 }
@@ -584,7 +727,7 @@ fn render_invalid(path: &Path, problems: &[Problem]) -> String {
 }
 
 /// The top-level keys, for the unknown-key message.
-const SECTIONS: &str = "`daemon`, `monitor`, `profile`, `protect`, `class`";
+const SECTIONS: &str = "`daemon`, `monitor`, `profile`, `protect`, `class`, `cluster`";
 
 impl Config {
     /// Reads, parses and validates the configuration file at `path`.
@@ -647,6 +790,9 @@ impl Config {
                     if let Some(profile) = section(&doc, value, &path, &mut problems) {
                         config.profile = profile;
                     }
+                }
+                "cluster" => {
+                    config.cluster = section(&doc, value, &path, &mut problems);
                 }
                 "protect" => match value.get_ref() {
                     DeValue::Array(rules) => {
@@ -718,14 +864,19 @@ impl Config {
 
 /// Parses `tracing` filter directives (`[daemon] log_level`, `UNDERSTUDY_LOG`). Non-ASCII text
 /// is refused before tracing-subscriber sees it: its directive parser slices at byte offsets
-/// and panics inside a multi-byte character (found by the config fuzz target).
+/// and panics inside a multi-byte character (found by the config fuzz target). Field values
+/// (`target[{field=value}]`) match literally, not as regular expressions: compiling one into
+/// a DFA took seconds for a 60-byte value (also found by the fuzz target), and a pattern can
+/// cost far more.
 pub fn log_filter(directives: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     if !directives.is_ascii() {
         return Err(format!(
             "{directives:?} is not a valid log filter: only ASCII is allowed"
         ));
     }
-    tracing_subscriber::EnvFilter::try_new(directives)
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(directives)
         .map_err(|e| format!("{directives:?} is not a valid log filter: {e}"))
 }
 

@@ -249,6 +249,27 @@ fn bad_enum_value_lists_the_choices() {
 }
 
 #[test]
+fn class_placement_is_read_and_a_bad_one_lists_the_choices() {
+    let config = Fixture::new("[class.web]\nshadows = 2\nplacement = \"spread\"\n")
+        .load()
+        .expect("spread is a placement");
+    assert_eq!(
+        config.class["web"].placement,
+        crate::cluster::Placement::Spread
+    );
+    assert_eq!(
+        config.class["default"].placement,
+        crate::cluster::Placement::Local
+    );
+    let problems = Fixture::new("[class.web]\nplacement = \"anywhere\"\n").problems();
+    assert_eq!(
+        (problems[0].line, problems[0].key.as_str()),
+        (2, "class.web.placement")
+    );
+    assert!(problems[0].message.contains("`other-host`"), "{problems:?}");
+}
+
+#[test]
 fn out_of_range_names_file_line_key_and_range() {
     let fixture = Fixture::new("# lab\n\n[class.web]\nshadows = 12\n");
     let text = fixture.error_text();
@@ -503,6 +524,18 @@ fn invalid_log_filter_is_rejected() {
 }
 
 #[test]
+fn log_filter_field_values_are_literal_not_regexes() {
+    // An invalid regex is accepted as a literal value: no pattern is compiled at all.
+    crate::config::log_filter("understudy[{peer=a(}]=debug").expect("literal field value");
+    // What the fuzz target found (its regex took ~1.7 s of CPU to compile): now refused at
+    // once, naming the key.
+    let found = include_str!("fixtures/fuzz-log-level-regex.toml");
+    let problems = Fixture::new(found).problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "daemon.log_level");
+}
+
+#[test]
 fn class_for_uses_the_first_matching_rule() {
     let config = Config::parse(
         r#"
@@ -647,4 +680,74 @@ fn non_ascii_log_level_is_a_problem_not_a_panic() {
     assert_eq!(problems[0].key, "daemon.log_level");
     assert_eq!(problems[0].line, 5);
     assert!(problems[0].message.contains("only ASCII"), "{problems:?}");
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/config/fixtures")
+        .join(name)
+}
+
+#[test]
+fn cluster_table_is_read_with_its_defaults() {
+    let config = Config::load(&fixture("cluster.toml")).expect("cluster.toml is valid");
+    let c = config.cluster.expect("[cluster]");
+    assert_eq!(c.endpoints.len(), 3);
+    assert_eq!(c.host.as_deref(), Some("h1"));
+    assert_eq!(c.key_prefix, "/understudy/lab");
+    assert_eq!(c.lease_ttl(), Duration::from_secs(3));
+    assert_eq!(c.keepalive_interval(), Duration::from_millis(500));
+    assert_eq!(config.profile.repository_backend, RepositoryBackend::Etcd);
+
+    // Only the endpoints are required; the keepalive defaults to a quarter of the TTL.
+    let c = Fixture::new("[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\n")
+        .load()
+        .unwrap()
+        .cluster
+        .unwrap();
+    assert_eq!(
+        (c.key_prefix.as_str(), c.lease_ttl_s, c.keepalive_interval()),
+        ("/understudy/default", 5, Duration::from_millis(1250))
+    );
+    assert_eq!(Config::default().cluster, None, "single host without it");
+}
+
+#[test]
+fn cluster_problems_name_file_line_and_key() {
+    let path = fixture("cluster-invalid.toml");
+    let text = Config::load(&path).unwrap_err().to_string();
+    let p = path.display();
+    for want in [
+        format!("{p}:5: cluster.endpoints[0]: \"https://10.78.0.1:2379\": https needs TLS"),
+        format!("{p}:5: cluster.endpoints[1]: \"10.78.0.2:2379\" must be http://HOST:PORT"),
+        format!("{p}:5: cluster.endpoints[2]: \"http://:2379\" must be http://HOST:PORT"),
+        format!("{p}:5: cluster.endpoints[3]: \"http://h:0\" must be http://HOST:PORT"),
+        format!("{p}:6: cluster.host: invalid host name \"h/1\": contains '/'"),
+        format!("{p}:7: cluster.key_prefix: \"understudy/lab/\" must start with '/'"),
+        format!("{p}:8: cluster.libvirt_uri: must not be empty"),
+        format!("{p}:9: cluster.lease_ttl_s: 1 is out of range 2..=300"),
+        format!("{p}:10: cluster.keepalive_interval_ms: 900 is out of range 50..=333"),
+        format!("{p}:11: cluster.op_timeout_ms: 5000 ms is not below the lease TTL (1 s)"),
+        format!("{p}:12: cluster.connect_timeout_ms: 10 is out of range 50..=30000"),
+    ] {
+        assert!(text.contains(&want), "{want:?} missing from:\n{text}");
+    }
+    // etcd profiles without a cluster.
+    let f = Fixture::new("[profile]\nrepository_backend = \"etcd\"\n");
+    assert!(
+        f.error_text()
+            .contains(&f.at(2, "profile.repository_backend")),
+        "{}",
+        f.error_text()
+    );
+    let f = Fixture::new("[cluster]\n");
+    assert!(f
+        .error_text()
+        .contains("cluster.endpoints: must list at least one"));
+    let f = Fixture::new("[cluster]\nendpoints = [\"http://a:1\"]\nwho = 1\n");
+    assert!(
+        f.error_text().contains("unknown field `who`"),
+        "{}",
+        f.error_text()
+    );
 }

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use super::document::{Document, KeyPath};
 use super::{
-    ClassConfig, Config, DaemonConfig, MonitorConfig, ProbeCheck, ProbeConfig, Problem,
-    ProfileConfig, ProtectRule,
+    ClassConfig, ClusterConfig, Config, DaemonConfig, MonitorConfig, ProbeCheck, ProbeConfig,
+    Problem, ProfileConfig, ProtectRule, RepositoryBackend,
 };
 
 /// Longest path a Unix socket can be bound at (`sun_path` is 108 bytes with the NUL).
@@ -29,6 +29,37 @@ pub(super) fn check(
     checker.profile(&config.profile, &root.key("profile"));
     checker.protect(&config.protect, &root.key("protect"), declared_classes);
     checker.classes(&config.class, &root.key("class"));
+    if let Some(cluster) = &config.cluster {
+        checker.cluster(cluster, &root.key("cluster"));
+    } else if config.profile.repository_backend == RepositoryBackend::Etcd {
+        checker.fail(
+            &root.key("profile").key("repository_backend"),
+            "\"etcd\" needs a [cluster] table (its endpoints and key prefix)".to_owned(),
+        );
+    }
+}
+
+/// Why `url` is not an etcd endpoint this build can reach: `http://host:port`.
+fn endpoint_problem(url: &str) -> Option<String> {
+    if url.starts_with("https://") {
+        return Some(format!(
+            "{url:?}: https needs TLS, which this build does not include; use http:// on a \
+             trusted management network"
+        ));
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Some(format!("{url:?} must be http://HOST:PORT"));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let port = authority
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && !host.contains(['/', '@', ' ']))
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .filter(|p| *p != 0);
+    if port.is_none() {
+        return Some(format!("{url:?} must be http://HOST:PORT"));
+    }
+    None
 }
 
 struct Checker<'a, 'i> {
@@ -146,6 +177,62 @@ impl Checker<'_, '_> {
         );
     }
 
+    fn cluster(&mut self, cluster: &ClusterConfig, at: &KeyPath) {
+        if cluster.endpoints.is_empty() {
+            self.fail(
+                &at.key("endpoints"),
+                "must list at least one etcd endpoint (http://HOST:PORT)".to_owned(),
+            );
+        }
+        for (i, url) in cluster.endpoints.iter().enumerate() {
+            if let Some(why) = endpoint_problem(url) {
+                self.fail(&at.key("endpoints").index(i), why);
+            }
+        }
+        if let Some(host) = &cluster.host {
+            if let Err(e) = crate::cluster::check_name("host", host) {
+                self.fail(&at.key("host"), e.to_string());
+            }
+        }
+        if let Err(why) = crate::cluster::etcd::keys::check_prefix(&cluster.key_prefix) {
+            self.fail(
+                &at.key("key_prefix"),
+                format!("{:?} {why}", cluster.key_prefix),
+            );
+        }
+        if cluster
+            .libvirt_uri
+            .as_ref()
+            .is_some_and(|u| u.trim().is_empty())
+        {
+            self.fail(&at.key("libvirt_uri"), "must not be empty".to_owned());
+        }
+        self.range(&at.key("lease_ttl_s"), cluster.lease_ttl_s, 2..=300);
+        if let Some(every) = cluster.keepalive_interval_ms {
+            self.range(
+                &at.key("keepalive_interval_ms"),
+                every,
+                50..=(cluster.lease_ttl_s * 1000 / 3).max(50),
+            );
+        }
+        self.range(&at.key("op_timeout_ms"), cluster.op_timeout_ms, 50..=30_000);
+        self.range(
+            &at.key("connect_timeout_ms"),
+            cluster.connect_timeout_ms,
+            50..=30_000,
+        );
+        // A renewal that may take the whole TTL cannot keep the lease.
+        if cluster.op_timeout_ms >= cluster.lease_ttl_s * 1000 {
+            self.fail(
+                &at.key("op_timeout_ms"),
+                format!(
+                    "{} ms is not below the lease TTL ({} s)",
+                    cluster.op_timeout_ms, cluster.lease_ttl_s
+                ),
+            );
+        }
+    }
+
     fn profile(&mut self, profile: &ProfileConfig, at: &KeyPath) {
         self.non_empty_path(&at.key("repository"), &profile.repository);
         self.range(&at.key("headroom_pct"), profile.headroom_pct, 0..=200);
@@ -219,6 +306,19 @@ impl Checker<'_, '_> {
 
     fn class(&mut self, class: &ClassConfig, at: &KeyPath) {
         self.range(&at.key("shadows"), class.shadows, 0..=8);
+        self.range(
+            &at.key("adaptive_lead_s"),
+            class.adaptive_lead_s,
+            0..=86_400,
+        );
+        for [start, end] in &class.busy_hours_utc {
+            if !(*start < *end && *end <= 24) {
+                self.fail(
+                    &at.key("busy_hours_utc"),
+                    format!("[{start}, {end}] is not an hour range: need start < end <= 24"),
+                );
+            }
+        }
         let target = class.coverage_target;
         // Written so that NaN fails too.
         if !(0.5..=0.999).contains(&target) {

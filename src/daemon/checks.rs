@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::api::metrics::StandbyCost;
 use crate::config::{ClassConfig, ProbeCheck, ProbeConfig};
 use crate::domain_xml::DomainXml;
 use crate::failover::shadow::isolate_tap;
@@ -154,7 +155,7 @@ fn standing_by(d: &Shared, service: &str, shadow: &str) -> bool {
         !matches!(s.state, ServiceState::FailingOver { .. })
             && s.shadows
                 .iter()
-                .any(|x| x.name == shadow && x.state == ShadowState::Paused)
+                .any(|x| x.name == shadow && x.state == ShadowState::PAUSED)
     })
 }
 
@@ -165,7 +166,7 @@ pub(super) fn isolate_standby_taps(d: &Shared, service: &str) {
         Some(s) if !matches!(s.state, ServiceState::FailingOver { .. }) => s
             .shadows
             .iter()
-            .filter(|x| x.state == ShadowState::Paused)
+            .filter(|x| x.state == ShadowState::PAUSED)
             .flat_map(|x| x.taps.iter().map(move |b| (x.name.clone(), b.tap.clone())))
             .collect(),
         _ => return,
@@ -190,6 +191,43 @@ pub(super) fn isolate_standby_taps(d: &Shared, service: &str) {
                 Err(e) => {
                     tracing::error!(%service, %shadow, %tap, error = %crate::error::report(&e), "cannot isolate standing-by shadow's tap")
                 }
+            }
+        }
+    });
+}
+
+/// Re-reads the host side of every routed service's active taps (routes and addresses may be
+/// set up by a hook after the VM started), so that a crash finds them known: they vanish with
+/// the tap.
+pub(super) fn refresh_routed(d: &Shared) {
+    let cfg = d.cfg();
+    let services: Vec<(String, String, Vec<crate::failover::TapBinding>)> = d
+        .table()
+        .iter()
+        .filter(|s| s.state.is_running())
+        .filter(|s| {
+            cfg.class.get(&s.class).map(|c| c.network) == Some(crate::config::NetworkMode::Routed)
+        })
+        .map(|s| (s.name.clone(), s.active.clone(), s.active_taps.clone()))
+        .collect();
+    if services.is_empty() {
+        return;
+    }
+    let d = d.clone();
+    tokio::spawn(async move {
+        for (service, active, mut taps) in services {
+            crate::failover::shadow::read_routed_sides(&d.net, &active, &mut taps).await;
+            let mut table = d.table();
+            // Only if nothing changed the active domain meanwhile.
+            if table.get(&service).is_some_and(|s| {
+                s.state.is_running()
+                    && s.active == active
+                    && s.active_taps
+                        .iter()
+                        .map(|b| &b.tap)
+                        .eq(taps.iter().map(|b| &b.tap))
+            }) {
+                table.set_active_taps(&service, taps);
             }
         }
     });
@@ -304,10 +342,17 @@ pub(super) fn spawn_fence_grace(d: &Shared, service: &str, old: &str) {
 }
 
 /// Refreshes the gauges that describe the services: shadows and services by state, and what
-/// standing by costs each service (its paused shadows' resident memory, read from /proc).
-/// Every service's counters exist from its first round, at 0.
+/// standing by costs each service (see [`super::cost`]). Every service's counters exist from
+/// its first round, at 0.
 pub(super) fn publish_gauges(d: &Shared) {
-    let (shadow_states, service_states, paused): (Vec<ShadowState>, Vec<&'static str>, Vec<_>) = {
+    let services: Vec<super::Service> = d.table().iter().cloned().collect();
+    publish_cost(d, &super::cost::measure(&services));
+    publish_states(d);
+}
+
+/// Shadows and services by state.
+pub(super) fn publish_states(d: &Shared) {
+    let (shadow_states, service_states): (Vec<ShadowState>, Vec<&'static str>) = {
         let table = d.table();
         (
             table
@@ -315,36 +360,33 @@ pub(super) fn publish_gauges(d: &Shared) {
                 .flat_map(|s| s.shadows.iter().map(|x| x.state))
                 .collect(),
             table.iter().map(|s| s.state.label()).collect(),
-            table
-                .iter()
-                .map(|s| {
-                    let names: Vec<String> = s
-                        .shadows
-                        .iter()
-                        .filter(|x| x.state == ShadowState::Paused)
-                        .map(|x| x.name.clone())
-                        .collect();
-                    (s.name.clone(), names)
-                })
-                .collect(),
         )
     };
-    let (run, proc_root) = (
-        std::path::Path::new(crate::libvirt::QEMU_RUN_DIR),
-        std::path::Path::new("/proc"),
-    );
-    let standby = paused.into_iter().map(|(service, shadows)| {
-        d.metrics.initialize_service(&service);
-        let bytes = shadows
-            .iter()
-            .filter_map(|s| crate::libvirt::qemu_pid(run, s).ok())
-            .filter_map(|pid| crate::libvirt::rss_bytes(proc_root, pid).ok())
-            .sum();
-        (service, bytes)
-    });
-    d.metrics.set_standby_memory(standby.collect::<Vec<_>>());
     d.metrics.set_shadow_states(shadow_states);
     d.metrics.set_service_states(service_states);
+}
+
+/// The memory figures of every service's members, as measured.
+pub(super) fn publish_cost(d: &Shared, costs: &[super::cost::ServiceCost]) {
+    let exported = costs.iter().map(|c| {
+        d.metrics.initialize_service(&c.service);
+        StandbyCost {
+            service: c.service.clone(),
+            standby_bytes: c.standby_bytes(),
+            standby_share: c.standby_share_pct().map(|p| p / 100.0),
+            members: c
+                .primary
+                .map(|m| (c.active.clone(), "primary", m))
+                .into_iter()
+                .chain(
+                    c.shadows
+                        .iter()
+                        .filter_map(|x| x.memory.map(|m| (x.name.clone(), x.state.as_str(), m))),
+                )
+                .collect(),
+        }
+    });
+    d.metrics.set_standby_cost(exported.collect());
 }
 
 /// Replaces standing-by shadows whose emulated TPM state is older than their primary's: a
@@ -360,7 +402,7 @@ pub(super) fn replace_stale_tpm_shadows(d: &Shared) {
             let shadows = s
                 .shadows
                 .iter()
-                .filter(|x| x.state == ShadowState::Paused)
+                .filter(|x| x.state == ShadowState::PAUSED)
                 .filter(|x| tpm::record_path(&disk_dir, &x.name).exists())
                 .map(|x| x.name.clone())
                 .collect();

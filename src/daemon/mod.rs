@@ -8,17 +8,25 @@
 //!   `checks`: the periodic work that feeds it (heartbeats, probes, tap repair, fence grace).
 //! - `recover`: rebuilding the table from libvirt at start, and provisioning shadows.
 //! - `requests`: the control socket; `profiles`: collectors, profile requests, golden shadows.
+//! - `cluster`: the coordinator (etcd with `[cluster]`, this host alone without), this host's
+//!   registration, its published shadows and primary specs, and `hosts`.
+//! - `crosshost`: with a cluster, what other hosts' records ask of this one (primaries
+//!   elsewhere, failure reports, placement, handovers and drains).
 //!
 //! One loop ([`run`]) receives libvirt events and `Note`s from the tasks that do slow work
 //! (provisioning, promotion, pings), asks the table, and carries out what it answers. The
 //! truth lives in libvirt (domain metadata), so a restarted daemon rebuilds everything.
 
 mod checks;
+mod cluster;
+mod cost;
+mod crosshost;
 mod health;
 mod profiles;
 mod recover;
 mod requests;
 mod table;
+mod tiers;
 
 pub use health::{HealthMonitor, Verdict};
 pub use table::{Action, Refused, Service, ServiceState, ServiceTable};
@@ -32,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::api::control::ControlServer;
 use crate::api::metrics::Metrics;
 use crate::api::protocol::{Request, Response};
-use crate::cluster::{Coordinator, HostId, LocalCoordinator};
+use crate::cluster::Coordinator;
 use crate::config::{ClassConfig, Config};
 use crate::domain_xml::{MemberState, META_NS};
 use crate::events::{EventKind, EventLog};
@@ -73,6 +81,9 @@ pub enum DaemonError {
         #[source]
         source: crate::api::metrics::MetricsError,
     },
+    /// The cluster's coordinator could not be started (an invalid host name or key prefix).
+    #[error("cluster coordination unavailable")]
+    Cluster(#[from] crate::cluster::CoordError),
     /// The state directory could not be created.
     #[error("state directory {path} unusable")]
     StateDir {
@@ -293,8 +304,8 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
     let control = ControlServer::bind(&cfg.daemon.control_socket)?.with_events(events.clone());
     let (req_tx, mut requests) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(64);
     tokio::spawn(control.serve(req_tx));
-    let host = HostId::local();
-    tracing::info!(uri = %cfg.daemon.libvirt_uri, socket = %cfg.daemon.control_socket.display(), metrics = %cfg.daemon.metrics_listen, %host, "understudy daemon started");
+    let coord = cluster::coordinator(&cfg)?;
+    tracing::info!(uri = %cfg.daemon.libvirt_uri, socket = %cfg.daemon.control_socket.display(), metrics = %cfg.daemon.metrics_listen, host = %coord.host(), cluster = cfg.cluster.is_some(), "understudy daemon started");
 
     let prof = profiles::Profiling::open(&cfg, metrics.clone(), events.clone());
     let d: Shared = Arc::new(Daemon {
@@ -305,7 +316,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         metrics,
         table: Mutex::new(ServiceTable::new()),
         health: Mutex::new(HealthMonitor::new(Instant::now())),
-        coord: Arc::new(LocalCoordinator::new(host)),
+        coord,
         notes: note_tx,
         started_unix_ms: crate::clock::now_unix_ms(),
         prof,
@@ -313,6 +324,8 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
     });
     profiles::start(&d);
     recover::reconcile(&d).await;
+    cluster::start(&d);
+    let mut cluster_events = crosshost::join(&d).await;
 
     let hb_interval = cfg
         .class
@@ -331,6 +344,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         tokio::select! {
             Some(ev) = ev_rx.recv() => on_libvirt_event(&d, ev, &ev_tx).await,
             Some(note) = notes.recv() => on_note(&d, note).await,
+            ev = crosshost::next(&mut cluster_events) => crosshost::on_event(&d, ev).await,
             Some((req, reply)) = requests.recv() => {
                 let d = d.clone();
                 tokio::spawn(async move {
@@ -342,9 +356,11 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
             _ = housekeeping.tick() => {
                 recover::ensure_all_shadows(&d);
                 checks::audit_bridges(&d);
+                checks::refresh_routed(&d);
                 checks::publish_gauges(&d);
                 crate::systemd::alive(&crate::systemd::status_line(d.table().iter()));
                 checks::replace_stale_tpm_shadows(&d);
+                tiers::switch_tiers(&d);
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping; shadows stay as they are"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping; shadows stay as they are"); break; }
@@ -378,6 +394,14 @@ async fn execute(d: &Shared, actions: Vec<Action>) {
                 trigger,
             } => start_failover(d, &service, &from, trigger, Instant::now()),
             Action::FenceGrace { service, old } => checks::spawn_fence_grace(d, &service, &old),
+            Action::RetirePrimary { service, old } => {
+                let class = d.table().get(&service).map(|s| s.class.clone());
+                profiles::stop_collector(d, &service);
+                recover::retire_primary(d, &service, &class.unwrap_or_default(), &old).await;
+            }
+            Action::Unfence { service, domain } => {
+                recover::unfence_primary(d, &service, &domain).await
+            }
         }
     }
 }
@@ -390,7 +414,14 @@ fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: I
     match start {
         Ok(start) => launch_promotion(d, service, trigger, at, start),
         Err(e @ Refused::NoShadow { .. }) => {
-            tracing::error!(service, from, %trigger, "primary failed: {e}; the next shadow to be ready takes over")
+            let elsewhere = d
+                .table()
+                .get(service)
+                .and_then(|s| s.primary_host().cloned());
+            if elsewhere.is_none() {
+                tracing::error!(service, from, %trigger, "primary failed: {e}; the next shadow to be ready takes over");
+                crosshost::report_failure(d, service, from, trigger);
+            }
         }
         Err(e) => tracing::debug!(service, from, %trigger, "no failover: {e}"),
     }
@@ -404,12 +435,15 @@ fn launch_promotion(
     at: Instant,
     start: table::FailoverStart,
 ) {
-    let handover = handover_of(&d.class(&start.class), &d.cfg());
+    let class = d.class(&start.class);
+    let handover = handover_of(&class, &d.cfg());
     let promotion = Promotion {
         handover,
+        network: class.network,
         service: service.to_string(),
         class: start.class,
         old_primary: start.old_primary,
+        old_host: start.old_host,
         old_taps: start.old_taps,
         shadow_generation: start.shadow_generation,
         shadow: start.shadow,
@@ -520,14 +554,25 @@ async fn on_note(d: &Shared, note: Note) {
             } else {
                 tracing::info!(%service, old_primary = %old, "fenced primary stayed silent through the grace period; destroying it");
             }
-            let o = old.clone();
-            if let Err(e) = d
-                .hv()
-                .run("destroy fenced primary", move |hv| hv.destroy(&o))
-                .await
-            {
-                tracing::warn!(%service, old_primary = %old, error = %crate::error::report(&e), "cannot destroy fenced primary");
-            }
+            // Off the loop: libvirt's destroy of a stopped QEMU would wait out its SIGTERM grace
+            // (about 10 s) first, and the loop would judge no other service meanwhile. A SIGKILL
+            // through a pidfd ends it at once, stopped or not; destroy then only tidies up.
+            let hv = d.hv();
+            tokio::spawn(async move {
+                let run_dir = std::path::Path::new(crate::libvirt::QEMU_RUN_DIR);
+                if let Err(why) =
+                    crate::libvirt::kill_qemu(run_dir, &old, Duration::from_secs(10)).await
+                {
+                    tracing::warn!(%service, old_primary = %old, %why, "cannot kill fenced primary's QEMU; asking libvirt");
+                }
+                let o = old.clone();
+                if let Err(e) = hv
+                    .run("destroy fenced primary", move |hv| hv.destroy(&o))
+                    .await
+                {
+                    tracing::warn!(%service, old_primary = %old, error = %crate::error::report(&e), "cannot destroy fenced primary");
+                }
+            });
         }
     }
 }
@@ -606,13 +651,45 @@ async fn on_failover_done(
     for kind in failover_events(record) {
         d.events.emit(Some(service), kind);
     }
+    let lost_to = match &result {
+        Err(PromotionFailed {
+            error: FailoverError::ClaimLost { source, .. },
+            ..
+        }) => match &**source {
+            crate::cluster::CoordError::Conflict { current, .. }
+                if current.host != *d.coord.host() =>
+            {
+                Some(current.clone())
+            }
+            _ => None,
+        },
+        _ => None,
+    };
     let answer = match result {
         Ok(p) => {
             let r = &p.record;
             d.metrics
                 .record_failover(service, r.trigger, true, &r.steps, r.outage_ms);
-            d.table()
-                .failover_succeeded(service, shadow, p.record, p.taps)
+            let from_elsewhere = d.table().get(service).is_some_and(|s| {
+                matches!(
+                    s.state,
+                    ServiceState::FailingOver {
+                        from_host: Some(_),
+                        ..
+                    }
+                )
+            });
+            let answer = d
+                .table()
+                .failover_succeeded(service, shadow, p.record, p.taps);
+            crosshost::promoted(d, service, from_elsewhere).await;
+            answer
+        }
+        // Another host's claim won: the shadow here was never resumed and stays paused.
+        Err(_) if lost_to.is_some() => {
+            let winner = lost_to.expect("checked above");
+            tracing::warn!(service, shadow, winner = %winner.domain, host = %winner.host, "another host's promotion won; the shadow here stays paused");
+            d.table().failover_lost(service, shadow, &winner)
         }
         Err(f) => {
             let r = &f.record;

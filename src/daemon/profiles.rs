@@ -54,12 +54,10 @@ pub(super) struct Profiling {
 impl Profiling {
     /// Opens the profile store under the state directory and the configured repository.
     pub(super) fn open(cfg: &Config, metrics: Arc<Metrics>, events: EventLog) -> Self {
-        let manager = ProfileManager::open(
-            &cfg.daemon.state_dir,
-            &cfg.profile,
-            Some(&cfg.profile.repository),
-            metrics,
-        )
+        let repo = super::cluster::profile_repository(cfg)
+            .map_err(|e| tracing::error!(error = %crate::error::report(&e), "profile repository unavailable; versions stay local"))
+            .ok();
+        let manager = ProfileManager::open(&cfg.daemon.state_dir, &cfg.profile, repo, metrics)
         .map(|m| Arc::new(m.with_events(events)))
         .map_err(|e| {
             tracing::error!(error = %crate::error::report(&e), "profiles unavailable; failover is not affected");
@@ -73,7 +71,7 @@ impl Profiling {
         }
     }
 
-    fn manager(&self) -> Option<Arc<ProfileManager>> {
+    pub(super) fn manager(&self) -> Option<Arc<ProfileManager>> {
         self.manager.as_ref().ok().cloned()
     }
 }
@@ -263,6 +261,18 @@ async fn run_collector(d: Shared, service: String, domain: String) {
         }
     }
     tracing::info!(%service, %domain, "collector stopped");
+}
+
+/// What `service` uses when idle, KiB: the lowest memory its profile plans over the next day
+/// (hourly). `None` while the profile is too young to plan.
+pub(super) fn idle_memory_kib(d: &Shared, service: &str) -> Option<u64> {
+    const HOUR_MS: u64 = 3_600_000;
+    let m = d.prof.manager()?;
+    let now = now_unix_ms();
+    (0..24)
+        .filter_map(|h| m.resource_plan(service, now + h * HOUR_MS, OPEN_LIMITS))
+        .map(|p| p.mem_kib)
+        .min()
 }
 
 /// What the promotion of `service`'s shadow takes from the profile: the sizing planned for now,

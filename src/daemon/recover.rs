@@ -4,11 +4,15 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::config::NetworkMode;
 use crate::domain_xml::{MemberState, Role, UnderstudyMeta, META_NS};
 use crate::failover::plan::DiskPolicy;
+use crate::failover::record::Tier;
 use crate::failover::shadow::{
-    isolate_tap, live_taps, member_meta, provision, shadow_generation, write_meta, ShadowRequest,
+    isolate_tap, live_taps, member_meta, provision, read_routed_sides, shadow_generation,
+    write_meta, ShadowRequest,
 };
+use crate::failover::standby::StandbyMemory;
 use crate::failover::{FailoverError, Shadow, ShadowState, Trigger};
 use crate::libvirt::{qemu_pid, DomainSummary, LibvirtError, QemuProcess, RunState};
 
@@ -25,6 +29,8 @@ struct Census {
     retire: Vec<(String, String, String)>,
     /// Domains without our metadata.
     untagged: Vec<DomainSummary>,
+    /// Shadows of services whose primary is not here (with a cluster: on another host).
+    orphans: Vec<(String, Shadow)>,
 }
 
 /// Reads the services out of libvirt's domains and their metadata (`None`: untagged).
@@ -87,24 +93,28 @@ fn census(listing: Vec<(DomainSummary, Option<String>)>) -> Census {
         }
     }
     for (meta, dom) in shadows {
-        let Some(svc) = c.services.get_mut(&meta.service) else {
-            tracing::warn!(shadow = %dom.name, service = %meta.service, "shadow of a service without primary; left alone");
-            continue;
-        };
         let state = match (meta.state, dom.state) {
-            (MemberState::Paused, RunState::Paused) => ShadowState::Paused,
+            (MemberState::Paused, RunState::Paused) => ShadowState::PAUSED,
+            // Saved and cold shadows stand by shut off; one found running was being promoted.
+            (MemberState::Saved, RunState::Shutoff) => ShadowState::Standby(Tier::Saved),
+            (MemberState::Cold, RunState::Shutoff) => ShadowState::Standby(Tier::Cold),
+            (MemberState::Saved | MemberState::Cold, RunState::Running) => ShadowState::Promoting,
             (MemberState::Promoting, _) => ShadowState::Promoting,
             // Running with a standby record: we died between resuming it and writing the
             // journal. Treated as an interrupted promotion: finished or undone.
             (MemberState::Paused, RunState::Running) => ShadowState::Promoting,
             _ => ShadowState::Failed,
         };
-        svc.shadows.push(Shadow {
+        let shadow = Shadow {
             name: dom.name.clone(),
             state,
             taps: Vec::new(),
             data_disks: None,
-        });
+        };
+        match c.services.get_mut(&meta.service) {
+            Some(svc) => svc.shadows.push(shadow),
+            None => c.orphans.push((meta.service.clone(), shadow)),
+        }
     }
     // Every generation ever used for a service, retired domains included.
     for svc in c.services.values_mut() {
@@ -140,25 +150,56 @@ pub(super) async fn reconcile(d: &Shared) {
     };
     let census = census(listing);
     for (service, class, domain) in census.retire {
-        let meta = member_meta(&service, &class, Role::Retired, 0, MemberState::Fenced);
-        let r = d
-            .hv()
-            .run("retire stale primary", move |hv| {
-                hv.destroy(&domain)?;
-                write_meta(hv, &domain, &meta)
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(%service, error = %crate::error::report(&e), "cannot retire a stale primary");
+        retire_primary(d, &service, &class, &domain).await;
+    }
+    // The owner records follow what libvirt says runs here, unless another host took the
+    // service over while we were away: then the primary here is stale and is retired.
+    let me = d.coord.host().clone();
+    let mut services = census.services;
+    let mut moved = Vec::new();
+    for svc in services.values() {
+        match d.coord.adopt(&svc.name, &svc.active).await {
+            Ok(rec) if rec.host != me => moved.push((svc.class.clone(), rec)),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(service = %svc.name, error = %crate::error::report(&e), "cannot record the service's owner")
+            }
         }
     }
-    // The owner records follow what libvirt says runs here.
-    for svc in census.services.values() {
-        if let Err(e) = d.coord.adopt(&svc.name, &svc.active).await {
-            tracing::error!(service = %svc.name, error = %crate::error::report(&e), "cannot record the service's owner");
+    let mut stale = Vec::new();
+    for (class, rec) in moved {
+        if let Some(svc) = services.remove(&rec.service) {
+            tracing::warn!(service = %rec.service, domain = %svc.active, owner = %rec.domain, host = %rec.host, "service is served from another host now; retiring the primary here");
+            stale.push((svc, class, rec));
         }
     }
-    d.table().adopt(census.services.into_values());
+    d.table().adopt(services.into_values());
+    for (svc, class, rec) in stale {
+        retire_primary(d, &svc.name, &class, &svc.active).await;
+        let _ = d
+            .table()
+            .follow(&rec.service, &class, &rec.domain, &rec.host);
+        for s in svc.shadows {
+            let _ = d.table().shadow_found(&rec.service, s);
+        }
+    }
+    // Shadows of primaries elsewhere join the service they stand in for.
+    for (service, shadow) in census.orphans {
+        let spec = match d.coord.spec(&service).await {
+            Ok(Some(spec)) if spec.host != me => spec,
+            _ => {
+                tracing::warn!(shadow = %shadow.name, %service, "shadow of a service without primary; left alone");
+                continue;
+            }
+        };
+        let mut t = d.table();
+        if t.follow(&service, &spec.class, &spec.domain, &spec.host)
+            .is_ok()
+        {
+            tracing::info!(shadow = %shadow.name, %service, host = %spec.host, "shadow of a primary on another host found");
+            let _ = t.shadow_found(&service, shadow);
+        }
+    }
     // Finish what a previous run left behind, per service.
     let names = d.table().names();
     for name in names {
@@ -171,6 +212,28 @@ pub(super) async fn reconcile(d: &Shared) {
         }
     }
     ensure_all_shadows(d);
+}
+
+/// Destroys a primary that no longer serves its service and marks it retired, so that
+/// neither we nor a restarted daemon ever run it again.
+pub(super) async fn retire_primary(d: &Shared, service: &str, class: &str, domain: &str) {
+    let meta = member_meta(service, class, Role::Retired, 0, MemberState::Fenced);
+    let dn = domain.to_string();
+    let r = d
+        .hv()
+        .run("retire stale primary", move |hv| {
+            if hv.state(&dn)?.is_active() {
+                hv.destroy(&dn)?;
+            }
+            write_meta(hv, &dn, &meta)
+        })
+        .await;
+    match r {
+        Ok(()) => tracing::info!(service, domain, "old primary retired"),
+        Err(e) => {
+            tracing::error!(service, domain, error = %crate::error::report(&e), "cannot retire a stale primary")
+        }
+    }
 }
 
 /// After a restart: settle half-done work of one service.
@@ -194,7 +257,7 @@ async fn recover_service(d: &Shared, name: &str) {
         .filter(|s| s.state != ShadowState::Failed)
     {
         let taps = live_taps(&d.hv(), &s.name).await.unwrap_or_default();
-        if s.state == ShadowState::Paused {
+        if s.state == ShadowState::PAUSED {
             for b in &taps {
                 // Belt and braces: a standing-by shadow is never on the bridge.
                 let _ = isolate_tap(&d.net, &b.tap).await;
@@ -225,13 +288,20 @@ async fn recover_service(d: &Shared, name: &str) {
         }
         ServiceState::Down { .. } => {
             // The primary died while we were away (or mid-promotion): promote now, the
-            // interrupted shadow first (it stands ready again).
+            // interrupted shadow first (it stands ready again). The promotion runs every step
+            // again: a shadow already running is fine for `resume`, a data disk it already
+            // holds is not attached twice (`attach`), and `promote_commands` run again before
+            // the network comes up, so a daemon killed between the attach and the network
+            // still finishes the hand-over.
             if let Some(s) = promoting.first() {
-                let taps = svc
-                    .shadows
-                    .iter()
-                    .find(|x| &x.name == s)
-                    .map(|x| x.taps.clone())
+                // The taps just read from libvirt (`svc` is from before): with none, the
+                // promotion would bring no network up, as when the daemon died after the
+                // data disk's attach, before `rewire`.
+                let taps = d
+                    .table()
+                    .get(name)
+                    .and_then(|v| v.shadows.iter().find(|x| &x.name == s).cloned())
+                    .map(|x| x.taps)
                     .unwrap_or_default();
                 let _ = d.table().shadow_reparked(name, s, taps);
             }
@@ -243,7 +313,7 @@ async fn recover_service(d: &Shared, name: &str) {
 
 /// An interrupted switchover may have fenced the primary (paused, taps cut): with the shadow
 /// back on standby, the primary serves again.
-async fn unfence_primary(d: &Shared, service: &str, active: &str) {
+pub(super) async fn unfence_primary(d: &Shared, service: &str, active: &str) {
     let a = active.to_string();
     let r = d
         .hv()
@@ -292,10 +362,19 @@ async fn repark_shadow(d: &Shared, service: &str, shadow: &str) -> Result<(), Fa
 
 /// Reads the active primary's taps and starts watching its QEMU process.
 pub(super) async fn refresh_active(d: &Shared, service: &str) {
-    let Some(active) = d.table().get(service).map(|s| s.active.clone()) else {
+    // A primary on another host is its host's to watch.
+    let Some(active) = d
+        .table()
+        .get(service)
+        .filter(|s| s.primary_host().is_none())
+        .map(|s| s.active.clone())
+    else {
         return;
     };
-    let taps = live_taps(&d.hv(), &active).await.unwrap_or_default();
+    let mut taps = live_taps(&d.hv(), &active).await.unwrap_or_default();
+    if d.class(&svc_class(d, service)).network == NetworkMode::Routed {
+        read_routed_sides(&d.net, &active, &mut taps).await;
+    }
     for bridge in taps.iter().filter_map(|b| b.bridge.as_deref()) {
         if crate::net::mac_is_fixed(std::path::Path::new("/sys"), bridge) == Some(false) {
             // Not fatal, but it costs every failover an ARP round trip with each client.
@@ -304,6 +383,14 @@ pub(super) async fn refresh_active(d: &Shared, service: &str) {
     }
     d.table().set_active_taps(service, taps);
     watch_primary(d, service, &active);
+}
+
+/// The class of `service` (empty when it is unknown: the default class).
+pub(super) fn svc_class(d: &Shared, service: &str) -> String {
+    d.table()
+        .get(service)
+        .map(|s| s.class.clone())
+        .unwrap_or_default()
 }
 
 /// Opens a pidfd on the primary's QEMU and reports its exit.
@@ -400,13 +487,21 @@ pub(super) async fn protect_new(d: &Shared, domain: &str, class: &str, running: 
 
 /// Starts shadow provisioning wherever a service has fewer than its class asks for.
 pub(super) fn ensure_all_shadows(d: &Shared) {
+    // With a cluster, placement decides which host provisions what.
+    if super::crosshost::clustered(d) {
+        let d = d.clone();
+        tokio::spawn(async move { super::crosshost::place_all(&d).await });
+        return;
+    }
     let planned = d.table().plan_shadows(d.limits(), Instant::now());
     for plan in planned {
-        spawn_provision(d, plan);
+        spawn_provision(d, plan, None);
     }
 }
 
-fn spawn_provision(d: &Shared, plan: ShadowToProvision) {
+/// Provisions the shadow the table reserved, from the primary's definition here, or from
+/// `primary_xml` (the published spec of a primary on another host).
+pub(super) fn spawn_provision(d: &Shared, plan: ShadowToProvision, primary_xml: Option<String>) {
     let cfg = d.cfg();
     let c = d.class(&plan.class);
     let req = ShadowRequest {
@@ -417,6 +512,7 @@ fn spawn_provision(d: &Shared, plan: ShadowToProvision) {
         service: plan.service.clone(),
         class: plan.class,
         primary: plan.primary,
+        primary_xml,
         name: plan.name.clone(),
         generation: plan.generation,
         state_dir: cfg.daemon.state_dir.clone(),
@@ -424,6 +520,15 @@ fn spawn_provision(d: &Shared, plan: ShadowToProvision) {
         agent_timeout: Duration::from_millis(cfg.monitor.agent_timeout_ms),
         agent_max_reply: cfg.monitor.agent_max_reply_bytes,
         warmup: c.warmup_commands.clone(),
+        standby: StandbyMemory {
+            shrink: c.standby_shrink,
+            idle_use_kib: c
+                .standby_shrink
+                .then(|| super::profiles::idle_memory_kib(d, &plan.service))
+                .flatten(),
+            free_page_reporting: c.free_page_reporting,
+        },
+        tier: super::tiers::provision_tier(d, &plan.service, &c),
     };
     let d = d.clone();
     tokio::spawn(async move {
@@ -525,7 +630,7 @@ mod tests {
         assert_eq!(
             states,
             [
-                ("web-shadow-2", ShadowState::Paused),
+                ("web-shadow-2", ShadowState::PAUSED),
                 // Running with a standby record: an interrupted promotion.
                 ("web-shadow-3", ShadowState::Promoting)
             ]

@@ -8,6 +8,7 @@ use crate::api::protocol::{
     DaemonInfo, DomainStatus, ErrorKind, Request, Response, ServiceStatus, ShadowStatus,
     StatusReport,
 };
+use crate::cluster::HostId;
 use crate::domain_xml::MemberState;
 use crate::events::EventKind;
 use crate::failover::plan::{plan_disks, DiskPlan, DiskPolicy};
@@ -24,9 +25,10 @@ const SWITCHOVER_WAIT: Duration = Duration::from_secs(60);
 pub(super) fn refused(e: Refused) -> Response {
     let kind = match e {
         Refused::UnknownService { .. } | Refused::NoSuchShadow { .. } => ErrorKind::NotFound,
-        Refused::NotActive { .. } | Refused::WrongState { .. } | Refused::NoShadow { .. } => {
-            ErrorKind::Conflict
-        }
+        Refused::NotActive { .. }
+        | Refused::WrongState { .. }
+        | Refused::NoShadow { .. }
+        | Refused::NoShadowOnHost { .. } => ErrorKind::Conflict,
     };
     Response::error(kind, e.to_string())
 }
@@ -35,7 +37,28 @@ pub(super) fn refused(e: Refused) -> Response {
 pub(super) async fn handle(d: &Shared, req: Request) -> Response {
     match req {
         Request::Status => Response::Status(status(d).await),
-        Request::Failover { service } => switchover(d, &service).await,
+        Request::Failover {
+            service,
+            to_host: None,
+        } => switchover(d, &service).await,
+        Request::Failover {
+            service,
+            to_host: Some(host),
+        } => match super::crosshost::handover(d, &service, &HostId(host)).await {
+            Ok(msg) => Response::ok(msg),
+            Err(why) => Response::error(ErrorKind::Failed, why),
+        },
+        Request::HostDrain {
+            host,
+            drain,
+            wait_s,
+        } => {
+            let wait = Duration::from_secs(wait_s);
+            match super::crosshost::set_drain(d, &HostId(host), drain, wait).await {
+                Ok(msg) => Response::ok(msg),
+                Err(why) => Response::error(ErrorKind::Failed, why),
+            }
+        }
         Request::Stop { service } => stop(d, &service).await,
         Request::Start { service } => start(d, &service).await,
         Request::ShadowReinit {
@@ -59,6 +82,10 @@ pub(super) async fn handle(d: &Shared, req: Request) -> Response {
         | Request::ProfileSave { .. }
         | Request::ProfileSeries { .. } => super::profiles::handle_request(d, req).await,
         Request::ReloadConfig => reload(d),
+        Request::Hosts => match super::cluster::hosts(d).await {
+            Ok(r) => Response::Hosts(r),
+            Err(e) => Response::error(ErrorKind::Failed, crate::error::report(&e)),
+        },
         // The control socket streams events itself; it never forwards this request.
         Request::Events { .. } => Response::error(
             ErrorKind::Internal,
@@ -198,7 +225,16 @@ async fn start(d: &Shared, service: &str) -> Response {
 /// `understudy reload`: a configuration that does not load leaves the running one in force.
 fn reload(d: &Shared) -> Response {
     match load_config(&d.config_path) {
-        Ok(c) => {
+        Ok(mut c) => {
+            // The coordinator and the profile repository are made at start.
+            let running = d.cfg();
+            let kept = c.cluster != running.cluster
+                || c.profile.repository_backend != running.profile.repository_backend;
+            if kept {
+                c.cluster = running.cluster.clone();
+                c.profile.repository_backend = running.profile.repository_backend;
+                tracing::warn!("[cluster] and profile.repository_backend changed: they take effect at the next start");
+            }
             *d.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
             d.events.emit(
                 None,
@@ -209,8 +245,13 @@ fn reload(d: &Shared) -> Response {
             );
             ensure_all_shadows(d);
             Response::ok(format!(
-                "configuration reloaded from {}",
-                d.config_path.display()
+                "configuration reloaded from {}{}",
+                d.config_path.display(),
+                if kept {
+                    " ([cluster] and profile.repository_backend take effect at the next start)"
+                } else {
+                    ""
+                }
             ))
         }
         Err(e) => {
@@ -278,27 +319,45 @@ async fn status(d: &Shared) -> StatusReport {
         (h.beats().clone(), h.counts())
     };
     let disks = active_disks(d, &services).await;
+    let costs = {
+        let services = services.clone();
+        tokio::task::spawn_blocking(move || super::cost::measure(&services))
+            .await
+            .unwrap_or_default()
+    };
     let service_status: Vec<ServiceStatus> = services
         .iter()
-        .map(|s| ServiceStatus {
+        .zip(&costs)
+        .map(|(s, cost)| ServiceStatus {
             disks: disks.get(&s.name).cloned().unwrap_or_default(),
             name: s.name.clone(),
             class: s.class.clone(),
             state: s.state.describe(),
             active: Some(s.active.clone()),
-            shadows: s
+            shadows: cost
                 .shadows
                 .iter()
                 .map(|x| ShadowStatus {
                     name: x.name.clone(),
                     state: x.state,
+                    memory: x.memory,
+                    share_of_primary_pct: cost.shadow_share_pct(x),
                 })
                 .collect(),
             last_failover: s.last_failover.clone(),
             health: s.health.clone(),
             last_heartbeat_unix_ms: s.last_heartbeat_unix_ms,
+            primary_memory: cost.primary,
+            standby_memory_bytes: cost.standby_bytes(),
+            standby_share_pct: cost.standby_share_pct(),
+            standby_plan: super::tiers::plan(
+                d,
+                &s.name,
+                &cfg.class.get(&s.class).cloned().unwrap_or_default(),
+            ),
         })
         .collect();
+    super::checks::publish_cost(d, &costs);
     super::checks::publish_gauges(d);
     let domains = doms
         .into_iter()

@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::cluster::{HostId, OwnerRecord};
+use crate::failover::record::Tier;
 use crate::failover::shadow::{shadow_generation, shadow_name};
 use crate::failover::{FailoverRecord, Shadow, ShadowState, TapBinding, Trigger};
 
@@ -35,6 +37,12 @@ pub enum ServiceState {
         shadow: String,
         /// What set it off.
         trigger: Trigger,
+        /// The old primary's host when it is another one (a promotion here of a primary that
+        /// died there).
+        from_host: Option<HostId>,
+        /// How the shadow stood by, to return to when another host's claim wins (the claim
+        /// comes before anything of the shadow is touched).
+        standby: ShadowState,
     },
     /// The primary is gone and no shadow could take over yet.
     Down {
@@ -48,6 +56,20 @@ pub enum ServiceState {
         /// Why, naming the device.
         reason: String,
     },
+    /// The active primary runs on another host (known through the cluster); this host may
+    /// hold shadows of it, and promotes one when that host reports the primary dead.
+    Elsewhere {
+        /// The primary's host.
+        host: HostId,
+    },
+    /// A planned switchover to a shadow on another host: the primary here is fenced (paused,
+    /// taps cut) until that host has claimed the service and resumed its shadow.
+    HandingOver {
+        /// The host taking over.
+        to: HostId,
+        /// Its shadow that takes over.
+        shadow: String,
+    },
 }
 
 impl ServiceState {
@@ -60,6 +82,8 @@ impl ServiceState {
             ServiceState::Down { .. } => "down",
             ServiceState::Stopped => "stopped",
             ServiceState::Unprotectable { .. } => "unprotectable",
+            ServiceState::Elsewhere { .. } => "elsewhere",
+            ServiceState::HandingOver { .. } => "handing_over",
         }
     }
 
@@ -68,6 +92,10 @@ impl ServiceState {
         match self {
             ServiceState::Down { reason } | ServiceState::Unprotectable { reason } => {
                 format!("{}: {reason}", self.label())
+            }
+            ServiceState::Elsewhere { host } => format!("elsewhere: on host {host}"),
+            ServiceState::HandingOver { to, shadow } => {
+                format!("handing_over: to {shadow} on host {to}")
             }
             other => other.label().to_string(),
         }
@@ -108,6 +136,8 @@ pub struct Service {
     pub last_generation: u64,
     /// Consecutive failed shadow provisionings.
     pub provision_failures: u32,
+    /// Shadows of this service on other hosts, as the cluster registers them.
+    pub remote_shadows: Vec<RemoteShadow>,
     /// No provisioning before this instant (backoff after failures).
     pub provision_not_before: Option<Instant>,
 }
@@ -129,12 +159,26 @@ impl Service {
             last_generation: 0,
             provision_failures: 0,
             provision_not_before: None,
+            remote_shadows: Vec::new(),
         }
     }
 
-    /// The first paused shadow, if any.
+    /// The host of the active primary: `None` for this host.
+    pub fn primary_host(&self) -> Option<&HostId> {
+        match &self.state {
+            ServiceState::Elsewhere { host } => Some(host),
+            _ => None,
+        }
+    }
+
+    /// The shadow to promote: the fastest tier standing by (paused, then saved, then cold),
+    /// oldest first.
     pub fn ready_shadow(&self) -> Option<&Shadow> {
-        self.shadows.iter().find(|s| s.state == ShadowState::Paused)
+        Tier::ALL.iter().find_map(|t| {
+            self.shadows
+                .iter()
+                .find(|s| s.state == ShadowState::Standby(*t))
+        })
     }
 
     fn shadow_mut(&mut self, name: &str) -> Option<&mut Shadow> {
@@ -145,11 +189,22 @@ impl Service {
     fn settle(&mut self) {
         if self.state == ServiceState::Provisioning
             && !self.shadows.is_empty()
-            && self.shadows.iter().all(|s| s.state == ShadowState::Paused)
+            && self.shadows.iter().all(|s| s.state.is_standby())
         {
             self.state = ServiceState::Protected;
         }
     }
+}
+
+/// A shadow of a service registered by another host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteShadow {
+    /// Its domain name.
+    pub name: String,
+    /// The host running it.
+    pub host: HostId,
+    /// Booted and paused: promotable.
+    pub ready: bool,
 }
 
 /// Which member of a service a domain is.
@@ -199,6 +254,22 @@ pub enum Action {
         /// Why.
         trigger: Trigger,
     },
+    /// The service is served from another host now: destroy the primary `old` here (dead or
+    /// fenced) and mark it retired, so it is never started again.
+    RetirePrimary {
+        /// The service.
+        service: String,
+        /// The old primary here.
+        old: String,
+    },
+    /// A handover to another host did not complete: resume the fenced primary and put its
+    /// taps back on their bridges.
+    Unfence {
+        /// The service.
+        service: String,
+        /// The primary here.
+        domain: String,
+    },
     /// Watch the primary fenced for a hang through the grace period, then destroy it.
     FenceGrace {
         /// The service.
@@ -247,6 +318,16 @@ pub enum Refused {
         /// The service.
         service: String,
     },
+    /// No ready shadow of the service on the host named.
+    #[error("service '{service}' has no ready shadow on host '{host}' (ready on: {ready_on})")]
+    NoShadowOnHost {
+        /// The service.
+        service: String,
+        /// The host named.
+        host: HostId,
+        /// Hosts with a ready shadow, comma-separated, or `(none)`.
+        ready_on: String,
+    },
     /// The shadow named is not a member of the service (or not in the state needed).
     #[error("'{shadow}' is not a {what} shadow of service '{service}'")]
     NoSuchShadow {
@@ -266,12 +347,30 @@ pub struct FailoverStart {
     pub class: String,
     /// The primary being replaced.
     pub old_primary: String,
+    /// Its host when that is another one (whose report says it is dead or fenced): this
+    /// host cannot and need not fence it.
+    pub old_host: Option<HostId>,
     /// The old primary's taps, as last seen.
     pub old_taps: Vec<TapBinding>,
     /// The shadow to promote (its state is now Promoting).
     pub shadow: Shadow,
     /// The shadow's generation number.
     pub shadow_generation: u64,
+}
+
+/// What a started handover to another host needs from the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverStart {
+    /// The service's class.
+    pub class: String,
+    /// The primary here, to fence.
+    pub primary: String,
+    /// The old primary's taps, as last seen.
+    pub taps: Vec<TapBinding>,
+    /// The host taking over.
+    pub to: HostId,
+    /// Its shadow that takes over.
+    pub shadow: String,
 }
 
 /// A shadow the table has reserved a name for; the daemon provisions it.
@@ -431,7 +530,9 @@ impl ServiceTable {
         }
         if matches!(
             svc.state,
-            ServiceState::FailingOver { .. } | ServiceState::Stopped
+            ServiceState::FailingOver { .. }
+                | ServiceState::Stopped
+                | ServiceState::HandingOver { .. }
         ) {
             return Err(Refused::WrongState {
                 service: service.to_string(),
@@ -439,10 +540,14 @@ impl ServiceTable {
                 what: "fail over",
             });
         }
+        let from_host = svc.primary_host().cloned();
         let Some(shadow) = svc.ready_shadow().cloned() else {
-            svc.state = ServiceState::Down {
-                reason: "primary failed; no paused shadow".into(),
-            };
+            // A primary elsewhere may have shadows on other hosts: not down for this host.
+            if from_host.is_none() {
+                svc.state = ServiceState::Down {
+                    reason: "primary failed; no paused shadow".into(),
+                };
+            }
             return Err(Refused::NoShadow {
                 service: service.to_string(),
             });
@@ -450,6 +555,8 @@ impl ServiceTable {
         svc.state = ServiceState::FailingOver {
             shadow: shadow.name.clone(),
             trigger,
+            from_host: from_host.clone(),
+            standby: shadow.state,
         };
         if let Some(s) = svc.shadow_mut(&shadow.name) {
             s.state = ShadowState::Promoting;
@@ -457,6 +564,7 @@ impl ServiceTable {
         Ok(FailoverStart {
             class: svc.class.clone(),
             old_primary: svc.active.clone(),
+            old_host: from_host,
             old_taps: svc.active_taps.clone(),
             shadow_generation: shadow_generation(service, &shadow.name).unwrap_or(0),
             shadow,
@@ -492,7 +600,13 @@ impl ServiceTable {
         taps: Vec<TapBinding>,
     ) -> Result<Vec<Action>, Refused> {
         let svc = self.svc_mut(service)?;
-        let ServiceState::FailingOver { shadow: s, trigger } = &svc.state else {
+        let ServiceState::FailingOver {
+            shadow: s,
+            trigger,
+            from_host,
+            ..
+        } = &svc.state
+        else {
             return Err(Refused::WrongState {
                 service: service.to_string(),
                 state: svc.state.label(),
@@ -507,6 +621,7 @@ impl ServiceTable {
             });
         }
         let trigger = *trigger;
+        let remote_old = from_host.is_some();
         let old = std::mem::replace(&mut svc.active, shadow.to_string());
         svc.shadows.retain(|s| s.name != shadow);
         svc.active_taps = taps;
@@ -514,7 +629,9 @@ impl ServiceTable {
         svc.promote_attempts = 0;
         svc.last_failover = Some(record);
         let mut actions = Vec::new();
-        if trigger == Trigger::Heartbeat {
+        // A hung primary elsewhere is its own host's to destroy (it retires it when it sees
+        // the new owner).
+        if trigger == Trigger::Heartbeat && !remote_old {
             actions.push(Action::FenceGrace {
                 service: service.to_string(),
                 old,
@@ -547,6 +664,20 @@ impl ServiceTable {
         }
         if let Some(s) = svc.shadow_mut(shadow) {
             s.state = ShadowState::Failed;
+        }
+        if let ServiceState::FailingOver {
+            from_host: Some(host),
+            ..
+        } = &svc.state
+        {
+            // The primary's host reported it dead; the other hosts' shadows may still take
+            // over: this one stands aside rather than declare the service down.
+            svc.state = ServiceState::Elsewhere { host: host.clone() };
+            svc.last_failover = Some(record);
+            return Ok(vec![Action::RemoveShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+            }]);
         }
         svc.promote_attempts += 1;
         svc.state = ServiceState::Down {
@@ -596,11 +727,16 @@ impl ServiceTable {
             let have = svc
                 .shadows
                 .iter()
-                .filter(|s| matches!(s.state, ShadowState::Booting | ShadowState::Paused))
+                .filter(|s| {
+                    matches!(
+                        s.state,
+                        ShadowState::Booting | ShadowState::Standby(_) | ShadowState::Switching(_)
+                    )
+                })
                 .count();
             if have >= want {
                 if svc.state == ServiceState::Provisioning
-                    && svc.shadows.iter().all(|s| s.state == ShadowState::Paused)
+                    && svc.shadows.iter().all(|s| s.state.is_standby())
                 {
                     svc.state = ServiceState::Protected;
                 }
@@ -751,9 +887,71 @@ impl ServiceTable {
                 what: "known",
             });
         };
-        s.state = ShadowState::Paused;
+        s.state = ShadowState::PAUSED;
         s.taps = taps;
         Ok(())
+    }
+
+    /// A shadow standing by starts moving to tier `to` (the `adaptive` policy); it cannot be
+    /// promoted until [`Self::tier_switched`]. Refused during a failover.
+    pub fn begin_tier_switch(
+        &mut self,
+        service: &str,
+        shadow: &str,
+        to: Tier,
+    ) -> Result<(), Refused> {
+        let svc = self.svc_mut(service)?;
+        if matches!(svc.state, ServiceState::FailingOver { .. }) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "switch a shadow's tier",
+            });
+        }
+        match svc.shadow_mut(shadow) {
+            Some(s) if matches!(s.state, ShadowState::Standby(t) if t != to) => {
+                s.state = ShadowState::Switching(to);
+                Ok(())
+            }
+            _ => Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+                what: "standing-by (in another tier)",
+            }),
+        }
+    }
+
+    /// A switching shadow stands by in `tier` now, with `taps` (a restored shadow has new
+    /// ones). A service that went down meanwhile promotes it at once.
+    pub fn tier_switched(
+        &mut self,
+        service: &str,
+        shadow: &str,
+        tier: Tier,
+        taps: Vec<TapBinding>,
+    ) -> Result<Vec<Action>, Refused> {
+        let svc = self.svc_mut(service)?;
+        let Some(s) = svc
+            .shadow_mut(shadow)
+            .filter(|s| s.state == ShadowState::Switching(tier))
+        else {
+            return Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+                what: "switching",
+            });
+        };
+        s.state = ShadowState::Standby(tier);
+        s.taps = taps;
+        svc.settle();
+        Ok(match svc.state {
+            ServiceState::Down { .. } => vec![Action::Failover {
+                service: service.to_string(),
+                from: svc.active.clone(),
+                trigger: Trigger::Recovery,
+            }],
+            _ => Vec::new(),
+        })
     }
 
     /// The taps of a shadow, read from libvirt.
@@ -778,7 +976,12 @@ impl ServiceTable {
     /// protected (or unprotectable) provisions again. Returns the shadows to remove.
     pub fn rebuild(&mut self, service: &str) -> Result<Vec<String>, Refused> {
         let svc = self.svc_mut(service)?;
-        if matches!(svc.state, ServiceState::FailingOver { .. }) {
+        if matches!(
+            svc.state,
+            ServiceState::FailingOver { .. }
+                | ServiceState::Elsewhere { .. }
+                | ServiceState::HandingOver { .. }
+        ) {
             return Err(Refused::WrongState {
                 service: service.to_string(),
                 state: svc.state.label(),
@@ -799,7 +1002,12 @@ impl ServiceTable {
     /// `understudy stop`: the primary is shut off on purpose, never a failure.
     pub fn stop(&mut self, service: &str) -> Result<&Service, Refused> {
         let svc = self.svc_mut(service)?;
-        if matches!(svc.state, ServiceState::FailingOver { .. }) {
+        if matches!(
+            svc.state,
+            ServiceState::FailingOver { .. }
+                | ServiceState::Elsewhere { .. }
+                | ServiceState::HandingOver { .. }
+        ) {
             return Err(Refused::WrongState {
                 service: service.to_string(),
                 state: svc.state.label(),
@@ -813,7 +1021,12 @@ impl ServiceTable {
     /// `understudy start`, or a stopped primary started by someone: protected again.
     pub fn start(&mut self, service: &str) -> Result<&Service, Refused> {
         let svc = self.svc_mut(service)?;
-        if matches!(svc.state, ServiceState::FailingOver { .. }) {
+        if matches!(
+            svc.state,
+            ServiceState::FailingOver { .. }
+                | ServiceState::Elsewhere { .. }
+                | ServiceState::HandingOver { .. }
+        ) {
             return Err(Refused::WrongState {
                 service: service.to_string(),
                 state: svc.state.label(),
@@ -835,6 +1048,279 @@ impl ServiceTable {
                 what: "restart a primary that was not stopped",
             }),
         }
+    }
+
+    // ---- other hosts ---------------------------------------------------------------------
+
+    /// A primary published by another host: this host follows it (Elsewhere), to hold
+    /// shadows of it and take over when its host reports it dead. Refused for a service whose
+    /// primary runs here (the owner record decides that: [`Self::owner_changed`]).
+    pub fn follow(
+        &mut self,
+        service: &str,
+        class: &str,
+        domain: &str,
+        host: &HostId,
+    ) -> Result<(), Refused> {
+        let Some(svc) = self.services.get_mut(service) else {
+            self.services.insert(
+                service.to_string(),
+                Service::new(
+                    service,
+                    class,
+                    domain,
+                    ServiceState::Elsewhere { host: host.clone() },
+                ),
+            );
+            return Ok(());
+        };
+        if !matches!(svc.state, ServiceState::Elsewhere { .. }) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "follow a primary on another host",
+            });
+        }
+        svc.class = class.to_string();
+        svc.active = domain.to_string();
+        svc.state = ServiceState::Elsewhere { host: host.clone() };
+        Ok(())
+    }
+
+    /// A primary elsewhere is no longer published (unprotected there): the service leaves
+    /// the table. Returns the shadows here to remove.
+    pub fn unfollow(&mut self, service: &str) -> Result<Vec<String>, Refused> {
+        let svc = self.require(service)?;
+        if !matches!(svc.state, ServiceState::Elsewhere { .. }) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "forget it (its primary runs here)",
+            });
+        }
+        let shadows = svc.shadows.iter().map(|s| s.name.clone()).collect();
+        self.services.remove(service);
+        Ok(shadows)
+    }
+
+    /// A service's owner record was written (by any host; `me` is this one). When another
+    /// host now serves a service whose primary ran here, that primary is retired (it is
+    /// dead, or fenced by a handover); a service elsewhere follows its new owner. This
+    /// host's own claims are answered through the promotion ([`Self::failover_succeeded`],
+    /// [`Self::failover_lost`]).
+    pub fn owner_changed(&mut self, record: &OwnerRecord, me: &HostId) -> Vec<Action> {
+        let Some(svc) = self.services.get_mut(&record.service) else {
+            return Vec::new();
+        };
+        if &record.host == me || matches!(svc.state, ServiceState::FailingOver { .. }) {
+            return Vec::new();
+        }
+        svc.remote_shadows
+            .retain(|r| !(r.name == record.domain && r.host == record.host));
+        let moved_here = svc.primary_host().is_none();
+        let old = std::mem::replace(&mut svc.active, record.domain.clone());
+        svc.state = ServiceState::Elsewhere {
+            host: record.host.clone(),
+        };
+        if moved_here && old != record.domain {
+            vec![Action::RetirePrimary {
+                service: record.service.clone(),
+                old,
+            }]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// This host's claim for `shadow` lost: `winner` serves the service. The shadow goes
+    /// back on standby, untouched (it was never resumed); a primary that was here is retired.
+    pub fn failover_lost(
+        &mut self,
+        service: &str,
+        shadow: &str,
+        winner: &OwnerRecord,
+    ) -> Result<Vec<Action>, Refused> {
+        let svc = self.svc_mut(service)?;
+        let ServiceState::FailingOver {
+            shadow: s,
+            from_host,
+            standby,
+            ..
+        } = &svc.state
+        else {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "lose a claim",
+            });
+        };
+        if s != shadow {
+            return Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+                what: "promoting",
+            });
+        }
+        let primary_was_here = from_host.is_none();
+        let standby = *standby;
+        if let Some(x) = svc.shadow_mut(shadow) {
+            x.state = standby;
+        }
+        let old = std::mem::replace(&mut svc.active, winner.domain.clone());
+        svc.state = ServiceState::Elsewhere {
+            host: winner.host.clone(),
+        };
+        Ok(if primary_was_here && old != winner.domain {
+            vec![Action::RetirePrimary {
+                service: service.to_string(),
+                old,
+            }]
+        } else {
+            Vec::new()
+        })
+    }
+
+    /// A planned switchover of the primary here to the ready shadow on host `to`: the
+    /// service is HandingOver until that host claims it ([`Self::owner_changed`]) or the
+    /// handover is given up ([`Self::handover_failed`]).
+    pub fn begin_handover(&mut self, service: &str, to: &HostId) -> Result<HandoverStart, Refused> {
+        let svc = self.svc_mut(service)?;
+        if !svc.state.is_running() {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "hand over to another host",
+            });
+        }
+        let Some(shadow) = svc
+            .remote_shadows
+            .iter()
+            .find(|r| &r.host == to && r.ready)
+            .map(|r| r.name.clone())
+        else {
+            let mut hosts: Vec<String> = svc
+                .remote_shadows
+                .iter()
+                .filter(|r| r.ready)
+                .map(|r| r.host.to_string())
+                .collect();
+            hosts.dedup();
+            return Err(Refused::NoShadowOnHost {
+                service: service.to_string(),
+                host: to.clone(),
+                ready_on: if hosts.is_empty() {
+                    "(none)".into()
+                } else {
+                    hosts.join(", ")
+                },
+            });
+        };
+        svc.state = ServiceState::HandingOver {
+            to: to.clone(),
+            shadow: shadow.clone(),
+        };
+        Ok(HandoverStart {
+            class: svc.class.clone(),
+            primary: svc.active.clone(),
+            taps: svc.active_taps.clone(),
+            to: to.clone(),
+            shadow,
+        })
+    }
+
+    /// The other host did not take over: the primary here serves again.
+    pub fn handover_failed(&mut self, service: &str) -> Result<Vec<Action>, Refused> {
+        let svc = self.svc_mut(service)?;
+        if !matches!(svc.state, ServiceState::HandingOver { .. }) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "give up a handover",
+            });
+        }
+        svc.state = ServiceState::Provisioning;
+        svc.settle();
+        Ok(vec![Action::Unfence {
+            service: service.to_string(),
+            domain: svc.active.clone(),
+        }])
+    }
+
+    /// A shadow of the service registered by another host, new or changed.
+    pub fn remote_shadow(&mut self, service: &str, shadow: RemoteShadow) {
+        if let Some(svc) = self.services.get_mut(service) {
+            match svc
+                .remote_shadows
+                .iter_mut()
+                .find(|r| r.name == shadow.name && r.host == shadow.host)
+            {
+                Some(r) => *r = shadow,
+                None => svc.remote_shadows.push(shadow),
+            }
+        }
+    }
+
+    /// A shadow registration of another host is gone (removed, or expired with its lease).
+    pub fn remote_shadow_gone(&mut self, service: &str, shadow: &str, host: &HostId) {
+        if let Some(svc) = self.services.get_mut(service) {
+            svc.remote_shadows
+                .retain(|r| !(r.name == shadow && &r.host == host));
+        }
+    }
+
+    /// Reserves the name of one more shadow here, where placement put it (with a cluster):
+    /// of a running primary here, of one that is down within its retry limit, or of a primary
+    /// elsewhere (then provisioned from its published spec). Names are above every generation
+    /// seen on any host, plus `slot`: the place of this host among the hosts that placement
+    /// gave a new shadow in the same round (every host computes the same list), so two hosts
+    /// provisioning at once never pick the same name.
+    pub fn reserve_shadow(
+        &mut self,
+        service: &str,
+        limits: ClassLimits,
+        slot: u64,
+    ) -> Result<ShadowToProvision, Refused> {
+        let svc = self.svc_mut(service)?;
+        let down_retry = matches!(svc.state, ServiceState::Down { .. })
+            && svc.promote_attempts <= limits.promote_retry_limit;
+        let elsewhere = matches!(svc.state, ServiceState::Elsewhere { .. });
+        if !(svc.state.is_running() || down_retry || elsewhere) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "provision a shadow",
+            });
+        }
+        if svc.state == ServiceState::Protected {
+            svc.state = ServiceState::Provisioning;
+        }
+        let next = svc
+            .shadows
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(svc.remote_shadows.iter().map(|r| r.name.as_str()))
+            .chain([svc.active.as_str()])
+            .filter_map(|n| shadow_generation(&svc.name, n))
+            .chain([svc.last_generation])
+            .max()
+            .unwrap_or(0)
+            + 1
+            + slot;
+        svc.last_generation = next;
+        let name = shadow_name(&svc.name, next);
+        svc.shadows.push(Shadow {
+            name: name.clone(),
+            state: ShadowState::Booting,
+            taps: Vec::new(),
+            data_disks: None,
+        });
+        Ok(ShadowToProvision {
+            service: svc.name.clone(),
+            class: svc.class.clone(),
+            primary: svc.active.clone(),
+            name,
+            generation: next,
+        })
     }
 
     // ---- health --------------------------------------------------------------------------
@@ -872,10 +1358,19 @@ mod tests {
             ServiceState::FailingOver {
                 shadow: String::new(),
                 trigger: t,
+                from_host: None,
+                standby: ShadowState::PAUSED,
             },
             ServiceState::Down { reason: reason() },
             ServiceState::Stopped,
             ServiceState::Unprotectable { reason: reason() },
+            ServiceState::Elsewhere {
+                host: HostId(reason()),
+            },
+            ServiceState::HandingOver {
+                to: HostId(reason()),
+                shadow: reason(),
+            },
         ] {
             assert!(
                 crate::api::metrics::KNOWN_SERVICE_STATES.contains(&state.label()),
@@ -907,7 +1402,7 @@ mod tests {
     fn paused(name: &str) -> Shadow {
         Shadow {
             name: name.into(),
-            state: ShadowState::Paused,
+            state: ShadowState::PAUSED,
             taps: Vec::new(),
             data_disks: None,
         }
@@ -1238,6 +1733,40 @@ mod tests {
     }
 
     #[test]
+    fn a_switching_shadow_is_not_promoted_until_it_arrives() {
+        let mut t = protected();
+        let name = "web-shadow-1".to_string();
+        assert!(
+            t.begin_tier_switch("web", &name, Tier::Paused).is_err(),
+            "already paused"
+        );
+        t.begin_tier_switch("web", &name, Tier::Saved).unwrap();
+        // Still counted as a shadow: nothing new is provisioned.
+        assert!(t.plan_shadows(|_| LIMITS, Instant::now()).is_empty());
+        assert_eq!(
+            t.begin_failover("web", "web", Trigger::Pidfd).unwrap_err(),
+            Refused::NoShadow {
+                service: "web".into()
+            }
+        );
+        // Down meanwhile: arriving promotes it.
+        let actions = t
+            .tier_switched("web", &name, Tier::Saved, Vec::new())
+            .unwrap();
+        assert!(
+            matches!(actions[..], [Action::Failover { .. }]),
+            "{actions:?}"
+        );
+        assert_eq!(
+            t.get("web").unwrap().shadows[0].state,
+            ShadowState::Standby(Tier::Saved)
+        );
+        assert!(t
+            .tier_switched("web", &name, Tier::Saved, Vec::new())
+            .is_err());
+    }
+
+    #[test]
     fn repark_returns_an_interrupted_promotion_to_standby() {
         let mut t = protected();
         t.shadow_found(
@@ -1257,6 +1786,291 @@ mod tests {
             "web-shadow-1"
         );
         assert!(t.shadow_reparked("web", "nope", Vec::new()).is_err());
+    }
+
+    fn host(n: &str) -> HostId {
+        HostId(n.into())
+    }
+
+    fn owner(domain: &str, h: &str, generation: u64) -> OwnerRecord {
+        OwnerRecord {
+            service: "web".into(),
+            domain: domain.into(),
+            host: host(h),
+            generation,
+        }
+    }
+
+    /// This host (h2) follows `web`, whose primary runs on h1, and holds one paused shadow.
+    fn following() -> ServiceTable {
+        let mut t = ServiceTable::new();
+        t.follow("web", "c", "web", &host("h1")).unwrap();
+        let p = t.reserve_shadow("web", LIMITS, 0).unwrap();
+        assert_eq!(p.name, "web-shadow-1");
+        t.shadow_ready("web", paused("web-shadow-1")).unwrap();
+        t
+    }
+
+    #[test]
+    fn a_service_elsewhere_is_followed_and_never_provisioned_as_if_local() {
+        let mut t = following();
+        let s = t.get("web").unwrap();
+        assert_eq!(s.state.describe(), "elsewhere: on host h1");
+        assert_eq!(s.primary_host(), Some(&host("h1")));
+        assert!(!s.state.is_running());
+        // The local planning round leaves it alone: its primary's host places its shadows.
+        assert!(t.plan_shadows(|_| LIMITS, Instant::now()).is_empty());
+        // Operators act on the primary's host.
+        assert!(t.stop("web").is_err());
+        assert!(t.begin_switchover("web").is_err());
+        // A primary here cannot be followed as if it were elsewhere.
+        let mut local = protected();
+        assert!(local.follow("web", "c", "web", &host("h1")).is_err());
+        assert_eq!(t.unfollow("web").unwrap(), ["web-shadow-1"]);
+        assert!(!t.contains("web"));
+        assert!(local.unfollow("web").is_err());
+    }
+
+    #[test]
+    fn a_reported_crash_elsewhere_promotes_the_shadow_here() {
+        let mut t = following();
+        let start = t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        assert_eq!(start.old_host, Some(host("h1")));
+        assert_eq!(start.shadow.name, "web-shadow-1");
+        let actions = t
+            .failover_succeeded("web", "web-shadow-1", record(true), Vec::new())
+            .unwrap();
+        assert_eq!(
+            actions,
+            vec![
+                Action::WatchPrimary {
+                    service: "web".into(),
+                    domain: "web-shadow-1".into()
+                },
+                Action::EnsureShadowsLater
+            ]
+        );
+        let s = t.get("web").unwrap();
+        assert_eq!(
+            (s.active.as_str(), s.primary_host()),
+            ("web-shadow-1", None)
+        );
+        assert!(s.state.is_running());
+    }
+
+    #[test]
+    fn a_hang_elsewhere_is_not_fenced_from_here() {
+        let mut t = following();
+        t.begin_failover("web", "web", Trigger::Heartbeat).unwrap();
+        let actions = t
+            .failover_succeeded("web", "web-shadow-1", record(true), Vec::new())
+            .unwrap();
+        assert!(!actions
+            .iter()
+            .any(|a| matches!(a, Action::FenceGrace { .. })));
+    }
+
+    #[test]
+    fn without_a_shadow_here_a_crash_elsewhere_leaves_the_service_to_the_others() {
+        let mut t = ServiceTable::new();
+        t.follow("web", "c", "web", &host("h1")).unwrap();
+        assert!(matches!(
+            t.begin_failover("web", "web", Trigger::Pidfd),
+            Err(Refused::NoShadow { .. })
+        ));
+        assert_eq!(t.get("web").unwrap().state.label(), "elsewhere");
+        // A failed promotion of a primary elsewhere stands aside, with no retry from here.
+        let mut t = following();
+        t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        let actions = t
+            .failover_failed("web", "web-shadow-1", record(false), LIMITS)
+            .unwrap();
+        assert_eq!(
+            actions,
+            vec![Action::RemoveShadow {
+                service: "web".into(),
+                shadow: "web-shadow-1".into()
+            }]
+        );
+        assert_eq!(t.get("web").unwrap().state.label(), "elsewhere");
+    }
+
+    #[test]
+    fn a_lost_claim_leaves_the_shadow_paused_and_follows_the_winner() {
+        let mut t = following();
+        t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        let actions = t
+            .failover_lost("web", "web-shadow-1", &owner("web-shadow-7", "h3", 2))
+            .unwrap();
+        assert!(actions.is_empty(), "the dead primary is h1's to retire");
+        let s = t.get("web").unwrap();
+        assert_eq!(s.ready_shadow().unwrap().name, "web-shadow-1");
+        assert_eq!(
+            (s.active.as_str(), s.primary_host()),
+            ("web-shadow-7", Some(&host("h3")))
+        );
+        // A local primary that lost the race is retired here.
+        let mut t = protected();
+        t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        assert_eq!(
+            t.failover_lost("web", "web-shadow-1", &owner("web-shadow-2", "h2", 2))
+                .unwrap(),
+            vec![Action::RetirePrimary {
+                service: "web".into(),
+                old: "web".into()
+            }]
+        );
+        assert!(t
+            .failover_lost("web", "web-shadow-1", &owner("x", "h2", 3))
+            .is_err());
+    }
+
+    #[test]
+    fn another_host_taking_over_retires_the_primary_here() {
+        let mut t = protected();
+        let me = host("h1");
+        // Our own claims are answered through the promotion.
+        assert!(t.owner_changed(&owner("web", "h1", 1), &me).is_empty());
+        assert_eq!(
+            t.owner_changed(&owner("web-shadow-2", "h2", 2), &me),
+            vec![Action::RetirePrimary {
+                service: "web".into(),
+                old: "web".into()
+            }]
+        );
+        let s = t.get("web").unwrap();
+        assert_eq!(
+            (s.active.as_str(), s.primary_host()),
+            ("web-shadow-2", Some(&host("h2")))
+        );
+        // Following along: no action, the new owner is recorded.
+        assert!(t
+            .owner_changed(&owner("web-shadow-3", "h3", 3), &me)
+            .is_empty());
+        assert_eq!(t.get("web").unwrap().primary_host(), Some(&host("h3")));
+        // Unknown services and promotions in flight are left alone.
+        assert!(t
+            .owner_changed(
+                &OwnerRecord {
+                    service: "db".into(),
+                    ..owner("db", "h2", 1)
+                },
+                &me
+            )
+            .is_empty());
+        let mut t = protected();
+        t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        assert!(t
+            .owner_changed(&owner("web-shadow-2", "h2", 2), &me)
+            .is_empty());
+        assert_eq!(t.get("web").unwrap().state.label(), "failing_over");
+    }
+
+    #[test]
+    fn a_handover_needs_a_ready_shadow_on_the_host_named() {
+        let mut t = protected();
+        let refused = t.begin_handover("web", &host("h2")).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "service 'web' has no ready shadow on host 'h2' (ready on: (none))"
+        );
+        t.remote_shadow(
+            "web",
+            RemoteShadow {
+                name: "web-shadow-2".into(),
+                host: host("h2"),
+                ready: false,
+            },
+        );
+        assert!(t.begin_handover("web", &host("h2")).is_err());
+        t.remote_shadow(
+            "web",
+            RemoteShadow {
+                name: "web-shadow-2".into(),
+                host: host("h2"),
+                ready: true,
+            },
+        );
+        assert_eq!(t.get("web").unwrap().remote_shadows.len(), 1);
+        assert!(t
+            .begin_handover("web", &host("h3"))
+            .unwrap_err()
+            .to_string()
+            .ends_with("(ready on: h2)"));
+        let start = t.begin_handover("web", &host("h2")).unwrap();
+        assert_eq!(
+            (start.primary.as_str(), start.shadow.as_str()),
+            ("web", "web-shadow-2")
+        );
+        assert_eq!(t.get("web").unwrap().state.label(), "handing_over");
+        // Nothing else starts meanwhile.
+        assert!(t.begin_handover("web", &host("h2")).is_err());
+        assert!(t.begin_switchover("web").is_err());
+        // h2 claims: the fenced primary here is retired.
+        assert_eq!(
+            t.owner_changed(&owner("web-shadow-2", "h2", 2), &host("h1")),
+            vec![Action::RetirePrimary {
+                service: "web".into(),
+                old: "web".into()
+            }]
+        );
+        assert!(t.get("web").unwrap().remote_shadows.is_empty());
+    }
+
+    #[test]
+    fn a_handover_given_up_unfences_the_primary() {
+        let mut t = protected();
+        t.remote_shadow(
+            "web",
+            RemoteShadow {
+                name: "web-shadow-2".into(),
+                host: host("h2"),
+                ready: true,
+            },
+        );
+        t.begin_handover("web", &host("h2")).unwrap();
+        assert_eq!(
+            t.handover_failed("web").unwrap(),
+            vec![Action::Unfence {
+                service: "web".into(),
+                domain: "web".into()
+            }]
+        );
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Protected);
+        assert!(t.handover_failed("web").is_err());
+        t.remote_shadow_gone("web", "web-shadow-2", &host("h2"));
+        assert!(t.get("web").unwrap().remote_shadows.is_empty());
+    }
+
+    #[test]
+    fn shadows_here_of_a_primary_elsewhere_get_names_above_every_host_s() {
+        let mut t = following();
+        t.remote_shadow(
+            "web",
+            RemoteShadow {
+                name: "web-shadow-4".into(),
+                host: host("h3"),
+                ready: true,
+            },
+        );
+        assert_eq!(
+            t.reserve_shadow("web", LIMITS, 0).unwrap().name,
+            "web-shadow-5"
+        );
+        // The second host given a shadow in the same round skips the first one's name.
+        let mut other = following();
+        assert_eq!(
+            other.reserve_shadow("web", LIMITS, 1).unwrap().name,
+            "web-shadow-3"
+        );
+        let mut t = protected();
+        assert_eq!(
+            t.reserve_shadow("web", LIMITS, 0).unwrap().name,
+            "web-shadow-2"
+        );
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Provisioning);
+        t.stop("web").unwrap();
+        assert!(t.reserve_shadow("web", LIMITS, 0).is_err());
     }
 
     #[test]

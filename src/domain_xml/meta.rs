@@ -76,6 +76,10 @@ pub enum MemberState {
     Booting,
     /// Paused, standing by (the normal state of a shadow).
     Paused,
+    /// Standing by as a managed-save image (the `saved` tier): shut off, restored at promotion.
+    Saved,
+    /// Standing by defined only (the `cold` tier): booted at promotion.
+    Cold,
     /// In the middle of a promotion; `journal` says how far it got.
     Promoting,
     /// Running and serving (or ready to).
@@ -94,6 +98,8 @@ impl MemberState {
         match self {
             MemberState::Booting => "booting",
             MemberState::Paused => "paused",
+            MemberState::Saved => "saved",
+            MemberState::Cold => "cold",
             MemberState::Promoting => "promoting",
             MemberState::Active => "active",
             MemberState::Failed => "failed",
@@ -106,6 +112,8 @@ impl MemberState {
         Some(match s {
             "booting" => MemberState::Booting,
             "paused" => MemberState::Paused,
+            "saved" => MemberState::Saved,
+            "cold" => MemberState::Cold,
             "promoting" => MemberState::Promoting,
             "active" => MemberState::Active,
             "failed" => MemberState::Failed,

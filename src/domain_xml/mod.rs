@@ -423,7 +423,7 @@ impl DomainXml {
         let dom = DomainXml { xot, doc, root };
         dom.try_vcpus()?;
         dom.try_memory_kib()?;
-        let mut targets = std::collections::HashMap::new();
+        let mut targets = std::collections::BTreeMap::new();
         for (index, disk) in dom.disk_nodes().enumerate() {
             let Some(target) = dom.disk_target(disk) else {
                 return Err(XmlError::MissingDiskTarget {
@@ -440,6 +440,13 @@ impl DomainXml {
             }
         }
         Ok(dom)
+    }
+
+    /// The parsed tree and its `<domain>` element, read-only: for a check that must walk the
+    /// document without the typed views (the fuzz target counts devices this way, and so needs
+    /// no second parse of a document it already holds).
+    pub fn tree(&self) -> (&Xot, Node) {
+        (&self.xot, self.root)
     }
 
     /// Serializes the whole document, including comments around `<domain>`.
@@ -575,6 +582,21 @@ impl DomainXml {
         let copy = xot.clone_node(iface);
         set_link(&mut xot, copy, up);
         xot.to_string(copy).ok()
+    }
+
+    /// Sets `freePageReporting='on'` on the virtio `<memballoon>`: the guest hands the pages it
+    /// frees back to the host. Returns false (and changes nothing) without a virtio balloon.
+    pub fn enable_free_page_reporting(&mut self) -> bool {
+        let balloon = self
+            .device_nodes("memballoon")
+            .find(|n| tree::attr(&self.xot, *n, "model") == Some("virtio"));
+        match balloon {
+            Some(b) => {
+                tree::set_attr(&mut self.xot, b, "freePageReporting", "on");
+                true
+            }
+            None => false,
+        }
     }
 
     /// understudy's metadata element, if present.

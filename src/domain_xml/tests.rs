@@ -1353,3 +1353,18 @@ fn duplicate_disk_targets_are_refused() {
     );
     assert!(err.to_string().contains("vda"), "{err}");
 }
+
+#[test]
+fn free_page_reporting_is_set_on_the_virtio_balloon_only() {
+    let mut d = parse(FULL);
+    assert!(d.enable_free_page_reporting());
+    let xml = d.to_xml();
+    assert!(
+        xml.contains("<memballoon model=\"virtio\" freePageReporting=\"on\">")
+            || xml.contains("<memballoon model='virtio' freePageReporting='on'>"),
+        "{xml}"
+    );
+    let mut none = parse(HOSTDEV);
+    assert!(!none.enable_free_page_reporting());
+    assert!(!none.to_xml().contains("freePageReporting"));
+}

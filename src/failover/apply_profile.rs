@@ -154,9 +154,9 @@ pub async fn apply(hv: &Hypervisor, shadow: &str, p: &ProfileApply) -> Vec<Strin
             let mut notes = Vec::new();
             match p.resources {
                 Some(plan) => notes.extend(resize(hv, &shadow, plan, &version)),
-                None => notes.push(format!(
-                    "{version}: too young to size the shadow; size unchanged"
-                )),
+                None => notes.push(super::standby::grow_back(hv, &shadow).unwrap_or_else(|| {
+                    format!("{version}: too young to size the shadow; size unchanged")
+                })),
             }
             if !p.config_files.is_empty() {
                 let agent = GuestAgent::new(

@@ -10,6 +10,7 @@ pub mod plan;
 pub mod promote;
 pub mod record;
 pub mod shadow;
+pub mod standby;
 pub mod tpm;
 
 use std::time::Duration;
@@ -116,6 +117,20 @@ pub enum FailoverError {
         #[source]
         source: Box<LibvirtError>,
     },
+    /// Another running domain holds the data disk: attaching it would make two writers.
+    /// libvirt's lock manager does not cover every disk (network disks such as NBD or RBD
+    /// have no lease), so understudy checks the live definitions itself before the attach.
+    #[error("attach: data disk {target} ({disk_source}) is still attached to running domain(s) {holders:?}; not attached to '{shadow}'")]
+    DiskHeld {
+        /// The shadow.
+        shadow: String,
+        /// `<target dev>` of the disk.
+        target: String,
+        /// Its source.
+        disk_source: String,
+        /// The running domains whose live definition has it.
+        holders: Vec<String>,
+    },
     /// A promote command failed, timed out or could not be run.
     #[error("promote_commands: {argv:?} in '{shadow}' {outcome}")]
     PromoteCommand {
@@ -188,6 +203,19 @@ pub struct TapBinding {
     pub bridge: Option<String>,
     /// Whether the NIC's link is up in the guest's view (`<link state>`).
     pub link_up: bool,
+    /// For a routed class, what on the host points traffic at this tap.
+    pub routed: RoutedSide,
+}
+
+/// The host side of a routed NIC (class `network = "routed"`): what points the VM's traffic at
+/// its tap, read while the primary runs (its tap, and every route through it, vanish with its
+/// QEMU).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutedSide {
+    /// Destinations of the `/32` host routes through the tap.
+    pub routes: Vec<std::net::Ipv4Addr>,
+    /// The host's own IPv4 addresses on the tap (the guest's gateway), with prefix lengths.
+    pub addresses: Vec<(std::net::Ipv4Addr, u8)>,
 }
 
 impl Shadow {

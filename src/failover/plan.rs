@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ClassConfig, DiskRole};
+use crate::config::{ClassConfig, DiskRole, NetworkMode};
 use crate::domain_xml::{
     shadow_spec, CloneError, DiskKind, DiskSpec, DomainXml, InterfaceKind, ShadowPlan,
 };
@@ -81,6 +81,24 @@ pub fn data_disks(primary: &DomainXml, policy: &DiskPolicy) -> Result<Vec<DataDi
             })
         })
         .collect())
+}
+
+/// Which of `running` (name and live definition of each running domain) have a writable disk
+/// on `source`, and at which target: understudy's own single-writer check before a data disk
+/// is attached, for the disks libvirt's lock manager does not lease (network disks).
+pub fn disk_holders<'a>(
+    running: &'a [(String, DomainXml)],
+    source: &str,
+) -> Vec<(&'a str, String)> {
+    running
+        .iter()
+        .flat_map(|(name, xml)| {
+            xml.disks()
+                .into_iter()
+                .filter(|d| !d.readonly && d.source.as_deref() == Some(source))
+                .map(move |d| (name.as_str(), d.target_dev))
+        })
+        .collect()
 }
 
 /// What happens to one disk when a shadow is made and promoted.
@@ -326,13 +344,20 @@ fn system_disk(
     }
 }
 
-/// The NICs of `primary`, as a shadow handles them (refusals are [`shadow_spec`]'s).
-pub fn plan_nics(primary: &DomainXml) -> Vec<NicPlan> {
+/// The NICs of `primary`, as a shadow handles them under the class's `network` mode
+/// (refusals are [`shadow_spec`]'s).
+pub fn plan_nics(primary: &DomainXml, network: NetworkMode) -> Vec<NicPlan> {
     primary
         .interfaces()
         .into_iter()
         .map(|i| {
             let handling = match i.kind {
+                InterfaceKind::Ethernet if network == NetworkMode::Routed => {
+                    "same MAC; a fresh libvirt-managed tap, down and link held down until \
+                     promotion, which brings it up, gives it the primary tap's host addresses \
+                     and replaces the /32 host routes through the primary's tap so they point \
+                     at it"
+                }
                 InterfaceKind::Bridge | InterfaceKind::Network => {
                     "same MAC, model and bridge; the shadow boots on a tap that joins no \
                      bridge, link held down, until promotion enslaves it and brings it up"
@@ -372,6 +397,8 @@ pub struct ShadowPreview {
     /// Whether promotion attaches data disks and runs `promote_commands` before the network
     /// comes up.
     pub hands_over_data: bool,
+    /// The class's network mode: whether promotion moves a bridge port or host routes.
+    pub network: NetworkMode,
     /// The spec the shadow would be defined with.
     pub shadow_xml: Option<String>,
 }
@@ -393,7 +420,7 @@ pub struct PreviewInput<'a> {
 
 /// Plans a shadow of `primary` without creating anything: what `shadow plan` prints.
 pub fn preview(primary: &DomainXml, input: &PreviewInput<'_>) -> ShadowPreview {
-    let interfaces = plan_nics(primary);
+    let interfaces = plan_nics(primary, input.class.network);
     let policy = DiskPolicy::of_class(input.class, false);
     let mut out = ShadowPreview {
         domain: primary.name(),
@@ -403,6 +430,7 @@ pub fn preview(primary: &DomainXml, input: &PreviewInput<'_>) -> ShadowPreview {
         disks: Vec::new(),
         interfaces,
         hands_over_data: false,
+        network: input.class.network,
         shadow_xml: None,
     };
     let layout = match plan_disks(primary, &policy) {
@@ -515,6 +543,17 @@ impl fmt::Display for ShadowPreview {
                 )?;
             }
         }
+        match self.network {
+            NetworkMode::Bridged => writeln!(
+                f,
+                "network: bridged (promotion puts the shadow's tap on the primary's bridge)"
+            )?,
+            NetworkMode::Routed => writeln!(
+                f,
+                "network: routed (promotion brings the shadow's tap up and points the primary's \
+                 /32 host routes at it)"
+            )?,
+        }
         if self.hands_over_data {
             writeln!(
                 f,
@@ -562,6 +601,9 @@ disk_roles = { vda = "system" }
 [class.golden]
 golden_image = "/var/lib/libvirt/images/golden/db.qcow2"
 disk_roles = { vdb = "data" }
+
+[class.routed]
+network = "routed"
 "#;
 
     fn fixture(name: &str) -> std::path::PathBuf {
@@ -636,6 +678,30 @@ disk_roles = { vdb = "data" }
             .iter()
             .find(|d| d.target == target)
             .unwrap_or_else(|| panic!("no disk {target} in {:?}", p.disks))
+    }
+
+    #[test]
+    fn a_routed_class_says_its_host_routes_follow_the_shadow() {
+        let s = Setup::new();
+        let xml = std::fs::read_to_string(fixture("stateful.xml"))
+            .unwrap()
+            .replace(
+                "<interface type='bridge'>\n      <mac address='52:54:00:6d:1f:01'/>\n      <source bridge='br0'/>",
+                "<interface type='ethernet'>\n      <mac address='52:54:00:6d:1f:01'/>",
+            );
+        assert!(xml.contains("<interface type='ethernet'>"));
+        let routed = s.plan_text(&xml, Some("routed")).unwrap();
+        assert_eq!(routed.network, NetworkMode::Routed);
+        let nic = &routed.interfaces[0];
+        assert_eq!(nic.kind, "ethernet");
+        assert!(nic.handling.contains("/32 host routes"), "{nic:?}");
+        let text = routed.to_string();
+        assert!(text.contains("network: routed"), "{text}");
+        // The same domain in a bridged class: a plain tap, no routes moved.
+        let bridged = s.plan_text(&xml, Some("golden")).unwrap();
+        assert_eq!(bridged.network, NetworkMode::Bridged);
+        assert!(!bridged.interfaces[0].handling.contains("routes"));
+        assert!(bridged.to_string().contains("network: bridged"));
     }
 
     #[test]
@@ -838,5 +904,34 @@ disk_roles = { vdb = "data" }
             }
         }
         assert!(runs > 400, "{runs}");
+    }
+
+    #[test]
+    fn a_data_disk_held_by_a_running_domain_is_found_by_its_source() {
+        let xml = std::fs::read_to_string(fixture("stateful.xml")).unwrap();
+        let running = vec![
+            ("ledger1".to_string(), DomainXml::parse(&xml).unwrap()),
+            (
+                "other".to_string(),
+                DomainXml::parse("<domain type='qemu'><name>other</name><devices/></domain>")
+                    .unwrap(),
+            ),
+        ];
+        // File, block and network (NBD, which no lock manager leases) sources.
+        assert_eq!(
+            disk_holders(&running, "/var/lib/libvirt/images/ledger1-data.raw"),
+            [("ledger1", "vdb".to_string())]
+        );
+        assert_eq!(
+            disk_holders(&running, "/dev/vg0/ledger1-wal"),
+            [("ledger1", "vdc".to_string())]
+        );
+        assert_eq!(
+            disk_holders(&running, "nbd:ledger1-archive"),
+            [("ledger1", "vdd".to_string())]
+        );
+        // A read-only disk is no writer; an unknown source has no holder.
+        assert!(disk_holders(&running, "/var/lib/libvirt/images/tools.raw").is_empty());
+        assert!(disk_holders(&running, "nbd:elsewhere").is_empty());
     }
 }

@@ -30,15 +30,18 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{Claim, CoordError, Coordinator};
+use crate::cluster::{Claim, CoordError, Coordinator, HostId};
+use crate::config::NetworkMode;
 use crate::domain_xml::{DomainXml, MemberState, Role};
-use crate::libvirt::{qemu_pid, Hypervisor, LibvirtError, QemuProcess, RunState, QEMU_RUN_DIR};
+use crate::libvirt::{kill_qemu, Hypervisor, LibvirtError, RunState, QEMU_RUN_DIR};
+use crate::monitor::agent::{AgentError, ExitStatus};
 use crate::net::{NetError, Netlink};
 
 use super::apply_profile::ProfileApply;
-use super::plan::{data_disks, DataDisk, DiskPolicy};
-use super::shadow::{guest_exec_captured, member_meta, raise_links, write_meta};
-use super::{FailoverError, FailoverRecord, Shadow, StepClock, TapBinding, Trigger};
+use super::plan::{data_disks, disk_holders, DataDisk, DiskPolicy};
+use super::record::Tier;
+use super::shadow::{clip_tail, guest_exec, member_meta, raise_links, write_meta};
+use super::{FailoverError, FailoverRecord, Shadow, ShadowState, StepClock, TapBinding, Trigger};
 
 /// Input of one promotion.
 #[derive(Debug, Clone)]
@@ -49,7 +52,11 @@ pub struct Promotion {
     pub class: String,
     /// The domain being replaced.
     pub old_primary: String,
-    /// Its taps and bridges, as last seen.
+    /// Its host when that is another one. Its host reported it dead (its QEMU gone: crash)
+    /// or fenced it before asking for this promotion (handover; with data disks, its QEMU
+    /// stopped): this host cannot reach it and does not fence it again.
+    pub old_host: Option<HostId>,
+    /// Its taps and bridges, as last seen (empty when it runs elsewhere).
     pub old_taps: Vec<TapBinding>,
     /// The shadow to promote.
     pub shadow: Shadow,
@@ -64,6 +71,8 @@ pub struct Promotion {
     pub profile: Option<ProfileApply>,
     /// How data disks change hands; `None` for a class that can have none.
     pub handover: Option<Handover>,
+    /// Bridged (the shadow's tap joins the bridge) or routed (the host routes move to it).
+    pub network: NetworkMode,
 }
 
 /// What a class hands over at promotion besides the network.
@@ -136,10 +145,20 @@ pub trait PromotionSteps: Sync {
     fn unclaim(&self, p: &Promotion) -> impl Future<Output = ()> + Send;
     /// Becomes the service's owner; an error means another promotion owns it.
     fn claim(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Brings a shadow standing by shut off (`saved` or `cold` tier) up: a saved one restored
+    /// paused, a cold one booted. Returns its taps, which exist only now.
+    fn wake(
+        &self,
+        p: &Promotion,
+        tier: Tier,
+    ) -> impl Future<Output = Result<Vec<TapBinding>, FailoverError>> + Send;
     /// Resumes the paused shadow.
     fn resume(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
-    /// Puts the shadow's taps on their bridges.
+    /// Puts the shadow's taps on their bridges (bridged) or brings them up (routed).
     fn rewire(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
+    /// Routed networks: gives each shadow tap the old tap's host addresses and points the old
+    /// tap's `/32` host routes at it.
+    fn reroute(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
     /// Raises the shadow's NIC links (only for a shadow whose links were not raised at
     /// provisioning).
     fn link_up(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
@@ -169,7 +188,8 @@ pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted,
     let span = tracing::info_span!("promote", service = %p.service, from = %p.old_primary, to = %p.shadow.name, trigger = p.trigger.label());
     let _enter = span.enter();
     let mut notes = Vec::new();
-    let result = run_steps(steps, &p, &mut clock, &mut notes).await;
+    let mut p = p;
+    let result = run_steps(steps, &mut p, &mut clock, &mut notes).await;
     let outage_ms = clock.restored_ms().unwrap_or_else(|| clock.total_ms());
     let record = FailoverRecord {
         at_unix_ms,
@@ -187,7 +207,7 @@ pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted,
             tracing::info!(outage_ms, "promotion complete");
             Ok(Promoted {
                 record,
-                taps: p.shadow.taps.clone(),
+                taps: promoted_taps(&p),
             })
         }
         Err(error) => {
@@ -197,18 +217,43 @@ pub async fn run<S: PromotionSteps>(steps: &S, p: Promotion) -> Result<Promoted,
     }
 }
 
-/// Every step the pipeline records, in pipeline order (`plan_disks` only for a shadow whose
-/// data disks were not planned when it was made; `attach` and `promote_commands` only with data
-/// disks; `link_up` only when a shadow's links were not raised while it stood by;
-/// `apply_profile` only with a profile).
-pub const STEPS: [&str; 11] = [
+/// The new primary's taps: the shadow's, each with the host side (routes, addresses) it took
+/// over from the old tap of the same MAC.
+fn promoted_taps(p: &Promotion) -> Vec<TapBinding> {
+    p.shadow
+        .taps
+        .iter()
+        .map(|b| TapBinding {
+            routed: match p.network {
+                NetworkMode::Routed => old_tap_of(p, &b.mac)
+                    .map(|o| o.routed.clone())
+                    .unwrap_or_default(),
+                NetworkMode::Bridged => Default::default(),
+            },
+            ..b.clone()
+        })
+        .collect()
+}
+
+/// The old primary's tap with MAC `mac`.
+fn old_tap_of<'a>(p: &'a Promotion, mac: &str) -> Option<&'a TapBinding> {
+    p.old_taps.iter().find(|o| o.mac.eq_ignore_ascii_case(mac))
+}
+
+/// Every step the pipeline records, in pipeline order (`wake` only for a `saved` or `cold`
+/// shadow; `plan_disks` only for a shadow whose data disks were not planned when it was made;
+/// `attach` and `promote_commands` only with data disks; `route` only for a routed class; `link_up` only when a shadow's links were not
+/// raised while it stood by; `apply_profile` only with a profile).
+pub const STEPS: [&str; 13] = [
     "plan_disks",
     "fence",
     "claim",
+    "wake",
     "resume",
     "attach",
     "promote_commands",
     "rewire",
+    "route",
     "link_up",
     "announce",
     "metadata",
@@ -229,7 +274,7 @@ async fn timed<T>(
 
 async fn run_steps<S: PromotionSteps>(
     steps: &S,
-    p: &Promotion,
+    p: &mut Promotion,
     clock: &mut StepClock,
     notes: &mut Vec<String>,
 ) -> Result<(), FailoverError> {
@@ -244,16 +289,39 @@ async fn run_steps<S: PromotionSteps>(
     let stateful = !disks.is_empty();
 
     // 1. Fence, then claim: nothing of the shadow is touched before both are confirmed. With
-    //    data disks, fenced means the old QEMU is gone: it can write no disk any more.
-    timed(clock, "fence", async {
-        steps.fence(p).await?;
-        if stateful {
-            steps.stop_old_qemu(p).await?;
+    //    data disks, fenced means the old QEMU is gone: it can write no disk any more. A
+    //    primary on another host was fenced there before its host reported it (a dead QEMU,
+    //    or a paused one cut off its bridge; with data disks a stopped one).
+    match &p.old_host {
+        None => {
+            timed(clock, "fence", async {
+                steps.fence(p).await?;
+                if stateful {
+                    steps.stop_old_qemu(p).await?;
+                }
+                Ok(())
+            })
+            .await?
         }
-        Ok(())
-    })
-    .await?;
+        Some(host) => notes.push(format!(
+            "old primary '{}' ran on host {host}, which fenced it and reported it ({})",
+            p.old_primary, p.trigger
+        )),
+    }
     timed(clock, "claim", steps.claim(p)).await?;
+    // 1'. A shadow standing by shut off comes up only now, fenced and claimed: a cold one's
+    //     tap joins the bridge as it boots.
+    if let ShadowState::Standby(tier @ (Tier::Saved | Tier::Cold)) = p.shadow.state {
+        let woken = timed(clock, "wake", steps.wake(p, tier)).await;
+        match woken {
+            Ok(taps) => p.shadow.taps = taps,
+            Err(e) => {
+                steps.unclaim(p).await;
+                return Err(e);
+            }
+        }
+    }
+    let p = &*p;
 
     let rest = async {
         if stateful {
@@ -286,6 +354,9 @@ async fn hand_over<S: PromotionSteps>(
     timed(clock, "attach", steps.attach(p, disks)).await?;
     timed(clock, "promote_commands", steps.promote_commands(p)).await?;
     timed(clock, "rewire", steps.rewire(p)).await?;
+    if p.network == NetworkMode::Routed {
+        timed(clock, "route", steps.reroute(p)).await?;
+    }
     if !p.shadow.link_ready() {
         timed(clock, "link_up", steps.link_up(p)).await?;
     }
@@ -309,15 +380,29 @@ async fn resume_and_rewire<S: PromotionSteps>(
         let r = steps.resume(p).await;
         (r, started.elapsed())
     };
+    // A routed class moves its host routes right after the tap is up, still beside the resume.
     let rewire = async {
         let r = steps.rewire(p).await;
-        (r, started.elapsed())
+        let took = started.elapsed();
+        let routed = match (&r, p.network) {
+            (Ok(()), NetworkMode::Routed) => {
+                let t = Instant::now();
+                let rr = steps.reroute(p).await;
+                Some((rr, t, t.elapsed()))
+            }
+            _ => None,
+        };
+        (r, took, routed)
     };
-    let ((resumed, resume_took), (rewired, rewire_took)) = tokio::join!(resume, rewire);
+    let ((resumed, resume_took), (rewired, rewire_took, routed)) = tokio::join!(resume, rewire);
     clock.record("resume", started, resume_took);
     resumed?;
     clock.record("rewire", started, rewire_took);
     rewired?;
+    if let Some((rerouted, t, took)) = routed {
+        clock.record("route", t, took);
+        rerouted?;
+    }
 
     // 3. A standby whose links were not raised at provisioning (made by an older daemon, or
     //    recovered mid-way) gets them raised now, on the critical path.
@@ -346,13 +431,12 @@ async fn finish<S: PromotionSteps>(
     .await?;
     // 5. Roles: the shadow is the primary now; the old one is retired and fenced.
     timed(clock, "metadata", steps.record_roles(p)).await?;
-    // 6. Size and configure the promoted shadow from its profile. Traffic already flows, so
-    //    this cannot lengthen the outage; what it does or fails to do is a note.
-    if p.profile.is_some() {
-        let t = Instant::now();
-        notes.extend(steps.apply_profile(p).await);
-        clock.record("apply_profile", t, t.elapsed());
-    }
+    // 6. Size and configure the promoted shadow from its profile (without one, grow a shadow
+    //    shrunk for standby back to its defined size). Traffic already flows, so this cannot
+    //    lengthen the outage; what it does or fails to do is a note.
+    let t = Instant::now();
+    notes.extend(steps.apply_profile(p).await);
+    clock.record("apply_profile", t, t.elapsed());
     Ok(())
 }
 
@@ -404,19 +488,6 @@ pub async fn claim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), F
         .await
         .map(drop)
         .map_err(lost)
-}
-
-/// Whether `pid` is the QEMU of domain `name` (its `-name guest=<name>,...`), so a pid file
-/// left behind never gets another process killed.
-fn is_qemu_of(pid: i32, name: &str) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let want = format!("guest={name}");
-    cmdline
-        .split(|b| *b == 0)
-        .filter_map(|arg| std::str::from_utf8(arg).ok())
-        .any(|arg| arg == want || arg.starts_with(&format!("{want},")))
 }
 
 impl LiveSteps<'_> {
@@ -505,35 +576,63 @@ impl PromotionSteps for LiveSteps<'_> {
             domain: name.clone(),
             why,
         };
-        // No pid file: libvirt has already seen the QEMU go (or it never ran).
-        let Ok(pid) = qemu_pid(Path::new(QEMU_RUN_DIR), name) else {
-            return self.libvirt_stopped(name).await;
-        };
-        if !is_qemu_of(pid, name) {
-            return self.libvirt_stopped(name).await;
+        match kill_qemu(Path::new(QEMU_RUN_DIR), name, QEMU_EXIT_TIMEOUT).await {
+            // No QEMU: libvirt has already seen it go (or it never ran).
+            Ok(None) => {}
+            Ok(Some(pid)) => {
+                tracing::info!(old_primary = %name, pid, "fence: old primary's QEMU killed and gone")
+            }
+            Err(why) => return Err(unconfirmed(why)),
         }
-        let process = match QemuProcess::open(name, pid) {
-            Ok(p) => p,
-            // Exited between the two reads.
-            Err(_) if !is_qemu_of(pid, name) => return self.libvirt_stopped(name).await,
-            Err(e) => return Err(unconfirmed(format!("cannot watch QEMU pid {pid}: {e}"))),
-        };
-        process
-            .kill()
-            .map_err(|e| unconfirmed(format!("cannot kill QEMU pid {pid}: {e}")))?;
-        tokio::time::timeout(QEMU_EXIT_TIMEOUT, process.exited())
-            .await
-            .map_err(|_| {
-                unconfirmed(format!(
-                    "QEMU pid {pid} still runs {QEMU_EXIT_TIMEOUT:?} after SIGKILL"
-                ))
-            })?;
-        tracing::info!(old_primary = %name, pid, "fence: old primary's QEMU killed and gone");
         self.libvirt_stopped(name).await
     }
 
     async fn attach(&self, p: &Promotion, disks: &[DataDisk]) -> Result<(), FailoverError> {
-        for disk in disks {
+        // understudy's own single-writer check, besides the fencing before it and libvirt's
+        // lock manager (which leases no network disk: NBD, RBD, iSCSI): no other running
+        // domain may hold a data disk. A disk the shadow itself holds already was attached by
+        // a promotion that a daemon restart interrupted; it is not attached twice.
+        let sources: Vec<String> = disks.iter().map(|d| d.source.clone()).collect();
+        let holders = self
+            .hv
+            .run("attach: who holds the data disks", move |hv| {
+                let mut running = Vec::new();
+                for d in hv.list()?.into_iter().filter(|d| d.state.is_active()) {
+                    let Ok(xml) = hv.xml(&d.name, false) else {
+                        continue; // gone meanwhile
+                    };
+                    match DomainXml::parse(&xml) {
+                        Ok(x) => running.push((d.name, x)),
+                        Err(e) => tracing::warn!(domain = %d.name, error = %crate::error::report(&e), "live definition unreadable; its disks are not checked"),
+                    }
+                }
+                Ok(sources
+                    .iter()
+                    .map(|s| {
+                        disk_holders(&running, s)
+                            .into_iter()
+                            .map(|(n, t)| (n.to_string(), t))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await
+            .map_err(libvirt_step("attach: list running domains"))?;
+        for (disk, holders) in disks.iter().zip(holders) {
+            let (ours, others): (Vec<_>, Vec<_>) =
+                holders.into_iter().partition(|(n, _)| *n == p.shadow.name);
+            if !others.is_empty() {
+                return Err(FailoverError::DiskHeld {
+                    shadow: p.shadow.name.clone(),
+                    target: disk.target.clone(),
+                    disk_source: disk.source.clone(),
+                    holders: others.into_iter().map(|(n, _)| n).collect(),
+                });
+            }
+            if ours.iter().any(|(_, t)| *t == disk.target) {
+                tracing::info!(shadow = %p.shadow.name, disk = %disk.target, source = %disk.source, "data disk already attached (a hand-over interrupted by a restart); not attached again");
+                continue;
+            }
             let (shadow, xml) = (p.shadow.name.clone(), disk.xml.clone());
             self.hv
                 .run("attach data disk", move |hv| {
@@ -564,7 +663,7 @@ impl PromotionSteps for LiveSteps<'_> {
                 argv: argv.clone(),
                 outcome,
             };
-            let out = guest_exec_captured(
+            let out = match guest_exec(
                 self.hv,
                 &p.shadow.name,
                 argv,
@@ -573,19 +672,35 @@ impl PromotionSteps for LiveSteps<'_> {
                 handover.agent_max_reply,
             )
             .await
-            .map_err(|e| failed(format!("could not run: {}", crate::error::report(&e))))?;
-            match out.code {
-                Some(0) => {}
-                Some(code) => {
-                    return Err(failed(format!(
-                        "exited with {code}; stderr: {:?}",
-                        out.stderr
-                    )))
-                }
-                None => {
+            {
+                Ok(out) => out,
+                Err(AgentError::ExecTimeout { .. }) => {
                     return Err(failed(format!(
                         "still running after {:?}",
                         handover.command_timeout
+                    )))
+                }
+                Err(e) => {
+                    return Err(failed(format!(
+                        "could not run: {}",
+                        crate::error::report(&e)
+                    )))
+                }
+            };
+            let stderr = clip_tail(&String::from_utf8_lossy(&out.stderr.data), 512);
+            match out.status {
+                ExitStatus::Code(0) => {}
+                ExitStatus::Code(code) => {
+                    return Err(failed(format!("exited with {code}; stderr: {stderr:?}")))
+                }
+                ExitStatus::Signal(sig) => {
+                    return Err(failed(format!(
+                        "killed by signal {sig}; stderr: {stderr:?}"
+                    )))
+                }
+                ExitStatus::Unknown => {
+                    return Err(failed(format!(
+                        "ended without an exit status; stderr: {stderr:?}"
                     )))
                 }
             }
@@ -665,6 +780,18 @@ impl PromotionSteps for LiveSteps<'_> {
         claim_owner(self.coord, p).await
     }
 
+    async fn wake(&self, p: &Promotion, tier: Tier) -> Result<Vec<TapBinding>, FailoverError> {
+        let shadow = p.shadow.name.clone();
+        // A saved shadow restores paused (its image holds the off-bridge standby); a cold one
+        // boots from its bridged definition.
+        let paused = tier == Tier::Saved;
+        self.hv
+            .run("wake shadow", move |hv| hv.start(&shadow, paused))
+            .await
+            .map_err(libvirt_step("wake"))?;
+        super::shadow::live_taps(self.hv, &p.shadow.name).await
+    }
+
     async fn resume(&self, p: &Promotion) -> Result<(), FailoverError> {
         let shadow = p.shadow.name.clone();
         self.hv
@@ -682,6 +809,17 @@ impl PromotionSteps for LiveSteps<'_> {
 
     async fn rewire(&self, p: &Promotion) -> Result<(), FailoverError> {
         for b in &p.shadow.taps {
+            if p.network == NetworkMode::Routed {
+                // Its own tap, on no bridge: up, and the routes follow (`reroute`).
+                self.net
+                    .set_up(&b.tap)
+                    .await
+                    .map_err(|source| FailoverError::Net {
+                        step: "rewire: shadow tap up",
+                        source,
+                    })?;
+                continue;
+            }
             // Each shadow tap goes onto the bridge its own definition names.
             let Some(bridge) = &b.bridge else { continue };
             self.net
@@ -691,6 +829,37 @@ impl PromotionSteps for LiveSteps<'_> {
                     step: "rewire: enslave shadow tap",
                     source,
                 })?;
+        }
+        Ok(())
+    }
+
+    async fn reroute(&self, p: &Promotion) -> Result<(), FailoverError> {
+        for b in &p.shadow.taps {
+            let Some(old) = old_tap_of(p, &b.mac) else {
+                continue;
+            };
+            if old.routed.routes.is_empty() {
+                tracing::warn!(service = %p.service, tap = %b.tap, mac = %b.mac, "routed class, but no host route to move was known for this MAC");
+            }
+            for (address, prefix) in &old.routed.addresses {
+                self.net
+                    .ensure_ipv4_address(&b.tap, *address, *prefix)
+                    .await
+                    .map_err(|source| FailoverError::Net {
+                        step: "route: host address on the shadow's tap",
+                        source,
+                    })?;
+            }
+            for dest in &old.routed.routes {
+                self.net
+                    .replace_host_route(*dest, &b.tap)
+                    .await
+                    .map_err(|source| FailoverError::Net {
+                        step: "route: replace host route",
+                        source,
+                    })?;
+                tracing::info!(service = %p.service, %dest, tap = %b.tap, "host route now points at the shadow's tap");
+            }
         }
         Ok(())
     }
@@ -729,6 +898,10 @@ impl PromotionSteps for LiveSteps<'_> {
             .run("roles", move |hv| write_meta(hv, &new, &new_meta))
             .await
             .map_err(libvirt_step("metadata"))?;
+        if p.old_host.is_some() {
+            // Its own host retires it when it sees the new owner.
+            return Ok(());
+        }
         // The old primary is retired off the critical path: after a crash libvirt holds that
         // domain's job until it has processed the QEMU exit, which takes about a second.
         let old_meta = member_meta(&p.service, &p.class, Role::Retired, 0, MemberState::Fenced);
@@ -758,7 +931,18 @@ impl PromotionSteps for LiveSteps<'_> {
     async fn apply_profile(&self, p: &Promotion) -> Vec<String> {
         match &p.profile {
             Some(profile) => super::apply_profile::apply(self.hv, &p.shadow.name, profile).await,
-            None => Vec::new(),
+            None => {
+                let shadow = p.shadow.name.clone();
+                self.hv
+                    .blocking("grow back", move |hv| {
+                        super::standby::grow_back(hv, &shadow)
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                    .into_iter()
+                    .collect()
+            }
         }
     }
 }
@@ -769,7 +953,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::failover::ShadowState;
+    use crate::failover::{RoutedSide, ShadowState};
 
     /// How long each fake step takes, so concurrent steps really overlap.
     const FAKE_STEP: Duration = Duration::from_millis(1);
@@ -840,11 +1024,24 @@ mod tests {
         async fn claim(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("claim").await
         }
+        async fn wake(&self, _: &Promotion, _: Tier) -> Result<Vec<TapBinding>, FailoverError> {
+            self.step("wake").await?;
+            Ok(vec![TapBinding {
+                mac: "52:54:00:00:00:01".into(),
+                tap: "vnet9".into(),
+                bridge: Some("br0".into()),
+                link_up: true,
+                routed: Default::default(),
+            }])
+        }
         async fn resume(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("resume").await
         }
         async fn rewire(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("rewire").await
+        }
+        async fn reroute(&self, _: &Promotion) -> Result<(), FailoverError> {
+            self.step("route").await
         }
         async fn link_up(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("link_up").await
@@ -866,6 +1063,7 @@ mod tests {
             service: "web".into(),
             class: "stateless".into(),
             old_primary: "web".into(),
+            old_host: None,
             old_taps: Vec::new(),
             shadow: Shadow {
                 name: "web-shadow-1".into(),
@@ -875,6 +1073,7 @@ mod tests {
                     tap: "vnet1".into(),
                     bridge: Some("br0".into()),
                     link_up: links_up,
+                    routed: RoutedSide::default(),
                 }],
                 data_disks: None,
             },
@@ -883,7 +1082,35 @@ mod tests {
             detected_at: Instant::now(),
             profile: None,
             handover: None,
+            network: NetworkMode::Bridged,
         }
+    }
+
+    #[tokio::test]
+    async fn a_saved_or_cold_shadow_wakes_after_the_claim_and_serves_on_its_new_taps() {
+        for tier in [Tier::Saved, Tier::Cold] {
+            let r = Recorder::failing(None);
+            let mut p = promotion(false);
+            p.shadow.state = ShadowState::Standby(tier);
+            p.shadow.taps.clear();
+            let done = run(&r, p).await.unwrap();
+            let calls = r.calls();
+            assert_eq!(&calls[..3], ["fence", "claim", "wake"], "{tier:?}");
+            assert!(!calls.contains(&"link_up"), "woken links are up: {calls:?}");
+            assert_eq!(done.taps[0].tap, "vnet9");
+            assert!(step_names(&done.record).contains(&"wake"));
+        }
+        // A paused shadow does not wake; a failed wake gives the claim back.
+        let r = Recorder::failing(None);
+        let mut p = promotion(true);
+        p.shadow.state = ShadowState::PAUSED;
+        run(&r, p).await.unwrap();
+        assert!(!r.calls().contains(&"wake"));
+        let r = Recorder::failing(Some("wake"));
+        let mut p = promotion(true);
+        p.shadow.state = ShadowState::Standby(Tier::Saved);
+        assert!(run(&r, p).await.is_err());
+        assert_eq!(r.calls(), ["fence", "claim", "wake", "unclaim"]);
     }
 
     fn stateful_promotion() -> Promotion {
@@ -918,7 +1145,8 @@ mod tests {
                 "promote_commands",
                 "rewire",
                 "announce",
-                "metadata"
+                "metadata",
+                "apply_profile"
             ]
         );
         assert_eq!(
@@ -932,7 +1160,8 @@ mod tests {
                 "promote_commands",
                 "rewire",
                 "announce",
-                "metadata"
+                "metadata",
+                "apply_profile"
             ]
         );
         // Service counts as restored only once the network is up, after the commands.
@@ -989,6 +1218,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_primary_on_another_host_is_not_fenced_from_here_but_still_claimed_first() {
+        for p in [promotion(true), stateful_promotion()] {
+            let mut p = p;
+            p.old_host = Some(HostId("h1".into()));
+            p.shadow.data_disks = Some(Vec::new());
+            let r = Recorder::failing(None);
+            let done = run(&r, p).await.unwrap();
+            let calls = r.calls();
+            assert!(!calls.contains(&"fence") && !calls.contains(&"stop_old_qemu"));
+            assert_eq!(calls[0], "claim", "{calls:?}");
+            assert!(
+                done.record.notes[0].contains("host h1"),
+                "{:?}",
+                done.record
+            );
+            // A lost claim touches nothing of the shadow.
+            let r = Recorder::failing(Some("claim"));
+            let mut p = promotion(true);
+            p.old_host = Some(HostId("h1".into()));
+            run(&r, p).await.unwrap_err();
+            assert_eq!(r.calls(), ["claim"]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_routed_class_moves_its_routes_right_after_the_tap_is_up() {
+        let mut p = promotion(true);
+        p.network = NetworkMode::Routed;
+        p.old_taps = vec![TapBinding {
+            mac: "52:54:00:00:00:01".into(),
+            tap: "vnet0".into(),
+            bridge: None,
+            link_up: true,
+            routed: RoutedSide {
+                routes: vec!["10.77.5.10".parse().unwrap()],
+                addresses: vec![("10.77.5.1".parse().unwrap(), 32)],
+            },
+        }];
+        let r = Recorder::failing(None);
+        let done = run(&r, p.clone()).await.unwrap();
+        let calls = r.calls();
+        assert!(position(&calls, "rewire") < position(&calls, "route"));
+        assert!(position(&calls, "route") < position(&calls, "announce"));
+        assert!(step_names(&done.record).contains(&"route"));
+        // The new primary's tap carries the host side it took over, for the next failover.
+        assert_eq!(done.taps[0].routed, p.old_taps[0].routed);
+        assert_eq!(done.taps[0].tap, "vnet1");
+
+        // The stateful path moves them after the network-up step too, and a failed move fails
+        // the promotion with its step named.
+        let mut stateful = stateful_promotion();
+        stateful.network = NetworkMode::Routed;
+        let r = Recorder::failing(Some("route"));
+        let failed = run(&r, stateful).await.unwrap_err();
+        assert_eq!(step_names(&failed.record).last(), Some(&"route"));
+        assert!(!r.calls().contains(&"metadata"));
+
+        // A bridged class has no route step.
+        let r = Recorder::failing(None);
+        let done = run(&r, promotion(true)).await.unwrap();
+        assert!(!r.calls().contains(&"route"));
+        assert_eq!(done.taps[0].routed, RoutedSide::default());
+    }
+
+    #[tokio::test]
     async fn a_class_without_data_disks_keeps_the_stateless_path() {
         let r = Recorder::failing(None);
         run(&r, promotion(true)).await.unwrap();
@@ -1017,7 +1311,7 @@ mod tests {
                 "{calls:?}"
             );
         }
-        assert_eq!(&calls[4..], ["announce", "metadata"]);
+        assert_eq!(&calls[4..], ["announce", "metadata", "apply_profile"]);
         assert!(
             !calls.contains(&"link_up"),
             "links were already up: {calls:?}"
@@ -1025,7 +1319,15 @@ mod tests {
         let names: Vec<&str> = done.record.steps.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
-            ["fence", "claim", "resume", "rewire", "announce", "metadata"]
+            [
+                "fence",
+                "claim",
+                "resume",
+                "rewire",
+                "announce",
+                "metadata",
+                "apply_profile"
+            ]
         );
         assert!(done.record.ok);
         assert_eq!(done.taps.len(), 1);

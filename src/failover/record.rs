@@ -56,14 +56,44 @@ impl std::fmt::Display for Trigger {
     }
 }
 
-/// Life cycle of a shadow, serialized lowercase.
+/// How a ready shadow stands by (a class's `standby_tier`): what it holds of the host, and what
+/// its promotion has to do first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Booted and paused: all its memory, promoted in tens of ms.
+    Paused,
+    /// A managed-save image on disk: no memory, restored at promotion (about a second).
+    Saved,
+    /// Defined only: no memory, booted at promotion (seconds).
+    Cold,
+}
+
+impl Tier {
+    /// Every tier.
+    pub const ALL: [Tier; 3] = [Tier::Paused, Tier::Saved, Tier::Cold];
+
+    /// The lowercase name (configuration, status, metrics).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Paused => "paused",
+            Tier::Saved => "saved",
+            Tier::Cold => "cold",
+        }
+    }
+}
+
+/// Life cycle of a shadow, serialized lowercase; a shadow standing by is named by its tier
+/// (`paused`, `saved`, `cold`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "&'static str", try_from = "String")]
 pub enum ShadowState {
     /// Created and starting; not yet ready to take over.
     Booting,
-    /// Booted and paused: ready for promotion.
-    Paused,
+    /// Ready for promotion, standing by in a tier.
+    Standby(Tier),
+    /// Moving to another tier (the `adaptive` policy); not promotable until it is there.
+    Switching(Tier),
     /// Being promoted to active right now.
     Promoting,
     /// Could not be brought up; needs a rebuild.
@@ -71,10 +101,17 @@ pub enum ShadowState {
 }
 
 impl ShadowState {
+    /// Standing by booted and paused, the classic shadow.
+    pub const PAUSED: ShadowState = ShadowState::Standby(Tier::Paused);
+
     /// Every state, for exporting a complete gauge family.
-    pub const ALL: [ShadowState; 4] = [
+    /// (`Switching` appears once: every target tier has the one name `switching`.)
+    pub const ALL: [ShadowState; 7] = [
         ShadowState::Booting,
-        ShadowState::Paused,
+        ShadowState::PAUSED,
+        ShadowState::Standby(Tier::Saved),
+        ShadowState::Standby(Tier::Cold),
+        ShadowState::Switching(Tier::Paused),
         ShadowState::Promoting,
         ShadowState::Failed,
     ];
@@ -83,10 +120,33 @@ impl ShadowState {
     pub fn as_str(self) -> &'static str {
         match self {
             ShadowState::Booting => "booting",
-            ShadowState::Paused => "paused",
+            ShadowState::Standby(t) => t.as_str(),
+            ShadowState::Switching(_) => "switching",
             ShadowState::Promoting => "promoting",
             ShadowState::Failed => "failed",
         }
+    }
+
+    /// Ready to be promoted, in any tier.
+    pub fn is_standby(self) -> bool {
+        matches!(self, ShadowState::Standby(_))
+    }
+}
+
+impl From<ShadowState> for &'static str {
+    fn from(s: ShadowState) -> Self {
+        s.as_str()
+    }
+}
+
+impl TryFrom<String> for ShadowState {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        ShadowState::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| format!("unknown shadow state {s:?}"))
     }
 }
 

@@ -8,14 +8,20 @@ use crate::domain_xml::{
     shadow_spec, standby_boot_spec, DomainXml, InterfaceKind, InterfaceSpec, MemberState, Role,
     ShadowPlan, UnderstudyMeta, META_NS, META_PREFIX,
 };
-use crate::libvirt::{Hypervisor, LibvirtError};
+use crate::libvirt::{Hypervisor, LibvirtAgent, LibvirtError};
+use crate::monitor::agent::{
+    AgentError, AgentLimits, AgentOptions, AgentTransportError, Command as AgentCommand,
+    ExecOutput, GuestAgent,
+};
 use crate::net::Netlink;
 
 use super::plan::{
     clone_plan, data_disks, overlay_path, plan_disks, DataDisk, DiskHandling, DiskLayout,
     DiskPolicy,
 };
-use super::{tpm, FailoverError, Shadow, ShadowState, TapBinding};
+use super::record::Tier;
+use super::standby::{self, StandbyMemory};
+use super::{tpm, FailoverError, RoutedSide, Shadow, ShadowState, TapBinding};
 
 /// Everything needed to create one shadow.
 #[derive(Debug, Clone)]
@@ -26,6 +32,9 @@ pub struct ShadowRequest {
     pub class: String,
     /// The domain whose spec is cloned (the active primary).
     pub primary: String,
+    /// The primary's definition when it runs on another host (its published spec); `None`:
+    /// read from this host's libvirt.
+    pub primary_xml: Option<String>,
     /// The new shadow's domain name.
     pub name: String,
     /// Its generation number (the `n` in `<service>-shadow-<n>`).
@@ -43,6 +52,10 @@ pub struct ShadowRequest {
     /// Disk roles and the golden image (whose overlay the first system image disk boots
     /// when `shadow reinit --golden` chose it).
     pub disks: DiskPolicy,
+    /// How its memory is made smaller before it stands by.
+    pub standby: StandbyMemory,
+    /// How it stands by.
+    pub tier: Tier,
 }
 
 /// The shadow name for generation `n` of `service`.
@@ -130,12 +143,15 @@ pub fn build_shadow_xml(
     hv: &Hypervisor,
     req: &ShadowRequest,
 ) -> Result<(String, Vec<DataDisk>), FailoverError> {
-    let xml = hv
-        .xml(&req.primary, true)
-        .map_err(|source| FailoverError::Libvirt {
-            step: "read primary XML",
-            source,
-        })?;
+    let xml = match &req.primary_xml {
+        Some(xml) => xml.clone(),
+        None => hv
+            .xml(&req.primary, true)
+            .map_err(|source| FailoverError::Libvirt {
+                step: "read primary XML",
+                source,
+            })?,
+    };
     let primary = DomainXml::parse(&xml).map_err(|source| FailoverError::Xml {
         domain: req.primary.clone(),
         source,
@@ -149,10 +165,13 @@ pub fn build_shadow_xml(
         })?;
     }
     // Validate the clone before touching any disk, so a refused spec leaves nothing behind.
-    let shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
+    let mut shadow = shadow_spec(&primary, &plan).map_err(|source| FailoverError::Clone {
         domain: req.primary.clone(),
         source,
     })?;
+    if req.standby.free_page_reporting && !shadow.enable_free_page_reporting() {
+        tracing::warn!(service = %req.service, shadow = %req.name, "free_page_reporting: the primary has no virtio <memballoon>; not enabled");
+    }
     for disk in &layout.disks {
         tracing::info!(
             service = %req.service,
@@ -217,6 +236,9 @@ pub async fn provision(
     req: ShadowRequest,
 ) -> Result<Shadow, FailoverError> {
     let started = Instant::now();
+    if req.tier == Tier::Cold {
+        return define_cold(hv, req).await;
+    }
     let r = req.clone();
     let (name, data_disks) = hv
         .blocking("define shadow", move |hv| {
@@ -266,11 +288,60 @@ pub async fn provision(
         req.agent_max_reply,
     )
     .await?;
+    // Raise the NICs' links now, while the guest runs with its taps down and off the bridge
+    // (whatever it sends goes nowhere), so that it has handled the link-up before it is
+    // paused. A guest that first sees its link come up when it is resumed at promotion handles
+    // that event on a workqueue, after the softirq of the first client SYNs: its first ARP
+    // request (for the client, needed by its first SYN-ACK) leaves while its carrier is still
+    // off, is dropped, and every client waits for the ARP retransmission, a second later.
+    let macs: Vec<String> = taps.iter().map(|b| b.mac.clone()).collect();
+    {
+        let (n, macs) = (name.clone(), macs.clone());
+        hv.run("raise shadow links", move |hv| raise_links(hv, &n, &macs))
+            .await
+            .map_err(|source| FailoverError::Libvirt {
+                step: "raise shadow links",
+                source,
+            })?;
+    }
     for argv in &req.warmup {
         // A warm-up that fails leaves a colder shadow, not a broken one.
-        match guest_exec_wait(hv, &name, argv, WARMUP_TIMEOUT, req.agent_max_reply).await {
-            Ok(code) => tracing::debug!(shadow = %name, ?argv, code, "warm-up command done"),
-            Err(e) => tracing::warn!(shadow = %name, ?argv, error = %e, "warm-up command failed"),
+        match guest_exec(
+            hv,
+            &name,
+            argv,
+            WARMUP_TIMEOUT,
+            WARMUP_POLL,
+            req.agent_max_reply,
+        )
+        .await
+        {
+            Ok(out) => {
+                tracing::debug!(shadow = %name, ?argv, status = ?out.status, "warm-up command done")
+            }
+            Err(e) => {
+                tracing::warn!(shadow = %name, ?argv, error = %crate::error::report(&e), "warm-up command failed")
+            }
+        }
+    }
+    if req.standby.shrink {
+        let (n, idle) = (name.clone(), req.standby.idle_use_kib);
+        match hv
+            .blocking("shrink shadow", move |hv| standby::shrink(hv, &n, idle))
+            .await
+        {
+            Ok(Ok(s)) => tracing::info!(
+                service = %req.service, shadow = %name, from_kib = s.from_kib, target_kib = s.target_kib,
+                reached_kib = s.reached_kib, use_kib = s.use_kib, use_source = s.use_source,
+                "shadow ballooned down before standing by"
+            ),
+            // A shadow that could not be shrunk stands by at full size.
+            Ok(Err(e)) => {
+                tracing::warn!(service = %req.service, shadow = %name, error = %crate::error::report(&e), "shadow not shrunk")
+            }
+            Err(e) => {
+                tracing::warn!(service = %req.service, shadow = %name, error = %crate::error::report(&e), "shadow not shrunk")
+            }
         }
     }
     let n = name.clone();
@@ -279,15 +350,31 @@ pub async fn provision(
         &req.class,
         Role::Shadow,
         req.generation,
-        MemberState::Paused,
+        match req.tier {
+            Tier::Saved => MemberState::Saved,
+            _ => MemberState::Paused,
+        },
     );
-    let macs: Vec<String> = taps.iter().map(|b| b.mac.clone()).collect();
+    // The guest has answered the agent since its link came up (after the warm-up, or now):
+    // it has run its link-up handling.
+    wait_for_agent(
+        hv,
+        &name,
+        req.agent_timeout * 5,
+        req.agent_timeout,
+        req.agent_max_reply,
+    )
+    .await?;
+    let tier = req.tier;
     hv.run("pause shadow", move |hv| {
         hv.suspend(&n)?;
-        // Raise the NICs' links now, while paused and off the bridge: a paused guest sends
-        // nothing, and a promotion then needs no libvirt call besides the resume.
-        raise_links(hv, &n, &macs)?;
-        write_meta(hv, &n, &meta)
+        write_meta(hv, &n, &meta)?;
+        if tier == Tier::Saved {
+            // The image keeps the paused guest, its off-bridge taps and raised links: a
+            // restore brings back exactly this standby, without its memory held meanwhile.
+            hv.managed_save(&n)?;
+        }
+        Ok(())
     })
     .await
     .map_err(|source| FailoverError::Libvirt {
@@ -298,11 +385,50 @@ pub async fn provision(
         .into_iter()
         .map(|b| TapBinding { link_up: true, ..b })
         .collect();
-    tracing::info!(service = %req.service, shadow = %name, ms = started.elapsed().as_millis() as u64, "shadow paused and ready");
+    tracing::info!(service = %req.service, shadow = %name, tier = req.tier.as_str(), ms = started.elapsed().as_millis() as u64, "shadow ready");
     Ok(Shadow {
         name,
-        state: ShadowState::Paused,
+        state: ShadowState::Standby(req.tier),
         taps,
+        data_disks: Some(data_disks),
+    })
+}
+
+/// A `cold` shadow: defined (its overlays made) but never started, links up in its
+/// definition, so the promotion that boots it needs nothing else before it serves. Its taps
+/// exist only once it runs.
+async fn define_cold(hv: &Hypervisor, req: ShadowRequest) -> Result<Shadow, FailoverError> {
+    let r = req.clone();
+    let data_disks = hv
+        .blocking("define cold shadow", move |hv| {
+            let (xml, data) = build_shadow_xml(hv, &r)?;
+            let mut spec = DomainXml::parse(&xml).map_err(|source| FailoverError::Xml {
+                domain: r.name.clone(),
+                source,
+            })?;
+            spec.set_interfaces_link(true);
+            let lv = |step| move |source| FailoverError::Libvirt { step, source };
+            hv.define(&spec.to_xml()).map_err(lv("define shadow"))?;
+            let meta = member_meta(
+                &r.service,
+                &r.class,
+                Role::Shadow,
+                r.generation,
+                MemberState::Cold,
+            );
+            write_meta(hv, &r.name, &meta).map_err(lv("write shadow metadata"))?;
+            Ok::<_, FailoverError>(data)
+        })
+        .await
+        .map_err(|source| FailoverError::Libvirt {
+            step: "define cold shadow",
+            source,
+        })??;
+    tracing::info!(service = %req.service, shadow = %req.name, tier = "cold", "shadow defined and ready");
+    Ok(Shadow {
+        name: req.name,
+        state: ShadowState::Standby(Tier::Cold),
+        taps: Vec::new(),
         data_disks: Some(data_disks),
     })
 }
@@ -331,128 +457,56 @@ pub fn raise_links(hv: &Hypervisor, domain: &str, macs: &[String]) -> Result<(),
 
 /// Longest a single warm-up command may run.
 const WARMUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a warm-up command is asked whether it has exited.
+const WARMUP_POLL: Duration = Duration::from_millis(100);
 
-/// Runs `argv` in the guest through guest-exec (an argument vector, never a shell string)
-/// and waits for it to exit; returns its exit code.
-pub async fn guest_exec_wait(
-    hv: &Hypervisor,
-    domain: &str,
-    argv: &[String],
-    limit: Duration,
-    max_reply: usize,
-) -> Result<i64, LibvirtError> {
-    let (program, args) = argv
-        .split_first()
-        .map(|(p, a)| (p.clone(), a.to_vec()))
-        .unwrap_or_default();
-    let cmd =
-        serde_json::json!({"execute": "guest-exec", "arguments": {"path": program, "arg": args}})
-            .to_string();
-    let d = domain.to_string();
-    let reply = hv
-        .run("guest-exec", move |hv| {
-            hv.agent_command(&d, &cmd, Duration::from_secs(5), max_reply)
-        })
-        .await?;
-    let pid = serde_json::from_str::<serde_json::Value>(&reply)
-        .ok()
-        .and_then(|v| v["return"]["pid"].as_i64())
-        .unwrap_or(-1);
-    let deadline = Instant::now() + limit;
-    while pid >= 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}})
-            .to_string();
-        let d = domain.to_string();
-        let reply = hv
-            .run("guest-exec-status", move |hv| {
-                hv.agent_command(&d, &status, Duration::from_secs(5), max_reply)
-            })
-            .await?;
-        let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
-        if v["return"]["exited"].as_bool() == Some(true) {
-            return Ok(v["return"]["exitcode"].as_i64().unwrap_or(-1));
-        }
-    }
-    Ok(-1)
-}
-
-/// How a command run through guest-exec ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecOutcome {
-    /// Its exit code; `None` if it was still running at the deadline.
-    pub code: Option<i64>,
-    /// The end of what it wrote to stderr (bounded, lossy UTF-8).
-    pub stderr: String,
-}
-
-/// Runs `argv` in the guest through guest-exec with its output captured, polling every
-/// `poll` until it exits or `limit` passes. The guest is untrusted: replies are bounded by
-/// `max_reply`, and only the last 512 bytes of stderr are kept.
-pub async fn guest_exec_captured(
+/// Runs `argv` in the guest through guest-exec (an argument vector, never a shell string), its
+/// output captured, and polls `guest-exec-status` every `poll` until it exits or `limit`
+/// passes. The guest is untrusted: this goes through the typed agent client, so every reply is
+/// bounded by `max_reply` and validated by the agent parsers, and at most
+/// [`EXEC_MAX_OUTPUT`] bytes of each stream are kept.
+pub async fn guest_exec(
     hv: &Hypervisor,
     domain: &str,
     argv: &[String],
     limit: Duration,
     poll: Duration,
     max_reply: usize,
-) -> Result<ExecOutcome, LibvirtError> {
-    let (program, args) = argv
-        .split_first()
-        .map(|(p, a)| (p.clone(), a.to_vec()))
-        .unwrap_or_default();
-    let cmd = serde_json::json!({"execute": "guest-exec", "arguments": {"path": program, "arg": args, "capture-output": true}})
-        .to_string();
-    let d = domain.to_string();
-    let reply = hv
-        .run("guest-exec", move |hv| {
-            hv.agent_command(&d, &cmd, Duration::from_secs(5), max_reply)
-        })
-        .await?;
-    let Some(pid) = serde_json::from_str::<serde_json::Value>(&reply)
-        .ok()
-        .and_then(|v| v["return"]["pid"].as_i64())
-    else {
-        return Ok(ExecOutcome {
-            code: None,
-            stderr: format!("guest-exec gave no pid: {}", clip_tail(&reply, 200)),
-        });
-    };
-    let deadline = Instant::now() + limit;
-    loop {
-        tokio::time::sleep(poll).await;
-        let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}})
-            .to_string();
-        let d = domain.to_string();
-        let reply = hv
-            .run("guest-exec-status", move |hv| {
-                hv.agent_command(&d, &status, Duration::from_secs(5), max_reply)
-            })
-            .await?;
-        let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
-        if v["return"]["exited"].as_bool() == Some(true) {
-            let stderr = v["return"]["err-data"]
-                .as_str()
-                .and_then(|b| crate::monitor::base64::decode(b).ok())
-                .map(|bytes| clip_tail(&String::from_utf8_lossy(&bytes), 512))
-                .unwrap_or_default();
-            return Ok(ExecOutcome {
-                // A command killed by a signal has no exit code; report it as -1.
-                code: Some(v["return"]["exitcode"].as_i64().unwrap_or(-1)),
-                stderr,
-            });
-        }
-        if Instant::now() >= deadline {
-            return Ok(ExecOutcome {
-                code: None,
-                stderr: String::new(),
-            });
-        }
-    }
+) -> Result<ExecOutput, AgentError> {
+    let (domain, argv) = (domain.to_string(), argv.to_vec());
+    hv.blocking("guest-exec", move |hv| {
+        let agent = GuestAgent::new(
+            LibvirtAgent {
+                hv: hv.clone(),
+                domain,
+                max_reply,
+            },
+            AgentOptions {
+                limits: AgentLimits {
+                    max_reply_bytes: max_reply,
+                    ..AgentLimits::default()
+                },
+                command_timeout: EXEC_CALL_TIMEOUT,
+                exec_poll_interval: poll,
+                ..AgentOptions::default()
+            },
+        );
+        agent.exec(&argv, EXEC_MAX_OUTPUT, limit)
+    })
+    .await
+    .map_err(|e| AgentError::Transport {
+        command: AgentCommand::Exec,
+        source: AgentTransportError::Other(crate::error::report(&e)),
+    })?
 }
 
+/// Bytes kept of each output stream of a guest command.
+pub const EXEC_MAX_OUTPUT: usize = 4096;
+/// Longest one guest-exec or guest-exec-status call may take.
+const EXEC_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The last `max` bytes of `s` (on a character boundary), trimmed.
-fn clip_tail(s: &str, max: usize) -> String {
+pub fn clip_tail(s: &str, max: usize) -> String {
     let s = s.trim();
     let mut start = s.len().saturating_sub(max);
     while !s.is_char_boundary(start) {
@@ -549,12 +603,34 @@ pub fn tap_bindings(live: &DomainXml, spec: &DomainXml) -> Vec<(TapBinding, Opti
             let binding = TapBinding {
                 bridge,
                 link_up: live_iface.is_some_and(|i| i.link_up),
+                routed: RoutedSide::default(),
                 mac,
                 tap,
             };
             (binding, network)
         })
         .collect()
+}
+
+/// Reads what on the host points traffic at each routed tap (see [`RoutedSide`]): the `/32`
+/// host routes through it and its IPv4 addresses. A tap without any host route is named in a
+/// warning, since promotion would then have nothing to move.
+pub async fn read_routed_sides(net: &Netlink, domain: &str, taps: &mut [TapBinding]) {
+    for b in taps.iter_mut() {
+        let routes = net.host_routes_via(&b.tap).await;
+        let addresses = net.ipv4_addresses(&b.tap).await;
+        match (routes, addresses) {
+            (Ok(routes), Ok(addresses)) => {
+                if routes.is_empty() {
+                    tracing::warn!(domain, tap = %b.tap, "routed class, but no /32 host route goes through this tap: a promotion would have no route to move to its shadow");
+                }
+                b.routed = RoutedSide { routes, addresses };
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(domain, tap = %b.tap, error = %crate::error::report(&e), "cannot read the routed tap's host routes and addresses; keeping what was known")
+            }
+        }
+    }
 }
 
 /// Pings the guest agent until it answers or `limit` passes.

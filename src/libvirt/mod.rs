@@ -11,7 +11,10 @@ mod process;
 pub use agent::LibvirtAgent;
 
 pub use events::{AgentState, DomainEvent, EventLoop, LifecycleEvent};
-pub use process::{qemu_pid, rss_bytes, vcpu_time_ns, ProcessExit, QemuProcess, QEMU_RUN_DIR};
+pub use process::{
+    is_qemu_of, kill_qemu, qemu_pid, rss_bytes, vcpu_time_ns, ProcessExit, QemuProcess,
+    QEMU_RUN_DIR,
+};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -86,6 +86,49 @@ pub fn rss_bytes(proc_root: &Path, pid: i32) -> std::io::Result<u64> {
         })
 }
 
+/// Whether `pid` is the QEMU of domain `name` (its command line names `guest=<name>`): a pid
+/// file can outlive its process and the pid be reused.
+pub fn is_qemu_of(pid: i32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let want = format!("guest={name}");
+    cmdline
+        .split(|b| *b == 0)
+        .filter_map(|arg| std::str::from_utf8(arg).ok())
+        .any(|arg| arg == want || arg.starts_with(&format!("{want},")))
+}
+
+/// SIGKILLs the QEMU of `domain` through a pidfd and waits up to `timeout` for it to exit.
+/// `Ok(Some(pid))`: killed and gone; `Ok(None)`: no QEMU of that domain runs; `Err`: why it
+/// may still run. Besides fencing, this spares libvirt's destroy its SIGTERM grace (about
+/// 10 s), which a stopped (SIGSTOP) QEMU never honours.
+pub async fn kill_qemu(
+    run_dir: &Path,
+    domain: &str,
+    timeout: std::time::Duration,
+) -> Result<Option<i32>, String> {
+    let Ok(pid) = qemu_pid(run_dir, domain) else {
+        return Ok(None);
+    };
+    if !is_qemu_of(pid, domain) {
+        return Ok(None);
+    }
+    let process = match QemuProcess::open(domain, pid) {
+        Ok(p) => p,
+        // Exited between the two reads.
+        Err(_) if !is_qemu_of(pid, domain) => return Ok(None),
+        Err(e) => return Err(format!("cannot watch QEMU pid {pid}: {e}")),
+    };
+    process
+        .kill()
+        .map_err(|e| format!("cannot kill QEMU pid {pid}: {e}"))?;
+    tokio::time::timeout(timeout, process.exited())
+        .await
+        .map_err(|_| format!("QEMU pid {pid} still runs {timeout:?} after SIGKILL"))?;
+    Ok(Some(pid))
+}
+
 /// How the watch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessExit {

@@ -5,7 +5,7 @@
 //! connection once, not once per snapshot. The map is bounded: past `max_entries` the least
 //! recently seen peer is evicted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use super::sockets::{OutboundPeer, Proto};
@@ -44,9 +44,12 @@ type ConnKey = (Proto, SocketAddr, SocketAddr);
 #[derive(Debug, Clone)]
 pub struct DependencyMap {
     max_entries: usize,
-    peers: HashMap<PeerKey, PeerStats>,
+    /// Ordered maps, not hashed ones: the map's behaviour (iteration, eviction scans) is the
+    /// same on every run for the same snapshots, which keeps fuzzing reproducible, and a guest
+    /// choosing its peers cannot aim at a hasher's worst case.
+    peers: BTreeMap<PeerKey, PeerStats>,
     /// Connections present in the previous socket snapshot.
-    prev_conns: HashSet<ConnKey>,
+    prev_conns: BTreeSet<ConnKey>,
 }
 
 impl DependencyMap {
@@ -54,8 +57,8 @@ impl DependencyMap {
     pub fn new(max_entries: usize) -> Self {
         DependencyMap {
             max_entries,
-            peers: HashMap::new(),
-            prev_conns: HashSet::new(),
+            peers: BTreeMap::new(),
+            prev_conns: BTreeSet::new(),
         }
     }
 
@@ -117,7 +120,7 @@ impl DependencyMap {
     /// Loopback peers are kept (a local database is a dependency too); filter them with
     /// [`OutboundPeer::is_loopback`] if unwanted.
     pub fn observe_sockets(&mut self, at_ms: u64, peers: &[OutboundPeer]) {
-        let mut current = HashSet::with_capacity(peers.len());
+        let mut current = BTreeSet::new();
         for p in peers {
             let conn = (p.proto, p.local, p.remote);
             let is_new = !self.prev_conns.contains(&conn) && !current.contains(&conn);

@@ -37,6 +37,7 @@ pub mod configtrack;
 pub mod deps;
 pub mod heartbeat;
 pub mod history;
+pub mod memcost;
 pub mod sample;
 pub mod sockets;
 

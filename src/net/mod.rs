@@ -1,4 +1,4 @@
-//! Bridge rewiring over rtnetlink.
+//! Bridge and route rewiring over rtnetlink.
 //!
 //! Everything here acts on the network namespace the netlink socket was opened in, which is
 //! the namespace of the thread that called [`Netlink::new`] (the daemon runs inside the lab's
@@ -55,6 +55,10 @@ pub enum DumpKind {
     Links,
     /// The bridge forwarding database.
     Fdb,
+    /// The IPv4 routes.
+    Routes,
+    /// A link's addresses.
+    Addresses,
 }
 
 impl fmt::Display for DumpKind {
@@ -62,6 +66,8 @@ impl fmt::Display for DumpKind {
         f.write_str(match self {
             DumpKind::Links => "links",
             DumpKind::Fdb => "bridge fdb",
+            DumpKind::Routes => "IPv4 routes",
+            DumpKind::Addresses => "addresses",
         })
     }
 }
@@ -121,6 +127,30 @@ pub enum NetError {
     Dump {
         /// The table being dumped.
         what: DumpKind,
+        /// The netlink error (boxed: it carries a whole netlink message).
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Installing or replacing a host route failed.
+    #[error("cannot route {dest}/32 via {link}")]
+    RouteReplace {
+        /// Route destination.
+        dest: std::net::Ipv4Addr,
+        /// Output device.
+        link: String,
+        /// The netlink error (boxed: it carries a whole netlink message).
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Adding an address to a link failed.
+    #[error("cannot add {address}/{prefix} to {link}")]
+    AddressAdd {
+        /// The address.
+        address: std::net::Ipv4Addr,
+        /// Its prefix length.
+        prefix: u8,
+        /// The link.
+        link: String,
         /// The netlink error (boxed: it carries a whole netlink message).
         #[source]
         source: Box<rtnetlink::Error>,

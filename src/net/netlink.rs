@@ -1,12 +1,17 @@
 //! The rtnetlink handle and its link and bridge operations.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourState};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
+};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkUnspec};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use super::{DumpKind, LinkChange, NetError};
 
@@ -180,6 +185,119 @@ impl Netlink {
         Ok(entries.into_iter().collect())
     }
 
+    /// Installs the host route `dest/32 dev link` in the main table, replacing any route to
+    /// `dest/32` there (`NLM_F_REPLACE`): traffic moves to the new device in one atomic step.
+    pub async fn replace_host_route(&self, dest: Ipv4Addr, link: &str) -> Result<(), NetError> {
+        let index = self.link_index(link).await?;
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetError::RouteReplace {
+                dest,
+                link: link.to_string(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Destinations of the IPv4 host routes (`/32`, main table, no gateway) that go out
+    /// through `link`, sorted: what points traffic for a routed VM's address at its tap.
+    pub async fn host_routes_via(&self, link: &str) -> Result<Vec<Ipv4Addr>, NetError> {
+        let index = self.link_index(link).await?;
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NetError::Dump {
+                what: DumpKind::Routes,
+                source: Box::new(source),
+            })?;
+        let mut out: Vec<Ipv4Addr> = routes
+            .iter()
+            .filter(|r| {
+                r.header.destination_prefix_length == 32
+                    && r.header.kind == RouteType::Unicast
+                    && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
+                    && r.attributes.contains(&RouteAttribute::Oif(index))
+                    && !r
+                        .attributes
+                        .iter()
+                        .any(|a| matches!(a, RouteAttribute::Gateway(_)))
+            })
+            .filter_map(|r| {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+                    _ => None,
+                })
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The IPv4 addresses configured on `link`, with their prefix lengths, sorted.
+    pub async fn ipv4_addresses(&self, link: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
+        let index = self.link_index(link).await?;
+        let addrs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NetError::Dump {
+                what: DumpKind::Addresses,
+                source: Box::new(source),
+            })?;
+        let mut out: Vec<(Ipv4Addr, u8)> = addrs
+            .iter()
+            .filter(|a| a.header.index == index && a.header.family == AddressFamily::Inet)
+            .filter_map(|a| {
+                a.attributes.iter().find_map(|attr| match attr {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some((*ip, a.header.prefix_len)),
+                    _ => None,
+                })
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Adds `address/prefix` to `link`, or keeps it if it is there already (`NLM_F_REPLACE`).
+    pub async fn ensure_ipv4_address(
+        &self,
+        link: &str,
+        address: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetError> {
+        let index = self.link_index(link).await?;
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(address), prefix)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetError::AddressAdd {
+                address,
+                prefix,
+                link: link.to_string(),
+                source: Box::new(source),
+            })
+    }
+
     async fn set_link(
         &self,
         link: &str,
@@ -325,6 +443,18 @@ pub(super) fn format_mac(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// The routing table of a route: the 32-bit attribute when the kernel sent one, else the
+/// header's 8-bit field.
+fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
 use std::future::Future;
+use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -348,6 +349,89 @@ fn bridge_fdb_lists_forwarding_entries_per_port() {
             nl.bridge_fdb("nope").await,
             Err(NetError::NoSuchLink { .. })
         ));
+    });
+}
+
+#[test]
+fn host_routes_move_between_taps_with_their_addresses() {
+    let ns = TestNetns::create();
+    for link in ["d0", "d1", "d2"] {
+        ns.cmd.veth(link);
+    }
+    for link in ["d0", "d0p", "d1", "d1p"] {
+        ns.cmd.ip(&["link", "set", link, "up"]);
+    }
+    // A routed VM on d0: the host's address on the tap (the guest's gateway), the /32 route to
+    // the guest, and routes that are not its host routes.
+    ns.cmd.ip(&["addr", "add", "10.77.5.1/32", "dev", "d0"]);
+    ns.cmd.ip(&["route", "add", "10.77.5.10/32", "dev", "d0"]);
+    ns.cmd.ip(&["route", "add", "10.77.6.0/24", "dev", "d0"]);
+    ns.cmd.ip(&["route", "add", "10.77.7.7/32", "dev", "d1"]);
+
+    ns.run(|nl, cmd| async move {
+        let dest = Ipv4Addr::new(10, 77, 5, 10);
+        let host_routes = |cmd: &NsCmd| -> Vec<(String, String)> {
+            cmd.ip_json(&["-4", "route", "show", "table", "main"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["dst"] == "10.77.5.10")
+                .map(|r| {
+                    (
+                        r["dst"].as_str().unwrap().to_string(),
+                        r["dev"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(nl.host_routes_via("d0").await.unwrap(), [dest]);
+        assert_eq!(
+            nl.host_routes_via("d1").await.unwrap(),
+            [Ipv4Addr::new(10, 77, 7, 7)]
+        );
+        assert!(nl.host_routes_via("d0p").await.unwrap().is_empty());
+        assert_eq!(
+            nl.ipv4_addresses("d0").await.unwrap(),
+            [(Ipv4Addr::new(10, 77, 5, 1), 32)]
+        );
+        assert!(nl.ipv4_addresses("d1").await.unwrap().is_empty());
+
+        // The shadow's tap gets the address, then the route: it moves, it is not duplicated.
+        nl.ensure_ipv4_address("d1", Ipv4Addr::new(10, 77, 5, 1), 32)
+            .await
+            .unwrap();
+        nl.ensure_ipv4_address("d1", Ipv4Addr::new(10, 77, 5, 1), 32)
+            .await
+            .unwrap();
+        assert_eq!(
+            nl.ipv4_addresses("d1").await.unwrap(),
+            [(Ipv4Addr::new(10, 77, 5, 1), 32)]
+        );
+        nl.replace_host_route(dest, "d1").await.unwrap();
+        assert_eq!(
+            host_routes(&cmd),
+            [("10.77.5.10".to_string(), "d1".to_string())]
+        );
+        assert!(nl.host_routes_via("d0").await.unwrap().is_empty());
+        nl.replace_host_route(dest, "d1").await.unwrap();
+        assert_eq!(host_routes(&cmd).len(), 1);
+
+        match nl.replace_host_route(dest, "nope").await {
+            Err(NetError::NoSuchLink { name }) => assert_eq!(name, "nope"),
+            other => panic!("{other:?}"),
+        }
+        // The kernel refuses a route through a down device; the route stays where it was.
+        match nl.replace_host_route(dest, "d2").await {
+            Err(e @ NetError::RouteReplace { .. }) => {
+                assert!(std::error::Error::source(&e).is_some());
+                assert_eq!(e.to_string(), "cannot route 10.77.5.10/32 via d2");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            host_routes(&cmd),
+            [("10.77.5.10".to_string(), "d1".to_string())]
+        );
     });
 }
 

@@ -33,7 +33,7 @@ use super::drift::{DriftEvent, DriftKind, DriftParams};
 use super::layout::Reason;
 use super::learner::{Dependency, Learner, LearnerError, LearnerParams, Profile};
 use super::model::{ModelParams, Prediction, Source, HOUR_MS};
-use super::repo::DirectoryRepository;
+use super::repo::ProfileRepository;
 use super::store::{
     ProfileDiff, ProfileStore, SkippedFile, StoreError, SyncReport, VersionSummary,
 };
@@ -299,7 +299,7 @@ pub struct AccuracyEntry {
 /// Owns the learners, the store and the repository.
 pub struct ProfileManager {
     store: ProfileStore,
-    repo: Option<DirectoryRepository>,
+    repo: Option<Arc<dyn ProfileRepository>>,
     params: LearnerParams,
     metrics: Arc<Metrics>,
     events: Option<EventLog>,
@@ -314,7 +314,7 @@ impl fmt::Debug for ProfileManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProfileManager")
             .field("store", &self.store.root())
-            .field("repo", &self.repo.as_ref().map(|r| r.root().to_path_buf()))
+            .field("repo", &self.repo.as_ref().map(|r| r.location()))
             .finish()
     }
 }
@@ -354,14 +354,14 @@ impl ProfileManager {
     pub fn open(
         state_dir: &Path,
         cfg: &ProfileConfig,
-        repository: Option<&Path>,
+        repository: Option<Arc<dyn ProfileRepository>>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ManagerError> {
         let params = learner_params(cfg);
         params.validate().map_err(ManagerError::Params)?;
         Ok(ProfileManager {
             store: ProfileStore::open(state_dir)?.with_retention(cfg.keep_versions as usize),
-            repo: repository.map(DirectoryRepository::new),
+            repo: repository,
             params,
             metrics,
             events: None,
@@ -882,15 +882,15 @@ impl ProfileManager {
         let Some(repo) = &self.repo else {
             return Ok(None);
         };
-        if !repo.root().is_dir() {
+        if !repo.ready() {
             if !self.repo_missing_reported.swap(true, Ordering::Relaxed) {
-                tracing::warn!(repository = %repo.root().display(), "profile repository directory does not exist; versions stay local until it does");
+                tracing::warn!(repository = %repo.location(), "profile repository directory does not exist; versions stay local until it does");
             }
             return Ok(None);
         }
         self.repo_missing_reported.store(false, Ordering::Relaxed);
         let _commits = self.commit_lock()?;
-        let report = self.store.sync(repo)?;
+        let report = self.store.sync(repo.as_ref())?;
         for s in &report.services {
             let Some(pulled) = s.pulled else { continue };
             let v = match self.store.get(&s.service, pulled) {
@@ -1108,6 +1108,7 @@ pub(crate) fn format_unix_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::repo::DirectoryRepository;
     use crate::profile::synthetic::TRACE_START_UNIX_MS;
     use crate::profile::{PeerUse, Proto};
 
@@ -1117,7 +1118,7 @@ mod tests {
         ProfileManager::open(
             dir,
             &ProfileConfig::default(),
-            Some(&dir.join("repo")),
+            Some(Arc::new(DirectoryRepository::new(dir.join("repo")))),
             Arc::new(Metrics::new()),
         )
         .unwrap()
@@ -1490,7 +1491,7 @@ mod tests {
         let m2 = ProfileManager::open(
             other.path(),
             &ProfileConfig::default(),
-            Some(&dir.path().join("repo")),
+            Some(Arc::new(DirectoryRepository::new(dir.path().join("repo")))),
             Arc::new(Metrics::new()),
         )
         .unwrap();

@@ -42,6 +42,16 @@ pub enum RepoError {
         #[source]
         source: io::Error,
     },
+    /// The repository's backend (etcd) failed, did not answer in time, or holds a value
+    /// that is not a version where one was expected.
+    #[error("profile repository backend failed for service {service}")]
+    Backend {
+        /// Service.
+        service: String,
+        /// What the backend said.
+        #[source]
+        source: Box<crate::cluster::CoordError>,
+    },
     /// A version could not be serialised.
     #[error("cannot serialise version {version} of service {service}")]
     Serialize {
@@ -64,6 +74,13 @@ pub trait ProfileRepository: Send + Sync {
     fn pull_latest(&self, service: &str) -> Result<Option<ProfileVersion>, RepoError>;
     /// Numbers of the readable versions of `service`, ascending.
     fn list(&self, service: &str) -> Result<Vec<u64>, RepoError>;
+    /// Where it is, for logs.
+    fn location(&self) -> String;
+    /// Whether it can be used now (a directory repository whose mount is missing cannot: it
+    /// is never created over).
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// A repository in a local or mounted directory, with the store's layout
@@ -168,6 +185,14 @@ impl ProfileRepository for DirectoryRepository {
             .into_iter()
             .map(|(n, _)| n)
             .collect())
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn ready(&self) -> bool {
+        self.root.is_dir()
     }
 }
 
