@@ -81,6 +81,20 @@
 //! 25% target (a Monday morning forecast lowered onto Sunday's values, 35%; 26.7% once a
 //! forecast above the whole day was left alone), so the default is 30% (24.6% there).
 //!
+//! # The conditional layer
+//!
+//! Beside the mixture, each head keeps a [`super::conditional`] layer: per *context* (where the
+//! last sample sits in the window: exactly 0, or one of six rank bins) the outcomes that
+//! followed it, and a forecast chosen among them that minimises their waste plus a calibrated
+//! price per miss. Per state of the last sample the head keeps the discounted loss (waste when
+//! covered, `miss_loss` when not) of the mixture's forecast and of the conditional one, and
+//! issues the one with the lower loss. Both are calibrated to the target on their own (the
+//! correction `δ` judges the mixture's forecast, the price the conditional one), so whichever
+//! is issued covers the target. The conditional forecast is a value the metric took (an exact
+//! 0 after a busy sample of a metric that alternates); the mixture, a smooth level plus a
+//! margin, does better on smooth series (the synthetic traces). Model parameter `conditional`
+//! (default on) allows it.
+//!
 //! # Horizons
 //!
 //! A forecast one sample ahead and one an hour ahead have different errors, so there are two
@@ -104,6 +118,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use super::conditional::{self, Conditional};
 use super::model::HOUR_MS;
 use super::MAX_VALUE;
 
@@ -182,6 +197,8 @@ pub struct ForecastParams {
     /// Largest relative step down when a forecast snaps onto a value of the window (1: always
     /// the largest value at or below it).
     pub snap: f64,
+    /// Whether the conditional layer may be issued (see [`super::conditional`]).
+    pub conditional: bool,
 }
 
 /// One 5-minute slot of samples.
@@ -219,6 +236,13 @@ pub struct Issued {
     /// The quantile regression's reference level (`y` of the last sample) and features, which
     /// it learns from when the sample arrives.
     pub regression: Option<(f64, [f64; FEATURES])>,
+    /// The mixture's forecast (corrected and snapped), in `y`: what the correction judges.
+    #[serde(default)]
+    pub mixed: Option<f64>,
+    /// The conditional layer's context, and its forecast in the metric's unit (see
+    /// [`super::conditional`]).
+    #[serde(default)]
+    pub conditional: Option<(u8, Option<f64>)>,
 }
 
 /// Online linear quantile regression: the `τ`-quantile of `y_target − y_last` as `w · f`,
@@ -284,6 +308,13 @@ pub struct Head {
     pub covered: u64,
     /// The quantile-regression expert of this horizon.
     pub regression: Regression,
+    /// The conditional layer of this horizon.
+    #[serde(default)]
+    pub conditional: Conditional,
+    /// Per state: discounted loss of the mixture's forecast and of the conditional layer's
+    /// (waste when covered, `miss_loss` when not); the lower one is issued.
+    #[serde(default)]
+    pub choice: [[f64; 2]; STATES],
 }
 
 impl Head {
@@ -297,6 +328,8 @@ impl Head {
             scored: 0,
             covered: 0,
             regression: Regression::default(),
+            conditional: Conditional::default(),
+            choice: [[0.0; 2]; STATES],
         }
     }
 
@@ -345,6 +378,8 @@ impl Head {
             forecast: mix.map(|(m, d)| m + d),
             floor: 0.0,
             regression: None,
+            mixed: None,
+            conditional: None,
         }
     }
 
@@ -355,15 +390,33 @@ impl Head {
             self.regression
                 .learn(f, y - reference, p.coverage_target, rate);
         }
+        let tau = p.coverage_target;
+        let state = usize::from(issued.state).min(STATES - 1);
+        let cost = |limit: f64| {
+            if x > limit {
+                p.miss_loss
+            } else if limit > 0.0 {
+                1.0 - x / limit
+            } else {
+                0.0
+            }
+        };
+        if let Some((ctx, limit)) = issued.conditional {
+            self.conditional.learn(ctx, x, limit, tau);
+            if let (Some(c), Some(m)) = (limit, issued.mixed) {
+                let m = (m.exp() - issued.floor).max(0.0);
+                let choice = &mut self.choice[state];
+                choice[0] = choice[0] * decay + cost(m);
+                choice[1] = choice[1] * decay + cost(c);
+            }
+        }
         let (Some((mix, _)), Some(forecast)) = (issued.mix, issued.forecast) else {
             return;
         };
-        let tau = p.coverage_target;
-        let state = usize::from(issued.state).min(STATES - 1);
-        // The correction: conformal quantile tracking of the forecast made.
-        let miss = y > forecast;
         self.scored += 1;
-        self.covered += u64::from(!miss);
+        self.covered += u64::from(y <= forecast);
+        // The correction: conformal quantile tracking of the mixture's forecast as made.
+        let miss = y > issued.mixed.unwrap_or(forecast);
         self.delta_scale = ewm(self.delta_scale, (y - mix).abs(), self.scored, decay);
         let step = p.calibration_step * self.delta_scale.max(1e-3);
         self.delta = (self.delta + step * (f64::from(u8::from(miss)) - (1.0 - tau)))
@@ -551,14 +604,48 @@ impl MetricForecast {
         levels[QR] = regression
             .as_ref()
             .map(|(r, f)| r + self.heads[head].regression.predict(f));
-        let mut issued = self.heads[head].issue(&levels, self.state(), p, |q| {
-            self.y(self.snap(self.x(q, p), p), p)
-        });
-        let limit = issued.forecast.map(|q| self.snap(self.x(q, p), p));
-        issued.forecast = limit.map(|l| self.y(l, p));
+        let state = self.state();
+        let h = &self.heads[head];
+        let mut issued = h.issue(&levels, state, p, |q| self.y(self.snap(self.x(q, p), p), p));
+        let mixed = issued.forecast.map(|q| self.snap(self.x(q, p), p));
+        issued.mixed = mixed.map(|l| self.y(l, p));
         issued.floor = self.floor(p);
         issued.regression = regression;
+        issued.conditional = self
+            .last
+            .map(|(_, last)| conditional::context(last, self.rank(last)))
+            .map(|ctx| (ctx, h.conditional.forecast(ctx)));
+        let conditional = issued.conditional.and_then(|c| c.1);
+        let choice = &h.choice[state.min(STATES - 1)];
+        let limit = match (mixed, conditional) {
+            (Some(_), Some(c)) if p.conditional && choice[1] < choice[0] => Some(c),
+            (None, Some(c)) if p.conditional => Some(c),
+            (m, _) => m,
+        };
+        issued.forecast = limit.map(|l| self.y(l, p));
         (issued, limit)
+    }
+
+    /// Share of the window's slot maxima below `x`, counting those equal to it half.
+    fn rank(&self, x: f64) -> f64 {
+        let lo = self.sorted.partition_point(|v| *v < x);
+        let hi = self.sorted.partition_point(|v| *v <= x);
+        let (mut below, mut n) = ((lo + hi) as f64 / 2.0, self.sorted.len() as f64);
+        if let Some(c) = self.current.map(|s| s.max) {
+            n += 1.0;
+            below += if c < x {
+                1.0
+            } else if c == x {
+                0.5
+            } else {
+                0.0
+            };
+        }
+        if n == 0.0 {
+            0.5
+        } else {
+            below / n
+        }
     }
 
     /// `x` of a `y`.
@@ -758,6 +845,8 @@ impl MetricForecast {
                     .all(|v| v.is_finite() && (0.0..=1e6).contains(v))
                 && h.margin.iter().flatten().all(|x| margin(*x))
                 && margin(h.delta)
+                && h.conditional.validate().is_ok()
+                && h.choice.iter().flatten().all(|x| value(*x))
                 && h.scale
                     .iter()
                     .chain(h.loss.iter().flatten())
@@ -778,6 +867,10 @@ impl MetricForecast {
                         .regression
                         .is_none_or(|(r, f)| y(r) && f.iter().all(|x| feature(*x)))
                     && usize::from(s.issued.state) < STATES
+                    && s.issued.mixed.is_none_or(y)
+                    && s.issued.conditional.is_none_or(|(ctx, c)| {
+                        usize::from(ctx) < conditional::CONTEXTS && c.is_none_or(value)
+                    })
             })
             && value(self.mean)
             && y(self.fast)

@@ -168,6 +168,9 @@ pub struct ModelParams {
     /// Largest relative step down when a forecast snaps onto a value the metric took in the
     /// last day (1: always onto the largest one at or below it).
     pub snap: f64,
+    /// Whether the conditional layer ([`super::conditional`]) may give the forecast where it
+    /// has been wasting less than the mixture.
+    pub conditional: bool,
 }
 
 impl Default for ModelParams {
@@ -195,6 +198,7 @@ impl Default for ModelParams {
             quantile_rate: 0.001,
             quantile_rate_hour: 0.0005,
             snap: 0.3,
+            conditional: true,
         }
     }
 }
@@ -212,6 +216,7 @@ impl ModelParams {
             experts: self.experts,
             quantile_rate: [self.quantile_rate, self.quantile_rate_hour],
             snap: self.snap,
+            conditional: self.conditional,
         }
     }
 
