@@ -90,7 +90,9 @@
 //! covered, `miss_loss` when not) of the mixture's forecast and of the conditional one, and
 //! issues the one with the lower loss. Both are calibrated to the target on their own (the
 //! correction `δ` judges the mixture's forecast, the price the conditional one), so whichever
-//! is issued covers the target. The conditional forecast is a value the metric took (an exact
+//! is issued covers the target; the conditional one is issued only while its own miss rate
+//! (discounted like the losses) stays within [`CONDITIONAL_MISS_SLACK`] times `1 − τ` (a
+//! context's 128 latest outcomes cannot always reach a 99% target). The conditional forecast is a value the metric took (an exact
 //! 0 after a busy sample of a metric that alternates); the mixture, a smooth level plus a
 //! margin, does better on smooth series (the synthetic traces). Model parameter `conditional`
 //! (default on) allows it.
@@ -173,6 +175,8 @@ const SNAPSHOT_MAX_AGE_MS: u64 = 2 * HOUR_MS;
 const MAX_MARGIN: f64 = 8.0;
 /// Hour-ahead forecasts kept awaiting their sample (two hours of slots).
 const MAX_PENDING: usize = 2 * (HOUR_AHEAD_MS / SLOT_MS) as usize + 4;
+/// The conditional layer is issued while its miss rate stays within this factor of `1 − τ`.
+const CONDITIONAL_MISS_SLACK: f64 = 1.25;
 
 /// Tuning of the forecast layer (part of [`super::ModelParams`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -315,6 +319,10 @@ pub struct Head {
     /// (waste when covered, `miss_loss` when not); the lower one is issued.
     #[serde(default)]
     pub choice: [[f64; 2]; STATES],
+    /// Discounted miss rate of the conditional layer's forecasts: it is issued only while this
+    /// stays near `1 − τ` (its few outcomes per context may not reach a high target).
+    #[serde(default)]
+    pub conditional_miss: f64,
 }
 
 impl Head {
@@ -330,6 +338,7 @@ impl Head {
             regression: Regression::default(),
             conditional: Conditional::default(),
             choice: [[0.0; 2]; STATES],
+            conditional_miss: 0.0,
         }
     }
 
@@ -403,6 +412,10 @@ impl Head {
         };
         if let Some((ctx, limit)) = issued.conditional {
             self.conditional.learn(ctx, x, limit, tau);
+            if let Some(c) = limit {
+                let miss = f64::from(u8::from(x > c));
+                self.conditional_miss = self.conditional_miss * decay + (1.0 - decay) * miss;
+            }
             if let (Some(c), Some(m)) = (limit, issued.mixed) {
                 let m = (m.exp() - issued.floor).max(0.0);
                 let choice = &mut self.choice[state];
@@ -617,8 +630,9 @@ impl MetricForecast {
             .map(|ctx| (ctx, h.conditional.forecast(ctx)));
         let conditional = issued.conditional.and_then(|c| c.1);
         let choice = &h.choice[state.min(STATES - 1)];
+        let calibrated = h.conditional_miss <= CONDITIONAL_MISS_SLACK * (1.0 - p.coverage_target);
         let limit = match (mixed, conditional) {
-            (Some(_), Some(c)) if p.conditional && choice[1] < choice[0] => Some(c),
+            (Some(_), Some(c)) if p.conditional && calibrated && choice[1] < choice[0] => Some(c),
             (None, Some(c)) if p.conditional => Some(c),
             (m, _) => m,
         };
@@ -847,6 +861,7 @@ impl MetricForecast {
                 && margin(h.delta)
                 && h.conditional.validate().is_ok()
                 && h.choice.iter().flatten().all(|x| value(*x))
+                && (0.0..=1.0).contains(&h.conditional_miss)
                 && h.scale
                     .iter()
                     .chain(h.loss.iter().flatten())
