@@ -898,6 +898,9 @@ impl MetricForecast {
                 "forecast state out of range (non-finite or beyond what the model produces)".into(),
             );
         }
+        for h in &mut self.heads {
+            h.conditional.restore()?;
+        }
         let n = self.ring.len().min(WINDOW_SLOTS - 1);
         self.sorted = self.ring.iter().rev().take(n).map(|s| s.max).collect();
         self.sorted.sort_by(f64::total_cmp);
