@@ -4,7 +4,9 @@
 //!
 //! Run: `cargo bench --bench profile` (the model part of `make bench-profile`; no lab needed).
 //! Results also go to `<target dir>/bench-profile.json`. `BENCH_PROFILE_PARTS` picks parts,
-//! comma-separated, default all: `synthetic`, `real`, `cost`.
+//! comma-separated, default all: `synthetic`, `real`, `cost`. `BENCH_PROFILE_VMS=tune` runs the
+//! real part on the first 22 VMs only (file-name order: the half the defaults were chosen on),
+//! `held` on the other 21.
 //!
 //! Every history goes through `understudy::profile::backtest::run`, the code behind
 //! `understudy profile backtest`, with the default settings (coverage target 95%, no headroom):
@@ -205,6 +207,15 @@ fn run_real(params: &LearnerParams) -> (Vec<(String, BacktestReport)>, Vec<RealS
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no *.csv.gz in {}", dir.display());
+    // `BENCH_PROFILE_VMS=tune` keeps the first half of the VMs (in file-name order: the split the
+    // defaults were chosen on), `held` the other half; unset or `all`, every VM.
+    let half = files.len().div_ceil(2);
+    match std::env::var("BENCH_PROFILE_VMS").as_deref() {
+        Ok("tune") => files.truncate(half),
+        Ok("held") => drop(files.drain(..half)),
+        Ok("all") | Err(_) => {}
+        Ok(other) => panic!("BENCH_PROFILE_VMS={other}: expected tune, held or all"),
+    }
     println!(
         "\n### 2. real traces: {} VMs of {} (default settings; waste at 95% coverage = each predictor at its smallest headroom reaching it)",
         files.len(),

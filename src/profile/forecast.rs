@@ -30,6 +30,18 @@
 //! | `hour_max` | maximum of the last hour of slots |
 //! | `seasonal` | the hour-of-week/hour-of-day buckets' p95 at the target time, times the level factor (see [`super::model`]) |
 //! | `day_lag` | maximum of the slots 24 h before the target time, ±30 min (daily jobs) |
+//! | `quantile_regression` | `y_last + w · f`: an online linear quantile regression on 18 features (below) |
+//!
+//! The quantile-regression expert models the conditional quantile directly. Its features `f`
+//! ([`MetricForecast::features`]) are the other experts' levels, the window's p50 and p90, the
+//! volatility (mean absolute change of `y` between samples, time constant an hour), the two
+//! samples before the last (a metric that alternates from one sample to the next, as many
+//! Bitbrains VMs do, is told by them), and where the last sample sits in the window (one of
+//! five bins, a per-state intercept), all relative to `y_last`. Its weights `w` are learned by
+//! stochastic gradient descent on the pinball loss at level `τ` (the coverage target) with
+//! RMSprop step sizes ([`Regression`]), one set per horizon: the hour head learns what predicts
+//! the sample an hour later (direct multi-horizon forecasting, not an iterated one-step model).
+//! It costs `O(features)` per sample and no allocation.
 //!
 //! Each expert's margin tracks the target quantile of its residual `y − L_k` online (quantile
 //! tracking, i.e. stochastic gradient descent on the pinball loss):
@@ -42,9 +54,11 @@
 //! discounted with a half-life of `loss_halflife_h` hours: every expert is calibrated to the
 //! same coverage, so what ranks them is how tightly they cover. (Their pinball loss in `y`,
 //! tried first, favoured experts that dive towards zero on idle samples, where any limit wastes
-//! nearly everything anyway.) The *mixture* is the weighted mean of the expert forecasts, weights
-//! `exp(−(loss_k / loss_best − 1) / mix_temperature)`: experts within a few percent of the best
-//! share the weight, clearly worse ones get none.
+//! nearly everything anyway.) Losses are kept per state of the last sample, like the margins:
+//! the expert that covers best after a burst is often not the one that does after a quiet
+//! sample. The *mixture* is the weighted mean of the expert forecasts, weights from the losses
+//! in the current state, `exp(−(loss_k / loss_best − 1) / mix_temperature)`: experts within a
+//! few percent of the best share the weight, clearly worse ones get none.
 //!
 //! Finally a correction `δ`, tracked like the margins on the mixture's own misses, makes the
 //! miss rate of the forecasts made converge on `1 − τ`: this is adaptive conformal calibration
@@ -52,11 +66,36 @@
 //! the long-run miss rate is `1 − τ` up to `O(range of δ / (η·samples))`. A metric that is 0
 //! most of the time is covered more than `τ`: any limit covers a 0.
 //!
-//! The forecast is then *snapped*: lowered onto the largest value of the last day within
-//! [`SNAP`] below it. Counters often take discrete values (the Bitbrains network readings move
-//! in steps of 68 bytes/s); a limit between two of them covers exactly what the lower one covers
-//! and wastes the gap. Experts are snapped the same way before they are scored. Samples are
-//! judged against the forecast as issued, in the transform it was issued in.
+//! The forecast is then *snapped*: when it falls between two values of the last day, it is
+//! lowered onto the lower one if that is within `snap` (default 30%) below it; a forecast above
+//! every value of the day only within [`SNAP_ABOVE`] (15%). Counters often take
+//! discrete values (the Bitbrains network readings move in steps of 68 bytes/s, memory in steps
+//! of 11 MB); a limit between two of them covers exactly what the lower one covers and wastes
+//! the gap.
+//! Experts are snapped the same way before they are scored. Samples are judged against the
+//! forecast as issued, in the transform it was issued in, so the correction `δ` sees the
+//! snapped forecast and the coverage stays on target (a snap that often falls below a sample
+//! raises `δ`). On the real traces' tuning half, snapping at any distance instead of within 15%
+//! cut the waste at 95% coverage from 42.5% to 40.2% one step ahead and from 44.1% to 41.2% an
+//! hour ahead; but at any distance the weekly synthetic trace's hour-ahead waste rose above its
+//! 25% target (a Monday morning forecast lowered onto Sunday's values, 35%; 26.7% once a
+//! forecast above the whole day was left alone), so the default is 30% (24.6% there).
+//!
+//! # The conditional layer
+//!
+//! Beside the mixture, each head keeps a [`super::conditional`] layer: per *context* (where the
+//! last sample sits in the window: exactly 0, or one of six rank bins) the outcomes that
+//! followed it, and a forecast chosen among them that minimises their waste plus a calibrated
+//! price per miss. Per state of the last sample the head keeps the discounted loss (waste when
+//! covered, `miss_loss` when not) of the mixture's forecast and of the conditional one, and
+//! issues the one with the lower loss. Both are calibrated to the target on their own (the
+//! correction `δ` judges the mixture's forecast, the price the conditional one), so whichever
+//! is issued covers the target; the conditional one is issued only while its own miss rate
+//! (discounted like the losses) stays within [`CONDITIONAL_MISS_SLACK`] times `1 − τ` (a
+//! context's 128 latest outcomes cannot always reach a 99% target). The conditional forecast is a value the metric took (an exact
+//! 0 after a busy sample of a metric that alternates); the mixture, a smooth level plus a
+//! margin, does better on smooth series (the synthetic traces). Model parameter `conditional`
+//! (default on) allows it.
 //!
 //! # Horizons
 //!
@@ -69,16 +108,19 @@
 //!
 //! # Cost
 //!
-//! Per sample and metric: 8 levels and 8 snaps (a `ln` and a binary search each), a head's 8
-//! margin updates, and at each slot close an insertion into a sorted 24-hour window (288 values)
-//! and an hour-ahead forecast. About 10 µs per observation of four metrics at one sample a
-//! second (the benchmark prints it). State per metric: 300 slots, 28 pending forecasts, two
-//! heads of 3 × 8 margins — a few thousand numbers per profile version.
+//! Per sample and metric: 9 levels and 9 snaps (a `ln` and a binary search each), 18 features
+//! (six window quantiles, a few `ln`s), a head's 9 margin updates and 18 regression weights,
+//! and at each slot close an insertion into a sorted 24-hour window (288 values) and an
+//! hour-ahead forecast. No allocation per sample. The benchmark prints the time per
+//! observation. State per metric: 300 slots, 28 pending forecasts (each with its 18
+//! features), two heads of 3 × 9 margins and 2 × 18 regression weights — a few thousand
+//! numbers per profile version.
 
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use super::conditional::{self, Conditional};
 use super::model::HOUR_MS;
 use super::MAX_VALUE;
 
@@ -91,7 +133,7 @@ pub const RING_SLOTS: usize = 300;
 /// Slots in the `hour_max` expert.
 const HOUR_SLOTS: usize = 12;
 /// Number of experts.
-pub const EXPERTS: usize = 8;
+pub const EXPERTS: usize = 9;
 /// Expert names, in level order.
 pub const EXPERT_NAMES: [&str; EXPERTS] = [
     "last",
@@ -102,11 +144,25 @@ pub const EXPERT_NAMES: [&str; EXPERTS] = [
     "hour_max",
     "seasonal",
     "day_lag",
+    "quantile_regression",
 ];
+/// Index of the quantile-regression expert.
+const QR: usize = 8;
+/// Features of the quantile regression (see [`MetricForecast::features`]).
+pub const FEATURES: usize = 18;
+/// Bound on a regression weight (the features are differences of `y`, a few units at most).
+const MAX_WEIGHT: f64 = 16.0;
+/// Decay per update of the regression's mean squared gradient (RMSprop).
+const GRAD_DECAY: f64 = 0.999;
 /// Time constants of the two moving averages, and of the level behind the floor `c`.
 const FAST_TAU_MS: f64 = 20.0 * 60_000.0;
 const SLOW_TAU_MS: f64 = 6.0 * HOUR_MS as f64;
 const MEAN_TAU_MS: f64 = 24.0 * HOUR_MS as f64;
+/// Largest relative step down when a forecast above every value of the window snaps onto the
+/// largest one.
+const SNAP_ABOVE: f64 = 0.15;
+/// Time constant of the volatility feature.
+const VOLATILITY_TAU_MS: f64 = HOUR_MS as f64;
 /// Targets further than this from the last sample use the hour head.
 pub const ONE_STEP_MAX_MS: u64 = 30 * 60_000;
 /// Targets further than this from the last sample are left to the seasonal buckets.
@@ -117,10 +173,10 @@ pub const HOUR_AHEAD_MS: u64 = HOUR_MS;
 const SNAPSHOT_MAX_AGE_MS: u64 = 2 * HOUR_MS;
 /// Bound on the margins and the correction, in `y` (a factor e^8 ≈ 3000).
 const MAX_MARGIN: f64 = 8.0;
-/// Largest relative step down when a forecast snaps to a value of the window.
-const SNAP: f64 = 0.15;
 /// Hour-ahead forecasts kept awaiting their sample (two hours of slots).
 const MAX_PENDING: usize = 2 * (HOUR_AHEAD_MS / SLOT_MS) as usize + 4;
+/// The conditional layer is issued while its miss rate stays within this factor of `1 − τ`.
+const CONDITIONAL_MISS_SLACK: f64 = 1.25;
 
 /// Tuning of the forecast layer (part of [`super::ModelParams`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -140,6 +196,13 @@ pub struct ForecastParams {
     pub miss_loss: f64,
     /// Experts the mixture may use: bit `k` for expert `k` of [`EXPERT_NAMES`].
     pub experts: u32,
+    /// Learning rate of the quantile regression, one step ahead and one hour ahead.
+    pub quantile_rate: [f64; 2],
+    /// Largest relative step down when a forecast snaps onto a value of the window (1: always
+    /// the largest value at or below it).
+    pub snap: f64,
+    /// Whether the conditional layer may be issued (see [`super::conditional`]).
+    pub conditional: bool,
 }
 
 /// One 5-minute slot of samples.
@@ -174,6 +237,58 @@ pub struct Issued {
     /// The floor `c` of the transform when it was made: the sample is judged in the same `y`
     /// (the floor follows the metric's level and moves within the hour).
     pub floor: f64,
+    /// The quantile regression's reference level (`y` of the last sample) and features, which
+    /// it learns from when the sample arrives.
+    pub regression: Option<(f64, [f64; FEATURES])>,
+    /// The mixture's forecast (corrected and snapped), in `y`: what the correction judges.
+    #[serde(default)]
+    pub mixed: Option<f64>,
+    /// The conditional layer's context, and its forecast in the metric's unit (see
+    /// [`super::conditional`]).
+    #[serde(default)]
+    pub conditional: Option<(u8, Option<f64>)>,
+}
+
+/// Online linear quantile regression: the `τ`-quantile of `y_target − y_last` as `w · f`,
+/// learned by stochastic gradient descent on the pinball loss with RMSprop step sizes (each
+/// weight's step is divided by the root of its mean squared gradient, so features of different
+/// scales learn alike and `rate` is the typical step of a weight).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Regression {
+    /// The weights `w`.
+    pub weights: [f64; FEATURES],
+    /// Per weight: mean squared gradient (decay [`GRAD_DECAY`] per update).
+    pub mean_sq_grad: [f64; FEATURES],
+}
+
+impl Default for Regression {
+    fn default() -> Self {
+        Regression {
+            weights: [0.0; FEATURES],
+            mean_sq_grad: [1e-6; FEATURES],
+        }
+    }
+}
+
+impl Regression {
+    /// The predicted quantile of `y_target − y_last` for features `f`.
+    fn predict(&self, f: &[f64; FEATURES]) -> f64 {
+        self.weights.iter().zip(f).map(|(w, x)| w * x).sum()
+    }
+
+    /// One pinball-loss gradient step towards the `tau`-quantile, `z` being what happened.
+    fn learn(&mut self, f: &[f64; FEATURES], z: f64, tau: f64, rate: f64) {
+        // d pinball / d q: −τ below the observation (a miss), 1 − τ above it.
+        let dq = if z > self.predict(f) { -tau } else { 1.0 - tau };
+        for ((x, w), v) in f.iter().zip(&mut self.weights).zip(&mut self.mean_sq_grad) {
+            if *x == 0.0 {
+                continue;
+            }
+            let g = dq * x;
+            *v = GRAD_DECAY * *v + (1.0 - GRAD_DECAY) * g * g;
+            *w = (*w - rate * g / v.sqrt().max(1e-4)).clamp(-MAX_WEIGHT, MAX_WEIGHT);
+        }
+    }
 }
 
 /// Calibration and mixture state of one horizon.
@@ -183,8 +298,10 @@ pub struct Head {
     pub margin: [[f64; EXPERTS]; STATES],
     /// Per expert: mean absolute residual (the step scale).
     pub scale: [f64; EXPERTS],
-    /// Per expert: discounted loss (waste when covered, `miss_loss` when not).
-    pub loss: [f64; EXPERTS],
+    /// Per state and expert: discounted loss (waste when covered, `miss_loss` when not). The
+    /// mixture weighs the experts by their losses in the current state: what covers a quiet
+    /// sample best is often not what covers the sample after a burst.
+    pub loss: [[f64; EXPERTS]; STATES],
     /// Correction of the mixture.
     pub delta: f64,
     /// Mean absolute residual of the mixture.
@@ -193,6 +310,19 @@ pub struct Head {
     pub scored: u64,
     /// Samples covered by the issued forecast (mixture and correction).
     pub covered: u64,
+    /// The quantile-regression expert of this horizon.
+    pub regression: Regression,
+    /// The conditional layer of this horizon.
+    #[serde(default)]
+    pub conditional: Conditional,
+    /// Per state: discounted loss of the mixture's forecast and of the conditional layer's
+    /// (waste when covered, `miss_loss` when not); the lower one is issued.
+    #[serde(default)]
+    pub choice: [[f64; 2]; STATES],
+    /// Discounted miss rate of the conditional layer's forecasts: it is issued only while this
+    /// stays near `1 − τ` (its few outcomes per context may not reach a high target).
+    #[serde(default)]
+    pub conditional_miss: f64,
 }
 
 impl Head {
@@ -200,11 +330,15 @@ impl Head {
         Head {
             margin: [[0.0; EXPERTS]; STATES],
             scale: [0.0; EXPERTS],
-            loss: [0.0; EXPERTS],
+            loss: [[0.0; EXPERTS]; STATES],
             delta: 0.0,
             delta_scale: 0.0,
             scored: 0,
             covered: 0,
+            regression: Regression::default(),
+            conditional: Conditional::default(),
+            choice: [[0.0; 2]; STATES],
+            conditional_miss: 0.0,
         }
     }
 
@@ -218,6 +352,7 @@ impl Head {
         snap: impl Fn(f64) -> f64,
     ) -> Issued {
         let margins = &self.margin[state.min(STATES - 1)];
+        let losses = &self.loss[state.min(STATES - 1)];
         let experts: [Option<f64>; EXPERTS] = std::array::from_fn(|k| {
             levels[k]
                 .filter(|_| p.experts & (1 << k) != 0)
@@ -225,11 +360,11 @@ impl Head {
         });
         let best = (0..EXPERTS)
             .filter(|&k| experts[k].is_some())
-            .map(|k| self.loss[k])
+            .map(|k| losses[k])
             .min_by(f64::total_cmp);
         let mix = best.map(|best| {
             let (mut sum_w, mut sum) = (0.0, 0.0);
-            for (q, loss) in experts.iter().zip(self.loss) {
+            for (q, loss) in experts.iter().zip(losses.iter().copied()) {
                 if let Some(q) = q {
                     let excess = if best > 0.0 {
                         loss / best - 1.0
@@ -251,21 +386,50 @@ impl Head {
             mix,
             forecast: mix.map(|(m, d)| m + d),
             floor: 0.0,
+            regression: None,
+            mixed: None,
+            conditional: None,
         }
     }
 
-    /// Learns from the sample `x` a forecast `issued` was made for.
-    fn learn(&mut self, issued: &Issued, x: f64, decay: f64, p: &ForecastParams) {
+    /// Learns from the sample `x` a forecast `issued` was made for; `rate` is the regression's.
+    fn learn(&mut self, issued: &Issued, x: f64, decay: f64, rate: f64, p: &ForecastParams) {
         let y = (x.max(0.0) + issued.floor).ln();
+        if let Some((reference, f)) = &issued.regression {
+            self.regression
+                .learn(f, y - reference, p.coverage_target, rate);
+        }
+        let tau = p.coverage_target;
+        let state = usize::from(issued.state).min(STATES - 1);
+        let cost = |limit: f64| {
+            if x > limit {
+                p.miss_loss
+            } else if limit > 0.0 {
+                1.0 - x / limit
+            } else {
+                0.0
+            }
+        };
+        if let Some((ctx, limit)) = issued.conditional {
+            self.conditional.learn(ctx, x, limit, tau);
+            if let Some(c) = limit {
+                let miss = f64::from(u8::from(x > c));
+                self.conditional_miss = self.conditional_miss * decay + (1.0 - decay) * miss;
+            }
+            if let (Some(c), Some(m)) = (limit, issued.mixed) {
+                let m = (m.exp() - issued.floor).max(0.0);
+                let choice = &mut self.choice[state];
+                choice[0] = choice[0] * decay + cost(m);
+                choice[1] = choice[1] * decay + cost(c);
+            }
+        }
         let (Some((mix, _)), Some(forecast)) = (issued.mix, issued.forecast) else {
             return;
         };
-        let tau = p.coverage_target;
-        let state = usize::from(issued.state).min(STATES - 1);
-        // The correction: conformal quantile tracking of the forecast made.
-        let miss = y > forecast;
         self.scored += 1;
-        self.covered += u64::from(!miss);
+        self.covered += u64::from(y <= forecast);
+        // The correction: conformal quantile tracking of the mixture's forecast as made.
+        let miss = y > issued.mixed.unwrap_or(forecast);
         self.delta_scale = ewm(self.delta_scale, (y - mix).abs(), self.scored, decay);
         let step = p.calibration_step * self.delta_scale.max(1e-3);
         self.delta = (self.delta + step * (f64::from(u8::from(miss)) - (1.0 - tau)))
@@ -282,7 +446,7 @@ impl Head {
             } else {
                 1.0 - (y - q).exp()
             };
-            self.loss[k] = self.loss[k] * decay + loss;
+            self.loss[state][k] = self.loss[state][k] * decay + loss;
             self.scale[k] = ewm(self.scale[k], (y - q).abs(), self.scored, decay);
             let step = p.calibration_step * self.scale[k].max(1e-3);
             let m = &mut self.margin[state][k];
@@ -328,6 +492,13 @@ pub struct MetricForecast {
     pub pending: VecDeque<Snapshot>,
     /// Samples seen.
     pub samples: u64,
+    /// Mean absolute change of `y` from one sample to the next (time constant an hour): the
+    /// regression's volatility feature.
+    #[serde(default)]
+    pub volatility: f64,
+    /// The two samples before the last, newest first.
+    #[serde(default)]
+    pub previous: [Option<f64>; 2],
     /// The maxima of the newest `WINDOW_SLOTS − 1` closed slots, ascending (derived from
     /// `ring`, rebuilt after deserialisation).
     #[serde(skip)]
@@ -346,6 +517,8 @@ impl Default for MetricForecast {
             heads: [Head::new(), Head::new()],
             pending: VecDeque::new(),
             samples: 0,
+            volatility: 0.0,
+            previous: [None; 2],
             sorted: Vec::new(),
         }
     }
@@ -439,14 +612,54 @@ impl MetricForecast {
         seasonal: Option<f64>,
         p: &ForecastParams,
     ) -> (Issued, Option<f64>) {
-        let levels = self.levels(target_ms, seasonal, p);
-        let mut issued = self.heads[head].issue(&levels, self.state(), p, |q| {
-            self.y(self.snap(self.x(q, p)), p)
-        });
-        let limit = issued.forecast.map(|q| self.snap(self.x(q, p)));
-        issued.forecast = limit.map(|l| self.y(l, p));
+        let mut levels = self.levels(target_ms, seasonal, p);
+        let regression = self.features(&levels, p);
+        levels[QR] = regression
+            .as_ref()
+            .map(|(r, f)| r + self.heads[head].regression.predict(f));
+        let state = self.state();
+        let h = &self.heads[head];
+        let mut issued = h.issue(&levels, state, p, |q| self.y(self.snap(self.x(q, p), p), p));
+        let mixed = issued.forecast.map(|q| self.snap(self.x(q, p), p));
+        issued.mixed = mixed.map(|l| self.y(l, p));
         issued.floor = self.floor(p);
+        issued.regression = regression;
+        issued.conditional = self
+            .last
+            .map(|(_, last)| conditional::context(last, self.rank(last)))
+            .map(|ctx| (ctx, h.conditional.forecast(ctx)));
+        let conditional = issued.conditional.and_then(|c| c.1);
+        let choice = &h.choice[state.min(STATES - 1)];
+        let calibrated = h.conditional_miss <= CONDITIONAL_MISS_SLACK * (1.0 - p.coverage_target);
+        let limit = match (mixed, conditional) {
+            (Some(_), Some(c)) if p.conditional && calibrated && choice[1] < choice[0] => Some(c),
+            (None, Some(c)) if p.conditional => Some(c),
+            (m, _) => m,
+        };
+        issued.forecast = limit.map(|l| self.y(l, p));
         (issued, limit)
+    }
+
+    /// Share of the window's slot maxima below `x`, counting those equal to it half.
+    fn rank(&self, x: f64) -> f64 {
+        let lo = self.sorted.partition_point(|v| *v < x);
+        let hi = self.sorted.partition_point(|v| *v <= x);
+        let (mut below, mut n) = ((lo + hi) as f64 / 2.0, self.sorted.len() as f64);
+        if let Some(c) = self.current.map(|s| s.max) {
+            n += 1.0;
+            below += if c < x {
+                1.0
+            } else if c == x {
+                0.5
+            } else {
+                0.0
+            };
+        }
+        if n == 0.0 {
+            0.5
+        } else {
+            below / n
+        }
     }
 
     /// `x` of a `y`.
@@ -454,15 +667,68 @@ impl MetricForecast {
         (y.exp() - self.floor(p)).max(0.0)
     }
 
+    /// The quantile regression's reference (`y` of the last sample) and features for a target
+    /// whose other experts' levels are `levels`, all in `y` and relative to the reference:
+    ///
+    /// | # | feature |
+    /// |---|---|
+    /// | 0 | 1 (the intercept) |
+    /// | 1, 2 | the 20-minute and 6-hour moving averages |
+    /// | 3–6 | the window's p50, p90, p95 and maximum |
+    /// | 7 | the maximum of the last hour |
+    /// | 8 | the seasonal buckets at the target time (0 without) |
+    /// | 9 | yesterday around the target time (0 without) |
+    /// | 10 | the volatility: mean absolute change from one sample to the next |
+    /// | 11, 12 | the two samples before the last (lags 2 and 3) |
+    /// | 13–17 | where the last sample sits in the window: one of ≤ p25, ≤ p50, ≤ p75, ≤ p90, above |
+    fn features(&self, levels: &Levels, p: &ForecastParams) -> Option<(f64, [f64; FEATURES])> {
+        let r = levels[0]?;
+        let rel = |y: Option<f64>| y.map_or(0.0, |y| y - r);
+        let wq = |q: f64| self.window_quantile(q).map(|x| self.y(x, p));
+        let (_, last) = self.last?;
+        let bin = [0.25, 0.5, 0.75, 0.9]
+            .iter()
+            .position(|q| self.window_quantile(*q).is_some_and(|v| last <= v))
+            .unwrap_or(4);
+        let mut f = [0.0; FEATURES];
+        f[0] = 1.0;
+        f[1] = rel(levels[1]);
+        f[2] = rel(levels[2]);
+        f[3] = rel(wq(0.5));
+        f[4] = rel(wq(0.9));
+        f[5] = rel(levels[3]);
+        f[6] = rel(levels[4]);
+        f[7] = rel(levels[5]);
+        f[8] = rel(levels[6]);
+        f[9] = rel(levels[7]);
+        f[10] = self.volatility;
+        f[11] = rel(self.previous[0].map(|x| self.y(x, p)));
+        f[12] = rel(self.previous[1].map(|x| self.y(x, p)));
+        f[13 + bin] = 1.0;
+        Some((r, f))
+    }
+
     /// `q` lowered to the largest value of the window at or below it, if that is within
-    /// [`SNAP`]: many metrics take discrete values (counters read in KiB, quantised clocks),
-    /// and a limit between two of them wastes the gap above the lower one for no coverage.
-    fn snap(&self, q: f64) -> f64 {
+    /// `p.snap` below it: many metrics take discrete values (counters read in KiB, quantised
+    /// clocks, memory in pages of a balloon), and a limit between two of them wastes the gap
+    /// above the lower one for no coverage. The calibration sees the snapped forecast, so the
+    /// coverage stays on target.
+    ///
+    /// A limit *between* two values of the window snaps up to `p.snap` down; one above all of
+    /// them only up to [`SNAP_ABOVE`]: it may be a level the day has not seen (a Monday
+    /// morning after a quiet Sunday, forecast by the seasonal buckets), and lowering it far onto
+    /// the day's maximum would throw that forecast away.
+    fn snap(&self, q: f64, p: &ForecastParams) -> f64 {
         let i = self.sorted.partition_point(|v| *v <= q);
         let below = i.checked_sub(1).map(|i| self.sorted[i]);
-        let current = self.current.map(|s| s.max).filter(|v| *v <= q);
-        match below.into_iter().chain(current).max_by(f64::total_cmp) {
-            Some(v) if v >= q * (1.0 - SNAP) => v,
+        let current = self.current.map(|s| s.max);
+        let bracketed = i < self.sorted.len() || current.is_some_and(|v| v > q);
+        match below
+            .into_iter()
+            .chain(current.filter(|v| *v <= q))
+            .max_by(f64::total_cmp)
+        {
+            Some(v) if v >= q * (1.0 - if bracketed { p.snap } else { SNAP_ABOVE }) => v,
             _ => q,
         }
     }
@@ -500,7 +766,7 @@ impl MetricForecast {
         // Score both heads' forecasts for this sample, then learn it.
         if self.last.is_some() {
             let (issued, _) = self.issue(0, ts, seasonal_now, p);
-            self.heads[0].learn(&issued, x, decay, p);
+            self.heads[0].learn(&issued, x, decay, p.quantile_rate[0], p);
         }
         let due = ts.saturating_sub(HOUR_AHEAD_MS);
         while self.pending.len() >= 2 && self.pending[1].ts_unix_ms <= due {
@@ -509,7 +775,7 @@ impl MetricForecast {
         if let Some(s) = self.pending.front() {
             if s.ts_unix_ms <= due && ts - s.ts_unix_ms <= SNAPSHOT_MAX_AGE_MS {
                 let issued = s.issued;
-                self.heads[1].learn(&issued, x, decay, p);
+                self.heads[1].learn(&issued, x, decay, p.quantile_rate[1], p);
             }
         }
 
@@ -520,12 +786,15 @@ impl MetricForecast {
             self.mean + (1.0 - (-dt / MEAN_TAU_MS).exp()) * (x - self.mean)
         };
         let y = self.y(x, p);
-        if self.last.is_none() {
-            self.fast = y;
-            self.slow = y;
-        } else {
+        if let Some((_, before)) = self.last {
             self.fast += (1.0 - (-dt / FAST_TAU_MS).exp()) * (y - self.fast);
             self.slow += (1.0 - (-dt / SLOW_TAU_MS).exp()) * (y - self.slow);
+            let change = (y - self.y(before, p)).abs();
+            self.volatility += (1.0 - (-dt / VOLATILITY_TAU_MS).exp()) * (change - self.volatility);
+            self.previous = [Some(before), self.previous[0]];
+        } else {
+            self.fast = y;
+            self.slow = y;
         }
         self.last = Some((ts, x));
         let idx = ts / SLOT_MS;
@@ -578,12 +847,24 @@ impl MetricForecast {
         let value = |x: f64| x.is_finite() && (0.0..=MAX_VALUE).contains(&x);
         let y = |x: f64| x.is_finite() && x.abs() <= MAX_Y;
         let margin = |x: f64| x.is_finite() && x.abs() <= MAX_MARGIN;
+        let feature = |x: f64| x.is_finite() && x.abs() <= 2.0 * MAX_Y;
         let heads_ok = self.heads.iter().all(|h| {
-            h.margin.iter().flatten().all(|x| margin(*x))
+            h.regression
+                .weights
+                .iter()
+                .all(|w| w.is_finite() && w.abs() <= MAX_WEIGHT)
+                && h.regression
+                    .mean_sq_grad
+                    .iter()
+                    .all(|v| v.is_finite() && (0.0..=1e6).contains(v))
+                && h.margin.iter().flatten().all(|x| margin(*x))
                 && margin(h.delta)
+                && h.conditional.validate().is_ok()
+                && h.choice.iter().flatten().all(|x| value(*x))
+                && (0.0..=1.0).contains(&h.conditional_miss)
                 && h.scale
                     .iter()
-                    .chain(&h.loss)
+                    .chain(h.loss.iter().flatten())
                     .chain([&h.delta_scale])
                     .all(|x| value(*x))
         });
@@ -597,16 +878,28 @@ impl MetricForecast {
                     && s.issued.mix.is_none_or(|(a, b)| y(a) && margin(b))
                     && s.issued.forecast.is_none_or(y)
                     && value(s.issued.floor)
+                    && s.issued
+                        .regression
+                        .is_none_or(|(r, f)| y(r) && f.iter().all(|x| feature(*x)))
                     && usize::from(s.issued.state) < STATES
+                    && s.issued.mixed.is_none_or(y)
+                    && s.issued.conditional.is_none_or(|(ctx, c)| {
+                        usize::from(ctx) < conditional::CONTEXTS && c.is_none_or(value)
+                    })
             })
             && value(self.mean)
             && y(self.fast)
             && y(self.slow)
+            && feature(self.volatility)
+            && self.previous.iter().flatten().all(|x| value(*x))
             && self.last.is_none_or(|(_, x)| value(x));
         if !(heads_ok && values_ok) {
             return Err(
                 "forecast state out of range (non-finite or beyond what the model produces)".into(),
             );
+        }
+        for h in &mut self.heads {
+            h.conditional.restore()?;
         }
         let n = self.ring.len().min(WINDOW_SLOTS - 1);
         self.sorted = self.ring.iter().rev().take(n).map(|s| s.max).collect();
@@ -724,15 +1017,23 @@ mod tests {
     fn forecasts_snap_down_onto_values_the_metric_takes() {
         let p = params(0.95);
         let mut f = MetricForecast::default();
-        for (i, x) in [68.3, 136.5, 955.7, 136.5].into_iter().enumerate() {
+        for (i, x) in [68.3, 136.5, 955.7, 1365.3, 136.5].into_iter().enumerate() {
             f.observe(i as u64 * SLOT_MS, x, None, || None, &p);
         }
-        // Within 15% above a value: that value, which covers the same samples with less waste.
-        assert_eq!(f.snap(1000.0), 955.7);
-        assert_eq!(f.snap(955.7), 955.7);
-        // Further above: unchanged.
-        assert_eq!(f.snap(1200.0), 1200.0);
-        assert_eq!(f.snap(50.0), 50.0);
+        // Between two values: the lower one, which covers the same samples with less waste.
+        assert_eq!(f.snap(1000.0, &p), 955.7);
+        assert_eq!(f.snap(955.7, &p), 955.7);
+        let any = ForecastParams { snap: 1.0, ..p };
+        assert_eq!(f.snap(500.0, &any), 136.5);
+        assert_eq!(f.snap(1700.0, &any), 1700.0);
+        // Above every value of the window: at most 15% down; below every value: unchanged.
+        assert_eq!(f.snap(1400.0, &p), 1365.3);
+        assert_eq!(f.snap(1700.0, &p), 1700.0);
+        assert_eq!(f.snap(50.0, &p), 50.0);
+        // Within a bounded snap, only values close enough below.
+        let near = ForecastParams { snap: 0.15, ..p };
+        assert_eq!(f.snap(1000.0, &near), 955.7);
+        assert_eq!(f.snap(500.0, &near), 500.0);
     }
 
     #[test]
@@ -755,6 +1056,85 @@ mod tests {
         f.observe(6 * SLOT_MS, 1.0, None, || None, &p);
         assert_eq!(f.ring.len(), 1);
         assert_eq!(f.sorted, vec![1.0]);
+    }
+
+    #[test]
+    fn the_quantile_regression_converges_on_a_known_distribution() {
+        // z = 2a + e with e uniform on [0, 1): the 95% quantile of z given a is 2a + 0.95. The
+        // regression sees the intercept, a, and a feature of pure noise it must learn to ignore.
+        let mut rng = crate::rng::SplitMix64::new(7);
+        let mut r = Regression::default();
+        let sample = |rng: &mut crate::rng::SplitMix64| {
+            let (a, e, noise) = (rng.next_f64(), rng.next_f64(), rng.next_f64());
+            let mut f = [0.0; FEATURES];
+            f[0] = 1.0;
+            f[1] = a;
+            f[2] = noise;
+            (f, 2.0 * a + e)
+        };
+        // A larger rate to get there, a smaller one to settle (the weights jitter by about
+        // the rate).
+        for i in 0..300_000 {
+            let (f, z) = sample(&mut rng);
+            r.learn(&f, z, 0.95, if i < 200_000 { 0.001 } else { 0.0001 });
+        }
+        for a in [0.1, 0.5, 0.9] {
+            let mut f = [0.0; FEATURES];
+            f[0] = 1.0;
+            f[1] = a;
+            f[2] = 0.5;
+            let q = r.predict(&f);
+            assert!((q - (2.0 * a + 0.95)).abs() < 0.05, "a = {a}: {q}, {r:?}");
+        }
+        // Coverage of fresh samples, learning stopped.
+        let n = 20_000;
+        let covered = (0..n)
+            .filter(|_| {
+                let (f, z) = sample(&mut rng);
+                z <= r.predict(&f)
+            })
+            .count();
+        let coverage = covered as f64 / n as f64;
+        assert!((coverage - 0.95).abs() < 0.015, "{coverage}");
+    }
+
+    #[test]
+    fn the_mixture_follows_the_better_expert() {
+        // The sample's level is 1 or 10 at random; expert 0 (`last`) knows which, expert 1
+        // (`ewma_20m`) only says 10. Both are calibrated to 95%, but expert 0 wastes far less
+        // and the mixture must follow it.
+        let p = ForecastParams {
+            experts: 0b11,
+            ..params(0.95)
+        };
+        let mut rng = crate::rng::SplitMix64::new(9);
+        let mut head = Head::new();
+        let decay = 0.5f64.powf(1.0 / 500.0);
+        for _ in 0..20_000 {
+            let level = if rng.next_u64().is_multiple_of(2) {
+                0.0
+            } else {
+                10f64.ln()
+            };
+            let mut levels: Levels = [None; EXPERTS];
+            levels[0] = Some(level);
+            levels[1] = Some(10f64.ln());
+            let issued = head.issue(&levels, 0, &p, |q| q);
+            let x = (level + 0.05 * rng.normal()).exp();
+            head.learn(&issued, x, decay, 0.0, &p);
+        }
+        assert!(head.loss[0][0] < 0.5 * head.loss[0][1], "{:?}", head.loss);
+        // At a quiet sample, the mixture sits on expert 0's forecast, not halfway to 10.
+        let mut levels: Levels = [None; EXPERTS];
+        levels[0] = Some(0.0);
+        levels[1] = Some(10f64.ln());
+        let issued = head.issue(&levels, 0, &p, |q| q);
+        let (own, other) = (issued.experts[0].unwrap(), issued.experts[1].unwrap());
+        let (mix, _) = issued.mix.unwrap();
+        assert!((mix - own).abs() < 0.1 * (other - own).abs(), "{issued:?}");
+        // The correction keeps the issued forecasts' coverage on target.
+        let coverage = head.covered as f64 / head.scored as f64;
+        assert!((coverage - 0.95).abs() < 0.01, "{coverage}");
     }
 
     #[test]

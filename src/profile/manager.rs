@@ -1390,9 +1390,14 @@ mod tests {
         let all = m.series("web", 0).unwrap();
         assert_eq!(all.points.len(), 200);
         assert_eq!(all.points[1].cpu_cores, 2.0);
-        // A model that has learned predicts a limit above what it saw.
+        // A model that has learned covers what follows (95% of samples: it is calibrated to
+        // that, so an occasional miss is expected).
+        let covered = all.points[100..]
+            .iter()
+            .filter(|p| p.cpu_cores <= p.cpu_limit)
+            .count();
+        assert!(covered >= 90, "{covered} of 100: {:?}", &all.points[100..]);
         let last = all.points.last().unwrap();
-        assert!(last.cpu_limit >= 2.0, "{last:?}");
         assert_eq!(last.mem_bytes, (512u64 << 20) as f64);
         let recent = m.series("web", t + 150 * MIN).unwrap();
         assert_eq!(recent.points.len(), 50);

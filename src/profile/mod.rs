@@ -27,6 +27,7 @@ pub mod accuracy;
 pub mod apply;
 pub mod backtest;
 pub mod baseline;
+pub mod conditional;
 pub mod drift;
 pub mod forecast;
 pub mod layout;

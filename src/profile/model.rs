@@ -161,6 +161,16 @@ pub struct ModelParams {
     /// Experts the mixture may use, one bit each in the order of
     /// [`forecast::EXPERT_NAMES`].
     pub experts: u32,
+    /// Learning rate of the quantile-regression expert one step ahead.
+    pub quantile_rate: f64,
+    /// Learning rate of the quantile-regression expert one hour ahead.
+    pub quantile_rate_hour: f64,
+    /// Largest relative step down when a forecast snaps onto a value the metric took in the
+    /// last day (1: always onto the largest one at or below it).
+    pub snap: f64,
+    /// Whether the conditional layer ([`super::conditional`]) may give the forecast where it
+    /// has been wasting less than the mixture.
+    pub conditional: bool,
 }
 
 impl Default for ModelParams {
@@ -180,11 +190,15 @@ impl Default for ModelParams {
             shift_confirm: 60,
             coverage_target: 0.95,
             calibration_step: 0.03,
-            mix_temperature: 0.03,
+            mix_temperature: 0.01,
             loss_halflife_h: 48.0,
             floor_frac: 0.05,
             miss_loss: 1.0,
             experts: (1 << forecast::EXPERTS) - 1,
+            quantile_rate: 0.001,
+            quantile_rate_hour: 0.0005,
+            snap: 0.3,
+            conditional: true,
         }
     }
 }
@@ -200,6 +214,9 @@ impl ModelParams {
             floor_frac: self.floor_frac,
             miss_loss: self.miss_loss,
             experts: self.experts,
+            quantile_rate: [self.quantile_rate, self.quantile_rate_hour],
+            snap: self.snap,
+            conditional: self.conditional,
         }
     }
 
@@ -272,6 +289,21 @@ impl ModelParams {
                 1000.0,
                 "between 0 and 1000",
             ),
+            (
+                "quantile_rate",
+                self.quantile_rate,
+                0.0,
+                1.0,
+                "between 0 and 1",
+            ),
+            (
+                "quantile_rate_hour",
+                self.quantile_rate_hour,
+                0.0,
+                1.0,
+                "between 0 and 1",
+            ),
+            ("snap", self.snap, 0.0, 1.0, "between 0 and 1"),
         ] {
             if !(v.is_finite() && (lo..=hi).contains(&v)) {
                 return Err(bad(name, v, expected));
@@ -281,7 +313,7 @@ impl ModelParams {
             return Err(bad(
                 "experts",
                 self.experts,
-                "a non-empty set of the 8 experts' bits (1..=255)",
+                "a non-empty set of the 9 experts' bits (1..=511)",
             ));
         }
         if !(1..=100_000).contains(&self.shift_confirm) {
@@ -739,8 +771,24 @@ struct ModelRepr {
     metrics: PerMetric<MetricModel>,
     /// Absent from versions written before the forecast layer: it then starts empty.
     #[serde(default)]
-    forecast: PerMetric<MetricForecast>,
+    forecast: StoredForecast,
     observations: u64,
+}
+
+/// The forecast layer as a version stores it: in this release's layout, or in an earlier one
+/// (before the quantile-regression expert: eight experts' margins, no regression), which is
+/// dropped and relearned within a day; the seasonal buckets are kept either way.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredForecast {
+    Current(Box<PerMetric<MetricForecast>>),
+    Earlier(serde::de::IgnoredAny),
+}
+
+impl Default for StoredForecast {
+    fn default() -> Self {
+        StoredForecast::Current(Box::default())
+    }
 }
 
 impl TryFrom<ModelRepr> for Model {
@@ -752,7 +800,10 @@ impl TryFrom<ModelRepr> for Model {
             mm.validate(&r.params)
                 .map_err(|e| ModelError::Inconsistent(format!("{m}: {e}")))?;
         }
-        let mut forecast = r.forecast;
+        let mut forecast = match r.forecast {
+            StoredForecast::Current(f) => *f,
+            StoredForecast::Earlier(_) => PerMetric::default(),
+        };
         for m in Metric::ALL {
             forecast
                 .get_mut(m)
@@ -1166,6 +1217,32 @@ mod tests {
         let mut v = serde_json::to_value(&m).unwrap();
         v["metrics"]["mem"]["recent"] = serde_json::json!(vec![1.0; 100]);
         assert!(serde_json::from_value::<Model>(v).is_err());
+    }
+
+    #[test]
+    fn a_forecast_state_of_an_earlier_layout_is_relearned() {
+        // A version written before the quantile-regression expert: its heads have no
+        // regression. It loads; the forecast layer starts over, the seasonal buckets stay.
+        let trace = synthetic::generate(&TraceSpec {
+            shape: Shape::Diurnal,
+            days: 1,
+            step_ms: MIN,
+            seed: 5,
+        });
+        let mut m = Model::new(ModelParams::default()).unwrap();
+        for o in &trace.observations {
+            m.observe(o);
+        }
+        let mut v = serde_json::to_value(&m).unwrap();
+        for metric in ["cpu", "mem", "disk", "net"] {
+            for head in v["forecast"][metric]["heads"].as_array_mut().unwrap() {
+                head.as_object_mut().unwrap().remove("regression");
+            }
+        }
+        let back: Model = serde_json::from_value(v).unwrap();
+        assert_eq!(back.metrics, m.metrics);
+        assert_eq!(back.observations, m.observations);
+        assert_eq!(back.forecast(Metric::Cpu), &MetricForecast::default());
     }
 
     #[test]
