@@ -12,6 +12,8 @@
 //!   registration, its published shadows and primary specs, and `hosts`.
 //! - `crosshost`: with a cluster, what other hosts' records ask of this one (primaries
 //!   elsewhere, failure reports, placement, handovers and drains).
+//! - `hostloss`: with a cluster, heartbeats between daemons, lost hosts (judged, fenced, their
+//!   services promoted here) and self-fencing.
 //!
 //! One loop ([`run`]) receives libvirt events and `Note`s from the tasks that do slow work
 //! (provisioning, promotion, pings), asks the table, and carries out what it answers. The
@@ -22,6 +24,7 @@ mod cluster;
 mod cost;
 mod crosshost;
 mod health;
+mod hostloss;
 mod profiles;
 mod recover;
 mod requests;
@@ -220,6 +223,8 @@ pub struct Daemon {
     prof: profiles::Profiling,
     /// What happened, for `understudy events`.
     events: EventLog,
+    /// Lost hosts and self-fencing: whether a failover may start now, the peers' view.
+    hostloss: hostloss::HostLoss,
 }
 
 type Shared = Arc<Daemon>;
@@ -321,10 +326,12 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         started_unix_ms: crate::clock::now_unix_ms(),
         prof,
         events,
+        hostloss: hostloss::HostLoss::default(),
     });
     profiles::start(&d);
     recover::reconcile(&d).await;
     cluster::start(&d);
+    hostloss::start(&d);
     let mut cluster_events = crosshost::join(&d).await;
 
     let hb_interval = cfg
@@ -410,6 +417,9 @@ async fn execute(d: &Shared, actions: Vec<Action>) {
 /// the domain is no longer the primary, or no shadow is ready: then the service is down and
 /// the next ready shadow takes over).
 fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: Instant) {
+    if !d.hostloss.may_fail_over(d, service, from, trigger) {
+        return;
+    }
     let start = d.table().begin_failover(service, from, trigger);
     match start {
         Ok(start) => launch_promotion(d, service, trigger, at, start),
