@@ -149,8 +149,8 @@ fn phase(
         let winner = &ds[b];
         let fenced = events(winner)
             .into_iter()
-            .filter(|e| e["kind"] == "host_fenced")
-            .last();
+            .rev()
+            .find(|e| e["kind"] == "host_fenced");
         let record = wait_for("the failover record", Duration::from_secs(30), || {
             let s = winner.service(name)?;
             (s["active"] == shadow.as_str()).then_some(s["last_failover"].clone())

@@ -109,11 +109,14 @@ impl Drop for Restore {
     }
 }
 
-/// What an independent client on the switch saw: (time since start, uuid of the answering
-/// domain or `None`), one sample every ~5 ms.
+/// One sample of the client: time since it began, uuid of the answering domain (`None`: no
+/// answer).
+pub type Sample = (Duration, Option<String>);
+
+/// What an independent client on the switch saw, one [`Sample`] every ~5 ms.
 pub struct Poller {
     stop: Arc<AtomicBool>,
-    samples: Arc<Mutex<Vec<(Duration, Option<String>)>>>,
+    samples: Arc<Mutex<Vec<Sample>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     pub began: Instant,
 }
@@ -142,7 +145,7 @@ impl Poller {
         }
     }
 
-    pub fn finish(mut self) -> Vec<(Duration, Option<String>)> {
+    pub fn finish(mut self) -> Vec<Sample> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -161,7 +164,7 @@ impl Drop for Poller {
 /// only `old` answered, after it only `new` (never both: no two copies served); returns the
 /// outage: from `from` (since the poller began) to the first answer of `new`.
 pub fn single_server_outage(
-    samples: &[(Duration, Option<String>)],
+    samples: &[Sample],
     old: &str,
     new: &str,
     from: Duration,
@@ -306,7 +309,7 @@ fn setup(cluster: &Cluster, name: &str, ip: &str, prefix: &str, fence: bool) -> 
     }
 }
 
-fn winner<'a>(s: &'a Setup) -> &'a DaemonProc {
+fn winner(s: &Setup) -> &DaemonProc {
     &s.ds[if s.shadow_host == "h2" { 1 } else { 2 }]
 }
 
