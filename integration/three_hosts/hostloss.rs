@@ -163,12 +163,7 @@ impl Drop for Poller {
 /// Checks the client's view of a move from `old` to `new`: before the first answer of `new`
 /// only `old` answered, after it only `new` (never both: no two copies served); returns the
 /// outage: from `from` (since the poller began) to the first answer of `new`.
-pub fn single_server_outage(
-    samples: &[Sample],
-    old: &str,
-    new: &str,
-    from: Duration,
-) -> Duration {
+pub fn single_server_outage(samples: &[Sample], old: &str, new: &str, from: Duration) -> Duration {
     let first_new = samples
         .iter()
         .position(|(_, u)| u.as_deref() == Some(new))

@@ -46,8 +46,13 @@ use super::{start_failover, ServiceState, Shared};
 
 /// Bound on a connection attempt to a suspect host's libvirtd.
 const LIBVIRT_CHECK_TIMEOUT: Duration = Duration::from_millis(300);
-/// A libvirtd check is repeated this often while its host stays suspect.
-const LIBVIRT_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// Bound on its answer once connected (a busy libvirtd is not a lost one).
+const LIBVIRT_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+/// A libvirtd check is repeated this long after the last one ended, while its host stays
+/// suspect.
+const LIBVIRT_CHECK_EVERY: Duration = Duration::from_millis(200);
+/// A check's result stands until the next one has had time to end.
+const LIBVIRT_RESULT_VALID: Duration = Duration::from_secs(2);
 /// How often the registered hosts are read again.
 const HOSTS_EVERY: Duration = Duration::from_secs(1);
 /// Bound on killing a primary's QEMU when fencing this host.
@@ -448,7 +453,7 @@ fn judge_all(
             silent_since: since,
             libvirt_reachable: incident
                 .libvirt
-                .filter(|(_, at)| now.saturating_duration_since(*at) < LIBVIRT_CHECK_EVERY)
+                .filter(|(_, at)| now.saturating_duration_since(*at) < LIBVIRT_RESULT_VALID)
                 .map(|(r, _)| r),
             lease_gone_at: incident.lease_gone_at,
             fence_device: fences.contains_key(host) && !incident.fence_failed,
@@ -514,18 +519,38 @@ fn judge_all(
     }
 }
 
-/// A TCP connection to libvirtd's port is accepted (or refused: the host answers, its
-/// libvirtd restarts) within the bound.
+/// libvirt's RPC header for a call without arguments: length, program (`REMOTE_PROGRAM`),
+/// version 1, procedure 66 (`REMOTE_PROC_AUTH_LIST`), type call, serial 1, status ok.
+const LIBVIRT_PING: [u32; 7] = [28, 0x2000_8086, 1, 66, 0, 1, 0];
+
+/// Whether the host's libvirtd answers: a connection refused within [`LIBVIRT_CHECK_TIMEOUT`]
+/// (the host runs, its libvirtd restarts), or accepted and then answered (any bytes, or the
+/// connection closed: a TLS or SSH listener answers so) within [`LIBVIRT_REPLY_TIMEOUT`]. A
+/// connection accepted but never answered is a frozen host: its kernel completes handshakes
+/// while its processes are stopped.
 async fn libvirt_answers(host: &str, port: u16) -> bool {
-    match tokio::time::timeout(
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connected = tokio::time::timeout(
         LIBVIRT_CHECK_TIMEOUT,
         tokio::net::TcpStream::connect((host, port)),
     )
-    .await
-    {
+    .await;
+    let mut stream = match connected {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return e.kind() == std::io::ErrorKind::ConnectionRefused,
+        Err(_) => return false,
+    };
+    let ping: Vec<u8> = LIBVIRT_PING.iter().flat_map(|w| w.to_be_bytes()).collect();
+    let answered = tokio::time::timeout(LIBVIRT_REPLY_TIMEOUT, async {
+        stream.write_all(&ping).await?;
+        let mut byte = [0u8; 1];
+        stream.read(&mut byte).await
+    })
+    .await;
+    match answered {
         Ok(Ok(_)) => true,
-        // A reset is an answer from a running kernel on that host: not lost.
-        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        // Reset: a process closed it.
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
         Err(_) => false,
     }
 }
@@ -539,7 +564,9 @@ fn on_done(d: &Shared, done: Done, incidents: &mut BTreeMap<String, Incident>) {
         } => {
             if let Some(i) = incidents.get_mut(&host).filter(|i| i.since == Some(since)) {
                 i.checking = false;
-                i.answered |= reachable;
+                // After its lease expired: its daemon did not fence it (a host still going
+                // down, or frozen, may answer before).
+                i.answered |= reachable && i.lease_gone_at.is_some();
                 i.libvirt = Some((reachable, Instant::now()));
             }
         }
