@@ -47,7 +47,7 @@ use super::{start_failover, ServiceState, Shared};
 /// Bound on a connection attempt to a suspect host's libvirtd.
 const LIBVIRT_CHECK_TIMEOUT: Duration = Duration::from_millis(300);
 /// Bound on its answer once connected (a busy libvirtd is not a lost one).
-const LIBVIRT_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+const LIBVIRT_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 /// A libvirtd check is repeated this long after the last one ended, while its host stays
 /// suspect.
 const LIBVIRT_CHECK_EVERY: Duration = Duration::from_millis(200);
