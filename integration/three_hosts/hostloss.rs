@@ -604,14 +604,14 @@ fn an_etcd_quorum_loss_stops_no_vm_and_promotes_nothing() {
     eprintln!("{out}");
     let (_, out, _) = s.ds[0].cli(&["hosts", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("hosts --json");
-    assert_eq!(v["mode"], "etcd_unreachable");
+    assert_eq!(v["mode"], "unreachable");
     assert_eq!(v["self_fenced"], false);
     let peers = v["peers"].as_array().expect("peers");
     assert_eq!(peers.len(), 2);
     assert!(
         peers
             .iter()
-            .all(|p| p["mode"] == "etcd_unreachable" && p["suspect"] == false),
+            .all(|p| p["mode"] == "unreachable" && p["suspect"] == false),
         "{peers:?}"
     );
     std::thread::sleep(Duration::from_secs(60).saturating_sub(began.elapsed()));

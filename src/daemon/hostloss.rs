@@ -226,8 +226,11 @@ async fn run(d: Shared, c: ClusterConfig) {
                     .encode();
                     for p in hosts.values() {
                         if let Some(a) = p.beat {
-                            // A lost datagram is what heartbeats are for: no retry.
-                            let _ = s.send_to(&beat, a).await;
+                            // Never waits: to a peer cut off, datagrams queue behind its
+                            // neighbour resolution until the socket's buffer is full, and an
+                            // awaited send would then hold this loop (and self-fencing) for
+                            // seconds. A datagram dropped is what heartbeats are for.
+                            let _ = s.try_send_to(&beat, a);
                         }
                     }
                 }
