@@ -527,10 +527,9 @@ fn judge_all(
 const LIBVIRT_PING: [u32; 7] = [28, 0x2000_8086, 1, 66, 0, 1, 0];
 
 /// Whether the host's libvirtd answers: a connection refused within [`LIBVIRT_CHECK_TIMEOUT`]
-/// (the host runs, its libvirtd restarts), or accepted and then answered (any bytes, or the
-/// connection closed: a TLS or SSH listener answers so) within [`LIBVIRT_REPLY_TIMEOUT`]. A
-/// connection accepted but never answered is a frozen host: its kernel completes handshakes
-/// while its processes are stopped.
+/// (the host runs, its libvirtd restarts), or accepted and then answered with bytes within
+/// [`LIBVIRT_REPLY_TIMEOUT`]. A connection accepted but never answered is a frozen host: its
+/// kernel completes handshakes while its processes are stopped.
 async fn libvirt_answers(host: &str, port: u16) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let connected = tokio::time::timeout(
@@ -551,10 +550,11 @@ async fn libvirt_answers(host: &str, port: u16) -> bool {
     })
     .await;
     match answered {
-        Ok(Ok(_)) => true,
-        // Reset: a process closed it.
-        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
-        Err(_) => false,
+        // Bytes: libvirtd's reply, or a TLS alert or SSH banner before the listener closes.
+        // A bare end of stream or a reset is no answer: a host being powered off closes the
+        // connections of the processes it kills.
+        Ok(Ok(n)) => n > 0,
+        Ok(Err(_)) | Err(_) => false,
     }
 }
 
