@@ -90,7 +90,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_CHECK_SECONDS ?= 5
 SOAK_ROUNDS ?= 20
 
-.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo demo-cluster bench bench-failover bench-cluster bench-profile bench-profile-model bench-soak bench-stateful bench-replay test-faults bench-cost \
+.PHONY: deps lint images lab-up lab-down lab-guest build deb test demo demo-cluster bench bench-failover bench-cluster bench-hostloss bench-profile bench-profile-model bench-soak bench-stateful bench-replay test-faults bench-cost \
 	soak-faults fuzz fuzz-check fuzz-deps
 
 # Installing one package can remove another: a machine that came with a newer qemu-utils (from
@@ -243,6 +243,15 @@ bench-replay:
 	$(MAKE) images
 	cargo build --benches
 	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --profile dev --bench replay
+
+# Host losses (BENCH_TRIALS power-offs, default 5, with a fence device and lease-only) and a
+# cold start on a surviving host in the same run, on the three-host lab: median/p95/max,
+# build/bench/hostloss.json and .svg.
+bench-hostloss:
+	$(MAKE) deps
+	$(MAKE) images
+	cargo build --benches
+	HOSTS=3 scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench hostloss
 
 bench-cost:
 	$(MAKE) deps

@@ -139,6 +139,18 @@ pub enum EventKind {
         /// Details: the verdict, the differing requests, the error.
         detail: String,
     },
+    /// Another host was found lost and made safe (its fence device powered it off, or its
+    /// lease expired), or fencing it failed.
+    HostFenced {
+        /// The lost host.
+        host: String,
+        /// `fence_device` or `lease_expired`.
+        how: String,
+        /// Whether it is confirmed fenced.
+        ok: bool,
+        /// Timings, or why it failed.
+        detail: String,
+    },
     /// The configuration file was read again.
     ConfigReloaded {
         /// Whether the new configuration is in force.
@@ -165,6 +177,7 @@ impl EventKind {
             EventKind::ProfileVersion { .. } => "profile_version",
             EventKind::Stopped { .. } => "stopped",
             EventKind::Started { .. } => "started",
+            EventKind::HostFenced { .. } => "host_fenced",
             EventKind::ConfigReloaded { .. } => "config_reloaded",
             EventKind::Replay { .. } => "replay",
         }
@@ -232,6 +245,16 @@ impl fmt::Display for EventKind {
             EventKind::Stopped { domain } | EventKind::Started { domain } => {
                 write!(f, "{name} {domain}")
             }
+            EventKind::HostFenced {
+                host,
+                how,
+                ok,
+                detail,
+            } => write!(
+                f,
+                "{name} {host} ({how}){}: {detail}",
+                if *ok { "" } else { " FAILED" }
+            ),
             EventKind::ConfigReloaded { ok: true, .. } => write!(f, "{name}"),
             EventKind::ConfigReloaded { error, .. } => write!(
                 f,

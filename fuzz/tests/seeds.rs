@@ -147,6 +147,9 @@ fn hosts() -> HostsReport {
         last_keepalive_ms_ago: Some(250),
         lease_ttl_ms: Some(5000),
         hosts: vec![h1, h2],
+        peers: Vec::new(),
+        self_fenced: false,
+        records_error: None,
     }
 }
 

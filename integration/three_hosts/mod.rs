@@ -16,6 +16,7 @@
 #![allow(dead_code)]
 
 pub mod crosshost;
+pub mod hostloss;
 mod lab;
 mod resilience;
 

@@ -575,13 +575,17 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Response, C
 }
 
 /// Sends `req` (e.g. [`Request::Events`]) and hands each answer line to `each` until the
-/// daemon ends the stream or `each` returns false (blocking; no timeout between lines).
+/// daemon ends the stream or `each` returns false (blocking; no timeout between lines). A
+/// stream may be empty (no event yet).
 pub fn stream(
     path: &Path,
     req: &Request,
     each: impl FnMut(Response) -> bool,
 ) -> Result<(), ControlError> {
-    exchange(path, req, None, each)
+    match exchange(path, req, None, each) {
+        Err(ControlError::NoResponse { .. }) => Ok(()),
+        other => other,
+    }
 }
 
 fn exchange(

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::liveness::PeerView;
 use crate::cluster::{HostCapacity, HostState, Mode, ShadowStatus};
 
 /// Answer to [`super::protocol::Request::Hosts`].
@@ -20,6 +21,18 @@ pub struct HostsReport {
     pub lease_ttl_ms: Option<u64>,
     /// Every host, by name.
     pub hosts: Vec<HostEntry>,
+    /// The other hosts' direct heartbeats as the answering host hears them: when each was
+    /// last heard, its etcd mode as its beats say, whether it is suspect.
+    #[serde(default)]
+    pub peers: Vec<PeerView>,
+    /// The answering host fenced itself (its lease could not be renewed) and has not renewed
+    /// it since.
+    #[serde(default)]
+    pub self_fenced: bool,
+    /// Why the cluster's records (hosts, owners, shadows) are missing from this answer: etcd
+    /// could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records_error: Option<String>,
 }
 
 /// One host.
@@ -100,6 +113,28 @@ pub fn render_hosts_text(report: &HostsReport) -> String {
         );
     }
     out.push_str(")\n");
+    if report.self_fenced {
+        out.push_str("SELF-FENCED: its lease could not be renewed; its primaries were destroyed\n");
+    }
+    if let Some(e) = &report.records_error {
+        let _ = writeln!(out, "cluster records unreadable: {e}");
+        for p in &report.peers {
+            let _ = write!(out, "\nhost {}", p.host);
+            match p.heard_ms_ago {
+                Some(ago) => {
+                    let _ = write!(out, ": heartbeat {ago} ms ago");
+                }
+                None => out.push_str(": no heartbeat heard"),
+            }
+            if let Some(m) = p.mode {
+                let _ = write!(out, ", {}", m.label());
+            }
+            if p.suspect {
+                out.push_str(", SUSPECT");
+            }
+            out.push('\n');
+        }
+    }
     for h in &report.hosts {
         let live = match (h.known, h.alive) {
             (false, _) => "unregistered",
@@ -122,6 +157,20 @@ pub fn render_hosts_text(report: &HostsReport) -> String {
         }
         if !h.libvirt_uri.is_empty() {
             let _ = write!(out, ", {}", h.libvirt_uri);
+        }
+        if let Some(p) = report.peers.iter().find(|p| p.host == h.name) {
+            match p.heard_ms_ago {
+                Some(ago) => {
+                    let _ = write!(out, "; heartbeat {ago} ms ago");
+                }
+                None => out.push_str("; no heartbeat heard"),
+            }
+            if let Some(m) = p.mode {
+                let _ = write!(out, ", {}", m.label());
+            }
+            if p.suspect {
+                out.push_str(", SUSPECT");
+            }
         }
         out.push('\n');
         if h.primaries.is_empty() && h.shadows.is_empty() {
@@ -179,6 +228,14 @@ mod tests {
             last_keepalive_ms_ago: Some(120),
             lease_ttl_ms: Some(5000),
             hosts: vec![h1, h2, HostEntry::unknown("h9")],
+            peers: vec![PeerView {
+                host: "h2".into(),
+                heard_ms_ago: Some(1200),
+                mode: Some(Mode::Unreachable),
+                suspect: true,
+            }],
+            self_fenced: false,
+            records_error: None,
         };
         let text = render_hosts_text(&r);
         for want in [
@@ -186,7 +243,7 @@ mod tests {
             "host h1: alive, active, 4.0 of 8.0 GiB free, 2 CPUs, qemu+tcp://10.78.0.1/system",
             "primary web1",
             "web1 (generation 3)",
-            "host h2: LOST, draining",
+            "host h2: LOST, draining; heartbeat 1200 ms ago, etcd_unreachable, SUSPECT",
             "shadow  web1",
             "web1-shadow-4 (ready)",
             "host h9: unregistered, active",
@@ -197,5 +254,23 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<HostsReport>(&json).unwrap(), r);
         assert!(json.contains("\"mode\":\"connected\""), "{json}");
+
+        // etcd away: the mode and the heartbeats are still answered.
+        let away = HostsReport {
+            mode: Mode::Unreachable,
+            hosts: Vec::new(),
+            self_fenced: true,
+            records_error: Some("coordination backend unavailable during hosts".into()),
+            ..r
+        };
+        let text = render_hosts_text(&away);
+        for want in [
+            "h1 (etcd_unreachable",
+            "SELF-FENCED",
+            "cluster records unreadable: coordination backend unavailable",
+            "host h2: heartbeat 1200 ms ago, etcd_unreachable, SUSPECT",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
     }
 }

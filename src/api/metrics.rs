@@ -109,6 +109,18 @@ struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostFenceLabels {
+    host: String,
+    how: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CollectorLabels {
     service: String,
     source: String,
@@ -162,6 +174,8 @@ pub struct Metrics {
     /// are gone lose theirs.
     standby_series: std::sync::Mutex<(Vec<ServiceLabels>, Vec<MemberMemoryLabels>)>,
     cluster_mode: Family<StateLabels, Gauge>,
+    host_fences: Family<HostFenceLabels, Counter>,
+    self_fences: Family<ResultLabels, Counter>,
     capture_running: Family<ServiceLabels, Gauge>,
     capture_records: Family<OutcomeLabels, Gauge>,
     capture_store_bytes: Family<ServiceLabels, Gauge>,
@@ -204,6 +218,13 @@ impl Metrics {
         let collector_cpu = Family::default();
         let libvirt_reconnects = Counter::default();
         let cluster_mode = Family::<StateLabels, Gauge>::default();
+        let host_fences = Family::<HostFenceLabels, Counter>::default();
+        let self_fences = Family::<ResultLabels, Counter>::default();
+        for result in ["ok", "error"] {
+            drop(self_fences.get_or_create(&ResultLabels {
+                result: result.to_string(),
+            }));
+        }
         let detections = Family::default();
         let standby_memory = Family::default();
         let standby_share = Family::default();
@@ -319,6 +340,18 @@ impl Metrics {
             "How this host stands with etcd: 1 for the current state (standalone|starting|connected|etcd_unreachable)",
             Family::clone(&cluster_mode),
         );
+        registry.register(
+            "host_fences",
+            "Other hosts found lost and made safe by this host, by host, how \
+             (fence_device|lease_expired) and result (ok|error)",
+            Family::clone(&host_fences),
+        );
+        registry.register(
+            "self_fences",
+            "Times this host destroyed its own primaries because it could not renew its lease \
+             and heard no peer, by result (ok|error: a QEMU not confirmed killed)",
+            Family::clone(&self_fences),
+        );
         registry.register_with_unit(
             "standby_memory",
             "Host memory each service's paused shadows hold (their cgroups' charge, else their \
@@ -400,6 +433,8 @@ impl Metrics {
             collector_cpu,
             libvirt_reconnects,
             cluster_mode,
+            host_fences,
+            self_fences,
             detections,
             standby_memory,
             standby_share,
@@ -709,6 +744,26 @@ impl Metrics {
     /// Counts a reconnection to libvirt.
     pub fn inc_libvirt_reconnect(&self) {
         self.libvirt_reconnects.inc();
+    }
+
+    /// Counts another host made safe by this one (`how`: `fence_device`, `lease_expired`).
+    pub fn inc_host_fence(&self, host: &str, how: &str, ok: bool) {
+        self.host_fences
+            .get_or_create(&HostFenceLabels {
+                host: host.to_string(),
+                how: how.to_string(),
+                result: if ok { "ok" } else { "error" }.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts this host fencing itself.
+    pub fn inc_self_fence(&self, ok: bool) {
+        self.self_fences
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" }.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a failure detection by `source` (`pidfd`, `lifecycle`, `heartbeat`, `manual`).

@@ -22,13 +22,18 @@
 //! [`LocalCoordinator`] is the single-host implementation (everything in memory, the daemon's
 //! own table the only claimant); [`EtcdCoordinator`] keeps it all in etcd. [`HostCapacity`]
 //! says what a host can still hold; [`placement`] decides on which hosts a service's shadows
-//! go.
+//! go. [`liveness`] holds the direct heartbeats between daemons and the rules for a lost host
+//! and for self-fencing; [`fence`] runs a host's fence agent; [`watchdog`] arms a watchdog
+//! device.
 
 mod capacity;
 pub mod etcd;
+pub mod fence;
+pub mod liveness;
 mod local;
 pub mod placement;
 mod records;
+pub mod watchdog;
 
 pub use capacity::{HostCapacity, HOST_RESERVE_KIB};
 pub use etcd::{EtcdCoordinator, EtcdProfileRepository, EtcdSettings};

@@ -223,6 +223,32 @@ pub struct ClusterConfig {
     /// growth): subtracted from the available memory it publishes, so other hosts place no
     /// shadow here that would eat into it. 0 by default.
     pub reserved_memory_mib: u64,
+    /// UDP port of the direct heartbeats between the daemons, on the management network (the
+    /// address each host's `libvirt_uri` names); 0 turns them off (then no host is ever
+    /// declared lost and none fences itself: see README "Losing a host").
+    pub heartbeat_port: u16,
+    /// Period of the direct heartbeats, in milliseconds (20..=1000).
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a peer is suspected, in milliseconds (at least three heartbeat
+    /// periods, below the lease TTL).
+    pub suspect_after_ms: u64,
+    /// A host that cannot renew its lease destroys its primaries this long before the lease
+    /// can expire, in milliseconds (100..TTL).
+    pub self_fence_guard_ms: u64,
+    /// Without a confirmed fence, the other hosts promote this long after they saw the lost
+    /// host's lease expire, in milliseconds (0..=60000).
+    pub promote_margin_ms: u64,
+    /// Bound on each call of a fence agent, in milliseconds (100..=120000).
+    pub fence_timeout_ms: u64,
+    /// Fence device per host: host name -> fence agent argument vector (fence-agents calling
+    /// convention; `-o off` and `-o status` are appended). A host without one is fenced by its
+    /// own daemon (self-fencing) and taken over only after its lease expired.
+    pub fence: std::collections::BTreeMap<String, Vec<String>>,
+    /// A watchdog device (e.g. `/dev/watchdog` of softdog) armed while the daemon runs and fed
+    /// only while its lease is safe, so that a frozen daemon's host resets.
+    pub watchdog: Option<PathBuf>,
+    /// The watchdog's timeout, in seconds (1..=60; at most the lease TTL).
+    pub watchdog_timeout_s: u64,
 }
 
 impl Default for ClusterConfig {
@@ -237,6 +263,15 @@ impl Default for ClusterConfig {
             op_timeout_ms: 1000,
             connect_timeout_ms: 1000,
             reserved_memory_mib: 0,
+            heartbeat_port: 7946,
+            heartbeat_interval_ms: 100,
+            suspect_after_ms: 500,
+            self_fence_guard_ms: 500,
+            promote_margin_ms: 1000,
+            fence_timeout_ms: 20_000,
+            fence: std::collections::BTreeMap::new(),
+            watchdog: None,
+            watchdog_timeout_s: 2,
         }
     }
 }
@@ -263,6 +298,31 @@ impl ClusterConfig {
     /// `connect_timeout_ms` as a duration.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// `heartbeat_interval_ms` as a duration.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    /// `suspect_after_ms` as a duration.
+    pub fn suspect_after(&self) -> Duration {
+        Duration::from_millis(self.suspect_after_ms)
+    }
+
+    /// `self_fence_guard_ms` as a duration.
+    pub fn self_fence_guard(&self) -> Duration {
+        Duration::from_millis(self.self_fence_guard_ms)
+    }
+
+    /// `promote_margin_ms` as a duration.
+    pub fn promote_margin(&self) -> Duration {
+        Duration::from_millis(self.promote_margin_ms)
+    }
+
+    /// `fence_timeout_ms` as a duration.
+    pub fn fence_timeout(&self) -> Duration {
+        Duration::from_millis(self.fence_timeout_ms)
     }
 }
 

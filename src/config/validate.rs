@@ -227,6 +227,64 @@ impl Checker<'_, '_> {
             cluster.connect_timeout_ms,
             50..=30_000,
         );
+        let ttl_ms = cluster.lease_ttl_s * 1000;
+        if cluster.heartbeat_port != 0 {
+            self.range(
+                &at.key("heartbeat_interval_ms"),
+                cluster.heartbeat_interval_ms,
+                20..=1000,
+            );
+            // Three lost datagrams in a row before a suspicion; decided before the lease ends.
+            self.range(
+                &at.key("suspect_after_ms"),
+                cluster.suspect_after_ms,
+                (cluster.heartbeat_interval_ms * 3)..=ttl_ms.saturating_sub(1).max(1),
+            );
+        }
+        self.range(
+            &at.key("self_fence_guard_ms"),
+            cluster.self_fence_guard_ms,
+            100..=ttl_ms.saturating_sub(1).max(100),
+        );
+        self.range(
+            &at.key("promote_margin_ms"),
+            cluster.promote_margin_ms,
+            0..=60_000,
+        );
+        self.range(
+            &at.key("fence_timeout_ms"),
+            cluster.fence_timeout_ms,
+            100..=120_000,
+        );
+        for (host, argv) in &cluster.fence {
+            let key = at.key("fence").key(host);
+            if let Err(e) = crate::cluster::check_name("host", host) {
+                self.fail(&key, e.to_string());
+            }
+            if argv.first().is_none_or(|p| p.trim().is_empty()) {
+                self.fail(
+                    &key,
+                    "must name a fence agent and its options, e.g. [\"/usr/sbin/fence_ipmilan\", \"--ip=...\"]".to_owned(),
+                );
+            }
+        }
+        if cluster.watchdog.is_some() {
+            // Fed only while the host may keep its primaries for the whole timeout: a timeout
+            // that does not fit between two keepalives and the self-fence deadline would reset
+            // a healthy host.
+            let room = ttl_ms
+                .saturating_sub(cluster.self_fence_guard_ms)
+                .saturating_sub(cluster.keepalive_interval().as_millis() as u64);
+            if cluster.watchdog_timeout_s == 0 || cluster.watchdog_timeout_s * 1000 >= room {
+                self.fail(
+                    &at.key("watchdog_timeout_s"),
+                    format!(
+                        "{} s does not fit below the lease TTL less self_fence_guard_ms and the keepalive interval ({room} ms)",
+                        cluster.watchdog_timeout_s
+                    ),
+                );
+            }
+        }
         // A renewal that may take the whole TTL cannot keep the lease.
         if cluster.op_timeout_ms >= cluster.lease_ttl_s * 1000 {
             self.fail(

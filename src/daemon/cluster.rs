@@ -262,14 +262,28 @@ async fn publish(d: &Shared, p: &mut Published) -> Result<(), CoordError> {
     Ok(())
 }
 
-/// The answer to `hosts`: every host with its state, capacity, primaries and shadows.
+/// The answer to `hosts`: every host with its state, capacity, primaries and shadows. While
+/// etcd cannot be read, this host's mode and the peers' heartbeats are still answered, with
+/// why the records are missing.
 pub(super) async fn hosts(d: &Shared) -> Result<HostsReport, CoordError> {
     let coord = d.coord.as_ref();
-    let (hosts, owners, shadows) = (
-        coord.hosts().await?,
-        coord.owners().await?,
-        coord.shadows().await?,
-    );
+    let read = async {
+        Ok::<_, CoordError>((
+            coord.hosts().await?,
+            coord.owners().await?,
+            coord.shadows().await?,
+        ))
+    };
+    let (hosts, owners, shadows, records_error) = match read.await {
+        Ok((h, o, s)) => (h, o, s, None),
+        Err(e) if coord.lease().borrow().mode != Mode::Connected => (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Some(crate::error::report(&e)),
+        ),
+        Err(e) => return Err(e),
+    };
     let lease = *coord.lease().borrow();
     let mut entries: BTreeMap<HostId, HostEntry> = hosts
         .into_iter()
@@ -320,5 +334,8 @@ pub(super) async fn hosts(d: &Shared) -> Result<HostsReport, CoordError> {
         lease_ttl_ms: (lease.mode != Mode::Standalone)
             .then(|| u64::try_from(lease.ttl.as_millis()).unwrap_or(u64::MAX)),
         hosts: entries.into_values().collect(),
+        peers: d.hostloss.view(),
+        self_fenced: d.hostloss.self_fenced(),
+        records_error,
     })
 }

@@ -12,6 +12,8 @@
 //!   registration, its published shadows and primary specs, and `hosts`.
 //! - `crosshost`: with a cluster, what other hosts' records ask of this one (primaries
 //!   elsewhere, failure reports, placement, handovers and drains).
+//! - `hostloss`: with a cluster, heartbeats between daemons, lost hosts (judged, fenced, their
+//!   services promoted here) and self-fencing.
 //!
 //! One loop ([`run`]) receives libvirt events and `Note`s from the tasks that do slow work
 //! (provisioning, promotion, pings), asks the table, and carries out what it answers. The
@@ -23,6 +25,7 @@ mod cluster;
 mod cost;
 mod crosshost;
 mod health;
+mod hostloss;
 mod pool;
 mod profiles;
 mod recover;
@@ -228,6 +231,8 @@ pub struct Daemon {
     canaries: Arc<crate::canary::Canaries>,
     /// Standby verifications: running and last outcomes.
     verifications: crate::canary::verify::Verifications,
+    /// Lost hosts and self-fencing: whether a failover may start now, the peers' view.
+    hostloss: hostloss::HostLoss,
 }
 
 type Shared = Arc<Daemon>;
@@ -359,11 +364,13 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         captures: crate::capture::Captures::new(),
         canaries: canary::book(&cfg.daemon.state_dir),
         verifications: crate::canary::verify::Verifications::new(),
+        hostloss: hostloss::HostLoss::default(),
     });
     profiles::start(&d);
     apply_ksm(&cfg);
     recover::reconcile(&d).await;
     cluster::start(&d);
+    hostloss::start(&d);
     let mut cluster_events = crosshost::join(&d).await;
 
     let hb_interval = cfg
@@ -454,6 +461,9 @@ async fn execute(d: &Shared, actions: Vec<Action>) {
 /// the domain is no longer the primary, or no shadow is ready: then the service is down and
 /// the next ready shadow takes over).
 fn start_failover(d: &Shared, service: &str, from: &str, trigger: Trigger, at: Instant) {
+    if !d.hostloss.may_fail_over(d, service, from, trigger) {
+        return;
+    }
     let start = d.table().begin_failover(service, from, trigger);
     match start {
         Ok(start) => launch_promotion(d, service, trigger, at, start, None),

@@ -18,16 +18,21 @@ pub enum Trigger {
     Manual,
     /// Found at daemon start, or after a failed promotion: the primary was already gone.
     Recovery,
+    /// The primary's host was lost and fenced (powered off by its fence device, or its lease
+    /// expired after it fenced itself): serialized `host_lost`.
+    #[serde(rename = "host_lost")]
+    HostLost,
 }
 
 impl Trigger {
     /// Every trigger, for metrics that export each one from the start.
-    pub const ALL: [Trigger; 5] = [
+    pub const ALL: [Trigger; 6] = [
         Trigger::Pidfd,
         Trigger::Lifecycle,
         Trigger::Heartbeat,
         Trigger::Manual,
         Trigger::Recovery,
+        Trigger::HostLost,
     ];
 
     /// Label for status and metrics.
@@ -38,6 +43,7 @@ impl Trigger {
             Trigger::Heartbeat => "heartbeat",
             Trigger::Manual => "manual",
             Trigger::Recovery => "recovery",
+            Trigger::HostLost => "host_lost",
         }
     }
 
@@ -45,7 +51,7 @@ impl Trigger {
     pub fn primary_known_dead(self) -> bool {
         matches!(
             self,
-            Trigger::Pidfd | Trigger::Lifecycle | Trigger::Recovery
+            Trigger::Pidfd | Trigger::Lifecycle | Trigger::Recovery | Trigger::HostLost
         )
     }
 }

@@ -1,0 +1,290 @@
+//! `make bench-hostloss`: client-observed outage when a host is lost (powered off through its
+//! fence agent, a cut power cord), on the three-host lab; and, in the same run, the
+//! restart-based baseline: a cold start of the same guest on a surviving host (detection
+//! excluded).
+//!
+//! A daemon runs on each of h1, h2, h3 (each inside its host's namespaces). The protected guest
+//! has one shadow on another host (`placement = "other-host"`). Each trial powers off the
+//! host of the primary (`scripts/fence_lab -o off`): the others find it silent (direct
+//! heartbeats) with its libvirtd unreachable, and either
+//! - **fence device** (`[cluster.fence]`: `scripts/fence_lab -n <host>`): power it off
+//!   through its device (it reports off), then promote at once; or
+//! - **lease-only** (no fence device): wait until its lease expired plus the margin, then
+//!   promote.
+//!
+//! The host is powered on again and its daemon restarted; the next trial loses the host the
+//! service moved to. Timings (both phases): lease TTL 2 s, keepalives every 200 ms, heartbeats
+//! every 50 ms, suspect after 300 ms, promotion margin 500 ms after a lease expired.
+//!
+//! A client on the switch (the lab's client namespace) starts a request every 5 ms (each allowed
+//! 1 s). Outage = first answer from the shadow after the power-off minus the last answer
+//! before it. Writes build/bench/hostloss.json and build/bench/hostloss.svg.
+//!
+//! Environment: BENCH_TRIALS (default 5) per phase, BENCH_COLD_TRIALS (default 3).
+
+#[path = "../integration/common.rs"]
+mod common;
+// Its tests are not compiled here, so some of its imports go unused.
+#[allow(unused_imports)]
+#[path = "../integration/three_hosts/mod.rs"]
+mod three_hosts;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use three_hosts::crosshost::{clear_prefix, owner, state_of};
+use three_hosts::hostloss::{event_at, events, hostloss_daemon, Restore, Timing};
+use three_hosts::{fence_lab, Cluster, ClusterCleanup};
+use understudy::probe::{outage_around, Prober};
+
+const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+const SHADOW_WAIT: Duration = Duration::from_secs(300);
+const TIMING: Timing = Timing {
+    lease_ttl_s: 2,
+    keepalive_ms: 200,
+    heartbeat_ms: 50,
+    suspect_ms: 300,
+    margin_ms: 500,
+};
+
+fn env_or(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn names(service: &str) -> Vec<String> {
+    std::iter::once(service.to_string())
+        .chain((1..64).map(|n| format!("{service}-shadow-{n}")))
+        .collect()
+}
+
+/// One phase: `trials` host power-offs with (or without) fence devices. Client outages in ms,
+/// and what the promoting host's events said about each loss.
+fn phase(
+    cluster: &Cluster,
+    fence: bool,
+    name: &str,
+    ip: &str,
+    trials: usize,
+) -> (Vec<f64>, Vec<serde_json::Value>) {
+    let label = if fence { "fence device" } else { "lease-only" };
+    let prefix = format!("/understudy/bench-{name}");
+    clear_prefix(cluster, &prefix);
+    let mut ds: BTreeMap<&str, DaemonProc> = HOSTS
+        .iter()
+        .map(|h| {
+            (
+                *h,
+                hostloss_daemon(cluster, h, name, name, &prefix, fence, &TIMING),
+            )
+        })
+        .collect();
+    let hv = |h: &str| cluster.hypervisor(h);
+    hv("h1")
+        .define(&guest_xml(name, &format!("{ip}/24"), &[]))
+        .expect("define on h1");
+    hv("h1").start(name, false).expect("start on h1");
+    let probe = Prober::start(
+        format!("{ip}:80").parse().unwrap(),
+        "/",
+        Duration::from_millis(5),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let mut restore = Restore::default();
+    let (mut ms, mut notes) = (Vec::new(), Vec::new());
+    for i in 0..trials {
+        let (at, domain) = wait_for("the service's owner", SHADOW_WAIT, || {
+            ds.values().find_map(|d| owner(d, name))
+        });
+        let (b, shadow) = wait_for("a paused shadow on another host", SHADOW_WAIT, || {
+            HOSTS.iter().filter(|h| **h != at).find_map(|h| {
+                ds[h]
+                    .paused_shadows(name)
+                    .and_then(|v| v.first().cloned())
+                    .map(|s| (*h, s))
+            })
+        });
+        let a: &str = HOSTS
+            .iter()
+            .copied()
+            .find(|h| *h == at)
+            .expect("owner on a lab host");
+        wait_for(
+            "page served before the loss",
+            Duration::from_secs(60),
+            || http_get(ip, Duration::from_millis(200)),
+        );
+        // Every daemon hears the others before the loss.
+        std::thread::sleep(Duration::from_secs(2));
+        let uuid = domain_uuid(&hv(b), &shadow);
+        restore.powered_off = vec![a.to_string()];
+        let off = Instant::now();
+        let (code, _) = fence_lab(&["-o", "off", "-n", a], None);
+        assert_eq!(code, 0, "power {a} off");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let outage = loop {
+            if let Some(d) = outage_around(&probe.answers(), off, |body| page_uuid(body) == uuid) {
+                break Some(d.as_secs_f64() * 1000.0);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        match outage {
+            Some(o) => {
+                println!(
+                    "{label} trial {i}: {domain}@{a} -> {shadow}@{b}: client outage {o:.1} ms"
+                );
+                ms.push(o);
+            }
+            None => {
+                println!("{label} trial {i}: {domain}@{a} -> {shadow}@{b}: NOT served within 60 s")
+            }
+        }
+        let winner = &ds[b];
+        let fenced = events(winner)
+            .into_iter()
+            .rev()
+            .find(|e| e["kind"] == "host_fenced");
+        let record = wait_for("the failover record", Duration::from_secs(30), || {
+            let s = winner.service(name)?;
+            (s["active"] == shadow.as_str()).then_some(s["last_failover"].clone())
+        });
+        notes.push(serde_json::json!({
+            "lost": a, "to": b, "outage_ms": outage, "host_fenced": fenced, "failover": record,
+            "host_lost_failover": event_at(winner, "failover_started", "host_lost").is_some(),
+        }));
+        // The host comes back, its daemon too; it follows the new owner.
+        let (code, _) = fence_lab(&["-o", "on", "-n", a], None);
+        assert_eq!(code, 0, "power {a} on");
+        restore.powered_off.clear();
+        ds.get_mut(a).expect("a daemon per host").restart();
+        let on = format!("elsewhere: on host {b}");
+        wait_for(
+            &format!("{a} following the new owner"),
+            Duration::from_secs(60),
+            || (state_of(&ds[a], name) == on).then_some(()),
+        );
+        assert!(
+            !hv(a).state(&domain).unwrap().is_active(),
+            "{a} started its old primary {domain} again"
+        );
+    }
+    drop(probe);
+    drop(ds);
+    (ms, notes)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let cluster = Cluster::require();
+    let trials = env_or("BENCH_TRIALS", 5);
+    let cold_trials = env_or("BENCH_COLD_TRIALS", 3);
+    let (fenced, lease, cold) = ("bhf-web", "bhl-web", "bhc-web");
+    let all: Vec<String> = [fenced, lease, cold]
+        .iter()
+        .flat_map(|n| names(n))
+        .collect();
+    let _cleanup = ClusterCleanup::new(
+        &cluster,
+        &all.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+
+    let (fence_ms, fence_notes) = phase(&cluster, true, fenced, "10.77.0.95", trials);
+    let (lease_ms, lease_notes) = phase(&cluster, false, lease, "10.77.0.96", trials);
+
+    // The restart-based baseline: the same guest cold-started on a surviving host, from the
+    // request to its first answer (detecting the loss, which takes the peers' tools seconds to
+    // minutes, is not counted).
+    let mut cold_ms = Vec::new();
+    let (cold_ip, hv) = ("10.77.0.97", cluster.hypervisor("h2"));
+    hv.define(&guest_xml(cold, &format!("{cold_ip}/24"), &[]))
+        .expect("define the cold guest on h2");
+    for i in 0..cold_trials {
+        let began = Instant::now();
+        hv.start(cold, false).expect("cold start");
+        wait_for(
+            "the cold-started guest serving",
+            Duration::from_secs(180),
+            || http_get(cold_ip, Duration::from_millis(200)),
+        );
+        let ms = began.elapsed().as_secs_f64() * 1000.0;
+        println!("cold start {i} on h2: first answer after {ms:.0} ms");
+        cold_ms.push(ms);
+        hv.destroy(cold).expect("stop the cold guest");
+    }
+
+    let (f50, f95, fmax) = stats(&fence_ms);
+    let (l50, l95, lmax) = stats(&lease_ms);
+    let (c50, c95, cmax) = stats(&cold_ms);
+    println!(
+        "host power-off, fence device: {} of {trials} served; median {f50:.0} ms, p95 {f95:.0} ms, max {fmax:.0} ms",
+        fence_ms.len()
+    );
+    println!(
+        "host power-off, lease-only (TTL {} s, margin {} ms): {} of {trials} served; median {l50:.0} ms, p95 {l95:.0} ms, max {lmax:.0} ms",
+        TIMING.lease_ttl_s,
+        TIMING.margin_ms,
+        lease_ms.len()
+    );
+    println!(
+        "cold start on a surviving host (detection excluded): median {c50:.0} ms, p95 {c95:.0} ms, max {cmax:.0} ms"
+    );
+    println!(
+        "targets: fence device median <= 1 s: {}; lease-only median <= 3 s: {}",
+        if f50 <= 1000.0 { "met" } else { "NOT met" },
+        if l50 <= 3000.0 { "met" } else { "NOT met" }
+    );
+    let out = repo().join("build/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    let json = serde_json::json!({
+        "trials": trials,
+        "cold_trials": cold_trials,
+        "timing": {
+            "lease_ttl_s": TIMING.lease_ttl_s,
+            "keepalive_ms": TIMING.keepalive_ms,
+            "heartbeat_ms": TIMING.heartbeat_ms,
+            "suspect_after_ms": TIMING.suspect_ms,
+            "promote_margin_ms": TIMING.margin_ms,
+            "self_fence_guard_ms": 500,
+        },
+        "fence_device_ms": fence_ms,
+        "lease_only_ms": lease_ms,
+        "cold_start_ms": cold_ms,
+        "summary": {
+            "fence_device": {"median": f50, "p95": f95, "max": fmax},
+            "lease_only": {"median": l50, "p95": l95, "max": lmax},
+            "cold_start": {"median": c50, "p95": c95, "max": cmax},
+        },
+        "fence_device_trials": fence_notes,
+        "lease_only_trials": lease_notes,
+    });
+    std::fs::write(
+        out.join("hostloss.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    let chart = understudy::plot::dots_log(
+        "Client-observed outage per lost host (log scale)",
+        "outage (ms)",
+        &[
+            ("fence device", &fence_ms),
+            ("lease-only", &lease_ms),
+            ("cold start", &cold_ms),
+        ],
+    )
+    .expect("outage chart");
+    std::fs::write(out.join("hostloss.svg"), chart).unwrap();
+    println!(
+        "wrote {} and {}",
+        out.join("hostloss.json").display(),
+        out.join("hostloss.svg").display()
+    );
+}

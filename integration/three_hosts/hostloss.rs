@@ -1,0 +1,675 @@
+//! Losing a host (issue 11): a daemon on each lab host, direct heartbeats between them, fence
+//! devices (`scripts/fence_lab`, standing for IPMI) or none (lease-only self-fencing). A
+//! primary on h1 with its shadow on another host (`placement = "other-host"`).
+//!
+//! Each test leaves the lab as it found it: a host powered off is powered on again, a cut
+//! network joined again, stopped services started (also when the test fails).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::crosshost::{clear_prefix, owner, state_of, wait_served_by};
+use super::*;
+use crate::common::{domain_uuid, guest_xml, http_get, page_uuid, wait_for, DaemonProc};
+
+const SHADOW_WAIT: Duration = Duration::from_secs(300);
+
+/// The timings of a host-loss daemon.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub lease_ttl_s: u64,
+    pub keepalive_ms: u64,
+    pub heartbeat_ms: u64,
+    pub suspect_ms: u64,
+    pub margin_ms: u64,
+}
+
+/// The tests': lease TTL 3 s, keepalives every 750 ms, heartbeats every 100 ms, suspect after
+/// 500 ms, promotion 1 s after a lease expired (self-fencing 500 ms before it can).
+pub const TEST_TIMING: Timing = Timing {
+    lease_ttl_s: 3,
+    keepalive_ms: 750,
+    heartbeat_ms: 100,
+    suspect_ms: 500,
+    margin_ms: 1000,
+};
+
+/// A daemon on `host` protecting `pattern` with one shadow on another host
+/// (`placement = "other-host"`), its records under `prefix`; with `fence`, every host's fence
+/// device is `scripts/fence_lab -n <host>`. `tag` names its directory.
+pub fn hostloss_daemon(
+    cluster: &Cluster,
+    host: &str,
+    tag: &str,
+    pattern: &str,
+    prefix: &str,
+    fence: bool,
+    t: &Timing,
+) -> DaemonProc {
+    // Its own member first: the client talks to one member at a time, and a daemon talking
+    // to the lost host's member would first wait out a keepalive's timeout.
+    let mut order = cluster.hosts();
+    order.sort_by_key(|h| *h != host);
+    let endpoints: Vec<String> = order
+        .iter()
+        .map(|h| format!("\"{}\"", cluster.host(h, "ETCD_ENDPOINT")))
+        .collect();
+    let mut extra = format!(
+        "placement = \"other-host\"\n\n[cluster]\nendpoints = [{}]\nhost = \"{host}\"\nkey_prefix = \"{prefix}\"\n\
+         libvirt_uri = \"{}\"\nlease_ttl_s = {}\nkeepalive_interval_ms = {}\nheartbeat_interval_ms = {}\n\
+         suspect_after_ms = {}\nself_fence_guard_ms = 500\npromote_margin_ms = {}\n",
+        endpoints.join(", "),
+        cluster.libvirt_uri(host),
+        t.lease_ttl_s,
+        t.keepalive_ms,
+        t.heartbeat_ms,
+        t.suspect_ms,
+        t.margin_ms,
+    );
+    if fence {
+        extra.push_str("\n[cluster.fence]\n");
+        for h in cluster.hosts() {
+            extra.push_str(&format!(
+                "{h} = [\"{}\", \"-n\", \"{h}\"]\n",
+                repo().join("scripts/fence_lab").display()
+            ));
+        }
+    }
+    DaemonProc::start_on_host(host, &format!("{tag}-{host}"), pattern, 1, &extra)
+}
+
+/// Puts the lab back when dropped: powers `off` hosts on, joins cut networks again, starts
+/// stopped etcd members.
+#[derive(Default)]
+pub struct Restore {
+    pub powered_off: Vec<String>,
+    pub cut: Vec<(String, String)>,
+    pub etcd_stopped: Vec<String>,
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        // Never panic here: a panic while unwinding aborts the test binary.
+        for (h, net) in &self.cut {
+            let _ = Command::new(repo().join("scripts/lab-cut.sh"))
+                .args([h.as_str(), net.as_str(), "up"])
+                .status();
+        }
+        for h in &self.etcd_stopped {
+            let _ = Command::new(repo().join("scripts/lab-host-service.sh"))
+                .args([h.as_str(), "etcd", "start"])
+                .status();
+        }
+        for h in &self.powered_off {
+            let _ = Command::new(repo().join("scripts/fence_lab"))
+                .args(["-o", "on", "-n", h.as_str()])
+                .status();
+        }
+    }
+}
+
+/// One sample of the client: time since it began, uuid of the answering domain (`None`: no
+/// answer).
+pub type Sample = (Duration, Option<String>);
+
+/// What an independent client on the switch saw, one [`Sample`] every ~5 ms.
+pub struct Poller {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub began: Instant,
+}
+
+impl Poller {
+    pub fn start(ip: &str) -> Poller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let began = Instant::now();
+        let (s, v, ip) = (stop.clone(), samples.clone(), ip.to_string());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                let uuid = http_get(&ip, Duration::from_millis(25)).map(|p| page_uuid(&p));
+                v.lock().unwrap().push((began.elapsed(), uuid));
+                if let Some(rest) = Duration::from_millis(5).checked_sub(t.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+        });
+        Poller {
+            stop,
+            samples,
+            thread: Some(thread),
+            began,
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *self.samples.lock().unwrap())
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Checks the client's view of a move from `old` to `new`: before the first answer of `new`
+/// only `old` answered, after it only `new` (never both: no two copies served); returns the
+/// outage: from `from` (since the poller began) to the first answer of `new`.
+pub fn single_server_outage(samples: &[Sample], old: &str, new: &str, from: Duration) -> Duration {
+    let first_new = samples
+        .iter()
+        .position(|(_, u)| u.as_deref() == Some(new))
+        .expect("the new domain never answered the client");
+    for (t, u) in &samples[..first_new] {
+        assert!(
+            u.is_none() || u.as_deref() == Some(old),
+            "at {t:?} a third domain answered: {u:?}"
+        );
+    }
+    for (t, u) in &samples[first_new..] {
+        assert_ne!(
+            u.as_deref(),
+            Some(old),
+            "at {t:?} the old primary answered after the new one had: two copies served"
+        );
+    }
+    let last_old_before = samples[..first_new]
+        .iter()
+        .rev()
+        .find(|(_, u)| u.as_deref() == Some(old))
+        .map_or(from, |(t, _)| *t);
+    eprintln!(
+        "client: old primary last answered at {last_old_before:?}, new one first at {:?} ({} samples)",
+        samples[first_new].0,
+        samples.len()
+    );
+    samples[first_new].0.saturating_sub(from)
+}
+
+/// The events of a daemon (`events --json`), as JSON objects.
+pub fn events(d: &DaemonProc) -> Vec<serde_json::Value> {
+    let (code, out, err) = d.cli(&["events", "--json"]);
+    assert_eq!(code, 0, "events: {err}");
+    out.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The first event of `kind` whose text contains `what` (any field), if any: its Unix ms.
+pub fn event_at(d: &DaemonProc, kind: &str, what: &str) -> Option<u64> {
+    events(d)
+        .into_iter()
+        .find(|e| e["kind"] == kind && e.to_string().contains(what))
+        .and_then(|e| e["at_unix_ms"].as_u64())
+}
+
+/// Every domain of the service running (not paused) on the hosts that are on.
+pub fn running_members(cluster: &Cluster, name: &str, hosts: &[&str]) -> Vec<String> {
+    let mut running = Vec::new();
+    for h in hosts {
+        for dom in cluster.hypervisor(h).list().unwrap() {
+            if dom.name.starts_with(name) && dom.state == understudy::libvirt::RunState::Running {
+                running.push(format!("{h}/{}", dom.name));
+            }
+        }
+    }
+    running
+}
+
+const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+
+/// A daemon's metrics, fetched on its host (it listens on the host's loopback).
+pub fn host_metrics(host: &str, d: &DaemonProc) -> String {
+    let url = format!("http://127.0.0.1:{}/metrics", d.metrics_port);
+    text(&host_exec(host, &["curl", "-s", "--max-time", "2", &url]).stdout)
+}
+
+/// The domain names of a service's members, for cleanup.
+fn members(name: &str) -> Vec<String> {
+    std::iter::once(name.to_string())
+        .chain((1..8).map(|n| format!("{name}-shadow-{n}")))
+        .collect()
+}
+
+/// A primary on h1 protected by daemons on all three hosts, its shadow on h2 or h3: the
+/// daemons, the shadow's host and name, the primary's uuid.
+struct Setup {
+    ds: Vec<DaemonProc>,
+    shadow_host: &'static str,
+    shadow: String,
+    primary_uuid: String,
+    shadow_uuid: String,
+}
+
+fn setup(cluster: &Cluster, name: &str, ip: &str, prefix: &str, fence: bool) -> Setup {
+    clear_prefix(cluster, prefix);
+    let ds: Vec<DaemonProc> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|h| hostloss_daemon(cluster, h, name, name, prefix, fence, &TEST_TIMING))
+        .collect();
+    let h1 = cluster.hypervisor("h1");
+    h1.define(&guest_xml(name, &format!("{ip}/24"), &[]))
+        .expect("define on h1");
+    h1.start(name, false).expect("start on h1");
+    wait_for("the guest on h1 serving", Duration::from_secs(180), || {
+        http_get(ip, Duration::from_secs(1))
+    });
+    let (shadow_host, shadow) = wait_for("a paused shadow on h2 or h3", SHADOW_WAIT, || {
+        for (i, h) in [(1, "h2"), (2, "h3")] {
+            if let Some(s) = ds[i].paused_shadows(name).and_then(|v| v.first().cloned()) {
+                return Some((h, s));
+            }
+        }
+        None
+    });
+    assert_eq!(
+        owner(&ds[0], name),
+        Some(("h1".to_string(), name.to_string()))
+    );
+    let primary_uuid = domain_uuid(&h1, name);
+    let shadow_uuid = domain_uuid(&cluster.hypervisor(shadow_host), &shadow);
+    // Every daemon hears every other before the fault.
+    wait_for(
+        "every host heard by every other",
+        Duration::from_secs(20),
+        || {
+            ds.iter()
+                .all(|d| {
+                    let (code, out, _) = d.cli(&["hosts", "--json"]);
+                    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                    code == 0
+                        && v["peers"].as_array().is_some_and(|p| {
+                            p.len() == 2
+                                && p.iter()
+                                    .all(|x| x["heard_ms_ago"].as_u64().is_some_and(|ms| ms < 500))
+                        })
+                })
+                .then_some(())
+        },
+    );
+    Setup {
+        ds,
+        shadow_host,
+        shadow,
+        primary_uuid,
+        shadow_uuid,
+    }
+}
+
+fn winner(s: &Setup) -> &DaemonProc {
+    &s.ds[if s.shadow_host == "h2" { 1 } else { 2 }]
+}
+
+/// h1 powered off through its fence agent (a cut power cord): the other hosts find it silent
+/// with its libvirtd unreachable, fence it through its device (already off: the device says
+/// so), and the shadow on another host serves the same address; a client on the switch sees
+/// the old primary, a gap, then only the new one. Then h1 comes back, its daemon restarts, and
+/// its old primary stays retired: shut off, the service followed on the other host.
+#[test]
+fn a_host_powered_off_is_fenced_and_its_service_served_from_a_shadow_elsewhere() {
+    let cluster = Cluster::require();
+    let (name, ip) = ("hl1-web", "10.77.0.91");
+    let prefix = "/understudy/it-hl1";
+    let names = members(name);
+    let _cleanup = ClusterCleanup::new(
+        &cluster,
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut restore = Restore::default();
+    let mut s = setup(&cluster, name, ip, prefix, true);
+
+    let poller = Poller::start(ip);
+    std::thread::sleep(Duration::from_millis(300));
+    let off_at = poller.began.elapsed();
+    restore.powered_off.push("h1".into());
+    let (code, _) = fence_lab(&["-o", "off", "-n", "h1"], None);
+    assert_eq!(code, 0, "power h1 off");
+    wait_served_by(ip, &s.shadow_uuid, "the shadow serving");
+    std::thread::sleep(Duration::from_millis(300));
+    let samples = poller.finish();
+    let outage = single_server_outage(&samples, &s.primary_uuid, &s.shadow_uuid, off_at);
+    eprintln!("host power-off to service restored (client-observed): {outage:?}");
+
+    let w = winner(&s);
+    assert_eq!(
+        owner(w, name),
+        Some((s.shadow_host.to_string(), s.shadow.clone()))
+    );
+    assert!(
+        event_at(w, "host_fenced", "fence_device").is_some(),
+        "no host_fenced event on {}: {:?}",
+        s.shadow_host,
+        events(w)
+    );
+    assert!(
+        event_at(w, "failover_started", "host_lost").is_some(),
+        "no host_lost failover"
+    );
+    assert_eq!(
+        running_members(&cluster, name, &["h2", "h3"]),
+        [format!("{}/{}", s.shadow_host, s.shadow)]
+    );
+    assert_eq!(
+        cluster.switch_port_of(&guest_mac(name)).as_deref(),
+        Some(cluster.host(s.shadow_host, "SWITCH_PORT"))
+    );
+
+    // h1 comes back; its daemon starts again and finds its primary retired.
+    let (code, _) = fence_lab(&["-o", "on", "-n", "h1"], None);
+    assert_eq!(code, 0, "power h1 on");
+    restore.powered_off.clear();
+    s.ds[0].restart();
+    let on = format!("elsewhere: on host {}", s.shadow_host);
+    wait_for(
+        "h1 following the new owner",
+        Duration::from_secs(60),
+        || (state_of(&s.ds[0], name) == on).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !cluster.hypervisor("h1").state(name).unwrap().is_active(),
+        "the fenced host started its old primary again"
+    );
+    assert_eq!(
+        owner(&s.ds[0], name),
+        Some((s.shadow_host.to_string(), s.shadow.clone()))
+    );
+    wait_served_by(ip, &s.shadow_uuid, "the shadow still serving");
+}
+
+/// h1 cut off the management network (etcd and its peers), no fence device: h1 keeps serving
+/// on the switch until it can no longer renew its lease, then destroys its primary before the
+/// lease can expire; the others promote only after the lease expired (plus the margin). The
+/// client never sees both; h1's self-fencing comes before the promotion's start. Joined again,
+/// h1 follows the new owner and never restarts its old primary.
+#[test]
+fn a_host_cut_from_management_fences_itself_before_the_others_promote() {
+    let cluster = Cluster::require();
+    let (name, ip) = ("hl2-web", "10.77.0.92");
+    let prefix = "/understudy/it-hl2";
+    let names = members(name);
+    let _cleanup = ClusterCleanup::new(
+        &cluster,
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut restore = Restore::default();
+    let s = setup(&cluster, name, ip, prefix, false);
+
+    let poller = Poller::start(ip);
+    std::thread::sleep(Duration::from_millis(300));
+    let cut_at = poller.began.elapsed();
+    restore.cut.push(("h1".into(), "mgmt".into()));
+    lab_cut("h1", "mgmt", "down");
+    wait_for("h1 self-fenced", Duration::from_secs(30), || {
+        let (_, out, _) = s.ds[0].cli(&["hosts", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (v["self_fenced"] == true).then_some(())
+    });
+    wait_served_by(ip, &s.shadow_uuid, "the shadow serving");
+    std::thread::sleep(Duration::from_millis(300));
+    let samples = poller.finish();
+    let outage = single_server_outage(&samples, &s.primary_uuid, &s.shadow_uuid, cut_at);
+    eprintln!("management cut to service restored (client-observed, lease-only): {outage:?}");
+
+    let fenced_at = event_at(&s.ds[0], "fenced", "self-fenced").expect("h1's self-fence event");
+    let w = winner(&s);
+    let promoted_at =
+        event_at(w, "failover_started", "host_lost").expect("the winner's host_lost failover");
+    eprintln!(
+        "h1 self-fenced {} ms before {} started promoting",
+        promoted_at.saturating_sub(fenced_at),
+        s.shadow_host
+    );
+    assert!(
+        fenced_at < promoted_at,
+        "h1 self-fenced at {fenced_at}, {} began promoting at {promoted_at}",
+        s.shadow_host
+    );
+    assert!(event_at(w, "host_fenced", "lease_expired").is_some());
+    // No fence device, and the lease expired: nobody powered h1 off.
+    assert_eq!(fence_lab(&["-o", "status", "-n", "h1"], None).0, 0);
+    assert!(
+        !host_exec("h1", &["virsh", "-c", "qemu:///system", "domstate", name])
+            .stdout
+            .starts_with(b"running")
+    );
+    assert_eq!(
+        running_members(&cluster, name, &["h2", "h3"]),
+        [format!("{}/{}", s.shadow_host, s.shadow)]
+    );
+    assert_eq!(
+        cluster.switch_port_of(&guest_mac(name)).as_deref(),
+        Some(cluster.host(s.shadow_host, "SWITCH_PORT"))
+    );
+
+    // Joined again: h1 renews, follows the new owner, and leaves its old primary off.
+    lab_cut("h1", "mgmt", "up");
+    restore.cut.clear();
+    let on = format!("elsewhere: on host {}", s.shadow_host);
+    wait_for(
+        "h1 following the new owner",
+        Duration::from_secs(60),
+        || (state_of(&s.ds[0], name) == on).then_some(()),
+    );
+    wait_for("h1 no longer self-fenced", Duration::from_secs(30), || {
+        let (_, out, _) = s.ds[0].cli(&["hosts", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (v["self_fenced"] == false && v["mode"] == "connected").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(!cluster.hypervisor("h1").state(name).unwrap().is_active());
+    wait_served_by(ip, &s.shadow_uuid, "the shadow still serving");
+}
+
+/// Neither a dead daemon nor a restarted libvirtd makes a host lost: with fence devices for
+/// every host, h1's daemon is killed for longer than its lease (its libvirtd answers, its VM
+/// runs: no fencing, no failover), started again; then h1's libvirtd is restarted (its daemon
+/// keeps beating: nothing happens either). The client is served by the primary throughout.
+#[test]
+fn a_killed_daemon_or_a_restarted_libvirtd_is_not_a_lost_host() {
+    let cluster = Cluster::require();
+    let (name, ip) = ("hl3-web", "10.77.0.93");
+    let prefix = "/understudy/it-hl3";
+    let names = members(name);
+    let _cleanup = ClusterCleanup::new(
+        &cluster,
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut s = setup(&cluster, name, ip, prefix, true);
+
+    let poller = Poller::start(ip);
+    // The daemon on h1 dies for 3 TTLs.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.ds[0].child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill h1's daemon");
+    let _ = s.ds[0].child.wait();
+    std::thread::sleep(Duration::from_secs(9));
+    let h1_lost = wait_for("h1's lease gone", Duration::from_secs(10), || {
+        let (_, out, _) = s.ds[1].cli(&["hosts", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v["hosts"]
+            .as_array()?
+            .iter()
+            .find(|h| h["name"] == "h1")
+            .map(|h| h["alive"] == false)
+    });
+    assert!(h1_lost, "h1's lease outlived its daemon");
+    s.ds[0].restart();
+    wait_for(
+        "h1's daemon protecting again",
+        Duration::from_secs(60),
+        || state_of(&s.ds[0], name).starts_with("pro").then_some(()),
+    );
+    // libvirtd restarted under h1's running daemon.
+    let out = run(Command::new(repo().join("scripts/lab-host-service.sh"))
+        .args(["h1", "libvirtd", "restart"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::thread::sleep(Duration::from_secs(8));
+    let samples = poller.finish();
+
+    assert_eq!(
+        fence_lab(&["-o", "status", "-n", "h1"], None).0,
+        0,
+        "h1 was fenced"
+    );
+    assert_eq!(
+        owner(&s.ds[1], name),
+        Some(("h1".to_string(), name.to_string()))
+    );
+    for (i, d) in s.ds.iter().enumerate() {
+        let ev = events(d);
+        assert!(
+            !ev.iter()
+                .any(|e| e["kind"] == "host_fenced" || e["kind"] == "failover_started"),
+            "h{}: {ev:?}",
+            i + 1
+        );
+    }
+    assert!(
+        std::fs::read_to_string(&s.ds[1].log)
+            .unwrap_or_default()
+            .contains("its libvirtd answers")
+            || std::fs::read_to_string(&s.ds[2].log)
+                .unwrap_or_default()
+                .contains("its libvirtd answers"),
+        "no survivor saw h1's libvirtd answer"
+    );
+    // The client was served by the primary throughout (short gaps while libvirtd restarted
+    // are the client's own timeouts, never another domain).
+    assert!(samples
+        .iter()
+        .all(|(_, u)| u.is_none() || u.as_deref() == Some(s.primary_uuid.as_str())));
+    let served = samples.iter().filter(|(_, u)| u.is_some()).count();
+    assert!(
+        served * 10 >= samples.len() * 9,
+        "served {served} of {}",
+        samples.len()
+    );
+    assert_eq!(
+        running_members(&cluster, name, &["h1", "h2", "h3"]),
+        [format!("h1/{name}")]
+    );
+}
+
+/// etcd loses its quorum for 60 s (the members of h2 and h3 stopped): every host still hears
+/// the others, so none fences itself and none promotes; the primary serves throughout, each
+/// host says it is out of touch with etcd (status of peers, metrics); afterwards every host is
+/// connected again and nothing moved.
+#[test]
+fn an_etcd_quorum_loss_stops_no_vm_and_promotes_nothing() {
+    let cluster = Cluster::require();
+    let (name, ip) = ("hl4-web", "10.77.0.94");
+    let prefix = "/understudy/it-hl4";
+    let names = members(name);
+    let _cleanup = ClusterCleanup::new(
+        &cluster,
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut restore = Restore::default();
+    let s = setup(&cluster, name, ip, prefix, true);
+
+    let poller = Poller::start(ip);
+    for h in ["h2", "h3"] {
+        restore.etcd_stopped.push(h.into());
+        let out =
+            run(Command::new(repo().join("scripts/lab-host-service.sh")).args([h, "etcd", "stop"]));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let began = Instant::now();
+    wait_for(
+        "every host out of touch with etcd",
+        Duration::from_secs(20),
+        || {
+            HOSTS
+                .iter()
+                .zip(&s.ds)
+                .all(|(h, d)| {
+                    host_metrics(h, d)
+                        .contains("understudy_cluster_mode{state=\"etcd_unreachable\"} 1")
+                })
+                .then_some(())
+        },
+    );
+    let (_, out, _) = s.ds[0].cli(&["hosts"]);
+    eprintln!("{out}");
+    let (_, out, _) = s.ds[0].cli(&["hosts", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("hosts --json");
+    assert_eq!(v["mode"], "unreachable");
+    assert_eq!(v["self_fenced"], false);
+    let peers = v["peers"].as_array().expect("peers");
+    assert_eq!(peers.len(), 2);
+    assert!(
+        peers
+            .iter()
+            .all(|p| p["mode"] == "unreachable" && p["suspect"] == false),
+        "{peers:?}"
+    );
+    std::thread::sleep(Duration::from_secs(60).saturating_sub(began.elapsed()));
+    for h in ["h2", "h3"] {
+        let out = run(
+            Command::new(repo().join("scripts/lab-host-service.sh")).args([h, "etcd", "start"])
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    restore.etcd_stopped.clear();
+    wait_for(
+        "every host connected again",
+        Duration::from_secs(60),
+        || {
+            HOSTS
+                .iter()
+                .zip(&s.ds)
+                .all(|(h, d)| {
+                    host_metrics(h, d).contains("understudy_cluster_mode{state=\"connected\"} 1")
+                })
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let samples = poller.finish();
+    assert!(
+        samples
+            .iter()
+            .all(|(_, u)| u.is_none() || u.as_deref() == Some(s.primary_uuid.as_str())),
+        "another domain answered"
+    );
+    let served = samples.iter().filter(|(_, u)| u.is_some()).count();
+    assert!(
+        served * 10 >= samples.len() * 9,
+        "served {served} of {}",
+        samples.len()
+    );
+    for (i, d) in s.ds.iter().enumerate() {
+        let ev = events(d);
+        assert!(
+            !ev.iter().any(|e| e["kind"] == "host_fenced"
+                || e["kind"] == "failover_started"
+                || (e["kind"] == "fenced")),
+            "h{}: {ev:?}",
+            i + 1
+        );
+    }
+    assert_eq!(
+        owner(&s.ds[1], name),
+        Some(("h1".to_string(), name.to_string()))
+    );
+    assert_eq!(
+        running_members(&cluster, name, &["h1", "h2", "h3"]),
+        [format!("h1/{name}")]
+    );
+    // Normal work resumed: the shadow is still registered ready.
+    assert_eq!(
+        winner(&s).paused_shadows(name).unwrap(),
+        std::slice::from_ref(&s.shadow)
+    );
+}
