@@ -464,11 +464,8 @@ fn nbd_second_writer_is_refused(
         let net = understudy::net::Netlink::new().unwrap();
         let coord =
             understudy::cluster::LocalCoordinator::new(understudy::cluster::HostId("lab".into()));
-        let steps = LiveSteps {
-            hv,
-            net: &net,
-            coord: &coord,
-        };
+        let leases = understudy::libvirt::LeaseHandbacks::default();
+        let steps = LiveSteps::new(hv, &net, &coord, &leases);
         let p = understudy::failover::promote::Promotion {
             service: primary.to_string(),
             class: "default".into(),

@@ -233,6 +233,9 @@ pub struct Daemon {
     verifications: crate::canary::verify::Verifications,
     /// Lost hosts and self-fencing: whether a failover may start now, the peers' view.
     hostloss: hostloss::HostLoss,
+    /// Primaries' virtlockd connections held past their QEMU's death (a data disk's handover
+    /// waits for their release instead of libvirt's stop).
+    leases: crate::libvirt::LeaseHandbacks,
 }
 
 type Shared = Arc<Daemon>;
@@ -365,6 +368,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), DaemonError> {
         canaries: canary::book(&cfg.daemon.state_dir),
         verifications: crate::canary::verify::Verifications::new(),
         hostloss: hostloss::HostLoss::default(),
+        leases: crate::libvirt::LeaseHandbacks::default(),
     });
     profiles::start(&d);
     apply_ksm(&cfg);
@@ -532,7 +536,7 @@ fn launch_promotion(
     let service = service.to_string();
     tokio::spawn(async move {
         let shadow = promotion.shadow.name.clone();
-        let result = promote(&d.hv(), &d.net, d.coord.as_ref(), promotion).await;
+        let result = promote(&d.hv(), &d.net, d.coord.as_ref(), &d.leases, promotion).await;
         let _ = d.notes.send(Note::FailoverDone {
             service,
             shadow,

@@ -14,7 +14,9 @@ use crate::failover::shadow::{
 };
 use crate::failover::standby::StandbyMemory;
 use crate::failover::{FailoverError, Shadow, ShadowState, Trigger};
-use crate::libvirt::{qemu_pid, DomainSummary, LibvirtError, QemuProcess, RunState};
+use crate::libvirt::{
+    lock_connections, qemu_pid, reaped, DomainSummary, LibvirtError, QemuProcess, RunState,
+};
 
 use super::checks::repair_taps;
 use super::table::ShadowToProvision;
@@ -599,7 +601,22 @@ pub(super) fn watch_primary(d: &Shared, service: &str, domain: &str) {
     };
     // A (re)started primary gets a fresh health history.
     d.health().watch(domain, pid);
-    tracing::debug!(service, domain, pid, "watching QEMU process");
+    // Its disk leases are handed back at its reap, not after libvirt's and virtlockd's polls.
+    let held = match lock_connections(std::path::Path::new("/proc"), proc.pidfd(), pid) {
+        Ok(held) if !held.is_empty() => Some((held, d.leases.hold(domain))),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(service, domain, pid, error = %e, "virtlockd connection not held (needs CAP_SYS_PTRACE); a data disk's handover waits for libvirt");
+            None
+        }
+    };
+    tracing::debug!(
+        service,
+        domain,
+        pid,
+        leases_held = held.is_some(),
+        "watching QEMU process"
+    );
     let d = d.clone();
     let (service, domain) = (service.to_string(), domain.to_string());
     tokio::spawn(async move {
@@ -608,11 +625,24 @@ pub(super) fn watch_primary(d: &Shared, service: &str, domain: &str) {
         tracing::debug!(%service, %domain, pid, ?how, "primary QEMU ending");
         let _ = d.notes.send(Note::PrimaryExited {
             service,
-            domain,
+            domain: domain.clone(),
             at: Instant::now(),
         });
+        if let Some((conns, report)) = held {
+            let gone = reaped(proc.pidfd(), LEASE_REAP_LIMIT).await;
+            drop(conns);
+            if gone {
+                report.released();
+            } else {
+                tracing::warn!(%domain, pid, "QEMU not reaped within {LEASE_REAP_LIMIT:?}; its virtlockd connection is let go unconfirmed");
+            }
+        }
     });
 }
+
+/// Longest a dead primary's QEMU is waited for to be reaped before its virtlockd connection
+/// is let go anyway (libvirt's stop then decides when the disks are free).
+const LEASE_REAP_LIMIT: Duration = Duration::from_secs(5);
 
 /// Tags a newly seen matching domain as a service primary and starts protecting it.
 /// A domain that is only defined (not running) is registered as a stopped service: it gets

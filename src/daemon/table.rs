@@ -426,6 +426,37 @@ pub struct ServiceTable {
     pools: BTreeMap<String, Pool>,
 }
 
+/// The promotion `svc` is in, which must be of `shadow`: its trigger, the old primary's host
+/// when another, and how the shadow stood by. `what` names the refused transition.
+fn promoting(
+    svc: &Service,
+    service: &str,
+    shadow: &str,
+    what: &'static str,
+) -> Result<(Trigger, Option<HostId>, ShadowState), Refused> {
+    let ServiceState::FailingOver {
+        shadow: s,
+        trigger,
+        from_host,
+        standby,
+    } = &svc.state
+    else {
+        return Err(Refused::WrongState {
+            service: service.to_string(),
+            state: svc.state.label(),
+            what,
+        });
+    };
+    if s != shadow {
+        return Err(Refused::NoSuchShadow {
+            service: service.to_string(),
+            shadow: shadow.to_string(),
+            what: "promoting",
+        });
+    }
+    Ok((*trigger, from_host.clone(), *standby))
+}
+
 impl ServiceTable {
     /// An empty table.
     pub fn new() -> Self {
@@ -724,27 +755,7 @@ impl ServiceTable {
         taps: Vec<TapBinding>,
     ) -> Result<Vec<Action>, Refused> {
         let svc = self.svc_mut(service)?;
-        let ServiceState::FailingOver {
-            shadow: s,
-            trigger,
-            from_host,
-            ..
-        } = &svc.state
-        else {
-            return Err(Refused::WrongState {
-                service: service.to_string(),
-                state: svc.state.label(),
-                what: "complete a failover",
-            });
-        };
-        if s != shadow {
-            return Err(Refused::NoSuchShadow {
-                service: service.to_string(),
-                shadow: shadow.to_string(),
-                what: "promoting",
-            });
-        }
-        let trigger = *trigger;
+        let (trigger, from_host, _) = promoting(svc, service, shadow, "complete a failover")?;
         let remote_old = from_host.is_some();
         let old = std::mem::replace(&mut svc.active, shadow.to_string());
         svc.shadows.retain(|s| s.name != shadow);
@@ -1500,28 +1511,8 @@ impl ServiceTable {
         winner: &OwnerRecord,
     ) -> Result<Vec<Action>, Refused> {
         let svc = self.svc_mut(service)?;
-        let ServiceState::FailingOver {
-            shadow: s,
-            from_host,
-            standby,
-            ..
-        } = &svc.state
-        else {
-            return Err(Refused::WrongState {
-                service: service.to_string(),
-                state: svc.state.label(),
-                what: "lose a claim",
-            });
-        };
-        if s != shadow {
-            return Err(Refused::NoSuchShadow {
-                service: service.to_string(),
-                shadow: shadow.to_string(),
-                what: "promoting",
-            });
-        }
+        let (_, from_host, standby) = promoting(svc, service, shadow, "lose a claim")?;
         let primary_was_here = from_host.is_none();
-        let standby = *standby;
         if let Some(x) = svc.shadow_mut(shadow) {
             x.state = standby;
         }

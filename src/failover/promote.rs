@@ -28,12 +28,13 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{Claim, CoordError, Coordinator, HostId};
 use crate::config::NetworkMode;
 use crate::domain_xml::{DomainXml, MemberState, Role};
-use crate::libvirt::{kill_qemu, Hypervisor, LibvirtError, RunState, QEMU_RUN_DIR};
+use crate::libvirt::{kill_qemu, Hypervisor, LeaseHandbacks, LibvirtError, RunState, QEMU_RUN_DIR};
 use crate::monitor::agent::{AgentError, ExitStatus};
 use crate::net::{NetError, Netlink};
 
@@ -235,9 +236,10 @@ pub async fn promote(
     hv: &Hypervisor,
     net: &Netlink,
     coord: &dyn Coordinator,
+    leases: &LeaseHandbacks,
     p: Promotion,
 ) -> Result<Promoted, PromotionFailed> {
-    run(&LiveSteps { hv, net, coord }, p).await
+    run(&LiveSteps::new(hv, net, coord, leases), p).await
 }
 
 /// Runs the pipeline over `steps` and builds the record.
@@ -603,6 +605,29 @@ pub struct LiveSteps<'a> {
     pub net: &'a Netlink,
     /// Who owns which service.
     pub coord: &'a dyn Coordinator,
+    /// Dead primaries' virtlockd connections, handed back at their reap.
+    pub leases: &'a LeaseHandbacks,
+    /// Domains whose QEMU this promotion saw reaped, leases handed back: libvirt may still
+    /// list them running for a moment, but they hold no disk.
+    reaped: Mutex<Vec<String>>,
+}
+
+impl<'a> LiveSteps<'a> {
+    /// The live steps of one promotion.
+    pub fn new(
+        hv: &'a Hypervisor,
+        net: &'a Netlink,
+        coord: &'a dyn Coordinator,
+        leases: &'a LeaseHandbacks,
+    ) -> Self {
+        LiveSteps {
+            hv,
+            net,
+            coord,
+            leases,
+            reaped: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 fn ignore_missing_link(r: Result<(), NetError>) -> Result<(), NetError> {
@@ -779,8 +804,17 @@ impl PromotionSteps for LiveSteps<'_> {
             }
             Err(why) => return Err(unconfirmed(why)),
         }
-        // Gone: it writes no disk any more. libvirt's lock manager gives its leases back only
-        // once libvirt has finished stopping the domain, and the attach needs them.
+        // Gone: it writes no disk any more. Its leases are free once its held virtlockd
+        // connection was closed after the reap; otherwise once libvirt has finished stopping
+        // the domain, and the attach needs them.
+        if self.leases.released(name, LIBVIRT_CATCH_UP).await {
+            tracing::info!(old_primary = %name, "fence: old primary's QEMU reaped, its disk leases handed back");
+            self.reaped
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(name.clone());
+            return Ok(());
+        }
         self.libvirt_stopped(name).await
     }
 
@@ -815,9 +849,16 @@ impl PromotionSteps for LiveSteps<'_> {
             })
             .await
             .map_err(libvirt_step("attach: list running domains"))?;
+        let reaped = self
+            .reaped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for (disk, holders) in disks.iter().zip(holders) {
-            let (ours, others): (Vec<_>, Vec<_>) =
-                holders.into_iter().partition(|(n, _)| *n == p.shadow.name);
+            let (ours, others): (Vec<_>, Vec<_>) = holders
+                .into_iter()
+                .filter(|(n, _)| !reaped.contains(n))
+                .partition(|(n, _)| *n == p.shadow.name);
             if !others.is_empty() {
                 return Err(FailoverError::DiskHeld {
                     shadow: p.shadow.name.clone(),

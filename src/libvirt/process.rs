@@ -279,6 +279,12 @@ impl QemuProcess {
         self.pid
     }
 
+    /// The pidfd on the whole process.
+    pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.get_ref().as_fd()
+    }
+
     /// Sends SIGKILL through the pidfd (never to a reused pid). A stopped (SIGSTOP) process
     /// dies too.
     pub fn kill(&self) -> std::io::Result<()> {
