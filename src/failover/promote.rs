@@ -103,7 +103,7 @@ const QEMU_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const LIBVIRT_CATCH_UP: Duration = Duration::from_secs(2);
 const LIBVIRT_CATCH_UP_POLL: Duration = Duration::from_millis(5);
 /// How often a promote command is asked whether it has exited.
-const COMMAND_POLL: Duration = Duration::from_millis(20);
+const COMMAND_POLL: Duration = Duration::from_millis(10);
 /// Longest a pooled shadow's host name or configuration change may take in the guest.
 const IDENTITY_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -641,11 +641,59 @@ fn libvirt_step(step: &'static str) -> impl FnOnce(LibvirtError) -> FailoverErro
     move |source| FailoverError::Libvirt { step, source }
 }
 
+/// Longest a claim waits for an unreachable coordination backend: a lost host often takes an
+/// etcd member with it, the leader among them, and the survivors elect a new one within a few
+/// seconds. Nothing of the shadow is touched before the claim, so waiting is safe.
+const CLAIM_RETRY_FOR: Duration = Duration::from_secs(15);
+/// Pause between claim attempts while the backend does not answer.
+const CLAIM_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// [`claim_owner_once`], again while the coordination backend is unreachable (unavailable, or
+/// no answer in time), for up to [`CLAIM_RETRY_FOR`]. A claim whose answer was lost is found
+/// on the next attempt as this promotion's own.
+pub async fn claim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), FailoverError> {
+    retry_while_unreachable(CLAIM_RETRY_FOR, CLAIM_RETRY_PAUSE, || {
+        claim_owner_once(coord, p)
+    })
+    .await
+}
+
+/// Runs `attempt` until it succeeds, fails otherwise than by an unreachable backend, or
+/// `limit` has passed.
+async fn retry_while_unreachable<F, Fut>(
+    limit: Duration,
+    pause: Duration,
+    mut attempt: F,
+) -> Result<(), FailoverError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), FailoverError>>,
+{
+    let deadline = Instant::now() + limit;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        match attempt().await {
+            Err(FailoverError::ClaimLost { service, source })
+                if matches!(
+                    *source,
+                    CoordError::Unavailable { .. } | CoordError::Timeout { .. }
+                ) && Instant::now() + pause < deadline =>
+            {
+                tracing::warn!(%service, tries, error = %crate::error::report(&*source), "claim: coordination backend unreachable; trying again");
+                tokio::time::sleep(pause).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Compare-and-swap on the owner record of `p.service`: it must still name the old primary
 /// (no record yet counts as generation 0). A record that names this very shadow on this host
-/// already is this promotion's own claim, made before a restart interrupted it: the promotion
-/// goes on without claiming again (only this host promotes its shadows).
-pub async fn claim_owner(coord: &dyn Coordinator, p: &Promotion) -> Result<(), FailoverError> {
+/// already is this promotion's own claim, made before a restart interrupted it (or whose
+/// answer was lost): the promotion goes on without claiming again (only this host promotes
+/// its shadows).
+async fn claim_owner_once(coord: &dyn Coordinator, p: &Promotion) -> Result<(), FailoverError> {
     let lost = |source| FailoverError::ClaimLost {
         service: p.service.clone(),
         source: Box::new(source),
@@ -2080,5 +2128,64 @@ mod tests {
         let mut other = remote_promotion();
         other.shadow.name = "web-shadow-2".into();
         assert!(claim_owner(&coord, &other).await.is_err());
+    }
+
+    fn unreachable(op: &str) -> FailoverError {
+        let why: Box<dyn std::error::Error + Send + Sync> = "no leader".into();
+        FailoverError::ClaimLost {
+            service: "web".into(),
+            source: Box::new(CoordError::Unavailable {
+                op: op.into(),
+                source: std::sync::Arc::from(why),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_waits_out_an_unreachable_backend_but_not_a_conflict() {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let r = retry_while_unreachable(Duration::from_secs(5), Duration::from_millis(1), || {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n < 3 {
+                    Err(unreachable("get owner"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4);
+
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let r = retry_while_unreachable(Duration::from_secs(5), Duration::from_millis(1), || {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                Err(FailoverError::ClaimLost {
+                    service: "web".into(),
+                    source: Box::new(CoordError::NoRecord {
+                        service: "web".into(),
+                        expected: 3,
+                    }),
+                })
+            }
+        })
+        .await;
+        assert!(matches!(r, Err(FailoverError::ClaimLost { .. })));
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "not retried"
+        );
+
+        // Unreachable for longer than the limit: the last error is returned.
+        let r = retry_while_unreachable(
+            Duration::from_millis(20),
+            Duration::from_millis(5),
+            || async { Err(unreachable("txn claim")) },
+        )
+        .await;
+        assert!(matches!(r, Err(FailoverError::ClaimLost { .. })));
     }
 }
