@@ -241,8 +241,8 @@ bench-cluster:
 bench-replay:
 	$(MAKE) deps
 	$(MAKE) images
-	cargo build --benches
-	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --profile dev --bench replay
+	cargo build --release --benches
+	scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench replay
 
 # Host losses (BENCH_TRIALS power-offs, default 5, with a fence device and lease-only) and a
 # cold start on a surviving host in the same run, on the three-host lab: median/p95/max,
