@@ -233,7 +233,7 @@ bench-stateful:
 bench-cluster:
 	$(MAKE) deps
 	$(MAKE) images
-	cargo build --benches
+	cargo build --release --benches
 	HOSTS=3 scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench cluster
 
 # Capture on/off client latency (same run), replay throughput and fidelity on an unchanged
@@ -250,7 +250,7 @@ bench-replay:
 bench-hostloss:
 	$(MAKE) deps
 	$(MAKE) images
-	cargo build --benches
+	cargo build --release --benches
 	HOSTS=3 scripts/lab-run.sh scripts/lab-exec.sh cargo bench --offline --bench hostloss
 
 bench-cost:
