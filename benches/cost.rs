@@ -300,9 +300,14 @@ fn shrink_log(d: &DaemonProc, shadow: &str) -> Vec<String> {
         .lines()
         .filter(|l| {
             l.contains(shadow)
-                && ["ballooned down", "reported to the host", "reclaim", "not shrunk"]
-                    .iter()
-                    .any(|k| l.contains(k))
+                && [
+                    "ballooned down",
+                    "reported to the host",
+                    "reclaim",
+                    "not shrunk",
+                ]
+                .iter()
+                .any(|k| l.contains(k))
         })
         .map(|l| l.chars().take(400).collect())
         .collect()

@@ -977,7 +977,10 @@ impl ServiceTable {
             .map(|s| s.class.clone())
             .collect();
         let mut out = Vec::new();
-        let remove = |owner: &str, shadows: &mut Vec<Shadow>, keep: usize, out: &mut Vec<Action>| {
+        let remove = |owner: &str,
+                      shadows: &mut Vec<Shadow>,
+                      keep: usize,
+                      out: &mut Vec<Action>| {
             let have = shadows
                 .iter()
                 .filter(|s| {
@@ -1018,13 +1021,11 @@ impl ServiceTable {
             {
                 continue;
             }
-            let keep = lim
-                .pool
-                .map_or(0, |per| {
-                    self.covered_by_pool(&class, lim)
-                        .len()
-                        .div_ceil(per.max(1) as usize)
-                });
+            let keep = lim.pool.map_or(0, |per| {
+                self.covered_by_pool(&class, lim)
+                    .len()
+                    .div_ceil(per.max(1) as usize)
+            });
             let pool = self.pools.get_mut(&class).expect("listed above");
             let name = pool.name.clone();
             remove(&name, &mut pool.shadows, keep, &mut out);
@@ -1876,7 +1877,11 @@ mod tests {
         for p in t.plan_shadows(|_| two, now) {
             t.shadow_ready("web-pool", paused(&p.name)).unwrap();
         }
-        assert_eq!(t.pools().next().unwrap().shadows.len(), 3, "five primaries, 1:2");
+        assert_eq!(
+            t.pools().next().unwrap().shadows.len(),
+            3,
+            "five primaries, 1:2"
+        );
         assert!(t.surplus_shadows(|_| two).is_empty(), "as configured");
         // A reload makes it 1:4: one of the three goes, the newest.
         assert_eq!(

@@ -243,8 +243,7 @@ const SETTLE_MAX: Duration = Duration::from_secs(15);
 /// last [`SETTLE_WINDOW`] intervals fell by less than [`SETTLE_SLACK_BYTES`].
 fn rss_settled(samples: &[u64]) -> bool {
     samples.len() > SETTLE_WINDOW
-        && samples[samples.len() - 1 - SETTLE_WINDOW]
-            .saturating_sub(samples[samples.len() - 1])
+        && samples[samples.len() - 1 - SETTLE_WINDOW].saturating_sub(samples[samples.len() - 1])
             < SETTLE_SLACK_BYTES
 }
 
