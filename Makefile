@@ -29,8 +29,9 @@
 #   make bench-replay    capture on/off client latency (p50/p99, same run), replay throughput,
 #                        fidelity of an unchanged canary, standby verification
 #   make bench-cost      host memory per protected VM and SIGKILL outage per standby way
-#                        (paused, paused+shrunk, saved, cold, pooled 1:4, paused+ksm;
-#                        BENCH_TRIALS=3, BENCH_WAYS=paused,pooled,... for some)
+#                        (paused, paused+shrunk, paused+shrunk+reclaim, saved, cold, pooled,
+#                        paused+ksm, paused+shrunk+reclaim+ksm; BENCH_TRIALS=3,
+#                        BENCH_WAYS=paused,pooled,... for some)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
 #   make soak-faults     the fault suite SOAK_ROUNDS times (20) under one lab: runs, failures

@@ -1,15 +1,27 @@
 //! `make bench-cost`: what each way of standing by costs in host memory, and what it costs in
 //! outage. One table from one run.
 //!
-//! For each way (paused; paused and shrunk, with free page reporting; saved; cold; paused with
-//! KSM) a daemon protects one lab guest with one shadow of that way. Once the shadow stands by
-//! (and 5 s more, for the figures to settle; with KSM, until `ksmd` has scanned everything
-//! twice), the daemon's `status` gives the primary's and the standing-by shadow's host memory
-//! (cgroup charge, RSS, PSS; `integration/standby.rs` checks those against the cgroups). Then
-//! BENCH_TRIALS times (default 3): SIGKILL of the active primary's QEMU while an independent
-//! client, inside the lab, opens a new HTTP connection every 5 ms; the outage is from the kill
-//! to the first page served by the promoted shadow. The next trial waits for the replacement
-//! shadow.
+//! For each way with one shadow per primary (paused; paused and shrunk, with free page
+//! reporting; the same with the guest's reclaim first; saved; cold; paused with KSM; shrunk,
+//! reclaimed and KSM) a daemon protects one lab guest with one shadow of that way. Once the
+//! shadow stands by (and 5 s more, for the figures to settle; with KSM, until `ksmd` has
+//! scanned everything twice), the daemon's `status` gives the primary's and the standing-by
+//! shadow's host memory (cgroup charge, RSS, PSS, private; `integration/standby.rs` checks
+//! those against the cgroups), and the bench reads where each QEMU process's memory is from
+//! `/proc/<pid>/smaps`. Then BENCH_TRIALS times (default 3): SIGKILL of the active primary's
+//! QEMU while an independent client, inside the lab, opens a new HTTP connection every 5 ms;
+//! the outage is from the kill to the first page served by the promoted shadow. The next
+//! trial waits for the replacement shadow.
+//!
+//! What a shadow costs is its *private* memory (pages no other process maps: what the host
+//! gets back when it goes), per protected VM, as a share of the primary's *configured* memory
+//! (what the operator sized the VM at). Private, not the cgroup charge, because KSM charges a
+//! merged page to one cgroup only (the process whose copy it kept), so charges move between a
+//! primary and its shadow as pages merge; configured, not the primary's own charge, because
+//! that moves too (with KSM, and with TCG's translated code under this lab's emulation). The
+//! cgroup charges and the share of the primary's charge (the measure of earlier runs) are
+//! printed beside it, and the share without TCG's translated code (which exists only without
+//! KVM: what applies on a KVM host).
 //!
 //! `pooled 1:4`: four primaries of one class share one pooled shadow (cloned from a golden
 //! template domain). The memory per protected VM is the pooled shadow's divided by the four
@@ -17,9 +29,10 @@
 //! identity (its NIC with the primary's MAC, its address, host name); the next trial waits for
 //! the pool to refill.
 //!
-//! The KSM row turns the host's `/sys/kernel/mm/ksm/run` on (the daemon does, for a class with
-//! `ksm = true`) and reports what `ksmd` saved host-wide (`pages_sharing`) and the CPU it used
-//! meanwhile; the bench sets `run` back to what it was (unmerging first if it was off).
+//! The KSM rows come last: `ksm = true` turns the host's `/sys/kernel/mm/ksm/run` on (the
+//! daemon does) and the bench reports what `ksmd` saved host-wide (`pages_sharing`) and the CPU
+//! it used meanwhile; at the end the bench sets `run` back to what it was (unmerging first if
+//! it was off).
 //!
 //! Writes build/bench/cost.json. Not asserted anywhere: the issue's targets are read off the
 //! table.
@@ -34,17 +47,29 @@ use serde_json::{json, Value};
 
 const IP: &str = "10.77.0.74";
 
-/// The ways with one shadow per primary, as class options.
-const WAYS: [(&str, &str); 5] = [
+/// The ways with one shadow per primary, as class options, in the order they run. The KSM
+/// ones last: KSM stays on until the end of the run.
+const WAYS: [(&str, &str); 7] = [
     ("paused", ""),
     (
         "paused+shrunk",
         "standby_shrink = true\nfree_page_reporting = true",
     ),
+    (
+        "paused+shrunk+reclaim",
+        "standby_shrink = true\nfree_page_reporting = true\nstandby_reclaim = true",
+    ),
     ("saved", "standby_tier = \"saved\""),
     ("cold", "standby_tier = \"cold\""),
     ("paused+ksm", "ksm = true"),
+    (
+        "paused+shrunk+reclaim+ksm",
+        "standby_shrink = true\nfree_page_reporting = true\nstandby_reclaim = true\nksm = true",
+    ),
 ];
+
+/// The pooled way runs before the first KSM way.
+const POOLED: &str = "pooled";
 
 /// The pooled way: primaries per pooled shadow, their addresses, the template.
 const POOL_PER: usize = 4;
@@ -196,6 +221,98 @@ fn smaps_breakdown(domain: &str) -> Value {
     })
 }
 
+/// Runs `script` with the guest's /bin/sh through its agent; its output, or `None` (never
+/// panics: a guest that does not answer leaves a figure out, not the run).
+fn guest_sh(hv: &understudy::libvirt::Hypervisor, domain: &str, script: &str) -> Option<String> {
+    let cmd = json!({"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", script], "capture-output": true}});
+    let pid = agent(hv, domain, &cmd.to_string())?["return"]["pid"].as_i64()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let st = agent(
+            hv,
+            domain,
+            &json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}).to_string(),
+        )?;
+        if st["return"]["exited"] == true {
+            let data = understudy::monitor::base64::decode(st["return"]["out-data"].as_str()?);
+            return Some(String::from_utf8_lossy(&data.ok()?).into_owned());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+/// What the guest itself says about its memory: the kernel's boot-time `Memory:` line (what is
+/// reserved outside MemTotal: kernel image, page structures) and /proc/meminfo's main lines.
+fn guest_memory(hv: &understudy::libvirt::Hypervisor, domain: &str) -> Value {
+    let out = guest_sh(
+        hv,
+        domain,
+        "dmesg | grep -m1 'Memory:'; grep -E '^(MemTotal|MemFree|MemAvailable|Buffers|Cached|Shmem|Slab|SReclaimable|AnonPages|Unevictable|PageTables|KernelStack|Percpu):' /proc/meminfo",
+    );
+    match out {
+        Some(t) => Value::String(t.split_whitespace().collect::<Vec<_>>().join(" ")),
+        None => Value::Null,
+    }
+}
+
+/// The primary's configured memory (`<currentMemory>` of its definition), KiB.
+fn configured_kib(hv: &understudy::libvirt::Hypervisor, domain: &str) -> u64 {
+    hv.xml(domain, true)
+        .ok()
+        .and_then(|x| understudy::domain_xml::DomainXml::parse(&x).ok())
+        .map(|d| d.memory_kib().current_kib)
+        .unwrap_or(0)
+}
+
+/// A row's memory figures. `shadow`: the standing-by shadow's `memory` from `status` (`null`
+/// when it holds no process), `shadow_smaps` its [`smaps_breakdown`]; `per_vm`: protected VMs
+/// it stands in for; `primary`: the primary's `memory`; `configured_kib`: its configured size.
+fn shares(
+    shadow: &Value,
+    shadow_smaps: &Value,
+    per_vm: usize,
+    primary: &Value,
+    configured_kib: u64,
+) -> Value {
+    let n = per_vm.max(1) as f64;
+    let private = shadow["private_bytes"].as_f64().unwrap_or(0.0) / n;
+    let cgroup = shadow["cgroup_bytes"].as_f64().unwrap_or(0.0) / n;
+    let tcg = shadow_smaps["tcg_code_rss_mib"].as_f64().unwrap_or(0.0) * 1048576.0 / n;
+    let configured = configured_kib as f64 * 1024.0;
+    let primary_cgroup = primary["cgroup_bytes"].as_f64().unwrap_or(f64::NAN);
+    let pct = |a: f64, b: f64| (1000.0 * a / b).round() / 10.0;
+    json!({
+        "private_per_vm_bytes": private,
+        "cgroup_per_vm_bytes": cgroup,
+        "tcg_code_per_vm_bytes": tcg,
+        "primary_configured_bytes": configured,
+        "primary_cgroup_bytes": primary_cgroup,
+        "share_of_configured_pct": pct(private, configured),
+        "share_without_tcg_pct": pct(private - tcg, configured),
+        "cgroup_share_of_primary_cgroup_pct": pct(cgroup, primary_cgroup),
+    })
+}
+
+/// The daemon's log lines about making `shadow` smaller (shrink, reclaim, reported pages).
+fn shrink_log(d: &DaemonProc, shadow: &str) -> Vec<String> {
+    d.log_text()
+        .lines()
+        .filter(|l| {
+            l.contains(shadow)
+                && [
+                    "ballooned down",
+                    "reported to the host",
+                    "reclaim",
+                    "not shrunk",
+                ]
+                .iter()
+                .any(|k| l.contains(k))
+        })
+        .map(|l| l.chars().take(400).collect())
+        .collect()
+}
+
 /// KSM's counters and ksmd's CPU ticks now.
 fn ksm_now() -> (understudy::monitor::ksm::KsmStats, u64) {
     let root = std::path::Path::new("/");
@@ -278,22 +395,45 @@ fn one_way(
         .find(|s| s["name"] == shadow.as_str())
         .map(|s| s["memory"].clone())
         .unwrap_or(Value::Null);
-    let standby_bytes = svc["standby_memory_bytes"].as_u64().unwrap_or(0);
-    let share = svc["standby_share_pct"].as_f64().unwrap_or(0.0);
     let active = svc["active"].as_str().unwrap_or_default().to_string();
     let breakdown = json!({
         "primary": smaps_breakdown(&active),
         "shadow": if shadow_mem.is_null() { Value::Null } else { smaps_breakdown(&shadow) },
     });
+    let balloon_kib = if shadow_mem.is_null() {
+        None
+    } else {
+        hv.live_resources(&shadow).ok().map(|(_, kib)| kib)
+    };
+    let guest = guest_memory(hv, &active);
+    let log = shrink_log(&d, &shadow);
+    let fig = shares(
+        &shadow_mem,
+        &breakdown["shadow"],
+        1,
+        &primary,
+        configured_kib(hv, &active),
+    );
     println!("{way}: where the memory is (MiB): {breakdown}");
+    println!("{way}: the primary's guest says: {guest}");
+    for l in &log {
+        println!("{way}: daemon: {l}");
+    }
     println!(
-        "{way}: primary cgroup {:.1} MiB (rss {:.1}, pss {:.1}); standing by {:.1} MiB = {share:.1}% (shadow rss {:.1}, pss {:.1})",
+        "{way}: primary configured {:.0} MiB, cgroup {:.1} MiB (rss {:.1}, pss {:.1}, private {:.1}); shadow cgroup {:.1} MiB (rss {:.1}, pss {:.1}, private {:.1}, balloon {}) = {}% of the configured size ({}% without TCG code; cgroup {}% of the primary's cgroup)",
+        fig["primary_configured_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
         mib(&primary["cgroup_bytes"]),
         mib(&primary["rss_bytes"]),
         mib(&primary["pss_bytes"]),
-        standby_bytes as f64 / 1048576.0,
+        mib(&primary["private_bytes"]),
+        mib(&shadow_mem["cgroup_bytes"]),
         mib(&shadow_mem["rss_bytes"]),
         mib(&shadow_mem["pss_bytes"]),
+        mib(&shadow_mem["private_bytes"]),
+        balloon_kib.map_or("-".to_string(), |k| format!("{} MiB", k / 1024)),
+        fig["share_of_configured_pct"],
+        fig["share_without_tcg_pct"],
+        fig["cgroup_share_of_primary_cgroup_pct"],
     );
     let mut outages = Vec::new();
     let mut steps = Vec::new();
@@ -316,10 +456,12 @@ fn one_way(
         "class_options": class,
         "primary_memory": primary,
         "shadow_memory": shadow_mem,
-        "standby_bytes": standby_bytes,
+        "shadow_balloon_kib": balloon_kib,
         "protected_vms": 1,
-        "standby_share_pct": share,
+        "figures": fig,
         "smaps": breakdown,
+        "primary_guest_memory": guest,
+        "daemon_log": log,
         "ksm": ksm,
         "outage_ms": outages,
         "outage": {"median": median, "p95": p95, "max": max},
@@ -384,7 +526,6 @@ fn pooled(hv: &understudy::libvirt::Hypervisor, trials: usize) -> Value {
         .find(|s| s["state"] == "paused")
         .cloned()
         .unwrap();
-    let standby_total = pool_shadow["memory"]["cgroup_bytes"].as_u64().unwrap_or(0);
     let primaries: Vec<Value> = snap["services"]
         .as_array()
         .unwrap()
@@ -392,23 +533,40 @@ fn pooled(hv: &understudy::libvirt::Hypervisor, trials: usize) -> Value {
         .filter(|s| names.iter().any(|n| s["name"] == n.as_str()))
         .map(|s| s["primary_memory"].clone())
         .collect();
-    let mean_primary = primaries
-        .iter()
-        .map(|p| p["cgroup_bytes"].as_f64().unwrap_or(0.0))
-        .sum::<f64>()
-        / primaries.len().max(1) as f64;
-    let per_vm = standby_total as f64 / POOL_PER as f64;
+    let mean = |key: &str| {
+        primaries
+            .iter()
+            .map(|p| p[key].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+            / primaries.len().max(1) as f64
+    };
+    let mean_primary = json!({
+        "cgroup_bytes": mean("cgroup_bytes"),
+        "rss_bytes": mean("rss_bytes"),
+        "pss_bytes": mean("pss_bytes"),
+        "private_bytes": mean("private_bytes"),
+    });
     let pool_shadow_name = pool_shadow["name"].as_str().unwrap_or_default().to_string();
-    println!(
-        "{way}: where the pooled shadow's memory is (MiB): {}",
-        smaps_breakdown(&pool_shadow_name)
+    let smaps = smaps_breakdown(&pool_shadow_name);
+    let fig = shares(
+        &pool_shadow["memory"],
+        &smaps,
+        POOL_PER,
+        &mean_primary,
+        configured_kib(hv, &names[0]),
     );
-    let share = 100.0 * per_vm / mean_primary;
+    println!("{way}: where the pooled shadow's memory is (MiB): {smaps}");
     println!(
-        "{way}: mean primary cgroup {:.1} MiB; pooled shadow {:.1} MiB for {POOL_PER} primaries = {:.1} MiB per protected VM = {share:.1}%",
-        mean_primary / 1048576.0,
-        standby_total as f64 / 1048576.0,
-        per_vm / 1048576.0
+        "{way}: primaries configured {:.0} MiB, mean cgroup {:.1} MiB (private {:.1}); pooled shadow cgroup {:.1} MiB (private {:.1}) for {POOL_PER} primaries = {:.1} MiB private per protected VM = {}% of the configured size ({}% without TCG code; cgroup {}% of a primary's cgroup)",
+        fig["primary_configured_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+        mib(&mean_primary["cgroup_bytes"]),
+        mib(&mean_primary["private_bytes"]),
+        mib(&pool_shadow["memory"]["cgroup_bytes"]),
+        mib(&pool_shadow["memory"]["private_bytes"]),
+        mib(&fig["private_per_vm_bytes"]),
+        fig["share_of_configured_pct"],
+        fig["share_without_tcg_pct"],
+        fig["cgroup_share_of_primary_cgroup_pct"],
     );
     let mut outages = Vec::new();
     let mut steps = Vec::new();
@@ -435,12 +593,12 @@ fn pooled(hv: &understudy::libvirt::Hypervisor, trials: usize) -> Value {
     json!({
         "way": way,
         "class_options": class,
-        "primary_memory": {"cgroup_bytes": mean_primary},
+        "primary_memory": mean_primary,
         "primaries_memory": primaries,
         "shadow_memory": pool_shadow["memory"],
-        "standby_bytes": per_vm,
         "protected_vms": POOL_PER,
-        "standby_share_pct": share,
+        "figures": fig,
+        "smaps": {"shadow": smaps},
         "outage_ms": outages,
         "outage": {"median": median, "p95": p95, "max": max},
         "steps": steps,
@@ -464,16 +622,19 @@ fn main() {
         .ok();
     let mut rows = Vec::new();
     let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let started = Instant::now();
+    let mut pooled_done = false;
     for (i, (way, class)) in WAYS.iter().enumerate() {
-        if *way == "paused+ksm" && wanted("pooled") {
-            // Before KSM merges anything host-wide.
+        // Before KSM merges anything host-wide.
+        if way.contains("ksm") && !pooled_done && wanted(POOLED) {
             rows.push(pooled(&hv, trials));
+            pooled_done = true;
         }
         if wanted(way) {
             rows.push(one_way(&hv, i, way, class, trials));
         }
     }
-    if !WAYS.iter().any(|(w, _)| *w == "paused+ksm" && wanted(w)) && wanted("pooled") {
+    if !pooled_done && wanted(POOLED) {
         rows.push(pooled(&hv, trials));
     }
     // Leave the host's KSM as it was: unmerge what the bench merged if it was off.
@@ -501,16 +662,30 @@ fn main() {
 
     println!();
     println!(
-        "{:<15} {:>14} {:>22} {:>10} {:>12} {:>12}",
-        "way", "primary (MiB)", "standby per VM (MiB)", "share", "outage p50", "outage max"
+        "{:<26} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11}",
+        "way",
+        "primary",
+        "private/VM",
+        "cgroup/VM",
+        "share",
+        "no TCG",
+        "cg share",
+        "outage p50",
+        "outage max"
     );
     for r in &rows {
+        let f = &r["figures"];
         println!(
-            "{:<15} {:>14.1} {:>22.1} {:>9.1}% {:>10.0}ms {:>10.0}ms",
+            "{:<26} {:>5.0} MiB {:>6.1} MiB {:>6.1} MiB {:>8.1}% {:>8.1}% {:>8.1}% {:>9.0}ms {:>9.0}ms",
             r["way"].as_str().unwrap(),
-            mib(&r["primary_memory"]["cgroup_bytes"]),
-            r["standby_bytes"].as_f64().unwrap() / 1048576.0,
-            r["standby_share_pct"].as_f64().unwrap(),
+            f["primary_configured_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            mib(&f["private_per_vm_bytes"]),
+            mib(&f["cgroup_per_vm_bytes"]),
+            f["share_of_configured_pct"].as_f64().unwrap_or(f64::NAN),
+            f["share_without_tcg_pct"].as_f64().unwrap_or(f64::NAN),
+            f["cgroup_share_of_primary_cgroup_pct"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
             r["outage"]["median"].as_f64().unwrap_or(f64::NAN),
             r["outage"]["max"].as_f64().unwrap_or(f64::NAN),
         );
@@ -526,7 +701,18 @@ fn main() {
         );
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("(memory: cgroup charge; standby per VM: the standing-by shadows' memory per protected VM; share: that / the primary's; outage: SIGKILL to the first page the promoted shadow serves, {trials} trials each; load average at start {}, at end {})", load_start.trim(), load.trim());
+    println!(
+        "(primary: its configured memory; private/VM: the standing-by shadow's private memory \
+         (pages no other process maps: what the host gets back without it) per protected VM; \
+         cgroup/VM: its cgroup charge per protected VM; share: private/VM / the primary's \
+         configured memory; no TCG: the same without TCG's translated code, which a KVM host \
+         does not have; cg share: cgroup/VM / the primary's cgroup charge (earlier runs' \
+         measure); outage: SIGKILL to the first page the promoted shadow serves, {trials} \
+         trials each; {:.0} s; load average at start {}, at end {})",
+        started.elapsed().as_secs_f64(),
+        load_start.trim(),
+        load.trim()
+    );
     let out = repo().join("build/bench");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(

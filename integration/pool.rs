@@ -256,3 +256,63 @@ fn two_primaries_share_one_pooled_shadow_and_each_gets_it_with_its_identity() {
     assert_eq!(guest_text(&hv, &first, &["/bin/busybox", "hostname"]), a);
     assert!(ledger(ip_a).is_some());
 }
+
+/// A class that stops being pooled (a reload without its `[class.X.pool]` table) leaves no
+/// pooled shadow behind: the pool's standing-by shadow is destroyed and undefined, and the
+/// primary gets a shadow of its own instead.
+#[test]
+fn pooled_shadow_goes_when_the_class_is_no_longer_pooled() {
+    require_lab();
+    let name = "it-plc";
+    let ip = "10.77.0.83";
+    let template = "golden-it-plc";
+    let _cleanup = Cleanup {
+        prefixes: vec![name.into(), template.into(), POOL.into()],
+    };
+    let hv = hypervisor();
+    hv.define(&guest_xml(template, "10.77.0.88/24", &[]))
+        .expect("define the template");
+    let d = DaemonProc::start_configured(
+        "poolc",
+        name,
+        0,
+        &format!("\n[class.default.pool]\nprimaries_per_shadow = 4\ntemplate = \"{template}\"\n"),
+        &[],
+    );
+    start_guest(&hv, name, &format!("{ip}/24"), &[]);
+    let pooled = pool_ready(&d, &[name], &[]);
+    assert!(hv.state(&pooled).unwrap().is_active());
+
+    // The same configuration, with one shadow per primary and no pool.
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let unpooled = text
+        .split("\n[class.default.pool]")
+        .next()
+        .unwrap()
+        .replace("shadows = 0", "shadows = 1");
+    std::fs::write(&d.config, unpooled).unwrap();
+    let (code, out, err) = d.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let own = wait_for("a shadow of its own", POOL_WAIT, || {
+        let svc = d.service(name)?;
+        let s = svc["shadows"].as_array()?.first()?.clone();
+        (svc["state"] == "protected" && s["state"] == "paused")
+            .then(|| s["name"].as_str().unwrap().to_string())
+    });
+    wait_for("the pooled shadow gone", Duration::from_secs(60), || {
+        (!hv.list().ok()?.iter().any(|x| x.name == pooled)).then_some(())
+    });
+    let p = pool(&d);
+    assert!(
+        p.as_ref()
+            .is_none_or(|p| p["shadows"].as_array().is_none_or(|s| s.is_empty())),
+        "{p:?}"
+    );
+    assert!(
+        d.log_text()
+            .contains("shadow no longer wanted by the configuration; removed"),
+        "no removal in the log"
+    );
+    eprintln!("pooled shadow {pooled} removed; own shadow {own}");
+}

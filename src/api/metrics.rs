@@ -367,7 +367,8 @@ impl Metrics {
         registry.register_with_unit(
             "member_memory",
             "Host memory each primary and shadow holds, by measure: cgroup (its cgroup's \
-             charge), cgroup_anon, rss and pss (of its QEMU process)",
+             charge), cgroup_anon, rss, pss and private (of its QEMU process; private is what \
+             the host gets back when it goes)",
             prometheus_client::registry::Unit::Bytes,
             Family::clone(&member_memory),
         );
@@ -497,6 +498,7 @@ impl Metrics {
                     ("cgroup_anon", m.cgroup_anon_bytes),
                     ("rss", Some(m.rss_bytes)),
                     ("pss", m.pss_bytes),
+                    ("private", m.private_bytes),
                 ];
                 for (measure, value) in figures {
                     let Some(v) = value else { continue };
@@ -1164,6 +1166,7 @@ mod tests {
             cgroup_anon_bytes: None,
             rss_bytes: 2,
             pss_bytes: Some(1),
+            private_bytes: Some(1),
         };
         StandbyCost {
             service: service.into(),

@@ -439,10 +439,11 @@ fn render_standby_cost(out: &mut String, s: &ServiceStatus) {
     }
     let figures = |m: &MemoryHeld| {
         format!(
-            "cgroup {}, rss {}, pss {}",
+            "cgroup {}, rss {}, pss {}, private {}",
             m.cgroup_bytes.map_or_else(|| "-".to_string(), mib),
             mib(m.rss_bytes),
-            m.pss_bytes.map_or_else(|| "-".to_string(), mib)
+            m.pss_bytes.map_or_else(|| "-".to_string(), mib),
+            m.private_bytes.map_or_else(|| "-".to_string(), mib)
         )
     };
     let pct = |p: Option<f64>| p.map_or_else(|| "-".to_string(), |p| format!("{p:.1}%"));
@@ -860,6 +861,7 @@ mod tests {
                             cgroup_anon_bytes: Some(60 << 20),
                             rss_bytes: 70 << 20,
                             pss_bytes: Some(66 << 20),
+                            private_bytes: Some(60 << 20),
                         }),
                         share_of_primary_pct: Some(25.0),
                     },
@@ -909,6 +911,7 @@ mod tests {
                     cgroup_anon_bytes: Some(200 << 20),
                     rss_bytes: 240 << 20,
                     pss_bytes: Some(230 << 20),
+                    private_bytes: Some(200 << 20),
                 }),
                 standby_memory_bytes: 64 << 20,
                 standby_share_pct: Some(25.0),
@@ -928,6 +931,7 @@ mod tests {
                         cgroup_anon_bytes: None,
                         rss_bytes: 50 << 20,
                         pss_bytes: None,
+                        private_bytes: None,
                     }),
                     share_of_primary_pct: None,
                 }],
@@ -1105,7 +1109,7 @@ mod tests {
         );
         assert!(text.contains("  note: profile v3: vCPUs 1 -> 2"), "{text}");
         assert!(
-            text.contains("web memory: standing by 64.0 MiB = 25.0% of the primary's\n  web-a (primary): cgroup 256.0 MiB, rss 240.0 MiB, pss 230.0 MiB\n  web-s1 (paused): cgroup 64.0 MiB, rss 70.0 MiB, pss 66.0 MiB = 25.0%\n"),
+            text.contains("web memory: standing by 64.0 MiB = 25.0% of the primary's\n  web-a (primary): cgroup 256.0 MiB, rss 240.0 MiB, pss 230.0 MiB, private 200.0 MiB\n  web-s1 (paused): cgroup 64.0 MiB, rss 70.0 MiB, pss 66.0 MiB, private 60.0 MiB = 25.0%\n"),
             "{text}"
         );
         let dom = text.lines().find(|l| l.starts_with("web-a")).unwrap();

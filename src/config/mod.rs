@@ -475,6 +475,10 @@ pub struct ClassConfig {
     /// planned use over the next day, or the shadow's own use after its warm-up) before it is
     /// paused; a promotion grows it back.
     pub standby_shrink: bool,
+    /// Before a new shadow stands by, have its guest drop its page cache and compact its free
+    /// memory (through the guest agent: `/proc/sys/vm/drop_caches`, `compact_memory`), so the
+    /// balloon and free page reporting can give more of it back to the host.
+    pub standby_reclaim: bool,
     /// Give shadows' virtio balloons free page reporting, so pages the guest frees go back to
     /// the host.
     pub free_page_reporting: bool,
@@ -599,6 +603,7 @@ impl Default for ClassConfig {
             coverage_target: 0.95,
             network: NetworkMode::Bridged,
             standby_shrink: false,
+            standby_reclaim: false,
             free_page_reporting: false,
             ksm: false,
             standby_tier: crate::failover::standby::TierPolicy::Paused,

@@ -102,6 +102,7 @@ mod tests {
             cgroup_anon_bytes: None,
             rss_bytes: bytes,
             pss_bytes: Some(bytes),
+            private_bytes: Some(bytes),
         })
     }
 

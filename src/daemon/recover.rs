@@ -19,7 +19,7 @@ use crate::libvirt::{
 };
 
 use super::checks::repair_taps;
-use super::table::ShadowToProvision;
+use super::table::{Action, ShadowToProvision};
 use super::{launch_promotion, start_failover, Note, Service, ServiceState, Shared};
 use crate::cluster::{Claim, OwnerRecord};
 
@@ -701,6 +701,16 @@ pub(super) fn ensure_all_shadows(d: &Shared) {
         tokio::spawn(async move { super::crosshost::place_all(&d).await });
         return;
     }
+    // What a class change left behind goes first (pooled shadows of a class no longer
+    // pooled, shadows beyond the class's numbers).
+    let surplus = d.table().surplus_shadows(d.limits());
+    for action in surplus {
+        if let Action::RemoveShadow { service, shadow } = action {
+            tracing::info!(%service, %shadow, "shadow no longer wanted by the configuration; removed");
+            let d = d.clone();
+            tokio::spawn(async move { remove_shadow(&d, &service, &shadow).await });
+        }
+    }
     let planned = d.table().plan_shadows(d.limits(), Instant::now());
     for plan in planned {
         spawn_provision(d, plan, None);
@@ -745,6 +755,7 @@ pub(super) fn spawn_provision(d: &Shared, plan: ShadowToProvision, primary_xml: 
                 .standby_shrink
                 .then(|| super::profiles::idle_memory_kib(d, &plan.service))
                 .flatten(),
+            reclaim: c.standby_reclaim,
             free_page_reporting: c.free_page_reporting,
             ksm: c.ksm,
         },

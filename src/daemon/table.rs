@@ -964,6 +964,105 @@ impl ServiceTable {
         out
     }
 
+    /// Shadows standing by that the configuration no longer asks for, marked Failed (no longer
+    /// promotable nor counted) and returned as removals. After a class change: every pooled
+    /// shadow of a class that is no longer pooled (and then its pool), the pooled shadows
+    /// beyond one per `primaries_per_shadow` covered primaries, a pooled class's services'
+    /// own shadows (once its pool has one ready), and a service's shadows beyond its class's
+    /// `shadows`; newest first. Only
+    /// standing-by shadows go (booting ones are counted, and go once ready, at the next pass),
+    /// and nothing of a class while one of its services is failing over or down (its next
+    /// shadow is on its way or being taken). Local services only: with a cluster, placement
+    /// decides. A class no longer pooled keeps its pool until its primaries are protected by
+    /// shadows of their own.
+    pub fn surplus_shadows(&mut self, limits: impl Fn(&str) -> ClassLimits) -> Vec<Action> {
+        let unsettled: std::collections::BTreeSet<String> = self
+            .services
+            .values()
+            .filter(|s| {
+                matches!(
+                    s.state,
+                    ServiceState::FailingOver { .. } | ServiceState::Down { .. }
+                )
+            })
+            .map(|s| s.class.clone())
+            .collect();
+        let mut out = Vec::new();
+        let remove = |owner: &str,
+                      shadows: &mut Vec<Shadow>,
+                      keep: usize,
+                      out: &mut Vec<Action>| {
+            let have = shadows
+                .iter()
+                .filter(|s| {
+                    matches!(
+                        s.state,
+                        ShadowState::Booting | ShadowState::Standby(_) | ShadowState::Switching(_)
+                    )
+                })
+                .count();
+            let mut extra = have.saturating_sub(keep);
+            for s in shadows.iter_mut().rev() {
+                if extra == 0 {
+                    break;
+                }
+                if s.state.is_standby() {
+                    s.state = ShadowState::Failed;
+                    out.push(Action::RemoveShadow {
+                        service: owner.to_string(),
+                        shadow: s.name.clone(),
+                    });
+                    extra -= 1;
+                }
+            }
+        };
+        let classes: Vec<String> = self.pools.keys().cloned().collect();
+        for class in classes {
+            if unsettled.contains(&class) {
+                continue;
+            }
+            let lim = limits(&class);
+            // A class no longer pooled keeps its pool until its primaries stand by with their
+            // own shadows: until then the pool still serves them.
+            if lim.pool.is_none()
+                && self
+                    .services
+                    .values()
+                    .any(|s| s.class == class && s.state != ServiceState::Protected)
+            {
+                continue;
+            }
+            let keep = lim.pool.map_or(0, |per| {
+                self.covered_by_pool(&class, lim)
+                    .len()
+                    .div_ceil(per.max(1) as usize)
+            });
+            let pool = self.pools.get_mut(&class).expect("listed above");
+            let name = pool.name.clone();
+            remove(&name, &mut pool.shadows, keep, &mut out);
+            if lim.pool.is_none() && pool.shadows.is_empty() {
+                self.pools.remove(&class);
+            }
+        }
+        for svc in self.services.values_mut() {
+            if unsettled.contains(&svc.class)
+                || svc.primary_host().is_some()
+                || svc.state != ServiceState::Protected
+            {
+                continue;
+            }
+            let lim = limits(&svc.class);
+            let keep = match lim.pool {
+                // Its own shadows go once its pool can stand in.
+                Some(_) if self.pools.get(&svc.class).and_then(Pool::ready).is_none() => continue,
+                Some(_) => 0,
+                None => lim.shadows as usize,
+            };
+            remove(&svc.name, &mut svc.shadows, keep, &mut out);
+        }
+        out
+    }
+
     /// Covered primaries are Protected while their pool has a ready shadow, Provisioning
     /// otherwise.
     fn settle_pool(&mut self, class: &str) {
@@ -1743,6 +1842,101 @@ mod tests {
         promote_retry_limit: 2,
         pool: Some(4),
     };
+
+    /// Shadow names the actions remove.
+    fn removed(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::RemoveShadow { service, shadow } => format!("{service}/{shadow}"),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pooled_shadows_the_configuration_no_longer_asks_for_are_removed() {
+        let mut t = ServiceTable::new();
+        for n in ["a", "b", "c", "d", "e"] {
+            t.protect(n, "web", true).unwrap();
+        }
+        let now = Instant::now();
+        let two = ClassLimits {
+            pool: Some(2),
+            ..POOLED
+        };
+        for p in t.plan_shadows(|_| two, now) {
+            t.shadow_ready("web-pool", paused(&p.name)).unwrap();
+        }
+        assert_eq!(
+            t.pools().next().unwrap().shadows.len(),
+            3,
+            "five primaries, 1:2"
+        );
+        assert!(t.surplus_shadows(|_| two).is_empty(), "as configured");
+        // A reload makes it 1:4: one of the three goes, the newest.
+        assert_eq!(
+            removed(&t.surplus_shadows(|_| POOLED)),
+            ["web-pool/web-pool-shadow-3"]
+        );
+        assert!(
+            t.surplus_shadows(|_| POOLED).is_empty(),
+            "a removal under way is not asked for twice"
+        );
+        t.shadow_removed("web-pool", "web-pool-shadow-3");
+        assert!(t.plan_shadows(|_| POOLED, now).is_empty());
+        // Nothing goes while one of the class fails over.
+        t.begin_failover("a", "a", Trigger::Pidfd).unwrap();
+        assert!(t.surplus_shadows(|_| LIMITS).is_empty());
+        t.failover_succeeded("a", "web-pool-shadow-1", record(true), Vec::new())
+            .unwrap();
+        // The class is no longer pooled: its pool goes once its primaries have shadows of
+        // their own, then the pool itself.
+        let own = t.plan_shadows(|_| LIMITS, now);
+        assert_eq!(own.len(), 5);
+        assert!(
+            t.surplus_shadows(|_| LIMITS).is_empty(),
+            "the pool still stands in meanwhile"
+        );
+        for p in own {
+            t.shadow_ready(&p.service, paused(&p.name)).unwrap();
+        }
+        assert_eq!(
+            removed(&t.surplus_shadows(|_| LIMITS)),
+            ["web-pool/web-pool-shadow-2"]
+        );
+        t.shadow_removed("web-pool", "web-pool-shadow-2");
+        assert!(t.surplus_shadows(|_| LIMITS).is_empty());
+        assert_eq!(t.pools().count(), 0);
+    }
+
+    #[test]
+    fn own_shadows_beyond_the_class_go_a_pooled_class_keeps_them_until_its_pool_is_ready() {
+        let mut t = ServiceTable::new();
+        let two = ClassLimits {
+            shadows: 2,
+            ..LIMITS
+        };
+        t.protect("a", "web", true).unwrap();
+        // One shadow per pass.
+        for _ in 0..2 {
+            for p in t.plan_shadows(|_| two, Instant::now()) {
+                t.shadow_ready("a", paused(&p.name)).unwrap();
+            }
+        }
+        assert_eq!(t.get("a").unwrap().shadows.len(), 2);
+        assert_eq!(t.get("a").unwrap().state, ServiceState::Protected);
+        assert!(t.surplus_shadows(|_| two).is_empty());
+        assert_eq!(removed(&t.surplus_shadows(|_| LIMITS)), ["a/a-shadow-2"]);
+        t.shadow_removed("a", "a-shadow-2");
+        // Now pooled: its own shadow stays until the pool has one ready.
+        let planned = t.plan_shadows(|_| POOLED, Instant::now());
+        assert_eq!(planned.len(), 1);
+        assert!(t.surplus_shadows(|_| POOLED).is_empty());
+        t.shadow_ready("web-pool", paused(&planned[0].name))
+            .unwrap();
+        assert_eq!(removed(&t.surplus_shadows(|_| POOLED)), ["a/a-shadow-1"]);
+    }
 
     #[test]
     fn two_primaries_share_one_pooled_shadow_and_the_first_to_fail_takes_it() {

@@ -334,6 +334,43 @@ pub async fn provision(
             }
         }
     }
+    if req.standby.reclaim {
+        let (n, max_reply) = (name.clone(), req.agent_max_reply);
+        let done = hv
+            .blocking("reclaim shadow memory", move |hv| {
+                let agent = GuestAgent::new(
+                    LibvirtAgent {
+                        hv: hv.clone(),
+                        domain: n.clone(),
+                        max_reply,
+                    },
+                    AgentOptions {
+                        limits: AgentLimits {
+                            max_reply_bytes: max_reply,
+                            ..AgentLimits::default()
+                        },
+                        command_timeout: RECLAIM_CALL_TIMEOUT,
+                        ..AgentOptions::default()
+                    },
+                );
+                standby::reclaim(&agent, &n)
+            })
+            .await;
+        match done {
+            Ok(errors) if errors.is_empty() => {
+                tracing::info!(service = %req.service, shadow = %name, "guest page cache dropped and free memory compacted before standing by")
+            }
+            // A guest that cannot reclaim stands by with what it holds.
+            Ok(errors) => {
+                for e in errors {
+                    tracing::warn!(service = %req.service, shadow = %name, error = %crate::error::report(&e), "standby reclaim")
+                }
+            }
+            Err(e) => {
+                tracing::warn!(service = %req.service, shadow = %name, error = %crate::error::report(&e), "standby reclaim")
+            }
+        }
+    }
     if req.standby.shrink {
         let (n, idle) = (name.clone(), req.standby.idle_use_kib);
         match hv
@@ -352,6 +389,16 @@ pub async fn provision(
             Err(e) => {
                 tracing::warn!(service = %req.service, shadow = %name, error = %crate::error::report(&e), "shadow not shrunk")
             }
+        }
+    }
+    // The pages freed above reach the host only while the guest runs (it reports them a
+    // couple of seconds after freeing them).
+    if req.standby.free_page_reporting && (req.standby.reclaim || req.standby.shrink) {
+        let n = name.clone();
+        if let Ok(Some((from, to))) =
+            tokio::task::spawn_blocking(move || standby::settle_reported(&n)).await
+        {
+            tracing::info!(service = %req.service, shadow = %name, rss_from_kib = from / 1024, rss_to_kib = to / 1024, "freed pages reported to the host before standing by");
         }
     }
     let n = name.clone();
@@ -514,6 +561,8 @@ pub async fn guest_exec(
 pub const EXEC_MAX_OUTPUT: usize = 4096;
 /// Longest one guest-exec or guest-exec-status call may take.
 const EXEC_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one reclaim write may take: compacting a large guest's memory takes seconds.
+const RECLAIM_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The last `max` bytes of `s` (on a character boundary), trimmed.
 pub fn clip_tail(s: &str, max: usize) -> String {

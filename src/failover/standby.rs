@@ -7,11 +7,19 @@
 //! step sizes the shadow from the profile's plan; without a plan it grows the balloon back to
 //! the shadow's defined size ([`grow_back`]), so a shrunk shadow never serves small by
 //! accident.
+//!
+//! Two more measures work on pages the guest has touched and no longer needs, which the
+//! balloon alone does not reach (it takes free pages, and a freshly booted guest's free pages
+//! are mostly ones it never touched, which cost the host nothing): [`reclaim`] has the guest
+//! drop its page cache and compact its free memory, and with free page reporting the guest
+//! then reports the freed blocks to QEMU, which gives them back; [`settle_reported`] waits for
+//! that before the pause (a paused guest reports nothing).
 
 use std::time::{Duration, Instant};
 
 use crate::domain_xml::DomainXml;
 use crate::libvirt::{DomainStats, Hypervisor, LibvirtError};
+use crate::monitor::agent::{AgentError, AgentTransport, GuestAgent};
 use crate::profile::manager::MEM_FLOOR_KIB;
 
 use super::apply_profile::balloon_target;
@@ -25,6 +33,9 @@ pub struct StandbyMemory {
     /// What the service uses when idle, KiB, per its profile; `None` while the profile cannot
     /// say: the shadow's own use after its warm-up is taken instead.
     pub idle_use_kib: Option<u64>,
+    /// Have the guest drop its page cache and compact its free memory first
+    /// (`standby_reclaim`).
+    pub reclaim: bool,
     /// The guest reports the pages it frees to the host (`free_page_reporting`).
     pub free_page_reporting: bool,
     /// Its memory stays mergeable by the host's KSM (`ksm`).
@@ -177,6 +188,81 @@ pub fn grow_back(hv: &Hypervisor, shadow: &str) -> Option<String> {
     })
 }
 
+/// What [`reclaim`] writes, in order: drop the clean page cache and reclaimable slab, then
+/// compact free memory into large blocks (free page reporting reports only free blocks of at
+/// least 2 MiB on x86). Linux sysctl files; the write to `compact_memory` returns when the
+/// compaction is done.
+pub const RECLAIM_WRITES: [(&str, &[u8]); 2] = [
+    ("/proc/sys/vm/drop_caches", b"3\n"),
+    ("/proc/sys/vm/compact_memory", b"1\n"),
+];
+
+/// One reclaim write the guest refused.
+#[derive(Debug, thiserror::Error)]
+#[error("'{shadow}': cannot write {path} in the guest")]
+pub struct ReclaimError {
+    /// The shadow.
+    pub shadow: String,
+    /// The guest file.
+    pub path: &'static str,
+    /// Why.
+    #[source]
+    pub source: AgentError,
+}
+
+/// Has the guest of `shadow` drop its page cache and compact its free memory through its
+/// agent ([`RECLAIM_WRITES`]). Every write is tried; the errors are returned (never fatal: the
+/// shadow then stands by with what it holds). Blocking.
+pub fn reclaim<T: AgentTransport>(agent: &GuestAgent<T>, shadow: &str) -> Vec<ReclaimError> {
+    RECLAIM_WRITES
+        .iter()
+        .filter_map(|&(path, data)| {
+            agent
+                .write_file(path, data, data.len())
+                .err()
+                .map(|source| ReclaimError {
+                    shadow: shadow.to_string(),
+                    path,
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// How often [`settle_reported`] samples the QEMU process's RSS.
+const SETTLE_SAMPLE: Duration = Duration::from_millis(500);
+/// The window in which the RSS must have stopped falling: Linux reports freed pages 2 s after
+/// the first free (`page_reporting_delay`), in batches.
+const SETTLE_WINDOW: usize = 6;
+/// Falling by less than this over the window counts as settled.
+const SETTLE_SLACK_BYTES: u64 = 1 << 20;
+/// The longest wait.
+const SETTLE_MAX: Duration = Duration::from_secs(15);
+
+/// Whether RSS `samples` (oldest first, one per [`SETTLE_SAMPLE`]) have stopped falling: the
+/// last [`SETTLE_WINDOW`] intervals fell by less than [`SETTLE_SLACK_BYTES`].
+fn rss_settled(samples: &[u64]) -> bool {
+    samples.len() > SETTLE_WINDOW
+        && samples[samples.len() - 1 - SETTLE_WINDOW].saturating_sub(samples[samples.len() - 1])
+            < SETTLE_SLACK_BYTES
+}
+
+/// Waits, at most [`SETTLE_MAX`], until the running `shadow`'s QEMU process stops shrinking:
+/// the guest has reported the pages it freed and QEMU has given them back. Returns the RSS at
+/// the start and at the end, bytes, or `None` when its process cannot be read. Blocking.
+pub fn settle_reported(shadow: &str) -> Option<(u64, u64)> {
+    let run = std::path::Path::new(crate::libvirt::QEMU_RUN_DIR);
+    let pid = crate::libvirt::qemu_pid(run, shadow).ok()?;
+    let proc_root = std::path::Path::new("/proc");
+    let deadline = Instant::now() + SETTLE_MAX;
+    let mut samples = vec![crate::libvirt::rss_bytes(proc_root, pid).ok()?];
+    while !rss_settled(&samples) && Instant::now() < deadline {
+        std::thread::sleep(SETTLE_SAMPLE);
+        samples.push(crate::libvirt::rss_bytes(proc_root, pid).ok()?);
+    }
+    Some((samples[0], *samples.last()?))
+}
+
 /// A class's `standby_tier`: one tier for good, or `adaptive` (the tier follows the predicted
 /// busy hours, see [`adaptive_plan`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -277,6 +363,90 @@ mod tests {
         assert_eq!((p.tier, p.next_switch_unix_ms), (Tier::Saved, None));
         assert!(in_busy_hours(&[[22, 24]], day + 23 * HOUR));
         assert!(!in_busy_hours(&[[22, 24]], day + 24 * HOUR));
+    }
+
+    /// A guest agent that accepts file writes, except to `refuse`, and records them.
+    #[derive(Default)]
+    struct Sysctls {
+        written: std::sync::Mutex<Vec<(String, String)>>,
+        refuse: &'static str,
+    }
+
+    impl AgentTransport for Sysctls {
+        fn command(
+            &self,
+            json: &str,
+            _: Duration,
+        ) -> Result<String, crate::monitor::agent::AgentTransportError> {
+            let v: serde_json::Value = serde_json::from_str(json).unwrap();
+            let a = &v["arguments"];
+            let mut w = self.written.lock().unwrap();
+            let reply = match v["execute"].as_str().unwrap() {
+                "guest-file-open" if a["path"] == self.refuse => serde_json::json!(
+                    {"error": {"class": "GenericError", "desc": "Permission denied"}}
+                ),
+                "guest-file-open" => {
+                    w.push((a["path"].as_str().unwrap().to_string(), String::new()));
+                    serde_json::json!({"return": w.len()})
+                }
+                "guest-file-write" => {
+                    let data =
+                        crate::monitor::base64::decode(a["buf-b64"].as_str().unwrap()).unwrap();
+                    let i = a["handle"].as_u64().unwrap() as usize - 1;
+                    w[i].1.push_str(std::str::from_utf8(&data).unwrap());
+                    serde_json::json!({"return": {"count": data.len(), "eof": false}})
+                }
+                "guest-file-close" => serde_json::json!({"return": {}}),
+                other => panic!("unexpected {other}"),
+            };
+            Ok(reply.to_string())
+        }
+    }
+
+    #[test]
+    fn reclaim_drops_caches_then_compacts_and_names_what_failed() {
+        let guest = Sysctls::default();
+        let agent = GuestAgent::new(&guest, crate::monitor::agent::AgentOptions::default());
+        assert!(reclaim(&agent, "s").is_empty());
+        assert_eq!(
+            *guest.written.lock().unwrap(),
+            [
+                ("/proc/sys/vm/drop_caches".to_string(), "3\n".to_string()),
+                ("/proc/sys/vm/compact_memory".to_string(), "1\n".to_string())
+            ]
+        );
+        let guest = Sysctls {
+            refuse: "/proc/sys/vm/drop_caches",
+            ..Sysctls::default()
+        };
+        let agent = GuestAgent::new(&guest, crate::monitor::agent::AgentOptions::default());
+        let errors = reclaim(&agent, "web-shadow-1");
+        assert_eq!(errors.len(), 1);
+        let e = crate::error::report(&errors[0]);
+        assert!(
+            e.contains("web-shadow-1") && e.contains("/proc/sys/vm/drop_caches"),
+            "{e}"
+        );
+        assert_eq!(
+            guest.written.lock().unwrap().len(),
+            1,
+            "compaction is still asked for"
+        );
+    }
+
+    #[test]
+    fn rss_is_settled_once_it_stops_falling_over_the_window() {
+        const MIB: u64 = 1 << 20;
+        let falling: Vec<u64> = (0..10).map(|i| (200 - 4 * i) * MIB).collect();
+        assert!(!rss_settled(&falling));
+        assert!(!rss_settled(&[100 * MIB; SETTLE_WINDOW]), "too few samples");
+        assert!(rss_settled(&[100 * MIB; SETTLE_WINDOW + 1]));
+        let mut then_flat = falling.clone();
+        then_flat.extend([164 * MIB; SETTLE_WINDOW]);
+        assert!(rss_settled(&then_flat));
+        // Growing (the guest touching pages) is not falling.
+        let growing: Vec<u64> = (0..8).map(|i| (100 + i) * MIB).collect();
+        assert!(rss_settled(&growing));
     }
 
     #[test]

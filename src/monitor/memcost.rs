@@ -6,7 +6,10 @@
 //! page cache of its disk I/O included. RSS counts every page the process maps, shared or not.
 //! PSS divides each shared page among the processes that map it, so the PSS of all shadows
 //! booted from one image adds up to what they hold together (KSM-merged and page-cache pages
-//! are shared). A standing-by shadow's cost is reported as a share of its primary's.
+//! are shared). The private (unshared) pages are what the host gets back if the process goes:
+//! the marginal cost of a shadow, also under KSM, which charges a merged page to one cgroup
+//! only (the process whose page it kept), so cgroup charges shift between a primary and its
+//! shadow as pages merge. A standing-by shadow's cost is reported as a share of its primary's.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -65,6 +68,21 @@ pub struct MemoryHeld {
     /// `smaps_rollup` may not be read (it needs ptrace access: a daemon confined without
     /// CAP_SYS_PTRACE reads RSS from `status` instead).
     pub pss_bytes: Option<u64>,
+    /// Private pages (`Private_Clean` + `Private_Dirty`): mapped by this process alone, so
+    /// freed when it goes. `None` like `pss_bytes`.
+    #[serde(default)]
+    pub private_bytes: Option<u64>,
+}
+
+/// The figures of `smaps_rollup` this module uses, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rollup {
+    /// `Rss`.
+    pub rss: u64,
+    /// `Pss`.
+    pub pss: u64,
+    /// `Private_Clean` + `Private_Dirty`.
+    pub private: u64,
 }
 
 impl MemoryHeld {
@@ -82,8 +100,9 @@ pub fn share_pct(part: u64, whole: u64) -> Option<f64> {
     (whole > 0).then(|| (part as f64 * 1000.0 / whole as f64).round() / 10.0)
 }
 
-/// The RSS and PSS lines of `smaps_rollup` text, in bytes; `source` names the file in errors.
-pub fn parse_smaps_rollup(text: &str, source: &Path) -> Result<(u64, u64), MemCostError> {
+/// The RSS, PSS and private lines of `smaps_rollup` text, in bytes; `source` names the file in
+/// errors.
+pub fn parse_smaps_rollup(text: &str, source: &Path) -> Result<Rollup, MemCostError> {
     let field = |key: &str| -> Result<u64, MemCostError> {
         let malformed = |reason: String| MemCostError::Malformed {
             path: source.to_owned(),
@@ -106,7 +125,12 @@ pub fn parse_smaps_rollup(text: &str, source: &Path) -> Result<(u64, u64), MemCo
         kib.checked_mul(1024)
             .ok_or_else(|| malformed(format!("{key} overflows 64 bits")))
     };
-    Ok((field("Rss")?, field("Pss")?))
+    let private = field("Private_Clean")?.saturating_add(field("Private_Dirty")?);
+    Ok(Rollup {
+        rss: field("Rss")?,
+        pss: field("Pss")?,
+        private,
+    })
 }
 
 /// Reads the figures of process `pid` with `/proc` and `/sys/fs/cgroup` under `root` (`/` on a
@@ -115,11 +139,11 @@ pub fn read(root: &Path, pid: u32) -> Result<MemoryHeld, MemCostError> {
     let proc_dir = root.join("proc").join(pid.to_string());
     let path = proc_dir.join("smaps_rollup");
     let mut text = String::new();
-    let (rss_bytes, pss_bytes) =
+    let (rss_bytes, pss_bytes, private_bytes) =
         match File::open(&path).and_then(|f| f.take(MAX_ROLLUP_BYTES).read_to_string(&mut text)) {
             Ok(_) => {
-                let (rss, pss) = parse_smaps_rollup(&text, &path)?;
-                (rss, Some(pss))
+                let r = parse_smaps_rollup(&text, &path)?;
+                (r.rss, Some(r.pss), Some(r.private))
             }
             // smaps_rollup needs ptrace access to the process; `status` does not.
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
@@ -129,7 +153,7 @@ pub fn read(root: &Path, pid: u32) -> Result<MemoryHeld, MemCostError> {
                         source,
                     },
                 )?;
-                (rss, None)
+                (rss, None, None)
             }
             Err(source) => return Err(MemCostError::Read { path, source }),
         };
@@ -141,6 +165,7 @@ pub fn read(root: &Path, pid: u32) -> Result<MemoryHeld, MemCostError> {
         cgroup_anon_bytes: counters.mem_rss_bytes,
         rss_bytes,
         pss_bytes,
+        private_bytes,
     })
 }
 
@@ -175,10 +200,11 @@ Locked:                0 kB
 ";
 
     #[test]
-    fn rollup_gives_rss_and_pss_in_bytes() {
-        let (rss, pss) = parse_smaps_rollup(ROLLUP, Path::new("smaps_rollup")).unwrap();
-        assert_eq!(rss, 104_412 * 1024);
-        assert_eq!(pss, 98_127 * 1024);
+    fn rollup_gives_rss_pss_and_private_in_bytes() {
+        let r = parse_smaps_rollup(ROLLUP, Path::new("smaps_rollup")).unwrap();
+        assert_eq!(r.rss, 104_412 * 1024);
+        assert_eq!(r.pss, 98_127 * 1024);
+        assert_eq!(r.private, (5_740 + 89_880) * 1024);
     }
 
     #[test]
@@ -228,6 +254,7 @@ Locked:                0 kB
                 cgroup_anon_bytes: Some(92_000_000),
                 rss_bytes: 104_412 * 1024,
                 pss_bytes: Some(98_127 * 1024),
+                private_bytes: Some((5_740 + 89_880) * 1024),
             }
         );
         assert_eq!(m.held_bytes(), 120_000_000);
