@@ -466,7 +466,7 @@ mod tests {
         assert_eq!(c.forecast(0), Some(0.0));
         // Chosen among the outcomes, rounded up onto a code: still covers the value it was.
         let f = c.forecast(3).unwrap();
-        assert!(f >= 3.0 * 68.266 && f <= 3.0 * 68.266 * 1.0008, "{f}");
+        assert!((3.0 * 68.266..=3.0 * 68.266 * 1.0008).contains(&f), "{f}");
         // Out of range numbers are refused.
         let mut bad = json;
         bad["all"][0] = serde_json::json!(-1.0);
