@@ -68,7 +68,9 @@
 //!
 //! The forecast is then *snapped*: when it falls between two values of the last day, it is
 //! lowered onto the lower one if that is within `snap` (default 30%) below it; a forecast above
-//! every value of the day only within [`SNAP_ABOVE`] (15%). Counters often take
+//! every value of the day only within `snap_above` (15%) one step ahead, and not at all an
+//! hour ahead (`snap_above_hour`, 0: an hour ahead, a level above the whole day is what the
+//! seasonal buckets foresee on a Monday morning). Counters often take
 //! discrete values (the Bitbrains network readings move in steps of 68 bytes/s, memory in steps
 //! of 11 MB); a limit between two of them covers exactly what the lower one covers and wastes
 //! the gap.
@@ -114,7 +116,8 @@
 //! hour-ahead forecast. No allocation per sample. The benchmark prints the time per
 //! observation. State per metric: 300 slots, 28 pending forecasts (each with its 18
 //! features), two heads of 3 × 9 margins and 2 × 18 regression weights — a few thousand
-//! numbers per profile version.
+//! numbers per profile version — and per head the conditional layer's outcomes, at most 1,408
+//! 16-bit codes stored in base64 (at most [`conditional::MAX_STORED_BYTES`] per head).
 
 use std::collections::VecDeque;
 
@@ -158,9 +161,6 @@ const GRAD_DECAY: f64 = 0.999;
 const FAST_TAU_MS: f64 = 20.0 * 60_000.0;
 const SLOW_TAU_MS: f64 = 6.0 * HOUR_MS as f64;
 const MEAN_TAU_MS: f64 = 24.0 * HOUR_MS as f64;
-/// Largest relative step down when a forecast above every value of the window snaps onto the
-/// largest one.
-const SNAP_ABOVE: f64 = 0.15;
 /// Time constant of the volatility feature.
 const VOLATILITY_TAU_MS: f64 = HOUR_MS as f64;
 /// Targets further than this from the last sample use the hour head.
@@ -201,6 +201,9 @@ pub struct ForecastParams {
     /// Largest relative step down when a forecast snaps onto a value of the window (1: always
     /// the largest value at or below it).
     pub snap: f64,
+    /// The same for a forecast above every value of the window, one step ahead and one hour
+    /// ahead.
+    pub snap_above: [f64; 2],
     /// Whether the conditional layer may be issued (see [`super::conditional`]).
     pub conditional: bool,
 }
@@ -619,15 +622,22 @@ impl MetricForecast {
             .map(|(r, f)| r + self.heads[head].regression.predict(f));
         let state = self.state();
         let h = &self.heads[head];
-        let mut issued = h.issue(&levels, state, p, |q| self.y(self.snap(self.x(q, p), p), p));
-        let mixed = issued.forecast.map(|q| self.snap(self.x(q, p), p));
+        let mut issued = h.issue(&levels, state, p, |q| {
+            self.y(self.snap(self.x(q, p), p, head), p)
+        });
+        let mixed = issued.forecast.map(|q| self.snap(self.x(q, p), p, head));
         issued.mixed = mixed.map(|l| self.y(l, p));
         issued.floor = self.floor(p);
         issued.regression = regression;
         issued.conditional = self
             .last
             .map(|(_, last)| conditional::context(last, self.rank(last)))
-            .map(|ctx| (ctx, h.conditional.forecast(ctx)));
+            .map(|ctx| {
+                (
+                    ctx,
+                    h.conditional.forecast(ctx).map(|c| self.onto_window(c)),
+                )
+            });
         let conditional = issued.conditional.and_then(|c| c.1);
         let choice = &h.choice[state.min(STATES - 1)];
         let calibrated = h.conditional_miss <= CONDITIONAL_MISS_SLACK * (1.0 - p.coverage_target);
@@ -715,10 +725,10 @@ impl MetricForecast {
     /// coverage stays on target.
     ///
     /// A limit *between* two values of the window snaps up to `p.snap` down; one above all of
-    /// them only up to [`SNAP_ABOVE`]: it may be a level the day has not seen (a Monday
+    /// them only up to `p.snap_above[head]`: it may be a level the day has not seen (a Monday
     /// morning after a quiet Sunday, forecast by the seasonal buckets), and lowering it far onto
     /// the day's maximum would throw that forecast away.
-    fn snap(&self, q: f64, p: &ForecastParams) -> f64 {
+    fn snap(&self, q: f64, p: &ForecastParams, head: usize) -> f64 {
         let i = self.sorted.partition_point(|v| *v <= q);
         let below = i.checked_sub(1).map(|i| self.sorted[i]);
         let current = self.current.map(|s| s.max);
@@ -728,9 +738,34 @@ impl MetricForecast {
             .chain(current.filter(|v| *v <= q))
             .max_by(f64::total_cmp)
         {
-            Some(v) if v >= q * (1.0 - if bracketed { p.snap } else { SNAP_ABOVE }) => v,
+            Some(v)
+                if v >= q
+                    * (1.0
+                        - if bracketed {
+                            p.snap
+                        } else {
+                            p.snap_above[head]
+                        }) =>
+            {
+                v
+            }
             _ => q,
         }
+    }
+
+    /// A conditional forecast `c` (the value of an outcome's code, which rounds the outcome up
+    /// by less than a code step) lowered onto the largest value of the window in the same code
+    /// step, if any: the value the metric took, exactly (a constant metric's limit is its value).
+    fn onto_window(&self, c: f64) -> f64 {
+        let lowest = conditional::step_below(c);
+        let i = self.sorted.partition_point(|v| *v <= c);
+        i.checked_sub(1)
+            .map(|i| self.sorted[i])
+            .into_iter()
+            .chain(self.current.map(|s| s.max).filter(|v| *v <= c))
+            .filter(|v| *v > lowest)
+            .max_by(f64::total_cmp)
+            .unwrap_or(c)
     }
 
     /// The calibrated quantile (in the metric's unit) at `target_ms`; `None` before any sample,
@@ -859,7 +894,6 @@ impl MetricForecast {
                     .all(|v| v.is_finite() && (0.0..=1e6).contains(v))
                 && h.margin.iter().flatten().all(|x| margin(*x))
                 && margin(h.delta)
-                && h.conditional.validate().is_ok()
                 && h.choice.iter().flatten().all(|x| value(*x))
                 && (0.0..=1.0).contains(&h.conditional_miss)
                 && h.scale
@@ -897,9 +931,6 @@ impl MetricForecast {
             return Err(
                 "forecast state out of range (non-finite or beyond what the model produces)".into(),
             );
-        }
-        for h in &mut self.heads {
-            h.conditional.restore()?;
         }
         let n = self.ring.len().min(WINDOW_SLOTS - 1);
         self.sorted = self.ring.iter().rev().take(n).map(|s| s.max).collect();
@@ -1021,19 +1052,19 @@ mod tests {
             f.observe(i as u64 * SLOT_MS, x, None, || None, &p);
         }
         // Between two values: the lower one, which covers the same samples with less waste.
-        assert_eq!(f.snap(1000.0, &p), 955.7);
-        assert_eq!(f.snap(955.7, &p), 955.7);
+        assert_eq!(f.snap(1000.0, &p, 0), 955.7);
+        assert_eq!(f.snap(955.7, &p, 0), 955.7);
         let any = ForecastParams { snap: 1.0, ..p };
-        assert_eq!(f.snap(500.0, &any), 136.5);
-        assert_eq!(f.snap(1700.0, &any), 1700.0);
+        assert_eq!(f.snap(500.0, &any, 0), 136.5);
+        assert_eq!(f.snap(1700.0, &any, 0), 1700.0);
         // Above every value of the window: at most 15% down; below every value: unchanged.
-        assert_eq!(f.snap(1400.0, &p), 1365.3);
-        assert_eq!(f.snap(1700.0, &p), 1700.0);
-        assert_eq!(f.snap(50.0, &p), 50.0);
+        assert_eq!(f.snap(1400.0, &p, 0), 1365.3);
+        assert_eq!(f.snap(1700.0, &p, 0), 1700.0);
+        assert_eq!(f.snap(50.0, &p, 0), 50.0);
         // Within a bounded snap, only values close enough below.
         let near = ForecastParams { snap: 0.15, ..p };
-        assert_eq!(f.snap(1000.0, &near), 955.7);
-        assert_eq!(f.snap(500.0, &near), 500.0);
+        assert_eq!(f.snap(1000.0, &near, 0), 955.7);
+        assert_eq!(f.snap(500.0, &near, 0), 500.0);
     }
 
     #[test]

@@ -168,6 +168,11 @@ pub struct ModelParams {
     /// Largest relative step down when a forecast snaps onto a value the metric took in the
     /// last day (1: always onto the largest one at or below it).
     pub snap: f64,
+    /// Largest relative step down when a forecast one step ahead that is above every value of
+    /// the last day snaps onto the largest one.
+    pub snap_above: f64,
+    /// The same one hour ahead.
+    pub snap_above_hour: f64,
     /// Whether the conditional layer ([`super::conditional`]) may give the forecast where it
     /// has been wasting less than the mixture.
     pub conditional: bool,
@@ -198,6 +203,8 @@ impl Default for ModelParams {
             quantile_rate: 0.001,
             quantile_rate_hour: 0.0005,
             snap: 0.3,
+            snap_above: 0.15,
+            snap_above_hour: 0.0,
             conditional: true,
         }
     }
@@ -216,6 +223,7 @@ impl ModelParams {
             experts: self.experts,
             quantile_rate: [self.quantile_rate, self.quantile_rate_hour],
             snap: self.snap,
+            snap_above: [self.snap_above, self.snap_above_hour],
             conditional: self.conditional,
         }
     }
@@ -304,6 +312,14 @@ impl ModelParams {
                 "between 0 and 1",
             ),
             ("snap", self.snap, 0.0, 1.0, "between 0 and 1"),
+            ("snap_above", self.snap_above, 0.0, 1.0, "between 0 and 1"),
+            (
+                "snap_above_hour",
+                self.snap_above_hour,
+                0.0,
+                1.0,
+                "between 0 and 1",
+            ),
         ] {
             if !(v.is_finite() && (lo..=hi).contains(&v)) {
                 return Err(bad(name, v, expected));
@@ -1243,6 +1259,45 @@ mod tests {
         assert_eq!(back.metrics, m.metrics);
         assert_eq!(back.observations, m.observations);
         assert_eq!(back.forecast(Metric::Cpu), &MetricForecast::default());
+    }
+
+    #[test]
+    fn a_version_without_the_conditional_layer_loads_and_relearns_it() {
+        // A version written before the conditional layer: its heads have no `conditional`,
+        // `choice` or `conditional_miss`. It loads with the layer empty, everything else kept.
+        let trace = synthetic::generate(&TraceSpec {
+            shape: Shape::Spiky,
+            days: 2,
+            step_ms: MIN,
+            seed: 6,
+        });
+        let (learned, rest) = trace.observations.split_at(trace.observations.len() - 600);
+        let mut m = Model::new(ModelParams::default()).unwrap();
+        for o in learned {
+            m.observe(o);
+        }
+        assert!(!m.forecast(Metric::Cpu).heads[0].conditional.is_empty());
+        let mut v = serde_json::to_value(&m).unwrap();
+        for metric in ["cpu", "mem", "disk", "net"] {
+            for head in v["forecast"][metric]["heads"].as_array_mut().unwrap() {
+                let head = head.as_object_mut().unwrap();
+                for key in ["conditional", "choice", "conditional_miss"] {
+                    assert!(head.remove(key).is_some(), "{key}");
+                }
+            }
+        }
+        let mut back: Model = serde_json::from_value(v).unwrap();
+        assert_eq!(back.metrics, m.metrics);
+        let (f, b) = (m.forecast(Metric::Cpu), back.forecast(Metric::Cpu));
+        assert_eq!((&b.ring, b.samples), (&f.ring, f.samples));
+        assert_eq!(b.heads[0].regression, f.heads[0].regression);
+        assert!(b.heads[0].conditional.is_empty());
+        // It forecasts at once (the mixture) and the layer fills again.
+        assert!(back.predict(rest[0].ts_unix_ms).envelopes.cpu.limit > 0.0);
+        for o in rest {
+            back.observe(o);
+        }
+        assert!(!back.forecast(Metric::Cpu).heads[0].conditional.is_empty());
     }
 
     #[test]
