@@ -198,15 +198,18 @@ impl Drop for Poller {
     }
 }
 
+/// Timed records shared with a recording thread.
+type Timeline<T> = Arc<Mutex<Vec<(Duration, T)>>>;
+
 /// Continuous evidence from the switch of who answers for a MAC: a packet socket on each
 /// host's uplink port (in the switch's namespace) records every frame *from* the hosts whose
 /// source is the MAC, and the forwarding table is read every 50 ms.
 pub struct SwitchWatch {
     stop: Arc<AtomicBool>,
     /// (time since start, port) of each frame from the MAC, per port's thread.
-    frames: Arc<Mutex<Vec<(Duration, String)>>>,
+    frames: Timeline<String>,
     /// (time since start, port the switch forwards the MAC to).
-    fdb: Arc<Mutex<Vec<(Duration, Option<String>)>>>,
+    fdb: Timeline<Option<String>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -415,7 +418,7 @@ impl IngressSocket {
                 &mut len,
             )
         };
-        (n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8).then_some(n as usize)
+        (n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING).then_some(n as usize)
     }
 }
 
