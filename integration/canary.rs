@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::*;
-use crate::stateful::{data_image, holders, ledger, DATA_CLASS};
+use crate::stateful::data_image;
 
 const SHADOW_WAIT: Duration = Duration::from_secs(240);
 

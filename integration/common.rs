@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use understudy::domain_xml::DomainXml;
 use understudy::libvirt::{EventLoop, Hypervisor};
 
 pub const URI: &str = "qemu:///system";
@@ -708,4 +712,123 @@ pub fn outage_svg(series: &[(&str, &Vec<f64>)]) -> String {
         }
     }
     s + "</svg>\n"
+}
+
+// ---- the ledger guest (images/httpd.c): a stateful service on a data disk ----
+
+/// The lab class settings that hand the ledger's disk over (as configs/lab.toml does).
+pub const DATA_CLASS: &str = r#"disk_roles = { vdb = "data", sdb = "data" }
+promote_commands = [["/bin/us-data", "mount"]]
+promote_command_timeout_ms = 15000
+"#;
+
+/// One HTTP/1.0 request; the status code and body, or None if nobody answered in time.
+fn http(ip: &str, method: &str, path: &str, timeout: Duration) -> Option<(u16, String)> {
+    let addr: SocketAddr = format!("{ip}:80").parse().unwrap();
+    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+pub fn append(ip: &str, key: &str) -> bool {
+    matches!(
+        http(
+            ip,
+            "POST",
+            &format!("/append?key={key}"),
+            Duration::from_millis(500)
+        ),
+        Some((200, _))
+    )
+}
+
+pub fn ledger(ip: &str) -> Option<Vec<String>> {
+    match http(ip, "GET", "/ledger", Duration::from_secs(2))? {
+        (200, body) => Some(body.lines().map(str::to_string).collect()),
+        _ => None,
+    }
+}
+
+/// A client appending a new key every 10 ms, keeping the acknowledged ones.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    pub fn start(ip: &str, prefix: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (s, a, ip, prefix) = (
+            stop.clone(),
+            acked.clone(),
+            ip.to_string(),
+            prefix.to_string(),
+        );
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                let key = format!("{prefix}-{n}");
+                n += 1;
+                if append(&ip, &key) {
+                    a.lock().unwrap().push(key);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Writer {
+            stop,
+            acked,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    pub fn finish(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Running domains whose live definition has a disk on `source` (a path, or an NBD export's
+/// `nbd:<name>`).
+pub fn holders(hv: &Hypervisor, source: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in hv.list().unwrap() {
+        if !d.state.is_active() {
+            continue;
+        }
+        let Ok(xml) = hv.xml(&d.name, false) else {
+            continue;
+        };
+        let dom = DomainXml::parse(&xml).unwrap();
+        if dom
+            .disks()
+            .iter()
+            .any(|disk| disk.source.as_deref() == Some(source))
+        {
+            out.push(d.name);
+        }
+    }
+    out
 }

@@ -361,7 +361,7 @@ fn daemon_killed_at_each_promotion_step_finishes_on_restart() {
 
 #[test]
 fn daemon_killed_between_disk_attach_and_network_finishes_the_hand_over_on_restart() {
-    use crate::stateful::{data_image, holders, ledger, Writer, DATA_CLASS};
+    use crate::stateful::data_image;
     require_lab();
     let (name, ip) = ("it-jr2", "10.77.0.36");
     let _cleanup = Cleanup {

@@ -10,7 +10,7 @@ use understudy::domain_xml::DomainXml;
 use understudy::libvirt::Hypervisor;
 
 use crate::common::*;
-use crate::stateful::{append, data_image, ledger, DATA_CLASS};
+use crate::stateful::data_image;
 
 const POOL_WAIT: Duration = Duration::from_secs(300);
 const TEMPLATE: &str = "golden-it-pl";

@@ -6,8 +6,7 @@
 //! Requests must overlap to measure a gap honestly: a single client waiting out a timeout on a
 //! SYN that hit a dead guest would report its own timeout, not the service's outage.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,19 +25,8 @@ pub struct Answer {
     pub body: String,
 }
 
-/// One HTTP/1.0 GET with a deadline on connect, write and read; returns the body's first
-/// line for a 2xx answer. Blocking; reads at most 64 KiB.
-pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
-    s.set_read_timeout(Some(timeout)).ok()?;
-    s.set_write_timeout(Some(timeout)).ok()?;
-    s.write_all(request(addr, path).as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    s.take(MAX_RESPONSE as u64).read_to_end(&mut buf).ok()?;
-    first_body_line(&buf)
-}
-
-/// The same GET, async, with one deadline for the whole exchange.
+/// One HTTP/1.0 GET with one deadline for the whole exchange; returns the body's first line
+/// for a 2xx answer. Reads at most 64 KiB.
 pub async fn http_get_async(addr: SocketAddr, path: &str, timeout: Duration) -> Option<String> {
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -229,6 +217,7 @@ pub fn summarize(answers: &[Answer], start: Instant) -> ProbeSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::net::TcpListener;
 
     /// A loopback server answering body `bodies[i]` to the i-th connection (last one repeats).
@@ -294,8 +283,8 @@ mod tests {
         assert_eq!(outage_around(&answers, at(5), |b| b == "none"), None);
     }
 
-    #[test]
-    fn non_2xx_and_silence_are_not_answers() {
+    #[tokio::test]
+    async fn non_2xx_and_silence_are_not_answers() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         std::thread::spawn(move || {
@@ -305,14 +294,18 @@ mod tests {
                 let _ = c.write_all(b"HTTP/1.0 503 Busy\r\n\r\nno\n");
             }
         });
-        assert_eq!(http_get(addr, "/", Duration::from_millis(500)), None);
+        assert_eq!(
+            http_get_async(addr, "/", Duration::from_millis(500)).await,
+            None
+        );
         // Nobody listens on port 1 of loopback.
         assert_eq!(
-            http_get(
+            http_get_async(
                 "127.0.0.1:1".parse().unwrap(),
                 "/",
                 Duration::from_millis(200)
-            ),
+            )
+            .await,
             None
         );
     }

@@ -1,6 +1,7 @@
 //! Losing a host (issue 11): a daemon on each lab host, direct heartbeats between them, fence
-//! devices (`scripts/fence_lab`, standing for IPMI) or none (lease-only self-fencing). A
-//! primary on h1 with its shadow on another host (`placement = "other-host"`).
+//! devices (`scripts/fence_lab`, standing for IPMI) or none (lease-only self-fencing), class
+//! probes of the service from every host (a host cut off the switch). A primary on h1 with its
+//! shadow on another host (`placement = "other-host"`), a ledger guest where data matters.
 //!
 //! Each test leaves the lab as it found it: a host powered off is powered on again, a cut
 //! network joined again, stopped services started (also when the test fails).
@@ -11,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use super::crosshost::{clear_prefix, owner, state_of, wait_served_by};
 use super::*;
-use crate::common::{domain_uuid, guest_xml, http_get, page_uuid, wait_for, DaemonProc};
+use crate::common::{
+    domain_uuid, guest_xml, holders, http_get, ledger, page_uuid, wait_for, DaemonProc, Writer,
+    DATA_CLASS,
+};
 
 const SHADOW_WAIT: Duration = Duration::from_secs(300);
 
@@ -47,6 +51,34 @@ pub fn hostloss_daemon(
     fence: bool,
     t: &Timing,
 ) -> DaemonProc {
+    let extra = Extra {
+        fence,
+        ..Extra::default()
+    };
+    hostloss_daemon_with(cluster, host, tag, pattern, prefix, &extra, t)
+}
+
+/// What a host-loss daemon is given besides its timings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extra<'a> {
+    /// Every host's fence device is `scripts/fence_lab -n <host>`.
+    pub fence: bool,
+    /// Keys of the protected class (TOML lines, no table).
+    pub class: &'a str,
+    /// The class probes the service at this address's port 80 (`[class.default.probe]`).
+    pub probe: Option<&'a str>,
+}
+
+/// [`hostloss_daemon`] with a class of its own and a probe.
+pub fn hostloss_daemon_with(
+    cluster: &Cluster,
+    host: &str,
+    tag: &str,
+    pattern: &str,
+    prefix: &str,
+    x: &Extra,
+    t: &Timing,
+) -> DaemonProc {
     // Its own member first: the client talks to one member at a time, and a daemon talking
     // to the lost host's member would first wait out a keepalive's timeout.
     let mut order = cluster.hosts();
@@ -56,9 +88,10 @@ pub fn hostloss_daemon(
         .map(|h| format!("\"{}\"", cluster.host(h, "ETCD_ENDPOINT")))
         .collect();
     let mut extra = format!(
-        "placement = \"other-host\"\n\n[cluster]\nendpoints = [{}]\nhost = \"{host}\"\nkey_prefix = \"{prefix}\"\n\
+        "{}placement = \"other-host\"\n\n[cluster]\nendpoints = [{}]\nhost = \"{host}\"\nkey_prefix = \"{prefix}\"\n\
          libvirt_uri = \"{}\"\nlease_ttl_s = {}\nkeepalive_interval_ms = {}\nheartbeat_interval_ms = {}\n\
          suspect_after_ms = {}\nself_fence_guard_ms = 500\npromote_margin_ms = {}\n",
+        x.class,
         endpoints.join(", "),
         cluster.libvirt_uri(host),
         t.lease_ttl_s,
@@ -67,7 +100,7 @@ pub fn hostloss_daemon(
         t.suspect_ms,
         t.margin_ms,
     );
-    if fence {
+    if x.fence {
         extra.push_str("\n[cluster.fence]\n");
         for h in cluster.hosts() {
             extra.push_str(&format!(
@@ -75,6 +108,11 @@ pub fn hostloss_daemon(
                 repo().join("scripts/fence_lab").display()
             ));
         }
+    }
+    if let Some(ip) = x.probe {
+        extra.push_str(&format!(
+            "\n[class.default.probe]\nkind = \"http\"\naddress = \"{ip}:80\"\ninterval_ms = 200\ntimeout_ms = 150\n"
+        ));
     }
     DaemonProc::start_on_host(host, &format!("{tag}-{host}"), pattern, 1, &extra)
 }
@@ -157,6 +195,230 @@ impl Poller {
 impl Drop for Poller {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Timed records shared with a recording thread.
+type Timeline<T> = Arc<Mutex<Vec<(Duration, T)>>>;
+
+/// Continuous evidence from the switch of who answers for a MAC: a packet socket on each
+/// host's uplink port (in the switch's namespace) records every frame *from* the hosts whose
+/// source is the MAC, and the forwarding table is read every 50 ms.
+pub struct SwitchWatch {
+    stop: Arc<AtomicBool>,
+    /// (time since start, port) of each frame from the MAC, per port's thread.
+    frames: Timeline<String>,
+    /// (time since start, port the switch forwards the MAC to).
+    fdb: Timeline<Option<String>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl SwitchWatch {
+    pub fn start(cluster: &Cluster, mac: &str) -> SwitchWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let fdb = Arc::new(Mutex::new(Vec::new()));
+        let began = Instant::now();
+        let want: Vec<u8> = mac
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("a MAC"))
+            .collect();
+        let ns = cluster.get("LAB_SWITCH_NS").to_string();
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        for h in cluster.hosts() {
+            let port = cluster.host(h, "SWITCH_PORT").to_string();
+            let (stop, frames, want, ns, ready) = (
+                stop.clone(),
+                frames.clone(),
+                want.clone(),
+                ns.clone(),
+                ready_tx.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                let sock = ingress_socket(&ns, &port);
+                let _ = ready.send(());
+                let mut buf = vec![0u8; 65_600];
+                while !stop.load(Ordering::SeqCst) {
+                    if let Some(n) = sock.recv_ingress(&mut buf) {
+                        if n >= 12 && buf[6..12] == want[..] {
+                            frames.lock().unwrap().push((began.elapsed(), port.clone()));
+                        }
+                    }
+                }
+            }));
+        }
+        for _ in cluster.hosts() {
+            ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a capture on the switch");
+        }
+        let (stop2, fdb2, mac, sw_ns, bridge) = (
+            stop.clone(),
+            fdb.clone(),
+            mac.to_string(),
+            ns.clone(),
+            cluster.get("LAB_SWITCH_BRIDGE").to_string(),
+        );
+        threads.push(std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                let out = run(Command::new("ip").args([
+                    "netns", "exec", &sw_ns, "bridge", "fdb", "show", "br", &bridge,
+                ]));
+                let port = switch_port_in_fdb(&text(&out.stdout), &mac);
+                fdb2.lock().unwrap().push((began.elapsed(), port));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }));
+        SwitchWatch {
+            stop,
+            frames,
+            fdb,
+            threads,
+        }
+    }
+
+    /// Stops; checks that the MAC came from `old_port` alone until it first came from
+    /// `new_port`, and from `new_port` alone after (frames and forwarding table alike), with
+    /// frames seen on both: at no moment did two domains answer for it.
+    pub fn finish(mut self, old_port: &str, new_port: &str) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let mut frames = std::mem::take(&mut *self.frames.lock().unwrap());
+        frames.sort();
+        let first_new = frames
+            .iter()
+            .position(|(_, p)| p == new_port)
+            .unwrap_or_else(|| panic!("no frame from the MAC on {new_port}"));
+        assert!(first_new > 0, "no frame from the MAC on {old_port} before");
+        for (t, p) in &frames[..first_new] {
+            assert_eq!(p, old_port, "at {t:?}, before the move");
+        }
+        for (t, p) in &frames[first_new..] {
+            assert_eq!(
+                p, new_port,
+                "at {t:?} a frame from the MAC on {p} after the first on {new_port}: two domains answered"
+            );
+        }
+        let last_old = frames[first_new - 1].0;
+        eprintln!(
+            "switch capture: {} frames from the MAC on {old_port} (last at {last_old:?}), {} on {new_port} (first at {:?})",
+            first_new,
+            frames.len() - first_new,
+            frames[first_new].0
+        );
+        // The forwarding table moves once, from the old port to the new one.
+        let fdb = std::mem::take(&mut *self.fdb.lock().unwrap());
+        let learned: Vec<&(Duration, Option<String>)> =
+            fdb.iter().filter(|(_, p)| p.is_some()).collect();
+        let moved = learned
+            .iter()
+            .position(|(_, p)| p.as_deref() == Some(new_port))
+            .expect("the switch never forwarded the MAC to the new port");
+        for (t, p) in &learned[..moved] {
+            assert_eq!(p.as_deref(), Some(old_port), "fdb at {t:?}");
+        }
+        for (t, p) in &learned[moved..] {
+            assert_eq!(p.as_deref(), Some(new_port), "fdb at {t:?}: moved back");
+        }
+        eprintln!(
+            "switch fdb: {} reads, the MAC behind {old_port} until {:?}, then behind {new_port}",
+            fdb.len(),
+            learned[moved].0
+        );
+    }
+}
+
+impl Drop for SwitchWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A packet socket on one port of a bridge in another network namespace.
+struct IngressSocket(std::os::fd::OwnedFd);
+
+/// Opens, from the calling thread (which it moves into namespace `ns` for good), a packet
+/// socket on `link` that waits at most 100 ms per read.
+fn ingress_socket(ns: &str, link: &str) -> IngressSocket {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("the switch namespace");
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    let name = std::ffi::CString::new(link).unwrap();
+    // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(index > 0, "no {link} in {ns}");
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(proto),
+        )
+    };
+    assert!(
+        raw >= 0,
+        "packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `raw` is a new, valid descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = index as i32;
+    // SAFETY: the pointer and length describe `sll`, which lives across the call.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: the pointer and length describe `tv`, which lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+    IngressSocket(fd)
+}
+
+impl IngressSocket {
+    /// One frame that came in from the port's far side (not one the bridge sent out of it);
+    /// `None` after 100 ms without one.
+    fn recv_ingress(&self, buf: &mut [u8]) -> Option<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: `buf` is writable for its length and `from`/`len` describe a sockaddr_ll,
+        // all of which live across the call.
+        let n = unsafe {
+            libc::recvfrom(
+                self.0.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+                &mut from as *mut libc::sockaddr_ll as *mut libc::sockaddr,
+                &mut len,
+            )
+        };
+        (n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING).then_some(n as usize)
     }
 }
 
@@ -249,14 +511,23 @@ struct Setup {
     shadow_uuid: String,
 }
 
-fn setup(cluster: &Cluster, name: &str, ip: &str, prefix: &str, fence: bool) -> Setup {
+/// `data`: the guest is a ledger whose data disk (on the shared storage) changes hands.
+fn setup(
+    cluster: &Cluster,
+    name: &str,
+    ip: &str,
+    prefix: &str,
+    x: &Extra,
+    data: Option<&str>,
+) -> Setup {
     clear_prefix(cluster, prefix);
     let ds: Vec<DaemonProc> = ["h1", "h2", "h3"]
         .iter()
-        .map(|h| hostloss_daemon(cluster, h, name, name, prefix, fence, &TEST_TIMING))
+        .map(|h| hostloss_daemon_with(cluster, h, name, name, prefix, x, &TEST_TIMING))
         .collect();
     let h1 = cluster.hypervisor("h1");
-    h1.define(&guest_xml(name, &format!("{ip}/24"), &[]))
+    let guest_args: Vec<&str> = data.map(|d| vec!["--data", d]).unwrap_or_default();
+    h1.define(&guest_xml(name, &format!("{ip}/24"), &guest_args))
         .expect("define on h1");
     h1.start(name, false).expect("start on h1");
     wait_for("the guest on h1 serving", Duration::from_secs(180), || {
@@ -308,11 +579,13 @@ fn winner(s: &Setup) -> &DaemonProc {
     &s.ds[if s.shadow_host == "h2" { 1 } else { 2 }]
 }
 
-/// h1 powered off through its fence agent (a cut power cord): the other hosts find it silent
-/// with its libvirtd unreachable, fence it through its device (already off: the device says
-/// so), and the shadow on another host serves the same address; a client on the switch sees
-/// the old primary, a gap, then only the new one. Then h1 comes back, its daemon restarts, and
-/// its old primary stays retired: shut off, the service followed on the other host.
+/// h1 powered off through its fence agent (a cut power cord) while a client appends to the
+/// ledger guest it runs: the other hosts find it silent with its libvirtd unreachable, fence
+/// it through its device (already off: the device says so), and the shadow on another host
+/// takes over the data disk on the shared storage and serves the same address; a client on
+/// the switch sees the old primary, a gap, then only the new one, and every record the writer
+/// saw acknowledged is in the new primary's ledger. Then h1 comes back, its daemon restarts,
+/// and its old primary stays retired: shut off, the service followed on the other host.
 #[test]
 fn a_host_powered_off_is_fenced_and_its_service_served_from_a_shadow_elsewhere() {
     let cluster = Cluster::require();
@@ -324,19 +597,54 @@ fn a_host_powered_off_is_fenced_and_its_service_served_from_a_shadow_elsewhere()
         &names.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let mut restore = Restore::default();
-    let mut s = setup(&cluster, name, ip, prefix, true);
+    let data = data_disk(&cluster, "hl1-web-data.raw");
+    let x = Extra {
+        fence: true,
+        class: DATA_CLASS,
+        probe: Some(ip),
+    };
+    let mut s = setup(&cluster, name, ip, prefix, &x, Some(&data));
+    wait_for("the ledger served", Duration::from_secs(60), || ledger(ip));
+    assert_eq!(holders(&cluster.hypervisor("h1"), &data), [name]);
 
+    let writer = Writer::start(ip, "hl1");
+    wait_for("acknowledged appends", Duration::from_secs(30), || {
+        (writer.acked() >= 20).then_some(())
+    });
     let poller = Poller::start(ip);
     std::thread::sleep(Duration::from_millis(300));
     let off_at = poller.began.elapsed();
     restore.powered_off.push("h1".into());
     let (code, _) = fence_lab(&["-o", "off", "-n", "h1"], None);
     assert_eq!(code, 0, "power h1 off");
+    let before = writer.acked();
     wait_served_by(ip, &s.shadow_uuid, "the shadow serving");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(
+        "appends acknowledged again",
+        Duration::from_secs(60),
+        || (writer.acked() >= before + 20).then_some(()),
+    );
+    let acked = writer.finish();
     let samples = poller.finish();
     let outage = single_server_outage(&samples, &s.primary_uuid, &s.shadow_uuid, off_at);
     eprintln!("host power-off to service restored (client-observed): {outage:?}");
+
+    let have = ledger(ip).expect("the new primary serves the ledger");
+    let lost: Vec<&String> = acked.iter().filter(|k| !have.contains(k)).collect();
+    eprintln!(
+        "{} records acknowledged, {} in the new primary's ledger, {} lost",
+        acked.len(),
+        have.len(),
+        lost.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged records lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let shadow_hv = cluster.hypervisor(s.shadow_host);
+    assert_eq!(holders(&shadow_hv, &data), [s.shadow.clone()]);
 
     let w = winner(&s);
     assert_eq!(
@@ -353,9 +661,13 @@ fn a_host_powered_off_is_fenced_and_its_service_served_from_a_shadow_elsewhere()
         event_at(w, "failover_started", "host_lost").is_some(),
         "no host_lost failover"
     );
-    assert_eq!(
-        running_members(&cluster, name, &["h2", "h3"]),
-        [format!("{}/{}", s.shadow_host, s.shadow)]
+    // The promoted shadow alone runs: a replacement shadow placed meanwhile boots off the
+    // bridge (it answers for nothing) and pauses once warm, so it is waited for.
+    let want = [format!("{}/{}", s.shadow_host, s.shadow)];
+    wait_for(
+        "only the promoted shadow running on h2 and h3",
+        Duration::from_secs(240),
+        || (running_members(&cluster, name, &["h2", "h3"]) == want).then_some(()),
     );
     assert_eq!(
         cluster.switch_port_of(&guest_mac(name)).as_deref(),
@@ -383,6 +695,118 @@ fn a_host_powered_off_is_fenced_and_its_service_served_from_a_shadow_elsewhere()
         Some((s.shadow_host.to_string(), s.shadow.clone()))
     );
     wait_served_by(ip, &s.shadow_uuid, "the shadow still serving");
+    assert_eq!(holders(&shadow_hv, &data), [s.shadow.clone()]);
+}
+
+/// h1 cut off the switch only: its daemon, its heartbeats and its lease are fine, and its
+/// guest still answers on h1's own bridge, but no client reaches it. h2 and h3 probe the
+/// service (the class probe) and find it unreachable; each says so in its heartbeats, and h1
+/// says its own probe reaches it: the host holding the shadow powers h1 off through its fence
+/// device, then promotes the shadow (trigger `host_unreachable`). The client sees the old
+/// primary, a gap, then only the new one. Joined and powered on again, h1 leaves its old
+/// primary off.
+#[test]
+fn a_host_cut_from_the_switch_is_detected_by_the_probe_fenced_and_its_service_moved() {
+    let cluster = Cluster::require();
+    let (name, ip) = ("hl5-web", "10.77.0.95");
+    let prefix = "/understudy/it-hl5";
+    let names = members(name);
+    let _cleanup = ClusterCleanup::new(
+        &cluster,
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut restore = Restore::default();
+    let x = Extra {
+        fence: true,
+        probe: Some(ip),
+        ..Extra::default()
+    };
+    let mut s = setup(&cluster, name, ip, prefix, &x, None);
+
+    let poller = Poller::start(ip);
+    std::thread::sleep(Duration::from_millis(300));
+    let cut_at = poller.began.elapsed();
+    restore.cut.push(("h1".into(), "switch".into()));
+    restore.powered_off.push("h1".into());
+    lab_cut("h1", "switch", "down");
+    // Cut off the switch, the guest still answers on h1's own bridge.
+    let local = host_exec(
+        "h1",
+        &["curl", "-s", "--max-time", "2", &format!("http://{ip}/")],
+    );
+    assert!(
+        text(&local.stdout).contains(&s.primary_uuid),
+        "the primary does not answer on h1's bridge: {}",
+        text(&local.stderr)
+    );
+    wait_served_by(ip, &s.shadow_uuid, "the shadow serving");
+    std::thread::sleep(Duration::from_millis(300));
+    let samples = poller.finish();
+    let outage = single_server_outage(&samples, &s.primary_uuid, &s.shadow_uuid, cut_at);
+    eprintln!("switch cut to service restored (client-observed, fence device): {outage:?}");
+
+    let w = winner(&s);
+    assert!(
+        event_at(w, "host_fenced", "cut off the switch").is_some(),
+        "no host_fenced event for the cut on {}: {:?}",
+        s.shadow_host,
+        events(w)
+    );
+    assert!(
+        event_at(w, "failover_started", "host_unreachable").is_some(),
+        "no host_unreachable failover on {}: {:?}",
+        s.shadow_host,
+        events(w)
+    );
+    assert_eq!(
+        fence_lab(&["-o", "status", "-n", "h1"], None).0,
+        2,
+        "h1 is not powered off"
+    );
+    assert_eq!(
+        owner(w, name),
+        Some((s.shadow_host.to_string(), s.shadow.clone()))
+    );
+    // The promoted shadow alone runs (a replacement shadow boots off the bridge first).
+    let want = [format!("{}/{}", s.shadow_host, s.shadow)];
+    wait_for(
+        "only the promoted shadow running on h2 and h3",
+        Duration::from_secs(240),
+        || (running_members(&cluster, name, &["h2", "h3"]) == want).then_some(()),
+    );
+    assert_eq!(
+        cluster.switch_port_of(&guest_mac(name)).as_deref(),
+        Some(cluster.host(s.shadow_host, "SWITCH_PORT"))
+    );
+    // The other host saw the same and, without a shadow, judged nothing.
+    let other = &s.ds[if s.shadow_host == "h2" { 2 } else { 1 }];
+    assert!(
+        !events(other)
+            .iter()
+            .any(|e| e["kind"] == "host_fenced" || e["kind"] == "failover_started"),
+        "{:?}",
+        events(other)
+    );
+
+    // Joined again and powered on: h1's daemon follows the new owner, its old primary off.
+    lab_cut("h1", "switch", "up");
+    restore.cut.clear();
+    let (code, _) = fence_lab(&["-o", "on", "-n", "h1"], None);
+    assert_eq!(code, 0, "power h1 on");
+    restore.powered_off.clear();
+    s.ds[0].restart();
+    let on = format!("elsewhere: on host {}", s.shadow_host);
+    wait_for(
+        "h1 following the new owner",
+        Duration::from_secs(60),
+        || (state_of(&s.ds[0], name) == on).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !cluster.hypervisor("h1").state(name).unwrap().is_active(),
+        "the fenced host started its old primary again"
+    );
+    wait_served_by(ip, &s.shadow_uuid, "the shadow still serving");
 }
 
 /// h1 cut off the management network (etcd and its peers), no fence device: h1 keeps serving
@@ -401,8 +825,9 @@ fn a_host_cut_from_management_fences_itself_before_the_others_promote() {
         &names.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let mut restore = Restore::default();
-    let s = setup(&cluster, name, ip, prefix, false);
+    let s = setup(&cluster, name, ip, prefix, &Extra::default(), None);
 
+    let switch = SwitchWatch::start(&cluster, &guest_mac(name));
     let poller = Poller::start(ip);
     std::thread::sleep(Duration::from_millis(300));
     let cut_at = poller.began.elapsed();
@@ -418,6 +843,10 @@ fn a_host_cut_from_management_fences_itself_before_the_others_promote() {
     let samples = poller.finish();
     let outage = single_server_outage(&samples, &s.primary_uuid, &s.shadow_uuid, cut_at);
     eprintln!("management cut to service restored (client-observed, lease-only): {outage:?}");
+    switch.finish(
+        cluster.host("h1", "SWITCH_PORT"),
+        cluster.host(s.shadow_host, "SWITCH_PORT"),
+    );
 
     let fenced_at = event_at(&s.ds[0], "fenced", "self-fenced").expect("h1's self-fence event");
     let w = winner(&s);
@@ -487,7 +916,13 @@ fn a_killed_daemon_or_a_restarted_libvirtd_is_not_a_lost_host() {
         &cluster,
         &names.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    let mut s = setup(&cluster, name, ip, prefix, true);
+    // Every host probes the service too: a silent daemon's host is not one cut off the switch.
+    let x = Extra {
+        fence: true,
+        probe: Some(ip),
+        ..Extra::default()
+    };
+    let mut s = setup(&cluster, name, ip, prefix, &x, None);
 
     let poller = Poller::start(ip);
     // The daemon on h1 dies for 3 TTLs.
@@ -580,7 +1015,11 @@ fn an_etcd_quorum_loss_stops_no_vm_and_promotes_nothing() {
         &names.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let mut restore = Restore::default();
-    let s = setup(&cluster, name, ip, prefix, true);
+    let x = Extra {
+        fence: true,
+        ..Extra::default()
+    };
+    let s = setup(&cluster, name, ip, prefix, &x, None);
 
     let poller = Poller::start(ip);
     for h in ["h2", "h3"] {

@@ -278,15 +278,6 @@ fn fence_lab_powers_a_host_off_and_on() {
     });
 }
 
-/// A formatted data disk (scripts/lab-data.sh) on the shared storage; its path.
-fn data_disk(cluster: &Cluster, file: &str) -> String {
-    let path = cluster.shared_disks().join(file);
-    let path = path.to_str().unwrap().to_string();
-    let out = run(Command::new(repo().join("scripts/lab-data.sh")).args(["file", &path]));
-    assert!(out.status.success(), "lab-data.sh: {}", text(&out.stderr));
-    path
-}
-
 /// The data disk as a LUN on the domain's virtio-scsi controller, as lab-guest.sh --data-bus
 /// scsi gives it.
 fn data_disk_xml(path: &str) -> String {

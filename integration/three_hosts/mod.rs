@@ -155,6 +155,15 @@ pub fn switch_port_in_fdb(fdb: &str, mac: &str) -> Option<String> {
     })
 }
 
+/// A formatted data disk (scripts/lab-data.sh) on the shared storage; its path.
+pub fn data_disk(cluster: &Cluster, file: &str) -> String {
+    let path = cluster.shared_disks().join(file);
+    let path = path.to_str().unwrap().to_string();
+    let out = run(Command::new(repo().join("scripts/lab-data.sh")).args(["file", &path]));
+    assert!(out.status.success(), "lab-data.sh: {}", text(&out.stderr));
+    path
+}
+
 /// Runs a command on a lab host (scripts/lab-host-exec.sh).
 pub fn host_exec(host: &str, args: &[&str]) -> Output {
     run(Command::new(repo().join("scripts/lab-host-exec.sh"))

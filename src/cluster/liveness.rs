@@ -26,6 +26,8 @@ use super::{check_name, HostId, LeaseStatus, Mode};
 pub const MAX_BEAT_BYTES: usize = 32 * 1024;
 /// Most hosts a beat may list as heard.
 pub const MAX_HEARD: usize = 64;
+/// Most services a beat may list as answering or as unreachable, each.
+pub const MAX_SERVICES: usize = 1024;
 /// The wire format's version.
 pub const BEAT_VERSION: u32 = 1;
 
@@ -53,6 +55,12 @@ pub enum LivenessError {
     /// More hosts listed as heard than a cluster has.
     #[error("heartbeat lists {0} hosts as heard; at most {MAX_HEARD} are accepted")]
     TooManyHeard(usize),
+    /// More services listed as answering or unreachable than a beat may carry.
+    #[error("heartbeat lists {0} services; at most {MAX_SERVICES} are accepted per list")]
+    TooManyServices(usize),
+    /// A service name that cannot be one.
+    #[error("heartbeat names an invalid service")]
+    Service(#[source] super::CoordError),
 }
 
 /// One heartbeat datagram.
@@ -70,12 +78,37 @@ pub struct Beat {
     pub mode: Mode,
     /// The hosts the sender hears (within its `suspect_after`).
     pub hears: Vec<String>,
+    /// Services whose primary runs on the sender and whose class probe, run by the sender,
+    /// answered within `unreachable_after` (see [`super::reach`]). Absent from older senders.
+    #[serde(default)]
+    pub answering: Vec<String>,
+    /// Services whose primary runs on another host and whose class probe, run by the sender,
+    /// has not answered for `unreachable_after`. Absent from older senders.
+    #[serde(default)]
+    pub unreachable: Vec<String>,
 }
 
 impl Beat {
-    /// The datagram.
+    /// The datagram, at most [`MAX_BEAT_BYTES`]: service lists that do not fit are cut
+    /// (the hosts heard always fit; a service left out is simply not vouched for).
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a beat always serializes")
+        let mut beat = self.clone();
+        beat.answering.truncate(MAX_SERVICES);
+        beat.unreachable.truncate(MAX_SERVICES);
+        loop {
+            let bytes = serde_json::to_vec(&beat).expect("a beat always serializes");
+            if bytes.len() <= MAX_BEAT_BYTES
+                || (beat.answering.is_empty() && beat.unreachable.is_empty())
+            {
+                return bytes;
+            }
+            let longer = if beat.answering.len() >= beat.unreachable.len() {
+                &mut beat.answering
+            } else {
+                &mut beat.unreachable
+            };
+            longer.truncate(longer.len() / 2);
+        }
     }
 
     /// Reads a datagram of the cluster under `prefix`.
@@ -97,6 +130,14 @@ impl Beat {
         for h in &beat.hears {
             check_name("host", h).map_err(LivenessError::Name)?;
         }
+        for list in [&beat.answering, &beat.unreachable] {
+            if list.len() > MAX_SERVICES {
+                return Err(LivenessError::TooManyServices(list.len()));
+            }
+            for s in list {
+                check_name("service", s).map_err(LivenessError::Service)?;
+            }
+        }
         Ok(beat)
     }
 }
@@ -110,6 +151,8 @@ struct Peer {
     last_heard: Option<Instant>,
     mode: Option<Mode>,
     hears: BTreeSet<String>,
+    answering: BTreeSet<String>,
+    unreachable: BTreeSet<String>,
 }
 
 /// How one peer looks from here, for status.
@@ -155,6 +198,8 @@ impl Peers {
                         last_heard: None,
                         mode: None,
                         hears: BTreeSet::new(),
+                        answering: BTreeSet::new(),
+                        unreachable: BTreeSet::new(),
                     },
                 );
             }
@@ -177,10 +222,14 @@ impl Peers {
             last_heard: None,
             mode: None,
             hears: BTreeSet::new(),
+            answering: BTreeSet::new(),
+            unreachable: BTreeSet::new(),
         });
         p.last_heard = Some(now);
         p.mode = Some(beat.mode);
         p.hears = beat.hears.into_iter().collect();
+        p.answering = beat.answering.into_iter().collect();
+        p.unreachable = beat.unreachable.into_iter().collect();
     }
 
     fn fresh(&self, p: &Peer, now: Instant) -> bool {
@@ -229,6 +278,21 @@ impl Peers {
         self.peers
             .values()
             .any(|p| self.fresh(p, now) && p.hears.contains(&self.me.0))
+    }
+
+    /// Whether `host` confirms that it is cut off the switch, as far as `service` shows: its
+    /// own fresh beat says its probe reaches `service` there, and another peer heard here
+    /// says it cannot reach `service` (README "Losing a host", [`super::reach`]).
+    pub fn confirms_cut(&self, host: &str, service: &str, now: Instant) -> bool {
+        let answers_there = self
+            .peers
+            .get(host)
+            .is_some_and(|p| self.fresh(p, now) && p.answering.contains(service));
+        answers_there
+            && self
+                .peers
+                .iter()
+                .any(|(h, p)| h != host && self.fresh(p, now) && p.unreachable.contains(service))
     }
 
     /// Every peer as seen from here.
@@ -404,7 +468,15 @@ mod tests {
             seq: 1,
             mode: Mode::Connected,
             hears: hears.iter().map(|h| h.to_string()).collect(),
+            answering: Vec::new(),
+            unreachable: Vec::new(),
         }
+    }
+
+    fn with_services(mut b: Beat, answering: &[&str], unreachable: &[&str]) -> Beat {
+        b.answering = answering.iter().map(|s| s.to_string()).collect();
+        b.unreachable = unreachable.iter().map(|s| s.to_string()).collect();
+        b
     }
 
     fn hosts(names: &[&str]) -> Vec<HostId> {
@@ -449,6 +521,66 @@ mod tests {
             Beat::decode(&many.encode(), "/u"),
             Err(LivenessError::TooManyHeard(65))
         ));
+    }
+
+    #[test]
+    fn service_lists_are_bounded_checked_and_optional_on_the_wire() {
+        let b = with_services(beat("h1", &["h2"]), &["web"], &["db"]);
+        assert_eq!(Beat::decode(&b.encode(), "/u").unwrap(), b);
+        // A sender of before the lists.
+        let old = br#"{"v":1,"prefix":"/u","host":"h1","seq":3,"mode":"connected","hears":["h2"]}"#;
+        let got = Beat::decode(old, "/u").unwrap();
+        assert!(got.answering.is_empty() && got.unreachable.is_empty());
+        let bad = with_services(beat("h1", &[]), &["a/b"], &[]);
+        assert!(matches!(
+            Beat::decode(&bad.encode(), "/u"),
+            Err(LivenessError::Service(_))
+        ));
+        let many: Vec<String> = (0..=MAX_SERVICES).map(|i| format!("s{i}")).collect();
+        let json = serde_json::json!({"v":1,"prefix":"/u","host":"h1","seq":1,"mode":"connected",
+            "hears":[], "unreachable": many});
+        assert!(matches!(
+            Beat::decode(json.to_string().as_bytes(), "/u"),
+            Err(LivenessError::TooManyServices(1025))
+        ));
+        // Long lists are cut to fit one datagram; what is sent still reads.
+        let long: Vec<String> = (0..2000).map(|i| format!("{i:0>200}")).collect();
+        let huge = Beat {
+            answering: long.clone(),
+            unreachable: long,
+            ..beat("h1", &["h2"])
+        };
+        let bytes = huge.encode();
+        assert!(bytes.len() <= MAX_BEAT_BYTES, "{}", bytes.len());
+        let got = Beat::decode(&bytes, "/u").unwrap();
+        assert_eq!(got.hears, ["h2"]);
+        assert!(!got.answering.is_empty() && !got.unreachable.is_empty());
+    }
+
+    #[test]
+    fn a_cut_is_confirmed_by_the_host_itself_and_another_peer() {
+        let t0 = Instant::now();
+        let mut p = Peers::new(HostId("h2".into()), AFTER);
+        // h1 reaches web on its own bridge; h3 cannot reach it over the switch.
+        p.heard(with_services(beat("h1", &["h2", "h3"]), &["web"], &[]), t0);
+        p.heard(with_services(beat("h3", &["h1", "h2"]), &[], &["web"]), t0);
+        assert!(p.confirms_cut("h1", "web", t0));
+        assert!(!p.confirms_cut("h1", "db", t0));
+        // h1's own word does not count as the second vantage point.
+        p.heard(
+            with_services(beat("h1", &["h2", "h3"]), &["web"], &["web"]),
+            t0,
+        );
+        p.heard(beat("h3", &["h1", "h2"]), t0);
+        assert!(!p.confirms_cut("h1", "web", t0), "h3 reaches it");
+        // h1 does not reach it either: the service is down, not the link.
+        p.heard(with_services(beat("h3", &["h1", "h2"]), &[], &["web"]), t0);
+        p.heard(beat("h1", &["h2", "h3"]), t0);
+        assert!(!p.confirms_cut("h1", "web", t0));
+        // Stale beats confirm nothing.
+        p.heard(with_services(beat("h1", &["h2", "h3"]), &["web"], &[]), t0);
+        assert!(p.confirms_cut("h1", "web", t0));
+        assert!(!p.confirms_cut("h1", "web", t0 + AFTER));
     }
 
     #[test]

@@ -23,7 +23,8 @@
 //! own table the only claimant); [`EtcdCoordinator`] keeps it all in etcd. [`HostCapacity`]
 //! says what a host can still hold; [`placement`] decides on which hosts a service's shadows
 //! go. [`liveness`] holds the direct heartbeats between daemons and the rules for a lost host
-//! and for self-fencing; [`fence`] runs a host's fence agent; [`watchdog`] arms a watchdog
+//! and for self-fencing; [`reach`] the class probes of other hosts' primaries and the rule for
+//! a host cut off from the switch; [`fence`] runs a host's fence agent; [`watchdog`] arms a watchdog
 //! device.
 
 mod capacity;
@@ -32,6 +33,7 @@ pub mod fence;
 pub mod liveness;
 mod local;
 pub mod placement;
+pub mod reach;
 mod records;
 pub mod watchdog;
 

@@ -240,6 +240,10 @@ pub struct ClusterConfig {
     pub promote_margin_ms: u64,
     /// Bound on each call of a fence agent, in milliseconds (100..=120000).
     pub fence_timeout_ms: u64,
+    /// A primary on another host whose class probe has not answered from here for this
+    /// long, in milliseconds, is unreachable from here (200..=600000; README "Losing a
+    /// host": a host cut off from the switch).
+    pub unreachable_after_ms: u64,
     /// Fence device per host: host name -> fence agent argument vector (fence-agents calling
     /// convention; `-o off` and `-o status` are appended). A host without one is fenced by its
     /// own daemon (self-fencing) and taken over only after its lease expired.
@@ -269,6 +273,7 @@ impl Default for ClusterConfig {
             self_fence_guard_ms: 500,
             promote_margin_ms: 1000,
             fence_timeout_ms: 20_000,
+            unreachable_after_ms: 2000,
             fence: std::collections::BTreeMap::new(),
             watchdog: None,
             watchdog_timeout_s: 2,
@@ -323,6 +328,11 @@ impl ClusterConfig {
     /// `fence_timeout_ms` as a duration.
     pub fn fence_timeout(&self) -> Duration {
         Duration::from_millis(self.fence_timeout_ms)
+    }
+
+    /// `unreachable_after_ms` as a duration.
+    pub fn unreachable_after(&self) -> Duration {
+        Duration::from_millis(self.unreachable_after_ms)
     }
 }
 

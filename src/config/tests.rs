@@ -854,16 +854,18 @@ fn host_loss_keys_have_defaults_and_bounds() {
     assert_eq!(c.suspect_after(), Duration::from_millis(500));
     assert_eq!(c.self_fence_guard(), Duration::from_millis(500));
     assert_eq!(c.promote_margin(), Duration::from_secs(1));
+    assert_eq!(c.unreachable_after(), Duration::from_secs(2));
     assert_eq!(c.fence["h2"], ["/usr/sbin/fence_lab", "-n", "h2"]);
     assert_eq!(c.watchdog, None);
 
     let f = Fixture::new(
-        "[cluster]\nendpoints = [\"http://a:1\"]\nlease_ttl_s = 2\nheartbeat_interval_ms = 200\nsuspect_after_ms = 400\nself_fence_guard_ms = 2000\nwatchdog = \"/dev/watchdog\"\nwatchdog_timeout_s = 1\n[cluster.fence]\nh2 = []\n\"h/3\" = [\"fence_x\"]\n",
+        "[cluster]\nendpoints = [\"http://a:1\"]\nlease_ttl_s = 2\nheartbeat_interval_ms = 200\nsuspect_after_ms = 400\nself_fence_guard_ms = 2000\nunreachable_after_ms = 100\nwatchdog = \"/dev/watchdog\"\nwatchdog_timeout_s = 1\n[cluster.fence]\nh2 = []\n\"h/3\" = [\"fence_x\"]\n",
     );
     let text = f.error_text();
     for want in [
         "cluster.suspect_after_ms: 400 is out of range 600..=1999",
         "cluster.self_fence_guard_ms: 2000 is out of range 100..=1999",
+        "cluster.unreachable_after_ms: 100 is out of range 200..=600000",
         "cluster.fence.h2: must name a fence agent",
         "invalid host name \"h/3\"",
         "cluster.watchdog_timeout_s: 1 s does not fit",

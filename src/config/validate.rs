@@ -256,6 +256,11 @@ impl Checker<'_, '_> {
             cluster.fence_timeout_ms,
             100..=120_000,
         );
+        self.range(
+            &at.key("unreachable_after_ms"),
+            cluster.unreachable_after_ms,
+            200..=600_000,
+        );
         for (host, argv) in &cluster.fence {
             let key = at.key("fence").key(host);
             if let Err(e) = crate::cluster::check_name("host", host) {

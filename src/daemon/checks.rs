@@ -271,6 +271,20 @@ pub(super) fn audit_bridges(d: &Shared) {
     });
 }
 
+/// Whether the service answers `probe` from this host's network, within its timeout.
+pub(super) async fn probe_answers(probe: &ProbeConfig) -> bool {
+    let timeout = probe.timeout();
+    match &probe.check {
+        ProbeCheck::Http { path } => crate::probe::http_get_async(probe.address, path, timeout)
+            .await
+            .is_some(),
+        ProbeCheck::Tcp => matches!(
+            tokio::time::timeout(timeout, tokio::net::TcpStream::connect(probe.address)).await,
+            Ok(Ok(_))
+        ),
+    }
+}
+
 /// The external probe: a client's check from the host namespace. A service that stays
 /// unreachable longer than its detection bound without a failover counts as a missed one.
 fn run_probe(d: &Shared, service: &str, class: &ClassConfig, probe: ProbeConfig) {
@@ -281,16 +295,8 @@ fn run_probe(d: &Shared, service: &str, class: &ClassConfig, probe: ProbeConfig)
     let bound = probe_bound(class);
     let d = d.clone();
     let service = service.to_string();
-    tokio::task::spawn_blocking(move || {
-        let timeout = Duration::from_millis(probe.timeout_ms);
-        let ok = match &probe.check {
-            ProbeCheck::Http { path } => {
-                crate::probe::http_get(probe.address, path, timeout).is_some()
-            }
-            ProbeCheck::Tcp => {
-                std::net::TcpStream::connect_timeout(&probe.address, timeout).is_ok()
-            }
-        };
+    tokio::spawn(async move {
+        let ok = probe_answers(&probe).await;
         // Failing over or stopped: unreachable is expected, not missed.
         let acting = d.table().get(&service).is_none_or(|s| {
             matches!(

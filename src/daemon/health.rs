@@ -23,6 +23,8 @@ pub struct Verdict {
 #[derive(Debug, Default, Clone)]
 struct ProbeState {
     last_run: Option<Instant>,
+    /// The last answer, while the last probe answered (a failure clears it).
+    last_ok: Option<Instant>,
     failing_since: Option<Instant>,
     counted: bool,
     in_flight: bool,
@@ -210,6 +212,7 @@ impl HealthMonitor {
     ) -> Option<MissedFailover> {
         let st = self.probes.entry(service.to_string()).or_default();
         st.in_flight = false;
+        st.last_ok = ok.then_some(now);
         if ok || acting {
             st.failing_since = None;
             st.counted = false;
@@ -223,6 +226,20 @@ impl HealthMonitor {
             return Some(MissedFailover { unreachable });
         }
         None
+    }
+
+    /// The services whose last probe, run here, answered, within `within`: what this host's
+    /// heartbeats report as answering (the other hosts tell from it a host cut off the
+    /// switch from a service that is down, so one failure is enough to stop saying so).
+    pub fn answering(&self, within: Duration, now: Instant) -> Vec<String> {
+        self.probes
+            .iter()
+            .filter(|(_, p)| {
+                p.last_ok
+                    .is_some_and(|t| now.saturating_duration_since(t) < within)
+            })
+            .map(|(s, _)| s.clone())
+            .collect()
     }
 
     /// A primary fenced for a hang answered during the grace period: the failover was false.
@@ -343,6 +360,24 @@ mod tests {
         h.probe_done("web", true, false, Duration::from_secs(3), t0);
         assert!(!h.probe_due("web", every, t0 + Duration::from_millis(500)));
         assert!(h.probe_due("web", every, t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_service_answers_while_its_last_successful_probe_is_recent() {
+        let t0 = Instant::now();
+        let mut h = HealthMonitor::new(t0);
+        let (bound, within) = (Duration::from_secs(3), Duration::from_secs(2));
+        let s = |ms: u64| t0 + Duration::from_millis(ms);
+        assert!(h.answering(within, t0).is_empty());
+        h.probe_done("web", true, false, bound, s(0));
+        h.probe_done("db", false, false, bound, s(0));
+        assert_eq!(h.answering(within, s(1999)), ["web"]);
+        assert!(h.answering(within, s(2000)).is_empty(), "no probe since");
+        h.probe_done("web", true, false, bound, s(2100));
+        assert_eq!(h.answering(within, s(2200)), ["web"]);
+        // One failure and it no longer answers.
+        h.probe_done("web", false, false, bound, s(2300));
+        assert!(h.answering(within, s(2300)).is_empty());
     }
 
     #[test]

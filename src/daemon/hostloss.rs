@@ -11,7 +11,11 @@
 //! - judges each suspect host whose primaries have a ready shadow here ([`liveness::judge`]):
 //!   asks its libvirtd (a TCP connection to the port its URI names), runs its fence device,
 //!   and once it is lost and safe, promotes the shadows here (the owner record's
-//!   compare-and-swap lets one host win each service, as for a crash).
+//!   compare-and-swap lets one host win each service, as for a crash);
+//! - probes the primaries of the other hosts with their class probes ([`Reach`]) and says in
+//!   its beats which it cannot reach, and which of its own its probe reaches; a host cut off
+//!   the switch only ([`reach::judge_cut`]) is powered off through its fence device, then its
+//!   services are promoted here (trigger `host_unreachable`).
 //!
 //! Slow work (libvirtd checks, fence agents) runs in tasks of its own and reports back, so
 //! the task's own clock (self-fencing) never waits on it.
@@ -35,6 +39,7 @@ use crate::cluster::liveness::{
     self, libvirt_endpoint, Beat, Judgement, LostHow, PeerView, Peers, Suspect, BEAT_VERSION,
     MAX_BEAT_BYTES,
 };
+use crate::cluster::reach::{self, Cut, ProbeTicket, Reach};
 use crate::cluster::watchdog::Watchdog;
 use crate::cluster::{ClusterEvent, HostId, Mode};
 use crate::config::ClusterConfig;
@@ -143,6 +148,34 @@ struct Incident {
     logged: Option<String>,
 }
 
+/// What this host knows about another host whose primaries it cannot reach on the service
+/// network while that host is heard (cut off the switch).
+#[derive(Debug)]
+struct CutIncident {
+    /// When this host found none of its probed primaries reachable: names the incident.
+    began: Instant,
+    /// Confirmed once (another host cannot reach them either, the host itself can): it stays
+    /// confirmed while the primaries stay unreachable from here, also once the host is off.
+    confirmed: bool,
+    fencing: bool,
+    fence_at: Option<Instant>,
+    fenced: bool,
+    /// Fencing failed: not tried again for this incident.
+    fence_failed: bool,
+    /// Promotions were started.
+    acted: bool,
+    logged: Option<String>,
+}
+
+/// Which incident a fence device was run for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FencedFor {
+    /// The silence that began then.
+    Silence(Instant),
+    /// The cut found then.
+    Cut(Instant),
+}
+
 /// What slow work reports back.
 enum Done {
     Libvirt {
@@ -152,9 +185,57 @@ enum Done {
     },
     Fence {
         host: String,
-        since: Instant,
+        of: FencedFor,
         result: Result<Fenced, FenceError>,
     },
+    Probe {
+        ticket: ProbeTicket,
+        ok: bool,
+    },
+}
+
+/// What the task owns besides its socket and clocks: the peers heard, the registered hosts,
+/// the fence devices, and what it knows about other hosts' troubles.
+struct Watch {
+    peers: Peers,
+    hosts: BTreeMap<String, Peer>,
+    fences: BTreeMap<String, FenceDevice>,
+    /// Silent hosts, by name.
+    incidents: BTreeMap<String, Incident>,
+    /// Hosts cut off the switch, by name.
+    cuts: BTreeMap<String, CutIncident>,
+    /// The probes of other hosts' primaries.
+    reach: Reach,
+    done: mpsc::UnboundedSender<Done>,
+}
+
+/// The services a ready shadow here could take over, by their primary's host, and the other
+/// hosts with a ready shadow of them (they would fence that host too).
+#[derive(Default)]
+struct Takeable {
+    services: BTreeMap<String, Vec<(String, String)>>,
+    rivals: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Takeable {
+    fn of(d: &Shared) -> Self {
+        let mut t = Takeable::default();
+        for s in d.table().iter() {
+            if let (Some(h), Some(_)) = (s.primary_host(), s.ready_shadow()) {
+                t.services
+                    .entry(h.0.clone())
+                    .or_default()
+                    .push((s.name.clone(), s.active.clone()));
+                t.rivals.entry(h.0.clone()).or_default().extend(
+                    s.remote_shadows
+                        .iter()
+                        .filter(|r| r.ready && r.host != *h)
+                        .map(|r| r.host.0.clone()),
+                );
+            }
+        }
+        t
+    }
 }
 
 /// Starts host-loss handling (with a `[cluster]` only).
@@ -189,19 +270,24 @@ async fn run(d: Shared, c: ClusterConfig) {
             }
         }
     });
-    let fences: BTreeMap<String, FenceDevice> = c
-        .fence
-        .iter()
-        .filter_map(|(h, argv)| {
-            FenceDevice::new(argv.clone(), c.fence_timeout()).map(|f| (h.clone(), f))
-        })
-        .collect();
-    let mut peers = Peers::new(me.clone(), c.suspect_after());
-    let mut hosts: BTreeMap<String, Peer> = BTreeMap::new();
-    let mut incidents: BTreeMap<String, Incident> = BTreeMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut w = Watch {
+        peers: Peers::new(me.clone(), c.suspect_after()),
+        hosts: BTreeMap::new(),
+        fences: c
+            .fence
+            .iter()
+            .filter_map(|(h, argv)| {
+                FenceDevice::new(argv.clone(), c.fence_timeout()).map(|f| (h.clone(), f))
+            })
+            .collect(),
+        incidents: BTreeMap::new(),
+        cuts: BTreeMap::new(),
+        reach: Reach::new(c.unreachable_after()),
+        done: done_tx,
+    };
     let mut events = d.coord.watch();
     let mut lease_rx = d.coord.lease();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut tick = tokio::time::interval(c.heartbeat_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut registered = watch_hosts(&d, &c);
@@ -213,6 +299,7 @@ async fn run(d: Shared, c: ClusterConfig) {
             _ = tick.tick() => {
                 let now = Instant::now();
                 let lease = *d.coord.lease().borrow();
+                w.probe_remote(&d, now);
                 if let Some(s) = &socket {
                     seq += 1;
                     let beat = Beat {
@@ -221,10 +308,12 @@ async fn run(d: Shared, c: ClusterConfig) {
                         host: me.0.clone(),
                         seq,
                         mode: lease.mode,
-                        hears: peers.hears(now),
+                        hears: w.peers.hears(now),
+                        answering: answering_here(&d, c.unreachable_after(), now),
+                        unreachable: w.reach.unreachable(now),
                     }
                     .encode();
-                    for p in hosts.values() {
+                    for p in w.hosts.values() {
                         if let Some(a) = p.beat {
                             // Never waits: to a peer cut off, datagrams queue behind its
                             // neighbour resolution until the socket's buffer is full, and an
@@ -234,25 +323,27 @@ async fn run(d: Shared, c: ClusterConfig) {
                         }
                     }
                 }
-                let mutual = peers.mutual(now);
+                let mutual = w.peers.mutual(now);
                 // A host with no other host registered has nobody its services could move to.
-                let alone = peers.hosts().next().is_none();
+                let alone = w.peers.hosts().next().is_none();
                 if !d.hostloss.self_fenced()
                     && !alone
                     && liveness::self_fence_due(&lease, c.self_fence_guard(), mutual, now)
                 {
                     fence_self(&d, &lease).await;
                 }
-                if let Some(w) = &mut watchdog {
-                    feed(w, &d, &lease, &c, mutual, now);
+                if let Some(wd) = &mut watchdog {
+                    feed(wd, &d, &lease, &c, mutual, now);
                 }
-                judge_all(&d, &c, &fences, &peers, &hosts, &mut incidents, &done_tx, now);
-                *d.hostloss.view.lock().unwrap_or_else(|e| e.into_inner()) = peers.view(now);
+                let takeable = Takeable::of(&d);
+                w.judge_cuts(&d, &takeable, now);
+                w.judge_all(&d, &c, &takeable, now);
+                *d.hostloss.view.lock().unwrap_or_else(|e| e.into_inner()) = w.peers.view(now);
             }
             got = recv(socket.as_ref(), &mut buf) => {
                 if let Some((n, from)) = got {
                     match Beat::decode(&buf[..n], &c.key_prefix) {
-                        Ok(beat) => peers.heard(beat, Instant::now()),
+                        Ok(beat) => w.peers.heard(beat, Instant::now()),
                         Err(e) => {
                             bad_beats += 1;
                             // Logged at a bounded rate: anything may arrive on the port.
@@ -263,22 +354,22 @@ async fn run(d: Shared, c: ClusterConfig) {
                     }
                 }
             }
-            Some(list) = registered.recv() => apply_hosts(list, &mut peers, &mut hosts, &mut incidents),
+            Some(list) = registered.recv() => w.apply_hosts(list),
             ev = events.recv() => match ev {
                 Ok(ClusterEvent::HostLost(h)) => {
                     tracing::warn!(host = %h, "host's lease expired");
-                    incidents.entry(h.0.clone()).or_default().lease_gone_at.get_or_insert_with(Instant::now);
-                    if let Some(p) = hosts.get_mut(&h.0) { p.alive = false; }
+                    w.incidents.entry(h.0.clone()).or_default().lease_gone_at.get_or_insert_with(Instant::now);
+                    if let Some(p) = w.hosts.get_mut(&h.0) { p.alive = false; }
                 }
                 Ok(ClusterEvent::HostUp(f)) => {
-                    if let Some(i) = incidents.get_mut(&f.host.0) { i.lease_gone_at = None; }
-                    if let Some(p) = hosts.get_mut(&f.host.0) { p.alive = true; }
+                    if let Some(i) = w.incidents.get_mut(&f.host.0) { i.lease_gone_at = None; }
+                    if let Some(p) = w.hosts.get_mut(&f.host.0) { p.alive = true; }
                 }
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => events = d.coord.watch(),
             },
-            Some(done) = done_rx.recv() => on_done(&d, done, &mut incidents),
+            Some(done) = done_rx.recv() => w.on_done(&d, done),
             changed = lease_rx.changed() => {
                 if changed.is_err() {
                     return;
@@ -290,6 +381,17 @@ async fn run(d: Shared, c: ClusterConfig) {
             }
         }
     }
+}
+
+/// The services whose primary runs here and whose class probe, run here, answered within
+/// `within`: what this host's beats report as answering.
+fn answering_here(d: &Shared, within: Duration, now: Instant) -> Vec<String> {
+    let answered = d.health().answering(within, now);
+    let table = d.table();
+    answered
+        .into_iter()
+        .filter(|s| table.get(s).is_some_and(|x| x.state.is_running()))
+        .collect()
 }
 
 /// The next datagram; never resolves without a socket.
@@ -342,181 +444,346 @@ fn watch_hosts(d: &Shared, c: &ClusterConfig) -> mpsc::Receiver<Vec<(String, Pee
     rx
 }
 
-/// Takes in the registered hosts read by [`watch_hosts`].
-fn apply_hosts(
-    list: Vec<(String, Peer)>,
-    peers: &mut Peers,
-    hosts: &mut BTreeMap<String, Peer>,
-    incidents: &mut BTreeMap<String, Incident>,
-) {
-    let now = Instant::now();
-    let mut seen = BTreeSet::new();
-    for (name, p) in list {
-        let lease = &mut incidents.entry(name.clone()).or_default().lease_gone_at;
-        if p.alive {
-            *lease = None;
-        } else {
-            lease.get_or_insert(now);
-        }
-        seen.insert(HostId(name.clone()));
-        hosts.insert(name, p);
-    }
-    peers.track(&seen, now);
-}
-
-/// Judges every suspect host with primaries that a ready shadow here could take over.
-#[allow(clippy::too_many_arguments)]
-fn judge_all(
-    d: &Shared,
-    c: &ClusterConfig,
-    fences: &BTreeMap<String, FenceDevice>,
-    peers: &Peers,
-    hosts: &BTreeMap<String, Peer>,
-    incidents: &mut BTreeMap<String, Incident>,
-    done: &mpsc::UnboundedSender<Done>,
-    now: Instant,
-) {
-    let lease = *d.coord.lease().borrow();
-    // Services a ready shadow here could take over, by their primary's host.
-    let mut takeable: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    // The other hosts with a ready shadow of those services: they would fence it too.
-    let mut rivals: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for s in d.table().iter() {
-        if let (Some(h), Some(_)) = (s.primary_host(), s.ready_shadow()) {
-            takeable
-                .entry(h.0.clone())
+impl Watch {
+    /// Takes in the registered hosts read by [`watch_hosts`].
+    fn apply_hosts(&mut self, list: Vec<(String, Peer)>) {
+        let now = Instant::now();
+        let mut seen = BTreeSet::new();
+        for (name, p) in list {
+            let lease = &mut self
+                .incidents
+                .entry(name.clone())
                 .or_default()
-                .push((s.name.clone(), s.active.clone()));
-            rivals.entry(h.0.clone()).or_default().extend(
-                s.remote_shadows
-                    .iter()
-                    .filter(|r| r.ready && r.host != *h)
-                    .map(|r| r.host.0.clone()),
-            );
-        }
-    }
-    for host in peers.hosts() {
-        let incident = incidents.entry(host.to_string()).or_default();
-        if !peers.suspect(host, now) {
-            // Heard again: whatever happened is over.
-            if incident.since.is_some() {
-                tracing::info!(host, "host heard again");
+                .lease_gone_at;
+            if p.alive {
+                *lease = None;
+            } else {
+                lease.get_or_insert(now);
             }
-            let lease_gone_at = incident.lease_gone_at;
-            *incident = Incident {
-                lease_gone_at,
-                ..Incident::default()
+            seen.insert(HostId(name.clone()));
+            self.hosts.insert(name, p);
+        }
+        self.peers.track(&seen, now);
+    }
+
+    /// Runs the class probe of every primary elsewhere that is due; results come back as
+    /// [`Done::Probe`].
+    fn probe_remote(&mut self, d: &Shared, now: Instant) {
+        let remote: Vec<(String, String, String, crate::config::ProbeConfig)> = d
+            .table()
+            .iter()
+            .filter_map(|s| {
+                let host = s.primary_host()?;
+                let probe = d.class(&s.class).probe?;
+                Some((s.name.clone(), host.0.clone(), s.active.clone(), probe))
+            })
+            .collect();
+        self.reach.follow(
+            remote
+                .iter()
+                .map(|(s, h, a, _)| (s.clone(), h.clone(), a.clone())),
+        );
+        for (service, _, _, probe) in remote {
+            let Some(ticket) = self.reach.due(&service, probe.interval(), now) else {
+                continue;
             };
-            continue;
-        }
-        let since = peers.silent_since(host).unwrap_or(now);
-        if incident.since != Some(since) {
-            let lease_gone_at = incident.lease_gone_at;
-            *incident = Incident {
-                since: Some(since),
-                lease_gone_at,
-                ..Incident::default()
-            };
-            tracing::warn!(
-                host,
-                silent_ms = now.saturating_duration_since(since).as_millis() as u64,
-                "host suspect: no heartbeat, and no host heard here hears it"
-            );
-        }
-        let Some(services) = takeable.get(host) else {
-            continue;
-        };
-        if incident.acted {
-            continue;
-        }
-        // Asked at once and again while it stays suspect, whatever the judgement: its answer
-        // is ready when this host becomes eligible to judge.
-        if !incident.checking
-            && incident
-                .libvirt
-                .is_none_or(|(_, at)| now.saturating_duration_since(at) >= LIBVIRT_CHECK_EVERY)
-        {
-            incident.checking = true;
-            let target = hosts.get(host).and_then(|p| p.libvirt.clone());
-            let (done, host) = (done.clone(), host.to_string());
+            let done = self.done.clone();
             tokio::spawn(async move {
-                let reachable = match target {
-                    Some((h, port)) => libvirt_answers(&h, port).await,
-                    // Nowhere to ask: it cannot be shown to run.
-                    None => false,
-                };
-                let _ = done.send(Done::Libvirt {
-                    host,
-                    since,
-                    reachable,
-                });
+                let ok = super::checks::probe_answers(&probe).await;
+                let _ = done.send(Done::Probe { ticket, ok });
             });
         }
-        let facts = Suspect {
-            silent_since: since,
-            libvirt_reachable: incident
-                .libvirt
-                .filter(|(_, at)| now.saturating_duration_since(*at) < LIBVIRT_RESULT_VALID)
-                .map(|(r, _)| r),
-            lease_gone_at: incident.lease_gone_at,
-            fence_device: fences.contains_key(host) && !incident.fence_failed,
-            fenced: incident.fenced,
-            answered_while_silent: incident.answered,
-        };
-        let judgement = liveness::judge(Some(&facts), &lease, c.promote_margin(), now);
-        let label = format!("{judgement:?}");
-        if incident.logged.as_deref() != Some(label.as_str()) {
-            match &judgement {
-                Judgement::NoSafeWay => tracing::error!(host, "host went dark after its daemon died: nothing fenced it and it has no fence device; its services are NOT taken over (fence it, then `understudy failover`)"),
-                Judgement::DaemonDown => tracing::warn!(host, "host silent, but its libvirtd answers: its daemon is down or cut off and its VMs run; not fenced, nothing moves"),
-                Judgement::NotEligible(why) => tracing::info!(host, why, "host suspect; not judged from here"),
-                j => tracing::info!(host, judgement = ?j, "host suspect"),
+    }
+
+    /// When this host's turn to fence `host` comes: hosts that would fence it too (a ready
+    /// shadow of its services, alive and heard) take turns by name, [`FENCE_STAGGER`] apart.
+    fn fence_turn(&self, d: &Shared, t: &Takeable, host: &str, now: Instant) -> Instant {
+        let me = d.coord.host().0.as_str();
+        let mut fencers: Vec<&str> = t
+            .rivals
+            .get(host)
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .filter(|h| !self.peers.suspect(h, now) && self.hosts.get(*h).is_some_and(|p| p.alive))
+            .chain(std::iter::once(me))
+            .collect();
+        fencers.sort_unstable();
+        fencers.dedup();
+        let rank = fencers.iter().position(|h| *h == me).unwrap_or(0);
+        now + FENCE_STAGGER * u32::try_from(rank).unwrap_or(u32::MAX)
+    }
+
+    /// Powers `host` off through its fence device, off this task; reported as [`Done::Fence`].
+    fn spawn_fence(&self, host: &str, of: FencedFor, why: &str) {
+        let device = self
+            .fences
+            .get(host)
+            .cloned()
+            .expect("judged with a device");
+        let (done, host) = (self.done.clone(), host.to_string());
+        tracing::warn!(%host, why, "powering the host off through its fence device");
+        tokio::spawn(async move {
+            let result = device.power_off().await;
+            let _ = done.send(Done::Fence { host, of, result });
+        });
+    }
+
+    /// Judges every heard host none of whose primaries this host reaches on the service
+    /// network ([`reach::judge_cut`]), when a ready shadow here could take one over.
+    fn judge_cuts(&mut self, d: &Shared, t: &Takeable, now: Instant) {
+        let lease = *d.coord.lease().borrow();
+        let unreachable = self.reach.unreachable_hosts(now);
+        // Over once its primaries answer again (or moved), unless fencing is under way or
+        // done and its services are still to be taken over.
+        self.cuts.retain(|host, i| {
+            let keep = unreachable.contains_key(host) || i.fencing || (i.fenced && !i.acted);
+            if !keep && !i.acted {
+                tracing::info!(%host, "its primaries answer again from here");
             }
-            incident.logged = Some(label);
+            keep
+        });
+        for (host, services) in &unreachable {
+            let Some(takeable) = t.services.get(host) else {
+                continue;
+            };
+            // A silent host is judged as such (it may be down altogether), unless this
+            // incident has powered it off already.
+            if self.peers.suspect(host, now) && !self.cuts.contains_key(host) {
+                continue;
+            }
+            let cut = self.cuts.entry(host.clone()).or_insert_with(|| {
+                tracing::warn!(%host, ?services, "none of the host's primaries answers its probe from here");
+                CutIncident {
+                    began: now,
+                    confirmed: false,
+                    fencing: false,
+                    fence_at: None,
+                    fenced: false,
+                    fence_failed: false,
+                    acted: false,
+                    logged: None,
+                }
+            });
+            if cut.acted {
+                continue;
+            }
+            cut.confirmed |= services
+                .iter()
+                .any(|s| self.peers.confirms_cut(host, s, now));
+            let facts = Cut {
+                confirmed: cut.confirmed,
+                fence_device: self.fences.contains_key(host) && !cut.fence_failed,
+                fenced: cut.fenced,
+            };
+            let judgement = reach::judge_cut(Some(&facts), &lease);
+            let label = format!("{judgement:?}");
+            if cut.logged.as_deref() != Some(label.as_str()) {
+                match &judgement {
+                    Judgement::NoSafeWay => {
+                        tracing::error!(%host, "host cut off the switch (its primaries answer on its own bridge only) and it has no fence device: its services are NOT taken over (fence it, then `understudy failover`)")
+                    }
+                    Judgement::NotEligible(why) => {
+                        tracing::info!(%host, why, "host's primaries unreachable; not judged from here")
+                    }
+                    j => tracing::warn!(%host, judgement = ?j, "host cut off the switch"),
+                }
+                cut.logged = Some(label);
+            }
+            match judgement {
+                Judgement::Fence => {
+                    let (began, fencing, fence_at) = (cut.began, cut.fencing, cut.fence_at);
+                    let turn = match fence_at {
+                        Some(at) => at,
+                        None => {
+                            let at = self.fence_turn(d, t, host, now);
+                            self.cuts.get_mut(host).expect("just seen").fence_at = Some(at);
+                            at
+                        }
+                    };
+                    if !fencing && now >= turn {
+                        self.cuts.get_mut(host).expect("just seen").fencing = true;
+                        self.spawn_fence(host, FencedFor::Cut(began), "cut off the switch");
+                    }
+                }
+                Judgement::Lost(how) => {
+                    cut.acted = true;
+                    let began = cut.began;
+                    take_over(d, host, how, takeable, Trigger::HostUnreachable, began);
+                }
+                _ => {}
+            }
         }
-        match judgement {
-            Judgement::Alive
-            | Judgement::NotEligible(_)
-            | Judgement::WaitLease(_)
-            | Judgement::CheckLibvirt
-            | Judgement::DaemonDown
-            | Judgement::NoSafeWay => {}
-            Judgement::Fence => {
-                let turn = *incident.fence_at.get_or_insert_with(|| {
-                    let me = d.coord.host().0.as_str();
-                    let mut fencers: Vec<&str> = rivals
-                        .get(host)
-                        .into_iter()
-                        .flatten()
-                        .map(String::as_str)
-                        .filter(|h| {
-                            !peers.suspect(h, now) && hosts.get(*h).is_some_and(|p| p.alive)
-                        })
-                        .chain(std::iter::once(me))
-                        .collect();
-                    fencers.sort_unstable();
-                    fencers.dedup();
-                    let rank = fencers.iter().position(|h| *h == me).unwrap_or(0);
-                    now + FENCE_STAGGER * u32::try_from(rank).unwrap_or(u32::MAX)
-                });
-                if !incident.fencing && now >= turn {
-                    incident.fencing = true;
-                    let device = fences.get(host).cloned().expect("judged with a device");
-                    let (done, host) = (done.clone(), host.to_string());
-                    tracing::warn!(%host, "host lost: powering it off through its fence device");
-                    tokio::spawn(async move {
-                        let result = device.power_off().await;
-                        let _ = done.send(Done::Fence {
-                            host,
-                            since,
-                            result,
-                        });
+    }
+
+    /// Judges every suspect host with primaries that a ready shadow here could take over.
+    fn judge_all(&mut self, d: &Shared, c: &ClusterConfig, t: &Takeable, now: Instant) {
+        let lease = *d.coord.lease().borrow();
+        let hosts: Vec<String> = self.peers.hosts().map(str::to_string).collect();
+        for host in &hosts {
+            let host = host.as_str();
+            let incident = self.incidents.entry(host.to_string()).or_default();
+            if !self.peers.suspect(host, now) {
+                // Heard again: whatever happened is over.
+                if incident.since.is_some() {
+                    tracing::info!(host, "host heard again");
+                }
+                let lease_gone_at = incident.lease_gone_at;
+                *incident = Incident {
+                    lease_gone_at,
+                    ..Incident::default()
+                };
+                continue;
+            }
+            // Powered off by a cut incident: that one takes its services over.
+            if self
+                .cuts
+                .get(host)
+                .is_some_and(|x| x.fencing || x.fenced || x.acted)
+            {
+                continue;
+            }
+            let since = self.peers.silent_since(host).unwrap_or(now);
+            if incident.since != Some(since) {
+                let lease_gone_at = incident.lease_gone_at;
+                *incident = Incident {
+                    since: Some(since),
+                    lease_gone_at,
+                    ..Incident::default()
+                };
+                tracing::warn!(
+                    host,
+                    silent_ms = now.saturating_duration_since(since).as_millis() as u64,
+                    "host suspect: no heartbeat, and no host heard here hears it"
+                );
+            }
+            let Some(services) = t.services.get(host) else {
+                continue;
+            };
+            if incident.acted {
+                continue;
+            }
+            // Asked at once and again while it stays suspect, whatever the judgement: its
+            // answer is ready when this host becomes eligible to judge.
+            if !incident.checking
+                && incident
+                    .libvirt
+                    .is_none_or(|(_, at)| now.saturating_duration_since(at) >= LIBVIRT_CHECK_EVERY)
+            {
+                incident.checking = true;
+                let target = self.hosts.get(host).and_then(|p| p.libvirt.clone());
+                let (done, host) = (self.done.clone(), host.to_string());
+                tokio::spawn(async move {
+                    let reachable = match target {
+                        Some((h, port)) => libvirt_answers(&h, port).await,
+                        // Nowhere to ask: it cannot be shown to run.
+                        None => false,
+                    };
+                    let _ = done.send(Done::Libvirt {
+                        host,
+                        since,
+                        reachable,
                     });
+                });
+            }
+            let facts = Suspect {
+                silent_since: since,
+                libvirt_reachable: incident
+                    .libvirt
+                    .filter(|(_, at)| now.saturating_duration_since(*at) < LIBVIRT_RESULT_VALID)
+                    .map(|(r, _)| r),
+                lease_gone_at: incident.lease_gone_at,
+                fence_device: self.fences.contains_key(host) && !incident.fence_failed,
+                fenced: incident.fenced,
+                answered_while_silent: incident.answered,
+            };
+            let judgement = liveness::judge(Some(&facts), &lease, c.promote_margin(), now);
+            let label = format!("{judgement:?}");
+            if incident.logged.as_deref() != Some(label.as_str()) {
+                match &judgement {
+                    Judgement::NoSafeWay => tracing::error!(host, "host went dark after its daemon died: nothing fenced it and it has no fence device; its services are NOT taken over (fence it, then `understudy failover`)"),
+                    Judgement::DaemonDown => tracing::warn!(host, "host silent, but its libvirtd answers: its daemon is down or cut off and its VMs run; not fenced, nothing moves"),
+                    Judgement::NotEligible(why) => tracing::info!(host, why, "host suspect; not judged from here"),
+                    j => tracing::info!(host, judgement = ?j, "host suspect"),
+                }
+                incident.logged = Some(label);
+            }
+            match judgement {
+                Judgement::Alive
+                | Judgement::NotEligible(_)
+                | Judgement::WaitLease(_)
+                | Judgement::CheckLibvirt
+                | Judgement::DaemonDown
+                | Judgement::NoSafeWay => {}
+                Judgement::Fence => {
+                    let (fencing, fence_at) = (incident.fencing, incident.fence_at);
+                    let turn = match fence_at {
+                        Some(at) => at,
+                        None => {
+                            let at = self.fence_turn(d, t, host, now);
+                            self.incidents.get_mut(host).expect("just seen").fence_at = Some(at);
+                            at
+                        }
+                    };
+                    if !fencing && now >= turn {
+                        self.incidents.get_mut(host).expect("just seen").fencing = true;
+                        self.spawn_fence(host, FencedFor::Silence(since), "host lost");
+                    }
+                }
+                Judgement::Lost(how) => {
+                    incident.acted = true;
+                    take_over(d, host, how, services, Trigger::HostLost, since);
                 }
             }
-            Judgement::Lost(how) => {
-                incident.acted = true;
-                take_over(d, host, how, services, since);
+        }
+    }
+
+    /// Takes in what slow work reported.
+    fn on_done(&mut self, d: &Shared, done: Done) {
+        match done {
+            Done::Libvirt {
+                host,
+                since,
+                reachable,
+            } => {
+                if let Some(i) = self
+                    .incidents
+                    .get_mut(&host)
+                    .filter(|i| i.since == Some(since))
+                {
+                    i.checking = false;
+                    // After its lease expired: its daemon did not fence it (a host still
+                    // going down, or frozen, may answer before).
+                    i.answered |= reachable && i.lease_gone_at.is_some();
+                    i.libvirt = Some((reachable, Instant::now()));
+                }
+            }
+            Done::Probe { ticket, ok } => self.reach.done(&ticket, ok, Instant::now()),
+            Done::Fence { host, of, result } => {
+                let (fencing, fenced, failed) = match of {
+                    FencedFor::Silence(since) => {
+                        let Some(i) = self
+                            .incidents
+                            .get_mut(&host)
+                            .filter(|i| i.since == Some(since))
+                        else {
+                            return;
+                        };
+                        (&mut i.fencing, &mut i.fenced, &mut i.fence_failed)
+                    }
+                    FencedFor::Cut(began) => {
+                        let Some(i) = self.cuts.get_mut(&host).filter(|i| i.began == began) else {
+                            return;
+                        };
+                        (&mut i.fencing, &mut i.fenced, &mut i.fence_failed)
+                    }
+                };
+                *fencing = false;
+                if fence_outcome(d, &host, of, result) {
+                    *fenced = true;
+                } else {
+                    *failed = true;
+                }
             }
         }
     }
@@ -558,74 +825,74 @@ async fn libvirt_answers(host: &str, port: u16) -> bool {
     }
 }
 
-fn on_done(d: &Shared, done: Done, incidents: &mut BTreeMap<String, Incident>) {
-    match done {
-        Done::Libvirt {
-            host,
-            since,
-            reachable,
-        } => {
-            if let Some(i) = incidents.get_mut(&host).filter(|i| i.since == Some(since)) {
-                i.checking = false;
-                // After its lease expired: its daemon did not fence it (a host still going
-                // down, or frozen, may answer before).
-                i.answered |= reachable && i.lease_gone_at.is_some();
-                i.libvirt = Some((reachable, Instant::now()));
-            }
+/// Reports a fence device's run (log, metric, event); whether it confirmed the host off.
+fn fence_outcome(
+    d: &Shared,
+    host: &str,
+    of: FencedFor,
+    result: Result<Fenced, FenceError>,
+) -> bool {
+    let why = match of {
+        FencedFor::Silence(_) => "host lost",
+        FencedFor::Cut(_) => "cut off the switch",
+    };
+    match result {
+        Ok(f) => {
+            tracing::warn!(%host, why, off_ms = f.off.as_millis() as u64, status_ms = f.status.as_millis() as u64, "host fenced: its fence device reports it off");
+            d.metrics.inc_host_fence(host, "fence_device", true);
+            d.events.emit(
+                None,
+                EventKind::HostFenced {
+                    host: host.to_string(),
+                    how: LostHow::Fenced.label().into(),
+                    ok: true,
+                    detail: format!(
+                        "{why}: powered off in {} ms, status off in {} ms",
+                        f.off.as_millis(),
+                        f.status.as_millis()
+                    ),
+                },
+            );
+            true
         }
-        Done::Fence {
-            host,
-            since,
-            result,
-        } => {
-            let Some(i) = incidents.get_mut(&host).filter(|i| i.since == Some(since)) else {
-                return;
-            };
-            i.fencing = false;
-            match result {
-                Ok(f) => {
-                    tracing::warn!(%host, off_ms = f.off.as_millis() as u64, status_ms = f.status.as_millis() as u64, "host fenced: its fence device reports it off");
-                    d.metrics.inc_host_fence(&host, "fence_device", true);
-                    d.events.emit(
-                        None,
-                        EventKind::HostFenced {
-                            host: host.clone(),
-                            how: LostHow::Fenced.label().into(),
-                            ok: true,
-                            detail: format!(
-                                "powered off in {} ms, status off in {} ms",
-                                f.off.as_millis(),
-                                f.status.as_millis()
-                            ),
-                        },
-                    );
-                    i.fenced = true;
+        Err(e) => {
+            let detail = crate::error::report(&e);
+            match of {
+                FencedFor::Silence(_) => {
+                    tracing::error!(%host, error = %detail, "fencing failed; its services move only after its lease expired and the margin passed")
                 }
-                Err(e) => {
-                    let why = crate::error::report(&e);
-                    tracing::error!(%host, error = %why, "fencing failed; its services move only after its lease expired and the margin passed");
-                    d.metrics.inc_host_fence(&host, "fence_device", false);
-                    d.events.emit(
-                        None,
-                        EventKind::HostFenced {
-                            host: host.clone(),
-                            how: LostHow::Fenced.label().into(),
-                            ok: false,
-                            detail: why,
-                        },
-                    );
-                    i.fence_failed = true;
+                FencedFor::Cut(_) => {
+                    tracing::error!(%host, error = %detail, "fencing failed; the host is cut off the switch but renews its lease: its services are NOT taken over")
                 }
             }
+            d.metrics.inc_host_fence(host, "fence_device", false);
+            d.events.emit(
+                None,
+                EventKind::HostFenced {
+                    host: host.to_string(),
+                    how: LostHow::Fenced.label().into(),
+                    ok: false,
+                    detail: format!("{why}: {detail}"),
+                },
+            );
+            false
         }
     }
 }
 
 /// Promotes, here, the services of a lost host that a ready shadow here can take over.
-fn take_over(d: &Shared, host: &str, how: LostHow, services: &[(String, String)], since: Instant) {
+fn take_over(
+    d: &Shared,
+    host: &str,
+    how: LostHow,
+    services: &[(String, String)],
+    trigger: Trigger,
+    since: Instant,
+) {
     tracing::warn!(
         host,
         how = how.label(),
+        %trigger,
         services = services.len(),
         "host lost and safe; promoting its services' shadows here"
     );
@@ -642,7 +909,7 @@ fn take_over(d: &Shared, host: &str, how: LostHow, services: &[(String, String)]
         );
     }
     for (service, domain) in services {
-        start_failover(d, service, domain, Trigger::HostLost, since);
+        start_failover(d, service, domain, trigger, since);
     }
 }
 

@@ -22,17 +22,22 @@ pub enum Trigger {
     /// expired after it fenced itself): serialized `host_lost`.
     #[serde(rename = "host_lost")]
     HostLost,
+    /// The primary's host was cut off the switch (its primaries answered on its own bridge
+    /// only) and powered off by its fence device: serialized `host_unreachable`.
+    #[serde(rename = "host_unreachable")]
+    HostUnreachable,
 }
 
 impl Trigger {
     /// Every trigger, for metrics that export each one from the start.
-    pub const ALL: [Trigger; 6] = [
+    pub const ALL: [Trigger; 7] = [
         Trigger::Pidfd,
         Trigger::Lifecycle,
         Trigger::Heartbeat,
         Trigger::Manual,
         Trigger::Recovery,
         Trigger::HostLost,
+        Trigger::HostUnreachable,
     ];
 
     /// Label for status and metrics.
@@ -44,6 +49,7 @@ impl Trigger {
             Trigger::Manual => "manual",
             Trigger::Recovery => "recovery",
             Trigger::HostLost => "host_lost",
+            Trigger::HostUnreachable => "host_unreachable",
         }
     }
 
@@ -51,7 +57,11 @@ impl Trigger {
     pub fn primary_known_dead(self) -> bool {
         matches!(
             self,
-            Trigger::Pidfd | Trigger::Lifecycle | Trigger::Recovery | Trigger::HostLost
+            Trigger::Pidfd
+                | Trigger::Lifecycle
+                | Trigger::Recovery
+                | Trigger::HostLost
+                | Trigger::HostUnreachable
         )
     }
 }
