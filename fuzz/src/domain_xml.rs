@@ -272,7 +272,10 @@ fn check_clone(primary: &DomainXml, plan: &understudy::domain_xml::ShadowPlan, s
         .iter()
         .any(|s| matches!(s.kind, InterfaceKind::Bridge | InterfaceKind::Network))
     {
-        assert_eq!(boot_text, text, "boot variant differs without a bridged NIC");
+        assert_eq!(
+            boot_text, text,
+            "boot variant differs without a bridged NIC"
+        );
         return;
     }
     let boot = DomainXml::parse(&boot_text)
