@@ -12,22 +12,32 @@
 #
 #   SOAK_ROUNDS  rounds (default 20)
 #   SOAK_FILTER  test name filter (default faults::, i.e. every fault test as they are added)
+#   SOAK_OUT     results directory (default build/soak/<stamp>). Given an existing one, the
+#                rounds are added to it (numbered on from its last) and the summary covers
+#                all of them: a soak split into chunks, each under its own lab lock, adds up.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 rounds=${SOAK_ROUNDS:-20}
 filter=${SOAK_FILTER:-faults::}
 [[ $rounds =~ ^[0-9]+$ ]] && [ "$rounds" -gt 0 ] || { echo "soak: SOAK_ROUNDS must be a positive integer" >&2; exit 2; }
-out=build/soak/$(date -u +%Y%m%dT%H%M%SZ)
+out=${SOAK_OUT:-build/soak/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$out/failures"
 
 mapfile -t tests < <(cargo test --offline --test lab -- --list "$filter" 2>/dev/null | sed -n 's/: test$//p')
 [ ${#tests[@]} -gt 0 ] || { echo "soak: no test matches $filter" >&2; exit 2; }
-echo "soak: ${#tests[@]} tests x $rounds rounds, logs in $out"
-printf 'round\ttest\tstatus\tseconds\n' >"$out/runs.tsv"
-printf 'round\ttest\tfault\tclient_ms\tdaemon_outage_ms\n' >"$out/recoveries.tsv"
+# Rounds already in $out (an earlier chunk): number on from the last.
+first=1
+if [ -f "$out/runs.tsv" ]; then
+    first=$(($(awk -F'\t' 'NR > 1 && $1 > m { m = $1 } END { print m + 0 }' "$out/runs.tsv") + 1))
+else
+    printf 'round\ttest\tstatus\tseconds\n' >"$out/runs.tsv"
+    printf 'round\ttest\tfault\tclient_ms\tdaemon_outage_ms\n' >"$out/recoveries.tsv"
+fi
+last=$((first + rounds - 1))
+echo "soak: ${#tests[@]} tests x $rounds rounds (rounds $first-$last), logs in $out"
 
-for ((r = 1; r <= rounds; r++)); do
+for ((r = first; r <= last; r++)); do
     mkdir -p "$out/round-$r"
     for t in "${tests[@]}"; do
         log=$out/round-$r/${t//::/__}.log
@@ -51,7 +61,7 @@ for ((r = 1; r <= rounds; r++)); do
             while IFS=$'\t' read -r _ fault ms dms; do
                 printf '%s\t%s\t%s\t%s\t%s\n' "$r" "$t" "$fault" "$ms" "$dms" >>"$out/recoveries.tsv"
             done
-        echo "soak: round $r/$rounds $t: $st (${secs} s)"
+        echo "soak: round $r/$last $t: $st (${secs} s)"
     done
 done
 
