@@ -10,12 +10,18 @@
 //! taken during the replay.
 //!
 //! The unchanged baseline clone is measured the same way: when it is beyond the envelope too,
-//! the replay (or the clone itself) exceeds it, not the change, and no finding is raised.
+//! the replay (or the clone itself) exceeds it, not the change, and no finding is raised; nor
+//! when the canary used at most [`NOISE_MARGIN`] more than the baseline.
 
 use serde::{Deserialize, Serialize};
 
 use crate::capture::Record;
 use crate::profile::{Envelope, Source};
+
+/// How much more than the unchanged baseline the canary must use for a finding: two clones of
+/// one primary under one replay differ by some amount (QEMU's own work, timer ticks under TCG),
+/// and a change that costs less than this is not worth a finding even at the limit.
+pub const NOISE_MARGIN: f64 = 0.10;
 
 /// The envelopes the service's profile predicted for the canary's run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,10 +104,15 @@ impl EnvelopeCheck {
         self.baseline.is_some_and(|v| v > self.limit)
     }
 
-    /// The change takes the service beyond its envelope: the canary is beyond it and the
-    /// unchanged baseline, under the same replay, is not.
+    /// The change takes the service beyond its envelope: the canary is beyond it, the
+    /// unchanged baseline under the same replay is not, and the canary used more than
+    /// [`NOISE_MARGIN`] above the baseline (when the baseline was measured).
     pub fn finding(&self) -> bool {
-        self.canary_beyond() && !self.baseline_beyond()
+        let above_noise = match (self.canary, self.baseline) {
+            (Some(c), Some(b)) => c > b * (1.0 + NOISE_MARGIN),
+            _ => true,
+        };
+        self.canary_beyond() && !self.baseline_beyond() && above_noise
     }
 }
 
@@ -288,6 +299,17 @@ mod tests {
             panic!("{r:?}")
         };
         assert!(checks[1].canary_beyond() && checks[1].baseline_beyond());
+        // Nor is a canary just past the limit with a baseline just below it.
+        let r = compare(
+            profile(env(10.0), env((40 * MIB) as f64)),
+            used((100.0, 39), (100.0, 41)),
+        );
+        assert!(r.findings().is_empty(), "{r:?}");
+        let r = compare(
+            profile(env(10.0), env((40 * MIB) as f64)),
+            used((100.0, 36), (100.0, 41)),
+        );
+        assert_eq!(metrics(&r), ["mem"]);
     }
 
     #[test]

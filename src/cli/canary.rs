@@ -366,8 +366,10 @@ pub fn render(r: &CanaryRecord) -> String {
                     envelope::describe(c),
                     if c.finding() {
                         ": beyond the envelope"
-                    } else if c.canary_beyond() {
+                    } else if c.canary_beyond() && c.baseline_beyond() {
                         ": beyond, as is the unchanged baseline (not the change's doing)"
+                    } else if c.canary_beyond() {
+                        ": beyond, by no more than the baseline's noise margin"
                     } else {
                         ""
                     }
