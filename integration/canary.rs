@@ -473,6 +473,87 @@ fn canary_reports_a_broken_path_passes_a_harmless_change_and_abort_leaves_things
     );
 }
 
+/// Holds 96 MiB in the canary's guest (the lab service uses about 33 MiB) for the whole run.
+const HOLD_MEMORY: &str = r#"
+[[command]]
+argv = ["/bin/sh", "-c", "setsid /bin/us-workload mem 96 900 </dev/null >/dev/null 2>&1 &"]
+"#;
+
+#[test]
+fn canary_beyond_the_profile_envelope_is_a_finding() {
+    require_lab();
+    let name = "it-env1";
+    let ip = "10.77.0.95";
+    let _cleanup = Cleanup {
+        prefixes: vec![
+            name.to_string(),
+            format!("{name}-canary"),
+            format!("{name}-baseline"),
+        ],
+    };
+    let (daemon, _image) = ledger_service("envelope", name, ip, "");
+    let hv = hypervisor();
+    let before = domains(&hv);
+    // The profile predicts an envelope once it has its first 30 observations (1 s apart).
+    let plan = wait_for("a profile plan", Duration::from_secs(120), || {
+        let (code, out, _) = daemon.cli(&["profile", "show", name, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (code == 0 && v["plan"].is_object()).then_some(v)
+    });
+    let (code, report, err) = canary_start(&daemon, name, HOLD_MEMORY);
+    eprintln!("{err}");
+    assert_eq!(
+        code, 4,
+        "beyond the envelope must exit 4: {report:#} {plan:#}"
+    );
+    let env = &report["envelope"];
+    assert_eq!(env["status"], "compared", "{report:#}");
+    let mem = env["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["metric"] == "mem")
+        .unwrap_or_else(|| panic!("no memory check: {env:#}"));
+    let (canary, baseline, limit) = (
+        mem["canary"].as_f64().unwrap(),
+        mem["baseline"].as_f64().unwrap(),
+        mem["limit"].as_f64().unwrap(),
+    );
+    assert!(canary > limit && baseline <= limit, "{mem:#}");
+    // The workload holds 96 MiB; the guest gives back some page cache under the pressure
+    // (measured here: 70 MiB more than the baseline).
+    assert!(canary - baseline > 48.0 * 1024.0 * 1024.0, "{mem:#}");
+    // The answers themselves are alike: the finding is the envelope's alone.
+    assert_eq!(
+        report["comparison"]["differing"].as_array().unwrap().len(),
+        0,
+        "{report:#}"
+    );
+    let (code, text, _) = daemon.cli(&["canary", "report", name]);
+    assert_eq!(code, 0);
+    assert!(text.contains("BEYOND IT"), "{text}");
+    assert!(text.contains("): beyond the envelope"), "{text}");
+    let metrics = daemon.metrics();
+    let ratio = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "understudy_canary_envelope_use_ratio{{service=\"{name}\",metric=\"mem\"}}"
+            ))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no envelope ratio: {metrics}"));
+    assert!(ratio > 1.0, "{ratio}");
+    let events = daemon.cli(&["events", name]).1;
+    assert!(
+        events.contains("beyond the profile's envelope: [") && events.contains("mem canary"),
+        "{events}"
+    );
+    let (code, _, err) = daemon.cli(&["canary", "abort", name]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(domains(&hv), before);
+}
+
 /// Runs a command in a guest through its agent (fire and forget).
 fn guest_run(hv: &understudy::libvirt::Hypervisor, domain: &str, script: &str) {
     let cmd = serde_json::json!({

@@ -182,6 +182,7 @@ pub struct Metrics {
     canary_runs: Family<OutcomeLabels, Counter>,
     canary_differing: Family<ServiceLabels, Gauge>,
     canary_fidelity: Family<ServiceLabels, RatioGauge>,
+    canary_envelope: Family<ProfileMetricLabels, RatioGauge>,
     verify_runs: Family<OutcomeLabels, Counter>,
 }
 
@@ -235,6 +236,7 @@ impl Metrics {
         let canary_runs = Family::default();
         let canary_differing = Family::default();
         let canary_fidelity = Family::default();
+        let canary_envelope = Family::default();
         let verify_runs = Family::default();
         // Series that exist before their first event start at 0, so that `increase()` and
         // `rate()` see the first failover of a step or trigger (a series born at 1 shows none).
@@ -404,6 +406,11 @@ impl Metrics {
             Family::clone(&canary_fidelity),
         );
         registry.register(
+            "canary_envelope_use_ratio",
+            "The last canary's use of a resource (cpu|mem) as a share of the limit of the service profile's envelope (above 1: beyond it)",
+            Family::clone(&canary_envelope),
+        );
+        registry.register(
             "verify_runs",
             "Standby verifications by service and outcome (passed|failed)",
             Family::clone(&verify_runs),
@@ -416,6 +423,7 @@ impl Metrics {
             canary_runs,
             canary_differing,
             canary_fidelity,
+            canary_envelope,
             registry,
             failovers,
             failover_steps,
@@ -741,6 +749,22 @@ impl Metrics {
             .get_or_create(&l)
             .set(c.differing.len() as i64);
         self.canary_fidelity.get_or_create(&l).set(c.fidelity());
+    }
+
+    /// Exports a finished canary's use of each resource against the profile's envelope.
+    pub fn set_canary_envelope(&self, service: &str, e: &crate::canary::EnvelopeReport) {
+        if let crate::canary::EnvelopeReport::Compared { checks, .. } = e {
+            for c in checks {
+                if let Some(v) = c.canary {
+                    self.canary_envelope
+                        .get_or_create(&ProfileMetricLabels {
+                            service: service.to_string(),
+                            metric: c.metric.clone(),
+                        })
+                        .set(v / c.limit);
+                }
+            }
+        }
     }
 
     /// Counts a reconnection to libvirt.

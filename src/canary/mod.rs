@@ -3,11 +3,13 @@
 //! `isolated` starts a clone of a service's primary off the service network, on copies of its
 //! data; `change` is what a canary tries (files and commands through the guest agent); `run`
 //! replays recorded traffic against a changed clone and an unchanged one (the noise baseline)
-//! and compares them, or against one clone and the recording (standby verification).
+//! and compares them, or against one clone and the recording (standby verification);
+//! `envelope` compares the canary's resources with the service's profile.
 //! [`Canaries`] owns every canary's record: one per service, kept as an atomic JSON file
 //! under `<state_dir>/canary/` so that a restarted daemon can still report or abort it.
 
 pub mod change;
+pub mod envelope;
 pub mod isolated;
 pub mod run;
 pub mod verify;
@@ -19,6 +21,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 pub use change::{Change, ChangeError};
+pub use envelope::{EnvelopeReport, ProfileEnvelope};
 pub use isolated::{IsolatedDomain, IsolatedRequest, IsolationCheck};
 
 use crate::replay::Comparison;
@@ -208,6 +211,9 @@ pub struct CanaryRecord {
     /// The canary used more CPU than `latency_factor` x the baseline's plus 100 ms.
     #[serde(default)]
     pub costlier: bool,
+    /// The canary's CPU and memory against the profile's envelope.
+    #[serde(default)]
+    pub envelope: Option<EnvelopeReport>,
     /// Isolation as checked all along.
     #[serde(default)]
     pub isolation: IsolationCheck,
@@ -390,6 +396,7 @@ mod tests {
             cpu: None,
             replay_ms: None,
             costlier: false,
+            envelope: None,
             isolation: IsolationCheck::default(),
             error: None,
         }

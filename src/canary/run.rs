@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::envelope::{self, CloneUse, ProfileEnvelope, ReplayUse};
 use super::isolated::{self, IsolatedDomain, IsolatedRequest, IsolationCheck};
 use super::{Canaries, CanaryError, CanaryPhase, Change, ReplayCpu, StepOutcome};
 use crate::capture::{store::read_records, Record};
@@ -13,6 +14,7 @@ use crate::config::ReplayConfig;
 use crate::failover::shadow::guest_exec;
 use crate::libvirt::Hypervisor;
 use crate::monitor::agent::ExitStatus;
+use crate::monitor::collector::guest_used_bytes;
 use crate::net::Netlink;
 use crate::replay::{client, compare, Answer, Normalizer, ReplayError, Target};
 
@@ -20,6 +22,9 @@ use crate::replay::{client, compare, Answer, Normalizer, ReplayError, Target};
 const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// Longest wait for the changed service to accept connections again.
 const READY_WAIT: Duration = Duration::from_secs(15);
+/// How often the clones' memory is read during the replay (their balloon statistics are
+/// refreshed every second, as the primary's).
+const MEM_EVERY: Duration = Duration::from_millis(500);
 
 /// What a canary run needs.
 #[derive(Debug, Clone)]
@@ -34,6 +39,9 @@ pub struct Plan {
     pub records_dir: PathBuf,
     /// The clones' settings; `name` and `bridge` are set per clone.
     pub template: IsolatedRequest,
+    /// What the service's profile predicts it needs while the canary runs (`Err`: why it
+    /// predicts nothing).
+    pub envelope: Result<ProfileEnvelope, String>,
 }
 
 /// Recorded traffic to replay: the last `max_requests` records.
@@ -102,6 +110,57 @@ impl Watch {
 }
 
 impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The guest memory in use of `domain`, from its balloon statistics.
+async fn guest_mem(hv: &Hypervisor, domain: &str) -> Option<u64> {
+    let name = domain.to_string();
+    let stats = hv
+        .run("read isolated clone stats", move |hv| hv.stats(&name))
+        .await
+        .ok()?;
+    guest_used_bytes(&stats)
+}
+
+/// The largest memory reading of each clone, sampled in the background until dropped.
+struct MemPeaks {
+    peaks: Arc<Mutex<Vec<Option<u64>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MemPeaks {
+    fn start(hv: &Hypervisor, domains: Vec<String>) -> Self {
+        let peaks = Arc::new(Mutex::new(vec![None; domains.len()]));
+        let (p, hv) = (peaks.clone(), hv.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                for (i, d) in domains.iter().enumerate() {
+                    if let Some(v) = guest_mem(&hv, d).await {
+                        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+                        p[i] = p[i].max(Some(v));
+                    }
+                }
+                tokio::time::sleep(MEM_EVERY).await;
+            }
+        });
+        Self { peaks, task }
+    }
+
+    /// The peaks, after one last reading of each of `domains` (the same, in order).
+    async fn finish(self, hv: &Hypervisor, domains: &[&str]) -> Vec<Option<u64>> {
+        self.task.abort();
+        let mut out = self.peaks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (i, d) in domains.iter().enumerate() {
+            out[i] = out[i].max(guest_mem(hv, d).await);
+        }
+        out
+    }
+}
+
+impl Drop for MemPeaks {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -310,6 +369,7 @@ async fn steps(
         },
     ];
     let cpu0 = (cpu_ms(baseline.qemu_pid), cpu_ms(canary.qemu_pid));
+    let mem = MemPeaks::start(hv, vec![baseline.name.clone(), canary.name.clone()]);
     let replay_start = std::time::Instant::now();
     let (bk, svc, timeout) = (
         book.clone(),
@@ -336,6 +396,20 @@ async fn steps(
         baseline_ms: cpu_ms(baseline.qemu_pid) - cpu0.0,
         canary_ms: cpu_ms(canary.qemu_pid) - cpu0.1,
     };
+    let mem = mem.finish(hv, &[&baseline.name, &canary.name]).await;
+    let used = ReplayUse {
+        baseline: CloneUse {
+            cpu_ms: cpu.baseline_ms,
+            mem_bytes: mem[0],
+        },
+        canary: CloneUse {
+            cpu_ms: cpu.canary_ms,
+            mem_bytes: mem[1],
+        },
+        recorded_span_ms: envelope::recorded_span_ms(&records),
+        replay_ms,
+    };
+    let env = envelope::compare(plan.envelope.clone(), used);
     let cmp = compare::compare_canary(&records, &answers[0], &answers[1], &norm, &plan.replay);
     // Paused until promote or abort: they hold memory, not CPU.
     for d in [&baseline, &canary] {
@@ -350,12 +424,18 @@ async fn steps(
     }
     drop(watch);
     let verdict = cmp.verdict();
+    let beyond: Vec<&str> = env.findings().iter().map(|c| c.metric.as_str()).collect();
     let line = format!(
-        "report ready: {:?}, {} of {} requests differ beyond the noise ({} noisy)",
+        "report ready: {:?}, {} of {} requests differ beyond the noise ({} noisy){}",
         verdict,
         cmp.differing.len(),
         cmp.requests,
-        cmp.noisy
+        cmp.noisy,
+        if beyond.is_empty() {
+            String::new()
+        } else {
+            format!("; beyond the profile's envelope: {}", beyond.join(", "))
+        }
     );
     book.update(service, |r| {
         if r.phase != CanaryPhase::Aborting {
@@ -364,6 +444,7 @@ async fn steps(
         r.costlier = cpu.canary_ms > plan.replay.latency_factor * cpu.baseline_ms + 100.0;
         r.comparison = Some(cmp);
         r.cpu = Some(cpu);
+        r.envelope = Some(env);
         r.replay_ms = Some(replay_ms);
         r.isolation = iso;
         r.finished_unix_ms = Some(crate::clock::now_unix_ms());

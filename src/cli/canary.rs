@@ -12,7 +12,8 @@ use clap::Subcommand;
 use crate::api::control;
 use crate::api::protocol::{Request, Response};
 use crate::canary::change::MAX_CHANGE_BYTES;
-use crate::canary::{CanaryPhase, CanaryRecord};
+use crate::canary::envelope;
+use crate::canary::{CanaryPhase, CanaryRecord, EnvelopeReport};
 use crate::replay::CanaryVerdict;
 
 /// `understudy canary ...`.
@@ -233,7 +234,10 @@ fn wait(
                     .comparison
                     .as_ref()
                     .is_some_and(|c| c.verdict() == CanaryVerdict::Differs)
-                    || r.costlier;
+                    || r.costlier
+                    || r.envelope
+                        .as_ref()
+                        .is_some_and(|e| !e.findings().is_empty());
                 return if differs {
                     ExitCode::from(4)
                 } else {
@@ -327,6 +331,52 @@ pub fn render(r: &CanaryRecord) -> String {
             if r.costlier { " (costlier)" } else { "" }
         );
     }
+    match &r.envelope {
+        None => {}
+        Some(EnvelopeReport::Unavailable { why }) => {
+            let _ = writeln!(s, "  profile envelope: not compared: {why}");
+        }
+        Some(
+            e @ EnvelopeReport::Compared {
+                envelope,
+                used,
+                checks,
+                ..
+            },
+        ) => {
+            let findings = e.findings();
+            let _ = writeln!(
+                s,
+                "  profile envelope (profile {}, CPU at the recorded pace: {:.1} s of traffic replayed in {:.1} s): {}",
+                envelope
+                    .version
+                    .map_or_else(|| "not stored yet".to_string(), |v| format!("v{v}")),
+                used.recorded_span_ms as f64 / 1000.0,
+                used.replay_ms / 1000.0,
+                if findings.is_empty() {
+                    "within it"
+                } else {
+                    "BEYOND IT"
+                }
+            );
+            for c in checks {
+                let _ = writeln!(
+                    s,
+                    "    {}{}",
+                    envelope::describe(c),
+                    if c.finding() {
+                        ": beyond the envelope"
+                    } else if c.canary_beyond() && c.baseline_beyond() {
+                        ": beyond, as is the unchanged baseline (not the change's doing)"
+                    } else if c.canary_beyond() {
+                        ": beyond, by no more than the baseline's noise margin"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+    }
     let _ = writeln!(
         s,
         "  isolation: {} checks, {}",
@@ -370,4 +420,87 @@ pub fn render_verify(r: &crate::canary::verify::VerifyReport) -> String {
         r.isolation.violations.len()
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::canary::envelope::{compare, CloneUse, ProfileEnvelope, ReplayUse};
+    use crate::canary::Change;
+    use crate::profile::{Envelope, Source};
+
+    fn limit(limit: f64) -> Envelope {
+        Envelope {
+            p50: limit / 2.0,
+            p95: limit / 1.2,
+            limit,
+            source: Source::HourOfDay,
+        }
+    }
+
+    #[test]
+    fn the_report_shows_the_envelope_finding_in_text_and_json() {
+        let used = ReplayUse {
+            baseline: CloneUse {
+                cpu_ms: 500.0,
+                mem_bytes: Some(30 << 20),
+            },
+            canary: CloneUse {
+                cpu_ms: 600.0,
+                mem_bytes: Some(90 << 20),
+            },
+            recorded_span_ms: 10_000,
+            replay_ms: 2_500.0,
+        };
+        let env = ProfileEnvelope {
+            version: Some(4),
+            at_unix_ms: 1,
+            cpu: limit(0.5),
+            mem: limit((48 << 20) as f64),
+        };
+        let r = CanaryRecord {
+            service: "web1".into(),
+            class: "web".into(),
+            primary: "web1".into(),
+            change: Change::parse("[[command]]\nargv = [\"/bin/true\"]\n").unwrap(),
+            phase: CanaryPhase::Done,
+            progress: "report ready".into(),
+            started_unix_ms: 1,
+            finished_unix_ms: Some(2),
+            baseline: None,
+            canary: None,
+            applied: vec![],
+            comparison: None,
+            cpu: None,
+            replay_ms: Some(2_500.0),
+            costlier: false,
+            envelope: Some(compare(Ok(env), used)),
+            isolation: Default::default(),
+            error: None,
+        };
+        let text = render(&r);
+        assert!(
+            text.contains("profile envelope (profile v4, CPU at the recorded pace: 10.0 s of traffic replayed in 2.5 s): BEYOND IT"),
+            "{text}"
+        );
+        assert!(
+            text.contains("    mem canary 90.0 MiB (limit 48.0 MiB, p95 40.0 MiB; baseline 30.0 MiB): beyond the envelope"),
+            "{text}"
+        );
+        assert!(
+            text.contains("    cpu canary 0.06 cores (limit 0.50 cores, p95 0.42 cores; baseline 0.05 cores)\n"),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["envelope"]["status"], "compared");
+        assert_eq!(
+            json["envelope"]["checks"][1]["canary"],
+            (90u64 << 20) as f64
+        );
+        let young = CanaryRecord {
+            envelope: Some(compare(Err("too young".into()), used)),
+            ..r
+        };
+        assert!(render(&young).contains("  profile envelope: not compared: too young\n"));
+    }
 }

@@ -6,9 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::protocol::{ErrorKind, Response};
+use crate::canary::envelope;
 use crate::canary::run::{run_canary, Plan};
 use crate::canary::verify::{verify_shadow, VerifyReport, VerifyRequest};
-use crate::canary::{isolated, CanaryError, CanaryPhase, CanaryRecord, Change, IsolatedRequest};
+use crate::canary::{
+    isolated, CanaryError, CanaryPhase, CanaryRecord, Change, IsolatedRequest, ProfileEnvelope,
+};
 use crate::capture::CaptureStore;
 use crate::events::EventKind;
 use crate::failover::plan::DiskPolicy;
@@ -102,6 +105,28 @@ fn template(d: &Shared, service: &str, class: &str, primary: &str) -> IsolatedRe
     }
 }
 
+/// What `service`'s live profile predicts it needs now (the canary runs in the minutes after),
+/// as promotions size shadows; `Err` says why it predicts nothing.
+fn profile_envelope(d: &Shared, service: &str) -> Result<ProfileEnvelope, String> {
+    use crate::profile::manager::{MIN_PLAN_OBSERVATIONS, OPEN_LIMITS};
+    let m = d
+        .prof
+        .manager()
+        .ok_or_else(|| "profiling is not running in this daemon".to_string())?;
+    let at_unix_ms = crate::clock::now_unix_ms();
+    let plan = m
+        .resource_plan(service, at_unix_ms, OPEN_LIMITS)
+        .ok_or_else(|| {
+            format!("the live profile of '{service}' predicts no envelope yet (it needs {MIN_PLAN_OBSERVATIONS} observations)")
+        })?;
+    Ok(ProfileEnvelope {
+        version: m.live_version(service),
+        at_unix_ms,
+        cpu: plan.cpu,
+        mem: plan.mem,
+    })
+}
+
 /// `canary start`: checks the request, records the canary and runs it in the background.
 pub(super) async fn start(d: &Shared, service: &str, change: &str) -> Response {
     let change = match Change::parse(change) {
@@ -142,6 +167,7 @@ pub(super) async fn start(d: &Shared, service: &str, change: &str) -> Response {
         cpu: None,
         replay_ms: None,
         costlier: false,
+        envelope: None,
         isolation: Default::default(),
         error: None,
     };
@@ -156,6 +182,7 @@ pub(super) async fn start(d: &Shared, service: &str, change: &str) -> Response {
         replay: c.replay.clone(),
         records_dir,
         template: template(d, service, &class, &primary),
+        envelope: profile_envelope(d, service),
     };
     let d2 = d.clone();
     let svc = service.to_string();
@@ -170,15 +197,23 @@ pub(super) async fn start(d: &Shared, service: &str, change: &str) -> Response {
                 let differing: Vec<String> = cmp
                     .map(|c| c.differing.iter().map(|x| x.request.clone()).collect())
                     .unwrap_or_default();
+                let beyond: Vec<String> = r
+                    .envelope
+                    .as_ref()
+                    .map(|e| e.findings().into_iter().map(envelope::describe).collect())
+                    .unwrap_or_default();
                 d2.metrics.inc_canary(&svc, &verdict);
                 if let Some(c) = cmp {
                     d2.metrics.set_canary_result(&svc, c);
+                }
+                if let Some(e) = &r.envelope {
+                    d2.metrics.set_canary_envelope(&svc, e);
                 }
                 event(
                     &d2,
                     &svc,
                     "canary_finished",
-                    format!("{verdict}; differing: {differing:?}"),
+                    format!("{verdict}; differing: {differing:?}; beyond the profile's envelope: {beyond:?}"),
                 );
             }
             Some(r) if r.phase == CanaryPhase::Failed => {
