@@ -103,7 +103,7 @@ const QEMU_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const LIBVIRT_CATCH_UP: Duration = Duration::from_secs(2);
 const LIBVIRT_CATCH_UP_POLL: Duration = Duration::from_millis(5);
 /// How often a promote command is asked whether it has exited.
-const COMMAND_POLL: Duration = Duration::from_millis(10);
+const COMMAND_POLL: Duration = Duration::from_millis(20);
 /// Longest a pooled shadow's host name or configuration change may take in the guest.
 const IDENTITY_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
