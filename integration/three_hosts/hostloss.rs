@@ -501,6 +501,31 @@ fn members(name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Powers h1 on again and restarts its daemon, which must follow the new owner and leave its
+/// old primary off.
+fn power_h1_on_and_see_its_primary_retired(
+    cluster: &Cluster,
+    s: &mut Setup,
+    restore: &mut Restore,
+    name: &str,
+) {
+    let (code, _) = fence_lab(&["-o", "on", "-n", "h1"], None);
+    assert_eq!(code, 0, "power h1 on");
+    restore.powered_off.clear();
+    s.ds[0].restart();
+    let on = format!("elsewhere: on host {}", s.shadow_host);
+    wait_for(
+        "h1 following the new owner",
+        Duration::from_secs(60),
+        || (state_of(&s.ds[0], name) == on).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !cluster.hypervisor("h1").state(name).unwrap().is_active(),
+        "the fenced host started its old primary again"
+    );
+}
+
 /// A primary on h1 protected by daemons on all three hosts, its shadow on h2 or h3: the
 /// daemons, the shadow's host and name, the primary's uuid.
 struct Setup {
@@ -675,21 +700,7 @@ fn a_host_powered_off_is_fenced_and_its_service_served_from_a_shadow_elsewhere()
     );
 
     // h1 comes back; its daemon starts again and finds its primary retired.
-    let (code, _) = fence_lab(&["-o", "on", "-n", "h1"], None);
-    assert_eq!(code, 0, "power h1 on");
-    restore.powered_off.clear();
-    s.ds[0].restart();
-    let on = format!("elsewhere: on host {}", s.shadow_host);
-    wait_for(
-        "h1 following the new owner",
-        Duration::from_secs(60),
-        || (state_of(&s.ds[0], name) == on).then_some(()),
-    );
-    std::thread::sleep(Duration::from_secs(5));
-    assert!(
-        !cluster.hypervisor("h1").state(name).unwrap().is_active(),
-        "the fenced host started its old primary again"
-    );
+    power_h1_on_and_see_its_primary_retired(&cluster, &mut s, &mut restore, name);
     assert_eq!(
         owner(&s.ds[0], name),
         Some((s.shadow_host.to_string(), s.shadow.clone()))
@@ -791,21 +802,7 @@ fn a_host_cut_from_the_switch_is_detected_by_the_probe_fenced_and_its_service_mo
     // Joined again and powered on: h1's daemon follows the new owner, its old primary off.
     lab_cut("h1", "switch", "up");
     restore.cut.clear();
-    let (code, _) = fence_lab(&["-o", "on", "-n", "h1"], None);
-    assert_eq!(code, 0, "power h1 on");
-    restore.powered_off.clear();
-    s.ds[0].restart();
-    let on = format!("elsewhere: on host {}", s.shadow_host);
-    wait_for(
-        "h1 following the new owner",
-        Duration::from_secs(60),
-        || (state_of(&s.ds[0], name) == on).then_some(()),
-    );
-    std::thread::sleep(Duration::from_secs(5));
-    assert!(
-        !cluster.hypervisor("h1").state(name).unwrap().is_active(),
-        "the fenced host started its old primary again"
-    );
+    power_h1_on_and_see_its_primary_retired(&cluster, &mut s, &mut restore, name);
     wait_served_by(ip, &s.shadow_uuid, "the shadow still serving");
 }
 

@@ -426,6 +426,15 @@ pub struct ServiceTable {
     pools: BTreeMap<String, Pool>,
 }
 
+/// A shadow that stands by or is on its way there (booting, or switching tiers): one the
+/// service counts on.
+fn standing_by(s: &Shadow) -> bool {
+    matches!(
+        s.state,
+        ShadowState::Booting | ShadowState::Standby(_) | ShadowState::Switching(_)
+    )
+}
+
 /// The promotion `svc` is in, which must be of `shadow`: its trigger, the old primary's host
 /// when another, and how the shadow stood by. `what` names the refused transition.
 fn promoting(
@@ -862,16 +871,7 @@ impl ServiceTable {
                 continue;
             }
             let want = (lim.shadows as usize).max(usize::from(down_retry));
-            let have = svc
-                .shadows
-                .iter()
-                .filter(|s| {
-                    matches!(
-                        s.state,
-                        ShadowState::Booting | ShadowState::Standby(_) | ShadowState::Switching(_)
-                    )
-                })
-                .count();
+            let have = svc.shadows.iter().filter(|s| standing_by(s)).count();
             if have >= want {
                 if svc.state == ServiceState::Provisioning
                     && svc.shadows.iter().all(|s| s.state.is_standby())
@@ -988,34 +988,24 @@ impl ServiceTable {
             .map(|s| s.class.clone())
             .collect();
         let mut out = Vec::new();
-        let remove = |owner: &str,
-                      shadows: &mut Vec<Shadow>,
-                      keep: usize,
-                      out: &mut Vec<Action>| {
-            let have = shadows
-                .iter()
-                .filter(|s| {
-                    matches!(
-                        s.state,
-                        ShadowState::Booting | ShadowState::Standby(_) | ShadowState::Switching(_)
-                    )
-                })
-                .count();
-            let mut extra = have.saturating_sub(keep);
-            for s in shadows.iter_mut().rev() {
-                if extra == 0 {
-                    break;
+        let remove =
+            |owner: &str, shadows: &mut Vec<Shadow>, keep: usize, out: &mut Vec<Action>| {
+                let have = shadows.iter().filter(|s| standing_by(s)).count();
+                let mut extra = have.saturating_sub(keep);
+                for s in shadows.iter_mut().rev() {
+                    if extra == 0 {
+                        break;
+                    }
+                    if s.state.is_standby() {
+                        s.state = ShadowState::Failed;
+                        out.push(Action::RemoveShadow {
+                            service: owner.to_string(),
+                            shadow: s.name.clone(),
+                        });
+                        extra -= 1;
+                    }
                 }
-                if s.state.is_standby() {
-                    s.state = ShadowState::Failed;
-                    out.push(Action::RemoveShadow {
-                        service: owner.to_string(),
-                        shadow: s.name.clone(),
-                    });
-                    extra -= 1;
-                }
-            }
-        };
+            };
         let classes: Vec<String> = self.pools.keys().cloned().collect();
         for class in classes {
             if unsettled.contains(&class) {
