@@ -1,5 +1,6 @@
 //! All libvirt FFI lives here: the connection, libvirt's event loop and its callbacks, guest
-//! agent and QEMU monitor commands, and the pidfd watch on a domain's QEMU process.
+//! agent and QEMU monitor commands, the pidfd watch on a domain's QEMU process, and the hold on
+//! its virtlockd connection that hands its disk leases back at its reap.
 //!
 //! Every call into libvirt blocks; async code reaches this module through
 //! `tokio::task::spawn_blocking` (see [`Hypervisor::run`]).
