@@ -16,6 +16,7 @@ use crate::common::{
     domain_uuid, guest_xml, holders, http_get, ledger, page_uuid, wait_for, DaemonProc, Writer,
     DATA_CLASS,
 };
+use understudy::capture::sniff::PacketSocket;
 
 const SHADOW_WAIT: Duration = Duration::from_secs(300);
 
@@ -240,7 +241,7 @@ impl SwitchWatch {
                 let _ = ready.send(());
                 let mut buf = vec![0u8; 65_600];
                 while !stop.load(Ordering::SeqCst) {
-                    if let Some(n) = sock.recv_ingress(&mut buf) {
+                    if let Ok(Some(n)) = sock.recv_incoming(&mut buf) {
                         if n >= 12 && buf[6..12] == want[..] {
                             frames.lock().unwrap().push((began.elapsed(), port.clone()));
                         }
@@ -337,89 +338,13 @@ impl Drop for SwitchWatch {
     }
 }
 
-/// A packet socket on one port of a bridge in another network namespace.
-struct IngressSocket(std::os::fd::OwnedFd);
-
 /// Opens, from the calling thread (which it moves into namespace `ns` for good), a packet
 /// socket on `link` that waits at most 100 ms per read.
-fn ingress_socket(ns: &str, link: &str) -> IngressSocket {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+fn ingress_socket(ns: &str, link: &str) -> PacketSocket {
     let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("the switch namespace");
     nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-    let name = std::ffi::CString::new(link).unwrap();
-    // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert!(index > 0, "no {link} in {ns}");
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(proto),
-        )
-    };
-    assert!(
-        raw >= 0,
-        "packet socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `raw` is a new, valid descriptor owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto;
-    sll.sll_ifindex = index as i32;
-    // SAFETY: the pointer and length describe `sll`, which lives across the call.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
-    // SAFETY: the pointer and length describe `tv`, which lives across the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
-    IngressSocket(fd)
-}
-
-impl IngressSocket {
-    /// One frame that came in from the port's far side (not one the bridge sent out of it);
-    /// `None` after 100 ms without one.
-    fn recv_ingress(&self, buf: &mut [u8]) -> Option<usize> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-        // SAFETY: `buf` is writable for its length and `from`/`len` describe a sockaddr_ll,
-        // all of which live across the call.
-        let n = unsafe {
-            libc::recvfrom(
-                self.0.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-                &mut from as *mut libc::sockaddr_ll as *mut libc::sockaddr,
-                &mut len,
-            )
-        };
-        (n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING).then_some(n as usize)
-    }
+    PacketSocket::open(link, Duration::from_millis(100))
+        .unwrap_or_else(|e| panic!("a packet socket on {link} in {ns}: {e}"))
 }
 
 /// Checks the client's view of a move from `old` to `new`: before the first answer of `new`

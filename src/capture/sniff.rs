@@ -106,17 +106,37 @@ impl PacketSocket {
     /// Reads one frame into `buf`: Ok(Some(len)), Ok(None) when the wait timed out. A frame
     /// longer than `buf` is cut to it.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        // SAFETY: the pointer and length describe `buf`, writable for the whole call.
+        Ok(self.recv_from(buf)?.map(|(n, _)| n))
+    }
+
+    /// Like [`Self::recv`], but a frame this host sent out of the link (for a bridge port: one
+    /// the bridge forwarded to it) is read and dropped, Ok(None): only frames that came in from
+    /// the link's far side are returned.
+    pub fn recv_incoming(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        Ok(self
+            .recv_from(buf)?
+            .and_then(|(n, kind)| (kind != libc::PACKET_OUTGOING).then_some(n)))
+    }
+
+    /// One frame and its packet type (`sll_pkttype`).
+    fn recv_from(&self, buf: &mut [u8]) -> io::Result<Option<(usize, u8)>> {
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: `buf` is writable for its length and `from`/`len` describe a sockaddr_ll,
+        // all of which live across the call.
         let n = unsafe {
-            libc::recv(
+            libc::recvfrom(
                 self.fd.as_raw_fd(),
                 buf.as_mut_ptr() as *mut libc::c_void,
                 buf.len(),
                 0,
+                &mut from as *mut libc::sockaddr_ll as *mut libc::sockaddr,
+                &mut len,
             )
         };
         if n >= 0 {
-            return Ok(Some(n as usize));
+            return Ok(Some((n as usize, from.sll_pkttype)));
         }
         let e = io::Error::last_os_error();
         match e.kind() {
