@@ -24,7 +24,10 @@ const CHECK_EVERY: Duration = Duration::from_millis(250);
 const READY_WAIT: Duration = Duration::from_secs(15);
 /// How often the clones' memory is read during the replay (their balloon statistics are
 /// refreshed every second, as the primary's).
-const MEM_EVERY: Duration = Duration::from_millis(500);
+const MEM_EVERY: Duration = Duration::from_millis(250);
+/// How long the clones' memory is still read after the replay: a reading as it ends may predate
+/// its last second (one balloon statistics period, 1 s, plus a margin).
+const MEM_SETTLE: Duration = Duration::from_millis(1500);
 
 /// What a canary run needs.
 #[derive(Debug, Clone)]
@@ -149,8 +152,10 @@ impl MemPeaks {
         Self { peaks, task }
     }
 
-    /// The peaks, after one last reading of each of `domains` (the same, in order).
+    /// The peaks, after the readings of one more statistics period and a last reading of each
+    /// of `domains` (the same, in order).
     async fn finish(self, hv: &Hypervisor, domains: &[&str]) -> Vec<Option<u64>> {
+        tokio::time::sleep(MEM_SETTLE).await;
         self.task.abort();
         let mut out = self.peaks.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (i, d) in domains.iter().enumerate() {

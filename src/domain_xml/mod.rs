@@ -67,6 +67,13 @@ pub enum XmlError {
         /// Start tag of the root element that was found.
         found: String,
     },
+    /// A libvirt status file's document element is not `<domstatus>`, or it holds no
+    /// `<domain>`.
+    #[error("expected a libvirt <domstatus> with a <domain> inside, found {found}")]
+    NotStatus {
+        /// Start tag of the element that was found instead.
+        found: String,
+    },
     /// A number in the document does not parse.
     #[error("{what}: {value:?} is not a valid number")]
     InvalidNumber {
@@ -454,6 +461,36 @@ impl DomainXml {
             }
         }
         Ok(dom)
+    }
+
+    /// The live definition inside one of libvirt's status files (`<domstatus>` around the
+    /// `<domain>` it runs), checked as [`DomainXml::parse`] checks a definition.
+    pub fn parse_status(xml: &str) -> Result<Self, XmlError> {
+        if xml.len() > DOMAIN_XML_MAX {
+            return Err(XmlError::TooLarge {
+                what: "domain status XML",
+                len: xml.len(),
+                limit: DOMAIN_XML_MAX,
+            });
+        }
+        let mut xot = Xot::new();
+        let doc = xot.parse(xml).map_err(|source| XmlError::Parse {
+            offset: source.span().start,
+            source,
+        })?;
+        let root = xot.document_element(doc).map_err(XmlError::Tree)?;
+        if !tree::is_plain(&xot, root, "domstatus") {
+            return Err(XmlError::NotStatus {
+                found: tree::start_tag(&xot, root),
+            });
+        }
+        let Some(domain) = tree::child_named(&xot, root, "domain") else {
+            return Err(XmlError::NotStatus {
+                found: "a <domstatus> without <domain>".into(),
+            });
+        };
+        let text = xot.to_string(domain).map_err(XmlError::Tree)?;
+        Self::parse(&text)
     }
 
     /// The parsed tree and its `<domain>` element, read-only: for a check that must walk the

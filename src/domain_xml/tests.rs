@@ -1480,3 +1480,28 @@ fn shadow_extends_a_long_vcpus_list_up_to_the_limit() {
         "{err:?}"
     );
 }
+
+#[test]
+fn status_file_yields_the_live_definition_it_wraps() {
+    // A status file libvirtd 9.0 wrote for a running lab primary (its data disk attached).
+    let status = include_str!("fixtures/status.xml");
+    let x = DomainXml::parse_status(status).unwrap();
+    assert_eq!(x.name().as_deref(), Some("it-pro1"));
+    let disks = x.disks();
+    let vdb = disks.iter().find(|d| d.target_dev == "vdb").unwrap();
+    assert_eq!(
+        vdb.source.as_deref(),
+        Some("/tmp/understudy-it-promote-23093/it-pro1-data.raw")
+    );
+    // A definition is not a status file, and a status file is not a definition.
+    let err = DomainXml::parse_status(LIVE).unwrap_err();
+    assert!(matches!(err, XmlError::NotStatus { .. }), "{err:?}");
+    assert!(err.to_string().contains("<domain"), "{err}");
+    assert!(matches!(
+        DomainXml::parse(status).unwrap_err(),
+        XmlError::NotDomain { .. }
+    ));
+    let err =
+        DomainXml::parse_status("<domstatus state='running'><monitor/></domstatus>").unwrap_err();
+    assert!(err.to_string().contains("without <domain>"), "{err}");
+}

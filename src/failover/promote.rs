@@ -872,19 +872,15 @@ impl PromotionSteps for LiveSteps<'_> {
         // domain may hold a data disk. A disk the shadow itself holds already was attached by
         // a promotion that a daemon restart interrupted; it is not attached twice.
         let sources: Vec<String> = disks.iter().map(|d| d.source.clone()).collect();
+        let skip = self
+            .reaped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let holders = self
             .hv
             .run("attach: who holds the data disks", move |hv| {
-                let mut running = Vec::new();
-                for d in hv.list()?.into_iter().filter(|d| d.state.is_active()) {
-                    let Ok(xml) = hv.xml(&d.name, false) else {
-                        continue; // gone meanwhile
-                    };
-                    match DomainXml::parse(&xml) {
-                        Ok(x) => running.push((d.name, x)),
-                        Err(e) => tracing::warn!(domain = %d.name, error = %crate::error::report(&e), "live definition unreadable; its disks are not checked"),
-                    }
-                }
+                let running = running_definitions(hv, Path::new(QEMU_RUN_DIR), &skip)?;
                 Ok(sources
                     .iter()
                     .map(|s| {
@@ -897,16 +893,9 @@ impl PromotionSteps for LiveSteps<'_> {
             })
             .await
             .map_err(libvirt_step("attach: list running domains"))?;
-        let reaped = self
-            .reaped
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
         for (disk, holders) in disks.iter().zip(holders) {
-            let (ours, others): (Vec<_>, Vec<_>) = holders
-                .into_iter()
-                .filter(|(n, _)| !reaped.contains(n))
-                .partition(|(n, _)| *n == p.shadow.name);
+            let (ours, others): (Vec<_>, Vec<_>) =
+                holders.into_iter().partition(|(n, _)| *n == p.shadow.name);
             if !others.is_empty() {
                 return Err(FailoverError::DiskHeld {
                     shadow: p.shadow.name.clone(),
@@ -1378,6 +1367,56 @@ impl PromotionSteps for LiveSteps<'_> {
             }
         }
     }
+}
+
+/// The live definitions of the running domains but `skip`, from libvirt's status files; a
+/// domain whose file cannot be read or parsed is asked of libvirtd, and libvirtd lists them all
+/// when the files cannot be listed. libvirtd is avoided because listing locks every domain, and
+/// a domain libvirtd is still stopping after a crash stays locked while its kill poll sleeps
+/// (200 ms steps until the pid is gone): the attach would wait that out.
+fn running_definitions(
+    hv: &Hypervisor,
+    run_dir: &Path,
+    skip: &[String],
+) -> Result<Vec<(String, DomainXml)>, LibvirtError> {
+    let from_libvirt = |name: &str| -> Option<DomainXml> {
+        let xml = hv.xml(name, false).ok()?; // gone meanwhile
+        DomainXml::parse(&xml)
+            .inspect_err(|e| tracing::warn!(domain = %name, error = %crate::error::report(e), "live definition unreadable; its disks are not checked"))
+            .ok()
+    };
+    let names: Vec<(String, Option<String>)> = match crate::libvirt::status_files(run_dir) {
+        Ok(files) => files
+            .into_iter()
+            .map(|(name, text)| (name, text.ok()))
+            .collect(),
+        Err(e) => {
+            tracing::debug!(dir = %run_dir.display(), error = %e, "libvirt status files unreadable; asking libvirtd");
+            hv.list()?
+                .into_iter()
+                .filter(|d| d.state.is_active())
+                .map(|d| (d.name, None))
+                .collect()
+        }
+    };
+    let mut running = Vec::new();
+    for (name, text) in names {
+        if skip.contains(&name) {
+            continue;
+        }
+        let parsed = match text.map(|t| DomainXml::parse_status(&t)) {
+            Some(Ok(x)) => Some(x),
+            Some(Err(e)) => {
+                tracing::debug!(domain = %name, error = %crate::error::report(&e), "status file unreadable; asking libvirtd");
+                from_libvirt(&name)
+            }
+            None => from_libvirt(&name),
+        };
+        if let Some(x) = parsed {
+            running.push((name, x));
+        }
+    }
+    Ok(running)
 }
 
 #[cfg(test)]

@@ -33,6 +33,37 @@ pub fn qemu_pid(run_dir: &Path, domain: &str) -> Result<i32, LibvirtError> {
         })
 }
 
+/// Largest status file read: the live definition's limit plus QEMU's capability flags.
+const STATUS_FILE_MAX: u64 = crate::domain_xml::DOMAIN_XML_MAX as u64 + (256 << 10);
+
+/// The running domains as libvirt's status files list them (`<run_dir>/<name>.xml`: a
+/// `<domstatus>` around the live `<domain>`, written while the domain runs and removed when it
+/// has stopped), each with its text or why it could not be read. Reading them asks libvirtd
+/// nothing, so it never waits for a domain's lock.
+pub fn status_files(run_dir: &Path) -> std::io::Result<Vec<(String, std::io::Result<String>)>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(run_dir)? {
+        let path = entry?.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".xml"))
+            .filter(|n| !n.is_empty() && !n.starts_with('.'))
+        else {
+            continue;
+        };
+        let text = std::fs::File::open(&path).and_then(|f| {
+            let mut s = String::new();
+            f.take(STATUS_FILE_MAX).read_to_string(&mut s)?;
+            Ok(s)
+        });
+        out.push((name.to_string(), text));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 /// Total run time in nanoseconds of a QEMU process's vCPU threads (threads named
 /// `CPU <n>/KVM` or `CPU <n>/TCG`), from `/proc/<pid>/task/*/schedstat`. Reads only /proc, so it
 /// answers even when QEMU itself is stopped or its monitor is stuck.
@@ -443,6 +474,25 @@ time.sleep(100)
             .unwrap();
         assert!(matches!(how, ProcessExit::Exiting | ProcessExit::Exited));
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn status_files_are_the_xml_files_read_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::write(p.join("web1.xml"), "<domstatus/>").unwrap();
+        std::fs::write(p.join("web1.pid"), "123").unwrap();
+        // libvirt's rewrite in progress, and hidden files, are not domains.
+        std::fs::write(p.join("web2.xml.new"), "<x/>").unwrap();
+        std::fs::write(p.join(".xml"), "<x/>").unwrap();
+        let big = "a".repeat(STATUS_FILE_MAX as usize + 10);
+        std::fs::write(p.join("big.xml"), &big).unwrap();
+        let files = status_files(p).unwrap();
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["big", "web1"]);
+        assert_eq!(files[0].1.as_ref().unwrap().len() as u64, STATUS_FILE_MAX);
+        assert_eq!(files[1].1.as_ref().unwrap(), "<domstatus/>");
+        assert!(status_files(&p.join("missing")).is_err());
     }
 
     #[test]
