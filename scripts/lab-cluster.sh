@@ -230,9 +230,9 @@ host_etcd_start() {
 
 # Powers host $1 off as a cut power cord would: every process of its namespaces (QEMU, libvirtd,
 # virtlockd, etcd, daemons, the holder) is stopped with SIGSTOP, all of them, before any is
-# killed, so none of them sees another die and acts on it; then SIGKILL to all, and its NICs lose
-# their link (the switch and the management bridge see the port go down). Waits until no process
-# of the host is left.
+# killed, so none of them sees another die and acts on it; its NICs lose their link at the same
+# moment (the switch and the management bridge see the port go down); then SIGKILL to all. Waits
+# until no process of the host is left.
 host_power_off() {
     local h=$1 ns pids round
     ns=$(host_ns "$h")
@@ -242,6 +242,10 @@ host_power_off() {
         [ ${#pids[@]} -gt 0 ] || break
         # A process forked while the list was read is caught in the next round.
         kill -STOP "${pids[@]}" 2>/dev/null || true
+        # The NICs die with the power, not after the processes are reaped: a host whose
+        # processes are gone but whose links are up still answers (TCP resets, neighbour
+        # replies), which no powered-off host does.
+        [ "$round" -gt 1 ] || host_links_down "$h"
         mapfile -t more < <(host_pids "$h")
         kill -STOP "${more[@]}" 2>/dev/null || true
         kill -KILL "${pids[@]}" "${more[@]}" 2>/dev/null || true
@@ -252,8 +256,15 @@ host_power_off() {
         sleep 0.05
     done
     [ -z "$(host_pids "$h")" ] || lab_die "host $h: processes survived SIGKILL: $(host_pids "$h" | tr '\n' ' ')"
+    host_links_down "$h"
+    rm -f "$(host_dir "$h")/holder.pid"
+}
+
+# Host $1's NICs lose their link (its power is cut).
+host_links_down() {
+    local link ns
+    ns=$(host_ns "$1")
     for link in uplink mgmt0; do
         ip -n "$ns" link set "$link" down 2>/dev/null || true
     done
-    rm -f "$(host_dir "$h")/holder.pid"
 }

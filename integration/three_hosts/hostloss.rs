@@ -28,16 +28,20 @@ pub struct Timing {
     pub heartbeat_ms: u64,
     pub suspect_ms: u64,
     pub margin_ms: u64,
+    /// Bound on each etcd call (below the TTL).
+    pub op_timeout_ms: u64,
 }
 
 /// The tests': lease TTL 3 s, keepalives every 750 ms, heartbeats every 100 ms, suspect after
-/// 500 ms, promotion 1 s after a lease expired (self-fencing 500 ms before it can).
+/// 500 ms, promotion 1 s after a lease expired (self-fencing 500 ms before it can), etcd calls
+/// bounded to 1 s.
 pub const TEST_TIMING: Timing = Timing {
     lease_ttl_s: 3,
     keepalive_ms: 750,
     heartbeat_ms: 100,
     suspect_ms: 500,
     margin_ms: 1000,
+    op_timeout_ms: 1000,
 };
 
 /// A daemon on `host` protecting `pattern` with one shadow on another host
@@ -91,7 +95,7 @@ pub fn hostloss_daemon_with(
     let mut extra = format!(
         "{}placement = \"other-host\"\n\n[cluster]\nendpoints = [{}]\nhost = \"{host}\"\nkey_prefix = \"{prefix}\"\n\
          libvirt_uri = \"{}\"\nlease_ttl_s = {}\nkeepalive_interval_ms = {}\nheartbeat_interval_ms = {}\n\
-         suspect_after_ms = {}\nself_fence_guard_ms = 500\npromote_margin_ms = {}\n",
+         suspect_after_ms = {}\nself_fence_guard_ms = 500\npromote_margin_ms = {}\nop_timeout_ms = {}\n",
         x.class,
         endpoints.join(", "),
         cluster.libvirt_uri(host),
@@ -100,6 +104,7 @@ pub fn hostloss_daemon_with(
         t.heartbeat_ms,
         t.suspect_ms,
         t.margin_ms,
+        t.op_timeout_ms,
     );
     if x.fence {
         extra.push_str("\n[cluster.fence]\n");

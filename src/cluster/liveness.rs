@@ -272,6 +272,14 @@ impl Peers {
         self.silent(host, now) && !self.vouched(host, now)
     }
 
+    /// Nothing from `host` for `after` (shorter than `suspect_after`: beats already missed),
+    /// and vouched for by nobody this host hears: it may be on its way to suspect.
+    pub fn quiet(&self, host: &str, after: Duration, now: Instant) -> bool {
+        self.silent_since(host)
+            .is_some_and(|t| now.saturating_duration_since(t) >= after)
+            && !self.vouched(host, now)
+    }
+
     /// Some peer this host hears also hears this host: the two can still tell each other
     /// apart from a lost host, so neither is isolated.
     pub fn mutual(&self, now: Instant) -> bool {
@@ -322,9 +330,12 @@ pub fn self_fence_deadline(lease: &LeaseStatus, guard: Duration) -> Option<Insta
 
 /// Whether this host must fence itself now: in a cluster, its lease is not being renewed,
 /// the deadline has come, and no peer it hears hears it too (a host that still reaches a peer
-/// is not isolated: an etcd outage that all hosts share stops no VM).
+/// is not isolated: an etcd outage that all hosts share stops no VM). The mode is not
+/// consulted beyond standalone: while a keepalive waits out its timeout, or the next endpoint
+/// is tried, the renewal loop still says connected, and only the acknowledgements say whether
+/// etcd may expire the lease.
 pub fn self_fence_due(lease: &LeaseStatus, guard: Duration, mutual: bool, now: Instant) -> bool {
-    if matches!(lease.mode, Mode::Standalone | Mode::Connected) || mutual {
+    if lease.mode == Mode::Standalone || mutual {
         return false;
     }
     self_fence_deadline(lease, guard).is_some_and(|t| now >= t)
@@ -671,10 +682,26 @@ mod tests {
             true,
             t0 + Duration::from_secs(60)
         ));
-        // Renewing: never.
-        let c = lease(Mode::Connected, Some(t0));
+        // Renewing: not while the acknowledgements come.
+        let c = lease(Mode::Connected, Some(t0 + Duration::from_secs(59)));
         assert!(!self_fence_due(
             &c,
+            guard,
+            false,
+            t0 + Duration::from_secs(60)
+        ));
+        // Still "connected" while a keepalive waits out its timeout: the acknowledgements
+        // decide, not the mode.
+        let waiting = lease(Mode::Connected, Some(t0));
+        assert!(self_fence_due(
+            &waiting,
+            guard,
+            false,
+            t0 + Duration::from_millis(1500)
+        ));
+        // Standalone: no lease, no cluster to hand services to.
+        assert!(!self_fence_due(
+            &lease(Mode::Standalone, Some(t0)),
             guard,
             false,
             t0 + Duration::from_secs(60)

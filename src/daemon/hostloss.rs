@@ -58,6 +58,10 @@ const LIBVIRT_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 const LIBVIRT_CHECK_EVERY: Duration = Duration::from_millis(200);
 /// A check's result stands until the next one has had time to end.
 const LIBVIRT_RESULT_VALID: Duration = Duration::from_secs(2);
+/// A peer silent for this many heartbeat periods (beats already missed, before it is suspect)
+/// has its libvirtd asked already, so that the answer is in when suspicion comes: a lost host
+/// costs the longer of the two, not their sum.
+const EARLY_CHECK_BEATS: u32 = 2;
 /// How often the registered hosts are read again.
 const HOSTS_EVERY: Duration = Duration::from_secs(1);
 /// Bound on killing a primary's QEMU when fencing this host.
@@ -131,6 +135,8 @@ struct Peer {
 struct Incident {
     /// The silence it is about (the peer's last beat): a new silence is a new incident.
     since: Option<Instant>,
+    /// The silence has lasted `suspect_after` (before that, only its libvirtd is asked).
+    suspected: bool,
     libvirt: Option<(bool, Instant)>,
     checking: bool,
     lease_gone_at: Option<Instant>,
@@ -360,6 +366,7 @@ async fn run(d: Shared, c: ClusterConfig) {
                     tracing::warn!(host = %h, "host's lease expired");
                     w.incidents.entry(h.0.clone()).or_default().lease_gone_at.get_or_insert_with(Instant::now);
                     if let Some(p) = w.hosts.get_mut(&h.0) { p.alive = false; }
+                    w.judge_all(&d, &c, &Takeable::of(&d), Instant::now());
                 }
                 Ok(ClusterEvent::HostUp(f)) => {
                     if let Some(i) = w.incidents.get_mut(&f.host.0) { i.lease_gone_at = None; }
@@ -369,7 +376,13 @@ async fn run(d: Shared, c: ClusterConfig) {
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => events = d.coord.watch(),
             },
-            Some(done) = done_rx.recv() => w.on_done(&d, done),
+            Some(done) = done_rx.recv() => {
+                // A libvirtd's answer or a fence's outcome may settle a judgement: acted on
+                // now, not at the next heartbeat period.
+                if w.on_done(&d, done) {
+                    w.judge_all(&d, &c, &Takeable::of(&d), Instant::now());
+                }
+            }
             changed = lease_rx.changed() => {
                 if changed.is_err() {
                     return;
@@ -616,16 +629,18 @@ impl Watch {
         }
     }
 
-    /// Judges every suspect host with primaries that a ready shadow here could take over.
+    /// For every host with primaries that a ready shadow here could take over: asks its
+    /// libvirtd once it has missed beats, and judges it once it is suspect.
     fn judge_all(&mut self, d: &Shared, c: &ClusterConfig, t: &Takeable, now: Instant) {
         let lease = *d.coord.lease().borrow();
+        let early = (c.heartbeat_interval() * EARLY_CHECK_BEATS).min(c.suspect_after());
         let hosts: Vec<String> = self.peers.hosts().map(str::to_string).collect();
         for host in &hosts {
             let host = host.as_str();
             let incident = self.incidents.entry(host.to_string()).or_default();
-            if !self.peers.suspect(host, now) {
+            if !self.peers.quiet(host, early, now) {
                 // Heard again: whatever happened is over.
-                if incident.since.is_some() {
+                if incident.suspected {
                     tracing::info!(host, "host heard again");
                 }
                 let lease_gone_at = incident.lease_gone_at;
@@ -651,6 +666,10 @@ impl Watch {
                     lease_gone_at,
                     ..Incident::default()
                 };
+            }
+            let suspect = self.peers.suspect(host, now);
+            if suspect && !incident.suspected {
+                incident.suspected = true;
                 tracing::warn!(
                     host,
                     silent_ms = now.saturating_duration_since(since).as_millis() as u64,
@@ -663,8 +682,9 @@ impl Watch {
             if incident.acted {
                 continue;
             }
-            // Asked at once and again while it stays suspect, whatever the judgement: its
-            // answer is ready when this host becomes eligible to judge.
+            // Asked from its first missed beats and again while it stays silent, whatever the
+            // judgement: its answer is ready when it becomes suspect and this host eligible
+            // to judge.
             if !incident.checking
                 && incident
                     .libvirt
@@ -685,6 +705,9 @@ impl Watch {
                         reachable,
                     });
                 });
+            }
+            if !suspect {
+                continue;
             }
             let facts = Suspect {
                 silent_since: since,
@@ -738,8 +761,8 @@ impl Watch {
         }
     }
 
-    /// Takes in what slow work reported.
-    fn on_done(&mut self, d: &Shared, done: Done) {
+    /// Takes in what slow work reported; whether it bears on a judgement of a silent host.
+    fn on_done(&mut self, d: &Shared, done: Done) -> bool {
         match done {
             Done::Libvirt {
                 host,
@@ -757,8 +780,12 @@ impl Watch {
                     i.answered |= reachable && i.lease_gone_at.is_some();
                     i.libvirt = Some((reachable, Instant::now()));
                 }
+                true
             }
-            Done::Probe { ticket, ok } => self.reach.done(&ticket, ok, Instant::now()),
+            Done::Probe { ticket, ok } => {
+                self.reach.done(&ticket, ok, Instant::now());
+                false
+            }
             Done::Fence { host, of, result } => {
                 let (fencing, fenced, failed) = match of {
                     FencedFor::Silence(since) => {
@@ -767,13 +794,13 @@ impl Watch {
                             .get_mut(&host)
                             .filter(|i| i.since == Some(since))
                         else {
-                            return;
+                            return false;
                         };
                         (&mut i.fencing, &mut i.fenced, &mut i.fence_failed)
                     }
                     FencedFor::Cut(began) => {
                         let Some(i) = self.cuts.get_mut(&host).filter(|i| i.began == began) else {
-                            return;
+                            return false;
                         };
                         (&mut i.fencing, &mut i.fenced, &mut i.fence_failed)
                     }
@@ -784,6 +811,7 @@ impl Watch {
                 } else {
                     *failed = true;
                 }
+                matches!(of, FencedFor::Silence(_))
             }
         }
     }
