@@ -13,14 +13,21 @@
 //!   promote.
 //!
 //! The host is powered on again and its daemon restarted; the next trial loses the host the
-//! service moved to. Timings (both phases): lease TTL 2 s, keepalives every 200 ms, heartbeats
-//! every 50 ms, suspect after 300 ms, promotion margin 500 ms after a lease expired.
+//! service moved to. Timings: keepalives every 200 ms, heartbeats every 50 ms, suspect after
+//! 300 ms, promotion margin 500 ms after a lease expired, self-fencing 500 ms before it can;
+//! lease TTL 2 s with a fence device, `BENCH_LEASE_TTL_S` (default 1 s, the least etcd grants
+//! with the lab's election timeout of 500 ms) lease-only, etcd calls bounded to 1 s (600 ms
+//! with a TTL of 1 s).
 //!
 //! A client on the switch (the lab's client namespace) starts a request every 5 ms (each allowed
-//! 1 s). Outage = first answer from the shadow after the power-off minus the last answer
-//! before it. Writes build/bench/hostloss.json and build/bench/hostloss.svg.
+//! 1 s). Outage = first answer from the shadow after the power-off call minus the last answer
+//! before that call (the `fence_lab -o off` script's own start, about 0.1-0.2 s before the
+//! power is cut, counts as outage); the client's gap (from the old primary's last answer to
+//! the shadow's first) is reported beside it. Writes build/bench/hostloss.json and
+//! build/bench/hostloss.svg.
 //!
-//! Environment: BENCH_TRIALS (default 5) per phase, BENCH_COLD_TRIALS (default 3).
+//! Environment: BENCH_TRIALS (default 5) per phase, BENCH_COLD_TRIALS (default 3),
+//! BENCH_LEASE_TTL_S (default 1).
 
 #[path = "../integration/common.rs"]
 mod common;
@@ -36,7 +43,7 @@ use common::*;
 use three_hosts::crosshost::{clear_prefix, owner, state_of};
 use three_hosts::hostloss::{event_at, events, hostloss_daemon, Restore, Timing};
 use three_hosts::{fence_lab, Cluster, ClusterCleanup};
-use understudy::probe::{outage_around, Prober};
+use understudy::probe::{outage_around, Answer, Prober};
 
 const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
 const SHADOW_WAIT: Duration = Duration::from_secs(300);
@@ -46,7 +53,34 @@ const TIMING: Timing = Timing {
     heartbeat_ms: 50,
     suspect_ms: 300,
     margin_ms: 500,
+    op_timeout_ms: 1000,
 };
+
+/// The lease-only phase's timings: [`TIMING`] with a TTL of `ttl_s` (an etcd call must end
+/// within the TTL).
+fn lease_timing(ttl_s: u64) -> Timing {
+    Timing {
+        lease_ttl_s: ttl_s,
+        op_timeout_ms: if ttl_s > 1 { 1000 } else { 600 },
+        ..TIMING
+    }
+}
+
+/// The client's gap around a loss: from the last answer not from the new primary before its
+/// first answer after `event`, to that first answer.
+fn client_gap(answers: &[Answer], event: Instant, is_new: impl Fn(&str) -> bool) -> Option<f64> {
+    let first = answers
+        .iter()
+        .filter(|a| a.at > event && is_new(&a.body))
+        .map(|a| a.at)
+        .min()?;
+    let last_old = answers
+        .iter()
+        .filter(|a| a.at < first && !is_new(&a.body))
+        .map(|a| a.at)
+        .max()?;
+    Some((first - last_old).as_secs_f64() * 1000.0)
+}
 
 fn env_or(key: &str, default: usize) -> usize {
     std::env::var(key)
@@ -66,10 +100,11 @@ fn names(service: &str) -> Vec<String> {
 fn phase(
     cluster: &Cluster,
     fence: bool,
+    timing: &Timing,
     name: &str,
     ip: &str,
     trials: usize,
-) -> (Vec<f64>, Vec<serde_json::Value>) {
+) -> (Vec<f64>, Vec<f64>, Vec<serde_json::Value>) {
     let label = if fence { "fence device" } else { "lease-only" };
     let prefix = format!("/understudy/bench-{name}");
     clear_prefix(cluster, &prefix);
@@ -78,7 +113,7 @@ fn phase(
         .map(|h| {
             (
                 *h,
-                hostloss_daemon(cluster, h, name, name, &prefix, fence, &TIMING),
+                hostloss_daemon(cluster, h, name, name, &prefix, fence, timing),
             )
         })
         .collect();
@@ -95,7 +130,7 @@ fn phase(
     )
     .unwrap();
     let mut restore = Restore::default();
-    let (mut ms, mut notes) = (Vec::new(), Vec::new());
+    let (mut ms, mut gaps, mut notes) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..trials {
         let (at, domain) = wait_for("the service's owner", SHADOW_WAIT, || {
             ds.values().find_map(|d| owner(d, name))
@@ -135,12 +170,15 @@ fn phase(
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        let gap = client_gap(&probe.answers(), off, |body| page_uuid(body) == uuid);
         match outage {
             Some(o) => {
+                let gap_ms = gap.unwrap_or(f64::NAN);
                 println!(
-                    "{label} trial {i}: {domain}@{a} -> {shadow}@{b}: client outage {o:.1} ms"
+                    "{label} trial {i}: {domain}@{a} -> {shadow}@{b}: client outage {o:.1} ms (client's gap {gap_ms:.1} ms)"
                 );
                 ms.push(o);
+                gaps.extend(gap);
             }
             None => {
                 println!("{label} trial {i}: {domain}@{a} -> {shadow}@{b}: NOT served within 60 s")
@@ -156,7 +194,7 @@ fn phase(
             (s["active"] == shadow.as_str()).then_some(s["last_failover"].clone())
         });
         notes.push(serde_json::json!({
-            "lost": a, "to": b, "outage_ms": outage, "host_fenced": fenced, "failover": record,
+            "lost": a, "to": b, "outage_ms": outage, "gap_ms": gap, "host_fenced": fenced, "failover": record,
             "host_lost_failover": event_at(winner, "failover_started", "host_lost").is_some(),
         }));
         // The host comes back, its daemon too; it follows the new owner.
@@ -177,7 +215,7 @@ fn phase(
     }
     drop(probe);
     drop(ds);
-    (ms, notes)
+    (ms, gaps, notes)
 }
 
 fn main() {
@@ -197,8 +235,12 @@ fn main() {
         &all.iter().map(String::as_str).collect::<Vec<_>>(),
     );
 
-    let (fence_ms, fence_notes) = phase(&cluster, true, fenced, "10.77.0.95", trials);
-    let (lease_ms, lease_notes) = phase(&cluster, false, lease, "10.77.0.96", trials);
+    let lease_ttl_s = env_or("BENCH_LEASE_TTL_S", 1) as u64;
+    let lease_t = lease_timing(lease_ttl_s);
+    let (fence_ms, fence_gaps, fence_notes) =
+        phase(&cluster, true, &TIMING, fenced, "10.77.0.95", trials);
+    let (lease_ms, lease_gaps, lease_notes) =
+        phase(&cluster, false, &lease_t, lease, "10.77.0.96", trials);
 
     // The restart-based baseline: the same guest cold-started on a surviving host, from the
     // request to its first answer (detecting the loss, which takes the peers' tools seconds to
@@ -223,15 +265,18 @@ fn main() {
 
     let (f50, f95, fmax) = stats(&fence_ms);
     let (l50, l95, lmax) = stats(&lease_ms);
+    let (fg50, fg95, fgmax) = stats(&fence_gaps);
+    let (lg50, lg95, lgmax) = stats(&lease_gaps);
     let (c50, c95, cmax) = stats(&cold_ms);
     println!(
-        "host power-off, fence device: {} of {trials} served; median {f50:.0} ms, p95 {f95:.0} ms, max {fmax:.0} ms",
+        "host power-off, fence device (TTL {} s): {} of {trials} served; median {f50:.0} ms, p95 {f95:.0} ms, max {fmax:.0} ms; client's gap median {fg50:.0} ms, p95 {fg95:.0} ms, max {fgmax:.0} ms",
+        TIMING.lease_ttl_s,
         fence_ms.len()
     );
     println!(
-        "host power-off, lease-only (TTL {} s, margin {} ms): {} of {trials} served; median {l50:.0} ms, p95 {l95:.0} ms, max {lmax:.0} ms",
-        TIMING.lease_ttl_s,
-        TIMING.margin_ms,
+        "host power-off, lease-only (TTL {} s, margin {} ms): {} of {trials} served; median {l50:.0} ms, p95 {l95:.0} ms, max {lmax:.0} ms; client's gap median {lg50:.0} ms, p95 {lg95:.0} ms, max {lgmax:.0} ms",
+        lease_t.lease_ttl_s,
+        lease_t.margin_ms,
         lease_ms.len()
     );
     println!(
@@ -249,6 +294,8 @@ fn main() {
         "cold_trials": cold_trials,
         "timing": {
             "lease_ttl_s": TIMING.lease_ttl_s,
+            "lease_only_ttl_s": lease_t.lease_ttl_s,
+            "lease_only_op_timeout_ms": lease_t.op_timeout_ms,
             "keepalive_ms": TIMING.keepalive_ms,
             "heartbeat_ms": TIMING.heartbeat_ms,
             "suspect_after_ms": TIMING.suspect_ms,
@@ -258,9 +305,13 @@ fn main() {
         "fence_device_ms": fence_ms,
         "lease_only_ms": lease_ms,
         "cold_start_ms": cold_ms,
+        "fence_device_gap_ms": fence_gaps,
+        "lease_only_gap_ms": lease_gaps,
         "summary": {
             "fence_device": {"median": f50, "p95": f95, "max": fmax},
             "lease_only": {"median": l50, "p95": l95, "max": lmax},
+            "fence_device_gap": {"median": fg50, "p95": fg95, "max": fgmax},
+            "lease_only_gap": {"median": lg50, "p95": lg95, "max": lgmax},
             "cold_start": {"median": c50, "p95": c95, "max": cmax},
         },
         "fence_device_trials": fence_notes,
