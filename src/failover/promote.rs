@@ -125,7 +125,11 @@ async fn run_in_guest(
     };
     let stderr = clip_tail(&String::from_utf8_lossy(&out.stderr.data), 512);
     match out.status {
-        ExitStatus::Code(0) => Ok(()),
+        ExitStatus::Code(0) => {
+            let stdout = clip_tail(&String::from_utf8_lossy(&out.stdout.data), 512);
+            tracing::info!(%domain, ?argv, %stdout, "guest command succeeded");
+            Ok(())
+        }
         ExitStatus::Code(code) => Err(format!("exited with {code}; stderr: {stderr:?}")),
         ExitStatus::Signal(sig) => Err(format!("killed by signal {sig}; stderr: {stderr:?}")),
         ExitStatus::Unknown => Err(format!("ended without an exit status; stderr: {stderr:?}")),
