@@ -417,24 +417,31 @@ pub struct DomainXml {
     root: Node,
 }
 
+/// Parses `xml` (at most [`DOMAIN_XML_MAX`] bytes) into a tree: the tree, its document node and
+/// its document element.
+fn parse_document(xml: &str, what: &'static str) -> Result<(Xot, Node, Node), XmlError> {
+    if xml.len() > DOMAIN_XML_MAX {
+        return Err(XmlError::TooLarge {
+            what,
+            len: xml.len(),
+            limit: DOMAIN_XML_MAX,
+        });
+    }
+    let mut xot = Xot::new();
+    let doc = xot.parse(xml).map_err(|source| XmlError::Parse {
+        offset: source.span().start,
+        source,
+    })?;
+    let root = xot.document_element(doc).map_err(XmlError::Tree)?;
+    Ok((xot, doc, root))
+}
+
 impl DomainXml {
     /// Parses a domain XML document; the root element must be `<domain>`. Numbers that the
     /// typed accessors report (vCPUs, memory sizes), disk targets (present and unique) and
     /// namespace URIs (writable back) are validated here, so the accessors need not fail later.
     pub fn parse(xml: &str) -> Result<Self, XmlError> {
-        if xml.len() > DOMAIN_XML_MAX {
-            return Err(XmlError::TooLarge {
-                what: "domain XML",
-                len: xml.len(),
-                limit: DOMAIN_XML_MAX,
-            });
-        }
-        let mut xot = Xot::new();
-        let doc = xot.parse(xml).map_err(|source| XmlError::Parse {
-            offset: source.span().start,
-            source,
-        })?;
-        let root = xot.document_element(doc).map_err(XmlError::Tree)?;
+        let (xot, doc, root) = parse_document(xml, "domain XML")?;
         if !tree::is_plain(&xot, root, "domain") {
             return Err(XmlError::NotDomain {
                 found: tree::start_tag(&xot, root),
@@ -466,19 +473,7 @@ impl DomainXml {
     /// The live definition inside one of libvirt's status files (`<domstatus>` around the
     /// `<domain>` it runs), checked as [`DomainXml::parse`] checks a definition.
     pub fn parse_status(xml: &str) -> Result<Self, XmlError> {
-        if xml.len() > DOMAIN_XML_MAX {
-            return Err(XmlError::TooLarge {
-                what: "domain status XML",
-                len: xml.len(),
-                limit: DOMAIN_XML_MAX,
-            });
-        }
-        let mut xot = Xot::new();
-        let doc = xot.parse(xml).map_err(|source| XmlError::Parse {
-            offset: source.span().start,
-            source,
-        })?;
-        let root = xot.document_element(doc).map_err(XmlError::Tree)?;
+        let (xot, _, root) = parse_document(xml, "domain status XML")?;
         if !tree::is_plain(&xot, root, "domstatus") {
             return Err(XmlError::NotStatus {
                 found: tree::start_tag(&xot, root),
