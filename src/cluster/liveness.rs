@@ -320,11 +320,13 @@ pub fn self_fence_deadline(lease: &LeaseStatus, guard: Duration) -> Option<Insta
     Some(sent + lease.ttl.saturating_sub(guard))
 }
 
-/// Whether this host must fence itself now: in a cluster, its lease is not being renewed,
-/// the deadline has come, and no peer it hears hears it too (a host that still reaches a peer
-/// is not isolated: an etcd outage that all hosts share stops no VM).
+/// Whether this host must fence itself now: in a cluster, the deadline has come (no keepalive
+/// acknowledged for the TTL less the guard), and no peer it hears hears it too (a host that
+/// still reaches a peer is not isolated: an etcd outage that all hosts share stops no VM). The
+/// lease session's mode is not asked: a session still retrying its keepalives says `Connected`
+/// until it gives up, which can be after etcd expired the lease and another host promoted.
 pub fn self_fence_due(lease: &LeaseStatus, guard: Duration, mutual: bool, now: Instant) -> bool {
-    if matches!(lease.mode, Mode::Standalone | Mode::Connected) || mutual {
+    if lease.mode == Mode::Standalone || mutual {
         return false;
     }
     self_fence_deadline(lease, guard).is_some_and(|t| now >= t)
@@ -671,13 +673,21 @@ mod tests {
             true,
             t0 + Duration::from_secs(60)
         ));
-        // Renewing: never.
+        // Renewing: never while keepalives are acknowledged...
         let c = lease(Mode::Connected, Some(t0));
         assert!(!self_fence_due(
             &c,
             guard,
             false,
-            t0 + Duration::from_secs(60)
+            t0 + Duration::from_millis(1499)
+        ));
+        // ...but a session that still says connected while its keepalives go unanswered
+        // (retrying, not yet given up) is past the deadline all the same.
+        assert!(self_fence_due(
+            &c,
+            guard,
+            false,
+            t0 + Duration::from_millis(1500)
         ));
         // A guard above the TTL fences at the last acknowledged send itself.
         assert_eq!(self_fence_deadline(&l, Duration::from_secs(5)), Some(t0));
