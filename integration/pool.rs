@@ -201,7 +201,7 @@ fn fail_into_pooled_shadow(
     assert_single_server(ip, &shadow_uuid, &mac);
     assert_eq!(
         fdb_ports_of(&mac),
-        [tap.clone()],
+        std::slice::from_ref(&tap),
         "the bridge learned {mac} on {tap} only"
     );
     // Address, host name, configuration file, data: the primary's.

@@ -165,8 +165,9 @@ hostname "$1" && printf '%s\n' "$1" >/etc/hostname"#;
 /// MAC `$2` (a pooled shadow's NIC standing by on a placeholder MAC), brings it up, waits (at
 /// most 2 s) until the kernel says it is operational (carrier on: before that its queue drops
 /// what it sends, and a first ARP request lost costs the clients a one-second retransmission),
-/// gives it the addresses `$3...` and removes any other global address (a template's, set at
-/// its boot). Exit 3: the NIC never appeared; 6: its MAC could not be changed.
+/// removes any other global address (a template's, set at its boot: first, since removing a
+/// subnet's primary address removes its secondaries too) and gives it the addresses `$3...`.
+/// Exit 3: the NIC never appeared; 6: its MAC could not be changed.
 const ADDRESS_SCRIPT: &str = r#"PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 from=$1; mac=$2; shift 2; i=0; dev=
 while [ -z "$dev" ]; do
@@ -184,11 +185,11 @@ i=0
 while [ "$(cat "/sys/class/net/$dev/operstate" 2>/dev/null)" != up ] && [ "$i" -lt 200 ]; do
   i=$((i+1)); sleep 0.01
 done
-for a in "$@"; do ip addr replace "$a" dev "$dev" || exit 5; done
 ip -o addr show dev "$dev" scope global | while read -r _ _ _ have _; do
   keep=; for a in "$@"; do [ "$a" = "$have" ] && keep=1; done
   [ -n "$keep" ] || ip addr del "$have" dev "$dev" || exit 5
 done || exit 5
+for a in "$@"; do ip addr replace "$a" dev "$dev" || exit 5; done
 echo "$dev""#;
 
 /// The argument vector that sets host name `name` (checked: `None` if it is not valid).
