@@ -359,6 +359,8 @@ pub(super) fn promotion_identity(d: &Shared, service: &str) -> Identity {
             .cloned()
             .unwrap_or_default(),
         agent_max_reply: d.cfg().monitor.agent_max_reply_bytes,
+        // Known only once `plug_nic` has matched the shadow's NICs.
+        guest_macs: Default::default(),
     }
 }
 
