@@ -634,6 +634,15 @@ fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy
     assert_ne!(healthy, broken);
     let events = daemon.cli(&["events", name]).1;
     assert!(events.contains("verify_failed"), "{events}");
+    // Status reports it too.
+    let last = &daemon.service(name).unwrap()["last_verify"];
+    assert_eq!(last["passed"], false, "{last:#}");
+    assert_eq!(last["shadow"], broken.as_str());
+    let text = daemon.cli(&["status"]).1;
+    assert!(
+        text.contains(&format!("{name} standby verification at ")) && text.contains("FAILED"),
+        "{text}"
+    );
 
     let (code, out, err) = daemon.cli(&["canary", "verify", name, "--json"]);
     let r: serde_json::Value =
@@ -641,6 +650,7 @@ fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy
     assert_eq!(code, 0, "a healthy shadow must pass: {r:#}");
     assert_eq!(r["passed"], true);
     assert!(r["verdict"]["requests"].as_u64().unwrap() >= 24);
+    assert_eq!(daemon.service(name).unwrap()["last_verify"]["passed"], true);
     daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
     let checks = watcher.finish();
     eprintln!("isolation checked {checks} times");

@@ -391,6 +391,7 @@ async fn status(d: &Shared) -> StatusReport {
                 &cfg.class.get(&s.class).cloned().unwrap_or_default(),
             ),
             identity: identities.get(&s.name).map(|g| g.describe()),
+            last_verify: d.verifications.last(&s.name),
         })
         .collect();
     let pool_members: Vec<(String, String)> = pools
