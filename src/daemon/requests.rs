@@ -290,11 +290,10 @@ async fn active_disks(
     let wanted: Vec<(String, String, DiskPolicy)> = services
         .iter()
         .map(|s| {
-            let golden = super::profiles::golden_image(d, &s.name, &d.class(&s.class)).is_some();
             (
                 s.name.clone(),
                 s.active.clone(),
-                DiskPolicy::of_class(&d.class(&s.class), golden),
+                super::profiles::shadow_disks(d, &s.name, &d.class(&s.class)),
             )
         })
         .collect();
