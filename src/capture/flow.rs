@@ -410,14 +410,19 @@ fn body_framing(headers: &[(String, String)]) -> Result<(Option<u64>, bool), ()>
     Ok((len, chunked))
 }
 
+/// A chunked body that does not follow RFC 9112's grammar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed chunked body")]
+pub struct BadChunk;
+
 /// Decodes the chunked body at the front of `buf` (RFC 9112 7.1: chunks, the last chunk, the
 /// trailer section): `Some((data, dropped, used))` once it is complete, with at most `keep`
 /// bytes of data and how many more there were, and the encoded bytes it took; `None` while
 /// it is incomplete; `Err` when it is malformed.
-pub fn dechunk(buf: &[u8], keep: usize) -> Result<Option<(Vec<u8>, u64, usize)>, ()> {
+pub fn dechunk(buf: &[u8], keep: usize) -> Result<Option<(Vec<u8>, u64, usize)>, BadChunk> {
     let (mut data, mut dropped, mut pos) = (Vec::new(), 0u64, 0usize);
     loop {
-        let (n, size) = match httparse::parse_chunk_size(&buf[pos..]).map_err(|_| ())? {
+        let (n, size) = match httparse::parse_chunk_size(&buf[pos..]).map_err(|_| BadChunk)? {
             httparse::Status::Complete(x) => x,
             httparse::Status::Partial => return Ok(None),
         };
@@ -435,7 +440,7 @@ pub fn dechunk(buf: &[u8], keep: usize) -> Result<Option<(Vec<u8>, u64, usize)>,
         data.extend_from_slice(&chunk[..room]);
         dropped += (size - room) as u64;
         if &buf[pos + size..pos + size + 2] != b"\r\n" {
-            return Err(());
+            return Err(BadChunk);
         }
         pos += size + 2;
     }
@@ -454,7 +459,7 @@ pub fn dechunk(buf: &[u8], keep: usize) -> Result<Option<(Vec<u8>, u64, usize)>,
 /// Takes a chunked body off the front of `side.buf` (after a head of `head` bytes) once all of
 /// it is there. A message larger than the buffer (`side.dropped`) cannot be followed.
 fn take_chunked(side: &mut Side, head: usize, max_body: usize) -> Result<Option<Body>, ()> {
-    match dechunk(&side.buf[head..], max_body)? {
+    match dechunk(&side.buf[head..], max_body).map_err(|_| ())? {
         Some((data, dropped, used)) => {
             side.buf.drain(..head + used);
             Ok(Some(Body::new(&data, dropped)))
@@ -754,8 +759,8 @@ mod tests {
         assert_eq!((data.as_slice(), dropped, used), (&b"abcde"[..], 2, 22));
         assert_eq!(dechunk(b"4\r\nab", 16), Ok(None));
         assert_eq!(dechunk(b"fffffff\r\nab", 16), Ok(None));
-        assert_eq!(dechunk(b"4\r\nabcdXY0\r\n\r\n", 16), Err(()));
-        assert_eq!(dechunk(b"zz\r\n", 16), Err(()));
+        assert_eq!(dechunk(b"4\r\nabcdXY0\r\n\r\n", 16), Err(BadChunk));
+        assert_eq!(dechunk(b"zz\r\n", 16), Err(BadChunk));
         // A chunked message larger than the buffer cannot be followed.
         let mut t = table(8);
         let mut out = Vec::new();
