@@ -16,9 +16,9 @@
 #                 not only the kept corpus), so that long runs add up; a target without one
 #                 starts from its seeds. A resumed queue was calibrated and searched with
 #                 cmplog in its earlier runs: they run again briefly (AFL_FAST_CAL,
-#                 AFL_CMPLOG_ONLY_NEW), not for the first minutes of the run. Seeds the queue
-#                 has no copy of (added or changed since) join it. Crashes and hangs are the
-#                 run's own (AFL's stats count those of the runs before it too)
+#                 AFL_CMPLOG_ONLY_NEW), not for the first minutes of the run. Seeds added
+#                 since its first run join the queue. Crashes and hangs are the run's own
+#                 (AFL's stats count those of the runs before it too)
 #   FUZZ_LEDGER   a file to append one Markdown row per target run to (see fuzz/RUNS.md)
 #   FUZZ_EXECS    also stop a target once its AFL output has about this many executions (`-E`;
 #                 a resumed run counts those of the runs before it)
@@ -108,19 +108,25 @@ for t in "${order[@]}"; do
             [ -f "$f" ] && cp "$f" "$dir/in/$(echo "$s" | tr / _)__$(basename "$f")"
         done
     done
-    # A resumed queue does not read the seeds again: add those it has no copy of (new or
-    # changed since its first run) to it, where AFL's in-place resume takes them as they are.
+    # A resumed queue does not read the seeds again: add those it has neither by name (AFL
+    # trims queued inputs in place, so a seed's content may have changed there) nor by content
+    # (the kept corpus comes from queues) as the next queue entries, named as AFL names a seed
+    # so that its in-place resume takes them as they are.
     added=0
     if [ "${input[0]}" = - ]; then
+        queue=$dir/out/default/queue
+        next=$(find "$queue" -maxdepth 1 -name 'id:*' | wc -l)
         declare -A queued=()
-        while read -r sum _; do queued[$sum]=1; done < <(find "$dir/out/default/queue" -maxdepth 1 -type f -exec md5sum {} +)
+        while read -r sum _; do queued[$sum]=1; done < <(find "$queue" -maxdepth 1 -type f -exec md5sum {} +)
         for f in "$dir/in"/*; do
-            [ -f "$f" ] || continue
+            name=$(basename "$f")
+            # AFL skips empty inputs.
+            [ -s "$f" ] || continue
+            compgen -G "$queue/id:*,orig:$name" >/dev/null && continue
             sum=$(md5sum <"$f")
-            sum=${sum%% *}
-            [ -n "${queued[$sum]+x}" ] && continue
-            cp "$f" "$dir/out/default/queue/seed,$(basename "$f")"
-            queued[$sum]=1
+            [ -n "${queued[${sum%% *}]+x}" ] && continue
+            cp "$f" "$queue/$(printf 'id:%06d' "$next"),time:0,execs:0,orig:$name"
+            next=$((next + 1))
             added=$((added + 1))
         done
         unset queued
