@@ -16,7 +16,12 @@
  * standing-by shadow boots without its data disk) both answer 503 and nothing is written:
  * records never land in the initramfs.
  *
- * usage: us-httpd <port> <page file> [<data dir>]
+ * And the site kept on the system disk (label ussys, mounted read-only by /init), so that a
+ * guest booted from another system image serves other content:
+ *   GET /site/N         answers the file <site dir>/N (N is 1 to 64 of [A-Za-z0-9_.-], at most
+ *                       4 KiB are sent), 404 if there is none.
+ *
+ * usage: us-httpd <port> <page file> [<data dir> [<site dir>]]
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -40,7 +45,7 @@
 #define EXT4_MAGIC 0xEF53
 
 static int usage(void) {
-    fprintf(stderr, "usage: us-httpd <port 1-65535> <page file> [<data dir>]\n");
+    fprintf(stderr, "usage: us-httpd <port 1-65535> <page file> [<data dir> [<site dir>]]\n");
     return 2;
 }
 
@@ -71,12 +76,9 @@ static int data_mounted(const char *dir) {
     return dir && statfs(dir, &st) == 0 && st.f_type == EXT4_MAGIC;
 }
 
-/* The key of "?key=K" in a request target, validated; 0 if missing or malformed. */
-static int parse_key(const char *target, char *key) {
-    const char *q = strstr(target, "?key=");
-    if (!q)
-        return 0;
-    q += 5;
+/* Copies the name at q (1 to MAX_KEY of [A-Za-z0-9_.-], ending at '&', ' ' or the end) into
+ * key; 0 if it is empty or malformed. */
+static int parse_name(const char *q, char *key) {
     size_t n = 0;
     while (q[n] && q[n] != '&' && q[n] != ' ') {
         char ch = q[n];
@@ -89,6 +91,31 @@ static int parse_key(const char *target, char *key) {
     }
     key[n] = 0;
     return n > 0;
+}
+
+/* The key of "?key=K" in a request target, validated; 0 if missing or malformed. */
+static int parse_key(const char *target, char *key) {
+    const char *q = strstr(target, "?key=");
+    return q && parse_name(q + 5, key);
+}
+
+/* GET /site/N: the file N of the site directory (bounded), or 404. */
+static void site_file(int c, const char *req, const char *dir) {
+    char name[MAX_KEY + 1], path[512], body[MAX_PAGE + 1];
+    if (!parse_name(req + strlen("GET /site/"), name) || name[0] == '.') {
+        reply(c, "400 Bad Request", "bad name\n");
+        return;
+    }
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        reply(c, "404 Not Found", "no such file\n");
+        return;
+    }
+    ssize_t got = read(fd, body, MAX_PAGE);
+    close(fd);
+    body[got > 0 ? got : 0] = 0;
+    reply(c, "200 OK", body);
 }
 
 /*
@@ -188,9 +215,10 @@ static void ledger_list(int c, const char *dir) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3 && argc != 4)
+    if (argc < 3 || argc > 5)
         return usage();
-    const char *data_dir = argc == 4 ? argv[3] : NULL;
+    const char *data_dir = argc >= 4 ? argv[3] : NULL;
+    const char *site_dir = argc == 5 ? argv[4] : NULL;
     char *end = NULL;
     long port = strtol(argv[1], &end, 10);
     if (!end || *end || port < 1 || port > 65535)
@@ -281,6 +309,8 @@ int main(int argc, char **argv) {
             if (req[0] && !(data_dir && strncmp(req, "POST /append", 12) == 0)) {
                 if (data_dir && strncmp(req, "GET /ledger", 11) == 0)
                     ledger_list(conns[i], data_dir);
+                else if (site_dir && strncmp(req, "GET /site/", 10) == 0)
+                    site_file(conns[i], req, site_dir);
                 else
                     write_all(conns[i], response, response_len);
             }

@@ -634,6 +634,15 @@ fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy
     assert_ne!(healthy, broken);
     let events = daemon.cli(&["events", name]).1;
     assert!(events.contains("verify_failed"), "{events}");
+    // Status reports it too.
+    let last = &daemon.service(name).unwrap()["last_verify"];
+    assert_eq!(last["passed"], false, "{last:#}");
+    assert_eq!(last["shadow"], broken.as_str());
+    let text = daemon.cli(&["status"]).1;
+    assert!(
+        text.contains(&format!("{name} standby verification at ")) && text.contains("FAILED"),
+        "{text}"
+    );
 
     let (code, out, err) = daemon.cli(&["canary", "verify", name, "--json"]);
     let r: serde_json::Value =
@@ -641,6 +650,7 @@ fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy
     assert_eq!(code, 0, "a healthy shadow must pass: {r:#}");
     assert_eq!(r["passed"], true);
     assert!(r["verdict"]["requests"].as_u64().unwrap() >= 24);
+    assert_eq!(daemon.service(name).unwrap()["last_verify"]["passed"], true);
     daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
     let checks = watcher.finish();
     eprintln!("isolation checked {checks} times");
@@ -706,4 +716,162 @@ fn canary_promote_switches_over_and_new_shadows_carry_the_change() {
         vec![new_primary.clone()]
     );
     assert!(isolated_bridges().is_empty());
+}
+
+/// The backing file of the overlay `domain`'s disk `target` sits on.
+fn disk_backing(hv: &understudy::libvirt::Hypervisor, domain: &str, target: &str) -> String {
+    let xml = understudy::domain_xml::DomainXml::parse(&hv.xml(domain, false).unwrap()).unwrap();
+    let disk = xml
+        .disks()
+        .into_iter()
+        .find(|d| d.target_dev == target)
+        .unwrap_or_else(|| panic!("{domain} has no disk {target}"));
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(disk.source.unwrap())
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["backing-filename"].as_str().unwrap_or("").to_string()
+}
+
+/// A system disk (scripts/lab-sysdisk.sh) whose site has `files` (NAME=CONTENT).
+fn system_disk(path: &Path, files: &[&str]) {
+    let out = Command::new(repo().join("scripts/lab-sysdisk.sh"))
+        .arg(path)
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lab-sysdisk.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn canary_on_a_golden_image_reports_the_path_it_changes_and_promote_gives_it_to_new_shadows() {
+    require_lab();
+    let name = "it-gold1";
+    let ip = "10.77.0.96";
+    let _bridges = BridgeCleanup::of(name);
+    let _cleanup = Cleanup {
+        prefixes: vec![
+            name.to_string(),
+            format!("{name}-canary"),
+            format!("{name}-baseline"),
+        ],
+    };
+    let daemon = DaemonProc::start_configured(
+        "golden",
+        name,
+        1,
+        r#"
+[class.default.capture]
+enabled = true
+ports = [80]
+
+[class.default.replay]
+ignore = ["uuid=\\S+", "boot=\\S+"]
+"#,
+        &[],
+    );
+    let hv = hypervisor();
+    // The primary's system disk, and a golden image whose site differs in one file.
+    let system = daemon.dir.join("system.qcow2");
+    let golden = daemon.dir.join("golden.qcow2");
+    system_disk(&system, &["a=alpha", "b=bravo"]);
+    system_disk(&golden, &["a=alpha", "b=bravo-golden"]);
+    start_guest(
+        &hv,
+        name,
+        &format!("{ip}/24"),
+        &["--disk", system.to_str().unwrap()],
+    );
+    daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    wait_for("site served", Duration::from_secs(60), || {
+        http(ip, "GET", "/site/b", "").filter(|r| r.0 == 200)
+    });
+    wait_capture(&daemon, name);
+    for _ in 0..4 {
+        for path in ["/", "/site/a", "/site/b"] {
+            assert_eq!(http(ip, "GET", path, "").map(|r| r.0), Some(200), "{path}");
+        }
+    }
+    assert_eq!(http(ip, "GET", "/site/b", "").unwrap().1, "bravo\n");
+    wait_for("12 records stored", Duration::from_secs(10), || {
+        (records(&daemon, name).len() >= 12).then_some(())
+    });
+    let before = domains(&hv);
+
+    // An image that is not there is refused before anything starts.
+    let (code, out, err) = {
+        let file = daemon.dir.join("missing.toml");
+        std::fs::write(&file, "golden_image = \"/nonexistent/golden.qcow2\"\n").unwrap();
+        daemon.cli(&["canary", "start", name, "--apply", file.to_str().unwrap()])
+    };
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(err.contains("/nonexistent/golden.qcow2"), "{err}");
+    assert_eq!(domains(&hv), before);
+
+    let change = format!("golden_image = \"{}\"\n", golden.display());
+    let (code, report, err) = canary_start(&daemon, name, &change);
+    eprintln!("{err}");
+    assert_eq!(code, 4, "the changed path must be reported: {report:#}");
+    let differing = report["comparison"]["differing"].as_array().unwrap();
+    assert!(!differing.is_empty(), "{report:#}");
+    for d in differing {
+        assert_eq!(d["request"], "GET /site/b", "{report:#}");
+        let what = d["what"][0].as_str().unwrap();
+        assert!(
+            what.contains("\"bravo\"") && what.contains("\"bravo-golden\""),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        report["applied"][0]["step"],
+        format!("golden image {}", golden.display())
+    );
+    assert_eq!(
+        report["isolation"]["violations"].as_array().unwrap().len(),
+        0,
+        "{report:#}"
+    );
+    // The canary booted from the golden image, the baseline as the shadows do.
+    let canary_dom = report["canary"]["name"].as_str().unwrap();
+    let baseline_dom = report["baseline"]["name"].as_str().unwrap();
+    assert_eq!(
+        disk_backing(&hv, canary_dom, "vda"),
+        golden.to_str().unwrap()
+    );
+    assert_ne!(
+        disk_backing(&hv, baseline_dom, "vda"),
+        golden.to_str().unwrap()
+    );
+    // The primary serves its own site still.
+    assert_eq!(http(ip, "GET", "/site/b", "").unwrap().1, "bravo\n");
+
+    // Promoted: the shadows are rebuilt on the golden image and one of them takes over.
+    let (code, out, err) = daemon.cli(&["canary", "promote", name]);
+    assert_eq!(code, 0, "promote: {out} {err}");
+    let new_primary = daemon.service(name).unwrap()["active"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new_primary, name);
+    assert_eq!(
+        disk_backing(&hv, &new_primary, "vda"),
+        golden.to_str().unwrap()
+    );
+    wait_for("the golden site served", Duration::from_secs(30), || {
+        http(ip, "GET", "/site/b", "").filter(|r| r.1 == "bravo-golden\n")
+    });
+    let shadow = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
+    assert_eq!(disk_backing(&hv, &shadow, "vda"), golden.to_str().unwrap());
+    assert!(isolated_bridges().is_empty(), "{:?}", isolated_bridges());
+    let events = daemon.cli(&["events", name]).1;
+    assert!(
+        events.contains("canary_promoted") && events.contains("golden image"),
+        "{events}"
+    );
 }

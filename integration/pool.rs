@@ -14,6 +14,8 @@ use crate::stateful::data_image;
 
 const POOL_WAIT: Duration = Duration::from_secs(300);
 const TEMPLATE: &str = "golden-it-pl";
+/// The template's address: what a pooled shadow's guest sets at its boot, until its promotion.
+const TEMPLATE_IP: &str = "10.77.0.89";
 /// The pool of class `default` (the tests' daemon protects with that class).
 const POOL: &str = "default-pool";
 const CONF: &str = "/etc/us-service.conf";
@@ -93,11 +95,21 @@ fn fail_into_pooled_shadow(
         assert!(append(ip, &key), "append {key} to {primary}");
         keys.push(key);
     }
-    // Standing by: no NIC, no data disk, the template's host name.
+    // Standing by: the template's NIC on a placeholder MAC, its tap on no bridge; no data
+    // disk, the template's host name.
     let standby = hv.xml(shadow, false).unwrap();
+    let standby_nics = DomainXml::parse(&standby).unwrap().interfaces();
+    assert_eq!(standby_nics.len(), 1, "{shadow}: the template's one NIC");
+    let placeholder = standby_nics[0].mac.clone().expect("a MAC");
     assert!(
-        !standby.contains("<interface"),
-        "{shadow} stands by with a NIC"
+        placeholder.starts_with("0a:"),
+        "{shadow} stands by on {placeholder}"
+    );
+    let standby_tap = standby_nics[0].target_dev.clone().expect("a tap");
+    assert_eq!(
+        master_of(&standby_tap),
+        None,
+        "{shadow}'s tap is on a bridge"
     );
     assert!(
         !standby.contains("data.raw"),
@@ -153,25 +165,45 @@ fn fail_into_pooled_shadow(
             .position(|x| *x == n)
             .unwrap_or_else(|| panic!("step {n} missing: {names:?}"))
     };
-    // Plugged while paused, links down; up only once the data is mounted.
+    // The standing-by NIC takes the primary's MAC: no hot-plug, no link change; the network
+    // only once the data is mounted, and the tap on the bridge only once the guest has the
+    // primary's MAC and address.
     assert!(at("plug_nic") < at("resume"), "{names:?}");
     assert!(at("resume") < at("identity"));
     assert!(at("identity") < at("attach"));
-    assert!(at("promote_commands") < at("link_up"), "{names:?}");
-    assert!(at("link_up") < at("address"));
+    assert!(at("promote_commands") < at("address"), "{names:?}");
+    assert!(at("address") < at("rewire"), "{names:?}");
+    assert!(!names.contains(&"link_up"), "{names:?}");
 
-    // The primary's MAC, on its bridge, on the promoted shadow's one port, in its definition.
+    // The primary's MAC: in the guest, in QEMU's receive filter, in the definition (a restart
+    // keeps it) and on the bridge, learned on the promoted shadow's one port. libvirt's live
+    // XML keeps the MAC the NIC was started with (it cannot change a running NIC's MAC).
     let live = DomainXml::parse(&hv.xml(shadow, false).unwrap()).unwrap();
     let nic = &live.interfaces()[0];
-    assert_eq!(nic.mac.as_deref(), Some(mac.as_str()));
+    assert_eq!(nic.mac.as_deref(), Some(placeholder.as_str()));
     let persistent = DomainXml::parse(&hv.xml(shadow, true).unwrap()).unwrap();
     assert_eq!(
         persistent.interfaces()[0].mac.as_deref(),
         Some(mac.as_str())
     );
+    let in_guest = guest_text(
+        hv,
+        shadow,
+        &["/bin/busybox", "cat", "/sys/class/net/eth0/address"],
+    );
+    assert_eq!(in_guest, mac);
+    let filter: Value =
+        serde_json::from_str(&hv.qmp(shadow, r#"{"execute":"query-rx-filter"}"#).unwrap()).unwrap();
+    assert_eq!(filter["return"][0]["main-mac"], mac.as_str(), "{filter}");
     let tap = nic.target_dev.clone().expect("a tap");
+    assert_eq!(tap, standby_tap);
     assert_eq!(master_of(&tap).as_deref(), Some("usbr0"));
     assert_single_server(ip, &shadow_uuid, &mac);
+    assert_eq!(
+        fdb_ports_of(&mac),
+        std::slice::from_ref(&tap),
+        "the bridge learned {mac} on {tap} only"
+    );
     // Address, host name, configuration file, data: the primary's.
     let addrs = guest_text(
         hv,
@@ -179,6 +211,10 @@ fn fail_into_pooled_shadow(
         &["/bin/busybox", "ip", "-o", "-4", "addr", "show"],
     );
     assert!(addrs.contains(&format!("{ip}/24")), "{addrs}");
+    assert!(
+        !addrs.contains(TEMPLATE_IP),
+        "the template's address, set at the pooled shadow's boot, is gone: {addrs}"
+    );
     assert_eq!(
         guest_text(hv, shadow, &["/bin/busybox", "hostname"]),
         primary
@@ -203,7 +239,7 @@ fn two_primaries_share_one_pooled_shadow_and_each_gets_it_with_its_identity() {
     };
     let hv = hypervisor();
     // The class's golden VM: defined, never started.
-    hv.define(&guest_xml(TEMPLATE, "10.77.0.89/24", &[]))
+    hv.define(&guest_xml(TEMPLATE, &format!("{TEMPLATE_IP}/24"), &[]))
         .expect("define the template");
     let d = DaemonProc::start_configured("pool", "it-pl*", 0, &class(), &[]);
     for (name, ip) in [(a, ip_a), (b, ip_b)] {

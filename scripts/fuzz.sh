@@ -16,7 +16,9 @@
 #                 not only the kept corpus), so that long runs add up; a target without one
 #                 starts from its seeds. A resumed queue was calibrated and searched with
 #                 cmplog in its earlier runs: they run again briefly (AFL_FAST_CAL,
-#                 AFL_CMPLOG_ONLY_NEW), not for the first minutes of the run
+#                 AFL_CMPLOG_ONLY_NEW), not for the first minutes of the run. Seeds added
+#                 since its first run join the queue. Crashes and hangs are the run's own
+#                 (AFL's stats count those of the runs before it too)
 #   FUZZ_LEDGER   a file to append one Markdown row per target run to (see fuzz/RUNS.md)
 #   FUZZ_EXECS    also stop a target once its AFL output has about this many executions (`-E`;
 #                 a resumed run counts those of the runs before it)
@@ -84,12 +86,16 @@ for t in "${order[@]}"; do
     input=("$dir/in")
     execs_before=0
     time_before=0
+    crashes_before=0
+    hangs_before=0
     resume_env=()
     if [ "${FUZZ_RESUME:-0}" = 1 ] && [ -d "$dir/out/default/queue" ] && [ -f "$stats" ]; then
         input=(-)
         resume_env=(AFL_FAST_CAL=1 AFL_CMPLOG_ONLY_NEW=1)
         execs_before=$(stat execs_done)
         time_before=$(stat run_time)
+        crashes_before=$(stat saved_crashes)
+        hangs_before=$(stat saved_hangs)
     else
         rm -rf "$dir"
     fi
@@ -102,6 +108,29 @@ for t in "${order[@]}"; do
             [ -f "$f" ] && cp "$f" "$dir/in/$(echo "$s" | tr / _)__$(basename "$f")"
         done
     done
+    # A resumed queue does not read the seeds again: add those it has neither by name (AFL
+    # trims queued inputs in place, so a seed's content may have changed there) nor by content
+    # (the kept corpus comes from queues) as the next queue entries, named as AFL names a seed
+    # so that its in-place resume takes them as they are.
+    added=0
+    if [ "${input[0]}" = - ]; then
+        queue=$dir/out/default/queue
+        next=$(find "$queue" -maxdepth 1 -name 'id:*' | wc -l)
+        declare -A queued=()
+        while read -r sum _; do queued[$sum]=1; done < <(find "$queue" -maxdepth 1 -type f -exec md5sum {} +)
+        for f in "$dir/in"/*; do
+            name=$(basename "$f")
+            # AFL skips empty inputs.
+            [ -s "$f" ] || continue
+            compgen -G "$queue/id:*,orig:$name" >/dev/null && continue
+            sum=$(md5sum <"$f")
+            [ -n "${queued[${sum%% *}]+x}" ] && continue
+            cp "$f" "$queue/$(printf 'id:%06d' "$next"),time:0,execs:0,orig:$name"
+            next=$((next + 1))
+            added=$((added + 1))
+        done
+        unset queued
+    fi
     if [ "${input[0]}" != - ] && [ -z "$(ls -A "$dir/in")" ]; then
         echo "fuzz: $t has no seed input" >&2
         status=1
@@ -114,7 +143,7 @@ for t in "${order[@]}"; do
     until_execs=()
     [ -n "${FUZZ_EXECS:-}" ] && until_execs=(-E "$FUZZ_EXECS")
     if [ "${input[0]}" = - ]; then
-        echo "fuzz: $t for ${seconds}s (resuming $dir/out, $execs_before executions so far)"
+        echo "fuzz: $t for ${seconds}s (resuming $dir/out, $execs_before executions so far, $added new seeds)"
     else
         echo "fuzz: $t for ${seconds}s ($(ls "$dir/in" | wc -l) seeds)"
     fi
@@ -127,8 +156,10 @@ for t in "${order[@]}"; do
         status=1
         continue
     fi
-    crashes=$(stat saved_crashes)
-    hangs=$(stat saved_hangs)
+    # A resumed run's stats count from the start of its first run: the crashes and hangs of
+    # the runs before it were reported (and fixed) then, so only this run's own count.
+    crashes=$(($(stat saved_crashes) - crashes_before))
+    hangs=$(($(stat saved_hangs) - hangs_before))
     for f in "$dir"/out/default/crashes/id:* "$dir"/out/default/hangs/id:*; do
         [ -f "$f" ] && cp "$f" "$out/findings/$t/$(basename "$(dirname "$f")")-$(basename "$f" | tr ':,' '__')"
     done
@@ -139,7 +170,6 @@ for t in "${order[@]}"; do
     elif [ "$hangs" != 0 ]; then
         verdict="hangs-reported:$out/findings/$t"
     fi
-    # A resumed run's stats count from the start of its first run.
     execs=$(($(stat execs_done) - execs_before))
     run_time=$(($(stat run_time) - time_before))
     rows+=("$t $run_time $execs $(stat execs_done) $(stat execs_per_sec) $(stat corpus_count) $(stat stability) $crashes $hangs $verdict")

@@ -33,8 +33,11 @@ make_image() {
         local tmp=$path.partial
         rm -f "$tmp"
         truncate -s 64M "$tmp"
-        # Everything initialised now: no lazy init writing behind the guest's back later.
-        mkfs.ext4 -q -F -L usdata -E lazy_itable_init=0,lazy_journal_init=0 "$tmp"
+        # Everything initialised now: no lazy init writing behind the guest's back later. The
+        # smallest journal (1024 blocks, 1 MiB): a shadow taking the disk over after a crash
+        # replays at most that much before it mounts (4 MiB, mke2fs's default here, took
+        # 200-300 ms to replay under TCG); a cold restart replays the same journal.
+        mkfs.ext4 -q -F -L usdata -J size=1 -E lazy_itable_init=0,lazy_journal_init=0 "$tmp"
         mv "$tmp" "$path"
         lab_log "created data disk $path (64 MiB raw, ext4, label usdata)" >&2
     fi

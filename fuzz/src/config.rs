@@ -120,6 +120,7 @@ fn check_config(c: &Config) {
                 (50..=(k.lease_ttl_s * 1000 / 3).max(50)).contains(&every),
                 "{k:?}"
             );
+            assert!((200..=600_000).contains(&k.unreachable_after_ms), "{k:?}");
             assert!(Keys::new(&k.key_prefix).is_ok(), "{k:?}");
             if let Some(h) = &k.host {
                 assert!(check_name("host", h).is_ok(), "{k:?}");

@@ -1,6 +1,8 @@
 //! Domain XML written by other tools: parse, plan and clone a shadow (a dry run: the plan is
 //! made as `failover::shadow` makes it, nothing is written), the standby boot variant, and
-//! understudy's metadata element.
+//! understudy's metadata element. An input whose document element is `<domstatus>` is read as
+//! libvirt's status file (`DomainXml::parse_status`, which the attach's single-writer check
+//! reads), and the definition it wraps goes through the same checks.
 //!
 //! Properties: a parsed document reserializes to one that parses to the same typed views; the
 //! typed views stay within libvirt's rules (1 <= current <= max vCPUs, balloon <= maximum); a
@@ -57,6 +59,14 @@ pub fn check(data: &[u8]) {
     let xml = crate::text(data);
     let dom = match DomainXml::parse(&xml) {
         Ok(d) => d,
+        // A libvirt status file: its own mode, chosen by the document element so that the
+        // queue's definitions cost no extra parse.
+        Err(XmlError::NotDomain { found }) if found.starts_with("<domstatus") => {
+            match DomainXml::parse_status(&xml) {
+                Ok(d) => d,
+                Err(e) => return check_status_error(&xml, &e),
+            }
+        }
         Err(e) => {
             check_meta(&xml);
             return check_parse_error(&xml, &e);
@@ -137,6 +147,24 @@ fn check_parse_error(xml: &str, e: &XmlError) {
             assert!(device.starts_with("<disk"), "{device}")
         }
         _ => {}
+    }
+}
+
+/// `parse_status` on a well-formed document (the plain parse got as far as its document
+/// element) whose element is named `domstatus`: the outer parse cannot fail, and the inner
+/// `<domain>` is xot's own serialization of an element of the input, which must parse again
+/// as XML and as a `<domain>`; what is left is a refusal of the wrapper or of the definition.
+fn check_status_error(xml: &str, e: &XmlError) {
+    let msg = e.to_string();
+    match e {
+        XmlError::NotStatus { found } => assert!(
+            found.starts_with('<') || found == "a <domstatus> without <domain>",
+            "{msg}"
+        ),
+        XmlError::Parse { .. } | XmlError::NotDomain { .. } | XmlError::Tree(_) => {
+            panic!("the <domain> of a well-formed status file does not parse again: {msg}")
+        }
+        _ => check_parse_error(xml, e),
     }
 }
 

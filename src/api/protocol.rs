@@ -377,6 +377,10 @@ pub struct ServiceStatus {
     /// name, addresses), as its guest agent last reported it.
     #[serde(default)]
     pub identity: Option<String>,
+    /// The last standby verification of a shadow of this service since the daemon started
+    /// (`canary verify` or the class's schedule).
+    #[serde(default)]
+    pub last_verify: Option<crate::canary::verify::VerifyReport>,
 }
 
 /// One shadow domain of a service.
@@ -416,8 +420,19 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 
-/// The memory lines of one service: its primary's and each shadow's, with shares.
+/// The memory lines of one service: its primary's and each shadow's, with shares; its last
+/// standby verification.
 fn render_standby_cost(out: &mut String, s: &ServiceStatus) {
+    if let Some(v) = &s.last_verify {
+        let _ = writeln!(
+            out,
+            "\n{} standby verification at {}: {} {}",
+            s.name,
+            crate::events::format_unix_ms(v.at_unix_ms),
+            v.shadow,
+            v.describe()
+        );
+    }
     if let Some(p) = &s.standby_plan {
         let next = match (p.next_switch_unix_ms, p.next_tier) {
             (Some(at), Some(t)) => format!(
@@ -917,6 +932,7 @@ mod tests {
                 standby_share_pct: Some(25.0),
                 standby_plan: None,
                 identity: Some("host name web-a, 10.77.0.10/24 on 52:54:00:12:34:56".into()),
+                last_verify: None,
             }],
             pools: vec![PoolStatus {
                 class: "stateless".into(),
@@ -979,6 +995,7 @@ mod tests {
                 "identity",
                 "last_failover",
                 "last_heartbeat_unix_ms",
+                "last_verify",
                 "name",
                 "primary_memory",
                 "shadows",

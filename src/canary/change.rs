@@ -1,7 +1,10 @@
-//! A change tried on a canary: configuration files written and commands run in the guest
-//! through its agent, in that order. Read from a TOML file given to `canary start --apply`:
+//! A change tried on a canary: a golden image its system disk boots from instead of the
+//! shadow's, then configuration files written and commands run in the guest through its agent,
+//! in that order. Read from a TOML file given to `canary start --apply`:
 //!
 //! ```toml
+//! golden_image = "/var/lib/libvirt/images/web-2026-12.qcow2"
+//!
 //! [[file]]
 //! path = "/etc/app.conf"
 //! content = "workers = 4\n"
@@ -10,6 +13,8 @@
 //! argv = ["/bin/sh", "-c", "kill -HUP $(pidof app)"]
 //! timeout_ms = 10000
 //! ```
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -43,10 +48,14 @@ fn default_timeout_ms() -> u64 {
     30_000
 }
 
-/// A change: files, then commands.
+/// A change: a golden image to boot from, files, then commands.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Change {
+    /// The image (an absolute path on the host) the first system disk boots an overlay of,
+    /// in place of the shadow's base; data disks are untouched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub golden_image: Option<PathBuf>,
     /// Files written first.
     #[serde(default, rename = "file")]
     pub files: Vec<FileChange>,
@@ -76,10 +85,19 @@ impl Change {
             return Err(ChangeError::TooLarge(text.len()));
         }
         let c: Change = toml::from_str(text).map_err(ChangeError::Parse)?;
-        if c.files.is_empty() && c.commands.is_empty() {
+        if c.golden_image.is_none() && c.files.is_empty() && c.commands.is_empty() {
             return Err(ChangeError::Invalid(
-                "the change has neither [[file]] nor [[command]] entries".into(),
+                "the change has no golden_image, [[file]] or [[command]] entries".into(),
             ));
+        }
+        if let Some(g) = &c.golden_image {
+            let text = g.to_string_lossy();
+            if !g.is_absolute() || text.len() > 1024 || text.contains(',') {
+                return Err(ChangeError::Invalid(format!(
+                    "golden_image {text:?} must be an absolute path (at most 1024 bytes, no comma: \
+                     qemu-img takes it as a backing file)"
+                )));
+            }
         }
         for (i, f) in c.files.iter().enumerate() {
             if !f.path.starts_with('/') || f.path.contains('\0') || f.path.len() > 1024 {
@@ -137,8 +155,19 @@ impl Change {
         out
     }
 
-    /// One line per step, for reports.
+    /// One line per part of the change (the golden image first), for reports.
     pub fn summary(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .golden_image
+            .iter()
+            .map(|g| format!("golden image {}", g.display()))
+            .collect();
+        out.extend(self.step_names());
+        out
+    }
+
+    /// One line per step of [`Change::steps`], in order.
+    pub fn step_names(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .files
             .iter()
@@ -168,8 +197,13 @@ mod tests {
             c.steps()[0].0[4],
             crate::monitor::base64::encode(b"x = 1\n")
         );
+        let g = Change::parse("golden_image = \"/images/web-2.qcow2\"\n").unwrap();
+        assert!(g.steps().is_empty());
+        assert_eq!(g.summary(), ["golden image /images/web-2.qcow2"]);
         for (text, needle) in [
-            ("", "neither"),
+            ("", "no golden_image"),
+            ("golden_image = \"web-2.qcow2\"\n", "absolute"),
+            ("golden_image = \"/a,b.qcow2\"\n", "no comma"),
             ("[[file]]\npath = \"etc\"\ncontent = \"\"\n", "absolute"),
             ("[[command]]\nargv = [\"true\"]\n", "absolute"),
             (

@@ -358,6 +358,15 @@ impl Canaries {
             .unwrap_or_default()
     }
 
+    /// The golden image promoted last for `service`: what its new shadows' system disk boots
+    /// an overlay of.
+    pub fn promoted_golden_image(&self, service: &str) -> Option<PathBuf> {
+        self.promoted_changes(service)
+            .into_iter()
+            .rev()
+            .find_map(|c| c.golden_image)
+    }
+
     /// Adds `change` to the changes promoted for `service` (atomically).
     pub fn promote_change(&self, service: &str, change: &Change) -> Result<(), CanaryError> {
         let mut all = self.promoted_changes(service);
@@ -429,5 +438,16 @@ mod tests {
         assert!(Canaries::load(dir.path()).get("web1").is_none());
         c.promote_change("web1", &record("x").change).unwrap();
         assert_eq!(c.promoted_changes("web1").len(), 1);
+        assert_eq!(c.promoted_golden_image("web1"), None);
+        for image in ["/images/a.qcow2", "/images/b.qcow2"] {
+            let g = Change::parse(&format!("golden_image = \"{image}\"\n")).unwrap();
+            c.promote_change("web1", &g).unwrap();
+        }
+        c.promote_change("web1", &record("x").change).unwrap();
+        // The last image promoted wins; a later change without one keeps it.
+        assert_eq!(
+            Canaries::load(dir.path()).promoted_golden_image("web1"),
+            Some(PathBuf::from("/images/b.qcow2"))
+        );
     }
 }

@@ -217,7 +217,7 @@ pub async fn apply_change(
     max_reply: usize,
 ) -> (Vec<StepOutcome>, Result<(), CanaryError>) {
     let mut out = Vec::new();
-    for ((argv, timeout_ms), step) in change.steps().into_iter().zip(change.summary()) {
+    for ((argv, timeout_ms), step) in change.steps().into_iter().zip(change.step_names()) {
         let r = guest_exec(
             hv,
             domain,
@@ -322,7 +322,11 @@ async fn steps(
         bridge: isolated::bridge_name(service, role),
         ..plan.template.clone()
     };
-    let (b, c) = (mk("baseline", 'b'), mk("canary", 'c'));
+    let (b, mut c) = (mk("baseline", 'b'), mk("canary", 'c'));
+    // A golden image is applied at boot: the canary's system disk is an overlay of it.
+    if let Some(image) = &plan.change.golden_image {
+        c.disks = c.disks.booting_from(image.clone());
+    }
     let (rb, rc) = tokio::join!(isolated::start(hv, net, &b), isolated::start(hv, net, &c));
     made.extend([&rb, &rc].into_iter().flatten().cloned());
     let (baseline, canary) = (rb?, rc?);
@@ -347,7 +351,11 @@ async fn steps(
         plan.template.agent_max_reply,
     )
     .await;
-    book.update(service, |r| r.applied = applied);
+    let booted = plan.change.golden_image.iter().map(|g| StepOutcome {
+        step: format!("golden image {}", g.display()),
+        result: "ok (the canary booted from it)".into(),
+    });
+    book.update(service, |r| r.applied = booted.chain(applied).collect());
     ok?;
     let server = records[0].server;
     for d in [&baseline, &canary] {

@@ -72,6 +72,32 @@ pub struct VerifyReport {
     pub passed: bool,
 }
 
+impl VerifyReport {
+    /// `passed`/`FAILED`, how many requests were answered as recorded or why none could be
+    /// judged, and isolation violations if any.
+    pub fn describe(&self) -> String {
+        let mut out = if self.passed { "passed" } else { "FAILED" }.to_string();
+        match (&self.verdict, &self.error) {
+            (Some(v), _) => out.push_str(&format!(
+                ": {} of {} replayed requests answered as recorded",
+                v.matched, v.requests
+            )),
+            (None, Some(e)) => out.push_str(&format!(": {e}")),
+            (None, None) => {}
+        }
+        if !self.isolation.violations.is_empty() {
+            out.push_str(&format!(
+                "; isolation violated: {}",
+                self.isolation.violations.join("; ")
+            ));
+        }
+        if !self.passed {
+            out.push_str("; the shadow was replaced");
+        }
+        out
+    }
+}
+
 /// The last verification of each service.
 #[derive(Debug, Default)]
 pub struct Verifications {

@@ -410,6 +410,65 @@ fn body_framing(headers: &[(String, String)]) -> Result<(Option<u64>, bool), ()>
     Ok((len, chunked))
 }
 
+/// A chunked body that does not follow RFC 9112's grammar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed chunked body")]
+pub struct BadChunk;
+
+/// Decodes the chunked body at the front of `buf` (RFC 9112 7.1: chunks, the last chunk, the
+/// trailer section): `Some((data, dropped, used))` once it is complete, with at most `keep`
+/// bytes of data and how many more there were, and the encoded bytes it took; `None` while
+/// it is incomplete; `Err` when it is malformed.
+pub fn dechunk(buf: &[u8], keep: usize) -> Result<Option<(Vec<u8>, u64, usize)>, BadChunk> {
+    let (mut data, mut dropped, mut pos) = (Vec::new(), 0u64, 0usize);
+    loop {
+        let (n, size) = match httparse::parse_chunk_size(&buf[pos..]).map_err(|_| BadChunk)? {
+            httparse::Status::Complete(x) => x,
+            httparse::Status::Partial => return Ok(None),
+        };
+        pos += n;
+        if size == 0 {
+            break;
+        }
+        let rest = (buf.len() - pos) as u64;
+        if rest < size.saturating_add(2) {
+            return Ok(None);
+        }
+        let size = size as usize;
+        let chunk = &buf[pos..pos + size];
+        let room = keep.saturating_sub(data.len()).min(size);
+        data.extend_from_slice(&chunk[..room]);
+        dropped += (size - room) as u64;
+        if &buf[pos + size..pos + size + 2] != b"\r\n" {
+            return Err(BadChunk);
+        }
+        pos += size + 2;
+    }
+    // Trailer fields, each a line, up to an empty line.
+    loop {
+        let Some(end) = buf[pos..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        pos += end + 2;
+        if end == 0 {
+            return Ok(Some((data, dropped, pos)));
+        }
+    }
+}
+
+/// Takes a chunked body off the front of `side.buf` (after a head of `head` bytes) once all of
+/// it is there. A message larger than the buffer (`side.dropped`) cannot be followed.
+fn take_chunked(side: &mut Side, head: usize, max_body: usize) -> Result<Option<Body>, ()> {
+    match dechunk(&side.buf[head..], max_body).map_err(|_| ())? {
+        Some((data, dropped, used)) => {
+            side.buf.drain(..head + used);
+            Ok(Some(Body::new(&data, dropped)))
+        }
+        None if side.dropped > 0 => Err(()),
+        None => Ok(None),
+    }
+}
+
 /// Takes a body of `len` bytes off the front of `side.buf` once the bytes kept of it are
 /// there; the rest of the body is skipped as it arrives. None while it is incomplete.
 fn take_body(side: &mut Side, head: usize, len: u64, max_body: usize) -> Option<Body> {
@@ -429,7 +488,8 @@ fn take_body(side: &mut Side, head: usize, len: u64, max_body: usize) -> Option<
 }
 
 /// Cuts complete requests and responses off the connection's streams and pairs them.
-/// `Err` when the connection cannot be followed (not HTTP, chunked, a head over [`MAX_HEAD`]).
+/// `Err` when the connection cannot be followed (not HTTP, a head over [`MAX_HEAD`], a chunked
+/// message larger than the buffer).
 fn http_progress(
     flow: &mut Flow,
     max_body: usize,
@@ -457,11 +517,13 @@ fn http_progress(
             req.version.unwrap_or(0),
         );
         let (len, chunked) = body_framing(&headers)?;
-        if chunked {
-            return Err(());
-        }
         let first = s.first_us.unwrap_or(0);
-        let Some(body) = take_body(s, head, len.unwrap_or(0), max_body) else {
+        let body = if chunked {
+            take_chunked(s, head, max_body)?
+        } else {
+            take_body(s, head, len.unwrap_or(0), max_body)
+        };
+        let Some(body) = body else {
             break;
         };
         // The next request's first byte is not known apart from this one's.
@@ -496,17 +558,16 @@ fn http_progress(
         let status = resp.code.unwrap_or(0);
         let headers = headers_of(resp.headers);
         let (len, chunked) = body_framing(&headers)?;
-        if chunked {
-            return Err(());
-        }
         let head_request = flow
             .pending
             .front()
             .is_some_and(|(r, _)| r.method.eq_ignore_ascii_case("HEAD"));
         let no_body = head_request || status < 200 || status == 204 || status == 304;
         let len = match (no_body, len) {
-            (true, _) => 0,
-            (false, Some(n)) => n,
+            (true, _) => Some(0),
+            // Transfer-Encoding overrides Content-Length (RFC 9112 6.3).
+            (false, _) if chunked => None,
+            (false, Some(n)) => Some(n),
             (false, None) => {
                 // Read until the connection closes.
                 s.buf.drain(..head);
@@ -516,7 +577,11 @@ fn http_progress(
             }
         };
         let answered = s.first_us;
-        let Some(body) = take_body(s, head, len, max_body) else {
+        let body = match len {
+            Some(len) => take_body(s, head, len, max_body),
+            None => take_chunked(s, head, max_body)?,
+        };
+        let Some(body) = body else {
             break;
         };
         s.first_us = None;
@@ -653,6 +718,64 @@ mod tests {
         assert_eq!(request.body.data, "abc");
         let r = response.as_ref().unwrap();
         assert_eq!((r.status, r.body.data.as_str()), (200, "ok a\n"));
+    }
+
+    #[test]
+    fn chunked_requests_and_responses_are_decoded_in_pieces() {
+        let mut t = table(1024);
+        let mut out = Vec::new();
+        let mut c = Conn::new(&mut t, &mut out);
+        c.send(
+            &mut t,
+            true,
+            b"POST /append HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab",
+            &mut out,
+        );
+        c.send(&mut t, true, b"c\r\n2;ext=1\r\nde\r\n0\r\n", &mut out);
+        c.send(&mut t, true, b"X-Trailer: t\r\n\r\n", &mut out);
+        c.send(
+            &mut t,
+            false,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n5\r\nok a\n\r\n",
+            &mut out,
+        );
+        assert!(out.is_empty(), "{out:?}");
+        c.send(&mut t, false, b"0\r\n\r\n", &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let Exchange::Http { request, response } = &out[0].exchange else {
+            panic!()
+        };
+        assert_eq!(request.body.data, "abcde");
+        let r = response.as_ref().unwrap();
+        assert_eq!((r.status, r.body.data.as_str()), (200, "ok a\n"));
+    }
+
+    #[test]
+    fn chunked_bodies_are_bounded_and_malformed_ones_break_the_connection() {
+        // Data beyond what is kept is counted as dropped.
+        let (data, dropped, used) = dechunk(b"4\r\nabcd\r\n3\r\nefg\r\n0\r\n\r\nNEXT", 5)
+            .unwrap()
+            .unwrap();
+        assert_eq!((data.as_slice(), dropped, used), (&b"abcde"[..], 2, 22));
+        assert_eq!(dechunk(b"4\r\nab", 16), Ok(None));
+        assert_eq!(dechunk(b"fffffff\r\nab", 16), Ok(None));
+        assert_eq!(dechunk(b"4\r\nabcdXY0\r\n\r\n", 16), Err(BadChunk));
+        assert_eq!(dechunk(b"zz\r\n", 16), Err(BadChunk));
+        // A chunked message larger than the buffer cannot be followed.
+        let mut t = table(8);
+        let mut out = Vec::new();
+        let mut c = Conn::new(&mut t, &mut out);
+        c.send(
+            &mut t,
+            true,
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &mut out,
+        );
+        let big = format!("{:x}\r\n{}\r\n", MAX_HEAD, "a".repeat(MAX_HEAD));
+        c.send(&mut t, true, big.as_bytes(), &mut out);
+        c.send(&mut t, true, b"0\r\n\r\n", &mut out);
+        assert!(out.is_empty());
+        assert_eq!(t.counts.flows_broken, 1);
     }
 
     #[test]

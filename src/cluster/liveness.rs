@@ -328,12 +328,11 @@ pub fn self_fence_deadline(lease: &LeaseStatus, guard: Duration) -> Option<Insta
     Some(sent + lease.ttl.saturating_sub(guard))
 }
 
-/// Whether this host must fence itself now: in a cluster, its lease is not being renewed,
-/// the deadline has come, and no peer it hears hears it too (a host that still reaches a peer
-/// is not isolated: an etcd outage that all hosts share stops no VM). The mode is not
-/// consulted beyond standalone: while a keepalive waits out its timeout, or the next endpoint
-/// is tried, the renewal loop still says connected, and only the acknowledgements say whether
-/// etcd may expire the lease.
+/// Whether this host must fence itself now: in a cluster, the deadline has come (no keepalive
+/// acknowledged for the TTL less the guard), and no peer it hears hears it too (a host that
+/// still reaches a peer is not isolated: an etcd outage that all hosts share stops no VM). The
+/// lease session's mode is not asked: a session still retrying its keepalives says `Connected`
+/// until it gives up, which can be after etcd expired the lease and another host promoted.
 pub fn self_fence_due(lease: &LeaseStatus, guard: Duration, mutual: bool, now: Instant) -> bool {
     if lease.mode == Mode::Standalone || mutual {
         return false;
@@ -682,19 +681,18 @@ mod tests {
             true,
             t0 + Duration::from_secs(60)
         ));
-        // Renewing: not while the acknowledgements come.
-        let c = lease(Mode::Connected, Some(t0 + Duration::from_secs(59)));
+        // Renewing: never while keepalives are acknowledged...
+        let c = lease(Mode::Connected, Some(t0));
         assert!(!self_fence_due(
             &c,
             guard,
             false,
-            t0 + Duration::from_secs(60)
+            t0 + Duration::from_millis(1499)
         ));
-        // Still "connected" while a keepalive waits out its timeout: the acknowledgements
-        // decide, not the mode.
-        let waiting = lease(Mode::Connected, Some(t0));
+        // ...but a session that still says connected while its keepalives go unanswered
+        // (retrying, not yet given up) is past the deadline all the same.
         assert!(self_fence_due(
-            &waiting,
+            &c,
             guard,
             false,
             t0 + Duration::from_millis(1500)

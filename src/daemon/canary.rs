@@ -85,7 +85,8 @@ fn event(d: &Shared, service: &str, what: &str, detail: String) {
     );
 }
 
-/// The settings of an isolated clone of `service`'s primary (name and bridge set by caller).
+/// The settings of an isolated clone of `service`'s primary (name and bridge set by caller):
+/// its disks as the service's new shadows get them (a promoted golden image included).
 fn template(d: &Shared, service: &str, class: &str, primary: &str) -> IsolatedRequest {
     let cfg = d.cfg();
     let c = d.class(class);
@@ -99,9 +100,63 @@ fn template(d: &Shared, service: &str, class: &str, primary: &str) -> IsolatedRe
         boot_timeout: Duration::from_secs(c.shadow_boot_timeout_s),
         agent_timeout: Duration::from_millis(cfg.monitor.agent_timeout_ms),
         agent_max_reply: cfg.monitor.agent_max_reply_bytes,
-        disks: DiskPolicy::of_class(&c, false),
+        disks: super::profiles::shadow_disks(d, service, &c),
         promote_commands: c.promote_commands.clone(),
         promote_timeout: c.promote_command_timeout(),
+    }
+}
+
+/// Refuses a golden image the canary cannot boot from: not a file, or a primary without a
+/// system disk to put it under (only data, read-only or shared disks).
+async fn check_golden(
+    d: &Shared,
+    service: &str,
+    class: &str,
+    primary: &str,
+    image: &std::path::Path,
+) -> Result<(), Response> {
+    let bad = |why: String| Response::error(ErrorKind::BadRequest, why);
+    match std::fs::metadata(image) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => {
+            return Err(bad(format!(
+                "golden image {} is not a file",
+                image.display()
+            )))
+        }
+        Err(e) => {
+            return Err(bad(format!(
+                "golden image {} is unusable: {e}",
+                image.display()
+            )))
+        }
+    }
+    let policy = super::profiles::shadow_disks(d, service, &d.class(class))
+        .booting_from(image.to_path_buf());
+    let name = primary.to_string();
+    let xml = d
+        .hv()
+        .run("read primary XML", move |hv| hv.xml(&name, true))
+        .await
+        .map_err(|e| canary_error(e.into()))?;
+    let dom = crate::domain_xml::DomainXml::parse(&xml).map_err(|source| {
+        canary_error(CanaryError::Xml {
+            domain: primary.to_string(),
+            source,
+        })
+    })?;
+    match policy.golden_disk(&dom) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(bad(format!(
+            "primary '{primary}' of '{service}' has no writable system disk for golden image {} \
+             to replace (a golden image replaces the first system disk; data disks are never \
+             replaced)",
+            image.display()
+        ))),
+        Err(e) => Err(bad(format!(
+            "disks of primary '{primary}': {}",
+            crate::error::report(&e)
+        ))),
     }
 }
 
@@ -150,6 +205,11 @@ pub(super) async fn start(d: &Shared, service: &str, change: &str) -> Response {
     let records_dir = CaptureStore::dir_of(&d.cfg().daemon.state_dir, service);
     if let Err(e) = crate::canary::run::recorded(&records_dir, service, 1) {
         return canary_error(e);
+    }
+    if let Some(image) = &change.golden_image {
+        if let Err(resp) = check_golden(d, service, &class, &primary, image).await {
+            return resp;
+        }
     }
     let record = CanaryRecord {
         service: service.to_string(),

@@ -387,8 +387,13 @@ async fn run(d: Shared, c: ClusterConfig) {
                 if changed.is_err() {
                     return;
                 }
-                let mode = lease_rx.borrow_and_update().mode;
-                if mode == Mode::Connected {
+                let lease = *lease_rx.borrow_and_update();
+                // Connected with a keepalive acknowledged within the deadline: a session that
+                // says connected while still retrying is not renewing (see self_fence_due).
+                let renewing = lease.mode == Mode::Connected
+                    && liveness::self_fence_deadline(&lease, c.self_fence_guard())
+                        .is_some_and(|t| Instant::now() < t);
+                if renewing {
                     renewed(&d).await;
                 }
             }

@@ -1,9 +1,9 @@
 //! Pooled shadows: a class with `[class.X.pool]` keeps one generic shadow per
 //! `primaries_per_shadow` of its primaries on this host instead of shadows per primary. Each is
-//! cloned from the class's golden template domain, without NICs; the first primary of the class
-//! to fail takes one, and the promotion gives it that primary's identity (NICs with its MACs,
-//! addresses, host name, configuration files, data disks, vCPUs and memory: see
-//! [`crate::failover::identity`]). Then the pool provisions a new one.
+//! cloned from the class's golden template domain, its NICs on placeholder MACs; the first
+//! primary of the class to fail takes one, and the promotion gives it that primary's identity
+//! (NICs with its MACs, addresses, host name, configuration files, data disks, vCPUs and memory:
+//! see [`crate::failover::identity`]). Then the pool provisions a new one.
 //!
 //! A [`Pool`] is owned by the [`super::ServiceTable`] like the services are, and changes only
 //! through its transitions. Which primaries it covers is not stored: it is every running service

@@ -19,6 +19,7 @@ use crate::config::{ClassConfig, Config};
 use crate::events::EventLog;
 use crate::failover::apply_profile::ProfileApply;
 use crate::failover::identity::{read_guest_identity, GuestIdentity, Identity};
+use crate::failover::plan::DiskPolicy;
 use crate::libvirt::LibvirtAgent;
 use crate::monitor::agent::GuestAgent;
 use crate::monitor::agent::{AgentLimits, AgentOptions};
@@ -359,6 +360,8 @@ pub(super) fn promotion_identity(d: &Shared, service: &str) -> Identity {
             .cloned()
             .unwrap_or_default(),
         agent_max_reply: d.cfg().monitor.agent_max_reply_bytes,
+        // Known only once `plug_nic` has matched the shadow's NICs.
+        guest_macs: Default::default(),
     }
 }
 
@@ -476,6 +479,17 @@ pub(super) fn golden_image(d: &Shared, service: &str, class: &ClassConfig) -> Op
         .contains(service)
         .then(|| class.golden_image.clone())
         .flatten()
+}
+
+/// How new shadows of `service` get their disks: the class's roles; the system disk on the
+/// golden image promoted from a canary (it replaces the class's for this service), else on the
+/// class's golden image if `shadow reinit --golden` chose it, else on the primary's image.
+pub(super) fn shadow_disks(d: &Shared, service: &str, class: &ClassConfig) -> DiskPolicy {
+    let policy = DiskPolicy::of_class(class, golden_image(d, service, class).is_some());
+    match d.canaries.promoted_golden_image(service) {
+        Some(image) => policy.booting_from(image),
+        None => policy,
+    }
 }
 
 /// Shadows of `service` go back to the primary's own disks (plain rebuild or reinit).

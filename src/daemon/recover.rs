@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::config::NetworkMode;
 use crate::domain_xml::{MemberState, Role, UnderstudyMeta, META_NS};
-use crate::failover::plan::DiskPolicy;
 use crate::failover::record::Tier;
 use crate::failover::shadow::{
     isolate_tap, live_taps, member_meta, provision, read_routed_sides, shadow_generation,
@@ -728,10 +727,7 @@ pub(super) fn spawn_provision(d: &Shared, plan: ShadowToProvision, primary_xml: 
         _ => plan.primary,
     };
     let req = ShadowRequest {
-        disks: DiskPolicy::of_class(
-            &c,
-            super::profiles::golden_image(d, &plan.service, &c).is_some(),
-        ),
+        disks: super::profiles::shadow_disks(d, &plan.service, &c),
         service: plan.service.clone(),
         class: plan.class,
         primary,

@@ -290,11 +290,10 @@ async fn active_disks(
     let wanted: Vec<(String, String, DiskPolicy)> = services
         .iter()
         .map(|s| {
-            let golden = super::profiles::golden_image(d, &s.name, &d.class(&s.class)).is_some();
             (
                 s.name.clone(),
                 s.active.clone(),
-                DiskPolicy::of_class(&d.class(&s.class), golden),
+                super::profiles::shadow_disks(d, &s.name, &d.class(&s.class)),
             )
         })
         .collect();
@@ -391,6 +390,7 @@ async fn status(d: &Shared) -> StatusReport {
                 &cfg.class.get(&s.class).cloned().unwrap_or_default(),
             ),
             identity: identities.get(&s.name).map(|g| g.describe()),
+            last_verify: d.verifications.last(&s.name),
         })
         .collect();
     let pool_members: Vec<(String, String)> = pools

@@ -286,6 +286,9 @@ pub struct InterfaceSpec {
     pub model: Option<String>,
     /// `<link state=>` is not `down` (libvirt's default is up).
     pub link_up: bool,
+    /// It has a `<filterref>`: libvirt's nwfilter rules (e.g. `clean-traffic`'s
+    /// `no-mac-spoofing`), built for its MAC.
+    pub filtered: bool,
 }
 
 /// How a `<disk>` is backed (`type=`).
@@ -417,24 +420,31 @@ pub struct DomainXml {
     root: Node,
 }
 
+/// Parses `xml` (at most [`DOMAIN_XML_MAX`] bytes) into a tree: the tree, its document node and
+/// its document element.
+fn parse_document(xml: &str, what: &'static str) -> Result<(Xot, Node, Node), XmlError> {
+    if xml.len() > DOMAIN_XML_MAX {
+        return Err(XmlError::TooLarge {
+            what,
+            len: xml.len(),
+            limit: DOMAIN_XML_MAX,
+        });
+    }
+    let mut xot = Xot::new();
+    let doc = xot.parse(xml).map_err(|source| XmlError::Parse {
+        offset: source.span().start,
+        source,
+    })?;
+    let root = xot.document_element(doc).map_err(XmlError::Tree)?;
+    Ok((xot, doc, root))
+}
+
 impl DomainXml {
     /// Parses a domain XML document; the root element must be `<domain>`. Numbers that the
     /// typed accessors report (vCPUs, memory sizes), disk targets (present and unique) and
     /// namespace URIs (writable back) are validated here, so the accessors need not fail later.
     pub fn parse(xml: &str) -> Result<Self, XmlError> {
-        if xml.len() > DOMAIN_XML_MAX {
-            return Err(XmlError::TooLarge {
-                what: "domain XML",
-                len: xml.len(),
-                limit: DOMAIN_XML_MAX,
-            });
-        }
-        let mut xot = Xot::new();
-        let doc = xot.parse(xml).map_err(|source| XmlError::Parse {
-            offset: source.span().start,
-            source,
-        })?;
-        let root = xot.document_element(doc).map_err(XmlError::Tree)?;
+        let (xot, doc, root) = parse_document(xml, "domain XML")?;
         if !tree::is_plain(&xot, root, "domain") {
             return Err(XmlError::NotDomain {
                 found: tree::start_tag(&xot, root),
@@ -466,19 +476,7 @@ impl DomainXml {
     /// The live definition inside one of libvirt's status files (`<domstatus>` around the
     /// `<domain>` it runs), checked as [`DomainXml::parse`] checks a definition.
     pub fn parse_status(xml: &str) -> Result<Self, XmlError> {
-        if xml.len() > DOMAIN_XML_MAX {
-            return Err(XmlError::TooLarge {
-                what: "domain status XML",
-                len: xml.len(),
-                limit: DOMAIN_XML_MAX,
-            });
-        }
-        let mut xot = Xot::new();
-        let doc = xot.parse(xml).map_err(|source| XmlError::Parse {
-            offset: source.span().start,
-            source,
-        })?;
-        let root = xot.document_element(doc).map_err(XmlError::Tree)?;
+        let (xot, _, root) = parse_document(xml, "domain status XML")?;
         if !tree::is_plain(&xot, root, "domstatus") {
             return Err(XmlError::NotStatus {
                 found: tree::start_tag(&xot, root),
@@ -628,14 +626,38 @@ impl DomainXml {
         true
     }
 
-    /// Removes every `<interface>`: a pooled shadow stands by without NICs and gets the
-    /// primary's at promotion. Returns how many there were.
-    pub fn remove_interfaces(&mut self) -> usize {
+    /// Gives interface number `i` (document order) the MAC `mac_of(i)` and drops any `<target>`
+    /// it asks for: a pooled shadow stands by with the template's NICs on placeholder MACs (see
+    /// `failover::identity::placeholder_mac`). Returns how many there were.
+    pub fn set_interface_macs(&mut self, mac_of: impl Fn(usize) -> String) -> usize {
         let ifaces: Vec<Node> = self.device_nodes("interface").collect();
-        for iface in &ifaces {
-            tree::remove(&mut self.xot, *iface);
+        for (i, iface) in ifaces.iter().enumerate() {
+            let mac = tree::ensure_child(&mut self.xot, *iface, "mac");
+            tree::set_attr(&mut self.xot, mac, "address", &mac_of(i));
+            let targets: Vec<Node> = tree::children_named(&self.xot, *iface, "target").collect();
+            for t in targets {
+                tree::remove(&mut self.xot, t);
+            }
         }
         ifaces.len()
+    }
+
+    /// Sets the MAC of the interface whose MAC is `from` (case-insensitive) to `to`. Returns
+    /// false (and changes nothing) if no interface has MAC `from`.
+    pub fn rename_interface_mac(&mut self, from: &str, to: &str) -> bool {
+        let found = self.device_nodes("interface").find_map(|n| {
+            let mac = tree::child_named(&self.xot, n, "mac")?;
+            tree::attr(&self.xot, mac, "address")
+                .is_some_and(|m| m.eq_ignore_ascii_case(from))
+                .then_some(mac)
+        });
+        match found {
+            Some(mac) => {
+                tree::set_attr(&mut self.xot, mac, "address", to);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Sets `<link state='up'|'down'/>` on every interface.
@@ -864,6 +886,7 @@ impl DomainXml {
             target_dev: owned(tree::child_attr(x, iface, "target", "dev")),
             model: owned(tree::child_attr(x, iface, "model", "type")),
             link_up: tree::child_attr(x, iface, "link", "state") != Some("down"),
+            filtered: tree::child_named(x, iface, "filterref").is_some(),
         }
     }
 

@@ -130,6 +130,7 @@ fn full_fixture_accessors() {
                 target_dev: None,
                 model: Some("virtio".to_string()),
                 link_up: true,
+                filtered: false,
             },
             InterfaceSpec {
                 kind: InterfaceKind::Network,
@@ -139,6 +140,7 @@ fn full_fixture_accessors() {
                 target_dev: None,
                 model: Some("e1000e".to_string()),
                 link_up: true,
+                filtered: false,
             },
         ]
     );
@@ -1370,14 +1372,28 @@ fn free_page_reporting_is_set_on_the_virtio_balloon_only() {
 }
 
 #[test]
-fn a_pooled_shadow_spec_has_no_interface_left() {
+fn a_pooled_shadow_spec_keeps_its_nics_on_placeholder_macs_and_one_can_be_renamed() {
     let mut d = parse(FULL);
-    let n = d.interfaces().len();
-    assert!(n > 0);
-    assert_eq!(d.remove_interfaces(), n);
-    assert!(d.interfaces().is_empty());
-    assert!(!d.to_xml().contains("<interface"));
-    DomainXml::parse(&d.to_xml()).expect("still a domain");
+    let before = d.interfaces();
+    assert!(!before.is_empty());
+    let n = d.set_interface_macs(|i| format!("0a:00:00:00:00:{i:02x}"));
+    assert_eq!(n, before.len());
+    let after = d.interfaces();
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert_eq!(
+            a.mac.as_deref(),
+            Some(format!("0a:00:00:00:00:{i:02x}").as_str())
+        );
+        assert_eq!(
+            (&a.kind, &a.bridge, &a.model),
+            (&b.kind, &b.bridge, &b.model)
+        );
+        assert_eq!(a.target_dev, None, "no tap name asked for");
+    }
+    assert!(d.rename_interface_mac("0A:00:00:00:00:00", "52:54:00:00:00:99"));
+    assert!(!d.rename_interface_mac("0a:00:00:00:00:00", "52:54:00:00:00:98"));
+    let d = DomainXml::parse(&d.to_xml()).expect("still a domain");
+    assert_eq!(d.interfaces()[0].mac.as_deref(), Some("52:54:00:00:00:99"));
 }
 
 #[test]

@@ -1,16 +1,20 @@
 //! A pooled shadow becomes the primary it replaces.
 //!
-//! A pooled shadow (see `crate::daemon::pool`) is a clone of its class's golden template: no NIC,
-//! no data disk, the template's host name. Its promotion gives it the failed primary's identity,
+//! A pooled shadow (see `crate::daemon::pool`) is a clone of its class's golden template: the
+//! template's NICs on placeholder MACs ([`placeholder_mac`]; taps off the bridge, as every
+//! shadow's), no data disk, the template's host name. Its promotion gives it the failed primary's identity,
 //! from two sources:
 //!
 //! - what the primary's guest agent last said while it ran ([`GuestIdentity`], read with the
 //!   configuration items): its host name (`/etc/hostname`) and each NIC's addresses, by MAC;
-//! - the primary's libvirt definition, read at promotion ([`PrimaryShape`]): its NICs, each
-//!   plugged into the shadow with the primary's MAC, model and bridge (so the switch, the bridge
-//!   and ARP caches see the very same MAC, and libvirt's definition of the promoted domain says
-//!   so: a restart keeps it), links down until the shadow is ready to serve, and its vCPUs and
-//!   memory.
+//! - the primary's libvirt definition, read at promotion ([`PrimaryShape`]): its NICs and its
+//!   vCPUs and memory. Each NIC of the primary takes a standing-by NIC of the shadow on the same
+//!   bridge with the same model: the guest gives it the primary's MAC itself (virtio-net's
+//!   control queue; `ip link set address`), since libvirt cannot change a live NIC's MAC, and
+//!   the shadow's persistent definition gets the primary's MAC (a restart keeps it). Only a NIC
+//!   with no such match is hot-plugged with the primary's MAC, model and bridge, link down:
+//!   under TCG the guest takes about a second to show a hot-plugged NIC, against tens of ms for
+//!   the MAC change. Either way the switch, the bridge and ARP caches see the very same MAC.
 //!
 //! The guest-side changes are argument vectors run through `guest-exec` by `/bin/sh` with the
 //! values as positional parameters, never spliced into the script, and each value is checked
@@ -20,7 +24,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::domain_xml::{without_children, DomainXml, XmlError};
+use crate::domain_xml::{without_children, DomainXml, InterfaceKind, InterfaceSpec, XmlError};
 use crate::monitor::agent::{AgentError, AgentTransport, GuestAgent};
 use crate::monitor::collector::ConfigFileContent;
 
@@ -71,6 +75,10 @@ pub struct Identity {
     pub config_files: Vec<ConfigFileContent>,
     /// Bound on guest agent replies.
     pub agent_max_reply: usize,
+    /// The NICs the shadow stood by with that now carry the primary's MACs: the primary's
+    /// (lower-case) MAC -> the placeholder MAC the guest's NIC has until `address` changes it.
+    /// Filled at `plug_nic`.
+    pub guest_macs: BTreeMap<String, String>,
 }
 
 /// Whether `s` is a host name we write into a guest: RFC 1123 labels.
@@ -84,6 +92,22 @@ pub fn valid_hostname(s: &str) -> bool {
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
+}
+
+/// The MAC a pooled shadow's NIC number `index` stands by with: locally administered (first
+/// octet `0a`), never a primary's, derived from the shadow's name so that two pooled shadows do
+/// not share one (QEMU's `announce-self` still sends from it after the guest changed its MAC).
+pub fn placeholder_mac(shadow: &str, index: usize) -> String {
+    // FNV-1a: stable across runs and builds, unlike the standard library's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in shadow.bytes().chain(index.to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    format!(
+        "0a:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4]
+    )
 }
 
 /// Whether `mac` is a MAC address as libvirt writes it (`aa:bb:cc:dd:ee:ff`, any case).
@@ -137,25 +161,34 @@ pub fn read_guest_identity<T: AgentTransport>(
 const HOSTNAME_SCRIPT: &str = r#"PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 hostname "$1" && printf '%s\n' "$1" >/etc/hostname"#;
 
-/// Waits for the NIC with MAC `$1` to appear (a hot-plugged device), brings it up, waits (at
+/// Waits for the NIC with MAC `$1` (or already `$2`) to appear (a hot-plugged device), gives it
+/// MAC `$2` (a pooled shadow's NIC standing by on a placeholder MAC), brings it up, waits (at
 /// most 2 s) until the kernel says it is operational (carrier on: before that its queue drops
 /// what it sends, and a first ARP request lost costs the clients a one-second retransmission),
-/// and gives it the addresses `$2...`. Exit 3: the NIC never appeared.
+/// removes any other global address (a template's, set at its boot: first, since removing a
+/// subnet's primary address removes its secondaries too) and gives it the addresses `$3...`.
+/// Exit 3: the NIC never appeared; 6: its MAC could not be changed.
 const ADDRESS_SCRIPT: &str = r#"PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
-mac=$1; shift; i=0; dev=
+from=$1; mac=$2; shift 2; i=0; dev=
 while [ -z "$dev" ]; do
   for d in /sys/class/net/*; do
-    [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ] && dev=${d##*/}
+    a=$(cat "$d/address" 2>/dev/null)
+    { [ "$a" = "$from" ] || [ "$a" = "$mac" ]; } && dev=${d##*/}
   done
   [ -n "$dev" ] && break
-  i=$((i+1)); [ "$i" -gt "$TRIES" ] && { echo "no NIC with MAC $mac" >&2; exit 3; }
+  i=$((i+1)); [ "$i" -gt "$TRIES" ] && { echo "no NIC with MAC $from" >&2; exit 3; }
   sleep 0.01
 done
+[ "$(cat "/sys/class/net/$dev/address")" = "$mac" ] || ip link set "$dev" address "$mac" || exit 6
 ip link set "$dev" up || exit 4
 i=0
 while [ "$(cat "/sys/class/net/$dev/operstate" 2>/dev/null)" != up ] && [ "$i" -lt 200 ]; do
   i=$((i+1)); sleep 0.01
 done
+ip -o addr show dev "$dev" scope global | while read -r _ _ _ have _; do
+  keep=; for a in "$@"; do [ "$a" = "$have" ] && keep=1; done
+  [ -n "$keep" ] || ip addr del "$have" dev "$dev" || exit 5
+done || exit 5
 for a in "$@"; do ip addr replace "$a" dev "$dev" || exit 5; done
 echo "$dev""#;
 
@@ -168,15 +201,17 @@ pub fn hostname_argv(name: &str) -> Option<Vec<String>> {
     })
 }
 
-/// The argument vector that configures the NIC with `mac` (checked) with `addresses`, waiting
-/// up to [`NIC_APPEAR_TIMEOUT`] for it to appear.
-pub fn address_argv(mac: &str, addresses: &[(IpAddr, u8)]) -> Option<Vec<String>> {
-    if !valid_mac(mac) {
+/// The argument vector that gives the NIC the guest knows by `guest_mac` the MAC `mac` and the
+/// `addresses` (both MACs checked: `None` if one is not valid), waiting up to
+/// [`NIC_APPEAR_TIMEOUT`] for it to appear.
+pub fn address_argv(guest_mac: &str, mac: &str, addresses: &[(IpAddr, u8)]) -> Option<Vec<String>> {
+    if !valid_mac(guest_mac) || !valid_mac(mac) {
         return None;
     }
     let tries = NIC_APPEAR_TIMEOUT.as_millis() / 10;
     let script = format!("TRIES={tries}\n{ADDRESS_SCRIPT}");
     let mut argv: Vec<String> = vec!["/bin/sh".into(), "-c".into(), script, "sh".into()];
+    argv.push(guest_mac.to_ascii_lowercase());
     argv.push(mac.to_ascii_lowercase());
     argv.extend(addresses.iter().map(|(a, p)| format!("{a}/{p}")));
     Some(argv)
@@ -212,6 +247,101 @@ pub fn primary_shape(primary: &DomainXml) -> Result<PrimaryShape, XmlError> {
         vcpus: primary.vcpus().current,
         mem_kib: primary.memory_kib().current_kib,
     })
+}
+
+/// What `plug_nic` did (see `promote::PromotionSteps::plug_nics`).
+#[derive(Debug, Clone)]
+pub struct PluggedNics {
+    /// The old primary's NICs and size.
+    pub shape: PrimaryShape,
+    /// The shadow's taps of the primary's NICs, each under the primary's MAC.
+    pub taps: Vec<super::TapBinding>,
+    /// Standing-by NICs that took a primary's NIC: its MAC -> the placeholder the guest's NIC
+    /// has until `address`.
+    pub guest_macs: BTreeMap<String, String>,
+}
+
+/// How one of the primary's NICs gets onto a pooled shadow (see [`plan_nics`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicPlan {
+    /// The shadow has a NIC with this MAC already (hot-plugged by an earlier try).
+    Present,
+    /// The shadow's standing-by NIC with MAC `placeholder` takes it: the guest is given the
+    /// primary's MAC; `renamed` when its persistent definition says so already (an earlier
+    /// try).
+    Take {
+        /// The MAC the guest's NIC has until `address`.
+        placeholder: String,
+        /// The persistent definition names the primary's MAC already.
+        renamed: bool,
+    },
+    /// No standing-by NIC matches (another bridge or model, or none left): hot-plugged.
+    Plug,
+}
+
+/// For each of the primary's NICs (`primary`, its definition; lower-case MAC), which way it gets
+/// onto the pooled shadow whose NICs are `live` (live XML) and `spec` (persistent definition). A
+/// standing-by NIC is one whose MAC is none of the primary's; it takes a primary's bridge NIC
+/// only if its definition names the same bridge and model (the guest changes the MAC, nothing
+/// else) and neither has a `<filterref>` (MAC anti-spoofing rules would drop the guest's frames
+/// from a MAC libvirt did not start the NIC with). One renamed by an earlier try has the primary's MAC in `spec` and its placeholder,
+/// found in no NIC of `spec`, in `live`.
+pub fn plan_nics(
+    primary: &[InterfaceSpec],
+    live: &[InterfaceSpec],
+    spec: &[InterfaceSpec],
+) -> Vec<(String, NicPlan)> {
+    let lower = |i: &InterfaceSpec| i.mac.as_deref().map(str::to_ascii_lowercase);
+    let service: Vec<String> = primary.iter().filter_map(lower).collect();
+    let has =
+        |list: &[InterfaceSpec], mac: &str| list.iter().any(|i| lower(i).as_deref() == Some(mac));
+    // Standing-by NICs still on their placeholder in the definition, and those renamed before.
+    let mut free: Vec<(String, &InterfaceSpec)> = Vec::new();
+    let mut orphans: Vec<String> = Vec::new();
+    for l in live {
+        let Some(mac) = lower(l) else { continue };
+        if service.contains(&mac) {
+            continue;
+        }
+        match spec
+            .iter()
+            .find(|s| lower(s).as_deref() == Some(mac.as_str()))
+        {
+            Some(s) => free.push((mac, s)),
+            None => orphans.push(mac),
+        }
+    }
+    let mut out = Vec::new();
+    for p in primary {
+        let Some(mac) = lower(p) else { continue };
+        let plan = if has(live, &mac) {
+            NicPlan::Present
+        } else if has(spec, &mac) && !orphans.is_empty() {
+            NicPlan::Take {
+                placeholder: orphans.remove(0),
+                renamed: true,
+            }
+        } else {
+            let fits = |s: &InterfaceSpec| {
+                p.kind == InterfaceKind::Bridge
+                    && s.kind == InterfaceKind::Bridge
+                    && p.bridge.is_some()
+                    && s.bridge == p.bridge
+                    && s.model == p.model
+                    && !p.filtered
+                    && !s.filtered
+            };
+            match free.iter().position(|(_, s)| fits(s)) {
+                Some(i) => NicPlan::Take {
+                    placeholder: free.remove(i).0,
+                    renamed: false,
+                },
+                None => NicPlan::Plug,
+            }
+        };
+        out.push((mac, plan));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -324,8 +454,9 @@ mod tests {
     }
 
     #[test]
-    fn addresses_are_positional_and_the_mac_is_checked() {
+    fn addresses_are_positional_and_both_macs_are_checked() {
         let argv = address_argv(
+            "0a:12:34:56:78:9A",
             "52:54:00:AB:cd:01",
             &[
                 ("10.77.0.21".parse().unwrap(), 24),
@@ -335,12 +466,111 @@ mod tests {
         .unwrap();
         assert_eq!(
             &argv[3..],
-            ["sh", "52:54:00:ab:cd:01", "10.77.0.21/24", "fd00::5/64"]
+            [
+                "sh",
+                "0a:12:34:56:78:9a",
+                "52:54:00:ab:cd:01",
+                "10.77.0.21/24",
+                "fd00::5/64"
+            ]
         );
         assert!(argv[2].starts_with("TRIES=1000\n"));
-        assert!(address_argv("52:54:00:ab:cd", &[]).is_none());
-        assert!(address_argv("52:54:00:ab:cd:0g", &[]).is_none());
-        assert!(address_argv("$(reboot)", &[]).is_none());
+        let ok = "52:54:00:ab:cd:01";
+        for bad in ["52:54:00:ab:cd", "52:54:00:ab:cd:0g", "$(reboot)"] {
+            assert!(address_argv(bad, ok, &[]).is_none(), "{bad}");
+            assert!(address_argv(ok, bad, &[]).is_none(), "{bad}");
+        }
+    }
+
+    fn nic(mac: &str, bridge: &str, model: &str) -> InterfaceSpec {
+        InterfaceSpec {
+            kind: InterfaceKind::Bridge,
+            mac: Some(mac.into()),
+            bridge: Some(bridge.into()),
+            network: None,
+            target_dev: None,
+            model: Some(model.into()),
+            link_up: true,
+            filtered: false,
+        }
+    }
+
+    #[test]
+    fn a_primary_nic_takes_a_standing_by_nic_of_its_bridge_and_model_or_is_plugged() {
+        let primary = [
+            nic("52:54:00:00:00:01", "br0", "virtio"),
+            nic("52:54:00:00:00:02", "br1", "virtio"),
+            nic("52:54:00:00:00:03", "br0", "e1000"),
+        ];
+        let shadow = [
+            nic("0a:00:00:00:00:01", "br1", "virtio"),
+            nic("0a:00:00:00:00:02", "br0", "virtio"),
+        ];
+        let take = |p: &str| NicPlan::Take {
+            placeholder: p.into(),
+            renamed: false,
+        };
+        assert_eq!(
+            plan_nics(&primary, &shadow, &shadow),
+            [
+                ("52:54:00:00:00:01".into(), take("0a:00:00:00:00:02")),
+                ("52:54:00:00:00:02".into(), take("0a:00:00:00:00:01")),
+                ("52:54:00:00:00:03".into(), NicPlan::Plug),
+            ]
+        );
+        // A retry after the first NIC was renamed in the definition and the third plugged.
+        let spec = [
+            nic("0a:00:00:00:00:01", "br1", "virtio"),
+            nic("52:54:00:00:00:01", "br0", "virtio"),
+            nic("52:54:00:00:00:03", "br0", "e1000"),
+        ];
+        let live = [
+            nic("0a:00:00:00:00:01", "br1", "virtio"),
+            nic("0a:00:00:00:00:02", "br0", "virtio"),
+            nic("52:54:00:00:00:03", "br0", "e1000"),
+        ];
+        assert_eq!(
+            plan_nics(&primary, &live, &spec),
+            [
+                (
+                    "52:54:00:00:00:01".into(),
+                    NicPlan::Take {
+                        placeholder: "0a:00:00:00:00:02".into(),
+                        renamed: true
+                    }
+                ),
+                ("52:54:00:00:00:02".into(), take("0a:00:00:00:00:01")),
+                ("52:54:00:00:00:03".into(), NicPlan::Present),
+            ]
+        );
+        // Anti-spoofing filters on either side: plugged.
+        let filtered = InterfaceSpec {
+            filtered: true,
+            ..primary[0].clone()
+        };
+        assert_eq!(
+            plan_nics(std::slice::from_ref(&filtered), &shadow, &shadow),
+            [("52:54:00:00:00:01".into(), NicPlan::Plug)]
+        );
+        // A shadow without NICs (a template without any): every NIC is plugged.
+        assert!(plan_nics(&primary, &[], &[])
+            .iter()
+            .all(|(_, p)| *p == NicPlan::Plug));
+    }
+
+    #[test]
+    fn placeholder_macs_are_local_unicast_valid_and_distinct() {
+        let macs: Vec<String> = ["web-pool-shadow-1", "web-pool-shadow-2"]
+            .iter()
+            .flat_map(|s| (0..3).map(move |i| placeholder_mac(s, i)))
+            .collect();
+        for m in &macs {
+            assert!(valid_mac(m), "{m}");
+            assert!(m.starts_with("0a:"), "locally administered unicast: {m}");
+        }
+        let distinct: std::collections::BTreeSet<&String> = macs.iter().collect();
+        assert_eq!(distinct.len(), macs.len(), "{macs:?}");
+        assert_eq!(placeholder_mac("a", 0), placeholder_mac("a", 0), "stable");
     }
 
     #[test]

@@ -46,6 +46,23 @@ impl DiskPolicy {
         }
     }
 
+    /// This policy with the first system disk booting an overlay of `image` (a golden image a
+    /// canary tries, or one promoted from a canary), whatever the class's golden image is.
+    pub fn booting_from(mut self, image: PathBuf) -> Self {
+        self.golden_image = Some(image);
+        self.golden_for_images = true;
+        self
+    }
+
+    /// The system disk that boots from the golden image under this policy, if any.
+    pub fn golden_disk(&self, primary: &DomainXml) -> Result<Option<String>, PlanError> {
+        Ok(plan_disks(primary, self)?
+            .disks
+            .into_iter()
+            .find(|d| d.handling == DiskHandling::GoldenOverlay)
+            .map(|d| d.target))
+    }
+
     fn role(&self, target: &str) -> DiskRole {
         self.roles.get(target).copied().unwrap_or(self.default_role)
     }

@@ -26,6 +26,7 @@
 //! the steps out on libvirt, netlink and the coordinator, and the unit tests check the order
 //! with a recording implementation.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Mutex;
@@ -39,7 +40,10 @@ use crate::monitor::agent::{AgentError, ExitStatus};
 use crate::net::{NetError, Netlink};
 
 use super::apply_profile::ProfileApply;
-use super::identity::{address_argv, hostname_argv, primary_shape, Identity, PrimaryShape};
+use super::identity::{
+    address_argv, hostname_argv, plan_nics, primary_shape, Identity, NicPlan, PluggedNics,
+    PrimaryShape,
+};
 use super::plan::{data_disks, disk_holders, DataDisk, DiskPolicy};
 use super::record::Tier;
 use super::shadow::{clip_tail, guest_exec, member_meta, raise_links, write_meta};
@@ -125,7 +129,11 @@ async fn run_in_guest(
     };
     let stderr = clip_tail(&String::from_utf8_lossy(&out.stderr.data), 512);
     match out.status {
-        ExitStatus::Code(0) => Ok(()),
+        ExitStatus::Code(0) => {
+            let stdout = clip_tail(&String::from_utf8_lossy(&out.stdout.data), 512);
+            tracing::info!(%domain, ?argv, %stdout, "guest command succeeded");
+            Ok(())
+        }
         ExitStatus::Code(code) => Err(format!("exited with {code}; stderr: {stderr:?}")),
         ExitStatus::Signal(sig) => Err(format!("killed by signal {sig}; stderr: {stderr:?}")),
         ExitStatus::Unknown => Err(format!("ended without an exit status; stderr: {stderr:?}")),
@@ -208,20 +216,23 @@ pub trait PromotionSteps: Sync {
         -> impl Future<Output = Result<(), FailoverError>> + Send;
     /// Sizes and configures the new primary from its profile; returns notes, never fails.
     fn apply_profile(&self, p: &Promotion) -> impl Future<Output = Vec<String>> + Send;
-    /// Pooled: reads the old primary's definition (its NICs and size) and plugs its NICs (its
-    /// MACs, model and bridges) into the shadow, links down, live and persistently; returns
-    /// the shape and the shadow's taps.
+    /// Pooled: reads the old primary's definition (its NICs and size) and gives each of its
+    /// NICs to the shadow: a standing-by NIC of the same bridge and model takes its MAC in the
+    /// shadow's definition (the guest takes it at `address`); any other is plugged (its MAC,
+    /// model and bridge), link down, live and persistently. Returns the shape, the shadow's
+    /// taps of the primary's NICs and the MACs the guest has until `address`.
     fn plug_nics(
         &self,
         p: &Promotion,
-    ) -> impl Future<Output = Result<(PrimaryShape, Vec<TapBinding>), FailoverError>> + Send;
+    ) -> impl Future<Output = Result<PluggedNics, FailoverError>> + Send;
     /// Pooled: gives the running shadow the old primary's host name and configuration files;
     /// returns notes.
     fn assume_identity(
         &self,
         p: &Promotion,
     ) -> impl Future<Output = Result<Vec<String>, FailoverError>> + Send;
-    /// Pooled: in the guest, brings each plugged NIC up with the old primary's addresses.
+    /// Pooled: in the guest, gives each of the primary's NICs its MAC (a standing-by NIC) and
+    /// addresses and brings it up.
     fn address(&self, p: &Promotion) -> impl Future<Output = Result<(), FailoverError>> + Send;
     /// Pooled, without a profile to size it: the old primary's vCPUs and memory; notes.
     fn size_like(
@@ -413,12 +424,15 @@ async fn run_steps<S: PromotionSteps>(
     rest
 }
 
-/// A pooled shadow becomes the old primary. Still paused, it gets the old primary's NICs (its
-/// MACs, on its bridges), links down: the guest handles the PCI hot-plug (about half a second
-/// under TCG) while the rest goes on. Then resume, host name and configuration files, the data
-/// disks and their commands, and only then the links go up and the addresses are set: the
-/// network comes up last, as it does for data disks. Then what every promotion does after
-/// service is restored, with the old primary's size when no profile sizes it.
+/// A pooled shadow becomes the old primary. Still paused, it gets the old primary's NICs: a
+/// standing-by NIC (link up, tap down and off the bridge) takes a primary NIC's MAC in the
+/// definition; any other is plugged with the primary's MAC on its bridge, link down (the guest
+/// handles the PCI hot-plug, about a second under TCG, while the rest goes on). Then resume,
+/// host name and configuration files, the data disks and their commands, and only then the
+/// network: links up (plugged NICs), MACs and addresses in the guest, then the taps onto their
+/// bridges, so that nothing leaves the shadow before it has the primary's MAC and addresses
+/// alone. Then what every promotion does after service is restored, with the old primary's
+/// size when no profile sizes it.
 async fn take_over<S: PromotionSteps>(
     steps: &S,
     p: &mut Promotion,
@@ -426,8 +440,12 @@ async fn take_over<S: PromotionSteps>(
     clock: &mut StepClock,
     notes: &mut Vec<String>,
 ) -> Result<(), FailoverError> {
-    let (shape, taps) = timed(clock, "plug_nic", steps.plug_nics(p)).await?;
-    p.shadow.taps = taps;
+    let plugged = timed(clock, "plug_nic", steps.plug_nics(p)).await?;
+    p.shadow.taps = plugged.taps;
+    if let Some(id) = p.identity.as_mut() {
+        id.guest_macs = plugged.guest_macs;
+    }
+    let shape = plugged.shape;
     let stop_old = !disks.is_empty() && p.old_host.is_none();
     resume_beside_stop(steps, p, clock, stop_old).await?;
     notes.extend(timed(clock, "identity", steps.assume_identity(p)).await?);
@@ -445,8 +463,11 @@ async fn take_over<S: PromotionSteps>(
         timed(clock, "attach", steps.attach(p, &placed)).await?;
         timed(clock, "promote_commands", steps.promote_commands(p)).await?;
     }
-    timed(clock, "link_up", steps.link_up(p)).await?;
+    if !p.shadow.link_ready() {
+        timed(clock, "link_up", steps.link_up(p)).await?;
+    }
     timed(clock, "address", steps.address(p)).await?;
+    timed(clock, "rewire", steps.rewire(p)).await?;
     clock.mark_restored();
     let p = &*p;
     timed(clock, "announce", async {
@@ -1012,10 +1033,7 @@ impl PromotionSteps for LiveSteps<'_> {
         Ok(notes)
     }
 
-    async fn plug_nics(
-        &self,
-        p: &Promotion,
-    ) -> Result<(PrimaryShape, Vec<TapBinding>), FailoverError> {
+    async fn plug_nics(&self, p: &Promotion) -> Result<PluggedNics, FailoverError> {
         let old = p.old_primary.clone();
         let xml = self
             .hv
@@ -1025,38 +1043,87 @@ impl PromotionSteps for LiveSteps<'_> {
             })
             .await
             .map_err(libvirt_step("plug_nic: read old primary XML"))?;
-        let shape = DomainXml::parse(&xml)
-            .and_then(|x| primary_shape(&x))
-            .map_err(|source| FailoverError::Xml {
-                domain: p.old_primary.clone(),
-                source,
-            })?;
+        let xml_err = |source| FailoverError::Xml {
+            domain: p.old_primary.clone(),
+            source,
+        };
+        let primary = DomainXml::parse(&xml).map_err(xml_err)?;
+        let shape = primary_shape(&primary).map_err(xml_err)?;
+        let primary_nics = primary.interfaces();
+        let bridges: BTreeMap<String, Option<String>> = primary_nics
+            .iter()
+            .filter_map(|i| Some((i.mac.as_deref()?.to_ascii_lowercase(), i.bridge.clone())))
+            .collect();
         let (shadow, nics) = (p.shadow.name.clone(), shape.nics.clone());
-        self.hv
+        let nics_of = |xml: String| {
+            DomainXml::parse(&xml)
+                .map(|d| d.interfaces())
+                .unwrap_or_default()
+        };
+        let (taken, plans) = self
+            .hv
             .run("plug NICs", move |hv| {
-                // A restarted promotion finds the NICs it plugged already: not plugged twice.
-                let live = DomainXml::parse(&hv.xml(&shadow, false)?).ok();
-                for (mac, xml) in &nics {
-                    let plugged = live.as_ref().is_some_and(|l| {
-                        l.interfaces().iter().any(|i| {
-                            i.mac
-                                .as_deref()
-                                .is_some_and(|m| m.eq_ignore_ascii_case(mac))
-                        })
-                    });
-                    if !plugged {
-                        hv.attach_device(&shadow, xml)?;
+                let live = nics_of(hv.xml(&shadow, false)?);
+                let mut spec = if hv.is_persistent(&shadow)? {
+                    DomainXml::parse(&hv.xml(&shadow, true)?).ok()
+                } else {
+                    None
+                };
+                let spec_nics = spec.as_ref().map(|s| s.interfaces()).unwrap_or_default();
+                let plans = plan_nics(&primary_nics, &live, &spec_nics);
+                let mut taken = BTreeMap::new();
+                let mut rename = false;
+                for (mac, plan) in &plans {
+                    match plan {
+                        NicPlan::Present => {}
+                        NicPlan::Take {
+                            placeholder,
+                            renamed,
+                        } => {
+                            if !renamed {
+                                rename |= spec
+                                    .as_mut()
+                                    .is_some_and(|s| s.rename_interface_mac(placeholder, mac));
+                            }
+                            taken.insert(mac.clone(), placeholder.clone());
+                        }
+                        NicPlan::Plug => {
+                            let xml = nics.iter().find(|(m, _)| m == mac).map(|(_, x)| x);
+                            if let Some(xml) = xml {
+                                hv.attach_device(&shadow, xml)?;
+                            }
+                        }
                     }
                 }
-                Ok(())
+                // libvirt cannot change a running NIC's MAC (it finds the NIC by its MAC): the
+                // definition says the primary's MAC, so a restart of the domain keeps it.
+                if let (true, Some(spec)) = (rename, &spec) {
+                    hv.define(&spec.to_xml())?;
+                }
+                Ok((taken, plans))
             })
             .await
             .map_err(libvirt_step("plug_nic"))?;
-        let taps = super::shadow::live_taps(self.hv, &p.shadow.name).await?;
-        for b in &taps {
-            tracing::info!(shadow = %p.shadow.name, mac = %b.mac, tap = %b.tap, bridge = ?b.bridge, "NIC of the old primary plugged, link down");
+        let mut taps = Vec::new();
+        for mut b in super::shadow::live_taps(self.hv, &p.shadow.name).await? {
+            let lower = b.mac.to_ascii_lowercase();
+            if let Some((mac, _)) = taken.iter().find(|(_, ph)| **ph == lower) {
+                // A standing-by NIC: the primary's MAC and bridge from now on; its tap is still
+                // down and off the bridge, its link up since provisioning.
+                b.bridge = bridges.get(mac).cloned().flatten();
+                b.mac = mac.clone();
+            } else if !plans.iter().any(|(m, _)| *m == lower) {
+                // A standing-by NIC no NIC of the primary took: it stays off the bridge.
+                continue;
+            }
+            tracing::info!(shadow = %p.shadow.name, mac = %b.mac, tap = %b.tap, bridge = ?b.bridge, link_up = b.link_up, standing_by = taken.contains_key(&b.mac), "NIC of the old primary on the shadow");
+            taps.push(b);
         }
-        Ok((shape, taps))
+        Ok(PluggedNics {
+            shape,
+            taps,
+            guest_macs: taken,
+        })
     }
 
     async fn address(&self, p: &Promotion) -> Result<(), FailoverError> {
@@ -1068,7 +1135,11 @@ impl PromotionSteps for LiveSteps<'_> {
                 .as_ref()
                 .and_then(|g| g.addresses.get(&b.mac.to_ascii_lowercase()))
                 .unwrap_or(&none);
-            let Some(argv) = address_argv(&b.mac, addrs) else {
+            let guest_mac = id
+                .guest_macs
+                .get(&b.mac.to_ascii_lowercase())
+                .unwrap_or(&b.mac);
+            let Some(argv) = address_argv(guest_mac, &b.mac, addrs) else {
                 continue;
             };
             run_in_guest(
@@ -1542,16 +1613,16 @@ mod tests {
             self.step("identity").await?;
             Ok(vec!["identity: host name web".into()])
         }
-        async fn plug_nics(
-            &self,
-            _: &Promotion,
-        ) -> Result<(PrimaryShape, Vec<TapBinding>), FailoverError> {
+        /// A shadow standing by with a NIC (`p.shadow.taps`) gives it the primary's MAC, link
+        /// up; one without gets the NIC plugged, link down.
+        async fn plug_nics(&self, p: &Promotion) -> Result<PluggedNics, FailoverError> {
             self.step("plug_nic").await?;
             let shape = PrimaryShape {
                 nics: vec![("52:54:00:00:00:07".into(), "<interface/>".into())],
                 vcpus: 1,
                 mem_kib: 196_608,
             };
+            let standing_by = p.shadow.taps.first();
             let taps = shape
                 .nics
                 .iter()
@@ -1559,11 +1630,19 @@ mod tests {
                     mac: mac.clone(),
                     tap: "vnet7".into(),
                     bridge: Some("br0".into()),
-                    link_up: false,
+                    link_up: standing_by.is_some(),
                     routed: Default::default(),
                 })
                 .collect();
-            Ok((shape, taps))
+            let guest_macs = standing_by
+                .map(|b| ("52:54:00:00:00:07".to_string(), b.mac.clone()))
+                .into_iter()
+                .collect();
+            Ok(PluggedNics {
+                shape,
+                taps,
+                guest_macs,
+            })
         }
         async fn address(&self, _: &Promotion) -> Result<(), FailoverError> {
             self.step("address").await
@@ -1601,6 +1680,7 @@ mod tests {
                 "promote_commands",
                 "link_up",
                 "address",
+                "rewire",
                 "announce",
                 "metadata",
                 "size",
@@ -1623,15 +1703,38 @@ mod tests {
         assert_eq!(
             r.calls(),
             [
-                "fence", "claim", "plug_nic", "resume", "identity", "link_up", "address",
+                "fence", "claim", "plug_nic", "resume", "identity", "link_up", "address", "rewire",
                 "announce", "metadata", "size"
             ]
         );
+        // A shadow standing by with a NIC: its link is up already; the guest takes the MAC at
+        // `address`, and only then its tap joins the bridge.
+        let r = Recorder::failing(None);
+        let mut p = Promotion {
+            handover: None,
+            ..pooled_promotion()
+        };
+        p.shadow.taps = vec![TapBinding {
+            mac: "0a:00:00:00:00:01".into(),
+            tap: "vnet7".into(),
+            bridge: None,
+            link_up: true,
+            routed: Default::default(),
+        }];
+        let done = run(&r, p).await.unwrap();
+        assert_eq!(
+            r.calls(),
+            [
+                "fence", "claim", "plug_nic", "resume", "identity", "address", "rewire",
+                "announce", "metadata", "size"
+            ]
+        );
+        assert_eq!(done.taps[0].mac, "52:54:00:00:00:07", "the primary's MAC");
     }
 
     #[tokio::test]
     async fn a_pooled_promotion_that_fails_gives_back_the_shadow_and_the_claim() {
-        for failing in ["plug_nic", "identity", "link_up", "address"] {
+        for failing in ["plug_nic", "identity", "link_up", "address", "rewire"] {
             let r = Recorder::failing(Some(failing));
             let failed = run(&r, pooled_promotion()).await.unwrap_err();
             let calls = r.calls();

@@ -57,7 +57,8 @@ pub struct ShadowRequest {
     /// How it stands by.
     pub tier: Tier,
     /// A pooled shadow: `primary` is the class's golden template, and the shadow stands by
-    /// without NICs (a promotion plugs the failed primary's).
+    /// with the template's NICs on placeholder MACs (a promotion gives them the failed
+    /// primary's MACs, and plugs any NIC of the primary that none of them matches).
     pub pooled: bool,
 }
 
@@ -173,8 +174,9 @@ pub fn build_shadow_xml(
         source,
     })?;
     if req.pooled {
-        let n = shadow.remove_interfaces();
-        tracing::info!(pool = %req.service, shadow = %req.name, template = %req.primary, nics = n, "pooled shadow: the template's NICs left out");
+        let name = req.name.clone();
+        let n = shadow.set_interface_macs(|i| super::identity::placeholder_mac(&name, i));
+        tracing::info!(pool = %req.service, shadow = %req.name, template = %req.primary, nics = n, "pooled shadow: the template's NICs on placeholder MACs, off the bridge until a promotion gives them a primary's MAC");
     }
     if req.standby.ksm && shadow.allow_page_sharing() {
         tracing::info!(service = %req.service, shadow = %req.name, "ksm: the primary's <nosharepages/> left out of the shadow");

@@ -159,12 +159,30 @@ pub fn replay(target: &Target, server: SocketAddrV4, ex: &Exchange, timeout: Dur
     let mut hs = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut hs);
     match resp.parse(&buf) {
-        Ok(httparse::Status::Complete(n)) => Answer {
-            status: resp.code,
-            body: String::from_utf8_lossy(&buf[n..]).into_owned(),
-            latency_ms,
-            error: None,
-        },
+        Ok(httparse::Status::Complete(n)) => {
+            // A chunked answer is compared by its content, as the capture recorded it; one cut
+            // short is kept as it came.
+            let chunked = resp.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("transfer-encoding")
+                    && String::from_utf8_lossy(h.value)
+                        .to_ascii_lowercase()
+                        .contains("chunked")
+            });
+            let decoded = chunked
+                .then(|| {
+                    crate::capture::flow::dechunk(&buf[n..], MAX_ANSWER)
+                        .ok()
+                        .flatten()
+                })
+                .flatten();
+            let body = decoded.map_or_else(|| buf[n..].to_vec(), |(data, _, _)| data);
+            Answer {
+                status: resp.code,
+                body: String::from_utf8_lossy(&body).into_owned(),
+                latency_ms,
+                error: None,
+            }
+        }
         _ => Answer {
             status: None,
             body: String::new(),

@@ -301,7 +301,10 @@ impl<T: AgentTransport> GuestAgent<T> {
             )?,
             limits,
         )?;
+        let started = start.elapsed();
+        let mut polls = 0u32;
         loop {
+            polls += 1;
             let remaining = timeout.saturating_sub(start.elapsed());
             let per_call = self
                 .options
@@ -314,6 +317,7 @@ impl<T: AgentTransport> GuestAgent<T> {
                 stderr,
             } = parse_exec_status(&reply, limits, max_output)?
             {
+                tracing::debug!(pid, ?started, polls, elapsed = ?start.elapsed(), "guest command ended");
                 return Ok(ExecOutput {
                     pid,
                     status,
