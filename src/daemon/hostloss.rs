@@ -303,6 +303,16 @@ async fn run(d: Shared, c: ClusterConfig) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                // Beats that queued while this task was starved of CPU are read before
+                // anything is judged: a daemon that ran late must not find itself alone.
+                if let Some(s) = &socket {
+                    for _ in 0..MAX_QUEUED_BEATS {
+                        let Ok((n, from)) = s.try_recv_from(&mut buf) else {
+                            break;
+                        };
+                        take_beat(&mut w.peers, &buf[..n], from, &c.key_prefix, &mut bad_beats);
+                    }
+                }
                 let now = Instant::now();
                 let lease = *d.coord.lease().borrow();
                 w.probe_remote(&d, now);
@@ -348,16 +358,7 @@ async fn run(d: Shared, c: ClusterConfig) {
             }
             got = recv(socket.as_ref(), &mut buf) => {
                 if let Some((n, from)) = got {
-                    match Beat::decode(&buf[..n], &c.key_prefix) {
-                        Ok(beat) => w.peers.heard(beat, Instant::now()),
-                        Err(e) => {
-                            bad_beats += 1;
-                            // Logged at a bounded rate: anything may arrive on the port.
-                            if bad_beats.is_power_of_two() {
-                                tracing::warn!(%from, count = bad_beats, error = %crate::error::report(&e), "heartbeat datagram ignored");
-                            }
-                        }
-                    }
+                    take_beat(&mut w.peers, &buf[..n], from, &c.key_prefix, &mut bad_beats);
                 }
             }
             Some(list) = registered.recv() => w.apply_hosts(list),
@@ -410,6 +411,24 @@ fn answering_here(d: &Shared, within: Duration, now: Instant) -> Vec<String> {
         .into_iter()
         .filter(|s| table.get(s).is_some_and(|x| x.state.is_running()))
         .collect()
+}
+
+/// Most datagrams read at once before a heartbeat period's judgements (a peer beats once per
+/// period, so a few periods' worth of every peer's; the rest wait for the loop).
+const MAX_QUEUED_BEATS: usize = 256;
+
+/// Takes in one heartbeat datagram from `from`, heard now.
+fn take_beat(peers: &mut Peers, datagram: &[u8], from: SocketAddr, prefix: &str, bad: &mut u64) {
+    match Beat::decode(datagram, prefix) {
+        Ok(beat) => peers.heard(beat, Instant::now()),
+        Err(e) => {
+            *bad += 1;
+            // Logged at a bounded rate: anything may arrive on the port.
+            if bad.is_power_of_two() {
+                tracing::warn!(%from, count = *bad, error = %crate::error::report(&e), "heartbeat datagram ignored");
+            }
+        }
+    }
 }
 
 /// The next datagram; never resolves without a socket.
