@@ -180,6 +180,7 @@ fn status() -> StatusReport {
             standby_share_pct: None,
             standby_plan: None,
             identity: None,
+            last_verify: None,
             last_failover: Some(FailoverRecord {
                 at_unix_ms: 1_500_000,
                 from: "web-old".into(),
