@@ -157,24 +157,43 @@ fn domains(hv: &understudy::libvirt::Hypervisor) -> Vec<(String, String)> {
     v
 }
 
-/// Deletes the isolated bridges of a test's services when the test ends, passed or not (a
-/// failed test's daemon is killed before it can abort its canary).
-struct BridgeCleanup(Vec<String>);
-
-impl BridgeCleanup {
-    fn of(service: &str) -> Self {
-        Self(
-            ['b', 'c', 'v']
-                .iter()
-                .map(|r| understudy::canary::isolated::bridge_name(service, *r))
-                .collect(),
-        )
+/// Removes what a canary test of `service` made when it ends, passed or not: its domains
+/// (primary, shadows, canary and baseline clones), then its isolated bridges (a failed test's
+/// daemon is killed before it can abort its canary).
+fn cleanup(service: &str) -> CanaryCleanup {
+    CanaryCleanup {
+        _domains: Cleanup {
+            prefixes: vec![
+                service.to_string(),
+                format!("{service}-canary"),
+                format!("{service}-baseline"),
+            ],
+        },
+        bridges: ['b', 'c', 'v']
+            .iter()
+            .map(|r| understudy::canary::isolated::bridge_name(service, *r))
+            .collect(),
     }
 }
 
-impl Drop for BridgeCleanup {
+/// See [`cleanup`].
+struct CanaryCleanup {
+    _domains: Cleanup,
+    bridges: Vec<String>,
+}
+
+impl Drop for CanaryCleanup {
     fn drop(&mut self) {
-        for b in &self.0 {
+        // The domains go first (this runs before the fields drop): then no tap is on a bridge.
+        let bridges = std::mem::take(&mut self.bridges);
+        let domains = std::mem::replace(
+            &mut self._domains,
+            Cleanup {
+                prefixes: Vec::new(),
+            },
+        );
+        drop(domains);
+        for b in &bridges {
             let _ = Command::new("ip").args(["link", "del", b]).output();
         }
     }
@@ -224,10 +243,7 @@ fn capture_is_bounded_and_redacted_before_it_is_stored() {
     require_lab();
     let name = "it-cap1";
     let ip = "10.77.0.90";
-    let _bridges = BridgeCleanup::of(name);
-    let _cleanup = Cleanup {
-        prefixes: vec![name.to_string()],
-    };
+    let _cleanup = cleanup(name);
     let daemon = DaemonProc::start_configured(
         "capture",
         name,
@@ -377,14 +393,7 @@ fn canary_reports_a_broken_path_passes_a_harmless_change_and_abort_leaves_things
     require_lab();
     let name = "it-can1";
     let ip = "10.77.0.91";
-    let _bridges = BridgeCleanup::of(name);
-    let _cleanup = Cleanup {
-        prefixes: vec![
-            name.to_string(),
-            format!("{name}-canary"),
-            format!("{name}-baseline"),
-        ],
-    };
+    let _cleanup = cleanup(name);
     let (daemon, image) = ledger_service("canary", name, ip, "");
     let hv = hypervisor();
     let live = image.to_str().unwrap().to_string();
@@ -511,14 +520,7 @@ fn canary_beyond_the_profile_envelope_is_a_finding() {
     require_lab();
     let name = "it-env1";
     let ip = "10.77.0.95";
-    let _bridges = BridgeCleanup::of(name);
-    let _cleanup = Cleanup {
-        prefixes: vec![
-            name.to_string(),
-            format!("{name}-canary"),
-            format!("{name}-baseline"),
-        ],
-    };
+    let _cleanup = cleanup(name);
     let (daemon, _image) = ledger_service("envelope", name, ip, "");
     let hv = hypervisor();
     let before = domains(&hv);
@@ -598,10 +600,7 @@ fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy
     require_lab();
     let name = "it-ver1";
     let ip = "10.77.0.92";
-    let _bridges = BridgeCleanup::of(name);
-    let _cleanup = Cleanup {
-        prefixes: vec![name.to_string()],
-    };
+    let _cleanup = cleanup(name);
     let (daemon, image) = ledger_service("verify", name, ip, "");
     let hv = hypervisor();
     let (mac, tap) = taps(&hv, name)[0].clone();
@@ -671,14 +670,7 @@ fn canary_promote_switches_over_and_new_shadows_carry_the_change() {
     require_lab();
     let name = "it-pro1";
     let ip = "10.77.0.93";
-    let _bridges = BridgeCleanup::of(name);
-    let _cleanup = Cleanup {
-        prefixes: vec![
-            name.to_string(),
-            format!("{name}-canary"),
-            format!("{name}-baseline"),
-        ],
-    };
+    let _cleanup = cleanup(name);
     let (daemon, image) = ledger_service("promote", name, ip, "");
     let hv = hypervisor();
     let (code, report, err) = canary_start(&daemon, name, HARMLESS);
@@ -754,14 +746,7 @@ fn canary_on_a_golden_image_reports_the_path_it_changes_and_promote_gives_it_to_
     require_lab();
     let name = "it-gold1";
     let ip = "10.77.0.96";
-    let _bridges = BridgeCleanup::of(name);
-    let _cleanup = Cleanup {
-        prefixes: vec![
-            name.to_string(),
-            format!("{name}-canary"),
-            format!("{name}-baseline"),
-        ],
-    };
+    let _cleanup = cleanup(name);
     let daemon = DaemonProc::start_configured(
         "golden",
         name,
