@@ -113,7 +113,7 @@ fn check_config(c: &Config) {
                 k.endpoints.iter().all(|e| e.starts_with("http://")),
                 "{k:?}"
             );
-            assert!((2..=300).contains(&k.lease_ttl_s), "{k:?}");
+            assert!((1..=300).contains(&k.lease_ttl_s), "{k:?}");
             assert!(k.op_timeout_ms < k.lease_ttl_s * 1000, "{k:?}");
             let every = k.keepalive_interval().as_millis() as u64;
             assert!(

@@ -284,56 +284,123 @@ impl SwitchWatch {
         }
     }
 
-    /// Stops; checks that the MAC came from `old_port` alone until it first came from
-    /// `new_port`, and from `new_port` alone after (frames and forwarding table alike), with
-    /// frames seen on both: at no moment did two domains answer for it.
-    pub fn finish(mut self, old_port: &str, new_port: &str) {
+    /// Stops, and says whether the MAC came from `old_port` alone until it first came from
+    /// `new_port`, and from `new_port` alone after (frames and forwarding table alike).
+    pub fn verdict(mut self, old_port: &str, new_port: &str) -> SwitchVerdict {
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
         let mut frames = std::mem::take(&mut *self.frames.lock().unwrap());
         frames.sort();
-        let first_new = frames
-            .iter()
-            .position(|(_, p)| p == new_port)
-            .unwrap_or_else(|| panic!("no frame from the MAC on {new_port}"));
-        assert!(first_new > 0, "no frame from the MAC on {old_port} before");
-        for (t, p) in &frames[..first_new] {
-            assert_eq!(p, old_port, "at {t:?}, before the move");
-        }
-        for (t, p) in &frames[first_new..] {
-            assert_eq!(
-                p, new_port,
-                "at {t:?} a frame from the MAC on {p} after the first on {new_port}: two domains answered"
-            );
-        }
-        let last_old = frames[first_new - 1].0;
-        eprintln!(
-            "switch capture: {} frames from the MAC on {old_port} (last at {last_old:?}), {} on {new_port} (first at {:?})",
-            first_new,
-            frames.len() - first_new,
-            frames[first_new].0
-        );
-        // The forwarding table moves once, from the old port to the new one.
         let fdb = std::mem::take(&mut *self.fdb.lock().unwrap());
+        SwitchVerdict::of(&frames, &fdb, old_port, new_port)
+    }
+
+    /// [`Self::verdict`], asserted: frames seen on both ports, and at no moment did two
+    /// domains answer for the MAC.
+    pub fn finish(self, old_port: &str, new_port: &str) {
+        let v = self.verdict(old_port, new_port);
+        assert!(v.frames_new > 0, "no frame from the MAC on {new_port}");
+        assert!(
+            v.frames_old > 0,
+            "no frame from the MAC on {old_port} before"
+        );
+        assert!(
+            v.fdb_moved_at.is_some(),
+            "the switch never forwarded the MAC to the new port"
+        );
+        assert!(
+            v.two_copies.is_empty(),
+            "two domains answered: {:?}",
+            v.two_copies
+        );
+        eprintln!("{v}");
+    }
+}
+
+/// What the switch saw of a service's MAC moving from one port to another.
+#[derive(Debug)]
+pub struct SwitchVerdict {
+    /// Frames from the MAC on the old port before its first frame on the new one.
+    pub frames_old: usize,
+    /// Frames from the MAC from its first on the new port on.
+    pub frames_new: usize,
+    /// The last frame on the old port before the move, and the first on the new one.
+    pub last_old: Option<Duration>,
+    pub first_new: Option<Duration>,
+    /// Forwarding table reads, and when the MAC was first behind the new port.
+    pub fdb_reads: usize,
+    pub fdb_moved_at: Option<Duration>,
+    /// Each frame or forwarding entry that shows two domains: the MAC from another port than
+    /// the old one before the move, or than the new one after it, or the forwarding table
+    /// moving back.
+    pub two_copies: Vec<String>,
+}
+
+impl SwitchVerdict {
+    fn of(
+        frames: &[(Duration, String)],
+        fdb: &[(Duration, Option<String>)],
+        old_port: &str,
+        new_port: &str,
+    ) -> SwitchVerdict {
+        let mut two_copies = Vec::new();
+        let first_new = frames.iter().position(|(_, p)| p == new_port);
+        let split = first_new.unwrap_or(frames.len());
+        for (t, p) in &frames[..split] {
+            if p != old_port {
+                two_copies.push(format!("frame on {p} at {t:?}, before the move"));
+            }
+        }
+        for (t, p) in &frames[split..] {
+            if p != new_port {
+                two_copies.push(format!(
+                    "frame on {p} at {t:?}, after the first on {new_port}"
+                ));
+            }
+        }
         let learned: Vec<&(Duration, Option<String>)> =
             fdb.iter().filter(|(_, p)| p.is_some()).collect();
         let moved = learned
             .iter()
-            .position(|(_, p)| p.as_deref() == Some(new_port))
-            .expect("the switch never forwarded the MAC to the new port");
-        for (t, p) in &learned[..moved] {
-            assert_eq!(p.as_deref(), Some(old_port), "fdb at {t:?}");
+            .position(|(_, p)| p.as_deref() == Some(new_port));
+        let fdb_split = moved.unwrap_or(learned.len());
+        for (t, p) in &learned[..fdb_split] {
+            if p.as_deref() != Some(old_port) {
+                two_copies.push(format!("forwarding entry {p:?} at {t:?}, before the move"));
+            }
         }
-        for (t, p) in &learned[moved..] {
-            assert_eq!(p.as_deref(), Some(new_port), "fdb at {t:?}: moved back");
+        for (t, p) in &learned[fdb_split..] {
+            if p.as_deref() != Some(new_port) {
+                two_copies.push(format!("forwarding entry {p:?} at {t:?}: moved back"));
+            }
         }
-        eprintln!(
-            "switch fdb: {} reads, the MAC behind {old_port} until {:?}, then behind {new_port}",
-            fdb.len(),
-            learned[moved].0
-        );
+        SwitchVerdict {
+            frames_old: split,
+            frames_new: frames.len() - split,
+            last_old: split.checked_sub(1).map(|i| frames[i].0),
+            first_new: first_new.map(|i| frames[i].0),
+            fdb_reads: fdb.len(),
+            fdb_moved_at: moved.map(|i| learned[i].0),
+            two_copies,
+        }
+    }
+}
+
+impl std::fmt::Display for SwitchVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "switch: {} frames from the MAC on the old port (last at {:?}), {} on the new one (first at {:?}); {} forwarding table reads, the MAC behind the new port from {:?}; {} signs of two domains",
+            self.frames_old,
+            self.last_old,
+            self.frames_new,
+            self.first_new,
+            self.fdb_reads,
+            self.fdb_moved_at,
+            self.two_copies.len()
+        )
     }
 }
 
@@ -1042,4 +1109,43 @@ fn an_etcd_quorum_loss_stops_no_vm_and_promotes_nothing() {
         winner(&s).paused_shadows(name).unwrap(),
         std::slice::from_ref(&s.shadow)
     );
+}
+
+#[test]
+fn a_switch_verdict_names_every_sign_of_two_domains() {
+    let ms = Duration::from_millis;
+    let f = |t, p: &str| (ms(t), p.to_string());
+    let e = |t, p: Option<&str>| (ms(t), p.map(str::to_string));
+    // A clean move: old port, then the new one only.
+    let clean = SwitchVerdict::of(
+        &[f(10, "p1"), f(20, "p1"), f(900, "p2"), f(910, "p2")],
+        &[e(0, Some("p1")), e(50, None), e(950, Some("p2"))],
+        "p1",
+        "p2",
+    );
+    assert!(clean.two_copies.is_empty(), "{:?}", clean.two_copies);
+    assert_eq!((clean.frames_old, clean.frames_new), (2, 2));
+    assert_eq!(
+        (clean.last_old, clean.first_new),
+        (Some(ms(20)), Some(ms(900)))
+    );
+    assert_eq!(clean.fdb_moved_at, Some(ms(950)));
+    // The old port after the move, a third port before it, the table moving back.
+    let bad = SwitchVerdict::of(
+        &[f(10, "p3"), f(20, "p1"), f(900, "p2"), f(905, "p1")],
+        &[e(0, Some("p1")), e(950, Some("p2")), e(1000, Some("p1"))],
+        "p1",
+        "p2",
+    );
+    assert_eq!(bad.two_copies.len(), 3, "{:?}", bad.two_copies);
+    assert!(bad.two_copies[0].contains("p3"));
+    assert!(bad.two_copies[1].contains("after the first on p2"));
+    assert!(bad.two_copies[2].contains("moved back"));
+    // Nothing on the new port: no move, no two copies.
+    let none = SwitchVerdict::of(&[f(10, "p1")], &[], "p1", "p2");
+    assert_eq!(
+        (none.frames_old, none.frames_new, none.first_new),
+        (1, 0, None)
+    );
+    assert!(none.two_copies.is_empty());
 }

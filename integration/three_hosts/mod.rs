@@ -126,6 +126,25 @@ impl Cluster {
         switch_port_in_fdb(&text(&out.stdout), mac)
     }
 
+    /// The host whose etcd member leads etcd now, as the members answering say.
+    pub fn etcd_leader(&self) -> Option<String> {
+        self.hosts().into_iter().find_map(|h| {
+            let out = run(Command::new("etcdctl").args([
+                &format!("--endpoints={}", self.host(h, "ETCD_ENDPOINT")),
+                "--dial-timeout=1s",
+                "--command-timeout=2s",
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+            ]));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let status = &v.get(0)?["Status"];
+            let me = status["header"]["member_id"].as_u64()?;
+            (status["leader"].as_u64()? == me).then(|| h.to_string())
+        })
+    }
+
     /// How many etcd members answer `endpoint health` as healthy.
     pub fn etcd_healthy(&self) -> usize {
         let out = run(Command::new("etcdctl").args([

@@ -209,7 +209,7 @@ pub struct ClusterConfig {
     /// The libvirt URI other hosts reach this host's libvirtd at; `daemon.libvirt_uri` when
     /// absent.
     pub libvirt_uri: Option<String>,
-    /// Time to live of this host's lease, in seconds (2..=300): how long after its last
+    /// Time to live of this host's lease, in seconds (1..=300): how long after its last
     /// renewal a silent host counts as lost.
     pub lease_ttl_s: u64,
     /// Period of keepalives, in milliseconds (50..=lease_ttl_s*1000/3); a quarter of the TTL

@@ -733,9 +733,9 @@ fn cluster_problems_name_file_line_and_key() {
         format!("{p}:6: cluster.host: invalid host name \"h/1\": contains '/'"),
         format!("{p}:7: cluster.key_prefix: \"understudy/lab/\" must start with '/'"),
         format!("{p}:8: cluster.libvirt_uri: must not be empty"),
-        format!("{p}:9: cluster.lease_ttl_s: 1 is out of range 2..=300"),
-        format!("{p}:10: cluster.keepalive_interval_ms: 900 is out of range 50..=333"),
-        format!("{p}:11: cluster.op_timeout_ms: 5000 ms is not below the lease TTL (1 s)"),
+        format!("{p}:9: cluster.lease_ttl_s: 0 is out of range 1..=300"),
+        format!("{p}:10: cluster.keepalive_interval_ms: 900 is out of range 50..=50"),
+        format!("{p}:11: cluster.op_timeout_ms: 5000 ms is not below the lease TTL (0 s)"),
         format!("{p}:12: cluster.connect_timeout_ms: 10 is out of range 50..=30000"),
         format!("{p}:13: cluster.reserved_memory_mib: 99999999999 is out of range 0..=16777216"),
     ] {

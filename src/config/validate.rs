@@ -207,7 +207,10 @@ impl Checker<'_, '_> {
         {
             self.fail(&at.key("libvirt_uri"), "must not be empty".to_owned());
         }
-        self.range(&at.key("lease_ttl_s"), cluster.lease_ttl_s, 2..=300);
+        // etcd grants no less than 1.5 election timeouts (rounded up to whole seconds): a TTL
+        // of 1 s takes an election timeout of at most 666 ms; etcd grants more where it is
+        // longer, and the granted TTL is the one used.
+        self.range(&at.key("lease_ttl_s"), cluster.lease_ttl_s, 1..=300);
         if let Some(every) = cluster.keepalive_interval_ms {
             self.range(
                 &at.key("keepalive_interval_ms"),

@@ -1,18 +1,21 @@
 //! One connection to the etcd cluster, made again after any failure: etcd-client does not
 //! reconnect by itself (its channel stays broken after an etcd restart), so a call that fails
-//! drops the client and the next call connects afresh, to the next endpoint in turn. One
-//! endpoint at a time, not the crate's balanced channel over all of them: that channel keeps
-//! sending a share of the calls to a member that is down, so with one member of three dead a
-//! lease renewal (several calls in a row) kept failing until the lease expired. A member cut
-//! off from the quorum refuses calls (`require_leader`) and is moved past the same way. Every
-//! call is bounded by the operation timeout, connecting included.
+//! drops the client and the next call connects afresh. One endpoint at a time, not the crate's
+//! balanced channel over all of them: that channel keeps sending a share of the calls to a
+//! member that is down, so with one member of three dead a lease renewal (several calls in a
+//! row) kept failing until the lease expired. A new connection goes to every endpoint at once
+//! and keeps the first member that answers a linearizable read, i.e. one that has a leader: a
+//! member powered off (its packets dropped) or cut from the quorum never holds the others up,
+//! and when the leader was lost, the connection is made as soon as a new one is elected
+//! (connecting in turn waited out a call's bound on each dead or leaderless member first).
+//! Every call is bounded by the operation timeout, connecting included.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions};
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::cluster::CoordError;
 
@@ -27,12 +30,14 @@ pub struct Endpoints {
     pub op_timeout: Duration,
 }
 
+/// A key nobody writes: a new connection reads it (count only, linearizable) to prove that the
+/// member it reached has a leader.
+const PROBE_KEY: &str = "understudy-connection-probe";
+
 /// A shared, replaceable client.
 pub struct Conn {
     ends: Endpoints,
     client: tokio::sync::Mutex<Option<Client>>,
-    /// The endpoint the next connection goes to (modulo their number).
-    next: AtomicUsize,
 }
 
 impl Conn {
@@ -41,7 +46,6 @@ impl Conn {
         Conn {
             ends,
             client: tokio::sync::Mutex::new(None),
-            next: AtomicUsize::new(0),
         }
     }
 
@@ -56,6 +60,15 @@ impl Conn {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
+        let c = self.connect_first_answering().await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Connects to every endpoint at once and returns the first client whose member answers a
+    /// linearizable read; the others are dropped. Without any answer, the first error (the
+    /// caller's bound ends a wait on members that do not answer at all).
+    async fn connect_first_answering(&self) -> Result<Client, etcd_client::Error> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(self.ends.connect_timeout)
             .with_timeout(self.ends.op_timeout)
@@ -64,24 +77,36 @@ impl Conn {
             .with_keep_alive(self.ends.op_timeout, self.ends.op_timeout)
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
-        let n = self.ends.urls.len().max(1);
-        let url = self
+        let mut tries: FuturesUnordered<_> = self
             .ends
             .urls
-            .get(self.next.load(Ordering::Relaxed) % n)
-            .cloned()
-            .unwrap_or_default();
-        let c = Client::connect([url], Some(opts)).await?;
-        *slot = Some(c.clone());
-        Ok(c)
+            .iter()
+            .map(|url| {
+                let opts = opts.clone();
+                async move {
+                    let mut c = Client::connect([url.as_str()], Some(opts)).await?;
+                    c.get(PROBE_KEY, Some(GetOptions::new().with_count_only()))
+                        .await?;
+                    Ok::<_, etcd_client::Error>(c)
+                }
+            })
+            .collect();
+        let mut first_error = None;
+        while let Some(tried) = tries.next().await {
+            match tried {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error
+            .unwrap_or_else(|| etcd_client::Error::InvalidArgs("no etcd endpoint".into())))
     }
 
-    /// Forgets the client: the next call connects again, to the next endpoint.
+    /// Forgets the client: the next call connects again.
     pub async fn reset(&self) {
-        let mut slot = self.client.lock().await;
-        if slot.take().is_some() {
-            self.next.fetch_add(1, Ordering::Relaxed);
-        }
+        self.client.lock().await.take();
     }
 
     /// Runs `f` on a client within the operation timeout. Any failure resets the connection.
@@ -94,8 +119,8 @@ impl Conn {
     }
 
     /// [`Self::run`] with another bound. A call refused as unavailable (the member is down,
-    /// or has no leader) is made again on the next endpoint, each endpoint once, within the
-    /// same bound: such a call was not applied, and every write here is safe to repeat
+    /// or has no leader) is made again on a new connection, as many times as there are
+    /// endpoints, within the same bound: such a call was not applied, and every write here is safe to repeat
     /// (conditional writes recognise their own earlier success).
     pub async fn run_within<T, F, Fut>(
         &self,

@@ -27,6 +27,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Operations per etcd transaction (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
 
+/// How long a keepalive may wait for its answer: two keepalive periods (at least 300 ms),
+/// within the operation timeout. An answer comes in milliseconds from a member with a leader;
+/// one whose leader is gone holds the renewal until its own request timeout, and a short bound
+/// moves to a member with a (new) leader soon after one is elected. A keepalive that misses
+/// the bound costs a reconnection, not the lease: self-fencing counts from the last answered
+/// one, over the whole TTL.
+fn keepalive_bound(every: Duration, op_timeout: Duration) -> Duration {
+    (every * 2).max(Duration::from_millis(300)).min(op_timeout)
+}
+
 /// The lease and the keys held under it.
 pub struct Lease {
     status: watch::Sender<LeaseStatus>,
@@ -126,21 +136,15 @@ impl Lease {
         .await
     }
 
-    /// Renews the lease for as long as the process runs. When a connection fails, every
-    /// other endpoint is tried at once; the mode turns [`Mode::Unreachable`] only when none of
-    /// them answered.
+    /// Renews the lease for as long as the process runs. After a connection that renewed it
+    /// fails, a new one is tried at once (it goes to every endpoint together); the mode turns
+    /// [`Mode::Unreachable`] only when that finds no member to renew with.
     pub async fn keep(&self, conn: &Conn) {
         let mut backoff = MIN_BACKOFF;
-        let mut others = 0;
         loop {
             let (e, renewed) = self.session(conn, &mut backoff).await;
             tracing::debug!(error = %crate::error::report(&e), "etcd lease session ended");
             if renewed {
-                others = conn.endpoints().urls.len().saturating_sub(1);
-                continue;
-            }
-            if others > 0 {
-                others -= 1;
                 continue;
             }
             self.set_mode(Mode::Unreachable);
@@ -178,9 +182,10 @@ impl Lease {
                 }
             }
         };
+        let bound = keepalive_bound(self.every, conn.endpoints().op_timeout);
         let sent = Instant::now();
         let opened = conn
-            .run("open keepalive", |mut c| async move {
+            .run_within("open keepalive", bound, |mut c| async move {
                 match c.lease_keep_alive(id).await {
                     Ok(pair) => Ok(Some(pair)),
                     // Its first keepalive was answered with TTL 0: etcd no longer has it.
@@ -207,7 +212,6 @@ impl Lease {
         self.set_mode(Mode::Connected);
         *renewed = true;
         *backoff = MIN_BACKOFF;
-        let bound = conn.endpoints().op_timeout;
         loop {
             tokio::time::sleep(self.every).await;
             let sent = Instant::now();
@@ -291,5 +295,18 @@ impl Lease {
             .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keepalive_waits_two_periods_within_the_operation_timeout() {
+        let ms = Duration::from_millis;
+        assert_eq!(keepalive_bound(ms(200), ms(1000)), ms(400));
+        assert_eq!(keepalive_bound(ms(50), ms(1000)), ms(300));
+        assert_eq!(keepalive_bound(ms(333), ms(500)), ms(500));
     }
 }
