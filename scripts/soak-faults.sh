@@ -11,7 +11,11 @@
 # lines (integration/common.rs, report_recovery) and are collected in recoveries.tsv.
 #
 #   SOAK_ROUNDS  rounds (default 20)
-#   SOAK_FILTER  test name filter (default faults::, i.e. every fault test as they are added)
+#   SOAK_FILTER  test name filters, space-separated (default: every faults:: test, so new fault
+#                tests join by themselves, and the stateful fault tests: the ledger through a
+#                crash, a hang and a switchover, and a failed attach and promote command).
+#                The cluster's fault tests need the three-host lab:
+#                HOSTS=3 SOAK_FILTER="three_hosts::hostloss:: three_hosts::resilience::"
 #   SOAK_OUT     results directory (default build/soak/<stamp>). Given an existing one, the
 #                rounds are added to it (numbered on from its last) and the summary covers
 #                all of them: a soak split into chunks, each under its own lab lock, adds up.
@@ -19,12 +23,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 rounds=${SOAK_ROUNDS:-20}
-filter=${SOAK_FILTER:-faults::}
+filter=${SOAK_FILTER:-faults:: stateful::ledger_keeps_every_acknowledged_key stateful::failed_attach_and_promote_command}
+read -ra filters <<<"$filter"
 [[ $rounds =~ ^[0-9]+$ ]] && [ "$rounds" -gt 0 ] || { echo "soak: SOAK_ROUNDS must be a positive integer" >&2; exit 2; }
 out=${SOAK_OUT:-build/soak/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$out/failures"
 
-mapfile -t tests < <(cargo test --offline --test lab -- --list "$filter" 2>/dev/null | sed -n 's/: test$//p')
+mapfile -t tests < <(cargo test --offline --test lab -- --list "${filters[@]}" 2>/dev/null | sed -n 's/: test$//p')
 [ ${#tests[@]} -gt 0 ] || { echo "soak: no test matches $filter" >&2; exit 2; }
 # Rounds already in $out (an earlier chunk): number on from the last.
 first=1
