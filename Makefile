@@ -34,7 +34,8 @@
 #                        BENCH_WAYS=paused,pooled,... for some)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
-#   make soak-faults     the fault suite SOAK_ROUNDS times (20) under one lab: runs, failures
+#   make soak-faults     the fault suite (faults::, the stateful fault tests; SOAK_FILTER, HOSTS=3
+#                        for the cluster's) SOAK_ROUNDS times (20) under one lab: runs, failures
 #                        and slowest recovery per test; logs in build/soak/ (SOAK_OUT=<dir>
 #                        adds the rounds to an earlier run's, for a soak in chunks)
 #   make fuzz        every AFL target for FUZZ_SECONDS each (60): executions, paths, crashes
