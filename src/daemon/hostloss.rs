@@ -310,7 +310,7 @@ async fn run(d: Shared, c: ClusterConfig) {
                         let Ok((n, from)) = s.try_recv_from(&mut buf) else {
                             break;
                         };
-                        take_beat(&mut w.peers, &buf[..n], from, &c.key_prefix, &mut bad_beats);
+                        take_beat(&mut w.peers, &w.hosts, &buf[..n], from, &c.key_prefix, &mut bad_beats);
                     }
                 }
                 let now = Instant::now();
@@ -358,7 +358,7 @@ async fn run(d: Shared, c: ClusterConfig) {
             }
             got = recv(socket.as_ref(), &mut buf) => {
                 if let Some((n, from)) = got {
-                    take_beat(&mut w.peers, &buf[..n], from, &c.key_prefix, &mut bad_beats);
+                    take_beat(&mut w.peers, &w.hosts, &buf[..n], from, &c.key_prefix, &mut bad_beats);
                 }
             }
             Some(list) = registered.recv() => w.apply_hosts(list),
@@ -417,17 +417,31 @@ fn answering_here(d: &Shared, within: Duration, now: Instant) -> Vec<String> {
 /// period, so a few periods' worth of every peer's; the rest wait for the loop).
 const MAX_QUEUED_BEATS: usize = 256;
 
-/// Takes in one heartbeat datagram from `from`, heard now.
-fn take_beat(peers: &mut Peers, datagram: &[u8], from: SocketAddr, prefix: &str, bad: &mut u64) {
-    match Beat::decode(datagram, prefix) {
-        Ok(beat) => peers.heard(beat, Instant::now()),
-        Err(e) => {
-            *bad += 1;
-            // Logged at a bounded rate: anything may arrive on the port.
-            if bad.is_power_of_two() {
-                tracing::warn!(%from, count = *bad, error = %crate::error::report(&e), "heartbeat datagram ignored");
-            }
+/// Takes in one heartbeat datagram from `from`, heard now. Only registered hosts are heard:
+/// names nobody registered would otherwise be tracked (and kept) without bound.
+fn take_beat(
+    peers: &mut Peers,
+    registered: &BTreeMap<String, Peer>,
+    datagram: &[u8],
+    from: SocketAddr,
+    prefix: &str,
+    bad: &mut u64,
+) {
+    let why = match Beat::decode(datagram, prefix) {
+        Ok(beat) if registered.contains_key(&beat.host) => {
+            peers.heard(beat, Instant::now());
+            return;
         }
+        Ok(beat) => format!(
+            "heartbeat from host {:?}, which is not registered in the cluster",
+            beat.host.chars().take(64).collect::<String>()
+        ),
+        Err(e) => crate::error::report(&e),
+    };
+    *bad += 1;
+    // Logged at a bounded rate: anything may arrive on the port.
+    if bad.is_power_of_two() {
+        tracing::warn!(%from, count = *bad, error = %why, "heartbeat datagram ignored");
     }
 }
 
@@ -1092,5 +1106,49 @@ fn feed(
         if let Err(e) = w.feed() {
             tracing::error!(error = %crate::error::report(&e), "watchdog not fed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(host: &str) -> Vec<u8> {
+        Beat {
+            v: BEAT_VERSION,
+            prefix: "/understudy/t".into(),
+            host: host.into(),
+            seq: 1,
+            mode: Mode::Connected,
+            hears: vec![],
+            answering: vec![],
+            unreachable: vec![],
+        }
+        .encode()
+    }
+
+    #[test]
+    fn only_registered_hosts_are_heard() {
+        let mut peers = Peers::new(HostId("h1".into()), Duration::from_millis(300));
+        let registered: BTreeMap<String, Peer> = [(
+            "h2".to_string(),
+            Peer {
+                beat: None,
+                libvirt: None,
+                alive: true,
+            },
+        )]
+        .into();
+        let from: SocketAddr = "10.78.0.2:7946".parse().unwrap();
+        let mut bad = 0;
+        let take = |peers: &mut Peers, b: &[u8], bad: &mut u64| {
+            take_beat(peers, &registered, b, from, "/understudy/t", bad)
+        };
+        take(&mut peers, &beat("h2"), &mut bad);
+        take(&mut peers, &beat("intruder"), &mut bad);
+        take(&mut peers, b"not a beat", &mut bad);
+        assert_eq!(peers.hosts().collect::<Vec<_>>(), ["h2"]);
+        assert_eq!(bad, 2);
+        assert!(!peers.silent("h2", Instant::now()));
     }
 }
