@@ -41,10 +41,14 @@
 //! 0: none) from before its shadow is measured. Three more ways, run only when BENCH_WAYS
 //! names them (`paused+warm`, `paused+warm+shrunk`, `paused+warm+shrunk+reclaim`), give each
 //! shadow a warm-up that runs the same service start (`us-workload mem` of the same size for
-//! 2 s: its pages touched, then freed), the case where shrinking can win something back. Each
-//! row then also gives the shadow's private memory as a share of the primary's own private
-//! memory, and what the service's profile plans for it (`profile show`: its lowest planned
-//! memory, the idle need a shrink would take; young: none) beside what the shrink took.
+//! 2 s: its pages touched, then freed), the case where shrinking can win something back. Every
+//! row also gives the shadow's private memory as a share of the primary's own private
+//! memory, and what the service's profile plans for it now (`profile show`; a shrink takes the
+//! lowest plan of the next day; a young profile plans nothing) beside what the shrink took;
+//! and the shadow made after the trials, when the profile may plan.
+//!
+//! `BENCH_TB_CACHE_MIB` (a lab note, TCG only): the one-shadow ways' primaries, and so their
+//! shadows, get libvirt's `<tcg><tb-cache>` cap on QEMU's translated code.
 //!
 //! Writes build/bench/cost.json. Not asserted anywhere: the targets are read off the
 //! table.
@@ -391,11 +395,14 @@ fn ksm_settle(start: (understudy::monitor::ksm::KsmStats, u64), t0: Instant) -> 
     v
 }
 
-/// The one-shadow ways' primaries: configured memory and what their service holds, MiB.
+/// The one-shadow ways' primaries: configured memory and what their service holds, MiB, and
+/// their TCG translation cache.
 #[derive(Debug, Clone, Copy)]
 struct GuestSize {
     mib: usize,
     use_mib: usize,
+    /// `<tcg><tb-cache>` of the primary (and so of its shadows), MiB; 0: QEMU's default.
+    tb_cache_mib: usize,
 }
 
 /// Has `domain`'s service hold `mib` MiB (`us-workload mem`, in the background for a day) and
@@ -414,7 +421,9 @@ fn hold_memory(hv: &understudy::libvirt::Hypervisor, domain: &str, mib: usize) -
     let cmd = json!({"execute": "guest-exec", "arguments": {"path": "/bin/us-workload", "arg": ["mem", mib.to_string(), "86400"]}});
     let started = agent(hv, domain, &cmd.to_string());
     assert!(
-        started.as_ref().is_some_and(|r| r["return"]["pid"].is_i64()),
+        started
+            .as_ref()
+            .is_some_and(|r| r["return"]["pid"].is_i64()),
         "us-workload did not start in {domain}: {started:?}"
     );
     let want = (mib as u64 * 1024) * 9 / 10;
@@ -464,7 +473,20 @@ fn one_way(
     let ksm_before = (ksm_now(), Instant::now());
     let d = DaemonProc::start_configured(&format!("bench-cost{i}"), &name, 1, class, &[]);
     let mem = guest.mib.to_string();
-    start_guest(hv, &name, &format!("{IP}/24"), &["--mem", &mem]);
+    let mut xml = guest_xml(&name, &format!("{IP}/24"), &["--mem", &mem]);
+    if guest.tb_cache_mib > 0 {
+        // TCG only: caps QEMU's translated-code buffer; its shadows are cloned with it.
+        xml = xml.replacen(
+            "</features>",
+            &format!(
+                "<tcg><tb-cache unit='MiB'>{}</tb-cache></tcg></features>",
+                guest.tb_cache_mib
+            ),
+            1,
+        );
+    }
+    let n = hv.define(&xml).expect("define the primary");
+    hv.start(&n, false).expect("start the primary");
     wait_for("primary page", Duration::from_secs(300), || {
         http_get(IP, Duration::from_secs(1))
     });
@@ -552,10 +574,46 @@ fn one_way(
             steps.push(s);
         }
     }
+    // With a service that holds memory, the shadow made after the trials too: by then the
+    // profile may plan, and a shrink takes its plan instead of the shadow's own use.
+    let after_trials = (guest.use_mib > 0).then(|| {
+        let (shadow, svc) = standing_by(&d, &name, Duration::from_secs(600));
+        std::thread::sleep(Duration::from_secs(5));
+        let mem = d.service(&name).and_then(|s| {
+            s["shadows"]
+                .as_array()?
+                .iter()
+                .find(|x| x["name"] == shadow.as_str())
+                .map(|x| x["memory"].clone())
+        });
+        let mem = mem.unwrap_or(Value::Null);
+        let smaps = smaps_breakdown(&shadow);
+        let fig = shares(
+            &mem,
+            &smaps,
+            1,
+            &svc["primary_memory"],
+            configured_kib(hv, &name),
+        );
+        let log = shrink_log(&d, &shadow);
+        let idle = profile_idle_need(&d, &name);
+        for l in &log {
+            println!("{way} after the trials: daemon: {l}");
+        }
+        println!(
+            "{way} after the trials: {shadow} private {:.1} MiB = {}% of the configured size ({}% without TCG code); profile plan {}",
+            mib(&mem["private_bytes"]),
+            fig["share_of_configured_pct"],
+            fig["share_without_tcg_pct"],
+            idle["plan"]
+        );
+        json!({"shadow": shadow, "shadow_memory": mem, "figures": fig, "smaps": smaps, "daemon_log": log, "profile_idle_need": idle})
+    });
     let (median, p95, max) = stats(&outages);
     json!({
         "way": way,
         "class_options": class,
+        "after_trials": after_trials,
         "primary_memory": primary,
         "shadow_memory": shadow_mem,
         "shadow_balloon_kib": balloon_kib,
@@ -718,6 +776,7 @@ fn main() {
     let guest = GuestSize {
         mib: env_usize("BENCH_GUEST_MIB", 192),
         use_mib: env_usize("BENCH_GUEST_USE_MIB", 0),
+        tb_cache_mib: env_usize("BENCH_TB_CACHE_MIB", 0),
     };
     let hv = hypervisor();
     let only = std::env::var("BENCH_WAYS").ok();
@@ -744,7 +803,10 @@ fn main() {
         // The warm ways only when named, after the plain ones they compare with.
         if *way == "paused+shrunk+reclaim" {
             for (j, (warm_way, warm_class)) in WARM_WAYS.iter().enumerate() {
-                if !only.as_deref().is_some_and(|o| o.split(',').any(|w| w == *warm_way)) {
+                if !only
+                    .as_deref()
+                    .is_some_and(|o| o.split(',').any(|w| w == *warm_way))
+                {
                     continue;
                 }
                 assert!(
@@ -851,6 +913,7 @@ fn main() {
             "trials": trials,
             "guest_mib": guest.mib,
             "guest_use_mib": guest.use_mib,
+            "tb_cache_mib": guest.tb_cache_mib,
             "loadavg_at_start": load_start.trim(),
             "loadavg_at_end": load.trim(),
             "ways": rows
