@@ -47,8 +47,9 @@
 //! lowest plan of the next day; a young profile plans nothing) beside what the shrink took;
 //! and the shadow made after the trials, when the profile may plan.
 //!
-//! `BENCH_TB_CACHE_MIB` (a lab note, TCG only): the one-shadow ways' primaries, and so their
-//! shadows, get libvirt's `<tcg><tb-cache>` cap on QEMU's translated code.
+//! `paused+tb-cache` (a lab note, TCG only; run only when BENCH_WAYS names it): `paused` with
+//! libvirt's `<tcg><tb-cache>` cap on QEMU's translated code (`BENCH_TB_CACHE_MIB`, default
+//! 32) in the primary's definition, and so in its shadows'.
 //!
 //! Writes build/bench/cost.json. Not asserted anywhere: the targets are read off the
 //! table.
@@ -98,6 +99,9 @@ const WARM_WAYS: [(&str, &str); 3] = [
         "{warm}\nstandby_shrink = true\nfree_page_reporting = true\nstandby_reclaim = true",
     ),
 ];
+
+/// Run only when BENCH_WAYS names it: `paused` with QEMU's translated code capped.
+const TB_CACHE_WAY: &str = "paused+tb-cache";
 
 /// The pooled way runs before the first KSM way.
 const POOLED: &str = "pooled";
@@ -613,6 +617,7 @@ fn one_way(
     json!({
         "way": way,
         "class_options": class,
+        "guest": {"mib": guest.mib, "use_mib": guest.use_mib, "tb_cache_mib": guest.tb_cache_mib},
         "after_trials": after_trials,
         "primary_memory": primary,
         "shadow_memory": shadow_mem,
@@ -776,7 +781,7 @@ fn main() {
     let guest = GuestSize {
         mib: env_usize("BENCH_GUEST_MIB", 192),
         use_mib: env_usize("BENCH_GUEST_USE_MIB", 0),
-        tb_cache_mib: env_usize("BENCH_TB_CACHE_MIB", 0),
+        tb_cache_mib: 0,
     };
     let hv = hypervisor();
     let only = std::env::var("BENCH_WAYS").ok();
@@ -800,13 +805,21 @@ fn main() {
         if wanted(way) {
             rows.push(one_way(&hv, i, (way, class), guest, trials));
         }
+        let named = |w: &str| {
+            only.as_deref()
+                .is_some_and(|o| o.split(',').any(|x| x == w))
+        };
+        if *way == "paused" && named(TB_CACHE_WAY) {
+            let capped = GuestSize {
+                tb_cache_mib: env_usize("BENCH_TB_CACHE_MIB", 32),
+                ..guest
+            };
+            rows.push(one_way(&hv, 20, (TB_CACHE_WAY, class), capped, trials));
+        }
         // The warm ways only when named, after the plain ones they compare with.
         if *way == "paused+shrunk+reclaim" {
             for (j, (warm_way, warm_class)) in WARM_WAYS.iter().enumerate() {
-                if !only
-                    .as_deref()
-                    .is_some_and(|o| o.split(',').any(|w| w == *warm_way))
-                {
+                if !named(warm_way) {
                     continue;
                 }
                 assert!(
@@ -913,7 +926,6 @@ fn main() {
             "trials": trials,
             "guest_mib": guest.mib,
             "guest_use_mib": guest.use_mib,
-            "tb_cache_mib": guest.tb_cache_mib,
             "loadavg_at_start": load_start.trim(),
             "loadavg_at_end": load.trim(),
             "ways": rows
