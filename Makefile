@@ -31,7 +31,10 @@
 #   make bench-cost      host memory per protected VM and SIGKILL outage per standby way
 #                        (paused, paused+shrunk, paused+shrunk+reclaim, saved, cold, pooled,
 #                        paused+ksm, paused+shrunk+reclaim+ksm; BENCH_TRIALS=3,
-#                        BENCH_WAYS=paused,pooled,... for some)
+#                        BENCH_WAYS=paused,pooled,... for some; BENCH_GUEST_MIB=192 and
+#                        BENCH_GUEST_USE_MIB=0: a larger primary whose service holds memory,
+#                        with the ways paused+warm[+shrunk[+reclaim]] when named;
+#                        paused+tb-cache when named: TCG's code cache capped, BENCH_TB_CACHE_MIB)
 #   make bench-soak      a CPU-saturated protected guest for SOAK_SECONDS (600): false failovers
 #   make test-faults     only the fault-injection suite (also part of make test)
 #   make soak-faults     the fault suite (faults::, the stateful fault tests; SOAK_FILTER, HOSTS=3

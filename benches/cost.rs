@@ -34,6 +34,23 @@
 //! it used meanwhile; at the end the bench sets `run` back to what it was (unmerging first if
 //! it was off).
 //!
+//! A larger primary whose service uses its memory (`BENCH_GUEST_MIB`, `BENCH_GUEST_USE_MIB`):
+//! the ways with one shadow per primary then run with primaries (and so shadows) of
+//! `BENCH_GUEST_MIB` MiB (default 192), and each primary's service holds `BENCH_GUEST_USE_MIB`
+//! MiB of anonymous memory (`us-workload mem`, touched once, held until the way ends; default
+//! 0: none) from before its shadow is measured. Three more ways, run only when BENCH_WAYS
+//! names them (`paused+warm`, `paused+warm+shrunk`, `paused+warm+shrunk+reclaim`), give each
+//! shadow a warm-up that runs the same service start (`us-workload mem` of the same size for
+//! 2 s: its pages touched, then freed), the case where shrinking can win something back. Every
+//! row also gives the shadow's private memory as a share of the primary's own private
+//! memory, and what the service's profile plans for it now (`profile show`; a shrink takes the
+//! lowest plan of the next day; a young profile plans nothing) beside what the shrink took;
+//! and the shadow made after the trials, when the profile may plan.
+//!
+//! `paused+tb-cache` (a lab note, TCG only; run only when BENCH_WAYS names it): `paused` with
+//! libvirt's `<tcg><tb-cache>` cap on QEMU's translated code (`BENCH_TB_CACHE_MIB`, default
+//! 32) in the primary's definition, and so in its shadows'.
+//!
 //! Writes build/bench/cost.json. Not asserted anywhere: the issue's targets are read off the
 //! table.
 
@@ -67,6 +84,24 @@ const WAYS: [(&str, &str); 7] = [
         "standby_shrink = true\nfree_page_reporting = true\nstandby_reclaim = true\nksm = true",
     ),
 ];
+
+/// Ways run only when BENCH_WAYS names them: a shadow whose warm-up touches the primary's
+/// working set and frees it again (`{warm}`: the warm-up command, filled in with
+/// BENCH_GUEST_USE_MIB).
+const WARM_WAYS: [(&str, &str); 3] = [
+    ("paused+warm", "{warm}"),
+    (
+        "paused+warm+shrunk",
+        "{warm}\nstandby_shrink = true\nfree_page_reporting = true",
+    ),
+    (
+        "paused+warm+shrunk+reclaim",
+        "{warm}\nstandby_shrink = true\nfree_page_reporting = true\nstandby_reclaim = true",
+    ),
+];
+
+/// Run only when BENCH_WAYS names it: `paused` with QEMU's translated code capped.
+const TB_CACHE_WAY: &str = "paused+tb-cache";
 
 /// The pooled way runs before the first KSM way.
 const POOLED: &str = "pooled";
@@ -281,6 +316,7 @@ fn shares(
     let tcg = shadow_smaps["tcg_code_rss_mib"].as_f64().unwrap_or(0.0) * 1048576.0 / n;
     let configured = configured_kib as f64 * 1024.0;
     let primary_cgroup = primary["cgroup_bytes"].as_f64().unwrap_or(f64::NAN);
+    let primary_private = primary["private_bytes"].as_f64().unwrap_or(f64::NAN);
     let pct = |a: f64, b: f64| (1000.0 * a / b).round() / 10.0;
     json!({
         "private_per_vm_bytes": private,
@@ -288,6 +324,8 @@ fn shares(
         "tcg_code_per_vm_bytes": tcg,
         "primary_configured_bytes": configured,
         "primary_cgroup_bytes": primary_cgroup,
+        "primary_private_bytes": primary_private,
+        "share_of_primary_private_pct": pct(private, primary_private),
         "share_of_configured_pct": pct(private, configured),
         "share_without_tcg_pct": pct(private - tcg, configured),
         "cgroup_share_of_primary_cgroup_pct": pct(cgroup, primary_cgroup),
@@ -361,12 +399,75 @@ fn ksm_settle(start: (understudy::monitor::ksm::KsmStats, u64), t0: Instant) -> 
     v
 }
 
+/// The one-shadow ways' primaries: configured memory and what their service holds, MiB, and
+/// their TCG translation cache.
+#[derive(Debug, Clone, Copy)]
+struct GuestSize {
+    mib: usize,
+    use_mib: usize,
+    /// `<tcg><tb-cache>` of the primary (and so of its shadows), MiB; 0: QEMU's default.
+    tb_cache_mib: usize,
+}
+
+/// Has `domain`'s service hold `mib` MiB (`us-workload mem`, in the background for a day) and
+/// waits until the guest shows it used; what the guest says then.
+fn hold_memory(hv: &understudy::libvirt::Hypervisor, domain: &str, mib: usize) -> Value {
+    let free_kib = |hv: &understudy::libvirt::Hypervisor| -> Option<u64> {
+        guest_sh(hv, domain, "grep MemAvailable /proc/meminfo")?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let before = wait_for("the primary's agent", Duration::from_secs(120), || {
+        free_kib(hv)
+    });
+    let cmd = json!({"execute": "guest-exec", "arguments": {"path": "/bin/us-workload", "arg": ["mem", mib.to_string(), "86400"]}});
+    let started = agent(hv, domain, &cmd.to_string());
+    assert!(
+        started
+            .as_ref()
+            .is_some_and(|r| r["return"]["pid"].is_i64()),
+        "us-workload did not start in {domain}: {started:?}"
+    );
+    let want = (mib as u64 * 1024) * 9 / 10;
+    let after = wait_for(
+        "the primary's service to hold its memory",
+        Duration::from_secs(300),
+        || free_kib(hv).filter(|now| before.saturating_sub(*now) >= want),
+    );
+    println!(
+        "{domain}: its service holds {mib} MiB (MemAvailable {:.1} -> {:.1} MiB)",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0
+    );
+    json!({"mib": mib, "mem_available_kib_before": before, "mem_available_kib_after": after})
+}
+
+/// What `service`'s profile plans for its memory now (`profile show --json`; a shrink takes the
+/// lowest hourly plan over the next day, which for a profile of minutes is this one) and what
+/// it observed the primary use; `null` figures while the profile is young.
+fn profile_idle_need(d: &DaemonProc, service: &str) -> Value {
+    let (code, out, _) = d.cli(&["profile", "show", service, "--json"]);
+    let report: Value = if code == 0 {
+        serde_json::from_str(&out).unwrap_or(Value::Null)
+    } else {
+        Value::Null
+    };
+    json!({
+        "observations": report["observations"],
+        "plan": report["plan"],
+        "planned_mem_kib": report["plan"]["mem_kib"],
+        "observed_mem_bytes": report["observed"]["mem_bytes"],
+    })
+}
+
 /// One primary with one shadow standing by in `way` (class options `class`).
 fn one_way(
     hv: &understudy::libvirt::Hypervisor,
     i: usize,
-    way: &str,
-    class: &str,
+    (way, class): (&str, &str),
+    guest: GuestSize,
     trials: usize,
 ) -> Value {
     let name = format!("bench-cost{i}");
@@ -375,10 +476,25 @@ fn one_way(
     };
     let ksm_before = (ksm_now(), Instant::now());
     let d = DaemonProc::start_configured(&format!("bench-cost{i}"), &name, 1, class, &[]);
-    start_guest(hv, &name, &format!("{IP}/24"), &[]);
+    let mem = guest.mib.to_string();
+    let mut xml = guest_xml(&name, &format!("{IP}/24"), &["--mem", &mem]);
+    if guest.tb_cache_mib > 0 {
+        // TCG only: caps QEMU's translated-code buffer; its shadows are cloned with it.
+        xml = xml.replacen(
+            "</features>",
+            &format!(
+                "<tcg><tb-cache unit='MiB'>{}</tb-cache></tcg></features>",
+                guest.tb_cache_mib
+            ),
+            1,
+        );
+    }
+    let n = hv.define(&xml).expect("define the primary");
+    hv.start(&n, false).expect("start the primary");
     wait_for("primary page", Duration::from_secs(300), || {
         http_get(IP, Duration::from_secs(1))
     });
+    let service_use = (guest.use_mib > 0).then(|| hold_memory(hv, &name, guest.use_mib));
     standing_by(&d, &name, Duration::from_secs(600));
     // ksmd's CPU counts from the daemon's start, which turned it on.
     let ksm = class
@@ -405,8 +521,9 @@ fn one_way(
     } else {
         hv.live_resources(&shadow).ok().map(|(_, kib)| kib)
     };
-    let guest = guest_memory(hv, &active);
+    let guest_says = guest_memory(hv, &active);
     let log = shrink_log(&d, &shadow);
+    let idle_need = profile_idle_need(&d, &name);
     let fig = shares(
         &shadow_mem,
         &breakdown["shadow"],
@@ -415,12 +532,22 @@ fn one_way(
         configured_kib(hv, &active),
     );
     println!("{way}: where the memory is (MiB): {breakdown}");
-    println!("{way}: the primary's guest says: {guest}");
+    println!("{way}: the primary's guest says: {guest_says}");
     for l in &log {
         println!("{way}: daemon: {l}");
     }
     println!(
-        "{way}: primary configured {:.0} MiB, cgroup {:.1} MiB (rss {:.1}, pss {:.1}, private {:.1}); shadow cgroup {:.1} MiB (rss {:.1}, pss {:.1}, private {:.1}, balloon {}) = {}% of the configured size ({}% without TCG code; cgroup {}% of the primary's cgroup)",
+        "{way}: the service's profile plans {} (a shrink takes the lowest plan of the next day; without a plan, the shadow's own use after its warm-up); observed {}",
+        idle_need["planned_mem_kib"]
+            .as_u64()
+            .map_or("nothing yet (profile young)".to_string(), |k| format!(
+                "{:.1} MiB",
+                k as f64 / 1024.0
+            )),
+        idle_need["observed_mem_bytes"]
+    );
+    println!(
+        "{way}: primary configured {:.0} MiB, cgroup {:.1} MiB (rss {:.1}, pss {:.1}, private {:.1}); shadow cgroup {:.1} MiB (rss {:.1}, pss {:.1}, private {:.1}, balloon {}) = {}% of the configured size ({}% without TCG code; {}% of the primary's private memory; cgroup {}% of the primary's cgroup)",
         fig["primary_configured_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
         mib(&primary["cgroup_bytes"]),
         mib(&primary["rss_bytes"]),
@@ -433,6 +560,7 @@ fn one_way(
         balloon_kib.map_or("-".to_string(), |k| format!("{} MiB", k / 1024)),
         fig["share_of_configured_pct"],
         fig["share_without_tcg_pct"],
+        fig["share_of_primary_private_pct"],
         fig["cgroup_share_of_primary_cgroup_pct"],
     );
     let mut outages = Vec::new();
@@ -450,17 +578,56 @@ fn one_way(
             steps.push(s);
         }
     }
+    // With a service that holds memory, the shadow made after the trials too: by then the
+    // profile may plan, and a shrink takes its plan instead of the shadow's own use.
+    let after_trials = (guest.use_mib > 0).then(|| {
+        let (shadow, svc) = standing_by(&d, &name, Duration::from_secs(600));
+        std::thread::sleep(Duration::from_secs(5));
+        let mem = d.service(&name).and_then(|s| {
+            s["shadows"]
+                .as_array()?
+                .iter()
+                .find(|x| x["name"] == shadow.as_str())
+                .map(|x| x["memory"].clone())
+        });
+        let mem = mem.unwrap_or(Value::Null);
+        let smaps = smaps_breakdown(&shadow);
+        let fig = shares(
+            &mem,
+            &smaps,
+            1,
+            &svc["primary_memory"],
+            configured_kib(hv, &name),
+        );
+        let log = shrink_log(&d, &shadow);
+        let idle = profile_idle_need(&d, &name);
+        for l in &log {
+            println!("{way} after the trials: daemon: {l}");
+        }
+        println!(
+            "{way} after the trials: {shadow} private {:.1} MiB = {}% of the configured size ({}% without TCG code); profile plan {}",
+            mib(&mem["private_bytes"]),
+            fig["share_of_configured_pct"],
+            fig["share_without_tcg_pct"],
+            idle["plan"]
+        );
+        json!({"shadow": shadow, "shadow_memory": mem, "figures": fig, "smaps": smaps, "daemon_log": log, "profile_idle_need": idle})
+    });
     let (median, p95, max) = stats(&outages);
     json!({
         "way": way,
         "class_options": class,
+        "guest": {"mib": guest.mib, "use_mib": guest.use_mib, "tb_cache_mib": guest.tb_cache_mib},
+        "after_trials": after_trials,
         "primary_memory": primary,
         "shadow_memory": shadow_mem,
         "shadow_balloon_kib": balloon_kib,
         "protected_vms": 1,
         "figures": fig,
         "smaps": breakdown,
-        "primary_guest_memory": guest,
+        "primary_guest_memory": guest_says,
+        "primary_service_use": service_use,
+        "profile_idle_need": idle_need,
         "daemon_log": log,
         "ksm": ksm,
         "outage_ms": outages,
@@ -611,6 +778,11 @@ fn main() {
     }
     require_lab();
     let trials = env_usize("BENCH_TRIALS", 3);
+    let guest = GuestSize {
+        mib: env_usize("BENCH_GUEST_MIB", 192),
+        use_mib: env_usize("BENCH_GUEST_USE_MIB", 0),
+        tb_cache_mib: 0,
+    };
     let hv = hypervisor();
     let only = std::env::var("BENCH_WAYS").ok();
     let wanted = |way: &str| {
@@ -631,7 +803,38 @@ fn main() {
             pooled_done = true;
         }
         if wanted(way) {
-            rows.push(one_way(&hv, i, way, class, trials));
+            rows.push(one_way(&hv, i, (way, class), guest, trials));
+        }
+        let named = |w: &str| {
+            only.as_deref()
+                .is_some_and(|o| o.split(',').any(|x| x == w))
+        };
+        if *way == "paused" && named(TB_CACHE_WAY) {
+            let capped = GuestSize {
+                tb_cache_mib: env_usize("BENCH_TB_CACHE_MIB", 32),
+                ..guest
+            };
+            rows.push(one_way(&hv, 20, (TB_CACHE_WAY, class), capped, trials));
+        }
+        // The warm ways only when named, after the plain ones they compare with.
+        if *way == "paused+shrunk+reclaim" {
+            for (j, (warm_way, warm_class)) in WARM_WAYS.iter().enumerate() {
+                if !named(warm_way) {
+                    continue;
+                }
+                assert!(
+                    guest.use_mib > 0,
+                    "{warm_way}: the warm-up touches BENCH_GUEST_USE_MIB MiB: set it"
+                );
+                // The page server exercised as in every way, then the service's memory touched
+                // and freed.
+                let warmup = format!(
+                    "warmup_commands = [[\"/bin/busybox\", \"sh\", \"-c\", \"for i in $(seq 30); do wget -q -O /dev/null http://127.0.0.1/; done\"], [\"/bin/us-workload\", \"mem\", \"{}\", \"2\"]]",
+                    guest.use_mib
+                );
+                let class = warm_class.replace("{warm}", &warmup);
+                rows.push(one_way(&hv, 10 + j, (warm_way, &class), guest, trials));
+            }
         }
     }
     if !pooled_done && wanted(POOLED) {
@@ -662,13 +865,14 @@ fn main() {
 
     println!();
     println!(
-        "{:<26} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11}",
+        "{:<26} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}",
         "way",
         "primary",
         "private/VM",
         "cgroup/VM",
         "share",
         "no TCG",
+        "of prim.",
         "cg share",
         "outage p50",
         "outage max"
@@ -676,13 +880,14 @@ fn main() {
     for r in &rows {
         let f = &r["figures"];
         println!(
-            "{:<26} {:>5.0} MiB {:>6.1} MiB {:>6.1} MiB {:>8.1}% {:>8.1}% {:>8.1}% {:>9.0}ms {:>9.0}ms",
+            "{:<26} {:>5.0} MiB {:>6.1} MiB {:>6.1} MiB {:>8.1}% {:>8.1}% {:>8.1}% {:>8.1}% {:>9.0}ms {:>9.0}ms",
             r["way"].as_str().unwrap(),
             f["primary_configured_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
             mib(&f["private_per_vm_bytes"]),
             mib(&f["cgroup_per_vm_bytes"]),
             f["share_of_configured_pct"].as_f64().unwrap_or(f64::NAN),
             f["share_without_tcg_pct"].as_f64().unwrap_or(f64::NAN),
+            f["share_of_primary_private_pct"].as_f64().unwrap_or(f64::NAN),
             f["cgroup_share_of_primary_cgroup_pct"]
                 .as_f64()
                 .unwrap_or(f64::NAN),
@@ -706,8 +911,8 @@ fn main() {
          (pages no other process maps: what the host gets back without it) per protected VM; \
          cgroup/VM: its cgroup charge per protected VM; share: private/VM / the primary's \
          configured memory; no TCG: the same without TCG's translated code, which a KVM host \
-         does not have; cg share: cgroup/VM / the primary's cgroup charge (earlier runs' \
-         measure); outage: SIGKILL to the first page the promoted shadow serves, {trials} \
+         does not have; of prim.: private/VM / the primary's own private memory; cg share: \
+         cgroup/VM / the primary's cgroup charge (earlier runs' measure); outage: SIGKILL to the first page the promoted shadow serves, {trials} \
          trials each; {:.0} s; load average at start {}, at end {})",
         started.elapsed().as_secs_f64(),
         load_start.trim(),
@@ -719,6 +924,8 @@ fn main() {
         out.join("cost.json"),
         serde_json::to_string_pretty(&json!({
             "trials": trials,
+            "guest_mib": guest.mib,
+            "guest_use_mib": guest.use_mib,
             "loadavg_at_start": load_start.trim(),
             "loadavg_at_end": load.trim(),
             "ways": rows

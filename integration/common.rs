@@ -319,6 +319,13 @@ impl DaemonProc {
             + (std::process::id() % 500) as u16;
         let config = dir.join("understudy.toml");
         let socket = dir.join("understudy.sock");
+        // Exercise the page server over loopback before the shadow is paused (see
+        // configs/lab.toml), unless the caller's class options bring their own warm-up.
+        let warmup = if class_extra.contains("warmup_commands") {
+            ""
+        } else {
+            "warmup_commands = [[\"/bin/busybox\", \"sh\", \"-c\", \"for i in $(seq 30); do wget -q -O /dev/null http://127.0.0.1/; done\"]]\n"
+        };
         std::fs::write(
             &config,
             format!(
@@ -343,9 +350,7 @@ class = "default"
 [class.default]
 shadows = {shadows}
 shadow_boot_timeout_s = 180
-# Exercise the page server over loopback before the shadow is paused (see configs/lab.toml).
-warmup_commands = [["/bin/busybox", "sh", "-c", "for i in $(seq 30); do wget -q -O /dev/null http://127.0.0.1/; done"]]
-{class_extra}
+{warmup}{class_extra}
 "#,
                 state = dir.join("state").display(),
                 socket = socket.display(),

@@ -95,18 +95,34 @@ fn measured_use_kib(stats: &DomainStats) -> Option<u64> {
     )
 }
 
-/// Statistics once they carry the balloon's sizes and the guest's use, or `None` at the end of
-/// [`STATS_WAIT`].
+/// Whether `stats` were received after the second `since_unix_s` ended: the guest's use in
+/// them is from after whatever ran before that second (a warm-up that just freed its memory).
+/// Without a timestamp they cannot be shown fresh.
+fn fresh(stats: &DomainStats, since_unix_s: u64) -> bool {
+    stats
+        .balloon_last_update_s
+        .is_some_and(|t| t > since_unix_s)
+}
+
+/// Statistics that carry the balloon's sizes and the guest's use, received after this call
+/// began (the guest sends them once per stats period: figures from before would still count
+/// what a warm-up that just ended used); at the end of [`STATS_WAIT`], the last complete ones
+/// (a stats period longer than that), or `None`.
 fn wait_stats(hv: &Hypervisor, shadow: &str) -> Option<DomainStats> {
+    let since = crate::clock::now_unix_ms() / 1000;
     let deadline = Instant::now() + STATS_WAIT;
+    let mut complete = None;
     loop {
         if let Ok(s) = hv.stats(shadow) {
             if s.balloon_current_kib.is_some() && measured_use_kib(&s).is_some() {
-                return Some(s);
+                if fresh(&s, since) {
+                    return Some(s);
+                }
+                complete = Some(s);
             }
         }
         if Instant::now() >= deadline {
-            return None;
+            return complete;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -458,5 +474,23 @@ mod tests {
         };
         assert_eq!(measured_use_kib(&s), Some(40_000));
         assert_eq!(measured_use_kib(&DomainStats::default()), None);
+    }
+
+    #[test]
+    fn stats_are_fresh_only_when_received_after_the_second_the_wait_began() {
+        let at = |t| DomainStats {
+            balloon_last_update_s: Some(t),
+            ..Default::default()
+        };
+        assert!(
+            !fresh(&at(1_000), 1_000),
+            "the same second may be before the warm-up ended"
+        );
+        assert!(!fresh(&at(999), 1_000));
+        assert!(fresh(&at(1_001), 1_000));
+        assert!(
+            !fresh(&DomainStats::default(), 1_000),
+            "no timestamp, not shown fresh"
+        );
     }
 }

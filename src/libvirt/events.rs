@@ -363,6 +363,7 @@ fn apply_stat(out: &mut DomainStats, field: &str, value: Option<u64>) {
         "balloon.rss" => out.balloon_rss_kib = Some(v),
         "balloon.available" => out.balloon_available_kib = Some(v),
         "balloon.usable" => out.balloon_usable_kib = Some(v),
+        "balloon.last-update" => out.balloon_last_update_s = Some(v),
         "vcpu.current" => out.vcpu_current = u32::try_from(v).ok(),
         f if f.starts_with("block.") && f.ends_with(".rd.bytes") => add(&mut out.block_rd_bytes),
         f if f.starts_with("block.") && f.ends_with(".wr.bytes") => add(&mut out.block_wr_bytes),
@@ -401,8 +402,10 @@ mod tests {
         apply_stat(&mut s, "block.0.wr.bytes", Some(7));
         apply_stat(&mut s, "cpu.time", Some(99));
         apply_stat(&mut s, "net.count", Some(2));
+        apply_stat(&mut s, "balloon.last-update", Some(1_764_000_000));
         assert_eq!(s.net_rx_bytes, Some(15));
         assert_eq!(s.block_wr_bytes, Some(7));
         assert_eq!(s.cpu_time_ns, Some(99));
+        assert_eq!(s.balloon_last_update_s, Some(1_764_000_000));
     }
 }

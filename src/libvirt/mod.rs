@@ -204,6 +204,9 @@ pub struct DomainStats {
     /// Memory the guest could give up without swapping, KiB (`balloon.usable`: the guest's
     /// MemAvailable).
     pub balloon_usable_kib: Option<u64>,
+    /// When QEMU last received the guest's balloon statistics, seconds since the epoch
+    /// (`balloon.last-update`): the figures above are as old as this.
+    pub balloon_last_update_s: Option<u64>,
     /// Current vCPU count (`vcpu.current`).
     pub vcpu_current: Option<u32>,
     /// Block bytes read, summed over disks.
