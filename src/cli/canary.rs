@@ -415,9 +415,28 @@ pub fn render_verify(r: &crate::canary::verify::VerifyReport) -> String {
     }
     let _ = writeln!(
         s,
-        "  isolation: {} checks, {} violation(s); the shadow was replaced",
+        "  isolation: {} checks, {} violation(s)",
         r.isolation.checks,
         r.isolation.violations.len()
+    );
+    let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
+    let _ = writeln!(
+        s,
+        "  copy {}: shadow held {} (its memory written), copy ready after {}, {} ms in all",
+        r.copy,
+        ms(r.hold_ms),
+        ms(r.copy_ms),
+        r.total_ms
+    );
+    let _ = writeln!(
+        s,
+        "  {}",
+        match (r.passed, r.replaced) {
+            (true, _) => "the shadow stands by as it was",
+            (false, true) => "the shadow was replaced",
+            (false, false) =>
+                "the shadow was not replaced (its copy never ran, or it no longer stands by)",
+        }
     );
     s
 }

@@ -9,6 +9,7 @@ mod agent;
 mod events;
 mod lease;
 mod process;
+pub mod saveimage;
 
 pub use agent::LibvirtAgent;
 
@@ -458,6 +459,47 @@ impl Hypervisor {
         let d = self.lookup(name)?;
         d.managed_save(0)
             .map_err(|source| dom_err("managed save", name, source))
+    }
+
+    /// Writes a running domain's memory to `file` (an external memory snapshot, without
+    /// snapshot metadata) and leaves it as it was: same QEMU, paused if it was paused. Its disks
+    /// (`disk_targets`) are not snapshotted: a paused guest writes nothing to them. While the
+    /// memory is written libvirt holds the domain's job: a resume waits until it is done.
+    pub fn snapshot_memory(
+        &self,
+        name: &str,
+        file: &str,
+        disk_targets: &[String],
+    ) -> Result<(), LibvirtError> {
+        let d = self.lookup(name)?;
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('\'', "&apos;")
+        };
+        let disks: String = disk_targets
+            .iter()
+            .map(|t| format!("<disk name='{}' snapshot='no'/>", esc(t)))
+            .collect();
+        let xml = format!(
+            "<domainsnapshot><memory snapshot='external' file='{}'/><disks>{disks}</disks></domainsnapshot>",
+            esc(file)
+        );
+        d.create_snapshot_xml(&xml, sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+            .map(|_| ())
+            .map_err(|source| dom_err("memory snapshot", name, source))
+    }
+
+    /// Restores a domain, paused, from a save image (its own XML names it; see
+    /// [`saveimage`]). The domain is transient: destroying it removes it.
+    pub fn restore_paused(&self, file: &str) -> Result<(), LibvirtError> {
+        self.inner
+            .conn
+            .restore_domain_flags(file, None, sys::VIR_DOMAIN_SAVE_PAUSED)
+            .map_err(|source| LibvirtError::Connection {
+                op: "restore a saved domain",
+                source,
+            })
     }
 
     /// Removes a domain's definition (and managed save). Must be shut off first.
