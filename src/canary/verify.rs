@@ -193,12 +193,54 @@ fn copy_file(req: &VerifyRequest, copy: &str, what: &str) -> PathBuf {
     isolated::copy_dir(&req.state_dir).join(format!("{copy}-{what}"))
 }
 
+/// The name of `shadow`'s verification copy.
+fn copy_name(shadow: &str) -> String {
+    format!("{shadow}-verify")
+}
+
+/// Whether `domain` is a verification copy (its role is `isolated` too).
+pub fn is_copy(domain: &str) -> bool {
+    domain.ends_with("-verify")
+}
+
+/// Removes a verification copy of `service` an interrupted run left: the domain, the
+/// isolated bridge, its files.
+pub async fn remove_copy(
+    hv: &Hypervisor,
+    net: &Netlink,
+    service: &str,
+    copy: &str,
+    state_dir: &Path,
+) {
+    let dir = isolated::copy_dir(state_dir);
+    let prefix = format!("{copy}-");
+    let copies = std::fs::read_dir(&dir)
+        .map(|it| {
+            it.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    let dom = IsolatedDomain {
+        name: copy.to_string(),
+        bridge: isolated::bridge_name(service, 'v'),
+        taps: Vec::new(),
+        macs: Vec::new(),
+        service_bridges: Vec::new(),
+        copies,
+        live_sources: Vec::new(),
+        qemu_pid: None,
+    };
+    isolated::teardown(hv, net, &dom, state_dir).await;
+}
+
 /// Verifies the shadow of `req` on a copy of it, then removes the copy; never fails: what
 /// went wrong is in the report. The shadow itself is only read: its memory written out while
 /// it stays paused, its disks copied.
 pub async fn verify_shadow(hv: &Hypervisor, net: &Netlink, req: &VerifyRequest) -> VerifyReport {
     let started = Instant::now();
-    let copy = format!("{}-verify", req.shadow);
+    let copy = copy_name(&req.shadow);
     let mut dom = IsolatedDomain {
         name: copy.clone(),
         bridge: req.bridge.clone(),
@@ -454,4 +496,50 @@ async fn run(
         &norm,
         req.replay.verify_min_match,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(passed: bool, replaced: bool) -> VerifyReport {
+        VerifyReport {
+            service: "web".into(),
+            shadow: "web-shadow-2".into(),
+            at_unix_ms: 0,
+            verdict: None,
+            isolation: IsolationCheck::default(),
+            error: Some("the copy's agent did not answer".into()),
+            passed,
+            copy: copy_name("web-shadow-2"),
+            copy_ran: true,
+            hold_ms: Some(640),
+            copy_ms: Some(1900),
+            total_ms: 9000,
+            replaced,
+        }
+    }
+
+    #[test]
+    fn the_report_says_what_became_of_the_shadow() {
+        assert!(report(true, false)
+            .describe()
+            .ends_with("the shadow stands by as it was"));
+        assert!(report(false, true)
+            .describe()
+            .ends_with("the shadow was replaced"));
+        let kept = report(false, false).describe();
+        assert!(kept.starts_with("FAILED: the copy's agent"), "{kept}");
+        assert!(kept.ends_with("the shadow was not replaced"), "{kept}");
+        assert!(is_copy(&report(true, false).copy));
+        assert!(!is_copy("web-shadow-2"));
+    }
+
+    #[test]
+    fn reports_of_an_older_daemon_still_read() {
+        let old = r#"{"service":"web","shadow":"web-shadow-1","at_unix_ms":1,"verdict":null,
+            "isolation":{"checks":3,"violations":[]},"error":null,"passed":true}"#;
+        let r: VerifyReport = serde_json::from_str(old).unwrap();
+        assert!(r.passed && !r.replaced && r.hold_ms.is_none());
+    }
 }
