@@ -596,10 +596,12 @@ fn guest_run(hv: &understudy::libvirt::Hypervisor, domain: &str, script: &str) {
 }
 
 /// Watches a standing-by shadow while it is verified, every 100 ms: it must stay the same
-/// paused domain (same QEMU, never resumed) and a paused shadow of a protected service.
+/// domain (same QEMU), paused but for the moment it runs off the network to settle after its
+/// memory is written (then `switching`, not promotable), and a shadow of a protected service.
+/// Returns how many checks, and how many saw it running or switching.
 struct StandbyWatch {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<(u64, Vec<String>)>>,
+    thread: Option<std::thread::JoinHandle<(u64, u64, Vec<String>)>>,
 }
 
 impl StandbyWatch {
@@ -612,11 +614,13 @@ impl StandbyWatch {
         let bin = env!("CARGO_BIN_EXE_understudy");
         let thread = std::thread::spawn(move || {
             let hv = hypervisor();
-            let (mut checks, mut bad) = (0u64, Vec::new());
+            let (mut checks, mut settling, mut bad) = (0u64, 0u64, Vec::new());
             while !s.load(Ordering::SeqCst) {
                 let state = hv.state(&shadow).map(|s| s.as_str().to_string());
-                if state.as_ref().ok().map(String::as_str) != Some("paused") {
-                    bad.push(format!("{shadow} is {state:?}"));
+                match state.as_ref().ok().map(String::as_str) {
+                    Some("paused") => {}
+                    Some("running") => settling += 1,
+                    _ => bad.push(format!("{shadow} is {state:?}")),
                 }
                 let now = understudy::libvirt::qemu_pid(Path::new("/run/libvirt/qemu"), &shadow);
                 if now.as_ref().ok() != Some(&pid) {
@@ -631,11 +635,16 @@ impl StandbyWatch {
                     .as_array()
                     .and_then(|a| a.iter().find(|x| x["name"] == service.as_str()).cloned())
                     .unwrap_or_default();
-                let standing = svc["shadows"].as_array().is_some_and(|a| {
-                    a.iter()
-                        .any(|x| x["name"] == shadow.as_str() && x["state"] == "paused")
-                });
-                if svc["state"] != "protected" || !standing {
+                let of = |st: &str| {
+                    svc["shadows"].as_array().is_some_and(|a| {
+                        a.iter()
+                            .any(|x| x["name"] == shadow.as_str() && x["state"] == st)
+                    })
+                };
+                if of("switching") {
+                    settling += 1;
+                }
+                if svc["state"] != "protected" || !(of("paused") || of("switching")) {
                     bad.push(format!(
                         "service {} with shadows {}",
                         svc["state"], svc["shadows"]
@@ -644,7 +653,7 @@ impl StandbyWatch {
                 checks += 1;
                 std::thread::sleep(Duration::from_millis(100));
             }
-            (checks, bad)
+            (checks, settling, bad)
         });
         StandbyWatch {
             stop,
@@ -652,14 +661,14 @@ impl StandbyWatch {
         }
     }
 
-    fn finish(mut self) -> u64 {
+    fn finish(mut self) -> (u64, u64) {
         self.stop.store(true, Ordering::SeqCst);
-        let (checks, bad) = self.thread.take().unwrap().join().unwrap();
+        let (checks, settling, bad) = self.thread.take().unwrap().join().unwrap();
         assert!(
             bad.is_empty(),
             "the shadow did not stand by throughout: {bad:?}"
         );
-        checks
+        (checks, settling)
     }
 }
 
@@ -674,8 +683,8 @@ fn verify(daemon: &DaemonProc, service: &str) -> (i32, serde_json::Value) {
     let r: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
     eprintln!(
-        "standby verification of {}: passed {} hold_ms {} copy_ms {} total_ms {}",
-        r["shadow"], r["passed"], r["hold_ms"], r["copy_ms"], r["total_ms"]
+        "standby verification of {}: passed {} hold_ms {} settle_ms {} copy_ms {} total_ms {}",
+        r["shadow"], r["passed"], r["hold_ms"], r["settle_ms"], r["copy_ms"], r["total_ms"]
     );
     (code, r)
 }
@@ -732,18 +741,19 @@ fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy
         "{text}"
     );
 
-    // A healthy shadow passes on its copy and stands by throughout: the same paused domain,
-    // never resumed, a paused shadow of a protected service.
+    // A healthy shadow passes on its copy and stands by throughout: the same domain, never
+    // on the service network (the watcher), paused but for the moment it settles.
     let pid = qemu_pid(&healthy);
     let standby = StandbyWatch::start(&daemon, name, &healthy);
     let (code, r) = verify(&daemon, name);
-    let standby_checks = standby.finish();
+    let (standby_checks, settling) = standby.finish();
     assert_eq!(code, 0, "a healthy shadow must pass: {r:#}");
     assert_eq!(r["passed"], true);
     assert_eq!(r["shadow"], healthy.as_str());
     assert_eq!(r["replaced"], false);
     assert!(r["verdict"]["requests"].as_u64().unwrap() >= 24);
     assert!(r["hold_ms"].as_u64().is_some(), "{r:#}");
+    assert!(r["settle_ms"].as_u64().is_some(), "{r:#}");
     assert_eq!(daemon.service(name).unwrap()["last_verify"]["passed"], true);
     assert_eq!(daemon.paused_shadows(name).unwrap(), vec![healthy.clone()]);
     assert_eq!(qemu_pid(&healthy), pid);
@@ -753,7 +763,7 @@ fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy
         !names.contains(&format!("{healthy}-verify")),
         "the copy is removed: {names:?}"
     );
-    eprintln!("the shadow was checked standing by {standby_checks} times while it was verified");
+    eprintln!("the shadow was checked {standby_checks} times while it was verified, seen settling {settling} times");
 
     // A failover during a verification finds the shadow standing by: the primary is killed
     // while the shadow's copy runs, the verified shadow takes over with the data.

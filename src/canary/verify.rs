@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,17 @@ pub struct VerifyRequest {
     pub replay: ReplayConfig,
 }
 
+/// The daemon's side of the one moment the shadow itself runs: QEMU 7.2 leaves a domain whose
+/// memory was written out unable to write it out again (a later verification, a move to the
+/// saved tier) until it has run, so the shadow is resumed and paused again right after, off
+/// the network as it stands by. Meanwhile it must not be promoted.
+pub trait StandbyGuard: Send + Sync {
+    /// Takes the shadow out of promotion; false: it no longer stands by paused (leave it).
+    fn hold(&self) -> bool;
+    /// Gives it back (`paused`), or reports it lost (it could not be paused again).
+    fn release(&self, paused: bool);
+}
+
 /// The outcome of one verification.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VerifyReport {
@@ -87,6 +98,10 @@ pub struct VerifyReport {
     /// From the start to the copy restored (memory written, disks copied, restored), ms.
     #[serde(default)]
     pub copy_ms: Option<u64>,
+    /// How long the shadow ran (resumed and paused again, off the network) after its memory
+    /// was written, ms: it was not promotable meanwhile. None: it was not run.
+    #[serde(default)]
+    pub settle_ms: Option<u64>,
     /// The whole verification, ms.
     #[serde(default)]
     pub total_ms: u64,
@@ -212,33 +227,42 @@ pub async fn remove_copy(
     copy: &str,
     state_dir: &Path,
 ) {
-    let dir = isolated::copy_dir(state_dir);
-    let prefix = format!("{copy}-");
-    let copies = std::fs::read_dir(&dir)
-        .map(|it| {
-            it.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default();
     let dom = IsolatedDomain {
         name: copy.to_string(),
         bridge: isolated::bridge_name(service, 'v'),
         taps: Vec::new(),
         macs: Vec::new(),
         service_bridges: Vec::new(),
-        copies,
+        copies: Vec::new(),
         live_sources: Vec::new(),
         qemu_pid: None,
     };
     isolated::teardown(hv, net, &dom, state_dir).await;
+    remove_files(state_dir, copy);
+}
+
+/// Removes every file of the copy `copy` (memory image, disk and data copies, console log).
+fn remove_files(state_dir: &Path, copy: &str) {
+    let (dash, dot) = (format!("{copy}-"), format!("{copy}."));
+    if let Ok(it) = std::fs::read_dir(isolated::copy_dir(state_dir)) {
+        for e in it.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(&dash) || n.starts_with(&dot) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Verifies the shadow of `req` on a copy of it, then removes the copy; never fails: what
 /// went wrong is in the report. The shadow itself is only read: its memory written out while
 /// it stays paused, its disks copied.
-pub async fn verify_shadow(hv: &Hypervisor, net: &Netlink, req: &VerifyRequest) -> VerifyReport {
+pub async fn verify_shadow(
+    hv: &Hypervisor,
+    net: &Netlink,
+    req: &VerifyRequest,
+    guard: Arc<dyn StandbyGuard>,
+) -> VerifyReport {
     let started = Instant::now();
     let copy = copy_name(&req.shadow);
     let mut dom = IsolatedDomain {
@@ -253,8 +277,9 @@ pub async fn verify_shadow(hv: &Hypervisor, net: &Netlink, req: &VerifyRequest) 
     };
     let mut iso = IsolationCheck::default();
     let mut times = Times::default();
-    let result = run(hv, net, req, &mut dom, &mut iso, &mut times).await;
+    let result = run(hv, net, req, guard, &mut dom, &mut iso, &mut times).await;
     isolated::teardown(hv, net, &dom, &req.state_dir).await;
+    remove_files(&req.state_dir, &copy);
     let (verdict, error) = match result {
         Ok(v) => (Some(v), None),
         Err(e) => (None, Some(crate::error::report(&e))),
@@ -272,6 +297,7 @@ pub async fn verify_shadow(hv: &Hypervisor, net: &Netlink, req: &VerifyRequest) 
         copy_ran: times.copy_ran,
         hold_ms: times.hold_ms,
         copy_ms: times.copy_ms,
+        settle_ms: times.settle_ms,
         total_ms: started.elapsed().as_millis() as u64,
         replaced: false,
     }
@@ -282,6 +308,7 @@ pub async fn verify_shadow(hv: &Hypervisor, net: &Netlink, req: &VerifyRequest) 
 struct Times {
     hold_ms: Option<u64>,
     copy_ms: Option<u64>,
+    settle_ms: Option<u64>,
     copy_ran: bool,
 }
 
@@ -359,12 +386,23 @@ fn make_copy(
     p: &Prepared,
     image: &Path,
     disk_copies: &BTreeMap<String, PathBuf>,
-) -> Result<(u64, Vec<(String, String)>), CanaryError> {
+    guard: &dyn StandbyGuard,
+) -> Result<Copied, CanaryError> {
     let io = |what: String| move |source| CanaryError::Io { what, source };
     let dir = isolated::copy_dir(&r.state_dir);
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
     let _ = std::fs::remove_file(image);
     isolated::remove_domain(hv, copy);
+    // Checked again right before: libvirt would pause a running domain (a shadow a failover
+    // has just resumed) for as long as its memory takes to write.
+    let state = hv.state(&r.shadow)?;
+    if state != RunState::Paused {
+        return Err(CanaryError::Unsupported(format!(
+            "shadow {} is {} now (promoted?): not copied",
+            r.shadow,
+            state.as_str()
+        )));
+    }
     let t = Instant::now();
     hv.snapshot_memory(&r.shadow, &image.to_string_lossy(), &p.targets)?;
     let hold_ms = t.elapsed().as_millis() as u64;
@@ -377,6 +415,7 @@ fn make_copy(
             dst.display()
         )))?;
     }
+    let settle_ms = settle(hv, &r.shadow, guard)?;
     let saved = SaveImage::read(image)?;
     let saved = DomainXml::parse(&saved.xml).map_err(|source| CanaryError::Xml {
         domain: format!("{} (memory image)", r.shadow),
@@ -398,13 +437,44 @@ fn make_copy(
     hv.restore_paused(&image.to_string_lossy())?;
     // QEMU has read the whole image: it is not needed again.
     let _ = std::fs::remove_file(image);
-    Ok((hold_ms, xml_of(hv, copy, false)?.live_interface_taps()))
+    Ok(Copied {
+        hold_ms,
+        settle_ms,
+        taps: xml_of(hv, copy, false)?.live_interface_taps(),
+    })
+}
+
+/// What [`make_copy`] made.
+struct Copied {
+    hold_ms: u64,
+    settle_ms: Option<u64>,
+    taps: Vec<(String, String)>,
+}
+
+/// Runs the shadow for a moment and pauses it again (see [`StandbyGuard`]); how long it was
+/// out of promotion, or None if it no longer stood by paused.
+fn settle(
+    hv: &Hypervisor,
+    shadow: &str,
+    guard: &dyn StandbyGuard,
+) -> Result<Option<u64>, CanaryError> {
+    if !guard.hold() {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let ran = hv.resume(shadow);
+    let paused = ran.as_ref().map_or(Ok(()), |_| hv.suspend(shadow));
+    guard.release(paused.is_ok());
+    ran?;
+    paused?;
+    Ok(Some(t.elapsed().as_millis() as u64))
 }
 
 async fn run(
     hv: &Hypervisor,
     net: &Netlink,
     req: &VerifyRequest,
+    guard: Arc<dyn StandbyGuard>,
     dom: &mut IsolatedDomain,
     iso: &mut IsolationCheck,
     times: &mut Times,
@@ -436,12 +506,17 @@ async fn run(
     // The copy's NICs join this bridge as it is restored.
     isolated::make_bridge(net, &req.bridge, &dom.service_bridges).await?;
     let (r, copy, data) = (req.clone(), dom.name.clone(), p.data.clone());
-    let (hold_ms, taps) = hv
+    let Copied {
+        hold_ms,
+        settle_ms,
+        taps,
+    } = hv
         .blocking("copy shadow for verification", move |hv| {
-            make_copy(hv, &r, &copy, &p, &image, &disk_copies)
+            make_copy(hv, &r, &copy, &p, &image, &disk_copies, guard.as_ref())
         })
         .await??;
     times.hold_ms = Some(hold_ms);
+    times.settle_ms = settle_ms;
     times.copy_ms = Some(started.elapsed().as_millis() as u64);
     dom.qemu_pid = crate::libvirt::qemu_pid(Path::new("/run/libvirt/qemu"), &dom.name).ok();
     for (mac, tap) in taps {
@@ -450,7 +525,7 @@ async fn run(
         dom.macs.push(mac);
         dom.taps.push(tap);
     }
-    tracing::info!(service = %req.service, shadow = %req.shadow, copy = %dom.name, hold_ms, taps = ?dom.taps, "standby verification: shadow copied, it stands by as it was");
+    tracing::info!(service = %req.service, shadow = %req.shadow, copy = %dom.name, hold_ms, ?settle_ms, taps = ?dom.taps, "standby verification: shadow copied, it stands by as it was");
     let watch = Watch::start(net, vec![dom.clone()]);
     let name = dom.name.clone();
     hv.run("resume verification copy", move |hv| hv.resume(&name))
@@ -515,6 +590,7 @@ mod tests {
             copy_ran: true,
             hold_ms: Some(640),
             copy_ms: Some(1900),
+            settle_ms: Some(60),
             total_ms: 9000,
             replaced,
         }

@@ -422,9 +422,10 @@ pub fn render_verify(r: &crate::canary::verify::VerifyReport) -> String {
     let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
     let _ = writeln!(
         s,
-        "  copy {}: shadow held {} (its memory written), copy ready after {}, {} ms in all",
+        "  copy {}: shadow held {} (its memory written), run {} to settle, copy ready after {}, {} ms in all",
         r.copy,
         ms(r.hold_ms),
+        ms(r.settle_ms),
         ms(r.copy_ms),
         r.total_ms
     );

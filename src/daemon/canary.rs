@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::api::protocol::{ErrorKind, Response};
 use crate::canary::envelope;
 use crate::canary::run::{run_canary, Plan};
-use crate::canary::verify::{verify_shadow, VerifyReport, VerifyRequest};
+use crate::canary::verify::{verify_shadow, StandbyGuard, VerifyReport, VerifyRequest};
 use crate::canary::{
     isolated, CanaryError, CanaryPhase, CanaryRecord, Change, IsolatedRequest, ProfileEnvelope,
 };
@@ -463,7 +463,13 @@ async fn verify_now(d: &Shared, service: &str) -> Result<VerifyReport, Response>
         records_dir,
         replay: c.replay.clone(),
     };
-    let mut report = verify_shadow(&d.hv(), &d.net, &req).await;
+    let guard = Arc::new(TableGuard {
+        d: d.clone(),
+        service: service.to_string(),
+        shadow: shadow.clone(),
+        rt: tokio::runtime::Handle::current(),
+    });
+    let mut report = verify_shadow(&d.hv(), &d.net, &req, guard).await;
     // A copy that ran and failed proves the shadow broken; one that could not be made proves
     // nothing about it.
     let broken = !report.passed && report.copy_ran;
@@ -495,11 +501,13 @@ async fn verify_now(d: &Shared, service: &str) -> Result<VerifyReport, Response>
         (false, true) => "the shadow is replaced",
         (false, false) => "the shadow is not replaced",
     };
+    let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     let timing = format!(
-        "copy {} ({} ms held, {} ms to the copy, {} ms in all)",
+        "copy {} ({} ms held, {} ms run to settle, {} ms to the copy, {} ms in all)",
         report.copy,
-        report.hold_ms.map_or("-".into(), |v| v.to_string()),
-        report.copy_ms.map_or("-".into(), |v| v.to_string()),
+        ms(report.hold_ms),
+        ms(report.settle_ms),
+        ms(report.copy_ms),
         report.total_ms
     );
     let what = if report.passed {
@@ -513,6 +521,43 @@ async fn verify_now(d: &Shared, service: &str) -> Result<VerifyReport, Response>
         .inc_verify(service, if report.passed { "passed" } else { "failed" });
     d.verifications.end(report.clone());
     Ok(report)
+}
+
+/// The table's side of the moment a verified shadow runs (see [`StandbyGuard`]).
+struct TableGuard {
+    d: Shared,
+    service: String,
+    shadow: String,
+    rt: tokio::runtime::Handle,
+}
+
+impl StandbyGuard for TableGuard {
+    fn hold(&self) -> bool {
+        self.d
+            .table()
+            .begin_settle(&self.service, &self.shadow)
+            .is_ok()
+    }
+
+    fn release(&self, paused: bool) {
+        let done = if paused {
+            self.d.table().settled(&self.service, &self.shadow)
+        } else {
+            tracing::error!(service = %self.service, shadow = %self.shadow, "shadow could not be paused again after its memory was written; replaced");
+            self.d.table().shadow_lost(&self.service, &self.shadow)
+        };
+        match done {
+            Ok(actions) if !actions.is_empty() => {
+                let d = self.d.clone();
+                self.rt
+                    .spawn(async move { super::execute(&d, actions).await });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(service = %self.service, shadow = %self.shadow, error = %crate::error::report(&e), "verified shadow not returned to standby")
+            }
+        }
+    }
 }
 
 /// Starts the standby verification that is due, if any: one at a time, per class period

@@ -1318,6 +1318,45 @@ impl ServiceTable {
         }
     }
 
+    /// The paused shadow being verified must run for a moment (its memory was written out, and
+    /// QEMU refuses to write it out again, as a later verification or a move to the saved tier
+    /// does, until it has run): it is not promotable meanwhile. Refused during a failover and
+    /// unless it stands by paused.
+    pub fn begin_settle(&mut self, service: &str, shadow: &str) -> Result<(), Refused> {
+        let svc = self.svc_mut(service)?;
+        if matches!(svc.state, ServiceState::FailingOver { .. }) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "run a shadow for a moment",
+            });
+        }
+        match svc.shadow_mut(shadow) {
+            Some(s) if s.state == ShadowState::PAUSED => {
+                s.state = ShadowState::Switching(Tier::Paused);
+                Ok(())
+            }
+            _ => Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+                what: "paused",
+            }),
+        }
+    }
+
+    /// The shadow of [`Self::begin_settle`] is paused again; a service that went down
+    /// meanwhile promotes it at once.
+    pub fn settled(&mut self, service: &str, shadow: &str) -> Result<Vec<Action>, Refused> {
+        let taps = self
+            .require(service)?
+            .shadows
+            .iter()
+            .find(|s| s.name == shadow)
+            .map(|s| s.taps.clone())
+            .unwrap_or_default();
+        self.tier_switched(service, shadow, Tier::Paused, taps)
+    }
+
     /// A shadow is gone from libvirt: it leaves the table.
     pub fn shadow_removed(&mut self, service: &str, shadow: &str) {
         if let Some(svc) = self.services.get_mut(service) {
@@ -2460,6 +2499,38 @@ mod tests {
         let s = t.get("web").unwrap();
         assert_eq!(s.active, "web-shadow-1");
         assert_eq!(s.verifying, None);
+    }
+
+    #[test]
+    fn a_failover_while_the_shadow_settles_waits_for_it_then_promotes_it() {
+        let mut t = protected();
+        t.begin_verify("web").unwrap();
+        t.begin_settle("web", "web-shadow-1").unwrap();
+        assert!(t.get("web").unwrap().ready_shadow().is_none());
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Protected);
+        assert!(t.begin_failover("web", "web", Trigger::Pidfd).is_err());
+        assert!(matches!(
+            t.get("web").unwrap().state,
+            ServiceState::Down { .. }
+        ));
+        assert_eq!(
+            t.settled("web", "web-shadow-1").unwrap(),
+            vec![Action::Failover {
+                service: "web".into(),
+                from: "web".into(),
+                trigger: Trigger::Recovery
+            }]
+        );
+        assert_eq!(
+            t.get("web").unwrap().ready_shadow().unwrap().name,
+            "web-shadow-1"
+        );
+        // Without a failover it simply stands by again.
+        let mut t = protected();
+        t.begin_settle("web", "web-shadow-1").unwrap();
+        assert!(t.begin_settle("web", "web-shadow-1").is_err());
+        assert_eq!(t.settled("web", "web-shadow-1").unwrap(), vec![]);
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Protected);
     }
 
     #[test]

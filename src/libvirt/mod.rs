@@ -608,6 +608,14 @@ impl Hypervisor {
             .map_err(|source| dom_err("update device", name, source))
     }
 
+    /// Attaches a device to the running domain only (its definition, if any, is left as it
+    /// is: an isolated clone's data copies, or a transient verification copy's).
+    pub fn attach_device_live(&self, name: &str, device_xml: &str) -> Result<(), LibvirtError> {
+        let d = self.lookup(name)?;
+        d.attach_device_flags(device_xml, sys::VIR_DOMAIN_AFFECT_LIVE)
+            .map_err(|source| dom_err("attach device", name, source))
+    }
+
     /// Attaches a device (e.g. a `<disk>`) to the running domain and to its persistent
     /// definition.
     pub fn attach_device(&self, name: &str, device_xml: &str) -> Result<(), LibvirtError> {
