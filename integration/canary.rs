@@ -797,6 +797,7 @@ fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy
         (s["last_failover"]["ok"] == true).then_some(s)
     });
     assert_eq!(svc["active"], healthy.as_str(), "{svc:#}");
+    eprintln!("failover during the verification: {}", svc["last_failover"]);
     let r = during.join().unwrap();
     eprintln!("verification during the failover: {r}");
     assert_eq!(r["shadow"], healthy.as_str());
