@@ -255,8 +255,9 @@ fn remove_files(state_dir: &Path, copy: &str) {
 }
 
 /// Verifies the shadow of `req` on a copy of it, then removes the copy; never fails: what
-/// went wrong is in the report. The shadow itself is only read: its memory written out while
-/// it stays paused, its disks copied.
+/// went wrong is in the report. Of the shadow, its memory is written out while it stays
+/// paused, its disks are copied, and it runs for a moment off the network (see
+/// [`StandbyGuard`]).
 pub async fn verify_shadow(
     hv: &Hypervisor,
     net: &Netlink,

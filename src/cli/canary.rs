@@ -61,10 +61,10 @@ pub enum CanaryAction {
         /// Service name.
         service: String,
     },
-    /// Verify a standing-by shadow now: it is taken out (a replacement is provisioned),
-    /// resumed off the service network on copies of the data, the recent recorded traffic
-    /// replayed, its answers compared with the recorded ones; then it is removed. Exit
-    /// status 0 passed, 4 failed.
+    /// Verify a standing-by shadow now, on a copy of it (the shadow stands by throughout):
+    /// the copy is resumed off the service network on copies of the data, the recent
+    /// recorded traffic replayed, its answers compared with the recorded ones; then it is
+    /// removed, and a shadow whose copy failed is replaced. Exit status 0 passed, 4 failed.
     Verify {
         /// Service name.
         service: String,
