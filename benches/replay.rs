@@ -207,6 +207,12 @@ fn main() {
         "standby verification (exit {vcode}): {matched} of {vreq} answered as recorded ({:.2}%)",
         100.0 * matched / vreq.max(1.0)
     );
+    // The shadow stands by throughout; a resume of it waits while its memory is written
+    // (hold) and it is not promotable while it settles.
+    println!(
+        "  on a copy: shadow held {} ms (memory written), settled in {} ms, copy ready after {} ms, {} ms in all",
+        v["hold_ms"], v["settle_ms"], v["copy_ms"], v["total_ms"]
+    );
 
     let json = serde_json::json!({
         "requests_per_condition": block * 3,
@@ -219,6 +225,10 @@ fn main() {
         "fidelity": fidelity,
         "verify_matched": matched,
         "verify_requests": vreq,
+        "verify_hold_ms": v["hold_ms"],
+        "verify_settle_ms": v["settle_ms"],
+        "verify_copy_ms": v["copy_ms"],
+        "verify_total_ms": v["total_ms"],
     });
     std::fs::create_dir_all(repo().join("build/bench")).unwrap();
     std::fs::write(

@@ -595,6 +595,100 @@ fn guest_run(hv: &understudy::libvirt::Hypervisor, domain: &str, script: &str) {
     );
 }
 
+/// Watches a standing-by shadow while it is verified, every 100 ms: it must stay the same
+/// domain (same QEMU), paused but for the moment it runs off the network to settle after its
+/// memory is written (then `switching`, not promotable), and a shadow of a protected service.
+/// Returns how many checks, and how many saw it running or switching.
+struct StandbyWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, u64, Vec<String>)>>,
+}
+
+impl StandbyWatch {
+    fn start(daemon: &DaemonProc, service: &str, shadow: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let (service, shadow) = (service.to_string(), shadow.to_string());
+        let pid = qemu_pid(&shadow);
+        let socket = daemon.socket.clone();
+        let bin = env!("CARGO_BIN_EXE_understudy");
+        let thread = std::thread::spawn(move || {
+            let hv = hypervisor();
+            let (mut checks, mut settling, mut bad) = (0u64, 0u64, Vec::new());
+            while !s.load(Ordering::SeqCst) {
+                let state = hv.state(&shadow).map(|s| s.as_str().to_string());
+                match state.as_ref().ok().map(String::as_str) {
+                    Some("paused") => {}
+                    Some("running") => settling += 1,
+                    _ => bad.push(format!("{shadow} is {state:?}")),
+                }
+                let now = understudy::libvirt::qemu_pid(Path::new("/run/libvirt/qemu"), &shadow);
+                if now.as_ref().ok() != Some(&pid) {
+                    bad.push(format!("{shadow}'s QEMU is {now:?}, was {pid}"));
+                }
+                let out = Command::new(bin)
+                    .args(["--socket", socket.to_str().unwrap(), "status", "--json"])
+                    .output()
+                    .unwrap();
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                let svc = v["services"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|x| x["name"] == service.as_str()).cloned())
+                    .unwrap_or_default();
+                let of = |st: &str| {
+                    svc["shadows"].as_array().is_some_and(|a| {
+                        a.iter()
+                            .any(|x| x["name"] == shadow.as_str() && x["state"] == st)
+                    })
+                };
+                if of("switching") {
+                    settling += 1;
+                }
+                if svc["state"] != "protected" || !(of("paused") || of("switching")) {
+                    bad.push(format!(
+                        "service {} with shadows {}",
+                        svc["state"], svc["shadows"]
+                    ));
+                }
+                checks += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (checks, settling, bad)
+        });
+        StandbyWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (checks, settling, bad) = self.thread.take().unwrap().join().unwrap();
+        assert!(
+            bad.is_empty(),
+            "the shadow did not stand by throughout: {bad:?}"
+        );
+        (checks, settling)
+    }
+}
+
+impl Drop for StandbyWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn verify(daemon: &DaemonProc, service: &str) -> (i32, serde_json::Value) {
+    let (code, out, err) = daemon.cli(&["canary", "verify", service, "--json"]);
+    let r: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    eprintln!(
+        "standby verification of {}: passed {} hold_ms {} settle_ms {} copy_ms {} total_ms {}",
+        r["shadow"], r["passed"], r["hold_ms"], r["settle_ms"], r["copy_ms"], r["total_ms"]
+    );
+    (code, r)
+}
+
 #[test]
 fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy_one() {
     require_lab();
@@ -604,7 +698,6 @@ fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy
     let (daemon, image) = ledger_service("verify", name, ip, "");
     let hv = hypervisor();
     let (mac, tap) = taps(&hv, name)[0].clone();
-    let primary_uuid = domain_uuid(&hv, name);
     let watcher = Watcher::start(&mac, &tap, name, image.to_str().unwrap());
 
     // Break the standing-by shadow's service: resumed for a moment (its tap is down and off
@@ -616,23 +709,28 @@ fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy
     std::thread::sleep(Duration::from_secs(1));
     hv.suspend(&broken).unwrap();
 
-    let (code, out, err) = daemon.cli(&["canary", "verify", name, "--json"]);
-    let r: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    let (code, r) = verify(&daemon, name);
     assert_eq!(code, 4, "a broken shadow must fail: {r:#}");
     assert_eq!(r["passed"], false);
     assert_eq!(r["shadow"], broken.as_str());
+    assert_eq!(r["copy"], format!("{broken}-verify"));
+    assert_eq!(r["copy_ran"], true, "{r:#}");
     assert_eq!(r["verdict"]["matched"], 0, "{r:#}");
     assert!(
         r["isolation"]["violations"].as_array().unwrap().is_empty(),
         "{r:#}"
     );
-    // It was replaced: gone from libvirt, a new shadow stands by.
-    assert!(!hv.list().unwrap().iter().any(|d| d.name == broken));
+    assert_eq!(r["replaced"], true, "{r:#}");
+    // It was rebuilt: gone from libvirt (and its copy too), a new shadow stands by.
+    let names: Vec<String> = hv.list().unwrap().into_iter().map(|d| d.name).collect();
+    assert!(!names.iter().any(|d| d.starts_with(&broken)), "{names:?}");
     let healthy = daemon.wait_paused_shadows(name, 1, SHADOW_WAIT)[0].clone();
     assert_ne!(healthy, broken);
     let events = daemon.cli(&["events", name]).1;
-    assert!(events.contains("verify_failed"), "{events}");
+    assert!(
+        events.contains("verify_failed") && events.contains("the shadow is replaced"),
+        "{events}"
+    );
     // Status reports it too.
     let last = &daemon.service(name).unwrap()["last_verify"];
     assert_eq!(last["passed"], false, "{last:#}");
@@ -643,26 +741,95 @@ fn standby_verification_catches_a_broken_shadow_rebuilds_it_and_passes_a_healthy
         "{text}"
     );
 
-    let (code, out, err) = daemon.cli(&["canary", "verify", name, "--json"]);
-    let r: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    // A healthy shadow passes on its copy and stands by throughout: the same domain, never
+    // on the service network (the watcher), paused but for the moment it settles.
+    let pid = qemu_pid(&healthy);
+    let standby = StandbyWatch::start(&daemon, name, &healthy);
+    let (code, r) = verify(&daemon, name);
+    let (standby_checks, settling) = standby.finish();
     assert_eq!(code, 0, "a healthy shadow must pass: {r:#}");
     assert_eq!(r["passed"], true);
+    assert_eq!(r["shadow"], healthy.as_str());
+    assert_eq!(r["replaced"], false);
     assert!(r["verdict"]["requests"].as_u64().unwrap() >= 24);
+    assert!(r["hold_ms"].as_u64().is_some(), "{r:#}");
+    assert!(r["settle_ms"].as_u64().is_some(), "{r:#}");
     assert_eq!(daemon.service(name).unwrap()["last_verify"]["passed"], true);
-    daemon.wait_paused_shadows(name, 1, SHADOW_WAIT);
+    assert_eq!(daemon.paused_shadows(name).unwrap(), vec![healthy.clone()]);
+    assert_eq!(qemu_pid(&healthy), pid);
+    assert_eq!(hv.state(&healthy).unwrap().as_str(), "paused");
+    let names: Vec<String> = hv.list().unwrap().into_iter().map(|d| d.name).collect();
+    assert!(
+        !names.contains(&format!("{healthy}-verify")),
+        "the copy is removed: {names:?}"
+    );
+    eprintln!("the shadow was checked {standby_checks} times while it was verified, seen settling {settling} times");
+
+    // A failover during a verification finds the shadow standing by: the primary is killed
+    // while the shadow's copy runs, the verified shadow takes over with the data.
+    let copy = format!("{healthy}-verify");
+    let (socket, svc) = (daemon.socket.clone(), name.to_string());
+    let during = std::thread::spawn(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_understudy"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["canary", "verify", &svc, "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    });
+    wait_for("the copy runs", Duration::from_secs(120), || {
+        hv.list()
+            .unwrap()
+            .iter()
+            .any(|d| d.name == copy && d.state.as_str() == "running")
+            .then_some(())
+    });
     let checks = watcher.finish();
     eprintln!("isolation checked {checks} times");
-    assert_single_server(ip, &primary_uuid, &mac);
-    let metrics = daemon.metrics();
-    for outcome in ["passed", "failed"] {
-        assert!(
-            metrics.contains(&format!(
-                "understudy_verify_runs_total{{service=\"{name}\",outcome=\"{outcome}\"}} 1"
-            )),
-            "{metrics}"
-        );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu_pid(name)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let svc = wait_for("the failover", SHADOW_WAIT, || {
+        let s = daemon.service(name)?;
+        (s["last_failover"]["ok"] == true).then_some(s)
+    });
+    assert_eq!(svc["active"], healthy.as_str(), "{svc:#}");
+    eprintln!("failover during the verification: {}", svc["last_failover"]);
+    let r = during.join().unwrap();
+    eprintln!("verification during the failover: {r}");
+    assert_eq!(r["shadow"], healthy.as_str());
+    assert_eq!(
+        r["replaced"], false,
+        "the new primary is never replaced: {r:#}"
+    );
+    assert_eq!(
+        daemon.service(name).unwrap()["active"],
+        healthy.as_str(),
+        "{r:#}"
+    );
+    assert_eq!(holders(&hv, image.to_str().unwrap()), vec![healthy.clone()]);
+    let have = ledger(ip).expect("ledger served by the verified shadow");
+    for i in 0..8 {
+        assert!(have.contains(&format!("k{i}")), "k{i} lost: {have:?}");
     }
+    assert_single_server(ip, &domain_uuid(&hv, &healthy), &mac);
+
+    let metrics = daemon.metrics();
+    assert!(
+        metrics.contains(&format!(
+            "understudy_verify_runs_total{{service=\"{name}\",outcome=\"failed\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "understudy_verify_runs_total{{service=\"{name}\",outcome=\"passed\"}}"
+        )),
+        "{metrics}"
+    );
 }
 
 #[test]

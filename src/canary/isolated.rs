@@ -206,8 +206,10 @@ pub(super) async fn attach_copies(
         copies.push(copy.clone());
         let xml = copy_disk_xml(&d.xml, &copy, &format)?;
         let n = name.to_string();
-        hv.run("attach data copy", move |hv| hv.attach_device(&n, &xml))
-            .await?;
+        hv.run("attach data copy", move |hv| {
+            hv.attach_device_live(&n, &xml)
+        })
+        .await?;
     }
     Ok(copies)
 }

@@ -110,6 +110,18 @@ pub enum CanaryError {
         #[source]
         source: std::io::Error,
     },
+    /// A shadow's memory image could not be read or given the copy's identity.
+    #[error("memory image of the shadow")]
+    SaveImage(#[from] crate::libvirt::saveimage::SaveImageError),
+    /// A shadow cannot be copied for verification.
+    #[error("cannot copy {domain} for verification")]
+    Copy {
+        /// The shadow.
+        domain: String,
+        /// What stands in the way.
+        #[source]
+        source: crate::domain_xml::CloneError,
+    },
 }
 
 /// Where a canary stands.

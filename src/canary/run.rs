@@ -1,7 +1,7 @@
 //! A canary's run: two isolated clones of the primary (one changed, one not), the recorded
 //! traffic replayed against both, the answers compared; isolation checked all along.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -189,7 +189,7 @@ fn progress(book: &Canaries, service: &str, phase: Option<CanaryPhase>, line: &s
 }
 
 /// Waits until something accepts connections on `server` through `device`.
-async fn wait_ready(device: &str, server: SocketAddrV4) -> bool {
+async fn wait_ready(device: &str, server: SocketAddr) -> bool {
     let deadline = tokio::time::Instant::now() + READY_WAIT;
     loop {
         let (d, s) = (device.to_string(), server);

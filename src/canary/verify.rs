@@ -1,13 +1,16 @@
-//! Standby verification: a standing-by shadow is proven before it is needed. It is taken out
-//! of its service (a replacement is provisioned at once), its taps are put on an isolated
-//! bridge, it is resumed on copies of the data, the recent recorded traffic is replayed
-//! against it, and its answers are compared with the recorded ones. Either way it is then
-//! removed: it has run, so it no longer stands by as it was; one that failed is reported.
+//! Standby verification: a standing-by shadow is proven before it is needed, on a copy of it,
+//! so that it stands by throughout. Its memory is written to an image (an external memory
+//! snapshot: the shadow's QEMU stays as it was, paused), its writable disks (overlays) are
+//! copied, and the image is restored as a copy under another name and UUID (written into the
+//! image, see [`crate::libvirt::saveimage`]), its NICs on an isolated bridge. The copy is
+//! resumed on copies of the data, the recent recorded traffic is replayed against it, its
+//! answers are compared with the recorded ones, and it is removed. The daemon replaces a
+//! shadow whose copy answered wrongly.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,10 +18,11 @@ use super::isolated::{self, IsolatedDomain, IsolationCheck};
 use super::run::{recorded, replay_all, Watch};
 use super::CanaryError;
 use crate::config::ReplayConfig;
-use crate::domain_xml::{DomainXml, MemberState, Role};
+use crate::domain_xml::{verify_copy_spec, CopyPlan, DiskKind, DomainXml, MemberState, Role};
 use crate::failover::plan::{data_disks, DiskPolicy};
-use crate::failover::shadow::{member_meta, wait_for_agent, write_meta};
-use crate::libvirt::Hypervisor;
+use crate::failover::shadow::{member_meta, new_uuid, wait_for_agent};
+use crate::libvirt::saveimage::SaveImage;
+use crate::libvirt::{Hypervisor, RunState};
 use crate::net::Netlink;
 use crate::replay::{compare, Normalizer, Target, VerifyVerdict};
 
@@ -31,7 +35,7 @@ pub struct VerifyRequest {
     pub class: String,
     /// Its active primary (the data copied is its).
     pub primary: String,
-    /// The shadow verified (already taken out of the service).
+    /// The shadow verified (standing by: it is copied, never resumed).
     pub shadow: String,
     /// The isolated bridge.
     pub bridge: String,
@@ -53,6 +57,17 @@ pub struct VerifyRequest {
     pub replay: ReplayConfig,
 }
 
+/// The daemon's side of the one moment the shadow itself runs: QEMU 7.2 leaves a domain whose
+/// memory was written out unable to write it out again (a later verification, a move to the
+/// saved tier) until it has run, so the shadow is resumed and paused again right after, off
+/// the network as it stands by. Meanwhile it must not be promoted.
+pub trait StandbyGuard: Send + Sync {
+    /// Takes the shadow out of promotion; false: it no longer stands by paused (leave it).
+    fn hold(&self) -> bool;
+    /// Gives it back (`paused`), or reports it lost (it could not be paused again).
+    fn release(&self, paused: bool);
+}
+
 /// The outcome of one verification.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VerifyReport {
@@ -70,6 +85,30 @@ pub struct VerifyReport {
     pub error: Option<String>,
     /// It answered as the primary did (at least `verify_min_match` of the requests).
     pub passed: bool,
+    /// The copy that ran (`<shadow>-verify`).
+    #[serde(default)]
+    pub copy: String,
+    /// The copy was restored and resumed: a failure after that is the shadow's.
+    #[serde(default)]
+    pub copy_ran: bool,
+    /// How long the shadow's memory took to write, ms: a resume of the shadow in that time
+    /// (a failover) waits for it. The shadow is not touched otherwise.
+    #[serde(default)]
+    pub hold_ms: Option<u64>,
+    /// From the start to the copy restored (memory written, disks copied, restored), ms.
+    #[serde(default)]
+    pub copy_ms: Option<u64>,
+    /// How long the shadow ran (resumed and paused again, off the network) after its memory
+    /// was written, ms: it was not promotable meanwhile. None: it was not run.
+    #[serde(default)]
+    pub settle_ms: Option<u64>,
+    /// The whole verification, ms.
+    #[serde(default)]
+    pub total_ms: u64,
+    /// The shadow was taken out of the service and a replacement provisioned (set by the
+    /// daemon when its copy failed and it still stood by).
+    #[serde(default)]
+    pub replaced: bool,
 }
 
 impl VerifyReport {
@@ -91,8 +130,12 @@ impl VerifyReport {
                 self.isolation.violations.join("; ")
             ));
         }
-        if !self.passed {
+        if self.replaced {
             out.push_str("; the shadow was replaced");
+        } else if self.passed {
+            out.push_str("; the shadow stands by as it was");
+        } else {
+            out.push_str("; the shadow was not replaced");
         }
         out
     }
@@ -160,21 +203,84 @@ impl Verifications {
     }
 }
 
-/// Verifies the shadow of `req` and removes it; never fails: what went wrong is in the report.
-pub async fn verify_shadow(hv: &Hypervisor, net: &Netlink, req: &VerifyRequest) -> VerifyReport {
+/// Where the copy's memory image, disk copies and console go.
+fn copy_file(req: &VerifyRequest, copy: &str, what: &str) -> PathBuf {
+    isolated::copy_dir(&req.state_dir).join(format!("{copy}-{what}"))
+}
+
+/// The name of `shadow`'s verification copy.
+fn copy_name(shadow: &str) -> String {
+    format!("{shadow}-verify")
+}
+
+/// Whether `domain` is a verification copy (its role is `isolated` too).
+pub fn is_copy(domain: &str) -> bool {
+    domain.ends_with("-verify")
+}
+
+/// Removes a verification copy of `service` an interrupted run left: the domain, the
+/// isolated bridge, its files.
+pub async fn remove_copy(
+    hv: &Hypervisor,
+    net: &Netlink,
+    service: &str,
+    copy: &str,
+    state_dir: &Path,
+) {
+    let dom = IsolatedDomain {
+        name: copy.to_string(),
+        bridge: isolated::bridge_name(service, 'v'),
+        taps: Vec::new(),
+        macs: Vec::new(),
+        service_bridges: Vec::new(),
+        copies: Vec::new(),
+        live_sources: Vec::new(),
+        qemu_pid: None,
+    };
+    isolated::teardown(hv, net, &dom, state_dir).await;
+    remove_files(state_dir, copy);
+}
+
+/// Removes every file of the copy `copy` (memory image, disk and data copies, console log).
+fn remove_files(state_dir: &Path, copy: &str) {
+    let (dash, dot) = (format!("{copy}-"), format!("{copy}."));
+    if let Ok(it) = std::fs::read_dir(isolated::copy_dir(state_dir)) {
+        for e in it.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(&dash) || n.starts_with(&dot) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Verifies the shadow of `req` on a copy of it, then removes the copy; never fails: what
+/// went wrong is in the report. Of the shadow, its memory is written out while it stays
+/// paused, its disks are copied, and it runs for a moment off the network (see
+/// [`StandbyGuard`]).
+pub async fn verify_shadow(
+    hv: &Hypervisor,
+    net: &Netlink,
+    req: &VerifyRequest,
+    guard: Arc<dyn StandbyGuard>,
+) -> VerifyReport {
+    let started = Instant::now();
+    let copy = copy_name(&req.shadow);
     let mut dom = IsolatedDomain {
-        name: req.shadow.clone(),
+        name: copy.clone(),
         bridge: req.bridge.clone(),
         taps: Vec::new(),
         macs: Vec::new(),
         service_bridges: Vec::new(),
         copies: Vec::new(),
         live_sources: Vec::new(),
-        qemu_pid: crate::libvirt::qemu_pid(Path::new("/run/libvirt/qemu"), &req.shadow).ok(),
+        qemu_pid: None,
     };
     let mut iso = IsolationCheck::default();
-    let result = run(hv, net, req, &mut dom, &mut iso).await;
+    let mut times = Times::default();
+    let result = run(hv, net, req, guard, &mut dom, &mut iso, &mut times).await;
     isolated::teardown(hv, net, &dom, &req.state_dir).await;
+    remove_files(&req.state_dir, &copy);
     let (verdict, error) = match result {
         Ok(v) => (Some(v), None),
         Err(e) => (None, Some(crate::error::report(&e))),
@@ -188,81 +294,259 @@ pub async fn verify_shadow(hv: &Hypervisor, net: &Netlink, req: &VerifyRequest) 
         isolation: iso,
         error,
         passed,
+        copy,
+        copy_ran: times.copy_ran,
+        hold_ms: times.hold_ms,
+        copy_ms: times.copy_ms,
+        settle_ms: times.settle_ms,
+        total_ms: started.elapsed().as_millis() as u64,
+        replaced: false,
     }
+}
+
+/// Timings of one verification, filled as it goes.
+#[derive(Debug, Default)]
+struct Times {
+    hold_ms: Option<u64>,
+    copy_ms: Option<u64>,
+    settle_ms: Option<u64>,
+    copy_ran: bool,
+}
+
+/// What the shadow's definitions say a copy needs.
+struct Prepared {
+    /// Every disk target of the shadow (none is snapshotted).
+    targets: Vec<String>,
+    /// Writable disk targets and the shadow's file for each (its overlays).
+    overlays: Vec<(String, PathBuf)>,
+    /// The service's bridges.
+    bridges: Vec<String>,
+    data: isolated::CopyPlan,
+    live: Vec<String>,
+}
+
+fn xml_of(hv: &Hypervisor, name: &str, inactive: bool) -> Result<DomainXml, CanaryError> {
+    DomainXml::parse(&hv.xml(name, inactive)?).map_err(|source| CanaryError::Xml {
+        domain: name.to_string(),
+        source,
+    })
+}
+
+fn prepare(hv: &Hypervisor, r: &VerifyRequest) -> Result<Prepared, CanaryError> {
+    let state = hv.state(&r.shadow)?;
+    if state != RunState::Paused {
+        return Err(CanaryError::Unsupported(format!(
+            "shadow {} is {}, not paused: only a paused shadow is copied",
+            r.shadow,
+            state.as_str()
+        )));
+    }
+    let live = xml_of(hv, &r.shadow, false)?;
+    let mut overlays = Vec::new();
+    for d in live.disks() {
+        if d.readonly || d.shareable {
+            continue;
+        }
+        match (&d.kind, &d.source) {
+            (DiskKind::File, Some(src)) => overlays.push((d.target_dev.clone(), src.into())),
+            (DiskKind::File, None) => {}
+            _ => {
+                return Err(CanaryError::Unsupported(format!(
+                    "shadow {} has a writable {} disk {}: only file disks can be copied",
+                    r.shadow,
+                    d.kind.as_str(),
+                    d.target_dev
+                )))
+            }
+        }
+    }
+    let bridges = xml_of(hv, &r.shadow, true)?
+        .interfaces()
+        .into_iter()
+        .filter_map(|i| i.bridge)
+        .collect();
+    let primary = xml_of(hv, &r.primary, true)?;
+    let disks = data_disks(&primary, &r.disks)
+        .map_err(|e| CanaryError::Unsupported(format!("data disks of {}: {e}", r.primary)))?;
+    let (data, live_sources) = isolated::data_plan(hv, &r.primary, disks)?;
+    Ok(Prepared {
+        targets: live.disks().into_iter().map(|d| d.target_dev).collect(),
+        overlays,
+        bridges,
+        data,
+        live: live_sources,
+    })
+}
+
+/// Writes the shadow's memory out, copies its disks, and restores the copy paused; the
+/// copy's taps. The shadow stays paused throughout.
+fn make_copy(
+    hv: &Hypervisor,
+    r: &VerifyRequest,
+    copy: &str,
+    p: &Prepared,
+    image: &Path,
+    disk_copies: &BTreeMap<String, PathBuf>,
+    guard: &dyn StandbyGuard,
+) -> Result<Copied, CanaryError> {
+    let io = |what: String| move |source| CanaryError::Io { what, source };
+    let dir = isolated::copy_dir(&r.state_dir);
+    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+    let _ = std::fs::remove_file(image);
+    isolated::remove_domain(hv, copy);
+    // Checked again right before: libvirt would pause a running domain (a shadow a failover
+    // has just resumed) for as long as its memory takes to write.
+    let state = hv.state(&r.shadow)?;
+    if state != RunState::Paused {
+        return Err(CanaryError::Unsupported(format!(
+            "shadow {} is {} now (promoted?): not copied",
+            r.shadow,
+            state.as_str()
+        )));
+    }
+    let t = Instant::now();
+    hv.snapshot_memory(&r.shadow, &image.to_string_lossy(), &p.targets)?;
+    let hold_ms = t.elapsed().as_millis() as u64;
+    // The paused QEMU flushed its disks when it paused and wrote nothing since.
+    for (target, src) in &p.overlays {
+        let dst = &disk_copies[target];
+        std::fs::copy(src, dst).map_err(io(format!(
+            "copy {} to {}",
+            src.display(),
+            dst.display()
+        )))?;
+    }
+    let settle_ms = settle(hv, &r.shadow, guard)?;
+    let saved = SaveImage::read(image)?;
+    let saved = DomainXml::parse(&saved.xml).map_err(|source| CanaryError::Xml {
+        domain: format!("{} (memory image)", r.shadow),
+        source,
+    })?;
+    let plan = CopyPlan {
+        name: copy.to_string(),
+        uuid: new_uuid(),
+        bridge: r.bridge.clone(),
+        disks: disk_copies.clone(),
+        console_dir: dir.clone(),
+        meta: member_meta(&r.service, &r.class, Role::Isolated, 0, MemberState::Paused),
+    };
+    let spec = verify_copy_spec(&saved, &plan).map_err(|source| CanaryError::Copy {
+        domain: r.shadow.clone(),
+        source,
+    })?;
+    SaveImage::rewrite_xml(image, &spec.to_xml())?;
+    hv.restore_paused(&image.to_string_lossy())?;
+    // QEMU has read the whole image: it is not needed again.
+    let _ = std::fs::remove_file(image);
+    Ok(Copied {
+        hold_ms,
+        settle_ms,
+        taps: xml_of(hv, copy, false)?.live_interface_taps(),
+    })
+}
+
+/// What [`make_copy`] made.
+struct Copied {
+    hold_ms: u64,
+    settle_ms: Option<u64>,
+    taps: Vec<(String, String)>,
+}
+
+/// Runs the shadow for a moment and pauses it again (see [`StandbyGuard`]); how long it was
+/// out of promotion, or None if it no longer stood by paused.
+fn settle(
+    hv: &Hypervisor,
+    shadow: &str,
+    guard: &dyn StandbyGuard,
+) -> Result<Option<u64>, CanaryError> {
+    if !guard.hold() {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let ran = hv.resume(shadow);
+    let paused = ran.as_ref().map_or(Ok(()), |_| hv.suspend(shadow));
+    guard.release(paused.is_ok());
+    ran?;
+    paused?;
+    Ok(Some(t.elapsed().as_millis() as u64))
 }
 
 async fn run(
     hv: &Hypervisor,
     net: &Netlink,
     req: &VerifyRequest,
+    guard: Arc<dyn StandbyGuard>,
     dom: &mut IsolatedDomain,
     iso: &mut IsolationCheck,
+    times: &mut Times,
 ) -> Result<VerifyVerdict, CanaryError> {
+    let started = Instant::now();
     let records = recorded(&req.records_dir, &req.service, req.replay.max_requests)?;
     let norm = Normalizer::new(&req.replay.ignore)?;
     let r = req.clone();
-    let (taps, bridges, data, live) = hv
-        .blocking("prepare shadow verification", move |hv| {
-            // Its record says isolated from now on: a restarted daemon never adopts it again.
-            write_meta(
-                hv,
-                &r.shadow,
-                &member_meta(&r.service, &r.class, Role::Isolated, 0, MemberState::Paused),
-            )?;
-            let live = DomainXml::parse(&hv.xml(&r.shadow, false)?).map_err(|source| {
-                CanaryError::Xml {
-                    domain: r.shadow.clone(),
-                    source,
-                }
-            })?;
-            let spec =
-                DomainXml::parse(&hv.xml(&r.shadow, true)?).map_err(|source| CanaryError::Xml {
-                    domain: r.shadow.clone(),
-                    source,
-                })?;
-            let bridges: Vec<String> = spec
-                .interfaces()
-                .into_iter()
-                .filter_map(|i| i.bridge)
-                .collect();
-            let primary = DomainXml::parse(&hv.xml(&r.primary, true)?).map_err(|source| {
-                CanaryError::Xml {
-                    domain: r.primary.clone(),
-                    source,
-                }
-            })?;
-            let disks = data_disks(&primary, &r.disks).map_err(|e| {
-                CanaryError::Unsupported(format!("data disks of {}: {e}", r.primary))
-            })?;
-            let (data, live_sources) = isolated::data_plan(hv, &r.primary, disks)?;
-            Ok::<_, CanaryError>((live.live_interface_taps(), bridges, data, live_sources))
+    let p = hv
+        .blocking("prepare shadow verification", move |hv| prepare(hv, &r))
+        .await??;
+    dom.service_bridges = p.bridges.clone();
+    // Neither the live data disks nor the shadow's own disks are ever opened by the copy.
+    dom.live_sources = p.live.clone();
+    dom.live_sources.extend(
+        p.overlays
+            .iter()
+            .map(|(_, s)| s.to_string_lossy().into_owned()),
+    );
+    let image = copy_file(req, &dom.name, "memory.img");
+    let disk_copies: BTreeMap<String, PathBuf> = p
+        .overlays
+        .iter()
+        .map(|(t, _)| (t.clone(), copy_file(req, &dom.name, &format!("{t}.qcow2"))))
+        .collect();
+    // Recorded before they exist: teardown removes whatever was made.
+    dom.copies.push(image.clone());
+    dom.copies.extend(disk_copies.values().cloned());
+    // The copy's NICs join this bridge as it is restored.
+    isolated::make_bridge(net, &req.bridge, &dom.service_bridges).await?;
+    let (r, copy, data) = (req.clone(), dom.name.clone(), p.data.clone());
+    let Copied {
+        hold_ms,
+        settle_ms,
+        taps,
+    } = hv
+        .blocking("copy shadow for verification", move |hv| {
+            make_copy(hv, &r, &copy, &p, &image, &disk_copies, guard.as_ref())
         })
         .await??;
-    dom.service_bridges = bridges;
-    dom.live_sources = live;
-    isolated::make_bridge(net, &req.bridge, &dom.service_bridges).await?;
+    times.hold_ms = Some(hold_ms);
+    times.settle_ms = settle_ms;
+    times.copy_ms = Some(started.elapsed().as_millis() as u64);
+    dom.qemu_pid = crate::libvirt::qemu_pid(Path::new("/run/libvirt/qemu"), &dom.name).ok();
     for (mac, tap) in taps {
+        // Libvirt put it there; set again so it is known up and on the bridge before it runs.
         net.enslave_and_up(&tap, &req.bridge).await?;
         dom.macs.push(mac);
         dom.taps.push(tap);
     }
+    tracing::info!(service = %req.service, shadow = %req.shadow, copy = %dom.name, hold_ms, ?settle_ms, taps = ?dom.taps, "standby verification: shadow copied, it stands by as it was");
     let watch = Watch::start(net, vec![dom.clone()]);
-    let name = req.shadow.clone();
-    hv.run("resume shadow for verification", move |hv| hv.resume(&name))
+    let name = dom.name.clone();
+    hv.run("resume verification copy", move |hv| hv.resume(&name))
         .await?;
+    times.copy_ran = true;
     wait_for_agent(
         hv,
-        &req.shadow,
+        &dom.name,
         Duration::from_secs(30),
         req.agent_timeout,
         req.agent_max_reply,
     )
     .await?;
-    dom.copies = isolated::attach_copies(hv, &req.shadow, data, &req.state_dir).await?;
-    if !dom.copies.is_empty() {
+    let copies = isolated::attach_copies(hv, &dom.name, data, &req.state_dir).await?;
+    let attached = !copies.is_empty();
+    dom.copies.extend(copies);
+    if attached {
         isolated::run_commands(
             hv,
-            &req.shadow,
+            &dom.name,
             &req.promote_commands,
             req.promote_timeout,
             req.agent_max_reply,
@@ -288,4 +572,51 @@ async fn run(
         &norm,
         req.replay.verify_min_match,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(passed: bool, replaced: bool) -> VerifyReport {
+        VerifyReport {
+            service: "web".into(),
+            shadow: "web-shadow-2".into(),
+            at_unix_ms: 0,
+            verdict: None,
+            isolation: IsolationCheck::default(),
+            error: Some("the copy's agent did not answer".into()),
+            passed,
+            copy: copy_name("web-shadow-2"),
+            copy_ran: true,
+            hold_ms: Some(640),
+            copy_ms: Some(1900),
+            settle_ms: Some(60),
+            total_ms: 9000,
+            replaced,
+        }
+    }
+
+    #[test]
+    fn the_report_says_what_became_of_the_shadow() {
+        assert!(report(true, false)
+            .describe()
+            .ends_with("the shadow stands by as it was"));
+        assert!(report(false, true)
+            .describe()
+            .ends_with("the shadow was replaced"));
+        let kept = report(false, false).describe();
+        assert!(kept.starts_with("FAILED: the copy's agent"), "{kept}");
+        assert!(kept.ends_with("the shadow was not replaced"), "{kept}");
+        assert!(is_copy(&report(true, false).copy));
+        assert!(!is_copy("web-shadow-2"));
+    }
+
+    #[test]
+    fn reports_of_an_older_daemon_still_read() {
+        let old = r#"{"service":"web","shadow":"web-shadow-1","at_unix_ms":1,"verdict":null,
+            "isolation":{"checks":3,"violations":[]},"error":null,"passed":true}"#;
+        let r: VerifyReport = serde_json::from_str(old).unwrap();
+        assert!(r.passed && !r.replaced && r.hold_ms.is_none());
+    }
 }

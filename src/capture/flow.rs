@@ -3,7 +3,7 @@
 //! connections, out-of-order data held, the bytes of a message head and of a body.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
@@ -42,9 +42,9 @@ impl Default for FlowLimits {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Seen {
     /// Client side.
-    pub client: SocketAddrV4,
+    pub client: SocketAddr,
     /// Server side.
-    pub server: SocketAddrV4,
+    pub server: SocketAddr,
     /// First request byte.
     pub first_us: u64,
     /// First response byte, if any.
@@ -56,7 +56,7 @@ pub struct Seen {
 /// Counters of what the table refused or could not follow.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FlowCounts {
-    /// Frames that were not TCP over IPv4 to or from a captured port.
+    /// Frames that were not TCP over IPv4 or IPv6 to or from a captured port.
     pub ignored: u64,
     /// New connections ignored because the table was full.
     pub flows_refused: u64,
@@ -159,7 +159,7 @@ pub struct FlowTable {
     protocol: CaptureProtocol,
     ports: Vec<u16>,
     limits: FlowLimits,
-    flows: BTreeMap<(SocketAddrV4, SocketAddrV4), Flow>,
+    flows: BTreeMap<(SocketAddr, SocketAddr), Flow>,
     /// What was refused or given up.
     pub counts: FlowCounts,
 }
@@ -192,14 +192,27 @@ impl FlowTable {
             self.counts.ignored += 1;
             return;
         };
-        let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) = (&p.net, &p.transport)
-        else {
+        // IPv6 extension headers are walked by etherparse: the TCP segment is found after them.
+        let (src, dst): (IpAddr, IpAddr) = match &p.net {
+            Some(NetSlice::Ipv4(ip)) => (
+                ip.header().source_addr().into(),
+                ip.header().destination_addr().into(),
+            ),
+            Some(NetSlice::Ipv6(ip)) => (
+                ip.header().source_addr().into(),
+                ip.header().destination_addr().into(),
+            ),
+            _ => {
+                self.counts.ignored += 1;
+                return;
+            }
+        };
+        let Some(TransportSlice::Tcp(tcp)) = &p.transport else {
             self.counts.ignored += 1;
             return;
         };
-        let h = ip.header();
-        let src = SocketAddrV4::new(h.source_addr(), tcp.source_port());
-        let dst = SocketAddrV4::new(h.destination_addr(), tcp.destination_port());
+        let src = SocketAddr::new(src, tcp.source_port());
+        let dst = SocketAddr::new(dst, tcp.destination_port());
         let (client, server, to_server) = if self.ports.contains(&dst.port()) {
             (src, dst, true)
         } else if self.ports.contains(&src.port()) {
@@ -227,8 +240,8 @@ impl FlowTable {
     /// Takes one TCP segment of the connection (client, server).
     pub fn segment(
         &mut self,
-        client: SocketAddrV4,
-        server: SocketAddrV4,
+        client: SocketAddr,
+        server: SocketAddr,
         to_server: bool,
         seg: Segment<'_>,
         now_us: u64,
@@ -302,7 +315,7 @@ impl FlowTable {
         }
     }
 
-    fn finish(&mut self, key: (SocketAddrV4, SocketAddrV4), out: &mut Vec<Seen>) {
+    fn finish(&mut self, key: (SocketAddr, SocketAddr), out: &mut Vec<Seen>) {
         let Some(mut flow) = self.flows.remove(&key) else {
             return;
         };
@@ -493,8 +506,8 @@ fn take_body(side: &mut Side, head: usize, len: u64, max_body: usize) -> Option<
 fn http_progress(
     flow: &mut Flow,
     max_body: usize,
-    client: SocketAddrV4,
-    server: SocketAddrV4,
+    client: SocketAddr,
+    server: SocketAddr,
     out: &mut Vec<Seen>,
 ) -> Result<(), ()> {
     // Requests.
@@ -611,19 +624,19 @@ fn http_progress(
 }
 
 /// The unspecified address, for tests and placeholders.
-pub const ANY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+pub const ANY: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn addr(s: &str) -> SocketAddrV4 {
+    fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 
     struct Conn {
-        c: SocketAddrV4,
-        s: SocketAddrV4,
+        c: SocketAddr,
+        s: SocketAddr,
         cseq: u32,
         sseq: u32,
     }
@@ -687,6 +700,56 @@ mod tests {
                 ..FlowLimits::default()
             },
         )
+    }
+
+    /// The frames of `fixtures/ipv6-http.hex` (built byte by byte, not with etherparse).
+    fn hex_frames(text: &str) -> Vec<Vec<u8>> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                (0..l.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap())
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn http_over_ipv6_is_captured_behind_extension_headers() {
+        let mut t = table(1024);
+        let mut out = Vec::new();
+        for f in hex_frames(include_str!("fixtures/ipv6-http.hex")) {
+            t.frame(&f, 7, &mut out);
+        }
+        assert_eq!(t.counts.ignored, 0, "{:?}", t.counts);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].client, addr("[fd00:77::2]:40000"));
+        assert_eq!(out[0].server, addr("[fd00:77::a]:80"));
+        let Exchange::Http { request, response } = &out[0].exchange else {
+            panic!()
+        };
+        assert_eq!(
+            (request.method.as_str(), request.target.as_str()),
+            ("GET", "/ledger?key=k1")
+        );
+        let r = response.as_ref().unwrap();
+        assert_eq!((r.status, r.body.data.as_str()), (200, "k1\n"));
+        // Stored and read back with its IPv6 addresses.
+        let rec = crate::capture::Record {
+            seq: 1,
+            at_unix_ms: 0,
+            client: out[0].client,
+            server: out[0].server,
+            latency_ms: None,
+            exchange: out[0].exchange.clone(),
+        };
+        let json = serde_json::to_string(&rec).unwrap();
+        assert!(json.contains("\"[fd00:77::2]:40000\""), "{json}");
+        assert_eq!(
+            serde_json::from_str::<crate::capture::Record>(&json).unwrap(),
+            rec
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod sniff;
 pub mod store;
 pub mod worker;
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -166,9 +166,9 @@ pub struct Record {
     /// When its first byte was seen, Unix ms.
     pub at_unix_ms: u64,
     /// Client side of the connection.
-    pub client: SocketAddrV4,
+    pub client: SocketAddr,
     /// Server side (the guest).
-    pub server: SocketAddrV4,
+    pub server: SocketAddr,
     /// First request byte to first response byte, in ms (none without a response).
     pub latency_ms: Option<f64>,
     /// The exchange.

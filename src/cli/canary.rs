@@ -61,10 +61,10 @@ pub enum CanaryAction {
         /// Service name.
         service: String,
     },
-    /// Verify a standing-by shadow now: it is taken out (a replacement is provisioned),
-    /// resumed off the service network on copies of the data, the recent recorded traffic
-    /// replayed, its answers compared with the recorded ones; then it is removed. Exit
-    /// status 0 passed, 4 failed.
+    /// Verify a standing-by shadow now, on a copy of it (the shadow stands by throughout):
+    /// the copy is resumed off the service network on copies of the data, the recent
+    /// recorded traffic replayed, its answers compared with the recorded ones; then it is
+    /// removed, and a shadow whose copy failed is replaced. Exit status 0 passed, 4 failed.
     Verify {
         /// Service name.
         service: String,
@@ -415,9 +415,29 @@ pub fn render_verify(r: &crate::canary::verify::VerifyReport) -> String {
     }
     let _ = writeln!(
         s,
-        "  isolation: {} checks, {} violation(s); the shadow was replaced",
+        "  isolation: {} checks, {} violation(s)",
         r.isolation.checks,
         r.isolation.violations.len()
+    );
+    let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
+    let _ = writeln!(
+        s,
+        "  copy {}: shadow held {} (its memory written), run {} to settle, copy ready after {}, {} ms in all",
+        r.copy,
+        ms(r.hold_ms),
+        ms(r.settle_ms),
+        ms(r.copy_ms),
+        r.total_ms
+    );
+    let _ = writeln!(
+        s,
+        "  {}",
+        match (r.passed, r.replaced) {
+            (true, _) => "the shadow stands by as it was",
+            (false, true) => "the shadow was replaced",
+            (false, false) =>
+                "the shadow was not replaced (its copy never ran, or it no longer stands by)",
+        }
     );
     s
 }

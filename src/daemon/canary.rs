@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::api::protocol::{ErrorKind, Response};
 use crate::canary::envelope;
 use crate::canary::run::{run_canary, Plan};
-use crate::canary::verify::{verify_shadow, VerifyReport, VerifyRequest};
+use crate::canary::verify::{verify_shadow, StandbyGuard, VerifyReport, VerifyRequest};
 use crate::canary::{
     isolated, CanaryError, CanaryPhase, CanaryRecord, Change, IsolatedRequest, ProfileEnvelope,
 };
@@ -412,9 +412,9 @@ pub(super) fn book(state_dir: &std::path::Path) -> Arc<crate::canary::Canaries> 
     Arc::new(crate::canary::Canaries::load(state_dir))
 }
 
-/// `canary verify` and the schedule: a standby verification of `service` now. The shadow
-/// verified is taken out of the service (a replacement is provisioned at once) and removed
-/// after, passed or not; a failure is reported (event, metric, `canary verify` answer).
+/// `canary verify` and the schedule: a standby verification of `service` now. A copy of its
+/// oldest paused shadow is verified; the shadow stands by throughout. One whose copy failed
+/// is replaced and reported (event, metric, `canary verify` answer, status).
 pub(super) async fn verify(d: &Shared, service: &str) -> Response {
     match verify_now(d, service).await {
         Ok(r) => Response::Verify(Box::new(r)),
@@ -439,16 +439,15 @@ async fn verify_now(d: &Shared, service: &str) -> Result<VerifyReport, Response>
             format!("a shadow of '{service}' is being verified already"),
         ));
     }
-    let lent = d.table().lend_shadow(service);
-    let (shadow, actions) = match lent {
+    let begun = d.table().begin_verify(service);
+    let shadow = match begun {
         Ok(x) => x,
         Err(e) => {
             d.verifications.cancel(service);
             return Err(super::requests::refused(e));
         }
     };
-    super::execute(d, actions).await;
-    tracing::info!(%service, %shadow, "standby verification: shadow taken out, a replacement is provisioned");
+    tracing::info!(%service, %shadow, "standby verification: a copy of the shadow is verified; the shadow stands by");
     let req = VerifyRequest {
         service: service.to_string(),
         class: class.clone(),
@@ -464,7 +463,26 @@ async fn verify_now(d: &Shared, service: &str) -> Result<VerifyReport, Response>
         records_dir,
         replay: c.replay.clone(),
     };
-    let report = verify_shadow(&d.hv(), &d.net, &req).await;
+    let guard = Arc::new(TableGuard {
+        d: d.clone(),
+        service: service.to_string(),
+        shadow: shadow.clone(),
+        rt: tokio::runtime::Handle::current(),
+    });
+    let mut report = verify_shadow(&d.hv(), &d.net, &req, guard).await;
+    // A copy that ran and failed proves the shadow broken; one that could not be made proves
+    // nothing about it.
+    let broken = !report.passed && report.copy_ran;
+    let ended = d.table().end_verify(service, &shadow, broken);
+    match ended {
+        Ok(actions) => {
+            report.replaced = !actions.is_empty();
+            super::execute(d, actions).await;
+        }
+        Err(e) => {
+            tracing::warn!(%service, %shadow, error = %crate::error::report(&e), "standby verification failed, but the shadow no longer stands by: not replaced")
+        }
+    }
     let detail = match (&report.verdict, &report.error) {
         (Some(v), _) => format!(
             "{shadow}: {} of {} replayed requests answered as recorded{}",
@@ -478,22 +496,68 @@ async fn verify_now(d: &Shared, service: &str) -> Result<VerifyReport, Response>
         (None, Some(e)) => format!("{shadow}: {e}"),
         (None, None) => shadow.clone(),
     };
+    let outcome = match (report.passed, report.replaced) {
+        (true, _) => "the shadow stands by as it was",
+        (false, true) => "the shadow is replaced",
+        (false, false) => "the shadow is not replaced",
+    };
+    let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let timing = format!(
+        "copy {} ({} ms held, {} ms run to settle, {} ms to the copy, {} ms in all)",
+        report.copy,
+        ms(report.hold_ms),
+        ms(report.settle_ms),
+        ms(report.copy_ms),
+        report.total_ms
+    );
     let what = if report.passed {
         "verify_passed"
     } else {
-        tracing::warn!(%service, %shadow, %detail, "standby verification failed; the shadow is replaced");
+        tracing::warn!(%service, %shadow, %detail, outcome, "standby verification failed");
         "verify_failed"
     };
-    event(
-        d,
-        service,
-        what,
-        format!("{detail}; the shadow is replaced"),
-    );
+    event(d, service, what, format!("{detail}; {outcome}; {timing}"));
     d.metrics
         .inc_verify(service, if report.passed { "passed" } else { "failed" });
     d.verifications.end(report.clone());
     Ok(report)
+}
+
+/// The table's side of the moment a verified shadow runs (see [`StandbyGuard`]).
+struct TableGuard {
+    d: Shared,
+    service: String,
+    shadow: String,
+    rt: tokio::runtime::Handle,
+}
+
+impl StandbyGuard for TableGuard {
+    fn hold(&self) -> bool {
+        self.d
+            .table()
+            .begin_settle(&self.service, &self.shadow)
+            .is_ok()
+    }
+
+    fn release(&self, paused: bool) {
+        let done = if paused {
+            self.d.table().settled(&self.service, &self.shadow)
+        } else {
+            tracing::error!(service = %self.service, shadow = %self.shadow, "shadow could not be paused again after its memory was written; replaced");
+            self.d.table().shadow_lost(&self.service, &self.shadow)
+        };
+        match done {
+            Ok(actions) if !actions.is_empty() => {
+                let d = self.d.clone();
+                self.rt
+                    .spawn(async move { super::execute(&d, actions).await });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(service = %self.service, shadow = %self.shadow, error = %crate::error::report(&e), "verified shadow not returned to standby")
+            }
+        }
+    }
 }
 
 /// Starts the standby verification that is due, if any: one at a time, per class period

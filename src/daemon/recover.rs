@@ -33,6 +33,8 @@ struct Census {
     untagged: Vec<DomainSummary>,
     /// Shadows of services whose primary is not here (with a cluster: on another host).
     orphans: Vec<(String, Shadow)>,
+    /// Verification copies an interrupted run left: (service, domain).
+    stale_copies: Vec<(String, String)>,
 }
 
 /// Reads the services out of libvirt's domains and their metadata (`None`: untagged).
@@ -91,7 +93,11 @@ fn census(listing: Vec<(DomainSummary, Option<String>)>) -> Census {
                 );
             }
             Role::Shadow => shadows.push((meta, dom)),
-            // Canary and verification domains belong to `canary`, which cleans them up.
+            // A verification copy outlives only the run that made it.
+            Role::Isolated if crate::canary::verify::is_copy(&dom.name) => c
+                .stale_copies
+                .push((meta.service.clone(), dom.name.clone())),
+            // Canary clones belong to `canary`, which cleans them up.
             Role::Retired | Role::Isolated => {}
         }
     }
@@ -153,6 +159,11 @@ pub(super) async fn reconcile(d: &Shared) {
     };
     let names: Vec<String> = listing.iter().map(|(d, _)| d.name.clone()).collect();
     let census = census(listing);
+    let state_dir = d.cfg().daemon.state_dir.clone();
+    for (service, copy) in &census.stale_copies {
+        tracing::warn!(%service, %copy, "verification copy left by an interrupted run; removed");
+        crate::canary::verify::remove_copy(&d.hv(), &d.net, service, copy, &state_dir).await;
+    }
     for (service, class, domain) in census.retire {
         retire_primary(d, &service, &class, &domain).await;
     }

@@ -142,6 +142,9 @@ pub struct Service {
     pub remote_shadows: Vec<RemoteShadow>,
     /// No provisioning before this instant (backoff after failures).
     pub provision_not_before: Option<Instant>,
+    /// The shadow a standby verification is copying: still standing by and promotable, but
+    /// while its memory is written a resume of it waits, so a failover takes another first.
+    pub verifying: Option<String>,
 }
 
 impl Service {
@@ -162,6 +165,7 @@ impl Service {
             provision_failures: 0,
             provision_not_before: None,
             remote_shadows: Vec::new(),
+            verifying: None,
         }
     }
 
@@ -174,12 +178,19 @@ impl Service {
     }
 
     /// The shadow to promote: the fastest tier standing by (paused, then saved, then cold),
-    /// oldest first.
+    /// oldest first; within a tier, the one being verified last (its resume may wait for its
+    /// memory to be written, well under a saved shadow's restore).
     pub fn ready_shadow(&self) -> Option<&Shadow> {
         Tier::ALL.iter().find_map(|t| {
-            self.shadows
+            let mut tier = self
+                .shadows
                 .iter()
-                .find(|s| s.state == ShadowState::Standby(*t))
+                .filter(|s| s.state == ShadowState::Standby(*t));
+            let first = tier.next()?;
+            if self.verifying.as_deref() != Some(first.name.as_str()) {
+                return Some(first);
+            }
+            tier.next().or(Some(first))
         })
     }
 
@@ -1244,32 +1255,106 @@ impl ServiceTable {
         }
     }
 
-    /// Takes the oldest standing-by shadow of `service` out of it for a standby verification:
-    /// it is no longer a member (never promoted, not counted), and a replacement is
-    /// provisioned. Only while the service is protected.
-    pub fn lend_shadow(&mut self, service: &str) -> Result<(String, Vec<Action>), Refused> {
+    /// A standby verification of `service` begins: its oldest paused shadow is copied. The
+    /// shadow stays a member, standing by and promotable throughout; only while it is being
+    /// verified a failover prefers another one. Only while the service is protected, one
+    /// verification at a time.
+    pub fn begin_verify(&mut self, service: &str) -> Result<String, Refused> {
         let svc = self.svc_mut(service)?;
-        if !matches!(svc.state, ServiceState::Protected) {
+        if !matches!(svc.state, ServiceState::Protected) || svc.verifying.is_some() {
             return Err(Refused::WrongState {
                 service: service.to_string(),
-                state: svc.state.label(),
+                state: if svc.verifying.is_some() {
+                    "verifying"
+                } else {
+                    svc.state.label()
+                },
                 what: "verify a shadow",
             });
         }
-        let Some(i) = svc
-            .shadows
-            .iter()
-            .position(|s| s.state == ShadowState::PAUSED)
-        else {
+        let Some(s) = svc.shadows.iter().find(|s| s.state == ShadowState::PAUSED) else {
             return Err(Refused::NoShadow {
                 service: service.to_string(),
             });
         };
-        let lent = svc.shadows.remove(i);
-        if !svc.shadows.iter().any(|s| s.state == ShadowState::PAUSED) {
-            svc.state = ServiceState::Provisioning;
+        let name = s.name.clone();
+        svc.verifying = Some(name.clone());
+        Ok(name)
+    }
+
+    /// The verification of `shadow` ended. A shadow whose copy answered wrongly (`broken`) is
+    /// taken out of the service and a replacement is provisioned, if it still stands by; if it
+    /// was promoted or removed meanwhile, the refusal says so and nothing changes.
+    pub fn end_verify(
+        &mut self,
+        service: &str,
+        shadow: &str,
+        broken: bool,
+    ) -> Result<Vec<Action>, Refused> {
+        let svc = self.svc_mut(service)?;
+        if svc.verifying.as_deref() == Some(shadow) {
+            svc.verifying = None;
         }
-        Ok((lent.name, vec![Action::EnsureShadows]))
+        if !broken {
+            return Ok(Vec::new());
+        }
+        match svc.shadow_mut(shadow) {
+            Some(s) if s.state.is_standby() => {
+                // Not promotable from now on, and no longer counted: the next pass replaces it.
+                s.state = ShadowState::Failed;
+                Ok(vec![
+                    Action::RemoveShadow {
+                        service: service.to_string(),
+                        shadow: shadow.to_string(),
+                    },
+                    Action::EnsureShadows,
+                ])
+            }
+            _ => Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+                what: "standing-by",
+            }),
+        }
+    }
+
+    /// The paused shadow being verified must run for a moment (its memory was written out, and
+    /// QEMU refuses to write it out again, as a later verification or a move to the saved tier
+    /// does, until it has run): it is not promotable meanwhile. Refused during a failover and
+    /// unless it stands by paused.
+    pub fn begin_settle(&mut self, service: &str, shadow: &str) -> Result<(), Refused> {
+        let svc = self.svc_mut(service)?;
+        if matches!(svc.state, ServiceState::FailingOver { .. }) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: svc.state.label(),
+                what: "run a shadow for a moment",
+            });
+        }
+        match svc.shadow_mut(shadow) {
+            Some(s) if s.state == ShadowState::PAUSED => {
+                s.state = ShadowState::Switching(Tier::Paused);
+                Ok(())
+            }
+            _ => Err(Refused::NoSuchShadow {
+                service: service.to_string(),
+                shadow: shadow.to_string(),
+                what: "paused",
+            }),
+        }
+    }
+
+    /// The shadow of [`Self::begin_settle`] is paused again; a service that went down
+    /// meanwhile promotes it at once.
+    pub fn settled(&mut self, service: &str, shadow: &str) -> Result<Vec<Action>, Refused> {
+        let taps = self
+            .require(service)?
+            .shadows
+            .iter()
+            .find(|s| s.name == shadow)
+            .map(|s| s.taps.clone())
+            .unwrap_or_default();
+        self.tier_switched(service, shadow, Tier::Paused, taps)
     }
 
     /// A shadow is gone from libvirt: it leaves the table.
@@ -2364,6 +2449,97 @@ mod tests {
         );
         t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
         assert!(t.shadow_lost("web", "web-shadow-1").is_err());
+    }
+
+    #[test]
+    fn a_shadow_being_verified_stays_a_standby_and_a_broken_one_is_replaced() {
+        let mut t = protected();
+        assert_eq!(t.begin_verify("web").unwrap(), "web-shadow-1");
+        assert!(t.begin_verify("web").is_err(), "one at a time");
+        // Still a member standing by: the service stays protected and a failover finds it.
+        let s = t.get("web").unwrap();
+        assert_eq!(s.state, ServiceState::Protected);
+        assert_eq!(s.ready_shadow().unwrap().name, "web-shadow-1");
+        assert!(t.plan_shadows(|_| LIMITS, Instant::now()).is_empty());
+        // A healthy copy: nothing changes.
+        assert_eq!(t.end_verify("web", "web-shadow-1", false).unwrap(), vec![]);
+        assert_eq!(t.get("web").unwrap().verifying, None);
+        // A broken one: no longer promotable, removed, a replacement provisioned.
+        t.begin_verify("web").unwrap();
+        assert_eq!(
+            t.end_verify("web", "web-shadow-1", true).unwrap(),
+            vec![
+                Action::RemoveShadow {
+                    service: "web".into(),
+                    shadow: "web-shadow-1".into()
+                },
+                Action::EnsureShadows
+            ]
+        );
+        assert!(t.get("web").unwrap().ready_shadow().is_none());
+        t.shadow_removed("web", "web-shadow-1");
+        let planned = t.plan_shadows(|_| LIMITS, Instant::now());
+        assert_eq!(planned[0].name, "web-shadow-2");
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Provisioning);
+    }
+
+    #[test]
+    fn a_failover_during_a_verification_promotes_the_shadow_and_the_verdict_leaves_it_alone() {
+        let mut t = protected();
+        t.begin_verify("web").unwrap();
+        let start = t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        assert_eq!(start.shadow.name, "web-shadow-1");
+        t.failover_succeeded("web", "web-shadow-1", record(true), Vec::new())
+            .unwrap();
+        // Its copy's verdict, even a failed one, never removes the new primary.
+        assert!(matches!(
+            t.end_verify("web", "web-shadow-1", true),
+            Err(Refused::NoSuchShadow { .. })
+        ));
+        let s = t.get("web").unwrap();
+        assert_eq!(s.active, "web-shadow-1");
+        assert_eq!(s.verifying, None);
+    }
+
+    #[test]
+    fn a_failover_while_the_shadow_settles_waits_for_it_then_promotes_it() {
+        let mut t = protected();
+        t.begin_verify("web").unwrap();
+        t.begin_settle("web", "web-shadow-1").unwrap();
+        assert!(t.get("web").unwrap().ready_shadow().is_none());
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Protected);
+        assert!(t.begin_failover("web", "web", Trigger::Pidfd).is_err());
+        assert!(matches!(
+            t.get("web").unwrap().state,
+            ServiceState::Down { .. }
+        ));
+        assert_eq!(
+            t.settled("web", "web-shadow-1").unwrap(),
+            vec![Action::Failover {
+                service: "web".into(),
+                from: "web".into(),
+                trigger: Trigger::Recovery
+            }]
+        );
+        assert_eq!(
+            t.get("web").unwrap().ready_shadow().unwrap().name,
+            "web-shadow-1"
+        );
+        // Without a failover it simply stands by again.
+        let mut t = protected();
+        t.begin_settle("web", "web-shadow-1").unwrap();
+        assert!(t.begin_settle("web", "web-shadow-1").is_err());
+        assert_eq!(t.settled("web", "web-shadow-1").unwrap(), vec![]);
+        assert_eq!(t.get("web").unwrap().state, ServiceState::Protected);
+    }
+
+    #[test]
+    fn a_failover_during_a_verification_prefers_another_paused_shadow() {
+        let mut t = protected();
+        t.shadow_found("web", paused("web-shadow-2")).unwrap();
+        assert_eq!(t.begin_verify("web").unwrap(), "web-shadow-1");
+        let start = t.begin_failover("web", "web", Trigger::Pidfd).unwrap();
+        assert_eq!(start.shadow.name, "web-shadow-2");
     }
 
     #[test]

@@ -24,7 +24,9 @@ use xot::{Node, Xot};
 pub use meta::{
     MemberState, Role, UnderstudyMeta, META_JOURNAL_MAX, META_NAME_MAX, META_NS, META_PREFIX,
 };
-pub use shadow::{shadow_spec, standby_boot_spec, CloneError, ShadowPlan};
+pub use shadow::{
+    shadow_spec, standby_boot_spec, verify_copy_spec, CloneError, CopyPlan, ShadowPlan,
+};
 
 /// Largest domain XML accepted by [`DomainXml::parse`]. Real ones are a few KiB; this bounds
 /// memory use on hostile input.

@@ -995,3 +995,124 @@ fn strip_dynamic_labels(dom: &mut DomainXml) {
         }
     }
 }
+
+/// How a paused shadow's verification copy differs from it (see [`verify_copy_spec`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyPlan {
+    /// The copy's domain name.
+    pub name: String,
+    /// Its UUID.
+    pub uuid: String,
+    /// The isolated bridge its NICs join.
+    pub bridge: String,
+    /// A copy per `<target dev>` of every writable disk of the shadow (its overlays).
+    pub disks: BTreeMap<String, PathBuf>,
+    /// Absolute directory for its console logs and sockets.
+    pub console_dir: PathBuf,
+    /// understudy metadata to record in it (role `isolated`).
+    pub meta: UnderstudyMeta,
+}
+
+/// The XML a paused shadow's memory image is restored as, for a copy of it that runs beside
+/// it (standby verification): the shadow's saved XML with a new identity, every NIC a tap on
+/// the isolated `bridge` (same MAC and PCI address: the guest sees its own NIC), every
+/// writable disk on its copy, console and socket paths its own, its metadata role
+/// `isolated`. Everything the guest sees stays: it is the shadow's machine, resumed
+/// elsewhere. Refused: a writable disk without a copy in the plan (the copy never opens the
+/// shadow's), an emulated TPM (its state is kept per UUID; the copy would have none), and NICs
+/// that cannot be put on a bridge.
+pub fn verify_copy_spec(saved: &DomainXml, plan: &CopyPlan) -> Result<DomainXml, CloneError> {
+    let mut dom = saved.clone();
+    let root = dom.root;
+    tree::remove_attr(&mut dom.xot, root, "id");
+    dom.set_name(&plan.name);
+    dom.set_uuid(&plan.uuid);
+    let shadow = saved.name();
+    let mut paths = PathRewriter::new(&plan.console_dir, &plan.name, shadow);
+    if let Some(devices) = dom.devices() {
+        let nodes: Vec<Node> = tree::element_children(&dom.xot, devices).collect();
+        for node in nodes {
+            copy_device(&mut dom.xot, node, plan, &mut paths)?;
+        }
+    }
+    strip_dynamic_labels(&mut dom);
+    dom.set_understudy_meta(&plan.meta);
+    Ok(dom)
+}
+
+fn copy_device(
+    x: &mut Xot,
+    node: Node,
+    plan: &CopyPlan,
+    paths: &mut PathRewriter<'_>,
+) -> Result<(), CloneError> {
+    let Some((local, "")) = tree::element_name(x, node) else {
+        return Ok(());
+    };
+    let local = local.to_string();
+    match local.as_str() {
+        "interface" => {
+            let kind = InterfaceKind::parse(attr(x, node, "type").unwrap_or(""));
+            if !matches!(
+                kind,
+                InterfaceKind::Ethernet | InterfaceKind::Bridge | InterfaceKind::Network
+            ) {
+                return Err(unclonable(
+                    x,
+                    node,
+                    "it cannot be put on an isolated bridge",
+                ));
+            }
+            let drop: Vec<Node> = BRIDGE_ONLY_CHILDREN
+                .iter()
+                .chain(&["target"])
+                .flat_map(|l| children_named(x, node, l).collect::<Vec<_>>())
+                .collect();
+            for n in drop {
+                tree::remove(x, n);
+            }
+            tree::set_attr(x, node, "type", "bridge");
+            let source = tree::new_element(x, "source");
+            tree::set_attr(x, source, "bridge", &plan.bridge);
+            tree::append_element(x, node, source);
+            Ok(())
+        }
+        "disk" => {
+            let target = child_attr(x, node, "target", "dev")
+                .unwrap_or_default()
+                .to_string();
+            let readonly = attr(x, node, "device") == Some("cdrom")
+                || child_named(x, node, "readonly").is_some();
+            if readonly || child_named(x, node, "shareable").is_some() {
+                return Ok(());
+            }
+            let kind = DiskKind::parse(attr(x, node, "type").unwrap_or("file"));
+            let copy = plan.disks.get(&target);
+            let source = child_named(x, node, "source");
+            match (kind, copy, source) {
+                (DiskKind::File, Some(copy), Some(source)) => {
+                    let p = utf8_absolute("disk copy", copy)?.to_string();
+                    tree::set_attr(x, source, "file", &p);
+                    tree::remove_attr(x, source, "index");
+                    Ok(())
+                }
+                _ => Err(unclonable(
+                    x,
+                    node,
+                    "a writable disk of the shadow without a copy: the copy would write the shadow's",
+                )),
+            }
+        }
+        "tpm" => Err(unclonable(
+            x,
+            node,
+            "libvirt keeps an emulated TPM's state per UUID: the copy would have none",
+        )),
+        "serial" | "console" | "channel" | "parallel" => clone_chardev(x, node, &local, paths),
+        "graphics" => {
+            clone_graphics(x, node, paths);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}

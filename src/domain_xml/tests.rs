@@ -1521,3 +1521,84 @@ fn status_file_yields_the_live_definition_it_wraps() {
         DomainXml::parse_status("<domstatus state='running'><monitor/></domstatus>").unwrap_err();
     assert!(err.to_string().contains("without <domain>"), "{err}");
 }
+
+// ---------------------------------------------------------------- verification copies
+
+const SAVED_SHADOW: &str = include_str!("fixtures/saved_shadow.xml");
+
+fn copy_plan() -> CopyPlan {
+    CopyPlan {
+        name: "web1-shadow-3-verify".into(),
+        uuid: "0b7c4b8e-3c1a-4a57-9a8e-6f0d2b1c9e11".into(),
+        bridge: "usi1234abcdv".into(),
+        disks: BTreeMap::from([(
+            "vda".to_string(),
+            PathBuf::from("/var/lib/understudy/isolated/web1-shadow-3-verify-vda.qcow2"),
+        )]),
+        console_dir: PathBuf::from("/var/lib/understudy/consoles"),
+        meta: meta(Role::Isolated, MemberState::Paused, 0),
+    }
+}
+
+#[test]
+fn verify_copy_is_the_shadows_machine_on_its_own_bridge_and_disk_copies() {
+    let saved = parse(SAVED_SHADOW);
+    let plan = copy_plan();
+    let copy = verify_copy_spec(&saved, &plan).unwrap();
+    assert_eq!(copy.name().as_deref(), Some("web1-shadow-3-verify"));
+    assert_eq!(copy.uuid().as_deref(), Some(plan.uuid.as_str()));
+    // Same NIC (MAC, link raised, model), now a tap on the isolated bridge.
+    let nics = copy.interfaces();
+    assert_eq!(nics.len(), 1);
+    assert_eq!(nics[0].kind, InterfaceKind::Bridge);
+    assert_eq!(nics[0].bridge.as_deref(), Some("usi1234abcdv"));
+    assert_eq!(nics[0].mac, saved.interfaces()[0].mac);
+    assert!(nics[0].link_up);
+    assert_eq!(nics[0].target_dev, None);
+    // The overlay is the copy's; the CD-ROM is shared as it is; the chain below is kept.
+    let disks = copy.disks();
+    let vda = disks.iter().find(|d| d.target_dev == "vda").unwrap();
+    assert_eq!(
+        vda.source.as_deref(),
+        Some("/var/lib/understudy/isolated/web1-shadow-3-verify-vda.qcow2")
+    );
+    assert!(copy.to_xml().contains("web1-base-vda.raw"));
+    let cd = disks.iter().find(|d| d.target_dev == "hdc").unwrap();
+    assert_eq!(cd.source.as_deref(), Some("/srv/iso/tools.iso"));
+    // Its console is its own; the guest agent's socket is libvirt's per-domain one.
+    let xml = copy.to_xml();
+    assert!(!xml.contains("web1-shadow-3.console.log"), "{xml}");
+    assert!(
+        xml.contains("/var/lib/understudy/consoles/web1-shadow-3-verify.console.log"),
+        "{xml}"
+    );
+    assert_eq!(
+        copy.understudy_meta().unwrap().unwrap().role,
+        Role::Isolated
+    );
+    // Everything else (memory, CPU, addresses) is the saved machine's.
+    assert_eq!(copy.memory_kib(), saved.memory_kib());
+    assert_eq!(copy.vcpus(), saved.vcpus());
+    assert_eq!(
+        xml.matches("<address ").count(),
+        SAVED_SHADOW.matches("<address ").count()
+    );
+    assert!(xml.contains("0x05") && xml.contains("0x02"), "{xml}");
+}
+
+#[test]
+fn verify_copy_never_shares_a_writable_disk_nor_copies_a_tpm() {
+    let saved = parse(SAVED_SHADOW);
+    let mut plan = copy_plan();
+    plan.disks.clear();
+    let e = verify_copy_spec(&saved, &plan).unwrap_err();
+    assert!(e.to_string().contains("vda"), "{e}");
+    let tpm = SAVED_SHADOW.replace(
+        "<input type='mouse'",
+        "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>\n    <input type='mouse'",
+    );
+    let e = verify_copy_spec(&parse(&tpm), &copy_plan()).unwrap_err();
+    assert!(e.to_string().contains("TPM"), "{e}");
+    let direct = SAVED_SHADOW.replace("<interface type='ethernet'>", "<interface type='direct'>");
+    assert!(verify_copy_spec(&parse(&direct), &copy_plan()).is_err());
+}

@@ -9,6 +9,7 @@ mod agent;
 mod events;
 mod lease;
 mod process;
+pub mod saveimage;
 
 pub use agent::LibvirtAgent;
 
@@ -463,6 +464,47 @@ impl Hypervisor {
             .map_err(|source| dom_err("managed save", name, source))
     }
 
+    /// Writes a running domain's memory to `file` (an external memory snapshot, without
+    /// snapshot metadata) and leaves it as it was: same QEMU, paused if it was paused. Its disks
+    /// (`disk_targets`) are not snapshotted: a paused guest writes nothing to them. While the
+    /// memory is written libvirt holds the domain's job: a resume waits until it is done.
+    pub fn snapshot_memory(
+        &self,
+        name: &str,
+        file: &str,
+        disk_targets: &[String],
+    ) -> Result<(), LibvirtError> {
+        let d = self.lookup(name)?;
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('\'', "&apos;")
+        };
+        let disks: String = disk_targets
+            .iter()
+            .map(|t| format!("<disk name='{}' snapshot='no'/>", esc(t)))
+            .collect();
+        let xml = format!(
+            "<domainsnapshot><memory snapshot='external' file='{}'/><disks>{disks}</disks></domainsnapshot>",
+            esc(file)
+        );
+        d.create_snapshot_xml(&xml, sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+            .map(|_| ())
+            .map_err(|source| dom_err("memory snapshot", name, source))
+    }
+
+    /// Restores a domain, paused, from a save image (its own XML names it; see
+    /// [`saveimage`]). The domain is transient: destroying it removes it.
+    pub fn restore_paused(&self, file: &str) -> Result<(), LibvirtError> {
+        self.inner
+            .conn
+            .restore_domain_flags(file, None, sys::VIR_DOMAIN_SAVE_PAUSED)
+            .map_err(|source| LibvirtError::Connection {
+                op: "restore a saved domain",
+                source,
+            })
+    }
+
     /// Removes a domain's definition (and managed save). Must be shut off first.
     pub fn undefine(&self, name: &str) -> Result<(), LibvirtError> {
         let d = self.lookup(name)?;
@@ -567,6 +609,14 @@ impl Hypervisor {
         };
         d.update_device_flags(device_xml, flags)
             .map_err(|source| dom_err("update device", name, source))
+    }
+
+    /// Attaches a device to the running domain only (its definition, if any, is left as it
+    /// is: an isolated clone's data copies, or a transient verification copy's).
+    pub fn attach_device_live(&self, name: &str, device_xml: &str) -> Result<(), LibvirtError> {
+        let d = self.lookup(name)?;
+        d.attach_device_flags(device_xml, sys::VIR_DOMAIN_AFFECT_LIVE)
+            .map_err(|source| dom_err("attach device", name, source))
     }
 
     /// Attaches a device (e.g. a `<disk>`) to the running domain and to its persistent

@@ -2,7 +2,7 @@
 //! bridge (`SO_BINDTODEVICE`), bounded in time and in the bytes read.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddrV4, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -34,11 +34,14 @@ pub struct Answer {
 }
 
 /// Opens a TCP connection to `server` through `device` only.
-pub fn connect(
-    device: &str,
-    server: SocketAddrV4,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
+pub fn connect(device: &str, server: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    // Isolated bridges carry the service bridge's IPv4 addresses only.
+    let SocketAddr::V4(server) = server else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("{server}: recorded IPv6 traffic is not replayed (isolated bridges carry IPv4 addresses only)"),
+        ));
+    };
     // SAFETY: plain socket(2) call; the result is checked before use.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
@@ -120,7 +123,7 @@ pub fn request_bytes(r: &HttpRequest) -> Vec<u8> {
 }
 
 /// Replays one recorded exchange against `server` through `target`.
-pub fn replay(target: &Target, server: SocketAddrV4, ex: &Exchange, timeout: Duration) -> Answer {
+pub fn replay(target: &Target, server: SocketAddr, ex: &Exchange, timeout: Duration) -> Answer {
     let (bytes, http) = match ex {
         Exchange::Http { request, .. } => (request_bytes(request), true),
         Exchange::Stream { to_server, .. } => (to_server.bytes(), false),
