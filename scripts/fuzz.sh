@@ -9,6 +9,7 @@
 #   FUZZ_SECONDS  seconds per target (default 60)
 #   FUZZ_OUT      work directory (default build/fuzz)
 #   FUZZ_BUILD    0 to reuse the targets as built (default: cargo afl build first)
+#   FUZZ_EXAMPLES 1 to build fuzz/examples too (the CPU-cost tools, built as the targets are)
 #   FUZZ_QUICK    1 for a build without optimisation (AFL_OPT_LEVEL=0, in fuzz/target/check):
 #                 a quarter of the build time, several times fewer executions a second; for
 #                 the brief runs of make test
@@ -67,10 +68,17 @@ fi
 # AFL++'s own pass prunes (blocks whose coverage another block implies, as libFuzzer does);
 # cargo-afl appends RUSTFLAGS after its own, so ours wins. Changing it rebuilds every crate.
 export RUSTFLAGS="-C llvm-args=-sanitizer-coverage-prune-blocks=1 ${RUSTFLAGS:-}"
+# The optimised build compiles indextree without debug assertions (see scripts/fuzz-rustc.sh).
+# cargo does not rebuild for a changed wrapper: a build directory from before it needs
+# `rm -r fuzz/target/release/.fingerprint/indextree-*` once.
+[ "${FUZZ_QUICK:-0}" = 1 ] || export RUSTC_WRAPPER="$PWD/scripts/fuzz-rustc.sh"
+# FUZZ_EXAMPLES=1 also builds fuzz/examples (time_inputs, domain_xml_phases) as the targets are.
+selection=()
+[ "${FUZZ_EXAMPLES:-0}" = 1 ] && selection=(--lib --bins --examples)
 if [ "${FUZZ_BUILD:-1}" != 0 ]; then
     echo "fuzz: cargo afl build (fuzz/, into $target_dir)"
-    nice -n 19 cargo afl build "${profile_flag[@]}" --features afl --manifest-path fuzz/Cargo.toml \
-        --offline --target-dir "$target_dir"
+    nice -n 19 cargo afl build "${profile_flag[@]}" "${selection[@]}" --features afl \
+        --manifest-path fuzz/Cargo.toml --offline --target-dir "$target_dir"
 fi
 
 export AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1
