@@ -23,6 +23,9 @@
 #   FUZZ_LEDGER   a file to append one Markdown row per target run to (see fuzz/RUNS.md)
 #   FUZZ_EXECS    also stop a target once its AFL output has about this many executions (`-E`;
 #                 a resumed run counts those of the runs before it)
+#   FUZZ_TIMEOUT  AFL's limit per input in ms (`-t`; default: AFL's own, from the queue's speed,
+#                 or a resumed run's). On a loaded machine at `nice -n 19` a resumed queue's
+#                 slower inputs go over AFL's limit at calibration and are skipped for the run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,6 +65,10 @@ if [ "${FUZZ_QUICK:-0}" = 1 ]; then
     profile_flag=()
     hang_timeout=(-t 1000)
     hangs_fail=0
+fi
+if [ -n "${FUZZ_TIMEOUT:-}" ]; then
+    [[ $FUZZ_TIMEOUT =~ ^[0-9]+$ ]] || { echo "fuzz: FUZZ_TIMEOUT must be milliseconds" >&2; exit 2; }
+    hang_timeout=(-t "$FUZZ_TIMEOUT")
 fi
 # cargo-afl (stable Rust, no AFL++ LLVM plugins) instruments with LLVM's sancov pass and turns
 # its block pruning off, so every basic block calls AFL's callback: 42% of domain_xml's CPU.
