@@ -9,6 +9,7 @@
 #   FUZZ_SECONDS  seconds per target (default 60)
 #   FUZZ_OUT      work directory (default build/fuzz)
 #   FUZZ_BUILD    0 to reuse the targets as built (default: cargo afl build first)
+#   FUZZ_EXAMPLES 1 to build fuzz/examples too (the CPU-cost tools, built as the targets are)
 #   FUZZ_QUICK    1 for a build without optimisation (AFL_OPT_LEVEL=0, in fuzz/target/check):
 #                 a quarter of the build time, several times fewer executions a second; for
 #                 the brief runs of make test
@@ -22,6 +23,9 @@
 #   FUZZ_LEDGER   a file to append one Markdown row per target run to (see fuzz/RUNS.md)
 #   FUZZ_EXECS    also stop a target once its AFL output has about this many executions (`-E`;
 #                 a resumed run counts those of the runs before it)
+#   FUZZ_TIMEOUT  AFL's limit per input in ms (`-t`; default: AFL's own, from the queue's speed,
+#                 or a resumed run's). On a loaded machine at `nice -n 19` a resumed queue's
+#                 slower inputs go over AFL's limit at calibration and are skipped for the run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,15 +66,26 @@ if [ "${FUZZ_QUICK:-0}" = 1 ]; then
     hang_timeout=(-t 1000)
     hangs_fail=0
 fi
+if [ -n "${FUZZ_TIMEOUT:-}" ]; then
+    [[ $FUZZ_TIMEOUT =~ ^[0-9]+$ ]] || { echo "fuzz: FUZZ_TIMEOUT must be milliseconds" >&2; exit 2; }
+    hang_timeout=(-t "$FUZZ_TIMEOUT")
+fi
 # cargo-afl (stable Rust, no AFL++ LLVM plugins) instruments with LLVM's sancov pass and turns
 # its block pruning off, so every basic block calls AFL's callback: 42% of domain_xml's CPU.
 # AFL++'s own pass prunes (blocks whose coverage another block implies, as libFuzzer does);
 # cargo-afl appends RUSTFLAGS after its own, so ours wins. Changing it rebuilds every crate.
 export RUSTFLAGS="-C llvm-args=-sanitizer-coverage-prune-blocks=1 ${RUSTFLAGS:-}"
+# The optimised build compiles indextree without debug assertions (see scripts/fuzz-rustc.sh).
+# cargo does not rebuild for a changed wrapper: a build directory from before it needs
+# `rm -r fuzz/target/release/.fingerprint/indextree-*` once.
+[ "${FUZZ_QUICK:-0}" = 1 ] || export RUSTC_WRAPPER="$PWD/scripts/fuzz-rustc.sh"
+# FUZZ_EXAMPLES=1 also builds fuzz/examples (time_inputs, domain_xml_phases) as the targets are.
+selection=()
+[ "${FUZZ_EXAMPLES:-0}" = 1 ] && selection=(--lib --bins --examples)
 if [ "${FUZZ_BUILD:-1}" != 0 ]; then
     echo "fuzz: cargo afl build (fuzz/, into $target_dir)"
-    nice -n 19 cargo afl build "${profile_flag[@]}" --features afl --manifest-path fuzz/Cargo.toml \
-        --offline --target-dir "$target_dir"
+    nice -n 19 cargo afl build "${profile_flag[@]}" "${selection[@]}" --features afl \
+        --manifest-path fuzz/Cargo.toml --offline --target-dir "$target_dir"
 fi
 
 export AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1

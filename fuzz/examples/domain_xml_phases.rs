@@ -1,8 +1,8 @@
 //! Where the `domain_xml` check's CPU goes, phase by phase: its parses, serializations, plan and
 //! clone in the order [`understudy_fuzz::domain_xml::check`] makes them, without its assertions,
-//! timed over the given inputs (`ROUNDS` times, default 5). Build it as AFL runs the target (instrumented) with
-//! `cargo afl build --release --features afl --manifest-path fuzz/Cargo.toml --target-dir
-//! fuzz/target --example domain_xml_phases`.
+//! timed over the given inputs (`ROUNDS` times, default 5): wall time, so only on a quiet
+//! machine. `FUZZ_EXAMPLES=1 FUZZ_SECONDS=1 scripts/fuzz.sh domain_xml` builds it as AFL runs
+//! the target (instrumented, the same flags), into `fuzz/target/release/examples/`.
 //!
 //! usage: domain_xml_phases <file or directory>...
 

@@ -1,8 +1,10 @@
 //! CPU cost of one target's check per input, without AFL's fork server or scheduling: runs
 //! every input of the given files and directories `ROUNDS` times (default 5) and prints the
 //! mean per input, the distribution and the slowest inputs. Built normally it measures the
-//! parsers; built with `cargo afl build --example time_inputs` it measures them as AFL runs
-//! them (instrumented, debug assertions on).
+//! parsers; built by `FUZZ_EXAMPLES=1 FUZZ_SECONDS=1 scripts/fuzz.sh <target>` (with the
+//! targets, the same flags) it measures them as AFL runs them: instrumented, debug assertions
+//! on but for indextree's (see `scripts/fuzz-rustc.sh`). Measure CPU, not wall time, on a
+//! shared machine: `ROUNDS=2 perf stat -e task-clock time_inputs ...`.
 //!
 //! usage: time_inputs <target> <file or directory>...
 

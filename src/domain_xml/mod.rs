@@ -679,8 +679,7 @@ impl DomainXml {
         })?;
         // Work on a detached copy in a scratch tree: serializing an attached element would also
         // emit every namespace declared on <domain>.
-        let mut xot = self.xot.clone();
-        let copy = xot.clone_node(iface);
+        let (mut xot, copy) = tree::copy_subtree(&self.xot, iface);
         set_link(&mut xot, copy, up);
         xot.to_string(copy).ok()
     }

@@ -554,6 +554,56 @@ fn interface_xml_with_link_is_one_standalone_element() {
     assert_eq!(d.interface_xml_with_link("52:54:00:00:00:00", true), None);
 }
 
+/// What `interface_xml_with_link` made before it copied only the NIC: a copy of the whole tree,
+/// in which the NIC was cloned and serialized.
+fn interface_xml_by_whole_tree_clone(d: &DomainXml, iface: Node, up: bool) -> Option<String> {
+    let mut x = d.xot.clone();
+    let copy = x.clone_node(iface);
+    set_link(&mut x, copy, up);
+    x.to_string(copy).ok()
+}
+
+#[test]
+fn interface_xml_is_the_nic_as_a_whole_tree_clone_serialized_it() {
+    // Every fixture's NICs, and NICs with comments, a processing instruction, namespaced
+    // children declared on the NIC, and one using a prefix declared on <domain> (which a
+    // detached copy cannot write: no XML, as before).
+    let odd = r#"<domain type="kvm" xmlns:q="urn:q"><name>odd</name><devices>
+  <interface type="bridge"><!-- c --><?pi data?><mac address="52:54:00:00:00:01"/>
+    <x:ext xmlns:x="urn:x" x:a="1" b="&amp;&lt;">t&#x9;</x:ext><link state="up"/></interface>
+  <interface type="user"><mac address="52:54:00:00:00:02"/><q:opt/></interface>
+  <interface type="user" xmlns:q="urn:q2"><mac address="52:54:00:00:00:03"/><q:opt/></interface>
+</devices></domain>"#;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/domain_xml/fixtures");
+    let mut texts: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "xml"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    texts.push(odd.to_string());
+    let mut compared = 0;
+    let mut refused = 0;
+    for text in &texts {
+        let Ok(d) = DomainXml::parse(text) else {
+            continue;
+        };
+        for iface in d.device_nodes("interface") {
+            let Some(mac) = tree::child_attr(&d.xot, iface, "mac", "address") else {
+                continue;
+            };
+            for up in [false, true] {
+                let expected = interface_xml_by_whole_tree_clone(&d, iface, up);
+                assert_eq!(d.interface_xml_with_link(mac, up), expected, "{mac}");
+                compared += 1;
+                refused += usize::from(expected.is_none());
+            }
+        }
+    }
+    assert!(compared >= 18, "only {compared} NICs compared");
+    assert_eq!(refused, 2, "the NIC using <domain>'s prefix, up and down");
+}
+
 // ---------------------------------------------------------------- shadow_spec
 
 fn plan(name: &str, overlays: &[(&str, &str)]) -> ShadowPlan {

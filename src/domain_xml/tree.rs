@@ -11,7 +11,7 @@
 //! freshly created, unattached new node, so those failures are programming errors and are
 //! reported by panicking with a `BUG:` message rather than threaded through every setter.
 
-use xot::{Node, Xot};
+use xot::{NameId, Node, NodeEdge, Value, Xot};
 
 /// `(local name, namespace URI)` of an element, `None` for non-elements.
 pub(super) fn element_name(xot: &Xot, node: Node) -> Option<(&str, &str)> {
@@ -208,6 +208,71 @@ pub(super) fn ensure_child(xot: &mut Xot, parent: Node, local: &str) -> Node {
     let el = new_element(xot, local);
     append_element(xot, parent, el);
     el
+}
+
+/// A copy of `node` and its descendants as the detached top node of a new tree: what
+/// `Xot::clone_node` makes, without copying the whole document into a scratch tree first
+/// (which cost a copy of the document per NIC serialized). Names, prefixes and namespaces are
+/// interned in the new tree by their text; as with `clone_node`, only the namespace
+/// declarations made inside the subtree come along. Iterative: a subtree may nest deeply.
+pub(super) fn copy_subtree(src: &Xot, node: Node) -> (Xot, Node) {
+    fn name(src: &Xot, dst: &mut Xot, id: NameId) -> NameId {
+        let (local, uri) = src.name_ns_str(id);
+        let ns = dst.add_namespace(uri);
+        dst.add_name_ns(local, ns)
+    }
+    let mut dst = Xot::new();
+    let mut open: Vec<Node> = Vec::new();
+    let mut top = None;
+    for edge in src.traverse(node) {
+        let n = match edge {
+            NodeEdge::Start(n) => n,
+            NodeEdge::End(n) => {
+                if src.is_element(n) {
+                    open.pop();
+                }
+                continue;
+            }
+        };
+        let new = match src.value(n) {
+            Value::Element(e) => {
+                let element = name(src, &mut dst, e.name());
+                let el = dst.new_element(element);
+                for (prefix, ns) in src.namespaces(n).iter() {
+                    let p = dst.add_prefix(src.prefix_str(prefix));
+                    let ns = dst.add_namespace(src.namespace_str(*ns));
+                    dst.namespaces_mut(el).insert(p, ns);
+                }
+                for (attr, value) in src.attributes(n).iter() {
+                    let a = name(src, &mut dst, attr);
+                    dst.attributes_mut(el).insert(a, value.clone());
+                }
+                el
+            }
+            Value::Text(t) => dst.new_text(t.get()),
+            Value::Comment(c) => dst.new_comment(c.get()),
+            Value::ProcessingInstruction(pi) => {
+                let target = name(src, &mut dst, pi.target());
+                dst.new_processing_instruction(target, pi.data())
+            }
+            // Neither is met below an element by `traverse`; copying from the document node
+            // is not what this is for.
+            Value::Document | Value::Attribute(_) | Value::Namespace(_) => {
+                panic!("BUG: copy_subtree copies elements and their content")
+            }
+        };
+        match open.last() {
+            Some(parent) => dst
+                .append(*parent, new)
+                .expect("BUG: appending a new node to a copied element cannot fail"),
+            None => top = Some(new),
+        }
+        if src.is_element(n) {
+            open.push(new);
+        }
+    }
+    let top = top.expect("BUG: traverse starts at the node itself");
+    (dst, top)
 }
 
 /// A short human label for an element, for error messages: its start tag with attributes,
