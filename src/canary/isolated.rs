@@ -74,6 +74,22 @@ pub struct IsolatedDomain {
     pub qemu_pid: Option<i32>,
 }
 
+impl IsolatedDomain {
+    /// `name` on `bridge`, before anything of it is known (no taps, copies or process yet).
+    pub fn new(name: String, bridge: String) -> Self {
+        IsolatedDomain {
+            name,
+            bridge,
+            taps: Vec::new(),
+            macs: Vec::new(),
+            service_bridges: Vec::new(),
+            copies: Vec::new(),
+            live_sources: Vec::new(),
+            qemu_pid: None,
+        }
+    }
+}
+
 /// Where data copies go.
 pub(super) fn copy_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("isolated")
@@ -283,16 +299,7 @@ pub async fn start(
     net: &Netlink,
     req: &IsolatedRequest,
 ) -> Result<IsolatedDomain, CanaryError> {
-    let mut dom = IsolatedDomain {
-        name: req.name.clone(),
-        bridge: req.bridge.clone(),
-        taps: Vec::new(),
-        macs: Vec::new(),
-        service_bridges: Vec::new(),
-        copies: Vec::new(),
-        live_sources: Vec::new(),
-        qemu_pid: None,
-    };
+    let mut dom = IsolatedDomain::new(req.name.clone(), req.bridge.clone());
     match start_inner(hv, net, req, &mut dom).await {
         Ok(()) => Ok(dom),
         Err(e) => {

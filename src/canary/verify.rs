@@ -227,16 +227,7 @@ pub async fn remove_copy(
     copy: &str,
     state_dir: &Path,
 ) {
-    let dom = IsolatedDomain {
-        name: copy.to_string(),
-        bridge: isolated::bridge_name(service, 'v'),
-        taps: Vec::new(),
-        macs: Vec::new(),
-        service_bridges: Vec::new(),
-        copies: Vec::new(),
-        live_sources: Vec::new(),
-        qemu_pid: None,
-    };
+    let dom = IsolatedDomain::new(copy.to_string(), isolated::bridge_name(service, 'v'));
     isolated::teardown(hv, net, &dom, state_dir).await;
     remove_files(state_dir, copy);
 }
@@ -266,16 +257,7 @@ pub async fn verify_shadow(
 ) -> VerifyReport {
     let started = Instant::now();
     let copy = copy_name(&req.shadow);
-    let mut dom = IsolatedDomain {
-        name: copy.clone(),
-        bridge: req.bridge.clone(),
-        taps: Vec::new(),
-        macs: Vec::new(),
-        service_bridges: Vec::new(),
-        copies: Vec::new(),
-        live_sources: Vec::new(),
-        qemu_pid: None,
-    };
+    let mut dom = IsolatedDomain::new(copy.clone(), req.bridge.clone());
     let mut iso = IsolationCheck::default();
     let mut times = Times::default();
     let result = run(hv, net, req, guard, &mut dom, &mut iso, &mut times).await;
