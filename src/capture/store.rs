@@ -22,6 +22,9 @@ pub struct CaptureStore {
     closed: VecDeque<(u64, u64)>,
     current_id: u64,
     current: Vec<u8>,
+    /// Bytes of the current segment's file as last written: it stays on disk beside the new
+    /// version until the rename, so room is made for both.
+    current_on_disk: u64,
     dirty: bool,
     next_seq: u64,
 }
@@ -70,6 +73,7 @@ impl CaptureStore {
             current_id: closed.last().map_or(0, |(id, _)| id + 1),
             closed: closed.into(),
             current: Vec::new(),
+            current_on_disk: 0,
             dirty: false,
             next_seq: 0,
         };
@@ -98,6 +102,7 @@ impl CaptureStore {
                 .push_back((self.current_id, self.current.len() as u64));
             self.current_id += 1;
             self.current.clear();
+            self.current_on_disk = 0;
         }
         self.next_seq += 1;
         self.current.extend_from_slice(&line);
@@ -106,12 +111,13 @@ impl CaptureStore {
     }
 
     /// Writes the current segment (atomically), first deleting the oldest segments it needs
-    /// room from.
+    /// room from: room for the new version and the old one, both on disk until the rename, so
+    /// the directory never holds more than the bound.
     pub fn flush(&mut self) -> Result<(), CaptureError> {
         if !self.dirty {
             return Ok(());
         }
-        self.make_room(self.current.len() as u64)?;
+        self.make_room(self.current.len() as u64 + self.current_on_disk)?;
         let path = self.dir.join(seg_name(self.current_id));
         let tmp = self.dir.join(format!(".{}.tmp", seg_name(self.current_id)));
         let err = |source| CaptureError::Store {
@@ -122,6 +128,7 @@ impl CaptureStore {
         f.write_all(&self.current).map_err(err)?;
         f.sync_data().map_err(err)?;
         std::fs::rename(&tmp, &path).map_err(err)?;
+        self.current_on_disk = self.current.len() as u64;
         self.dirty = false;
         Ok(())
     }
@@ -246,6 +253,12 @@ mod tests {
         for i in 0..5000 {
             assert!(s.push(rec(i)).unwrap());
             if i % 50 == 0 {
+                // Mid-flush, after the room is made, the old version of the current segment
+                // and its new one are both on disk: that moment fits too.
+                s.make_room(s.current.len() as u64 + s.current_on_disk)
+                    .unwrap();
+                let mid = disk_bytes(dir.path()) + s.current.len() as u64;
+                assert!(mid <= 65_536, "mid-flush the store holds {mid} bytes");
                 s.flush().unwrap();
                 assert!(disk_bytes(dir.path()) <= 65_536);
             }
