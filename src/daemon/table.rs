@@ -1240,13 +1240,7 @@ impl ServiceTable {
             None => &self.require(service)?.shadows,
         };
         match shadows.iter().find(|s| s.name == shadow) {
-            Some(s) if s.state != ShadowState::Promoting => Ok(vec![
-                Action::RemoveShadow {
-                    service: service.to_string(),
-                    shadow: shadow.to_string(),
-                },
-                Action::EnsureShadows,
-            ]),
+            Some(s) if s.state != ShadowState::Promoting => Ok(replace_shadow(service, shadow)),
             _ => Err(Refused::NoSuchShadow {
                 service: service.to_string(),
                 shadow: shadow.to_string(),
@@ -1302,13 +1296,7 @@ impl ServiceTable {
             Some(s) if s.state.is_standby() => {
                 // Not promotable from now on, and no longer counted: the next pass replaces it.
                 s.state = ShadowState::Failed;
-                Ok(vec![
-                    Action::RemoveShadow {
-                        service: service.to_string(),
-                        shadow: shadow.to_string(),
-                    },
-                    Action::EnsureShadows,
-                ])
+                Ok(replace_shadow(service, shadow))
             }
             _ => Err(Refused::NoSuchShadow {
                 service: service.to_string(),
@@ -1867,6 +1855,17 @@ impl ServiceTable {
             s.last_heartbeat_unix_ms = Some(at_unix_ms);
         }
     }
+}
+
+/// The actions that remove `shadow` of `service` and provision its replacement.
+fn replace_shadow(service: &str, shadow: &str) -> Vec<Action> {
+    vec![
+        Action::RemoveShadow {
+            service: service.to_string(),
+            shadow: shadow.to_string(),
+        },
+        Action::EnsureShadows,
+    ]
 }
 
 #[cfg(test)]
