@@ -1039,18 +1039,25 @@ fn an_etcd_quorum_loss_stops_no_vm_and_promotes_nothing() {
     );
     let (_, out, _) = s.ds[0].cli(&["hosts"]);
     eprintln!("{out}");
-    let (_, out, _) = s.ds[0].cli(&["hosts", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("hosts --json");
+    // A peer's mode is what its last beat said: h1's view trails the peers' own metrics by up
+    // to a beat's age plus a heartbeat period, so it is waited for, not read once.
+    let v = wait_for(
+        "h1 hearing both peers out of touch with etcd",
+        Duration::from_secs(5),
+        || {
+            let (_, out, _) = s.ds[0].cli(&["hosts", "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&out).expect("hosts --json");
+            let peers = v["peers"].as_array().expect("peers");
+            assert_eq!(peers.len(), 2, "{peers:?}");
+            assert!(peers.iter().all(|p| p["suspect"] == false), "{peers:?}");
+            peers
+                .iter()
+                .all(|p| p["mode"] == "unreachable")
+                .then_some(v)
+        },
+    );
     assert_eq!(v["mode"], "unreachable");
     assert_eq!(v["self_fenced"], false);
-    let peers = v["peers"].as_array().expect("peers");
-    assert_eq!(peers.len(), 2);
-    assert!(
-        peers
-            .iter()
-            .all(|p| p["mode"] == "unreachable" && p["suspect"] == false),
-        "{peers:?}"
-    );
     std::thread::sleep(Duration::from_secs(60).saturating_sub(began.elapsed()));
     for h in ["h2", "h3"] {
         let out = run(
