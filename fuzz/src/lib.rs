@@ -13,13 +13,17 @@
 //! - [`config`]: the TOML configuration loader;
 //! - [`control`]: the control socket's request decoder, and the client's response decoder and
 //!   status renderer;
-//! - [`profile`]: profile version files.
+//! - [`profile`]: profile version files;
+//! - [`cluster`]: heartbeat datagrams, etcd keys and the records read from them;
+//! - [`capture`]: captured frames cut into exchanges, their redaction, chunked bodies.
 //!
 //! The AFL binaries in `src/bin/` call these; `tests/replay.rs` runs them over every seed,
 //! kept corpus input and past crash without AFL.
 
 pub mod agent;
+pub mod capture;
 pub mod cgroup;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod domain_xml;
@@ -49,4 +53,6 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("config", config::check),
     ("control", control::check),
     ("profile", profile::check),
+    ("cluster", cluster::check),
+    ("capture", capture::check),
 ];

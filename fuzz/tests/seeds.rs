@@ -10,7 +10,7 @@ use understudy::api::protocol::{
     DaemonInfo, DomainStatus, ErrorKind, HostEntry, HostPrimary, HostShadow, HostsReport, Request,
     Response, ServiceStatus, ShadowStatus, StatusReport,
 };
-use understudy::cluster::{HostState, Mode};
+use understudy::cluster::{HostId, HostState, Mode};
 use understudy::failover::{FailoverRecord, ShadowState, StepTiming, Trigger};
 use understudy::profile::learner::{Learner, LearnerParams};
 use understudy::profile::{Observation, PeerUse, ProfileVersion, Proto, Reason};
@@ -221,4 +221,146 @@ fn status() -> StatusReport {
         missed_failovers: 0,
         pools: Vec::new(),
     }
+}
+
+#[test]
+#[ignore = "regenerates committed seed files"]
+fn write_cluster_seeds() {
+    use understudy::cluster::etcd::keys::Keys;
+    use understudy::cluster::liveness::{Beat, BEAT_VERSION};
+    use understudy_fuzz::cluster::PREFIX;
+
+    let dir = corpus("cluster");
+    let beat = Beat {
+        v: BEAT_VERSION,
+        prefix: PREFIX.into(),
+        host: "h2".into(),
+        seq: 41,
+        mode: Mode::Connected,
+        hears: vec!["h1".into(), "h3".into()],
+        answering: vec!["web1".into()],
+        unreachable: vec!["db".into()],
+    };
+    std::fs::write(dir.join("beat.json"), beat.encode()).unwrap();
+    let isolated = Beat {
+        mode: Mode::Unreachable,
+        hears: Vec::new(),
+        answering: Vec::new(),
+        unreachable: Vec::new(),
+        ..beat
+    };
+    std::fs::write(dir.join("beat-isolated.json"), isolated.encode()).unwrap();
+    // A watch event: the key, a newline, the value (the fixtures of src/cluster/etcd).
+    let keys = Keys::new(PREFIX).unwrap();
+    let (h1, h2) = (HostId("h1".into()), HostId("h2".into()));
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../src/cluster/etcd/fixtures");
+    for (name, key) in [
+        ("owner", keys.owner("web1").unwrap()),
+        ("host", keys.alive(&h1).unwrap()),
+        ("drain", keys.drain(&h2).unwrap()),
+        ("spec", keys.spec("web1").unwrap()),
+        ("failure", keys.failure("web1").unwrap()),
+        ("shadow", keys.shadow("web1", &h2, "web1-shadow-3").unwrap()),
+    ] {
+        let value = std::fs::read(fixtures.join(format!("{name}.json"))).unwrap();
+        let mut event = key.into_bytes();
+        event.push(b'\n');
+        event.extend_from_slice(value.trim_ascii_end());
+        std::fs::write(dir.join(format!("event-{name}.txt")), event).unwrap();
+    }
+    let deleted = format!("{}\n", keys.shadow("web1", &h2, "web1-shadow-3").unwrap());
+    std::fs::write(dir.join("event-shadow-deleted.txt"), deleted).unwrap();
+    let profile = format!("{}\n{{}}", keys.profile("web1", 7).unwrap());
+    std::fs::write(dir.join("event-profile.txt"), profile).unwrap();
+}
+
+#[test]
+#[ignore = "regenerates committed seed files"]
+fn write_capture_seeds() {
+    use understudy::capture::flow::Segment;
+    use understudy_fuzz::capture::{frame_record, segment_record};
+
+    let dir = corpus("capture");
+    fn seg(seq: u32, syn: bool, fin: bool, data: &[u8]) -> Segment<'_> {
+        Segment {
+            seq,
+            syn,
+            fin,
+            rst: false,
+            data,
+        }
+    }
+    // One connection: handshake, `data` each way in order, then both FINs.
+    let exchange = |mode: u8, to_server: &[&[u8]], to_client: &[&[u8]]| {
+        let mut out = vec![mode];
+        let (mut c, mut s) = (1000u32, 90_000u32);
+        out.extend(segment_record(0, true, seg(c, true, false, b"")));
+        out.extend(segment_record(0, false, seg(s, true, false, b"")));
+        c += 1;
+        s += 1;
+        for d in to_server {
+            out.extend(segment_record(0, true, seg(c, false, false, d)));
+            c += d.len() as u32;
+        }
+        for d in to_client {
+            out.extend(segment_record(0, false, seg(s, false, false, d)));
+            s += d.len() as u32;
+        }
+        out.extend(segment_record(0, true, seg(c, false, true, b"")));
+        out.extend(segment_record(0, false, seg(s, false, true, b"")));
+        out
+    };
+    let seeds: [(&str, Vec<u8>); 5] = [
+        (
+            "http-get.bin",
+            exchange(
+                0,
+                &[b"GET /ledger?key=k1&token=sk-00ff00ff HTTP/1.1\r\nHost: web\r\n",
+                    b"Authorization: Bearer x\r\n\r\n"],
+                &[b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nk1\n"],
+            ),
+        ),
+        (
+            "http-post-json-chunked.bin",
+            exchange(
+                0,
+                &[b"POST /login HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n{\"user\":\"al\",\"password\":\"hunter22\"}"],
+                &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nSet-Cookie: sid=1\r\n\r\n",
+                    b"4\r\nok\r\n\r\n0\r\n\r\n"],
+            ),
+        ),
+        (
+            "http-pipelined-until-close.bin",
+            exchange(
+                0,
+                &[b"GET /a HTTP/1.1\r\n\r\nGET /b?password=x HTTP/1.1\r\n\r\n"],
+                &[b"HTTP/1.1 204 No Content\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\nuntil close"],
+            ),
+        ),
+        (
+            "tcp-stream.bin",
+            exchange(1, &[b"PING sk-abcdef123\r\n"], &[b"+PONG\r\n"]),
+        ),
+        ("chunked-only.bin", b"\x085\r\nhello\r\n0\r\nTrailer: 1\r\n\r\n".to_vec()),
+    ];
+    for (name, data) in seeds {
+        std::fs::write(dir.join(name), data).unwrap();
+    }
+    // The IPv6 exchange of src/capture/fixtures, as frame records.
+    let hex = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../src/capture/fixtures/ipv6-http.hex"),
+    )
+    .unwrap();
+    let mut frames = vec![0u8];
+    for line in hex
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let frame: Vec<u8> = (0..line.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&line[i..i + 2], 16).unwrap())
+            .collect();
+        frames.extend(frame_record(&frame));
+    }
+    std::fs::write(dir.join("ipv6-http-frames.bin"), frames).unwrap();
 }

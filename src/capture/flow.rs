@@ -510,6 +510,9 @@ fn http_progress(
     server: SocketAddr,
     out: &mut Vec<Seen>,
 ) -> Result<(), ()> {
+    // Bytes left in a buffer after a message was taken came in no later than the segment
+    // being handled: they start the next message (pipelining, or two in one segment).
+    let now = flow.last_us;
     // Requests.
     loop {
         let s = &mut flow.to_server;
@@ -530,7 +533,7 @@ fn http_progress(
             req.version.unwrap_or(0),
         );
         let (len, chunked) = body_framing(&headers)?;
-        let first = s.first_us.unwrap_or(0);
+        let first = s.first_us.unwrap_or(now);
         let body = if chunked {
             take_chunked(s, head, max_body)?
         } else {
@@ -539,8 +542,7 @@ fn http_progress(
         let Some(body) = body else {
             break;
         };
-        // The next request's first byte is not known apart from this one's.
-        s.first_us = None;
+        s.first_us = (!s.buf.is_empty()).then_some(now);
         flow.pending.push_back((
             HttpRequest {
                 method,
@@ -597,7 +599,7 @@ fn http_progress(
         let Some(body) = body else {
             break;
         };
-        s.first_us = None;
+        s.first_us = (!s.buf.is_empty()).then_some(now);
         if (100..200).contains(&status) {
             continue;
         }
@@ -781,6 +783,32 @@ mod tests {
         assert_eq!(request.body.data, "abc");
         let r = response.as_ref().unwrap();
         assert_eq!((r.status, r.body.data.as_str()), (200, "ok a\n"));
+    }
+
+    #[test]
+    fn pipelined_messages_in_one_segment_have_that_segment_time() {
+        // Found by the capture fuzz target: the second request had time 0.
+        let mut t = table(1024);
+        let mut out = Vec::new();
+        let (c, s) = (addr("10.0.0.1:40000"), addr("10.0.0.10:80"));
+        let seg = |seq, syn, data| Segment {
+            seq,
+            syn,
+            fin: false,
+            rst: false,
+            data,
+        };
+        t.segment(c, s, true, seg(1000, true, b""), 10, &mut out);
+        t.segment(c, s, false, seg(9000, true, b""), 11, &mut out);
+        let requests: &[u8] = b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n";
+        t.segment(c, s, true, seg(1001, false, requests), 20, &mut out);
+        let responses: &[u8] =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb";
+        t.segment(c, s, false, seg(9001, false, responses), 30, &mut out);
+        assert_eq!(out.len(), 2, "{out:?}");
+        for x in &out {
+            assert_eq!((x.first_us, x.answered_us), (20, Some(30)), "{x:?}");
+        }
     }
 
     #[test]

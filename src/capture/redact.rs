@@ -17,6 +17,8 @@ const PATTERN_SIZE_LIMIT: usize = 1 << 20;
 pub struct Redactor {
     headers: Vec<String>,
     fields: Vec<String>,
+    /// The fields' values in JSON text that does not parse (a body cut at the body bound).
+    json_fields: Option<Regex>,
     patterns: Vec<Regex>,
 }
 
@@ -36,7 +38,24 @@ impl Redactor {
                     })
             })
             .collect::<Result<_, _>>()?;
+        // A string value up to its closing quote or the end of the text, or a bare value.
+        let json_fields = if cfg.redact_fields.is_empty() {
+            None
+        } else {
+            let names: Vec<String> = cfg.redact_fields.iter().map(|f| regex::escape(f)).collect();
+            let pattern = format!(
+                r#"("(?i:{})"\s*:\s*)(?:"(?:[^"\\]|\\.)*"?|[^,}}\]\s]+)"#,
+                names.join("|")
+            );
+            Some(
+                regex::bytes::RegexBuilder::new(&pattern)
+                    .size_limit(PATTERN_SIZE_LIMIT)
+                    .build()
+                    .map_err(|source| CaptureError::Pattern { pattern, source })?,
+            )
+        };
         Ok(Self {
+            json_fields,
             headers: cfg
                 .redact_headers
                 .iter()
@@ -109,8 +128,11 @@ impl Redactor {
             .join("&")
     }
 
+    /// Whether a query or form field named `name` (percent-encoded, as sent) is configured.
     fn field(&self, name: &str) -> bool {
-        self.fields.iter().any(|f| f.eq_ignore_ascii_case(name))
+        let name = name.replace('+', " ");
+        let name = percent_encoding::percent_decode_str(&name).decode_utf8_lossy();
+        self.fields.iter().any(|f| f.eq_ignore_ascii_case(&name))
     }
 
     fn body(&self, body: &mut Body, ctype: Option<&str>) {
@@ -124,9 +146,19 @@ impl Redactor {
                     bytes = self.form(&String::from_utf8_lossy(&bytes)).into_bytes();
                 }
                 Some(t) if t.contains("json") => {
-                    if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                        self.json(&mut v, 0);
-                        bytes = v.to_string().into_bytes();
+                    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                        Ok(mut v) => {
+                            self.json(&mut v, 0);
+                            bytes = v.to_string().into_bytes();
+                        }
+                        // Cut at the body bound, or not JSON after all: the fields' values
+                        // are found in the text.
+                        Err(_) => {
+                            if let Some(re) = &self.json_fields {
+                                let quoted = format!("${{1}}\"{REDACTED}\"");
+                                bytes = re.replace_all(&bytes, quoted.as_bytes()).into_owned();
+                            }
+                        }
                     }
                 }
                 _ => {}
@@ -140,7 +172,9 @@ impl Redactor {
 
     /// Replaces the configured keys' values at any depth (bounded).
     fn json(&self, v: &mut serde_json::Value, depth: usize) {
+        // Deeper than anything searched: kept out rather than kept unread.
         if depth > 64 {
+            *v = serde_json::Value::String(REDACTED.into());
             return;
         }
         match v {
@@ -185,6 +219,52 @@ mod tests {
             ..CaptureConfig::default()
         })
         .unwrap()
+    }
+
+    fn post(target: &str, ctype: &str, body: &[u8]) -> Exchange {
+        Exchange::Http {
+            request: HttpRequest {
+                method: "POST".into(),
+                target: target.into(),
+                version: 1,
+                headers: vec![("Content-Type".into(), ctype.into())],
+                body: Body::new(body, 0),
+            },
+            response: None,
+        }
+    }
+
+    #[test]
+    fn fields_are_found_percent_encoded_and_in_json_cut_at_the_body_bound() {
+        let mut ex = post(
+            "/login?t%6Fken=s3cret&pass+word=x",
+            "application/json",
+            br#"{"user":"al", "Password" : "hunter2", "token":12345, "next":"#,
+        );
+        let r = Redactor::new(&CaptureConfig {
+            redact_fields: vec!["token".into(), "pass word".into(), "password".into()],
+            ..CaptureConfig::default()
+        })
+        .unwrap();
+        r.apply(&mut ex);
+        let Exchange::Http { request, .. } = &ex else {
+            unreachable!()
+        };
+        assert_eq!(
+            request.target,
+            "/login?t%6Fken=[redacted]&pass+word=[redacted]"
+        );
+        assert_eq!(
+            request.body.data,
+            r#"{"user":"al", "Password" : "[redacted]", "token":"[redacted]", "next":"#
+        );
+        // A string cut inside its value.
+        let mut ex = post("/", "application/json", br#"{"password":"hun"#);
+        r.apply(&mut ex);
+        let Exchange::Http { request, .. } = &ex else {
+            unreachable!()
+        };
+        assert_eq!(request.body.data, r#"{"password":"[redacted]""#);
     }
 
     #[test]
