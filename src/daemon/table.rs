@@ -194,6 +194,18 @@ impl Service {
         })
     }
 
+    /// Refuses `what` while the service fails over: its shadows are the promotion's then.
+    fn refuse_while_failing_over(&self, service: &str, what: &'static str) -> Result<(), Refused> {
+        if matches!(self.state, ServiceState::FailingOver { .. }) {
+            return Err(Refused::WrongState {
+                service: service.to_string(),
+                state: self.state.label(),
+                what,
+            });
+        }
+        Ok(())
+    }
+
     fn shadow_mut(&mut self, name: &str) -> Option<&mut Shadow> {
         self.shadows.iter_mut().find(|s| s.name == name)
     }
@@ -1312,13 +1324,7 @@ impl ServiceTable {
     /// unless it stands by paused.
     pub fn begin_settle(&mut self, service: &str, shadow: &str) -> Result<(), Refused> {
         let svc = self.svc_mut(service)?;
-        if matches!(svc.state, ServiceState::FailingOver { .. }) {
-            return Err(Refused::WrongState {
-                service: service.to_string(),
-                state: svc.state.label(),
-                what: "run a shadow for a moment",
-            });
-        }
+        svc.refuse_while_failing_over(service, "run a shadow for a moment")?;
         match svc.shadow_mut(shadow) {
             Some(s) if s.state == ShadowState::PAUSED => {
                 s.state = ShadowState::Switching(Tier::Paused);
@@ -1394,13 +1400,7 @@ impl ServiceTable {
         to: Tier,
     ) -> Result<(), Refused> {
         let svc = self.svc_mut(service)?;
-        if matches!(svc.state, ServiceState::FailingOver { .. }) {
-            return Err(Refused::WrongState {
-                service: service.to_string(),
-                state: svc.state.label(),
-                what: "switch a shadow's tier",
-            });
-        }
+        svc.refuse_while_failing_over(service, "switch a shadow's tier")?;
         match svc.shadow_mut(shadow) {
             Some(s) if matches!(s.state, ShadowState::Standby(t) if t != to) => {
                 s.state = ShadowState::Switching(to);
