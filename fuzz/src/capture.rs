@@ -11,8 +11,9 @@
 //! Properties: the table never follows more connections than its bound and forgets every one
 //! once idle; every exchange's server is a captured port, its bodies keep at most the body
 //! bound, its times are within the run; after redaction no configured header, query field or
-//! pattern survives anywhere in an exchange. The chunked decoder keeps at most what it is
-//! asked to and never claims more input than it was given.
+//! pattern survives anywhere in an exchange, nor a JSON field's value in any body, whatever
+//! its declared type. The chunked decoder keeps at most what it is asked to and never claims
+//! more input than it was given.
 
 use std::net::SocketAddr;
 use std::sync::LazyLock;
@@ -204,15 +205,8 @@ fn exchange(seen: Seen, protocol: CaptureProtocol, start: u64, now: u64, redacto
     redacted(&ex);
 }
 
-/// A JSON body, whole or cut, holds no configured field's value (what a field's value is in
-/// JSON text: a string up to its closing quote or the end, or a bare value).
-fn json_fields(headers: &[(String, String)], body: &Body) {
-    let json = headers.iter().any(|(n, v)| {
-        n.eq_ignore_ascii_case("content-type") && v.to_ascii_lowercase().contains("json")
-    });
-    if !json {
-        return;
-    }
+/// A body, whatever its declared type, holds no configured field's value in JSON form.
+fn json_fields(body: &Body) {
     let bytes = body.bytes();
     for c in FIELD_RE.captures_iter(&bytes) {
         assert_eq!(
@@ -261,11 +255,11 @@ fn redacted(ex: &Exchange) {
             }
             headers(&request.headers);
             clean("a request body", &request.body.bytes());
-            json_fields(&request.headers, &request.body);
+            json_fields(&request.body);
             if let Some(r) = response {
                 headers(&r.headers);
                 clean("a response body", &r.body.bytes());
-                json_fields(&r.headers, &r.body);
+                json_fields(&r.body);
             }
         }
         Exchange::Stream {
@@ -274,6 +268,8 @@ fn redacted(ex: &Exchange) {
         } => {
             clean("a stream", &to_server.bytes());
             clean("a stream", &to_client.bytes());
+            json_fields(to_server);
+            json_fields(to_client);
         }
     }
 }

@@ -79,23 +79,21 @@ impl Redactor {
                 to_server,
                 to_client,
             } => {
-                self.body(to_server, None);
-                self.body(to_client, None);
+                self.body(to_server);
+                self.body(to_client);
             }
         }
     }
 
     fn request(&self, r: &mut HttpRequest) {
         r.target = self.text(&self.target(&r.target));
-        let ctype = content_type(&r.headers);
         self.headers(&mut r.headers);
-        self.body(&mut r.body, ctype.as_deref());
+        self.body(&mut r.body);
     }
 
     fn response(&self, r: &mut HttpResponse) {
-        let ctype = content_type(&r.headers);
         self.headers(&mut r.headers);
-        self.body(&mut r.body, ctype.as_deref());
+        self.body(&mut r.body);
     }
 
     fn headers(&self, headers: &mut [(String, String)]) {
@@ -135,33 +133,32 @@ impl Redactor {
         self.fields.iter().any(|f| f.eq_ignore_ascii_case(&name))
     }
 
-    fn body(&self, body: &mut Body, ctype: Option<&str>) {
+    /// Redacts a body whatever its declared type says (a client may declare none, two, or
+    /// the wrong one): JSON keys at any depth in a body that parses as JSON; otherwise form
+    /// fields in a text body and, in a body cut at the body bound, `"field": value` pairs of
+    /// the JSON it was; then the patterns.
+    fn body(&self, body: &mut Body) {
         if self.fields.is_empty() && self.patterns.is_empty() {
             return;
         }
         let mut bytes = body.bytes();
         if !self.fields.is_empty() {
-            match ctype {
-                Some(t) if t.starts_with("application/x-www-form-urlencoded") => {
-                    bytes = self.form(&String::from_utf8_lossy(&bytes)).into_bytes();
-                }
-                Some(t) if t.contains("json") => {
-                    match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                        Ok(mut v) => {
-                            self.json(&mut v, 0);
-                            bytes = v.to_string().into_bytes();
-                        }
-                        // Cut at the body bound, or not JSON after all: the fields' values
-                        // are found in the text.
-                        Err(_) => {
-                            if let Some(re) = &self.json_fields {
-                                let quoted = format!("${{1}}\"{REDACTED}\"");
-                                bytes = re.replace_all(&bytes, quoted.as_bytes()).into_owned();
-                            }
-                        }
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                // Rewritten only when something was replaced: the rest keeps its bytes.
+                Ok(mut v) => {
+                    if self.json(&mut v, 0) {
+                        bytes = v.to_string().into_bytes();
                     }
                 }
-                _ => {}
+                Err(_) => {
+                    if let Ok(text) = std::str::from_utf8(&bytes) {
+                        bytes = self.form(text).into_bytes();
+                    }
+                    if let Some(re) = &self.json_fields {
+                        let quoted = format!("${{1}}\"{REDACTED}\"");
+                        bytes = re.replace_all(&bytes, quoted.as_bytes()).into_owned();
+                    }
+                }
             }
         }
         for p in &self.patterns {
@@ -170,25 +167,30 @@ impl Redactor {
         *body = Body::new(&bytes, body.truncated);
     }
 
-    /// Replaces the configured keys' values at any depth (bounded).
-    fn json(&self, v: &mut serde_json::Value, depth: usize) {
+    /// Replaces the configured keys' values at any depth (bounded); whether it replaced any.
+    fn json(&self, v: &mut serde_json::Value, depth: usize) -> bool {
         // Deeper than anything searched: kept out rather than kept unread.
         if depth > 64 {
             *v = serde_json::Value::String(REDACTED.into());
-            return;
+            return true;
         }
         match v {
             serde_json::Value::Object(m) => {
+                let mut replaced = false;
                 for (k, x) in m.iter_mut() {
                     if self.field(k) {
                         *x = serde_json::Value::String(REDACTED.into());
+                        replaced = true;
                     } else {
-                        self.json(x, depth + 1);
+                        replaced |= self.json(x, depth + 1);
                     }
                 }
+                replaced
             }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| self.json(x, depth + 1)),
-            _ => {}
+            serde_json::Value::Array(a) => a
+                .iter_mut()
+                .fold(false, |replaced, x| self.json(x, depth + 1) | replaced),
+            _ => false,
         }
     }
 
@@ -199,13 +201,6 @@ impl Redactor {
         }
         String::from_utf8_lossy(&b).into_owned()
     }
-}
-
-fn content_type(headers: &[(String, String)]) -> Option<String> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
-        .map(|(_, v)| v.to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -265,6 +260,43 @@ mod tests {
             unreachable!()
         };
         assert_eq!(request.body.data, r#"{"password":"[redacted]""#);
+    }
+
+    #[test]
+    fn bodies_are_redacted_whatever_their_declared_type() {
+        // Found by the capture fuzz target: a JSON body declared as a form (or under two
+        // Content-Type headers, the first not JSON) kept its password.
+        let r = Redactor::new(&CaptureConfig {
+            redact_fields: vec!["password".into()],
+            ..CaptureConfig::default()
+        })
+        .unwrap();
+        for (ctype, body, want) in [
+            (
+                "application/x-www-form-urlencoded",
+                r#"{"user":"al","password":"hunter22"}"#,
+                r#"{"password":"[redacted]","user":"al"}"#,
+            ),
+            (
+                "text/plain",
+                "user=al&password=hunter22",
+                "user=al&password=[redacted]",
+            ),
+            ("", r#"x "password": "hun"#, r#"x "password": "[redacted]""#),
+            // Nothing to redact: the bytes stay as they were.
+            (
+                "application/json",
+                "{ \"user\": \"al\" }",
+                "{ \"user\": \"al\" }",
+            ),
+        ] {
+            let mut ex = post("/", ctype, body.as_bytes());
+            r.apply(&mut ex);
+            let Exchange::Http { request, .. } = &ex else {
+                unreachable!()
+            };
+            assert_eq!(request.body.data, want, "{ctype}: {body}");
+        }
     }
 
     #[test]
