@@ -238,9 +238,26 @@ pub(super) fn copy_subtree(src: &Xot, node: Node) -> (Xot, Node) {
             Value::Element(e) => {
                 let element = name(src, &mut dst, e.name());
                 let el = dst.new_element(element);
-                for (prefix, ns) in src.namespaces(n).iter() {
-                    let p = dst.add_prefix(src.prefix_str(prefix));
-                    let ns = dst.add_namespace(src.namespace_str(*ns));
+                let mut decls: Vec<(&str, &str)> = src
+                    .namespaces(n)
+                    .iter()
+                    .map(|(p, ns)| (src.prefix_str(p), src.namespace_str(*ns)))
+                    .collect();
+                // The copy's root also declares the prefixes its names take from the source's
+                // ancestors (a `qemu:` attribute on a NIC, declared on <domain>): without them
+                // it cannot be serialized. Sorted: they come from a hash map.
+                if n == node {
+                    let mut inherited: Vec<(&str, &str)> = src
+                        .inherited_prefixes(n)
+                        .iter()
+                        .map(|(p, ns)| (src.prefix_str(*p), src.namespace_str(*ns)))
+                        .collect();
+                    inherited.sort_unstable();
+                    decls.extend(inherited);
+                }
+                for (p, ns) in decls {
+                    let p = dst.add_prefix(p);
+                    let ns = dst.add_namespace(ns);
                     dst.namespaces_mut(el).insert(p, ns);
                 }
                 for (attr, value) in src.attributes(n).iter() {
