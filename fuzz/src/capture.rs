@@ -115,6 +115,16 @@ fn client(conn: u8) -> SocketAddr {
     SocketAddr::from(([10, 77, 0, 2], 40_000 + u16::from(conn)))
 }
 
+/// Builds what every input shares (the redaction rules, the properties' patterns, the regex
+/// engines' caches) by running one seed: called before AFL's fork server starts, so each run
+/// does not build them again and coverage does not depend on which run came first.
+pub fn prime() {
+    exchanges(PRIMER);
+}
+
+/// The seed [`prime`] runs: a chunked JSON POST with fields to redact.
+const PRIMER: &[u8] = include_bytes!("../corpus/capture/http-post-json-chunked.bin");
+
 /// Runs one input.
 pub fn check(data: &[u8]) {
     exchanges(data);
@@ -292,5 +302,11 @@ mod tests {
             let data = std::fs::read(dir.join(name)).unwrap();
             assert_eq!(super::exchanges(&data), want, "{name}");
         }
+    }
+
+    /// The priming input is a seed that reaches the redactor.
+    #[test]
+    fn priming_makes_an_exchange() {
+        assert_eq!(super::exchanges(super::PRIMER), 1);
     }
 }
