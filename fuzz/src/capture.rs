@@ -47,10 +47,16 @@ static REDACTOR: LazyLock<Redactor> = LazyLock::new(|| {
 });
 static PATTERN_RE: LazyLock<regex::bytes::Regex> =
     LazyLock::new(|| regex::bytes::Regex::new(PATTERN).unwrap());
-/// What a field's value is in JSON text: a string up to its closing quote or the end, or a
-/// bare value.
+/// A field's value in JSON text, the field written as configured: a string up to its closing
+/// quote or the end, or a bare value.
 static FIELD_RE: LazyLock<regex::bytes::Regex> = LazyLock::new(|| {
     regex::bytes::Regex::new(r#""(?i:token|password)"\s*:\s*("(?:[^"\\]|\\.)*"?|[^,}\]\s]+)"#)
+        .unwrap()
+});
+/// Any key's value in JSON text (group 1 the key, quoted as written), the strings taken from
+/// the text's start.
+static KEY_RE: LazyLock<regex::bytes::Regex> = LazyLock::new(|| {
+    regex::bytes::Regex::new(r#"("(?:[^"\\]|\\.)*")\s*:\s*("(?:[^"\\]|\\.)*"?|[^,}\]\s"]+)"#)
         .unwrap()
 });
 
@@ -215,17 +221,60 @@ fn exchange(seen: Seen, protocol: CaptureProtocol, start: u64, now: u64, redacto
     redacted(&ex);
 }
 
-/// A body, whatever its declared type, holds no configured field's value in JSON form.
+/// A body, whatever its declared type, holds no configured field's value in JSON form: in
+/// JSON that parses, under a key that is a field, at any depth; in text that does not, after
+/// a field written as configured or a key whose escapes decode to a field.
 fn json_fields(body: &Body) {
     let bytes = body.bytes();
-    for c in FIELD_RE.captures_iter(&bytes) {
+    let redacted = format!("\"{REDACTED}\"");
+    let kept = |value: &[u8]| {
         assert_eq!(
-            &c[1],
-            format!("\"{REDACTED}\"").as_bytes(),
+            value,
+            redacted.as_bytes(),
             "a field's value kept in {:?}",
             String::from_utf8_lossy(&bytes)
-        );
+        )
+    };
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+        return json_value(&v, &bytes);
     }
+    for c in FIELD_RE.captures_iter(&bytes) {
+        kept(&c[1]);
+    }
+    for c in KEY_RE.captures_iter(&bytes) {
+        if serde_json::from_slice::<String>(&c[1]).is_ok_and(|k| is_field(&k)) {
+            kept(&c[2]);
+        }
+    }
+}
+
+/// No key of `v` that is a field holds anything but the redaction mark.
+fn json_value(v: &serde_json::Value, body: &[u8]) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                if is_field(k) {
+                    assert_eq!(
+                        x.as_str(),
+                        Some(REDACTED),
+                        "field {k:?} kept in {:?}",
+                        String::from_utf8_lossy(body)
+                    );
+                } else {
+                    json_value(x, body);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| json_value(x, body)),
+        _ => {}
+    }
+}
+
+/// Whether a name (percent-encoded, as a form writes it) is a configured field.
+fn is_field(name: &str) -> bool {
+    let name = name.replace('+', " ");
+    let name = percent_encoding::percent_decode_str(&name).decode_utf8_lossy();
+    FIELDS.iter().any(|f| f.eq_ignore_ascii_case(&name))
 }
 
 /// Nothing the rules name is left in `ex`.
@@ -255,9 +304,7 @@ fn redacted(ex: &Exchange) {
             if let Some((_, query)) = request.target.split_once('?') {
                 for kv in query.split('&') {
                     if let Some((k, v)) = kv.split_once('=') {
-                        let k = k.replace('+', " ");
-                        let k = percent_encoding::percent_decode_str(&k).decode_utf8_lossy();
-                        if FIELDS.iter().any(|f| f.eq_ignore_ascii_case(&k)) {
+                        if is_field(k) {
                             assert_eq!(v, REDACTED, "query field {k} kept");
                         }
                     }

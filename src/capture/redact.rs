@@ -12,13 +12,27 @@ pub const REDACTED: &str = "[redacted]";
 /// Bound on a compiled pattern's size.
 const PATTERN_SIZE_LIMIT: usize = 1 << 20;
 
+/// A JSON value in text that may be cut: a string up to its closing quote or the end of the
+/// text, or a bare value (without a quote, so that replacing it with a whole string leaves
+/// the strings after it as they were).
+const JSON_VALUE: &str = r#"(?:"(?:[^"\\]|\\.)*"?|[^,}\]\s"]+)"#;
+
+/// What finds the fields' values in JSON text that does not parse.
+#[derive(Debug, Clone)]
+struct CutJson {
+    /// `"name": value` for each field as configured (any case).
+    named: Regex,
+    /// `"key": value` for any key: group 2 is the key as written.
+    keys: Regex,
+}
+
 /// The redaction rules of one class.
 #[derive(Debug, Clone)]
 pub struct Redactor {
     headers: Vec<String>,
     fields: Vec<String>,
     /// The fields' values in JSON text that does not parse (a body cut at the body bound).
-    json_fields: Option<Regex>,
+    cut_json: Option<CutJson>,
     patterns: Vec<Regex>,
 }
 
@@ -38,24 +52,26 @@ impl Redactor {
                     })
             })
             .collect::<Result<_, _>>()?;
-        // A string value up to its closing quote or the end of the text, or a bare value.
-        let json_fields = if cfg.redact_fields.is_empty() {
+        let cut_json = if cfg.redact_fields.is_empty() {
             None
         } else {
             let names: Vec<String> = cfg.redact_fields.iter().map(|f| regex::escape(f)).collect();
-            let pattern = format!(
-                r#"("(?i:{})"\s*:\s*)(?:"(?:[^"\\]|\\.)*"?|[^,}}\]\s]+)"#,
-                names.join("|")
-            );
-            Some(
+            let compile = |pattern: String| {
                 regex::bytes::RegexBuilder::new(&pattern)
                     .size_limit(PATTERN_SIZE_LIMIT)
                     .build()
-                    .map_err(|source| CaptureError::Pattern { pattern, source })?,
-            )
+                    .map_err(|source| CaptureError::Pattern { pattern, source })
+            };
+            Some(CutJson {
+                named: compile(format!(
+                    r#"("(?i:{})"\s*:\s*){JSON_VALUE}"#,
+                    names.join("|")
+                ))?,
+                keys: compile(format!(r#"("((?:[^"\\]|\\.)*)"\s*:\s*){JSON_VALUE}"#))?,
+            })
         };
         Ok(Self {
-            json_fields,
+            cut_json,
             headers: cfg
                 .redact_headers
                 .iter()
@@ -154,9 +170,8 @@ impl Redactor {
                     if let Ok(text) = std::str::from_utf8(&bytes) {
                         bytes = self.form(text).into_bytes();
                     }
-                    if let Some(re) = &self.json_fields {
-                        let quoted = format!("${{1}}\"{REDACTED}\"");
-                        bytes = re.replace_all(&bytes, quoted.as_bytes()).into_owned();
+                    if let Some(cut) = &self.cut_json {
+                        bytes = self.cut_json(cut, &bytes);
                     }
                 }
             }
@@ -165,6 +180,24 @@ impl Redactor {
             bytes = p.replace_all(&bytes, REDACTED.as_bytes()).into_owned();
         }
         *body = Body::new(&bytes, body.truncated);
+    }
+
+    /// The configured fields' values replaced in JSON text that does not parse: first every
+    /// `"name": value` written as configured, wherever it stands (inside a string too: more
+    /// is replaced rather than less); then, taking the text's strings from its start, every
+    /// value whose key names a field once its escapes are decoded (`"pass\u0077ord"`).
+    fn cut_json(&self, cut: &CutJson, bytes: &[u8]) -> Vec<u8> {
+        let quoted = format!("${{1}}\"{REDACTED}\"");
+        let named = cut.named.replace_all(bytes, quoted.as_bytes());
+        cut.keys
+            .replace_all(&named, |c: &regex::bytes::Captures<'_>| {
+                let key = serde_json::from_slice::<String>(&c[0][..c[2].len() + 2]);
+                match key {
+                    Ok(k) if self.field(&k) => [&c[1], b"\"", REDACTED.as_bytes(), b"\""].concat(),
+                    _ => c[0].to_vec(),
+                }
+            })
+            .into_owned()
     }
 
     /// Replaces the configured keys' values at any depth (bounded); whether it replaced any.
@@ -296,6 +329,46 @@ mod tests {
                 unreachable!()
             };
             assert_eq!(request.body.data, want, "{ctype}: {body}");
+        }
+    }
+
+    #[test]
+    fn json_keys_are_read_as_json_reads_them() {
+        let r = Redactor::new(&CaptureConfig {
+            redact_fields: vec!["password".into(), "token".into()],
+            ..CaptureConfig::default()
+        })
+        .unwrap();
+        for (body, want) in [
+            // Found by the capture fuzz target: `password` after an escaped quote is part of
+            // another key, which JSON that parses keeps.
+            (
+                r#"{"u\\\\\\i\\\"password":"hunter22"}"#,
+                r#"{"u\\\\\\i\\\"password":"hunter22"}"#,
+            ),
+            // Cut JSON is read from its start: a key whose escapes decode to a field.
+            (
+                r#"{"pass\u0077ord":"hun"#,
+                r#"{"pass\u0077ord":"[redacted]""#,
+            ),
+            (
+                r#"{"a":"x", "t\u006Fken" : 12, "b":"#,
+                r#"{"a":"x", "t\u006Fken" : "[redacted]", "b":"#,
+            ),
+            // A field written as configured is replaced wherever it stands in cut JSON, even
+            // inside another string: more rather than less.
+            (
+                r#"{"note":"x\"password\": \"hun"#,
+                r#"{"note":"x\"password\": \"hun"#,
+            ),
+            (r#"{"u\"password": "hun"#, r#"{"u\"password": "[redacted]""#),
+        ] {
+            let mut ex = post("/", "application/json", body.as_bytes());
+            r.apply(&mut ex);
+            let Exchange::Http { request, .. } = &ex else {
+                unreachable!()
+            };
+            assert_eq!(request.body.data, want, "{body}");
         }
     }
 
