@@ -49,9 +49,18 @@ pub(super) fn send_heartbeats(d: &Shared) {
         // vCPU time straight from /proc: answers even when QEMU or its monitor is stuck.
         let pid = d.health().pid(&domain);
         if let Some(pid) = pid {
-            if let Ok(total_ns) = crate::libvirt::vcpu_time_ns(std::path::Path::new("/proc"), pid) {
+            if let Ok(t) = crate::libvirt::vcpu_sched(std::path::Path::new("/proc"), pid) {
                 let at = d.health().now();
-                d.observe(&domain, &class, HeartbeatEvent::VcpuTime { at, total_ns });
+                let (total_ns, wait_ns) = (t.run_ns, t.wait_ns);
+                d.observe(
+                    &domain,
+                    &class,
+                    HeartbeatEvent::VcpuTime {
+                        at,
+                        total_ns,
+                        wait_ns,
+                    },
+                );
             }
         }
         // A ping still outstanding is not doubled; the tracker counts the silence itself.

@@ -290,6 +290,7 @@ mod tests {
                 HeartbeatEvent::VcpuTime {
                     at,
                     total_ns: 5_000_000,
+                    wait_ns: 0,
                 },
             );
             h.ping_done("web", &c, at, 0, Err(PingFailure::Timeout));
@@ -317,6 +318,7 @@ mod tests {
                 HeartbeatEvent::VcpuTime {
                     at,
                     total_ns: 5_000_000 + i * 200_000_000,
+                    wait_ns: 0,
                 },
             );
             h.ping_done("web", &c, at, 0, Err(PingFailure::Timeout));

@@ -16,8 +16,8 @@ pub use agent::LibvirtAgent;
 pub use events::{AgentState, DomainEvent, EventLoop, LifecycleEvent};
 pub use lease::{lock_connections, reaped, HandbackReport, LeaseHandbacks};
 pub use process::{
-    is_qemu_of, kill_qemu, qemu_pid, rss_bytes, status_files, vcpu_time_ns, ProcessExit,
-    QemuProcess, QEMU_RUN_DIR,
+    is_qemu_of, kill_qemu, qemu_pid, rss_bytes, status_files, vcpu_sched, ProcessExit, QemuProcess,
+    VcpuSched, QEMU_RUN_DIR,
 };
 
 use std::sync::{Arc, Mutex};

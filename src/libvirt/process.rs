@@ -64,11 +64,23 @@ pub fn status_files(run_dir: &Path) -> std::io::Result<Vec<(String, std::io::Res
     Ok(out)
 }
 
-/// Total run time in nanoseconds of a QEMU process's vCPU threads (threads named
-/// `CPU <n>/KVM` or `CPU <n>/TCG`), from `/proc/<pid>/task/*/schedstat`. Reads only /proc, so it
-/// answers even when QEMU itself is stopped or its monitor is stuck.
-pub fn vcpu_time_ns(proc_root: &Path, pid: i32) -> std::io::Result<u64> {
-    let mut total: u64 = 0;
+/// Scheduler times of a QEMU process's vCPU threads, summed over them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuSched {
+    /// Time they ran on a host CPU, in nanoseconds.
+    pub run_ns: u64,
+    /// Time they waited, runnable, on a host run queue, in nanoseconds.
+    pub wait_ns: u64,
+}
+
+/// Scheduler times of a QEMU process's vCPU threads (threads named `CPU <n>/KVM` or
+/// `CPU <n>/TCG`), from the first two fields of `/proc/<pid>/task/*/schedstat`. Reads only
+/// /proc, so it answers even when QEMU itself is stopped or its monitor is stuck.
+pub fn vcpu_sched(proc_root: &Path, pid: i32) -> std::io::Result<VcpuSched> {
+    let mut total = VcpuSched {
+        run_ns: 0,
+        wait_ns: 0,
+    };
     let mut found = false;
     for entry in std::fs::read_dir(proc_root.join(pid.to_string()).join("task"))? {
         let dir = entry?.path();
@@ -81,12 +93,11 @@ pub fn vcpu_time_ns(proc_root: &Path, pid: i32) -> std::io::Result<u64> {
         let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else {
             continue;
         };
-        if let Some(ns) = stat
-            .split_whitespace()
-            .next()
-            .and_then(|f| f.parse::<u64>().ok())
-        {
-            total = total.saturating_add(ns);
+        let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
+        if let Some(Some(run)) = fields.next() {
+            total.run_ns = total.run_ns.saturating_add(run);
+            let wait = fields.next().flatten().unwrap_or(0);
+            total.wait_ns = total.wait_ns.saturating_add(wait);
             found = true;
         }
     }
@@ -539,7 +550,7 @@ time.sleep(100)
     }
 
     #[test]
-    fn vcpu_time_sums_only_vcpu_threads() {
+    fn vcpu_sched_sums_only_vcpu_threads() {
         let root = tempfile::tempdir().unwrap();
         for (tid, comm, stat) in [
             ("10", "qemu-system-x86\n", "999 0 1\n"),
@@ -551,8 +562,14 @@ time.sleep(100)
             std::fs::write(d.join("comm"), comm).unwrap();
             std::fs::write(d.join("schedstat"), stat).unwrap();
         }
-        assert_eq!(vcpu_time_ns(root.path(), 42).unwrap(), 2000);
-        assert!(vcpu_time_ns(root.path(), 43).is_err());
+        assert_eq!(
+            vcpu_sched(root.path(), 42).unwrap(),
+            VcpuSched {
+                run_ns: 2000,
+                wait_ns: 7
+            }
+        );
+        assert!(vcpu_sched(root.path(), 43).is_err());
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! - pings lost (`misses` consecutive misses, or no ping result at all for `W + timeout`) and
 //!   either vCPU time has not advanced for `W` or the monitor is unresponsive → [`Health::Hung`];
 //! - pings lost while vCPU time advances and the monitor is not unresponsive →
-//!   [`Health::Degraded`]: the agent alone is dead, or the guest is busy.
+//!   [`Health::Degraded`]: the agent alone is dead, or the guest is busy;
+//! - pings lost while the vCPUs wait on the host's run queues instead of running →
+//!   [`Health::Degraded`] too: the host is starving the guest, which is not hung.
 //!
 //! Why a CPU-saturated guest is not declared hung: when every vCPU is busy, qemu-ga (an
 //! ordinary userspace process) may not be scheduled in time, so pings time out exactly as if the
@@ -25,6 +27,14 @@
 //! probably repeat the overload on the shadow, so vCPU progress vetoes the hung verdict. The
 //! price: a guest whose kernel spins in a deadlock also advances vCPU time and is reported
 //! Degraded, not Hung; policy on how long to tolerate Degraded belongs to the caller.
+//!
+//! Why a starved guest is not declared hung: on an overloaded host (a boot storm, a build)
+//! a vCPU thread may wait for a CPU longer than `W`, and its time stands still exactly as a
+//! stopped one's. The scheduler tells them apart: a starved thread is runnable and its
+//! run-queue wait (`schedstat`'s second field) grows; a stopped QEMU, or a guest halted for
+//! good, waits on nothing. Failing the guest over would not cure the host, and the promoted
+//! shadow would compete for the same CPUs; once the host lets it run, the verdict follows what
+//! the guest does.
 //!
 //! Any reply from the agent, even an error reply, should be reported as [`HeartbeatEvent::PingOk`]:
 //! it proves the guest is running userspace.
@@ -69,6 +79,10 @@ pub struct HeartbeatConfig {
     /// interrupts, a halted or stopped one shows exactly nothing.
     pub min_vcpu_ns_per_sec: u64,
 }
+
+/// A vCPU that did not advance but waited on the host's run queues for at least this share
+/// (one in `STARVED_WAIT_SHARE`) of the time between two samples was starved, not stalled.
+const STARVED_WAIT_SHARE: u64 = 4;
 
 impl Default for HeartbeatConfig {
     fn default() -> Self {
@@ -129,8 +143,10 @@ pub enum HeartbeatEvent {
     VcpuTime {
         /// When it was read.
         at: MonoMs,
-        /// Nanoseconds.
+        /// Nanoseconds run.
         total_ns: u64,
+        /// Nanoseconds spent runnable, waiting for a host CPU.
+        wait_ns: u64,
     },
     /// The agent channel connected (libvirt agent lifecycle event).
     AgentConnected {
@@ -168,6 +184,12 @@ pub enum VcpuProgress {
     Stalled {
         /// Last time progress was seen (or tracking started).
         since: MonoMs,
+    },
+    /// No progress, but the vCPUs waited for a host CPU within the window: the host starves
+    /// the guest.
+    Starved {
+        /// Last sample that showed the wait.
+        last_wait: MonoMs,
     },
 }
 
@@ -217,6 +239,12 @@ pub enum DegradedReason {
         /// Since when.
         since: MonoMs,
     },
+    /// Pings are lost and vCPUs do not advance, but they wait for a host CPU: the host is
+    /// overloaded, the guest is not hung.
+    HostStarved {
+        /// Consecutive missed pings.
+        missed: u32,
+    },
 }
 
 impl fmt::Display for DegradedReason {
@@ -238,6 +266,9 @@ impl fmt::Display for DegradedReason {
                     "QEMU monitor unresponsive since {} ms while the guest answers pings",
                     since.0
                 )
+            }
+            DegradedReason::HostStarved { missed } => {
+                write!(f, "guest agent missed {missed} pings while the vCPUs wait for a host CPU (host overloaded)")
             }
         }
     }
@@ -338,11 +369,14 @@ pub struct HeartbeatTracker {
     last_ping_ok: Option<MonoMs>,
     misses: u32,
     first_miss: Option<MonoMs>,
-    /// Latest vCPU sample.
-    vcpu_last: Option<(MonoMs, u64)>,
-    /// Start of the current no-progress stretch (first sample, a reset, or the last advance).
+    /// Latest vCPU sample: when, run and run-queue wait nanoseconds.
+    vcpu_last: Option<(MonoMs, u64, u64)>,
+    /// Start of the current no-progress stretch (first sample, a reset, or the last advance
+    /// or wait).
     vcpu_quiet_since: Option<MonoMs>,
     vcpu_last_advance: Option<MonoMs>,
+    /// Last sample at which the vCPUs, not advancing, waited for a host CPU.
+    vcpu_last_wait: Option<MonoMs>,
     agent: AgentLink,
     monitor: MonitorState,
 }
@@ -360,6 +394,7 @@ impl HeartbeatTracker {
             vcpu_last: None,
             vcpu_quiet_since: None,
             vcpu_last_advance: None,
+            vcpu_last_wait: None,
             agent: AgentLink::Unknown,
             monitor: MonitorState::Unknown,
         })
@@ -382,7 +417,11 @@ impl HeartbeatTracker {
                 self.misses = self.misses.saturating_add(1);
                 self.first_miss.get_or_insert(at);
             }
-            HeartbeatEvent::VcpuTime { at, total_ns } => self.observe_vcpu(at, total_ns),
+            HeartbeatEvent::VcpuTime {
+                at,
+                total_ns,
+                wait_ns,
+            } => self.observe_vcpu(at, total_ns, wait_ns),
             HeartbeatEvent::AgentConnected { .. } => self.agent = AgentLink::Connected,
             HeartbeatEvent::AgentDisconnected { at } => {
                 if !matches!(self.agent, AgentLink::Disconnected { .. }) {
@@ -398,34 +437,41 @@ impl HeartbeatTracker {
         }
     }
 
-    fn observe_vcpu(&mut self, at: MonoMs, total_ns: u64) {
-        let Some((prev_at, prev_ns)) = self.vcpu_last else {
-            self.vcpu_last = Some((at, total_ns));
+    fn observe_vcpu(&mut self, at: MonoMs, total_ns: u64, wait_ns: u64) {
+        let Some((prev_at, prev_ns, prev_wait)) = self.vcpu_last else {
+            self.vcpu_last = Some((at, total_ns, wait_ns));
             self.vcpu_quiet_since = Some(at);
             return;
         };
         if at <= prev_at {
             return; // stale or duplicate sample
         }
-        if total_ns < prev_ns {
+        if total_ns < prev_ns || wait_ns < prev_wait {
             // A new QEMU process: progress unknown until it is measured again.
-            self.vcpu_last = Some((at, total_ns));
+            self.vcpu_last = Some((at, total_ns, wait_ns));
             self.vcpu_quiet_since = Some(at);
             self.vcpu_last_advance = None;
+            self.vcpu_last_wait = None;
             return;
         }
-        let ns_per_sec = u128::from(total_ns - prev_ns) * 1000 / u128::from(at.since(prev_at));
+        let elapsed_ms = at.since(prev_at);
+        let ns_per_sec = u128::from(total_ns - prev_ns) * 1000 / u128::from(elapsed_ms);
         if ns_per_sec >= u128::from(self.config.min_vcpu_ns_per_sec) {
             self.vcpu_last_advance = Some(at);
             self.vcpu_quiet_since = Some(at);
+        } else if u128::from(wait_ns - prev_wait) * u128::from(STARVED_WAIT_SHARE)
+            >= u128::from(elapsed_ms) * 1_000_000
+        {
+            self.vcpu_last_wait = Some(at);
+            self.vcpu_quiet_since = Some(at);
         }
-        self.vcpu_last = Some((at, total_ns));
+        self.vcpu_last = Some((at, total_ns, wait_ns));
     }
 
     /// vCPU progress as of `now`.
     pub fn vcpu_progress(&self, now: MonoMs) -> VcpuProgress {
         let w = self.config.window_ms();
-        let (Some((last_at, _)), Some(quiet_since)) = (self.vcpu_last, self.vcpu_quiet_since)
+        let (Some((last_at, _, _)), Some(quiet_since)) = (self.vcpu_last, self.vcpu_quiet_since)
         else {
             return VcpuProgress::Unknown;
         };
@@ -435,6 +481,9 @@ impl HeartbeatTracker {
         }
         if let Some(adv) = self.vcpu_last_advance.filter(|&a| last_at.since(a) < w) {
             return VcpuProgress::Advancing { last_advance: adv };
+        }
+        if let Some(last_wait) = self.vcpu_last_wait.filter(|&a| last_at.since(a) < w) {
+            return VcpuProgress::Starved { last_wait };
         }
         if last_at.since(quiet_since) >= w {
             return VcpuProgress::Stalled { since: quiet_since };
@@ -488,6 +537,12 @@ impl HeartbeatTracker {
             } => {
                 let monitor_dead = matches!(self.monitor, MonitorState::Unresponsive { .. });
                 match vcpu {
+                    // Before the monitor: a starved QEMU answers its monitor late too.
+                    VcpuProgress::Starved { .. } => {
+                        return Health::Degraded {
+                            reason: DegradedReason::HostStarved { missed },
+                        };
+                    }
                     VcpuProgress::Stalled { .. } => {}
                     _ if monitor_dead => {}
                     VcpuProgress::Advancing { .. } => {
@@ -556,9 +611,14 @@ mod tests {
     }
 
     fn vcpu(h: &mut HeartbeatTracker, at: u64, ns: u64) {
+        vcpu_waiting(h, at, ns, 0);
+    }
+
+    fn vcpu_waiting(h: &mut HeartbeatTracker, at: u64, ns: u64, wait_ns: u64) {
         h.observe(HeartbeatEvent::VcpuTime {
             at: t(at),
             total_ns: ns,
+            wait_ns,
         });
     }
 
@@ -808,6 +868,83 @@ mod tests {
         // Out-of-order samples are ignored.
         vcpu(&mut h, 5 * SEC, 999_999_999);
         assert_eq!(h.vcpu_progress(t(6 * SEC)), VcpuProgress::Unknown);
+    }
+
+    #[test]
+    fn vcpus_waiting_for_a_host_cpu_are_starved_not_hung_until_the_wait_stops() {
+        // Found by the cluster fault soak: a primary booting beside other guests and a build on
+        // two cores; its vCPU thread waited on the run queue for a window and it was failed
+        // over as hung.
+        let mut h = tracker();
+        ok(&mut h, SEC);
+        vcpu_waiting(&mut h, SEC, 500_000_000, 0);
+        // From 2 s no run time, but the thread waits half of each second for a CPU.
+        for s in 2..=6 {
+            vcpu_waiting(&mut h, s * SEC, 500_000_000, (s - 1) * 500_000_000);
+        }
+        for s in 2..=5 {
+            miss(&mut h, s * SEC);
+        }
+        h.observe(HeartbeatEvent::MonitorUnresponsive { at: t(5 * SEC) });
+        assert_eq!(
+            h.vcpu_progress(t(6 * SEC)),
+            VcpuProgress::Starved {
+                last_wait: t(6 * SEC)
+            }
+        );
+        let starved = h.health(t(6 * SEC));
+        assert_eq!(
+            starved,
+            Health::Degraded {
+                reason: DegradedReason::HostStarved { missed: 4 }
+            }
+        );
+        assert!(starved_label(starved).contains("host overloaded"));
+        // Then the wait stops too (QEMU stopped): a window later it is hung.
+        let wait_total = 5 * 500_000_000;
+        for s in 7..=8 {
+            vcpu_waiting(&mut h, s * SEC, 500_000_000, wait_total);
+        }
+        assert!(matches!(h.health(t(8 * SEC)), Health::Degraded { .. }));
+        for s in 9..=10 {
+            vcpu_waiting(&mut h, s * SEC, 500_000_000, wait_total);
+        }
+        match h.health(t(10 * SEC)) {
+            Health::Hung { evidence, .. } => {
+                assert_eq!(evidence.vcpu, VcpuProgress::Stalled { since: t(6 * SEC) });
+            }
+            other => panic!("expected hung, got {other:?}"),
+        }
+    }
+
+    fn starved_label(h: Health) -> String {
+        match h {
+            Health::Degraded { reason } => reason.to_string(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_short_run_queue_wait_does_not_veto_a_hang() {
+        // Woken now and then (a timer) and waiting a little each time: under a quarter of the
+        // time between samples is no starvation.
+        let mut h = tracker();
+        ok(&mut h, SEC);
+        vcpu_waiting(&mut h, SEC, 500_000_000, 0);
+        for s in 2..=6 {
+            vcpu_waiting(&mut h, s * SEC, 500_000_000, (s - 1) * 200_000_000);
+        }
+        for s in 2..=4 {
+            miss(&mut h, s * SEC);
+        }
+        assert!(
+            matches!(h.health(t(6 * SEC)), Health::Hung { .. }),
+            "{:?}",
+            h.health(t(6 * SEC))
+        );
+        // A wait counter that goes back is a new process: nothing known.
+        vcpu_waiting(&mut h, 7 * SEC, 600_000_000, 1);
+        assert_eq!(h.vcpu_progress(t(7 * SEC)), VcpuProgress::Unknown);
     }
 
     #[test]
