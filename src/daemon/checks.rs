@@ -51,16 +51,12 @@ pub(super) fn send_heartbeats(d: &Shared) {
         if let Some(pid) = pid {
             if let Ok(t) = crate::libvirt::vcpu_sched(std::path::Path::new("/proc"), pid) {
                 let at = d.health().now();
-                let (total_ns, wait_ns) = (t.run_ns, t.wait_ns);
-                d.observe(
-                    &domain,
-                    &class,
-                    HeartbeatEvent::VcpuTime {
-                        at,
-                        total_ns,
-                        wait_ns,
-                    },
-                );
+                let event = HeartbeatEvent::VcpuTime {
+                    at,
+                    total_ns: t.run_ns,
+                    wait_ns: t.wait_ns,
+                };
+                d.observe(&domain, &class, event);
             }
         }
         // A ping still outstanding is not doubled; the tracker counts the silence itself.
