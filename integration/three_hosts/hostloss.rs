@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use super::crosshost::{clear_prefix, owner, state_of, wait_served_by};
 use super::*;
 use crate::common::{
-    domain_uuid, guest_xml, holders, http_get, ledger, page_uuid, wait_for, DaemonProc, Writer,
-    DATA_CLASS,
+    domain_uuid, guest_xml, holders, http_get, ledger, page_uuid, report_recovery, wait_for,
+    DaemonProc, Writer, DATA_CLASS,
 };
 use understudy::capture::sniff::PacketSocket;
 
@@ -649,7 +649,12 @@ fn a_host_powered_off_is_fenced_and_its_service_served_from_a_shadow_elsewhere()
     let acked = writer.finish();
     let samples = poller.finish();
     let outage = single_server_outage(&samples, &s.primary_uuid, &s.shadow_uuid, off_at);
-    eprintln!("host power-off to service restored (client-observed): {outage:?}");
+    report_recovery(
+        "a_host_powered_off_is_fenced_and_its_service_served_from_a_shadow_elsewhere",
+        "host-poweroff-fence-device",
+        outage,
+        None,
+    );
 
     let have = ledger(ip).expect("the new primary serves the ledger");
     let lost: Vec<&String> = acked.iter().filter(|k| !have.contains(k)).collect();
@@ -751,7 +756,12 @@ fn a_host_cut_from_the_switch_is_detected_by_the_probe_fenced_and_its_service_mo
     std::thread::sleep(Duration::from_millis(300));
     let samples = poller.finish();
     let outage = single_server_outage(&samples, &s.primary_uuid, &s.shadow_uuid, cut_at);
-    eprintln!("switch cut to service restored (client-observed, fence device): {outage:?}");
+    report_recovery(
+        "a_host_cut_from_the_switch_is_detected_by_the_probe_fenced_and_its_service_moved",
+        "switch-cut-fence-device",
+        outage,
+        None,
+    );
 
     let w = winner(&s);
     assert!(
@@ -836,7 +846,12 @@ fn a_host_cut_from_management_fences_itself_before_the_others_promote() {
     std::thread::sleep(Duration::from_millis(300));
     let samples = poller.finish();
     let outage = single_server_outage(&samples, &s.primary_uuid, &s.shadow_uuid, cut_at);
-    eprintln!("management cut to service restored (client-observed, lease-only): {outage:?}");
+    report_recovery(
+        "a_host_cut_from_management_fences_itself_before_the_others_promote",
+        "management-cut-lease-only",
+        outage,
+        None,
+    );
     switch.finish(
         cluster.host("h1", "SWITCH_PORT"),
         cluster.host(s.shadow_host, "SWITCH_PORT"),
