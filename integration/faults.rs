@@ -416,8 +416,33 @@ fn daemon_killed_between_disk_attach_and_network_finishes_the_hand_over_on_resta
             },
         );
         let t = Instant::now();
+        let old_pid = qemu_pid(&active);
         signal_qemu(&active, nix::sys::signal::Signal::SIGKILL);
         wait_exit(&mut daemon, Duration::from_secs(60));
+        // The killed primary's QEMU was gone before the disk moved (the daemon reaps it first);
+        // libvirt may list the domain as running a while longer (it learns of the death from
+        // the monitor's EOF, and a crashed domain's cleanup holds its lock for up to 200 ms or
+        // more on a busy host), so its view is read once it has caught up.
+        let stat = std::fs::read_to_string(format!("/proc/{old_pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty()
+                || stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z'),
+            "the killed primary's QEMU {old_pid} still runs after the abort at {step}: {stat}"
+        );
+        wait_for(
+            "libvirt to see the killed primary stopped",
+            Duration::from_secs(30),
+            || {
+                hv.state(&active)
+                    .map_or(true, |s| !s.is_active())
+                    .then_some(())
+            },
+        );
         // Aborted with the disk on the shadow and the network still down.
         assert_eq!(
             holders(&hv, source),
