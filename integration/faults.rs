@@ -15,6 +15,16 @@ fn signal_qemu(name: &str, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu_pid(name)), sig).expect("signal qemu");
 }
 
+/// True once `pid` has exited: no such process, or a zombie not yet reaped (it holds no
+/// files or sockets any more; the state letter follows the last `)` of `/proc/<pid>/stat`).
+fn exited(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
+}
+
 /// A protected guest with one paused shadow: (daemon, hypervisor, primary uuid, mac).
 fn protected(
     tag: &str,
@@ -236,7 +246,7 @@ fn libvirtd_restart_under_the_daemon_reconnects_without_failover() {
     )
     .unwrap();
     wait_for("libvirtd gone", Duration::from_secs(20), || {
-        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+        exited(pid).then_some(())
     });
     // We run inside the lab namespace with its mounts, as lab-up starts it.
     let st = Command::new("libvirtd").arg("-d").status().unwrap();
@@ -423,16 +433,9 @@ fn daemon_killed_between_disk_attach_and_network_finishes_the_hand_over_on_resta
         // libvirt may list the domain as running a while longer (it learns of the death from
         // the monitor's EOF, and a crashed domain's cleanup holds its lock for up to 200 ms or
         // more on a busy host), so its view is read once it has caught up.
-        let stat = std::fs::read_to_string(format!("/proc/{old_pid}/stat")).unwrap_or_default();
         assert!(
-            stat.is_empty()
-                || stat
-                    .rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z'),
-            "the killed primary's QEMU {old_pid} still runs after the abort at {step}: {stat}"
+            exited(old_pid),
+            "the killed primary's QEMU {old_pid} still runs after the abort at {step}"
         );
         wait_for(
             "libvirt to see the killed primary stopped",
